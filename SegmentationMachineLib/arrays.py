@@ -1,0 +1,57 @@
+"""NumPy views of MRML volume data and geometry (what slicer.util does, without Slicer globals)."""
+
+import numpy as np
+import vtk
+from vtkmodules.util import numpy_support
+
+# Diagonal that turns RAS into LPS and back.
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def matrix_to_array(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def array_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def ijk_to_ras(volume_node) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return matrix_to_array(matrix)
+
+
+def image_array(image: vtk.vtkImageData) -> np.ndarray:
+    """The image's voxels as a K, J, I array sharing memory with the image."""
+    dims = image.GetDimensions()
+    scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    return scalars.reshape(dims[2], dims[1], dims[0])
+
+
+def volume_array(volume_node) -> np.ndarray:
+    return image_array(volume_node.GetImageData())
+
+
+def image_from_array(array: np.ndarray) -> vtk.vtkImageData:
+    """A new vtkImageData (origin 0, spacing 1) holding a copy of a K, J, I array."""
+    array = np.ascontiguousarray(array)
+    image = vtk.vtkImageData()
+    image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array.ravel(), deep=True))
+    return image
+
+
+def set_volume_array(volume_node, array: np.ndarray, ijk_to_ras_matrix: np.ndarray):
+    """Replaces a volume node's voxels and geometry."""
+    volume_node.SetAndObserveImageData(image_from_array(array))
+    volume_node.SetIJKToRASMatrix(array_to_matrix(ijk_to_ras_matrix))
+
+
+def spacing_of(matrix: np.ndarray) -> np.ndarray:
+    """Voxel size along I, J, K of an IJK-to-RAS matrix."""
+    return np.linalg.norm(matrix[:3, :3], axis=0)
