@@ -50,7 +50,7 @@ def check_mesh(points: np.ndarray, triangles: np.ndarray) -> MeshCheck:
         triangles=int(len(triangles)),
         boundary_edges=int((counts == 1).sum()),
         non_manifold_edges=int((counts > 2).sum()),
-        volume_ml=round(float(volume_mm3) / 1000.0, 3),
+        volume_ml=round(float(volume_mm3) / 1000.0, 4),
         bounds_min_mm=[round(float(v), 3) for v in used.min(axis=0)],
         bounds_max_mm=[round(float(v), 3) for v in used.max(axis=0)],
     )

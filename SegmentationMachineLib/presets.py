@@ -51,7 +51,12 @@ def _closing(mask, radius_mm, spacing):
 
 
 def _opening(mask, radius_mm, spacing):
-    eroded = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing)[1:-1, 1:-1, 1:-1] > radius_mm
+    """Opening with a ball; the image's ends are not background (a 3-slice scan must not erode away)."""
+    if mask.all():
+        return mask
+    eroded = ndimage.distance_transform_edt(mask, sampling=spacing) > radius_mm
+    if not eroded.any():
+        return eroded
     return ndimage.distance_transform_edt(~eroded, sampling=spacing) <= radius_mm
 
 

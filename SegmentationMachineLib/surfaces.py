@@ -143,7 +143,7 @@ def _layer_jobs(segmentation_node, segment_ids, world: np.ndarray, pad: int):
             index_shift = np.eye(4)
             index_shift[:3, 3] = extent[0::2]  # array index 0 is extent minimum, not voxel 0
             labels = values if values.dtype.kind in "iu" else values.astype(np.int32)
-            layers[key] = (values, ndimage.find_objects(labels.clip(0)),
+            layers[key] = (values, ndimage.find_objects(labels.clip(0)) if values.size else [],
                            world @ arrays.matrix_to_array(matrix) @ index_shift)
         value = segment.GetLabelValue()
         if key not in layers or value > len(layers[key][1]) or layers[key][1][value - 1] is None:

@@ -1,0 +1,62 @@
+"""Fixtures: a headless slicer-core scene, the real scans in ../shared/data, and the CT phantom."""
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from SegmentationMachineLib.phantom import make_phantom, write_phantom
+from SegmentationMachineLib.scene import create_headless_scene
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("SM_SHARED_DATA", REPO.parent / "shared" / "data"))
+JPEG2000_SERIES = DATA / "totalsegmentator" / "example_ct_dicom"
+UNCOMPRESSED_SERIES = DATA / "dcmqi" / "ct-3slice"
+EXAMPLE_CT = DATA / "totalsegmentator" / "example_ct.nii.gz"
+EXAMPLE_LABELS = DATA / "totalsegmentator" / "example_seg_fast_force_split.nii.gz"
+LABEL_NAMES = DATA / "totalsegmentator" / "labels_total.json"
+BONE_LABELS = [*range(25, 51), *range(69, 79), *range(91, 117)]
+
+
+@pytest.fixture
+def shared_data():
+    if not DATA.is_dir():
+        pytest.skip(f"the real scans are not at {DATA} (they sit beside the repository in CI)")
+    return DATA
+
+
+@pytest.fixture
+def ctx():
+    return create_headless_scene()
+
+
+@pytest.fixture(scope="session")
+def phantom():
+    return make_phantom()
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory, phantom):
+    folder = tmp_path_factory.mktemp("phantom") / "dicom"
+    write_phantom(folder, phantom)
+    return folder
+
+
+def tree_digest(folder: Path) -> dict:
+    """{relative path: sha256} of every file under folder, to prove inputs were left untouched."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def untouched():
+    """Call with folders; at teardown asserts not a byte in them changed."""
+    watched = []
+
+    def watch(*folders):
+        watched.extend((Path(f), tree_digest(f)) for f in folders)
+
+    yield watch
+    for folder, digest in watched:
+        assert tree_digest(folder) == digest, f"files under {folder} were changed"

@@ -1,0 +1,201 @@
+"""Export: STL/OBJ/3MF written from one set of surfaces, exact in space, watertight, never overwriting."""
+
+import json
+
+import numpy as np
+import pytest
+import trimesh
+import vtk
+from vtkmodules.util import numpy_support
+
+from conftest import EXAMPLE_LABELS, JPEG2000_SERIES, LABEL_NAMES, UNCOMPRESSED_SERIES
+from SegmentationMachineLib import arrays, meshio
+from SegmentationMachineLib.errors import ExportError
+from SegmentationMachineLib.export import ExportOptions, export_segmentation, parse_formats
+from SegmentationMachineLib.meshcheck import check_mesh
+from SegmentationMachineLib.presets import add_segment_from_mask, apply_preset
+from SegmentationMachineLib.segmentations import load_segmentation, read_label_names
+from SegmentationMachineLib.surfaces import SurfaceMethod, SurfaceOptions
+from SegmentationMachineLib.volumes import load_input
+
+
+def vtk_points(reader_class, path):
+    reader = reader_class()
+    reader.SetFileName(str(path))
+    reader.Update()
+    return numpy_support.vtk_to_numpy(reader.GetOutput().GetPoints().GetData())
+
+
+def bounds(points):
+    return np.array([points.min(axis=0), points.max(axis=0)])
+
+
+def read_3mf(path):
+    scene = trimesh.load(str(path), file_type="3mf", force="scene")
+    return list(scene.dump())
+
+
+@pytest.mark.parametrize("series", [JPEG2000_SERIES, UNCOMPRESSED_SERIES])
+def test_real_series_pipeline_all_formats_line_up(ctx, shared_data, tmp_path, untouched, series):
+    untouched(series)
+    volume = load_input(ctx, series).node
+    segmentation = apply_preset(ctx, volume, "bone")
+    apply_preset(ctx, volume, "skin", segmentation)
+    result = export_segmentation(segmentation, tmp_path, ExportOptions(merged_stl=True))
+    names = {p.name for p in result.folder.iterdir()}
+    assert names == {"Bone.stl", "Skin.stl", "merged.stl", "segments.obj", "segments.mtl", "segments.3mf", "report.json"}
+    report = json.loads((result.folder / "report.json").read_text())
+    assert [m["name"] for m in report["meshes"]] == ["Bone", "Skin"] and report["coordinates"] == "LPS"
+
+    stl_bounds = bounds(np.concatenate([vtk_points(vtk.vtkSTLReader, result.folder / f"{n}.stl") for n in ("Bone", "Skin")]))
+    obj_bounds = bounds(vtk_points(vtk.vtkOBJReader, result.folder / "segments.obj"))
+    parts = read_3mf(result.folder / "segments.3mf")
+    assert len(parts) == 2  # one object per segment
+    threemf_bounds = bounds(np.concatenate([p.vertices for p in parts]))
+    for other in (obj_bounds, threemf_bounds, bounds(vtk_points(vtk.vtkSTLReader, result.folder / "merged.stl"))):
+        assert np.abs(other - stl_bounds).max() < 0.5
+    for part, entry in zip(parts, report["meshes"]):
+        assert part.is_watertight and entry["watertight"]
+        assert part.volume / 1000 == pytest.approx(entry["volume_ml"], rel=1e-3)
+        assert np.allclose(part.bounds, [entry["bounds_min_mm"], entry["bounds_max_mm"]], atol=1e-3)
+    # The skin lies where the volume is: inside the volume's LPS bounding box.
+    ras_corners = arrays.ijk_to_ras(volume) @ np.array(
+        [[i, j, k, 1] for i in (0, volume.GetImageData().GetDimensions()[0] - 1)
+         for j in (0, volume.GetImageData().GetDimensions()[1] - 1)
+         for k in (0, volume.GetImageData().GetDimensions()[2] - 1)]).T
+    lps = ras_corners[:3].T * [-1, -1, 1]
+    spacing = arrays.spacing_of(arrays.ijk_to_ras(volume)).max()
+    assert (stl_bounds[0] >= lps.min(axis=0) - spacing).all() and (stl_bounds[1] <= lps.max(axis=0) + spacing).all()
+
+
+def test_lines_up_with_slicers_own_export(ctx, shared_data, tmp_path):
+    volume = load_input(ctx, JPEG2000_SERIES).node
+    segmentation = apply_preset(ctx, volume, "bone")
+    ours = export_segmentation(segmentation, tmp_path / "ours", ExportOptions(formats=("stl",)))
+    (tmp_path / "slicer").mkdir()
+    assert ctx.segmentations_logic.ExportSegmentsClosedSurfaceRepresentationToFiles(
+        str(tmp_path / "slicer"), segmentation, None, "STL", True, 1.0, False)
+    slicer_points = vtk_points(vtk.vtkSTLReader, next((tmp_path / "slicer").glob("*.stl")))
+    # Both LPS; smoothing differs a little, a flip or shift would differ by centimetres.
+    assert np.abs(bounds(slicer_points) - bounds(vtk_points(vtk.vtkSTLReader, ours.folder / "Bone.stl"))).max() < 1.0
+
+
+def test_every_label_of_the_61_label_segmentation_exports_watertight(ctx, shared_data, tmp_path):
+    names = read_label_names(LABEL_NAMES)
+    segmentation = load_segmentation(ctx, EXAMPLE_LABELS, names)
+    labels = np.unique(arrays.image_array(segmentation.GetSegmentation().GetNthSegment(0).GetRepresentation("Binary labelmap")))
+    result = export_segmentation(segmentation, tmp_path, ExportOptions(formats=("stl", "3mf")))
+    meshes = result.report["meshes"]
+    assert len(meshes) == 61 == len(labels[labels > 0])
+    assert {m["name"] for m in meshes} == {names[int(v)] for v in labels[labels > 0]}
+    assert all(m["watertight"] for m in meshes) and not result.not_watertight
+    assert len(read_3mf(result.folder / "segments.3mf")) == 61
+    for entry in meshes:
+        assert (result.folder / entry["stl"]).stat().st_size == 84 + 50 * entry["triangles"]
+
+
+def oblique_volume(ctx):
+    """A 30x20x10 volume whose IJK axes are rotated, mirrored and anisotropic in RAS."""
+    angle = np.radians(30)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation @ np.diag([1.5, -0.8, 2.5])  # J mirrored: determinant < 0
+    matrix[:3, 3] = [12.0, -40.0, 7.0]
+    volume = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "oblique")
+    arrays.set_volume_array(volume, np.zeros((10, 20, 30), np.int16), matrix)
+    return volume, matrix
+
+
+def test_meshes_sit_exactly_where_their_voxels_are_on_an_oblique_grid(ctx, tmp_path):
+    volume, matrix = oblique_volume(ctx)
+    mask = np.zeros((10, 20, 30), bool)
+    mask[2:7, 4:15, 5:25] = True  # K 2..6, J 4..14, I 5..24
+    segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "box")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    add_segment_from_mask(segmentation, mask, matrix, "box", (1, 0, 0))
+    options = ExportOptions(formats=("stl",), coordinates="RAS", surface=SurfaceOptions(smoothing=0))
+    result = export_segmentation(segmentation, tmp_path, options)
+    points = vtk_points(vtk.vtkSTLReader, result.folder / "box.stl")
+    ijk = (np.linalg.inv(matrix) @ np.c_[points, np.ones(len(points))].T)[:3].T
+    # Marching cubes puts the surface half-way between inside and outside voxel centres.
+    assert np.allclose(ijk.min(axis=0), [4.5, 3.5, 1.5], atol=1e-3)
+    assert np.allclose(ijk.max(axis=0), [24.5, 14.5, 6.5], atol=1e-3)
+    entry = result.report["meshes"][0]
+    assert entry["watertight"] and entry["volume_ml"] > 0  # outward normals despite the mirrored grid
+    assert entry["volume_ml"] == pytest.approx(mask.sum() * 1.5 * 0.8 * 2.5 / 1000, rel=0.05)
+
+
+def test_lps_is_ras_with_x_and_y_negated(ctx, tmp_path, phantom_dir):
+    segmentation = apply_preset(ctx, load_input(ctx, phantom_dir).node, "bone")
+    lps = export_segmentation(segmentation, tmp_path, ExportOptions(formats=("stl",)))
+    ras = export_segmentation(segmentation, tmp_path, ExportOptions(formats=("stl",), coordinates="RAS"))
+    assert lps.folder != ras.folder  # a second export never reuses the first one's folder
+    lps_points = vtk_points(vtk.vtkSTLReader, lps.folder / "Bone.stl")
+    ras_points = vtk_points(vtk.vtkSTLReader, ras.folder / "Bone.stl")
+    assert np.allclose(lps_points * [-1, -1, 1], ras_points, atol=1e-4)
+
+
+def test_empty_segments_are_skipped_with_a_note_and_nothing_partial_is_left(ctx, tmp_path, phantom_dir):
+    volume = load_input(ctx, phantom_dir).node
+    segmentation = apply_preset(ctx, volume, "bone")
+    segmentation.GetSegmentation().AddEmptySegment("", "Tumour")
+    result = export_segmentation(segmentation, tmp_path)
+    assert result.report["skipped"] == [{"name": "Tumour", "reason": "empty segment"}]
+    assert "Tumour: skipped (empty segment)" in result.summary_lines()
+    assert not list(result.folder.glob(".*"))  # no temporary files
+    with pytest.raises(FileExistsError):
+        with meshio.atomic_file(result.folder / "Bone.stl") as stream:
+            stream.write(b"x")
+    assert (result.folder / "Bone.stl").stat().st_size > 1000
+
+
+def test_all_empty_or_no_segments_is_a_sentence_and_leaves_no_folder(ctx, tmp_path):
+    segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nothing")
+    with pytest.raises(ExportError, match="no segments"):
+        export_segmentation(segmentation, tmp_path)
+    segmentation.GetSegmentation().AddEmptySegment("", "Empty")
+    with pytest.raises(ExportError, match="empty: nothing to export"):
+        export_segmentation(segmentation, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_surface_nets_and_decimation_options(ctx, tmp_path, phantom_dir):
+    segmentation = apply_preset(ctx, load_input(ctx, phantom_dir).node, "bone")
+    base = export_segmentation(segmentation, tmp_path, ExportOptions(formats=("stl",))).report["meshes"][0]
+    fewer = export_segmentation(segmentation, tmp_path, ExportOptions(
+        formats=("stl",), surface=SurfaceOptions(decimation=0.5))).report["meshes"][0]
+    nets = export_segmentation(segmentation, tmp_path, ExportOptions(
+        formats=("stl",), surface=SurfaceOptions(method=SurfaceMethod.SURFACE_NETS))).report["meshes"][0]
+    assert fewer["triangles"] < 0.6 * base["triangles"] and fewer["watertight"]
+    assert nets["volume_ml"] == pytest.approx(base["volume_ml"], rel=0.1)  # its smoothing shrinks a little
+    assert nets["watertight"] == (nets["boundary_edges"] == 0 and nets["non_manifold_edges"] == 0)
+
+
+def test_diagonal_voxels_with_surface_nets_are_flagged_not_watertight(ctx, tmp_path):
+    volume, matrix = oblique_volume(ctx)
+    mask = np.zeros((10, 20, 30), bool)
+    mask[3:6, 5:8, 5:8] = True
+    mask[3:6, 8:11, 8:11] = True  # touches the first block along an edge only
+    segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "diagonal")
+    add_segment_from_mask(segmentation, mask, matrix, "pair", (0, 1, 0))
+    result = export_segmentation(segmentation, tmp_path, ExportOptions(
+        formats=("stl",), surface=SurfaceOptions(method=SurfaceMethod.SURFACE_NETS, smoothing=0)))
+    assert result.not_watertight == ["pair"]
+    assert "NOT watertight" in result.summary_lines()[0]
+
+
+def test_mesh_check_counts_holes_and_non_manifold_edges():
+    points = np.array([[0, 0, 0], [30, 0, 0], [0, 30, 0], [0, 0, 30]], float)
+    closed = np.array([[0, 2, 1], [0, 1, 3], [1, 2, 3], [0, 3, 2]])
+    check = check_mesh(points, closed)
+    assert check.watertight and check.volume_ml == pytest.approx(30 ** 3 / 6 / 1000)
+    opened = check_mesh(points, closed[:3])
+    assert not opened.watertight and opened.boundary_edges == 3
+    fin = check_mesh(np.vstack([points, [[30, 30, 30]]]), np.vstack([closed, [[0, 1, 4]]]))
+    assert fin.non_manifold_edges == 1 and not fin.watertight
+
+
+def test_format_parsing():
+    assert parse_formats("STL, .3mf,stl") == ("stl", "3mf")
+    with pytest.raises(ExportError, match="Unknown export format 'ply'"):
+        parse_formats("stl,ply")

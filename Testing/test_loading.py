@@ -1,0 +1,130 @@
+"""DICOM folders and volume files → volume nodes, and every kind of bad input → one clear sentence."""
+
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+
+from conftest import EXAMPLE_CT, JPEG2000_SERIES, UNCOMPRESSED_SERIES
+from SegmentationMachineLib import arrays
+from SegmentationMachineLib.dicomseries import choose_series, scan_folder
+from SegmentationMachineLib.errors import InputError
+from SegmentationMachineLib.phantom import make_phantom, write_ct_series
+from SegmentationMachineLib.volumes import load_input
+
+
+def first_position_ras(path):
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    x, y, z = (float(v) for v in ds.ImagePositionPatient)
+    return np.array([-x, -y, z])
+
+
+@pytest.mark.parametrize("series, shape, spacing", [
+    (JPEG2000_SERIES, (20, 512, 512), (0.9765625, 0.9765625, 2.0)),
+    (UNCOMPRESSED_SERIES, (3, 512, 512), (0.810547, 0.810547, 1.0)),
+])
+def test_real_series_load_through_slicers_reader(ctx, shared_data, untouched, series, shape, spacing):
+    untouched(series)
+    loaded = load_input(ctx, series)
+    voxels = arrays.volume_array(loaded.node)
+    assert voxels.shape == shape
+    matrix = arrays.ijk_to_ras(loaded.node)
+    assert np.allclose(arrays.spacing_of(matrix), spacing, atol=1e-3)
+    # Voxel 0 sits at the lowest slice's position (LPS in the file, RAS in the scene).
+    lowest = min(scan_folder(series).series[0].files, key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+    assert np.allclose(matrix[:3, 3], first_position_ras(lowest), atol=1e-2)
+    assert -3100 <= voxels.min() and voxels.max() < 4000  # Hounsfield units, rescale applied
+    assert (voxels > 300).sum() > 1000  # bone is there: the pixels were really decoded
+
+
+def test_any_nesting_any_names_recognised_by_content(ctx, shared_data, tmp_path):
+    for index, source in enumerate(sorted(UNCOMPRESSED_SERIES.iterdir())):
+        target = tmp_path / "upload" / f"level{index}" / "deeper" / f"IMG{index:03d}"  # no extension
+        target.parent.mkdir(parents=True)
+        shutil.copy(source, target)
+    (tmp_path / "upload" / "README.txt").write_text("not an image")
+    (tmp_path / "upload" / "scan.dcm").write_bytes(b"\x00" * 50)  # a .dcm name is not enough
+    scan = scan_folder(tmp_path / "upload")
+    assert len(scan.series) == 1 and len(scan.series[0].files) == 3
+    assert {s.path.name: s.reason for s in scan.skipped} == {"README.txt": "not a DICOM file", "scan.dcm": "not a DICOM file"}
+    assert arrays.volume_array(load_input(ctx, tmp_path / "upload").node).shape == (3, 512, 512)
+
+
+def test_several_series_listed_chosen_by_number_or_uid_default_most_ct_slices(ctx, shared_data, tmp_path, phantom_dir):
+    shutil.copytree(UNCOMPRESSED_SERIES, tmp_path / "study" / "a")
+    shutil.copytree(phantom_dir, tmp_path / "study" / "b")
+    scan = scan_folder(tmp_path / "study")
+    assert [len(s.files) for s in scan.series] == [72, 3]
+    assert choose_series(scan).description == "SegmentationMachine CT phantom"
+    assert choose_series(scan, "2") is scan.series[1]
+    assert choose_series(scan, scan.series[1].uid) is scan.series[1]
+    with pytest.raises(InputError, match="run with --list"):
+        choose_series(scan, "9")
+    assert arrays.volume_array(load_input(ctx, tmp_path / "study", series="2").node).shape[0] == 3
+
+
+def test_nifti_and_nrrd_files_load(ctx, shared_data):
+    assert arrays.volume_array(load_input(ctx, EXAMPLE_CT).node).shape == (112, 101, 122)
+    nrrd = load_input(ctx, shared_data / "dcmqi" / "liver_seg.nrrd")
+    assert arrays.volume_array(nrrd.node).max() > 0
+
+
+def test_no_dicom_at_all_is_one_sentence(ctx, tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(InputError) as error:
+        load_input(ctx, tmp_path)
+    message = str(error.value)
+    assert str(tmp_path) in message and "No DICOM image series" in message and "\n" not in message
+
+
+def test_truncated_and_foreign_files_among_slices_are_skipped_with_reasons(ctx, shared_data, tmp_path, untouched):
+    files = sorted(JPEG2000_SERIES.iterdir())
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for path in files:
+        shutil.copy(path, folder / path.name)
+    truncated = folder / files[7].name
+    truncated.write_bytes(truncated.read_bytes()[:40000])
+    (folder / "Thumbs.db").write_bytes(b"\x01\x02" * 300)
+    untouched(folder)
+    loaded = load_input(ctx, folder)
+    scan = scan_folder(folder)
+    reasons = {s.path.name: s.reason for s in scan.skipped}
+    assert reasons[truncated.name].startswith("truncated") and reasons["Thumbs.db"] == "not a DICOM file"
+    assert any(truncated.name in note and "truncated" in note for note in loaded.notes)
+    # The truncated slice leaves a gap: resampled to even spacing over the same extent.
+    assert any("uneven slice spacing" in note for note in loaded.notes)
+    assert arrays.volume_array(loaded.node).shape == (20, 512, 512)
+
+
+def write_phantom_slices(folder, keep=None, tilt_mm_per_slice=0.0):
+    phantom = make_phantom(shape=(12, 64, 64))
+    positions = [(-47.25, -47.25 + k * tilt_mm_per_slice, k * 2.0) for k in range(12)]
+    keep = list(range(12)) if keep is None else keep
+    write_ct_series(folder, phantom.hu[keep], 1.5, [positions[k] for k in keep], "test series")
+    return phantom
+
+
+def test_missing_slice_is_resampled_onto_the_true_positions(ctx, tmp_path):
+    phantom = write_phantom_slices(tmp_path, keep=[k for k in range(12) if k != 5])
+    loaded = load_input(ctx, tmp_path)
+    note = next(n for n in loaded.notes if "uneven" in n)
+    assert "4.00 mm" in note and "slice0005.dcm" in note and "resampled" in note
+    voxels = arrays.volume_array(loaded.node)
+    matrix = arrays.ijk_to_ras(loaded.node)
+    assert voxels.shape == (12, 64, 64) and np.isclose(matrix[2, 2], 2.0)
+    assert np.array_equal(voxels[6], phantom.hu[6])  # real slices stay where they were
+    expected = np.rint((phantom.hu[4].astype(float) + phantom.hu[6]) / 2)
+    assert np.abs(voxels[5] - expected).max() <= 1  # the gap is interpolated
+
+
+def test_gantry_tilt_is_refused_with_the_angle(ctx, tmp_path):
+    write_phantom_slices(tmp_path, tilt_mm_per_slice=0.5)  # atan(0.5 / 2) = 14 degrees
+    with pytest.raises(InputError, match=r"tilted by 14\.0° \(gantry tilt\)"):
+        load_input(ctx, tmp_path)
+
+
+def test_missing_input_path(ctx, tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_input(ctx, tmp_path / "nope")
