@@ -83,11 +83,10 @@ def _export_options(args):
                          surface=SurfaceOptions(SurfaceMethod(args.method), args.smoothing, args.decimate))
 
 
-def _export_and_report(args, segmentation_node):
+def _export_and_report(args, options, segmentation_node):
     from .export import export_segmentation
     from .printing import send_to_orcaslicer
 
-    options = _export_options(args)
     progress = _Progress("surfaces", args.quiet)
     try:
         result = export_segmentation(segmentation_node, args.out, options, progress=progress)
@@ -124,6 +123,7 @@ def run_model(args):
     from .scene import create_headless_scene
     from .volumes import load_input
 
+    options = _export_options(args)  # a bad option fails before minutes of work, not after
     presets = [p.strip() for p in args.preset.split(",") if p.strip()]
     unknown = [p for p in presets if p not in PRESETS]
     if unknown or not presets:
@@ -151,7 +151,7 @@ def run_model(args):
     for name in presets:
         segmentation = apply_preset(ctx, loaded.node, name, segmentation)
         print(f"Segmented with preset '{name}'")
-    _export_and_report(args, segmentation)
+    _export_and_report(args, options, segmentation)
 
 
 def run_export(args):
@@ -159,10 +159,11 @@ def run_export(args):
     from .segmentations import load_segmentation, read_label_names
     from .volumes import load_input
 
+    options = _export_options(args)
     ctx = create_headless_scene()
     reference = load_input(ctx, args.volume).node if args.volume else None
     names = read_label_names(args.labels) if args.labels else None
-    _export_and_report(args, load_segmentation(ctx, args.segfile, names, reference))
+    _export_and_report(args, options, load_segmentation(ctx, args.segfile, names, reference))
 
 
 def run_print(args):
