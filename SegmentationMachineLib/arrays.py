@@ -1,4 +1,4 @@
-"""NumPy views of MRML volume data and geometry (what slicer.util does, without Slicer globals)."""
+"""NumPy views of MRML volume data and geometry, for code that must not touch Slicer's globals."""
 
 import numpy as np
 import vtk

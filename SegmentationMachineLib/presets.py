@@ -33,7 +33,7 @@ class SkinOptions:
     opening_mm: float = 3.0  # detaches the table, blankets and cables before choosing the body
 
 
-def _spacing_kji(volume_node) -> np.ndarray:
+def spacing_kji(volume_node) -> np.ndarray:
     return arrays.spacing_of(arrays.ijk_to_ras(volume_node))[::-1]
 
 
@@ -132,16 +132,32 @@ def add_segment_from_mask(segmentation_node, mask: np.ndarray, ijk_to_ras: np.nd
     return segmentation_node.AddSegmentFromBinaryLabelmapRepresentation(labelmap, name, color)
 
 
-def apply_preset(ctx: SceneContext, volume_node, preset_name: str, segmentation_node=None):
-    """Runs a preset on volume_node; adds its segment to segmentation_node (a new one if None)."""
-    preset = PRESETS.get(preset_name)
-    if preset is None:
+def get_preset(preset_name: str) -> Preset:
+    if preset_name not in PRESETS:
         raise SegmentationError(f"There is no preset '{preset_name}': choose one of {', '.join(PRESETS)}.")
-    mask = preset.mask(arrays.volume_array(volume_node), _spacing_kji(volume_node))
+    return PRESETS[preset_name]
+
+
+def preset_mask(preset_name: str, hu: np.ndarray, spacing, volume_name: str) -> np.ndarray:
+    """The preset's mask; touches no scene, so it may run on a worker thread (with a copy of hu)."""
+    preset = get_preset(preset_name)
+    mask = preset.mask(hu, spacing)
     if not mask.any():
         raise SegmentationError(
-            f"The {preset.name} preset found nothing in '{volume_node.GetName()}': it expects a CT in "
+            f"The {preset.name} preset found nothing in '{volume_name}': it expects a CT in "
             "Hounsfield units; for MR or other images use the AI prompt tools.")
+    return mask
+
+
+def apply_preset(ctx: SceneContext, volume_node, preset_name: str, segmentation_node=None):
+    """Runs a preset on volume_node; adds its segment to segmentation_node (a new one if None)."""
+    mask = preset_mask(preset_name, arrays.volume_array(volume_node), spacing_kji(volume_node), volume_node.GetName())
+    return add_preset_segment(ctx, volume_node, preset_name, mask, segmentation_node)
+
+
+def add_preset_segment(ctx: SceneContext, volume_node, preset_name: str, mask: np.ndarray, segmentation_node=None):
+    """Main-thread half of apply_preset: the mask becomes a named, coloured segment."""
+    preset = get_preset(preset_name)
     if segmentation_node is None:
         segmentation_node = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()}_segmentation")
         segmentation_node.CreateDefaultDisplayNodes()

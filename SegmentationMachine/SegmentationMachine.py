@@ -1,0 +1,249 @@
+"""SegmentationMachine: DICOM to a model on the print bed. A thin binding: behaviour lives in SegmentationMachineLib."""
+
+import importlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+try:
+    import SegmentationMachineLib
+except ImportError:  # loaded from a source checkout: only this module's folder is on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import SegmentationMachineLib
+
+from SegmentationMachineLib.panels import ExportPanel, PresetsPanel
+from SegmentationMachineLib.presets import PRESETS
+from SegmentationMachineLib.scene import SceneContext
+
+SETTINGS_OUTPUT_FOLDER = "SegmentationMachine/OutputFolder"
+SETTINGS_ORCASLICER = "SegmentationMachine/OrcaSlicerPath"
+
+
+class SegmentationMachine(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("SegmentationMachine")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.contributors = ["SegmentationMachine developers"]
+        self.parent.helpText = _(
+            "From CT/MR DICOM to a model on the print bed: CPU presets (bone, skin), watertight STL/OBJ/3MF "
+            "export in LPS millimetres with a mesh report, and Send to OrcaSlicer.")
+        self.parent.acknowledgementText = _(
+            "AI prompt tools use nnInteractive: Isensee F., Rokuss M., Krämer L. et al. (2025), "
+            "nnInteractive: Redefining 3D Promptable Segmentation, arXiv:2503.08373.")
+
+
+@parameterNodeWrapper
+class SegmentationMachineParameterNode:
+    sourceVolume: vtkMRMLScalarVolumeNode
+    preset: Annotated[str, Choice(list(PRESETS))] = "bone"
+    segmentation: vtkMRMLSegmentationNode
+    exportStl: bool = True
+    exportObj: bool = True
+    export3mf: bool = True
+    smoothing: Annotated[float, WithinRange(0, 1)] = 0.5
+
+
+class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self.presets = PresetsPanel()
+        self.export = ExportPanel()
+        self._presetVolume = None  # kept alive while its preset runs
+        self._exportSegmentation = None
+        self.pollTimer = qt.QTimer()
+        self.pollTimer.setInterval(100)
+        self.pollTimer.timeout.connect(self.poll)
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SegmentationMachine.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = SegmentationMachineLogic()
+        for name, description in self.presets.presets.items():
+            if self.ui.presetComboBox.findText(name) < 0:
+                self.ui.presetComboBox.addItem(name)
+            self.ui.presetComboBox.setItemData(self.ui.presetComboBox.findText(name), description, qt.Qt.ToolTipRole)
+        self.ui.outputFolderSelector.currentPath = slicer.util.settingsValue(
+            SETTINGS_OUTPUT_FOLDER, str(self.export.output_folder))
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyPresetButton.connect("clicked(bool)", self.onApplyPreset)
+        self.ui.exportButton.connect("clicked(bool)", self.onExport)
+        self.ui.sendToPrinterButton.connect("clicked(bool)", self.onSendToPrinter)
+        self.ui.openFolderButton.connect("clicked(bool)", self.onOpenFolder)
+        self.initializeParameterNode()
+        self.updateGui()
+
+    def cleanup(self):
+        self.pollTimer.stop()
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        parameterNode = self.logic.getParameterNode()
+        if not parameterNode.sourceVolume:
+            parameterNode.sourceVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        self.setParameterNode(parameterNode)
+
+    def setParameterNode(self, parameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
+        self.updateGui()
+
+    def updateGui(self, caller=None, event=None):
+        p = self._parameterNode
+        self.ui.applyPresetButton.enabled = bool(p) and self.presets.can_apply(p.sourceVolume)
+        if p:
+            self.export.formats = {f for f, on in (("stl", p.exportStl), ("obj", p.exportObj), ("3mf", p.export3mf)) if on}
+        self.ui.exportButton.enabled = bool(p) and self.export.can_export(p.segmentation)
+        self.ui.sendToPrinterButton.enabled = self.export.can_send()
+        self.ui.openFolderButton.enabled = self.export.last_result is not None
+        self.ui.presetStatusLabel.text = self.presets.status
+        self.ui.exportStatusLabel.text = self.export.status
+        self.ui.reportTextEdit.plainText = self.export.report_text()
+
+    def onApplyPreset(self):
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the preset."), waitCursor=True):
+            self.presets.preset = self._parameterNode.preset
+            self._presetVolume = self._parameterNode.sourceVolume
+            self.presets.start(self._presetVolume)
+            self.pollTimer.start()
+        self.updateGui()
+
+    def onExport(self):
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the export."), waitCursor=True):
+            folder = self.ui.outputFolderSelector.currentPath or str(self.export.output_folder)
+            qt.QSettings().setValue(SETTINGS_OUTPUT_FOLDER, folder)
+            self.export.output_folder = Path(folder)
+            self.export.smoothing = self._parameterNode.smoothing
+            self._exportSegmentation = self._parameterNode.segmentation
+            self.export.start(self._exportSegmentation)
+            self.pollTimer.start()
+        self.updateGui()
+
+    def poll(self):
+        """QTimer on the main thread: finishes work whose thread is done (scene edits happen here)."""
+        with slicer.util.tryWithErrorDisplay(_("Processing failed."), waitCursor=False):
+            if self.presets.task and self.presets.task.done():
+                segmentation = self._parameterNode.segmentation if self._parameterNode else None
+                node = self.presets.finish(self.logic.context(), self._presetVolume, segmentation)
+                if node and self._parameterNode:
+                    self._parameterNode.segmentation = node
+                self._presetVolume = None
+            if self.export.task and self.export.task.done():
+                self.export.finish()
+                self._exportSegmentation = None
+        if not self.presets.task and not self.export.task:
+            self.pollTimer.stop()
+        self.updateGui()
+
+    def onSendToPrinter(self):
+        self.export.send_to_printer(slicer.util.settingsValue(SETTINGS_ORCASLICER, ""))
+        self.updateGui()
+
+    def onOpenFolder(self):
+        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(self.export.last_result.folder)))
+
+    def onReload(self):
+        for name in sorted(n for n in sys.modules if n.startswith("SegmentationMachineLib.")):
+            importlib.reload(sys.modules[name])
+        importlib.reload(SegmentationMachineLib)
+        ScriptedLoadableModuleWidget.onReload(self)
+
+
+class SegmentationMachineLogic(ScriptedLoadableModuleLogic):
+    def getParameterNode(self):
+        return SegmentationMachineParameterNode(super().getParameterNode())
+
+    def context(self) -> SceneContext:
+        """Slicer's own scene and module logics, for the library."""
+        return SceneContext(
+            scene=slicer.mrmlScene,
+            app_logic=slicer.app.applicationLogic(),
+            volumes_logic=slicer.modules.volumes.logic(),
+            segmentations_logic=slicer.modules.segmentations.logic(),
+            subject_hierarchy_logic=slicer.modules.subjecthierarchy.logic(),
+            colors_logic=slicer.modules.colors.logic(),
+        )
+
+
+class SegmentationMachineTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer: phantom volume → bone preset (on a worker thread) → export → report."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_PresetExportOnPhantom()
+
+    def test_PresetExportOnPhantom(self):
+        from SegmentationMachineLib import arrays
+        from SegmentationMachineLib.phantom import make_phantom
+
+        self.delayDisplay("Phantom volume")
+        phantom = make_phantom(shape=(24, 64, 64))
+        matrix = [[-1.5, 0, 0, 47.25], [0, -1.5, 0, 47.25], [0, 0, 2.0, -23.0], [0, 0, 0, 1]]
+        volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Phantom")
+        arrays.set_volume_array(volume, phantom.hu, np.array(matrix))
+
+        self.delayDisplay("Bone preset on a worker thread")
+        logic = SegmentationMachineLogic()
+        presets = PresetsPanel()
+        presets.start(volume)
+        self.assertTrue(presets.task.wait(120))
+        segmentation = presets.finish(logic.context(), volume)
+        self.assertIsNotNone(segmentation, presets.status)
+        self.assertEqual(segmentation.GetSegmentation().GetNthSegment(0).GetName(), "Bone")
+
+        self.delayDisplay("Export")
+        export = ExportPanel(output_folder=Path(tempfile.mkdtemp()))
+        export.start(segmentation)
+        self.assertTrue(export.task.wait(120))
+        result = export.finish()
+        self.assertIsNotNone(result, export.status)
+        self.assertEqual(sorted(os.listdir(result.folder)),
+                         ["Bone.stl", "report.json", "segments.3mf", "segments.mtl", "segments.obj"])
+        self.assertEqual(result.not_watertight, [])
+        self.delayDisplay("Test passed")

@@ -1,0 +1,123 @@
+"""Qt-free state of the module's Presets and Export & Print sections.
+
+The widget only binds: it asks these objects what is enabled and what the status line says,
+starts their work, and polls it from a QTimer. Work runs on a worker thread so the GUI never
+blocks; anything that edits the scene happens in finish(), which the widget calls on the main thread.
+"""
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import arrays
+from .errors import UserError
+from .export import ExportOptions, ExportResult, export_segmentation
+from .presets import PRESETS, add_preset_segment, preset_mask, spacing_kji
+from .printing import send_to_orcaslicer
+
+
+class BackgroundTask:
+    """A function on a daemon thread; poll() from the main thread says when it is done."""
+
+    def __init__(self, function, *args):
+        self.result = None
+        self.error = None
+        self._done = threading.Event()
+        threading.Thread(target=self._run, args=(function, *args), daemon=True).start()
+
+    def _run(self, function, *args):
+        try:
+            self.result = function(*args)
+        except Exception as error:  # handed to the main thread, which shows or re-raises it
+            self.error = error
+        finally:
+            self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float = None) -> bool:
+        return self._done.wait(timeout)
+
+
+@dataclass
+class PresetsPanel:
+    preset: str = "bone"
+    status: str = "Choose a CT volume and a preset."
+    task: BackgroundTask = None
+
+    @property
+    def presets(self) -> dict:
+        return {name: preset.description for name, preset in PRESETS.items()}
+
+    def can_apply(self, volume_node) -> bool:
+        return volume_node is not None and self.task is None
+
+    def start(self, volume_node):
+        # The worker gets a copy: the user may edit or close the volume meanwhile.
+        hu = arrays.volume_array(volume_node).copy()
+        self.task = BackgroundTask(preset_mask, self.preset, hu, spacing_kji(volume_node), volume_node.GetName())
+        self.status = f"Running the {self.preset} preset on '{volume_node.GetName()}'..."
+
+    def finish(self, ctx, volume_node, segmentation_node=None):
+        """Main thread, once task.done(): adds the segment; returns the segmentation node or None."""
+        task, self.task = self.task, None
+        if isinstance(task.error, UserError):
+            self.status = str(task.error)
+            return None
+        if task.error:
+            raise task.error
+        node = add_preset_segment(ctx, volume_node, self.preset, task.result, segmentation_node)
+        self.status = f"Added segment '{PRESETS[self.preset].segment_name}' to '{node.GetName()}'."
+        return node
+
+
+@dataclass
+class ExportPanel:
+    formats: set = field(default_factory=lambda: {"stl", "obj", "3mf"})
+    smoothing: float = 0.5
+    output_folder: Path = Path.home() / "SegmentationMachine" / "Exports"
+    status: str = "Choose a segmentation to export."
+    last_result: ExportResult = None
+    task: BackgroundTask = None
+
+    def can_export(self, segmentation_node) -> bool:
+        return segmentation_node is not None and bool(self.formats) and self.task is None
+
+    def can_send(self) -> bool:
+        return self.last_result is not None and self.task is None
+
+    def options(self) -> ExportOptions:
+        from .surfaces import SurfaceOptions
+
+        ordered = tuple(f for f in ("stl", "obj", "3mf") if f in self.formats)
+        return ExportOptions(formats=ordered, surface=SurfaceOptions(smoothing=self.smoothing))
+
+    def start(self, segmentation_node):
+        # Export only reads the segmentation; the module keeps the node alive until finish().
+        self.task = BackgroundTask(export_segmentation, segmentation_node, self.output_folder, self.options())
+        self.status = f"Exporting '{segmentation_node.GetName()}'..."
+
+    def finish(self):
+        task, self.task = self.task, None
+        if isinstance(task.error, UserError):
+            self.status = str(task.error)
+            return None
+        if task.error:
+            raise task.error
+        self.last_result = task.result
+        bad = task.result.not_watertight
+        self.status = (f"Exported to {task.result.folder}." if not bad else
+                       f"Exported to {task.result.folder}, but {', '.join(bad)} "
+                       "is not watertight: use flying edges with smoothing, or repair it in the slicer.")
+        return task.result
+
+    def report_text(self) -> str:
+        return "\n".join(self.last_result.summary_lines()) if self.last_result else ""
+
+    def send_to_printer(self, configured_path: str = None):
+        try:
+            send_to_orcaslicer(self.last_result.folder, configured_path or None)
+            self.status = "Opened in OrcaSlicer."
+        except UserError as error:
+            self.status = str(error)

@@ -1,0 +1,48 @@
+"""The Slicer extension's files, checked as files (Slicer itself runs the module's self-test)."""
+
+import ast
+import json
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE = REPO / "SegmentationMachine" / "SegmentationMachine.py"
+UI = REPO / "SegmentationMachine" / "Resources" / "UI" / "SegmentationMachine.ui"
+
+
+def test_library_cmake_lists_every_library_file():
+    listed = re.findall(r"^\s+(\w+\.py)$", (REPO / "SegmentationMachineLib" / "CMakeLists.txt").read_text(), re.M)
+    assert sorted(listed) == sorted(p.name for p in (REPO / "SegmentationMachineLib").glob("*.py"))
+    assert "WITH_SUBDIR" in (REPO / "SegmentationMachineLib" / "CMakeLists.txt").read_text()
+
+
+def test_extension_metadata():
+    top = (REPO / "CMakeLists.txt").read_text()
+    assert "project(SegmentationMachine)" in top
+    for variable in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "DEPENDS"):
+        assert f"set(EXTENSION_{variable} " in top
+    assert "add_subdirectory(SegmentationMachine)" in top and "add_subdirectory(SegmentationMachineLib)" in top
+    assert json.loads((REPO / "SegmentationMachine.json").read_text())["category"] == "Segmentation"
+    assert (REPO / "SegmentationMachine" / "Resources" / "Icons" / "SegmentationMachine.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ui_binds_every_widget_the_module_uses_and_every_parameter():
+    root = ET.parse(UI).getroot()
+    names = {w.get("name") for w in root.iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE.read_text()))
+    assert used <= names, f"the module uses widgets the .ui lacks: {used - names}"
+    bound = {w.find("string").text for w in root.iter("property") if w.get("name") == "SlicerParameterName"}
+    tree = ast.parse(MODULE.read_text())
+    wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SegmentationMachineParameterNode")
+    fields = {n.target.id for n in wrapper.body if isinstance(n, ast.AnnAssign)}
+    assert bound == fields
+
+
+def test_module_is_thin_and_the_library_has_no_slicer_globals():
+    module_lines = len(MODULE.read_text().splitlines())
+    assert module_lines < 300
+    for path in (REPO / "SegmentationMachineLib").glob("*.py"):
+        text = path.read_text()
+        for forbidden in ("slicer.mrmlScene", "slicer.app", "slicer.modules", "import qt", "slicer.util"):
+            assert forbidden not in text, f"{path.name} uses {forbidden}"

@@ -1,0 +1,40 @@
+"""The module's panel state, driven as the widget drives it: start, poll, finish on the main thread."""
+
+from SegmentationMachineLib.panels import ExportPanel, PresetsPanel
+from SegmentationMachineLib.volumes import load_input
+from SegmentationMachineLib import arrays
+import numpy as np
+
+
+def test_presets_then_export_then_print_as_the_widget_does(ctx, phantom_dir, tmp_path):
+    volume = load_input(ctx, phantom_dir).node
+    presets = PresetsPanel()
+    assert not presets.can_apply(None) and presets.can_apply(volume)
+    presets.start(volume)
+    assert not presets.can_apply(volume) and "Running the bone preset" in presets.status
+    assert presets.task.wait(120)
+    segmentation = presets.finish(ctx, volume)
+    assert segmentation.GetSegmentation().GetNthSegment(0).GetName() == "Bone"
+    assert presets.status.startswith("Added segment 'Bone'")
+
+    export = ExportPanel(output_folder=tmp_path, formats={"stl", "3mf"})
+    assert export.can_export(segmentation) and not export.can_send()
+    export.start(segmentation)
+    assert export.task.wait(120)
+    result = export.finish()
+    assert export.status == f"Exported to {result.folder}." and export.can_send()
+    assert sorted(p.name for p in result.folder.iterdir()) == ["Bone.stl", "report.json", "segments.3mf"]
+    assert "Bone:" in export.report_text() and "watertight" in export.report_text()
+
+    export.send_to_printer(str(tmp_path / "no-orca-here"))
+    assert export.status.startswith("OrcaSlicer is not at the configured path")
+
+
+def test_a_user_error_on_the_worker_becomes_the_status_line(ctx):
+    volume = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "MR")
+    arrays.set_volume_array(volume, np.zeros((4, 8, 8), np.int16), np.eye(4))
+    panel = PresetsPanel()
+    panel.start(volume)
+    assert panel.task.wait(30)
+    assert panel.finish(ctx, volume) is None
+    assert "found nothing in 'MR'" in panel.status and panel.can_apply(volume)
