@@ -8,19 +8,28 @@ import logging
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from . import __version__
+from .dicomseries import scan_folder
 from .errors import UserError
+from .export import DEFAULT_EXPORT_FOLDER as DEFAULT_OUT
+from .export import ExportOptions, export_segmentation, parse_formats
+from .phantom import write_phantom
+from .presets import PRESETS, apply_preset
+from .printing import send_to_orcaslicer
+from .scene import create_headless_scene
+from .segmentations import load_segmentation, read_label_names
+from .surfaces import SurfaceMethod, SurfaceOptions
+from .volumes import load_input
 
 log = logging.getLogger("segmentation-machine")
-DEFAULT_OUT = Path.home() / "SegmentationMachine" / "Exports"  # under $HOME: Flatpak OrcaSlicer can read it
 
 
 class _Progress:
     """A progress bar on stderr for one long step (a plain line when stderr is not a terminal)."""
 
     def __init__(self, label: str, quiet: bool):
-        from tqdm import tqdm
-
         self._bar = tqdm(desc=label, unit="", leave=False, disable=quiet, file=sys.stderr)
 
     def __call__(self, done, total, item=""):
@@ -73,9 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _export_options(args):
-    from .export import ExportOptions, parse_formats
-    from .surfaces import SurfaceMethod, SurfaceOptions
-
     if not 0 <= args.smoothing <= 1 or not 0 <= args.decimate <= 0.95:
         raise UserError("--smoothing must be between 0 and 1 and --decimate between 0 and 0.95.")
     return ExportOptions(formats=parse_formats(args.format), coordinates="RAS" if args.ras else "LPS",
@@ -84,9 +90,6 @@ def _export_options(args):
 
 
 def _export_and_report(args, options, segmentation_node):
-    from .export import export_segmentation
-    from .printing import send_to_orcaslicer
-
     progress = _Progress("surfaces", args.quiet)
     try:
         result = export_segmentation(segmentation_node, args.out, options, progress=progress)
@@ -108,8 +111,6 @@ def _export_and_report(args, options, segmentation_node):
 def _input_or_phantom(args) -> Path:
     if args.input is not None:
         return args.input
-    from .phantom import write_phantom
-
     folder = args.out.expanduser() / "phantom-ct-dicom"
     if not any(folder.glob("*.dcm")):
         write_phantom(folder)
@@ -118,11 +119,6 @@ def _input_or_phantom(args) -> Path:
 
 
 def run_model(args):
-    from .dicomseries import scan_folder
-    from .presets import PRESETS, apply_preset
-    from .scene import create_headless_scene
-    from .volumes import load_input
-
     options = _export_options(args)  # a bad option fails before minutes of work, not after
     presets = [p.strip() for p in args.preset.split(",") if p.strip()]
     unknown = [p for p in presets if p not in PRESETS]
@@ -131,7 +127,11 @@ def run_model(args):
     source = _input_or_phantom(args)
     scan = None
     if source.is_dir() or args.list:
-        scan = scan_folder(source)
+        progress = _Progress("scanning", args.quiet)
+        try:
+            scan = scan_folder(source, progress)
+        finally:
+            progress.close()
     if args.list:
         for number, series in enumerate(scan.series, 1):
             print(f"{number}. {series.summary()}")
@@ -155,10 +155,6 @@ def run_model(args):
 
 
 def run_export(args):
-    from .scene import create_headless_scene
-    from .segmentations import load_segmentation, read_label_names
-    from .volumes import load_input
-
     options = _export_options(args)
     ctx = create_headless_scene()
     reference = load_input(ctx, args.volume).node if args.volume else None
@@ -167,8 +163,6 @@ def run_export(args):
 
 
 def run_print(args):
-    from .printing import send_to_orcaslicer
-
     command = send_to_orcaslicer(args.path, args.orcaslicer)
     print(f"Opened in OrcaSlicer: {' '.join(command)}")
 
@@ -191,7 +185,7 @@ def main(argv=None) -> int:
         log.error("%s", error)
         return 2
     except KeyboardInterrupt:
-        log.error("Interrupted: nothing was overwritten; partial exports are left out of the output folder.")
+        log.error("Interrupted: nothing was overwritten; an export folder without report.json is incomplete.")
         return 130
     return 0
 

@@ -225,14 +225,19 @@ def _build_series(key: str, slices: list, skipped: list) -> DicomSeries:
     return series
 
 
-def scan_folder(folder) -> ScanResult:
-    """All image series under folder (any nesting, any file names), most slices first."""
+def scan_folder(folder, progress=None) -> ScanResult:
+    """All image series under folder (any nesting, any file names), most slices first.
+
+    progress(done, total, path), when given, is called after each file.
+    """
     folder = Path(folder)
     if not folder.exists():
         raise InputError(f"{folder} does not exist: give a folder of DICOM files or a NIfTI/NRRD file.")
     paths = [folder] if folder.is_file() else list(_walk_files(folder))
     slices, skipped, volume_files = {}, [], []
-    for path in paths:
+    for done, path in enumerate(paths, 1):
+        if progress:
+            progress(done, len(paths), path.name)
         if _is_volume_file(path):
             volume_files.append(path)
             continue

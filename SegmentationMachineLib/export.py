@@ -18,7 +18,9 @@ from .meshcheck import check_mesh
 from .surfaces import SurfaceOptions, segment_meshes
 
 FORMATS = ("stl", "obj", "3mf")
-REPORT_NAME = "report.json"
+REPORT_NAME = "report.json"  # written last: a folder without it is an interrupted export
+# Under $HOME: the Flatpak OrcaSlicer cannot read /tmp.
+DEFAULT_EXPORT_FOLDER = Path.home() / "SegmentationMachine" / "Exports"
 
 
 @dataclass(frozen=True)

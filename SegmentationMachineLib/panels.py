@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import arrays
 from .errors import UserError
-from .export import ExportOptions, ExportResult, export_segmentation
+from .export import DEFAULT_EXPORT_FOLDER, ExportOptions, ExportResult, export_segmentation
 from .presets import PRESETS, add_preset_segment, preset_mask, spacing_kji
 from .printing import send_to_orcaslicer
 
@@ -39,6 +39,14 @@ class BackgroundTask:
     def wait(self, timeout: float = None) -> bool:
         return self._done.wait(timeout)
 
+    def outcome(self):
+        """(result, None) on success, (None, sentence) for a user's mistake; a bug is re-raised."""
+        if isinstance(self.error, UserError):
+            return None, str(self.error)
+        if self.error:
+            raise self.error
+        return self.result, None
+
 
 @dataclass
 class PresetsPanel:
@@ -62,12 +70,11 @@ class PresetsPanel:
     def finish(self, ctx, volume_node, segmentation_node=None):
         """Main thread, once task.done(): adds the segment; returns the segmentation node or None."""
         task, self.task = self.task, None
-        if isinstance(task.error, UserError):
-            self.status = str(task.error)
+        mask, problem = task.outcome()
+        if problem:
+            self.status = problem
             return None
-        if task.error:
-            raise task.error
-        node = add_preset_segment(ctx, volume_node, self.preset, task.result, segmentation_node)
+        node = add_preset_segment(ctx, volume_node, self.preset, mask, segmentation_node)
         self.status = f"Added segment '{PRESETS[self.preset].segment_name}' to '{node.GetName()}'."
         return node
 
@@ -76,7 +83,7 @@ class PresetsPanel:
 class ExportPanel:
     formats: set = field(default_factory=lambda: {"stl", "obj", "3mf"})
     smoothing: float = 0.5
-    output_folder: Path = Path.home() / "SegmentationMachine" / "Exports"
+    output_folder: Path = DEFAULT_EXPORT_FOLDER
     status: str = "Choose a segmentation to export."
     last_result: ExportResult = None
     task: BackgroundTask = None
@@ -100,17 +107,16 @@ class ExportPanel:
 
     def finish(self):
         task, self.task = self.task, None
-        if isinstance(task.error, UserError):
-            self.status = str(task.error)
+        result, problem = task.outcome()
+        if problem:
+            self.status = problem
             return None
-        if task.error:
-            raise task.error
-        self.last_result = task.result
-        bad = task.result.not_watertight
-        self.status = (f"Exported to {task.result.folder}." if not bad else
-                       f"Exported to {task.result.folder}, but {', '.join(bad)} "
+        self.last_result = result
+        bad = result.not_watertight
+        self.status = (f"Exported to {result.folder}." if not bad else
+                       f"Exported to {result.folder}, but {', '.join(bad)} "
                        "is not watertight: use flying edges with smoothing, or repair it in the slicer.")
-        return task.result
+        return result
 
     def report_text(self) -> str:
         return "\n".join(self.last_result.summary_lines()) if self.last_result else ""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from SegmentationMachineLib.dicomseries import choose_series, scan_folder  # noqa: E402
-from SegmentationMachineLib.phantom import write_phantom  # noqa: E402
+from SegmentationMachineLib.phantom import make_phantom, write_phantom  # noqa: E402
 from SegmentationMachineLib.scene import create_headless_scene  # noqa: E402
 from SegmentationMachineLib.volumes import load_series  # noqa: E402
 
@@ -38,12 +38,12 @@ def main():
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     phantom = Path(tempfile.mkdtemp()) / "phantom"
-    write_phantom(phantom)
+    write_phantom(phantom, make_phantom(shape=(200, 512, 512), pixel_spacing=0.4))
     print(f"{os.cpu_count()} cores\n")
     print("| series | slices | scan s | decode s | total s | slices/s | cores busy |\n|---|---|---|---|---|---|---|")
     for name, folder in [("JPEG 2000 lossless 512x512 (example_ct_dicom)", DATA / "totalsegmentator" / "example_ct_dicom"),
                          ("uncompressed 512x512 (dcmqi ct-3slice)", DATA / "dcmqi" / "ct-3slice"),
-                         ("uncompressed 128x128 (our phantom)", phantom)]:
+                         ("uncompressed 512x512 (our phantom)", phantom)]:
         slices, scan, decode, total, busy = measure(folder, args.repeat)
         print(f"| {name} | {slices} | {scan:.3f} | {decode:.3f} | {total:.3f} | {slices / total:.0f} | {busy:.2f} |")
 
