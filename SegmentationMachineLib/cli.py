@@ -27,10 +27,10 @@ log = logging.getLogger("segmentation-machine")
 
 
 class _Progress:
-    """A progress bar on stderr for one long step (a plain line when stderr is not a terminal)."""
+    """A progress bar on stderr for one long step; none when stderr is not a terminal (logs, pipes, CI)."""
 
     def __init__(self, label: str, quiet: bool):
-        self._bar = tqdm(desc=label, unit="", leave=False, disable=quiet, file=sys.stderr)
+        self._bar = tqdm(desc=label, unit="", leave=False, disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
 
     def __call__(self, done, total, item=""):
         self._bar.total = total
