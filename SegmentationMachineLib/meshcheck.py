@@ -32,6 +32,14 @@ def face_normals(corners: np.ndarray) -> np.ndarray:
                      u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0]], axis=1)
 
 
+def signed_volume_mm3(corners: np.ndarray) -> float:
+    """Enclosed volume of (M, 3, 3) triangle corners, positive when they face outward.
+
+    Divergence theorem: p0 . (p1-p0)x(p2-p0) = p0 . p1xp2, six times a signed tetrahedron from the origin.
+    """
+    return float(np.einsum("ij,ij->i", corners[:, 0], face_normals(corners)).sum()) / 6.0
+
+
 def check_mesh(points: np.ndarray, triangles: np.ndarray) -> MeshCheck:
     if len(triangles) == 0:
         return MeshCheck(0, 0, 0, 0.0, [0.0] * 3, [0.0] * 3)
@@ -42,10 +50,8 @@ def check_mesh(points: np.ndarray, triangles: np.ndarray) -> MeshCheck:
     starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1], [True]]))
     counts = np.diff(starts)  # how many triangles share each distinct edge
     corners = points[triangles]
-    normals = face_normals(corners)
-    # Divergence theorem: p0 . (p1-p0)x(p2-p0) = p0 . p1xp2, six times a signed tetrahedron from the origin.
-    volume_mm3 = np.einsum("ij,ij->i", corners[:, 0], normals).sum() / 6.0
     used = corners.reshape(-1, 3)
+    volume_mm3 = signed_volume_mm3(corners)
     return MeshCheck(
         triangles=int(len(triangles)),
         boundary_edges=int((counts == 1).sum()),

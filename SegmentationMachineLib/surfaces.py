@@ -16,6 +16,7 @@ from vtkmodules.util import numpy_support
 
 from . import arrays
 from .errors import ExportError
+from .meshcheck import signed_volume_mm3
 
 BINARY_LABELMAP = "Binary labelmap"
 # Gaussian sigma, in voxels along each axis, at smoothing 1.0. Relative to the voxel because the
@@ -62,6 +63,16 @@ def _padding(options: SurfaceOptions) -> int:
     return 1 + int(np.ceil(2 * MAX_SIGMA_VOXELS * options.smoothing))
 
 
+def _flying_edges(contour_filter, field: np.ndarray, value: float) -> vtk.vtkPolyData:
+    contour_filter.SetInputData(arrays.image_from_array(field))
+    contour_filter.SetValue(0, value)
+    contour_filter.ComputeNormalsOff()
+    contour_filter.ComputeGradientsOff()
+    contour_filter.ComputeScalarsOff()
+    contour_filter.Update()
+    return contour_filter.GetOutput()
+
+
 def _contour(mask: np.ndarray, options: SurfaceOptions) -> vtk.vtkPolyData:
     """Triangles around a padded K, J, I mask, in that array's voxel coordinates (x=I, y=J, z=K).
 
@@ -74,28 +85,14 @@ def _contour(mask: np.ndarray, options: SurfaceOptions) -> vtk.vtkPolyData:
         nets.SetValue(0, 1)
         nets.SetOutputMeshTypeToTriangles()
         nets.SetSmoothing(options.smoothing > 0)
-        nets.SetNumberOfIterations(int(round(8 + 40 * options.smoothing)))
+        nets.SetNumberOfIterations(int(round(8 + 40 * options.smoothing)))  # 28 at 0.5, near VTK's default 16..50
         nets.Update()
         surface = nets.GetOutput()
     elif options.smoothing > 0:
         field = ndimage.gaussian_filter(mask.astype(np.float32), MAX_SIGMA_VOXELS * options.smoothing, truncate=3.0)
-        edges = vtk.vtkFlyingEdges3D()
-        edges.SetInputData(arrays.image_from_array(field))
-        edges.SetValue(0, 0.5)
-        edges.ComputeNormalsOff()
-        edges.ComputeGradientsOff()
-        edges.ComputeScalarsOff()
-        edges.Update()
-        surface = edges.GetOutput()
+        surface = _flying_edges(vtk.vtkFlyingEdges3D(), field, 0.5)
     else:
-        edges = vtk.vtkDiscreteFlyingEdges3D()
-        edges.SetInputData(arrays.image_from_array(mask.view(np.uint8)))
-        edges.SetValue(0, 1)
-        edges.ComputeNormalsOff()
-        edges.ComputeGradientsOff()
-        edges.ComputeScalarsOff()
-        edges.Update()
-        surface = edges.GetOutput()
+        surface = _flying_edges(vtk.vtkDiscreteFlyingEdges3D(), mask.view(np.uint8), 1)
     if options.decimation > 0:
         decimate = vtk.vtkDecimatePro()
         decimate.SetInputData(surface)
@@ -134,8 +131,8 @@ def _layer_jobs(segmentation_node, segment_ids, world: np.ndarray, pad: int):
     for segment_id in segment_ids:
         segment = segmentation.GetSegment(segment_id)
         labelmap = segment.GetRepresentation(BINARY_LABELMAP)
-        key = labelmap  # segments in one layer share this object
-        if key not in layers and labelmap is not None and labelmap.GetPointData().GetScalars() is not None:
+        # Segments in one shared layer return the same labelmap object: crop boxes are found once per layer.
+        if labelmap not in layers and labelmap is not None and labelmap.GetPointData().GetScalars() is not None:
             values = arrays.image_array(labelmap)
             matrix = vtk.vtkMatrix4x4()
             labelmap.GetImageToWorldMatrix(matrix)
@@ -143,13 +140,13 @@ def _layer_jobs(segmentation_node, segment_ids, world: np.ndarray, pad: int):
             index_shift = np.eye(4)
             index_shift[:3, 3] = extent[0::2]  # array index 0 is extent minimum, not voxel 0
             labels = values if values.dtype.kind in "iu" else values.astype(np.int32)
-            layers[key] = (values, ndimage.find_objects(labels.clip(0)) if values.size else [],
+            layers[labelmap] = (values, ndimage.find_objects(labels.clip(0)) if values.size else [],
                            world @ arrays.matrix_to_array(matrix) @ index_shift)
         value = segment.GetLabelValue()
-        if key not in layers or value > len(layers[key][1]) or layers[key][1][value - 1] is None:
+        if labelmap not in layers or value > len(layers[labelmap][1]) or layers[labelmap][1][value - 1] is None:
             empty.append(segment.GetName())
             continue
-        values, objects, layer_to_world = layers[key]
+        values, objects, layer_to_world = layers[labelmap]
         box = objects[value - 1]
         mask = np.pad(values[box] == value, pad)
         start = np.eye(4)
@@ -158,15 +155,10 @@ def _layer_jobs(segmentation_node, segment_ids, world: np.ndarray, pad: int):
     return jobs, empty
 
 
-def _signed_volume(points, triangles) -> float:
-    corners = points[triangles]
-    return float(np.einsum("ij,ij->i", corners[:, 0], np.cross(corners[:, 1], corners[:, 2])).sum())
-
-
 def _run_job(job: _Job, options: SurfaceOptions) -> SegmentMesh:
     points, triangles = _mesh_arrays(_contour(job.mask, options))
     points = points @ job.crop_to_world[:3, :3].T + job.crop_to_world[:3, 3]
-    if len(triangles) and _signed_volume(points, triangles) < 0:
+    if len(triangles) and signed_volume_mm3(points[triangles]) < 0:
         triangles = triangles[:, ::-1]  # mirroring grids and some contour filters wind inward: face outward
     return SegmentMesh(job.segment_id, job.name, job.color, points, triangles)
 
@@ -188,6 +180,7 @@ def segment_meshes(segmentation_node, segment_ids=None, options: SurfaceOptions 
         raise ExportError(f"Segmentation '{segmentation_node.GetName()}' cannot be converted to a labelmap: "
                           "set its reference geometry (Segmentations module) and export again.")
     jobs, empty = _layer_jobs(segmentation_node, segment_ids, _world_matrix(segmentation_node), _padding(options))
+
     def work(job):
         mesh = _run_job(job, options)
         return mesh, (each(mesh) if each and len(mesh.triangles) else mesh)

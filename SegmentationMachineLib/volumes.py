@@ -1,6 +1,5 @@
 """Turn a DICOM series or a NIfTI/NRRD file into a volume node through Slicer's Volumes logic."""
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +23,6 @@ class LoadedVolume:
     notes: list = field(default_factory=list)
 
 
-def _node_name(text: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", text).strip("_") or "Volume"
-
-
 def load_series(ctx: SceneContext, series: DicomSeries) -> LoadedVolume:
     """Loads one series with Slicer's own reader; refuses gantry tilt, resamples uneven spacing."""
     if series.tilt_degrees > MAX_TILT_DEGREES:
@@ -38,7 +33,7 @@ def load_series(ctx: SceneContext, series: DicomSeries) -> LoadedVolume:
     file_list = vtk.vtkStringArray()
     for path in series.files:
         file_list.InsertNextValue(str(path))
-    name = _node_name(series.description or f"Series_{series.series_number}")
+    name = series.description or f"Series {series.series_number}".strip()
     node = ctx.volumes_logic.AddArchetypeVolume(str(series.files[0]), name, 0, file_list)
     if node is None or node.GetImageData() is None:
         raise InputError(f"Slicer's DICOM reader could not read series {series.name} "
@@ -73,7 +68,7 @@ def _resample_evenly(node, series: DicomSeries):
 
 def load_volume_file(ctx: SceneContext, path, labelmap: bool = False) -> LoadedVolume:
     path = Path(path)
-    node = ctx.volumes_logic.AddArchetypeVolume(str(path), _node_name(path.name.split(".")[0]),
+    node = ctx.volumes_logic.AddArchetypeVolume(str(path), path.name.split(".")[0],
                                                LABELMAP if labelmap else 0, None)
     if node is None or node.GetImageData() is None:
         raise InputError(f"{path} could not be read as a volume: check that it is a complete NIfTI or NRRD file.")
