@@ -92,10 +92,9 @@ def new_output_folder(parent, stem: str) -> Path:
     raise ExportError(f"Too many exports named {base} in {parent}: choose another output folder.")
 
 
-def _to_output_coordinates(points: np.ndarray, coordinates: str) -> np.ndarray:
-    if coordinates == "RAS":
-        return points
-    return points * np.array([-1.0, -1.0, 1.0])  # RAS -> LPS is a rotation: triangle order stays outward
+def _to_output_coordinates(vectors: np.ndarray, coordinates: str) -> np.ndarray:
+    """Points or normals from RAS; RAS -> LPS is a rotation, so triangles keep facing outward."""
+    return vectors if coordinates == "RAS" else vectors * np.array([-1.0, -1.0, 1.0])
 
 
 def export_segmentation(segmentation_node, out_dir, options: ExportOptions = ExportOptions(),
@@ -113,11 +112,12 @@ def export_segmentation(segmentation_node, out_dir, options: ExportOptions = Exp
     def finish(mesh):
         """Runs on a worker thread: output coordinates, checks, and the segment's own STL."""
         points = _to_output_coordinates(mesh.points, options.coordinates)
+        normals = _to_output_coordinates(mesh.normals, options.coordinates)
         entry = {"name": mesh.name, "segment_id": mesh.segment_id, "color": [round(c, 4) for c in mesh.color],
-                 **check_mesh(points, mesh.triangles).as_dict()}
+                 **check_mesh(points, mesh.triangles, normals).as_dict()}
         if "stl" in options.formats:
             entry["stl"] = f"{file_names[mesh.segment_id]}.stl"
-            meshio.write_stl(folder / entry["stl"], [(points, mesh.triangles)], mesh.name)
+            meshio.write_stl(folder / entry["stl"], [(points, mesh.triangles, normals)], mesh.name)
         return file_names[mesh.segment_id], mesh.color, points, mesh.triangles, entry
 
     try:
@@ -133,7 +133,7 @@ def export_segmentation(segmentation_node, out_dir, options: ExportOptions = Exp
     files = [folder / e["stl"] for e in entries if "stl" in e]
     if "stl" in options.formats and options.merged_stl:
         files.append(folder / "merged.stl")
-        meshio.write_stl(files[-1], [(p, t) for _, _, p, t in named], "all segments")
+        meshio.write_stl(files[-1], [(p, t, None) for _, _, p, t in named], "all segments")
     if "obj" in options.formats:
         files.append(folder / "segments.obj")
         meshio.write_obj(files[-1], named)

@@ -32,15 +32,16 @@ def face_normals(corners: np.ndarray) -> np.ndarray:
                      u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0]], axis=1)
 
 
-def signed_volume_mm3(corners: np.ndarray) -> float:
-    """Enclosed volume of (M, 3, 3) triangle corners, positive when they face outward.
+def signed_volume_mm3(points: np.ndarray, triangles: np.ndarray, normals: np.ndarray) -> float:
+    """Enclosed volume, positive when the triangles face outward (normals from face_normals).
 
     Divergence theorem: p0 . (p1-p0)x(p2-p0) = p0 . p1xp2, six times a signed tetrahedron from the origin.
     """
-    return float(np.einsum("ij,ij->i", corners[:, 0], face_normals(corners)).sum()) / 6.0
+    return float(np.einsum("ij,ij->i", points[triangles[:, 0]], normals).sum()) / 6.0
 
 
-def check_mesh(points: np.ndarray, triangles: np.ndarray) -> MeshCheck:
+def check_mesh(points: np.ndarray, triangles: np.ndarray, normals: np.ndarray = None) -> MeshCheck:
+    """normals: the triangles' face_normals when already computed (they are the costly part)."""
     if len(triangles) == 0:
         return MeshCheck(0, 0, 0, 0.0, [0.0] * 3, [0.0] * 3)
     first = triangles.ravel().astype(np.int64)
@@ -49,9 +50,12 @@ def check_mesh(points: np.ndarray, triangles: np.ndarray) -> MeshCheck:
     keys.sort()
     starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1], [True]]))
     counts = np.diff(starts)  # how many triangles share each distinct edge
-    corners = points[triangles]
-    used = corners.reshape(-1, 3)
-    volume_mm3 = signed_volume_mm3(corners)
+    if normals is None:
+        normals = face_normals(points[triangles])
+    used = np.zeros(len(points), bool)
+    used[triangles.ravel()] = True
+    used = points[used]
+    volume_mm3 = signed_volume_mm3(points, triangles, normals)
     return MeshCheck(
         triangles=int(len(triangles)),
         boundary_edges=int((counts == 1).sum()),

@@ -40,12 +40,12 @@ def _hex_color(color) -> str:
 
 
 def write_stl(path: Path, meshes, title: str = "SegmentationMachine"):
-    """One binary STL holding all given (points, triangles) meshes."""
+    """One binary STL holding all given (points, triangles, normals) meshes; normals may be None."""
     record = np.dtype([("normal", "<f4", 3), ("corners", "<f4", (3, 3)), ("attribute", "<u2")])
     parts = []
-    for points, triangles in meshes:
-        corners = points.astype(np.float32)[triangles]  # STL stores float32: compute in it
-        normals = face_normals(corners)
+    for points, triangles, normals in meshes:
+        corners = points.astype(np.float32)[triangles]  # STL stores float32
+        normals = face_normals(corners) if normals is None else normals.astype(np.float32)
         lengths = np.linalg.norm(normals, axis=1, keepdims=True)
         part = np.zeros(len(triangles), record)
         part["normal"] = np.divide(normals, lengths, out=np.zeros_like(normals), where=lengths > 0)

@@ -16,7 +16,7 @@ from vtkmodules.util import numpy_support
 
 from . import arrays
 from .errors import ExportError
-from .meshcheck import signed_volume_mm3
+from .meshcheck import face_normals, signed_volume_mm3
 
 BINARY_LABELMAP = "Binary labelmap"
 # Gaussian sigma, in voxels along each axis, at smoothing 1.0. Relative to the voxel because the
@@ -44,6 +44,7 @@ class SegmentMesh:
     color: tuple  # RGB 0..1
     points: np.ndarray  # (N, 3) float64, RAS mm (world)
     triangles: np.ndarray  # (M, 3) int64, counter-clockwise seen from outside
+    normals: np.ndarray  # (M, 3) outward face normals, length twice the triangle's area
 
 
 def _world_matrix(segmentation_node) -> np.ndarray:
@@ -158,9 +159,11 @@ def _layer_jobs(segmentation_node, segment_ids, world: np.ndarray, pad: int):
 def _run_job(job: _Job, options: SurfaceOptions) -> SegmentMesh:
     points, triangles = _mesh_arrays(_contour(job.mask, options))
     points = points @ job.crop_to_world[:3, :3].T + job.crop_to_world[:3, 3]
-    if len(triangles) and signed_volume_mm3(points[triangles]) < 0:
-        triangles = triangles[:, ::-1]  # mirroring grids and some contour filters wind inward: face outward
-    return SegmentMesh(job.segment_id, job.name, job.color, points, triangles)
+    normals = face_normals(points[triangles])
+    if len(triangles) and signed_volume_mm3(points, triangles, normals) < 0:
+        # Mirroring grids and some contour filters wind inward: face outward.
+        triangles, normals = triangles[:, ::-1], -normals
+    return SegmentMesh(job.segment_id, job.name, job.color, points, triangles, normals)
 
 
 def segment_meshes(segmentation_node, segment_ids=None, options: SurfaceOptions = SurfaceOptions(),
