@@ -5,6 +5,7 @@ A user's mistake ends in one line on stderr (and in the log) and exit status 2, 
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -15,13 +16,16 @@ from .dicomseries import scan_folder
 from .errors import UserError
 from .export import DEFAULT_EXPORT_FOLDER as DEFAULT_OUT
 from .export import ExportOptions, export_segmentation, parse_formats
+from .inbox import Inbox, InboxOptions
 from .phantom import write_phantom
-from .presets import PRESETS, apply_preset
+from .pipeline import model_volume
+from .presets import PRESETS
 from .printing import send_to_orcaslicer
 from .scene import create_headless_scene
 from .segmentations import load_segmentation, read_label_names
 from .surfaces import SurfaceMethod, SurfaceOptions
-from .volumes import load_input
+from .volumes import load_input, load_series
+from .watchqueue import run_queue
 
 log = logging.getLogger("segmentation-machine")
 
@@ -37,7 +41,10 @@ class _Progress:
         self._bar.set_postfix_str(str(item)[:30], refresh=False)
         self._bar.update(done - self._bar.n)
 
-    def close(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
         self._bar.close()
 
 
@@ -75,10 +82,29 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--labels", type=Path, help='JSON {"1": "liver", ...} naming labelmap values')
     _surface_args(export)
 
+    watch = commands.add_parser("watch", parents=[common],
+                                help="process every series dropped into INBOX, one at a time, into OUTBOX")
+    watch.add_argument("inbox", type=Path)
+    watch.add_argument("--out", type=Path, required=True, help="OUTBOX: a result folder per series and status.json")
+    watch.add_argument("--preset", default="bone", help="bone, skin, or both as bone,skin (default bone)")
+    watch.add_argument("--format", default="stl,obj,3mf", help="any of stl,obj,3mf (default all)")
+    watch.add_argument("--once", action="store_true", help="process what is there, then exit")
+    watch.add_argument("--settle", type=float, default=5.0, help="seconds a series' files must be unchanged (default 5)")
+    watch.add_argument("--polling", action="store_true", help="poll instead of file events (network shares)")
+    watch.add_argument("--state", type=Path, help="journal and scratch folder (default OUTBOX/.segmentation-machine)")
+
     send = commands.add_parser("print", parents=[common], help="open an export folder or model file in OrcaSlicer")
     send.add_argument("path", type=Path)
     send.add_argument("--orcaslicer", help="path of OrcaSlicer, when it is not found by itself")
     return parser
+
+
+def _presets(text: str) -> list:
+    presets = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown or not presets:
+        raise UserError(f"Unknown preset '{','.join(unknown) or text}': choose from {', '.join(PRESETS)}.")
+    return presets
 
 
 def _export_options(args):
@@ -89,12 +115,7 @@ def _export_options(args):
                          surface=SurfaceOptions(SurfaceMethod(args.method), args.smoothing, args.decimate))
 
 
-def _export_and_report(args, options, segmentation_node):
-    progress = _Progress("surfaces", args.quiet)
-    try:
-        result = export_segmentation(segmentation_node, args.out, options, progress=progress)
-    finally:
-        progress.close()
+def _report(args, result):
     print(f"Exported to {result.folder}")
     for line in result.summary_lines():
         print(f"  {line}")
@@ -120,18 +141,12 @@ def _input_or_phantom(args) -> Path:
 
 def run_model(args):
     options = _export_options(args)  # a bad option fails before minutes of work, not after
-    presets = [p.strip() for p in args.preset.split(",") if p.strip()]
-    unknown = [p for p in presets if p not in PRESETS]
-    if unknown or not presets:
-        raise UserError(f"Unknown preset '{','.join(unknown) or args.preset}': choose from {', '.join(PRESETS)}.")
+    presets = _presets(args.preset)
     source = _input_or_phantom(args)
     scan = None
     if source.is_dir() or args.list:
-        progress = _Progress("scanning", args.quiet)
-        try:
+        with _Progress("scanning", args.quiet) as progress:
             scan = scan_folder(source, progress)
-        finally:
-            progress.close()
     if args.list:
         for number, series in enumerate(scan.series, 1):
             print(f"{number}. {series.summary()}")
@@ -147,11 +162,9 @@ def run_model(args):
     for note in loaded.notes:
         log.warning(note)
     print(f"Loaded {loaded.source}: {'x'.join(map(str, loaded.node.GetImageData().GetDimensions()))} voxels")
-    segmentation = None
-    for name in presets:
-        segmentation = apply_preset(ctx, loaded.node, name, segmentation)
-        print(f"Segmented with preset '{name}'")
-    _export_and_report(args, options, segmentation)
+    with _Progress("surfaces", args.quiet) as progress:
+        result = model_volume(ctx, loaded.node, presets, args.out, options, progress, print)
+    _report(args, result)
 
 
 def run_export(args):
@@ -159,7 +172,47 @@ def run_export(args):
     ctx = create_headless_scene()
     reference = load_input(ctx, args.volume).node if args.volume else None
     names = read_label_names(args.labels) if args.labels else None
-    _export_and_report(args, options, load_segmentation(ctx, args.segfile, names, reference))
+    segmentation = load_segmentation(ctx, args.segfile, names, reference)
+    with _Progress("surfaces", args.quiet) as progress:
+        _report(args, export_segmentation(segmentation, args.out, options, progress=progress))
+
+
+def run_watch(args):
+    options = ExportOptions(formats=parse_formats(args.format))
+    presets = _presets(args.preset)
+    outbox = args.out.expanduser()
+    outbox.mkdir(parents=True, exist_ok=True)
+    inbox = Inbox(InboxOptions(folder=args.inbox.expanduser(), state_folder=args.state or outbox / ".segmentation-machine",
+                               settle_seconds=args.settle, polling=args.polling))
+    reported = set()
+
+    def process(delivery):
+        ctx = create_headless_scene()  # a fresh scene per series: memory does not grow with the queue
+        loaded = load_series(ctx, delivery.series)
+        for note in loaded.notes:
+            log.warning(note)
+        return model_volume(ctx, loaded.node, presets, outbox, options).folder
+
+    def echo(line):
+        for path, reason in list(inbox.bad_files.items()):
+            if path not in reported:
+                reported.add(path)
+                log.warning("Skipped %s: %s", path, reason)
+        print(line, flush=True)
+
+    signal.signal(signal.SIGTERM, _interrupt)  # a closed terminal or a service stop ends like Ctrl-C
+    inbox.start()
+    print(f"Watching {inbox.options.folder} → {outbox} (settle {args.settle:g} s; Ctrl-C stops)", flush=True)
+    try:
+        run_queue(inbox, outbox, process, once=args.once, echo=echo)
+    except KeyboardInterrupt:
+        print("Stopped; run the same command again to continue where it stopped.", flush=True)
+    finally:
+        inbox.stop()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def run_print(args):
@@ -178,7 +231,7 @@ def _configure_logging(log_file: Path = None):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.log)
-    commands = {"model": run_model, "export": run_export, "print": run_print}
+    commands = {"model": run_model, "export": run_export, "watch": run_watch, "print": run_print}
     try:
         commands[args.command](args)
     except UserError as error:

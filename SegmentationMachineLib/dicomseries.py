@@ -4,6 +4,7 @@ Reads files only; never moves, edits or deletes them. Every file that is not use
 with its reason, and every geometry problem with what was done about it.
 """
 
+import io
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -103,13 +104,8 @@ def _is_volume_file(path: Path) -> bool:
     return path.name.lower().endswith(VOLUME_FILE_SUFFIXES)
 
 
-def _looks_like_dicom(path: Path) -> bool:
+def _looks_like_dicom(head: bytes) -> bool:
     """DICOM Part 10 files carry 'DICM' at byte 128; raw datasets start with a group 0002/0008 tag."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
     return head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00")
 
 
@@ -118,14 +114,25 @@ def _expected_pixel_bytes(ds) -> int:
     return int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8 * frames
 
 
-def read_slice(path: Path):
-    """Returns (DicomSlice, None) for an image slice, (None, reason) for anything else."""
-    if not _looks_like_dicom(path):
+def read_slice(path: Path, data: bytes = None):
+    """Returns (DicomSlice, None) for an image slice, (None, reason) for anything else.
+
+    data: the file's bytes when the caller has read them already (the inbox hashes them too).
+    """
+    try:
+        if data is None:
+            with open(path, "rb") as f:
+                head = f.read(132)
+        else:
+            head = data[:132]
+    except OSError as error:
+        return None, f"unreadable ({error.strerror})"
+    if not _looks_like_dicom(head):
         return None, "not a DICOM file"
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(path, force=True)
+            ds = pydicom.dcmread(io.BytesIO(data) if data is not None else path, force=True)
     except (InvalidDicomError, OSError, ValueError, KeyError, EOFError) as error:
         return None, f"unreadable DICOM ({error})"
     if any("End of file" in str(w.message) or "truncated" in str(w.message).lower() for w in caught):
@@ -177,7 +184,8 @@ def _walk_files(folder: Path):
                 yield Path(root) / name
 
 
-def _build_series(key: str, slices: list, skipped: list) -> DicomSeries:
+def build_series(key: str, slices: list, skipped: list) -> DicomSeries:
+    """One series from its slices: ordered along the normal, duplicates and odd slices moved to skipped."""
     # Localizers and reformats sometimes share a series: keep the largest stack of one orientation and size.
     stacks = {}
     for s in slices:
@@ -246,7 +254,7 @@ def scan_folder(folder, progress=None) -> ScanResult:
             skipped.append(SkippedFile(path, reason))
         else:
             slices.setdefault(item.series_key, []).append(item)
-    series = [_build_series(key, items, skipped) for key, items in slices.items()]
+    series = [build_series(key, items, skipped) for key, items in slices.items()]
     series.sort(key=lambda s: (-len(s.files), s.description))
     notes = []
     if skipped:
