@@ -1,6 +1,7 @@
 """SegmentationMachine: DICOM to a model on the print bed. A thin binding: behaviour lives in SegmentationMachineLib."""
 
 import importlib
+import logging
 import os
 import sys
 import tempfile
@@ -25,12 +26,15 @@ except ImportError:  # loaded from a source checkout: only this module's folder 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import SegmentationMachineLib
 
-from SegmentationMachineLib.panels import ExportPanel, PresetsPanel
+from SegmentationMachineLib.errors import UserError
+from SegmentationMachineLib.panels import ExportPanel, InboxPanel, PresetsPanel
 from SegmentationMachineLib.presets import PRESETS
 from SegmentationMachineLib.scene import SceneContext
+from SegmentationMachineLib.volumes import load_series
 
 SETTINGS_OUTPUT_FOLDER = "SegmentationMachine/OutputFolder"
 SETTINGS_ORCASLICER = "SegmentationMachine/OrcaSlicerPath"
+SETTINGS_INBOX_FOLDER = "SegmentationMachine/InboxFolder"
 
 
 class SegmentationMachine(ScriptedLoadableModule):
@@ -67,6 +71,10 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._parameterNodeGuiTag = None
         self.presets = PresetsPanel()
         self.export = ExportPanel()
+        self.inbox = InboxPanel()
+        self.inboxTimer = qt.QTimer()
+        self.inboxTimer.setInterval(250)
+        self.inboxTimer.timeout.connect(self.onInboxTick)
         self._presetVolume = None  # kept alive while its preset runs
         self._exportSegmentation = None
         self.pollTimer = qt.QTimer()
@@ -84,6 +92,8 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             if self.ui.presetComboBox.findText(name) < 0:
                 self.ui.presetComboBox.addItem(name)
             self.ui.presetComboBox.setItemData(self.ui.presetComboBox.findText(name), description, qt.Qt.ToolTipRole)
+        self.ui.inboxFolderSelector.currentPath = slicer.util.settingsValue(SETTINGS_INBOX_FOLDER, str(self.inbox.folder))
+        self.ui.inboxStartButton.connect("clicked(bool)", self.onInboxStartStop)
         self.ui.outputFolderSelector.currentPath = slicer.util.settingsValue(
             SETTINGS_OUTPUT_FOLDER, str(self.export.output_folder))
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -97,6 +107,8 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def cleanup(self):
         self.pollTimer.stop()
+        self.inboxTimer.stop()
+        self.inbox.stop()
         self.removeObservers()
 
     def enter(self):
@@ -139,6 +151,14 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.exportButton.enabled = bool(p) and self.export.can_export(p.segmentation)
         self.ui.sendToPrinterButton.enabled = self.export.can_send()
         self.ui.openFolderButton.enabled = self.export.last_result is not None
+        self.ui.inboxStartButton.text = _("Stop watching") if self.inbox.running else _("Start watching")
+        self.ui.inboxFolderSelector.enabled = not self.inbox.running
+        self.ui.inboxStatusLabel.text = self.inbox.status
+        rows = self.inbox.rows()
+        self.ui.inboxTable.setRowCount(len(rows))
+        for row, values in enumerate(rows):
+            for column, value in enumerate(values):
+                self.ui.inboxTable.setItem(row, column, qt.QTableWidgetItem(str(value)))
         self.ui.presetStatusLabel.text = self.presets.status
         self.ui.exportStatusLabel.text = self.export.status
         self.ui.reportTextEdit.plainText = self.export.report_text()
@@ -178,6 +198,33 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.pollTimer.stop()
         self.updateGui()
 
+    def onInboxStartStop(self):
+        if self.inbox.running:
+            self.inboxTimer.stop()
+            self.inbox.stop()
+        else:
+            self.inbox.folder = Path(self.ui.inboxFolderSelector.currentPath or str(self.inbox.folder))
+            qt.QSettings().setValue(SETTINGS_INBOX_FOLDER, str(self.inbox.folder))
+            self.inbox.start()
+            if self.inbox.running:
+                self.inboxTimer.start()
+        self.updateGui()
+
+    def onInboxTick(self):
+        """Loads what the inbox delivered: only the new files, into the DICOM database and the scene."""
+        deliveries = self.inbox.tick()
+        for delivery in deliveries:
+            try:
+                node = self.logic.loadDelivery(delivery)
+                self.inbox.loaded(delivery, True)
+                if self._parameterNode and self.ui.inboxUseAsSourceCheckBox.checked:
+                    self._parameterNode.sourceVolume = node
+            except UserError as error:
+                self.inbox.loaded(delivery, False, str(error))
+                slicer.util.errorDisplay(str(error))
+        if deliveries or self.inbox.rows():
+            self.updateGui()
+
     def onSendToPrinter(self):
         self.export.send_to_printer(slicer.util.settingsValue(SETTINGS_ORCASLICER, ""))
         self.updateGui()
@@ -208,6 +255,23 @@ class SegmentationMachineLogic(ScriptedLoadableModuleLogic):
         )
 
 
+    def loadDelivery(self, delivery):
+        """Adds the delivered files (only those) to Slicer's DICOM database, then loads the series."""
+        files = [str(path) for path in delivery.series.files]
+        try:
+            import ctk
+            indexer = ctk.ctkDICOMIndexer()
+            indexer.database = slicer.dicomDatabase
+            indexer.addListOfFiles(files)
+            indexer.waitForImportFinished()
+        except Exception as error:  # the database is a convenience: the scene still gets the series
+            logging.warning("Could not add %s to the DICOM database: %s", delivery.series.name, error)
+        loaded = load_series(self.context(), delivery.series)
+        for note in loaded.notes:
+            logging.warning(note)
+        return loaded.node
+
+
 class SegmentationMachineTest(ScriptedLoadableModuleTest):
     """Runs inside Slicer: phantom volume → bone preset (on a worker thread) → export → report."""
 
@@ -217,6 +281,8 @@ class SegmentationMachineTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_PresetExportOnPhantom()
+        self.setUp()
+        self.test_InboxLoadsNewSeries()
 
     def test_PresetExportOnPhantom(self):
         from SegmentationMachineLib import arrays
@@ -246,4 +312,26 @@ class SegmentationMachineTest(ScriptedLoadableModuleTest):
         self.assertEqual(sorted(os.listdir(result.folder)),
                          ["Bone.stl", "report.json", "segments.3mf", "segments.mtl", "segments.obj"])
         self.assertEqual(result.not_watertight, [])
+        self.delayDisplay("Test passed")
+
+    def test_InboxLoadsNewSeries(self):
+        import time
+
+        from SegmentationMachineLib.phantom import make_phantom, write_phantom
+
+        self.delayDisplay("A series dropped into a watched inbox is loaded once")
+        root = Path(tempfile.mkdtemp())
+        (root / "inbox").mkdir()
+        panel = InboxPanel(folder=root / "inbox", settle_seconds=0.5, state_folder=root / "state")
+        panel.start()
+        write_phantom(root / "inbox" / "upload", make_phantom(shape=(16, 48, 48)))
+        deliveries, deadline = [], time.monotonic() + 30
+        while not deliveries and time.monotonic() < deadline:
+            deliveries = panel.tick()
+            time.sleep(0.05)
+        self.assertEqual(len(deliveries), 1)
+        node = SegmentationMachineLogic().loadDelivery(deliveries[0])
+        self.assertEqual(node.GetImageData().GetDimensions(), (48, 48, 16))
+        panel.loaded(deliveries[0], True)
+        panel.stop()
         self.delayDisplay("Test passed")

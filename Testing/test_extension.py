@@ -41,7 +41,7 @@ def test_ui_binds_every_widget_the_module_uses_and_every_parameter():
 
 def test_module_is_thin_and_the_library_has_no_slicer_globals():
     module_lines = len(MODULE.read_text().splitlines())
-    assert module_lines < 300
+    assert module_lines < 400  # binding only: widgets, timers, settings
     for path in (REPO / "SegmentationMachineLib").glob("*.py"):
         text = path.read_text()
         for forbidden in ("slicer.mrmlScene", "slicer.app", "slicer.modules", "import qt", "slicer.util"):

@@ -38,3 +38,43 @@ def test_a_user_error_on_the_worker_becomes_the_status_line(ctx):
     assert panel.task.wait(30)
     assert panel.finish(ctx, volume) is None
     assert "found nothing in 'MR'" in panel.status and panel.can_apply(volume)
+
+
+def test_inbox_panel_delivers_loads_and_lists_states(ctx, tmp_path, phantom_dir):
+    import shutil
+    import time
+
+    from SegmentationMachineLib.panels import InboxPanel
+    from SegmentationMachineLib.volumes import load_series
+
+    inbox_folder = tmp_path / "inbox"
+    inbox_folder.mkdir()
+    panel = InboxPanel(folder=inbox_folder, settle_seconds=0.5, state_folder=tmp_path / "state")
+    panel.start()
+    assert panel.running and panel.status.startswith(f"Watching {inbox_folder}")
+    shutil.copytree(phantom_dir, inbox_folder / "upload")
+    (inbox_folder / "upload" / "notes.txt").write_text("hello")
+    deliveries, deadline = [], time.monotonic() + 15
+    while not deliveries and time.monotonic() < deadline:
+        deliveries = panel.tick()  # as the widget's QTimer does
+        time.sleep(0.05)
+    [delivery] = deliveries
+    volume = load_series(ctx, delivery.series).node  # what the widget does on the main thread
+    assert arrays.volume_array(volume).shape == (72, 128, 128)
+    panel.loaded(delivery, True)
+    while panel.task is None or not panel.task.done():  # the next poll applies the acknowledgement
+        panel.tick()
+        time.sleep(0.05)
+    rows = panel.rows()
+    assert ("CT 'SegmentationMachine CT phantom'", 72, "loaded", "") in rows
+    assert ("notes.txt", 1, "error", "not a DICOM file") in rows
+    panel.stop()
+    assert not panel.running and panel.status == "Stopped."
+
+
+def test_inbox_panel_missing_folder_is_a_status_sentence(tmp_path):
+    from SegmentationMachineLib.panels import InboxPanel
+
+    panel = InboxPanel(folder=tmp_path / "nowhere", state_folder=tmp_path / "state")
+    panel.start()
+    assert not panel.running and "does not exist" in panel.status
