@@ -97,6 +97,8 @@ class Inbox:
         self.options = options
         self._clock = clock
         self._files = {}  # Path -> _File
+        self._unread = set()  # paths waiting to settle
+        self._changed = False  # readiness is recomputed only after something changed
         self._dirty = set()
         self._active = {}  # folder -> when a file in it last changed: re-listed until quiet
         self._lock = threading.Lock()
@@ -153,9 +155,13 @@ class Inbox:
                 dirty.add(str(folder))
         for path in sorted(dirty):
             self._refresh(Path(path), now)
-        for path, record in list(self._files.items()):
-            if not record.read and now - record.changed_at >= self.options.settle_seconds:
+        for path in sorted(self._unread):
+            record = self._files[path]
+            if now - record.changed_at >= self.options.settle_seconds:
                 self._read(path, record, now)
+        if not self._changed:
+            return []  # idle: nothing to look at (a large, quiet inbox costs nothing)
+        self._changed = False
         return self._ready_series()
 
     def pending(self) -> bool:
@@ -163,7 +169,7 @@ class Inbox:
         with self._lock:
             if self._dirty:
                 return True
-        return any(not r.read for r in self._files.values())
+        return bool(self._unread)
 
     def acknowledge(self, delivery: Delivery, ok: bool, reason: str = "", result: str = ""):
         """The consumer finished a delivery (loaded/processed, or failed with reason): never again."""
@@ -172,6 +178,7 @@ class Inbox:
                                      state.value, reason, result)
         self._delivered |= delivery.hashes
         self._handed_out.pop(delivery.key, None)
+        self._changed = True
         self._states[delivery.key] = SeriesStatus(delivery.key, delivery.series.name, len(delivery.series.files),
                                                   state, reason)
 
@@ -192,7 +199,9 @@ class Inbox:
         else:  # deleted or moved away: forget it and anything under it
             for known in [p for p in self._files if p == path or path in p.parents]:
                 del self._files[known]
+                self._unread.discard(known)
                 self.bad_files.pop(known, None)
+                self._changed = True
 
     def _refresh_file(self, path: Path, now: float, complete: bool = False):
         try:
@@ -207,6 +216,8 @@ class Inbox:
             sha256, item, reason = known
             record = _File(info.st_size, info.st_mtime_ns, now, True, sha256, item, reason)
             self._files[path] = record
+            self._unread.discard(path)
+            self._changed = True
             self._note(path, record)
             if reason == ARCHIVE:
                 self._add_extracted(self.scratch / sha256[:24], now)
@@ -214,10 +225,14 @@ class Inbox:
         # New or changed: wait for it to settle. Extracted files are complete when they appear.
         self._files[path] = _File(info.st_size, info.st_mtime_ns,
                                   now - self.options.settle_seconds if complete else now)
+        self._unread.add(path)
+        self._changed = True
         if not complete:
             self._active[path.parent] = now
 
     def _read(self, path: Path, record: _File, now: float):
+        self._unread.discard(path)
+        self._changed = True
         try:
             data = path.read_bytes()
         except OSError as error:
@@ -254,7 +269,7 @@ class Inbox:
             self.bad_files.pop(path, None)
 
     def _ready_series(self) -> list:
-        unsettled_folders = {p.parent for p, r in self._files.items() if not r.read}
+        unsettled_folders = {p.parent for p in self._unread}
         groups = {}
         for record in self._files.values():
             if record.slice is not None:
