@@ -1,6 +1,6 @@
 """A watched folder whose uploads become series, each delivered once, and nothing of the user's touched.
 
-File events (watchdog; stat polling where events are unavailable, e.g. network shares) only
+File events (watchdog; where events are unavailable, e.g. network shares, polling of the folders' modification times) only
 mark paths to look at; poll() does the work on the caller's thread. A file is read once it has
 not changed for the settle time; a series is delivered when its files are read and nothing in
 its folders is still changing. The journal remembers what was delivered across restarts, by
@@ -19,7 +19,6 @@ from pathlib import Path
 
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
-from watchdog.observers.polling import PollingObserver
 
 from .archives import ArchiveLimits, extract_zip
 from .dicomseries import DicomSeries, build_series, read_slice
@@ -46,7 +45,7 @@ class InboxOptions:
     folder: Path
     state_folder: Path  # journal and scratch area; never inside the user's files
     settle_seconds: float = 5.0
-    polling: bool = False  # stat polling instead of file events
+    polling: bool = False  # look at folders' modification times instead of file events
     poll_interval: float = 2.0  # how often polling looks (polling mode only)
     archive_limits: ArchiveLimits = ArchiveLimits()
 
@@ -101,6 +100,8 @@ class Inbox:
         self._changed = False  # readiness is recomputed only after something changed
         self._dirty = set()
         self._active = {}  # folder -> when a file in it last changed: re-listed until quiet
+        self._folders = {}  # folder -> modification time, for polling mode
+        self._last_folder_poll = None
         self._lock = threading.Lock()
         self._observer = None
         self._handed_out = {}  # series key -> hashes handed out and not yet acknowledged
@@ -120,13 +121,14 @@ class Inbox:
             raise InboxError(f"The state folder {state} is inside the inbox: choose one outside {folder}.")
         self.journal = Journal(state / "journal.sqlite")
         self._delivered = self.journal.delivered_hashes()
-        observer = PollingObserver(timeout=self.options.poll_interval) if self.options.polling else Observer()
-        observer.schedule(_Events(self._dirty, self._lock), str(folder), recursive=True)
-        try:
-            observer.start()
-        except OSError as error:  # e.g. inotify watch limit reached
-            raise InboxError(f"Cannot watch {folder} ({error.strerror}): use polling (--polling) instead.") from None
-        self._observer = observer
+        if not self.options.polling:
+            observer = Observer()
+            observer.schedule(_Events(self._dirty, self._lock), str(folder), recursive=True)
+            try:
+                observer.start()
+            except OSError as error:  # e.g. inotify watch limit reached
+                raise InboxError(f"Cannot watch {folder} ({error.strerror}): use polling (--polling) instead.") from None
+            self._observer = observer
         with self._lock:
             self._dirty.add(str(folder))  # the first poll reads what is already there
 
@@ -153,6 +155,8 @@ class Inbox:
                 del self._active[folder]
             else:
                 dirty.add(str(folder))
+        if self.options.polling:
+            dirty |= self._changed_folders(now)
         for path in sorted(dirty):
             self._refresh(Path(path), now)
         for path in sorted(self._unread):
@@ -186,10 +190,31 @@ class Inbox:
         return list(self._states.values())
 
     # -- internals -------------------------------------------------------------------------
+    def _changed_folders(self, now: float) -> set:
+        """Polling mode: a folder's modification time changes when files appear in or leave it,
+        so statting the folders (not the files) each interval finds new uploads cheaply."""
+        if self._last_folder_poll is not None and now - self._last_folder_poll < self.options.poll_interval:
+            return set()
+        self._last_folder_poll = now
+        changed = set()
+        for folder, mtime_ns in list(self._folders.items()):
+            try:
+                current = folder.stat().st_mtime_ns
+            except OSError:
+                current = None
+                del self._folders[folder]
+            if current != mtime_ns:
+                changed.add(str(folder))
+        return changed
+
     def _refresh(self, path: Path, now: float):
         if path.is_dir():
             for root, dirs, names in os.walk(path):
                 dirs[:] = [d for d in dirs if not d.startswith(".")]
+                try:
+                    self._folders[Path(root)] = os.stat(root).st_mtime_ns
+                except OSError:
+                    continue
                 for name in names:
                     if not name.startswith("."):
                         self._refresh_file(Path(root) / name, now)
@@ -197,6 +222,8 @@ class Inbox:
             if not path.name.startswith("."):
                 self._refresh_file(path, now)
         else:  # deleted or moved away: forget it and anything under it
+            for known in [p for p in self._folders if p == path or path in p.parents]:
+                del self._folders[known]
             for known in [p for p in self._files if p == path or path in p.parents]:
                 del self._files[known]
                 self._unread.discard(known)
