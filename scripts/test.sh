@@ -3,5 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# The tests run the real nnInteractive server on CPU: torch's CPU build first, then everything pinned to it.
+"${pip[@]}" torch==2.13.0
+"${pip[@]}" -c scripts/constraints.txt -e ".[test]"
 exec .venv/bin/python -m pytest "$@"

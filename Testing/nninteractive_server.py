@@ -1,0 +1,61 @@
+"""The real upstream nnInteractive server, started on loopback for the tests."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+# Loopback must never go through a proxy.
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """nninteractive-server on 127.0.0.1 with --no-autozoom, CPU, an API key and the test model."""
+
+    def __init__(self, model_dir: Path, api_key: str, port: int = None, *extra):
+        self.model_dir, self.api_key, self.extra = model_dir, api_key, list(extra)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self, timeout: float = 60):
+        executable = Path(sys.executable).with_name("nninteractive-server")
+        self.log = open(self.model_dir.parent / f"server-{self.port}.log", "ab")
+        self.process = subprocess.Popen(
+            [str(executable), "--model-dir", str(self.model_dir), "--fold", "0", "--device", "cpu",
+             "--host", "127.0.0.1", "--port", str(self.port), "--api-key", self.api_key,
+             "--torch-n-threads", "1", "--no-autozoom", *self.extra],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"the server exited; see {self.log.name}"
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"the server did not answer within {timeout} s; see {self.log.name}")
+
+    def stop(self):
+        # SIGTERM does not stop it during a prediction: TERM, then KILL.
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        if self.process:
+            self.log.close()
+        self.process = None

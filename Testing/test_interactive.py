@@ -1,0 +1,232 @@
+"""AI prompt tools against the real upstream nnInteractive server on CPU (loopback, hand-set test model).
+
+The test model makes foreground = previous segmentation + positive prompts - 2 x negative ones, so
+every assertion here is about exact voxels. The volume is oblique, mirrored and anisotropic, so a
+prompt can only land on the right voxels if RAS, IJK and array order are all handled right.
+"""
+
+import time
+
+import numpy as np
+import pytest
+
+from nninteractive_model import write_model_folder
+from nninteractive_server import Server
+from SegmentationMachineLib import arrays
+from SegmentationMachineLib.interactive import (InteractiveError, InteractiveSession, SegmentTarget,
+                                                headless_editor)
+from SegmentationMachineLib.presets import add_segment_from_mask
+from SegmentationMachineLib.prompts import Prompt
+
+KEY = "test-key-0123456789"
+SHAPE = (40, 48, 56)  # K, J, I
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    return write_model_folder(tmp_path_factory.mktemp("nni") / "model")
+
+
+@pytest.fixture(scope="session")
+def server(model_dir):
+    running = Server(model_dir, KEY).start()
+    yield running
+    running.stop()
+
+
+def oblique_matrix():
+    angle = np.radians(25)
+    rotation = np.array([[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]])
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation @ np.diag([0.8, -1.2, 2.0])  # J mirrored
+    matrix[:3, 3] = [-30.0, 15.0, 40.0]
+    return matrix
+
+
+def ras(kji) -> tuple:
+    k, j, i = kji
+    return tuple((oblique_matrix() @ [i, j, k, 1.0])[:3])
+
+
+@pytest.fixture
+def scene_parts(ctx):
+    volume = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "oblique")
+    image = (np.random.default_rng(1).normal(0, 100, SHAPE)).astype(np.int16)
+    arrays.set_volume_array(volume, image, oblique_matrix())
+    segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    target = segmentation.GetSegmentation().AddEmptySegment("", "target")
+    editor = headless_editor(ctx.scene, ctx.app_logic, segmentation, volume)
+    return volume, segmentation, target, editor
+
+
+def open_session(server, scene_parts, **options) -> InteractiveSession:
+    volume, segmentation, target, editor = scene_parts
+    session = InteractiveSession(server.url, KEY, **options)
+    session.connect()
+    session.set_volume(volume)
+    session.select_segment(SegmentTarget(segmentation, target, editor))
+    return session
+
+
+def mask_of(session, name="target") -> np.ndarray:
+    segmentation = session._target.segmentation_node
+    return session._segment_mask(segmentation.GetSegmentation().GetSegmentIdBySegmentName(name))
+
+
+def box_ras(low_kji, high_kji):
+    """RAS corners whose voxel box is exactly low..high (inclusive) on the oblique grid."""
+    corners = np.array([ras((k, j, i)) for k in (low_kji[0], high_kji[0]) for j in (low_kji[1], high_kji[1])
+                        for i in (low_kji[2], high_kji[2])])
+    return corners.min(axis=0), corners.max(axis=0)
+
+
+def test_capabilities(server, scene_parts):
+    session = open_session(server, scene_parts)
+    caps = session.capabilities
+    assert set(caps.prompt_types) == {"point", "box", "scribble", "lasso"} and caps.undo
+    assert caps.licence.startswith("Apache-2.0")
+    session.close()
+
+
+def test_point_lands_on_its_voxel_and_an_exclude_point_erases_it(server, scene_parts):
+    session = open_session(server, scene_parts)
+    timing = session.add(Prompt("point", True, ras=ras((20, 24, 28))))
+    mask = mask_of(session)
+    assert mask[20, 24, 28] and 20 <= mask.sum() <= 60
+    assert np.allclose(np.argwhere(mask).mean(axis=0), (20, 24, 28), atol=0.01)  # a ball centred on it
+    assert timing.total_s >= timing.server_s > 0 and timing.client_s >= 0
+    session.add(Prompt("point", False, ras=ras((20, 24, 28))))
+    assert not mask_of(session).any()
+    session.close()
+
+
+def test_a_box_flat_in_ras_is_one_slice_on_the_closest_voxel_axis(server, scene_parts):
+    session = open_session(server, scene_parts)
+    centre = np.array(ras((18, 15, 20)))
+    low, high = centre - [6, 5, 0], centre + [6, 5, 0]  # flat in S, as drawn in an axial view
+    session.add(Prompt("box", True, ras_min=tuple(low), ras_max=tuple(high)))
+    got = mask_of(session)
+    assert set(np.argwhere(got)[:, 0]) == {18}  # K is the voxel axis closest to S on this grid
+    assert got[18, 15, 20] and got.sum() > 50
+    session.add(Prompt("box", False, ras_min=tuple(low), ras_max=tuple(high)))
+    assert not mask_of(session).any()
+    session.close()
+
+
+def test_3d_box_fills_the_voxel_box_of_its_corners_and_exclude_clears_it(server, scene_parts):
+    session = open_session(server, scene_parts)
+    low, high = box_ras((5, 6, 7), (12, 14, 20))
+    session.add(Prompt("box", True, ras_min=tuple(low), ras_max=tuple(high)))
+    got = mask_of(session)
+    assert got[5:13, 6:15, 7:21].all()  # every voxel between the corner voxels
+    kji = np.array([[k, j, i] for k in (5, 12) for j in (6, 14) for i in (7, 20)])
+    assert got.sum() <= np.prod(np.ptp(kji, axis=0) + 1) * 3  # and not much beyond the RAS box on this tilt
+    session.add(Prompt("box", False, ras_min=tuple(low), ras_max=tuple(high)))
+    assert not mask_of(session).any()
+    session.close()
+
+
+def test_scribble_and_lasso_include_and_exclude(server, scene_parts):
+    session = open_session(server, scene_parts)
+    line = [ras((22, 10, 10)), ras((22, 10, 30))]
+    session.add(Prompt("scribble", True, ras_points=tuple(line)))
+    scribbled = mask_of(session)
+    assert scribbled[22, 10, 10:31].all() and set(np.argwhere(scribbled)[:, 0]) == {22}
+    square = [ras((30, 5, 5)), ras((30, 5, 20)), ras((30, 20, 20)), ras((30, 20, 5))]
+    session.add(Prompt("lasso", True, ras_points=tuple(square)))
+    lassoed = mask_of(session)
+    assert lassoed[30, 6:20, 6:20].all() and not lassoed[30, 25:, 25:].any()
+    assert lassoed[22, 10, 10:31].all()  # the scribble's voxels stay
+    session.add(Prompt("lasso", False, ras_points=tuple(square)))
+    session.add(Prompt("scribble", False, ras_points=tuple(line)))
+    assert not mask_of(session)[30, 6:20, 6:20].any() and not mask_of(session)[22, 10, 10:31].any()
+    session.close()
+
+
+def test_more_than_twenty_undo_levels_and_redo(server, scene_parts):
+    session = open_session(server, scene_parts)
+    spots = [(8 + 6 * (n % 5), 8 + 8 * (n // 5 % 4), 8 + 10 * (n // 20)) for n in range(22)]
+    states = [mask_of(session)]
+    for spot in spots:
+        session.add(Prompt("point", True, ras=ras(spot)))
+        states.append(mask_of(session))
+    assert states[-1].sum() > states[1].sum() * 15
+    for expected in reversed(states[:-1]):
+        session.undo()
+        assert np.array_equal(mask_of(session), expected)
+    assert not session.can_undo
+    for expected in states[1:4]:
+        session.redo()
+        assert np.array_equal(mask_of(session), expected)
+    session.add(Prompt("point", True, ras=ras(spots[-1])))  # prompting after undo continues from here
+    assert not session.can_redo and mask_of(session)[spots[-1]] and not mask_of(session)[spots[5]]
+    assert [p.ras for p in session.prompts_of(session._target.segment_id)] == [ras(s) for s in spots[:3] + spots[-1:]]
+    session.close()
+
+
+def test_neighbours_untouched_when_overlap_is_not_allowed(server, scene_parts):
+    volume, segmentation, target, editor = scene_parts
+    neighbour = np.zeros(SHAPE, bool)
+    neighbour[10:30, 20:40, 25:45] = True
+    add_segment_from_mask(segmentation, neighbour, oblique_matrix(), "neighbour", (0, 0, 1))
+    editor.GetSegmentEditorNode().SetMaskMode(segmentation.EditAllowedOutsideAllSegments)
+    session = open_session(server, scene_parts)
+    square = [ras((20, 15, 20)), ras((20, 15, 35)), ras((20, 30, 35)), ras((20, 30, 20))]
+    session.add(Prompt("lasso", True, ras_points=tuple(square)))
+    got, kept = mask_of(session), mask_of(session, "neighbour")
+    assert np.array_equal(kept, neighbour)  # not a voxel of the neighbour changed
+    assert got[20, 16:20, 21:35].all() and not (got & neighbour).any()
+    session.close()
+
+
+def test_wrong_key_is_one_sentence(server):
+    session = InteractiveSession(server.url, "wrong-key")
+    with pytest.raises(InteractiveError, match="rejected the API key") as error:
+        session.connect()
+    assert "wrong-key" not in str(error.value) and KEY not in str(error.value)
+
+
+def test_unreachable_server_is_one_sentence():
+    from nninteractive_server import free_port
+
+    with pytest.raises(InteractiveError, match="Cannot reach the nnInteractive server"):
+        InteractiveSession(f"http://127.0.0.1:{free_port()}", KEY).connect()
+
+
+def test_server_full_waits_says_so_and_gets_in_when_a_session_ends(model_dir, scene_parts):
+    full = Server(model_dir, KEY, None, "--max-sessions", "1").start()
+    try:
+        first = open_session(full, scene_parts)
+        messages = []
+        second = InteractiveSession(full.url, KEY, status=messages.append, sleep=lambda s: first.close())
+        second.connect()  # waited once: the first session ended meanwhile
+        assert messages == ["The server is full (all its sessions are in use); trying again in 10 s."]
+        third = InteractiveSession(full.url, KEY, sleep=lambda s: None, max_wait_s=0)
+        with pytest.raises(InteractiveError, match="still full"):
+            third.connect()
+        second.close()
+    finally:
+        full.stop()
+
+
+def test_resumes_after_the_session_is_reaped_and_after_a_server_restart(model_dir, scene_parts):
+    reaping = Server(model_dir, KEY, None, "--idle-timeout-seconds", "1").start()
+    try:
+        messages = []
+        session = open_session(reaping, scene_parts, status=messages.append)
+        session.add(Prompt("point", True, ras=ras((10, 10, 10))))
+        time.sleep(17)  # the server reaps idle sessions every 15 s
+        session.add(Prompt("point", True, ras=ras((30, 30, 40))))
+        assert messages == ["The server session was lost; reconnecting and restoring the segment."]
+        assert mask_of(session)[10, 10, 10] and mask_of(session)[30, 30, 40]  # segment intact, new prompt applied
+        port = reaping.port
+        reaping.stop()
+        reaping = Server(model_dir, KEY, port).start()
+        session.add(Prompt("point", False, ras=ras((10, 10, 10))))
+        assert not mask_of(session)[10, 10, 10] and mask_of(session)[30, 30, 40]
+        assert len(messages) == 2
+        session.close()
+    finally:
+        reaping.stop()

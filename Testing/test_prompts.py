@@ -1,0 +1,59 @@
+"""Prompt files: round trip, and a sentence naming the entry for every malformed one."""
+
+import json
+
+import pytest
+
+from SegmentationMachineLib.prompts import (Prompt, PromptFileError, SegmentPrompts, load_prompt_file,
+                                            parse_prompts, prompts_to_json, save_prompt_file)
+
+EXAMPLE = {"version": 1, "extra": "kept", "segments": [{"name": "liver", "colour": "ignored", "prompts": [
+    {"type": "point", "ras": [1, 2, 3], "include": True},
+    {"type": "box", "ras_min": [10, 0, 5], "ras_max": [0, 20, 5], "include": True},
+    {"type": "scribble", "ras_points": [[0, 0, 0], [1, 1, 1]], "include": False},
+    {"type": "lasso", "ras_points": [[0, 0, 0], [5, 0, 0], [5, 5, 0]]}]}]}
+
+
+def test_round_trip_and_normalised_boxes(tmp_path):
+    [liver] = parse_prompts(EXAMPLE)
+    assert [p.kind for p in liver.prompts] == ["point", "box", "scribble", "lasso"]
+    assert liver.prompts[1].ras_min == (0, 0, 5) and liver.prompts[1].ras_max == (10, 20, 5)  # 2D box in S=5
+    assert liver.prompts[2].include is False and liver.prompts[3].include is True
+    save_prompt_file(tmp_path / "p.json", [liver])
+    assert load_prompt_file(tmp_path / "p.json")[0] == liver
+    with pytest.raises(FileExistsError):
+        save_prompt_file(tmp_path / "p.json", [liver])  # never overwrites
+
+
+def test_to_json_matches_the_schema():
+    data = prompts_to_json([SegmentPrompts("kidney", [Prompt("point", False, ras=(1.0, 2.0, 3.0))])])
+    assert data == {"version": 1, "segments": [{"name": "kidney", "prompts": [
+        {"type": "point", "ras": [1.0, 2.0, 3.0], "include": False}]}]}
+
+
+@pytest.mark.parametrize("change, sentence", [
+    (lambda d: d.pop("version"), "not a version 1 prompt file"),
+    (lambda d: d.update(segments=[]), "no \"segments\" list"),
+    (lambda d: d["segments"][0].pop("name"), "segments[0] needs a \"name\""),
+    (lambda d: d["segments"][0]["prompts"][0].update(type="circle"), "segments[0].prompts[0] has type 'circle'"),
+    (lambda d: d["segments"][0]["prompts"][0].update(ras=[1, 2]), "segments[0].prompts[0] (point) ras must be three numbers"),
+    (lambda d: d["segments"][0]["prompts"][0].update(ras=[1, 2, float("nan")]), "prompts[0] (point) ras must be three numbers"),
+    (lambda d: d["segments"][0]["prompts"][1].update(ras_max=[10, 0, 5]), "segments[0].prompts[1] (box) is flat along more than one axis"),
+    (lambda d: d["segments"][0]["prompts"][2].update(ras_points=[[0, 0, 0]]), "prompts[2] (scribble) needs \"ras_points\""),
+    (lambda d: d["segments"][0]["prompts"][3]["ras_points"].__setitem__(1, "x"), "prompts[3] (lasso) ras_points[1] must be three numbers"),
+    (lambda d: d["segments"][0]["prompts"][3].update(include="yes"), "prompts[3] (lasso): \"include\" must be true or false"),
+])
+def test_malformed_entries_are_named(change, sentence):
+    data = json.loads(json.dumps(EXAMPLE))
+    change(data)
+    with pytest.raises(PromptFileError) as error:
+        parse_prompts(data)
+    assert sentence in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unreadable_and_invalid_json(tmp_path):
+    with pytest.raises(PromptFileError, match="Cannot read the prompt file"):
+        load_prompt_file(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(PromptFileError, match="is not valid JSON"):
+        load_prompt_file(tmp_path / "bad.json")
