@@ -5,7 +5,11 @@ A user's mistake ends in one line on stderr (and in the log) and exit status 2, 
 
 import argparse
 import logging
+import os
+import secrets
+import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +22,9 @@ from .export import DEFAULT_EXPORT_FOLDER as DEFAULT_OUT
 from .export import ExportOptions, export_segmentation, parse_formats
 from .inbox import Inbox, InboxOptions
 from .phantom import write_phantom
-from .pipeline import model_volume
+from .interactive import InteractiveSession
+from .pipeline import model_volume, segment_with_prompts
+from .prompts import load_prompt_file
 from .presets import PRESETS
 from .printing import send_to_orcaslicer
 from .scene import create_headless_scene
@@ -71,8 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     model = commands.add_parser("model", parents=[common], help="DICOM folder (or NIfTI/NRRD) → preset segmentation → meshes")
     model.add_argument("input", nargs="?", type=Path,
                        help="DICOM folder, DICOM file, or NIfTI/NRRD volume; none: a CT phantom written as DICOM")
-    model.add_argument("--preset", default="bone", help="bone, skin, or both as bone,skin (default bone)")
+    model.add_argument("--preset", help="bone, skin, or both as bone,skin (default bone, none with --prompts)")
     model.add_argument("--series", help="series to use: its number in --list or its SeriesInstanceUID")
+    model.add_argument("--server", help="nnInteractive server URL, to replay --prompts through")
+    model.add_argument("--prompts", type=Path, help="prompt file (JSON, RAS mm) saved from the module")
+    model.add_argument("--api-key-env", default="SM_NNI_API_KEY",
+                       help="environment variable holding the server's API key (default SM_NNI_API_KEY)")
     model.add_argument("--list", action="store_true", help="list the series found and exit")
     _surface_args(model)
 
@@ -92,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--settle", type=float, default=5.0, help="seconds a series' files must be unchanged (default 5)")
     watch.add_argument("--polling", action="store_true", help="poll instead of file events (network shares)")
     watch.add_argument("--state", type=Path, help="journal and scratch folder (default OUTBOX/.segmentation-machine)")
+
+    serve = commands.add_parser("server", parents=[common],
+                                help="run the upstream nnInteractive server (GPU workstation or pod)")
+    serve.add_argument("--model-dir", type=Path, help="a model folder (else the official weights, downloaded once)")
+    serve.add_argument("--fold", default="0", help="fold of --model-dir (default 0)")
+    serve.add_argument("--model", help="official model id (default: upstream's default model)")
+    serve.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when a GPU is present")
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; 0.0.0.0 in the pod image")
+    serve.add_argument("--port", type=int, default=1527)
+    serve.add_argument("--max-sessions", type=int, help="concurrent sessions (upstream default 3)")
 
     send = commands.add_parser("print", parents=[common], help="open an export folder or model file in OrcaSlicer")
     send.add_argument("path", type=Path)
@@ -141,7 +161,11 @@ def _input_or_phantom(args) -> Path:
 
 def run_model(args):
     options = _export_options(args)  # a bad option fails before minutes of work, not after
-    presets = _presets(args.preset)
+    if bool(args.server) != bool(args.prompts):
+        raise UserError("--server and --prompts go together: give the server URL and the prompt file.")
+    presets = _presets(args.preset) if args.preset or not args.prompts else []
+    prompt_segments = load_prompt_file(args.prompts) if args.prompts else None
+    api_key = _api_key(args.api_key_env) if args.server else None
     source = _input_or_phantom(args)
     scan = None
     if source.is_dir() or args.list:
@@ -162,9 +186,71 @@ def run_model(args):
     for note in loaded.notes:
         log.warning(note)
     print(f"Loaded {loaded.source}: {'x'.join(map(str, loaded.node.GetImageData().GetDimensions()))} voxels")
+    segmentation = None
+    if prompt_segments:
+        session = InteractiveSession(args.server, api_key, status=log.warning)
+        caps = session.connect()
+        print(f"Connected to {args.server} (nnInteractive {caps.server_version}, model licence: {caps.licence})")
+        try:
+            segmentation = segment_with_prompts(ctx, loaded.node, prompt_segments, session, print)
+        finally:
+            session.close()
     with _Progress("surfaces", args.quiet) as progress:
-        result = model_volume(ctx, loaded.node, presets, args.out, options, progress, print)
+        result = model_volume(ctx, loaded.node, presets, args.out, options, progress, print, segmentation)
     _report(args, result)
+
+
+def _api_key(variable: str) -> str:
+    key = os.environ.get(variable)
+    if not key:
+        raise UserError(f"Set the server's API key in the environment variable {variable} "
+                        "(keys are never taken on the command line, where other users could see them).")
+    return key
+
+
+def run_server(args):
+    executable = shutil.which("nninteractive-server", path=os.pathsep.join(
+        [str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if executable is None:
+        raise UserError("The nnInteractive server is not installed: pip install 'segmentation-machine[server]' "
+                        "(on a GPU machine, install a CUDA build of torch first).")
+    key = os.environ.get("SM_NNI_API_KEY")
+    if not key:
+        key = secrets.token_urlsafe(32)
+        print(f"API key (shown once; clients need it): {key}", flush=True)
+    device = args.device or _default_device()
+    command = [executable, "--host", args.host, "--port", str(args.port), "--device", device]
+    if args.model_dir:
+        command += ["--model-dir", str(args.model_dir), "--fold", str(args.fold)]
+    elif args.model:
+        command += ["--model", args.model]
+    if args.max_sessions:
+        command += ["--max-sessions", str(args.max_sessions)]
+    if device == "cpu":
+        command += ["--torch-n-threads", str(os.cpu_count() or 1)]
+    print(f"nnInteractive server on http://{args.host}:{args.port} ({device}); Ctrl-C stops it.", flush=True)
+    # The key goes by environment, never on the command line where `ps` shows it to every user.
+    process = subprocess.Popen(command, env={**os.environ, "NN_INTERACTIVE_API_KEY": key}, stdin=subprocess.DEVNULL)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:  # it ignores TERM while a prediction runs
+            process.kill()
+    if process.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL, None):
+        raise UserError(f"The nnInteractive server stopped with status {process.returncode}: see its messages above.")
+
+
+def _default_device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
 
 
 def run_export(args):
@@ -231,7 +317,8 @@ def _configure_logging(log_file: Path = None):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.log)
-    commands = {"model": run_model, "export": run_export, "watch": run_watch, "print": run_print}
+    commands = {"model": run_model, "export": run_export, "watch": run_watch, "server": run_server,
+                "print": run_print}
     try:
         commands[args.command](args)
     except UserError as error:

@@ -1,14 +1,32 @@
-"""The model pipeline one series goes through: volume → preset segments → printable meshes."""
+"""The model pipeline one series goes through: volume → segments (presets, prompts) → printable meshes."""
 
 from .export import ExportOptions, ExportResult, export_segmentation
+from .interactive import InteractiveSession, SegmentTarget, headless_editor
 from .presets import apply_preset
 from .scene import SceneContext
 
 
+def segment_with_prompts(ctx: SceneContext, volume_node, segments, session: InteractiveSession,
+                         echo=lambda line: None):
+    """Replays prompt-file segments through the server; returns the new segmentation node."""
+    node = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()}_segmentation")
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    editor = headless_editor(ctx.scene, ctx.app_logic, node, volume_node)
+    session.set_volume(volume_node)
+    for segment in segments:
+        segment_id = node.GetSegmentation().AddEmptySegment("", segment.name)
+        session.select_segment(SegmentTarget(node, segment_id, editor))
+        for number, prompt in enumerate(segment.prompts, 1):
+            timing = session.add(prompt)
+            sign = "include" if prompt.include else "exclude"
+            echo(f"{segment.name}: prompt {number}/{len(segment.prompts)} ({prompt.kind}, {sign}) in {timing}")
+    return node
+
+
 def model_volume(ctx: SceneContext, volume_node, presets, out_dir, options: ExportOptions,
-                 progress=None, echo=lambda line: None) -> ExportResult:
-    """Runs each preset into one segmentation of volume_node and exports it under out_dir."""
-    segmentation = None
+                 progress=None, echo=lambda line: None, segmentation=None) -> ExportResult:
+    """Runs each preset into the segmentation of volume_node (a new one if None) and exports it under out_dir."""
     for name in presets:
         segmentation = apply_preset(ctx, volume_node, name, segmentation)
         echo(f"Segmented with preset '{name}'")

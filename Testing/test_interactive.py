@@ -230,3 +230,82 @@ def test_resumes_after_the_session_is_reaped_and_after_a_server_restart(model_di
         session.close()
     finally:
         reaping.stop()
+
+
+def run_cli(*args, env=None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "SegmentationMachineLib.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+
+
+def test_model_command_replays_a_prompt_file_and_exports(server, tmp_path):
+    import json
+
+    from SegmentationMachineLib.phantom import make_phantom, write_ct_series
+
+    write_ct_series(tmp_path / "dicom", make_phantom(shape=(24, 64, 64)).hu, 1.5,
+                    [(-47.25, -47.25, 2.0 * k) for k in range(24)], "prompted")
+    # LPS (x, y, z) in the file is RAS (-x, -y, z): a point near the middle of the phantom.
+    prompts = {"version": 1, "segments": [{"name": "blob", "prompts": [
+        {"type": "point", "ras": [0.75, 0.75, 24.0], "include": True},
+        {"type": "box", "ras_min": [-10, -10, 10], "ras_max": [5, 5, 10], "include": True}]}]}
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    result = run_cli("model", tmp_path / "dicom", "--server", server.url, "--prompts", tmp_path / "prompts.json",
+                     "--out", tmp_path / "out", "--format", "stl,3mf", "--quiet", env={"SM_NNI_API_KEY": KEY})
+    assert result.returncode == 0, result.stderr
+    assert "blob: prompt 1/2 (point, include) in" in result.stdout and "blob: prompt 2/2 (box, include)" in result.stdout
+    assert KEY not in result.stdout + result.stderr
+    report = json.loads(next((tmp_path / "out").glob("*/report.json")).read_text())
+    assert [m["name"] for m in report["meshes"]] == ["blob"] and report["meshes"][0]["watertight"]
+
+
+def test_model_command_bad_prompt_file_and_missing_key_are_sentences(server, tmp_path, phantom_dir):
+    (tmp_path / "bad.json").write_text('{"version": 1, "segments": [{"name": "x", "prompts": [{"type": "point"}]}]}')
+    bad = run_cli("model", phantom_dir, "--server", server.url, "--prompts", tmp_path / "bad.json",
+                  "--out", tmp_path, env={"SM_NNI_API_KEY": KEY})
+    assert bad.returncode == 2 and "segments[0].prompts[0] (point) ras must be three numbers" in bad.stderr
+    (tmp_path / "good.json").write_text('{"version": 1, "segments": [{"name": "x", "prompts": []}]}')
+    nokey = run_cli("model", phantom_dir, "--server", server.url, "--prompts", tmp_path / "good.json",
+                    "--out", tmp_path, "--api-key-env", "SM_TEST_UNSET_KEY")
+    assert nokey.returncode == 2 and "environment variable SM_TEST_UNSET_KEY" in nokey.stderr
+    assert "Traceback" not in bad.stderr + nokey.stderr
+
+
+def test_server_command_keeps_the_key_off_the_command_line(model_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from nninteractive_server import free_port
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "SegmentationMachineLib.cli", "server", "--model-dir",
+                                str(model_dir), "--device", "cpu", "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
+                               env={k: v for k, v in os.environ.items() if k != "SM_NNI_API_KEY"})
+    try:
+        first_line = process.stdout.readline()
+        assert first_line.startswith("API key (shown once; clients need it): ")
+        key = first_line.split(": ", 1)[1].strip()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline
+                time.sleep(0.3)
+        assert InteractiveSession(f"http://127.0.0.1:{port}", key).connect().prompt_types
+        children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        command_lines = [open(f"/proc/{pid}/cmdline", "rb").read().decode() for pid in children]
+        assert command_lines and all(key not in line for line in command_lines)
+        assert all("nninteractive-server" in line for line in command_lines)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(30)
