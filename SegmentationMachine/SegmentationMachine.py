@@ -32,6 +32,9 @@ from SegmentationMachineLib.presets import PRESETS
 from SegmentationMachineLib.scene import SceneContext
 from SegmentationMachineLib.volumes import load_series
 
+import SegmentationMachinePromptTools
+from SegmentationMachinePromptTools import PromptToolsSection
+
 SETTINGS_OUTPUT_FOLDER = "SegmentationMachine/OutputFolder"
 SETTINGS_ORCASLICER = "SegmentationMachine/OrcaSlicerPath"
 SETTINGS_INBOX_FOLDER = "SegmentationMachine/InboxFolder"
@@ -76,6 +79,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.inboxTimer.setInterval(250)
         self.inboxTimer.timeout.connect(self.onInboxTick)
         self._presetVolume = None  # kept alive while its preset runs
+        self._promptVolume = None
         self._exportSegmentation = None
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(100)
@@ -92,6 +96,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             if self.ui.presetComboBox.findText(name) < 0:
                 self.ui.presetComboBox.addItem(name)
             self.ui.presetComboBox.setItemData(self.ui.presetComboBox.findText(name), description, qt.Qt.ToolTipRole)
+        self.promptTools = PromptToolsSection(self.ui, lambda: self._parameterNode, self.updateGui)
         self.ui.inboxFolderSelector.currentPath = slicer.util.settingsValue(SETTINGS_INBOX_FOLDER, str(self.inbox.folder))
         self.ui.inboxStartButton.connect("clicked(bool)", self.onInboxStartStop)
         self.ui.outputFolderSelector.currentPath = slicer.util.settingsValue(
@@ -109,12 +114,15 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.pollTimer.stop()
         self.inboxTimer.stop()
         self.inbox.stop()
+        self.promptTools.cleanup()
         self.removeObservers()
 
     def enter(self):
         self.initializeParameterNode()
+        self.promptTools.enableShortcuts(True)
 
     def exit(self):
+        self.promptTools.enableShortcuts(False)
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -145,6 +153,9 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def updateGui(self, caller=None, event=None):
         p = self._parameterNode
+        if p and p.sourceVolume is not self._promptVolume:
+            self._promptVolume = p.sourceVolume
+            self.promptTools.onTargetChanged()
         self.ui.applyPresetButton.enabled = bool(p) and self.presets.can_apply(p.sourceVolume)
         if p:
             self.export.formats = {f for f, on in (("stl", p.exportStl), ("obj", p.exportObj), ("3mf", p.export3mf)) if on}
@@ -219,6 +230,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 self.inbox.loaded(delivery, True)
                 if self._parameterNode and self.ui.inboxUseAsSourceCheckBox.checked:
                     self._parameterNode.sourceVolume = node
+                    self.ui.promptsCollapsibleButton.collapsed = False  # straight to the AI prompt tools
             except UserError as error:
                 self.inbox.loaded(delivery, False, str(error))
                 slicer.util.errorDisplay(str(error))
@@ -236,6 +248,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         for name in sorted(n for n in sys.modules if n.startswith("SegmentationMachineLib.")):
             importlib.reload(sys.modules[name])
         importlib.reload(SegmentationMachineLib)
+        importlib.reload(SegmentationMachinePromptTools)
         ScriptedLoadableModuleWidget.onReload(self)
 
 

@@ -163,7 +163,7 @@ def run_model(args):
     options = _export_options(args)  # a bad option fails before minutes of work, not after
     if bool(args.server) != bool(args.prompts):
         raise UserError("--server and --prompts go together: give the server URL and the prompt file.")
-    presets = _presets(args.preset) if args.preset or not args.prompts else []
+    presets = [] if args.prompts and not args.preset else _presets(args.preset or "bone")
     prompt_segments = load_prompt_file(args.prompts) if args.prompts else None
     api_key = _api_key(args.api_key_env) if args.server else None
     source = _input_or_phantom(args)

@@ -196,26 +196,31 @@ class InteractiveSession:
     # -- volume and segment --------------------------------------------------------------------
     def set_volume(self, volume_node):
         """Sends the volume unless these exact voxels were sent already."""
-        key = (volume_node.GetID(), volume_node.GetImageData().GetMTime())
-        if key == self._volume_key:
-            return
-        self._volume, self._volume_key = volume_node, key
-        self._matrix = arrays.ijk_to_ras(volume_node)
-        self._image = arrays.volume_array(volume_node)[np.newaxis]  # (1, K, J, I), native dtype
-        self._call(lambda client: client.set_image(self._image))
-        if self._target is not None:
-            self.select_segment(self._target)
+        self.stage_volume(volume_node)()
 
     def select_segment(self, target: SegmentTarget):
         """Starts a new interaction on target, seeded with the segment's current mask."""
+        self.stage_segment(target)()
+
+    def stage_volume(self, volume_node):
+        """Main thread: takes the voxels; returns the upload, which may run on a worker thread."""
+        key = (volume_node.GetID(), volume_node.GetImageData().GetMTime())
+        if key == self._volume_key:
+            return lambda: None
+        self._volume, self._volume_key = volume_node, key
+        self._matrix = arrays.ijk_to_ras(volume_node)
+        self._image = arrays.volume_array(volume_node)[np.newaxis].copy()  # (1, K, J, I), native dtype
+        restage = self.stage_segment(self._target) if self._target is not None else (lambda: None)
+        return lambda: (self._call(lambda client: client.set_image(self._image)), restage())
+
+    def stage_segment(self, target: SegmentTarget):
+        """Main thread: reads the segment; returns the server's re-seeding, which may run on a worker thread."""
         self._target = target
         segmentation = target.segmentation_node.GetSegmentation()
         if not segmentation.ContainsRepresentation(BINARY_LABELMAP):
             segmentation.CreateRepresentation(BINARY_LABELMAP)
         self._buffer = self._segment_mask(target.segment_id).astype(np.uint8)
-        seed = self._buffer.copy()
-        self._call(lambda client: (client.set_target_buffer(self._buffer), client.reset_interactions(),
-                                   client.add_initial_seg_interaction(seed) if seed.any() else None))
+        return self._reseed_call()
 
     def _segment_mask(self, segment_id, box: tuple = None) -> np.ndarray:
         """The segment in the volume's K, J, I grid (only box, when given)."""
@@ -256,17 +261,21 @@ class InteractiveSession:
     # -- prompts ---------------------------------------------------------------------------
     def add(self, prompt: Prompt) -> PromptTiming:
         """Runs one prompt and writes its result into the selected segment."""
+        pending = self.prepare(prompt)
+        return self.finish(pending, pending.run())
+
+    def prepare(self, prompt: Prompt) -> "PendingPrompt":
+        """Main thread: maps the prompt to voxels. Its run() touches no scene and may go to a worker thread."""
         if self._target is None or self._image is None:
             raise InteractiveError("Choose a source volume and a segment before prompting.")
-        started = time.perf_counter()
-        call = self._prompt_call(prompt)
-        server_started = time.perf_counter()
-        box = self._call(call)
-        server_s = time.perf_counter() - server_started
+        return PendingPrompt(self, prompt, self._prompt_call(prompt), time.perf_counter())
+
+    def finish(self, pending: "PendingPrompt", box) -> PromptTiming:
+        """Main thread, after run(): writes the changed box into the segment."""
         if box:
-            self._write(prompt, tuple(slice(int(lo), int(hi)) for lo, hi in box))
-        total = time.perf_counter() - started
-        return PromptTiming(total, server_s, total - server_s)
+            self._write(pending.prompt, tuple(slice(int(lo), int(hi)) for lo, hi in box))
+        total = time.perf_counter() - pending.started
+        return PromptTiming(total, pending.server_s, total - pending.server_s)
 
     def _prompt_call(self, prompt: Prompt):
         shape, matrix, include = self._image.shape[1:], self._matrix, prompt.include
@@ -349,9 +358,12 @@ class InteractiveSession:
 
     def _reseed(self):
         """The server's undo is one level deep: after ours, it restarts from the segment as it is now."""
-        seed = self._buffer.copy()
-        self._call(lambda client: (client.set_target_buffer(self._buffer), client.reset_interactions(),
-                                   client.add_initial_seg_interaction(seed) if seed.any() else None))
+        self._reseed_call()()
+
+    def _reseed_call(self):
+        buffer, seed = self._buffer, self._buffer.copy()
+        return lambda: self._call(lambda client: (client.set_target_buffer(buffer), client.reset_interactions(),
+                                                  client.add_initial_seg_interaction(seed) if seed.any() else None))
 
     def prompts_of(self, segment_id: str) -> list:
         """The prompts that made the segment as it stands (undone ones left out), for prompt files."""
@@ -360,6 +372,23 @@ class InteractiveSession:
             if step.segment_id == segment_id:
                 prompts = [] if step.prompt.kind == "reset" else prompts + [step.prompt]
         return prompts
+
+
+@dataclass
+class PendingPrompt:
+    session: InteractiveSession
+    prompt: Prompt
+    call: object
+    started: float
+    server_s: float = 0.0
+
+    def run(self):
+        """The server round trip (resuming a lost session on the way); returns the changed box."""
+        started = time.perf_counter()
+        try:
+            return self.session._call(self.call)
+        finally:
+            self.server_s = time.perf_counter() - started
 
 
 def _client_version() -> str:

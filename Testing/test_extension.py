@@ -8,6 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = REPO / "SegmentationMachine" / "SegmentationMachine.py"
+PROMPT_TOOLS = REPO / "SegmentationMachine" / "SegmentationMachinePromptTools.py"
 UI = REPO / "SegmentationMachine" / "Resources" / "UI" / "SegmentationMachine.ui"
 
 
@@ -30,13 +31,21 @@ def test_extension_metadata():
 def test_ui_binds_every_widget_the_module_uses_and_every_parameter():
     root = ET.parse(UI).getroot()
     names = {w.get("name") for w in root.iter("widget")}
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE.read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)|\bui\.(\w+)", MODULE.read_text() + PROMPT_TOOLS.read_text()))
+    used = {a or b for a, b in used}
     assert used <= names, f"the module uses widgets the .ui lacks: {used - names}"
     bound = {w.find("string").text for w in root.iter("property") if w.get("name") == "SlicerParameterName"}
     tree = ast.parse(MODULE.read_text())
     wrapper = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SegmentationMachineParameterNode")
     fields = {n.target.id for n in wrapper.body if isinstance(n, ast.AnnAssign)}
     assert bound == fields
+
+
+def test_module_files_are_listed_for_the_build():
+    scripts = (REPO / "SegmentationMachine" / "CMakeLists.txt").read_text()
+    assert "${MODULE_NAME}.py" in scripts and "${MODULE_NAME}PromptTools.py" in scripts
+    for path in (MODULE, PROMPT_TOOLS):
+        compile(path.read_text(), str(path), "exec")
 
 
 def test_module_is_thin_and_the_library_has_no_slicer_globals():

@@ -309,3 +309,65 @@ def test_server_command_keeps_the_key_off_the_command_line(model_dir, tmp_path):
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(30)
+
+
+def test_prompts_panel_queues_prompts_made_during_a_prediction(server, scene_parts):
+    from SegmentationMachineLib.panels import PromptsPanel
+
+    volume, segmentation, target, editor = scene_parts
+    panel = PromptsPanel()
+    panel.connect(server.url, KEY)
+
+    def settle(seconds=60):
+        deadline = time.monotonic() + seconds
+        while panel.busy:
+            assert time.monotonic() < deadline, panel.status
+            panel.tick()
+            time.sleep(0.01)
+
+    settle()
+    assert panel.connected and panel.status.startswith("Connected: nnInteractive")
+    panel.choose(volume, SegmentTarget(segmentation, target, editor))
+    settle()
+    # Three prompts at once: the 2nd and 3rd arrive while the 1st is still on the server.
+    panel.submit("point", ras=ras((10, 10, 10)))
+    panel.tick()
+    assert panel.task is not None
+    panel.submit("point", ras=ras((20, 20, 20)))
+    panel.toggle_include()
+    panel.submit("point", ras=ras((10, 10, 10)))
+    settle()
+    mask = panel.session._segment_mask(target)
+    assert not mask[10, 10, 10] and mask[20, 20, 20]  # all three ran, in order
+    assert panel.last_latency.endswith("server + network)") and panel.status.startswith("Point applied in")
+    panel.undo()
+    settle()
+    assert panel.session._segment_mask(target)[10, 10, 10]
+    panel.submit("point", ras=(9999.0, 0.0, 0.0))
+    settle()
+    assert panel.status == "The point is outside the image: place it on the volume."
+    panel.session.close()
+
+
+def test_prompts_panel_wrong_key_is_the_status_line(server):
+    from SegmentationMachineLib.panels import PromptsPanel
+
+    panel = PromptsPanel()
+    panel.connect(server.url, "not-the-key")
+    assert panel.task.wait(30)
+    panel.tick()
+    assert not panel.connected and "rejected the API key" in panel.status
+
+
+def test_secret_store_file_fallback_is_private_and_forgets(tmp_path):
+    import stat
+
+    from SegmentationMachineLib.credentials import SecretStore
+
+    store = SecretStore(tmp_path / "secrets", use_keychain=False)
+    store.save("nninteractive", "s3cret")
+    assert store.load("nninteractive") == "s3cret" and "readable only by you" in store.where
+    assert stat.S_IMODE((tmp_path / "secrets" / "nninteractive").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "secrets").stat().st_mode) == 0o700
+    store.forget("nninteractive")
+    assert store.load("nninteractive") is None
