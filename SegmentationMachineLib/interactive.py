@@ -285,12 +285,14 @@ class InteractiveSession:
         if prompt.kind == "box":
             box = promptgeometry.box_voxels(matrix, shape, prompt.ras_min, prompt.ras_max)
             return lambda client: client.add_bbox_interaction(box, include_interaction=include)
+        # Scribbles and lassos travel as crops with their box, not as whole-volume masks.
         if prompt.kind == "scribble":
-            mask = promptgeometry.scribble_mask(matrix, shape, prompt.ras_points,
-                                                self.capabilities.scribble_thickness).astype(np.uint8)
-            return lambda client: client.add_scribble_interaction(mask, include_interaction=include)
-        mask = promptgeometry.lasso_mask(matrix, shape, prompt.ras_points).astype(np.uint8)
-        return lambda client: client.add_lasso_interaction(mask, include_interaction=include)
+            mask, box = promptgeometry.scribble_mask(matrix, shape, prompt.ras_points, self.capabilities.scribble_thickness)
+            return lambda client: client.add_scribble_interaction(mask.astype(np.uint8), include_interaction=include,
+                                                                  interaction_bbox=box)
+        mask, box = promptgeometry.lasso_mask(matrix, shape, prompt.ras_points)
+        return lambda client: client.add_lasso_interaction(mask.astype(np.uint8), include_interaction=include,
+                                                           interaction_bbox=box)
 
     def _write(self, prompt: Prompt, box: tuple):
         before = self._segment_mask_in(box)
@@ -311,8 +313,12 @@ class InteractiveSession:
         modifier.SetExtent(box[2].start, box[2].stop - 1, box[1].start, box[1].stop - 1, box[0].start, box[0].stop - 1)
         modifier.SetImageToWorldMatrix(arrays.array_to_matrix(self._matrix))
         logic = self._target.editor_logic
-        logic.GetSegmentEditorNode().SetSelectedSegmentID(self._target.segment_id)
-        logic.UpdateMaskLabelmap()
+        editor = logic.GetSegmentEditorNode()
+        editor.SetSelectedSegmentID(self._target.segment_id)
+        masked = (editor.GetMaskMode() != self._target.segmentation_node.EditAllowedEverywhere
+                  or editor.GetSourceVolumeIntensityMask())
+        if masked and not bypass_masking:
+            logic.UpdateMaskLabelmap()  # other segments may have changed; costs a pass over the volume
         extent = [box[2].start, box[2].stop - 1, box[1].start, box[1].stop - 1, box[0].start, box[0].stop - 1]
         logic.ModifySegmentByLabelmap(self._target.segmentation_node, self._target.segment_id, modifier,
                                       logic.ModificationModeSet, extent, False, bypass_masking)

@@ -70,40 +70,51 @@ def _plane_axes(kji: np.ndarray):
     return vt[2], vt[0], vt[1]
 
 
-def scribble_mask(ijk_to_ras, shape, ras_points, thickness) -> np.ndarray:
-    """The polyline painted into a K, J, I mask, dilated to the server's preferred thickness (voxels)."""
+def _crop(kji: np.ndarray, shape, margin: int):
+    """Integer bounds (low inclusive, high exclusive) around points, with a margin, inside the image."""
+    low = np.floor(kji.min(axis=0) - margin).astype(int).clip(0)
+    high = (np.ceil(kji.max(axis=0) + margin).astype(int) + 1).clip(max=np.array(shape))
+    return low, high
+
+
+def scribble_mask(ijk_to_ras, shape, ras_points, thickness):
+    """(mask, box): the polyline painted to the server's preferred thickness (voxels), as a crop of the
+    K, J, I grid and its half-open box, so only the scribble's neighbourhood travels."""
     kji = ras_to_kji(ijk_to_ras, ras_points)
     _check_inside(kji.mean(axis=0, keepdims=True), shape, "scribble")
-    mask = np.zeros(shape, bool)
+    low, high = _crop(kji, shape, int(np.ceil(max(thickness))) + 1)
+    mask = np.zeros(high - low, bool)
     for start, end in zip(kji[:-1], kji[1:]):
         steps = max(2, int(np.ceil(np.abs(end - start).max() * 4)) + 1)
-        samples = np.rint(np.linspace(start, end, steps)).astype(int)
-        inside = ((samples >= 0) & (samples < np.array(shape))).all(axis=1)
+        samples = np.rint(np.linspace(start, end, steps)).astype(int) - low
+        inside = ((samples >= 0) & (samples < mask.shape)).all(axis=1)
         mask[tuple(samples[inside].T)] = True
     # Painted only within the scribble's slice when it was drawn in one (the usual case).
     extent = kji.max(axis=0) - kji.min(axis=0)
     size = [1 if extent[a] < 0.5 else max(1, int(round(thickness[a]))) for a in range(3)]
-    return ndimage.binary_dilation(mask, np.ones(size, bool)) if max(size) > 1 else mask
+    if max(size) > 1:
+        mask = ndimage.binary_dilation(mask, np.ones(size, bool))
+    return mask, [[int(lo), int(hi)] for lo, hi in zip(low, high)]
 
 
-def lasso_mask(ijk_to_ras, shape, ras_points) -> np.ndarray:
-    """The closed polygon filled on its plane: voxels within half a voxel of it whose projection is inside."""
+def lasso_mask(ijk_to_ras, shape, ras_points):
+    """(mask, box): the closed polygon filled on its plane (voxels within half a voxel of it whose
+    projection falls inside), as a crop of the K, J, I grid and its half-open box."""
     kji = ras_to_kji(ijk_to_ras, ras_points)
     _check_inside(kji.mean(axis=0, keepdims=True), shape, "lasso")
     normal, u, v = _plane_axes(kji)
-    low = np.floor(kji.min(axis=0) - 1).astype(int).clip(0)
-    high = (np.ceil(kji.max(axis=0) + 1).astype(int) + 1).clip(max=np.array(shape))
+    low, high = _crop(kji, shape, 1)
     grid = np.stack(np.meshgrid(*[np.arange(lo, hi) for lo, hi in zip(low, high)], indexing="ij"), -1).reshape(-1, 3)
     centre = kji.mean(axis=0)
     near = np.abs((grid - centre) @ normal) <= 0.5 + 1e-6  # one voxel thick, whatever the plane's tilt
     polygon = np.c_[(kji - centre) @ u, (kji - centre) @ v]
     candidates = grid[near]
     inside = _inside_polygon(np.c_[(candidates - centre) @ u, (candidates - centre) @ v], polygon)
-    mask = np.zeros(shape, bool)
-    mask[tuple(candidates[inside].T)] = True
+    mask = np.zeros(high - low, bool)
+    mask[tuple((candidates[inside] - low).T)] = True
     if not mask.any():
         raise PromptOutsideError("The lasso encloses no voxel: draw a larger outline.")
-    return mask
+    return mask, [[int(lo), int(hi)] for lo, hi in zip(low, high)]
 
 
 def _inside_polygon(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
