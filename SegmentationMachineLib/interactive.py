@@ -76,12 +76,14 @@ def headless_editor(scene, app_logic, segmentation_node, volume_node):
 
 
 def _upstream():
+    """(the upstream client module, httpx); imported on first use: the base install runs without them."""
     try:
+        import httpx
         from nnInteractive.inference.remote import remote_session
     except ImportError:
         raise InteractiveError("The nnInteractive client is not installed: install it with "
                                "pip install 'segmentation-machine[ai]' (the module offers to do it).") from None
-    return remote_session
+    return remote_session, httpx
 
 
 @dataclass
@@ -119,9 +121,7 @@ class InteractiveSession:
         return self.capabilities
 
     def _claim(self):
-        upstream = _upstream()
-        import httpx
-
+        upstream, httpx = _upstream()
         waited = 0.0
         while True:
             try:
@@ -160,18 +160,14 @@ class InteractiveSession:
 
     def _call(self, action):
         """Runs action(client); resumes a lost session once and repeats the action."""
-        upstream = _upstream()
-        import httpx
-
+        upstream, httpx = _upstream()
         try:
-            return action(self._client)
-        except (upstream.SessionExpiredError, httpx.TransportError):
-            self.status("The server session was lost; reconnecting and restoring the segment.")
-            self._resume()
             try:
                 return action(self._client)
-            except httpx.HTTPStatusError as error:
-                raise self._http_error(error) from None
+            except (upstream.SessionExpiredError, httpx.TransportError):
+                self.status("The server session was lost; reconnecting and restoring the segment.")
+                self._resume()
+                return action(self._client)
         except httpx.HTTPStatusError as error:
             raise self._http_error(error) from None
 

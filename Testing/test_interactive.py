@@ -371,3 +371,37 @@ def test_secret_store_file_fallback_is_private_and_forgets(tmp_path):
     assert stat.S_IMODE((tmp_path / "secrets").stat().st_mode) == 0o700
     store.forget("nninteractive")
     assert store.load("nninteractive") is None
+
+
+def test_a_server_of_another_protocol_version_is_one_sentence_naming_versions():
+    """A fake server that grants a lease but answers capabilities in a shape this client does not know."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class OtherVersion(BaseHTTPRequestHandler):
+        def _reply(self, body):
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self):
+            self._reply({"lease_token": "t", "idle_timeout_seconds": 600, "liveness_timeout_seconds": 0})
+
+        def do_GET(self):
+            self._reply({"version": "3.0", "interactions": ["point"]})
+
+        def log_message(self, *args):
+            pass
+
+    fake = ThreadingHTTPServer(("127.0.0.1", 0), OtherVersion)
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(InteractiveError) as error:
+            InteractiveSession(f"http://127.0.0.1:{fake.server_port}", KEY).connect()
+        assert "another nnInteractive protocol" in str(error.value) and "nninteractive-client 2.6" in str(error.value)
+    finally:
+        fake.shutdown()

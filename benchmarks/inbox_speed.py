@@ -51,7 +51,7 @@ def idle_cpu(root: Path, files: int, seconds: float, polling: bool) -> float:
 
 
 def latency(root: Path, slices: int, settle: float) -> tuple:
-    inbox = Inbox(InboxOptions(folder=root / "inbox", state_folder=root / "state-latency", settle_seconds=settle))
+    inbox = Inbox(InboxOptions(folder=root / "inbox", state_folder=root / f"state-latency-{slices}", settle_seconds=settle))
     inbox.start()
     deliver_all(inbox, len(list((root / "inbox").iterdir())))  # what is already there
     written = time.monotonic()
