@@ -26,6 +26,10 @@ from .errors import UserError
 from .journal import Journal
 
 DEFAULT_INBOX = Path.home() / "SegmentationMachine" / "Inbox"
+# A file is read once it has been quiet this long; its series still waits for the settle time.
+READ_AFTER_S = 0.5
+# Folders with recent changes are re-listed this often (a safety net for missed file events).
+RESCAN_EVERY_S = 1.0
 ARCHIVE = "a zip archive (its contents are read from the scratch folder)"
 
 
@@ -96,12 +100,14 @@ class Inbox:
         self.options = options
         self._clock = clock
         self._files = {}  # Path -> _File
-        self._unread = set()  # paths waiting to settle
+        self._unread = set()  # paths not read since they last changed
+        self._recent = {}  # path -> when it changed, while within the settle time
         self._changed = False  # readiness is recomputed only after something changed
         self._dirty = set()
         self._active = {}  # folder -> when a file in it last changed: re-listed until quiet
         self._folders = {}  # folder -> modification time, for polling mode
         self._last_folder_poll = None
+        self._last_rescan = None
         self._lock = threading.Lock()
         self._observer = None
         self._handed_out = {}  # series key -> hashes handed out and not yet acknowledged
@@ -150,19 +156,27 @@ class Inbox:
             self._dirty.clear()
         # Events can miss files created before a new subfolder's watch exists: folders with
         # recent changes are listed again on every poll until they have been quiet a while.
-        for folder, changed in list(self._active.items()):
-            if now - changed > 2 * self.options.settle_seconds:
-                del self._active[folder]
-            else:
-                dirty.add(str(folder))
+        if self._last_rescan is None or now - self._last_rescan >= RESCAN_EVERY_S:
+            self._last_rescan = now
+            for folder, changed in list(self._active.items()):
+                if now - changed > 2 * self.options.settle_seconds:
+                    del self._active[folder]
+                else:
+                    dirty.add(str(folder))
         if self.options.polling:
             dirty |= self._changed_folders(now)
         for path in sorted(dirty):
             self._refresh(Path(path), now)
         for path in sorted(self._unread):
             record = self._files[path]
-            if now - record.changed_at >= self.options.settle_seconds:
+            if now - record.changed_at >= min(READ_AFTER_S, self.options.settle_seconds):
                 self._read(path, record, now)
+        for path, changed in list(self._recent.items()):
+            if now - changed >= self.options.settle_seconds:
+                del self._recent[path]
+                self._changed = True  # a folder may have settled: its series may be ready now
+        if self.journal:
+            self.journal.commit()
         if not self._changed:
             return []  # idle: nothing to look at (a large, quiet inbox costs nothing)
         self._changed = False
@@ -173,7 +187,7 @@ class Inbox:
         with self._lock:
             if self._dirty:
                 return True
-        return bool(self._unread)
+        return bool(self._unread) or bool(self._recent)
 
     def acknowledge(self, delivery: Delivery, ok: bool, reason: str = "", result: str = ""):
         """The consumer finished a delivery (loaded/processed, or failed with reason): never again."""
@@ -227,6 +241,7 @@ class Inbox:
             for known in [p for p in self._files if p == path or path in p.parents]:
                 del self._files[known]
                 self._unread.discard(known)
+                self._recent.pop(known, None)
                 self.bad_files.pop(known, None)
                 self._changed = True
 
@@ -256,6 +271,7 @@ class Inbox:
         self._changed = True
         if not complete:
             self._active[path.parent] = now
+            self._recent[path] = now
 
     def _read(self, path: Path, record: _File, now: float):
         self._unread.discard(path)
@@ -296,7 +312,7 @@ class Inbox:
             self.bad_files.pop(path, None)
 
     def _ready_series(self) -> list:
-        unsettled_folders = {p.parent for p in self._unread}
+        unsettled_folders = {p.parent for p in self._unread} | {p.parent for p in self._recent}
         groups = {}
         for record in self._files.values():
             if record.slice is not None:

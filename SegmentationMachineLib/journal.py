@@ -46,10 +46,19 @@ class Journal:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # the Slicer module polls from a timer, the CLI from its loop
         self._db = sqlite3.connect(path, check_same_thread=False)
+        # WAL: readers never wait for the writer, and a commit needs no full sync per file.
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
 
     def close(self):
+        self.commit()
         self._db.close()
+
+    def commit(self):
+        """Files remembered since the last commit are saved together (the inbox commits once a poll)."""
+        with self._lock:
+            self._db.commit()
 
     def known_file(self, path: Path, size: int, mtime_ns: int):
         """(sha256, DicomSlice or None, reason) if this exact file was read before, else None."""
@@ -61,7 +70,7 @@ class Journal:
         return row[0], (slice_from_json(row[1]) if row[1] else None), row[2]
 
     def remember_file(self, path: Path, size: int, mtime_ns: int, sha256: str, item: DicomSlice, reason: str):
-        with self._lock, self._db:
+        with self._lock:
             self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
                              (str(path), size, mtime_ns, sha256, slice_to_json(item) if item else None, reason))
 
