@@ -304,9 +304,10 @@ class PromptsPanel:
             raise
         if problem:
             self.status = problem
-            if job in ("connect", "stage"):  # what was queued behind it cannot run
-                self._connecting = None if job == "connect" else self._connecting
-                self.queue.clear()
+            if job == "connect":
+                self._connecting = None
+            if job in ("connect", "stage"):
+                self.queue.clear()  # what was queued behind it cannot run
             return
         if job == "connect":
             self.session, self._connecting = self._connecting, None
