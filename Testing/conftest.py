@@ -1,4 +1,4 @@
-"""Fixtures: a headless slicer-core scene, the real scans in ../shared/data, and the CT phantom."""
+"""Fixtures: a headless slicer-core scene, the real scans in ../shared/data, the CT phantom, a fake RunPod."""
 
 import hashlib
 import os
@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from fake_runpod import FakeRunPod
+
 from SegmentationMachineLib.phantom import make_phantom, write_phantom
+from SegmentationMachineLib.pods import RunPodGraphQL
 from SegmentationMachineLib.scene import create_headless_scene
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,6 +20,7 @@ EXAMPLE_CT = DATA / "totalsegmentator" / "example_ct.nii.gz"
 EXAMPLE_LABELS = DATA / "totalsegmentator" / "example_seg_fast_force_split.nii.gz"
 LABEL_NAMES = DATA / "totalsegmentator" / "labels_total.json"
 BONE_LABELS = [*range(25, 51), *range(69, 79), *range(91, 117)]
+RUNPOD_KEY = "rpa_TESTKEY0123456789abcdef"
 
 
 @pytest.fixture
@@ -60,3 +64,25 @@ def untouched():
     yield watch
     for folder, digest in watched:
         assert tree_digest(folder) == digest, f"files under {folder} were changed"
+
+
+@pytest.fixture
+def fake():
+    running = FakeRunPod(RUNPOD_KEY).start()
+    previous = os.environ.get("RUNPOD_API_BASE_URL")
+    os.environ["RUNPOD_API_BASE_URL"] = running.url  # the SDK reads it on every call
+    yield running
+    running.stop()
+    if previous is None:
+        del os.environ["RUNPOD_API_BASE_URL"]
+    else:
+        os.environ["RUNPOD_API_BASE_URL"] = previous
+
+
+@pytest.fixture
+def backend(fake):
+    """The pods adapter (real runpod SDK) on the fake; its back-off pauses are recorded, not slept."""
+    sleeps = []
+    adapter = RunPodGraphQL(RUNPOD_KEY, sleep=sleeps.append)
+    adapter.sleeps = sleeps
+    return adapter

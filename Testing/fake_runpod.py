@@ -31,6 +31,7 @@ class FakeRunPod:
     api_key: str
     boot_s: float = 1.0  # until the runtime appears (image pulled, container started)
     ports_s: float = 2.0  # until its ports are listed
+    server_s: float = 3.0  # until the pod's nnInteractive server answers through the proxy
     no_capacity: set = field(default_factory=lambda: {"NVIDIA RTX A5000"})
     fail_next_create_after_creating: bool = False  # answer 500 although the pod was created
     rate_limit_every: int = 0  # every Nth request answers 429
@@ -51,7 +52,10 @@ class FakeRunPod:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                status, payload = fake.handle(self.headers.get("Authorization", ""), body)
+                if self.path.startswith("/proxy/"):  # https://POD_ID-PORT.proxy.runpod.net, here as a path
+                    status, payload = fake.proxy(self.path, self.headers.get("Authorization", ""))
+                else:
+                    status, payload = fake.handle(self.headers.get("Authorization", ""), body)
                 data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json" if not isinstance(payload, str) else "text/html")
@@ -69,6 +73,16 @@ class FakeRunPod:
 
     def stop(self):
         self._server.shutdown()
+
+    def proxy(self, path: str, authorization: str):
+        """The pod's server behind RunPod's proxy: 502 until it is up, then it checks the pod's own key."""
+        target, _, route = path[len("/proxy/"):].partition("/")
+        pod = self.pods.get(target.rsplit("-", 1)[0])
+        if pod is None or pod["desiredStatus"] != "RUNNING" or self._uptime(pod) < self.server_s:
+            return 502, "<html><body>502 Bad Gateway</body></html>"
+        if authorization != f"Bearer {pod['env'].get('SM_NNI_API_KEY')}":
+            return 401, {"detail": "invalid API key"}
+        return 200, {"lease_token": "lease-1"} if route == "claim" else {}
 
     # -- GraphQL ---------------------------------------------------------------------------
     def handle(self, authorization: str, body: bytes):

@@ -1,35 +1,11 @@
 """The pods adapter: the real `runpod` SDK against a local fake RunPod API on loopback."""
 
 import logging
-import os
 
 import pytest
 
-from fake_runpod import FakeRunPod
+from conftest import RUNPOD_KEY as KEY
 from SegmentationMachineLib.pods import CapacityError, PodsError, PodSpec, RunPodGraphQL
-
-KEY = "rpa_TESTKEY0123456789abcdef"
-
-
-@pytest.fixture
-def fake():
-    running = FakeRunPod(KEY).start()
-    previous = os.environ.get("RUNPOD_API_BASE_URL")
-    os.environ["RUNPOD_API_BASE_URL"] = running.url  # the SDK reads it on every call
-    yield running
-    running.stop()
-    if previous is None:
-        del os.environ["RUNPOD_API_BASE_URL"]
-    else:
-        os.environ["RUNPOD_API_BASE_URL"] = previous
-
-
-@pytest.fixture
-def backend(fake):
-    sleeps = []
-    adapter = RunPodGraphQL(KEY, sleep=sleeps.append)
-    adapter.sleeps = sleeps
-    return adapter
 
 
 def test_gpu_types_have_10_gb_or_more_cheapest_first(backend):

@@ -1,0 +1,158 @@
+"""Starting a GPU pod without surprises: phases, a real readiness check, a time limit, a record of what runs.
+
+Ready means the pod's nnInteractive server answered an authenticated request through RunPod's
+proxy, not merely that RunPod says RUNNING. A start that is not ready in time is terminated and
+the reason said; a GPU type without capacity hands over to the next one; every pod started here
+is recorded locally, so the next start can list what still runs and what it has cost.
+"""
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from .pods import CapacityError, Pod, PodsError, PodSpec
+
+POLL_S = 5.0  # RunPod's API is not to be polled faster
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class Phase(str, Enum):
+    WAITING_FOR_GPU = "waiting for a GPU"
+    PULLING_IMAGE = "pulling the image"
+    STARTING_SERVICES = "starting services"
+    READY = "server ready"
+
+
+@dataclass
+class Progress:
+    phase: Phase
+    elapsed_s: float
+    cost_so_far: float
+    pod_id: str = ""
+    note: str = ""
+
+    def __str__(self):
+        text = f"{self.phase.value} ({self.elapsed_s:.0f} s, ${self.cost_so_far:.3f} so far)"
+        return f"{text}: {self.note}" if self.note else text
+
+
+def proxy_url(pod_id: str, port: int = 8000) -> str:
+    return f"https://{pod_id}-{port}.proxy.runpod.net"
+
+
+def server_answers(url: str, api_key: str, timeout: float = 10.0) -> bool:
+    """True once the nnInteractive server behind url grants a session to api_key (released at once).
+
+    False while the proxy answers 502 or nothing; a rejected key is an error, not a wait.
+    """
+    import httpx
+
+    try:
+        claim = httpx.post(f"{url}/claim", headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout)
+    except httpx.HTTPError:
+        return False
+    if claim.status_code == 401:
+        raise PodsError("The pod's server rejected the key it was started with: terminate the pod and start a new one.")
+    if claim.status_code == 503:
+        return True  # full, but up and checking keys
+    if claim.status_code != 200:
+        return False
+    token = claim.json().get("lease_token", "")
+    try:
+        httpx.post(f"{url}/release", headers={"Authorization": f"Bearer {api_key}", "X-Lease-Token": token},
+                   timeout=timeout)
+    except httpx.HTTPError:
+        pass  # the lease expires by itself
+    return True
+
+
+class PodRecords:
+    """Pods this computer started and has not seen terminated: a JSON file only the user can read."""
+
+    def __init__(self, path: Path = None):
+        self.path = Path(path or Path.home() / ".segmentation-machine" / "pods.json")
+
+    def all(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def add(self, pod: Pod, started_at: float):
+        self._write({**self.all(), pod.id: {"name": pod.name, "gpu": pod.gpu, "started_at": started_at}})
+
+    def remove(self, pod_id: str):
+        records = self.all()
+        records.pop(pod_id, None)
+        self._write(records)
+
+    def still_running(self, backend) -> list:
+        """(Pod, cost so far) for recorded pods that still exist; forgets the ones that are gone."""
+        alive = {p.id: p for p in backend.pods()}
+        result = []
+        for pod_id in list(self.all()):
+            if pod_id in alive:
+                pod = alive[pod_id]
+                result.append((pod, pod.uptime_s / 3600 * pod.cost_per_hr))
+            else:
+                self.remove(pod_id)
+        return result
+
+    def _write(self, records: dict):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(".partial")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as stream:
+            json.dump(records, stream, indent=2)
+        os.replace(temporary, self.path)
+
+
+def start_pod(backend, specs, is_ready, records: PodRecords, on_progress=lambda progress: None,
+              timeout_s: float = DEFAULT_TIMEOUT_S, poll_s: float = POLL_S, clock=time.monotonic,
+              sleep=time.sleep) -> Pod:
+    """Starts the first spec whose GPU has capacity and waits until is_ready(pod).
+
+    specs: PodSpecs in order of preference (e.g. the cheapest GPU types first).
+    A start not ready within timeout_s is terminated before the error is raised.
+    """
+    started = clock()
+    tried = []
+    for spec in specs:
+        on_progress(Progress(Phase.WAITING_FOR_GPU, clock() - started, 0.0, note=spec.gpu_type_id))
+        try:
+            pod = backend.create(spec)
+        except CapacityError:
+            tried.append(spec.gpu_type_id)
+            continue
+        records.add(pod, time.time())
+        return _wait_until_ready(backend, pod, is_ready, records, on_progress, timeout_s, poll_s, clock, sleep,
+                                 note=f"no capacity for {', '.join(tried)}" if tried else "")
+    raise CapacityError(f"No capacity right now for {', '.join(tried)}: try the community cloud, "
+                        "another GPU type, or again in a few minutes.")
+
+
+def _wait_until_ready(backend, pod: Pod, is_ready, records, on_progress, timeout_s, poll_s, clock, sleep, note):
+    started = clock()
+    phase = Phase.PULLING_IMAGE
+    while True:
+        current = backend.get(pod.id)
+        if current is None:
+            records.remove(pod.id)
+            raise PodsError(f"Pod {pod.id} disappeared while starting (terminated elsewhere?): start a new one.")
+        elapsed = clock() - started
+        cost = elapsed / 3600 * current.cost_per_hr
+        if current.runtime_ready:
+            phase = Phase.STARTING_SERVICES
+            if is_ready(current):
+                on_progress(Progress(Phase.READY, elapsed, cost, current.id, note))
+                return current
+        on_progress(Progress(phase, elapsed, cost, current.id, note))
+        if elapsed >= timeout_s:
+            backend.terminate(pod.id)
+            records.remove(pod.id)
+            raise PodsError(f"The pod was not ready after {timeout_s / 60:.0f} min (still {phase.value}): it was "
+                            f"terminated (cost ${cost:.2f}); try another GPU type or again later.")
+        sleep(poll_s)
