@@ -9,6 +9,18 @@ from pathlib import Path
 SERVICE = "SegmentationMachine"
 
 
+def write_private(path: Path, text: str):
+    """Writes text to path, readable and writable by the user only, replacing it whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    temporary = path.with_name(f".{path.name}.partial")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as stream:
+        stream.write(text)
+    os.replace(temporary, path)
+
+
 def _keyring():
     """The keyring module when a real keychain backend is available, else None."""
     try:
@@ -39,13 +51,7 @@ class SecretStore:
         if self._keyring:
             self._keyring.set_password(SERVICE, name, secret)
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.folder, 0o700)
-        path = self.folder / name
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as stream:
-            stream.write(secret)
-        os.chmod(path, 0o600)
+        write_private(self.folder / name, secret)
 
     def load(self, name: str):
         if self._keyring:

@@ -7,13 +7,13 @@ is recorded locally, so the next start can list what still runs and what it has 
 """
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from .pods import CapacityError, Pod, PodsError, PodSpec
+from .credentials import write_private
+from .pods import CapacityError, Pod, PodsError
 
 POLL_S = 5.0  # RunPod's API is not to be polled faster
 DEFAULT_TIMEOUT_S = 600.0
@@ -102,12 +102,7 @@ class PodRecords:
         return result
 
     def _write(self, records: dict):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".partial")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as stream:
-            json.dump(records, stream, indent=2)
-        os.replace(temporary, self.path)
+        write_private(self.path, json.dumps(records, indent=2))
 
 
 def start_pod(backend, specs, is_ready, records: PodRecords, on_progress=lambda progress: None,
