@@ -96,7 +96,6 @@ class InteractiveSession:
     read_timeout_s: float = 120.0
     capabilities: Capabilities = None
     _client: object = None
-    _volume: object = None
     _volume_key: tuple = None
     _image: np.ndarray = None
     _matrix: np.ndarray = None
@@ -180,9 +179,7 @@ class InteractiveSession:
         if self._image is not None:
             self._client.set_image(self._image)
         if self._buffer is not None:
-            self._client.set_target_buffer(self._buffer)
-            if self._buffer.any():
-                self._client.add_initial_seg_interaction(self._buffer.copy())
+            _seed(self._client, self._buffer, self._buffer.copy())
 
     def close(self):
         if self._client is not None:
@@ -203,7 +200,7 @@ class InteractiveSession:
         key = (volume_node.GetID(), volume_node.GetImageData().GetMTime())
         if key == self._volume_key:
             return lambda: None
-        self._volume, self._volume_key = volume_node, key
+        self._volume_key = key
         self._matrix = arrays.ijk_to_ras(volume_node)
         self._image = arrays.volume_array(volume_node)[np.newaxis].copy()  # (1, K, J, I), native dtype
         restage = self.stage_segment(self._target) if self._target is not None else (lambda: None)
@@ -291,22 +288,21 @@ class InteractiveSession:
                                                            interaction_bbox=box)
 
     def _write(self, prompt: Prompt, box: tuple):
-        before = self._segment_mask_in(box)
+        segment_id = self._target.segment_id
+        before = self._segment_mask(segment_id, box)
         self._modify(box, self._buffer[box].astype(bool), bypass_masking=False)
-        after = self._segment_mask_in(box)
+        after = self._segment_mask(segment_id, box)
         self._buffer[box] = after  # what the editor's masking actually allowed
-        self._done.append(_Step(self._target.segment_id, prompt, box, before, after))
+        self._done.append(_Step(segment_id, prompt, box, before, after))
         del self._done[:-MAX_UNDO]
         self._undone.clear()
 
-    def _segment_mask_in(self, box) -> np.ndarray:
-        return self._segment_mask(self._target.segment_id, box)
-
     def _modify(self, box, mask: np.ndarray, bypass_masking: bool):
         """Sets the selected segment to mask inside box through the Segment Editor logic."""
+        extent = [box[2].start, box[2].stop - 1, box[1].start, box[1].stop - 1, box[0].start, box[0].stop - 1]
         modifier = slicer.vtkOrientedImageData()
         modifier.ShallowCopy(arrays.image_from_array(mask.astype(np.uint8)))
-        modifier.SetExtent(box[2].start, box[2].stop - 1, box[1].start, box[1].stop - 1, box[0].start, box[0].stop - 1)
+        modifier.SetExtent(*extent)
         modifier.SetImageToWorldMatrix(arrays.array_to_matrix(self._matrix))
         logic = self._target.editor_logic
         editor = logic.GetSegmentEditorNode()
@@ -315,7 +311,6 @@ class InteractiveSession:
                   or editor.GetSourceVolumeIntensityMask())
         if masked and not bypass_masking:
             logic.UpdateMaskLabelmap()  # other segments may have changed; costs a pass over the volume
-        extent = [box[2].start, box[2].stop - 1, box[1].start, box[1].stop - 1, box[0].start, box[0].stop - 1]
         logic.ModifySegmentByLabelmap(self._target.segmentation_node, self._target.segment_id, modifier,
                                       logic.ModificationModeSet, extent, False, bypass_masking)
 
@@ -363,9 +358,8 @@ class InteractiveSession:
         self._reseed_call()()
 
     def _reseed_call(self):
-        buffer, seed = self._buffer, self._buffer.copy()
-        return lambda: self._call(lambda client: (client.set_target_buffer(buffer), client.reset_interactions(),
-                                                  client.add_initial_seg_interaction(seed) if seed.any() else None))
+        buffer, seed = self._buffer, self._buffer.copy()  # taken now, on the main thread
+        return lambda: self._call(lambda client: _seed(client, buffer, seed))
 
     def prompts_of(self, segment_id: str) -> list:
         """The prompts that made the segment as it stands (undone ones left out), for prompt files."""
@@ -391,6 +385,14 @@ class PendingPrompt:
             return self.session._call(self.call)
         finally:
             self.server_s = time.perf_counter() - started
+
+
+def _seed(client, buffer: np.ndarray, seed: np.ndarray):
+    """The server restarts from our segment: results go to buffer, no interactions, seed as the mask."""
+    client.set_target_buffer(buffer)
+    client.reset_interactions()
+    if seed.any():
+        client.add_initial_seg_interaction(seed)
 
 
 def _client_version() -> str:

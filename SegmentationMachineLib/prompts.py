@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .meshio import atomic_file
 
 VERSION = 1
 KINDS = ("point", "box", "scribble", "lasso")
@@ -119,7 +120,5 @@ def prompts_to_json(segments) -> dict:
 
 
 def save_prompt_file(path, segments):
-    from .meshio import atomic_file
-
     with atomic_file(Path(path), "w") as stream:
         json.dump(prompts_to_json(segments), stream, indent=2)
