@@ -16,14 +16,18 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import __version__
+from .cloudgpu import recorded_pod_at
 from .dicomseries import scan_folder
 from .errors import UserError
 from .export import DEFAULT_EXPORT_FOLDER as DEFAULT_OUT
 from .export import ExportOptions, export_segmentation, parse_formats
+from .heartbeat import Heartbeat
 from .inbox import Inbox, InboxOptions
 from .phantom import write_phantom
 from .interactive import InteractiveSession
 from .pipeline import model_volume, segment_with_prompts
+from .podcli import add_pod_commands, run_pod
+from .podstart import PodRecords
 from .prompts import load_prompt_file
 from .presets import PRESETS
 from .printing import send_to_orcaslicer
@@ -113,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=1527)
     serve.add_argument("--max-sessions", type=int, help="concurrent sessions (upstream default 3)")
 
+    add_pod_commands(commands, common)
+
     send = commands.add_parser("print", parents=[common], help="open an export folder or model file in OrcaSlicer")
     send.add_argument("path", type=Path)
     send.add_argument("--orcaslicer", help="path of OrcaSlicer, when it is not found by itself")
@@ -165,7 +171,8 @@ def run_model(args):
         raise UserError("--server and --prompts go together: give the server URL and the prompt file.")
     presets = [] if args.prompts and not args.preset else _presets(args.preset or "bone")
     prompt_segments = load_prompt_file(args.prompts) if args.prompts else None
-    api_key = _api_key(args.api_key_env) if args.server else None
+    pod = recorded_pod_at(PodRecords(), args.server) if args.server else None  # a pod started here
+    api_key = _api_key(args.api_key_env, pod) if args.server else None
     source = _input_or_phantom(args)
     scan = None
     if source.is_dir() or args.list:
@@ -191,17 +198,20 @@ def run_model(args):
         session = InteractiveSession(args.server, api_key, status=log.warning)
         caps = session.connect()
         print(f"Connected to {args.server} (nnInteractive {caps.server_version}, model licence: {caps.licence})")
+        heartbeat = Heartbeat(pod.agent_url, pod.secrets["SM_HEARTBEAT_TOKEN"]).start() if pod else None
         try:
             segmentation = segment_with_prompts(ctx, loaded.node, prompt_segments, session, print)
         finally:
             session.close()
+            if heartbeat:
+                heartbeat.stop()
     with _Progress("surfaces", args.quiet) as progress:
         result = model_volume(ctx, loaded.node, presets, args.out, options, progress, print, segmentation)
     _report(args, result)
 
 
-def _api_key(variable: str) -> str:
-    key = os.environ.get(variable)
+def _api_key(variable: str, pod=None) -> str:
+    key = os.environ.get(variable) or (pod.secrets["SM_NNI_API_KEY"] if pod else None)
     if not key:
         raise UserError(f"Set the server's API key in the environment variable {variable} "
                         "(keys are never taken on the command line, where other users could see them).")
@@ -318,7 +328,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.log)
     commands = {"model": run_model, "export": run_export, "watch": run_watch, "server": run_server,
-                "print": run_print}
+                "print": run_print, "pod": run_pod}
     try:
         commands[args.command](args)
     except UserError as error:

@@ -7,6 +7,7 @@ is recorded locally, so the next start can list what still runs and what it has 
 """
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -39,8 +40,12 @@ class Progress:
         return f"{text}: {self.note}" if self.note else text
 
 
+PROXY_URL = "https://{pod_id}-{port}.proxy.runpod.net"
+
+
 def proxy_url(pod_id: str, port: int = 8000) -> str:
-    return f"https://{pod_id}-{port}.proxy.runpod.net"
+    """The public URL of a pod's port; SM_RUNPOD_PROXY_URL redirects it (tests, other deployments)."""
+    return (os.environ.get("SM_RUNPOD_PROXY_URL") or PROXY_URL).format(pod_id=pod_id, port=port)
 
 
 def server_answers(url: str, api_key: str, timeout: float = 10.0) -> bool:
@@ -81,8 +86,12 @@ class PodRecords:
         except (OSError, ValueError):
             return {}
 
-    def add(self, pod: Pod, started_at: float):
-        self._write({**self.all(), pod.id: {"name": pod.name, "gpu": pod.gpu, "started_at": started_at}})
+    def add(self, pod: Pod, started_at: float, **details):
+        """details: what reconnecting needs later (mode, the pod's own secrets); the file is the user's only."""
+        self._write({**self.all(), pod.id: {"name": pod.name, "gpu": pod.gpu, "started_at": started_at, **details}})
+
+    def get(self, pod_id: str) -> dict:
+        return self.all().get(pod_id, {})
 
     def remove(self, pod_id: str):
         records = self.all()
@@ -107,11 +116,12 @@ class PodRecords:
 
 def start_pod(backend, specs, is_ready, records: PodRecords, on_progress=lambda progress: None,
               timeout_s: float = DEFAULT_TIMEOUT_S, poll_s: float = POLL_S, clock=time.monotonic,
-              sleep=time.sleep) -> Pod:
+              sleep=time.sleep, details: dict = None) -> Pod:
     """Starts the first spec whose GPU has capacity and waits until is_ready(pod).
 
     specs: PodSpecs in order of preference (e.g. the cheapest GPU types first).
     A start not ready within timeout_s is terminated before the error is raised.
+    details: kept in the pod's record (see PodRecords.add).
     """
     started = clock()
     tried = []
@@ -122,7 +132,7 @@ def start_pod(backend, specs, is_ready, records: PodRecords, on_progress=lambda 
         except CapacityError:
             tried.append(spec.gpu_type_id)
             continue
-        records.add(pod, time.time())
+        records.add(pod, time.time(), **(details or {}))
         return _wait_until_ready(backend, pod, is_ready, records, on_progress, timeout_s, poll_s, clock, sleep,
                                  note=f"no capacity for {', '.join(tried)}" if tried else "")
     raise CapacityError(f"No capacity right now for {', '.join(tried)}: try the community cloud, "

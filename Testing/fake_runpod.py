@@ -36,9 +36,11 @@ class FakeRunPod:
     fail_next_create_after_creating: bool = False  # answer 500 although the pod was created
     rate_limit_every: int = 0  # every Nth request answers 429
     balance: float = 25.0
+    warning: str = ""  # what the pod agent behind the proxy warns of
     clock: object = time.monotonic
     pods: dict = field(default_factory=dict)
     requests: list = field(default_factory=list)  # (operation, arguments) as received
+    paths: list = field(default_factory=list)  # every URL path asked for, to prove no secret travels in one
 
     def __post_init__(self):
         self._ids = itertools.count(1)
@@ -52,6 +54,7 @@ class FakeRunPod:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                fake.paths.append(self.path)
                 if self.path.startswith("/proxy/"):  # https://POD_ID-PORT.proxy.runpod.net, here as a path
                     status, payload = fake.proxy(self.path, self.headers.get("Authorization", ""))
                 else:
@@ -77,12 +80,22 @@ class FakeRunPod:
     def proxy(self, path: str, authorization: str):
         """The pod's server behind RunPod's proxy: 502 until it is up, then it checks the pod's own key."""
         target, _, route = path[len("/proxy/"):].partition("/")
-        pod = self.pods.get(target.rsplit("-", 1)[0])
+        pod_id, _, port = target.rpartition("-")
+        pod = self.pods.get(pod_id)
         if pod is None or pod["desiredStatus"] != "RUNNING" or self._uptime(pod) < self.server_s:
             return 502, "<html><body>502 Bad Gateway</body></html>"
+        if port == "8001":  # the pod agent
+            if authorization != f"Bearer {pod['env'].get('SM_HEARTBEAT_TOKEN')}":
+                return 401, {"detail": "invalid heartbeat token"}
+            pod["heartbeats"] = pod.get("heartbeats", 0) + 1
+            return 200, {"pod_id": pod_id, "terminates_in_s": 900.0, "reason": "idle timeout", "warning": self.warning}
         if authorization != f"Bearer {pod['env'].get('SM_NNI_API_KEY')}":
             return 401, {"detail": "invalid API key"}
         return 200, {"lease_token": "lease-1"} if route == "claim" else {}
+
+    def proxy_template(self) -> str:
+        """For SM_RUNPOD_PROXY_URL: the fake's stand-in for https://{pod_id}-{port}.proxy.runpod.net."""
+        return self.url + "/proxy/{pod_id}-{port}"
 
     # -- GraphQL ---------------------------------------------------------------------------
     def handle(self, authorization: str, body: bytes):

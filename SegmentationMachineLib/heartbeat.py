@@ -1,0 +1,56 @@
+"""Heartbeats from a connected client (the module, `pod up`) to the pod agent, so the pod lives while used.
+
+The agent answers with when and why the pod will end; `warning` holds its sentence once the end
+is near, for the panel or the terminal to show.
+"""
+
+import threading
+
+INTERVAL_S = 60.0  # well inside the agent's idle timeout (default 15 min)
+
+
+class Heartbeat:
+    def __init__(self, agent_url: str, token: str, interval_s: float = INTERVAL_S):
+        self.url = f"{agent_url.rstrip('/')}/heartbeat"
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self.interval_s = interval_s
+        self.last = {}  # the agent's last answer
+        self.problem = ""  # why the last heartbeat did not arrive; "" when it did
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    @property
+    def warning(self) -> str:
+        return self.last.get("warning", "")
+
+    def beat(self) -> bool:
+        import httpx
+
+        try:
+            answer = httpx.post(self.url, headers=self._headers, timeout=15.0)
+        except httpx.HTTPError:
+            self.problem = "the pod agent did not answer (the pod may still be starting, or it was terminated)"
+            return False
+        if answer.status_code != 200:
+            self.problem = f"the pod agent answered {answer.status_code}"
+            return False
+        self.last, self.problem = answer.json(), ""
+        self.sent += 1
+        return True
+
+    def start(self) -> "Heartbeat":
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=20)
+
+    def _run(self):
+        while True:
+            self.beat()
+            if self._stop.wait(self.interval_s):
+                return

@@ -1,0 +1,134 @@
+"""The pod agent, run as the image runs it (`python -m SegmentationMachineLib.podagent`), against the fake RunPod."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from conftest import RUNPOD_KEY
+from nninteractive_server import free_port
+from SegmentationMachineLib.heartbeat import Heartbeat
+from SegmentationMachineLib.podagent import AgentConfig, verdict
+from SegmentationMachineLib.pods import PodSpec
+
+TOKEN = "heartbeat-token-of-this-pod"
+
+
+class RunningAgent:
+    def __init__(self, fake, pod_id, **limits):
+        self.port = free_port()
+        env = {**os.environ, "RUNPOD_POD_ID": pod_id, "RUNPOD_API_KEY": RUNPOD_KEY, "RUNPOD_API_BASE_URL": fake.url,
+               "SM_HEARTBEAT_TOKEN": TOKEN, "SM_AGENT_PORT": str(self.port), "SM_AGENT_POLL_S": "0.3",
+               **{name: str(value) for name, value in limits.items()}}
+        self.process = subprocess.Popen([sys.executable, "-m", "SegmentationMachineLib.podagent"], env=env,
+                                        stderr=subprocess.PIPE, text=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        for _ in range(100):
+            try:
+                httpx.get(self.url, timeout=1)  # any answer: it listens
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+
+    def log(self, timeout=30) -> str:
+        """Waits for the agent to end (it ends once it terminated the pod) and returns its log."""
+        try:
+            self.process.wait(timeout)
+        finally:
+            self.process.kill()
+        return self.process.stderr.read()
+
+
+@pytest.fixture
+def pod(backend, fake):
+    fake.boot_s = fake.ports_s = fake.server_s = 0
+    return backend.create(PodSpec("NVIDIA GeForce RTX 4090", image="example/sm:1"))
+
+
+def beat_for(seconds, heartbeat, every=0.3):
+    answers = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        assert heartbeat.beat(), heartbeat.problem
+        answers.append(dict(heartbeat.last))
+        time.sleep(every)
+    return answers
+
+
+def test_heartbeats_keep_the_pod_and_silence_terminates_it(fake, pod):
+    agent = RunningAgent(fake, pod.id, SM_IDLE_TIMEOUT_S=2.5, SM_WARNING_S=1.8)
+    answers = beat_for(4, Heartbeat(agent.url, TOKEN))  # twice the idle timeout
+    assert pod.id in fake.pods
+    assert answers[-1]["terminates_in_s"] > 1 and answers[-1]["warning"] == "" and "idle" in answers[-1]["reason"]
+    silent_from = time.monotonic()
+    log = agent.log()
+    assert pod.id not in fake.pods and 2 <= time.monotonic() - silent_from < 6
+    assert agent.process.returncode == 0
+    assert "The pod terminates in" in log and f"Terminating pod {pod.id}: no client has been connected" in log
+
+
+def test_a_browser_on_the_desktop_counts_as_connected(fake, pod):
+    desktop = socket.create_server(("127.0.0.1", 0))  # stands in for noVNC's websocket port
+    agent = RunningAgent(fake, pod.id, SM_MODE="desktop", SM_ACTIVITY_PORTS=desktop.getsockname()[1],
+                         SM_IDLE_TIMEOUT_S=2.5)
+    assert httpx.get(f"{agent.url}/healthz").json() == {"ok": True}
+    browser = socket.create_connection(desktop.getsockname())
+    time.sleep(5)  # twice the idle timeout without a heartbeat
+    assert pod.id in fake.pods
+    browser.close()
+    log = agent.log()
+    assert pod.id not in fake.pods and "no client has been connected" in log
+    desktop.close()
+
+
+def test_a_forged_heartbeat_is_refused_and_keeps_nothing_alive(fake, pod):
+    agent = RunningAgent(fake, pod.id, SM_IDLE_TIMEOUT_S=2)
+    forged = Heartbeat(agent.url, "guessed-token")
+    refusals = []
+    while pod.id in fake.pods and agent.process.poll() is None:
+        assert not forged.beat()
+        refusals.append(forged.problem)
+        time.sleep(0.3)
+    log = agent.log()
+    assert refusals.count("the pod agent answered 401") >= 3
+    assert pod.id not in fake.pods and "Refused a heartbeat without the pod's token" in log
+    assert "guessed-token" not in log and TOKEN not in log
+
+
+@pytest.mark.parametrize("limit, reason", [({"SM_BUDGET_USD": 0.001}, "its budget of $0.001 is spent"),
+                                           ({"SM_MAX_LIFETIME_S": 5}, "its maximum lifetime of 5 s is reached")])
+def test_budget_and_lifetime_end_the_pod_despite_heartbeats(fake, pod, limit, reason):
+    agent = RunningAgent(fake, pod.id, SM_IDLE_TIMEOUT_S=60, SM_WARNING_S=2.5, **limit)
+    heartbeat = Heartbeat(agent.url, TOKEN)
+    answers = []
+    while agent.process.poll() is None and pod.id in fake.pods:
+        if heartbeat.beat():
+            answers.append(dict(heartbeat.last))
+        time.sleep(0.2)
+    log = agent.log()
+    assert pod.id not in fake.pods and f"Terminating pod {pod.id}: {reason}" in log
+    assert any(reason in a["warning"] for a in answers), "connected clients were warned before the end"
+    assert answers[0]["warning"] == ""
+
+
+def test_the_agent_without_its_environment_says_what_is_missing():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "SM_"))}
+    done = subprocess.run([sys.executable, "-m", "SegmentationMachineLib.podagent"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "needs RUNPOD_POD_ID, RUNPOD_API_KEY, SM_HEARTBEAT_TOKEN" in done.stderr
+    with pytest.raises(ValueError, match="SM_IDLE_TIMEOUT_S must be a number of seconds, not '15m'"):
+        AgentConfig.from_env({"RUNPOD_POD_ID": "p", "RUNPOD_API_KEY": "k", "SM_HEARTBEAT_TOKEN": "t",
+                              "SM_IDLE_TIMEOUT_S": "15m"})
+
+
+def test_the_first_limit_reached_decides():
+    config = AgentConfig("p", "k", "t", idle_timeout_s=900, max_lifetime_s=3600, budget_usd=1.0)
+    assert "idle" in verdict(config, idle_s=0, lifetime_s=0, cost_usd=0, cost_per_hr=0.5).reason
+    assert verdict(config, idle_s=0, lifetime_s=3500, cost_usd=0, cost_per_hr=0.5).seconds_left == 100
+    spent = verdict(config, idle_s=0, lifetime_s=100, cost_usd=0.99, cost_per_hr=3.6)
+    assert "budget" in spent.reason and spent.seconds_left == pytest.approx(10)

@@ -1,0 +1,171 @@
+"""`segmentation-machine pod ...` as a user runs it: real processes, real signals, the real SDK on the fake RunPod."""
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import RUNPOD_KEY
+
+CLI = [sys.executable, "-m", "SegmentationMachineLib.cli", "pod"]
+
+
+@pytest.fixture
+def env(fake, tmp_path):
+    fake.boot_s, fake.ports_s, fake.server_s = 1.0, 1.5, 2.0
+    return {**os.environ, "HOME": str(tmp_path), "RUNPOD_API_KEY": RUNPOD_KEY, "RUNPOD_API_BASE_URL": fake.url,
+            "SM_RUNPOD_PROXY_URL": fake.proxy_template(), "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
+
+
+class Runs:
+    """Every output of every run, for the leak test at the end."""
+    seen = []
+
+
+def pod(env, *args, timeout=120):
+    done = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    Runs.seen += [done.stdout, done.stderr]
+    return done
+
+
+class Background:
+    """`pod up` running in its own process; lines() is what it printed so far."""
+
+    def __init__(self, env, *args):
+        self.process = subprocess.Popen([*CLI, "up", *args], env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+        self.output = []
+        threading.Thread(target=lambda: self.output.extend(self.process.stdout), daemon=True).start()
+
+    def wait_for(self, text, timeout=60):
+        end = time.monotonic() + timeout
+        while not any(text in line for line in self.output):
+            assert self.process.poll() is None and time.monotonic() < end, "".join(self.output)
+            time.sleep(0.1)
+
+    def end(self, signum, timeout=60):
+        self.process.send_signal(signum)
+        self.process.wait(timeout)
+        time.sleep(0.2)  # the reader thread takes the last lines
+        Runs.seen.append("".join(self.output))
+        return "".join(self.output)
+
+
+def test_gpus_lists_types_with_enough_memory_cheapest_first(env):
+    done = pod(env, "gpus")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    listed = [line.split()[0:3] for line in lines[1:-1]]
+    assert [" ".join(words) for words in listed] == ["NVIDIA RTX A5000", "NVIDIA GeForce RTX", "NVIDIA L40S 48"]
+    assert "RTX 3070" not in done.stdout  # 8 GB: below nnInteractive's 10 GB
+    assert lines[-1].startswith("Balance $25.00")
+
+
+def test_up_falls_back_on_capacity_records_lists_and_downs(env, fake, tmp_path):
+    done = pod(env, "up", "--detach")  # the cheapest type (A5000) has no capacity in the fake
+    assert done.returncode == 0, done.stderr
+    [(pod_id, created)] = fake.pods.items()
+    assert created["gpuDisplayName"] == "RTX 4090"
+    out = done.stdout
+    assert "Starting a server pod on NVIDIA RTX A5000" in out and "no capacity for NVIDIA RTX A5000" in out
+    for phase in ("waiting for a GPU", "server ready"):
+        assert phase in out
+    assert f"nnInteractive server: {fake.url}/proxy/{pod_id}-8000" in out
+    env_given = created["env"]
+    assert env_given["SM_MODE"] == "server" and env_given["SM_IDLE_TIMEOUT_S"] == "900"
+    assert all(len(env_given[name]) >= 32 for name in ("SM_NNI_API_KEY", "SM_VNC_PASSWORD", "SM_FILES_PASSWORD",
+                                                        "SM_HEARTBEAT_TOKEN"))
+    assert env_given["SM_NNI_API_KEY"] not in out  # secrets only with --show-secrets
+    records = tmp_path / ".segmentation-machine" / "pods.json"
+    assert stat.S_IMODE(records.stat().st_mode) == 0o600
+    assert json.loads(records.read_text())[pod_id]["secrets"]["SM_NNI_API_KEY"] == env_given["SM_NNI_API_KEY"]
+
+    shown = pod(env, "status", pod_id, "--show-secrets").stdout
+    assert f"{pod_id} " in shown and "RUNNING" in shown and f"SM_VNC_PASSWORD={env_given['SM_VNC_PASSWORD']}" in shown
+    again = pod(env, "up", "--detach", "--gpu", "NVIDIA L40S", "--mode", "desktop", "--budget", "2.5")
+    assert f"Still running from an earlier start: {pod_id} (RTX 4090, $" in again.stdout
+    second = next(p for p in fake.pods if p != pod_id)
+    assert fake.pods[second]["env"]["SM_MODE"] == "desktop" and fake.pods[second]["env"]["SM_BUDGET_USD"] == "2.5"
+    assert "6080/http" in fake.pods[second]["ports"] and "/vnc.html?autoconnect=1" in again.stdout
+    assert "password" not in again.stdout.split("Passwords:")[0].lower()
+
+    down = pod(env, "down", "--all")
+    assert down.returncode == 0 and fake.pods == {} and down.stdout.count("Terminated pod") == 2
+    assert json.loads(records.read_text()) == {}
+    assert "0 pod(s)" in pod(env, "list").stdout
+
+
+def test_no_orphan_when_create_answers_500_after_creating(env, fake):
+    fake.fail_next_create_after_creating = True
+    done = pod(env, "up", "--detach", "--gpu", "NVIDIA GeForce RTX 4090")
+    assert done.returncode == 0, done.stderr
+    assert len(fake.pods) == 1 and [op for op, _ in fake.requests].count("podFindAndDeployOnDemand") == 1
+
+
+def test_a_start_not_ready_in_time_is_terminated(env, fake):
+    fake.server_s = 3600
+    done = pod(env, "up", "--timeout", "3", "--gpu", "NVIDIA GeForce RTX 4090")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "not ready after" in done.stderr and "it was terminated" in done.stderr and fake.pods == {}
+
+
+def test_ctrl_c_while_starting_terminates_the_pod(env, fake):
+    fake.server_s = 3600
+    up = Background(env, "--gpu", "NVIDIA GeForce RTX 4090")
+    up.wait_for("pulling the image")
+    assert len(fake.pods) == 1
+    out = up.end(signal.SIGINT)
+    assert up.process.returncode == 130 and "the pod being started was terminated" in out and fake.pods == {}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM])
+def test_closing_the_terminal_or_stopping_a_connected_up_terminates_the_pod(env, fake, signum):
+    fake.warning = "The pod terminates in 4.0 min: its budget of $1 is spent."
+    up = Background(env, "--gpu", "NVIDIA GeForce RTX 4090")
+    up.wait_for("Warning from the pod: The pod terminates in 4.0 min")
+    [pod_id] = fake.pods
+    assert fake.pods[pod_id]["heartbeats"] >= 1  # connected: the agent is told
+    out = up.end(signum)
+    assert up.process.returncode == 0 and f"Terminated pod {pod_id} (it cost $" in out and fake.pods == {}
+
+
+def test_a_wrong_key_is_one_sentence(env):
+    done = pod({**env, "RUNPOD_API_KEY": "rpa_WRONGKEY_not_this_one"}, "list")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "RunPod rejected the API key" in done.stderr and "rpa_WRONGKEY" not in done.stderr
+    missing = pod({k: v for k, v in env.items() if k != "RUNPOD_API_KEY"}, "gpus")
+    assert missing.returncode == 2 and "No RunPod API key" in missing.stderr
+
+
+def test_login_saves_the_key_user_only_and_logout_forgets_it(env, tmp_path):
+    without = {k: v for k, v in env.items() if k != "RUNPOD_API_KEY"}
+    login = subprocess.run([*CLI, "login"], env=without, input=RUNPOD_KEY + "\n", capture_output=True, text=True,
+                           timeout=120)
+    assert login.returncode == 0, login.stderr
+    [saved] = (tmp_path / ".segmentation-machine" / "secrets").iterdir()
+    assert saved.read_text() == RUNPOD_KEY and stat.S_IMODE(saved.stat().st_mode) == 0o600
+    assert pod(without, "gpus").returncode == 0  # the saved key is used
+    assert pod(without, "logout").returncode == 0 and not saved.exists()
+    Runs.seen += [login.stdout, login.stderr]
+
+
+def test_the_runpod_key_never_appears_in_output_logs_or_urls(env, fake, tmp_path):
+    """Runs last in this file: everything above ran with the known key; every output was kept."""
+    log = tmp_path / "pod.log"
+    fake.rate_limit_every = 3
+    for args in (["gpus"], ["up", "--detach", "--gpu", "NVIDIA RTX A5000"], ["up", "--detach"], ["status"],
+                 ["list"], ["down", "--all"], ["down", "pod9999x"]):
+        pod(env, *args, "--log", str(log))
+    assert Runs.seen and all(RUNPOD_KEY not in text for text in Runs.seen)
+    assert log.read_text() and RUNPOD_KEY not in log.read_text()
+    assert fake.paths and not any(RUNPOD_KEY in path for path in fake.paths)
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.parent.name != "secrets":
+            assert RUNPOD_KEY not in path.read_text(errors="replace"), path
