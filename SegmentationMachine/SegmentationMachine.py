@@ -32,7 +32,9 @@ from SegmentationMachineLib.presets import PRESETS
 from SegmentationMachineLib.scene import SceneContext
 from SegmentationMachineLib.volumes import load_series
 
+import SegmentationMachineCloud
 import SegmentationMachinePromptTools
+from SegmentationMachineCloud import CloudSection
 from SegmentationMachinePromptTools import PromptToolsSection
 
 SETTINGS_OUTPUT_FOLDER = "SegmentationMachine/OutputFolder"
@@ -97,6 +99,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 self.ui.presetComboBox.addItem(name)
             self.ui.presetComboBox.setItemData(self.ui.presetComboBox.findText(name), description, qt.Qt.ToolTipRole)
         self.promptTools = PromptToolsSection(self.ui, lambda: self._parameterNode, self.updateGui)
+        self.cloud = CloudSection(self.layout, self.promptTools)
         self.ui.inboxFolderSelector.currentPath = slicer.util.settingsValue(SETTINGS_INBOX_FOLDER, str(self.inbox.folder))
         self.ui.inboxStartButton.connect("clicked(bool)", self.onInboxStartStop)
         self.ui.outputFolderSelector.currentPath = slicer.util.settingsValue(
@@ -115,6 +118,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.inboxTimer.stop()
         self.inbox.stop()
         self.promptTools.cleanup()
+        self.cloud.cleanup()
         self.removeObservers()
 
     def enter(self):
@@ -249,6 +253,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             importlib.reload(sys.modules[name])
         importlib.reload(SegmentationMachineLib)
         importlib.reload(SegmentationMachinePromptTools)
+        importlib.reload(SegmentationMachineCloud)
         ScriptedLoadableModuleWidget.onReload(self)
 
 

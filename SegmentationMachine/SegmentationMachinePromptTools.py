@@ -5,6 +5,8 @@ closed curves; each finished markup becomes one prompt (in RAS) and is cleared. 
 Editor module's own parameter node is used, so its masking and overwrite settings apply.
 """
 
+import os
+
 import qt
 import slicer
 from slicer.i18n import tr as _
@@ -37,8 +39,9 @@ class PromptToolsSection:
         self.timer = qt.QTimer()
         self.timer.setInterval(50)
         self.timer.timeout.connect(self.tick)
-        ui.serverUrlEdit.text = slicer.util.settingsValue(SETTINGS_SERVER_URL, "")
-        ui.serverKeyEdit.text = self.secrets.load(SECRET_NAME) or ""
+        # Inside the pod's desktop the image sets SM_NNI_URL and SM_NNI_API_KEY: the local server is ready to use.
+        ui.serverUrlEdit.text = os.environ.get("SM_NNI_URL") or slicer.util.settingsValue(SETTINGS_SERVER_URL, "")
+        ui.serverKeyEdit.text = os.environ.get("SM_NNI_API_KEY") or self.secrets.load(SECRET_NAME) or ""
         ui.connectButton.connect("clicked(bool)", self.onConnect)
         ui.includeButton.connect("clicked(bool)", self.onToggleInclude)
         ui.undoButton.connect("clicked(bool)", lambda: self.queue(self.panel.undo))

@@ -45,9 +45,7 @@ class Heartbeat:
         return self
 
     def stop(self):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=20)
+        self._stop.set()  # no join: a beat in flight ends by itself, and the GUI must not wait for it
 
     def _run(self):
         while True:

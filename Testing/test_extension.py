@@ -44,9 +44,20 @@ def test_ui_binds_every_widget_the_module_uses_and_every_parameter():
 
 def test_module_files_are_listed_for_the_build():
     scripts = (REPO / "SegmentationMachine" / "CMakeLists.txt").read_text()
-    assert "${MODULE_NAME}.py" in scripts and "${MODULE_NAME}PromptTools.py" in scripts
-    for path in (MODULE, PROMPT_TOOLS):
+    for path in (REPO / "SegmentationMachine").glob("*.py"):
+        assert path.name.replace("SegmentationMachine", "${MODULE_NAME}", 1) in scripts
         compile(path.read_text(), str(path), "exec")
+
+
+def test_the_cloud_binding_uses_only_what_the_cloud_panel_has():
+    """Slicer is not here to run the binding: at least every panel attribute it touches must exist."""
+    from SegmentationMachineLib.cloudpanel import CloudPanel
+    from SegmentationMachineLib.credentials import SecretStore
+
+    binding = (REPO / "SegmentationMachine" / "SegmentationMachineCloud.py").read_text()
+    used = set(re.findall(r"panel\.(\w+)", binding))
+    panel = CloudPanel(SecretStore(REPO / "unused", use_keychain=False))
+    assert used and not [name for name in used if not hasattr(panel, name)]
 
 
 def test_module_is_thin_and_the_library_has_no_slicer_globals():

@@ -1,0 +1,98 @@
+"""The module's Cloud GPU section without Qt: key, GPU list, start to ready, cancel, earlier pods, quit."""
+
+import time
+
+import pytest
+
+from conftest import RUNPOD_KEY
+from SegmentationMachineLib.cloudgpu import KEY_NAME
+from SegmentationMachineLib.cloudpanel import CloudPanel
+from SegmentationMachineLib.credentials import SecretStore
+from SegmentationMachineLib.podstart import PodRecords
+
+
+@pytest.fixture
+def panel(fake, tmp_path, monkeypatch):
+    fake.boot_s, fake.ports_s, fake.server_s = 0.5, 0.7, 1.0
+    monkeypatch.setenv("SM_RUNPOD_PROXY_URL", fake.proxy_template())
+    monkeypatch.delenv("RUNPOD_API_KEY", raising=False)
+    return CloudPanel(SecretStore(tmp_path / "secrets", use_keychain=False), PodRecords(tmp_path / "pods.json"))
+
+
+def settle(panel, timeout=60):
+    """Polls like the widget's QTimer until the work is done; returns what tick() handed back."""
+    end = time.monotonic() + timeout
+    handed = None
+    while True:
+        handed = panel.tick() or handed
+        if not panel.busy:
+            return handed
+        assert time.monotonic() < end, panel.status
+        time.sleep(0.05)
+
+
+def test_a_wrong_key_is_said_and_not_kept_a_right_one_lists_gpus(panel):
+    panel.save_key("rpa_not_the_key")
+    settle(panel)
+    assert "RunPod rejected the API key" in panel.status and not panel.has_key
+    panel.save_key(f"  {RUNPOD_KEY}\n")
+    settle(panel)
+    assert panel.has_key and panel.store.load(KEY_NAME) == RUNPOD_KEY
+    assert [g.id for g in panel.gpus] == ["NVIDIA RTX A5000", "NVIDIA GeForce RTX 4090", "NVIDIA L40S"]
+    assert panel.balance == "Balance $25.00, spending $0.00/h" and panel.status.startswith("Choose a GPU")
+    panel.forget_key()
+    assert not panel.has_key and panel.gpus == [] and "removed" in panel.status
+
+
+def test_start_reports_phases_connects_and_beats_then_quit_terminates(panel, fake):
+    panel.store.save(KEY_NAME, RUNPOD_KEY)
+    panel.refresh()
+    settle(panel)
+    panel.start("NVIDIA RTX A5000", "desktop")  # no capacity: the next cheapest takes over
+    seen = set()
+    while panel.busy:
+        panel.tick()
+        if panel.progress:
+            seen.add(panel.progress.phase.value)
+            assert 0 < panel.phase_fraction <= 1
+        time.sleep(0.05)
+    ready = panel.tick() or panel.pod
+    assert ready is panel.pod and ready.mode == "desktop" and "is ready" in panel.status
+    assert {"waiting for a GPU", "pulling the image"} <= seen
+    assert fake.pods[ready.pod_id]["gpuDisplayName"] == "RTX 4090"
+    time.sleep(0.5)
+    assert fake.pods[ready.pod_id].get("heartbeats", 0) >= 1  # connected: the pod agent hears from us
+    assert ready.desktop_url.endswith("/vnc.html?autoconnect=1&resize=remote")
+    assert panel.terminate_started_here() == [] and fake.pods == {} and panel.pod is None
+
+
+def test_cancel_while_starting_terminates_the_pod(panel, fake):
+    fake.server_s = 3600
+    panel.store.save(KEY_NAME, RUNPOD_KEY)
+    panel.refresh()
+    settle(panel)
+    panel.start("NVIDIA L40S", "server")
+    while not fake.pods:
+        time.sleep(0.05)
+    panel.cancel()
+    settle(panel)
+    assert panel.status == "Cancelled: the pod being started was terminated." and fake.pods == {}
+    assert panel.records.all() == {}
+
+
+def test_pods_from_an_earlier_session_are_listed_and_can_be_used_or_terminated(panel, fake, tmp_path):
+    panel.store.save(KEY_NAME, RUNPOD_KEY)
+    panel.refresh()
+    settle(panel)
+    panel.start("NVIDIA L40S", "server")
+    settle(panel)
+    pod_id = panel.pod.pod_id
+    later = CloudPanel(panel.store, PodRecords(panel.records.path))  # Slicer restarted
+    later.refresh()
+    settle(later)
+    assert [p.id for p, cost in later.earlier] == [pod_id] and "still run" in later.status
+    later.connect_earlier(pod_id)
+    assert later.tick().server_url == panel.pod.server_url
+    later.terminate(pod_id)
+    settle(later)
+    assert fake.pods == {} and later.pod is None and later.earlier == []
