@@ -46,6 +46,7 @@ class FakeRunPod:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._count = 0
+        self.rate_limited = 0  # 429s answered
 
     # -- server ----------------------------------------------------------------------------
     def start(self):
@@ -104,6 +105,7 @@ class FakeRunPod:
             if authorization != f"Bearer {self.api_key}":
                 return 401, {"error": "Unauthorized"}
             if self.rate_limit_every and self._count % self.rate_limit_every == 0:
+                self.rate_limited += 1
                 return 429, {"errors": [{"message": "Too Many Requests: rate limit exceeded"}]}
             document = parse(json.loads(body)["query"])
             field_node = document.definitions[0].selection_set.selections[0]
