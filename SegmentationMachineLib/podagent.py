@@ -124,6 +124,7 @@ class PodAgent:
         self._last_heartbeat = self._started  # a fresh pod gets one idle timeout to be connected
         self._uptime_s, self._cost_per_hr, self._polled_at, self._uptime_at = 0.0, 0.0, None, self._started
         self._warned = None
+        self._retry_at = 0.0  # when a failed terminate is tried again
         self.terminated = threading.Event()
         self._lock = threading.Lock()
 
@@ -153,12 +154,13 @@ class PodAgent:
         if self._polled_at is None or now - self._polled_at >= self.config.poll_s:
             self._poll_runpod(now)
         current = self._verdict()
-        if current.seconds_left <= 0:
+        if current.seconds_left <= 0 and now >= self._retry_at:
             log.warning("Terminating pod %s: %s.", self.config.pod_id, current.reason)
             try:
                 self._backend.terminate(self.config.pod_id)
-            except PodsError as error:  # try again at the next check; the reason stays logged
+            except PodsError as error:  # tried again after a poll interval, not flooding the log
                 log.error("Terminating failed: %s", error)
+                self._retry_at = now + self.config.poll_s
                 return
             self.terminated.set()
         elif current.seconds_left <= self.config.warning_s and self._warned != current.reason:
@@ -166,15 +168,17 @@ class PodAgent:
             log.warning("%s", current.sentence())
 
     def _poll_runpod(self, now):
+        self._polled_at = now  # a failed poll is also retried only after poll_s
         try:
             pod = self._backend.get(self.config.pod_id)
         except PodsError as error:
             log.error("Could not read the pod's cost from RunPod: %s", error)
             return
-        self._polled_at = now
-        if pod is not None:
-            self._uptime_s, self._cost_per_hr = pod.uptime_s, pod.cost_per_hr
-            self._uptime_at = now
+        if pod is None:  # terminated from elsewhere: nothing left to watch
+            log.info("Pod %s no longer exists.", self.config.pod_id)
+            self.terminated.set()
+            return
+        self._uptime_s, self._cost_per_hr, self._uptime_at = pod.uptime_s, pod.cost_per_hr, now
 
     def _verdict(self) -> Verdict:
         now = self._clock()

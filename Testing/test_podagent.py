@@ -12,8 +12,8 @@ import pytest
 from conftest import RUNPOD_KEY
 from nninteractive_server import free_port
 from SegmentationMachineLib.heartbeat import Heartbeat
-from SegmentationMachineLib.podagent import AgentConfig, verdict
-from SegmentationMachineLib.pods import PodSpec
+from SegmentationMachineLib.podagent import AgentConfig, PodAgent, verdict
+from SegmentationMachineLib.pods import PodSpec, RunPodGraphQL
 
 TOKEN = "heartbeat-token-of-this-pod"
 
@@ -132,3 +132,24 @@ def test_the_first_limit_reached_decides():
     assert verdict(config, idle_s=0, lifetime_s=3500, cost_usd=0, cost_per_hr=0.5).seconds_left == 100
     spent = verdict(config, idle_s=0, lifetime_s=100, cost_usd=0.99, cost_per_hr=3.6)
     assert "budget" in spent.reason and spent.seconds_left == pytest.approx(10)
+
+
+def test_a_failing_terminate_is_retried_each_poll_interval_not_each_second(fake, pod, caplog):
+    now = [0.0]
+    config = AgentConfig(pod.id, "rpa_revoked_key", TOKEN, idle_timeout_s=10, poll_s=60)
+    agent = PodAgent(config, RunPodGraphQL("rpa_revoked_key"), clock=lambda: now[0])
+    now[0] = 11  # idle for longer than the timeout
+    for _ in range(5):
+        agent.check()
+    assert caplog.text.count("Terminating failed: RunPod rejected the API key") == 1
+    now[0] = 72
+    agent.check()
+    assert caplog.text.count("Terminating failed") == 2 and not agent.terminated.is_set()
+    assert pod.id in fake.pods and "rpa_revoked_key" not in caplog.text
+
+
+def test_the_agent_stops_watching_a_pod_terminated_elsewhere(backend, fake, pod):
+    agent = PodAgent(AgentConfig(pod.id, RUNPOD_KEY, TOKEN), backend)
+    backend.terminate(pod.id)
+    agent.check()
+    assert agent.terminated.is_set()
