@@ -1,8 +1,8 @@
 """The Cloud GPU section's binding: widgets built here, all behaviour in CloudPanel (the library).
 
 RunPod calls run on worker threads; a QTimer polls the panel. When a pod's server is ready the AI
-prompts section is filled in and connected. Quitting Slicer terminates the pods this session
-started, after a confirmation whose default is to terminate.
+prompts section is filled in and connected. Closing Slicer's window terminates the pods this
+session started, after a confirmation whose default is to terminate (only an explicit No keeps them).
 """
 
 import ctk
@@ -10,8 +10,22 @@ import qt
 import slicer
 from slicer.i18n import tr as _
 
+import SegmentationMachinePackages
 from SegmentationMachineLib.cloudgpu import MODES, Limits
 from SegmentationMachineLib.cloudpanel import CloudPanel
+
+
+class _WindowCloseFilter(qt.QObject):
+    """Asks about running pods while the main window can still show a dialog (not at aboutToQuit)."""
+
+    def __init__(self, onClose):
+        qt.QObject.__init__(self)
+        self.onClose = onClose
+
+    def eventFilter(self, watched, event):
+        if event.type() == qt.QEvent.Close:
+            self.onClose()
+        return False  # Slicer closes as usual
 
 
 class CloudSection:
@@ -26,7 +40,7 @@ class CloudSection:
 
         self.keyEdit = qt.QLineEdit()
         self.keyEdit.echoMode = qt.QLineEdit.Password
-        self.keyEdit.placeholderText = _("saved in the keychain") if self.panel.has_key else _("RunPod API key")
+        self.keyEdit.placeholderText = _("saved; type a new one to replace it") if self.panel.has_key else _("RunPod API key")
         self.saveKeyButton = qt.QPushButton(_("Save key"))
         self.forgetKeyButton = qt.QPushButton(_("Forget key"))
         form.addRow(_("API key:"), self.row(self.keyEdit, self.saveKeyButton, self.forgetKeyButton))
@@ -47,7 +61,12 @@ class CloudSection:
         self.budgetSpin.prefix = "$ "
         self.budgetSpin.specialValueText = _("no budget")
         self.budgetSpin.toolTip = _("The pod terminates itself once it has cost this much.")
-        form.addRow(_("Mode:"), self.row(self.modeCombo, self.idleSpin, self.budgetSpin))
+        self.lifetimeSpin = qt.QSpinBox()
+        self.lifetimeSpin.setRange(1, 168)
+        self.lifetimeSpin.value = 12
+        self.lifetimeSpin.suffix = _(" h at most")
+        self.lifetimeSpin.toolTip = _("The pod terminates itself after this long in any case.")
+        form.addRow(_("Mode:"), self.row(self.modeCombo, self.idleSpin, self.lifetimeSpin, self.budgetSpin))
 
         self.startButton = qt.QPushButton(_("Start"))
         self.cancelButton = qt.QPushButton(_("Cancel"))
@@ -82,20 +101,26 @@ class CloudSection:
         self.startButton.connect("clicked(bool)", self.onStart)
         self.cancelButton.connect("clicked(bool)", lambda: self.act(self.panel.cancel))
         self.stopButton.connect("clicked(bool)", lambda: self.act(self.panel.stop))
-        self.terminateButton.connect("clicked(bool)", lambda: self.act(self.panel.terminate))
+        self.terminateButton.connect("clicked(bool)", lambda: self.act(self.panel.terminate_current))
         self.desktopButton.connect("clicked(bool)", lambda: self.openUrl(self.panel.pod.desktop_url))
         self.filesButton.connect("clicked(bool)", lambda: self.openUrl(self.panel.pod.files_url))
         self.desktopPasswordButton.connect("clicked(bool)", lambda: self.copySecret("SM_VNC_PASSWORD"))
         self.filesPasswordButton.connect("clicked(bool)", lambda: self.copySecret("SM_FILES_PASSWORD"))
         self.useEarlierButton.connect("clicked(bool)", lambda: self.act(self.panel.connect_earlier, self.earlierId()))
         self.terminateEarlierButton.connect("clicked(bool)", lambda: self.act(self.panel.terminate, self.earlierId()))
+        self.earlierList.connect("itemSelectionChanged()", self.updateGui)
         self.timer = qt.QTimer()
         self.timer.setInterval(200)
         self.timer.timeout.connect(self.tick)
-        slicer.app.connect("aboutToQuit()", self.onQuit)
-        if self.panel.has_key:
-            self.act(self.panel.refresh)
+        self.closeFilter = _WindowCloseFilter(self.onQuit)
+        slicer.util.mainWindow().installEventFilter(self.closeFilter)
+        box.connect("contentsCollapsed(bool)", self.onExpanded)
         self.updateGui()
+
+    def onExpanded(self, collapsed):
+        """RunPod is asked only once the section is opened (Slicer starts without the SDK or the network)."""
+        if not collapsed and self.panel.has_key and not self.panel.gpus and not self.panel.busy:
+            self.act(self.panel.refresh)
 
     @staticmethod
     def row(*widgets):
@@ -107,6 +132,8 @@ class CloudSection:
         return holder
 
     def act(self, action, *args):
+        if not SegmentationMachinePackages.ensure(SegmentationMachinePackages.CLOUD, _("Cloud GPU")):
+            return
         with slicer.util.tryWithErrorDisplay(_("Cloud GPU failed."), waitCursor=True):
             action(*args)
         self.timer.start()
@@ -118,7 +145,7 @@ class CloudSection:
 
     def onStart(self):
         budget = self.budgetSpin.value or None
-        limits = Limits(idle_timeout_s=self.idleSpin.value * 60, budget_usd=budget)
+        limits = Limits(self.idleSpin.value * 60, self.lifetimeSpin.value * 3600, budget)
         self.act(self.panel.start, self.gpuCombo.currentData, self.modeCombo.currentText, limits)
 
     def earlierId(self):
@@ -151,32 +178,33 @@ class CloudSection:
                 pod.id for pod, _cost in panel.earlier]:  # rebuilt only on change: the selection survives ticks
             self.earlierList.clear()
             for pod, cost in panel.earlier:
-                item = qt.QListWidgetItem(f"{pod.id} {pod.gpu}: ${cost:.2f} so far")
+                item = qt.QListWidgetItem(f"{pod.id} {pod.gpu} {pod.status}: ${cost:.2f} so far")
                 item.setData(qt.Qt.UserRole, pod.id)
                 self.earlierList.addItem(item)
-        starting = panel.starting
-        self.startButton.enabled = panel.has_key and bool(panel.gpus) and not panel.busy and panel.pod is None
-        self.cancelButton.enabled = starting
-        self.stopButton.enabled = self.terminateButton.enabled = panel.pod is not None and not panel.busy
+        idle = not panel.busy  # one RunPod action at a time: everything else waits
+        self.saveKeyButton.enabled = self.refreshButton.enabled = idle
+        self.forgetKeyButton.enabled = idle and panel.has_key
+        self.startButton.enabled = idle and panel.has_key and bool(panel.gpus) and panel.pod is None
+        self.cancelButton.enabled = panel.starting
+        self.stopButton.enabled = self.terminateButton.enabled = idle and panel.pod is not None
         desktop = panel.pod is not None and panel.pod.mode == "desktop"
         for button in (self.desktopButton, self.filesButton, self.desktopPasswordButton, self.filesPasswordButton):
             button.enabled = desktop
-        self.useEarlierButton.enabled = self.terminateEarlierButton.enabled = bool(panel.earlier) and not panel.busy
-        self.forgetKeyButton.enabled = panel.has_key
+        self.useEarlierButton.enabled = self.terminateEarlierButton.enabled = idle and self.earlierId() is not None
         self.progressBar.value = int(100 * panel.phase_fraction)
-        self.progressBar.visible = starting
+        self.progressBar.visible = panel.starting
         self.statusLabel.text = panel.status
         self.balanceLabel.text = panel.balance
 
     def onQuit(self):
-        if not self.panel.started_here:
+        if not (self.panel.started_here or self.panel.starting):
             return
         answer = qt.QMessageBox.question(
             slicer.util.mainWindow(), _("Cloud GPU"),
             _("Terminate the {n} pod(s) this session started? They bill until terminated.").format(
                 n=len(self.panel.started_here)),
             qt.QMessageBox.Yes | qt.QMessageBox.No, qt.QMessageBox.Yes)
-        if answer == qt.QMessageBox.Yes:
+        if answer != qt.QMessageBox.No:  # Escape or a dialog that could not show: terminate
             problems = self.panel.terminate_started_here()
             if problems:
                 slicer.util.errorDisplay(_("Could not terminate: {p}. Terminate them in the RunPod console.").format(
@@ -184,3 +212,4 @@ class CloudSection:
 
     def cleanup(self):
         self.timer.stop()
+        slicer.util.mainWindow().removeEventFilter(self.closeFilter)

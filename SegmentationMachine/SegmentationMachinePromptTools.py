@@ -11,6 +11,7 @@ import qt
 import slicer
 from slicer.i18n import tr as _
 
+import SegmentationMachinePackages
 from SegmentationMachineLib.credentials import SecretStore
 from SegmentationMachineLib.interactive import SegmentTarget
 from SegmentationMachineLib.panels import PromptsPanel
@@ -82,14 +83,17 @@ class PromptToolsSection:
             self.secrets.save(SECRET_NAME, key)
         else:
             self.secrets.forget(SECRET_NAME)
+        self.connectTo(url, key, fill=False)
+
+    def connectTo(self, url: str, key: str, fill: bool = True):
+        """Also called by the Cloud GPU section once a pod's server is ready (its one-off key is not remembered)."""
+        if fill:
+            self.ui.serverUrlEdit.text, self.ui.serverKeyEdit.text = url, key
+        if not SegmentationMachinePackages.ensure(SegmentationMachinePackages.AI, _("The AI prompt tools")):
+            return
         self.panel.connect(url, key)
         self.timer.start()
         self.updateGui()
-
-    def connectTo(self, url: str, key: str):
-        """Filled in by the Cloud GPU section once a pod's server is ready."""
-        self.ui.serverUrlEdit.text, self.ui.serverKeyEdit.text = url, key
-        self.onConnect()
 
     def onToggleInclude(self):
         self.panel.toggle_include()

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from .credentials import SecretStore
 from .errors import UserError
-from .podstart import POLL_S, DEFAULT_TIMEOUT_S, PodRecords, proxy_url, server_answers, start_pod
+from .heartbeat import INTERVAL_S as HEARTBEAT_S
+from .heartbeat import Heartbeat
+from .podstart import DEFAULT_TIMEOUT_S, POLL_S, PodRecords, proxy_url, server_answers, start_pod, wait_until_ready
 from .pods import NAME_PREFIX, PodsError, PodSpec
 
 KEY_NAME = "runpod-api-key"
@@ -20,6 +22,8 @@ DEFAULT_IMAGE = "ghcr.io/segmentation-machine/pod:0.1.0"
 SERVER_PORT, AGENT_PORT, DESKTOP_PORT, FILES_PORT = 8000, 8001, 6080, 8080
 MODES = ("server", "desktop")
 SECRET_NAMES = ("SM_NNI_API_KEY", "SM_VNC_PASSWORD", "SM_FILES_PASSWORD", "SM_HEARTBEAT_TOKEN")
+# The image's torch is built for CUDA 12.8 (Ampere to Blackwell): hosts with older drivers would run it on the CPU.
+CUDA_VERSIONS = ["12.8", "12.9", "13.0"]
 
 
 def runpod_key(store: SecretStore = None) -> str:
@@ -35,8 +39,13 @@ def runpod_key(store: SecretStore = None) -> str:
 class Limits:
     """What the pod agent enforces inside the pod, so a sleeping laptop does not keep billing."""
     idle_timeout_s: float = 900.0
-    max_lifetime_s: float = None
+    max_lifetime_s: float = 12 * 3600.0  # a forgotten browser tab on the desktop does not bill for days
     budget_usd: float = None
+
+    def __post_init__(self):
+        if self.idle_timeout_s < 3 * HEARTBEAT_S:
+            raise UserError(f"The idle timeout must be at least {3 * HEARTBEAT_S:g} s: connected clients send a "
+                            f"heartbeat every {HEARTBEAT_S:g} s.")
 
     def environment(self) -> dict:
         env = {"SM_IDLE_TIMEOUT_S": f"{self.idle_timeout_s:g}"}
@@ -85,6 +94,16 @@ def recorded_pod_at(records: PodRecords, server_url: str):
     return next((p for p in pods if p and p.server_url == server_url.rstrip("/")), None)
 
 
+def _ready_check(pod_secrets: dict):
+    """is_ready for start_pod: the server grants a session to the pod's key. Meanwhile the pod agent hears
+    from us, so a slow first start (the weights are downloaded once) is not taken for an idle pod."""
+    def ready(pod) -> bool:
+        Heartbeat(proxy_url(pod.id, AGENT_PORT), pod_secrets["SM_HEARTBEAT_TOKEN"]).beat()
+        return server_answers(proxy_url(pod.id, SERVER_PORT), pod_secrets["SM_NNI_API_KEY"])
+
+    return ready
+
+
 def ports(mode: str) -> str:
     desktop = f",{DESKTOP_PORT}/http,{FILES_PORT}/http" if mode == "desktop" else ""
     return f"{SERVER_PORT}/http,{AGENT_PORT}/http{desktop},22/tcp"
@@ -112,24 +131,24 @@ class CloudGpu:
 
     def up(self, gpus: list, mode: str = "server", image: str = None, template_id: str = None,
            cloud: str = "SECURE", limits: Limits = Limits(), timeout_s: float = DEFAULT_TIMEOUT_S,
-           on_progress=lambda progress: None, sleep=time.sleep) -> StartedPod:
+           on_progress=lambda progress: None, sleep=time.sleep, volume: dict = None) -> StartedPod:
         """Starts a pod on the first GPU type with capacity and waits until its server answers.
 
+        volume: PodSpec's volume_gb / network_volume_id, when not the default.
         Any exception, KeyboardInterrupt included, terminates the pod this call created.
         """
+        volume = volume or {}
         if mode not in MODES:
             raise UserError(f"The mode must be server or desktop, not {mode!r}.")
         pod_secrets = {name: secrets.token_urlsafe(24) for name in SECRET_NAMES}
         name = NAME_PREFIX + secrets.token_hex(4)  # one name for all tries: an interrupted start is found by it
         env = {"SM_MODE": mode, **pod_secrets, **limits.environment()}
         image = None if template_id else (image or os.environ.get("SM_POD_IMAGE") or DEFAULT_IMAGE)
-        specs = [PodSpec(g.id, image=image, template_id=template_id, cloud=cloud, ports=ports(mode), env=env, name=name)
-                 for g in gpus]
-        key = pod_secrets["SM_NNI_API_KEY"]
+        specs = [PodSpec(g.id, image=image, template_id=template_id, cloud=cloud, ports=ports(mode), env=env, name=name,
+                         allowed_cuda_versions=CUDA_VERSIONS, **volume) for g in gpus]
         try:
-            pod = start_pod(self.backend, specs, lambda p: server_answers(proxy_url(p.id, SERVER_PORT), key),
-                            self.records, on_progress, timeout_s, POLL_S, sleep=sleep,
-                            details={"mode": mode, "secrets": pod_secrets})
+            pod = start_pod(self.backend, specs, _ready_check(pod_secrets), self.records, on_progress, timeout_s,
+                            POLL_S, sleep=sleep, details={"mode": mode, "secrets": pod_secrets})
         except BaseException:
             try:
                 self._terminate_named(name)
@@ -138,6 +157,18 @@ class CloudGpu:
                                 "`segmentation-machine pod list` and terminate what is left.") from None
             raise
         return StartedPod(pod.id, mode, pod_secrets)
+
+    def resume(self, pod_id: str, timeout_s: float = DEFAULT_TIMEOUT_S, on_progress=lambda progress: None,
+               sleep=time.sleep) -> StartedPod:
+        """Resumes a stopped pod started from this computer and waits until its server answers again."""
+        started = recorded_pod(self.records, pod_id)
+        if started is None:
+            raise UserError(f"Pod {pod_id} was not started from this computer, so its keys are not known here: "
+                            "terminate it and start a new one.")
+        self.backend.resume(pod_id)
+        wait_until_ready(self.backend, self.backend.get(pod_id), _ready_check(started.secrets), self.records,
+                         on_progress, timeout_s, POLL_S, sleep=sleep, keep_volume=True)
+        return started
 
     def terminate(self, pod_id: str):
         self.backend.terminate(pod_id)

@@ -10,6 +10,8 @@ INTERVAL_S = 60.0  # well inside the agent's idle timeout (default 15 min)
 
 
 class Heartbeat:
+    """Single use: start() once, stop() once."""
+
     def __init__(self, agent_url: str, token: str, interval_s: float = INTERVAL_S):
         self.url = f"{agent_url.rstrip('/')}/heartbeat"
         self._headers = {"Authorization": f"Bearer {token}"}
@@ -35,7 +37,11 @@ class Heartbeat:
         if answer.status_code != 200:
             self.problem = f"the pod agent answered {answer.status_code}"
             return False
-        self.last, self.problem = answer.json(), ""
+        try:
+            self.last, self.problem = answer.json(), ""
+        except ValueError:
+            self.problem = "the pod agent's answer was not JSON (is something else on its port?)"
+            return False
         self.sent += 1
         return True
 
@@ -49,6 +55,9 @@ class Heartbeat:
 
     def _run(self):
         while True:
-            self.beat()
+            try:
+                self.beat()
+            except Exception as error:  # a surprise must not end the heartbeats: the pod would be ended as idle
+                self.problem = f"heartbeat failed: {error}"
             if self._stop.wait(self.interval_s):
                 return

@@ -174,11 +174,10 @@ class PodAgent:
         except PodsError as error:
             log.error("Could not read the pod's cost from RunPod: %s", error)
             return
-        if pod is None:  # terminated from elsewhere: nothing left to watch
-            log.info("Pod %s no longer exists.", self.config.pod_id)
-            self.terminated.set()
-            return
-        self._uptime_s, self._cost_per_hr, self._uptime_at = pod.uptime_s, pod.cost_per_hr, now
+        # None: RunPod does not (or not yet) list the pod. The watch goes on: one odd answer must not
+        # leave a pod unguarded, and a really terminated pod takes this container with it anyway.
+        if pod is not None:
+            self._uptime_s, self._cost_per_hr, self._uptime_at = pod.uptime_s, pod.cost_per_hr, now
 
     def _verdict(self) -> Verdict:
         now = self._clock()

@@ -15,11 +15,11 @@ from .credentials import SecretStore
 from .errors import UserError
 from .heartbeat import INTERVAL_S, Heartbeat
 from .podstart import DEFAULT_TIMEOUT_S
-from .pods import NAME_PREFIX, RunPodGraphQL
+from .pods import PodsError, RunPodGraphQL
 
 
 def add_pod_commands(commands, common):
-    pod = commands.add_parser("pod", help="RunPod GPU pods: gpus, up, status, list, down, login, logout")
+    pod = commands.add_parser("pod", help="RunPod GPU pods: gpus, up, status, list, stop, resume, down, login, logout")
     actions = pod.add_subparsers(dest="pod_command", required=True)
     gpus = actions.add_parser("gpus", parents=[common], help="GPU types with ≥ 10 GB, cheapest first, and your balance")
     gpus.add_argument("--cloud", choices=["secure", "community"], default="secure")
@@ -35,18 +35,27 @@ def add_pod_commands(commands, common):
                     f"ready is terminated (default {DEFAULT_TIMEOUT_S:g})")
     up.add_argument("--idle-timeout", type=float, default=900, help="the pod ends after this many seconds without "
                     "a connected client (default 900)")
-    up.add_argument("--max-lifetime", type=float, help="the pod ends after this many seconds in any case")
+    up.add_argument("--max-lifetime", type=float, default=Limits.max_lifetime_s,
+                    help=f"the pod ends after this many seconds in any case (default {Limits.max_lifetime_s:g})")
     up.add_argument("--budget", type=float, help="the pod ends once it has cost this many dollars")
+    up.add_argument("--volume-gb", type=int, help="size of the pod's /workspace volume (default 50)")
+    up.add_argument("--network-volume", help="id of a network volume to mount at /workspace instead")
     up.add_argument("--detach", action="store_true", help="return once ready and leave the pod running")
+    resume = actions.add_parser("resume", parents=[common], help="resume a stopped pod started here and connect")
+    resume.add_argument("pod_id")
+    resume.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
+    resume.add_argument("--detach", action="store_true", help="return once ready and leave the pod running")
 
     status = actions.add_parser("status", parents=[common], help="pods started here (or one pod): state, cost, URLs")
     status.add_argument("pod_id", nargs="?")
     status.add_argument("--show-secrets", action="store_true", help="also print the pod's server key and passwords")
     actions.add_parser("list", parents=[common], help="every pod on the account, with cost so far")
+    stop = actions.add_parser("stop", parents=[common], help="stop a pod: no GPU billing, its volume is kept")
+    stop.add_argument("pod_id")
     down = actions.add_parser("down", parents=[common], help="terminate a pod (its volume is deleted)")
     target = down.add_mutually_exclusive_group(required=True)
     target.add_argument("pod_id", nargs="?")
-    target.add_argument("--all", action="store_true", help=f"every pod named {NAME_PREFIX}*")
+    target.add_argument("--all", action="store_true", help="every pod started from this computer")
     actions.add_parser("login", parents=[common], help="save the RunPod API key (read without echo) in the keychain")
     actions.add_parser("logout", parents=[common], help="forget the saved RunPod API key")
 
@@ -55,7 +64,8 @@ def run_pod(args):
     if args.pod_command in ("login", "logout"):
         return _login() if args.pod_command == "login" else _logout()
     cloud = CloudGpu(RunPodGraphQL(runpod_key()))
-    {"gpus": _gpus, "up": _up, "status": _status, "list": _list, "down": _down}[args.pod_command](cloud, args)
+    {"gpus": _gpus, "up": _up, "resume": _resume, "status": _status, "list": _list, "stop": _stop,
+     "down": _down}[args.pod_command](cloud, args)
 
 
 def _login():
@@ -83,50 +93,68 @@ def _gpus(cloud: CloudGpu, args):
 
 
 def _up(cloud: CloudGpu, args):
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGHUP, _interrupt)  # the terminal was closed
+    _terminate_on_signals()
     for pod, cost in cloud.started_earlier():
-        print(f"Still running from an earlier start: {pod.id} ({pod.gpu}, ${cost:.2f} so far); "
+        print(f"Still there from an earlier start: {pod.id} ({pod.gpu}, {pod.status}, ${cost:.2f} so far); "
               f"`segmentation-machine pod down {pod.id}` terminates it.")
     choices = cloud.gpu_choices(args.gpu, args.cloud.upper())
     limits = Limits(args.idle_timeout, args.max_lifetime, args.budget)
+    volume = {k: v for k, v in (("volume_gb", args.volume_gb), ("network_volume_id", args.network_volume)) if v}
     print(f"Starting a {args.mode} pod on {choices[0].id} (${choices[0].price(args.cloud.upper()):.2f}/h)"
           f"{'; the next types if it has no capacity' if len(choices) > 1 else ''}.", flush=True)
+    _connect(cloud, args, lambda display: cloud.up(choices, args.mode, args.image, args.template, args.cloud.upper(),
+                                                   limits, args.timeout, display, volume=volume))
+
+
+def _resume(cloud: CloudGpu, args):
+    _terminate_on_signals()
+    print(f"Resuming pod {args.pod_id}.", flush=True)
+    _connect(cloud, args, lambda display: cloud.resume(args.pod_id, args.timeout, display))
+
+
+def _connect(cloud: CloudGpu, args, start):
+    """Runs start(progress display) and then, unless --detach, stays connected until interrupted."""
     display = _PhaseDisplay(args.quiet)
     try:
-        started = cloud.up(choices, args.mode, args.image, args.template, args.cloud.upper(), limits, args.timeout,
-                           display)
+        started = start(display)
     except KeyboardInterrupt:
         display.close()
         print("Interrupted: the pod being started was terminated.", flush=True)
         raise SystemExit(130) from None
-    display.close()
+    finally:
+        display.close()
     _describe(started)
     if args.detach:
-        print(f"Detached: the pod ends after {args.idle_timeout:g} s without a connected client, or with "
+        print(f"Detached: the pod ends once nobody has been connected for its idle timeout, or with "
               f"`segmentation-machine pod down {started.pod_id}`.")
         return
+    _terminate_on_signals()  # armed again: the start may have used the one interruption
     _stay_connected(cloud, started)
 
 
 def _stay_connected(cloud: CloudGpu, started: StartedPod):
     heartbeat = Heartbeat(started.agent_url, started.secrets["SM_HEARTBEAT_TOKEN"])
     print("Connected: this terminal keeps the pod alive; Ctrl-C or closing it terminates the pod.", flush=True)
-    warned = ""
+    warned, last = "", None  # last: the pod as RunPod last described it
     try:
         while True:
             heartbeat.beat()
             if heartbeat.warning and heartbeat.warning != warned:
                 warned = heartbeat.warning
                 print(f"Warning from the pod: {warned}", flush=True)
-            if cloud.backend.get(started.pod_id) is None:
-                cloud.records.remove(started.pod_id)
-                print(f"Pod {started.pod_id} was terminated ({warned or 'from elsewhere'}).")
-                return
+            try:
+                last = cloud.backend.get(started.pod_id)
+            except PodsError as error:  # RunPod hiccups: the heartbeats go on, RunPod is asked again later
+                print(f"RunPod did not answer ({error}); still connected.", flush=True)
+            else:
+                if last is None:
+                    cloud.records.remove(started.pod_id)
+                    print(f"Pod {started.pod_id} was terminated ({warned or 'from elsewhere'}).")
+                    return
             time.sleep(INTERVAL_S)
     except KeyboardInterrupt:
-        cost = _cost(cloud, started.pod_id)
-        cloud.terminate(started.pod_id)
+        cloud.terminate(started.pod_id)  # first: printing to a closed terminal may fail
+        cost = f" (it cost ${last.cost_so_far:.2f})" if last else ""
         print(f"Terminated pod {started.pod_id}{cost}.", flush=True)
 
 
@@ -149,7 +177,7 @@ def _status(cloud: CloudGpu, args):
             print(f"{pod_id}: terminated.")
             continue
         print(f"{pod.id} {pod.name}: {pod.status}, {pod.gpu}, ${pod.cost_per_hr:.2f}/h, up {pod.uptime_s / 60:.0f} min,"
-              f" ${pod.uptime_s / 3600 * pod.cost_per_hr:.2f} so far")
+              f" ${pod.cost_so_far:.2f} so far")
         started = recorded_pod(cloud.records, pod_id)
         if started is None:
             continue
@@ -166,29 +194,34 @@ def _list(cloud: CloudGpu, args):
     for pod in pods:
         mark = " (started here)" if pod.id in recorded else ""
         print(f"{pod.id} {pod.name}: {pod.status}, {pod.gpu}, ${pod.cost_per_hr:.2f}/h, "
-              f"${pod.uptime_s / 3600 * pod.cost_per_hr:.2f} so far{mark}")
+              f"${pod.cost_so_far:.2f} so far{mark}")
     account = cloud.backend.account()
     print(f"{len(pods)} pod(s); balance ${account['balance']:.2f}, spending ${account['spend_per_hr']:.2f}/h.")
 
 
+def _stop(cloud: CloudGpu, args):
+    cost = _cost(cloud, args.pod_id)
+    cloud.backend.stop(args.pod_id)
+    print(f"Stopped pod {args.pod_id}{cost}: no GPU billing; its volume is kept (and billed a little) until "
+          f"`segmentation-machine pod down {args.pod_id}`; `pod resume {args.pod_id}` continues.")
+
+
 def _down(cloud: CloudGpu, args):
-    if args.all:
-        ids = [p.id for p in cloud.backend.pods() if p.name.startswith(NAME_PREFIX) or p.id in cloud.records.all()]
-    else:
-        ids = [args.pod_id]
+    ids = list(cloud.records.all()) if args.all else [args.pod_id]
     for pod_id in ids:
         cost = _cost(cloud, pod_id)
         cloud.terminate(pod_id)
         print(f"Terminated pod {pod_id}{cost}.")
     if not ids:
-        print("No pods of ours are running.")
+        print("No pods started from this computer are recorded; `segmentation-machine pod list` shows the account's.")
 
 
 def _cost(cloud: CloudGpu, pod_id: str) -> str:
     pod = cloud.backend.get(pod_id)
     if pod is None:
+        cloud.records.remove(pod_id)
         raise UserError(f"There is no pod {pod_id} on this account: `segmentation-machine pod list` shows them.")
-    return f" (it cost ${pod.uptime_s / 3600 * pod.cost_per_hr:.2f})"
+    return f" (it cost ${pod.cost_so_far:.2f})"
 
 
 class _PhaseDisplay:
@@ -210,5 +243,14 @@ class _PhaseDisplay:
             print(file=sys.stderr)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+def _terminate_on_signals():
+    """Ctrl-C, SIGTERM and a closed terminal (SIGHUP) interrupt once; later ones wait for the termination."""
+    ending = [signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+
+    def interrupt(signum, frame):
+        for each in ending:
+            signal.signal(each, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    for each in ending:
+        signal.signal(each, interrupt)

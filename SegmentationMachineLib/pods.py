@@ -67,6 +67,10 @@ class Pod:
     runtime_ready: bool  # the container runs (the SDK's "runtime" appeared)
     ports: list  # private ports listed by the runtime
 
+    @property
+    def cost_so_far(self) -> float:
+        return self.uptime_s / 3600 * self.cost_per_hr
+
 
 def graphql_string(value) -> str:
     """Escapes a value for the inside of a GraphQL string literal (JSON's escapes are GraphQL's)."""

@@ -104,8 +104,7 @@ class PodRecords:
         result = []
         for pod_id in list(self.all()):
             if pod_id in alive:
-                pod = alive[pod_id]
-                result.append((pod, pod.uptime_s / 3600 * pod.cost_per_hr))
+                result.append((alive[pod_id], alive[pod_id].cost_so_far))
             else:
                 self.remove(pod_id)
         return result
@@ -133,13 +132,15 @@ def start_pod(backend, specs, is_ready, records: PodRecords, on_progress=lambda 
             tried.append(spec.gpu_type_id)
             continue
         records.add(pod, time.time(), **(details or {}))
-        return _wait_until_ready(backend, pod, is_ready, records, on_progress, timeout_s, poll_s, clock, sleep,
-                                 note=f"no capacity for {', '.join(tried)}" if tried else "")
+        return wait_until_ready(backend, pod, is_ready, records, on_progress, timeout_s, poll_s, clock, sleep,
+                                note=f"no capacity for {', '.join(tried)}" if tried else "")
     raise CapacityError(f"No capacity right now for {', '.join(tried)}: try the community cloud, "
                         "another GPU type, or again in a few minutes.")
 
 
-def _wait_until_ready(backend, pod: Pod, is_ready, records, on_progress, timeout_s, poll_s, clock, sleep, note):
+def wait_until_ready(backend, pod: Pod, is_ready, records, on_progress, timeout_s, poll_s=POLL_S, clock=time.monotonic,
+                     sleep=time.sleep, note="", keep_volume=False) -> Pod:
+    """Polls until is_ready(pod); past timeout_s the pod is terminated (stopped when keep_volume: a resume)."""
     started = clock()
     phase = Phase.PULLING_IMAGE
     while True:
@@ -156,6 +157,10 @@ def _wait_until_ready(backend, pod: Pod, is_ready, records, on_progress, timeout
                 return current
         on_progress(Progress(phase, elapsed, cost, current.id, note))
         if elapsed >= timeout_s:
+            if keep_volume:
+                backend.stop(pod.id)
+                raise PodsError(f"The pod was not ready after {timeout_s / 60:.0f} min (still {phase.value}): it was "
+                                "stopped again, its volume kept; try again later or terminate it.")
             backend.terminate(pod.id)
             records.remove(pod.id)
             raise PodsError(f"The pod was not ready after {timeout_s / 60:.0f} min (still {phase.value}): it was "

@@ -8,6 +8,7 @@ from conftest import RUNPOD_KEY
 from SegmentationMachineLib.cloudgpu import KEY_NAME
 from SegmentationMachineLib.cloudpanel import CloudPanel
 from SegmentationMachineLib.credentials import SecretStore
+from SegmentationMachineLib.errors import UserError
 from SegmentationMachineLib.podstart import PodRecords
 
 
@@ -48,7 +49,11 @@ def test_start_reports_phases_connects_and_beats_then_quit_terminates(panel, fak
     panel.store.save(KEY_NAME, RUNPOD_KEY)
     panel.refresh()
     settle(panel)
-    panel.start("NVIDIA RTX A5000", "desktop")  # no capacity: the next cheapest takes over
+    fake.no_capacity = {"NVIDIA RTX A5000", "NVIDIA GeForce RTX 4090"}
+    panel.start("NVIDIA RTX A5000", "desktop")  # $0.27/h: nothing else costs at most 1.5 times that
+    settle(panel)
+    assert panel.status.startswith("No capacity right now for NVIDIA RTX A5000:") and fake.pods == {}
+    panel.start("NVIDIA GeForce RTX 4090", "desktop")  # no capacity: L40S ($0.86/h ≤ 1.5 × $0.69/h) takes over
     seen = set()
     while panel.busy:
         panel.tick()
@@ -59,11 +64,35 @@ def test_start_reports_phases_connects_and_beats_then_quit_terminates(panel, fak
     ready = panel.tick() or panel.pod
     assert ready is panel.pod and ready.mode == "desktop" and "is ready" in panel.status
     assert "pulling the image" in seen  # (waiting for a GPU lasts one request: too short to sample)
-    assert fake.pods[ready.pod_id]["gpuDisplayName"] == "RTX 4090"
-    time.sleep(0.5)
-    assert fake.pods[ready.pod_id].get("heartbeats", 0) >= 1  # connected: the pod agent hears from us
+    assert fake.pods[ready.pod_id]["gpuDisplayName"] == "L40S"
+    deadline = time.monotonic() + 10
+    while fake.pods[ready.pod_id].get("heartbeats", 0) < 2:  # during the start, and once connected
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     assert ready.desktop_url.endswith("/vnc.html?autoconnect=1&resize=remote")
     assert panel.terminate_started_here() == [] and fake.pods == {} and panel.pod is None
+
+
+def test_one_job_at_a_time_and_terminate_needs_its_pod(panel, fake):
+    panel.store.save(KEY_NAME, RUNPOD_KEY)
+    panel.refresh()
+    settle(panel)
+    panel.start("NVIDIA L40S", "server")
+    with pytest.raises(UserError, match="Wait until the Cloud GPU section has finished"):
+        panel.refresh()  # would have replaced the start and lost its pod
+    settle(panel)
+    first, first_beat = panel.pod, panel.heartbeat
+    panel.start("NVIDIA GeForce RTX 4090", "server")
+    settle(panel)
+    assert first_beat._stop.is_set() and panel.pod is not first  # one pod in use, one heartbeat
+    panel.terminate(first.pod_id)  # from the list of pods still there: the pod in use stays
+    settle(panel)
+    assert panel.pod is not None and first.pod_id not in fake.pods and panel.pod.pod_id in fake.pods
+    assert panel.started_here == [panel.pod.pod_id]
+    panel.stop()  # kept on purpose: quitting must not terminate it
+    settle(panel)
+    assert panel.started_here == [] and panel.terminate_started_here() == []
+    assert [p["desiredStatus"] for p in fake.pods.values()] == ["EXITED"]
 
 
 def test_cancel_while_starting_terminates_the_pod(panel, fake):
@@ -90,12 +119,27 @@ def test_pods_from_an_earlier_session_are_listed_and_can_be_used_or_terminated(p
     later = CloudPanel(panel.store, PodRecords(panel.records.path))  # Slicer restarted
     later.refresh()
     settle(later)
-    assert [p.id for p, cost in later.earlier] == [pod_id] and "still run" in later.status
+    assert [p.id for p, cost in later.earlier] == [pod_id] and "still there" in later.status
     later.connect_earlier(pod_id)
     assert later.tick().server_url == panel.pod.server_url
     later.terminate(pod_id)
     settle(later)
     assert fake.pods == {} and later.pod is None and later.earlier == []
+
+
+def test_a_stopped_pod_from_earlier_is_resumed_on_connect(panel, fake):
+    panel.store.save(KEY_NAME, RUNPOD_KEY)
+    panel.refresh()
+    settle(panel)
+    panel.start("NVIDIA L40S", "server")
+    settle(panel)
+    pod_id = panel.pod.pod_id
+    panel.stop()
+    settle(panel)
+    assert fake.pods[pod_id]["desiredStatus"] == "EXITED" and [p.status for p, c in panel.earlier] == ["EXITED"]
+    panel.connect_earlier(pod_id)
+    ready = settle(panel)
+    assert ready.pod_id == pod_id and fake.pods[pod_id]["desiredStatus"] == "RUNNING" and panel.started_here == [pod_id]
 
 
 def test_no_status_or_log_line_of_the_panel_carries_the_key(panel, fake, caplog):

@@ -62,7 +62,8 @@ def mode_of(path: Path) -> int:
 def test_server_mode_runs_the_server_and_the_agent_only(tmp_path):
     found = programs(rendered(tmp_path))
     assert set(found) == SERVER_PROGRAMS
-    assert found["server"]["command"] == "/opt/venv/bin/segmentation-machine server --host 0.0.0.0 --port 8000"
+    assert found["server"]["command"] == ("/opt/venv/bin/segmentation-machine server --host 0.0.0.0 --port 8000 "
+                                          "--device cuda")
     assert found["agent"]["command"] == "/opt/venv/bin/python -m SegmentationMachineLib.podagent"
 
 
@@ -84,8 +85,12 @@ def test_desktop_mode_adds_the_desktop_services(tmp_path):
 def test_every_program_restarts_logs_and_runs_unprivileged(tmp_path, mode):
     for name, program in programs(rendered(tmp_path, SM_MODE=mode)).items():
         assert program["autorestart"] == "true" and program["autostart"] == "true", name
-        assert program["stdout_logfile"] == f"/var/log/segmentation-machine/{name}.log", name
-        assert program["redirect_stderr"] == "true" and program["stdout_logfile_maxbytes"] == "10MB", name
+        if name == "agent":  # why the pod was terminated belongs in the pod log
+            assert program["stdout_logfile"] == "/dev/stdout" and program["stdout_logfile_maxbytes"] == "0"
+        else:
+            assert program["stdout_logfile"] == f"/var/log/segmentation-machine/{name}.log", name
+            assert program["stdout_logfile_maxbytes"] == "10MB", name
+        assert program["redirect_stderr"] == "true", name
         assert program["user"] != "root", name
 
 
@@ -310,3 +315,18 @@ def test_the_scan_finds_each_insecure_setting(bad):
 ])
 def test_the_scan_passes_what_the_image_does(good):
     assert insecure_findings(good) == []
+
+
+def test_the_image_and_the_cloud_gpu_panel_agree_on_names_and_ports(tmp_path):
+    """render_config.py is stdlib-only, so it keeps its own copies: they must match the library's."""
+    from SegmentationMachineLib import cloudgpu, podagent
+
+    assert SECRETS == cloudgpu.SECRET_NAMES
+    text = RENDER.read_text() + (DOCKER / "Dockerfile").read_text()
+    for port in (cloudgpu.SERVER_PORT, cloudgpu.AGENT_PORT, cloudgpu.DESKTOP_PORT, cloudgpu.FILES_PORT):
+        assert str(port) in (DOCKER / "Dockerfile").read_text().split("EXPOSE", 1)[1].splitlines()[0]
+    assert f"0.0.0.0:{cloudgpu.DESKTOP_PORT}" in text and podagent.DESKTOP_PORTS == str(cloudgpu.DESKTOP_PORT)
+    assert f"-p {cloudgpu.FILES_PORT}" in text and f"--port {cloudgpu.SERVER_PORT}" in text
+    found = programs(rendered(tmp_path, SM_MODE="desktop"))
+    assert f'SM_AGENT_PORT="{cloudgpu.AGENT_PORT}"' in found["agent"]["environment"]
+    assert f'SM_IDLE_TIMEOUT_S="{cloudgpu.Limits.idle_timeout_s:g}"' in found["agent"]["environment"]

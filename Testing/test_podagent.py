@@ -146,10 +146,3 @@ def test_a_failing_terminate_is_retried_each_poll_interval_not_each_second(fake,
     agent.check()
     assert caplog.text.count("Terminating failed") == 2 and not agent.terminated.is_set()
     assert pod.id in fake.pods and "rpa_revoked_key" not in caplog.text
-
-
-def test_the_agent_stops_watching_a_pod_terminated_elsewhere(backend, fake, pod):
-    agent = PodAgent(AgentConfig(pod.id, RUNPOD_KEY, TOKEN), backend)
-    backend.terminate(pod.id)
-    agent.check()
-    assert agent.terminated.is_set()

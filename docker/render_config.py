@@ -97,7 +97,9 @@ def programs(env, mode: str, values: dict) -> dict:
     agent_port = env.get("SM_AGENT_PORT") or "8001"
     result = {
         "server": {
-            "command": f"{VENV}/segmentation-machine server --host 0.0.0.0 --port 8000",
+            # --device cuda: on a host whose driver cannot run our torch the server fails (and the start
+            # times out and is terminated) instead of quietly running on the CPU while the GPU bills.
+            "command": f"{VENV}/segmentation-machine server --host 0.0.0.0 --port 8000 --device cuda",
             "user": "nni",
             # The upstream server keeps its model manifest and weights under NNINTERACTIVE_MODEL_DIR
             # (Hugging Face downloads included): on the volume, so they are downloaded once.
@@ -109,6 +111,7 @@ def programs(env, mode: str, values: dict) -> dict:
         "agent": {
             "command": f"{VENV}/python -m SegmentationMachineLib.podagent",
             "user": "smagent",
+            "log": "/dev/stdout",  # the pod log in RunPod's console: why the pod ended is seen there
             "env": {"HOME": "/var/lib/smagent", "SM_MODE": mode,
                     "SM_HEARTBEAT_TOKEN": values["SM_HEARTBEAT_TOKEN"],
                     "SM_IDLE_TIMEOUT_S": env.get("SM_IDLE_TIMEOUT_S") or "900", "SM_AGENT_PORT": agent_port,
@@ -171,9 +174,9 @@ def supervisord_conf(env, mode: str, values: dict) -> str:
             "killasgroup": "true",
             "stopwaitsecs": program.get("stopwaitsecs", "10"),
             "redirect_stderr": "true",
-            "stdout_logfile": f"{LOG_DIR}/{name}.log",
-            "stdout_logfile_maxbytes": "10MB",
-            "stdout_logfile_backups": "3",
+            "stdout_logfile": program.get("log", f"{LOG_DIR}/{name}.log"),
+            "stdout_logfile_maxbytes": "0" if "log" in program else "10MB",  # /dev/stdout cannot be rotated
+            "stdout_logfile_backups": "0" if "log" in program else "3",
         }
     text = io.StringIO()
     conf.write(text)
