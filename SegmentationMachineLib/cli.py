@@ -17,25 +17,14 @@ from tqdm import tqdm
 
 from . import __version__
 from .cloudgpu import recorded_pod_at
-from .dicomseries import scan_folder
 from .errors import UserError
-from .export import DEFAULT_EXPORT_FOLDER as DEFAULT_OUT
-from .export import ExportOptions, export_segmentation, parse_formats
 from .heartbeat import Heartbeat
-from .inbox import Inbox, InboxOptions
-from .phantom import write_phantom
-from .interactive import InteractiveSession
-from .pipeline import model_volume, segment_with_prompts
 from .podcli import add_pod_commands, run_pod
 from .podstart import PodRecords
-from .prompts import load_prompt_file
-from .presets import PRESETS
-from .printing import send_to_orcaslicer
-from .scene import create_headless_scene
-from .segmentations import load_segmentation, read_label_names
-from .surfaces import SurfaceMethod, SurfaceOptions
-from .volumes import load_input, load_series
-from .watchqueue import run_queue
+
+# The pipeline's modules (VTK, MRML, pydicom) take seconds to import: the commands that need them
+# import them, so `pod ...`, `--help` and bad arguments answer at once.
+DEFAULT_OUT = Path.home() / "SegmentationMachine" / "Exports"  # = export.DEFAULT_EXPORT_FOLDER (a test checks)
 
 log = logging.getLogger("segmentation-machine")
 
@@ -126,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _presets(text: str) -> list:
+    from .presets import PRESETS
+    
     presets = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in presets if p not in PRESETS]
     if unknown or not presets:
@@ -134,6 +125,9 @@ def _presets(text: str) -> list:
 
 
 def _export_options(args):
+    from .export import ExportOptions, parse_formats
+    from .surfaces import SurfaceMethod, SurfaceOptions
+    
     if not 0 <= args.smoothing <= 1 or not 0 <= args.decimate <= 0.95:
         raise UserError("--smoothing must be between 0 and 1 and --decimate between 0 and 0.95.")
     return ExportOptions(formats=parse_formats(args.format), coordinates="RAS" if args.ras else "LPS",
@@ -142,6 +136,8 @@ def _export_options(args):
 
 
 def _report(args, result):
+    from .printing import send_to_orcaslicer
+    
     print(f"Exported to {result.folder}")
     for line in result.summary_lines():
         print(f"  {line}")
@@ -156,6 +152,8 @@ def _report(args, result):
 
 
 def _input_or_phantom(args) -> Path:
+    from .phantom import write_phantom
+    
     if args.input is not None:
         return args.input
     folder = args.out.expanduser() / "phantom-ct-dicom"
@@ -166,6 +164,13 @@ def _input_or_phantom(args) -> Path:
 
 
 def run_model(args):
+    from .dicomseries import scan_folder
+    from .interactive import InteractiveSession
+    from .pipeline import model_volume, segment_with_prompts
+    from .prompts import load_prompt_file
+    from .scene import create_headless_scene
+    from .volumes import load_input
+    
     options = _export_options(args)  # a bad option fails before minutes of work, not after
     if bool(args.server) != bool(args.prompts):
         raise UserError("--server and --prompts go together: give the server URL and the prompt file.")
@@ -264,6 +269,11 @@ def _default_device() -> str:
 
 
 def run_export(args):
+    from .export import export_segmentation
+    from .scene import create_headless_scene
+    from .segmentations import load_segmentation, read_label_names
+    from .volumes import load_input
+    
     options = _export_options(args)
     ctx = create_headless_scene()
     reference = load_input(ctx, args.volume).node if args.volume else None
@@ -274,6 +284,13 @@ def run_export(args):
 
 
 def run_watch(args):
+    from .export import ExportOptions, parse_formats
+    from .inbox import Inbox, InboxOptions
+    from .pipeline import model_volume
+    from .scene import create_headless_scene
+    from .volumes import load_series
+    from .watchqueue import run_queue
+    
     options = ExportOptions(formats=parse_formats(args.format))
     presets = _presets(args.preset)
     outbox = args.out.expanduser()
@@ -312,6 +329,8 @@ def _interrupt(signum, frame):
 
 
 def run_print(args):
+    from .printing import send_to_orcaslicer
+    
     command = send_to_orcaslicer(args.path, args.orcaslicer)
     print(f"Opened in OrcaSlicer: {' '.join(command)}")
 

@@ -118,8 +118,7 @@ def _connect(cloud: CloudGpu, args, start):
     try:
         started = start(display)
     except KeyboardInterrupt:
-        display.close()
-        print("Interrupted: the pod being started was terminated.", flush=True)
+        print("\nInterrupted: the pod being started was terminated.", flush=True)
         raise SystemExit(130) from None
     finally:
         display.close()

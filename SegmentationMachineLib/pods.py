@@ -17,7 +17,8 @@ from .errors import UserError
 
 MIN_VRAM_GB = 10  # nnInteractive's recommendation
 NAME_PREFIX = "segmentation-machine-"
-BACKOFF_S = (5, 10, 20, 40, 60)
+BACKOFF_S = (5, 10, 20, 40, 60)  # between tries after a 429
+NETWORK_RETRIES = 2  # a server error or no answer is tried again twice (5 s, 10 s), not for minutes
 
 
 class PodsError(UserError):
@@ -152,6 +153,7 @@ class RunPodGraphQL:
         import requests
         from runpod import error
 
+        failures = 0
         for wait in (*BACKOFF_S, None):
             try:
                 return action()
@@ -172,7 +174,8 @@ class RunPodGraphQL:
             except (requests.RequestException, ValueError):  # 5xx pages, time-outs, dropped connections
                 if transient:
                     raise _Transient() from None
-                if wait is None:
+                failures += 1
+                if failures > NETWORK_RETRIES or wait is None:
                     raise PodsError("RunPod did not answer properly (server error or time-out): "
                                     "try again in a minute.") from None
                 self._sleep(wait)

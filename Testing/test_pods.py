@@ -76,3 +76,12 @@ def test_query_errors_never_carry_the_query_with_its_secrets(backend, fake):
         backend.create(PodSpec("NVIDIA L40S", image="x", env={"SM_NNI_API_KEY": "secret-token-123"}))
     assert "secret-token-123" not in str(error.value) and "secret-token-123" not in repr(error.value)
     assert error.value.__suppress_context__  # raised `from None`: a traceback does not show the SDK's error
+
+
+def test_no_answer_is_tried_twice_more_then_said(backend, monkeypatch):
+    from nninteractive_server import free_port
+
+    monkeypatch.setenv("RUNPOD_API_BASE_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with pytest.raises(PodsError, match="RunPod did not answer properly"):
+        backend.account()
+    assert backend.sleeps == [5, 10]  # seconds, not minutes, before the user hears of it

@@ -141,3 +141,9 @@ def test_list_shows_series_and_skipped_files(shared_data):
     assert result.returncode == 0
     assert result.stdout.startswith("1. CT 'series 2', 3 slices of 512x512")
     assert "liver.dcm: a DICOM SEG object, not an image slice" in result.stdout
+
+
+def test_the_cli_default_export_folder_is_the_modules():
+    from SegmentationMachineLib import cli, export
+
+    assert cli.DEFAULT_OUT == export.DEFAULT_EXPORT_FOLDER
