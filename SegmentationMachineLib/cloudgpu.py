@@ -46,6 +46,8 @@ class Limits:
         if self.idle_timeout_s < 3 * HEARTBEAT_S:
             raise UserError(f"The idle timeout must be at least {3 * HEARTBEAT_S:g} s: connected clients send a "
                             f"heartbeat every {HEARTBEAT_S:g} s.")
+        if (self.max_lifetime_s is not None and self.max_lifetime_s <= 0) or (self.budget_usd or 1) <= 0:
+            raise UserError("The maximum lifetime and the budget must be more than 0.")
 
     def environment(self) -> dict:
         env = {"SM_IDLE_TIMEOUT_S": f"{self.idle_timeout_s:g}"}
@@ -166,8 +168,14 @@ class CloudGpu:
             raise UserError(f"Pod {pod_id} was not started from this computer, so its keys are not known here: "
                             "terminate it and start a new one.")
         self.backend.resume(pod_id)
-        wait_until_ready(self.backend, self.backend.get(pod_id), _ready_check(started.secrets), self.records,
-                         on_progress, timeout_s, POLL_S, sleep=sleep, keep_volume=True)
+        try:
+            wait_until_ready(self.backend, self.backend.get(pod_id), _ready_check(started.secrets), self.records,
+                             on_progress, timeout_s, POLL_S, sleep=sleep, keep_volume=True)
+        except PodsError:
+            raise  # already stopped again (time-out) or gone
+        except BaseException:  # interrupted or cancelled: stopped again, the volume kept
+            self.backend.stop(pod_id)
+            raise
         return started
 
     def terminate(self, pod_id: str):

@@ -186,7 +186,8 @@ class CloudPanel:
     def _finish(self):
         task, job, self.task = self.task, self._job, None
         if isinstance(task.error, Cancelled):
-            self.status = "Cancelled: the pod being started was terminated."
+            self.status = ("Cancelled: the pod was stopped again, its volume kept." if job == "resume" else
+                           "Cancelled: the pod being started was terminated.")
             return
         try:
             result, problem = task.outcome()

@@ -103,22 +103,24 @@ def _up(cloud: CloudGpu, args):
     print(f"Starting a {args.mode} pod on {choices[0].id} (${choices[0].price(args.cloud.upper()):.2f}/h)"
           f"{'; the next types if it has no capacity' if len(choices) > 1 else ''}.", flush=True)
     _connect(cloud, args, lambda display: cloud.up(choices, args.mode, args.image, args.template, args.cloud.upper(),
-                                                   limits, args.timeout, display, volume=volume))
+                                                   limits, args.timeout, display, volume=volume),
+             "the pod being started was terminated")
 
 
 def _resume(cloud: CloudGpu, args):
     _terminate_on_signals()
     print(f"Resuming pod {args.pod_id}.", flush=True)
-    _connect(cloud, args, lambda display: cloud.resume(args.pod_id, args.timeout, display))
+    _connect(cloud, args, lambda display: cloud.resume(args.pod_id, args.timeout, display),
+             "the pod was stopped again, its volume kept")
 
 
-def _connect(cloud: CloudGpu, args, start):
+def _connect(cloud: CloudGpu, args, start, interrupted: str):
     """Runs start(progress display) and then, unless --detach, stays connected until interrupted."""
     display = _PhaseDisplay(args.quiet)
     try:
         started = start(display)
     except KeyboardInterrupt:
-        print("\nInterrupted: the pod being started was terminated.", flush=True)
+        print(f"\nInterrupted: {interrupted}.", flush=True)
         raise SystemExit(130) from None
     finally:
         display.close()
