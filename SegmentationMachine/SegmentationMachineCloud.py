@@ -202,7 +202,7 @@ class CloudSection:
         answer = qt.QMessageBox.question(
             slicer.util.mainWindow(), _("Cloud GPU"),
             _("Terminate the {n} pod(s) this session started? They bill until terminated.").format(
-                n=len(self.panel.started_here)),
+                n=len(self.panel.started_here) + int(self.panel.starting)),
             qt.QMessageBox.Yes | qt.QMessageBox.No, qt.QMessageBox.Yes)
         if answer != qt.QMessageBox.No:  # Escape or a dialog that could not show: terminate
             problems = self.panel.terminate_started_here()
