@@ -32,6 +32,13 @@ def settle(panel, timeout=60):
         time.sleep(0.05)
 
 
+def keyed(panel):
+    """The panel as after a saved key: GPU types and balance listed."""
+    panel.store.save(KEY_NAME, RUNPOD_KEY)
+    panel.refresh()
+    settle(panel)
+
+
 def test_a_wrong_key_is_said_and_not_kept_a_right_one_lists_gpus(panel):
     panel.save_key("rpa_not_the_key")
     settle(panel)
@@ -46,9 +53,7 @@ def test_a_wrong_key_is_said_and_not_kept_a_right_one_lists_gpus(panel):
 
 
 def test_start_reports_phases_connects_and_beats_then_quit_terminates(panel, fake):
-    panel.store.save(KEY_NAME, RUNPOD_KEY)
-    panel.refresh()
-    settle(panel)
+    keyed(panel)
     fake.no_capacity = {"NVIDIA RTX A5000", "NVIDIA GeForce RTX 4090"}
     panel.start("NVIDIA RTX A5000", "desktop")  # $0.27/h: nothing else costs at most 1.5 times that
     settle(panel)
@@ -74,9 +79,7 @@ def test_start_reports_phases_connects_and_beats_then_quit_terminates(panel, fak
 
 
 def test_one_job_at_a_time_and_terminate_needs_its_pod(panel, fake):
-    panel.store.save(KEY_NAME, RUNPOD_KEY)
-    panel.refresh()
-    settle(panel)
+    keyed(panel)
     panel.start("NVIDIA L40S", "server")
     with pytest.raises(UserError, match="Wait until the Cloud GPU section has finished"):
         panel.refresh()  # would have replaced the start and lost its pod
@@ -97,9 +100,7 @@ def test_one_job_at_a_time_and_terminate_needs_its_pod(panel, fake):
 
 def test_cancel_while_starting_terminates_the_pod(panel, fake):
     fake.server_s = 3600
-    panel.store.save(KEY_NAME, RUNPOD_KEY)
-    panel.refresh()
-    settle(panel)
+    keyed(panel)
     panel.start("NVIDIA L40S", "server")
     while not fake.pods:
         time.sleep(0.05)
@@ -110,9 +111,7 @@ def test_cancel_while_starting_terminates_the_pod(panel, fake):
 
 
 def test_pods_from_an_earlier_session_are_listed_and_can_be_used_or_terminated(panel, fake, tmp_path):
-    panel.store.save(KEY_NAME, RUNPOD_KEY)
-    panel.refresh()
-    settle(panel)
+    keyed(panel)
     panel.start("NVIDIA L40S", "server")
     settle(panel)
     pod_id = panel.pod.pod_id
@@ -128,9 +127,7 @@ def test_pods_from_an_earlier_session_are_listed_and_can_be_used_or_terminated(p
 
 
 def test_a_stopped_pod_from_earlier_is_resumed_on_connect(panel, fake):
-    panel.store.save(KEY_NAME, RUNPOD_KEY)
-    panel.refresh()
-    settle(panel)
+    keyed(panel)
     panel.start("NVIDIA L40S", "server")
     settle(panel)
     pod_id = panel.pod.pod_id
