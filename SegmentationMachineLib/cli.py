@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _presets(text: str) -> list:
     from .presets import PRESETS
-    
+
     presets = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in presets if p not in PRESETS]
     if unknown or not presets:
@@ -127,7 +127,7 @@ def _presets(text: str) -> list:
 def _export_options(args):
     from .export import ExportOptions, parse_formats
     from .surfaces import SurfaceMethod, SurfaceOptions
-    
+
     if not 0 <= args.smoothing <= 1 or not 0 <= args.decimate <= 0.95:
         raise UserError("--smoothing must be between 0 and 1 and --decimate between 0 and 0.95.")
     return ExportOptions(formats=parse_formats(args.format), coordinates="RAS" if args.ras else "LPS",
@@ -137,7 +137,7 @@ def _export_options(args):
 
 def _report(args, result):
     from .printing import send_to_orcaslicer
-    
+
     print(f"Exported to {result.folder}")
     for line in result.summary_lines():
         print(f"  {line}")
@@ -153,7 +153,7 @@ def _report(args, result):
 
 def _input_or_phantom(args) -> Path:
     from .phantom import write_phantom
-    
+
     if args.input is not None:
         return args.input
     folder = args.out.expanduser() / "phantom-ct-dicom"
@@ -170,7 +170,7 @@ def run_model(args):
     from .prompts import load_prompt_file
     from .scene import create_headless_scene
     from .volumes import load_input
-    
+
     options = _export_options(args)  # a bad option fails before minutes of work, not after
     if bool(args.server) != bool(args.prompts):
         raise UserError("--server and --prompts go together: give the server URL and the prompt file.")
@@ -273,7 +273,7 @@ def run_export(args):
     from .scene import create_headless_scene
     from .segmentations import load_segmentation, read_label_names
     from .volumes import load_input
-    
+
     options = _export_options(args)
     ctx = create_headless_scene()
     reference = load_input(ctx, args.volume).node if args.volume else None
@@ -290,7 +290,7 @@ def run_watch(args):
     from .scene import create_headless_scene
     from .volumes import load_series
     from .watchqueue import run_queue
-    
+
     options = ExportOptions(formats=parse_formats(args.format))
     presets = _presets(args.preset)
     outbox = args.out.expanduser()
@@ -330,7 +330,7 @@ def _interrupt(signum, frame):
 
 def run_print(args):
     from .printing import send_to_orcaslicer
-    
+
     command = send_to_orcaslicer(args.path, args.orcaslicer)
     print(f"Opened in OrcaSlicer: {' '.join(command)}")
 
