@@ -111,6 +111,9 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.sendToPrinterButton.connect("clicked(bool)", self.onSendToPrinter)
         self.ui.openFolderButton.connect("clicked(bool)", self.onOpenFolder)
         self.initializeParameterNode()
+        if os.environ.get("SM_INBOX"):  # set by the pod image: uploads are loaded without a click
+            self.ui.inboxFolderSelector.currentPath = os.environ["SM_INBOX"]
+            self.onInboxStartStop()
         self.updateGui()
 
     def cleanup(self):
