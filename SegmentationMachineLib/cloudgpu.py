@@ -118,13 +118,11 @@ class CloudGpu:
 
     def gpu_choices(self, gpu: str = None, cloud: str = "SECURE") -> list:
         """The GPU types to try in order: the one asked for, else every type with enough VRAM, cheapest first."""
-        choices = self.backend.gpu_types(cloud=cloud)
         if gpu is None:
-            return choices
+            return self.backend.gpu_types(cloud=cloud)
         chosen = [g for g in self.backend.gpu_types(min_vram_gb=0, cloud=cloud) if gpu in (g.id, g.name)]
         if not chosen:
-            raise UserError(f"RunPod has no GPU type {gpu!r}: `segmentation-machine pod gpus` lists them "
-                            f"(e.g. {choices[0].id!r}).")
+            raise UserError(f"RunPod has no GPU type {gpu!r}: `segmentation-machine pod gpus` lists them.")
         return chosen
 
     def started_earlier(self) -> list:

@@ -58,7 +58,7 @@ class CloudPanel:
             self.backend_factory(key).account()
             self.store.save(KEY_NAME, key)
 
-        self._start("key", check_and_save)
+        self._start("key", check_and_save, with_cloud=False)  # the key being checked is not stored yet
         self.status = "Checking the key with RunPod..."
 
     def forget_key(self):
@@ -108,19 +108,20 @@ class CloudPanel:
 
     def stop(self):
         """Stops the pod in use: no GPU billing; its volume stays (and costs a little) until terminated."""
-        pod_id = self._release()
-        self._forget_started(pod_id)  # the user keeps it on purpose: quitting must not delete its volume
+        pod_id = self.pod.pod_id
         self._start("stop", lambda cloud: cloud.backend.stop(pod_id))
+        self._release()
+        self._forget_started(pod_id)  # the user keeps it on purpose: quitting must not delete its volume
         self.status = f"Stopping pod {pod_id}..."
 
     def terminate_current(self):
-        self.terminate(self._release())
+        self.terminate(self.pod.pod_id)
 
     def terminate(self, pod_id: str):
+        self._start("terminate", lambda cloud: cloud.terminate(pod_id))  # first: it refuses while busy
         if self.pod is not None and self.pod.pod_id == pod_id:
             self._release()
         self._forget_started(pod_id)
-        self._start("terminate", lambda cloud: cloud.terminate(pod_id))
         self.status = f"Terminating pod {pod_id}..."
 
     def terminate_started_here(self) -> list:
@@ -167,8 +168,8 @@ class CloudPanel:
         if self._cancel.wait(seconds):
             raise Cancelled()
 
-    def _start(self, job: str, function):
-        """Runs function(cloud) (or function() for the key check) on a worker thread, one job at a time."""
+    def _start(self, job: str, function, with_cloud: bool = True):
+        """Runs function(cloud) (function() without cloud) on a worker thread, one job at a time."""
         if self.task is not None:
             raise UserError("Wait until the Cloud GPU section has finished what it is doing (or press Cancel).")
         self._cancel.clear()
@@ -176,7 +177,7 @@ class CloudPanel:
         store, records, factory = self.store, self.records, self.backend_factory
 
         def work():
-            if job == "key":
+            if not with_cloud:
                 return function()
             return function(CloudGpu(factory(runpod_key(store)), records))  # off the GUI thread: keychain, SDK import
 
@@ -223,10 +224,9 @@ class CloudPanel:
         if pod_id in self.started_here:
             self.started_here.remove(pod_id)
 
-    def _release(self) -> str:
-        """Stops the heartbeats of the pod in use; returns its id (or None)."""
+    def _release(self):
+        """No pod in use any more: its heartbeats stop."""
         if self.heartbeat is not None:
             self.heartbeat.stop()
             self.heartbeat = None
-        pod, self.pod = self.pod, None
-        return pod.pod_id if pod else None
+        self.pod = None

@@ -12,15 +12,12 @@ INTERVAL_S = 60.0  # well inside the agent's idle timeout (default 15 min)
 class Heartbeat:
     """Single use: start() once, stop() once."""
 
-    def __init__(self, agent_url: str, token: str, interval_s: float = INTERVAL_S):
+    def __init__(self, agent_url: str, token: str):
         self.url = f"{agent_url.rstrip('/')}/heartbeat"
         self._headers = {"Authorization": f"Bearer {token}"}
-        self.interval_s = interval_s
         self.last = {}  # the agent's last answer
         self.problem = ""  # why the last heartbeat did not arrive; "" when it did
-        self.sent = 0
         self._stop = threading.Event()
-        self._thread = None
 
     @property
     def warning(self) -> str:
@@ -42,12 +39,10 @@ class Heartbeat:
         except ValueError:
             self.problem = "the pod agent's answer was not JSON (is something else on its port?)"
             return False
-        self.sent += 1
         return True
 
     def start(self) -> "Heartbeat":
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._run, daemon=True).start()
         return self
 
     def stop(self):
@@ -59,5 +54,5 @@ class Heartbeat:
                 self.beat()
             except Exception as error:  # a surprise must not end the heartbeats: the pod would be ended as idle
                 self.problem = f"heartbeat failed: {error}"
-            if self._stop.wait(self.interval_s):
+            if self._stop.wait(INTERVAL_S):
                 return

@@ -103,8 +103,8 @@ def connected_on(ports) -> bool:
         except OSError:
             continue
         for row in rows:
-            local, state = row.split()[1], row.split()[3]
-            if state == "01" and local.rpartition(":")[2] in wanted:  # 01: ESTABLISHED
+            fields = row.split()  # sl, local address:port (hex), remote address, state, ...
+            if fields[3] == "01" and fields[1].rpartition(":")[2] in wanted:  # 01: ESTABLISHED
                 return True
     return False
 
@@ -130,9 +130,12 @@ class PodAgent:
 
     # -- what clients see ------------------------------------------------------------------
     def heartbeat(self) -> dict:
+        self._touch()
+        return self.status()
+
+    def _touch(self):
         with self._lock:
             self._last_heartbeat = self._clock()
-        return self.status()
 
     def status(self) -> dict:
         current = self._verdict()
@@ -150,7 +153,7 @@ class PodAgent:
             return
         now = self._clock()
         if self.config.activity_ports and connected_on(self.config.activity_ports):
-            self.heartbeat()
+            self._touch()
         if self._polled_at is None or now - self._polled_at >= self.config.poll_s:
             self._poll_runpod(now)
         current = self._verdict()

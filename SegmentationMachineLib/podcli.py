@@ -160,11 +160,22 @@ def _stay_connected(cloud: CloudGpu, started: StartedPod):
 
 
 def _describe(started: StartedPod):
-    print(f"Ready: pod {started.pod_id}\n  nnInteractive server: {started.server_url}\n"
+    print(f"Ready: pod {started.pod_id}\n{_urls(started)}\n"
           f"  (`segmentation-machine model --server {started.server_url} ...` finds its key by itself)")
     if started.mode == "desktop":
-        print(f"  Desktop:     {started.desktop_url}\n  File upload: {started.files_url}\n"
-              f"  Passwords: `segmentation-machine pod status {started.pod_id} --show-secrets`")
+        print(f"  Passwords: `segmentation-machine pod status {started.pod_id} --show-secrets`")
+
+
+def _urls(started: StartedPod) -> str:
+    lines = [f"  nnInteractive server: {started.server_url}"]
+    if started.mode == "desktop":
+        lines += [f"  Desktop:     {started.desktop_url}", f"  File upload: {started.files_url}"]
+    return "\n".join(lines)
+
+
+def _pod_line(pod) -> str:
+    return (f"{pod.id} {pod.name}: {pod.status}, {pod.gpu}, ${pod.cost_per_hr:.2f}/h, up {pod.uptime_s / 60:.0f} min,"
+            f" ${pod.cost_so_far:.2f} so far")
 
 
 def _status(cloud: CloudGpu, args):
@@ -177,13 +188,11 @@ def _status(cloud: CloudGpu, args):
             cloud.records.remove(pod_id)
             print(f"{pod_id}: terminated.")
             continue
-        print(f"{pod.id} {pod.name}: {pod.status}, {pod.gpu}, ${pod.cost_per_hr:.2f}/h, up {pod.uptime_s / 60:.0f} min,"
-              f" ${pod.cost_so_far:.2f} so far")
+        print(_pod_line(pod))
         started = recorded_pod(cloud.records, pod_id)
         if started is None:
             continue
-        print(f"  server {started.server_url}" + (f"\n  desktop {started.desktop_url}\n  files {started.files_url}"
-                                                  if started.mode == "desktop" else ""))
+        print(_urls(started))
         if args.show_secrets:
             for name, value in started.secrets.items():
                 print(f"  {name}={value}")
@@ -193,9 +202,7 @@ def _list(cloud: CloudGpu, args):
     recorded = cloud.records.all()
     pods = cloud.backend.pods()
     for pod in pods:
-        mark = " (started here)" if pod.id in recorded else ""
-        print(f"{pod.id} {pod.name}: {pod.status}, {pod.gpu}, ${pod.cost_per_hr:.2f}/h, "
-              f"${pod.cost_so_far:.2f} so far{mark}")
+        print(_pod_line(pod) + (" (started here)" if pod.id in recorded else ""))
     account = cloud.backend.account()
     print(f"{len(pods)} pod(s); balance ${account['balance']:.2f}, spending ${account['spend_per_hr']:.2f}/h.")
 
