@@ -26,11 +26,13 @@ except ImportError:  # loaded from a source checkout: only this module's folder 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import SegmentationMachineLib
 
-from SegmentationMachineLib.errors import UserError
-from SegmentationMachineLib.panels import ExportPanel, InboxPanel, PresetsPanel
-from SegmentationMachineLib.presets import PRESETS
-from SegmentationMachineLib.scene import SceneContext
-from SegmentationMachineLib.volumes import load_series
+from SegmentationMachineLib.core.errors import UserError
+from SegmentationMachineLib.core.scene import SceneContext
+from SegmentationMachineLib.dicom.volumes import load_series
+from SegmentationMachineLib.panels.export import ExportPanel
+from SegmentationMachineLib.panels.inbox import InboxPanel
+from SegmentationMachineLib.panels.presets import PresetsPanel
+from SegmentationMachineLib.segment.presets import PRESETS
 
 import SegmentationMachineCloud
 import SegmentationMachinePromptTools
@@ -306,8 +308,8 @@ class SegmentationMachineTest(ScriptedLoadableModuleTest):
         self.test_InboxLoadsNewSeries()
 
     def test_PresetExportOnPhantom(self):
-        from SegmentationMachineLib import arrays
-        from SegmentationMachineLib.phantom import make_phantom
+        from SegmentationMachineLib.core import arrays
+        from SegmentationMachineLib.dicom.phantom import make_phantom
 
         self.delayDisplay("Phantom volume")
         phantom = make_phantom(shape=(24, 64, 64))
@@ -338,7 +340,7 @@ class SegmentationMachineTest(ScriptedLoadableModuleTest):
     def test_InboxLoadsNewSeries(self):
         import time
 
-        from SegmentationMachineLib.phantom import make_phantom, write_phantom
+        from SegmentationMachineLib.dicom.phantom import make_phantom, write_phantom
 
         self.delayDisplay("A series dropped into a watched inbox is loaded once")
         root = Path(tempfile.mkdtemp())

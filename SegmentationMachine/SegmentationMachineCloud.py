@@ -11,8 +11,8 @@ import slicer
 from slicer.i18n import tr as _
 
 import SegmentationMachinePackages
-from SegmentationMachineLib.cloudgpu import MODES, Limits
-from SegmentationMachineLib.cloudpanel import CloudPanel
+from SegmentationMachineLib.cloud.cloudgpu import Limits, MODES
+from SegmentationMachineLib.panels.cloud import CloudPanel
 
 
 class _WindowCloseFilter(qt.QObject):

@@ -12,10 +12,10 @@ import slicer
 from slicer.i18n import tr as _
 
 import SegmentationMachinePackages
-from SegmentationMachineLib.credentials import SecretStore
-from SegmentationMachineLib.interactive import SegmentTarget
-from SegmentationMachineLib.panels import PromptsPanel
-from SegmentationMachineLib.prompts import SegmentPrompts, save_prompt_file
+from SegmentationMachineLib.core.credentials import SecretStore
+from SegmentationMachineLib.panels.prompts import PromptsPanel
+from SegmentationMachineLib.prompts.promptfile import save_prompt_file, SegmentPrompts
+from SegmentationMachineLib.prompts.session import SegmentTarget
 
 SETTINGS_SERVER_URL = "SegmentationMachine/ServerUrl"
 SECRET_NAME = "nninteractive-api-key"

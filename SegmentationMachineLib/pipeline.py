@@ -1,9 +1,9 @@
 """The model pipeline one series goes through: volume → segments (presets, prompts) → printable meshes."""
 
-from .export import ExportOptions, ExportResult, export_segmentation
-from .interactive import InteractiveSession, SegmentTarget, headless_editor
-from .presets import apply_preset
-from .scene import SceneContext
+from .core.scene import SceneContext
+from .mesh.export import ExportOptions, ExportResult, export_segmentation
+from .prompts.session import InteractiveSession, SegmentTarget, headless_editor
+from .segment.presets import apply_preset
 
 
 def segment_with_prompts(ctx: SceneContext, volume_node, segments, session: InteractiveSession,

@@ -8,9 +8,9 @@ import pytest
 
 from fake_runpod import FakeRunPod
 
-from SegmentationMachineLib.phantom import make_phantom, write_phantom
-from SegmentationMachineLib.pods import RunPodGraphQL
-from SegmentationMachineLib.scene import create_headless_scene
+from SegmentationMachineLib.cloud.pods import RunPodGraphQL
+from SegmentationMachineLib.core.scene import create_headless_scene
+from SegmentationMachineLib.dicom.phantom import make_phantom, write_phantom
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SM_SHARED_DATA", REPO.parent / "shared" / "data"))

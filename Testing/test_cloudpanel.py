@@ -5,11 +5,11 @@ import time
 import pytest
 
 from conftest import RUNPOD_KEY
-from SegmentationMachineLib.cloudgpu import KEY_NAME
-from SegmentationMachineLib.cloudpanel import CloudPanel
-from SegmentationMachineLib.credentials import SecretStore
-from SegmentationMachineLib.errors import UserError
-from SegmentationMachineLib.podstart import PodRecords
+from SegmentationMachineLib.cloud.cloudgpu import KEY_NAME
+from SegmentationMachineLib.cloud.podstart import PodRecords
+from SegmentationMachineLib.core.credentials import SecretStore
+from SegmentationMachineLib.core.errors import UserError
+from SegmentationMachineLib.panels.cloud import CloudPanel
 
 
 @pytest.fixture

@@ -9,14 +9,15 @@ import vtk
 from vtkmodules.util import numpy_support
 
 from conftest import EXAMPLE_LABELS, JPEG2000_SERIES, LABEL_NAMES, UNCOMPRESSED_SERIES
-from SegmentationMachineLib import arrays, meshio
-from SegmentationMachineLib.errors import ExportError
-from SegmentationMachineLib.export import ExportOptions, export_segmentation, parse_formats
-from SegmentationMachineLib.meshcheck import check_mesh
-from SegmentationMachineLib.presets import add_segment_from_mask, apply_preset
-from SegmentationMachineLib.segmentations import load_segmentation, read_label_names
-from SegmentationMachineLib.surfaces import SurfaceMethod, SurfaceOptions
-from SegmentationMachineLib.volumes import load_input
+from SegmentationMachineLib.core import arrays
+from SegmentationMachineLib.core.errors import ExportError
+from SegmentationMachineLib.core.files import atomic_file
+from SegmentationMachineLib.dicom.volumes import load_input
+from SegmentationMachineLib.mesh.check import check_mesh
+from SegmentationMachineLib.mesh.export import export_segmentation, ExportOptions, parse_formats
+from SegmentationMachineLib.mesh.surfaces import SurfaceMethod, SurfaceOptions
+from SegmentationMachineLib.segment.presets import add_segment_from_mask, apply_preset
+from SegmentationMachineLib.segment.segmentations import load_segmentation, read_label_names
 
 
 def vtk_points(reader_class, path):
@@ -144,7 +145,7 @@ def test_empty_segments_are_skipped_with_a_note_and_nothing_partial_is_left(ctx,
     assert "Tumour: skipped (empty segment)" in result.summary_lines()
     assert not list(result.folder.glob(".*"))  # no temporary files
     with pytest.raises(FileExistsError):
-        with meshio.atomic_file(result.folder / "Bone.stl") as stream:
+        with atomic_file(result.folder / "Bone.stl") as stream:
             stream.write(b"x")
     assert (result.folder / "Bone.stl").stat().st_size > 1000
 

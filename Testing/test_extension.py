@@ -3,20 +3,53 @@
 import ast
 import json
 import re
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
 MODULE = REPO / "SegmentationMachine" / "SegmentationMachine.py"
 PROMPT_TOOLS = REPO / "SegmentationMachine" / "SegmentationMachinePromptTools.py"
 UI = REPO / "SegmentationMachine" / "Resources" / "UI" / "SegmentationMachine.ui"
 
 
-def test_library_cmake_packages_every_library_file():
+def test_library_cmake_lists_every_library_file():
+    import library_cmake
+
     text = (REPO / "SegmentationMachineLib" / "CMakeLists.txt").read_text()
-    assert "file(GLOB MODULE_PYTHON_SCRIPTS RELATIVE ${CMAKE_CURRENT_SOURCE_DIR} CONFIGURE_DEPENDS *.py)" in text
-    assert "SCRIPTS ${MODULE_PYTHON_SCRIPTS}" in text and "WITH_SUBDIR" in text
-    assert not list((REPO / "SegmentationMachineLib").glob("*/*.py")), "a subpackage would need its own glob"
+    assert text == library_cmake.render(), "run scripts/library_cmake.py"
+    assert "  prompts/session.py\n" in text and "WITH_SUBDIR" in text
+
+
+# Each package imports only those of lower layers or its own: module -> panels/CLI -> pipeline -> capabilities -> core.
+LAYERS = {"core": 0, "dicom": 1, "mesh": 1, "prompts": 1, "cloud": 1, "segment": 2, "inbox": 2,
+          "pipeline": 3, "panels": 4, "cli": 4}
+
+
+def _library_imports():
+    """(importing package, imported package) for every import between the library's packages."""
+    library = REPO / "SegmentationMachineLib"
+    for path in library.rglob("*.py"):
+        parts = path.relative_to(library).with_suffix("").parts
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = list(parts[:-1])[: len(parts) - node.level]
+                target = base + (node.module.split(".") if node.module else [])
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("SegmentationMachineLib."):
+                target = node.module.split(".")[1:]
+            else:
+                continue
+            if target and parts[0] != "__init__":
+                yield parts[0], target[0]
+
+
+def test_library_packages_form_layers_without_circles():
+    assert set(LAYERS) == {p.name if p.is_dir() else p.stem for p in (REPO / "SegmentationMachineLib").iterdir()
+                           if p.name not in ("__init__.py", "CMakeLists.txt", "__pycache__")}
+    for source, target in _library_imports():
+        assert target in LAYERS, f"{source} imports {target}, which is not a package of the library"
+        assert source == target or LAYERS[target] < LAYERS[source], f"{source} must not import {target}"
 
 
 def test_extension_metadata():
@@ -51,8 +84,8 @@ def test_module_files_are_listed_for_the_build():
 
 def test_the_cloud_binding_uses_only_what_the_cloud_panel_has():
     """Slicer is not here to run the binding: at least every panel attribute it touches must exist."""
-    from SegmentationMachineLib.cloudpanel import CloudPanel
-    from SegmentationMachineLib.credentials import SecretStore
+    from SegmentationMachineLib.core.credentials import SecretStore
+    from SegmentationMachineLib.panels.cloud import CloudPanel
 
     binding = (REPO / "SegmentationMachine" / "SegmentationMachineCloud.py").read_text()
     used = set(re.findall(r"panel\.(\w+)", binding))
@@ -63,7 +96,7 @@ def test_the_cloud_binding_uses_only_what_the_cloud_panel_has():
 def test_module_is_thin_and_the_library_has_no_slicer_globals():
     module_lines = len(MODULE.read_text().splitlines())
     assert module_lines < 400  # binding only: widgets, timers, settings
-    for path in (REPO / "SegmentationMachineLib").glob("*.py"):
+    for path in (REPO / "SegmentationMachineLib").rglob("*.py"):
         text = path.read_text()
         for forbidden in ("slicer.mrmlScene", "slicer.app", "slicer.modules", "import qt", "slicer.util"):
             assert forbidden not in text, f"{path.name} uses {forbidden}"

@@ -64,7 +64,7 @@ def test_server_mode_runs_the_server_and_the_agent_only(tmp_path):
     assert set(found) == SERVER_PROGRAMS
     assert found["server"]["command"] == ("/opt/venv/bin/segmentation-machine server --host 0.0.0.0 --port 8000 "
                                           "--device cuda")
-    assert found["agent"]["command"] == "/opt/venv/bin/python -m SegmentationMachineLib.podagent"
+    assert found["agent"]["command"] == "/opt/venv/bin/python -m SegmentationMachineLib.cloud.podagent"
 
 
 def test_desktop_mode_adds_the_desktop_services(tmp_path):
@@ -319,7 +319,8 @@ def test_the_scan_passes_what_the_image_does(good):
 
 def test_the_image_and_the_cloud_gpu_panel_agree_on_names_and_ports(tmp_path):
     """render_config.py is stdlib-only, so it keeps its own copies: they must match the library's."""
-    from SegmentationMachineLib import cloudgpu, podagent
+    from SegmentationMachineLib.cloud import cloudgpu
+    from SegmentationMachineLib.cloud import podagent
 
     assert SECRETS == cloudgpu.SECRET_NAMES
     text = RENDER.read_text() + (DOCKER / "Dockerfile").read_text()

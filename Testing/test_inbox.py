@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from conftest import JPEG2000_SERIES, UNCOMPRESSED_SERIES, tree_digest
-from SegmentationMachineLib.inbox import Inbox, InboxError, InboxOptions, SeriesState
-from SegmentationMachineLib.phantom import make_phantom, write_ct_series
-from SegmentationMachineLib.watchqueue import run_queue
+from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
+from SegmentationMachineLib.inbox.watcher import Inbox, InboxError, InboxOptions, SeriesState
+from SegmentationMachineLib.inbox.watchqueue import run_queue
 
 SETTLE = 1.0
 

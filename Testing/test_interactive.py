@@ -12,11 +12,10 @@ import pytest
 
 from nninteractive_model import write_model_folder
 from nninteractive_server import Server
-from SegmentationMachineLib import arrays
-from SegmentationMachineLib.interactive import (InteractiveError, InteractiveSession, SegmentTarget,
-                                                headless_editor)
-from SegmentationMachineLib.presets import add_segment_from_mask
-from SegmentationMachineLib.prompts import Prompt
+from SegmentationMachineLib.core import arrays
+from SegmentationMachineLib.prompts.promptfile import Prompt
+from SegmentationMachineLib.prompts.session import headless_editor, InteractiveError, InteractiveSession, SegmentTarget
+from SegmentationMachineLib.segment.presets import add_segment_from_mask
 
 KEY = "test-key-0123456789"
 SHAPE = (40, 48, 56)  # K, J, I
@@ -244,7 +243,7 @@ def run_cli(*args, env=None):
 def test_model_command_replays_a_prompt_file_and_exports(server, tmp_path):
     import json
 
-    from SegmentationMachineLib.phantom import make_phantom, write_ct_series
+    from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
 
     write_ct_series(tmp_path / "dicom", make_phantom(shape=(24, 64, 64)).hu, 1.5,
                     [(-47.25, -47.25, 2.0 * k) for k in range(24)], "prompted")
@@ -312,7 +311,7 @@ def test_server_command_keeps_the_key_off_the_command_line(model_dir, tmp_path):
 
 
 def test_prompts_panel_queues_prompts_made_during_a_prediction(server, scene_parts):
-    from SegmentationMachineLib.panels import PromptsPanel
+    from SegmentationMachineLib.panels.prompts import PromptsPanel
 
     volume, segmentation, target, editor = scene_parts
     panel = PromptsPanel()
@@ -350,7 +349,7 @@ def test_prompts_panel_queues_prompts_made_during_a_prediction(server, scene_par
 
 
 def test_prompts_panel_wrong_key_is_the_status_line(server):
-    from SegmentationMachineLib.panels import PromptsPanel
+    from SegmentationMachineLib.panels.prompts import PromptsPanel
 
     panel = PromptsPanel()
     panel.connect(server.url, "not-the-key")
@@ -362,7 +361,7 @@ def test_prompts_panel_wrong_key_is_the_status_line(server):
 def test_secret_store_file_fallback_is_private_and_forgets(tmp_path):
     import stat
 
-    from SegmentationMachineLib.credentials import SecretStore
+    from SegmentationMachineLib.core.credentials import SecretStore
 
     store = SecretStore(tmp_path / "secrets", use_keychain=False)
     store.save("nninteractive", "s3cret")

@@ -7,11 +7,11 @@ import pydicom
 import pytest
 
 from conftest import EXAMPLE_CT, JPEG2000_SERIES, UNCOMPRESSED_SERIES
-from SegmentationMachineLib import arrays
-from SegmentationMachineLib.dicomseries import choose_series, scan_folder
-from SegmentationMachineLib.errors import InputError
-from SegmentationMachineLib.phantom import make_phantom, write_ct_series
-from SegmentationMachineLib.volumes import load_input
+from SegmentationMachineLib.core import arrays
+from SegmentationMachineLib.core.errors import InputError
+from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
+from SegmentationMachineLib.dicom.series import choose_series, scan_folder
+from SegmentationMachineLib.dicom.volumes import load_input
 
 
 def first_position_ras(path):

@@ -1,8 +1,9 @@
 """The module's panel state, driven as the widget drives it: start, poll, finish on the main thread."""
 
-from SegmentationMachineLib.panels import ExportPanel, PresetsPanel
-from SegmentationMachineLib.volumes import load_input
-from SegmentationMachineLib import arrays
+from SegmentationMachineLib.core import arrays
+from SegmentationMachineLib.dicom.volumes import load_input
+from SegmentationMachineLib.panels.export import ExportPanel
+from SegmentationMachineLib.panels.presets import PresetsPanel
 import numpy as np
 
 
@@ -44,8 +45,8 @@ def test_inbox_panel_delivers_loads_and_lists_states(ctx, tmp_path, phantom_dir)
     import shutil
     import time
 
-    from SegmentationMachineLib.panels import InboxPanel
-    from SegmentationMachineLib.volumes import load_series
+    from SegmentationMachineLib.dicom.volumes import load_series
+    from SegmentationMachineLib.panels.inbox import InboxPanel
 
     inbox_folder = tmp_path / "inbox"
     inbox_folder.mkdir()
@@ -73,7 +74,7 @@ def test_inbox_panel_delivers_loads_and_lists_states(ctx, tmp_path, phantom_dir)
 
 
 def test_inbox_panel_missing_folder_is_a_status_sentence(tmp_path):
-    from SegmentationMachineLib.panels import InboxPanel
+    from SegmentationMachineLib.panels.inbox import InboxPanel
 
     panel = InboxPanel(folder=tmp_path / "nowhere", state_folder=tmp_path / "state")
     panel.start()

@@ -1,4 +1,4 @@
-"""The pod agent, run as the image runs it (`python -m SegmentationMachineLib.podagent`), against the fake RunPod."""
+"""The pod agent, run as the image runs it (`python -m SegmentationMachineLib.cloud.podagent`), against the fake RunPod."""
 
 import os
 import socket
@@ -11,9 +11,9 @@ import pytest
 
 from conftest import RUNPOD_KEY
 from nninteractive_server import free_port
-from SegmentationMachineLib.heartbeat import Heartbeat
-from SegmentationMachineLib.podagent import AgentConfig, PodAgent, verdict
-from SegmentationMachineLib.pods import PodSpec, RunPodGraphQL
+from SegmentationMachineLib.cloud.heartbeat import Heartbeat
+from SegmentationMachineLib.cloud.podagent import AgentConfig, PodAgent, verdict
+from SegmentationMachineLib.cloud.pods import PodSpec, RunPodGraphQL
 
 TOKEN = "heartbeat-token-of-this-pod"
 
@@ -24,7 +24,7 @@ class RunningAgent:
         env = {**os.environ, "RUNPOD_POD_ID": pod_id, "RUNPOD_API_KEY": RUNPOD_KEY, "RUNPOD_API_BASE_URL": fake.url,
                "SM_HEARTBEAT_TOKEN": TOKEN, "SM_AGENT_PORT": str(self.port), "SM_AGENT_POLL_S": "0.3",
                **{name: str(value) for name, value in limits.items()}}
-        self.process = subprocess.Popen([sys.executable, "-m", "SegmentationMachineLib.podagent"], env=env,
+        self.process = subprocess.Popen([sys.executable, "-m", "SegmentationMachineLib.cloud.podagent"], env=env,
                                         stderr=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
         for _ in range(100):
@@ -117,7 +117,7 @@ def test_budget_and_lifetime_end_the_pod_despite_heartbeats(fake, pod, limit, re
 
 def test_the_agent_without_its_environment_says_what_is_missing():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "SM_"))}
-    done = subprocess.run([sys.executable, "-m", "SegmentationMachineLib.podagent"], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "SegmentationMachineLib.cloud.podagent"], env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "needs RUNPOD_POD_ID, RUNPOD_API_KEY, SM_HEARTBEAT_TOKEN" in done.stderr

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import RUNPOD_KEY
-from SegmentationMachineLib.cloudgpu import SECRET_NAMES
+from SegmentationMachineLib.cloud.cloudgpu import SECRET_NAMES
 
 CLI = [sys.executable, "-m", "SegmentationMachineLib.cli", "pod"]
 

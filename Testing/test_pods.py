@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from conftest import RUNPOD_KEY as KEY
-from SegmentationMachineLib.pods import CapacityError, PodsError, PodSpec, RunPodGraphQL
+from SegmentationMachineLib.cloud.pods import CapacityError, PodsError, PodSpec, RunPodGraphQL
 
 
 def test_gpu_types_have_10_gb_or_more_cheapest_first(backend):

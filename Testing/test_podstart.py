@@ -3,8 +3,8 @@
 import pytest
 
 from fake_runpod import FakeRunPod
-from SegmentationMachineLib.podstart import Phase, PodRecords, server_answers, start_pod
-from SegmentationMachineLib.pods import CapacityError, PodsError, PodSpec
+from SegmentationMachineLib.cloud.pods import CapacityError, PodsError, PodSpec
+from SegmentationMachineLib.cloud.podstart import Phase, PodRecords, server_answers, start_pod
 
 SERVER_KEY = "nni-key-for-this-pod"
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from conftest import BONE_LABELS, EXAMPLE_CT, EXAMPLE_LABELS
-from SegmentationMachineLib import arrays
-from SegmentationMachineLib.errors import SegmentationError
-from SegmentationMachineLib.presets import PRESETS, apply_preset, bone_mask
-from SegmentationMachineLib.volumes import load_input, load_volume_file
+from SegmentationMachineLib.core import arrays
+from SegmentationMachineLib.core.errors import SegmentationError
+from SegmentationMachineLib.dicom.volumes import load_input, load_volume_file
+from SegmentationMachineLib.segment.presets import apply_preset, bone_mask, PRESETS
 
 
 def dice(a, b):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import EXAMPLE_LABELS, LABEL_NAMES
-from SegmentationMachineLib.errors import PrintError
-from SegmentationMachineLib.printing import FLATPAK_IDS, find_orcaslicer, send_to_orcaslicer
+from SegmentationMachineLib.core.errors import PrintError
+from SegmentationMachineLib.mesh.printing import find_orcaslicer, FLATPAK_IDS, send_to_orcaslicer
 
 CLI = [sys.executable, "-m", "SegmentationMachineLib.cli"]
 
@@ -144,6 +144,7 @@ def test_list_shows_series_and_skipped_files(shared_data):
 
 
 def test_the_cli_default_export_folder_is_the_modules():
-    from SegmentationMachineLib import cli, export
+    from SegmentationMachineLib.cli import main as cli
+    from SegmentationMachineLib.mesh import export
 
     assert cli.DEFAULT_OUT == export.DEFAULT_EXPORT_FOLDER

@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from SegmentationMachineLib.prompts import (Prompt, PromptFileError, SegmentPrompts, load_prompt_file,
-                                            parse_prompts, prompts_to_json, save_prompt_file)
+from SegmentationMachineLib.prompts.promptfile import load_prompt_file, parse_prompts, Prompt, PromptFileError, prompts_to_json, save_prompt_file, SegmentPrompts
 
 EXAMPLE = {"version": 1, "extra": "kept", "segments": [{"name": "liver", "colour": "ignored", "prompts": [
     {"type": "point", "ras": [1, 2, 3], "include": True},

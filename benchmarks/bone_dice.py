@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from SegmentationMachineLib import arrays  # noqa: E402
-from SegmentationMachineLib.presets import bone_mask, spacing_kji  # noqa: E402
-from SegmentationMachineLib.scene import create_headless_scene  # noqa: E402
-from SegmentationMachineLib.volumes import load_volume_file  # noqa: E402
+from SegmentationMachineLib.core import arrays  # noqa: E402
+from SegmentationMachineLib.core.scene import create_headless_scene  # noqa: E402
+from SegmentationMachineLib.dicom.volumes import load_volume_file  # noqa: E402
+from SegmentationMachineLib.segment.presets import bone_mask, spacing_kji  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalsegmentator"
 BONE_LABELS = [*range(25, 51), *range(69, 79), *range(91, 117)]

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from SegmentationMachineLib.dicomseries import choose_series, scan_folder  # noqa: E402
-from SegmentationMachineLib.phantom import make_phantom, write_phantom  # noqa: E402
-from SegmentationMachineLib.scene import create_headless_scene  # noqa: E402
-from SegmentationMachineLib.volumes import load_series  # noqa: E402
+from SegmentationMachineLib.core.scene import create_headless_scene  # noqa: E402
+from SegmentationMachineLib.dicom.phantom import make_phantom, write_phantom  # noqa: E402
+from SegmentationMachineLib.dicom.series import choose_series, scan_folder  # noqa: E402
+from SegmentationMachineLib.dicom.volumes import load_series  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

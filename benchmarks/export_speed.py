@@ -14,10 +14,10 @@ import vtk
 from vtkmodules.util import numpy_support
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from SegmentationMachineLib.export import ExportOptions, export_segmentation  # noqa: E402
-from SegmentationMachineLib.meshcheck import check_mesh  # noqa: E402
-from SegmentationMachineLib.scene import create_headless_scene  # noqa: E402
-from SegmentationMachineLib.segmentations import load_segmentation  # noqa: E402
+from SegmentationMachineLib.core.scene import create_headless_scene  # noqa: E402
+from SegmentationMachineLib.mesh.check import check_mesh  # noqa: E402
+from SegmentationMachineLib.mesh.export import export_segmentation, ExportOptions  # noqa: E402
+from SegmentationMachineLib.segment.segmentations import load_segmentation  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalsegmentator"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from SegmentationMachineLib.inbox import Inbox, InboxOptions  # noqa: E402
-from SegmentationMachineLib.phantom import write_ct_series  # noqa: E402
+from SegmentationMachineLib.dicom.phantom import write_ct_series  # noqa: E402
+from SegmentationMachineLib.inbox.watcher import Inbox, InboxOptions  # noqa: E402
 
 TICK = 0.5
 

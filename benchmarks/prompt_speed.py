@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "Testing")]
 from nninteractive_model import write_model_folder  # noqa: E402
 from nninteractive_server import Server  # noqa: E402
-from SegmentationMachineLib import arrays  # noqa: E402
-from SegmentationMachineLib.interactive import InteractiveSession, SegmentTarget, headless_editor  # noqa: E402
-from SegmentationMachineLib.phantom import make_phantom  # noqa: E402
-from SegmentationMachineLib.prompts import Prompt  # noqa: E402
-from SegmentationMachineLib.scene import create_headless_scene  # noqa: E402
+from SegmentationMachineLib.core import arrays  # noqa: E402
+from SegmentationMachineLib.core.scene import create_headless_scene  # noqa: E402
+from SegmentationMachineLib.dicom.phantom import make_phantom  # noqa: E402
+from SegmentationMachineLib.prompts.promptfile import Prompt  # noqa: E402
+from SegmentationMachineLib.prompts.session import headless_editor, InteractiveSession, SegmentTarget  # noqa: E402
 
 KEY = "benchmark-key"
 

@@ -109,7 +109,7 @@ def programs(env, mode: str, values: dict) -> dict:
             "stopwaitsecs": "30",
         },
         "agent": {
-            "command": f"{VENV}/python -m SegmentationMachineLib.podagent",
+            "command": f"{VENV}/python -m SegmentationMachineLib.cloud.podagent",
             "user": "smagent",
             "log": "/dev/stdout",  # the pod log in RunPod's console: why the pod ended is seen there
             "env": {"HOME": "/var/lib/smagent", "SM_MODE": mode,

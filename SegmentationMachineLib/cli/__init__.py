@@ -1,0 +1,1 @@
+"""segmentation-machine, the command line."""

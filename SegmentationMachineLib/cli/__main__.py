@@ -1,0 +1,7 @@
+"""`python -m SegmentationMachineLib.cli`: the same as the segmentation-machine command."""
+
+import sys
+
+from .main import main
+
+sys.exit(main())

@@ -1,0 +1,264 @@
+"""`segmentation-machine pod ...`: RunPod GPU pods from the terminal, never a surprise bill.
+
+`pod up` stays in the foreground while connected, sending heartbeats to the pod agent; Ctrl-C,
+SIGTERM or a closed terminal terminates the pod (unless --detach, after which the agent's idle
+timeout ends it once nobody connects).
+"""
+
+import getpass
+import signal
+import sys
+import time
+
+from ..cloud.cloudgpu import KEY_NAME, MODES, CloudGpu, Limits, StartedPod, recorded_pod, runpod_key
+from ..cloud.heartbeat import INTERVAL_S, Heartbeat
+from ..cloud.pods import PodsError, RunPodGraphQL
+from ..cloud.podstart import DEFAULT_TIMEOUT_S
+from ..core.credentials import SecretStore
+from ..core.errors import UserError
+
+
+def add_pod_commands(commands, common):
+    pod = commands.add_parser("pod", help="RunPod GPU pods: gpus, up, status, list, stop, resume, down, login, logout")
+    actions = pod.add_subparsers(dest="pod_command", required=True)
+    gpus = actions.add_parser("gpus", parents=[common], help="GPU types with ≥ 10 GB, cheapest first, and your balance")
+    gpus.add_argument("--cloud", choices=["secure", "community"], default="secure")
+
+    up = actions.add_parser("up", parents=[common], help="start a pod and wait until its server answers")
+    up.add_argument("--gpu", help="GPU type id or name (default: the cheapest with ≥ 10 GB that has capacity)")
+    up.add_argument("--mode", choices=MODES, default="server", help="server (default) or desktop (Slicer in a browser)")
+    source = up.add_mutually_exclusive_group()
+    source.add_argument("--image", help="container image (default SM_POD_IMAGE or our published image)")
+    source.add_argument("--template", help="RunPod template id instead of an image")
+    up.add_argument("--cloud", choices=["secure", "community"], default="secure")
+    up.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds until a start that is not "
+                    f"ready is terminated (default {DEFAULT_TIMEOUT_S:g})")
+    up.add_argument("--idle-timeout", type=float, default=900, help="the pod ends after this many seconds without "
+                    "a connected client (default 900)")
+    up.add_argument("--max-lifetime", type=float, default=Limits.max_lifetime_s,
+                    help=f"the pod ends after this many seconds in any case (default {Limits.max_lifetime_s:g})")
+    up.add_argument("--budget", type=float, help="the pod ends once it has cost this many dollars")
+    up.add_argument("--volume-gb", type=int, help="size of the pod's /workspace volume (default 50)")
+    up.add_argument("--network-volume", help="id of a network volume to mount at /workspace instead")
+    up.add_argument("--detach", action="store_true", help="return once ready and leave the pod running")
+    resume = actions.add_parser("resume", parents=[common], help="resume a stopped pod started here and connect")
+    resume.add_argument("pod_id")
+    resume.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
+    resume.add_argument("--detach", action="store_true", help="return once ready and leave the pod running")
+
+    status = actions.add_parser("status", parents=[common], help="pods started here (or one pod): state, cost, URLs")
+    status.add_argument("pod_id", nargs="?")
+    status.add_argument("--show-secrets", action="store_true", help="also print the pod's server key and passwords")
+    actions.add_parser("list", parents=[common], help="every pod on the account, with cost so far")
+    stop = actions.add_parser("stop", parents=[common], help="stop a pod: no GPU billing, its volume is kept")
+    stop.add_argument("pod_id")
+    down = actions.add_parser("down", parents=[common], help="terminate a pod (its volume is deleted)")
+    target = down.add_mutually_exclusive_group(required=True)
+    target.add_argument("pod_id", nargs="?")
+    target.add_argument("--all", action="store_true", help="every pod started from this computer")
+    actions.add_parser("login", parents=[common], help="save the RunPod API key (read without echo) in the keychain")
+    actions.add_parser("logout", parents=[common], help="forget the saved RunPod API key")
+
+
+def run_pod(args):
+    if args.pod_command in ("login", "logout"):
+        return _login() if args.pod_command == "login" else _logout()
+    cloud = CloudGpu(RunPodGraphQL(runpod_key()))
+    {"gpus": _gpus, "up": _up, "resume": _resume, "status": _status, "list": _list, "stop": _stop,
+     "down": _down}[args.pod_command](cloud, args)
+
+
+def _login():
+    store = SecretStore()
+    key = (getpass.getpass("RunPod API key: ") if sys.stdin.isatty() else sys.stdin.readline()).strip()
+    if not key:
+        raise UserError("No key was entered: copy it from the RunPod console → Settings → API Keys.")
+    RunPodGraphQL(key).account()  # a wrong key is said now, not at the first start
+    store.save(KEY_NAME, key)
+    print(f"Saved in {store.where}.")
+
+
+def _logout():
+    store = SecretStore()
+    store.forget(KEY_NAME)
+    print(f"The RunPod API key is no longer stored in {store.where}.")
+
+
+def _gpus(cloud: CloudGpu, args):
+    account = cloud.backend.account()
+    print(f"{'GPU type':32} {'VRAM':>6} {'$/h ' + args.cloud:>14}")
+    for gpu in cloud.gpu_choices(cloud=args.cloud.upper()):
+        print(f"{gpu.id:32} {gpu.memory_gb:>4} GB {gpu.price(args.cloud.upper()):>14.2f}")
+    print(f"Balance ${account['balance']:.2f}; spending ${account['spend_per_hr']:.2f}/h now.")
+
+
+def _up(cloud: CloudGpu, args):
+    _terminate_on_signals()
+    for pod, cost in cloud.started_earlier():
+        print(f"Still there from an earlier start: {pod.id} ({pod.gpu}, {pod.status}, ${cost:.2f} so far); "
+              f"`segmentation-machine pod down {pod.id}` terminates it.")
+    choices = cloud.gpu_choices(args.gpu, args.cloud.upper())
+    limits = Limits(args.idle_timeout, args.max_lifetime, args.budget)
+    volume = {k: v for k, v in (("volume_gb", args.volume_gb), ("network_volume_id", args.network_volume)) if v}
+    print(f"Starting a {args.mode} pod on {choices[0].id} (${choices[0].price(args.cloud.upper()):.2f}/h)"
+          f"{'; the next types if it has no capacity' if len(choices) > 1 else ''}.", flush=True)
+    _connect(cloud, args, lambda display: cloud.up(choices, args.mode, args.image, args.template, args.cloud.upper(),
+                                                   limits, args.timeout, display, volume=volume),
+             "the pod being started was terminated")
+
+
+def _resume(cloud: CloudGpu, args):
+    _terminate_on_signals()
+    print(f"Resuming pod {args.pod_id}.", flush=True)
+    _connect(cloud, args, lambda display: cloud.resume(args.pod_id, args.timeout, display),
+             "the pod was stopped again, its volume kept")
+
+
+def _connect(cloud: CloudGpu, args, start, interrupted: str):
+    """Runs start(progress display) and then, unless --detach, stays connected until interrupted."""
+    display = _PhaseDisplay(args.quiet)
+    try:
+        started = start(display)
+    except KeyboardInterrupt:
+        print(f"\nInterrupted: {interrupted}.", flush=True)
+        raise SystemExit(130) from None
+    finally:
+        display.close()
+    _describe(started)
+    if args.detach:
+        print(f"Detached: the pod ends once nobody has been connected for its idle timeout, or with "
+              f"`segmentation-machine pod down {started.pod_id}`.")
+        return
+    _terminate_on_signals()  # armed again: the start may have used the one interruption
+    _stay_connected(cloud, started)
+
+
+def _stay_connected(cloud: CloudGpu, started: StartedPod):
+    heartbeat = Heartbeat(started.agent_url, started.secrets["SM_HEARTBEAT_TOKEN"])
+    print("Connected: this terminal keeps the pod alive; Ctrl-C or closing it terminates the pod.", flush=True)
+    warned, last = "", None  # last: the pod as RunPod last described it
+    try:
+        while True:
+            heartbeat.beat()
+            if heartbeat.warning and heartbeat.warning != warned:
+                warned = heartbeat.warning
+                print(f"Warning from the pod: {warned}", flush=True)
+            try:
+                last = cloud.backend.get(started.pod_id)
+            except PodsError as error:  # RunPod hiccups: the heartbeats go on, RunPod is asked again later
+                print(f"RunPod did not answer ({error}); still connected.", flush=True)
+            else:
+                if last is None:
+                    cloud.records.remove(started.pod_id)
+                    print(f"Pod {started.pod_id} was terminated ({warned or 'from elsewhere'}).")
+                    return
+            time.sleep(INTERVAL_S)
+    except KeyboardInterrupt:
+        cloud.terminate(started.pod_id)  # first: printing to a closed terminal may fail
+        cost = f" (it cost ${last.cost_so_far:.2f})" if last else ""
+        print(f"Terminated pod {started.pod_id}{cost}.", flush=True)
+
+
+def _describe(started: StartedPod):
+    print(f"Ready: pod {started.pod_id}\n{_urls(started)}\n"
+          f"  (`segmentation-machine model --server {started.server_url} ...` finds its key by itself)")
+    if started.mode == "desktop":
+        print(f"  Passwords: `segmentation-machine pod status {started.pod_id} --show-secrets`")
+
+
+def _urls(started: StartedPod) -> str:
+    lines = [f"  nnInteractive server: {started.server_url}"]
+    if started.mode == "desktop":
+        lines += [f"  Desktop:     {started.desktop_url}", f"  File upload: {started.files_url}"]
+    return "\n".join(lines)
+
+
+def _pod_line(pod) -> str:
+    return (f"{pod.id} {pod.name}: {pod.status}, {pod.gpu}, ${pod.cost_per_hr:.2f}/h, up {pod.uptime_s / 60:.0f} min,"
+            f" ${pod.cost_so_far:.2f} so far")
+
+
+def _status(cloud: CloudGpu, args):
+    ids = [args.pod_id] if args.pod_id else list(cloud.records.all())
+    if not ids:
+        print("No pods started from this computer are recorded; `segmentation-machine pod list` shows the account's.")
+    for pod_id in ids:
+        pod = cloud.backend.get(pod_id)
+        if pod is None:
+            cloud.records.remove(pod_id)
+            print(f"{pod_id}: terminated.")
+            continue
+        print(_pod_line(pod))
+        started = recorded_pod(cloud.records, pod_id)
+        if started is None:
+            continue
+        print(_urls(started))
+        if args.show_secrets:
+            for name, value in started.secrets.items():
+                print(f"  {name}={value}")
+
+
+def _list(cloud: CloudGpu, args):
+    recorded = cloud.records.all()
+    pods = cloud.backend.pods()
+    for pod in pods:
+        print(_pod_line(pod) + (" (started here)" if pod.id in recorded else ""))
+    account = cloud.backend.account()
+    print(f"{len(pods)} pod(s); balance ${account['balance']:.2f}, spending ${account['spend_per_hr']:.2f}/h.")
+
+
+def _stop(cloud: CloudGpu, args):
+    cost = _cost(cloud, args.pod_id)
+    cloud.backend.stop(args.pod_id)
+    print(f"Stopped pod {args.pod_id}{cost}: no GPU billing; its volume is kept (and billed a little) until "
+          f"`segmentation-machine pod down {args.pod_id}`; `pod resume {args.pod_id}` continues.")
+
+
+def _down(cloud: CloudGpu, args):
+    ids = list(cloud.records.all()) if args.all else [args.pod_id]
+    for pod_id in ids:
+        cost = _cost(cloud, pod_id)
+        cloud.terminate(pod_id)
+        print(f"Terminated pod {pod_id}{cost}.")
+    if not ids:
+        print("No pods started from this computer are recorded; `segmentation-machine pod list` shows the account's.")
+
+
+def _cost(cloud: CloudGpu, pod_id: str) -> str:
+    pod = cloud.backend.get(pod_id)
+    if pod is None:
+        cloud.records.remove(pod_id)
+        raise UserError(f"There is no pod {pod_id} on this account: `segmentation-machine pod list` shows them.")
+    return f" (it cost ${pod.cost_so_far:.2f})"
+
+
+class _PhaseDisplay:
+    """One line rewritten in place on a terminal; a line per phase change otherwise (logs, pipes)."""
+
+    def __init__(self, quiet: bool):
+        self._live = sys.stderr.isatty() and not quiet
+        self._phase = None
+
+    def __call__(self, progress):
+        if self._live:
+            print(f"\r  {progress}"[:100].ljust(100), end="", file=sys.stderr, flush=True)
+        elif progress.phase != self._phase:
+            print(f"  {progress}", flush=True)
+        self._phase = progress.phase
+
+    def close(self):
+        if self._live:
+            print(file=sys.stderr)
+
+
+def _terminate_on_signals():
+    """Ctrl-C, SIGTERM and a closed terminal (SIGHUP) interrupt once; later ones wait for the termination."""
+    ending = [signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+
+    def interrupt(signum, frame):
+        for each in ending:
+            signal.signal(each, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    for each in ending:
+        signal.signal(each, interrupt)

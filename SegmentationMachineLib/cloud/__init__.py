@@ -1,0 +1,1 @@
+"""RunPod pods: the adapter, starting, heartbeats, and the agent inside the pod."""

@@ -1,0 +1,186 @@
+"""Cloud GPU from start to stop, one flow for the module's panel and `segmentation-machine pod`.
+
+A pod gets fresh secrets of its own (server key, desktop and file passwords, heartbeat token),
+handed over as environment and kept only in the user's pod records. A start that is interrupted
+(Ctrl-C, a closed terminal, Cancel) terminates what it created before it gives up.
+"""
+
+import os
+import secrets
+import time
+from dataclasses import dataclass
+
+from ..core.credentials import SecretStore
+from ..core.errors import UserError
+from .heartbeat import INTERVAL_S as HEARTBEAT_S
+from .heartbeat import Heartbeat
+from .pods import NAME_PREFIX, PodsError, PodSpec
+from .podstart import DEFAULT_TIMEOUT_S, POLL_S, PodRecords, proxy_url, server_answers, start_pod, wait_until_ready
+
+KEY_NAME = "runpod-api-key"
+DEFAULT_IMAGE = "ghcr.io/segmentation-machine/pod:0.1.0"
+SERVER_PORT, AGENT_PORT, DESKTOP_PORT, FILES_PORT = 8000, 8001, 6080, 8080
+MODES = ("server", "desktop")
+SECRET_NAMES = ("SM_NNI_API_KEY", "SM_VNC_PASSWORD", "SM_FILES_PASSWORD", "SM_HEARTBEAT_TOKEN")
+# The image's torch is built for CUDA 12.8 (Ampere to Blackwell): hosts with older drivers would run it on the CPU.
+CUDA_VERSIONS = ["12.8", "12.9", "13.0"]
+
+
+def runpod_key(store: SecretStore = None) -> str:
+    """RUNPOD_API_KEY when set, else the key saved in the keychain (or the user-only file)."""
+    key = os.environ.get("RUNPOD_API_KEY") or (store or SecretStore()).load(KEY_NAME)
+    if not key:
+        raise UserError("No RunPod API key: enter it in the Cloud GPU panel, run `segmentation-machine pod login`, "
+                        "or set RUNPOD_API_KEY (RunPod console → Settings → API Keys).")
+    return key
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the pod agent enforces inside the pod, so a sleeping laptop does not keep billing."""
+    idle_timeout_s: float = 900.0
+    max_lifetime_s: float = 12 * 3600.0  # a forgotten browser tab on the desktop does not bill for days
+    budget_usd: float = None
+
+    def __post_init__(self):
+        if self.idle_timeout_s < 3 * HEARTBEAT_S:
+            raise UserError(f"The idle timeout must be at least {3 * HEARTBEAT_S:g} s: connected clients send a "
+                            f"heartbeat every {HEARTBEAT_S:g} s.")
+        if (self.max_lifetime_s is not None and self.max_lifetime_s <= 0) or (self.budget_usd or 1) <= 0:
+            raise UserError("The maximum lifetime and the budget must be more than 0.")
+
+    def environment(self) -> dict:
+        env = {"SM_IDLE_TIMEOUT_S": f"{self.idle_timeout_s:g}"}
+        if self.max_lifetime_s is not None:
+            env["SM_MAX_LIFETIME_S"] = f"{self.max_lifetime_s:g}"
+        if self.budget_usd is not None:
+            env["SM_BUDGET_USD"] = f"{self.budget_usd:g}"
+        return env
+
+
+@dataclass
+class StartedPod:
+    pod_id: str
+    mode: str
+    secrets: dict  # SECRET_NAMES → value
+
+    def url(self, port: int) -> str:
+        return proxy_url(self.pod_id, port)
+
+    @property
+    def server_url(self) -> str:
+        return self.url(SERVER_PORT)
+
+    @property
+    def agent_url(self) -> str:
+        return self.url(AGENT_PORT)
+
+    @property
+    def desktop_url(self) -> str:
+        return self.url(DESKTOP_PORT) + "/vnc.html?autoconnect=1&resize=remote"  # the password is typed, never in the URL
+
+    @property
+    def files_url(self) -> str:
+        return self.url(FILES_PORT)
+
+
+def recorded_pod(records: PodRecords, pod_id: str):
+    """The StartedPod of a pod started from this computer (None for any other pod)."""
+    record = records.get(pod_id)
+    return StartedPod(pod_id, record["mode"], record["secrets"]) if record.get("secrets") else None
+
+
+def recorded_pod_at(records: PodRecords, server_url: str):
+    """The recorded pod whose server is at server_url, or None."""
+    pods = (recorded_pod(records, pod_id) for pod_id in records.all())
+    return next((p for p in pods if p and p.server_url == server_url.rstrip("/")), None)
+
+
+def _ready_check(pod_secrets: dict):
+    """is_ready for start_pod: the server grants a session to the pod's key. Meanwhile the pod agent hears
+    from us, so a slow first start (the weights are downloaded once) is not taken for an idle pod."""
+    def ready(pod) -> bool:
+        Heartbeat(proxy_url(pod.id, AGENT_PORT), pod_secrets["SM_HEARTBEAT_TOKEN"]).beat()
+        return server_answers(proxy_url(pod.id, SERVER_PORT), pod_secrets["SM_NNI_API_KEY"])
+
+    return ready
+
+
+def ports(mode: str) -> str:
+    desktop = f",{DESKTOP_PORT}/http,{FILES_PORT}/http" if mode == "desktop" else ""
+    return f"{SERVER_PORT}/http,{AGENT_PORT}/http{desktop},22/tcp"
+
+
+class CloudGpu:
+    def __init__(self, backend, records: PodRecords = None):
+        self.backend = backend
+        self.records = records or PodRecords()
+
+    def gpu_choices(self, gpu: str = None, cloud: str = "SECURE") -> list:
+        """The GPU types to try in order: the one asked for, else every type with enough VRAM, cheapest first."""
+        if gpu is None:
+            return self.backend.gpu_types(cloud=cloud)
+        chosen = [g for g in self.backend.gpu_types(min_vram_gb=0, cloud=cloud) if gpu in (g.id, g.name)]
+        if not chosen:
+            raise UserError(f"RunPod has no GPU type {gpu!r}: `segmentation-machine pod gpus` lists them.")
+        return chosen
+
+    def started_earlier(self) -> list:
+        """(Pod, cost so far) for pods started here that still run: offered for termination at each start."""
+        return self.records.still_running(self.backend)
+
+    def up(self, gpus: list, mode: str = "server", image: str = None, template_id: str = None,
+           cloud: str = "SECURE", limits: Limits = Limits(), timeout_s: float = DEFAULT_TIMEOUT_S,
+           on_progress=lambda progress: None, sleep=time.sleep, volume: dict = None) -> StartedPod:
+        """Starts a pod on the first GPU type with capacity and waits until its server answers.
+
+        volume: PodSpec's volume_gb / network_volume_id, when not the default.
+        Any exception, KeyboardInterrupt included, terminates the pod this call created.
+        """
+        volume = volume or {}
+        if mode not in MODES:
+            raise UserError(f"The mode must be server or desktop, not {mode!r}.")
+        pod_secrets = {name: secrets.token_urlsafe(24) for name in SECRET_NAMES}
+        name = NAME_PREFIX + secrets.token_hex(4)  # one name for all tries: an interrupted start is found by it
+        env = {"SM_MODE": mode, **pod_secrets, **limits.environment()}
+        image = None if template_id else (image or os.environ.get("SM_POD_IMAGE") or DEFAULT_IMAGE)
+        specs = [PodSpec(g.id, image=image, template_id=template_id, cloud=cloud, ports=ports(mode), env=env, name=name,
+                         allowed_cuda_versions=CUDA_VERSIONS, **volume) for g in gpus]
+        try:
+            pod = start_pod(self.backend, specs, _ready_check(pod_secrets), self.records, on_progress, timeout_s,
+                            POLL_S, sleep=sleep, details={"mode": mode, "secrets": pod_secrets})
+        except BaseException:
+            try:
+                self._terminate_named(name)
+            except PodsError as error:
+                raise PodsError(f"Starting failed, and so did terminating what it started ({error}): check "
+                                "`segmentation-machine pod list` and terminate what is left.") from None
+            raise
+        return StartedPod(pod.id, mode, pod_secrets)
+
+    def resume(self, pod_id: str, timeout_s: float = DEFAULT_TIMEOUT_S, on_progress=lambda progress: None,
+               sleep=time.sleep) -> StartedPod:
+        """Resumes a stopped pod started from this computer and waits until its server answers again."""
+        started = recorded_pod(self.records, pod_id)
+        if started is None:
+            raise UserError(f"Pod {pod_id} was not started from this computer, so its keys are not known here: "
+                            "terminate it and start a new one.")
+        self.backend.resume(pod_id)
+        try:
+            wait_until_ready(self.backend, self.backend.get(pod_id), _ready_check(started.secrets), self.records,
+                             on_progress, timeout_s, POLL_S, sleep=sleep, keep_volume=True)
+        except PodsError:
+            raise  # already stopped again (time-out) or gone
+        except BaseException:  # interrupted or cancelled: stopped again, the volume kept
+            self.backend.stop(pod_id)
+            raise
+        return started
+
+    def terminate(self, pod_id: str):
+        self.backend.terminate(pod_id)
+        self.records.remove(pod_id)
+
+    def _terminate_named(self, name: str):
+        pod = self.backend.find_by_name(name)
+        if pod is not None:
+            self.terminate(pod.id)

@@ -1,0 +1,168 @@
+"""Starting a GPU pod without surprises: phases, a real readiness check, a time limit, a record of what runs.
+
+Ready means the pod's nnInteractive server answered an authenticated request through RunPod's
+proxy, not merely that RunPod says RUNNING. A start that is not ready in time is terminated and
+the reason said; a GPU type without capacity hands over to the next one; every pod started here
+is recorded locally, so the next start can list what still runs and what it has cost.
+"""
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from ..core.files import write_private
+from .pods import CapacityError, Pod, PodsError
+
+POLL_S = 5.0  # RunPod's API is not to be polled faster
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class Phase(str, Enum):
+    WAITING_FOR_GPU = "waiting for a GPU"
+    PULLING_IMAGE = "pulling the image"
+    STARTING_SERVICES = "starting services"
+    READY = "server ready"
+
+
+@dataclass
+class Progress:
+    phase: Phase
+    elapsed_s: float
+    cost_so_far: float
+    pod_id: str = ""
+    note: str = ""
+
+    def __str__(self):
+        text = f"{self.phase.value} ({self.elapsed_s:.0f} s, ${self.cost_so_far:.3f} so far)"
+        return f"{text}: {self.note}" if self.note else text
+
+
+PROXY_URL = "https://{pod_id}-{port}.proxy.runpod.net"
+
+
+def proxy_url(pod_id: str, port: int = 8000) -> str:
+    """The public URL of a pod's port; SM_RUNPOD_PROXY_URL redirects it (tests, other deployments)."""
+    return (os.environ.get("SM_RUNPOD_PROXY_URL") or PROXY_URL).format(pod_id=pod_id, port=port)
+
+
+def server_answers(url: str, api_key: str, timeout: float = 10.0) -> bool:
+    """True once the nnInteractive server behind url grants a session to api_key (released at once).
+
+    False while the proxy answers 502 or nothing; a rejected key is an error, not a wait.
+    """
+    import httpx
+
+    try:
+        claim = httpx.post(f"{url}/claim", headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout)
+    except httpx.HTTPError:
+        return False
+    if claim.status_code == 401:
+        raise PodsError("The pod's server rejected the key it was started with: terminate the pod and start a new one.")
+    if claim.status_code == 503:
+        return True  # full, but up and checking keys
+    if claim.status_code != 200:
+        return False
+    token = claim.json().get("lease_token", "")
+    try:
+        httpx.post(f"{url}/release", headers={"Authorization": f"Bearer {api_key}", "X-Lease-Token": token},
+                   timeout=timeout)
+    except httpx.HTTPError:
+        pass  # the lease expires by itself
+    return True
+
+
+class PodRecords:
+    """Pods this computer started and has not seen terminated: a JSON file only the user can read."""
+
+    def __init__(self, path: Path = None):
+        self.path = Path(path or Path.home() / ".segmentation-machine" / "pods.json")
+
+    def all(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def add(self, pod: Pod, started_at: float, **details):
+        """details: what reconnecting needs later (mode, the pod's own secrets); the file is the user's only."""
+        self._write({**self.all(), pod.id: {"name": pod.name, "gpu": pod.gpu, "started_at": started_at, **details}})
+
+    def get(self, pod_id: str) -> dict:
+        return self.all().get(pod_id, {})
+
+    def remove(self, pod_id: str):
+        records = self.all()
+        records.pop(pod_id, None)
+        self._write(records)
+
+    def still_running(self, backend) -> list:
+        """(Pod, cost so far) for recorded pods that still exist; forgets the ones that are gone."""
+        alive = {p.id: p for p in backend.pods()}
+        result = []
+        for pod_id in list(self.all()):
+            if pod_id in alive:
+                result.append((alive[pod_id], alive[pod_id].cost_so_far))
+            else:
+                self.remove(pod_id)
+        return result
+
+    def _write(self, records: dict):
+        write_private(self.path, json.dumps(records, indent=2))
+
+
+def start_pod(backend, specs, is_ready, records: PodRecords, on_progress=lambda progress: None,
+              timeout_s: float = DEFAULT_TIMEOUT_S, poll_s: float = POLL_S, clock=time.monotonic,
+              sleep=time.sleep, details: dict = None) -> Pod:
+    """Starts the first spec whose GPU has capacity and waits until is_ready(pod).
+
+    specs: PodSpecs in order of preference (e.g. the cheapest GPU types first).
+    A start not ready within timeout_s is terminated before the error is raised.
+    details: kept in the pod's record (see PodRecords.add).
+    """
+    started = clock()
+    tried = []
+    for spec in specs:
+        on_progress(Progress(Phase.WAITING_FOR_GPU, clock() - started, 0.0, note=spec.gpu_type_id))
+        try:
+            pod = backend.create(spec)
+        except CapacityError:
+            tried.append(spec.gpu_type_id)
+            continue
+        records.add(pod, time.time(), **(details or {}))
+        return wait_until_ready(backend, pod, is_ready, records, on_progress, timeout_s, poll_s, clock, sleep,
+                                note=f"no capacity for {', '.join(tried)}" if tried else "")
+    raise CapacityError(f"No capacity right now for {', '.join(tried)}: try the community cloud, "
+                        "another GPU type, or again in a few minutes.")
+
+
+def wait_until_ready(backend, pod: Pod, is_ready, records, on_progress, timeout_s, poll_s=POLL_S, clock=time.monotonic,
+                     sleep=time.sleep, note="", keep_volume=False) -> Pod:
+    """Polls until is_ready(pod); past timeout_s the pod is terminated (stopped when keep_volume: a resume)."""
+    started = clock()
+    phase = Phase.PULLING_IMAGE
+    while True:
+        current = backend.get(pod.id)
+        if current is None:
+            records.remove(pod.id)
+            raise PodsError(f"Pod {pod.id} disappeared while starting (terminated elsewhere?): start a new one.")
+        elapsed = clock() - started
+        cost = elapsed / 3600 * current.cost_per_hr
+        if current.runtime_ready:
+            phase = Phase.STARTING_SERVICES
+            if is_ready(current):
+                on_progress(Progress(Phase.READY, elapsed, cost, current.id, note))
+                return current
+        on_progress(Progress(phase, elapsed, cost, current.id, note))
+        if elapsed >= timeout_s:
+            if keep_volume:
+                backend.stop(pod.id)
+                raise PodsError(f"The pod was not ready after {timeout_s / 60:.0f} min (still {phase.value}): it was "
+                                "stopped again, its volume kept; try again later or terminate it.")
+            backend.terminate(pod.id)
+            records.remove(pod.id)
+            raise PodsError(f"The pod was not ready after {timeout_s / 60:.0f} min (still {phase.value}): it was "
+                            f"terminated (cost ${cost:.2f}); try another GPU type or again later.")
+        sleep(poll_s)

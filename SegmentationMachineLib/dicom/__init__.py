@@ -1,0 +1,1 @@
+"""Input: DICOM folders by content, series, volumes (DICOM, NIfTI, NRRD), safe zips, the phantom."""

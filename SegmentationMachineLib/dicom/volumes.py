@@ -1,0 +1,88 @@
+"""Turn a DICOM series or a NIfTI/NRRD file into a volume node through Slicer's Volumes logic."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import vtk
+
+from ..core import arrays
+from ..core.errors import InputError
+from ..core.scene import SceneContext
+from .series import MAX_TILT_DEGREES, DicomSeries, ScanResult, choose_series, scan_folder
+
+# vtkSlicerVolumesLogic::AddArchetypeVolume loading options (bit flags).
+LABELMAP = 1
+
+
+@dataclass
+class LoadedVolume:
+    node: object  # vtkMRMLScalarVolumeNode
+    source: str  # what was loaded, for messages and reports
+    series: DicomSeries = None
+    notes: list = field(default_factory=list)
+
+
+def load_series(ctx: SceneContext, series: DicomSeries) -> LoadedVolume:
+    """Loads one series with Slicer's own reader; refuses gantry tilt, resamples uneven spacing."""
+    if series.tilt_degrees > MAX_TILT_DEGREES:
+        raise InputError(
+            f"Series {series.name} was not loaded: its slices are tilted by {series.tilt_degrees:.1f}° "
+            "(gantry tilt), which would distort the model; reconstruct it without tilt on the scanner "
+            "or load it in 3D Slicer with acquisition geometry regularization.")
+    file_list = vtk.vtkStringArray()
+    for path in series.files:
+        file_list.InsertNextValue(str(path))
+    name = series.description or f"Series {series.series_number}".strip()
+    node = ctx.volumes_logic.AddArchetypeVolume(str(series.files[0]), name, 0, file_list)
+    if node is None or node.GetImageData() is None:
+        raise InputError(f"Slicer's DICOM reader could not read series {series.name} "
+                         f"(first file {series.files[0]}): check that the files are complete.")
+    if series.is_uneven:
+        _resample_evenly(node, series)
+    return LoadedVolume(node=node, source=f"DICOM series {series.name}", series=series, notes=list(series.notes))
+
+
+def _resample_evenly(node, series: DicomSeries):
+    """Linear interpolation between the real slices onto an even grid (what a missing slice needs)."""
+    voxels = arrays.volume_array(node)
+    matrix = arrays.ijk_to_ras(node)
+    if voxels.shape[0] != len(series.positions):
+        return  # the reader merged or split frames: nothing we can line up safely
+    positions = series.positions - series.positions[0]
+    step = series.slice_spacing
+    count = int(round(positions[-1] / step)) + 1
+    targets = np.arange(count) * step
+    upper = np.clip(np.searchsorted(positions, targets, side="left"), 1, len(positions) - 1)
+    lower = upper - 1
+    weight = ((targets - positions[lower]) / (positions[upper] - positions[lower])).clip(0, 1)
+    weight = weight.astype(np.float32)[:, None, None]
+    resampled = voxels[lower] * (1 - weight) + voxels[upper] * weight
+    if np.issubdtype(voxels.dtype, np.integer):
+        resampled = np.rint(resampled)
+    # The K column keeps its direction; only its length becomes the even step.
+    k_column = matrix[:3, 2]
+    matrix[:3, 2] = k_column / np.linalg.norm(k_column) * step
+    arrays.set_volume_array(node, resampled.astype(voxels.dtype), matrix)
+
+
+def load_volume_file(ctx: SceneContext, path, labelmap: bool = False) -> LoadedVolume:
+    path = Path(path)
+    node = ctx.volumes_logic.AddArchetypeVolume(str(path), path.name.split(".")[0],
+                                               LABELMAP if labelmap else 0, None)
+    if node is None or node.GetImageData() is None:
+        raise InputError(f"{path} could not be read as a volume: check that it is a complete NIfTI or NRRD file.")
+    return LoadedVolume(node=node, source=f"file {path.name}")
+
+
+def load_input(ctx: SceneContext, path, series: str = None, scan: ScanResult = None) -> LoadedVolume:
+    """A volume from a DICOM folder (or file), or a NIfTI/NRRD file; notes say what was skipped or fixed."""
+    path = Path(path)
+    if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")):
+        return load_volume_file(ctx, path)
+    scan = scan or scan_folder(path)
+    if not scan.series and len(scan.volume_files) == 1:
+        return load_volume_file(ctx, scan.volume_files[0])
+    loaded = load_series(ctx, choose_series(scan, series))
+    loaded.notes = scan.notes + loaded.notes
+    return loaded

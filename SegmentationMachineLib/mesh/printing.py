@@ -1,0 +1,119 @@
+"""Send to OrcaSlicer: find it wherever people install it, and open exported models in it, detached."""
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.errors import PrintError
+
+EXECUTABLE_NAMES = ("orca-slicer", "OrcaSlicer", "orcaslicer")
+FLATPAK_IDS = ("com.orcaslicer.OrcaSlicer", "io.github.softfever.OrcaSlicer")
+SETTING_ENV = "SM_ORCASLICER"  # a path set by the user, when it is not found by itself
+DOWNLOAD_HINT = ("install it from https://github.com/SoftFever/OrcaSlicer/releases (or Flathub), "
+                 f"or give its path with --orcaslicer, the {SETTING_ENV} environment variable or the module's settings")
+
+
+@dataclass
+class OrcaSlicer:
+    command: list  # what to run, before the model files
+    found: str  # how it was found, for messages
+    flatpak: bool = False
+
+
+def _from_path(path: Path, found: str):
+    path = Path(path).expanduser()
+    if path.suffix == ".app" and path.is_dir():
+        return OrcaSlicer(["open", "-n", "-a", str(path), "--args"], found)
+    if path.is_file() and os.access(path, os.X_OK):
+        return OrcaSlicer([str(path)], found)
+    return None
+
+
+def _candidates(platform: str, env, home: Path):
+    if platform == "darwin":
+        for root in (Path("/Applications"), home / "Applications"):
+            yield root / "OrcaSlicer.app", "macOS application"
+    if platform.startswith("win"):
+        for variable in ("ProgramFiles", "ProgramFiles(x86)", "ProgramW6432"):
+            if env.get(variable):
+                yield Path(env[variable]) / "OrcaSlicer" / "orca-slicer.exe", f"%{variable}%"
+        if env.get("LOCALAPPDATA"):
+            yield Path(env["LOCALAPPDATA"]) / "Programs" / "OrcaSlicer" / "orca-slicer.exe", "%LOCALAPPDATA%"
+    for folder in (home / "Applications", home / "Downloads", home / ".local" / "bin", home / "bin",
+                   Path("/opt"), Path("/opt/OrcaSlicer"), Path("/usr/local/bin")):
+        if folder.is_dir():
+            for appimage in sorted(folder.glob("*rca*licer*.AppImage"), reverse=True):  # newest version first
+                yield appimage, f"AppImage in {folder}"
+            yield folder / "squashfs-root" / "AppRun", f"extracted AppImage in {folder}"
+
+
+def _flatpak(env, home: Path, which):
+    flatpak = which("flatpak", path=env.get("PATH"))
+    if not flatpak:
+        return None
+    for app_id in FLATPAK_IDS:
+        for root in (home / ".local/share/flatpak/app", Path("/var/lib/flatpak/app")):
+            if (root / app_id).is_dir():
+                return OrcaSlicer([flatpak, "run", app_id], f"Flatpak {app_id}", flatpak=True)
+    return None
+
+
+def find_orcaslicer(configured: str = None, env=None, platform: str = None, home: Path = None,
+                    which=shutil.which):
+    """OrcaSlicer if installed anywhere usual (or at the configured path), else None."""
+    env = os.environ if env is None else env
+    platform = platform or sys.platform
+    home = Path(home) if home else Path.home()
+    configured = configured or env.get(SETTING_ENV)
+    if configured:
+        found = _from_path(Path(configured), "the configured path")
+        if found is None:
+            raise PrintError(f"OrcaSlicer is not at the configured path {configured}: fix the path or {DOWNLOAD_HINT}.")
+        return found
+    for name in EXECUTABLE_NAMES:
+        executable = which(name, path=env.get("PATH"))
+        if executable:
+            return OrcaSlicer([executable], "PATH")
+    for path, found in _candidates(platform, env, home):
+        orca = _from_path(path, found)
+        if orca:
+            return orca
+    return _flatpak(env, home, which)
+
+
+def model_files(path) -> list:
+    """The files to open for an export folder (its 3MF, else its STLs) or a given model file."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        threemf = sorted(path.glob("*.3mf"))
+        stls = sorted(p for p in path.glob("*.stl") if p.name != "merged.stl")
+        if threemf or stls:
+            return threemf[:1] or stls
+    raise PrintError(f"No 3MF or STL model in {path}: export first, then send the export folder.")
+
+
+def send_to_orcaslicer(path, configured: str = None, launcher=subprocess.Popen, **find_args):
+    """Opens the models at path in OrcaSlicer without waiting for it; returns the launched command."""
+    files = [f.resolve() for f in model_files(path)]
+    orca = find_orcaslicer(configured, **find_args)
+    if orca is None:
+        raise PrintError(f"OrcaSlicer was not found: {DOWNLOAD_HINT}.")
+    command = list(orca.command)
+    if orca.flatpak:
+        # The Flatpak sandbox sees only what it is given (it cannot read /tmp at all by default).
+        command[2:2] = [f"--filesystem={folder}:ro" for folder in sorted({str(f.parent) for f in files})]
+    command += [str(f) for f in files]
+    detach = ({"creationflags": subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP}
+              if sys.platform.startswith("win") else {"start_new_session": True})
+    try:
+        launcher(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                 close_fds=True, **detach)
+    except OSError as error:
+        raise PrintError(f"OrcaSlicer ({orca.found}) could not be started ({error.strerror}): "
+                         f"reinstall it, or {DOWNLOAD_HINT}.") from None
+    return command

@@ -1,0 +1,96 @@
+"""Writers for printable meshes: binary STL, OBJ with materials, 3MF. Each file appears whole or not at all."""
+
+import zipfile
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+import numpy as np
+
+from ..core.files import atomic_file
+from .check import face_normals
+
+
+def _hex_color(color) -> str:
+    return "#" + "".join(f"{int(round(max(0.0, min(1.0, c)) * 255)):02X}" for c in color[:3])
+
+
+def write_stl(path: Path, meshes, title: str = "SegmentationMachine"):
+    """One binary STL holding all given (points, triangles, normals) meshes; normals may be None."""
+    record = np.dtype([("normal", "<f4", 3), ("corners", "<f4", (3, 3)), ("attribute", "<u2")])
+    parts = []
+    for points, triangles, normals in meshes:
+        corners = points.astype(np.float32)[triangles]  # STL stores float32
+        normals = face_normals(corners) if normals is None else normals.astype(np.float32)
+        lengths = np.linalg.norm(normals, axis=1, keepdims=True)
+        part = np.zeros(len(triangles), record)
+        part["normal"] = np.divide(normals, lengths, out=np.zeros_like(normals), where=lengths > 0)
+        part["corners"] = corners
+        parts.append(part)
+    data = np.concatenate(parts) if parts else np.zeros(0, record)
+    # A binary STL header must not start with "solid", or readers take it for ASCII.
+    header = f"binary STL from {title}".encode("ascii", "replace")[:80].ljust(80, b" ")
+    with atomic_file(path) as stream:
+        stream.write(header)
+        stream.write(np.uint32(len(data)).tobytes())
+        stream.write(data.tobytes())
+
+
+def write_obj(path: Path, named_meshes):
+    """One OBJ with a group and a material (colour) per mesh, and its .mtl beside it."""
+    path = Path(path)
+    material_path = path.with_suffix(".mtl")
+    with atomic_file(material_path, "w") as stream:
+        for name, color, _, _ in named_meshes:
+            r, g, b = color[:3]
+            stream.write(f"newmtl {name}\nKa 0 0 0\nKd {r:.4f} {g:.4f} {b:.4f}\nKs 0 0 0\nd 1\nillum 1\n\n")
+    with atomic_file(path, "w") as stream:
+        stream.write(f"# SegmentationMachine\nmtllib {material_path.name}\n")
+        offset = 1
+        for name, _, points, triangles in named_meshes:
+            stream.write(f"o {name}\ng {name}\nusemtl {name}\n")
+            stream.write(("v %.4f %.4f %.4f\n" * len(points)) % tuple(points.ravel()))
+            stream.write(("f %d %d %d\n" * len(triangles)) % tuple((triangles + offset).ravel()))
+            offset += len(points)
+
+
+_CONTENT_TYPES = """<?xml version="1.0" encoding="UTF-8"?>
+<Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">
+ <Default Extension="rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/>
+ <Default Extension="model" ContentType="application/vnd.ms-package.3dmanufacturing-3dmodel+xml"/>
+</Types>
+"""
+_RELS = """<?xml version="1.0" encoding="UTF-8"?>
+<Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships">
+ <Relationship Target="/3D/3dmodel.model" Id="rel0" Type="http://schemas.microsoft.com/3dmanufacturing/2013/01/3dmodel"/>
+</Relationships>
+"""
+
+
+def _model_xml(named_meshes) -> str:
+    materials = "".join(f'  <base name={quoteattr(name)} displaycolor="{_hex_color(color)}"/>\n'
+                        for name, color, _, _ in named_meshes)
+    chunks = ['<?xml version="1.0" encoding="UTF-8"?>\n'
+              '<model unit="millimeter" xml:lang="en-US" '
+              'xmlns="http://schemas.microsoft.com/3dmanufacturing/core/2015/02">\n'
+              ' <metadata name="Application">SegmentationMachine</metadata>\n'
+              f' <resources>\n  <basematerials id="1">\n{materials}  </basematerials>\n']
+    for index, (name, _, points, triangles) in enumerate(named_meshes):
+        chunks.append(f'  <object id="{index + 2}" type="model" name={quoteattr(name)} pid="1" pindex="{index}">\n'
+                      "   <mesh>\n    <vertices>\n")
+        chunks.append(('     <vertex x="%.4f" y="%.4f" z="%.4f"/>\n' * len(points)) % tuple(points.ravel()))
+        chunks.append("    </vertices>\n    <triangles>\n")
+        chunks.append(('     <triangle v1="%d" v2="%d" v3="%d"/>\n' * len(triangles)) % tuple(triangles.ravel()))
+        chunks.append("    </triangles>\n   </mesh>\n  </object>\n")
+    chunks.append(" </resources>\n <build>\n")
+    chunks.extend(f'  <item objectid="{index + 2}"/>\n' for index in range(len(named_meshes)))
+    chunks.append(" </build>\n</model>\n")
+    return "".join(chunks)
+
+
+def write_3mf(path: Path, named_meshes):
+    """One 3MF with an object per mesh, each with its name and colour; coordinates kept as given."""
+    with atomic_file(path) as stream:
+        with zipfile.ZipFile(stream, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as package:
+            package.writestr("[Content_Types].xml", _CONTENT_TYPES)
+            package.writestr("_rels/.rels", _RELS)
+            package.writestr("3D/3dmodel.model", _model_xml(named_meshes))

@@ -1,0 +1,232 @@
+"""Qt-free state of the module's Cloud GPU section.
+
+Every RunPod call runs on a worker thread (the GUI never blocks); the widget polls tick() from a
+QTimer and shows status, the GPU list, the pods started earlier and the pod in use. When a pod's
+server is ready, tick() hands back the StartedPod once, for the AI prompt section to connect to.
+"""
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+
+from ..cloud.cloudgpu import KEY_NAME, CloudGpu, Limits, StartedPod, recorded_pod, runpod_key
+from ..cloud.heartbeat import Heartbeat
+from ..cloud.pods import RunPodGraphQL
+from ..cloud.podstart import Phase, PodRecords
+from ..core.credentials import SecretStore
+from ..core.errors import UserError
+from .tasks import BackgroundTask
+
+PHASES = list(Phase)
+MAX_FALLBACK_PRICE = 1.5  # without capacity, Start moves on to types costing at most this times the chosen one
+QUIT_WAIT_S = 60.0
+log = logging.getLogger("segmentation-machine")
+
+
+class Cancelled(Exception):
+    """The user pressed Cancel while a pod was starting (its pod is terminated)."""
+
+
+@dataclass
+class CloudPanel:
+    store: SecretStore = field(default_factory=SecretStore)
+    records: PodRecords = field(default_factory=PodRecords)
+    backend_factory: object = RunPodGraphQL  # key -> pods adapter
+    status: str = "Enter your RunPod API key (RunPod console → Settings → API Keys)."
+    gpus: list = field(default_factory=list)  # GpuType, cheapest first
+    earlier: list = field(default_factory=list)  # (Pod, cost so far) started before and still there
+    balance: str = ""
+    progress: object = None  # the latest podstart.Progress while starting
+    pod: StartedPod = None  # the pod in use
+    started_here: list = field(default_factory=list)  # ids of running pods this session started, for quit
+    task: BackgroundTask = None
+    heartbeat: Heartbeat = None
+
+    def __post_init__(self):
+        self._job = None
+        self._cancel = threading.Event()
+        self._ready = None  # a StartedPod not yet handed to the widget
+        self.has_key = bool(os.environ.get("RUNPOD_API_KEY") or self.store.load(KEY_NAME))  # read once: keychains are slow
+
+    # -- the key ---------------------------------------------------------------------------
+    def save_key(self, key: str):
+        """Checks the key with RunPod, then stores it (keychain or user-only file) and refreshes."""
+        key = key.strip()
+
+        def check_and_save():
+            self.backend_factory(key).account()
+            self.store.save(KEY_NAME, key)
+
+        self._start("key", check_and_save, with_cloud=False)  # the key being checked is not stored yet
+        self.status = "Checking the key with RunPod..."
+
+    def forget_key(self):
+        self.store.forget(KEY_NAME)
+        self.has_key = bool(os.environ.get("RUNPOD_API_KEY"))
+        self.gpus, self.earlier, self.balance = [], [], ""
+        self.status = f"The RunPod key was removed from {self.store.where}."
+
+    # -- work ------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return self.task is not None
+
+    @property
+    def starting(self) -> bool:
+        return self.busy and self._job in ("start", "resume")
+
+    def refresh(self):
+        """GPU types, balance and pods still there from earlier starts."""
+        self._start("refresh", lambda cloud: (cloud.gpu_choices(), cloud.backend.account(), cloud.started_earlier()))
+        self.status = "Asking RunPod for GPU types and your balance..."
+
+    def start(self, gpu_id: str, mode: str, limits: Limits = Limits()):
+        """Starts on gpu_id; without capacity there, on the next types that cost at most half as much again."""
+        [chosen] = [g for g in self.gpus if g.id == gpu_id]
+        fallbacks = [g for g in self.gpus if g.id != gpu_id and g.secure_price <= chosen.secure_price * MAX_FALLBACK_PRICE]
+        self._start("start", lambda cloud: cloud.up([chosen, *fallbacks], mode, limits=limits,
+                                                    on_progress=self._progressed, sleep=self._sleep))
+        self.status = f"Starting a {mode} pod on {chosen.name}..."
+
+    def cancel(self):
+        self._cancel.set()
+        self.status = "Cancelling: the pod being started is terminated..."
+
+    def connect_earlier(self, pod_id: str):
+        """Uses a pod started here before (e.g. before Slicer was restarted); a stopped one is resumed."""
+        started = recorded_pod(self.records, pod_id)
+        if started is None:
+            self.status = f"Pod {pod_id} was not started from this computer: its keys are not known here."
+            return
+        pod = next((p for p, _cost in self.earlier if p.id == pod_id), None)
+        if pod is not None and pod.status != "RUNNING":
+            self._start("resume", lambda cloud: cloud.resume(pod_id, on_progress=self._progressed, sleep=self._sleep))
+            self.status = f"Resuming pod {pod_id}..."
+            return
+        self._use(started)
+
+    def stop(self):
+        """Stops the pod in use: no GPU billing; its volume stays (and costs a little) until terminated."""
+        pod_id = self.pod.pod_id
+        self._start("stop", lambda cloud: cloud.backend.stop(pod_id))
+        self._release()
+        self._forget_started(pod_id)  # the user keeps it on purpose: quitting must not delete its volume
+        self.status = f"Stopping pod {pod_id}..."
+
+    def terminate_current(self):
+        self.terminate(self.pod.pod_id)
+
+    def terminate(self, pod_id: str):
+        self._start("terminate", lambda cloud: cloud.terminate(pod_id))  # first: it refuses while busy
+        if self.pod is not None and self.pod.pod_id == pod_id:
+            self._release()
+        self._forget_started(pod_id)
+        self.status = f"Terminating pod {pod_id}..."
+
+    def terminate_started_here(self) -> list:
+        """At Slicer's quit, on the main thread: cancels a start and terminates this session's pods.
+
+        Returns the failures as sentences."""
+        if self.starting:
+            self.cancel()
+            self.task.wait(QUIT_WAIT_S)  # the cancelled start terminates its own pod
+        self._release()
+        problems = []
+        try:
+            cloud = CloudGpu(self.backend_factory(runpod_key(self.store)), self.records)
+        except UserError as error:
+            return [str(error)] if self.started_here else []
+        for pod_id in list(self.started_here):
+            try:
+                cloud.terminate(pod_id)
+                self.started_here.remove(pod_id)
+            except UserError as error:  # say it and go on with the others
+                problems.append(f"{pod_id}: {error}")
+        return problems
+
+    # -- the main thread's poll ------------------------------------------------------------
+    def tick(self):
+        """Call from a QTimer; returns a StartedPod once, when its server is ready to connect to."""
+        if self.task is not None and self.task.done():
+            self._finish()
+        if self.heartbeat is not None and (self.heartbeat.warning or self.heartbeat.problem):
+            self.status = f"Pod {self.pod.pod_id}: {self.heartbeat.warning or self.heartbeat.problem}"
+        ready, self._ready = self._ready, None
+        return ready
+
+    @property
+    def phase_fraction(self) -> float:
+        return 0.0 if self.progress is None else (PHASES.index(self.progress.phase) + 1) / len(PHASES)
+
+    def _progressed(self, progress):
+        self.progress = progress
+        if not self._cancel.is_set():
+            self.status = str(progress)
+
+    def _sleep(self, seconds):
+        if self._cancel.wait(seconds):
+            raise Cancelled()
+
+    def _start(self, job: str, function, with_cloud: bool = True):
+        """Runs function(cloud) (function() without cloud) on a worker thread, one job at a time."""
+        if self.task is not None:
+            raise UserError("Wait until the Cloud GPU section has finished what it is doing (or press Cancel).")
+        self._cancel.clear()
+        self.progress = None
+        store, records, factory = self.store, self.records, self.backend_factory
+
+        def work():
+            if not with_cloud:
+                return function()
+            return function(CloudGpu(factory(runpod_key(store)), records))  # off the GUI thread: keychain, SDK import
+
+        self.task = BackgroundTask(work)
+        self._job = job
+
+    def _finish(self):
+        task, job, self.task = self.task, self._job, None
+        if isinstance(task.error, Cancelled):
+            self.status = ("Cancelled: the pod was stopped again, its volume kept." if job == "resume" else
+                           "Cancelled: the pod being started was terminated.")
+            return
+        try:
+            result, problem = task.outcome()
+        except Exception as error:  # a bug: say it rather than leave "Starting..." on screen
+            log.error("Cloud GPU %s failed", job, exc_info=error)
+            self.status = f"Cloud GPU {job} failed unexpectedly ({type(error).__name__}): see the log."
+            return
+        if problem:
+            self.status = problem
+        elif job == "key":
+            self.has_key = True
+            self.refresh()
+        elif job == "refresh":
+            self.gpus, account, self.earlier = result
+            self.balance = f"Balance ${account['balance']:.2f}, spending ${account['spend_per_hr']:.2f}/h"
+            self.status = (f"{len(self.earlier)} pod(s) started earlier are still there: connect to or terminate "
+                           "them below." if self.earlier else "Choose a GPU type and press Start.")
+        elif job in ("start", "resume"):
+            self.started_here.append(result.pod_id)
+            self._use(result)
+        else:
+            self.status = f"Done: {job}."
+            self.refresh()
+
+    def _use(self, started: StartedPod):
+        self._release()
+        self.pod = started
+        self.heartbeat = Heartbeat(started.agent_url, started.secrets["SM_HEARTBEAT_TOKEN"]).start()
+        self._ready = started
+        self.status = f"Pod {started.pod_id} is ready: {started.server_url}"
+
+    def _forget_started(self, pod_id):
+        if pod_id in self.started_here:
+            self.started_here.remove(pod_id)
+
+    def _release(self):
+        """No pod in use any more: its heartbeats stop."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
+        self.pod = None

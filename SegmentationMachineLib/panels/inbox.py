@@ -1,0 +1,99 @@
+"""Qt-free state of the module's Inbox section."""
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..core.errors import UserError
+from ..inbox.watcher import DEFAULT_INBOX, Inbox, InboxOptions
+from .tasks import BackgroundTask
+
+
+def default_inbox_folder() -> Path:
+    """SM_INBOX where set (the pod image sets /workspace/inbox), else ~/SegmentationMachine/Inbox."""
+    return Path(os.environ.get("SM_INBOX") or DEFAULT_INBOX)
+
+
+def inbox_state_folder(folder: Path) -> Path:
+    """Journal and scratch area of one inbox folder, outside it and apart from other inboxes'."""
+    key = hashlib.sha256(str(Path(folder).expanduser().resolve()).encode()).hexdigest()[:16]
+    return Path.home() / ".segmentation-machine" / "inboxes" / key
+
+
+@dataclass
+class InboxPanel:
+    """Polls the inbox on a worker thread; the widget loads what is delivered and reports back.
+
+    Acknowledgements are applied between polls on the main thread, so the inbox is only ever
+    used by one thread at a time.
+    """
+
+    folder: Path = field(default_factory=default_inbox_folder)
+    settle_seconds: float = 5.0
+    status: str = "Press Start to watch the inbox folder."
+    inbox: Inbox = None
+    task: BackgroundTask = None
+    state_folder: Path = None  # default: inbox_state_folder(folder)
+    _acknowledgements: list = field(default_factory=list)
+
+    @property
+    def running(self) -> bool:
+        return self.inbox is not None
+
+    def start(self):
+        folder = Path(self.folder).expanduser()
+        if folder == default_inbox_folder().expanduser():
+            folder.mkdir(parents=True, exist_ok=True)  # the default inbox is ours to create
+        inbox = Inbox(InboxOptions(folder=folder, state_folder=self.state_folder or inbox_state_folder(folder),
+                                   settle_seconds=self.settle_seconds))
+        try:
+            inbox.start()
+        except UserError as error:
+            self.status = str(error)
+            return
+        self.inbox = inbox
+        self.status = f"Watching {folder}: series appear here when their files have settled."
+
+    def stop(self):
+        if self.task:
+            self.task.wait()
+            self.task = None
+        self._apply_acknowledgements()
+        if self.inbox:
+            self.inbox.stop()
+            self.inbox = None
+        self.status = "Stopped."
+
+    def tick(self) -> list:
+        """Main thread, from a timer: returns the deliveries that became ready since the last call."""
+        if not self.running:
+            return []
+        if self.task is None:
+            self._apply_acknowledgements()
+            self.task = BackgroundTask(self.inbox.poll)
+            return []
+        if not self.task.done():
+            return []
+        task, self.task = self.task, None
+        deliveries, problem = task.outcome()
+        if problem:
+            self.status = problem
+        return deliveries or []
+
+    def loaded(self, delivery, ok: bool, reason: str = ""):
+        """The widget loaded a delivery (or failed to, with reason); recorded before the next poll."""
+        self._acknowledgements.append((delivery, ok, reason))
+
+    def _apply_acknowledgements(self):
+        for delivery, ok, reason in self._acknowledgements:
+            self.inbox.acknowledge(delivery, ok, reason)
+        self._acknowledgements.clear()
+
+    def rows(self) -> list:
+        """(name, files, state, reason) per series, then one error row per skipped file."""
+        if not self.inbox:
+            return []
+        rows = [(s.name, s.files, s.state.value, s.reason) for s in self.inbox.statuses()]
+        rows += [(Path(str(path)).name, 1, "error", reason) for path, reason in self.inbox.bad_files.items()]
+        return rows

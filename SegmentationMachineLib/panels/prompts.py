@@ -1,0 +1,125 @@
+"""Qt-free state of the module's AI prompts section."""
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..core.errors import UserError
+from ..prompts.promptfile import Prompt
+from ..prompts.session import InteractiveSession, SegmentTarget
+from .tasks import BackgroundTask
+
+
+@dataclass
+class PromptsPanel:
+    """The AI prompts section: one server call at a time on a worker thread, prompts queued meanwhile.
+
+    Scene reads and segment writes happen in tick() on the main thread; the worker only talks
+    to the server. A prompt made while a prediction runs waits its turn: none is dropped.
+    """
+
+    include: bool = True
+    status: str = "Enter the server URL and key, then Connect."
+    last_latency: str = ""
+    session: InteractiveSession = None
+    task: BackgroundTask = None
+    queue: deque = field(default_factory=deque)
+    _job: object = None  # what the running task is: "connect", "stage", or a PendingPrompt
+    _connecting: InteractiveSession = None
+
+    @property
+    def connected(self) -> bool:
+        return self.session is not None
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None or bool(self.queue)
+
+    def connect(self, url: str, api_key: str):
+        if self.session:
+            self.session.close()
+            self.session = None
+        self._connecting = InteractiveSession(url, api_key, status=self._say)
+        self._start("connect", self._connecting.connect)
+        self.status = f"Connecting to {url}..."
+
+    def choose(self, volume_node, target: SegmentTarget):
+        """Main thread: the volume (uploaded if its voxels are new) and the segment to prompt into."""
+        if not self.session:
+            return
+        stage_volume = self.session.stage_volume(volume_node)
+        stage_segment = self.session.stage_segment(target)
+        self.queue.appendleft(("stage", lambda: (stage_volume(), stage_segment())))
+
+    def submit(self, kind: str, **geometry):
+        """A prompt from the viewers (RAS mm), include or exclude as the toggle says."""
+        self.queue.append(Prompt(kind, self.include, **geometry))
+
+    def toggle_include(self):
+        self.include = not self.include
+
+    def undo(self):
+        self.queue.append("undo")
+
+    def redo(self):
+        self.queue.append("redo")
+
+    def reset(self):
+        self.queue.append("reset")
+
+    def tick(self):
+        """Main thread, from a timer: finishes the running job, then starts the next queued one."""
+        if self.task and self.task.done():
+            self._finish()
+        if self.task is None and self.queue and self.session:  # prompts made while connecting wait
+            self._next()
+
+    def _start(self, job, function):
+        self._job = job
+        self.task = BackgroundTask(function)
+
+    def _say(self, sentence: str):
+        self.status = sentence  # from the worker while waiting or resuming: a plain assignment
+
+    def _finish(self):
+        task, job, self.task, self._job = self.task, self._job, None, None
+        try:
+            result, problem = task.outcome()
+        except Exception:
+            self.queue.clear()
+            raise
+        if problem:
+            self.status = problem
+            if job == "connect":
+                self._connecting = None
+            if job in ("connect", "stage"):
+                self.queue.clear()  # what was queued behind it cannot run
+            return
+        if job == "connect":
+            self.session, self._connecting = self._connecting, None
+            caps = self.session.capabilities
+            self.status = (f"Connected: nnInteractive {caps.server_version}, prompts {', '.join(caps.prompt_types)}, "
+                           f"model licence {caps.licence}.")
+        elif job == "stage":
+            self.status = "Ready: place a point, box, scribble or lasso."
+        else:
+            timing = self.session.finish(job, result)
+            self.last_latency = str(timing)
+            self.status = f"{job.prompt.kind.capitalize()} applied in {timing}."
+
+    def _next(self):
+        item = self.queue.popleft()
+        if isinstance(item, tuple):
+            self._start(*item)
+        elif isinstance(item, Prompt):
+            try:
+                pending = self.session.prepare(item)
+            except UserError as error:
+                self.status = str(error)
+                return
+            self._start(pending, pending.run)
+        else:  # undo / redo / reset touch the segment: main thread, quick
+            try:
+                getattr(self.session, item)()
+                self.status = f"{item.capitalize()} done."
+            except UserError as error:
+                self.status = str(error)

@@ -1,0 +1,1 @@
+"""nnInteractive: the session against the server, prompt geometry, prompt files."""

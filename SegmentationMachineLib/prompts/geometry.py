@@ -1,0 +1,126 @@
+"""Prompts in RAS millimetres → the voxel grid the server sees (array axes K, J, I of the volume).
+
+Works for any IJK-to-RAS matrix: oblique, mirrored, anisotropic. A box becomes the voxel box that
+holds its corners; a scribble is painted along its polyline; a lasso fills the voxels of its
+(possibly oblique) plane that fall inside it.
+"""
+
+import numpy as np
+from scipy import ndimage
+
+from ..core.errors import UserError
+
+
+class PromptOutsideError(UserError):
+    """A prompt that does not touch the image."""
+
+
+def ras_to_kji(ijk_to_ras: np.ndarray, ras) -> np.ndarray:
+    """(N, 3) RAS points → (N, 3) continuous voxel coordinates in array order (k, j, i)."""
+    ras = np.atleast_2d(np.asarray(ras, float))
+    ijk = (np.linalg.inv(ijk_to_ras) @ np.c_[ras, np.ones(len(ras))].T)[:3].T
+    return ijk[:, ::-1]
+
+
+def _check_inside(kji: np.ndarray, shape, what: str):
+    if (kji < -0.5).any() or (kji > np.array(shape) - 0.5).any():
+        raise PromptOutsideError(f"The {what} is outside the image: place it on the volume.")
+
+
+def point_voxel(ijk_to_ras, shape, ras) -> tuple:
+    kji = ras_to_kji(ijk_to_ras, ras)[0]
+    _check_inside(kji, shape, "point")
+    return tuple(int(v) for v in np.clip(np.rint(kji), 0, np.array(shape) - 1))
+
+
+def box_voxels(ijk_to_ras, shape, ras_min, ras_max) -> list:
+    """Half-open [[lo, hi]] per axis of the voxel box holding the RAS box's corners.
+
+    A box flat along a RAS axis (drawn in a slice view) becomes one slice across the voxel axis
+    closest to that RAS axis: the server's boxes are axis-aligned in voxels, and on an oblique
+    grid the flat RAS box is a tilted plane.
+    """
+    corners = np.array([[x, y, z] for x in (ras_min[0], ras_max[0]) for y in (ras_min[1], ras_max[1])
+                        for z in (ras_min[2], ras_max[2])])
+    kji = ras_to_kji(ijk_to_ras, corners)
+    low, high = kji.min(axis=0), kji.max(axis=0)
+    flat_ras = [axis for axis in range(3) if ras_max[axis] == ras_min[axis]]
+    if flat_ras:
+        directions = ijk_to_ras[:3, :3] / np.linalg.norm(ijk_to_ras[:3, :3], axis=0)  # columns: I, J, K
+        flat = 2 - int(np.argmax(np.abs(directions[flat_ras[0]])))  # I, J, K -> array axis 2, 1, 0
+    else:
+        flat = int(np.argmin(high - low)) if (high - low).min() < 0.5 else None
+    box = []
+    for axis in range(3):
+        if axis == flat:
+            centre = int(np.clip(np.rint((low[axis] + high[axis]) / 2), 0, shape[axis] - 1))
+            box.append([centre, centre + 1])
+        else:
+            lo, hi = int(np.ceil(low[axis] - 1e-6)), int(np.floor(high[axis] + 1e-6)) + 1
+            box.append([max(lo, 0), min(hi, shape[axis])])
+    if any(lo >= hi for lo, hi in box):
+        raise PromptOutsideError("The box is outside the image (or holds no voxel centre): draw it on the volume.")
+    return box
+
+
+def _plane_axes(kji: np.ndarray):
+    """Normal of the best-fitting plane through points and two in-plane unit vectors."""
+    centred = kji - kji.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=True)
+    return vt[2], vt[0], vt[1]
+
+
+def _crop(kji: np.ndarray, shape, margin: int):
+    """Integer bounds (low inclusive, high exclusive) around points, with a margin, inside the image."""
+    low = np.floor(kji.min(axis=0) - margin).astype(int).clip(0)
+    high = (np.ceil(kji.max(axis=0) + margin).astype(int) + 1).clip(max=np.array(shape))
+    return low, high
+
+
+def scribble_mask(ijk_to_ras, shape, ras_points, thickness):
+    """(mask, box): the polyline painted to the server's preferred thickness (voxels), as a crop of the
+    K, J, I grid and its half-open box, so only the scribble's neighbourhood travels."""
+    kji = ras_to_kji(ijk_to_ras, ras_points)
+    _check_inside(kji.mean(axis=0, keepdims=True), shape, "scribble")
+    low, high = _crop(kji, shape, int(np.ceil(max(thickness))) + 1)
+    mask = np.zeros(high - low, bool)
+    for start, end in zip(kji[:-1], kji[1:]):
+        steps = max(2, int(np.ceil(np.abs(end - start).max() * 4)) + 1)
+        samples = np.rint(np.linspace(start, end, steps)).astype(int) - low
+        inside = ((samples >= 0) & (samples < mask.shape)).all(axis=1)
+        mask[tuple(samples[inside].T)] = True
+    # Painted only within the scribble's slice when it was drawn in one (the usual case).
+    extent = kji.max(axis=0) - kji.min(axis=0)
+    size = [1 if extent[a] < 0.5 else max(1, int(round(thickness[a]))) for a in range(3)]
+    if max(size) > 1:
+        mask = ndimage.binary_dilation(mask, np.ones(size, bool))
+    return mask, [[int(lo), int(hi)] for lo, hi in zip(low, high)]
+
+
+def lasso_mask(ijk_to_ras, shape, ras_points):
+    """(mask, box): the closed polygon filled on its plane (voxels within half a voxel of it whose
+    projection falls inside), as a crop of the K, J, I grid and its half-open box."""
+    kji = ras_to_kji(ijk_to_ras, ras_points)
+    _check_inside(kji.mean(axis=0, keepdims=True), shape, "lasso")
+    normal, u, v = _plane_axes(kji)
+    low, high = _crop(kji, shape, 1)
+    grid = np.stack(np.meshgrid(*[np.arange(lo, hi) for lo, hi in zip(low, high)], indexing="ij"), -1).reshape(-1, 3)
+    centre = kji.mean(axis=0)
+    near = np.abs((grid - centre) @ normal) <= 0.5 + 1e-6  # one voxel thick, whatever the plane's tilt
+    polygon = np.c_[(kji - centre) @ u, (kji - centre) @ v]
+    candidates = grid[near]
+    inside = _inside_polygon(np.c_[(candidates - centre) @ u, (candidates - centre) @ v], polygon)
+    mask = np.zeros(high - low, bool)
+    mask[tuple((candidates[inside] - low).T)] = True
+    if not mask.any():
+        raise PromptOutsideError("The lasso encloses no voxel: draw a larger outline.")
+    return mask, [[int(lo), int(hi)] for lo, hi in zip(low, high)]
+
+
+def _inside_polygon(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    """Even-odd rule, vectorised over points."""
+    x, y = points[:, 0:1], points[:, 1:2]
+    x0, y0 = polygon[:, 0], polygon[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    crosses = ((y0 > y) != (y1 > y)) & (x < (x1 - x0) * (y - y0) / np.where(y1 == y0, 1e-12, y1 - y0) + x0)
+    return (crosses.sum(axis=1) % 2) == 1

@@ -1,0 +1,1 @@
+"""CPU presets and segmentation files."""

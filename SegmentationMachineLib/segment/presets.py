@@ -1,0 +1,167 @@
+"""CPU segmentation presets (no GPU, no weights): bone and skin from CT Hounsfield units.
+
+Masks are computed in NumPy on the volume's K, J, I grid with distances in millimetres, so the
+same preset behaves alike on 0.5 mm and 3 mm scans. The result is a named, coloured segment.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import slicer
+from scipy import ndimage
+
+from ..core import arrays
+from ..core.errors import SegmentationError
+from ..core.scene import SceneContext
+
+# Scanners write values like -3024 or -2000 outside the field of view; no tissue is below this.
+PADDING_BELOW_HU = -1500
+
+
+@dataclass(frozen=True)
+class BoneOptions:
+    threshold_hu: float = 130.0  # cancellous bone starts near here; cortical bone is far above
+    closing_mm: float = 6.0  # bridges the gaps between cortical shell and cancellous core
+    max_hole_cm2: float = 20.0  # fills marrow and vertebral bodies, never a whole pelvis or chest
+    min_island_ml: float = 1.0  # drops speckle, calcifications and noise
+
+
+@dataclass(frozen=True)
+class SkinOptions:
+    threshold_hu: float = -400.0  # between air (-1000) and fat (-100)
+    opening_mm: float = 3.0  # detaches the table, blankets and cables before choosing the body
+
+
+def spacing_kji(volume_node) -> np.ndarray:
+    return arrays.spacing_of(arrays.ijk_to_ras(volume_node))[::-1]
+
+
+def _pad_width(radius_mm: float, spacing) -> list:
+    return [(int(np.ceil(radius_mm / s)) + 1,) * 2 for s in spacing]
+
+
+def _closing(mask, radius_mm, spacing):
+    """Morphological closing with a ball of radius_mm (exact Euclidean distances, anisotropic voxels)."""
+    pad = _pad_width(radius_mm, spacing)
+    padded = np.pad(mask, pad)
+    dilated = ndimage.distance_transform_edt(~padded, sampling=spacing) <= radius_mm
+    closed = ndimage.distance_transform_edt(dilated, sampling=spacing) > radius_mm
+    return closed[tuple(slice(p[0], -p[0]) for p in pad)]
+
+
+def _opening(mask, radius_mm, spacing):
+    """Opening with a ball; the image's ends are not background (a 3-slice scan must not erode away)."""
+    if mask.all():
+        return mask
+    eroded = ndimage.distance_transform_edt(mask, sampling=spacing) > radius_mm
+    if not eroded.any():
+        return eroded
+    return ndimage.distance_transform_edt(~eroded, sampling=spacing) <= radius_mm
+
+
+def _fill_small_holes(mask, spacing, max_area_mm2):
+    """Fills 2D holes (in each K slice) no larger than max_area_mm2."""
+    pixel_area = spacing[1] * spacing[2]
+    filled = mask.copy()
+    for k in range(mask.shape[0]):
+        holes = ndimage.binary_fill_holes(mask[k]) & ~mask[k]
+        if not holes.any():
+            continue
+        labels, count = ndimage.label(holes)
+        areas = np.bincount(labels.ravel())[1:] * pixel_area
+        small = np.concatenate([[False], areas <= max_area_mm2])
+        filled[k] |= small[labels]
+    return filled
+
+
+def _remove_small_islands(mask, spacing, min_volume_ml):
+    labels, count = ndimage.label(mask, ndimage.generate_binary_structure(3, 3))
+    if count == 0:
+        return mask
+    volumes_ml = np.bincount(labels.ravel())[1:] * float(np.prod(spacing)) / 1000.0
+    keep = np.concatenate([[False], volumes_ml >= min_volume_ml])
+    return keep[labels]
+
+
+def bone_mask(hu: np.ndarray, spacing, options: BoneOptions = BoneOptions()) -> np.ndarray:
+    mask = (hu > options.threshold_hu) & (hu > PADDING_BELOW_HU)
+    if not mask.any():
+        return mask
+    mask = _closing(mask, options.closing_mm, spacing)
+    mask = _fill_small_holes(mask, spacing, options.max_hole_cm2 * 100)
+    mask = _remove_small_islands(mask, spacing, options.min_island_ml)
+    return mask
+
+
+def skin_mask(hu: np.ndarray, spacing, options: SkinOptions = SkinOptions()) -> np.ndarray:
+    mask = (hu > options.threshold_hu) & (hu > PADDING_BELOW_HU)
+    if not mask.any():
+        return mask
+    mask = _opening(mask, options.opening_mm, spacing)
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    mask = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+    mask = _fill_small_holes(mask, spacing, np.inf)  # lungs and bowel gas are inside the body
+    return ndimage.binary_fill_holes(mask)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    segment_name: str
+    color: tuple  # RGB 0..1
+    description: str
+    mask: Callable
+
+
+PRESETS = {
+    "bone": Preset("bone", "Bone", (0.945, 0.839, 0.569),
+                   "Bone from CT: threshold, closing, marrow filled, small islands removed", bone_mask),
+    "skin": Preset("skin", "Skin", (0.694, 0.478, 0.396),
+                   "Outer body surface from CT: table and air removed, cavities filled", skin_mask),
+}
+
+
+def add_segment_from_mask(segmentation_node, mask: np.ndarray, ijk_to_ras: np.ndarray, name: str, color) -> str:
+    """Adds mask (K, J, I on the grid ijk_to_ras describes) as a new segment; returns its id."""
+    labelmap = slicer.vtkOrientedImageData()
+    labelmap.ShallowCopy(arrays.image_from_array(mask.astype(np.uint8)))
+    labelmap.SetImageToWorldMatrix(arrays.array_to_matrix(ijk_to_ras))
+    return segmentation_node.AddSegmentFromBinaryLabelmapRepresentation(labelmap, name, color)
+
+
+def get_preset(preset_name: str) -> Preset:
+    if preset_name not in PRESETS:
+        raise SegmentationError(f"There is no preset '{preset_name}': choose one of {', '.join(PRESETS)}.")
+    return PRESETS[preset_name]
+
+
+def preset_mask(preset_name: str, hu: np.ndarray, spacing, volume_name: str) -> np.ndarray:
+    """The preset's mask; touches no scene, so it may run on a worker thread (with a copy of hu)."""
+    preset = get_preset(preset_name)
+    mask = preset.mask(hu, spacing)
+    if not mask.any():
+        raise SegmentationError(
+            f"The {preset.name} preset found nothing in '{volume_name}': it expects a CT in "
+            "Hounsfield units; for MR or other images use the AI prompt tools.")
+    return mask
+
+
+def apply_preset(ctx: SceneContext, volume_node, preset_name: str, segmentation_node=None):
+    """Runs a preset on volume_node; adds its segment to segmentation_node (a new one if None)."""
+    mask = preset_mask(preset_name, arrays.volume_array(volume_node), spacing_kji(volume_node), volume_node.GetName())
+    return add_preset_segment(ctx, volume_node, preset_name, mask, segmentation_node)
+
+
+def add_preset_segment(ctx: SceneContext, volume_node, preset_name: str, mask: np.ndarray, segmentation_node=None):
+    """Main-thread half of apply_preset: the mask becomes a named, coloured segment."""
+    preset = get_preset(preset_name)
+    if segmentation_node is None:
+        segmentation_node = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()}_segmentation")
+        segmentation_node.CreateDefaultDisplayNodes()
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    add_segment_from_mask(segmentation_node, mask, arrays.ijk_to_ras(volume_node), preset.segment_name, preset.color)
+    return segmentation_node

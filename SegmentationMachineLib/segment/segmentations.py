@@ -1,0 +1,44 @@
+"""Read segmentations from files: Slicer's .seg.nrrd, or a labelmap (NIfTI/NRRD) with optional label names."""
+
+import json
+from pathlib import Path
+
+from ..core.errors import InputError
+from ..core.scene import SceneContext
+from ..dicom.volumes import load_volume_file
+
+
+def read_label_names(path) -> dict:
+    """{label value: name} from a JSON object such as TotalSegmentator's labels_total.json."""
+    try:
+        data = json.loads(Path(path).read_text())
+        return {int(value): str(name) for value, name in data.items()}
+    except (OSError, ValueError, AttributeError) as error:
+        raise InputError(f"{path} is not a JSON object of label value to name ({error}): fix the file.") from None
+
+
+def load_segmentation(ctx: SceneContext, path, label_names: dict = None, reference_volume=None):
+    """A segmentation node from path; labelmap segments are named from label_names where given."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path} is not a file: give a .seg.nrrd segmentation or a labelmap (NIfTI or NRRD).")
+    if path.name.lower().endswith(".seg.nrrd"):
+        node = ctx.segmentations_logic.LoadSegmentationFromFile(str(path), False)
+        if node is None:
+            raise InputError(f"{path} could not be read as a Slicer segmentation: check that the file is complete.")
+    else:
+        labelmap = load_volume_file(ctx, path, labelmap=True).node
+        node = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", labelmap.GetName())
+        node.CreateDefaultDisplayNodes()
+        if not ctx.segmentations_logic.ImportLabelmapToSegmentationNode(labelmap, node):
+            raise InputError(f"{path} could not be imported as a labelmap: it must hold whole-number labels.")
+        ctx.scene.RemoveNode(labelmap)
+        segmentation = node.GetSegmentation()
+        for index in range(segmentation.GetNumberOfSegments()):
+            segment = segmentation.GetNthSegment(index)
+            name = (label_names or {}).get(segment.GetLabelValue())
+            if name:
+                segment.SetName(name)
+    if reference_volume is not None:
+        node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
+    return node
