@@ -8,7 +8,7 @@ import pytest
 
 from fake_runpod import FakeRunPod
 
-from SegmentationMachineLib.cloud.pods import RunPodGraphQL
+from SegmentationMachineLib.cloud.pods import RunPodRest
 from SegmentationMachineLib.core.scene import create_headless_scene
 from SegmentationMachineLib.dicom.phantom import make_phantom, write_phantom
 
@@ -67,22 +67,19 @@ def untouched():
 
 
 @pytest.fixture
-def fake():
+def fake(monkeypatch):
+    """A fake RunPod (REST v2, and GraphQL's create) on loopback; the client is pointed at it."""
     running = FakeRunPod(RUNPOD_KEY).start()
-    previous = os.environ.get("RUNPOD_API_BASE_URL")
-    os.environ["RUNPOD_API_BASE_URL"] = running.url  # the SDK reads it on every call
+    for name, value in running.environment().items():
+        monkeypatch.setenv(name, value)
     yield running
     running.stop()
-    if previous is None:
-        del os.environ["RUNPOD_API_BASE_URL"]
-    else:
-        os.environ["RUNPOD_API_BASE_URL"] = previous
 
 
 @pytest.fixture
 def backend(fake):
-    """The pods adapter (real runpod SDK) on the fake; its back-off pauses are recorded, not slept."""
+    """The pods adapter on the fake; its pauses are recorded, not slept."""
     sleeps = []
-    adapter = RunPodGraphQL(RUNPOD_KEY, sleep=sleeps.append)
+    adapter = RunPodRest(RUNPOD_KEY, sleep=sleeps.append)
     adapter.sleeps = sleeps
     return adapter

@@ -1,29 +1,47 @@
-"""A local fake of RunPod's GraphQL API that behaves like the real one, for the real `runpod` SDK.
+"""A local fake of RunPod's REST v2 API (plus the one GraphQL mutation still used) that behaves like the real one.
 
-The SDK reads RUNPOD_API_BASE_URL and posts GraphQL text to {base}/graphql. The fake parses that
-text (graphql-core) and answers the operations the project uses, with RunPod's failure modes:
-pods provision slowly (runtime, then ports, appear late), one GPU type has no capacity, a create
-can answer 500 after it created the pod, some calls answer 429, a wrong key gets 401, costs accrue.
+RUNPOD_REST_URL points the client at {url}/v2 and RUNPOD_GRAPHQL_URL at {url}/graphql. The fake
+answers as notes/runpod-2026.md describes: bearer key, problem+json errors (RFC 9457), lists
+wrapped as {"pods": [...]}, 400 without capacity (RunPod's own sentences, no code), 402, 422, 429
+with Retry-After, a 5xx after the pod was created, a pod list that lags behind a create, pods that
+provision slowly and list their ports late, 404 once a pod is gone, 409 for an action not valid
+now, terminateAfter honoured, and RunPod's proxy to the pod's server and agent under /proxy/.
 """
 
 import itertools
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 from graphql import parse
 from graphql.language import ast
 
 NO_CAPACITY = "There are no longer any instances available with the requested specifications. Please refresh and try again."
+NO_RESOURCES = "This machine does not have the resources to deploy your pod."
+NO_FREE_GPUS = "There are not enough free GPUs on the host machine to start this pod."
+SOMETHING_WENT_WRONG = "Something went wrong. Please try again later or contact support."
 
 GPU_TYPES = [
-    {"id": "NVIDIA GeForce RTX 3070", "displayName": "RTX 3070", "memoryInGb": 8, "securePrice": 0.14, "communityPrice": 0.10},
-    {"id": "NVIDIA GeForce RTX 4090", "displayName": "RTX 4090", "memoryInGb": 24, "securePrice": 0.69, "communityPrice": 0.34},
-    {"id": "NVIDIA RTX A5000", "displayName": "RTX A5000", "memoryInGb": 24, "securePrice": 0.27, "communityPrice": 0.16},
-    {"id": "NVIDIA L40S", "displayName": "L40S", "memoryInGb": 48, "securePrice": 0.86, "communityPrice": 0.79},
+    {"id": "NVIDIA GeForce RTX 3070", "displayName": "RTX 3070", "manufacturer": "Nvidia", "memoryInGb": 8,
+     "securePrice": 0.14, "communityPrice": 0.10, "stock": "High"},
+    {"id": "NVIDIA GeForce RTX 4090", "displayName": "RTX 4090", "manufacturer": "Nvidia", "memoryInGb": 24,
+     "securePrice": 0.69, "communityPrice": 0.34, "stock": "Medium"},
+    {"id": "NVIDIA RTX A5000", "displayName": "RTX A5000", "manufacturer": "Nvidia", "memoryInGb": 24,
+     "securePrice": 0.27, "communityPrice": 0.16, "stock": "Low"},
+    {"id": "NVIDIA L40S", "displayName": "L40S", "manufacturer": "Nvidia", "memoryInGb": 48,
+     "securePrice": 0.86, "communityPrice": 0.79, "stock": "High"},
+    {"id": "NVIDIA H100 80GB HBM3", "displayName": "H100 SXM", "manufacturer": "Nvidia", "memoryInGb": 80,
+     "securePrice": 2.69, "communityPrice": 1.99, "stock": "None"},  # listed, but none to be had
+    {"id": "AMD Instinct MI300X OAM", "displayName": "MI300X", "manufacturer": "AMD", "memoryInGb": 192,
+     "securePrice": 0.20, "communityPrice": 0.20, "stock": "High"},  # cheap and large, but no CUDA
 ]
+PORT = re.compile(r"^\d{1,5}/(http|tcp)$")
 
 
 @dataclass
@@ -32,15 +50,23 @@ class FakeRunPod:
     boot_s: float = 1.0  # until the runtime appears (image pulled, container started)
     ports_s: float = 2.0  # until its ports are listed
     server_s: float = 3.0  # until the pod's nnInteractive server answers through the proxy
+    list_lag_s: float = 2.0  # a new pod is missing from GET /pods this long
     no_capacity: set = field(default_factory=lambda: {"NVIDIA RTX A5000"})
-    fail_next_create_after_creating: bool = False  # answer 500 although the pod was created
-    rate_limit_every: int = 0  # every Nth request answers 429
-    balance: float = 25.0
+    capacity_message: str = NO_CAPACITY
+    no_capacity_on_resume: bool = False
+    create_fault: tuple = None  # (status, detail): the next create answers this although it created the pod
+    rate_limit_every: int = 0  # every Nth API request answers 429
+    retry_after_s: int = 1
+    balance: float = 25.0  # at 0, creates answer 402
+    graphql_retired: bool = False  # /graphql answers 404, as it will in 2027
+    limited_keys: set = field(default_factory=set)  # keys that may read and stop pods but not terminate them
+    agent_answers: bool = True  # the pod agent behind the proxy (port 8001) answers heartbeats
     warning: str = ""  # what the pod agent behind the proxy warns of
-    clock: object = time.monotonic
+    clock: object = time.monotonic  # provisioning and the list's lag
+    wall: object = time.time  # terminateAfter
     pods: dict = field(default_factory=dict)
-    requests: list = field(default_factory=list)  # (operation, arguments) as received
-    paths: list = field(default_factory=list)  # every URL path asked for, to prove no secret travels in one
+    requests: list = field(default_factory=list)  # (method, path, JSON body) of every API request
+    paths: list = field(default_factory=list)  # every URL asked for, to prove no secret travels in one
 
     def __post_init__(self):
         self._ids = itertools.count(1)
@@ -53,17 +79,31 @@ class FakeRunPod:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self._serve("GET")
+
             def do_POST(self):
+                self._serve("POST")
+
+            def do_DELETE(self):
+                self._serve("DELETE")
+
+            def _serve(self, method):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 fake.paths.append(self.path)
+                authorization = self.headers.get("Authorization", "")
                 if self.path.startswith("/proxy/"):  # https://POD_ID-PORT.proxy.runpod.net, here as a path
-                    status, payload = fake.proxy(self.path, self.headers.get("Authorization", ""))
+                    status, payload, headers = *fake.proxy(self.path, authorization), {}
                 else:
-                    status, payload = fake.handle(self.headers.get("Authorization", ""), body)
+                    status, payload, headers = fake.handle(method, self.path, authorization, body)
                 data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+                kind = ("text/html" if isinstance(payload, str) else
+                        "application/problem+json" if status >= 400 and "status" in payload else "application/json")
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json" if not isinstance(payload, str) else "text/html")
+                self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -78,14 +118,22 @@ class FakeRunPod:
     def stop(self):
         self._server.shutdown()
 
+    def environment(self) -> dict:
+        """What points a client (or a pod agent) at the fake."""
+        return {"RUNPOD_REST_URL": self.url + "/v2", "RUNPOD_GRAPHQL_URL": self.url + "/graphql"}
+
     def proxy(self, path: str, authorization: str):
         """The pod's server behind RunPod's proxy: 502 until it is up, then it checks the pod's own key."""
         target, _, route = path[len("/proxy/"):].partition("/")
         pod_id, _, port = target.rpartition("-")
-        pod = self.pods.get(pod_id)
-        if pod is None or pod["desiredStatus"] != "RUNNING" or self._uptime(pod) < self.server_s:
+        with self._lock:
+            self._expire()
+            pod = self.pods.get(pod_id)
+        if pod is None or pod["status"] != "RUNNING" or self._uptime(pod) < self.server_s:
             return 502, "<html><body>502 Bad Gateway</body></html>"
         if port == "8001":  # the pod agent
+            if not self.agent_answers:
+                return 502, "<html><body>502 Bad Gateway</body></html>"
             if authorization != f"Bearer {pod['env'].get('SM_HEARTBEAT_TOKEN')}":
                 return 401, {"detail": "invalid heartbeat token"}
             pod["heartbeats"] = pod.get("heartbeats", 0) + 1
@@ -98,119 +146,205 @@ class FakeRunPod:
         """For SM_RUNPOD_PROXY_URL: the fake's stand-in for https://{pod_id}-{port}.proxy.runpod.net."""
         return self.url + "/proxy/{pod_id}-{port}"
 
-    # -- GraphQL ---------------------------------------------------------------------------
-    def handle(self, authorization: str, body: bytes):
+    # -- the API ---------------------------------------------------------------------------
+    def handle(self, method: str, path: str, authorization: str, body: bytes):
+        """(status, payload, headers) for one API request."""
         with self._lock:
             self._count += 1
-            if authorization != f"Bearer {self.api_key}":
-                return 401, {"error": "Unauthorized"}
+            try:
+                payload = json.loads(body) if body else None
+            except ValueError:
+                return (*_problem(400, "The body is not JSON."), {})
+            self.requests.append((method, path, payload))
+            key = authorization.removeprefix("Bearer ")
+            if not authorization.startswith("Bearer ") or key not in {self.api_key, *self.limited_keys}:
+                return (*_problem(401, "Invalid or missing API key."), {})
             if self.rate_limit_every and self._count % self.rate_limit_every == 0:
                 self.rate_limited += 1
-                return 429, {"errors": [{"message": "Too Many Requests: rate limit exceeded"}]}
-            document = parse(json.loads(body)["query"])
-            field_node = document.definitions[0].selection_set.selections[0]
-            name = field_node.name.value
-            arguments = {a.name.value: _value(a.value) for a in field_node.arguments or ()}
-            self.requests.append((name, arguments))
+                return (*_problem(429, "Too many requests."), {"Retry-After": str(self.retry_after_s)})
+            self._expire()
             try:
-                result = getattr(self, f"_op_{name}")(arguments.get("input", {}), field_node)
+                if path == "/graphql":
+                    return (*self._graphql(payload or {}), {})
+                return (*self._route(method, urlsplit(path).path, payload, key), {})
             except _Failure as failure:
-                return failure.status, failure.body
-            return 200, {"data": {name: result}}
+                return failure.answer
 
-    def _op_myself(self, _input, node):
-        return {"id": "user-1", "pubKey": "", "networkVolumes": [], "clientBalance": round(self.balance, 4),
-                "currentSpendPerHr": sum(p["costPerHr"] for p in self.pods.values() if p["desiredStatus"] == "RUNNING"),
-                "pods": [self._pod_view(p) for p in self.pods.values()]}
-
-    def _op_gpuTypes(self, query, node):
-        types = [g for g in GPU_TYPES if not query.get("id") or g["id"] == query["id"]]
-        return [{**g, "secureCloud": True, "communityCloud": True, "maxGpuCount": 8,
-                 "lowestPrice": {"minimumBidPrice": g["communityPrice"] / 2, "uninterruptablePrice": g["communityPrice"]}}
-                for g in types]
-
-    def _op_pod(self, query, node):
-        pod = self.pods.get(query.get("podId"))
-        return self._pod_view(pod) if pod else None
-
-    def _op_podFindAndDeployOnDemand(self, spec, node):
-        if spec.get("gpuTypeId") in self.no_capacity:
-            raise _Failure(200, {"errors": [{"message": NO_CAPACITY}]})
-        gpu = next((g for g in GPU_TYPES if g["id"] == spec.get("gpuTypeId")), None)
-        if gpu is None:
-            raise _Failure(200, {"errors": [{"message": "Invalid GPU type"}]})
-        pod_id = f"pod{next(self._ids):04d}x"
-        price = gpu["securePrice"] if spec.get("cloudType") == "SECURE" else gpu["communityPrice"]
-        self.pods[pod_id] = {
-            "id": pod_id, "name": spec.get("name", ""), "imageName": spec.get("imageName", ""),
-            "templateId": spec.get("templateId"), "gpuTypeId": gpu["id"], "gpuDisplayName": gpu["displayName"],
-            "costPerHr": price, "desiredStatus": "RUNNING", "created": self.clock(), "stoppedUptime": 0.0,
-            "env": {item["key"]: item["value"] for item in spec.get("env", [])}, "ports": spec.get("ports", ""),
-            "volumeInGb": spec.get("volumeInGb", 0), "containerDiskInGb": spec.get("containerDiskInGb", 0),
-            "volumeMountPath": spec.get("volumeMountPath", ""), "gpuCount": spec.get("gpuCount", 1),
-        }
-        if self.fail_next_create_after_creating:
-            self.fail_next_create_after_creating = False
-            raise _Failure(500, "<html><body>502 Bad Gateway</body></html>")
-        return self._pod_view(self.pods[pod_id])
-
-    def _op_podStop(self, query, node):
-        pod = self._existing(query)
-        pod["stoppedUptime"] += self._uptime(pod)
-        pod["desiredStatus"] = "EXITED"
-        return {"id": pod["id"], "desiredStatus": "EXITED"}
-
-    def _op_podResume(self, query, node):
-        pod = self._existing(query)
-        pod["desiredStatus"], pod["created"] = "RUNNING", self.clock()
-        return self._pod_view(pod)
-
-    def _op_podTerminate(self, query, node):
-        self._existing(query)
-        del self.pods[query["podId"]]
-        return None
-
-    def _existing(self, query):
-        pod = self.pods.get(query.get("podId"))
+    def _route(self, method, path, body, key):
+        parts = path.strip("/").split("/")  # v2, pods, ID, action
+        if parts[0] != "v2":
+            raise _Failure(404, "No such endpoint.")
+        if method == "GET" and parts[1:] == ["catalog", "gpus"]:
+            return 200, {"gpus": [_catalog_entry(g) for g in GPU_TYPES]}
+        if parts[1:2] != ["pods"]:
+            raise _Failure(404, "No such endpoint.")
+        if len(parts) == 2:
+            if method == "GET":
+                listed = [p for p in self.pods.values() if self.clock() - p["created_at"] >= self.list_lag_s]
+                return 200, {"pods": [self._view(p) for p in listed]}
+            return 201, self._view(self._create_from_v2(body if isinstance(body, dict) else {}))
+        pod = self.pods.get(parts[2])
         if pod is None:
-            raise _Failure(200, {"errors": [{"message": "pod not found"}]})
-        return pod
+            raise _Failure(404, f"Pod {parts[2]} not found.")
+        if method == "GET" and len(parts) == 3:
+            return 200, self._view(pod)
+        if method == "GET" and parts[3:] == ["logs"]:
+            return 200, {"logs": list(pod["log"])}
+        if method == "DELETE" and len(parts) == 3:
+            return self._act(pod, "terminate", key)
+        if method == "POST" and parts[3:] == ["action"]:
+            return self._act(pod, (body or {}).get("action"), key)
+        raise _Failure(404, "No such endpoint.")
+
+    def _act(self, pod, action, key):
+        if action == "stop":
+            if pod["status"] != "RUNNING":
+                raise _Failure(409, f"Pod {pod['id']} is not running.")
+            pod["stoppedUptime"] += self._uptime(pod)
+            pod["status"] = "EXITED"
+        elif action == "start":
+            if pod["status"] == "RUNNING":
+                raise _Failure(409, f"Pod {pod['id']} is already running.")
+            if self.no_capacity_on_resume:
+                raise _Failure(400, NO_FREE_GPUS)
+            pod["status"], pod["started"] = "RUNNING", self.clock()
+        elif action == "terminate":
+            if key in self.limited_keys:
+                raise _Failure(403, "This API key may not terminate pods.")
+            del self.pods[pod["id"]]
+            return 200, {}
+        else:
+            raise _Failure(422, "action must be one of stop, start, terminate.")
+        return 200, self._view(pod)
+
+    def _create_from_v2(self, body):
+        gpu, env, ports, mounts = body.get("gpu"), body.get("env", {}), body.get("ports", []), body.get("mounts", [])
+        problems = [text for broken, text in [
+            (not isinstance(body.get("name"), str), "name must be a string"),
+            (not isinstance(gpu, dict) or not isinstance(gpu.get("id"), str), "gpu.id must be a string"),
+            (not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()),
+             "env must be an object of strings"),
+            (not isinstance(ports, list) or not all(PORT.match(str(p)) for p in ports),
+             "ports must be a list like [\"8000/http\"]"),
+            (not isinstance(mounts, list) or len(mounts) > 1, "mounts must be a list of at most one mount"),
+            (not (body.get("image") or body.get("templateId")), "image or templateId is required"),
+            (body.get("cloudType") not in ("SECURE", "COMMUNITY"), "cloudType must be SECURE or COMMUNITY")]
+            if broken]
+        if problems:
+            raise _Failure(422, "; ".join(problems))
+        mount = mounts[0] if mounts else {}
+        return self._create(body["name"], gpu["id"], body["cloudType"], env, ports, body.get("image", ""),
+                            body.get("templateId"), mount.get("volumeInGb", 0), mount.get("mountPath", ""), None)
+
+    def _create(self, name, gpu_id, cloud, env, ports, image, template_id, volume_gb, mount_path, terminate_after):
+        if gpu_id in self.no_capacity:
+            raise _Failure(400, self.capacity_message)
+        gpu = next((g for g in GPU_TYPES if g["id"] == gpu_id), None)
+        if gpu is None:
+            raise _Failure(400, f"There is no GPU type {gpu_id}.")
+        if self.balance <= 0:
+            raise _Failure(402, "Your balance is too low to deploy this pod.")
+        pod_id = f"pod{next(self._ids):04d}x"
+        now = self.clock()
+        self.pods[pod_id] = {
+            "id": pod_id, "name": name, "image": image, "templateId": template_id, "gpuTypeId": gpu["id"],
+            "gpuDisplayName": gpu["displayName"], "cloud": cloud, "status": "RUNNING", "created_at": now,
+            "started": now, "stoppedUptime": 0.0, "env": dict(env), "ports": list(ports), "volumeInGb": volume_gb,
+            "volumeMountPath": mount_path, "terminateAfter": terminate_after,
+            "cost": gpu["securePrice"] if cloud == "SECURE" else gpu["communityPrice"],
+            "log": ["pulling image", "starting the container"],
+        }
+        if self.create_fault:
+            fault, self.create_fault = self.create_fault, None
+            raise _Failure(*fault)
+        return self.pods[pod_id]
+
+    def _graphql(self, body):
+        """podFindAndDeployOnDemand, the one mutation still used (for terminateAfter)."""
+        if self.graphql_retired:
+            raise _Failure(404, "GraphQL has been retired: use https://api.runpod.io/v2.")
+        operation = parse(body["query"]).definitions[0].selection_set.selections[0]
+        if operation.name.value != "podFindAndDeployOnDemand":
+            return 200, {"errors": [{"message": f"Cannot query field {operation.name.value}."}]}
+        [argument] = operation.arguments
+        spec = _value(argument.value, body.get("variables") or {})
+        terminate_after = spec.get("terminateAfter")
+        try:
+            if terminate_after:
+                datetime.fromisoformat(terminate_after.replace("Z", "+00:00"))
+            pod = self._create(spec.get("name", ""), spec.get("gpuTypeId"), spec.get("cloudType"),
+                               {e["key"]: e["value"] for e in spec.get("env", [])},
+                               [p for p in spec.get("ports", "").split(",") if p], spec.get("imageName", ""),
+                               spec.get("templateId"), spec.get("volumeInGb", 0), spec.get("volumeMountPath", ""),
+                               terminate_after)
+        except _Failure as failure:
+            if failure.status >= 500:
+                raise
+            return 200, {"errors": [{"message": failure.detail}]}
+        except ValueError:
+            return 200, {"errors": [{"message": "terminateAfter must be an RFC 3339 date-time."}]}
+        return 200, {"data": {"podFindAndDeployOnDemand": {"id": pod["id"], "name": pod["name"],
+                                                           "desiredStatus": "RUNNING", "costPerHr": pod["cost"]}}}
+
+    def _expire(self):
+        """RunPod's terminateAfter: the pod is terminated at that time, whatever runs inside."""
+        now = self.wall()
+        for pod_id, pod in list(self.pods.items()):
+            end = pod["terminateAfter"]
+            if end and datetime.fromisoformat(end.replace("Z", "+00:00")).timestamp() <= now:
+                del self.pods[pod_id]
 
     def _uptime(self, pod) -> float:
-        return self.clock() - pod["created"] if pod["desiredStatus"] == "RUNNING" else 0.0
+        return self.clock() - pod["started"] if pod["status"] == "RUNNING" else 0.0
 
     def cost_so_far(self, pod_id) -> float:
         pod = self.pods[pod_id]
-        return (pod["stoppedUptime"] + self._uptime(pod)) / 3600 * pod["costPerHr"]
+        return (pod["stoppedUptime"] + self._uptime(pod)) / 3600 * pod["cost"]
 
-    def _pod_view(self, pod):
+    def _view(self, pod):
         age = self._uptime(pod)
-        runtime = None
-        if pod["desiredStatus"] == "RUNNING" and age >= self.boot_s:
+        runtime, status = None, pod["status"]
+        if status == "RUNNING" and age < self.boot_s:
+            status = "PROVISIONING"
+        elif status == "RUNNING":
             ports = [{"ip": "100.65.0.2", "isIpPublic": False, "privatePort": int(p.split("/")[0]),
                       "publicPort": int(p.split("/")[0]), "type": p.split("/")[1]}
-                     for p in pod["ports"].split(",") if p] if age >= self.ports_s else []
-            runtime = {"uptimeInSeconds": int(age), "ports": ports}
-        return {"id": pod["id"], "name": pod["name"], "imageName": pod["imageName"], "desiredStatus": pod["desiredStatus"],
-                "costPerHr": pod["costPerHr"], "gpuCount": pod["gpuCount"], "ports": pod["ports"],
-                "uptimeSeconds": int(pod["stoppedUptime"] + age), "volumeInGb": pod["volumeInGb"],
-                "containerDiskInGb": pod["containerDiskInGb"], "volumeMountPath": pod["volumeMountPath"],
-                "env": [f"{k}={v}" for k, v in pod["env"].items()], "runtime": runtime,
-                "machine": {"gpuDisplayName": pod["gpuDisplayName"]}}
+                     for p in pod["ports"]] if age >= self.ports_s else []
+            runtime = {"uptime": int(pod["stoppedUptime"] + age), "ports": ports}
+        return {"id": pod["id"], "name": pod["name"], "status": status, "cost": pod["cost"],
+                "gpu": {"id": pod["gpuTypeId"], "displayName": pod["gpuDisplayName"], "count": 1},
+                "image": pod["image"], "ports": pod["ports"], "volumeInGb": pod["volumeInGb"], "runtime": runtime}
 
 
 class _Failure(Exception):
-    def __init__(self, status, body):
+    def __init__(self, status, detail):
         super().__init__(status)
-        self.status, self.body = status, body
+        self.status, self.detail = status, detail
+
+    @property
+    def answer(self):
+        return (*_problem(self.status, self.detail), {})
 
 
-def _value(node):
-    """A GraphQL literal as Python."""
+def _problem(status: int, detail: str):
+    """An RFC 9457 problem: (status, body)."""
+    return status, {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail}
+
+
+def _catalog_entry(gpu: dict) -> dict:
+    entry = {k: v for k, v in gpu.items() if k != "stock"}
+    return {**entry, "secureCloud": True, "communityCloud": gpu["manufacturer"] == "Nvidia",
+            "availability": {"stockStatus": gpu["stock"], "available": gpu["stock"] != "None"}}
+
+
+def _value(node, variables):
+    """A GraphQL literal or variable as Python."""
+    if isinstance(node, ast.VariableNode):
+        return variables.get(node.name.value)
     if isinstance(node, ast.ObjectValueNode):
-        return {f.name.value: _value(f.value) for f in node.fields}
+        return {f.name.value: _value(f.value, variables) for f in node.fields}
     if isinstance(node, ast.ListValueNode):
-        return [_value(v) for v in node.values]
+        return [_value(v, variables) for v in node.values]
     if isinstance(node, ast.IntValueNode):
         return int(node.value)
     if isinstance(node, ast.FloatValueNode):

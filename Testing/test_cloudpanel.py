@@ -47,7 +47,8 @@ def test_a_wrong_key_is_said_and_not_kept_a_right_one_lists_gpus(panel):
     settle(panel)
     assert panel.has_key and panel.store.load(KEY_NAME) == RUNPOD_KEY
     assert [g.id for g in panel.gpus] == ["NVIDIA RTX A5000", "NVIDIA GeForce RTX 4090", "NVIDIA L40S"]
-    assert panel.balance == "Balance $25.00, spending $0.00/h" and panel.status.startswith("Choose a GPU")
+    assert panel.balance == "Spending $0.00/h now (the balance is in the RunPod console)"
+    assert panel.status.startswith("Choose a GPU")
     panel.forget_key()
     assert not panel.has_key and panel.gpus == [] and "removed" in panel.status
 
@@ -74,7 +75,7 @@ def test_start_reports_phases_connects_and_beats_then_quit_terminates(panel, fak
     while fake.pods[ready.pod_id].get("heartbeats", 0) < 2:  # during the start, and once connected
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    assert ready.desktop_url.endswith("/vnc.html?autoconnect=1&resize=remote")
+    assert ready.desktop_url.endswith("/vnc.html?autoconnect=1&reconnect=true&resize=remote")
     assert panel.terminate_started_here() == [] and fake.pods == {} and panel.pod is None
 
 
@@ -92,10 +93,15 @@ def test_one_job_at_a_time_and_terminate_needs_its_pod(panel, fake):
     settle(panel)
     assert panel.pod is not None and first.pod_id not in fake.pods and panel.pod.pod_id in fake.pods
     assert panel.started_here == [panel.pod.pod_id]
+    stopped = panel.pod.pod_id
     panel.stop()  # kept on purpose: quitting must not terminate it
     settle(panel)
+    assert panel.status.startswith(f"Stopped pod {stopped}: no GPU billing; its 50 GB volume is kept and costs "
+                                   "$10.00/month until RunPod terminates the pod at ")
+    assert panel.status.endswith("(its maximum lifetime). 1 pod(s) started earlier are still there: connect to or "
+                                 "terminate them below.")
     assert panel.started_here == [] and panel.terminate_started_here() == []
-    assert [p["desiredStatus"] for p in fake.pods.values()] == ["EXITED"]
+    assert [p["status"] for p in fake.pods.values()] == ["EXITED"]
 
 
 def test_cancel_while_starting_terminates_the_pod(panel, fake):
@@ -133,10 +139,10 @@ def test_a_stopped_pod_from_earlier_is_resumed_on_connect(panel, fake):
     pod_id = panel.pod.pod_id
     panel.stop()
     settle(panel)
-    assert fake.pods[pod_id]["desiredStatus"] == "EXITED" and [p.status for p, c in panel.earlier] == ["EXITED"]
+    assert fake.pods[pod_id]["status"] == "EXITED" and [p.status for p, c in panel.earlier] == ["EXITED"]
     panel.connect_earlier(pod_id)
     ready = settle(panel)
-    assert ready.pod_id == pod_id and fake.pods[pod_id]["desiredStatus"] == "RUNNING" and panel.started_here == [pod_id]
+    assert ready.pod_id == pod_id and fake.pods[pod_id]["status"] == "RUNNING" and panel.started_here == [pod_id]
 
 
 def test_no_status_or_log_line_of_the_panel_carries_the_key(panel, fake, caplog):
@@ -145,7 +151,7 @@ def test_no_status_or_log_line_of_the_panel_carries_the_key(panel, fake, caplog)
     import traceback
 
     caplog.set_level(logging.DEBUG)
-    fake.rate_limit_every, fake.fail_next_create_after_creating = 4, True
+    fake.rate_limit_every, fake.create_fault = 4, (500, "Internal Server Error")
     statuses, errors = [], []
 
     def run(action, *args):

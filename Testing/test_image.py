@@ -1,15 +1,19 @@
 """The pod image's files, checked without Docker: the supervisord configuration and the other
 files the entrypoint renders from the environment (render_config.py run for real into a temporary
-root), the linters (hadolint, shellcheck), and a scan for default passwords and open services."""
+root), the server command against the installed upstream server's own argument parser, the pod agent's
+count of desktop sessions on real sockets, the linters (hadolint, shellcheck), and a scan for default
+passwords and open services. The upload page has its own tests (test_uploader.py)."""
 
 import configparser
 import os
 import re
 import shlex
 import shutil
+import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +22,9 @@ REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
 RENDER = DOCKER / "render_config.py"
 SERVER_PROGRAMS = {"server", "agent"}
-DESKTOP_PROGRAMS = SERVER_PROGRAMS | {"vnc", "novnc", "filebrowser", "slicer"}
+DESKTOP_PROGRAMS = SERVER_PROGRAMS | {"vnc", "novnc", "uploader", "slicer"}
+SERVER_COMMAND = ("/opt/venv/bin/nninteractive-server --host 0.0.0.0 --port 8000 --device cuda "
+                  "--model nnInteractive_v1.0 --no-torch-compile")
 SECRETS = ("SM_NNI_API_KEY", "SM_VNC_PASSWORD", "SM_FILES_PASSWORD", "SM_HEARTBEAT_TOKEN")
 
 
@@ -30,7 +36,7 @@ def render(root: Path, **env):
 
 def rendered(root: Path, **env) -> configparser.ConfigParser:
     result = render(root, **env)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     conf = configparser.ConfigParser(interpolation=None)
     conf.read(root / "etc/segmentation-machine/supervisord.conf")
     return conf
@@ -62,8 +68,7 @@ def mode_of(path: Path) -> int:
 def test_server_mode_runs_the_server_and_the_agent_only(tmp_path):
     found = programs(rendered(tmp_path))
     assert set(found) == SERVER_PROGRAMS
-    assert found["server"]["command"] == ("/opt/venv/bin/segmentation-machine server --host 0.0.0.0 --port 8000 "
-                                          "--device cuda")
+    assert found["server"]["command"] == SERVER_COMMAND
     assert found["agent"]["command"] == "/opt/venv/bin/python -m SegmentationMachineLib.cloud.podagent"
 
 
@@ -75,10 +80,12 @@ def test_desktop_mode_adds_the_desktop_services(tmp_path):
     assert "-localhost" in vnc and vnc[vnc.index("-securitytypes") + 1] == "VNC"
     assert vnc[vnc.index("-rfbauth") + 1] == "/home/sm/.vnc/passwd"
     assert found["novnc"]["command"].endswith("--web /opt/novnc 0.0.0.0:6080 127.0.0.1:5901")
-    filebrowser = found["filebrowser"]["command"].split()
-    assert filebrowser[filebrowser.index("-r") + 1] == "/workspace" and filebrowser[filebrowser.index("-p") + 1] == "8080"
+    uploader = found["uploader"]["command"].split()
+    assert uploader[:2] == ["/usr/bin/python3", "/opt/segmentation-machine/docker/uploader.py"]
+    assert uploader[uploader.index("--inbox") + 1] == "/workspace/inbox" and uploader[uploader.index("--port") + 1] == "8080"
+    assert uploader[uploader.index("--staging") + 1] == "/workspace/.uploads"  # outside the inbox, same volume
     assert environment(found["slicer"])["SM_INBOX"] == "/workspace/inbox"
-    assert all(found[name]["user"] == "sm" for name in ("vnc", "novnc", "filebrowser", "slicer"))
+    assert all(found[name]["user"] == "sm" for name in ("vnc", "novnc", "uploader", "slicer"))
 
 
 @pytest.mark.parametrize("mode", ["server", "desktop"])
@@ -108,8 +115,10 @@ def test_each_program_gets_only_its_own_secrets(tmp_path):
     env = {name: environment(program) for name, program in found.items()}
     assert [name for name, e in env.items() if "RUNPOD_API_KEY" in e] == ["agent"]
     assert [name for name, e in env.items() if "SM_HEARTBEAT_TOKEN" in e] == ["agent"]
-    assert sorted(name for name, e in env.items() if "SM_NNI_API_KEY" in e) == ["server", "slicer"]
-    assert not [name for name, e in env.items() if {"SM_VNC_PASSWORD", "SM_FILES_PASSWORD"} & set(e)]
+    assert [name for name, e in env.items() if "NN_INTERACTIVE_API_KEY" in e] == ["server"]  # upstream's variable
+    assert [name for name, e in env.items() if "SM_NNI_API_KEY" in e] == ["slicer"]
+    assert [name for name, e in env.items() if "SM_FILES_PASSWORD" in e] == ["uploader"]
+    assert not [name for name, e in env.items() if "SM_VNC_PASSWORD" in e]
 
 
 # --- rendering the environment ----------------------------------------------------------------
@@ -117,12 +126,12 @@ def test_each_program_gets_only_its_own_secrets(tmp_path):
 def test_given_values_reach_the_programs(tmp_path):
     given = {"SM_NNI_API_KEY": "nni-key-0123456789", "SM_HEARTBEAT_TOKEN": "heartbeat-0123456789",
              "SM_IDLE_TIMEOUT_S": "300", "SM_MAX_LIFETIME_S": "7200", "SM_BUDGET_USD": "4.5",
-             "SM_AGENT_PORT": "9001", "RUNPOD_POD_ID": "pod1", "RUNPOD_API_KEY": "rpa_KEY",
-             "RUNPOD_API_BASE_URL": "http://127.0.0.1:9999/graphql?x=1"}
+             "SM_PRICE_PER_HOUR": "2.69", "SM_AGENT_PORT": "9001", "RUNPOD_POD_ID": "pod1", "RUNPOD_API_KEY": "rpa_KEY",
+             "RUNPOD_REST_URL": "http://127.0.0.1:9999/v2?x=1"}
     found = programs(rendered(tmp_path, **given))
     server, agent = environment(found["server"]), environment(found["agent"])
-    assert server["SM_NNI_API_KEY"] == "nni-key-0123456789"
-    assert server["NNINTERACTIVE_MODEL_DIR"] == "/workspace/nninteractive"  # weights cached on the volume
+    assert server["NN_INTERACTIVE_API_KEY"] == "nni-key-0123456789"
+    assert server["NNINTERACTIVE_MODEL_DIR"] == "/workspace/nninteractive"  # not baked here: the volume's cache
     assert server["HF_HOME"].startswith("/workspace/")
     assert {k: agent[k] for k in given if k != "SM_NNI_API_KEY"} == {k: v for k, v in given.items() if k != "SM_NNI_API_KEY"}
     assert "nni-key-0123456789" not in found["server"]["command"]  # never on a command line
@@ -131,6 +140,30 @@ def test_given_values_reach_the_programs(tmp_path):
 def test_agent_defaults(tmp_path):
     agent = environment(programs(rendered(tmp_path))["agent"])
     assert agent["SM_IDLE_TIMEOUT_S"] == "900" and agent["SM_AGENT_PORT"] == "8001" and agent["SM_MODE"] == "server"
+    assert agent["SM_MAX_LIFETIME_S"] == "43200"  # a pod started from a RunPod template ends after 12 h too
+    assert "SM_BUDGET_USD" not in agent
+
+
+def test_baked_weights_are_served_from_the_image_and_pinned(tmp_path):
+    (tmp_path / "opt/nninteractive/models/nnInteractive_v1.0/fold_0").mkdir(parents=True)
+    server = programs(rendered(tmp_path))["server"]
+    assert environment(server)["NNINTERACTIVE_MODEL_DIR"] == "/opt/nninteractive"
+    assert "--model nnInteractive_v1.0" in server["command"]  # no manifest lookup, no new default model
+    assert "--model nnInteractive_v2.0" in programs(rendered(tmp_path, SM_NNI_MODEL="nnInteractive_v2.0"))[
+        "server"]["command"]  # another model: not in the image, so downloaded into the volume's cache
+    assert environment(programs(rendered(tmp_path, SM_NNI_MODEL="nnInteractive_v2.0"))["server"])[
+        "NNINTERACTIVE_MODEL_DIR"] == "/workspace/nninteractive"
+
+
+def test_the_server_command_is_what_the_installed_upstream_server_accepts(tmp_path):
+    """Parsed by nnInteractive's own argument parser (the one `nninteractive-server` runs)."""
+    from nnInteractive.inference.server.main import _build_parser
+
+    command = programs(rendered(tmp_path))["server"]["command"].split()
+    assert command[0] == "/opt/venv/bin/nninteractive-server"
+    args = _build_parser().parse_args(command[1:])
+    assert args.no_torch_compile and args.device == "cuda" and args.model == "nnInteractive_v1.0"
+    assert args.host == "0.0.0.0" and args.port == 8000 and args.api_key is None  # the key comes by environment
 
 
 def test_absent_secrets_are_generated_stored_privately_and_printed_once(tmp_path):
@@ -146,7 +179,7 @@ def test_absent_secrets_are_generated_stored_privately_and_printed_once(tmp_path
     second = render(tmp_path)  # a restart reuses them and prints nothing
     assert second.returncode == 0 and second.stdout == ""
     assert credentials(tmp_path) == stored
-    assert environment(programs(rendered(tmp_path))["server"])["SM_NNI_API_KEY"] == stored["SM_NNI_API_KEY"]
+    assert environment(programs(rendered(tmp_path))["server"])["NN_INTERACTIVE_API_KEY"] == stored["SM_NNI_API_KEY"]
 
     other = tmp_path / "other-pod"
     assert render(other).returncode == 0
@@ -161,16 +194,59 @@ def test_given_secrets_are_used_and_not_printed(tmp_path):
 
 
 @pytest.mark.parametrize("variable, value", [
-    ("SM_VNC_PASSWORD", "short"),  # File Browser and good sense want 12+ characters
+    ("SM_VNC_PASSWORD", "short"),
     ("SM_FILES_PASSWORD", 'quote"in-the-value'),
     ("SM_NNI_API_KEY", "spaces are not allowed here"),
-    ("SM_MODE", "kiosk"),
-    ("RUNPOD_API_BASE_URL", "http://x/%s"),
+    ("SM_HEARTBEAT_TOKEN", "token-0123456789 ;comment"),
 ])
-def test_unusable_settings_stop_the_start_with_a_sentence(tmp_path, variable, value):
+def test_an_unusable_secret_is_replaced_by_a_generated_one_never_a_failed_start(tmp_path, variable, value):
     result = render(tmp_path, **{variable: value})
-    assert result.returncode == 2
-    assert variable in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 0, result.stderr  # RunPod restarts a failed entrypoint forever, billing
+    assert f"{variable} must be 12 to 256 characters" in result.stderr and value not in result.stderr
+    generated = credentials(tmp_path)[variable]
+    assert generated != value and f"{variable}={generated}" in result.stdout  # printed once, as generated ones are
+
+
+# What RunPod's template form lets anyone type: supervisord ends a value at " ;" or " #" and expands "%(...)s".
+HOSTILE = ["5 ;x", "900 #", "1e3", "-5", "0", "%(ENV_HOME)s", '"', "９００", "15m", "9\n00", "inf"]
+
+
+@pytest.mark.parametrize("variable, default", [("SM_IDLE_TIMEOUT_S", "900"), ("SM_MAX_LIFETIME_S", "43200"),
+                                               ("SM_BUDGET_USD", None), ("SM_WARNING_S", None),
+                                               ("SM_AGENT_POLL_S", None), ("SM_AGENT_PORT", "8001")])
+@pytest.mark.parametrize("value", HOSTILE)
+def test_limits_take_plain_numbers_only_and_fall_back_to_their_default(tmp_path, variable, default, value):
+    result = render(tmp_path, **{variable: value})
+    assert result.returncode == 0 and f"{variable} must be" in result.stderr, result.stderr
+    agent = environment(programs(rendered(tmp_path, **{variable: value}))["agent"])
+    assert agent.get(variable) == default
+    assert agent["SM_HEARTBEAT_TOKEN"] == credentials(tmp_path)["SM_HEARTBEAT_TOKEN"]  # the line still parses
+
+
+@pytest.mark.parametrize("variable, value, fallback", [
+    ("SM_MODE", "kiosk", "server"),
+    ("SM_NNI_MODEL", "../../etc ;x", "nnInteractive_v1.0"),
+    ("RUNPOD_API_BASE_URL", "http://x/%s", None),
+    ("RUNPOD_POD_ID", "pod 1 ;x", None),
+    ("CUDA_VISIBLE_DEVICES", "0 #x", None),
+])
+def test_other_unusable_settings_are_named_and_replaced(tmp_path, variable, value, fallback):
+    result = render(tmp_path, **{variable: value})
+    assert result.returncode == 0 and variable in result.stderr and "Traceback" not in result.stderr
+    found = programs(rendered(tmp_path, **{variable: value}))
+    if variable == "SM_MODE":
+        assert set(found) == SERVER_PROGRAMS
+    elif variable == "SM_NNI_MODEL":
+        assert f"--model {fallback} " in found["server"]["command"]
+    else:
+        assert all(variable not in environment(program) for program in found.values())
+
+
+def test_given_limits_are_passed_as_given(tmp_path):
+    agent = environment(programs(rendered(tmp_path, SM_IDLE_TIMEOUT_S="300.5", SM_MAX_LIFETIME_S="3600",
+                                          SM_BUDGET_USD="2.75", SM_AGENT_PORT="9001"))["agent"])
+    assert (agent["SM_IDLE_TIMEOUT_S"], agent["SM_MAX_LIFETIME_S"], agent["SM_BUDGET_USD"], agent["SM_AGENT_PORT"]) == (
+        "300.5", "3600", "2.75", "9001")
 
 
 def test_ssh_only_with_public_key_and_keys_only(tmp_path):
@@ -189,14 +265,61 @@ def test_ssh_only_with_public_key_and_keys_only(tmp_path):
 
     assert "sshd" not in programs(rendered(tmp_path))  # restarted without a key: no sshd
     assert not conf_file.exists()
-    assert render(tmp_path, PUBLIC_KEY="not a key").returncode == 2
 
 
-def test_desktop_registers_the_module_with_slicer(tmp_path):
-    rendered(tmp_path, SM_MODE="desktop")
+ED25519 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample user@laptop"
+RSA = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC7exampleKeyBlob== work laptop"
+SK = "sk-ssh-ed25519@openssh.com AAAAGnNrLXNzaC1lZDI1NTE5QG9wZW5zc2guY29tAAAAI key on a token"
+
+
+def test_public_key_as_runpod_sends_it_keeps_the_keys_and_skips_the_rest(tmp_path):
+    """RunPod's PUBLIC_KEY: the account's keys as free text joined by blank lines; not every line is a key."""
+    text = f"{ED25519}\r\n\r\nMy laptop (added 2026-03):\n\n  {RSA}  \n\n---\n{SK}\nssh-ed25519\nssh-rsa not-base64!\n"
+    result = render(tmp_path, PUBLIC_KEY=text)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "root/.ssh/authorized_keys").read_text().splitlines() == [ED25519, RSA, SK]
+    skipped = [line for line in result.stderr.splitlines() if "is not an OpenSSH public key" in line]
+    assert [line.split("line ")[1].split()[0] for line in skipped] == ["3", "7", "9", "10"]
+    assert "My laptop" not in result.stderr  # free text is named by its line number only
+    assert "sshd" in programs(rendered(tmp_path, PUBLIC_KEY=text))
+
+
+@pytest.mark.parametrize("text", ["not a key", "ssh-ed25519 AAAA", "\n\nhello\n\n", "ssh-ed25519 AAAAC3Nza;rm -rf /"])
+def test_public_key_without_a_key_leaves_ssh_off_and_the_start_going(tmp_path, text):
+    result = render(tmp_path, PUBLIC_KEY=text)
+    assert result.returncode == 0 and "SSH stays off" in result.stderr, result.stderr
+    assert "sshd" not in programs(rendered(tmp_path, PUBLIC_KEY=text))
+    assert not (tmp_path / "etc/segmentation-machine/sshd_config").exists()
+
+
+def test_the_image_registers_the_module_with_slicer_as_the_desktop_users_file():
     ini = configparser.ConfigParser()
-    ini.read(tmp_path / "home/sm/.config/slicer.org/Slicer.ini")
+    ini.read(DOCKER / "desktop/Slicer.ini")
     assert ini["Modules"]["AdditionalPaths"] == "/opt/segmentation-machine/SegmentationMachine"
+    text = (DOCKER / "Dockerfile").read_text()
+    assert re.search(r"install -m 0644 -o sm -g sm /opt/segmentation-machine/docker/desktop/Slicer\.ini \\\n\s+"
+                     r"/home/sm/\.config/slicer\.org/Slicer\.ini", text)
+    assert "install -d -o sm -g sm /home/sm/Desktop /home/sm/.config /home/sm/.config/slicer.org" in text
+
+
+def test_the_entrypoint_does_nothing_as_root_under_the_desktop_users_home():
+    """The desktop user controls /home/sm: a planted link once made root chown /etc. Every command there runs
+    as that user (as_sm), and nothing changes ownership or modes by itself."""
+    lines = [line.strip() for line in (DOCKER / "entrypoint.sh").read_text().splitlines()
+             if not line.strip().startswith("#")]
+    touching = [line for line in lines if "DESKTOP_HOME" in line and not line.startswith(("DESKTOP_HOME=", "as_sm()"))]
+    assert len(touching) >= 4
+    for line in touching:
+        for command in (c.strip() for c in re.split(r"\|\||&&|\||;|\bthen\b|\bif !?", line) if "DESKTOP_HOME" in c):
+            assert command.startswith(("as_sm ", "[ -e ", "echo ")), line
+    assert not [line for line in lines if re.search(r"\bchown\b|\bchmod\b", line)]
+
+
+def test_the_entrypoint_never_refuses_to_start():
+    """RunPod restarts a container whose entrypoint exits: a refusal would bill forever."""
+    text = (DOCKER / "entrypoint.sh").read_text()
+    assert not re.search(r"^\s*exit [1-9]", text, re.M) and "render_config.py" in text
+    assert "return 2" not in RENDER.read_text() and "raise " not in RENDER.read_text()
 
 
 # --- the files the image is built from --------------------------------------------------------
@@ -222,10 +345,20 @@ def test_desktop_icons_run_scripts_that_exist():
         assert os.access(REPO / script, os.X_OK), icon.name
 
 
-def test_novnc_page_carries_no_password():
+def test_novnc_page_reconnects_by_itself_and_carries_no_password():
     page = (DOCKER / "desktop/novnc-index.html").read_text()
     urls = re.findall(r"vnc\.html\?[^\"]*", page)
-    assert urls and all("autoconnect=true" in url and "password" not in url for url in urls)
+    assert len(urls) == 2
+    assert all("autoconnect=true" in url and "reconnect=true" in url and "password" not in url for url in urls)
+
+
+def test_the_image_has_no_file_browser_and_no_compiler():
+    text = (DOCKER / "Dockerfile").read_text()
+    assert "filebrowser" not in text.lower() and "filebrowser" not in RENDER.read_text().lower()
+    assert not re.search(r"\b(build-essential|gcc|python3-dev)\b", text)  # the server runs --no-torch-compile
+    assert "iproute2" in text  # ss: the agent counts desktop sessions
+    assert re.search(r"^ARG BAKE_WEIGHTS=1$", text, re.M) and re.search(r"^ENV SM_NNI_MODEL=\$\{NNI_MODEL\}$", text, re.M)
+    assert 'nninteractive-download-model "$NNI_MODEL" --model-dir /opt/nninteractive' in text
 
 
 # --- linters: a missing linter fails, it never skips --------------------------------------------
@@ -326,8 +459,63 @@ def test_the_image_and_the_cloud_gpu_panel_agree_on_names_and_ports(tmp_path):
     text = RENDER.read_text() + (DOCKER / "Dockerfile").read_text()
     for port in (cloudgpu.SERVER_PORT, cloudgpu.AGENT_PORT, cloudgpu.DESKTOP_PORT, cloudgpu.FILES_PORT):
         assert str(port) in (DOCKER / "Dockerfile").read_text().split("EXPOSE", 1)[1].splitlines()[0]
-    assert f"0.0.0.0:{cloudgpu.DESKTOP_PORT}" in text and podagent.DESKTOP_PORTS == str(cloudgpu.DESKTOP_PORT)
-    assert f"-p {cloudgpu.FILES_PORT}" in text and f"--port {cloudgpu.SERVER_PORT}" in text
+    assert f"0.0.0.0:{cloudgpu.DESKTOP_PORT} 127.0.0.1:{podagent.DESKTOP_PORTS}" in text  # websockify → Xvnc
+    assert f"--port {cloudgpu.FILES_PORT}" in text and f"--port {cloudgpu.SERVER_PORT}" in text
     found = programs(rendered(tmp_path, SM_MODE="desktop"))
     assert f'SM_AGENT_PORT="{cloudgpu.AGENT_PORT}"' in found["agent"]["environment"]
     assert f'SM_IDLE_TIMEOUT_S="{cloudgpu.Limits.idle_timeout_s:g}"' in found["agent"]["environment"]
+
+
+# --- desktop idleness: the pod agent counts authenticated VNC sessions, on real sockets ------------------
+
+class Listener:
+    """A local TCP server standing in for Xvnc: what it sends each client is what `ss` sees."""
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.sockets = [self.server]
+
+    def client(self, server_sends: int):
+        client = socket.create_connection(("127.0.0.1", self.port))
+        accepted, _ = self.server.accept()
+        accepted.sendall(b"x" * server_sends)
+        received = 0
+        while received < server_sends:  # read by the client, so the bytes are acknowledged
+            received += len(client.recv(1 << 20))
+        self.sockets += [client, accepted]
+        return client
+
+    def close(self):
+        for sock in self.sockets:
+            sock.close()
+
+
+def counted(ports, expected, timeout=5.0):
+    """sessions_on(ports), waited for until it is `expected` (acknowledgements arrive asynchronously)."""
+    from SegmentationMachineLib.cloud.podagent import sessions_on
+
+    end = time.monotonic() + timeout
+    while (found := sessions_on(ports)) != expected and time.monotonic() < end:
+        time.sleep(0.05)
+    return found
+
+
+def test_only_sessions_that_got_past_the_vnc_login_count():
+    from SegmentationMachineLib.cloud.podagent import AUTHENTICATED_BYTES, DESKTOP_PORTS
+
+    assert DESKTOP_PORTS == "5901"  # Xvnc, where only websockify connects: not noVNC's 6080
+    vnc, other = Listener(), Listener()
+    try:
+        vnc.client(0)  # a stranger's idle socket
+        vnc.client(300)  # a login in progress or refused: version, security types, challenge, result
+        other.client(10 * AUTHENTICATED_BYTES)  # busy, but on another port (an HTTP keep-alive on 6080)
+        assert counted([vnc.port], 0) == 0
+        viewer = vnc.client(200_000)  # a logged-in browser receives the desktop itself
+        assert counted([vnc.port], 1) == 1
+        assert counted([vnc.port, other.port], 2) == 2
+        viewer.close()
+        assert counted([vnc.port], 0) == 0
+    finally:
+        vnc.close()
+        other.close()

@@ -6,14 +6,14 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
+import requests
 
 from conftest import RUNPOD_KEY
 from nninteractive_server import free_port
 from SegmentationMachineLib.cloud.heartbeat import Heartbeat
 from SegmentationMachineLib.cloud.podagent import AgentConfig, PodAgent, verdict
-from SegmentationMachineLib.cloud.pods import PodSpec, RunPodGraphQL
+from SegmentationMachineLib.cloud.pods import PodSpec, RunPodRest
 
 TOKEN = "heartbeat-token-of-this-pod"
 
@@ -21,7 +21,7 @@ TOKEN = "heartbeat-token-of-this-pod"
 class RunningAgent:
     def __init__(self, fake, pod_id, **limits):
         self.port = free_port()
-        env = {**os.environ, "RUNPOD_POD_ID": pod_id, "RUNPOD_API_KEY": RUNPOD_KEY, "RUNPOD_API_BASE_URL": fake.url,
+        env = {**os.environ, "RUNPOD_POD_ID": pod_id, "RUNPOD_API_KEY": RUNPOD_KEY, **fake.environment(),
                "SM_HEARTBEAT_TOKEN": TOKEN, "SM_AGENT_PORT": str(self.port), "SM_AGENT_POLL_S": "0.3",
                **{name: str(value) for name, value in limits.items()}}
         self.process = subprocess.Popen([sys.executable, "-m", "SegmentationMachineLib.cloud.podagent"], env=env,
@@ -29,9 +29,9 @@ class RunningAgent:
         self.url = f"http://127.0.0.1:{self.port}"
         for _ in range(100):
             try:
-                httpx.get(self.url, timeout=1)  # any answer: it listens
+                requests.get(self.url, timeout=1)  # any answer: it listens
                 break
-            except httpx.HTTPError:
+            except requests.RequestException:
                 time.sleep(0.1)
 
     def log(self, timeout=30) -> str:
@@ -72,14 +72,17 @@ def test_heartbeats_keep_the_pod_and_silence_terminates_it(fake, pod):
 
 
 def test_a_browser_on_the_desktop_counts_as_connected(fake, pod):
-    desktop = socket.create_server(("127.0.0.1", 0))  # stands in for noVNC's websocket port
+    desktop = socket.create_server(("127.0.0.1", 0))  # stands in for the VNC server, which websockify connects to
     agent = RunningAgent(fake, pod.id, SM_MODE="desktop", SM_ACTIVITY_PORTS=desktop.getsockname()[1],
                          SM_IDLE_TIMEOUT_S=2.5)
-    assert httpx.get(f"{agent.url}/healthz").json() == {"ok": True}
+    assert requests.get(f"{agent.url}/healthz").json() == {"ok": True}
     browser = socket.create_connection(desktop.getsockname())
+    session, _ = desktop.accept()
+    session.sendall(b"\0" * 65536)  # the desktop's pixels: more than a login's worth (the agent's sign of a session)
     time.sleep(5)  # twice the idle timeout without a heartbeat
     assert pod.id in fake.pods
     browser.close()
+    session.close()
     log = agent.log()
     assert pod.id not in fake.pods and "no client has been connected" in log
     desktop.close()
@@ -137,12 +140,37 @@ def test_the_first_limit_reached_decides():
 def test_a_failing_terminate_is_retried_each_poll_interval_not_each_second(fake, pod, caplog):
     now = [0.0]
     config = AgentConfig(pod.id, "rpa_revoked_key", TOKEN, idle_timeout_s=10, poll_s=60)
-    agent = PodAgent(config, RunPodGraphQL("rpa_revoked_key"), clock=lambda: now[0])
+    agent = PodAgent(config, RunPodRest("rpa_revoked_key"), clock=lambda: now[0])
     now[0] = 11  # idle for longer than the timeout
     for _ in range(5):
         agent.check()
     assert caplog.text.count("Terminating failed: RunPod rejected the API key") == 1
     now[0] = 72
     agent.check()
-    assert caplog.text.count("Terminating failed") == 2 and not agent.terminated.is_set()
-    assert pod.id in fake.pods and "rpa_revoked_key" not in caplog.text
+    assert caplog.text.count("Terminating failed") == 2 and caplog.text.count("Stopping failed too") == 2
+    assert pod.id in fake.pods and "rpa_revoked_key" not in caplog.text and not agent.terminated.is_set()
+
+
+def test_a_pod_key_that_may_not_terminate_stops_the_pod_instead(fake, pod):
+    fake.limited_keys = {"rpa_POD_SCOPED"}  # RunPod's pod key: its rights beyond stopping are not documented
+    agent = RunningAgent(fake, pod.id, RUNPOD_API_KEY="rpa_POD_SCOPED", SM_IDLE_TIMEOUT_S=1.5)
+    log = agent.log()
+    assert agent.process.returncode == 0 and fake.pods[pod.id]["status"] == "EXITED"  # no GPU billing
+    assert "Terminating failed: RunPod refused: this API key may not do that" in log
+    assert f"Stopped pod {pod.id} instead: its volume is kept and bills $0.20/GB/month" in log
+    assert "rpa_POD_SCOPED" not in log
+
+
+def test_the_budget_holds_with_the_price_from_the_environment_when_runpod_cannot_be_read(fake, pod):
+    now = [0.0]
+    config = AgentConfig.from_env({"RUNPOD_POD_ID": pod.id, "RUNPOD_API_KEY": "rpa_unreadable",
+                                   "SM_HEARTBEAT_TOKEN": TOKEN, "SM_BUDGET_USD": "1", "SM_PRICE_PER_HOUR": "3600"})
+    agent = PodAgent(config, RunPodRest("rpa_unreadable"), clock=lambda: now[0])
+    now[0] = 0.25
+    agent.check()  # RunPod refuses the key: the cost is not read, the quoted price is used
+    assert agent.status()["reason"] == "its budget of $1 is spent"
+    assert agent.status()["terminates_in_s"] == pytest.approx(0.8, abs=0.05)  # $1 a second, 0.25 s gone
+    unpriced = PodAgent(AgentConfig(pod.id, "k", TOKEN, budget_usd=1.0), RunPodRest("rpa_unreadable"),
+                        clock=lambda: now[0])
+    unpriced.check()
+    assert "idle" in unpriced.status()["reason"]  # without the price the budget could not be guarded

@@ -1,4 +1,4 @@
-"""`segmentation-machine pod ...` as a user runs it: real processes, real signals, the real SDK on the fake RunPod."""
+"""`segmentation-machine pod ...` as a user runs it: real processes, real signals, the fake RunPod's v2 API."""
 
 import json
 import os
@@ -20,7 +20,7 @@ CLI = [sys.executable, "-m", "SegmentationMachineLib.cli", "pod"]
 @pytest.fixture
 def env(fake, tmp_path):
     fake.boot_s, fake.ports_s, fake.server_s = 1.0, 1.5, 2.0
-    return {**os.environ, "HOME": str(tmp_path), "RUNPOD_API_KEY": RUNPOD_KEY, "RUNPOD_API_BASE_URL": fake.url,
+    return {**os.environ, "HOME": str(tmp_path), "RUNPOD_API_KEY": RUNPOD_KEY, **fake.environment(),
             "SM_RUNPOD_PROXY_URL": fake.proxy_template(), "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
 
 
@@ -66,7 +66,7 @@ def test_gpus_lists_types_with_enough_memory_cheapest_first(env):
     listed = [line.split()[0:3] for line in lines[1:-1]]
     assert [" ".join(words) for words in listed] == ["NVIDIA RTX A5000", "NVIDIA GeForce RTX", "NVIDIA L40S 48"]
     assert "RTX 3070" not in done.stdout  # 8 GB: below nnInteractive's 10 GB
-    assert lines[-1].startswith("Balance $25.00")
+    assert lines[-1].startswith("Spending $0.00/h now; the balance is in the RunPod console")
 
 
 def test_up_falls_back_on_capacity_records_lists_and_downs(env, fake, tmp_path):
@@ -81,6 +81,8 @@ def test_up_falls_back_on_capacity_records_lists_and_downs(env, fake, tmp_path):
     assert f"nnInteractive server: {fake.url}/proxy/{pod_id}-8000" in out
     env_given = created["env"]
     assert env_given["SM_MODE"] == "server" and env_given["SM_IDLE_TIMEOUT_S"] == "900"
+    assert env_given["SM_PRICE_PER_HOUR"] == "0.69"  # the type that had capacity, not the first one tried
+    assert created["terminateAfter"]  # the 12 h default lifetime: RunPod ends the pod even if its agent never runs
     assert all(len(env_given[name]) >= 32 for name in ("SM_NNI_API_KEY", "SM_VNC_PASSWORD", "SM_FILES_PASSWORD",
                                                         "SM_HEARTBEAT_TOKEN"))
     assert env_given["SM_NNI_API_KEY"] not in out  # secrets only with --show-secrets
@@ -107,19 +109,40 @@ def test_a_stopped_pod_is_resumed_and_connected_again(env, fake):
     assert pod(env, "up", "--detach", "--gpu", "NVIDIA L40S").returncode == 0
     [pod_id] = fake.pods
     stopped = pod(env, "stop", pod_id)
-    assert stopped.returncode == 0 and fake.pods[pod_id]["desiredStatus"] == "EXITED" and "volume" in stopped.stdout
+    assert stopped.returncode == 0 and fake.pods[pod_id]["status"] == "EXITED"
+    assert "its 50 GB volume is kept and costs $10.00/month until RunPod terminates the pod at" in stopped.stdout
     resumed = pod(env, "resume", pod_id, "--detach")
     assert resumed.returncode == 0, resumed.stderr
-    assert fake.pods[pod_id]["desiredStatus"] == "RUNNING" and f"Ready: pod {pod_id}" in resumed.stdout
+    assert fake.pods[pod_id]["status"] == "RUNNING" and f"Ready: pod {pod_id}" in resumed.stdout
     unknown = pod(env, "resume", "pod9999x")
     assert unknown.returncode == 2 and "was not started from this computer" in unknown.stderr
 
 
+def creates(fake) -> list:
+    """The bodies of every create, through v2 or GraphQL, with the env as {name: value}."""
+    found = []
+    for method, path, body in fake.requests:
+        if path == "/graphql":
+            found.append({e["key"]: e["value"] for e in body["variables"]["input"].get("env", [])})
+        elif (method, path) == ("POST", "/v2/pods"):
+            found.append(body["env"])
+    return found
+
+
 def test_no_orphan_when_create_answers_500_after_creating(env, fake):
-    fake.fail_next_create_after_creating = True
+    fake.create_fault = (500, "Internal Server Error")
     done = pod(env, "up", "--detach", "--gpu", "NVIDIA GeForce RTX 4090")
     assert done.returncode == 0, done.stderr
-    assert len(fake.pods) == 1 and [op for op, _ in fake.requests].count("podFindAndDeployOnDemand") == 1
+    assert len(fake.pods) == 1 and len(creates(fake)) == 1  # found in the lagging list, not created again
+
+
+def test_max_price_leaves_out_dearer_types(env, fake):
+    cheap = pod(env, "up", "--detach", "--max-price", "0.5")  # only the RTX A5000, which has no capacity
+    assert cheap.returncode == 2 and "No capacity right now for NVIDIA RTX A5000:" in cheap.stderr
+    assert fake.pods == {} and "Traceback" not in cheap.stderr
+    none = pod(env, "up", "--max-price", "0.1")
+    assert none.returncode == 2 and "No GPU type costs at most $0.1/h on the secure cloud" in none.stderr
+    assert "(the cheapest: $0.27/h): raise --max-price." in none.stderr
 
 
 def test_a_start_not_ready_in_time_is_terminated(env, fake):
@@ -184,8 +207,7 @@ def test_no_key_or_pod_secret_appears_in_output_logs_or_urls(env, fake, tmp_path
     up = Background(env, "--gpu", "NVIDIA GeForce RTX 4090")
     up.wait_for("Connected")
     up.end(signal.SIGINT)
-    pod_secrets = [value for op, arguments in fake.requests if op == "podFindAndDeployOnDemand"
-                   for item in arguments["input"]["env"] for value in [item["value"]] if item["key"] in SECRET_NAMES]
+    pod_secrets = [value for env_given in creates(fake) for name, value in env_given.items() if name in SECRET_NAMES]
     ours = "\n".join(Runs.seen[before:]) + log.read_text()
     assert fake.rate_limited and pod_secrets and all(RUNPOD_KEY not in text for text in Runs.seen)
     assert not [secret for secret in pod_secrets if secret in ours]

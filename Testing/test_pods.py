@@ -1,87 +1,176 @@
-"""The pods adapter: the real `runpod` SDK against a local fake RunPod API on loopback."""
+"""The pods adapter: RunPod's REST v2 API over requests, against a local fake RunPod on loopback."""
 
 import logging
+import time
 
 import pytest
 
 from conftest import RUNPOD_KEY as KEY
-from SegmentationMachineLib.cloud.pods import CapacityError, PodsError, PodSpec, RunPodGraphQL
+from fake_runpod import NO_CAPACITY, NO_FREE_GPUS, NO_RESOURCES, SOMETHING_WENT_WRONG
+from SegmentationMachineLib.cloud.pods import CAPACITY_SENTENCE, CapacityError, PodsError, PodSpec, RunPodRest
+
+RTX_4090 = "NVIDIA GeForce RTX 4090"
 
 
-def test_gpu_types_have_10_gb_or_more_cheapest_first(backend):
+@pytest.fixture
+def virtual(fake, backend):
+    """One clock for the fake's provisioning and list lag and the adapter's pauses: waits cost no real time."""
+    now = [0.0]
+    fake.clock = lambda: now[0]
+
+    def sleep(seconds):
+        backend.sleeps.append(seconds)
+        now[0] += seconds
+
+    backend._sleep = sleep
+    return now
+
+
+def creates(fake) -> list:
+    return [(method, path) for method, path, _ in fake.requests
+            if (method, path) == ("POST", "/v2/pods") or path == "/graphql"]
+
+
+def test_only_nvidia_types_in_stock_with_10_gb_or_more_cheapest_first(backend):
     secure = backend.gpu_types()
-    assert [g.name for g in secure] == ["RTX A5000", "RTX 4090", "L40S"]  # the 8 GB RTX 3070 is left out
+    # Left out: the 8 GB RTX 3070, the H100 without stock, the AMD MI300X (cheapest and largest, but no CUDA).
+    assert [g.name for g in secure] == ["RTX A5000", "RTX 4090", "L40S"]
     assert [g.name for g in backend.gpu_types(cloud="COMMUNITY")] == ["RTX A5000", "RTX 4090", "L40S"]
     assert secure[0].memory_gb == 24 and secure[0].price("SECURE") == 0.27
-    assert backend.account() == {"balance": 25.0, "spend_per_hr": 0}
+    everything = backend.gpu_types(min_vram_gb=0, in_stock=False)
+    assert [g.name for g in everything if not g.in_stock] == ["H100 SXM"] and "MI300X" not in str(everything)
 
 
-def test_create_escapes_values_the_sdk_pastes_into_graphql(backend, fake):
+def test_create_sends_v2s_nested_body_with_values_intact(backend, fake):
     tricky = 'pa"ss\\word\nwith } and "quotes"'
-    pod = backend.create(PodSpec("NVIDIA GeForce RTX 4090", image="example/sm:1", env={"SM_VNC_PASSWORD": tricky}))
+    spec = PodSpec(RTX_4090, image="example/sm:1", env={"SM_VNC_PASSWORD": tricky}, allowed_cuda_versions=["12.8"])
+    pod = backend.create(spec)
     assert fake.pods[pod.id]["env"] == {"SM_VNC_PASSWORD": tricky}  # arrived intact, nothing injected
+    [(method, path, body)] = [r for r in fake.requests if r[0] == "POST"]
+    assert (method, path) == ("POST", "/v2/pods") and body["gpu"] == {"id": RTX_4090, "count": 1,
+                                                                       "allowedCudaVersions": ["12.8"]}
+    assert body["ports"] == ["8000/http", "8001/http", "22/tcp"] and body["mounts"] == [
+        {"volumeInGb": 50, "mountPath": "/workspace"}]
     assert pod.name.startswith("segmentation-machine-") and pod.cost_per_hr == 0.69 and not pod.runtime_ready
+    assert pod.status == "PROVISIONING" and pod.volume_gb == 50 and pod.volume_usd_per_month == 10.0
 
 
-def test_a_pod_provisions_slowly_then_stops_resumes_and_terminates(backend, fake):
-    fake.boot_s, fake.ports_s = 0.2, 0.4
+def test_a_pod_provisions_slowly_lists_late_stops_resumes_and_terminates(backend, fake, virtual):
     pod = backend.create(PodSpec("NVIDIA L40S", image="example/sm:1"))
-    import time
-    time.sleep(0.5)
+    assert backend.pods() == []  # the list lags behind the create; the pod itself answers at once
+    virtual[0] = 1.5
+    booted = backend.get(pod.id)
+    assert booted.status == "RUNNING" and booted.runtime_ready and booted.ports == []  # ports come later still
+    virtual[0] = 2.5
     ready = backend.get(pod.id)
-    assert ready.runtime_ready and sorted(ready.ports) == [22, 8000, 8001] and ready.gpu == "L40S"
+    assert sorted(ready.ports) == [22, 8000, 8001] and ready.gpu == "L40S" and ready.uptime_s == 2
+    assert [p.id for p in backend.pods()] == [pod.id]
     backend.stop(pod.id)
     assert backend.get(pod.id).status == "EXITED"
+    with pytest.raises(PodsError, match=f"RunPod cannot do that to the pod now: Pod {pod.id} is not running"):
+        backend.stop(pod.id)  # 409
     backend.resume(pod.id)
-    assert backend.get(pod.id).status == "RUNNING"
-    assert [p.id for p in backend.pods()] == [pod.id]
+    assert backend.get(pod.id).status == "PROVISIONING"
     backend.terminate(pod.id)
     assert backend.get(pod.id) is None and backend.pods() == []
+    backend.terminate(pod.id)  # 404: already gone counts as terminated
+    with pytest.raises(PodsError, match=f"There is no pod {pod.id}"):
+        backend.resume(pod.id)
 
 
-def test_no_capacity_is_its_own_error(backend, fake):
-    with pytest.raises(CapacityError, match="no capacity for that GPU"):
+@pytest.mark.parametrize("message", [NO_CAPACITY, NO_RESOURCES, NO_FREE_GPUS])
+def test_every_capacity_message_is_the_capacity_sentence(backend, fake, message):
+    fake.capacity_message = message
+    with pytest.raises(CapacityError) as error:
         backend.create(PodSpec("NVIDIA RTX A5000", image="example/sm:1"))
-    assert fake.pods == {}
+    assert str(error.value) == CAPACITY_SENTENCE and fake.pods == {}
 
 
-def test_a_500_after_the_pod_was_created_leaves_exactly_one_pod(backend, fake):
-    fake.fail_next_create_after_creating = True
-    spec = PodSpec("NVIDIA GeForce RTX 4090", image="example/sm:1")
+def test_a_resume_without_free_gpus_on_the_host_is_a_capacity_error(backend, fake):
+    pod = backend.create(PodSpec("NVIDIA L40S", image="example/sm:1"))
+    backend.stop(pod.id)
+    fake.no_capacity_on_resume = True
+    with pytest.raises(CapacityError, match="no capacity for that GPU"):
+        backend.resume(pod.id)
+    assert fake.pods[pod.id]["status"] == "EXITED"
+
+
+def test_balance_and_invalid_settings_are_sentences_without_the_pods_secrets(backend, fake):
+    fake.balance = 0
+    with pytest.raises(PodsError, match="balance is too low. Add credit in the RunPod console"):
+        backend.create(PodSpec("NVIDIA L40S", image="example/sm:1"))
+    fake.balance = 25
+    with pytest.raises(PodsError, match=r"rejected the pod's settings: ports must be a list like") as error:
+        backend.create(PodSpec("NVIDIA L40S", image="x", ports=["8000"], env={"SM_NNI_API_KEY": "secret-token-123"}))
+    assert "secret-token-123" not in str(error.value) and fake.pods == {}
+    assert error.value.__suppress_context__ or error.value.__context__ is None  # no HTTP error chained to show
+
+
+@pytest.mark.parametrize("status, detail", [(500, "Internal Server Error"), (502, "Bad Gateway"),
+                                            (400, SOMETHING_WENT_WRONG)])
+def test_a_create_of_unknown_outcome_looks_the_pod_up_while_the_list_lags(backend, fake, virtual, status, detail):
+    fake.list_lag_s, fake.create_fault = 4.0, (status, detail)
+    spec = PodSpec(RTX_4090, image="example/sm:1")
     pod = backend.create(spec)
     assert list(fake.pods) == [pod.id] and pod.name == spec.name  # found by name, not created twice
-    creates = [name for name, _ in fake.requests if name == "podFindAndDeployOnDemand"]
-    assert len(creates) == 1
+    assert len(creates(fake)) == 1 and backend.sleeps == [2, 3]  # looked twice: the list showed it after 4 s
 
 
-def test_429_is_waited_out_with_growing_pauses(backend, fake):
-    fake.rate_limit_every = 2
-    assert len(backend.gpu_types()) == 3 and backend.account()["balance"] == 25.0
-    assert backend.sleeps and backend.sleeps[0] == 5
+def test_a_pod_the_list_shows_too_late_is_terminated_as_a_twin(backend, fake, virtual):
+    fake.list_lag_s, fake.create_fault = 12.0, (500, SOMETHING_WENT_WRONG)  # lags longer than the 10 s of looking
+    pod = backend.create(PodSpec(RTX_4090, image="example/sm:1"))
+    assert len(creates(fake)) == 2 and list(fake.pods) == [pod.id]  # the first pod, seen late, was terminated
+    assert backend.sleeps == [2, 3, 5, 2]
+
+
+def test_429_waits_what_retry_after_says(backend, fake):
+    fake.rate_limit_every, fake.retry_after_s = 2, 3
+    assert len(backend.gpu_types()) == 3 and backend.pods() == [] and backend.gpu_types()
+    assert fake.rate_limited and backend.sleeps and set(backend.sleeps) == {3}
 
 
 def test_a_rejected_key_is_a_sentence_and_no_secret_leaks(fake, caplog):
     caplog.set_level(logging.DEBUG)
-    wrong = RunPodGraphQL("rpa_WRONGKEY_do_not_print")
+    wrong = RunPodRest("rpa_WRONGKEY_do_not_print")
     with pytest.raises(PodsError, match="RunPod rejected the API key") as error:
         wrong.gpu_types()
-    # Everything this test saw: the exception, its chain, and every log line.
-    seen = str(error.value) + repr(error.value) + str(error.value.__cause__) + caplog.text
+    # Everything this test saw: the exception, its chain, and every log line; and every URL asked for.
+    seen = str(error.value) + repr(error.value) + str(error.value.__cause__) + caplog.text + "".join(fake.paths)
     assert "rpa_WRONGKEY_do_not_print" not in seen and KEY not in seen
 
 
-def test_query_errors_never_carry_the_query_with_its_secrets(backend, fake):
-    fake.no_capacity = {"NVIDIA L40S"}
-    with pytest.raises(CapacityError) as error:
-        backend.create(PodSpec("NVIDIA L40S", image="x", env={"SM_NNI_API_KEY": "secret-token-123"}))
-    assert "secret-token-123" not in str(error.value) and "secret-token-123" not in repr(error.value)
-    assert error.value.__suppress_context__  # raised `from None`: a traceback does not show the SDK's error
-
-
-def test_no_answer_is_tried_twice_more_then_said(backend, monkeypatch):
+def test_no_answer_is_tried_twice_more_then_said(monkeypatch):
     from nninteractive_server import free_port
 
-    monkeypatch.setenv("RUNPOD_API_BASE_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("RUNPOD_REST_URL", f"http://127.0.0.1:{free_port()}/v2")  # nothing listens there
+    sleeps = []
     with pytest.raises(PodsError, match="RunPod did not answer properly"):
-        backend.account()
-    assert backend.sleeps == [5, 10]  # seconds, not minutes, before the user hears of it
+        RunPodRest(KEY, sleep=sleeps.append).pods()
+    assert sleeps == [5, 10]  # seconds, not minutes, before the user hears of it
+
+
+def test_terminate_after_goes_through_graphql_and_runpod_ends_the_pod(backend, fake):
+    tricky = 'a"b\\c\n}'
+    end = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+    pod = backend.create(PodSpec("NVIDIA L40S", image="example/sm:1", env={"SM_VNC_PASSWORD": tricky},
+                                 terminate_after=end))
+    assert creates(fake) == [("POST", "/graphql")] and fake.pods[pod.id]["terminateAfter"] == end
+    assert fake.pods[pod.id]["env"] == {"SM_VNC_PASSWORD": tricky}  # a variable: nothing pasted into the query
+    assert pod.gpu == "L40S" and pod.status == "PROVISIONING" and pod.terminate_after == end  # described by v2
+    fake.wall = lambda: time.time() + 3601  # RunPod's clock passes terminateAfter
+    assert backend.get(pod.id) is None and fake.pods == {}
+
+
+def test_graphql_capacity_errors_and_its_retirement(backend, fake):
+    end = "2030-01-01T00:00:00Z"
+    with pytest.raises(CapacityError):
+        backend.create(PodSpec("NVIDIA RTX A5000", image="x", terminate_after=end))
+    fake.graphql_retired = True  # 2027: /graphql answers 404, v2 creates (without a server-side end)
+    pod = backend.create(PodSpec("NVIDIA L40S", image="x", terminate_after=end))
+    assert creates(fake)[-2:] == [("POST", "/graphql"), ("POST", "/v2/pods")]
+    assert fake.pods[pod.id]["terminateAfter"] is None and pod.terminate_after is None
+
+
+def test_the_container_log_of_a_pod(backend, fake):
+    pod = backend.create(PodSpec("NVIDIA L40S", image="x"))
+    assert backend.logs(pod.id) == "pulling image\nstarting the container"

@@ -1,8 +1,13 @@
 """Starting a pod: phases, readiness through the (fake) proxy, capacity fallback, time limit, records."""
 
+import stat
+import time
+from datetime import datetime
+
 import pytest
 
 from fake_runpod import FakeRunPod
+from SegmentationMachineLib.cloud.cloudgpu import CloudGpu, Limits
 from SegmentationMachineLib.cloud.pods import CapacityError, PodsError, PodSpec
 from SegmentationMachineLib.cloud.podstart import Phase, PodRecords, server_answers, start_pod
 
@@ -64,10 +69,47 @@ def test_a_key_the_pod_does_not_know_is_an_error_not_a_wait(backend, quick, tmp_
 def test_pods_started_and_not_stopped_are_listed_at_the_next_start(backend, quick, tmp_path):
     path = tmp_path / "pods.json"
     pod = start_pod(backend, [spec("NVIDIA GeForce RTX 4090")], ready_check(quick), PodRecords(path), poll_s=0.1)
-    import stat
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     later = PodRecords(path)  # e.g. Slicer restarted after a crash
+    assert backend.pods() == []  # RunPod's list still lags behind the create: the record is not taken for gone
     [(listed, cost)] = later.still_running(backend)
     assert listed.id == pod.id and cost >= 0
     backend.terminate(pod.id)
     assert later.still_running(backend) == [] and later.all() == {}
+
+
+def test_ready_needs_a_heartbeat_the_agent_accepted_and_a_failed_start_keeps_its_log(backend, quick, tmp_path,
+                                                                                      monkeypatch):
+    monkeypatch.setenv("SM_RUNPOD_PROXY_URL", quick.proxy_template())
+    quick.agent_answers = False  # the server answers, but nothing guards the pod: not ready
+    records = PodRecords(tmp_path / "pods.json")
+    cloud = CloudGpu(backend, records)
+    [l40s] = [g for g in backend.gpu_types() if g.name == "L40S"]
+    with pytest.raises(PodsError, match=r"still starting services\): it was terminated .*container log is in") as error:
+        cloud.up([l40s], timeout_s=2.0, sleep=lambda s: time.sleep(0.1))
+    [log] = (tmp_path / "logs").iterdir()
+    assert str(log) in str(error.value) and "pulling image" in log.read_text()
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600 and quick.pods == {} and records.all() == {}
+    quick.agent_answers = True
+    started = cloud.up([l40s], limits=Limits(max_lifetime_s=3600), timeout_s=30, sleep=lambda s: time.sleep(0.1))
+    created = quick.pods[started.pod_id]
+    assert created["heartbeats"] >= 1 and created["env"]["SM_PRICE_PER_HOUR"] == "0.86"
+    assert records.get(started.pod_id)["terminate_after"] == created["terminateAfter"]  # RunPod's own end is set
+    end = datetime.fromisoformat(created["terminateAfter"].replace("Z", "+00:00")).timestamp()
+    assert 3600 + 30 - 60 < end - time.time() <= 3600 + 30  # start timeout + lifetime: the agent ends it first
+
+
+def test_stopping_says_what_the_volume_costs_and_until_when(backend, fake, tmp_path):
+    records = PodRecords(tmp_path / "pods.json")
+    cloud = CloudGpu(backend, records)
+    fake.graphql_retired = True  # created through v2: RunPod has no end for it
+    plain = backend.create(PodSpec("NVIDIA L40S", image="x", volume_gb=80, terminate_after="2030-01-01T00:00:00Z"))
+    records.add(plain, 0)
+    assert cloud.stop(plain.id) == "its 80 GB volume is kept and costs $16.00/month until the pod is terminated"
+    fake.graphql_retired = False
+    ending = backend.create(PodSpec("NVIDIA L40S", image="x", terminate_after="2030-01-01T00:00:00Z"))
+    records.add(ending, 0)
+    assert cloud.stop(ending.id) == ("its 50 GB volume is kept and costs $10.00/month until RunPod terminates the "
+                                     "pod at 2030-01-01 00:00 UTC (its maximum lifetime)")
+    with pytest.raises(PodsError, match="RunPod cannot do that to the pod now"):
+        cloud.stop(ending.id)  # 409: already stopped

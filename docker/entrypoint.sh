@@ -1,54 +1,38 @@
 #!/usr/bin/env bash
-# Pod start: render env into configs (render_config.py), prepare folders and the two
-# password stores that need their own tools, then hand over to supervisord.
+# Pod start: render env into configs (render_config.py), prepare folders and the VNC password
+# file, then hand over to supervisord. Nothing here refuses to start: RunPod restarts a container
+# whose entrypoint exits, forever and billing; a bad setting is named in the pod log and replaced.
 set -euo pipefail
 umask 077
 
 APP=/opt/segmentation-machine
 CONF=/etc/segmentation-machine
 CREDENTIALS=/root/.segmentation-machine/credentials
-export SM_MODE="${SM_MODE:-server}"
+DESKTOP_HOME=/home/sm
 
 /usr/bin/python3 "$APP/docker/render_config.py"
 
 credential() { sed -n "s/^$1=//p" "$CREDENTIALS"; }
-as_sm() { (cd / && runuser -u sm -- env HOME=/home/sm "$@"); }
+# The desktop user owns its home and may have planted links there: everything under it is done as that
+# user, who cannot reach further than before, never as root. A clean environment: no secrets of ours.
+as_sm() { (cd / && runuser -u sm -- env -i HOME="$DESKTOP_HOME" PATH=/usr/bin:/bin LANG=C.UTF-8 "$@"); }
 
-# Shared folders on the volume: the inbox File Browser uploads into, exports, the model cache.
+# Folders on the volume. /workspace belongs to root, so nobody else can swap these for links.
 install -d -m 0755 /workspace
 install -d -m 0755 -o nni -g nni /workspace/nninteractive
 install -d -m 0755 /run/segmentation-machine /var/log/segmentation-machine
-if [ -d /opt/nninteractive/models ]; then
-    # Weights baked in at build time: link them into the cache instead of downloading.
-    install -d -m 0755 -o nni -g nni /workspace/nninteractive/models
-    [ -e /workspace/nninteractive/models.json ] || install -m 0644 -o nni -g nni \
-        /opt/nninteractive/models.json /workspace/nninteractive/models.json  # the manifest, for offline starts
-    for model in /opt/nninteractive/models/*; do
-        [ -e "/workspace/nninteractive/models/${model##*/}" ] || ln -s "$model" "/workspace/nninteractive/models/"
-    done
-fi
 
-if [ "$SM_MODE" = desktop ]; then
-    install -d -m 0755 -o sm -g sm /workspace/inbox /workspace/exports /home/sm/.vnc /home/sm/SegmentationMachine
+if grep -q '^\[program:vnc\]' "$CONF/supervisord.conf"; then  # desktop mode
+    # The inbox (uploads), exports, and the upload page's part files (outside the inbox, same volume).
+    install -d -m 0755 -o sm -g sm /workspace/inbox /workspace/exports
+    install -d -m 0700 -o sm -g sm /workspace/.uploads
+    as_sm mkdir -p -m 0700 "$DESKTOP_HOME/.vnc"
+    as_sm mkdir -p "$DESKTOP_HOME/SegmentationMachine"
     # The module exports to ~/SegmentationMachine/Exports: keep them on the volume, downloadable.
-    [ -e /home/sm/SegmentationMachine/Exports ] || ln -s /workspace/exports /home/sm/SegmentationMachine/Exports
-    chown -R sm:sm /home/sm
-
-    # TurboVNC's obfuscated password file; VNC authentication uses the first 8 characters.
-    credential SM_VNC_PASSWORD | /opt/TurboVNC/bin/vncpasswd -f > /home/sm/.vnc/passwd
-    chown sm:sm /home/sm/.vnc/passwd
-    chmod 0600 /home/sm/.vnc/passwd
-
-    # File Browser keeps its users in a database: create user "sm" once (no admin, no shell
-    # commands, no public share links), and set its password from SM_FILES_PASSWORD every start.
-    db=/var/lib/segmentation-machine/filebrowser.db
-    install -d -m 0700 -o sm -g sm /var/lib/segmentation-machine
-    if [ ! -f "$db" ]; then
-        as_sm filebrowser -d "$db" config init --auth.method=json >/dev/null
-        as_sm filebrowser -d "$db" users add sm "$(credential SM_FILES_PASSWORD)" \
-            --perm.admin=false --perm.execute=false --perm.share=false >/dev/null
-    else
-        as_sm filebrowser -d "$db" users update sm --password "$(credential SM_FILES_PASSWORD)" >/dev/null
+    [ -e "$DESKTOP_HOME/SegmentationMachine/Exports" ] || as_sm ln -sfn /workspace/exports "$DESKTOP_HOME/SegmentationMachine/Exports"
+    # TurboVNC's obfuscated password file (VNC uses the first 8 characters), written by the user.
+    if ! credential SM_VNC_PASSWORD | as_sm /opt/TurboVNC/bin/vncpasswd -f | as_sm tee "$DESKTOP_HOME/.vnc/passwd" >/dev/null; then
+        echo "segmentation-machine: could not write the VNC password file ($DESKTOP_HOME/.vnc/passwd); the desktop refuses every login." >&2
     fi
 fi
 

@@ -8,7 +8,10 @@ written, so tests render into a temporary folder; paths *inside* the files stay 
   else generated. Only newly generated ones are printed, so each appears in the pod log once.
 - supervisord.conf: the programs of the mode (server | desktop), each given only the
   variables it needs, because supervisord passes its own environment to every child.
-- SSH: a key-only sshd config and authorized_keys, only when RunPod's PUBLIC_KEY is set.
+- SSH: a key-only sshd config and authorized_keys, only when RunPod's PUBLIC_KEY holds a key.
+
+Nothing here stops the start: a container whose entrypoint exits is restarted by RunPod forever,
+billing. A value the pod cannot use is replaced by its safe default and named in the pod log.
 """
 
 import argparse
@@ -30,14 +33,47 @@ APP = "/opt/segmentation-machine"
 WORKSPACE = "/workspace"
 DESKTOP_USER, DESKTOP_HOME = "sm", "/home/sm"
 PATH = f"{VENV}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# Letters, digits and -_.+= only: safe in supervisor's environment syntax, in the credentials file
-# and on the filebrowser command line. 12 characters is File Browser's minimum password length.
-SECRET_PATTERN = re.compile(r"[A-Za-z0-9._+=-]{12,256}")
+# Every value written into supervisord.conf matches one of these strict patterns: supervisord's parser
+# ends a value at " ;" or " #" and expands "%(...)s", so free text would break the whole file.
+SECRET_PATTERN = re.compile(r"[A-Za-z0-9._+=-]{12,256}")  # letters, digits and -_.+=
+NUMBER = re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")  # seconds or dollars
+MODEL_ID = re.compile(r"nnInteractive_[A-Za-z0-9._-]{1,64}")
+URL = re.compile(r"https?://[A-Za-z0-9._~:/?&=+@,-]{1,2000}")
+POD_VALUE = re.compile(r"[A-Za-z0-9._-]{1,256}")  # RunPod's pod id and key
+GPU_IDS = re.compile(r"[A-Za-z0-9,:-]{1,256}")
 MODES = ("server", "desktop")
+# The agent's limits (SM_*, seconds or dollars) and their defaults; a pod started from a RunPod template
+# gets a maximum lifetime too, so a forgotten one does not bill for days.
+# SM_PRICE_PER_HOUR is set by the client at create: the budget holds even when the pod cannot read its price.
+LIMITS = {"SM_IDLE_TIMEOUT_S": "900", "SM_MAX_LIFETIME_S": str(12 * 3600), "SM_BUDGET_USD": None,
+          "SM_WARNING_S": None, "SM_AGENT_POLL_S": None, "SM_PRICE_PER_HOUR": None}
+DEFAULT_MODEL = "nnInteractive_v1.0"
+BAKED_MODELS = "/opt/nninteractive"  # nninteractive-download-model's model root at build time (BAKE_WEIGHTS=1)
 
 
-class ConfigError(Exception):
-    """A setting the pod cannot start with; the message says which and why."""
+def warn(message: str):
+    """One line in the pod log; the start goes on."""
+    print(f"segmentation-machine: {message}", file=sys.stderr, flush=True)
+
+
+def strict(env, name: str, valid, default, what: str, instead: str = None):
+    """env[name] when valid(it) (a pattern or a test), else the default, said in the pod log (never the value:
+    it may be a secret)."""
+    value = env.get(name, "")
+    if not value:
+        return default
+    if (valid.fullmatch if isinstance(valid, re.Pattern) else valid)(value):
+        return value
+    warn(f"{name} must be {what}; it is ignored and {instead or default or 'none'} is used instead.")
+    return default
+
+
+def positive_number(text: str) -> bool:
+    return bool(NUMBER.fullmatch(text)) and float(text) > 0
+
+
+def unprivileged_port(text: str) -> bool:
+    return bool(re.fullmatch(r"[0-9]{4,5}", text)) and 1024 <= int(text) <= 65535
 
 
 def root_path(root: Path, absolute: str) -> Path:
@@ -65,58 +101,75 @@ def resolve_secrets(env, root: Path):
     stored = read_credentials(root_path(root, CREDENTIALS))
     values, generated = {}, []
     for name in SECRETS:
-        value = env.get(name) or stored.get(name)
-        if value is None:
+        value = strict(env, name, SECRET_PATTERN, None, "12 to 256 characters of letters, digits and -_.+=",
+                       "the value of the last start, or a new one printed below,") or stored.get(name)
+        if value is None or not SECRET_PATTERN.fullmatch(value):
             value = secrets.token_urlsafe(24)  # 192 bits
             generated.append(name)
-        if not SECRET_PATTERN.fullmatch(value):
-            raise ConfigError(f"{name} must be 12 to 256 characters of letters, digits and -_.+= "
-                              "(leave it unset and the pod generates one).")
         values[name] = value
     write_private(root_path(root, CREDENTIALS), "".join(f"{k}={v}\n" for k, v in values.items()))
     return values, generated
 
 
 def supervisor_env(pairs: dict) -> str:
-    """supervisor's KEY="value",... syntax; refuses what that syntax cannot carry."""
-    items = []
-    for key, value in pairs.items():
-        if any(c in value for c in "\"'%\\\n\r"):
-            raise ConfigError(f"{key} contains a quote, backslash, % or line break, which the pod cannot pass on.")
-        items.append(f'{key}="{value}"')
-    return ",".join(items)
+    """supervisor's KEY="value",... syntax (every value already checked against a strict pattern)."""
+    return ",".join(f'{key}="{value}"' for key, value in pairs.items())
 
 
-def passthrough(env, names=(), prefixes=()):
-    return {k: v for k, v in sorted(env.items()) if k in names or k.startswith(tuple(prefixes))}
+def agent_env(env) -> dict:
+    """The agent's limits (numbers only) and RunPod's pod id, key and API addresses (tests: the fake)."""
+    chosen = {name: strict(env, name, positive_number, default, "a number above 0 (seconds or dollars)",
+                           default or "no limit") for name, default in LIMITS.items()}
+    for name in sorted(env):
+        if name in ("RUNPOD_POD_ID", "RUNPOD_API_KEY"):
+            chosen[name] = strict(env, name, POD_VALUE, None, "letters, digits and ._-")
+        elif name.startswith("RUNPOD_") and name.endswith("_URL"):
+            chosen[name] = strict(env, name, URL, None, "an http(s) address", "RunPod's")
+    return {name: value for name, value in chosen.items() if value is not None}
 
 
-def programs(env, mode: str, values: dict) -> dict:
+def gpu_env(env) -> dict:
+    chosen = {name: strict(env, name, GPU_IDS, None, "GPU indexes or ids", "every GPU")
+              for name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")}
+    return {name: value for name, value in chosen.items() if value is not None}
+
+
+def server_model(env, root: Path):
+    """(model id, model root): the weights baked into the image when they are there, else the volume's cache
+    (downloaded on the first start by upstream's model management)."""
+    model = strict(env, "SM_NNI_MODEL", MODEL_ID, DEFAULT_MODEL, "an official model id (nnInteractive_...)")
+    baked = root_path(root, f"{BAKED_MODELS}/models/{model}")
+    return model, (BAKED_MODELS if baked.is_dir() else f"{WORKSPACE}/nninteractive")
+
+
+def programs(env, mode: str, values: dict, root: Path, ssh: bool) -> dict:
     """Each program's command, user and environment; the desktop ones only in desktop mode."""
-    gpu = passthrough(env, ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"))
-    agent_port = env.get("SM_AGENT_PORT") or "8001"
+    gpu = gpu_env(env)
+    agent_port = strict(env, "SM_AGENT_PORT", unprivileged_port, "8001", "a port number from 1024 to 65535")
+    model, model_root = server_model(env, root)
     result = {
         "server": {
-            # --device cuda: on a host whose driver cannot run our torch the server fails (and the start
-            # times out and is terminated) instead of quietly running on the CPU while the GPU bills.
-            "command": f"{VENV}/segmentation-machine server --host 0.0.0.0 --port 8000 --device cuda",
+            # The upstream server itself. --device cuda: on a host whose driver cannot run our torch it fails
+            # (the start times out and is terminated) instead of quietly running on the CPU while the GPU bills.
+            # --no-torch-compile: compiling needs a C compiler and Python headers (not in the image), adds
+            # ~46 s to every start and saves ~20 ms a prompt (docker/README.md). --model pins the weights, so
+            # a start neither asks Hugging Face for its manifest nor picks up a new default model.
+            "command": (f"{VENV}/nninteractive-server --host 0.0.0.0 --port 8000 --device cuda "
+                        f"--model {model} --no-torch-compile"),
             "user": "nni",
-            # The upstream server keeps its model manifest and weights under NNINTERACTIVE_MODEL_DIR
-            # (Hugging Face downloads included): on the volume, so they are downloaded once.
-            "env": {"HOME": "/var/lib/nni", "SM_NNI_API_KEY": values["SM_NNI_API_KEY"],
-                    "NNINTERACTIVE_MODEL_DIR": f"{WORKSPACE}/nninteractive",
-                    "HF_HOME": f"{WORKSPACE}/nninteractive/huggingface", **gpu},
+            # The key by environment, never on the command line where `ps` shows it. The weights: baked into
+            # the image, else downloaded once into the volume's cache (HF_HOME: Hugging Face's own files).
+            "env": {"HOME": "/var/lib/nni", "NN_INTERACTIVE_API_KEY": values["SM_NNI_API_KEY"],
+                    "NNINTERACTIVE_MODEL_DIR": model_root, "HF_HOME": f"{WORKSPACE}/nninteractive/huggingface",
+                    **gpu},
             "stopwaitsecs": "30",
         },
         "agent": {
             "command": f"{VENV}/python -m SegmentationMachineLib.cloud.podagent",
             "user": "smagent",
             "log": "/dev/stdout",  # the pod log in RunPod's console: why the pod ended is seen there
-            "env": {"HOME": "/var/lib/smagent", "SM_MODE": mode,
-                    "SM_HEARTBEAT_TOKEN": values["SM_HEARTBEAT_TOKEN"],
-                    "SM_IDLE_TIMEOUT_S": env.get("SM_IDLE_TIMEOUT_S") or "900", "SM_AGENT_PORT": agent_port,
-                    **passthrough(env, ("SM_MAX_LIFETIME_S", "SM_BUDGET_USD", "SM_WARNING_S", "SM_AGENT_POLL_S"),
-                                  ("RUNPOD_",))},
+            "env": {"HOME": "/var/lib/smagent", "SM_MODE": mode, "SM_HEARTBEAT_TOKEN": values["SM_HEARTBEAT_TOKEN"],
+                    "SM_AGENT_PORT": agent_port, **agent_env(env)},
         },
     }
     if mode == "desktop":
@@ -134,10 +187,11 @@ def programs(env, mode: str, values: dict) -> dict:
                 "command": f"{VENV}/websockify --web /opt/novnc 0.0.0.0:6080 127.0.0.1:5901",
                 "user": DESKTOP_USER, "env": desktop, "priority": "20",
             },
-            "filebrowser": {
-                "command": (f"/usr/local/bin/filebrowser -d /var/lib/segmentation-machine/filebrowser.db "
-                            f"-a 0.0.0.0 -p 8080 -r {WORKSPACE}"),
-                "user": DESKTOP_USER, "env": desktop,
+            # Our own upload page (docker/uploader.py, standard library only): the password by environment.
+            "uploader": {
+                "command": (f"/usr/bin/python3 {APP}/docker/uploader.py --host 0.0.0.0 --port 8080 "
+                            f"--inbox {WORKSPACE}/inbox --staging {WORKSPACE}/.uploads"),
+                "user": DESKTOP_USER, "env": {**desktop, "SM_FILES_PASSWORD": values["SM_FILES_PASSWORD"]},
             },
             "slicer": {
                 "command": f"{APP}/docker/desktop/sm-slicer",
@@ -146,12 +200,12 @@ def programs(env, mode: str, values: dict) -> dict:
                         "SM_NNI_URL": "http://127.0.0.1:8000", "SM_NNI_API_KEY": values["SM_NNI_API_KEY"], **gpu},
             },
         })
-    if env.get("PUBLIC_KEY"):
+    if ssh:
         result["sshd"] = {"command": f"/usr/sbin/sshd -D -e -f {CONF_DIR}/sshd_config", "user": "root", "env": {}}
     return result
 
 
-def supervisord_conf(env, mode: str, values: dict) -> str:
+def supervisord_conf(env, mode: str, values: dict, root: Path, ssh: bool) -> str:
     conf = configparser.ConfigParser(interpolation=None)
     # A unix socket only root can open, and no TCP control port: nothing listens on the network.
     conf["unix_http_server"] = {"file": SOCKET, "chmod": "0700", "chown": "root:root"}
@@ -161,7 +215,7 @@ def supervisord_conf(env, mode: str, values: dict) -> str:
     conf["rpcinterface:supervisor"] = {
         "supervisor.rpcinterface_factory": "supervisor.rpcinterface:make_main_rpcinterface"}
     conf["supervisorctl"] = {"serverurl": f"unix://{SOCKET}"}
-    for name, program in programs(env, mode, values).items():
+    for name, program in programs(env, mode, values, root, ssh).items():
         conf[f"program:{name}"] = {
             "command": program["command"],
             "user": program["user"],
@@ -199,45 +253,44 @@ X11Forwarding no
 PrintMotd no
 Subsystem sftp internal-sftp
 """
-KEY_LINE = re.compile(r"(ssh-|ecdsa-|sk-)\S+ \S+( .*)?")
+# One OpenSSH public key: its type, its base64 blob, an optional comment.
+KEY_LINE = re.compile(r"(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp(256|384|521)|sk-(ssh-ed25519|ecdsa-sha2-nistp256)"
+                      r"@openssh\.com) [A-Za-z0-9+/]{16,}={0,3}( [^\x00-\x1f]*)?")
 
 
-def render_ssh(env, root: Path):
-    config, keys = root_path(root, f"{CONF_DIR}/sshd_config"), root_path(root, "/root/.ssh/authorized_keys")
-    public_key = env.get("PUBLIC_KEY", "").strip()
-    if not public_key:
+def ssh_keys(env) -> list:
+    """The key lines of RunPod's PUBLIC_KEY: the account's keys as free text joined by blank lines. Other
+    lines are skipped with a log line naming only their number (they may be anything)."""
+    keys = []
+    for number, line in enumerate(env.get("PUBLIC_KEY", "").splitlines(), 1):
+        line = " ".join(line.split())
+        if KEY_LINE.fullmatch(line):
+            keys.append(line)
+        elif line:
+            warn(f"PUBLIC_KEY line {number} is not an OpenSSH public key (ssh-ed25519 AAAA... comment); skipped.")
+    if env.get("PUBLIC_KEY", "").strip() and not keys:
+        warn("PUBLIC_KEY holds no OpenSSH public key: SSH stays off.")
+    return keys
+
+
+def render_ssh(keys: list, root: Path):
+    config, authorized = root_path(root, f"{CONF_DIR}/sshd_config"), root_path(root, "/root/.ssh/authorized_keys")
+    if not keys:
         config.unlink(missing_ok=True)  # a pod restarted without a key runs no sshd
         return
-    lines = [line.strip() for line in public_key.splitlines() if line.strip()]
-    if not all(KEY_LINE.fullmatch(line) for line in lines):
-        raise ConfigError("PUBLIC_KEY must hold OpenSSH public keys (ssh-ed25519 AAAA... comment), one per line.")
     write_private(config, SSHD_CONFIG, 0o644)
-    write_private(keys, "\n".join(lines) + "\n")
-
-
-SLICER_INI = f"""\
-[Modules]
-AdditionalPaths={APP}/SegmentationMachine
-"""
-
-
-def render_slicer_settings(root: Path):
-    """Registers the module folder with Slicer once; later the user's own settings win."""
-    ini = root_path(root, f"{DESKTOP_HOME}/.config/slicer.org/Slicer.ini")
-    if not ini.exists():
-        ini.parent.mkdir(parents=True, exist_ok=True)
-        ini.write_text(SLICER_INI)
+    write_private(authorized, "\n".join(keys) + "\n")
 
 
 def render(env, root: Path, out=sys.stdout):
     mode = env.get("SM_MODE") or "server"
     if mode not in MODES:
-        raise ConfigError(f"SM_MODE must be server or desktop, not {mode!r}.")
+        warn("SM_MODE must be server or desktop; the pod starts in server mode.")
+        mode = "server"
     values, generated = resolve_secrets(env, root)
-    write_private(root_path(root, f"{CONF_DIR}/supervisord.conf"), supervisord_conf(env, mode, values))
-    render_ssh(env, root)
-    if mode == "desktop":
-        render_slicer_settings(root)
+    keys = ssh_keys(env)
+    write_private(root_path(root, f"{CONF_DIR}/supervisord.conf"), supervisord_conf(env, mode, values, root, bool(keys)))
+    render_ssh(keys, root)
     if generated:
         print(f"segmentation-machine: generated credentials (printed this once; kept in {CREDENTIALS}):", file=out)
         for name in generated:
@@ -249,11 +302,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("/"), help="prefix of every path written (tests)")
     args = parser.parse_args(argv)
-    try:
-        render(os.environ, args.root)
-    except ConfigError as error:
-        print(f"segmentation-machine: {error}", file=sys.stderr)
-        return 2
+    render(os.environ, args.root)
     return 0
 
 

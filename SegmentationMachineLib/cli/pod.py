@@ -12,7 +12,7 @@ import time
 
 from ..cloud.cloudgpu import KEY_NAME, MODES, CloudGpu, Limits, StartedPod, recorded_pod, runpod_key
 from ..cloud.heartbeat import INTERVAL_S, Heartbeat
-from ..cloud.pods import PodsError, RunPodGraphQL
+from ..cloud.pods import PodsError, RunPodRest, spend_per_hr
 from ..cloud.podstart import DEFAULT_TIMEOUT_S
 from ..core.credentials import SecretStore
 from ..core.errors import UserError
@@ -21,7 +21,7 @@ from ..core.errors import UserError
 def add_pod_commands(commands, common):
     pod = commands.add_parser("pod", help="RunPod GPU pods: gpus, up, status, list, stop, resume, down, login, logout")
     actions = pod.add_subparsers(dest="pod_command", required=True)
-    gpus = actions.add_parser("gpus", parents=[common], help="GPU types with ≥ 10 GB, cheapest first, and your balance")
+    gpus = actions.add_parser("gpus", parents=[common], help="NVIDIA GPU types in stock with ≥ 10 GB, cheapest first")
     gpus.add_argument("--cloud", choices=["secure", "community"], default="secure")
 
     up = actions.add_parser("up", parents=[common], help="start a pod and wait until its server answers")
@@ -31,6 +31,7 @@ def add_pod_commands(commands, common):
     source.add_argument("--image", help="container image (default SM_POD_IMAGE or our published image)")
     source.add_argument("--template", help="RunPod template id instead of an image")
     up.add_argument("--cloud", choices=["secure", "community"], default="secure")
+    up.add_argument("--max-price", type=float, help="only GPU types costing at most this many $/h")
     up.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds until a start that is not "
                     f"ready is terminated (default {DEFAULT_TIMEOUT_S:g})")
     up.add_argument("--idle-timeout", type=float, default=900, help="the pod ends after this many seconds without "
@@ -63,7 +64,7 @@ def add_pod_commands(commands, common):
 def run_pod(args):
     if args.pod_command in ("login", "logout"):
         return _login() if args.pod_command == "login" else _logout()
-    cloud = CloudGpu(RunPodGraphQL(runpod_key()))
+    cloud = CloudGpu(RunPodRest(runpod_key()))
     {"gpus": _gpus, "up": _up, "resume": _resume, "status": _status, "list": _list, "stop": _stop,
      "down": _down}[args.pod_command](cloud, args)
 
@@ -73,7 +74,7 @@ def _login():
     key = (getpass.getpass("RunPod API key: ") if sys.stdin.isatty() else sys.stdin.readline()).strip()
     if not key:
         raise UserError("No key was entered: copy it from the RunPod console → Settings → API Keys.")
-    RunPodGraphQL(key).account()  # a wrong key is said now, not at the first start
+    RunPodRest(key).pods()  # a wrong key is said now, not at the first start
     store.save(KEY_NAME, key)
     print(f"Saved in {store.where}.")
 
@@ -85,11 +86,15 @@ def _logout():
 
 
 def _gpus(cloud: CloudGpu, args):
-    account = cloud.backend.account()
     print(f"{'GPU type':32} {'VRAM':>6} {'$/h ' + args.cloud:>14}")
     for gpu in cloud.gpu_choices(cloud=args.cloud.upper()):
         print(f"{gpu.id:32} {gpu.memory_gb:>4} GB {gpu.price(args.cloud.upper()):>14.2f}")
-    print(f"Balance ${account['balance']:.2f}; spending ${account['spend_per_hr']:.2f}/h now.")
+    print(_spending(cloud.backend.pods()))
+
+
+def _spending(pods) -> str:
+    return (f"Spending ${spend_per_hr(pods):.2f}/h now; the balance is in the RunPod console "
+            "(RunPod's API does not tell it).")
 
 
 def _up(cloud: CloudGpu, args):
@@ -97,7 +102,7 @@ def _up(cloud: CloudGpu, args):
     for pod, cost in cloud.started_earlier():
         print(f"Still there from an earlier start: {pod.id} ({pod.gpu}, {pod.status}, ${cost:.2f} so far); "
               f"`segmentation-machine pod down {pod.id}` terminates it.")
-    choices = cloud.gpu_choices(args.gpu, args.cloud.upper())
+    choices = cloud.gpu_choices(args.gpu, args.cloud.upper(), args.max_price)
     limits = Limits(args.idle_timeout, args.max_lifetime, args.budget)
     volume = {k: v for k, v in (("volume_gb", args.volume_gb), ("network_volume_id", args.network_volume)) if v}
     print(f"Starting a {args.mode} pod on {choices[0].id} (${choices[0].price(args.cloud.upper()):.2f}/h)"
@@ -203,15 +208,14 @@ def _list(cloud: CloudGpu, args):
     pods = cloud.backend.pods()
     for pod in pods:
         print(_pod_line(pod) + (" (started here)" if pod.id in recorded else ""))
-    account = cloud.backend.account()
-    print(f"{len(pods)} pod(s); balance ${account['balance']:.2f}, spending ${account['spend_per_hr']:.2f}/h.")
+    print(f"{len(pods)} pod(s). {_spending(pods)}")
 
 
 def _stop(cloud: CloudGpu, args):
     cost = _cost(cloud, args.pod_id)
-    cloud.backend.stop(args.pod_id)
-    print(f"Stopped pod {args.pod_id}{cost}: no GPU billing; its volume is kept (and billed a little) until "
-          f"`segmentation-machine pod down {args.pod_id}`; `pod resume {args.pod_id}` continues.")
+    kept = cloud.stop(args.pod_id)
+    print(f"Stopped pod {args.pod_id}{cost}: no GPU billing; {kept}. `segmentation-machine pod down {args.pod_id}` "
+          f"terminates it, `pod resume {args.pod_id}` continues.")
 
 
 def _down(cloud: CloudGpu, args):

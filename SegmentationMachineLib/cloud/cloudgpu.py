@@ -2,13 +2,16 @@
 
 A pod gets fresh secrets of its own (server key, desktop and file passwords, heartbeat token),
 handed over as environment and kept only in the user's pod records. A start that is interrupted
-(Ctrl-C, a closed terminal, Cancel) terminates what it created before it gives up.
+(Ctrl-C, a closed terminal, Cancel) terminates what it created before it gives up. With a maximum
+lifetime, RunPod itself terminates the pod at creation + start timeout + lifetime (terminateAfter):
+the pod agent ends it earlier and warns first; RunPod's end catches a pod whose agent never ran.
 """
 
 import os
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from ..core.credentials import SecretStore
 from ..core.errors import UserError
@@ -49,6 +52,13 @@ class Limits:
         if (self.max_lifetime_s is not None and self.max_lifetime_s <= 0) or (self.budget_usd or 1) <= 0:
             raise UserError("The maximum lifetime and the budget must be more than 0.")
 
+    def terminate_after(self, start_timeout_s: float):
+        """RFC 3339 time for RunPod's own end of the pod, or None without a maximum lifetime."""
+        if self.max_lifetime_s is None:
+            return None
+        end = datetime.fromtimestamp(time.time() + start_timeout_s + self.max_lifetime_s, timezone.utc)
+        return end.strftime("%Y-%m-%dT%H:%M:%SZ")
+
     def environment(self) -> dict:
         env = {"SM_IDLE_TIMEOUT_S": f"{self.idle_timeout_s:g}"}
         if self.max_lifetime_s is not None:
@@ -77,7 +87,7 @@ class StartedPod:
 
     @property
     def desktop_url(self) -> str:
-        return self.url(DESKTOP_PORT) + "/vnc.html?autoconnect=1&resize=remote"  # the password is typed, never in the URL
+        return self.url(DESKTOP_PORT) + "/vnc.html?autoconnect=1&reconnect=true&resize=remote"  # the password is typed, never in the URL
 
     @property
     def files_url(self) -> str:
@@ -97,18 +107,28 @@ def recorded_pod_at(records: PodRecords, server_url: str):
 
 
 def _ready_check(pod_secrets: dict):
-    """is_ready for start_pod: the server grants a session to the pod's key. Meanwhile the pod agent hears
-    from us, so a slow first start (the weights are downloaded once) is not taken for an idle pod."""
+    """is_ready for start_pod: the pod agent accepted a heartbeat (the pod is guarded) and the server grants
+    a session to the pod's key. The heartbeats also keep a slow first start (the weights are downloaded
+    once) from being taken for an idle pod."""
     def ready(pod) -> bool:
-        Heartbeat(proxy_url(pod.id, AGENT_PORT), pod_secrets["SM_HEARTBEAT_TOKEN"]).beat()
-        return server_answers(proxy_url(pod.id, SERVER_PORT), pod_secrets["SM_NNI_API_KEY"])
+        heartbeat = Heartbeat(proxy_url(pod.id, AGENT_PORT), pod_secrets["SM_HEARTBEAT_TOKEN"])
+        accepted = heartbeat.beat()
+        if heartbeat.refused:
+            raise PodsError("The pod's agent rejected the heartbeat token it was started with: terminate the pod "
+                            "and start a new one.")
+        served = server_answers(proxy_url(pod.id, SERVER_PORT), pod_secrets["SM_NNI_API_KEY"])
+        return accepted and served
 
     return ready
 
 
-def ports(mode: str) -> str:
-    desktop = f",{DESKTOP_PORT}/http,{FILES_PORT}/http" if mode == "desktop" else ""
-    return f"{SERVER_PORT}/http,{AGENT_PORT}/http{desktop},22/tcp"
+def ports(mode: str) -> list:
+    desktop = [f"{DESKTOP_PORT}/http", f"{FILES_PORT}/http"] if mode == "desktop" else []
+    return [f"{SERVER_PORT}/http", f"{AGENT_PORT}/http", *desktop, "22/tcp"]
+
+
+def _display_time(rfc3339: str) -> str:
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M UTC")
 
 
 class CloudGpu:
@@ -116,14 +136,25 @@ class CloudGpu:
         self.backend = backend
         self.records = records or PodRecords()
 
-    def gpu_choices(self, gpu: str = None, cloud: str = "SECURE") -> list:
-        """The GPU types to try in order: the one asked for, else every type with enough VRAM, cheapest first."""
+    def gpu_choices(self, gpu: str = None, cloud: str = "SECURE", max_price: float = None) -> list:
+        """The GPU types to try in order: the one asked for (in stock or not: the create decides), else every
+        type in stock with enough VRAM, cheapest first; none above max_price ($/h)."""
         if gpu is None:
-            return self.backend.gpu_types(cloud=cloud)
-        chosen = [g for g in self.backend.gpu_types(min_vram_gb=0, cloud=cloud) if gpu in (g.id, g.name)]
-        if not chosen:
-            raise UserError(f"RunPod has no GPU type {gpu!r}: `segmentation-machine pod gpus` lists them.")
-        return chosen
+            chosen = self.backend.gpu_types(cloud=cloud)
+            if not chosen:
+                raise UserError(f"RunPod has no NVIDIA GPU type with enough memory in stock on the {cloud.lower()} "
+                                "cloud right now: try the other cloud, or again in a few minutes.")
+        else:
+            chosen = [g for g in self.backend.gpu_types(min_vram_gb=0, cloud=cloud, in_stock=False)
+                      if gpu in (g.id, g.name)]
+            if not chosen:
+                raise UserError(f"RunPod has no GPU type {gpu!r}: `segmentation-machine pod gpus` lists them.")
+        affordable = [g for g in chosen if max_price is None or g.price(cloud) <= max_price]
+        if not affordable:
+            cheapest = min(g.price(cloud) for g in chosen)
+            raise UserError(f"No {'such ' if gpu else ''}GPU type costs at most ${max_price:g}/h on the "
+                            f"{cloud.lower()} cloud right now (the cheapest: ${cheapest:.2f}/h): raise --max-price.")
+        return affordable
 
     def started_earlier(self) -> list:
         """(Pod, cost so far) for pods started here that still run: offered for termination at each start."""
@@ -144,8 +175,11 @@ class CloudGpu:
         name = NAME_PREFIX + secrets.token_hex(4)  # one name for all tries: an interrupted start is found by it
         env = {"SM_MODE": mode, **pod_secrets, **limits.environment()}
         image = None if template_id else (image or os.environ.get("SM_POD_IMAGE") or DEFAULT_IMAGE)
-        specs = [PodSpec(g.id, image=image, template_id=template_id, cloud=cloud, ports=ports(mode), env=env, name=name,
-                         allowed_cuda_versions=CUDA_VERSIONS, **volume) for g in gpus]
+        end = limits.terminate_after(timeout_s)
+        # The price goes along: the agent's budget holds even where the pod's key cannot read the pod's cost.
+        specs = [PodSpec(g.id, image=image, template_id=template_id, cloud=cloud, ports=ports(mode), name=name,
+                         env={**env, "SM_PRICE_PER_HOUR": f"{g.price(cloud):g}"}, allowed_cuda_versions=CUDA_VERSIONS,
+                         terminate_after=end, **volume) for g in gpus]
         try:
             pod = start_pod(self.backend, specs, _ready_check(pod_secrets), self.records, on_progress, timeout_s,
                             POLL_S, sleep=sleep, details={"mode": mode, "secrets": pod_secrets})
@@ -176,11 +210,24 @@ class CloudGpu:
             raise
         return started
 
+    def stop(self, pod_id: str) -> str:
+        """Stops the pod's GPU billing; returns what still bills: its volume, per month, and until when."""
+        pod = self.backend.get(pod_id)
+        if pod is None:
+            self.records.remove(pod_id)
+            raise UserError(f"There is no pod {pod_id} on this account: `segmentation-machine pod list` shows them.")
+        self.backend.stop(pod_id)
+        end = self.records.get(pod_id).get("terminate_after")
+        until = (f"until RunPod terminates the pod at {_display_time(end)} (its maximum lifetime)" if end else
+                 "until the pod is terminated")
+        return f"its {pod.volume_gb} GB volume is kept and costs ${pod.volume_usd_per_month:.2f}/month {until}"
+
     def terminate(self, pod_id: str):
         self.backend.terminate(pod_id)
         self.records.remove(pod_id)
 
     def _terminate_named(self, name: str):
-        pod = self.backend.find_by_name(name)
-        if pod is not None:
-            self.terminate(pod.id)
+        """Every pod of that name: the recorded ones, and any the (lagging) list already shows."""
+        recorded = {pod_id for pod_id, record in self.records.all().items() if record.get("name") == name}
+        for pod_id in recorded | {p.id for p in self.backend.named(name)}:
+            self.terminate(pod_id)

@@ -17,6 +17,7 @@ class Heartbeat:
         self._headers = {"Authorization": f"Bearer {token}"}
         self.last = {}  # the agent's last answer
         self.problem = ""  # why the last heartbeat did not arrive; "" when it did
+        self.refused = False  # the agent answered that the token is wrong
         self._stop = threading.Event()
 
     @property
@@ -24,13 +25,14 @@ class Heartbeat:
         return self.last.get("warning", "")
 
     def beat(self) -> bool:
-        import httpx
+        import requests
 
         try:
-            answer = httpx.post(self.url, headers=self._headers, timeout=15.0)
-        except httpx.HTTPError:
+            answer = requests.post(self.url, headers=self._headers, timeout=15.0)
+        except requests.RequestException:
             self.problem = "the pod agent did not answer (the pod may still be starting, or it was terminated)"
             return False
+        self.refused = answer.status_code == 401
         if answer.status_code != 200:
             self.problem = f"the pod agent answered {answer.status_code}"
             return False

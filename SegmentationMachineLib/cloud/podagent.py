@@ -1,7 +1,9 @@
 """The pod agent: runs inside the pod and terminates it when nobody uses it, or when its time or budget is spent.
 
 `python -m SegmentationMachineLib.podagent`, configured by environment (RunPod sets RUNPOD_POD_ID
-and a pod-scoped RUNPOD_API_KEY; the Cloud GPU panel sets the SM_* variables). Clients that are
+and a pod-scoped RUNPOD_API_KEY, whose rights beyond stopping the pod are not documented: when a
+terminate is refused the agent stops the pod instead; the Cloud GPU panel sets the SM_* variables,
+SM_PRICE_PER_HOUR among them, so the budget holds where the key cannot read the pod's cost). Clients that are
 connected (the module, `segmentation-machine pod up`) send `POST /heartbeat` with
 `Authorization: Bearer <SM_HEARTBEAT_TOKEN>`; the answer says when and why the pod will end, so
 they can warn their user. A laptop that sleeps stops its heartbeats, and the bill stops with them.
@@ -11,19 +13,26 @@ import hmac
 import json
 import logging
 import os
+import re
+import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-from .pods import PodsError, RunPodGraphQL
+from .pods import VOLUME_USD_PER_GB_MONTH, PodsError, RunPodRest
 
 log = logging.getLogger("segmentation-machine.podagent")
 
 
-DESKTOP_PORTS = "6080"  # noVNC: a browser showing the pod's desktop keeps its websocket open
+# The VNC server's port: only websockify connects there, once per browser showing the desktop. noVNC's own
+# port (6080) is no sign of use: anyone can hold a socket open on it, and websockify keeps HTTP keep-alives.
+DESKTOP_PORTS = "5901"
+# Before a VNC client has authenticated the server sends it under 1 KiB (version, security types, a
+# 16-byte challenge, the result); after, it sends the desktop itself. More than this proves a session.
+AUTHENTICATED_BYTES = 4096
+_ss_failed = threading.Event()
 
 
 @dataclass(frozen=True)
@@ -34,10 +43,11 @@ class AgentConfig:
     idle_timeout_s: float = 900.0
     max_lifetime_s: float = None
     budget_usd: float = None
+    price_per_hr: float = None  # $/h as RunPod quoted it at create; RunPod's own figure wins once read
     port: int = 8001
     warning_s: float = 300.0  # how long before the end connected clients are told
     poll_s: float = 60.0  # how often RunPod is asked for the pod's uptime and cost
-    activity_ports: tuple = ()  # an open connection to one of these counts as a heartbeat (the browser desktop)
+    activity_ports: tuple = ()  # an authenticated session on one of these counts as a heartbeat (the desktop)
 
     @classmethod
     def from_env(cls, env=os.environ) -> "AgentConfig":
@@ -56,7 +66,8 @@ class AgentConfig:
 
         return cls(pod_id=env["RUNPOD_POD_ID"], api_key=env["RUNPOD_API_KEY"], heartbeat_token=env["SM_HEARTBEAT_TOKEN"],
                    idle_timeout_s=number("SM_IDLE_TIMEOUT_S", 900.0), max_lifetime_s=number("SM_MAX_LIFETIME_S", None),
-                   budget_usd=number("SM_BUDGET_USD", None), port=int(number("SM_AGENT_PORT", 8001)),
+                   budget_usd=number("SM_BUDGET_USD", None), price_per_hr=number("SM_PRICE_PER_HOUR", None),
+                   port=int(number("SM_AGENT_PORT", 8001)),
                    warning_s=number("SM_WARNING_S", 300.0), poll_s=number("SM_AGENT_POLL_S", 60.0),
                    activity_ports=_ports(env.get("SM_ACTIVITY_PORTS", DESKTOP_PORTS if env.get("SM_MODE") == "desktop"
                                                  else "")))
@@ -94,19 +105,28 @@ def _ports(text: str) -> tuple:
         raise ValueError(f"SM_ACTIVITY_PORTS must list port numbers, not {text!r}.") from None
 
 
-def connected_on(ports) -> bool:
-    """True while a TCP connection to one of these local ports is established (Linux /proc/net)."""
-    wanted = {f"{port:04X}" for port in ports}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()  # sl, local address:port (hex), remote address, state, ...
-            if fields[3] == "01" and fields[1].rpartition(":")[2] in wanted:  # 01: ESTABLISHED
-                return True
-    return False
+def sessions_on(ports) -> int:
+    """Established TCP connections to these local ports that have carried more than a login's worth of data
+    from our side (`ss`'s per-socket bytes_acked, readable by any user): a stranger's idle or unauthenticated
+    socket does not count."""
+    try:
+        listing = subprocess.run(["ss", "-tinH", "state", "established"], capture_output=True, text=True,
+                                 timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as error:  # once, not every second: the desktop then counts as idle
+        if not _ss_failed.is_set():
+            _ss_failed.set()
+            log.error("Could not list the desktop's connections (ss, from iproute2): %s", error)
+        return 0
+    wanted, count, local_port = {str(port) for port in ports}, 0, None
+    for line in listing.splitlines():
+        if not line[:1].isspace():  # a socket: Recv-Q Send-Q local:port peer:port
+            fields = line.split()
+            local_port = fields[2].rpartition(":")[2] if len(fields) >= 4 else None
+        elif local_port in wanted:  # its TCP details, on the next line
+            acked = re.search(r"\bbytes_acked:(\d+)", line)
+            count += bool(acked and int(acked.group(1)) > AUTHENTICATED_BYTES)
+            local_port = None
+    return count
 
 
 def _duration(seconds: float) -> str:
@@ -118,11 +138,12 @@ def _duration(seconds: float) -> str:
 class PodAgent:
     def __init__(self, config: AgentConfig, backend=None, clock=time.monotonic):
         self.config = config
-        self._backend = backend or RunPodGraphQL(config.api_key)
+        self._backend = backend or RunPodRest(config.api_key)
         self._clock = clock
         self._started = clock()
         self._last_heartbeat = self._started  # a fresh pod gets one idle timeout to be connected
-        self._uptime_s, self._cost_per_hr, self._polled_at, self._uptime_at = 0.0, 0.0, None, self._started
+        self._uptime_s, self._polled_at, self._uptime_at = 0.0, None, self._started
+        self._cost_per_hr = config.price_per_hr or 0.0
         self._warned = None
         self._retry_at = 0.0  # when a failed terminate is tried again
         self.terminated = threading.Event()
@@ -152,23 +173,37 @@ class PodAgent:
         if self.terminated.is_set():
             return
         now = self._clock()
-        if self.config.activity_ports and connected_on(self.config.activity_ports):
+        if self.config.activity_ports and sessions_on(self.config.activity_ports):
             self._touch()
         if self._polled_at is None or now - self._polled_at >= self.config.poll_s:
             self._poll_runpod(now)
         current = self._verdict()
         if current.seconds_left <= 0 and now >= self._retry_at:
             log.warning("Terminating pod %s: %s.", self.config.pod_id, current.reason)
-            try:
-                self._backend.terminate(self.config.pod_id)
-            except PodsError as error:  # tried again after a poll interval, not flooding the log
-                log.error("Terminating failed: %s", error)
+            if self._end_pod():
+                self.terminated.set()
+            else:  # tried again after a poll interval, not flooding the log
                 self._retry_at = now + self.config.poll_s
-                return
-            self.terminated.set()
         elif current.seconds_left <= self.config.warning_s and self._warned != current.reason:
             self._warned = current.reason
             log.warning("%s", current.sentence())
+
+    def _end_pod(self) -> bool:
+        """Terminates the pod; where that is refused (a pod-scoped key), stops it: the GPU bill ends either way."""
+        try:
+            self._backend.terminate(self.config.pod_id)
+            return True
+        except PodsError as error:
+            log.error("Terminating failed: %s", error)
+        try:
+            self._backend.stop(self.config.pod_id)
+        except PodsError as error:
+            log.error("Stopping failed too: %s", error)
+            return False
+        log.warning("Stopped pod %s instead: its volume is kept and bills $%.2f/GB/month until it is terminated "
+                    "(RunPod console or `segmentation-machine pod down %s`).", self.config.pod_id,
+                    VOLUME_USD_PER_GB_MONTH, self.config.pod_id)
+        return True
 
     def _poll_runpod(self, now):
         self._polled_at = now  # a failed poll is also retried only after poll_s
@@ -180,7 +215,8 @@ class PodAgent:
         # None: RunPod does not (or not yet) list the pod. The watch goes on: one odd answer must not
         # leave a pod unguarded, and a really terminated pod takes this container with it anyway.
         if pod is not None:
-            self._uptime_s, self._cost_per_hr, self._uptime_at = pod.uptime_s, pod.cost_per_hr, now
+            self._uptime_s, self._uptime_at = pod.uptime_s, now
+            self._cost_per_hr = pod.cost_per_hr or self._cost_per_hr
 
     def _verdict(self) -> Verdict:
         now = self._clock()

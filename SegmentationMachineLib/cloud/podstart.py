@@ -1,9 +1,10 @@
 """Starting a GPU pod without surprises: phases, a real readiness check, a time limit, a record of what runs.
 
-Ready means the pod's nnInteractive server answered an authenticated request through RunPod's
-proxy, not merely that RunPod says RUNNING. A start that is not ready in time is terminated and
-the reason said; a GPU type without capacity hands over to the next one; every pod started here
-is recorded locally, so the next start can list what still runs and what it has cost.
+Ready means the pod answered through RunPod's proxy (cloudgpu: its agent accepted a heartbeat and
+its nnInteractive server an authenticated request), not merely that RunPod says RUNNING. A start
+that is not ready in time is terminated, its container log kept and the reason said; a GPU type
+without capacity hands over to the next one; every pod started here is recorded locally, so the
+next start can list what still runs and what it has cost.
 """
 
 import json
@@ -53,11 +54,11 @@ def server_answers(url: str, api_key: str, timeout: float = 10.0) -> bool:
 
     False while the proxy answers 502 or nothing; a rejected key is an error, not a wait.
     """
-    import httpx
+    import requests
 
     try:
-        claim = httpx.post(f"{url}/claim", headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout)
-    except httpx.HTTPError:
+        claim = requests.post(f"{url}/claim", headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout)
+    except requests.RequestException:
         return False
     if claim.status_code == 401:
         raise PodsError("The pod's server rejected the key it was started with: terminate the pod and start a new one.")
@@ -67,9 +68,9 @@ def server_answers(url: str, api_key: str, timeout: float = 10.0) -> bool:
         return False
     token = claim.json().get("lease_token", "")
     try:
-        httpx.post(f"{url}/release", headers={"Authorization": f"Bearer {api_key}", "X-Lease-Token": token},
-                   timeout=timeout)
-    except httpx.HTTPError:
+        requests.post(f"{url}/release", headers={"Authorization": f"Bearer {api_key}", "X-Lease-Token": token},
+                      timeout=timeout)
+    except requests.RequestException:
         pass  # the lease expires by itself
     return True
 
@@ -88,7 +89,9 @@ class PodRecords:
 
     def add(self, pod: Pod, started_at: float, **details):
         """details: what reconnecting needs later (mode, the pod's own secrets); the file is the user's only."""
-        self._write({**self.all(), pod.id: {"name": pod.name, "gpu": pod.gpu, "started_at": started_at, **details}})
+        end = {"terminate_after": pod.terminate_after} if pod.terminate_after else {}
+        self._write({**self.all(), pod.id: {"name": pod.name, "gpu": pod.gpu, "started_at": started_at, **end,
+                                            **details}})
 
     def get(self, pod_id: str) -> dict:
         return self.all().get(pod_id, {})
@@ -99,15 +102,23 @@ class PodRecords:
         self._write(records)
 
     def still_running(self, backend) -> list:
-        """(Pod, cost so far) for recorded pods that still exist; forgets the ones that are gone."""
-        alive = {p.id: p for p in backend.pods()}
+        """(Pod, cost so far) for recorded pods that still exist; forgets the ones that are gone.
+
+        Each is asked for by id: RunPod's list lags behind a create, and would make a new pod look gone."""
         result = []
         for pod_id in list(self.all()):
-            if pod_id in alive:
-                result.append((alive[pod_id], alive[pod_id].cost_so_far))
-            else:
+            pod = backend.get(pod_id)
+            if pod is None:
                 self.remove(pod_id)
+            else:
+                result.append((pod, pod.cost_so_far))
         return result
+
+    def save_log(self, pod_id: str, text: str) -> Path:
+        """Keeps a failed start's container log beside the records (it may name the pod's files)."""
+        path = self.path.parent / "logs" / f"{pod_id}.log"
+        write_private(path, text)
+        return path
 
     def _write(self, records: dict):
         write_private(self.path, json.dumps(records, indent=2))
@@ -157,12 +168,22 @@ def wait_until_ready(backend, pod: Pod, is_ready, records, on_progress, timeout_
                 return current
         on_progress(Progress(phase, elapsed, cost, current.id, note))
         if elapsed >= timeout_s:
+            kept = _keep_log(backend, records, pod.id)
             if keep_volume:
                 backend.stop(pod.id)
                 raise PodsError(f"The pod was not ready after {timeout_s / 60:.0f} min (still {phase.value}): it was "
-                                "stopped again, its volume kept; try again later or terminate it.")
+                                f"stopped again, its volume kept{kept}; try again later or terminate it.")
             backend.terminate(pod.id)
             records.remove(pod.id)
             raise PodsError(f"The pod was not ready after {timeout_s / 60:.0f} min (still {phase.value}): it was "
-                            f"terminated (cost ${cost:.2f}); try another GPU type or again later.")
+                            f"terminated (cost ${cost:.2f}){kept}; try another GPU type or again later.")
         sleep(poll_s)
+
+
+def _keep_log(backend, records: PodRecords, pod_id: str) -> str:
+    """Saves the container log of a start that failed; the clause that says where (or '' without one)."""
+    try:
+        text = backend.logs(pod_id)
+    except PodsError:
+        return ""  # the log is a help, not a condition: terminating comes first
+    return f"; its container log is in {records.save_log(pod_id, text)}" if text else ""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ..cloud.cloudgpu import KEY_NAME, CloudGpu, Limits, StartedPod, recorded_pod, runpod_key
 from ..cloud.heartbeat import Heartbeat
-from ..cloud.pods import RunPodGraphQL
+from ..cloud.pods import RunPodRest, spend_per_hr
 from ..cloud.podstart import Phase, PodRecords
 from ..core.credentials import SecretStore
 from ..core.errors import UserError
@@ -32,11 +32,12 @@ class Cancelled(Exception):
 class CloudPanel:
     store: SecretStore = field(default_factory=SecretStore)
     records: PodRecords = field(default_factory=PodRecords)
-    backend_factory: object = RunPodGraphQL  # key -> pods adapter
+    backend_factory: object = RunPodRest  # key -> pods adapter
     status: str = "Enter your RunPod API key (RunPod console → Settings → API Keys)."
     gpus: list = field(default_factory=list)  # GpuType, cheapest first
     earlier: list = field(default_factory=list)  # (Pod, cost so far) started before and still there
-    balance: str = ""
+    balance: str = ""  # what the account spends now (RunPod's API does not tell the balance itself)
+    notice: str = ""  # what the last job has to say, shown with the refreshed status
     progress: object = None  # the latest podstart.Progress while starting
     pod: StartedPod = None  # the pod in use
     started_here: list = field(default_factory=list)  # ids of running pods this session started, for quit
@@ -55,7 +56,7 @@ class CloudPanel:
         key = key.strip()
 
         def check_and_save():
-            self.backend_factory(key).account()
+            self.backend_factory(key).pods()
             self.store.save(KEY_NAME, key)
 
         self._start("key", check_and_save, with_cloud=False)  # the key being checked is not stored yet
@@ -77,9 +78,9 @@ class CloudPanel:
         return self.busy and self._job in ("start", "resume")
 
     def refresh(self):
-        """GPU types, balance and pods still there from earlier starts."""
-        self._start("refresh", lambda cloud: (cloud.gpu_choices(), cloud.backend.account(), cloud.started_earlier()))
-        self.status = "Asking RunPod for GPU types and your balance..."
+        """GPU types, what runs now and pods still there from earlier starts."""
+        self._start("refresh", lambda cloud: (cloud.gpu_choices(), cloud.backend.pods(), cloud.started_earlier()))
+        self.status = "Asking RunPod for GPU types and your pods..."
 
     def start(self, gpu_id: str, mode: str, limits: Limits = Limits()):
         """Starts on gpu_id; without capacity there, on the next types that cost at most half as much again."""
@@ -100,16 +101,16 @@ class CloudPanel:
             self.status = f"Pod {pod_id} was not started from this computer: its keys are not known here."
             return
         pod = next((p for p, _cost in self.earlier if p.id == pod_id), None)
-        if pod is not None and pod.status != "RUNNING":
+        if pod is not None and pod.status == "EXITED":
             self._start("resume", lambda cloud: cloud.resume(pod_id, on_progress=self._progressed, sleep=self._sleep))
             self.status = f"Resuming pod {pod_id}..."
             return
         self._use(started)
 
     def stop(self):
-        """Stops the pod in use: no GPU billing; its volume stays (and costs a little) until terminated."""
+        """Stops the pod in use: no GPU billing; its volume stays (and costs per month) until terminated."""
         pod_id = self.pod.pod_id
-        self._start("stop", lambda cloud: cloud.backend.stop(pod_id))
+        self._start("stop", lambda cloud: f"Stopped pod {pod_id}: no GPU billing; {cloud.stop(pod_id)}.")
         self._release()
         self._forget_started(pod_id)  # the user keeps it on purpose: quitting must not delete its volume
         self.status = f"Stopping pod {pod_id}..."
@@ -202,15 +203,16 @@ class CloudPanel:
             self.has_key = True
             self.refresh()
         elif job == "refresh":
-            self.gpus, account, self.earlier = result
-            self.balance = f"Balance ${account['balance']:.2f}, spending ${account['spend_per_hr']:.2f}/h"
-            self.status = (f"{len(self.earlier)} pod(s) started earlier are still there: connect to or terminate "
-                           "them below." if self.earlier else "Choose a GPU type and press Start.")
+            self.gpus, pods, self.earlier = result
+            self.balance = f"Spending ${spend_per_hr(pods):.2f}/h now (the balance is in the RunPod console)"
+            status = (f"{len(self.earlier)} pod(s) started earlier are still there: connect to or terminate "
+                      "them below." if self.earlier else "Choose a GPU type and press Start.")
+            self.status, self.notice = f"{self.notice} {status}".strip(), ""
         elif job in ("start", "resume"):
             self.started_here.append(result.pod_id)
             self._use(result)
         else:
-            self.status = f"Done: {job}."
+            self.notice = result if isinstance(result, str) else f"Done: {job}."
             self.refresh()
 
     def _use(self, started: StartedPod):

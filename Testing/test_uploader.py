@@ -1,0 +1,153 @@
+"""The desktop pod's upload page (docker/uploader.py), started for real on loopback as supervisord starts it:
+password from the environment, files into an inbox only whole, nothing outside it."""
+
+import base64
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from nninteractive_server import free_port
+
+UPLOADER = Path(__file__).resolve().parent.parent / "docker" / "uploader.py"
+PASSWORD = "files-password-0123456789"
+MiB = 1024 * 1024
+
+
+class Uploader:
+    def __init__(self, tmp_path: Path):
+        self.inbox, self.staging = tmp_path / "workspace/inbox", tmp_path / "workspace/.uploads"
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, str(UPLOADER), "--host", "127.0.0.1", "--port", str(self.port),
+             "--inbox", str(self.inbox), "--staging", str(self.staging)],
+            env={"PATH": os.environ["PATH"], "SM_FILES_PASSWORD": PASSWORD}, stderr=subprocess.PIPE, text=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = httpx.Client(base_url=self.url, auth=("sm", PASSWORD), timeout=60)
+        for _ in range(100):
+            try:
+                httpx.get(self.url, timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise AssertionError("the uploader did not start")
+
+    def put(self, path: str, data: bytes, size: int = None, offset: int = 0, auth=None) -> httpx.Response:
+        size = len(data) if size is None else size
+        return self.client.put(f"/upload?path={quote(path)}&size={size}&offset={offset}", content=data,
+                               **({"auth": auth} if auth else {}))
+
+    def stop(self) -> str:
+        self.client.close()
+        self.process.terminate()
+        self.process.wait(10)
+        return self.process.stderr.read()
+
+    def files(self) -> list:
+        return sorted(str(p.relative_to(self.inbox.parent)) for p in self.inbox.parent.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def uploader(tmp_path):
+    running = Uploader(tmp_path)
+    yield running
+    running.stop()
+
+
+def test_the_right_password_uploads_and_a_wrong_one_gets_nothing(uploader):
+    page = uploader.client.get("/")
+    assert page.status_code == 200 and 'webkitdirectory' in page.text and PASSWORD not in page.text
+    saved = uploader.put("CT head/series 1/IM0001.dcm", b"DICM" * 100)
+    assert saved.status_code == 200 and saved.json() == {"received": 400, "saved": "CT head/series 1/IM0001.dcm"}
+    assert (uploader.inbox / "CT head/series 1/IM0001.dcm").read_bytes() == b"DICM" * 100
+
+    for auth in (("sm", "wrong-password-0123"), ("admin", PASSWORD)):
+        refused = uploader.put("evil.dcm", b"x", auth=auth)
+        assert refused.status_code == 401 and refused.headers["WWW-Authenticate"].startswith("Basic ")
+    anonymous = httpx.get(f"{uploader.url}/")
+    assert anonymous.status_code == 401 and "webkitdirectory" not in anonymous.text
+    assert httpx.put(f"{uploader.url}/upload?path=a.dcm&size=1", content=b"x").status_code == 401
+    assert uploader.files() == ["inbox/CT head/series 1/IM0001.dcm"]
+    log = uploader.stop()
+    assert "Refused a wrong password from 127.0.0.1" in log and PASSWORD not in log and "wrong-password" not in log
+
+
+@pytest.mark.parametrize("name", ["../escaped.dcm", "a/../../escaped.dcm", "/etc/escaped.dcm", "..", "a//b.dcm",
+                                  "a\\..\\escaped.dcm", ".hidden/x.dcm", "a/.x.dcm", "", "new\nline.dcm"])
+def test_names_that_leave_or_hide_in_the_inbox_are_refused(uploader, name):
+    refused = uploader.put(name, b"payload")
+    assert refused.status_code == 400 and "not a file name the inbox takes" in refused.json()["error"]
+    assert uploader.files() == []
+
+
+def test_a_link_in_the_inbox_does_not_lead_out(uploader, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (uploader.inbox / "link").symlink_to(outside)
+    assert uploader.put("link/x.dcm", b"payload").status_code == 400
+    assert list(outside.iterdir()) == [] and list(uploader.staging.iterdir()) == []
+
+
+def test_a_big_file_in_chunks_appears_in_the_inbox_only_whole(uploader):
+    data = os.urandom(MiB) * 130  # 130 MiB: over RunPod's proxy body cap, so in chunks as the page sends it
+    chunk = 64 * MiB
+    for offset in range(0, len(data), chunk):
+        answer = uploader.put("big/volume.nii.gz", data[offset:offset + chunk], size=len(data), offset=offset)
+        assert answer.status_code == 200, answer.text
+        if offset + chunk < len(data):
+            assert answer.json() == {"received": offset + chunk}
+            assert not (uploader.inbox / "big").exists()  # nothing under the final name before the last byte
+    saved = uploader.inbox / "big/volume.nii.gz"
+    assert hashlib.sha256(saved.read_bytes()).digest() == hashlib.sha256(data).digest()
+    assert list(uploader.staging.iterdir()) == []
+    assert uploader.put("big/huge.bin", b"", size=1 << 60).status_code == 507  # more than the volume holds
+
+
+def test_a_broken_off_upload_never_appears_and_resumes_where_it_stopped(uploader):
+    data = os.urandom(3 * MiB)
+    query = f"/upload?path=scan.zip&size={len(data)}&offset=0"
+    with socket.create_connection(("127.0.0.1", uploader.port)) as sock:  # the browser tab is closed mid-upload
+        sock.sendall(f"PUT {query} HTTP/1.1\r\nHost: x\r\nAuthorization: {basic()}\r\n"
+                     f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:MiB])
+    for _ in range(100):  # the pod keeps what arrived, outside the inbox
+        parts = list(uploader.staging.glob("*.part"))
+        if parts and parts[0].stat().st_size == MiB:
+            break
+        time.sleep(0.05)
+    assert [p.stat().st_size for p in parts] == [MiB] and not (uploader.inbox / "scan.zip").exists()
+    wrong = uploader.put("scan.zip", data[2 * MiB:], size=len(data), offset=2 * MiB)
+    assert wrong.status_code == 409 and wrong.json()["received"] == MiB  # the page resumes from the byte the pod has
+    done = uploader.put("scan.zip", data[MiB:], size=len(data), offset=MiB)
+    assert done.json()["saved"] == "scan.zip" and (uploader.inbox / "scan.zip").read_bytes() == data
+    assert "Traceback" not in uploader.stop()
+
+
+def test_an_upload_never_replaces_a_file_in_the_inbox(uploader):
+    uploader.inbox.mkdir(parents=True, exist_ok=True)
+    (uploader.inbox / "report.pdf").write_bytes(b"the user's own")
+    again = uploader.put("report.pdf", b"something else")
+    assert again.status_code == 409 and again.json()["exists"] is True
+    assert (uploader.inbox / "report.pdf").read_bytes() == b"the user's own"
+
+
+def test_the_password_is_never_on_the_command_line(uploader):
+    command_line = Path(f"/proc/{uploader.process.pid}/cmdline").read_bytes()
+    assert PASSWORD.encode() not in command_line and b"uploader.py" in command_line
+
+
+def test_without_a_password_the_page_stays_off(tmp_path):
+    done = subprocess.run([sys.executable, str(UPLOADER), "--port", str(free_port()), "--inbox", str(tmp_path / "i"),
+                           "--staging", str(tmp_path / "s")], env={"PATH": os.environ["PATH"]},
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "SM_FILES_PASSWORD" in done.stderr and "Traceback" not in done.stderr
+
+
+def basic() -> str:
+    return "Basic " + base64.b64encode(f"sm:{PASSWORD}".encode()).decode()

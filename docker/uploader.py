@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""The desktop pod's upload page: files and folders from a browser into the inbox (standard library only).
+
+Runs as the desktop user under supervisord, behind HTTP Basic authentication (user `sm`, the password
+from SM_FILES_PASSWORD in the environment, never on the command line where `ps` shows it). It only
+writes: no listing, no downloads, no deleting, no shell.
+
+A file arrives in chunks (`PUT /upload?path=a/b.dcm&size=N&offset=K`, each under RunPod's proxy body
+cap) appended to a part file in the staging folder, outside the inbox. Only the last chunk moves it
+under its final name, at once and never over an existing file, so the inbox watcher never sees half a
+file. A chunk that fails is resumed from the byte the server reports (409 with `received`).
+"""
+
+import argparse
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+USER = "sm"
+CHUNK_LIMIT = 64 * 1024 * 1024  # RunPod's proxy refuses bodies near 100 MB
+BLOCK = 1024 * 1024
+MAX_DEPTH, MAX_PATH = 32, 1024
+
+log = logging.getLogger("segmentation-machine.uploader")
+
+
+class Refused(Exception):
+    """An upload the pod does not take: the HTTP status and the sentence the page shows."""
+
+    def __init__(self, status: int, message: str, **extra):
+        super().__init__(message)
+        self.status, self.extra = status, extra
+
+
+def inbox_path(inbox: Path, relative: str) -> Path:
+    """Where `relative` (a/b/c.dcm, as the browser names a file in a dropped folder) lands in the inbox;
+    refuses anything that could leave it or hide in it (.., absolute paths, hidden names, control characters)."""
+    parts = relative.split("/")
+    if not relative or len(relative) > MAX_PATH or len(parts) > MAX_DEPTH or any(
+            not part or part.startswith(".") or "\\" in part or any(ord(c) < 32 or c == "\x7f" for c in part)
+            for part in parts):
+        raise Refused(400, f"{relative!r} is not a file name the inbox takes (no '..', hidden or absolute names).")
+    return inbox.joinpath(*parts)
+
+
+def part_file(staging: Path, relative: str, size: int) -> Path:
+    return staging / f"{hashlib.sha256(f'{size}:{relative}'.encode()).hexdigest()}.part"
+
+
+def receive(inbox: Path, staging: Path, relative: str, size: int, offset: int, body, length: int) -> dict:
+    """Appends one chunk; the last one publishes the file. Returns what the page is told."""
+    final = inbox_path(inbox, relative)
+    if offset + length > size:
+        raise Refused(400, "The chunk goes past the file's size.")
+    if length > CHUNK_LIMIT:
+        raise Refused(413, f"A chunk may hold at most {CHUNK_LIMIT // 2**20} MiB.")
+    if os.path.lexists(final):
+        raise Refused(409, f"{relative} is already in the inbox; rename the file to upload it again.", exists=True)
+    part = part_file(staging, relative, size)
+    if offset == 0 and shutil.disk_usage(staging).free < size:
+        raise Refused(507, f"The pod's volume has no room for {relative} ({size / 2**20:.0f} MiB).")
+    with open(part, "ab") as out:
+        received = out.tell()
+        if received != offset:  # a chunk was lost or repeated: the page resumes from here
+            raise Refused(409, "Resume from the byte the pod has.", received=received)
+        while length:
+            block = body.read(min(BLOCK, length))
+            if not block:
+                raise Refused(400, "The upload ended early; it resumes from the byte the pod has.",
+                              received=out.tell())
+            out.write(block)
+            length -= len(block)
+        received = out.tell()
+        if received < size:
+            return {"received": received}
+        out.flush()
+        os.fsync(out.fileno())
+    publish(part, final, inbox)
+    log.info("Saved %s (%d bytes).", relative, size)
+    return {"received": size, "saved": relative}
+
+
+def publish(part: Path, final: Path, inbox: Path):
+    """Gives the complete part file its name in the inbox at once, never replacing a file there."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if not final.parent.resolve().is_relative_to(inbox.resolve()):  # a link inside the inbox pointing out
+        part.unlink()
+        raise Refused(400, f"{final.parent.name} is a link out of the inbox.")
+    try:
+        os.link(part, final)  # atomic, and fails when the name exists
+    except FileExistsError:
+        part.unlink()
+        raise Refused(409, f"{final.name} is already in the inbox.", exists=True) from None
+    except OSError:  # a volume without hard links: rename is atomic too (the name was checked just before)
+        if os.path.lexists(final):
+            part.unlink()
+            raise Refused(409, f"{final.name} is already in the inbox.", exists=True) from None
+        os.rename(part, final)
+        return
+    part.unlink()
+
+
+def forget_abandoned_parts(staging: Path, age_s: float = 2 * 24 * 3600):
+    """Part files of uploads nobody resumed for two days (they were never in the inbox)."""
+    for part in staging.glob("*.part"):
+        if time.time() - part.stat().st_mtime > age_s:
+            part.unlink()
+
+
+def make_handler(inbox: Path, staging: Path, secret: str):
+    expected = ("Basic " + base64.b64encode(f"{USER}:{secret}".encode()).decode()).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        timeout = 120  # a stalled browser does not hold a thread forever
+        server_version = "SegmentationMachine-upload"
+        sys_version = ""
+
+        def do_GET(self):
+            if not self._authorized():
+                return
+            if urlsplit(self.path).path == "/":
+                self._send(200, PAGE.encode(), "text/html; charset=utf-8")
+            else:
+                self._answer(404, {"error": "Only the upload page is here."})
+
+        def do_PUT(self):
+            if not self._authorized():
+                return
+            url = urlsplit(self.path)
+            query = {key: values[0] for key, values in parse_qs(url.query).items()}
+            try:
+                if url.path != "/upload":
+                    raise Refused(404, "Uploads go to /upload.")
+                length = self._number(self.headers.get("Content-Length"), "Content-Length")
+                size, offset = self._number(query.get("size"), "size"), self._number(query.get("offset", "0"), "offset")
+                self._answer(200, receive(inbox, staging, query.get("path", ""), size, offset, self.rfile, length))
+            except Refused as refused:
+                self.close_connection = True  # the rest of the body is not read
+                self._answer(refused.status, {"error": str(refused), **refused.extra})
+
+        @staticmethod
+        def _number(text, name: str) -> int:
+            if text is None or not text.isascii() or not text.isdigit():
+                raise Refused(400, f"{name} must be a number of bytes.")
+            return int(text)
+
+        def _authorized(self) -> bool:
+            if hmac.compare_digest(self.headers.get("Authorization", "").encode(), expected):
+                return True
+            if self.headers.get("Authorization"):
+                log.warning("Refused a wrong password from %s.", self.client_address[0])
+            self.close_connection = True
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="SegmentationMachine upload", charset="UTF-8"')
+            self.send_header("Content-Length", "0")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            return False
+
+        def _answer(self, status: int, payload: dict):
+            self._send(status, json.dumps(payload).encode(), "application/json")
+
+        def _send(self, status: int, data: bytes, content_type: str):
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def handle_one_request(self):
+            try:
+                super().handle_one_request()
+            except OSError as error:  # the browser went away or the volume failed: the page resumes or says so
+                log.warning("An upload broke off: %s", error.strerror or error)
+                self.close_connection = True
+
+        def log_message(self, *args):
+            pass  # request lines carry file names; what matters is logged above
+
+    return Handler
+
+
+PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>Upload to the inbox</title>
+<style>body{font:16px sans-serif;margin:2em;max-width:50em}#log{white-space:pre-wrap;font-family:monospace}</style>
+</head><body>
+<h1>Upload to the pod's inbox</h1>
+<p>DICOM folders, zip archives or single files. Slicer on the pod's desktop loads each series once it is complete.</p>
+<p><label>Folder: <input type="file" id="folder" webkitdirectory multiple></label></p>
+<p><label>Files: <input type="file" id="files" multiple></label></p>
+<p id="status"></p><div id="log"></div>
+<script>
+const CHUNK = 32 * 1024 * 1024;
+const status = document.getElementById("status"), logView = document.getElementById("log");
+const say = (text) => { logView.textContent += text + "\\n"; };
+
+async function upload(file) {
+  const name = file.webkitRelativePath || file.name;
+  let offset = 0;
+  for (let tries = 0; tries < 5;) {
+    const end = Math.min(offset + CHUNK, file.size);
+    const query = new URLSearchParams({path: name, size: file.size, offset: offset});
+    let answer;
+    try {
+      const response = await fetch("upload?" + query, {method: "PUT", body: file.slice(offset, end)});
+      answer = await response.json();
+      if (response.ok) {
+        offset = answer.received; tries = 0;
+        status.textContent = `${name}: ${Math.round(100 * offset / Math.max(file.size, 1))} %`;
+        if (answer.saved) { say("saved    " + name); return; }
+        continue;
+      }
+    } catch (error) { tries += 1; continue; }  // the pod answers the next try with the byte it has
+    if (answer.exists) { say("skipped  " + name + ": " + answer.error); return; }
+    if (answer.received === undefined) { say("failed   " + name + ": " + answer.error); return; }
+    offset = answer.received; tries += 1;
+  }
+  say("failed   " + name + ": the upload kept breaking off; try again");
+}
+
+async function uploadAll(input) {
+  for (const file of input.files) { await upload(file); }
+  status.textContent = "Done: " + input.files.length + " file(s).";
+  input.value = "";
+}
+for (const id of ["folder", "files"]) {
+  const input = document.getElementById(id);
+  input.addEventListener("change", () => uploadAll(input));
+}
+</script></body></html>
+"""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--inbox", type=Path, required=True)
+    parser.add_argument("--staging", type=Path, required=True, help="part files; on the inbox's file system")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="uploader: %(levelname)s: %(message)s", stream=sys.stderr)
+    secret = os.environ.pop("SM_FILES_PASSWORD", "")  # not inherited by anything this process starts
+    if len(secret) < 12:
+        log.error("SM_FILES_PASSWORD (12 characters or more) is not set: the upload page stays off.")
+        return 2
+    for folder in (args.inbox, args.staging):
+        folder.mkdir(parents=True, exist_ok=True)
+    forget_abandoned_parts(args.staging)
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(args.inbox, args.staging, secret))
+    server.daemon_threads = True
+    log.info("Upload page on port %d into %s.", server.server_port, args.inbox)
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
