@@ -11,12 +11,19 @@ order and RAS mistakes. Random weights would make CPU predictions take minutes a
 Input channels: 0 image, 1 previous segmentation, 2/3 box+lasso +/-, 4/5 point +/-, 6/7 scribble +/-.
 Prompts longer than about 43 voxels on an axis make the server refine patch by patch; tests keep
 prompts smaller than that where they assert exact voxels.
+
+The folder reports the capabilities the server gives the official nnInteractive v1.0 weights
+(their legacy metadata: points, 2D boxes, scribbles, lassos, an initial segment; no 3D boxes), so
+a client that sends what the official model refuses fails here too. A slow variant (delay_s) waits
+in every forward pass, like a large structure on a busy GPU.
 """
 
 import json
+import time
 from pathlib import Path
 
 import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
 CONFIGURATION = "3d_fullres"
 # nnInteractive.trainer ships this class, so the server finds it without scanning nnU-Net.
@@ -41,8 +48,25 @@ BG_LOGIT = 0.5
 NEG_WEIGHT = -2.0
 
 
-def _arch_block() -> dict:
-    return {
+# What nnInteractiveInferenceSession._legacy_default_capability() gives the official v1.0 weights.
+OFFICIAL_SUPPORTED_INTERACTIONS = {"scribble": True, "lasso": True, "points": True, "bbox2d": True, "bbox3d": False}
+
+
+class SlowPlainConvUNet(PlainConvUNet):
+    """The same network, delay_s slower per forward pass. The server imports it by name from plans.json
+    (this folder is on its PYTHONPATH)."""
+
+    def __init__(self, *args, delay_s: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.delay_s = delay_s
+
+    def forward(self, x):
+        time.sleep(self.delay_s)
+        return super().forward(x)
+
+
+def _arch_block(delay_s: float = 0.0) -> dict:
+    block = {
         "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
         "arch_kwargs": {
             "n_stages": 2,
@@ -62,12 +86,14 @@ def _arch_block() -> dict:
         },
         "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
     }
+    if delay_s:
+        block["network_class_name"] = "nninteractive_model.SlowPlainConvUNet"
+        block["arch_kwargs"]["delay_s"] = delay_s
+    return block
 
 
 def build_network():
     """Instantiate the architecture described by plans.json (same class and kwargs)."""
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
-
     kw = dict(_arch_block()["arch_kwargs"])
     kw["conv_op"] = torch.nn.Conv3d
     kw["nonlin"] = torch.nn.LeakyReLU
@@ -112,9 +138,11 @@ def write_model_folder(
     point_radius: int = 4,
     interaction_decay: float = 0.98,
     license_line: str = "Apache-2.0 (synthetic test model)",
+    delay_s: float = 0.0,
 ) -> Path:
     """Write the model folder and return its path. patch_size must be >= 64 in practice
-    (the server's refinement margin is 24 voxels per side) and divisible by 2."""
+    (the server's refinement margin is 24 voxels per side) and divisible by 2. delay_s > 0 makes
+    every forward pass that much slower."""
     folder = Path(folder)
     if patch_size % 2:
         raise ValueError("patch_size must be even (one stride-2 stage)")
@@ -126,13 +154,7 @@ def write_model_folder(
         "preferred_scribble_thickness": [2, 2, 2],
         "interaction_decay": interaction_decay,
         "pad_mode_image": "constant",
-        "supported_interactions": {
-            "scribble": True,
-            "lasso": True,
-            "points": True,
-            "bbox2d": True,
-            "bbox3d": True,
-        },
+        "supported_interactions": OFFICIAL_SUPPORTED_INTERACTIONS,
         "supports_initial_label": True,
         "supports_zero_shot_label_refinement": True,
         "interaction_channels": NUM_INTERACTION_CHANNELS_WITHOUT_PREV_SEG,
@@ -162,7 +184,7 @@ def write_model_folder(
                 "spacing": [1.0, 1.0, 1.0],
                 "normalization_schemes": ["ZScoreNormalization"],
                 "use_mask_for_norm": [False],
-                "architecture": _arch_block(),
+                "architecture": _arch_block(delay_s),
                 "batch_dice": False,
             }
         },

@@ -11,6 +11,7 @@ import httpx
 
 # Loopback must never go through a proxy.
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+TESTING = Path(__file__).resolve().parent  # on the server's path: the slow test network lives here
 
 
 def free_port() -> int:
@@ -31,11 +32,13 @@ class Server:
     def start(self, timeout: float = 60):
         executable = Path(sys.executable).with_name("nninteractive-server")
         self.log = open(self.model_dir.parent / f"server-{self.port}.log", "ab")
+        path = os.pathsep.join(filter(None, [str(TESTING), os.environ.get("PYTHONPATH")]))
         self.process = subprocess.Popen(
             [str(executable), "--model-dir", str(self.model_dir), "--fold", "0", "--device", "cpu",
              "--host", "127.0.0.1", "--port", str(self.port), "--api-key", self.api_key,
              "--torch-n-threads", "1", "--no-autozoom", *self.extra],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"})  # log lines (counted) as they happen
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, f"the server exited; see {self.log.name}"
@@ -46,6 +49,11 @@ class Server:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"the server did not answer within {timeout} s; see {self.log.name}")
+
+    def count(self, text: str) -> int:
+        """How often text occurs in the server's log (one access line per answered request, e.g.
+        '"POST /claim', and one 'Added new point interaction' per point the model started on)."""
+        return Path(self.log.name).read_text(errors="replace").count(text)
 
     def stop(self):
         # SIGTERM does not stop it during a prediction: TERM, then KILL.

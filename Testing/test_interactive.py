@@ -2,17 +2,21 @@
 
 The test model makes foreground = previous segmentation + positive prompts - 2 x negative ones, so
 every assertion here is about exact voxels. The volume is oblique, mirrored and anisotropic, so a
-prompt can only land on the right voxels if RAS, IJK and array order are all handled right.
+prompt can only land on the right voxels if RAS, IJK and array order are all handled right. The
+model reports the official weights' capabilities (no 3D boxes). Requests are counted in the
+server's own log.
 """
 
 import time
 
 import numpy as np
 import pytest
+import slicer
 
 from nninteractive_model import write_model_folder
 from nninteractive_server import Server
 from SegmentationMachineLib.core import arrays
+from SegmentationMachineLib.prompts import geometry
 from SegmentationMachineLib.prompts.promptfile import Prompt
 from SegmentationMachineLib.prompts.session import headless_editor, InteractiveError, InteractiveSession, SegmentTarget
 from SegmentationMachineLib.segment.presets import add_segment_from_mask
@@ -29,6 +33,16 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def server(model_dir):
     running = Server(model_dir, KEY).start()
+    yield running
+    running.stop()
+
+
+SLOW_S = 3.0  # per forward pass: a point takes one
+
+
+@pytest.fixture(scope="session")
+def slow_server(tmp_path_factory):
+    running = Server(write_model_folder(tmp_path_factory.mktemp("slow") / "model", delay_s=SLOW_S), KEY).start()
     yield running
     running.stop()
 
@@ -81,10 +95,12 @@ def box_ras(low_kji, high_kji):
     return corners.min(axis=0), corners.max(axis=0)
 
 
-def test_capabilities(server, scene_parts):
+def test_capabilities_are_the_official_models(server, scene_parts):
     session = open_session(server, scene_parts)
     caps = session.capabilities
-    assert set(caps.prompt_types) == {"point", "box", "scribble", "lasso"} and caps.undo
+    assert caps.interactions == {"points", "bbox2d", "scribble", "lasso"} and caps.initial_mask and caps.undo
+    assert caps.prompt_types == ("point", "box", "scribble", "lasso") and not caps.box_3d
+    assert caps.describe() == "point, box (on one slice), scribble, lasso"
     assert caps.licence.startswith("Apache-2.0")
     session.close()
 
@@ -114,16 +130,34 @@ def test_a_box_flat_in_ras_is_one_slice_on_the_closest_voxel_axis(server, scene_
     session.close()
 
 
-def test_3d_box_fills_the_voxel_box_of_its_corners_and_exclude_clears_it(server, scene_parts):
-    session = open_session(server, scene_parts)
+def test_a_3d_box_maps_to_the_voxel_box_of_its_corners():
     low, high = box_ras((5, 6, 7), (12, 14, 20))
-    session.add(Prompt("box", True, ras_min=tuple(low), ras_max=tuple(high)))
-    got = mask_of(session)
-    assert got[5:13, 6:15, 7:21].all()  # every voxel between the corner voxels
+    box = geometry.box_voxels(oblique_matrix(), SHAPE, low, high)
+    assert all(lo <= want_lo and hi >= want_hi + 1 for (lo, hi), want_lo, want_hi in zip(box, (5, 6, 7), (12, 14, 20)))
     kji = np.array([[k, j, i] for k in (5, 12) for j in (6, 14) for i in (7, 20)])
-    assert got.sum() <= np.prod(np.ptp(kji, axis=0) + 1) * 3  # and not much beyond the RAS box on this tilt
-    session.add(Prompt("box", False, ras_min=tuple(low), ras_max=tuple(high)))
-    assert not mask_of(session).any()
+    assert np.prod([hi - lo for lo, hi in box]) <= np.prod(np.ptp(kji, axis=0) + 1) * 3  # not much beyond it
+
+
+def test_a_3d_box_is_refused_in_one_sentence_and_never_sent(server, scene_parts):
+    session = open_session(server, scene_parts)
+    session.add(Prompt("point", True, ras=ras((20, 24, 28))))
+    before, boxes = mask_of(session), server.count('"POST /add_bbox_interaction')
+    low, high = box_ras((5, 6, 7), (12, 14, 20))
+    with pytest.raises(InteractiveError) as error:
+        session.add(Prompt("box", True, ras_min=tuple(low), ras_max=tuple(high)))
+    assert str(error.value) == "A 3D box, which this server's model does not take; draw the box on one slice."
+    assert server.count('"POST /add_bbox_interaction') == boxes and np.array_equal(mask_of(session), before)
+    session.add(Prompt("point", True, ras=ras((10, 10, 10))))  # the session goes on
+    assert mask_of(session)[10, 10, 10] and mask_of(session)[20, 24, 28]
+    session.close()
+
+
+def test_a_kind_the_model_does_not_take_is_refused_before_sending(server, scene_parts):
+    session = open_session(server, scene_parts)
+    session.capabilities.interactions -= {"scribble"}  # as a model without scribbles reports it
+    with pytest.raises(InteractiveError, match="^A scribble, which this server's model does not take; use another "
+                                               r"kind of prompt \(point, box, lasso\)\.$"):
+        session.check(Prompt("scribble", True, ras_points=(ras((22, 10, 10)), ras((22, 10, 30)))))
     session.close()
 
 
@@ -141,6 +175,33 @@ def test_scribble_and_lasso_include_and_exclude(server, scene_parts):
     session.add(Prompt("lasso", False, ras_points=tuple(square)))
     session.add(Prompt("scribble", False, ras_points=tuple(line)))
     assert not mask_of(session)[30, 6:20, 6:20].any() and not mask_of(session)[22, 10, 10:31].any()
+    session.close()
+
+
+def paint(session, mask: np.ndarray):
+    """Replaces the selected segment's voxels through the MRML API, as the Segment Editor's paint and erase do."""
+    labelmap = slicer.vtkOrientedImageData()
+    labelmap.ShallowCopy(arrays.image_from_array(mask.astype(np.uint8)))
+    labelmap.SetImageToWorldMatrix(arrays.array_to_matrix(oblique_matrix()))
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    target = session._target
+    assert logic.SetBinaryLabelmapToSegment(labelmap, target.segmentation_node, target.segment_id, logic.MODE_REPLACE)
+
+
+def test_hand_edits_reach_the_model_before_the_next_prompt(server, scene_parts):
+    session = open_session(server, scene_parts)
+    session.add(Prompt("point", True, ras=ras((10, 10, 10))))
+    seeds = server.count('"POST /reset_interactions')
+    session.add(Prompt("point", True, ras=ras((10, 30, 40))))  # no edit in between: the model keeps its memory
+    assert server.count('"POST /reset_interactions') == seeds
+    edited = mask_of(session)
+    edited[8:13, 8:13, 8:13] = False  # erase the first ball
+    edited[30:33, 5:8, 5:8] = True  # paint a block
+    paint(session, edited)
+    session.add(Prompt("point", True, ras=ras((20, 24, 28))))
+    got = mask_of(session)
+    assert got[30:33, 5:8, 5:8].all() and not got[10, 10, 10] and got[10, 30, 40] and got[20, 24, 28]
+    assert server.count('"POST /reset_interactions') == seeds + 1  # re-seeded once, with the edited segment
     session.close()
 
 
@@ -231,6 +292,31 @@ def test_resumes_after_the_session_is_reaped_and_after_a_server_restart(model_di
         reaping.stop()
 
 
+def counts(server) -> tuple:
+    """(claims, volume uploads, points the model started on), from the server's log."""
+    return tuple(server.count(text) for text in ('"POST /claim', '"POST /set_image', "Added new point interaction"))
+
+
+def wait_for_log(server, text: str, times: int, seconds: float = 60):
+    deadline = time.monotonic() + seconds
+    while server.count(text) < times:
+        assert time.monotonic() < deadline, f"the server did not log {text!r} {times} times"
+        time.sleep(0.1)
+
+
+def test_a_read_timeout_is_a_sentence_and_the_prompt_is_sent_exactly_once(slow_server, scene_parts):
+    session = open_session(slow_server, scene_parts, read_timeout_s=1.0)
+    before, done = counts(slow_server), slow_server.count("Done. Total time")
+    with pytest.raises(InteractiveError, match=r"^The nnInteractive server has not answered within 1 s \(a large "
+                                               r"structure can take that long\); the segment is left as it was"):
+        session.add(Prompt("point", True, ras=ras((20, 24, 28))))
+    assert not mask_of(session).any()
+    wait_for_log(slow_server, "Done. Total time", done + 1)  # the server finished the prediction nobody awaits
+    claims, uploads, points = counts(slow_server)
+    assert (claims, uploads, points) == (before[0], before[1], before[2] + 1)  # no reconnect, no re-upload, no repeat
+    session.close()
+
+
 def run_cli(*args, env=None):
     import os
     import subprocess
@@ -270,7 +356,17 @@ def test_model_command_bad_prompt_file_and_missing_key_are_sentences(server, tmp
     nokey = run_cli("model", phantom_dir, "--server", server.url, "--prompts", tmp_path / "good.json",
                     "--out", tmp_path, "--api-key-env", "SM_TEST_UNSET_KEY")
     assert nokey.returncode == 2 and "environment variable SM_TEST_UNSET_KEY" in nokey.stderr
-    assert "Traceback" not in bad.stderr + nokey.stderr
+    (tmp_path / "cube.json").write_text('{"version": 1, "segments": [{"name": "x", "prompts": [{"type": "point", '
+                                        '"ras": [0, 0, 40]}, {"type": "box", "ras_min": [-10, -10, 30], '
+                                        '"ras_max": [5, 5, 50]}]}]}')
+    uploads = server.count('"POST /set_image')
+    cube = run_cli("model", phantom_dir, "--server", server.url, "--prompts", tmp_path / "cube.json",
+                   "--out", tmp_path, env={"SM_NNI_API_KEY": KEY})
+    assert cube.returncode == 2, cube.stderr
+    assert ("segments[0].prompts[1] (box): a 3D box, which this server's model does not take; draw the box on one "
+            "slice.") in cube.stderr
+    assert server.count('"POST /set_image') == uploads  # refused before the volume was sent
+    assert "Traceback" not in bad.stderr + nokey.stderr + cube.stderr
 
 
 def test_server_command_keeps_the_key_off_the_command_line(model_dir, tmp_path):
@@ -310,24 +406,32 @@ def test_server_command_keeps_the_key_off_the_command_line(model_dir, tmp_path):
         process.wait(30)
 
 
-def test_prompts_panel_queues_prompts_made_during_a_prediction(server, scene_parts):
+def settle(panel, seconds=60):
+    """Ticks the panel as the widget's timer does until it has nothing left to do."""
+    deadline = time.monotonic() + seconds
+    while panel.busy:
+        assert time.monotonic() < deadline, panel.status
+        panel.tick()
+        time.sleep(0.01)
+
+
+def connected_panel(server, scene_parts, **options):
     from SegmentationMachineLib.panels.prompts import PromptsPanel
 
     volume, segmentation, target, editor = scene_parts
-    panel = PromptsPanel()
+    panel = PromptsPanel(**options)
     panel.connect(server.url, KEY)
-
-    def settle(seconds=60):
-        deadline = time.monotonic() + seconds
-        while panel.busy:
-            assert time.monotonic() < deadline, panel.status
-            panel.tick()
-            time.sleep(0.01)
-
-    settle()
+    settle(panel)
     assert panel.connected and panel.status.startswith("Connected: nnInteractive")
+    assert "prompts point, box (on one slice), scribble, lasso" in panel.status
     panel.choose(volume, SegmentTarget(segmentation, target, editor))
-    settle()
+    settle(panel)
+    return panel
+
+
+def test_prompts_panel_queues_prompts_made_during_a_prediction(server, scene_parts):
+    volume, segmentation, target, editor = scene_parts
+    panel = connected_panel(server, scene_parts)
     # Three prompts at once: the 2nd and 3rd arrive while the 1st is still on the server.
     panel.submit("point", ras=ras((10, 10, 10)))
     panel.tick()
@@ -335,16 +439,45 @@ def test_prompts_panel_queues_prompts_made_during_a_prediction(server, scene_par
     panel.submit("point", ras=ras((20, 20, 20)))
     panel.toggle_include()
     panel.submit("point", ras=ras((10, 10, 10)))
-    settle()
+    settle(panel)
     mask = panel.session._segment_mask(target)
     assert not mask[10, 10, 10] and mask[20, 20, 20]  # all three ran, in order
     assert panel.last_latency.endswith("server + network)") and panel.status.startswith("Point applied in")
     panel.undo()
-    settle()
+    settle(panel)
     assert panel.session._segment_mask(target)[10, 10, 10]
     panel.submit("point", ras=(9999.0, 0.0, 0.0))
-    settle()
+    settle(panel)
     assert panel.status == "The point is outside the image: place it on the volume."
+    panel.session.close()
+
+
+def test_prompts_panel_shows_a_slow_prediction_and_cancels_one(slow_server, scene_parts):
+    volume, segmentation, target, editor = scene_parts
+    now = [0.0]
+    panel = connected_panel(slow_server, scene_parts, clock=lambda: now[0])
+    before = counts(slow_server)
+    panel.submit("point", ras=ras((10, 10, 10)))
+    panel.tick()
+    assert panel.can_cancel and not panel.status.startswith("Point: the server")  # quick answers show no wait
+    now[0] = 7.0
+    panel.tick()
+    assert panel.status == "Point: the server is working on it, 7 s (Cancel stops waiting)."
+    settle(panel)  # waited for, however slow: applied once
+    assert panel.status.startswith("Point applied in") and panel.session._segment_mask(target)[10, 10, 10]
+    panel.submit("point", ras=ras((30, 30, 40)))
+    panel.submit("point", ras=ras((35, 35, 45)))
+    panel.tick()
+    panel.cancel()  # while the first of the two is on the server
+    assert not panel.busy and not panel.can_cancel and panel.status == "Cancelled: the segment is as it was."
+    assert not panel.session._segment_mask(target)[30, 30, 40]
+    panel.submit("point", ras=ras((20, 24, 28)))
+    settle(panel)
+    mask = panel.session._segment_mask(target)
+    # The cancelled answer is ignored and the model restarted from the segment: its point is nowhere.
+    assert mask[10, 10, 10] and mask[20, 24, 28] and not mask[30, 30, 40] and not mask[35, 35, 45]
+    claims, uploads, points = counts(slow_server)
+    assert (claims, uploads, points) == (before[0], before[1], before[2] + 3)
     panel.session.close()
 
 

@@ -1,10 +1,13 @@
-"""Prompt files: round trip, and a sentence naming the entry for every malformed one."""
+"""Prompt files: round trip, and a sentence naming the entry for every malformed one; prompt geometry."""
 
 import json
 
+import numpy as np
 import pytest
 
-from SegmentationMachineLib.prompts.promptfile import load_prompt_file, parse_prompts, Prompt, PromptFileError, prompts_to_json, save_prompt_file, SegmentPrompts
+from SegmentationMachineLib.prompts import geometry
+from SegmentationMachineLib.prompts.promptfile import (Prompt, PromptFileError, SegmentPrompts, load_prompt_file,
+                                                       parse_prompts, prompts_to_json, save_prompt_file)
 
 EXAMPLE = {"version": 1, "extra": "kept", "segments": [{"name": "liver", "colour": "ignored", "prompts": [
     {"type": "point", "ras": [1, 2, 3], "include": True},
@@ -56,3 +59,27 @@ def test_unreadable_and_invalid_json(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(PromptFileError, match="is not valid JSON"):
         load_prompt_file(tmp_path / "bad.json")
+
+
+def tilted(points_on_axial_plane, degrees):
+    """Points of an axial (constant k) drawing, tilted about the j axis as on an oblique slice view."""
+    angle = np.radians(degrees)
+    rotation = np.array([[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]])
+    centre = np.array([20.0, 20.0, 20.0])
+    return (np.asarray(points_on_axial_plane, float) - centre) @ rotation.T + centre
+
+
+@pytest.mark.parametrize("degrees", [0, 20, 40])
+def test_scribbles_and_lassos_on_oblique_slices_reach_the_model_on_one_voxel_plane(degrees):
+    """The model expects one axial, coronal or sagittal plane: an oblique drawing is projected onto the nearest."""
+    identity, shape = np.eye(4), (40, 40, 40)
+    square = tilted([(20, 10, 10), (20, 10, 30), (20, 30, 30), (20, 30, 10)], degrees)  # (k, j, i)
+    ras = square[:, ::-1]  # identity IJK → RAS: RAS = (i, j, k)
+    lasso, box = geometry.lasso_mask(identity, shape, ras)
+    filled = np.argwhere(lasso) + [lo for lo, _ in box]
+    assert set(filled[:, 0]) == {20}  # one axial slice, the drawing's mean
+    assert len(filled) > 0.7 * 20 * 20 * np.cos(np.radians(degrees))  # the projected outline, filled
+    line = tilted([(20, 20, 8), (20, 20, 32)], degrees)[:, ::-1]
+    scribble, box = geometry.scribble_mask(identity, shape, line, (1, 1, 1))
+    painted = np.argwhere(scribble) + [lo for lo, _ in box]
+    assert any(len(set(painted[:, axis])) == 1 for axis in range(3))  # on one slice of the axis it spans least

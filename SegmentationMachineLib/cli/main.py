@@ -202,7 +202,8 @@ def run_model(args):
     if prompt_segments:
         session = InteractiveSession(args.server, api_key, status=log.warning)
         caps = session.connect()
-        print(f"Connected to {args.server} (nnInteractive {caps.server_version}, model licence: {caps.licence})")
+        print(f"Connected to {args.server} (nnInteractive {caps.server_version}, prompts {caps.describe()}, "
+              f"model licence: {caps.licence})")
         heartbeat = Heartbeat(pod.agent_url, pod.secrets["SM_HEARTBEAT_TOKEN"]).start() if pod else None
         try:
             segmentation = segment_with_prompts(ctx, loaded.node, prompt_segments, session, print)

@@ -1,12 +1,15 @@
 """Qt-free state of the module's AI prompts section."""
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from ..core.errors import UserError
 from ..prompts.promptfile import Prompt
-from ..prompts.session import InteractiveSession, SegmentTarget
+from ..prompts.session import InteractiveSession, PendingPrompt, SegmentTarget
 from .tasks import BackgroundTask
+
+SHOW_WAIT_AFTER_S = 1.0  # quicker answers need no "waiting" line
 
 
 @dataclass
@@ -14,7 +17,8 @@ class PromptsPanel:
     """The AI prompts section: one server call at a time on a worker thread, prompts queued meanwhile.
 
     Scene reads and segment writes happen in tick() on the main thread; the worker only talks
-    to the server. A prompt made while a prediction runs waits its turn: none is dropped.
+    to the server. A prompt made while a prediction runs waits its turn: none is dropped. A
+    slow prediction shows its elapsed seconds in the status line and can be cancelled.
     """
 
     include: bool = True
@@ -23,7 +27,9 @@ class PromptsPanel:
     session: InteractiveSession = None
     task: BackgroundTask = None
     queue: deque = field(default_factory=deque)
+    clock: object = time.monotonic
     _job: object = None  # what the running task is: "connect", "stage", or a PendingPrompt
+    _job_started: float = 0.0
     _connecting: InteractiveSession = None
 
     @property
@@ -33,6 +39,11 @@ class PromptsPanel:
     @property
     def busy(self) -> bool:
         return self.task is not None or bool(self.queue)
+
+    @property
+    def can_cancel(self) -> bool:
+        """A prompt is on the server: the widget's Cancel button is enabled."""
+        return isinstance(self._job, PendingPrompt)
 
     def connect(self, url: str, api_key: str):
         if self.session:
@@ -44,11 +55,8 @@ class PromptsPanel:
 
     def choose(self, volume_node, target: SegmentTarget):
         """Main thread: the volume (uploaded if its voxels are new) and the segment to prompt into."""
-        if not self.session:
-            return
-        stage_volume = self.session.stage_volume(volume_node)
-        stage_segment = self.session.stage_segment(target)
-        self.queue.appendleft(("stage", lambda: (stage_volume(), stage_segment())))
+        if self.session:  # ahead of prompts made while connecting; after the one on the server
+            self.queue.appendleft((volume_node, target))
 
     def submit(self, kind: str, **geometry):
         """A prompt from the viewers (RAS mm), include or exclude as the toggle says."""
@@ -66,15 +74,29 @@ class PromptsPanel:
     def reset(self):
         self.queue.append("reset")
 
+    def cancel(self):
+        """Stops waiting for the prompt on the server and drops the prompts queued behind it. The segment
+        stays as it was; the server finishes that prediction anyway, its answer is ignored, and the next
+        prompt first restarts the server from the segment (once that prediction is done)."""
+        if self.can_cancel:
+            self._job.cancel()
+            self.task, self._job = None, None
+            self.queue.clear()
+            self.status = "Cancelled: the segment is as it was."
+
     def tick(self):
         """Main thread, from a timer: finishes the running job, then starts the next queued one."""
         if self.task and self.task.done():
             self._finish()
         if self.task is None and self.queue and self.session:  # prompts made while connecting wait
             self._next()
+        elapsed = self.clock() - self._job_started
+        if self.can_cancel and elapsed >= SHOW_WAIT_AFTER_S:
+            self.status = (f"{self._job.prompt.kind.capitalize()}: the server is working on it, {elapsed:.0f} s "
+                           "(Cancel stops waiting).")
 
     def _start(self, job, function):
-        self._job = job
+        self._job, self._job_started = job, self.clock()
         self.task = BackgroundTask(function)
 
     def _say(self, sentence: str):
@@ -97,7 +119,7 @@ class PromptsPanel:
         if job == "connect":
             self.session, self._connecting = self._connecting, None
             caps = self.session.capabilities
-            self.status = (f"Connected: nnInteractive {caps.server_version}, prompts {', '.join(caps.prompt_types)}, "
+            self.status = (f"Connected: nnInteractive {caps.server_version}, prompts {caps.describe()}, "
                            f"model licence {caps.licence}.")
         elif job == "stage":
             self.status = "Ready: place a point, box, scribble or lasso."
@@ -108,8 +130,11 @@ class PromptsPanel:
 
     def _next(self):
         item = self.queue.popleft()
-        if isinstance(item, tuple):
-            self._start(*item)
+        if isinstance(item, tuple):  # a volume and segment chosen: read here, uploaded on the worker
+            volume_node, target = item
+            upload = self.session.stage_volume(volume_node)
+            self.session.select_segment(target)
+            self._start("stage", upload)
         elif isinstance(item, Prompt):
             try:
                 pending = self.session.prepare(item)

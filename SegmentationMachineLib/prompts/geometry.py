@@ -1,8 +1,9 @@
 """Prompts in RAS millimetres → the voxel grid the server sees (array axes K, J, I of the volume).
 
 Works for any IJK-to-RAS matrix: oblique, mirrored, anisotropic. A box becomes the voxel box that
-holds its corners; a scribble is painted along its polyline; a lasso fills the voxels of its
-(possibly oblique) plane that fall inside it.
+holds its corners; a scribble is painted along its polyline; a lasso fills the voxels inside it.
+Scribbles and lassos go to the model on one voxel plane (axial, coronal or sagittal of the image),
+as it was trained: one drawn on an oblique slice is projected onto the nearest such plane.
 """
 
 import numpy as np
@@ -70,6 +71,19 @@ def _plane_axes(kji: np.ndarray):
     return vt[2], vt[0], vt[1]
 
 
+def onto_voxel_plane(kji: np.ndarray, shape) -> np.ndarray:
+    """Points drawn on any slice → the same points on the nearest plane of the voxel grid: the axis
+    closest to their plane's normal (for a line, the axis it spans least) is set to their mean slice."""
+    centred = kji - kji.mean(axis=0)
+    if len(kji) >= 3 and np.linalg.matrix_rank(centred, tol=1e-6) >= 2:
+        axis = int(np.argmax(np.abs(_plane_axes(kji)[0])))
+    else:
+        axis = int(np.argmin(np.ptp(kji, axis=0)))
+    flat = kji.copy()
+    flat[:, axis] = np.clip(np.rint(kji[:, axis].mean()), 0, shape[axis] - 1)
+    return flat
+
+
 def _crop(kji: np.ndarray, shape, margin: int):
     """Integer bounds (low inclusive, high exclusive) around points, with a margin, inside the image."""
     low = np.floor(kji.min(axis=0) - margin).astype(int).clip(0)
@@ -82,6 +96,7 @@ def scribble_mask(ijk_to_ras, shape, ras_points, thickness):
     K, J, I grid and its half-open box, so only the scribble's neighbourhood travels."""
     kji = ras_to_kji(ijk_to_ras, ras_points)
     _check_inside(kji.mean(axis=0, keepdims=True), shape, "scribble")
+    kji = onto_voxel_plane(kji, shape)
     low, high = _crop(kji, shape, int(np.ceil(max(thickness))) + 1)
     mask = np.zeros(high - low, bool)
     for start, end in zip(kji[:-1], kji[1:]):
@@ -89,7 +104,7 @@ def scribble_mask(ijk_to_ras, shape, ras_points, thickness):
         samples = np.rint(np.linspace(start, end, steps)).astype(int) - low
         inside = ((samples >= 0) & (samples < mask.shape)).all(axis=1)
         mask[tuple(samples[inside].T)] = True
-    # Painted only within the scribble's slice when it was drawn in one (the usual case).
+    # Painted only within its slice.
     extent = kji.max(axis=0) - kji.min(axis=0)
     size = [1 if extent[a] < 0.5 else max(1, int(round(thickness[a]))) for a in range(3)]
     if max(size) > 1:
@@ -98,10 +113,11 @@ def scribble_mask(ijk_to_ras, shape, ras_points, thickness):
 
 
 def lasso_mask(ijk_to_ras, shape, ras_points):
-    """(mask, box): the closed polygon filled on its plane (voxels within half a voxel of it whose
-    projection falls inside), as a crop of the K, J, I grid and its half-open box."""
+    """(mask, box): the closed polygon filled on its voxel plane, as a crop of the K, J, I grid and its
+    half-open box."""
     kji = ras_to_kji(ijk_to_ras, ras_points)
     _check_inside(kji.mean(axis=0, keepdims=True), shape, "lasso")
+    kji = onto_voxel_plane(kji, shape)
     normal, u, v = _plane_axes(kji)
     low, high = _crop(kji, shape, 1)
     grid = np.stack(np.meshgrid(*[np.arange(lo, hi) for lo, hi in zip(low, high)], indexing="ij"), -1).reshape(-1, 3)
