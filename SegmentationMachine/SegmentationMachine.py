@@ -21,10 +21,10 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 try:
-    import SegmentationMachineLib
+    import SegmentationMachineLib  # noqa: F401  (the check that it is importable)
 except ImportError:  # loaded from a source checkout: only this module's folder is on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import SegmentationMachineLib
+    import SegmentationMachineLib  # noqa: F401  (the check that it is importable)
 
 from SegmentationMachineLib.core.errors import UserError
 from SegmentationMachineLib.core.scene import SceneContext
@@ -34,10 +34,9 @@ from SegmentationMachineLib.panels.inbox import InboxPanel
 from SegmentationMachineLib.panels.presets import PresetsPanel
 from SegmentationMachineLib.segment.presets import PRESETS
 
-import SegmentationMachineCloud
-import SegmentationMachinePromptTools
-from SegmentationMachineCloud import CloudSection
-from SegmentationMachinePromptTools import PromptToolsSection
+from SegmentationMachineWidgets import errorsShown
+from SegmentationMachineWidgets.cloud import CloudSection
+from SegmentationMachineWidgets.prompttools import PromptToolsSection
 
 SETTINGS_OUTPUT_FOLDER = "SegmentationMachine/OutputFolder"
 SETTINGS_ORCASLICER = "SegmentationMachine/OrcaSlicerPath"
@@ -132,6 +131,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def exit(self):
         self.promptTools.enableShortcuts(False)
+        self.promptTools.setTool(None)  # place mode is global: leave it as it was
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -184,7 +184,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.reportTextEdit.plainText = self.export.report_text()
 
     def onApplyPreset(self):
-        with slicer.util.tryWithErrorDisplay(_("Failed to start the preset."), waitCursor=True):
+        with errorsShown(_("Failed to start the preset."), waitCursor=True):
             self.presets.preset = self._parameterNode.preset
             self._presetVolume = self._parameterNode.sourceVolume
             self.presets.start(self._presetVolume)
@@ -192,7 +192,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.updateGui()
 
     def onExport(self):
-        with slicer.util.tryWithErrorDisplay(_("Failed to start the export."), waitCursor=True):
+        with errorsShown(_("Failed to start the export."), waitCursor=True):
             folder = self.ui.outputFolderSelector.currentPath or str(self.export.output_folder)
             qt.QSettings().setValue(SETTINGS_OUTPUT_FOLDER, folder)
             self.export.output_folder = Path(folder)
@@ -204,7 +204,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def poll(self):
         """QTimer on the main thread: finishes work whose thread is done (scene edits happen here)."""
-        with slicer.util.tryWithErrorDisplay(_("Processing failed."), waitCursor=False):
+        with errorsShown(_("Processing failed."), waitCursor=False):
             if self.presets.task and self.presets.task.done():
                 segmentation = self._parameterNode.segmentation if self._parameterNode else None
                 node = self.presets.finish(self.logic.context(), self._presetVolume, segmentation)
@@ -254,11 +254,8 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(self.export.last_result.folder)))
 
     def onReload(self):
-        for name in sorted(n for n in sys.modules if n.startswith("SegmentationMachineLib.")):
+        for name in sorted(n for n in sys.modules if n.startswith(("SegmentationMachineLib", "SegmentationMachineWidgets"))):
             importlib.reload(sys.modules[name])
-        importlib.reload(SegmentationMachineLib)
-        importlib.reload(SegmentationMachinePromptTools)
-        importlib.reload(SegmentationMachineCloud)
         ScriptedLoadableModuleWidget.onReload(self)
 
 
@@ -284,14 +281,16 @@ class SegmentationMachineLogic(ScriptedLoadableModuleLogic):
         try:
             import ctk
             indexer = ctk.ctkDICOMIndexer()
-            indexer.database = slicer.dicomDatabase
-            indexer.addListOfFiles(files)
+            # The database is an argument (ctkDICOMIndexer has no database property; DICOMUtils does the same).
+            indexer.addListOfFiles(slicer.dicomDatabase, files)
             indexer.waitForImportFinished()
         except Exception as error:  # the database is a convenience: the scene still gets the series
             logging.warning("Could not add %s to the DICOM database: %s", delivery.series.name, error)
         loaded = load_series(self.context(), delivery.series)
         for note in loaded.notes:
             logging.warning(note)
+        # The Volumes logic loads without showing: put the series in the slice views.
+        slicer.util.setSliceViewerLayers(background=loaded.node, fit=True)
         return loaded.node
 
 
@@ -306,6 +305,8 @@ class SegmentationMachineTest(ScriptedLoadableModuleTest):
         self.test_PresetExportOnPhantom()
         self.setUp()
         self.test_InboxLoadsNewSeries()
+        self.setUp()
+        self.test_BoxFromTwoClicks()
 
     def test_PresetExportOnPhantom(self):
         from SegmentationMachineLib.core import arrays
@@ -355,6 +356,25 @@ class SegmentationMachineTest(ScriptedLoadableModuleTest):
         self.assertEqual(len(deliveries), 1)
         node = SegmentationMachineLogic().loadDelivery(deliveries[0])
         self.assertEqual(node.GetImageData().GetDimensions(), (48, 48, 16))
+        red = slicer.app.layoutManager().sliceWidget("Red") if slicer.app.layoutManager() else None
+        if red:  # shown, not only loaded
+            self.assertEqual(red.sliceLogic().GetSliceCompositeNode().GetBackgroundVolumeID(), node.GetID())
+        if slicer.dicomDatabase:  # and indexed in Slicer's DICOM database
+            indexed = set(slicer.dicomDatabase.filesForSeries(deliveries[0].series.uid))
+            self.assertTrue({str(f) for f in deliveries[0].series.files} <= indexed)
         panel.loaded(deliveries[0], True)
         panel.stop()
+        self.delayDisplay("Test passed")
+
+    def test_BoxFromTwoClicks(self):
+        """Slicer's ROI collapses to its centre after the second click; the box tool still gets both corners."""
+        from SegmentationMachineLib.panels.promptmarkups import BoxPlacement
+
+        roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+        placement, boxes = BoxPlacement(), []
+        for event in (roi.PointPositionDefinedEvent, vtk.vtkCommand.ModifiedEvent):
+            roi.AddObserver(event, lambda caller, event: boxes.append(placement.update(roi)))
+        for corner in ((30.0, 50.0, 5.0), (10.0, 20.0, 5.0)):
+            roi.AddControlPointWorld(vtk.vtkVector3d(*corner))
+        self.assertEqual([box for box in boxes if box], [((10.0, 20.0, 5.0), (30.0, 50.0, 5.0))])
         self.delayDisplay("Test passed")

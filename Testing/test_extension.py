@@ -10,7 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 MODULE = REPO / "SegmentationMachine" / "SegmentationMachine.py"
-PROMPT_TOOLS = REPO / "SegmentationMachine" / "SegmentationMachinePromptTools.py"
+PROMPT_TOOLS = REPO / "SegmentationMachine" / "SegmentationMachineWidgets" / "prompttools.py"
 UI = REPO / "SegmentationMachine" / "Resources" / "UI" / "SegmentationMachine.ui"
 
 
@@ -77,20 +77,22 @@ def test_ui_binds_every_widget_the_module_uses_and_every_parameter():
 
 def test_module_files_are_listed_for_the_build():
     scripts = (REPO / "SegmentationMachine" / "CMakeLists.txt").read_text()
-    for path in (REPO / "SegmentationMachine").glob("*.py"):
-        assert path.name.replace("SegmentationMachine", "${MODULE_NAME}", 1) in scripts
+    for path in (REPO / "SegmentationMachine").rglob("*.py"):
+        name = path.relative_to(REPO / "SegmentationMachine").as_posix()
+        assert name.replace("SegmentationMachine", "${MODULE_NAME}", 1) in scripts, name
         compile(path.read_text(), str(path), "exec")
 
 
-def test_the_cloud_binding_uses_only_what_the_cloud_panel_has():
-    """Slicer is not here to run the binding: at least every panel attribute it touches must exist."""
+def test_the_section_bindings_use_only_what_their_panels_have():
+    """Slicer is not here to run the bindings: at least every panel attribute they touch must exist."""
     from SegmentationMachineLib.core.credentials import SecretStore
     from SegmentationMachineLib.panels.cloud import CloudPanel
+    from SegmentationMachineLib.panels.prompts import PromptsPanel
 
-    binding = (REPO / "SegmentationMachine" / "SegmentationMachineCloud.py").read_text()
-    used = set(re.findall(r"panel\.(\w+)", binding))
-    panel = CloudPanel(SecretStore(REPO / "unused", use_keychain=False))
-    assert used and not [name for name in used if not hasattr(panel, name)]
+    panels = {"cloud.py": CloudPanel(SecretStore(REPO / "unused", use_keychain=False)), "prompttools.py": PromptsPanel()}
+    for name, panel in panels.items():
+        used = set(re.findall(r"panel\.(\w+)", (REPO / "SegmentationMachine" / "SegmentationMachineWidgets" / name).read_text()))
+        assert used and not [attribute for attribute in used if not hasattr(panel, attribute)], name
 
 
 def test_module_is_thin_and_the_library_has_no_slicer_globals():

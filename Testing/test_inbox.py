@@ -2,6 +2,7 @@
 
 import shutil
 import stat
+import sys
 import threading
 import time
 import zipfile
@@ -178,6 +179,20 @@ def test_polling_mode_for_shares_without_file_events(folders, shared_data):
     inbox_folder, state, uploaded = folders
     inbox = started(inbox_folder, state, polling=True, poll_interval=0.2)
     shutil.copytree(UNCOMPRESSED_SERIES, inbox_folder / "share")
+    uploaded()
+    deliveries = poll_until(inbox, SETTLE + 3)
+    assert len(deliveries) == 1 and len(deliveries[0].series.files) == 3
+    inbox.stop()
+
+
+def test_without_watchdog_as_in_a_stock_slicer_the_inbox_polls(folders, shared_data, monkeypatch):
+    for name in ("watchdog", "watchdog.events", "watchdog.observers"):
+        monkeypatch.setitem(sys.modules, name, None)  # importing it now raises ImportError
+    inbox_folder, state, uploaded = folders
+    inbox = Inbox(InboxOptions(folder=inbox_folder, state_folder=state, settle_seconds=SETTLE, poll_interval=0.2))
+    inbox.start()
+    assert inbox.polling
+    shutil.copytree(UNCOMPRESSED_SERIES, inbox_folder / "later")  # after the start: only polling can see it
     uploaded()
     deliveries = poll_until(inbox, SETTLE + 3)
     assert len(deliveries) == 1 and len(deliveries[0].series.files) == 3

@@ -106,9 +106,17 @@ def write_ct_series(folder, hu: np.ndarray, pixel_spacing: float, positions, des
         ds.PixelData = (plane.astype(np.int32) - RESCALE_INTERCEPT).astype("<i2").tobytes()
         name = file_names[index] if file_names else f"slice{index + 1:04d}.dcm"
         path = folder / name
-        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+        _write_file(path, ds)
         files.append(path)
     return files
+
+
+def _write_file(path, ds):
+    """A DICOM file with preamble and file meta, on pydicom 3 and on Slicer 5.10's pydicom 2.4."""
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    else:
+        pydicom.dcmwrite(path, ds, write_like_original=False)
 
 
 def write_phantom(folder, phantom: Phantom = None) -> Phantom:

@@ -1,7 +1,7 @@
 """A watched folder whose uploads become series, each delivered once, and nothing of the user's touched.
 
-File events (watchdog; where events are unavailable, e.g. network shares, polling of the folders' modification times) only
-mark paths to look at; poll() does the work on the caller's thread. A file is read once it has
+File events (watchdog; where events are unavailable, e.g. network shares, or watchdog is not installed,
+as in a stock 3D Slicer, polling of the folders' modification times) only mark paths to look at; poll() does the work on the caller's thread. A file is read once it has
 not changed for the settle time; a series is delivered when its files are read and nothing in
 its folders is still changing. The journal remembers what was delivered across restarts, by
 content, so a re-upload is not delivered again and a series that gains files is delivered again
@@ -16,9 +16,6 @@ import zipfile
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-
-from watchdog.events import FileSystemEventHandler
-from watchdog.observers import Observer
 
 from ..core.errors import UserError
 from ..dicom.archives import ArchiveLimits, extract_zip
@@ -82,17 +79,30 @@ class _File:
     reason: str = None
 
 
-class _Events(FileSystemEventHandler):
-    def __init__(self, dirty: set, lock: threading.Lock):
-        self._dirty, self._lock = dirty, lock
+def _file_events(folder: Path, dirty: set, lock: threading.Lock):
+    """A started watchdog observer adding changed paths to dirty; None without watchdog."""
+    try:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+    except ImportError:
+        return None
 
-    def on_any_event(self, event):
-        if event.event_type in ("opened", "closed_no_write"):
-            return
-        with self._lock:
-            self._dirty.add(os.fsdecode(event.src_path))
-            if getattr(event, "dest_path", ""):
-                self._dirty.add(os.fsdecode(event.dest_path))
+    class Events(FileSystemEventHandler):
+        def on_any_event(self, event):
+            if event.event_type in ("opened", "closed_no_write"):
+                return
+            with lock:
+                dirty.add(os.fsdecode(event.src_path))
+                if getattr(event, "dest_path", ""):
+                    dirty.add(os.fsdecode(event.dest_path))
+
+    observer = Observer()
+    observer.schedule(Events(), str(folder), recursive=True)
+    try:
+        observer.start()
+    except OSError as error:  # e.g. inotify watch limit reached
+        raise InboxError(f"Cannot watch {folder} ({error.strerror}): use polling (--polling) instead.") from None
+    return observer
 
 
 class Inbox:
@@ -110,6 +120,7 @@ class Inbox:
         self._last_rescan = None
         self._lock = threading.Lock()
         self._observer = None
+        self.polling = options.polling  # also without watchdog
         self._handed_out = {}  # series key -> hashes handed out and not yet acknowledged
         self._states = {}  # series key -> SeriesStatus
         self.bad_files = {}  # Path -> reason, for every file that is not part of a series
@@ -128,13 +139,8 @@ class Inbox:
         self.journal = Journal(state / "journal.sqlite")
         self._delivered = self.journal.delivered_hashes()
         if not self.options.polling:
-            observer = Observer()
-            observer.schedule(_Events(self._dirty, self._lock), str(folder), recursive=True)
-            try:
-                observer.start()
-            except OSError as error:  # e.g. inotify watch limit reached
-                raise InboxError(f"Cannot watch {folder} ({error.strerror}): use polling (--polling) instead.") from None
-            self._observer = observer
+            self._observer = _file_events(folder, self._dirty, self._lock)
+        self.polling = self._observer is None
         with self._lock:
             self._dirty.add(str(folder))  # the first poll reads what is already there
 
@@ -163,7 +169,7 @@ class Inbox:
                     del self._active[folder]
                 else:
                     dirty.add(str(folder))
-        if self.options.polling:
+        if self.polling:
             dirty |= self._changed_folders(now)
         for path in sorted(dirty):
             self._refresh(Path(path), now)

@@ -5,18 +5,23 @@ prompts section is filled in and connected. Closing Slicer's window terminates t
 session started, after a confirmation whose default is to terminate (only an explicit No keeps them).
 """
 
+import logging
+
 import ctk
 import qt
 import slicer
 from slicer.i18n import tr as _
 
-import SegmentationMachinePackages
 from SegmentationMachineLib.cloud.cloudgpu import Limits, MODES
 from SegmentationMachineLib.panels.cloud import CloudPanel
 
+from . import errorsShown
+
 
 class _WindowCloseFilter(qt.QObject):
-    """Asks about running pods while the main window can still show a dialog (not at aboutToQuit)."""
+    """Asks about running pods while the main window can still show a dialog (not at aboutToQuit). The
+    close can still be cancelled after this (qSlicerMainWindow::closeEvent asks about unsaved data), so
+    pods are terminated only at aboutToQuit, the real quit."""
 
     def __init__(self, onClose):
         qt.QObject.__init__(self)
@@ -112,8 +117,11 @@ class CloudSection:
         self.timer = qt.QTimer()
         self.timer.setInterval(200)
         self.timer.timeout.connect(self.tick)
-        self.closeFilter = _WindowCloseFilter(self.onQuit)
-        slicer.util.mainWindow().installEventFilter(self.closeFilter)
+        self.terminateAtQuit = True  # no surprise bill: only an explicit No keeps this session's pods
+        self.closeFilter = _WindowCloseFilter(self.onWindowClose)
+        if slicer.util.mainWindow():  # none in generic tests (--no-main-window): aboutToQuit still terminates
+            slicer.util.mainWindow().installEventFilter(self.closeFilter)
+        slicer.app.connect("aboutToQuit()", self.onAboutToQuit)
         box.connect("contentsCollapsed(bool)", self.onExpanded)
         self.updateGui()
 
@@ -132,9 +140,7 @@ class CloudSection:
         return holder
 
     def act(self, action, *args):
-        if not SegmentationMachinePackages.ensure(SegmentationMachinePackages.CLOUD, _("Cloud GPU")):
-            return
-        with slicer.util.tryWithErrorDisplay(_("Cloud GPU failed."), waitCursor=True):
+        with errorsShown(_("Cloud GPU failed."), waitCursor=True):
             action(*args)
         self.timer.start()
         self.updateGui()
@@ -196,20 +202,27 @@ class CloudSection:
         self.statusLabel.text = panel.status
         self.balanceLabel.text = panel.balance
 
-    def onQuit(self):
+    def onWindowClose(self):
         if not (self.panel.started_here or self.panel.starting):
             return
-        answer = qt.QMessageBox.question(
-            slicer.util.mainWindow(), _("Cloud GPU"),
-            _("Terminate the {n} pod(s) this session started? They bill until terminated.").format(
-                n=len(self.panel.started_here) + int(self.panel.starting)),
-            qt.QMessageBox.Yes | qt.QMessageBox.No, qt.QMessageBox.Yes)
-        if answer != qt.QMessageBox.No:  # Escape or a dialog that could not show: terminate
-            problems = self.panel.terminate_started_here()
-            if problems:
-                slicer.util.errorDisplay(_("Could not terminate: {p}. Terminate them in the RunPod console.").format(
-                    p="; ".join(problems)))
+        box = qt.QMessageBox(qt.QMessageBox.Question, _("Cloud GPU"), _(
+            "Terminate the {n} pod(s) this session started when Slicer quits? They bill until terminated.").format(
+            n=len(self.panel.started_here) + int(self.panel.starting)),
+            qt.QMessageBox.Yes | qt.QMessageBox.No, slicer.util.mainWindow())
+        box.setInformativeText(_("Closing this dialog or pressing Escape terminates them; No keeps them running."))
+        box.setDefaultButton(qt.QMessageBox.Yes)
+        box.setEscapeButton(qt.QMessageBox.Yes)  # a Yes/No box would make No the Escape button
+        self.terminateAtQuit = box.exec_() != qt.QMessageBox.No
+
+    def onAboutToQuit(self):
+        if not self.terminateAtQuit:
+            return
+        problems = self.panel.terminate_started_here()
+        if problems:
+            logging.error("Could not terminate: %s. Terminate them in the RunPod console.", "; ".join(problems))
 
     def cleanup(self):
         self.timer.stop()
-        slicer.util.mainWindow().removeEventFilter(self.closeFilter)
+        if slicer.util.mainWindow():
+            slicer.util.mainWindow().removeEventFilter(self.closeFilter)
+        slicer.app.disconnect("aboutToQuit()", self.onAboutToQuit)

@@ -9,20 +9,25 @@ import os
 
 import qt
 import slicer
+import vtk
 from slicer.i18n import tr as _
 
-import SegmentationMachinePackages
 from SegmentationMachineLib.core.credentials import SecretStore
+from SegmentationMachineLib.panels.promptmarkups import BoxPlacement, curve_points_ras
 from SegmentationMachineLib.panels.prompts import PromptsPanel
 from SegmentationMachineLib.prompts.promptfile import save_prompt_file, SegmentPrompts
 from SegmentationMachineLib.prompts.session import SegmentTarget
 
+from . import errorsShown, packages
+
 SETTINGS_SERVER_URL = "SegmentationMachine/ServerUrl"
 SECRET_NAME = "nninteractive-api-key"
+# Shortcuts avoid the plain keys Slicer's views take (b, f, g, r, s, t, v: vtkMRMLSliceIntersectionWidget,
+# vtkSlicerMarkupsWidget), which a main-window shortcut would steal; Ctrl+Z/Ctrl+Y as the Segment Editor has them.
 TOOLS = {  # tool -> (markups class, button, shortcut)
     "point": ("vtkMRMLMarkupsFiducialNode", "pointToolButton", "P"),
-    "box": ("vtkMRMLMarkupsROINode", "boxToolButton", "B"),
-    "scribble": ("vtkMRMLMarkupsCurveNode", "scribbleToolButton", "S"),
+    "box": ("vtkMRMLMarkupsROINode", "boxToolButton", "X"),
+    "scribble": ("vtkMRMLMarkupsCurveNode", "scribbleToolButton", "C"),
     "lasso": ("vtkMRMLMarkupsClosedCurveNode", "lassoToolButton", "L"),
 }
 
@@ -35,6 +40,8 @@ class PromptToolsSection:
         self.panel = PromptsPanel()
         self.secrets = SecretStore()
         self.tool = None
+        self.boxPlacement = BoxPlacement()
+        self.savedPlaceMode = None  # (place mode persistence, interaction mode) before a tool was chosen
         self.markups = {}
         self.observations = []
         self.timer = qt.QTimer()
@@ -43,36 +50,50 @@ class PromptToolsSection:
         # Inside the pod's desktop the image sets SM_NNI_URL and SM_NNI_API_KEY: the local server is ready to use.
         ui.serverUrlEdit.text = os.environ.get("SM_NNI_URL") or slicer.util.settingsValue(SETTINGS_SERVER_URL, "")
         ui.serverKeyEdit.text = os.environ.get("SM_NNI_API_KEY") or self.secrets.load(SECRET_NAME) or ""
+        if packages.missing(packages.AI):  # Slicer does not ship the client: say so before the first Connect
+            ui.promptStatusLabel.text = _("The AI prompt tools need the nnInteractive client, which Slicer does "
+                                          "not include: Connect installs it, after asking.")
         ui.connectButton.connect("clicked(bool)", self.onConnect)
         ui.includeButton.connect("clicked(bool)", self.onToggleInclude)
         ui.undoButton.connect("clicked(bool)", lambda: self.queue(self.panel.undo))
         ui.redoButton.connect("clicked(bool)", lambda: self.queue(self.panel.redo))
         ui.resetButton.connect("clicked(bool)", lambda: self.queue(self.panel.reset))
+        ui.cancelPromptButton.connect("clicked(bool)", self.onCancel)
         ui.savePromptsButton.connect("clicked(bool)", self.onSavePrompts)
         ui.promptSegmentSelector.connect("currentSegmentChanged(QString)", lambda _: self.onTargetChanged())
         for tool, (_className, button, _key) in TOOLS.items():
             getattr(ui, button).connect("clicked(bool)", lambda checked, t=tool: self.setTool(t if checked else None))
+        self.shortcuts = []
         window = slicer.util.mainWindow()
+        if window:  # none in generic tests (--no-main-window)
+            self.addShortcuts(window)
+        self.enableShortcuts(False)
+
+    def addShortcuts(self, window):
         self.shortcuts = [qt.QShortcut(qt.QKeySequence(key), window) for _, _, key in TOOLS.values()]
         for shortcut, tool in zip(self.shortcuts, TOOLS):
             shortcut.connect("activated()", lambda t=tool: self.setTool(None if self.tool == t else t))
-        for key, action in (("T", self.onToggleInclude), ("Ctrl+Z", lambda: self.queue(self.panel.undo)),
-                            ("Ctrl+Y", lambda: self.queue(self.panel.redo)), ("R", lambda: self.queue(self.panel.reset))):
+        for key, action in (("E", self.onToggleInclude), ("Ctrl+Z", lambda: self.queue(self.panel.undo)),
+                            ("Ctrl+Y", lambda: self.queue(self.panel.redo)), ("Ctrl+R", lambda: self.queue(self.panel.reset))):
             shortcut = qt.QShortcut(qt.QKeySequence(key), window)
             shortcut.connect("activated()", action)
             self.shortcuts.append(shortcut)
-        self.enableShortcuts(False)
 
     def enableShortcuts(self, enabled: bool):
-        """Only while the module is shown: P, B, S, L, T and R must not steal keys elsewhere."""
+        """Only while the module is shown: its plain-letter shortcuts must not take keys from other modules."""
         for shortcut in self.shortcuts:
             shortcut.setEnabled(enabled)
 
     def cleanup(self):
+        """Slicer's reload calls cleanup(), not exit(): shortcuts and observers go here."""
         self.timer.stop()
         self.setTool(None)
         for node, tag in self.observations:
             node.RemoveObserver(tag)
+        self.observations = []
+        for shortcut in self.shortcuts:
+            shortcut.setParent(None)  # parented to the main window, which outlives this section
+        self.shortcuts = []
         if self.panel.session:
             self.panel.session.close()
 
@@ -89,7 +110,7 @@ class PromptToolsSection:
         """Also called by the Cloud GPU section once a pod's server is ready (its one-off key is not remembered)."""
         if fill:
             self.ui.serverUrlEdit.text, self.ui.serverKeyEdit.text = url, key
-        if not SegmentationMachinePackages.ensure(SegmentationMachinePackages.AI, _("The AI prompt tools")):
+        if not packages.ensure(packages.AI, _("The AI prompt tools")):
             return
         self.panel.connect(url, key)
         self.timer.start()
@@ -97,7 +118,7 @@ class PromptToolsSection:
 
     def onToggleInclude(self):
         self.panel.toggle_include()
-        self.ui.includeButton.text = _("Include (T)") if self.panel.include else _("Exclude (T)")
+        self.ui.includeButton.text = _("Include (E)") if self.panel.include else _("Exclude (E)")
 
     def queue(self, action):
         action()
@@ -128,13 +149,21 @@ class PromptToolsSection:
 
     # -- viewer tools ------------------------------------------------------------------------
     def setTool(self, tool):
+        """The interaction node is Slicer's global singleton: place mode and "place multiple" are restored
+        as they were when no tool of ours is active any more."""
         self.tool = tool
+        self.boxPlacement.reset()
         for name, (_className, button, _key) in TOOLS.items():
             getattr(self.ui, button).checked = name == tool
         interaction = slicer.app.applicationLogic().GetInteractionNode()
         if tool is None:
-            interaction.SetCurrentInteractionMode(interaction.ViewTransform)
+            if self.savedPlaceMode is not None:
+                self.savedPlaceMode, (persistence, mode) = None, self.savedPlaceMode
+                interaction.SetPlaceModePersistence(persistence)
+                interaction.SetCurrentInteractionMode(mode)
             return
+        if self.savedPlaceMode is None:
+            self.savedPlaceMode = (interaction.GetPlaceModePersistence(), interaction.GetCurrentInteractionMode())
         node = self.markupsNode(tool)
         selection = slicer.app.applicationLogic().GetSelectionNode()
         selection.SetReferenceActivePlaceNodeClassName(TOOLS[tool][0])
@@ -142,19 +171,29 @@ class PromptToolsSection:
         interaction.SetPlaceModePersistence(1)
         interaction.SetCurrentInteractionMode(interaction.Place)
 
+    def onInteractionModeChanged(self):
+        """Another module or the toolbar left place mode: our tool buttons follow."""
+        interaction = slicer.app.applicationLogic().GetInteractionNode()
+        if self.tool and interaction.GetCurrentInteractionMode() != interaction.Place:
+            self.savedPlaceMode = None  # the user chose the mode now in force: keep it
+            self.setTool(None)
+
     def markupsNode(self, tool):
         node = self.markups.get(tool)
         if node is None or slicer.mrmlScene.GetNodeByID(node.GetID()) is None:
             node = slicer.mrmlScene.AddNewNodeByClass(TOOLS[tool][0], f"AI {tool} prompt")
             node.SetSaveWithScene(False)
-            event = node.PointPositionDefinedEvent if tool in ("point", "box") else None
-            if event is not None:
+            events = {"point": [node.PointPositionDefinedEvent],
+                      "box": [node.PointPositionDefinedEvent, vtk.vtkCommand.ModifiedEvent]}.get(tool, [])
+            for event in events:
                 self.observations.append((node, node.AddObserver(event, lambda caller, ev, t=tool: self.onPlaced(t))))
             self.markups[tool] = node
             interaction = slicer.app.applicationLogic().GetInteractionNode()
             if not any(n is interaction for n, _ in self.observations):
                 self.observations.append((interaction, interaction.AddObserver(
                     interaction.EndPlacementEvent, lambda caller, ev: self.onPlacementEnded())))
+                self.observations.append((interaction, interaction.AddObserver(
+                    interaction.InteractionModeChangedEvent, lambda caller, ev: self.onInteractionModeChanged())))
         return node
 
     def onPlaced(self, tool):
@@ -164,22 +203,22 @@ class PromptToolsSection:
             node.GetNthControlPointPositionWorld(node.GetNumberOfControlPoints() - 1, position)
             self.submit("point", ras=tuple(position))
             node.RemoveAllControlPoints()
-        elif tool == "box" and node.GetNumberOfDefinedControlPoints() >= 2:
-            bounds = [0.0] * 6
-            node.GetRASBounds(bounds)
-            low, high = list(bounds[0::2]), list(bounds[1::2])
-            for axis in range(3):  # a box dragged in a slice view is flat across it
-                if high[axis] - low[axis] < 1e-3:
-                    high[axis] = low[axis]
-            self.submit("box", ras_min=tuple(low), ras_max=tuple(high))
-            node.RemoveAllControlPoints()
+        elif tool == "box":
+            box = self.boxPlacement.update(node)
+            if box:
+                self.submit("box", ras_min=box[0], ras_max=box[1])
+                # A box ROI accepts a single point once defined (UpdateControlPointsFromBoxROI): the next
+                # box needs a fresh ROI, made active for placing.
+                slicer.mrmlScene.RemoveNode(self.markups.pop("box"))
+                if self.tool == "box":
+                    self.setTool("box")
 
     def onPlacementEnded(self):
         """Curves are finished by the user (right-click or Escape): then they become a prompt."""
         for tool in ("scribble", "lasso"):
             node = self.markups.get(tool)
             if node is not None and node.GetNumberOfControlPoints() >= (2 if tool == "scribble" else 3):
-                points = slicer.util.arrayFromMarkupsControlPoints(node, world=True)
+                points = curve_points_ras(node)  # the spline Slicer drew, not the control polygon
                 self.submit(tool, ras_points=tuple(tuple(p) for p in points))
                 node.RemoveAllControlPoints()
 
@@ -188,7 +227,7 @@ class PromptToolsSection:
         self.timer.start()
 
     def tick(self):
-        with slicer.util.tryWithErrorDisplay(_("The AI prompt failed."), waitCursor=False):
+        with errorsShown(_("The AI prompt failed."), waitCursor=False):
             wasConnected = self.panel.connected
             self.panel.tick()
             if self.panel.connected and not wasConnected:
@@ -196,7 +235,12 @@ class PromptToolsSection:
         if not self.panel.busy:
             self.timer.stop()
         self.ui.promptStatusLabel.text = self.panel.status
+        self.ui.cancelPromptButton.enabled = self.panel.can_cancel
         self.ui.latencyLabel.text = _("Last prompt: ") + self.panel.last_latency if self.panel.last_latency else ""
+
+    def onCancel(self):
+        self.panel.cancel()
+        self.tick()
 
     def onSavePrompts(self):
         segmentation = self.ui.promptSegmentSelector.currentNode()
@@ -208,5 +252,5 @@ class PromptToolsSection:
             prompts = [SegmentPrompts(segments.GetNthSegment(i).GetName(),
                                       self.panel.session.prompts_of(segments.GetNthSegmentID(i)))
                        for i in range(segments.GetNumberOfSegments())]
-            with slicer.util.tryWithErrorDisplay(_("Could not save the prompts."), waitCursor=True):
+            with errorsShown(_("Could not save the prompts."), waitCursor=True):
                 save_prompt_file(path, [p for p in prompts if p.prompts])

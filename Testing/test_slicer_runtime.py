@@ -1,0 +1,123 @@
+"""The module as Slicer 5.10 loads it: only bundled packages at load time, helpers outside the module folder."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import vtk
+
+from SegmentationMachineLib.panels.promptmarkups import BoxPlacement, curve_points_ras
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE_FOLDER = REPO / "SegmentationMachine"
+
+LOAD = f"""
+import sys
+sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(MODULE_FOLDER)!r}]  # Slicer puts the module's folder on sys.path
+from slicer_standins import install_import_only_slicer, only_slicer_packages
+install_import_only_slicer()
+with only_slicer_packages():
+    import SegmentationMachine
+    SegmentationMachine.SegmentationMachineWidget, SegmentationMachine.SegmentationMachineTest
+print("loaded")
+"""
+
+
+def run(code: str, tmp_path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+
+def test_the_module_loads_with_only_what_slicer_5_10_bundles(tmp_path):
+    result = run(LOAD, tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == "loaded", result.stderr[-3000:]
+
+
+def test_the_import_guard_refuses_what_slicer_lacks(tmp_path):
+    """The check above can fail: our code importing watchdog (installed here, absent in Slicer) is refused."""
+    code = LOAD.replace("import SegmentationMachine\n", "exec('import watchdog', {'__name__': 'SegmentationMachineLib.probe'})\n")
+    result = run(code, tmp_path)
+    assert result.returncode != 0
+    assert "SegmentationMachineLib.probe imports watchdog, which Slicer 5.10 does not bundle" in result.stderr
+
+
+def test_only_the_module_sits_in_the_module_folder():
+    """Slicer loads every .py file directly in a module folder as a module
+    (qSlicerAbstractModuleFactoryManager::registerModules lists QDir::Files): helpers live in a package."""
+    assert [p.name for p in MODULE_FOLDER.glob("*.py")] == ["SegmentationMachine.py"]
+
+
+def place(node, positions):
+    """Clicks as vtkSlicerMarkupsWidget::PlacePoint makes them: each control point defined in turn."""
+    for position in positions:
+        node.AddControlPointWorld(vtk.vtkVector3d(*position))
+
+
+def test_two_clicks_with_slicers_roi_give_a_flat_box_on_the_slice(ctx):
+    roi = ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    placement, boxes = BoxPlacement(), []
+
+    def observe(node):  # as the AI prompts section does
+        for event in (node.PointPositionDefinedEvent, vtk.vtkCommand.ModifiedEvent):
+            node.AddObserver(event, lambda caller, event: boxes.append(placement.update(node)))
+
+    observe(roi)
+    place(roi, [(30.0, 50.0, 5.0), (10.0, 20.0, 5.0)])
+    # Slicer's ROI has collapsed to its centre and grown across the slice; the box the user drew has not.
+    bounds = [0.0] * 6
+    roi.GetRASBounds(bounds)
+    assert roi.GetNumberOfControlPoints() == 1 and bounds[4:] == [-5.0, 15.0]
+    assert [box for box in boxes if box] == [((10.0, 20.0, 5.0), (30.0, 50.0, 5.0))]
+    # A box ROI takes one point from then on (UpdateControlPointsFromBoxROI): the section uses a fresh ROI.
+    roi.RemoveAllControlPoints()
+    assert roi.GetMaximumNumberOfControlPoints() == 1
+    fresh = ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    observe(fresh)
+    place(fresh, [(0.0, 0.0, -2.0), (4.0, 6.0, -2.0)])
+    assert [box for box in boxes if box][1:] == [((0.0, 0.0, -2.0), (4.0, 6.0, -2.0))]
+
+
+def test_scribbles_and_lassos_are_the_spline_slicer_draws(ctx):
+    corners = [(0.0, 0.0, 0.0), (10.0, 10.0, 0.0), (20.0, 0.0, 0.0)]
+    curve = ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsCurveNode")
+    place(curve, corners)
+    points = curve_points_ras(curve)
+    assert len(points) > 10 and np.allclose(points[0], corners[0]) and np.allclose(points[-1], corners[-1])
+    on_polygon = np.minimum(abs(points[:, 1] - points[:, 0]), abs(points[:, 1] - (20 - points[:, 0])))
+    assert on_polygon.max() > 1.0  # a cardinal spline bulges off the straight control polygon
+    lasso = ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsClosedCurveNode")
+    place(lasso, corners)
+    ring = curve_points_ras(lasso)
+    assert np.allclose(ring[0], ring[-1]) and len(ring) > len(points)  # closed back to the start
+
+
+# Plain keys Slicer 5.10's views take (SetKeyboardEventTranslation in vtkMRMLSliceIntersectionWidget.cxx,
+# vtkMRMLCameraWidget.cxx, vtkSlicerMarkupsWidget.cxx): a main-window shortcut on one of them steals it.
+VIEW_KEYS = {"B", "F", "G", "R", "S", "T", "V"}
+
+
+def test_no_shortcut_steals_a_key_slicers_views_use():
+    tree = ast.parse((MODULE_FOLDER / "SegmentationMachineWidgets" / "prompttools.py").read_text())
+    keys = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and (len(node.value) == 1 or node.value.startswith(("Ctrl+", "Shift+")))}
+    assert {"Ctrl+Z", "Ctrl+Y"} <= keys and len(keys) >= 8, keys
+    assert not keys & VIEW_KEYS, f"these shortcuts take keys from Slicer's views: {keys & VIEW_KEYS}"
+
+
+def test_an_install_into_slicer_may_add_packages_but_never_replace_slicers(tmp_path):
+    """pip upgrades an installed package in place for a newer requirement (runpod 1.12 would take Slicer's
+    requests, urllib3 and cryptography): installs into Slicer are constrained to what it has."""
+    from importlib import metadata
+
+    from SegmentationMachineLib.core.packages import installed_pins
+
+    pins = tmp_path / "pins.txt"
+    pins.write_text(installed_pins())
+    numpy_version = metadata.version("numpy")
+    assert f"numpy=={numpy_version}" in pins.read_text().splitlines()
+    newer = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--constraint", str(pins),
+                            f"numpy>{numpy_version}"], capture_output=True, text=True, timeout=120)
+    assert newer.returncode != 0 and "conflict" in newer.stdout + newer.stderr
+    binding = (MODULE_FOLDER / "SegmentationMachineWidgets" / "packages.py").read_text()
+    assert '"--constraint", str(pins)' in binding and "installed_pins()" in binding
