@@ -1,5 +1,6 @@
 """The DICOM inbox with real files, real file events and real timing (settle 1 s, writers 300 ms apart)."""
 
+import json
 import shutil
 import stat
 import sys
@@ -16,6 +17,7 @@ from SegmentationMachineLib.inbox.watcher import Inbox, InboxError, InboxOptions
 from SegmentationMachineLib.inbox.watchqueue import run_queue
 
 SETTLE = 1.0
+HOLD = 2.0  # how long a series that looks incomplete, or a file that looks cut short, is held
 
 
 @pytest.fixture
@@ -31,6 +33,7 @@ def folders(tmp_path, untouched):
 
 
 def started(inbox_folder, state, **options) -> Inbox:
+    options.setdefault("hold_seconds", HOLD)
     inbox = Inbox(InboxOptions(folder=inbox_folder, state_folder=state, settle_seconds=SETTLE, **options))
     inbox.start()
     return inbox
@@ -43,6 +46,15 @@ def poll_until(inbox: Inbox, seconds: float, want: int = 1) -> list:
         deliveries += inbox.poll()
         time.sleep(0.1)
     return deliveries
+
+
+def write_result(delivery, folder: Path, name: str = "result") -> Path:
+    """What the pipeline leaves in its folder: files, then report.json last."""
+    result = folder / name
+    result.mkdir()
+    (result / "model.stl").write_bytes(b"solid model\nendsolid model\n")
+    (result / "report.json").write_text(json.dumps({"files": len(delivery.series.files)}))
+    return result
 
 
 def slow_copy(files, targets, delay=0.3):
@@ -207,11 +219,12 @@ def test_restart_mid_queue_continues_where_it_stopped(folders, shared_data, tmp_
     uploaded()
     processed = []
 
-    def process_then_crash(delivery):
+    def process_then_crash(delivery, folder):
         if processed:
+            (folder / "half-written").mkdir()
             raise KeyboardInterrupt  # Ctrl-C while the second series is processing
         processed.append(delivery.series.name)
-        return "result"
+        return write_result(delivery, folder)
 
     inbox = started(inbox_folder, state)
     with pytest.raises(KeyboardInterrupt):
@@ -221,10 +234,12 @@ def test_restart_mid_queue_continues_where_it_stopped(folders, shared_data, tmp_
     assert '"processing"' not in board and "interrupted" in board
     second = []
     inbox = started(inbox_folder, state)
-    run_queue(inbox, tmp_path / "outbox", lambda d: second.append(d.series.name) or "result2",
+    run_queue(inbox, tmp_path / "outbox", lambda d, folder: second.append(d.series.name) or write_result(d, folder),
               once=True, echo=lambda line: None, tick=0.1)
     inbox.stop()
     assert len(processed) == 1 and len(second) == 1 and processed != second
+    # The interrupted export left nothing behind: two results, each whole, and the board.
+    assert sorted(p.name for p in (tmp_path / "outbox").iterdir()) == [".status.lock", "result", "result-2", "status.json"]
 
 
 def test_a_missing_inbox_or_a_state_folder_inside_it_is_one_sentence(tmp_path):
@@ -245,7 +260,7 @@ def test_watch_command_status_json_ctrl_c_and_restart(folders, shared_data, tmp_
     outbox = tmp_path / "outbox"
     shutil.copytree(UNCOMPRESSED_SERIES, inbox_folder / "first")
     command = [sys.executable, "-m", "SegmentationMachineLib.cli", "watch", str(inbox_folder), "--out", str(outbox),
-               "--settle", "1", "--format", "stl"]
+               "--settle", "1", "--hold", "2", "--format", "stl"]
     watcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -254,7 +269,7 @@ def test_watch_command_status_json_ctrl_c_and_restart(folders, shared_data, tmp_
         time.sleep(0.2)
     watcher.send_signal(signal.SIGINT)
     out, err = watcher.communicate(timeout=30)
-    assert watcher.returncode == 0 and "Traceback" not in err
+    assert watcher.returncode == 130 and "Traceback" not in err
     assert "CT 'series 2': processing 3 files" in out and "CT 'series 2': done" in out and "Stopped; run" in out
 
     write_ct_series(inbox_folder / "second", make_phantom(shape=(12, 64, 64)).hu, 1.5,

@@ -1,9 +1,13 @@
-"""Files written safely: whole or not at all, and private where they hold secrets."""
+"""Files written safely: whole or not at all, and private where they hold secrets or patient data."""
 
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+PRIVATE_FOLDER = 0o700  # patient data and state: the owner only
+PRIVATE_FILE = 0o600
 
 
 @contextmanager
@@ -29,13 +33,36 @@ def atomic_file(path: Path, mode: str = "wb"):
             os.unlink(temp)
 
 
+def replace_private(path: Path, text: str):
+    """Replaces path whole with text, owner-only (0600). The temporary file is made by mkstemp
+    in the same folder (a new name, O_EXCL), so a link planted there is never followed."""
+    path = Path(path)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+
+
+def private_folder(path: Path) -> Path:
+    """path created if needed and made owner-only (0700)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_FOLDER)
+    os.chmod(path, PRIVATE_FOLDER)
+    return path
+
+
 def write_private(path: Path, text: str):
     """Writes text to path, readable and writable by the user only, replacing it whole."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
-    temporary = path.with_name(f".{path.name}.partial")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as stream:
-        stream.write(text)
-    os.replace(temporary, path)
+    private_folder(path.parent)
+    replace_private(path, text)
+
+
+def printable(text) -> str:
+    """text with control characters escaped (\\n, \\x1b...): a file name or a server's message
+    printed as is could forge log lines or send escape sequences to the terminal."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], str(text))

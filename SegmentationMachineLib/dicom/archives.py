@@ -1,15 +1,22 @@
 """Extract uploaded zip archives safely into a scratch folder (never beside the user's files).
 
 Members that would escape the folder, links, and members that are too big or compressed too
-well (zip bombs) are refused one by one with a reason; an archive that is too big as a whole,
-or not a readable zip, is refused whole.
+well are refused one by one with a reason. An archive that is too big or compressed too well
+as a whole (a zip bomb split into many small members), or not a readable zip, is refused whole,
+and whatever was extracted of it is removed. Bytes are counted as they are written, not taken
+from the archive's own (forgeable) headers. Everything extracted is owner-only: it is patient data.
 """
 
+import os
 import shutil
 import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
+from ..core.files import PRIVATE_FILE, PRIVATE_FOLDER, private_folder
+
+CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -18,6 +25,8 @@ class ArchiveLimits:
     max_member_bytes: int = 2 * 1024 ** 3
     max_ratio: float = 200.0  # DICOM compresses 2-10x; zip bombs reach thousands
     max_members: int = 100_000
+    max_depth: int = 3  # archives inside archives: each level is unpacked at most this deep
+    max_scratch_bytes: int = 32 * 1024 ** 3  # everything unpacked, all archives together
 
 
 @dataclass
@@ -25,6 +34,10 @@ class Extraction:
     folder: Path
     files: list = field(default_factory=list)
     refused: list = field(default_factory=list)  # (member name, reason)
+
+
+class _Refused(Exception):
+    """The whole archive is refused; the message is the reason."""
 
 
 def _member_problem(info: zipfile.ZipInfo, limits: ArchiveLimits):
@@ -35,37 +48,76 @@ def _member_problem(info: zipfile.ZipInfo, limits: ArchiveLimits):
         return "it is a link"
     if info.file_size > limits.max_member_bytes:
         return f"it unpacks to {info.file_size / 1024 ** 3:.1f} GiB, over the limit"
-    if info.compress_size and info.file_size / info.compress_size > limits.max_ratio and info.file_size > 1024 ** 2:
+    if info.compress_size and info.file_size / info.compress_size > limits.max_ratio and info.file_size > CHUNK:
         return f"it is compressed {info.file_size / info.compress_size:.0f}:1, like a zip bomb"
     return None
 
 
-def extract_zip(archive: Path, destination: Path, limits: ArchiveLimits = ArchiveLimits()) -> Extraction:
-    """Extracts archive into destination (created; must not exist); returns what was written and refused."""
+class _Budget:
+    """Bytes the whole archive may still write: its total limit, its ratio to the archive's size, the scratch room."""
+
+    def __init__(self, archive_bytes: int, limits: ArchiveLimits, scratch_room: int):
+        self.limits, self.archive_bytes, self.written = limits, max(archive_bytes, 1), 0
+        self.allowed = min(limits.max_total_bytes, scratch_room)
+        self.ratio_allowed = max(limits.max_ratio * self.archive_bytes, 64 * CHUNK)  # small archives of tiny files pass
+
+    def check(self, more: int):
+        total = self.written + more
+        if total > self.ratio_allowed:
+            raise _Refused(f"it unpacks to over {total / self.archive_bytes:.0f} times its size, like a zip bomb")
+        if total > self.allowed:
+            what = "the scratch folder's room" if self.allowed < self.limits.max_total_bytes else "the limit"
+            raise _Refused(f"it unpacks to over {total / 1024 ** 3:.1f} GiB, more than {what}")
+
+    def write(self, source, sink):
+        while chunk := source.read(CHUNK):
+            self.check(len(chunk))
+            self.written += len(chunk)
+            sink.write(chunk)
+
+
+def _extract_member(package, member, target: Path, budget: _Budget):
+    target.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_FOLDER)
+    descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_FILE)
+    with package.open(member) as source, os.fdopen(descriptor, "wb") as sink:
+        budget.write(source, sink)
+
+
+def extract_zip(archive, destination: Path, limits: ArchiveLimits = ArchiveLimits(),
+                scratch_room: int = None) -> Extraction:
+    """Extracts archive (a path or an open binary file) into destination (created; must not exist).
+
+    scratch_room: bytes the scratch folder may still take (default: limits.max_scratch_bytes).
+    Returns what was written and refused; a whole-archive refusal leaves nothing behind.
+    """
     result = Extraction(folder=destination)
+    partial = destination.with_name(destination.name + ".partial")
     try:
+        size = os.fstat(archive.fileno()).st_size if hasattr(archive, "fileno") else os.stat(archive).st_size
+        budget = _Budget(size, limits, limits.max_scratch_bytes if scratch_room is None else scratch_room)
         with zipfile.ZipFile(archive) as package:
             members = [m for m in package.infolist() if not m.is_dir()]
-            total = sum(m.file_size for m in members)
-            if len(members) > limits.max_members or total > limits.max_total_bytes:
-                result.refused.append(("*", f"the archive unpacks to {len(members)} files and "
-                                            f"{total / 1024 ** 3:.1f} GiB, over the limits"))
-                return result
-            partial = destination.with_name(destination.name + ".partial")
+            if len(members) > limits.max_members:
+                raise _Refused(f"it holds {len(members)} files, over the limit of {limits.max_members}")
+            budget.check(sum(m.file_size for m in members))  # what the headers admit to, before writing
             shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
+            private_folder(partial)
             for member in members:
                 problem = _member_problem(member, limits)
                 if problem:
                     result.refused.append((member.filename, problem))
                     continue
                 target = partial.joinpath(*PurePosixPath(member.filename.replace("\\", "/")).parts)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with package.open(member) as source, open(target, "wb") as sink:
-                    shutil.copyfileobj(source, sink, 1024 * 1024)
+                _extract_member(package, member, target, budget)
                 result.files.append(destination / target.relative_to(partial))
             partial.rename(destination)  # the scratch copy appears whole or not at all
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
-        result.refused.append(("*", f"the archive cannot be read ({error})"))
+    except _Refused as refusal:
+        result.refused.append(("*", f"the archive was refused: {refusal}"))
         result.files = []
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError, ValueError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        result.refused.append(("*", f"the archive cannot be read ({reason})"))
+        result.files = []
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return result

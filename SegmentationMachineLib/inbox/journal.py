@@ -5,6 +5,7 @@ never read again) and by content hash (so the same file uploaded twice, anywhere
 """
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.files import PRIVATE_FILE, private_folder
 from ..dicom.series import DicomSlice
 
 _SCHEMA = """
@@ -43,7 +45,9 @@ def slice_from_json(text: str) -> DicomSlice:
 
 class Journal:
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_folder(path.parent)
+        # Created owner-only before SQLite opens it: its -wal and -shm files take the same mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), PRIVATE_FILE))
         self._lock = threading.Lock()  # the Slicer module polls from a timer, the CLI from its loop
         self._db = sqlite3.connect(path, check_same_thread=False)
         # WAL: readers never wait for the writer, and a commit needs no full sync per file.
@@ -95,7 +99,7 @@ class Journal:
 
     def deliveries(self) -> list:
         with self._lock:
-            rows = self._db.execute("SELECT series_key, uid, description, state, reason, result, delivered, updated "
-                                    "FROM deliveries ORDER BY updated").fetchall()
+            rows = self._db.execute("SELECT series_key, uid, description, state, reason, result, delivered, updated, "
+                                    "hashes FROM deliveries ORDER BY updated").fetchall()
         keys = ("series_key", "uid", "description", "state", "reason", "result", "delivered", "updated")
-        return [dict(zip(keys, row)) for row in rows]
+        return [dict(zip(keys, row), files=len(json.loads(row[-1]))) for row in rows]

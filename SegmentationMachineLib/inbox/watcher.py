@@ -1,26 +1,36 @@
 """A watched folder whose uploads become series, each delivered once, and nothing of the user's touched.
 
 File events (watchdog; where events are unavailable, e.g. network shares, or watchdog is not installed,
-as in a stock 3D Slicer, polling of the folders' modification times) only mark paths to look at; poll() does the work on the caller's thread. A file is read once it has
-not changed for the settle time; a series is delivered when its files are read and nothing in
-its folders is still changing. The journal remembers what was delivered across restarts, by
-content, so a re-upload is not delivered again and a series that gains files is delivered again
-as an update.
+as in a stock 3D Slicer, polling) only mark paths to look at; poll() does the work on the caller's
+thread. A file is read once it has not changed for a moment; a series is delivered when its files
+are read and nothing in its folders changed for the settle time. The journal remembers what was
+delivered across restarts, by content, so a re-upload is not delivered again and a series that gains
+files is delivered again as an update.
+
+Whoever can drop a file here must not hang, exhaust or steer the watcher: links are refused (never
+followed), only regular files are opened (without blocking, so a FIFO cannot hang a poll), files are
+classified from their first bytes and read whole only when they are DICOM and not too big, and
+archives are unpacked, within limits, from the very bytes that were hashed.
 """
 
+import errno
 import hashlib
 import os
+import shutil
+import stat
+import tempfile
 import threading
 import time
-import zipfile
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
 from ..core.errors import UserError
+from ..core.files import private_folder
 from ..dicom.archives import ArchiveLimits, extract_zip
-from ..dicom.series import DicomSeries, build_series, read_slice
+from ..dicom.series import DicomSeries, build_series, looks_like_dicom, read_slice
 from .journal import Journal
+from .locks import hold_lock
 
 DEFAULT_INBOX = Path.home() / "SegmentationMachine" / "Inbox"
 # A file is read once it has been quiet this long; its series still waits for the settle time.
@@ -28,6 +38,11 @@ READ_AFTER_S = 0.5
 # Folders with recent changes are re-listed this often (a safety net for missed file events).
 RESCAN_EVERY_S = 1.0
 ARCHIVE = "a zip archive (its contents are read from the scratch folder)"
+LINK = "a link (links are not followed: copy the files themselves into the inbox)"
+NOT_REGULAR = "not a regular file (a FIFO, socket or device)"
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+CHUNK = 1024 * 1024
+NO_FOLLOW = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
 
 
 class InboxError(UserError):
@@ -46,9 +61,13 @@ class InboxOptions:
     folder: Path
     state_folder: Path  # journal and scratch area; never inside the user's files
     settle_seconds: float = 5.0
-    polling: bool = False  # look at folders' modification times instead of file events
+    polling: bool = False  # look at modification times instead of file events
     poll_interval: float = 2.0  # how often polling looks (polling mode only)
     archive_limits: ArchiveLimits = ArchiveLimits()
+    max_file_bytes: int = 1024 ** 3  # a DICOM file is read whole: bigger ones are refused
+    # A series that looks incomplete, or a file that looks cut short, is held this long after its
+    # last change for more files to arrive; then the series is delivered, marked incomplete.
+    hold_seconds: float = 60.0
 
 
 @dataclass
@@ -57,6 +76,7 @@ class Delivery:
     series: DicomSeries
     hashes: frozenset
     is_update: bool  # the series was delivered before with fewer files
+    incomplete: str = ""  # why the series looks incomplete, when it does (delivered after the hold)
 
 
 @dataclass
@@ -77,6 +97,30 @@ class _File:
     sha256: str = None
     slice: object = None  # DicomSlice
     reason: str = None
+
+
+def _may_still_grow(reason: str) -> bool:
+    """A DICOM file that reads as cut short may be an upload in progress."""
+    return bool(reason) and reason.startswith(("truncated", "unreadable DICOM"))
+
+
+def incompleteness(series: DicomSeries, slices: list) -> str:
+    """Why series looks incomplete (missing instance numbers, a gap in positions, fewer slices than
+    its headers announce, a single slice), or "" when it looks whole."""
+    used = set(series.files)
+    kept = [s for s in slices if s.path in used]
+    numbers = sorted({s.instance_number for s in kept if s.instance_number > 0})
+    announced = max((s.images_in_acquisition for s in kept), default=0)
+    if len(numbers) == len(kept) and numbers and numbers[-1] - numbers[0] + 1 > len(numbers):
+        missing = numbers[-1] - numbers[0] + 1 - len(numbers)
+        return f"{missing} instance number(s) between {numbers[0]} and {numbers[-1]} are missing"
+    if series.is_uneven:
+        return "its slice positions have a gap (a slice is probably missing)"
+    if announced > len(series.files):
+        return f"its headers announce {announced} images, {len(series.files)} arrived"
+    if len(series.files) == 1 and kept[0].frames == 1:
+        return "it has a single slice so far"
+    return ""
 
 
 def _file_events(folder: Path, dirty: set, lock: threading.Lock):
@@ -109,33 +153,44 @@ class Inbox:
     def __init__(self, options: InboxOptions, clock=time.monotonic):
         self.options = options
         self._clock = clock
+        self.folder = None  # the inbox's real, absolute path once started
         self._files = {}  # Path -> _File
         self._unread = set()  # paths not read since they last changed
         self._recent = {}  # path -> when it changed, while within the settle time
+        self._growing = {}  # path -> when it changed, for files that read as cut short (held)
+        self._held = {}  # series key -> until when an incomplete-looking series is held
         self._changed = False  # readiness is recomputed only after something changed
         self._dirty = set()
         self._active = {}  # folder -> when a file in it last changed: re-listed until quiet
         self._folders = {}  # folder -> modification time, for polling mode
-        self._last_folder_poll = None
+        self._last_poll_scan = None
         self._last_rescan = None
         self._lock = threading.Lock()
         self._observer = None
+        self._lock_descriptor = None
         self.polling = options.polling  # also without watchdog
         self._handed_out = {}  # series key -> hashes handed out and not yet acknowledged
         self._states = {}  # series key -> SeriesStatus
         self.bad_files = {}  # Path -> reason, for every file that is not part of a series
-        self.scratch = Path(options.state_folder) / "extracted"
+        self.scratch = None
+        self._extracted = {}  # extraction folder -> how deep in nested archives it is
         self.journal = None
         self._delivered = set()
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self):
-        folder = Path(self.options.folder).expanduser()
+        folder = Path(self.options.folder).expanduser().resolve()
         if not folder.is_dir():
             raise InboxError(f"The inbox folder {folder} does not exist: create it or choose another folder.")
         state = Path(self.options.state_folder).expanduser().resolve()
-        if state == folder.resolve() or folder.resolve() in state.parents:
+        if state == folder or folder in state.parents:
             raise InboxError(f"The state folder {state} is inside the inbox: choose one outside {folder}.")
+        private_folder(state)  # the journal and the unpacked archives are patient data
+        self._lock_descriptor = hold_lock(state / "inbox.lock", f"The inbox state folder {state}")
+        self.folder = folder
+        self.scratch = private_folder(state / "extracted")
+        for leftover in self.scratch.glob("*.partial"):  # an extraction cut short by a crash
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
         self.journal = Journal(state / "journal.sqlite")
         self._delivered = self.journal.delivered_hashes()
         if not self.options.polling:
@@ -144,14 +199,18 @@ class Inbox:
         with self._lock:
             self._dirty.add(str(folder))  # the first poll reads what is already there
 
-    def stop(self):
+    def stop(self, timeout: float = 5.0):
+        """Stops watching within timeout seconds (the observer thread is a daemon: never waited for longer)."""
         if self._observer:
             self._observer.stop()
-            self._observer.join(timeout=5)
+            self._observer.join(timeout=timeout)
             self._observer = None
         if self.journal:
             self.journal.close()
             self.journal = None
+        if self._lock_descriptor is not None:
+            os.close(self._lock_descriptor)
+            self._lock_descriptor = None
 
     # -- the work, on the caller's thread ----------------------------------------------------
     def poll(self) -> list:
@@ -170,7 +229,7 @@ class Inbox:
                 else:
                     dirty.add(str(folder))
         if self.polling:
-            dirty |= self._changed_folders(now)
+            dirty |= self._polled_changes(now)
         for path in sorted(dirty):
             self._refresh(Path(path), now)
         for path in sorted(self._unread):
@@ -181,19 +240,26 @@ class Inbox:
             if now - changed >= self.options.settle_seconds:
                 del self._recent[path]
                 self._changed = True  # a folder may have settled: its series may be ready now
+        for path, changed in list(self._growing.items()):
+            if now - changed >= self.options.hold_seconds:  # not an upload in progress after all
+                del self._growing[path]
+                self._note(path, self._files[path])
+                self._changed = True
+        if any(now >= until for until in self._held.values()):
+            self._changed = True
         if self.journal:
             self.journal.commit()
         if not self._changed:
             return []  # idle: nothing to look at (a large, quiet inbox costs nothing)
         self._changed = False
-        return self._ready_series()
+        return self._ready_series(now)
 
     def pending(self) -> bool:
-        """True while some file has not settled yet or events are waiting to be looked at."""
+        """True while some file has not settled yet, a series is held, or events wait to be looked at."""
         with self._lock:
             if self._dirty:
                 return True
-        return bool(self._unread) or bool(self._recent)
+        return bool(self._unread or self._recent or self._growing or self._held)
 
     def acknowledge(self, delivery: Delivery, ok: bool, reason: str = "", result: str = ""):
         """The consumer finished a delivery (loaded/processed, or failed with reason): never again."""
@@ -210,16 +276,17 @@ class Inbox:
         return list(self._states.values())
 
     # -- internals -------------------------------------------------------------------------
-    def _changed_folders(self, now: float) -> set:
+    def _polled_changes(self, now: float) -> set:
         """Polling mode: a folder's modification time changes when files appear in or leave it,
-        so statting the folders (not the files) each interval finds new uploads cheaply."""
-        if self._last_folder_poll is not None and now - self._last_folder_poll < self.options.poll_interval:
+        and a file's when it is written again (an upload that resumes after a pause): both are
+        statted each interval, never read."""
+        if self._last_poll_scan is not None and now - self._last_poll_scan < self.options.poll_interval:
             return set()
-        self._last_folder_poll = now
-        changed = set()
+        self._last_poll_scan = now
+        changed = {str(path) for path in self._files if self.scratch not in path.parents}
         for folder, mtime_ns in list(self._folders.items()):
             try:
-                current = folder.stat().st_mtime_ns
+                current = os.lstat(folder).st_mtime_ns
             except OSError:
                 current = None
                 del self._folders[folder]
@@ -227,38 +294,64 @@ class Inbox:
                 changed.add(str(folder))
         return changed
 
+    def _inside(self, path: Path) -> bool:
+        real = Path(os.path.realpath(path.parent))
+        return real == self.folder or self.folder in real.parents
+
     def _refresh(self, path: Path, now: float):
-        if path.is_dir():
-            for root, dirs, names in os.walk(path):
-                dirs[:] = [d for d in dirs if not d.startswith(".")]
-                try:
-                    self._folders[Path(root)] = os.stat(root).st_mtime_ns
-                except OSError:
-                    continue
-                for name in names:
-                    if not name.startswith("."):
-                        self._refresh_file(Path(root) / name, now)
-        elif path.is_file():
-            if not path.name.startswith("."):
-                self._refresh_file(path, now)
-        else:  # deleted or moved away: forget it and anything under it
-            for known in [p for p in self._folders if p == path or path in p.parents]:
-                del self._folders[known]
-            for known in [p for p in self._files if p == path or path in p.parents]:
-                del self._files[known]
-                self._unread.discard(known)
-                self._recent.pop(known, None)
-                self.bad_files.pop(known, None)
-                self._changed = True
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return self._forget(path)
+        if path != self.folder and (path.name.startswith(".") or not self._inside(path)):
+            return
+        if stat.S_ISDIR(info.st_mode):
+            self._walk(path, now)
+        elif stat.S_ISREG(info.st_mode):
+            self._refresh_file(path, now)
+        else:
+            self._refuse(path, LINK if stat.S_ISLNK(info.st_mode) else NOT_REGULAR)
+
+    def _walk(self, folder: Path, now: float):
+        for root, dirs, names in os.walk(folder):  # never into linked folders
+            root = Path(root)
+            for name in [d for d in dirs if (root / d).is_symlink()]:
+                dirs.remove(name)
+                names.append(name)  # refused as a link below
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            try:
+                self._folders[root] = os.lstat(root).st_mtime_ns
+            except OSError:
+                continue
+            for name in names:
+                if not name.startswith("."):
+                    self._refresh(root / name, now)
+
+    def _forget(self, path: Path):
+        """Deleted or moved away: forget it and anything under it."""
+        for known in [p for p in self._folders if p == path or path in p.parents]:
+            del self._folders[known]
+        for known in [p for p in set(self._files) | set(self.bad_files) if p == path or path in p.parents]:
+            self._files.pop(known, None)
+            self._unread.discard(known)
+            self._recent.pop(known, None)
+            self._growing.pop(known, None)
+            self.bad_files.pop(known, None)
+            self._changed = True
+
+    def _refuse(self, path: Path, reason: str):
+        self._forget(path)
+        self.bad_files[path] = reason
 
     def _refresh_file(self, path: Path, now: float, complete: bool = False):
         try:
-            info = path.stat()
+            info = os.lstat(path)
         except OSError:
             return
         record = self._files.get(path)
         if record and (record.size, record.mtime_ns) == (info.st_size, info.st_mtime_ns):
             return
+        self._growing.pop(path, None)
         known = self.journal.known_file(path, info.st_size, info.st_mtime_ns)
         if known:
             sha256, item, reason = known
@@ -268,7 +361,7 @@ class Inbox:
             self._changed = True
             self._note(path, record)
             if reason == ARCHIVE:
-                self._add_extracted(self.scratch / sha256[:24], now)
+                self._add_extracted(self.scratch / sha256[:24], self._depth(path) + 1, now)
             return
         # New or changed: wait for it to settle. Extracted files are complete when they appear.
         self._files[path] = _File(info.st_size, info.st_mtime_ns,
@@ -282,31 +375,79 @@ class Inbox:
     def _read(self, path: Path, record: _File, now: float):
         self._unread.discard(path)
         self._changed = True
-        try:
-            data = path.read_bytes()
-        except OSError as error:
-            record.read, record.reason = True, f"unreadable ({error.strerror})"
-            self._note(path, record)
-            return
         record.read = True
-        record.sha256 = hashlib.sha256(data).hexdigest()
-        if zipfile.is_zipfile(path):
-            record.slice, record.reason = None, ARCHIVE
-            self._extract(path, record.sha256, now)
+        record.sha256, record.slice, record.reason = None, None, None
+        try:
+            descriptor = os.open(path, NO_FOLLOW)  # a link swapped in since the listing is refused here
+        except OSError as error:
+            record.reason = LINK if error.errno == errno.ELOOP else f"unreadable ({error.strerror})"
         else:
-            record.slice, record.reason = read_slice(path, data)
+            with os.fdopen(descriptor, "rb") as stream:
+                self._classify(path, stream, record, now)
+        if record.slice is None and _may_still_grow(record.reason) and not self._is_extracted(path):
+            self._growing[path] = record.changed_at  # reported only if it stays like this
         self.journal.remember_file(path, record.size, record.mtime_ns, record.sha256, record.slice, record.reason)
-        self._note(path, record)
+        if path in self._growing:
+            self.bad_files.pop(path, None)
+        else:
+            self._note(path, record)
 
-    def _extract(self, archive: Path, sha256: str, now: float):
-        destination = self.scratch / sha256[:24]
-        if not destination.exists():
-            extraction = extract_zip(archive, destination, self.options.archive_limits)
-            for member, reason in extraction.refused:
-                self.bad_files[Path(f"{archive}!{member}")] = f"refused from {archive.name}: {reason}"
-        self._add_extracted(destination, now)
+    def _classify(self, path: Path, stream, record: _File, now: float):
+        """From the open file: its kind from the first bytes; only DICOM is read whole, only archives copied."""
+        info = os.fstat(stream.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            record.reason = NOT_REGULAR
+            return
+        head = stream.read(132)
+        if head[:4] in ZIP_MAGIC:
+            self._read_archive(path, stream, head, record, now)
+        elif not looks_like_dicom(head):
+            record.reason = "not a DICOM file"
+        elif info.st_size > self.options.max_file_bytes:
+            record.reason = f"too big for a DICOM file ({info.st_size / 1024 ** 3:.1f} GiB)"
+        else:
+            data = head + stream.read(self.options.max_file_bytes + 1 - len(head))
+            record.sha256 = hashlib.sha256(data).hexdigest()
+            record.slice, record.reason = read_slice(path, data)
 
-    def _add_extracted(self, folder: Path, now: float):
+    def _read_archive(self, path: Path, stream, head: bytes, record: _File, now: float):
+        """Copies the archive to a private scratch file while hashing it, then unpacks that copy:
+        the files delivered under this hash are the bytes that were hashed, whatever happens to path."""
+        limits = self.options.archive_limits
+        depth = self._depth(path) + 1
+        if depth > limits.max_depth:
+            record.reason = f"an archive nested more than {limits.max_depth} deep (not unpacked)"
+            return
+        digest = hashlib.sha256(head)
+        with tempfile.TemporaryFile(dir=self.scratch) as copy:
+            copy.write(head)
+            while chunk := stream.read(CHUNK):
+                if copy.tell() + len(chunk) > limits.max_total_bytes:
+                    record.reason = f"an archive over {limits.max_total_bytes / 1024 ** 3:.1f} GiB (not unpacked)"
+                    return
+                digest.update(chunk)
+                copy.write(chunk)
+            record.sha256, record.reason = digest.hexdigest(), ARCHIVE
+            destination = self.scratch / record.sha256[:24]
+            if not destination.exists():
+                copy.seek(0)
+                room = limits.max_scratch_bytes - _folder_bytes(self.scratch)
+                extraction = extract_zip(copy, destination, limits, scratch_room=room)
+                for member, reason in extraction.refused:
+                    self.bad_files[Path(f"{path}!{member}")] = f"refused from {path.name}: {reason}"
+        self._add_extracted(destination, depth, now)
+
+    def _depth(self, path: Path) -> int:
+        """How many archives deep path is: 0 in the inbox itself."""
+        if self.scratch not in path.parents:
+            return 0
+        return self._extracted.get(self.scratch / path.relative_to(self.scratch).parts[0], 0)
+
+    def _is_extracted(self, path: Path) -> bool:
+        return self.scratch in path.parents
+
+    def _add_extracted(self, folder: Path, depth: int, now: float):
+        self._extracted[folder] = depth
         for root, _, names in os.walk(folder):
             for name in names:
                 self._refresh_file(Path(root) / name, now, complete=True)
@@ -317,13 +458,14 @@ class Inbox:
         else:
             self.bad_files.pop(path, None)
 
-    def _ready_series(self) -> list:
-        unsettled_folders = {p.parent for p in self._unread} | {p.parent for p in self._recent}
+    def _ready_series(self, now: float) -> list:
+        unsettled_folders = {p.parent for p in self._unread} | {p.parent for p in self._recent} | \
+                            {p.parent for p in self._growing}
         groups = {}
         for record in self._files.values():
             if record.slice is not None:
                 groups.setdefault(record.slice.series_key, []).append(record)
-        ready = []
+        ready, self._held = [], {}
         for key, records in groups.items():
             hashes = frozenset(r.sha256 for r in records)
             if hashes <= self._delivered:
@@ -335,9 +477,21 @@ class Inbox:
             if any(r.slice.path.parent in unsettled_folders for r in records):
                 self._states[key] = SeriesStatus(key, series.name, len(records), SeriesState.WAITING)
                 continue
+            incomplete = incompleteness(series, [r.slice for r in records])
+            hold_until = max(r.changed_at for r in records) + self.options.hold_seconds
+            if incomplete and now < hold_until:
+                self._held[key] = hold_until
+                self._states[key] = SeriesStatus(key, series.name, len(records), SeriesState.WAITING,
+                                                 f"Looks incomplete ({incomplete}): held for more files")
+                continue
             for item in skipped:
                 self.bad_files[item.path] = item.reason
             self._handed_out[key] = hashes
             self._states[key] = SeriesStatus(key, series.name, len(series.files), SeriesState.READY)
-            ready.append(Delivery(key, series, hashes, is_update=self.journal.was_delivered(key)))
+            ready.append(Delivery(key, series, hashes, is_update=self.journal.was_delivered(key),
+                                  incomplete=incomplete))
         return ready
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(os.lstat(Path(root) / name).st_size for root, _, names in os.walk(folder) for name in names)

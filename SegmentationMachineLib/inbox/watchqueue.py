@@ -1,81 +1,188 @@
 """The headless processing queue: every ready inbox series through the model pipeline, one at a time.
 
-OUTBOX/status.json says where each series stands (waiting, processing, done, failed + reason)
-and is rewritten whole after every change, so a reader never sees half of it. A series the
-queue was interrupted in is not acknowledged, so the next run processes it again.
+OUTBOX/status.json says where each series stands (waiting, processing, done, failed + reason) with
+absolute paths, and is replaced whole after every change (a new temporary name each time, owner-only:
+it names patients' series), so a reader never sees half of it.
+
+A delivery is one atomic step, whatever kills the process when: the result is written into
+OUTBOX/.staging, the journal commits it, then it is renamed into place. On start the journal is the
+truth: a committed result still in staging is moved into place, status.json is corrected, and any
+other staging (an interrupted export) is removed, so the series is processed again.
 """
 
+import errno
+import hashlib
 import json
 import os
+import shutil
+import sqlite3
 import threading
 import time
 from pathlib import Path
 
 from ..core.errors import UserError
-from .watcher import Inbox, SeriesState
+from ..core.files import printable, replace_private
+from .locks import hold_lock
+from .watcher import Delivery, Inbox, SeriesState
 
 STATUS_NAME = "status.json"
+STAGING = ".staging"
 
 
 class StatusBoard:
     def __init__(self, outbox: Path, inbox_folder: Path):
-        self.path = Path(outbox) / STATUS_NAME
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._inbox = str(inbox_folder)
+        self.path = Path(outbox).absolute() / STATUS_NAME
+        self._inbox = str(Path(inbox_folder).absolute())
         self._series = {}
-        if self.path.exists():  # a restart continues the same board
-            try:
-                self._series = {s["key"]: s for s in json.loads(self.path.read_text())["series"]}
-            except (ValueError, KeyError, TypeError):
-                self._series = {}
+        try:  # a restart continues the same board
+            self._series = {s["key"]: s for s in json.loads(self.path.read_text())["series"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            self._series = {}
 
     def get(self, key: str) -> dict:
         return self._series.get(key, {})
 
+    def entries(self) -> list:
+        return list(self._series.values())
+
     def set(self, key: str, name: str, files: int, state: str, reason: str = "", result: str = ""):
-        entry = {"key": key, "name": name, "files": files, "state": state, "reason": reason, "result": result,
+        entry = {"key": key, "name": name, "files": files, "state": state, "reason": reason,
+                 "result": str(Path(result).absolute()) if result else "",
                  "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if {k: v for k, v in self.get(key).items() if k != "updated"} == {k: v for k, v in entry.items() if k != "updated"}:
             return
         self._series[key] = entry
-        temporary = self.path.with_name(f".{STATUS_NAME}.partial")
-        temporary.write_text(json.dumps({"inbox": self._inbox, "updated": entry["updated"],
-                                         "series": list(self._series.values())}, indent=2))
-        os.replace(temporary, self.path)  # our own file: replaced whole, never seen half-written
+        replace_private(self.path, json.dumps({"inbox": self._inbox, "updated": entry["updated"],
+                                               "series": list(self._series.values())}, indent=2))
+
+
+def _staging_folder(outbox: Path, key: str) -> Path:
+    return outbox / STAGING / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _remove(staging: Path):
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.parent.rmdir()  # OUTBOX/.staging only while something is being written
+    except OSError:
+        pass
+
+
+def _free_name(made: Path, outbox: Path) -> Path:
+    """made, renamed inside staging if needed so that its name is free in outbox."""
+    name, attempt = made.name, 1
+    while (outbox / name).exists():
+        attempt += 1
+        name = f"{made.name}-{attempt}"
+    if name != made.name:
+        made = made.rename(made.with_name(name))
+    return made
+
+
+def _commit(inbox: Inbox, delivery: Delivery, result: Path):
+    inbox.acknowledge(delivery, True, delivery.incomplete and f"Looks incomplete: {delivery.incomplete}.",
+                      result=str(result))
+
+
+def _publish(staged: Path, result: Path):
+    os.rename(staged, result)
+
+
+def _disk_problem(error: OSError) -> str:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "The disk is full: free some space, then restart watch to process this series again."
+    return f"Cannot write the results ({error.strerror or error}): check the outbox folder."
+
+
+def reconcile(inbox: Inbox, board: StatusBoard, outbox: Path):
+    """After a crash: the journal is the truth; staging that the journal does not name is removed."""
+    for entry in inbox.journal.deliveries():
+        key, result = entry["series_key"], Path(entry["result"]) if entry["result"] else None
+        staged = _staging_folder(outbox, key) / result.name if result else None
+        # Committed only once complete: a staged folder the journal names is a whole result.
+        if result and not result.exists() and staged and staged.is_dir():
+            _publish(staged, result)  # committed, killed before the rename
+        if board.get(key).get("state") in (None, "processing", "waiting"):
+            state = "done" if entry["state"] == SeriesState.LOADED.value else "failed"
+            board.set(key, entry["description"], entry["files"], state, entry["reason"] or "", entry["result"] or "")
+    for entry in board.entries():
+        if entry["state"] == "processing":  # killed before the commit: processed again
+            board.set(entry["key"], entry["name"], entry["files"], "waiting", "interrupted; processed again")
+    shutil.rmtree(outbox / STAGING, ignore_errors=True)
+
+
+def deliver(inbox: Inbox, board: StatusBoard, delivery: Delivery, process, outbox: Path, echo):
+    """process(delivery, folder) writes one result folder into folder (staging) and returns it."""
+    series = delivery.series
+    staging = _staging_folder(outbox, delivery.key)
+    shutil.rmtree(staging, ignore_errors=True)
+    board.set(delivery.key, series.name, len(series.files), "processing")
+    echo(f"{series.name}: processing {len(series.files)} files" + (" (an update)" if delivery.is_update else ""))
+    try:
+        staging.mkdir(parents=True)
+        staged = _free_name(Path(process(delivery, staging)), outbox)
+    except (UserError, OSError) as error:
+        _remove(staging)
+        reason = _disk_problem(error) if isinstance(error, OSError) else str(error)
+        if not isinstance(error, OSError) or error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            inbox.acknowledge(delivery, False, reason)  # a full disk is not this series' fault: not remembered
+        board.set(delivery.key, series.name, len(series.files), "failed", reason)
+        echo(f"{series.name}: failed: {reason}")
+        return
+    except BaseException:
+        _remove(staging)
+        board.set(delivery.key, series.name, len(series.files), "waiting", "interrupted; processed again on restart")
+        raise
+    result = outbox / staged.name
+    _commit(inbox, delivery, result)
+    _publish(staged, result)
+    _remove(staging)
+    echo(f"{series.name}: done → {printable(result)}" + (f" (looks incomplete: {delivery.incomplete})"
+                                                           if delivery.incomplete else ""))
+    board.set(delivery.key, series.name, len(series.files), "done",
+              delivery.incomplete and f"Looks incomplete: {delivery.incomplete}.", result)
 
 
 def run_queue(inbox: Inbox, outbox: Path, process, once: bool = False, echo=print,
-              stop: threading.Event = None, tick: float = 0.5):
+              stop: threading.Event = None, tick: float = 0.5, polled=lambda: None):
     """Processes ready series until stopped (or, with once, until nothing is left to settle or process).
 
-    process(delivery) returns the result folder; a UserError marks the series failed with its sentence.
+    process(delivery, folder) writes the result folder into folder and returns it; a UserError marks
+    the series failed with its sentence. polled() is called after each poll (e.g. to report skipped
+    files). One queue per outbox: a second one is refused, naming the first.
     """
     stop = stop or threading.Event()
-    board = StatusBoard(outbox, inbox.options.folder)
-    while not stop.is_set():
-        deliveries = inbox.poll()
-        for status in inbox.statuses():
-            if status.state == SeriesState.WAITING and board.get(status.key).get("state") != "waiting":
-                board.set(status.key, status.name, status.files, "waiting")
-                echo(f"{status.name}: waiting for its files to settle")
-        for delivery in deliveries:
-            series = delivery.series
-            board.set(delivery.key, series.name, len(series.files), "processing")
-            echo(f"{series.name}: processing {len(series.files)} files" + (" (an update)" if delivery.is_update else ""))
-            try:
-                result = str(process(delivery))
-            except UserError as error:
-                inbox.acknowledge(delivery, False, str(error))
-                board.set(delivery.key, series.name, len(series.files), "failed", str(error))
-                echo(f"{series.name}: failed: {error}")
-                continue
-            except BaseException:
-                board.set(delivery.key, series.name, len(series.files), "waiting", "interrupted; processed again on restart")
-                raise
-            inbox.acknowledge(delivery, True, result=result)
-            board.set(delivery.key, series.name, len(series.files), "done", result=result)
-            echo(f"{series.name}: done → {result}")
-        if once and not deliveries and not inbox.pending():
-            return board
-        stop.wait(tick)
-    return board
+    outbox = Path(outbox).absolute()
+    outbox.mkdir(parents=True, exist_ok=True)
+    lock = hold_lock(outbox / ".status.lock", f"The outbox {outbox}")
+    try:
+        board = StatusBoard(outbox, inbox.folder)
+        reconcile(inbox, board, outbox)
+        while not stop.is_set():
+            deliveries = _poll(inbox, echo)
+            polled()
+            for status in inbox.statuses():
+                if status.state == SeriesState.WAITING and board.get(status.key).get("state") != "waiting":
+                    board.set(status.key, status.name, status.files, "waiting", status.reason)
+                    echo(f"{status.name}: " + (status.reason or "waiting for its files to settle"))
+            for delivery in deliveries:
+                try:
+                    deliver(inbox, board, delivery, process, outbox, echo)
+                except (OSError, sqlite3.OperationalError) as error:  # the journal's or status.json's disk
+                    echo(f"{delivery.series.name}: cannot record its result ({printable(error)}): "
+                         "free some space, then restart to process it again.")
+            if once and not deliveries and not inbox.pending():
+                return board
+            stop.wait(tick)
+        return board
+    finally:
+        os.close(lock)
+
+
+def _poll(inbox: Inbox, echo) -> list:
+    try:
+        return inbox.poll()
+    except (OSError, sqlite3.OperationalError) as error:  # e.g. the journal's disk is full
+        echo(f"Cannot update the inbox journal ({printable(error)}): free some space; retrying.")
+        return []
+

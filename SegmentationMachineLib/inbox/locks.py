@@ -1,0 +1,48 @@
+"""One owner per folder: a second watcher on the same state or outbox is refused, naming the first.
+
+The lock is the operating system's (flock / msvcrt), so it ends with its process, even one killed
+with kill -9; the file only says who holds it.
+"""
+
+import os
+import socket
+import time
+from pathlib import Path
+
+from ..core.errors import UserError
+from ..core.files import PRIVATE_FILE
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
+
+
+class FolderInUse(UserError):
+    """Another process already watches with this folder."""
+
+
+def _try_lock(descriptor: int) -> bool:
+    try:
+        if fcntl:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            msvcrt.locking(descriptor, msvcrt.LK_NBLCK, 1)
+        return True
+    except OSError:
+        return False
+
+
+def hold_lock(path: Path, what: str) -> int:
+    """The open descriptor holding path's lock (close it to release); FolderInUse when another holds it."""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), PRIVATE_FILE)
+    if not _try_lock(descriptor):
+        holder = os.read(descriptor, 300).decode(errors="replace").strip() or "another process"
+        os.close(descriptor)
+        raise FolderInUse(f"{what} is in use by {holder}: stop that one first, or choose another folder.")
+    os.ftruncate(descriptor, 0)
+    os.lseek(descriptor, 0, os.SEEK_SET)
+    os.write(descriptor, f"process {os.getpid()} on {socket.gethostname()} since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    return descriptor

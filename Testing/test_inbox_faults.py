@@ -1,0 +1,220 @@
+"""The watch queue under faults (issue 16, items 17-23): kill -9 at every step of a delivery, a full
+disk, a second watcher, signals, files that resume growing, series that arrive with gaps."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import UNCOMPRESSED_SERIES
+from SegmentationMachineLib.inbox.locks import FolderInUse
+from SegmentationMachineLib.inbox.watcher import Inbox, InboxOptions, SeriesState
+from SegmentationMachineLib.inbox.watchqueue import run_queue
+
+REPO = Path(__file__).resolve().parents[1]
+SETTLE = 0.5
+SLICES = sorted(UNCOMPRESSED_SERIES.iterdir()) if UNCOMPRESSED_SERIES.is_dir() else []
+
+
+def started(inbox_folder, state, **options) -> Inbox:
+    options = {"settle_seconds": SETTLE, "hold_seconds": 1.5, **options}
+    inbox = Inbox(InboxOptions(folder=inbox_folder, state_folder=state, **options))
+    inbox.start()
+    return inbox
+
+
+def export(delivery, folder: Path) -> Path:
+    """What the pipeline leaves in its folder: a mesh, then report.json last."""
+    result = folder / "CT_model"
+    result.mkdir()
+    (result / "model.stl").write_bytes(b"solid model\nendsolid model\n")
+    (result / "report.json").write_text(json.dumps({"files": len(delivery.series.files)}))
+    return result
+
+
+def queue_once(inbox_folder, state, outbox, process=export, **options) -> tuple:
+    """(status.json, echoed lines) after one run of the queue until nothing is left."""
+    lines = []
+    inbox = started(inbox_folder, state, **options)
+    try:
+        run_queue(inbox, outbox, process, once=True, echo=lines.append, tick=0.05)
+    finally:
+        inbox.stop()
+    return json.loads((outbox / "status.json").read_text()), lines
+
+
+# A child process that runs the queue and SIGKILLs itself right after one chosen step of a delivery.
+CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    sys.path[:0] = [sys.argv[1], sys.argv[1] + "/Testing"]
+    from test_inbox_faults import export, queue_once
+    from SegmentationMachineLib.inbox import watchqueue
+
+    step, inbox, state, outbox, log = sys.argv[2:]
+
+    def killed_after(function):
+        def run(*args):
+            function(*args)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return run
+
+    def logged_export(delivery, folder):
+        with open(log, "a") as stream:
+            stream.write("processed\\n")
+        return (killed_after(export) if step == "export" else export)(delivery, folder)
+
+    if step != "export":
+        setattr(watchqueue, step, killed_after(getattr(watchqueue, step)))
+    queue_once(Path(inbox), Path(state), Path(outbox), logged_export)
+""")
+
+
+@pytest.mark.parametrize("step, processed", [("export", 2), ("_commit", 1), ("_publish", 1)])
+def test_a_kill_at_any_step_of_a_delivery_leaves_exactly_one_result_and_a_true_board(
+        tmp_path, shared_data, step, processed):
+    inbox_folder, state, outbox, log = tmp_path / "inbox", tmp_path / "state", tmp_path / "outbox", tmp_path / "log"
+    inbox_folder.mkdir()
+    for path in SLICES:
+        (inbox_folder / path.name).write_bytes(path.read_bytes())
+    child = subprocess.run([sys.executable, "-c", CHILD, str(REPO), step, str(inbox_folder), str(state), str(outbox),
+                            str(log)], capture_output=True, text=True, timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    # The next start reconciles with the journal, then processes what was not committed.
+    board, _ = queue_once(inbox_folder, state, outbox, lambda d, f: log.open("a").write("processed\n") and export(d, f))
+    assert log.read_text().count("processed") == processed
+    [entry] = board["series"]
+    assert entry["state"] == "done" and Path(entry["result"]).is_absolute()
+    assert sorted(p.name for p in outbox.iterdir()) == [".status.lock", "CT_model", "status.json"]
+    assert sorted(p.name for p in Path(entry["result"]).iterdir()) == ["model.stl", "report.json"]
+
+
+def test_a_full_disk_fails_one_series_with_one_sentence_and_the_queue_goes_on(tmp_path, shared_data):
+    inbox_folder, state, outbox = tmp_path / "inbox", tmp_path / "state", tmp_path / "outbox"
+    for folder in ("a", "b"):  # two series: the same slices, told apart by folder when UIDs are blank
+        (inbox_folder / folder).mkdir(parents=True)
+    for path in SLICES:
+        (inbox_folder / "a" / path.name).write_bytes(path.read_bytes())
+    from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
+    write_ct_series(inbox_folder / "b", make_phantom(shape=(4, 32, 32)).hu, 1.5,
+                    [(0, 0, 2.0 * k) for k in range(4)], "second")
+
+    def export_to_a_full_disk(delivery, folder):
+        if "second" not in delivery.series.name:
+            with open("/dev/full", "wb") as disk:  # the kernel's own "No space left on device"
+                disk.write(b"mesh")
+                disk.flush()
+        return export(delivery, folder)
+
+    board, lines = queue_once(inbox_folder, state, outbox, export_to_a_full_disk)
+    states = {entry["name"]: (entry["state"], entry["reason"]) for entry in board["series"]}
+    assert states["CT 'second'"] == ("done", "")
+    [(state_, reason)] = [v for k, v in states.items() if k != "CT 'second'"]
+    assert state_ == "failed" and reason == "The disk is full: free some space, then restart watch to process this series again."
+    assert not (outbox / ".staging").exists() and len([p for p in outbox.iterdir() if p.is_dir()]) == 1
+    assert not any("Traceback" in line for line in lines)
+
+
+def test_a_second_watcher_on_the_same_folders_is_refused_naming_the_first(tmp_path):
+    inbox_folder, state = tmp_path / "inbox", tmp_path / "state"
+    inbox_folder.mkdir()
+    first = started(inbox_folder, state)
+    with pytest.raises(FolderInUse, match=rf"The inbox state folder .* is in use by process {os.getpid()} on "):
+        started(inbox_folder, state)
+    first.stop()
+    started(inbox_folder, state).stop()  # released at stop (and by the OS when a process dies)
+
+
+def watch_command(inbox_folder, outbox, *extra) -> list:
+    return [sys.executable, "-m", "SegmentationMachineLib.cli", "watch", str(inbox_folder), "--out", str(outbox),
+            "--settle", "0.5", "--hold", "1", "--format", "stl", *extra]
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGHUP, signal.SIGTERM])
+def test_watch_ends_on_a_closed_terminal_or_a_service_stop_like_ctrl_c(tmp_path, signal_number):
+    inbox_folder, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox_folder.mkdir()
+    (inbox_folder / "evil\n\x1b[31mname.txt").write_text("not an image")
+    watcher = subprocess.Popen(watch_command(inbox_folder, outbox), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, stdin=subprocess.DEVNULL, cwd=REPO)
+    assert watcher.stdout.readline().startswith("Watching ")
+    if signal_number == signal.SIGHUP:  # meanwhile, a second watch on the same folders is refused
+        second = subprocess.run(watch_command(inbox_folder, outbox, "--once"), capture_output=True, text=True,
+                                timeout=60, cwd=REPO)
+        assert second.returncode == 2 and f"is in use by process {watcher.pid} on " in second.stderr
+    time.sleep(1.5)  # time to report the junk file
+    watcher.send_signal(signal_number)
+    out, err = watcher.communicate(timeout=30)
+    assert watcher.returncode == 128 + signal_number and "Traceback" not in err and "Stopped; run" in out
+    assert "Skipped " in err and "evil\\n\\x1b[31mname.txt: not a DICOM file" in err and "\x1b" not in err
+
+
+def test_a_series_with_gaps_is_held_then_delivered_marked_incomplete(tmp_path, shared_data):
+    inbox_folder, state, outbox = tmp_path / "inbox", tmp_path / "state", tmp_path / "outbox"
+    inbox_folder.mkdir()
+    for path in SLICES[0], SLICES[2]:  # instance numbers 1 and 3: the middle slice has not arrived
+        (inbox_folder / path.name).write_bytes(path.read_bytes())
+    inbox = started(inbox_folder, state)
+    started_at, deliveries = time.monotonic(), []
+    while not deliveries and time.monotonic() - started_at < 5:
+        deliveries = inbox.poll()
+        time.sleep(0.05)
+        if not deliveries and time.monotonic() - started_at > SETTLE + 0.6:
+            [status] = inbox.statuses()
+            assert status.state == SeriesState.WAITING and status.reason == (
+                "Looks incomplete (1 instance number(s) between 1 and 3 are missing): held for more files")
+    assert time.monotonic() - started_at >= 1.5  # the hold
+    [delivery] = deliveries
+    assert delivery.incomplete == "1 instance number(s) between 1 and 3 are missing"
+    inbox.acknowledge(delivery, True)
+    inbox.stop()
+    # Through the queue: the result is marked, in the board and in what is printed.
+    board, lines = queue_once(inbox_folder, tmp_path / "state2", outbox)
+    [entry] = board["series"]
+    assert entry["state"] == "done" and entry["reason"] == "Looks incomplete: 1 instance number(s) between 1 and 3 are missing."
+    assert any(line.endswith("(looks incomplete: 1 instance number(s) between 1 and 3 are missing)") for line in lines)
+
+
+def test_polling_rereads_a_file_that_resumes_growing_and_a_partial_file_is_not_called_truncated(tmp_path, shared_data):
+    inbox_folder, state = tmp_path / "inbox", tmp_path / "state"
+    inbox_folder.mkdir()
+    for path in SLICES[:2]:
+        (inbox_folder / path.name).write_bytes(path.read_bytes())
+    last = SLICES[2].read_bytes()
+    growing = inbox_folder / SLICES[2].name
+    growing.write_bytes(last[:len(last) // 2])  # the upload pauses halfway
+    inbox = started(inbox_folder, state, polling=True, poll_interval=0.2)
+    deadline = time.monotonic() + 1.2  # within the hold: an upload in progress, not a bad file
+    while time.monotonic() < deadline:
+        assert inbox.poll() == [] and growing not in inbox.bad_files
+        time.sleep(0.05)
+    first = []
+    while not first and time.monotonic() < deadline + 3:  # the hold is over: the two whole slices go
+        first = inbox.poll()
+        time.sleep(0.05)
+    assert [len(d.series.files) for d in first] == [2] and inbox.bad_files[growing].startswith("truncated")
+    inbox.acknowledge(first[0], True)
+    with open(growing, "ab") as stream:  # the upload resumes long after the pause
+        stream.write(last[len(last) // 2:])
+    update = []
+    deadline = time.monotonic() + 4
+    while not update and time.monotonic() < deadline:
+        update = inbox.poll()
+        time.sleep(0.05)
+    assert [(len(d.series.files), d.is_update) for d in update] == [(3, True)] and growing not in inbox.bad_files
+    inbox.stop()
+
+
+def test_status_json_paths_are_absolute_whatever_the_working_directory(tmp_path, shared_data, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("inbox").mkdir()
+    for path in SLICES:
+        (Path("inbox") / path.name).write_bytes(path.read_bytes())
+    board, _ = queue_once(Path("inbox"), Path("state"), Path("outbox"))
+    assert board["inbox"] == str(tmp_path / "inbox") and board["series"][0]["result"] == str(tmp_path / "outbox" / "CT_model")
