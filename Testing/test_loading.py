@@ -1,6 +1,7 @@
 """DICOM folders and volume files → volume nodes, and every kind of bad input → one clear sentence."""
 
 import shutil
+from contextlib import nullcontext
 
 import numpy as np
 import pydicom
@@ -11,7 +12,7 @@ from SegmentationMachineLib.core import arrays
 from SegmentationMachineLib.core.errors import InputError
 from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
 from SegmentationMachineLib.dicom.series import choose_series, scan_folder
-from SegmentationMachineLib.dicom.volumes import load_input
+from SegmentationMachineLib.dicom.volumes import load_input, load_series
 
 
 def first_position_ras(path):
@@ -128,3 +129,56 @@ def test_gantry_tilt_is_refused_with_the_angle(ctx, tmp_path):
 def test_missing_input_path(ctx, tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         load_input(ctx, tmp_path / "nope")
+
+
+@pytest.mark.parametrize("attribute, value, reason", [
+    ("PixelSpacing", [0, 0], "its pixel spacing is 0, 0 mm, not two positive sizes (the model's size would be wrong)"),
+    ("PixelSpacing", [-0.810547, 0.810547], "its pixel spacing is -0.810547, 0.810547 mm, not two positive sizes"),
+    ("PixelSpacing", ["NaN", "NaN"], "its pixel spacing is nan, nan mm, not two positive sizes"),
+    ("PixelSpacing", ["inf", 0.810547], "its pixel spacing is inf, 0.810547 mm, not two positive sizes"),
+    ("PixelSpacing", None, "its pixel spacing is missing, not two positive sizes"),
+    ("ImageOrientationPatient", [1, 0, 0, 0, "NaN", 0], "its image orientation (1, 0, 0, 0, nan, 0) is not two "
+                                                        "perpendicular unit directions"),
+    ("ImageOrientationPatient", [1, 0, 0, 1, 0, 0], "its image orientation (1, 0, 0, 1, 0, 0) is not two"),
+    ("ImageOrientationPatient", [2, 0, 0, 0, 1, 0], "its image orientation (2, 0, 0, 0, 1, 0) is not two"),
+    ("ImagePositionPatient", [0, 0, "inf"], "its image position (0, 0, inf) is not finite"),
+])
+def test_a_slice_of_untrustworthy_geometry_is_refused_with_its_reason(ctx, shared_data, tmp_path, untouched,
+                                                                     attribute, value, reason):
+    """Slicer's reader once took PixelSpacing 0, negative or NaN as 1 mm (a model 23% too large, exit 0)."""
+    folder = tmp_path / "series"
+    shutil.copytree(UNCOMPRESSED_SERIES, folder)
+
+    def spoil(name):
+        ds = pydicom.dcmread(folder / name)
+        if value is None:
+            del ds[attribute]
+        else:
+            setattr(ds, attribute, value)
+        ds.save_as(folder / name)
+
+    with pytest.warns(UserWarning) if any(v in ("NaN", "inf") for v in value or []) else nullcontext():
+        spoil("02.dcm")
+    scan = scan_folder(folder)
+    assert {s.path.name: s.reason for s in scan.skipped}["02.dcm"].startswith(reason)
+    assert sorted(p.name for p in scan.series[0].files) == ["01.dcm", "03.dcm"]
+    # On every slice: the series is refused in one sentence that says why.
+    with pytest.warns(UserWarning) if any(v in ("NaN", "inf") for v in value or []) else nullcontext():
+        spoil("01.dcm")
+        spoil("03.dcm")
+    untouched(folder)
+    with pytest.raises(InputError) as error:
+        load_input(ctx, folder)
+    message = str(error.value)
+    assert message.startswith(f"No DICOM image series found in {folder} (3 file(s) looked at, none a usable image "
+                              f"slice; the first: {folder / '01.dcm'}: {reason}")
+    assert "\n" not in message
+
+
+def test_a_reader_that_disagrees_with_the_headers_on_voxel_size_is_refused(ctx, tmp_path):
+    write_phantom_slices(tmp_path)
+    series = choose_series(scan_folder(tmp_path))
+    series.pixel_spacing = (1.0, 1.0)  # as if the reader had read 1.5 mm pixels where the headers said 1 mm
+    with pytest.raises(InputError, match=r"^Series CT 'test series' was not loaded: Slicer's reader gave it voxels "
+                                         r"of 1\.5 x 1\.5 x 2 mm where its headers say 1 x 1 x 2 mm;"):
+        load_series(ctx, series)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from SegmentationMachineLib.prompts import geometry
+from SegmentationMachineLib.prompts.geometry import PromptOutsideError
 from SegmentationMachineLib.prompts.promptfile import (Prompt, PromptFileError, SegmentPrompts, load_prompt_file,
                                                        parse_prompts, prompts_to_json, save_prompt_file)
 
@@ -83,3 +84,16 @@ def test_scribbles_and_lassos_on_oblique_slices_reach_the_model_on_one_voxel_pla
     scribble, box = geometry.scribble_mask(identity, shape, line, (1, 1, 1))
     painted = np.argwhere(scribble) + [lo for lo, _ in box]
     assert any(len(set(painted[:, axis])) == 1 for axis in range(3))  # on one slice of the axis it spans least
+
+
+def test_a_drawing_reaching_absurdly_far_is_refused_and_one_leaving_the_image_is_clipped_to_it():
+    """A scribble 2e12 mm long once tried to allocate terabytes: geometry is bounded by the image."""
+    identity, shape = np.eye(4), (40, 40, 40)  # RAS = (i, j, k)
+    for kind, points in (("scribble", [(20, 20, 20), (2e12, 20, 20)]),
+                         ("lasso", [(20, 20, 20), (30, 20, 20), (20, -2e12, 20)])):
+        draw = geometry.scribble_mask if kind == "scribble" else geometry.lasso_mask
+        with pytest.raises(PromptOutsideError, match=f"^The {kind} reaches far beyond the image"):
+            draw(identity, shape, points, *([(1, 1, 1)] if kind == "scribble" else []))
+    mask, box = geometry.scribble_mask(identity, shape, [(10, 20, 20), (60, 20, 20)], (1, 1, 1))
+    painted = np.argwhere(mask) + [lo for lo, _ in box]
+    assert mask.size <= np.prod(shape) and set(painted[:, 2]) == set(range(10, 40))  # i up to the image's edge

@@ -5,6 +5,7 @@ with its reason, and every geometry problem with what was done about it.
 """
 
 import io
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from ..core.errors import InputError
 
@@ -21,6 +21,8 @@ VOLUME_FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 MAX_TILT_DEGREES = 0.5
 # Relative difference between slice gaps that counts as uneven spacing (a missing slice).
 SPACING_TOLERANCE = 0.01
+# How far ImageOrientationPatient's two directions may be from unit length and from perpendicular.
+ORIENTATION_TOLERANCE = 1e-3
 # SOP classes that are DICOM but not image slices we can stack (SEG, SR, RTSTRUCT, ...).
 NON_IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.66.4": "a DICOM SEG object",
@@ -54,6 +56,7 @@ class DicomSlice:
     shape: tuple  # rows, columns
     instance_number: int
     frames: int
+    images_in_acquisition: int = 0  # (0020,1002) where the header gives it: how many slices to expect
 
 
 @dataclass
@@ -104,8 +107,9 @@ def _is_volume_file(path: Path) -> bool:
     return path.name.lower().endswith(VOLUME_FILE_SUFFIXES)
 
 
-def _looks_like_dicom(head: bytes) -> bool:
-    """DICOM Part 10 files carry 'DICM' at byte 128; raw datasets start with a group 0002/0008 tag."""
+def looks_like_dicom(head: bytes) -> bool:
+    """From a file's first 132 bytes: DICOM Part 10 files carry 'DICM' at byte 128; raw datasets
+    start with a group 0002/0008 tag. Anything else is classified without reading further."""
     return head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00")
 
 
@@ -114,10 +118,31 @@ def _expected_pixel_bytes(ds) -> int:
     return int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8 * frames
 
 
+TRUNCATED = "truncated (the file ends before its pixel data does)"
+
+
+def _geometry_problem(spacing: tuple, orientation: np.ndarray, position: np.ndarray) -> str:
+    """Why a slice's geometry cannot be trusted, or None. Slicer's reader takes a zero, negative or NaN pixel
+    spacing as 1 mm: the model would come out the wrong size, silently."""
+    if len(spacing) != 2 or not all(math.isfinite(v) and v > 0 for v in spacing):
+        shown = "missing" if not spacing else f"{', '.join(f'{v:g}' for v in spacing)} mm"
+        return f"its pixel spacing is {shown}, not two positive sizes (the model's size would be wrong)"
+    row, column = orientation[:3], orientation[3:]
+    if (not np.isfinite(orientation).all() or abs(np.linalg.norm(row) - 1) > ORIENTATION_TOLERANCE
+            or abs(np.linalg.norm(column) - 1) > ORIENTATION_TOLERANCE
+            or abs(float(np.dot(row, column))) > ORIENTATION_TOLERANCE):
+        return (f"its image orientation ({', '.join(f'{v:g}' for v in orientation)}) is not two perpendicular "
+                "unit directions")
+    if not np.isfinite(position).all():
+        return f"its image position ({', '.join(f'{v:g}' for v in position)}) is not finite"
+    return None
+
+
 def read_slice(path: Path, data: bytes = None):
     """Returns (DicomSlice, None) for an image slice, (None, reason) for anything else.
 
     data: the file's bytes when the caller has read them already (the inbox hashes them too).
+    A reason starting with "truncated" may be a file still being written.
     """
     try:
         if data is None:
@@ -127,16 +152,20 @@ def read_slice(path: Path, data: bytes = None):
             head = data[:132]
     except OSError as error:
         return None, f"unreadable ({error.strerror})"
-    if not _looks_like_dicom(head):
+    if not looks_like_dicom(head):
         return None, "not a DICOM file"
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ds = pydicom.dcmread(io.BytesIO(data) if data is not None else path, force=True)
-    except (InvalidDicomError, OSError, ValueError, KeyError, EOFError) as error:
-        return None, f"unreadable DICOM ({error})"
+    except EOFError:
+        return None, TRUNCATED
+    except Exception as error:  # noqa: BLE001 - any crafted or cut header: a reason, never a crash
+        if "End of file" in str(error):  # pydicom's words for a cut file ("... <no filename>")
+            return None, TRUNCATED
+        return None, "unreadable DICOM (its header is malformed)"
     if any("End of file" in str(w.message) or "truncated" in str(w.message).lower() for w in caught):
-        return None, "truncated (the file ends before its pixel data does)"
+        return None, TRUNCATED
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class in NON_IMAGE_SOP_CLASSES:
         return None, f"{NON_IMAGE_SOP_CLASSES[sop_class]}, not an image slice"
@@ -150,12 +179,17 @@ def read_slice(path: Path, data: bytes = None):
             return None, "truncated (its pixel data is shorter than its size says)"
         orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
         position = np.array([float(v) for v in ds.ImagePositionPatient])
-        spacing = tuple(float(v) for v in ds.get("PixelSpacing", [1.0, 1.0]))
+        spacing = tuple(float(v) for v in ds.get("PixelSpacing") or ())
         shape = (int(ds.Rows), int(ds.Columns))
+        instance_number, frames, announced = (int(ds.get(name, default) or default) for name, default in (
+            ("InstanceNumber", 0), ("NumberOfFrames", 1), ("ImagesInAcquisition", 0)))  # crafted text: a reason
     except (AttributeError, TypeError, ValueError) as error:
         return None, f"malformed image attributes ({error})"
     if orientation.shape != (6,) or position.shape != (3,):
         return None, "malformed image position or orientation"
+    problem = _geometry_problem(spacing, orientation, position)
+    if problem:
+        return None, problem
     series_uid = str(ds.get("SeriesInstanceUID", "") or "")
     series_number = str(ds.get("SeriesNumber", "") or "")
     # Anonymised data sometimes blanks the UID: fall back to folder + series number + orientation.
@@ -171,8 +205,9 @@ def read_slice(path: Path, data: bytes = None):
         orientation=orientation,
         pixel_spacing=spacing,
         shape=shape,
-        instance_number=int(ds.get("InstanceNumber", 0) or 0),
-        frames=int(ds.get("NumberOfFrames", 1) or 1),
+        instance_number=instance_number,
+        frames=frames,
+        images_in_acquisition=announced,
     ), None
 
 
@@ -266,8 +301,9 @@ def scan_folder(folder, progress=None) -> ScanResult:
 def choose_series(result: ScanResult, selector: str = None) -> DicomSeries:
     """The series named by UID or list number (1-based), else the CT series with the most slices."""
     if not result.series:
-        raise InputError(f"No DICOM image series found in {result.folder} "
-                         f"({len(result.skipped)} file(s) looked at, none an image slice): check the folder.")
+        first = f"; the first: {result.skipped[0]}" if result.skipped else ""
+        raise InputError(f"No DICOM image series found in {result.folder} ({len(result.skipped)} file(s) looked "
+                         f"at, none a usable image slice{first}): check the folder.")
     if selector:
         if selector.isdigit() and 1 <= int(selector) <= len(result.series):
             return result.series[int(selector) - 1]

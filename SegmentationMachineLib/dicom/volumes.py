@@ -9,7 +9,7 @@ import vtk
 from ..core import arrays
 from ..core.errors import InputError
 from ..core.scene import SceneContext
-from .series import MAX_TILT_DEGREES, DicomSeries, ScanResult, choose_series, scan_folder
+from .series import MAX_TILT_DEGREES, SPACING_TOLERANCE, DicomSeries, ScanResult, choose_series, scan_folder
 
 # vtkSlicerVolumesLogic::AddArchetypeVolume loading options (bit flags).
 LABELMAP = 1
@@ -40,7 +40,20 @@ def load_series(ctx: SceneContext, series: DicomSeries) -> LoadedVolume:
                          f"(first file {series.files[0]}): check that the files are complete.")
     if series.is_uneven:
         _resample_evenly(node, series)
+    _check_voxel_size(node, series)
     return LoadedVolume(node=node, source=f"DICOM series {series.name}", series=series, notes=list(series.notes))
+
+
+def _check_voxel_size(node, series: DicomSeries):
+    """The voxel size the reader gave must be the one the headers say: a model of the wrong size is the worst
+    failure this product can have, and the reader has its own defaults (1 mm for a pixel spacing it rejects)."""
+    row_spacing, column_spacing = series.pixel_spacing
+    expected = [column_spacing, row_spacing] + ([series.slice_spacing] if len(series.files) > 1 else [])
+    got = arrays.spacing_of(arrays.ijk_to_ras(node))[:len(expected)]
+    if not np.allclose(got, expected, rtol=SPACING_TOLERANCE):
+        raise InputError(f"Series {series.name} was not loaded: Slicer's reader gave it voxels of "
+                         f"{' x '.join(f'{v:.4g}' for v in got)} mm where its headers say "
+                         f"{' x '.join(f'{v:.4g}' for v in expected)} mm; check the files' PixelSpacing and positions.")
 
 
 def _resample_evenly(node, series: DicomSeries):

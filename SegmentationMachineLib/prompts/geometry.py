@@ -28,6 +28,15 @@ def _check_inside(kji: np.ndarray, shape, what: str):
         raise PromptOutsideError(f"The {what} is outside the image: place it on the volume.")
 
 
+def _check_near(kji: np.ndarray, shape, what: str):
+    """A drawing may leave the image, by up to the image's own size: a point farther out is a mistake (a
+    mistyped coordinate in a prompt file), and painting towards it would cost memory in proportion."""
+    size = np.array(shape)
+    if (kji < -size).any() or (kji > 2 * size).any():
+        raise PromptOutsideError(f"The {what} reaches far beyond the image (a point lies farther outside it than "
+                                 "the image is large): draw it on the volume.")
+
+
 def point_voxel(ijk_to_ras, shape, ras) -> tuple:
     kji = ras_to_kji(ijk_to_ras, ras)[0]
     _check_inside(kji, shape, "point")
@@ -95,6 +104,7 @@ def scribble_mask(ijk_to_ras, shape, ras_points, thickness):
     """(mask, box): the polyline painted to the server's preferred thickness (voxels), as a crop of the
     K, J, I grid and its half-open box, so only the scribble's neighbourhood travels."""
     kji = ras_to_kji(ijk_to_ras, ras_points)
+    _check_near(kji, shape, "scribble")
     _check_inside(kji.mean(axis=0, keepdims=True), shape, "scribble")
     kji = onto_voxel_plane(kji, shape)
     low, high = _crop(kji, shape, int(np.ceil(max(thickness))) + 1)
@@ -116,6 +126,7 @@ def lasso_mask(ijk_to_ras, shape, ras_points):
     """(mask, box): the closed polygon filled on its voxel plane, as a crop of the K, J, I grid and its
     half-open box."""
     kji = ras_to_kji(ijk_to_ras, ras_points)
+    _check_near(kji, shape, "lasso")
     _check_inside(kji.mean(axis=0, keepdims=True), shape, "lasso")
     kji = onto_voxel_plane(kji, shape)
     normal, u, v = _plane_axes(kji)
