@@ -3,15 +3,31 @@
 import numpy as np
 import pytest
 
-from conftest import BONE_LABELS, EXAMPLE_CT, EXAMPLE_LABELS
+from conftest import BONE_LABELS, EXAMPLE_CT, EXAMPLE_LABELS, JPEG2000_SERIES
 from SegmentationMachineLib.core import arrays
 from SegmentationMachineLib.core.errors import SegmentationError
 from SegmentationMachineLib.dicom.volumes import load_input, load_volume_file
-from SegmentationMachineLib.segment.presets import apply_preset, bone_mask, PRESETS
+from SegmentationMachineLib.segment.presets import apply_preset, body_mask, bone_mask, PRESETS, spacing_kji
+
+DICOM_LABELS = JPEG2000_SERIES.parent / "example_seg_dicom.nii.gz"
+AORTA = 52  # labels_total.json
 
 
 def dice(a, b):
     return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def labels_on_grid(labels_node, volume_node):
+    """The labels at the centre of every voxel of volume_node (nearest neighbour, through both IJK->RAS)."""
+    labels = arrays.volume_array(labels_node)
+    shape = arrays.volume_array(volume_node).shape
+    k, j, i = np.indices(shape).reshape(3, -1)
+    voxel = np.linalg.inv(arrays.ijk_to_ras(labels_node)) @ arrays.ijk_to_ras(volume_node) @ np.stack([i, j, k, np.ones_like(i)])
+    li, lj, lk = np.rint(voxel[:3]).astype(int)
+    inside = (li >= 0) & (li < labels.shape[2]) & (lj >= 0) & (lj < labels.shape[1]) & (lk >= 0) & (lk < labels.shape[0])
+    result = np.zeros(k.size, labels.dtype)
+    result[inside] = labels[lk[inside], lj[inside], li[inside]]
+    return result.reshape(shape)
 
 
 def segment_mask(node, name, reference):
@@ -45,6 +61,43 @@ def test_bone_beats_a_plain_threshold_on_real_ct(ctx, shared_data):
     ours = dice(bone_mask(hu, (3.0, 3.0, 3.0)), truth)
     assert plain == pytest.approx(0.72, abs=0.01)
     assert ours > 0.88 > plain
+
+
+def test_bone_on_a_contrast_ct_leaves_out_the_table_and_the_aorta(ctx, shared_data):
+    volume = load_input(ctx, JPEG2000_SERIES).node
+    hu, spacing = arrays.volume_array(volume), spacing_kji(volume)
+    labels = labels_on_grid(load_volume_file(ctx, DICOM_LABELS, labelmap=True).node, volume)
+    truth, aorta = np.isin(labels, BONE_LABELS), labels == AORTA
+    ours = bone_mask(hu, spacing)
+    body = body_mask(hu, spacing)
+    voxel_ml = float(np.prod(spacing)) / 1000
+    assert ((hu > 150) & ~body).sum() * voxel_ml > 100  # the scanner table is there, dense enough to pass a threshold...
+    assert not (ours & ~body).any()  # ...and none of it is bone
+    assert (ours & aorta).sum() < 0.3 * aorta.sum()  # the contrast-filled aorta is mostly left out (its calcified wall stays)
+    assert dice(hu > 150, truth) < 0.55 < 0.65 < dice(ours, truth)
+
+
+def test_cortex_marrow_kept_contrast_tube_and_table_dropped_arms_kept():
+    """1 mm voxels: a body ellipse with a bone (1 mm cortex at 1000 HU around trabecular 80-320 HU), a
+    contrast-filled tube (250 +- 15 HU) against it, a 4 mm table slab (400 HU) below, and two arms beside it in air."""
+    rng = np.random.default_rng(0)
+    k, j, i = np.indices((24, 120, 200))
+    hu = np.full(k.shape, -1000.0)
+    body = ((j - 55) / 40) ** 2 + ((i - 100) / 55) ** 2 <= 1
+    arms = ((j - 55) ** 2 + (i - 18) ** 2 <= 16 ** 2) | ((j - 55) ** 2 + (i - 182) ** 2 <= 16 ** 2)
+    hu[body | arms] = 40
+    bone_radius = np.hypot(j - 65, i - 85)
+    hu[bone_radius <= 12] = rng.uniform(80, 320, k.shape)[bone_radius <= 12]
+    hu[(bone_radius > 11) & (bone_radius <= 12)] = 1000
+    tube = np.hypot(j - 65, i - 106) <= 8  # touching the bone: only the vessel rule can tell them apart
+    hu[tube] = rng.normal(250, 15, k.shape)[tube]
+    table = (j >= 100) & (j < 104)
+    hu[table] = 400
+    mask = bone_mask(hu, (1.0, 1.0, 1.0))
+    assert np.array_equal(mask, bone_radius <= 12)
+    skin = body_mask(hu, (1.0, 1.0, 1.0))
+    assert not (skin & table).any() and (skin & arms).sum() == arms.sum()
+    assert (body & ~skin).sum() == 4 * 24  # only the ellipse's four one-voxel tips are opened away
 
 
 def test_padding_is_ignored_and_marrow_filled():

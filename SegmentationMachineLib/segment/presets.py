@@ -22,6 +22,11 @@ PADDING_BELOW_HU = -1500
 @dataclass(frozen=True)
 class BoneOptions:
     threshold_hu: float = 130.0  # cancellous bone starts near here; cortical bone is far above
+    cortex_hu: float = 300.0  # a cortex stays above this even blurred by 3 mm voxels; enhanced organs stay below
+    vessel_max_hu: float = 500.0  # contrast-filled blood stays below this; cortex goes beyond it
+    vessel_core_mm: float = 3.0  # lumens at least 6 mm wide (aorta, cavae, portal vein) are looked at
+    vessel_max_sd_hu: float = 40.0  # blood is a fluid: its spread is image noise; cancellous bone spreads more
+    vessel_wall_mm: float = 2.0  # the partial-volume rim around a lumen goes with it
     closing_mm: float = 6.0  # bridges the gaps between cortical shell and cancellous core
     max_hole_cm2: float = 20.0  # fills marrow and vertebral bodies, never a whole pelvis or chest
     min_island_ml: float = 1.0  # drops speckle, calcifications and noise
@@ -31,6 +36,7 @@ class BoneOptions:
 class SkinOptions:
     threshold_hu: float = -400.0  # between air (-1000) and fat (-100)
     opening_mm: float = 3.0  # detaches the table, blankets and cables before choosing the body
+    min_part_radius_mm: float = 15.0  # trunk, arms and legs hold a 3 cm ball; tables and blankets do not
 
 
 def spacing_kji(volume_node) -> np.ndarray:
@@ -84,17 +90,62 @@ def _remove_small_islands(mask, spacing, min_volume_ml):
     return keep[labels]
 
 
+def _components_with(mask, seeds):
+    """The 26-connected components of mask that hold at least one seed voxel."""
+    labels, count = ndimage.label(mask, ndimage.generate_binary_structure(3, 3))
+    keep = np.zeros(count + 1, bool)
+    keep[labels[seeds & mask]] = True
+    return keep[labels]
+
+
+def _vessel_lumens(candidates, hu, spacing, options: BoneOptions):
+    """Contrast-filled lumens: thick, homogeneous regions of blood-range HU not wrapped in cortex,
+    with their partial-volume rim.
+
+    Cancellous bone has the same HU as enhanced blood, but it mixes trabeculae and marrow (a spread of
+    50-80 HU even at 3 mm voxels), while blood spreads only by the image noise (10-30 HU); and where
+    marrow is homogeneous (young red marrow) a cortex surrounds it, while a vessel lies in soft tissue.
+    """
+    blood_range = candidates & (hu < options.vessel_max_hu)
+    cores = _opening(blood_range, options.vessel_core_mm, spacing) & blood_range
+    labels, count = ndimage.label(cores)
+    if count == 0:
+        return cores
+    ids = np.arange(1, count + 1)
+    spread = np.asarray(ndimage.standard_deviation(hu, labels, ids))
+    volume_ml = np.bincount(labels.ravel(), minlength=count + 1)[1:] * float(np.prod(spacing)) / 1000.0
+    distance, nearest = ndimage.distance_transform_edt(labels == 0, sampling=spacing, return_indices=True)
+    shell = (distance > 0) & (distance <= options.vessel_core_mm)
+    owner = labels[tuple(nearest)][shell]
+    shell_cortex = np.bincount(owner, hu[shell] >= options.vessel_max_hu, count + 1)[1:]
+    wrapped = shell_cortex > 0.5 * np.maximum(np.bincount(owner, minlength=count + 1)[1:], 1)
+    is_lumen = (spread < options.vessel_max_sd_hu) & (volume_ml >= options.min_island_ml) & ~wrapped
+    lumens = np.concatenate([[False], is_lumen])[labels]
+    rim = (ndimage.distance_transform_edt(~lumens, sampling=spacing) <= options.vessel_wall_mm) & blood_range
+    rim_parts, _ = ndimage.label(rim)  # face-connected, so the rim never reaches across a thin cortex
+    return np.isin(rim_parts, rim_parts[lumens]) & rim
+
+
 def bone_mask(hu: np.ndarray, spacing, options: BoneOptions = BoneOptions()) -> np.ndarray:
-    mask = (hu > options.threshold_hu) & (hu > PADDING_BELOW_HU)
+    """Bone inside the body: candidates above threshold_hu, minus the table (outside the body mask),
+    minus contrast-filled vessel lumens (thick and homogeneous), keeping only the pieces that hold
+    dense cortex (which drops enhanced organs and small vessels); then closed, marrow filled, islands removed.
+    """
+    candidates = (hu > options.threshold_hu) & body_mask(hu, spacing)
+    if not candidates.any():
+        return candidates
+    lumens = _vessel_lumens(candidates, hu, spacing, options)
+    mask = _components_with(candidates & ~lumens, hu > options.cortex_hu)
     if not mask.any():
         return mask
     mask = _closing(mask, options.closing_mm, spacing)
-    mask = _fill_small_holes(mask, spacing, options.max_hole_cm2 * 100)
-    mask = _remove_small_islands(mask, spacing, options.min_island_ml)
-    return mask
+    mask = _fill_small_holes(mask, spacing, options.max_hole_cm2 * 100) & ~lumens
+    return _remove_small_islands(mask, spacing, options.min_island_ml)
 
 
-def skin_mask(hu: np.ndarray, spacing, options: SkinOptions = SkinOptions()) -> np.ndarray:
+def body_mask(hu: np.ndarray, spacing, options: SkinOptions = SkinOptions()) -> np.ndarray:
+    """The body and every part of it thick enough to be a limb (arms beside the trunk included);
+    the table, blankets and cables are thinner, and air and scanner padding are below the threshold."""
     mask = (hu > options.threshold_hu) & (hu > PADDING_BELOW_HU)
     if not mask.any():
         return mask
@@ -102,7 +153,11 @@ def skin_mask(hu: np.ndarray, spacing, options: SkinOptions = SkinOptions()) -> 
     labels, count = ndimage.label(mask)
     if count == 0:
         return mask
-    mask = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+    thick = ndimage.distance_transform_edt(mask, sampling=spacing) >= options.min_part_radius_mm
+    keep = np.zeros(count + 1, bool)
+    keep[labels[thick]] = True
+    keep[np.argmax(np.bincount(labels.ravel())[1:]) + 1] = True  # a thin scan's body still counts
+    mask = keep[labels]
     mask = _fill_small_holes(mask, spacing, np.inf)  # lungs and bowel gas are inside the body
     return ndimage.binary_fill_holes(mask)
 
@@ -118,9 +173,9 @@ class Preset:
 
 PRESETS = {
     "bone": Preset("bone", "Bone", (0.945, 0.839, 0.569),
-                   "Bone from CT: threshold, closing, marrow filled, small islands removed", bone_mask),
+                   "Bone from CT: threshold inside the body, contrast-filled vessels and the table removed, marrow filled", bone_mask),
     "skin": Preset("skin", "Skin", (0.694, 0.478, 0.396),
-                   "Outer body surface from CT: table and air removed, cavities filled", skin_mask),
+                   "Outer body surface from CT (arms included): table and air removed, cavities filled", body_mask),
 }
 
 
