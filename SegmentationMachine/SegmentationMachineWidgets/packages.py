@@ -8,10 +8,12 @@ import slicer
 from slicer.i18n import tr as _
 
 from SegmentationMachineLib.core.packages import installed_pins
+from SegmentationMachineLib.panels.export import ExportPanel
 
 from . import errorsShown
 
 AI = {"nnInteractive": "nninteractive-client==2.6.*", "httpx": "httpx>=0.25"}
+SEG = {"highdicom": "highdicom>=0.23"}  # the first on NumPy 2; needs pydicom 3 (ExportPanel.check_seg_possible)
 
 
 def missing(modules: dict) -> list:
@@ -34,3 +36,9 @@ def ensure(modules: dict, purpose: str) -> bool:
         slicer.util.pip_install([*requirements, "--constraint", str(pins)])
     importlib.invalidate_caches()
     return not missing(modules)
+
+
+def ensureSeg() -> bool:
+    """highdicom for DICOM SEG; where Slicer's pydicom is too old for it, the sentence instead of an install."""
+    ExportPanel.check_seg_possible()
+    return ensure(SEG, _("DICOM SEG export"))

@@ -1,7 +1,8 @@
-"""One-click export: every segment of a segmentation to STL, OBJ and 3MF, with a mesh report.
+"""One-click export: every segment of a segmentation to STL, OBJ, 3MF, glTF and DICOM SEG, with a mesh report.
 
-All formats are written from the same meshes, in LPS millimetres by default (what printers and
-most tools expect) or RAS. Output goes to a new timestamped folder; nothing is ever overwritten.
+All mesh formats are written from the same meshes, in LPS millimetres by default (what printers
+and most tools expect) or RAS; glTF in metres with +Y up (gltf.py). A DICOM SEG holds the voxels
+themselves. Output goes to a new timestamped folder; nothing is ever overwritten.
 """
 
 import json
@@ -15,9 +16,12 @@ import numpy as np
 from ..core.errors import ExportError
 from . import writers
 from .check import check_mesh
-from .surfaces import SurfaceOptions, segment_meshes
+from .dicomseg import SEG_FILE, SegInput, check_seg_export, read_seg_input, write_seg
+from .gltf import write_glb
+from .surfaces import MeshJobs, SurfaceOptions, meshes_from, read_segments
 
-FORMATS = ("stl", "obj", "3mf")
+FORMATS = ("stl", "obj", "3mf", "glb", "seg")
+DEFAULT_FORMATS = ("stl", "obj", "3mf")  # SEG needs the DICOM series and highdicom: on request
 REPORT_NAME = "report.json"  # written last: a folder without it is an interrupted export
 # Under $HOME: the Flatpak OrcaSlicer cannot read /tmp.
 DEFAULT_EXPORT_FOLDER = Path.home() / "SegmentationMachine" / "Exports"
@@ -25,7 +29,7 @@ DEFAULT_EXPORT_FOLDER = Path.home() / "SegmentationMachine" / "Exports"
 
 @dataclass(frozen=True)
 class ExportOptions:
-    formats: tuple = FORMATS
+    formats: tuple = DEFAULT_FORMATS
     coordinates: str = "LPS"  # or "RAS"
     merged_stl: bool = False
     surface: SurfaceOptions = field(default_factory=SurfaceOptions)
@@ -97,17 +101,41 @@ def _to_output_coordinates(vectors: np.ndarray, coordinates: str) -> np.ndarray:
     return vectors if coordinates == "RAS" else vectors * np.array([-1.0, -1.0, 1.0])
 
 
+@dataclass
+class PreparedExport:
+    """Everything an export reads from the scene, copied out of it on the main thread."""
+    name: str
+    segments: MeshJobs
+    file_names: dict  # segment id -> file stem
+    seg: SegInput = None
+
+
+def prepare_export(segmentation_node, options: ExportOptions = ExportOptions(), segment_ids=None) -> PreparedExport:
+    """Main thread (MRML belongs to it): checks the options and copies what the export needs."""
+    if options.coordinates not in ("LPS", "RAS"):
+        raise ExportError(f"Unknown coordinate system '{options.coordinates}': use LPS or RAS.")
+    if "seg" in options.formats:
+        check_seg_export(segmentation_node)  # before reading voxels, and minutes of work
+    segments = read_segments(segmentation_node, segment_ids, options.surface)
+    segmentation = segmentation_node.GetSegmentation()
+    ids = [job.segment_id for job in segments.jobs]
+    file_names = dict(zip(ids, _unique_names(segmentation.GetSegment(i).GetName() for i in ids)))
+    seg = read_seg_input(segmentation_node, ids) if "seg" in options.formats and ids else None
+    return PreparedExport(segmentation_node.GetName(), segments, file_names, seg)
+
+
 def export_segmentation(segmentation_node, out_dir, options: ExportOptions = ExportOptions(),
                         segment_ids=None, progress=None) -> ExportResult:
     """Writes the meshes of segmentation_node into a new folder under out_dir; returns files and report."""
-    if options.coordinates not in ("LPS", "RAS"):
-        raise ExportError(f"Unknown coordinate system '{options.coordinates}': use LPS or RAS.")
+    return write_export(prepare_export(segmentation_node, options, segment_ids), out_dir, options, progress)
+
+
+def write_export(prepared: PreparedExport, out_dir, options: ExportOptions = ExportOptions(),
+                 progress=None) -> ExportResult:
+    """Any thread (a worker's, in the module): meshes, checks, files and the report, from prepare_export."""
     started = time.perf_counter()
-    segmentation = segmentation_node.GetSegmentation()
-    if segment_ids is None:
-        segment_ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
-    file_names = dict(zip(segment_ids, _unique_names(segmentation.GetSegment(i).GetName() for i in segment_ids)))
-    folder = new_output_folder(out_dir, segmentation_node.GetName())
+    file_names = prepared.file_names
+    folder = new_output_folder(out_dir, prepared.name)
 
     def finish(mesh):
         """Runs on a worker thread: output coordinates, checks, and the segment's own STL."""
@@ -121,9 +149,9 @@ def export_segmentation(segmentation_node, out_dir, options: ExportOptions = Exp
         return file_names[mesh.segment_id], mesh.color, points, mesh.triangles, entry
 
     try:
-        finished, empty = segment_meshes(segmentation_node, segment_ids, options.surface, progress, finish)
+        finished, empty = meshes_from(prepared.segments, options.surface, progress, finish)
         if not finished:
-            raise ExportError(f"Every segment of '{segmentation_node.GetName()}' is empty: nothing to export.")
+            raise ExportError(f"Every segment of '{prepared.name}' is empty: nothing to export.")
     except BaseException:
         if not any(folder.iterdir()):
             folder.rmdir()
@@ -141,8 +169,14 @@ def export_segmentation(segmentation_node, out_dir, options: ExportOptions = Exp
     if "3mf" in options.formats:
         files.append(folder / "segments.3mf")
         writers.write_3mf(files[-1], named)
+    if "glb" in options.formats:
+        files.append(folder / "segments.glb")
+        write_glb(files[-1], named, options.coordinates)
+    if "seg" in options.formats:
+        files.append(folder / SEG_FILE)
+        write_seg(files[-1], prepared.seg)
     report = {
-        "segmentation": segmentation_node.GetName(),
+        "segmentation": prepared.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "coordinates": options.coordinates,
         "units": "mm",

@@ -98,7 +98,10 @@ def model_files(path) -> list:
 
 
 def send_to_orcaslicer(path, configured: str = None, launcher=subprocess.Popen, **find_args):
-    """Opens the models at path in OrcaSlicer without waiting for it; returns the launched command."""
+    """Opens the models at path in OrcaSlicer without waiting for it; returns the launched command.
+
+    find_args["env"], when given, is also OrcaSlicer's environment: inside Slicer, Slicer's startup
+    environment, without the library paths Slicer's launcher adds for itself."""
     files = [f.resolve() for f in model_files(path)]
     orca = find_orcaslicer(configured, **find_args)
     if orca is None:
@@ -112,7 +115,7 @@ def send_to_orcaslicer(path, configured: str = None, launcher=subprocess.Popen, 
               if sys.platform.startswith("win") else {"start_new_session": True})
     try:
         launcher(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                 close_fds=True, **detach)
+                 close_fds=True, env=find_args.get("env"), **detach)
     except OSError as error:
         raise PrintError(f"OrcaSlicer ({orca.found}) could not be started ({error.strerror}): "
                          f"reinstall it, or {DOWNLOAD_HINT}.") from None

@@ -166,13 +166,15 @@ def _run_job(job: _Job, options: SurfaceOptions) -> SegmentMesh:
     return SegmentMesh(job.segment_id, job.name, job.color, points, triangles, normals)
 
 
-def segment_meshes(segmentation_node, segment_ids=None, options: SurfaceOptions = SurfaceOptions(),
-                   progress=None, each=None):
-    """Returns (meshes, empty_segment_names); meshes in the order of segment_ids.
+@dataclass
+class MeshJobs:
+    """What meshing needs from the scene, copied out of it (numpy crops, matrices, names, colours)."""
+    jobs: list
+    empty: list  # names of empty segments
 
-    each(mesh), when given, runs on the worker thread as soon as a mesh is made (checks and
-    writing then overlap with contouring) and its result is returned in place of the mesh.
-    """
+
+def read_segments(segmentation_node, segment_ids=None, options: SurfaceOptions = SurfaceOptions()) -> MeshJobs:
+    """Main thread (MRML belongs to it): the segments' voxels, cropped, with their geometry."""
     segmentation = segmentation_node.GetSegmentation()
     if segment_ids is None:
         segment_ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
@@ -182,17 +184,30 @@ def segment_meshes(segmentation_node, segment_ids=None, options: SurfaceOptions 
     if not segmentation.ContainsRepresentation(BINARY_LABELMAP) and not segmentation.CreateRepresentation(BINARY_LABELMAP):
         raise ExportError(f"Segmentation '{segmentation_node.GetName()}' cannot be converted to a labelmap: "
                           "set its reference geometry (Segmentations module) and export again.")
-    jobs, empty = _layer_jobs(segmentation_node, segment_ids, _world_matrix(segmentation_node), _padding(options))
+    return MeshJobs(*_layer_jobs(segmentation_node, segment_ids, _world_matrix(segmentation_node), _padding(options)))
 
+
+def meshes_from(segments: MeshJobs, options: SurfaceOptions = SurfaceOptions(), progress=None, each=None):
+    """Any thread: returns (meshes, empty_segment_names); meshes in the order of the segments.
+
+    each(mesh), when given, runs on the worker thread as soon as a mesh is made (checks and
+    writing then overlap with contouring) and its result is returned in place of the mesh.
+    """
     def work(job):
         mesh = _run_job(job, options)
         return mesh, (each(mesh) if each and len(mesh.triangles) else mesh)
 
     results = []
     with ThreadPoolExecutor(max(1, options.threads)) as pool:
-        for done, result in enumerate(pool.map(work, jobs), 1):
+        for done, result in enumerate(pool.map(work, segments.jobs), 1):
             results.append(result)
             if progress:
-                progress(done, len(jobs), result[0].name)
+                progress(done, len(segments.jobs), result[0].name)
     return ([r for m, r in results if len(m.triangles)],
-            empty + [m.name for m, _ in results if not len(m.triangles)])
+            segments.empty + [m.name for m, _ in results if not len(m.triangles)])
+
+
+def segment_meshes(segmentation_node, segment_ids=None, options: SurfaceOptions = SurfaceOptions(),
+                   progress=None, each=None):
+    """read_segments, then meshes_from, on one thread (the CLI's)."""
+    return meshes_from(read_segments(segmentation_node, segment_ids, options), options, progress, each)

@@ -3,8 +3,8 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.errors import UserError
-from ..mesh.export import DEFAULT_EXPORT_FOLDER, ExportOptions, ExportResult, export_segmentation
+from ..core.errors import ExportError, UserError
+from ..mesh.export import DEFAULT_EXPORT_FOLDER, FORMATS, ExportOptions, ExportResult, prepare_export, write_export
 from ..mesh.printing import send_to_orcaslicer
 from .tasks import BackgroundTask
 
@@ -27,13 +27,30 @@ class ExportPanel:
     def options(self) -> ExportOptions:
         from ..mesh.surfaces import SurfaceOptions
 
-        ordered = tuple(f for f in ("stl", "obj", "3mf") if f in self.formats)
+        ordered = tuple(f for f in FORMATS if f in self.formats)
         return ExportOptions(formats=ordered, surface=SurfaceOptions(smoothing=self.smoothing))
 
+    @staticmethod
+    def check_seg_possible(pydicom_version: str = None):
+        """Before installing highdicom: every highdicom that runs on NumPy 2 needs pydicom 3, and
+        Slicer 5.10 bundles pydicom 2.4, which an install must not replace."""
+        import pydicom
+
+        if int((pydicom_version or pydicom.__version__).split(".")[0]) < 3:
+            raise ExportError("DICOM SEG export needs pydicom 3 (for highdicom), newer than this Slicer's "
+                              "pydicom: save the segmentation and run `segmentation-machine export SEGFILE --volume "
+                              "DICOM_FOLDER --format seg`, or use a Slicer that bundles pydicom 3.")
+
     def start(self, segmentation_node):
-        # Export only reads the segmentation; the module keeps the node alive until finish().
-        self.task = BackgroundTask(export_segmentation, segmentation_node, self.output_folder, self.options())
-        self.status = f"Exporting '{segmentation_node.GetName()}'..."
+        """Main thread: copies what the export needs out of the scene; meshing and writing go to a worker."""
+        options = self.options()
+        try:
+            prepared = prepare_export(segmentation_node, options)
+        except UserError as error:
+            self.status = str(error)
+            return
+        self.task = BackgroundTask(write_export, prepared, self.output_folder, options)
+        self.status = f"Exporting '{prepared.name}'..."
 
     def finish(self):
         task, self.task = self.task, None
@@ -51,9 +68,10 @@ class ExportPanel:
     def report_text(self) -> str:
         return "\n".join(self.last_result.summary_lines()) if self.last_result else ""
 
-    def send_to_printer(self, configured_path: str = None):
+    def send_to_printer(self, configured_path: str = None, env: dict = None):
+        """env: the environment OrcaSlicer starts with (in Slicer, Slicer's startup environment)."""
         try:
-            send_to_orcaslicer(self.last_result.folder, configured_path or None)
+            send_to_orcaslicer(self.last_result.folder, configured_path or None, env=env)
             self.status = "Opened in OrcaSlicer."
         except UserError as error:
             self.status = str(error)

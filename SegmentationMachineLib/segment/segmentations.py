@@ -1,4 +1,4 @@
-"""Read segmentations from files: Slicer's .seg.nrrd, or a labelmap (NIfTI/NRRD) with optional label names."""
+"""Read segmentations from files: Slicer's .seg.nrrd, DICOM SEG, or a labelmap (NIfTI/NRRD) with optional label names."""
 
 import json
 from pathlib import Path
@@ -6,6 +6,7 @@ from pathlib import Path
 from ..core.errors import InputError
 from ..core.scene import SceneContext
 from ..dicom.volumes import load_volume_file
+from .dicomseg import is_dicom_seg, load_dicom_seg
 
 
 def read_label_names(path) -> dict:
@@ -18,10 +19,14 @@ def read_label_names(path) -> dict:
 
 
 def load_segmentation(ctx: SceneContext, path, label_names: dict = None, reference_volume=None):
-    """A segmentation node from path; labelmap segments are named from label_names where given."""
+    """A segmentation node from path (.seg.nrrd, DICOM SEG or a labelmap); labelmap segments are named
+    from label_names where given."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path} is not a file: give a .seg.nrrd segmentation or a labelmap (NIfTI or NRRD).")
+        raise InputError(f"{path} is not a file: give a .seg.nrrd segmentation, a DICOM SEG or a labelmap "
+                         "(NIfTI or NRRD).")
+    if is_dicom_seg(path):
+        return load_dicom_seg(ctx, path, reference_volume)
     if path.name.lower().endswith(".seg.nrrd"):
         node = ctx.segmentations_logic.LoadSegmentationFromFile(str(path), False)
         if node is None:

@@ -1,0 +1,283 @@
+"""Hospital formats: DICOM SEG (read back with highdicom, voxel for voxel in space), glTF (Khronos
+glTF-Validator), 3MF (the 3MF Consortium's lib3mf), and DICOM SEG read by `segmentation-machine export`."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import vtk
+from vtkmodules.util import numpy_support
+
+from conftest import DATA, JPEG2000_SERIES, UNCOMPRESSED_SERIES
+from SegmentationMachineLib.cli.main import main
+from SegmentationMachineLib.core import arrays
+from SegmentationMachineLib.core.errors import ExportError
+from SegmentationMachineLib.dicom.volumes import load_input, load_volume_file
+from SegmentationMachineLib.mesh.dicomseg import dicom_lab_to_rgb, rgb_to_dicom_lab, segment_codes
+from SegmentationMachineLib.mesh.export import ExportOptions, export_segmentation
+from SegmentationMachineLib.panels.export import ExportPanel
+from SegmentationMachineLib.segment.dicomseg import load_dicom_seg
+from SegmentationMachineLib.segment.presets import add_segment_from_mask, apply_preset
+from SegmentationMachineLib.segment.segmentations import load_segmentation
+
+REPO = Path(__file__).resolve().parents[1]
+DCMQI = DATA / "dcmqi"
+VALIDATOR = REPO / "build" / "tools" / "node_modules" / "gltf-validator"  # scripts/test.sh installs it
+needs_highdicom = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("highdicom") is None,
+    reason="highdicom is not installed (it needs pydicom 3; Slicer 5.10's pins have 2.4): "
+           "pip install 'segmentation-machine[hospital]'")
+
+
+def grid_voxels(ras: np.ndarray, volume) -> set:
+    """RAS voxel centres as (i, j, k) on the volume's grid; each must land on a voxel centre."""
+    ijk = (np.linalg.inv(arrays.ijk_to_ras(volume)) @ np.c_[ras, np.ones(len(ras))].T)[:3].T
+    assert np.abs(ijk - np.rint(ijk)).max(initial=0) < 1e-3
+    return set(map(tuple, np.rint(ijk).astype(int)))
+
+
+def mask_voxels(mask, ijk_to_ras, volume) -> set:
+    k, j, i = np.nonzero(mask)
+    return grid_voxels((ijk_to_ras @ np.c_[i, j, k, np.ones(len(i))].T)[:3].T, volume)
+
+
+def segment_voxels(segmentation_node, index, volume) -> set:
+    segment = segmentation_node.GetSegmentation().GetNthSegment(index)
+    labelmap = segment.GetRepresentation("Binary labelmap")
+    matrix = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(matrix)
+    shift = np.eye(4)
+    shift[:3, 3] = labelmap.GetExtent()[0::2]  # array index 0 is the extent's minimum
+    return mask_voxels(arrays.image_array(labelmap) == segment.GetLabelValue(),
+                       arrays.matrix_to_array(matrix) @ shift, volume)
+
+
+def highdicom_voxels(seg, volume) -> dict:
+    """{segment label: voxels}, placed by highdicom's own reading of the SEG's geometry."""
+    voxels = {}
+    for description in seg.SegmentSequence:
+        read = seg.get_volume(segment_numbers=[description.SegmentNumber], combine_segments=True)
+        s, r, c = np.nonzero(read.array)  # highdicom's affine maps (slice, row, column) to LPS
+        lps = (read.affine @ np.c_[s, r, c, np.ones(len(s))].T)[:3].T
+        voxels[description.SegmentLabel] = grid_voxels(lps * [-1, -1, 1], volume)
+    return voxels
+
+
+def dcmqi_segmentation(ctx):
+    """The three dcmqi label masks of ct-3slice as one segmentation on that DICOM series."""
+    volume = load_input(ctx, UNCOMPRESSED_SERIES).node
+    node = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "dcmqi labels")
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    for name, color in (("Liver", (0.87, 0.51, 0.4)), ("spine", (0.95, 0.84, 0.57)), ("Heart", (0.8, 0.2, 0.2))):
+        labelmap = load_volume_file(ctx, DCMQI / f"{name.lower()}_seg.nrrd", labelmap=True).node
+        add_segment_from_mask(node, arrays.volume_array(labelmap) > 0, arrays.ijk_to_ras(labelmap), name, color)
+    return volume, node
+
+
+@needs_highdicom
+def test_seg_holds_every_segment_voxel_for_voxel_in_space_and_refers_to_its_series(ctx, shared_data, tmp_path):
+    import highdicom
+    import pydicom
+
+    volume, node = dcmqi_segmentation(ctx)
+    result = export_segmentation(node, tmp_path, ExportOptions(formats=("seg", "stl")))
+    seg = highdicom.seg.segread(result.folder / "segmentation.dcm")
+    source = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(UNCOMPRESSED_SERIES.glob("*.dcm"))]
+    assert seg.StudyInstanceUID == source[0].StudyInstanceUID and seg.Modality == "SEG"
+    referenced = seg.ReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == source[0].SeriesInstanceUID
+    assert {i.ReferencedSOPInstanceUID for i in referenced.ReferencedInstanceSequence} == {
+        d.SOPInstanceUID for d in source}
+    descriptions = {d.SegmentLabel: d for d in seg.SegmentSequence}
+    assert list(descriptions) == ["Liver", "spine", "Heart"]
+    assert descriptions["Liver"].SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"
+    assert descriptions["Heart"].SegmentedPropertyTypeCodeSequence[0].CodeValue == "80891009"
+    assert descriptions["spine"].SegmentedPropertyTypeCodeSequence[0].CodeValue == "85756007"  # tissue
+    assert descriptions["spine"].SegmentedPropertyCategoryCodeSequence[0].CodingSchemeDesignator == "SCT"
+    for index, name in enumerate(descriptions):
+        color = dicom_lab_to_rgb(descriptions[name].RecommendedDisplayCIELabValue)
+        assert np.allclose(color, node.GetSegmentation().GetNthSegment(index).GetColor(), atol=1 / 255)
+    read_back = highdicom_voxels(seg, volume)
+    for index, name in enumerate(descriptions):
+        expected = segment_voxels(node, index, volume)
+        assert expected and read_back[name] == expected, name
+
+
+@needs_highdicom
+def test_the_clis_liver_seg_and_dcmqis_liver_seg_hold_the_same_voxels(ctx, shared_data, tmp_path):
+    import highdicom
+
+    volume = load_input(ctx, UNCOMPRESSED_SERIES).node
+    (tmp_path / "labels.json").write_text('{"1": "Liver"}')
+    assert main(["export", str(DCMQI / "liver_seg.nrrd"), "--volume", str(UNCOMPRESSED_SERIES), "--labels",
+                 str(tmp_path / "labels.json"), "--format", "seg", "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    written = next((tmp_path / "out").glob("*/segmentation.dcm"))
+    ours = highdicom_voxels(highdicom.seg.segread(written), volume)["Liver"]
+    dcmqi = highdicom_voxels(highdicom.seg.segread(DCMQI / "liver.dcm"), volume)["Liver"]
+    assert len(ours) > 100000 and ours == dcmqi
+
+
+@needs_highdicom
+def test_overlapping_segments_each_keep_their_voxels(ctx, shared_data, tmp_path):
+    import highdicom
+
+    volume = load_input(ctx, UNCOMPRESSED_SERIES).node
+    node = apply_preset(ctx, volume, "bone")
+    apply_preset(ctx, volume, "skin", node)  # the body, bone inside it
+    result = export_segmentation(node, tmp_path, ExportOptions(formats=("seg", "glb")))
+    read_back = highdicom_voxels(highdicom.seg.segread(result.folder / "segmentation.dcm"), volume)
+    bone, skin = (segment_voxels(node, i, volume) for i in (0, 1))
+    assert bone & skin and read_back == {"Bone": bone, "Skin": skin}
+    # and our own reader (what `export` uses) puts them back in the same place
+    again = load_dicom_seg(ctx, result.folder / "segmentation.dcm")
+    assert [segment_voxels(again, i, volume) for i in (0, 1)] == [bone, skin]
+
+
+@needs_highdicom
+def test_seg_on_an_oblique_mirrored_anisotropic_grid_stays_in_place(ctx, shared_data, tmp_path):
+    import highdicom
+
+    volume = load_input(ctx, UNCOMPRESSED_SERIES).node
+    angle = np.radians(30)
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]) @ \
+        np.diag([1.5, -0.8, 2.5])  # J mirrored, every axis its own spacing
+    matrix[:3, 3] = [12.0, -40.0, 7.0]
+    volume.SetIJKToRASMatrix(arrays.array_to_matrix(matrix))
+    mask = np.zeros((3, 512, 512), bool)
+    mask[0:2, 100:140, 300:380] = True
+    mask[2, 200:210, 10:20] = True
+    node = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "oblique")
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    add_segment_from_mask(node, mask, matrix, "Tumour", (0.9, 0.1, 0.1))
+    result = export_segmentation(node, tmp_path, ExportOptions(formats=("seg",)))
+    read_back = highdicom_voxels(highdicom.seg.segread(result.folder / "segmentation.dcm"), volume)
+    assert read_back == {"Tumour": mask_voxels(mask, matrix, volume)}
+
+
+@needs_highdicom
+def test_seg_without_a_dicom_series_is_one_sentence_before_any_work(ctx, shared_data, tmp_path):
+    on_nifti = load_segmentation(ctx, DATA / "totalsegmentator" / "example_seg.nii.gz")
+    with pytest.raises(ExportError, match="DICOM SEG needs the DICOM series"):
+        export_segmentation(on_nifti, tmp_path, ExportOptions(formats=("stl", "seg")))
+    anonymised = apply_preset(ctx, load_input(ctx, JPEG2000_SERIES).node, "bone")  # blank study/series UIDs
+    with pytest.raises(ExportError, match="has no StudyInstanceUID or SeriesInstanceUID"):
+        export_segmentation(anonymised, tmp_path, ExportOptions(formats=("seg",)))
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_reads_dcmqis_liver_seg_where_slicers_reader_puts_it(ctx, shared_data, tmp_path):
+    volume = load_input(ctx, UNCOMPRESSED_SERIES).node
+    ours = load_dicom_seg(ctx, DCMQI / "liver.dcm")
+    slicers = load_segmentation(ctx, DCMQI / "liver.dcm")  # ITK's reader: right only for one-segment SEGs
+    assert ours.GetSegmentation().GetNthSegment(0).GetName() == "Liver"  # the SEG's label, not the file name
+    expected = segment_voxels(slicers, 0, volume)
+    assert len(expected) == 107098 and segment_voxels(ours, 0, volume) == expected
+    assert main(["export", str(DCMQI / "liver.dcm"), "--out", str(tmp_path), "--format", "stl", "--quiet"]) == 0
+    report = json.loads(next(tmp_path.glob("*/report.json")).read_text())
+    assert [m["name"] for m in report["meshes"]] == ["Liver"] and report["meshes"][0]["watertight"]
+
+
+def test_segment_codes_and_colours():
+    assert segment_codes("kidney_left")[1] == ("64033007", "Kidney")
+    assert segment_codes("Tumour") == (("85756007", "Tissue"), ("85756007", "Tissue"))
+    for rgb in [(1.0, 0.0, 0.0), (0.2, 0.6, 0.9), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)]:
+        assert np.allclose(dicom_lab_to_rgb(rgb_to_dicom_lab(rgb)), rgb, atol=1 / 255)
+    assert rgb_to_dicom_lab((1.0, 1.0, 1.0)) == [65535, 32896, 32896]  # L 100, a 0, b 0
+
+
+def test_module_refuses_seg_on_slicers_pydicom_before_installing_anything():
+    with pytest.raises(ExportError, match="needs pydicom 3"):
+        ExportPanel.check_seg_possible("2.4.4")
+    ExportPanel.check_seg_possible("3.0.1")
+    assert ExportPanel(formats={"seg", "glb", "stl"}).options().formats == ("stl", "glb", "seg")
+
+
+def gltf_validation(path: Path) -> dict:
+    if shutil.which("node") is None or not VALIDATOR.is_dir():
+        pytest.skip("the Khronos glTF-Validator is not installed: bash scripts/test.sh installs it "
+                    "(npm install --prefix build/tools gltf-validator; needs Node.js)")
+    script = ("const v = require('gltf-validator'); const fs = require('fs');"
+              "v.validateBytes(new Uint8Array(fs.readFileSync(process.argv[1])))"
+              ".then(r => console.log(JSON.stringify(r)), e => { console.error(String(e)); process.exit(1); });")
+    done = subprocess.run(["node", "-e", script, str(path)], capture_output=True, text=True, check=True, timeout=120,
+                          env={**os.environ, "NODE_PATH": str(VALIDATOR.parent)})
+    return json.loads(done.stdout)
+
+
+def glb_document(path: Path):
+    data = path.read_bytes()
+    length = int.from_bytes(data[12:16], "little")
+    document = json.loads(data[20:20 + length])
+    binary = data[28 + length:]
+    return document, binary
+
+
+def test_glb_passes_the_khronos_validator_with_named_coloured_nodes_in_metres_y_up(ctx, shared_data, tmp_path):
+    volume = load_input(ctx, UNCOMPRESSED_SERIES).node
+    node = apply_preset(ctx, volume, "bone")
+    apply_preset(ctx, volume, "skin", node)
+    for coordinates in ("LPS", "RAS"):
+        result = export_segmentation(node, tmp_path, ExportOptions(formats=("stl", "glb"), coordinates=coordinates))
+        report = gltf_validation(result.folder / "segments.glb")
+        assert report["issues"]["numErrors"] == 0, report["issues"]["messages"][:5]
+        assert report["info"]["drawCallCount"] == 2
+        document, binary = glb_document(result.folder / "segments.glb")
+        assert [n["name"] for n in document["nodes"]] == ["Bone", "Skin"]
+        assert [m["name"] for m in document["materials"]] == ["Bone", "Skin"]
+        assert document["asset"]["extras"]["units"] == "metre"
+        for index, entry in enumerate(result.report["meshes"]):
+            accessor = document["accessors"][document["meshes"][index]["primitives"][0]["attributes"]["POSITION"]]
+            view = document["bufferViews"][accessor["bufferView"]]
+            points = np.frombuffer(binary, "<f4", accessor["count"] * 3, view["byteOffset"]).reshape(-1, 3)
+            stl = stl_points(result.folder / entry["stl"])
+            lps = stl if coordinates == "LPS" else stl * [-1, -1, 1]
+            # glTF x = patient left, y = superior, z = anterior, metres: the same mesh, whatever the STL's axes
+            expected = np.c_[lps[:, 0], lps[:, 2], -lps[:, 1]] / 1000
+            assert np.allclose([points.min(0), points.max(0)], [expected.min(0), expected.max(0)], atol=1e-6)
+            srgb = document["materials"][index]["pbrMetallicRoughness"]["baseColorFactor"][:3]
+            assert np.allclose(np.where(np.array(srgb) <= 0.0031308, np.array(srgb) * 12.92,
+                                        1.055 * np.array(srgb) ** (1 / 2.4) - 0.055), entry["color"], atol=1e-3)
+
+
+def stl_points(path):
+    reader = vtk.vtkSTLReader()
+    reader.SetFileName(str(path))
+    reader.Update()
+    return numpy_support.vtk_to_numpy(reader.GetOutput().GetPoints().GetData()).astype(float)
+
+
+def test_3mf_read_back_by_lib3mf_objects_names_colours_units_build_items(ctx, shared_data, tmp_path):
+    lib3mf = pytest.importorskip("lib3mf", reason="pip install lib3mf (the test extras include it)")
+    volume = load_input(ctx, UNCOMPRESSED_SERIES).node
+    node = apply_preset(ctx, volume, "bone")
+    apply_preset(ctx, volume, "skin", node)
+    result = export_segmentation(node, tmp_path, ExportOptions(formats=("3mf",)))
+    wrapper = lib3mf.get_wrapper()
+    model = wrapper.CreateModel()
+    reader = model.QueryReader("3mf")
+    reader.SetStrictModeActive(True)
+    reader.ReadFromFile(str(result.folder / "segments.3mf"))
+    assert reader.GetWarningCount() == 0
+    assert model.GetUnit() == lib3mf.ModelUnit.MilliMeter
+    objects, iterator = {}, model.GetMeshObjects()
+    while iterator.MoveNext():
+        mesh = iterator.GetCurrentMeshObject()
+        objects[mesh.GetName()] = mesh
+    assert list(objects) == ["Bone", "Skin"]
+    for entry in result.report["meshes"]:
+        mesh = objects[entry["name"]]
+        assert mesh.GetTriangleCount() == entry["triangles"] and mesh.IsManifoldAndOriented()
+        group_id, property_id, has_property = mesh.GetObjectLevelProperty()
+        materials = model.GetBaseMaterialGroupByID(group_id)
+        color = materials.GetDisplayColor(property_id)
+        assert has_property and materials.GetName(property_id) == entry["name"]
+        assert np.allclose([color.Red, color.Green, color.Blue], np.array(entry["color"]) * 255, atol=0.5)
+    items, iterator = [], model.GetBuildItems()
+    while iterator.MoveNext():
+        items.append(iterator.GetCurrent().GetObjectResource().GetResourceID())
+    assert sorted(items) == sorted(m.GetResourceID() for m in objects.values())
