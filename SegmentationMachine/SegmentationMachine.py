@@ -32,9 +32,10 @@ from SegmentationMachineLib.dicom.volumes import load_series
 from SegmentationMachineLib.panels.export import ExportPanel
 from SegmentationMachineLib.panels.inbox import InboxPanel
 from SegmentationMachineLib.panels.presets import PresetsPanel
+from SegmentationMachineLib.panels.tasks import PUMP_INTERVAL_MS, share_gil
 from SegmentationMachineLib.segment.presets import PRESETS
 
-from SegmentationMachineWidgets import errorsShown
+from SegmentationMachineWidgets import errorsShown, packages
 from SegmentationMachineWidgets.cloud import CloudSection
 from SegmentationMachineWidgets.prompttools import PromptToolsSection
 
@@ -51,7 +52,7 @@ class SegmentationMachine(ScriptedLoadableModule):
         self.parent.contributors = ["SegmentationMachine developers"]
         self.parent.helpText = _(
             "From CT/MR DICOM to a model on the print bed: CPU presets (bone, skin), watertight STL/OBJ/3MF "
-            "export in LPS millimetres with a mesh report, and Send to OrcaSlicer.")
+            "(and glTF, DICOM SEG) export in LPS millimetres with a mesh report, and Send to OrcaSlicer.")
         self.parent.acknowledgementText = _(
             "AI prompt tools use nnInteractive: Isensee F., Rokuss M., Krämer L. et al. (2025), "
             "nnInteractive: Redefining 3D Promptable Segmentation, arXiv:2503.08373.")
@@ -65,6 +66,8 @@ class SegmentationMachineParameterNode:
     exportStl: bool = True
     exportObj: bool = True
     export3mf: bool = True
+    exportGlb: bool = False
+    exportSeg: bool = False
     smoothing: Annotated[float, WithinRange(0, 1)] = 0.5
 
 
@@ -84,9 +87,14 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._presetVolume = None  # kept alive while its preset runs
         self._promptVolume = None
         self._exportSegmentation = None
+        self._inboxRows = None
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(100)
         self.pollTimer.timeout.connect(self.poll)
+        # Slicer's idle main thread keeps the GIL: this timer lends it to the workers of every section.
+        self.gilPumpTimer = qt.QTimer()
+        self.gilPumpTimer.setInterval(PUMP_INTERVAL_MS)
+        self.gilPumpTimer.timeout.connect(share_gil)
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -95,10 +103,6 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SegmentationMachineLogic()
-        for name, description in self.presets.presets.items():
-            if self.ui.presetComboBox.findText(name) < 0:
-                self.ui.presetComboBox.addItem(name)
-            self.ui.presetComboBox.setItemData(self.ui.presetComboBox.findText(name), description, qt.Qt.ToolTipRole)
         self.promptTools = PromptToolsSection(self.ui, lambda: self._parameterNode, self.updateGui)
         self.cloud = CloudSection(self.layout, self.promptTools)
         self.ui.inboxFolderSelector.currentPath = slicer.util.settingsValue(SETTINGS_INBOX_FOLDER, str(self.inbox.folder))
@@ -111,6 +115,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
         self.ui.sendToPrinterButton.connect("clicked(bool)", self.onSendToPrinter)
         self.ui.openFolderButton.connect("clicked(bool)", self.onOpenFolder)
+        self.gilPumpTimer.start()  # cheap while nothing runs: share_gil() then returns at once
         self.initializeParameterNode()
         if os.environ.get("SM_INBOX"):  # set by the pod image: uploads are loaded without a click
             self.ui.inboxFolderSelector.currentPath = os.environ["SM_INBOX"]
@@ -119,6 +124,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def cleanup(self):
         self.pollTimer.stop()
+        self.gilPumpTimer.stop()
         self.inboxTimer.stop()
         self.inbox.stop()
         self.promptTools.cleanup()
@@ -158,7 +164,14 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
+        self.setPresetTooltips()  # after connectGui, which fills the combo box from the Choice
         self.updateGui()
+
+    def setPresetTooltips(self):
+        for name, description in self.presets.presets.items():
+            index = self.ui.presetComboBox.findText(name)
+            if index >= 0:
+                self.ui.presetComboBox.setItemData(index, description, qt.Qt.ToolTipRole)
 
     def updateGui(self, caller=None, event=None):
         p = self._parameterNode
@@ -167,7 +180,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.promptTools.onTargetChanged()
         self.ui.applyPresetButton.enabled = bool(p) and self.presets.can_apply(p.sourceVolume)
         if p:
-            self.export.formats = {f for f, on in (("stl", p.exportStl), ("obj", p.exportObj), ("3mf", p.export3mf)) if on}
+            self.export.formats = {f for f in ("stl", "obj", "3mf", "glb", "seg") if getattr(p, f"export{f.capitalize()}")}
         self.ui.exportButton.enabled = bool(p) and self.export.can_export(p.segmentation)
         self.ui.sendToPrinterButton.enabled = self.export.can_send()
         self.ui.openFolderButton.enabled = self.export.last_result is not None
@@ -175,10 +188,12 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.inboxFolderSelector.enabled = not self.inbox.running
         self.ui.inboxStatusLabel.text = self.inbox.status
         rows = self.inbox.rows()
-        self.ui.inboxTable.setRowCount(len(rows))
-        for row, values in enumerate(rows):
-            for column, value in enumerate(values):
-                self.ui.inboxTable.setItem(row, column, qt.QTableWidgetItem(str(value)))
+        if rows != self._inboxRows:  # rebuilt only on change: updateGui runs on every parameter change
+            self._inboxRows = rows
+            self.ui.inboxTable.setRowCount(len(rows))
+            for row, values in enumerate(rows):
+                for column, value in enumerate(values):
+                    self.ui.inboxTable.setItem(row, column, qt.QTableWidgetItem(str(value)))
         self.ui.presetStatusLabel.text = self.presets.status
         self.ui.exportStatusLabel.text = self.export.status
         self.ui.reportTextEdit.plainText = self.export.report_text()
@@ -197,6 +212,8 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             qt.QSettings().setValue(SETTINGS_OUTPUT_FOLDER, folder)
             self.export.output_folder = Path(folder)
             self.export.smoothing = self._parameterNode.smoothing
+            if "seg" in self.export.formats and not packages.ensureSeg():
+                return
             self._exportSegmentation = self._parameterNode.segmentation
             self.export.start(self._exportSegmentation)
             self.pollTimer.start()
@@ -247,7 +264,9 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.updateGui()
 
     def onSendToPrinter(self):
-        self.export.send_to_printer(slicer.util.settingsValue(SETTINGS_ORCASLICER, ""))
+        # Slicer's launcher puts its own libraries on the library path: OrcaSlicer gets the startup environment.
+        self.export.send_to_printer(slicer.util.settingsValue(SETTINGS_ORCASLICER, ""),
+                                    dict(slicer.util.startupEnvironment()))
         self.updateGui()
 
     def onOpenFolder(self):

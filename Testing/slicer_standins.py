@@ -5,7 +5,10 @@ Every fact below is read from Slicer's source at tag v5.10.0 (../shared/notes/sl
 
 import builtins
 import contextlib
+import ctypes
 import sys
+import threading
+import time
 import types
 
 # Top-level import names of the Python packages Slicer 5.10 bundles: SuperBuild/External_python-*.cmake
@@ -72,3 +75,165 @@ def only_slicer_packages():
         yield
     finally:
         builtins.__import__ = original
+
+
+# libc through PyDLL: its calls keep the GIL, as Qt's C++ event loop does in Slicer's main thread.
+_LIBC_KEEPING_GIL = ctypes.PyDLL(None)
+_LIBC_KEEPING_GIL.usleep.argtypes = [ctypes.c_uint]
+
+
+class IdleMainThread:
+    """Slicer's main thread while the user does nothing, run on the test's main thread.
+
+    Neither Slicer 5.10 nor its CTK enables PythonQt's thread support: the main thread keeps the GIL
+    while Qt waits in C++, and runs Python only for its timers. run() does the same with the timers
+    given to every(): it holds the GIL in C until the next one is due, then calls it. hold_gil=False
+    waits with the GIL released instead, the same flow as if Qt let go of it (the baseline).
+    """
+
+    def __init__(self, hold_gil: bool = True):
+        self.hold_gil = hold_gil
+        self.timers = []  # [due, interval s, callback], like started QTimers
+        self.ticks = []  # (seconds, callback name) per call
+
+    def every(self, interval_ms: float, callback) -> "IdleMainThread":
+        self.timers.append([time.monotonic() + interval_ms / 1000, interval_ms / 1000, callback])
+        return self
+
+    def run(self, until, seconds: float = 120.0) -> bool:
+        """Fires the timers until until() is true (True) or seconds have passed (False)."""
+        deadline = time.monotonic() + seconds
+        while not until():
+            timer = min(self.timers, key=lambda t: t[0])
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            if timer[0] > deadline:
+                self._wait(deadline - now)
+                return until()
+            if timer[0] > now:
+                self._wait(timer[0] - now)  # then straight into the callback, as Qt calls it
+            started = time.monotonic()
+            timer[2]()
+            self.ticks.append((time.monotonic() - started, getattr(timer[2], "__qualname__", "")))
+            timer[0] = started + timer[1]  # a QTimer fires at once again if its callback overran
+        return True
+
+    def _wait(self, seconds: float):
+        if self.hold_gil:
+            _LIBC_KEEPING_GIL.usleep(int(seconds * 1e6))
+        else:
+            time.sleep(seconds)
+
+
+class MainThreadOnly:
+    """Records calls into MRML and segmentation objects made from any thread but the main one.
+
+    In Slicer those objects forward their events to Qt widgets and renderers, which must stay on the
+    main thread. Threads started inside the with-block are watched (threading.setprofile)."""
+
+    def __init__(self):
+        import slicer
+
+        self.watched = (slicer.vtkMRMLNode, slicer.vtkMRMLScene, slicer.vtkSegmentation, slicer.vtkOrientedImageData)
+        self.calls = []  # "thread: Class.Method (file:line)"
+
+    def _profile(self, frame, event, argument):
+        if event == "c_call" and isinstance(getattr(argument, "__self__", None), self.watched):
+            thread = threading.current_thread()
+            if thread is not threading.main_thread():
+                self.calls.append(f"{thread.name}: {type(argument.__self__).__name__}.{argument.__name__} "
+                                  f"({frame.f_code.co_filename}:{frame.f_lineno})")
+
+    def __enter__(self) -> "MainThreadOnly":
+        threading.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *exc):
+        threading.setprofile(None)
+
+
+# -- The module's timers, as its widget wires them (SegmentationMachine.py, SegmentationMachineWidgets/) --
+POLL_MS, INBOX_MS, PROMPTS_MS, CLOUD_MS = 100, 250, 50, 200
+
+
+def drive(main: IdleMainThread, until, *timers, pump: bool = True, seconds: float = 300.0) -> bool:
+    """Runs (interval ms, callback) timers, and the module's GIL pump unless pump=False, until until()."""
+    from SegmentationMachineLib.panels.tasks import PUMP_INTERVAL_MS, share_gil
+
+    main.timers.clear()  # the timers of the step before stopped
+    if pump:
+        main.every(PUMP_INTERVAL_MS, share_gil)
+    for interval_ms, callback in timers:
+        main.every(interval_ms, callback)
+    return main.run(until, seconds)
+
+
+def preset_flow(main: IdleMainThread, ctx, volume_node, preset: str = "bone"):
+    """Apply, then the poll timer adds the segment once the worker is done; returns the segmentation node."""
+    from SegmentationMachineLib.panels.presets import PresetsPanel
+
+    panel, added = PresetsPanel(preset=preset), []
+    panel.start(volume_node)
+
+    def poll():
+        if panel.task and panel.task.done():
+            added.append(panel.finish(ctx, volume_node))
+
+    assert drive(main, lambda: added, (POLL_MS, poll)), panel.status
+    assert added[0] is not None, panel.status
+    return added[0]
+
+
+def export_flow(main: IdleMainThread, segmentation_node, folder):
+    """Export, then the poll timer finishes it; returns the ExportResult."""
+    from SegmentationMachineLib.panels.export import ExportPanel
+
+    panel, results = ExportPanel(output_folder=folder), []
+    panel.start(segmentation_node)
+
+    def poll():
+        if panel.task and panel.task.done():
+            results.append(panel.finish())
+
+    assert drive(main, lambda: results, (POLL_MS, poll)), panel.status
+    assert results[0] is not None, panel.status
+    return results[0]
+
+
+def inbox_flow(main: IdleMainThread, panel, upload, load=None) -> list:
+    """A started InboxPanel: upload() drops a series in; the inbox timer ticks until it is delivered.
+
+    load(delivery), when given, runs on the main thread as the widget's loadDelivery does."""
+    deliveries = []
+
+    def tick():
+        for delivery in panel.tick():
+            if load:
+                load(delivery)
+            panel.loaded(delivery, True)
+            deliveries.append(delivery)
+
+    upload()
+    assert drive(main, lambda: deliveries, (INBOX_MS, tick)), panel.status
+    return deliveries
+
+
+def prompts_flow(main: IdleMainThread, panel, *steps):
+    """Each step (a call on the PromptsPanel) is followed by the prompt timer's ticks until it is done."""
+    for step in steps:
+        step()
+        assert drive(main, lambda: not panel.busy, (PROMPTS_MS, panel.tick)), panel.status
+
+
+def cloud_flow(main: IdleMainThread, panel, *steps):
+    """Each step (a call on the CloudPanel) is followed by the cloud timer's ticks; returns the pod made ready."""
+    ready = []
+
+    def tick():
+        ready.append(panel.tick())
+
+    for step in steps:
+        step()
+        assert drive(main, lambda: not panel.busy, (CLOUD_MS, tick)), panel.status
+    return next((pod for pod in ready if pod is not None), None)

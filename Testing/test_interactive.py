@@ -226,6 +226,54 @@ def test_more_than_twenty_undo_levels_and_redo(server, scene_parts):
     session.close()
 
 
+def test_one_undo_is_the_servers_own_deeper_ones_re_seed_and_redo_in_between_costs_nothing(server, scene_parts):
+    """The server's one level of undo keeps the model's memory of earlier prompts; a re-seed loses it."""
+    session = open_session(server, scene_parts)
+    a, b, c, d, e = (12, 12, 12), (12, 20, 20), (20, 14, 22), (24, 24, 14), (16, 26, 26)  # close: exact voxels
+    for spot in (a, b, c):
+        session.add(Prompt("point", True, ras=ras(spot)))
+
+    def calls():
+        return server.count('"POST /undo'), server.count('"POST /reset_interactions')
+
+    undos, seeds = calls()
+    session.undo()  # c, at once here; the server follows before the next prompt
+    assert not mask_of(session)[c] and calls() == (undos, seeds)
+    session.add(Prompt("point", True, ras=ras(d)))
+    got = mask_of(session)
+    assert calls() == (undos + 1, seeds) and got[a] and got[b] and got[d] and not got[c]
+    session.undo()
+    session.redo()  # back where the server still is: nothing to tell it
+    session.add(Prompt("point", True, ras=ras(e)))
+    assert calls() == (undos + 1, seeds) and mask_of(session)[d] and mask_of(session)[e]
+    session.undo()
+    session.undo()  # two steps back: deeper than the server's undo, so the next prompt re-seeds it
+    session.add(Prompt("point", True, ras=ras(c)))
+    got = mask_of(session)
+    assert calls() == (undos + 1, seeds + 1) and got[a] and got[b] and got[c] and not got[d] and not got[e]
+    session.close()
+
+
+def test_the_undo_history_is_capped_in_bytes_and_says_when_it_drops_steps(server, scene_parts):
+    said = []
+    session = open_session(server, scene_parts, status=said.append)
+    spots = [(12, 12, 12), (12, 20, 20), (20, 14, 22), (24, 24, 14)]
+    session.add(Prompt("point", True, ras=ras(spots[0])))
+    session.max_undo_bytes = 2 * session._done[0].nbytes
+    for spot in spots[1:]:
+        session.add(Prompt("point", True, ras=ras(spot)))
+    assert 1 <= len(session._done) < 4 and sum(step.nbytes for step in session._done) <= session.max_undo_bytes
+    assert said[-1].startswith("The undo history reached its 0 MB: the oldest ")
+    while session.can_undo:
+        session.undo()
+    assert mask_of(session)[spots[0]]  # a dropped step stays done
+    session.reset()  # a whole-segment step, larger than the cap, is still kept as the last one
+    assert session.can_undo and not mask_of(session).any()
+    session.undo()
+    assert mask_of(session)[spots[0]]
+    session.close()
+
+
 def test_neighbours_untouched_when_overlap_is_not_allowed(server, scene_parts):
     volume, segmentation, target, editor = scene_parts
     neighbour = np.zeros(SHAPE, bool)

@@ -51,6 +51,18 @@ def test_launches_orcaslicer_from_path_with_the_3mf(tmp_path, export_folder):
     assert command[0] == str(bin_dir / "orca-slicer")
 
 
+def test_orcaslicer_gets_the_environment_it_is_given_not_ours(tmp_path, export_folder, monkeypatch):
+    """In Slicer, OrcaSlicer must start with Slicer's startup environment, not the launcher's library paths."""
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/slicer/lib")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "orca-slicer"
+    stub.write_text(f'#!/bin/sh\nprintf "%s\\n" "${{LD_LIBRARY_PATH:-unset}}" > "{bin_dir}/env.txt"\n')
+    stub.chmod(0o755)
+    send_to_orcaslicer(export_folder, env={"PATH": str(bin_dir)}, home=tmp_path)
+    assert wait_for(bin_dir / "env.txt").strip() == "unset"
+
+
 def test_stls_when_there_is_no_3mf(tmp_path, export_folder):
     (export_folder / "segments.3mf").unlink()
     bin_dir = tmp_path / "bin"

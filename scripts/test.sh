@@ -4,6 +4,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 pip_flags=(--quiet --disable-pip-version-check)
 
+# 0. The Khronos glTF-Validator (npm) that the glTF tests run on every .glb written (skipped without Node.js).
+if command -v npm >/dev/null && [ ! -d build/tools/node_modules/gltf-validator ]; then
+    npm install --silent --no-audit --no-fund --prefix build/tools gltf-validator@2.0.0-dev.3.10
+fi
+
 # 1. The library tests on the packages 3D Slicer 5.10 bundles (numpy 2.0.2, scipy 1.13.1, pydicom 2.4.4,
 #    requests 2.32.3, ...: scripts/slicer-5.10-constraints.txt), as the module runs them inside Slicer.
 #    The AI prompt tests need the torch-based server and the image tests its linters: they run in 2.

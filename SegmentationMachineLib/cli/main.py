@@ -49,7 +49,9 @@ class _Progress:
 
 def _surface_args(parser):
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"parent of the new export folder (default {DEFAULT_OUT})")
-    parser.add_argument("--format", default="stl,obj,3mf", help="any of stl,obj,3mf (default all)")
+    parser.add_argument("--format", default="stl,obj,3mf",
+                        help="any of stl,obj,3mf,glb,seg (default stl,obj,3mf; glb: binary glTF in metres, +Y up; "
+                             "seg: DICOM SEG, needs a DICOM input and segmentation-machine[hospital])")
     parser.add_argument("--smoothing", type=float, default=0.5, help="0 (none) to 1 (strong), default 0.5")
     parser.add_argument("--decimate", type=float, default=0.0, help="fraction of triangles to remove, 0 to 0.95")
     parser.add_argument("--method", choices=["flying_edges", "surface_nets"], default="flying_edges")
@@ -80,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     _surface_args(model)
 
     export = commands.add_parser("export", parents=[common], help="segmentation file → meshes")
-    export.add_argument("segfile", type=Path, help=".seg.nrrd, or a labelmap NIfTI/NRRD")
-    export.add_argument("--volume", type=Path, help="reference volume (sets the labelmap geometry)")
+    export.add_argument("segfile", type=Path, help=".seg.nrrd, a labelmap NIfTI/NRRD, or a DICOM SEG")
+    export.add_argument("--volume", type=Path,
+                        help="reference volume (sets the labelmap geometry; a DICOM series for --format seg)")
     export.add_argument("--labels", type=Path, help='JSON {"1": "liver", ...} naming labelmap values')
     _surface_args(export)
 
@@ -90,11 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("inbox", type=Path)
     watch.add_argument("--out", type=Path, required=True, help="OUTBOX: a result folder per series and status.json")
     watch.add_argument("--preset", default="bone", help="bone, skin, or both as bone,skin (default bone)")
-    watch.add_argument("--format", default="stl,obj,3mf", help="any of stl,obj,3mf (default all)")
+    watch.add_argument("--format", default="stl,obj,3mf", help="any of stl,obj,3mf,glb,seg (default stl,obj,3mf)")
     watch.add_argument("--once", action="store_true", help="process what is there, then exit")
     watch.add_argument("--settle", type=float, default=5.0, help="seconds a series' files must be unchanged (default 5)")
     watch.add_argument("--polling", action="store_true", help="poll instead of file events (network shares)")
     watch.add_argument("--state", type=Path, help="journal and scratch folder (default OUTBOX/.segmentation-machine)")
+    watch.add_argument("--hold", type=float, default=60.0,
+                       help="seconds a series that looks incomplete waits for more files (default 60)")
 
     serve = commands.add_parser("server", parents=[common],
                                 help="run the upstream nnInteractive server (GPU workstation or pod)")
@@ -285,6 +290,7 @@ def run_export(args):
 
 
 def run_watch(args):
+    from ..core.files import printable
     from ..core.scene import create_headless_scene
     from ..dicom.volumes import load_series
     from ..inbox.watcher import Inbox, InboxOptions
@@ -294,33 +300,51 @@ def run_watch(args):
 
     options = ExportOptions(formats=parse_formats(args.format))
     presets = _presets(args.preset)
-    outbox = args.out.expanduser()
-    outbox.mkdir(parents=True, exist_ok=True)
+    outbox = args.out.expanduser().absolute()
     inbox = Inbox(InboxOptions(folder=args.inbox.expanduser(), state_folder=args.state or outbox / ".segmentation-machine",
-                               settle_seconds=args.settle, polling=args.polling))
+                               settle_seconds=args.settle, polling=args.polling, hold_seconds=args.hold))
     reported = set()
 
-    def process(delivery):
+    def process(delivery, folder):
         ctx = create_headless_scene()  # a fresh scene per series: memory does not grow with the queue
         loaded = load_series(ctx, delivery.series)
         for note in loaded.notes:
-            log.warning(note)
-        return model_volume(ctx, loaded.node, presets, outbox, options).folder
+            log.warning("%s", note)
+        return model_volume(ctx, loaded.node, presets, folder, options).folder
 
-    def echo(line):
+    def report_skipped():
         for path, reason in list(inbox.bad_files.items()):
             if path not in reported:
                 reported.add(path)
                 log.warning("Skipped %s: %s", path, reason)
-        print(line, flush=True)
 
-    signal.signal(signal.SIGTERM, _interrupt)  # a closed terminal or a service stop ends like Ctrl-C
-    inbox.start()
-    print(f"Watching {inbox.options.folder} → {outbox} (settle {args.settle:g} s; Ctrl-C stops)", flush=True)
+    def echo(line):
+        report_skipped()
+        print(printable(line), flush=True)  # series names come from the files' headers
+
+    signals = []
+
+    def interrupted(signum, frame):  # Ctrl-C, a closed terminal, a service stop: all end the same way
+        signals.append(signum)
+        raise KeyboardInterrupt
+
+    stopping = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    for number in stopping:
+        signal.signal(number, interrupted)
     try:
-        run_queue(inbox, outbox, process, once=args.once, echo=echo)
+        outbox.mkdir(parents=True, exist_ok=True)
+        inbox.start()
+        print(f"Watching {printable(inbox.folder)} → {printable(outbox)} (settle {args.settle:g} s; Ctrl-C stops)",
+              flush=True)
+        run_queue(inbox, outbox, process, once=args.once, echo=echo, polled=report_skipped)
     except KeyboardInterrupt:
+        for number in stopping:
+            signal.signal(number, signal.SIG_IGN)  # a second signal must not cut the clean-up short
         print("Stopped; run the same command again to continue where it stopped.", flush=True)
+        raise SystemExit(128 + (signals[-1] if signals else signal.SIGINT)) from None
+    except OSError as error:
+        raise UserError(f"Cannot use {printable(error.filename or outbox)} ({error.strerror}): "
+                        "check the folder and the free space.") from None
     finally:
         inbox.stop()
 
@@ -336,10 +360,22 @@ def run_print(args):
     print(f"Opened in OrcaSlicer: {' '.join(command)}")
 
 
+def _printable_record(record: logging.LogRecord) -> bool:
+    """Paths and servers' messages in a log line, with control characters escaped: no forged lines."""
+    from ..core.files import printable
+
+    record.msg, record.args = printable(record.getMessage()), ()
+    return True
+
+
 def _configure_logging(log_file: Path = None):
     handlers = [logging.StreamHandler(sys.stderr)]
-    if log_file:
-        handlers.append(logging.FileHandler(log_file))
+    if log_file:  # owner-only: the log names patients' series and files
+        descriptor = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.chmod(log_file, 0o600)  # also when it existed before
+        handlers.append(logging.StreamHandler(os.fdopen(descriptor, "a")))
+    for handler in handlers:
+        handler.addFilter(_printable_record)
     logging.basicConfig(level=logging.INFO, format="segmentation-machine: %(levelname)s: %(message)s",
                         handlers=handlers, force=True)
 

@@ -9,12 +9,15 @@ or erase) before the next prompt, which re-seeds it with the segment as it is. O
 server's model takes is sent (its capabilities are read at connect). A lost session (lease gone,
 server restarted, connection refused) is resumed without the user: claim, upload, seed the
 current mask, repeat the prompt. A slow answer is waited for and never repeated: a large
-structure can take many seconds, and a read time-out says so instead of reconnecting.
+structure can take many seconds, and a read time-out says so instead of reconnecting. No reply
+is trusted (remote.py): a broken or hostile server ends in one sentence, never in a crash.
 """
 
+import ipaddress
 import threading
 import time
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import numpy as np
 import slicer
@@ -22,12 +25,14 @@ import vtk
 
 from ..core import arrays
 from ..core.errors import UserError
+from ..core.files import printable
 from ..core.scene import BINARY_LABELMAP
 from . import geometry
 from .promptfile import Prompt
 
-MAX_UNDO = 50
+MAX_UNDO_BYTES = 256 << 20  # the undo history's memory (masks packed 8 voxels a byte); the oldest steps go first
 RETRY_AFTER_S = 10  # what the server asks for when full; its client does not pass the header on
+MAX_SCRIBBLE_THICKNESS = 20  # voxels; what a server prefers beyond that is not a scribble (and costs memory)
 
 
 class InteractiveError(UserError):
@@ -71,13 +76,28 @@ class PromptTiming:
         return f"{self.total_s * 1000:.0f} ms ({self.server_s * 1000:.0f} ms server + network)"
 
 
-@dataclass
 class _Step:
-    segment_id: str
-    prompt: Prompt
-    box: tuple  # slices in K, J, I
-    before: np.ndarray
-    after: np.ndarray
+    """One change of a segment, undoable: its box and the box's mask before and after, packed 8 voxels a byte
+    (a reset of a 512x512x300 segment keeps 20 MB instead of 160)."""
+
+    def __init__(self, segment_id: str, prompt: Prompt, box: tuple, before: np.ndarray, after: np.ndarray):
+        self.segment_id, self.prompt, self.box, self._shape = segment_id, prompt, box, before.shape
+        self._before, self._after = np.packbits(before, axis=None), np.packbits(after, axis=None)
+
+    def _unpack(self, bits) -> np.ndarray:
+        return np.unpackbits(bits, count=int(np.prod(self._shape))).reshape(self._shape).astype(bool)
+
+    @property
+    def before(self) -> np.ndarray:
+        return self._unpack(self._before)
+
+    @property
+    def after(self) -> np.ndarray:
+        return self._unpack(self._after)
+
+    @property
+    def nbytes(self) -> int:
+        return self._before.nbytes + self._after.nbytes
 
 
 @dataclass
@@ -100,14 +120,28 @@ def headless_editor(scene, app_logic, segmentation_node, volume_node):
 
 
 def _upstream():
-    """(the upstream client module, httpx); imported on first use: the base install runs without them."""
+    """(the upstream client module, our guarded client, httpx); imported on first use: the base install runs
+    without them."""
     try:
+        import blosc2
         import httpx
         from nnInteractive.inference.remote import remote_session
+
+        from . import remote
     except ImportError:
         raise InteractiveError("The nnInteractive client is not installed: install it with "
                                "pip install 'segmentation-machine[ai]' (the module offers to do it).") from None
-    return remote_session, httpx
+    # The client compresses the volume with blosc2, which keeps the GIL by default: inside Slicer that held
+    # the main thread for 0.8 s during an upload (benchmarks/slicer_threads.py); released, 0.06 s.
+    blosc2.set_releasegil(True)
+    return remote_session, remote, httpx
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 @dataclass
@@ -131,28 +165,60 @@ class InteractiveSession:
     _target: SegmentTarget = None
     _done: list = field(default_factory=list)
     _undone: list = field(default_factory=list)
+    # The server keeps one level of undo that restores its interaction channels exactly, so the model keeps
+    # its memory of earlier prompts; deeper steps, redo and hand edits re-seed it (the model forgets them).
+    _server_can_undo: bool = False  # the server's undo holds the last prompt, whose result the segment shows
+    _undo_on_server: bool = False  # that prompt was undone here: the server follows before the next prompt
+    _generation: int = 0  # sessions claimed: an undo meant for a lost session is not sent to its successor
+    max_undo_bytes: int = MAX_UNDO_BYTES
 
     # -- connection ----------------------------------------------------------------------------
     def connect(self) -> Capabilities:
+        self._check_url()
         self._client = self._claim()
-        client = self._client
-        self.capabilities = Capabilities(
-            interactions=frozenset(name for name, on in client.supported_interactions.items() if on),
-            initial_mask=bool(client.supports_initial_label),
-            undo=bool(client.supports_undo),
-            server_version=str(client.INFERENCE_SESSION_VERSION),
-            licence=str(client.license or "unknown"),
-            scribble_thickness=tuple(client.preferred_scribble_thickness or (1, 1, 1)),
-        )
+        self.capabilities = self._capabilities(self._client)
         return self.capabilities
 
+    def _check_url(self):
+        url = urlsplit(self.url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise InteractiveError(f"{printable(self.url)[:200]} is not a server address: "
+                                   "give one like https://host:port.")
+        if url.scheme == "http" and not _is_loopback(url.hostname):
+            self.status(f"Warning: {url.hostname} is reached over plain http://, so the API key and the image "
+                        "travel unencrypted: use its https:// address (a pod's proxy URL) or an SSH tunnel.")
+
+    def _capabilities(self, client) -> Capabilities:
+        """What the server's model takes, read from its reply as far as this client can trust it."""
+        try:
+            interactions = frozenset(name for name, on in dict(client.supported_interactions).items() if on is True)
+            thickness = tuple(float(t) for t in client.preferred_scribble_thickness or (1, 1, 1))
+        except (TypeError, ValueError) as error:
+            raise self._bad_reply(error) from None
+        if len(thickness) != 3 or not all(0 < t <= MAX_SCRIBBLE_THICKNESS for t in thickness):
+            raise self._bad_reply(f"a scribble thickness of {thickness} voxels")
+        return Capabilities(
+            interactions=interactions,
+            initial_mask=client.supports_initial_label is True,
+            undo=bool(client.supports_undo),
+            server_version=printable(client.INFERENCE_SESSION_VERSION)[:40],
+            licence=printable(client.license or "unknown")[:80],
+            scribble_thickness=thickness,
+        )
+
+    def _bad_reply(self, error) -> InteractiveError:
+        """A reply this client cannot read: a broken or foreign server, never written into the segment."""
+        detail = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        return InteractiveError(f"The server at {self.url} sent a reply this client cannot read ({detail}); "
+                                "nothing was written to the segment: check that it is an nnInteractive server "
+                                f"for nninteractive-client {_client_version()}.")
+
     def _claim(self):
-        upstream, httpx = _upstream()
+        upstream, remote, httpx = _upstream()
         waited = 0.0
         while True:
             try:
-                return upstream.nnInteractiveRemoteInferenceSession(self.url, api_key=self.api_key,
-                                                                   read_timeout=self.read_timeout_s)
+                return remote.GuardedSession(self.url, self.api_key, self.read_timeout_s)
             except upstream.ServerAtCapacityError:
                 if waited >= self.max_wait_s:
                     raise InteractiveError(f"The nnInteractive server at {self.url} is still full after "
@@ -162,13 +228,17 @@ class InteractiveSession:
                 waited += RETRY_AFTER_S
             except httpx.HTTPStatusError as error:
                 raise self._http_error(error) from None
+            except (remote.AnswerRefused, httpx.ReadTimeout) as error:
+                raise self._unanswered(error) from None
             except httpx.TransportError as error:
                 raise InteractiveError(f"Cannot reach the nnInteractive server at {self.url} "
                                        f"({type(error).__name__}): check the URL and that the server is running.") from None
             except KeyError as error:  # a reply without the fields this client version expects
                 raise InteractiveError(f"The server at {self.url} speaks another nnInteractive protocol (missing "
-                                       f"{error}); this client is nninteractive-client {_client_version()}: "
-                                       "run server and client of the same version.") from None
+                                       f"{error}); this client is nninteractive-client "
+                                       f"{_client_version()}: run server and client of the same version.") from None
+            except (ValueError, TypeError, AttributeError) as error:  # not JSON, or JSON of another shape
+                raise self._bad_reply(error) from None
 
     def _http_error(self, error) -> InteractiveError:
         code = error.response.status_code
@@ -184,15 +254,23 @@ class InteractiveSession:
                                     f"(HTTP {code}; client nninteractive-client {_client_version()}, server "
                                     f"{self.capabilities.server_version if self.capabilities else 'unknown'}): "
                                     "run server and client of the same version.")
-        detail = error.response.text[:200]
-        return InteractiveError(f"The nnInteractive server answered HTTP {code} ({detail}): "
-                                "try the prompt again, or reset the segment.")
+        return InteractiveError(f"The nnInteractive server answered HTTP {code} "
+                                f"({printable(error.response.text[:200])}): try the prompt again, or reset the segment.")
+
+    def _unanswered(self, error) -> InteractiveError:
+        upstream, remote, httpx = _upstream()
+        if isinstance(error, remote.AnswerRefused):
+            return InteractiveError(f"The server at {self.url} sent {error}; the segment is left as it was: "
+                                    "check that the address is your nnInteractive server.")
+        return InteractiveError(f"The nnInteractive server has not answered within {self.read_timeout_s:g} s "
+                                "(a large structure can take that long); the segment is left as it was: "
+                                "prompt again to continue.")
 
     def _call(self, action, abandoned=lambda: False):
         """Runs action(client). Only a lost session (lease gone: reaped or server restarted; connection
         refused) is resumed, once, and the action repeated. A time-out or a broken connection is never
         repeated: the server may still be working on it, or have done it."""
-        upstream, httpx = _upstream()
+        upstream, remote, httpx = _upstream()
         try:
             try:
                 return action(self._client)
@@ -204,10 +282,10 @@ class InteractiveSession:
                 return action(self._client)
         except httpx.HTTPStatusError as error:
             raise self._http_error(error) from None
-        except httpx.ReadTimeout:
-            raise InteractiveError(f"The nnInteractive server has not answered within {self.read_timeout_s:g} s "
-                                   "(a large structure can take that long); the segment is left as it was: "
-                                   "prompt again to continue.") from None
+        except (remote.AnswerRefused, httpx.ReadTimeout) as error:
+            raise self._unanswered(error) from None
+        except (ValueError, KeyError, TypeError, AttributeError) as error:  # the upstream client reading a bad reply
+            raise self._bad_reply(str(error) if isinstance(error, remote.BadReply) else error) from None
         except httpx.TransportError as error:
             raise InteractiveError(f"The connection to the nnInteractive server at {self.url} failed during the "
                                    f"request ({type(error).__name__}); the segment is left as it was: "
@@ -219,6 +297,7 @@ class InteractiveSession:
         except Exception:  # the old lease is gone anyway
             pass
         self._client = self._claim()
+        self._generation += 1
         if self._image is not None:
             self._client.set_image(self._image)
         if self._buffer is not None:
@@ -325,22 +404,31 @@ class InteractiveSession:
         if box:
             self._write(pending.prompt, tuple(slice(int(lo), int(hi)) for lo, hi in box))
         self._in_sync = True
+        self._server_can_undo = bool(box) and self.capabilities.undo
         total = time.perf_counter() - pending.started
         return PromptTiming(total, pending.server_s, total - pending.server_s)
 
     def _seed_call(self):
-        """None when the server's state matches the segment; otherwise (segment painted or erased by hand,
-        undone, or the server's state unknown) the call that restarts the server from the segment as it is.
-        The model then forgets earlier prompts, so this happens only when needed."""
-        if self._in_sync and self._modified_time() == self._written:
-            return None
-        current = self._segment_mask(self._target.segment_id)
-        self._written = self._modified_time()
-        if self._in_sync and np.array_equal(current, self._buffer):  # another segment of a shared labelmap
-            return None
-        self._buffer = current
-        seed = current.astype(np.uint8)
-        return lambda client: self._seed(client, seed)
+        """None when the server's state matches the segment; the server's own undo when the last prompt was
+        undone here; otherwise (segment painted or erased by hand, undone deeper, or the server's state
+        unknown) the call that restarts the server from the segment as it is. The model then forgets earlier
+        prompts, so this happens only when needed."""
+        undo, self._undo_on_server = self._undo_on_server, False
+        if not (self._in_sync and self._modified_time() == self._written):
+            current = self._segment_mask(self._target.segment_id)
+            self._written = self._modified_time()
+            if not (self._in_sync and np.array_equal(current, self._buffer)):  # else another segment of a shared labelmap
+                self._buffer = current
+                seed = current.astype(np.uint8)
+                return lambda client: self._seed(client, seed)
+        if undo:
+            generation = self._generation
+            return lambda client: self._server_undo(client, generation)
+        return None
+
+    def _server_undo(self, client, generation: int):
+        if generation == self._generation:  # a resumed session was seeded with the undone segment already
+            client.undo()
 
     def _seed(self, client, seed: np.ndarray):
         """The server restarts from seed: no interactions, seed as the mask, answers into our mirror."""
@@ -349,6 +437,7 @@ class InteractiveSession:
             self._cancelled = None
         client.set_target_buffer(self._mirror)
         client.reset_interactions()
+        self._server_can_undo = False
         if seed.any() and self.capabilities.initial_mask:
             client.add_initial_seg_interaction(seed)
 
@@ -387,9 +476,19 @@ class InteractiveSession:
         self._buffer[box] = after  # what the editor's masking actually allowed
         if untouched:
             self._written = self._modified_time()
-        self._done.append(_Step(segment_id, prompt, box, before, after))
-        del self._done[:-MAX_UNDO]
+        self._remember(_Step(segment_id, prompt, box, before, after))
+
+    def _remember(self, step: _Step):
+        """A new step: redo is gone, and the oldest steps go when the history outgrows its memory."""
+        self._done.append(step)
         self._undone.clear()
+        dropped = 0
+        while len(self._done) > 1 and sum(s.nbytes for s in self._done) > self.max_undo_bytes:
+            self._done.pop(0)
+            dropped += 1
+        if dropped:
+            self.status(f"The undo history reached its {self.max_undo_bytes >> 20} MB: the oldest "
+                        f"{dropped} step{'s' if dropped > 1 else ''} can no longer be undone.")
 
     def _modify(self, box, mask: np.ndarray, bypass_masking: bool):
         """Sets the selected segment to mask inside box through the Segment Editor logic."""
@@ -420,32 +519,38 @@ class InteractiveSession:
     def undo(self):
         if self._done:
             step = self._done.pop()
-            self._restore(step, step.before)
+            # One step back from the server's state: its own undo, sent before the next prompt.
+            follow = self._in_sync and self._server_can_undo and self._modified_time() == self._written
+            self._restore(step, step.before, in_sync=follow)
+            self._undo_on_server, self._server_can_undo = follow, False
             self._undone.append(step)
 
     def redo(self):
         if self._undone:
             step = self._undone.pop()
-            self._restore(step, step.after)
+            # Redoing an undo the server has not been told of yet: the server is still where it was.
+            follow = self._undo_on_server and self._in_sync and self._modified_time() == self._written
+            self._restore(step, step.after, in_sync=follow)
+            self._undo_on_server, self._server_can_undo = False, follow
             self._done.append(step)
 
-    def _restore(self, step: _Step, mask: np.ndarray):
-        """Local and instant: the server's undo is one level deep, so the next prompt re-seeds it instead."""
+    def _restore(self, step: _Step, mask: np.ndarray, in_sync: bool = False):
+        """Local and instant: the server follows at the next prompt (its undo, or a re-seed)."""
         if step.segment_id != self._target.segment_id:
             self.select_segment(SegmentTarget(self._target.segmentation_node, step.segment_id,
                                               self._target.editor_logic))
         self._modify(step.box, mask, bypass_masking=True)
         self._buffer[step.box] = mask
         self._written = self._modified_time()
-        self._in_sync = False
+        self._in_sync = in_sync
 
     def reset(self):
         """Clears the selected segment (undoable); the next prompt starts the server from the empty segment."""
         box = tuple(slice(0, n) for n in self._buffer.shape)
         before = self._segment_mask(self._target.segment_id)
-        self._done.append(_Step(self._target.segment_id, Prompt("reset"), box, before, np.zeros_like(before)))
-        self._undone.clear()
+        self._remember(_Step(self._target.segment_id, Prompt("reset"), box, before, np.zeros_like(before)))
         self._restore(self._done[-1], self._done[-1].after)
+        self._undo_on_server = self._server_can_undo = False
 
     def prompts_of(self, segment_id: str) -> list:
         """The prompts that made the segment as it stands (undone ones left out), for prompt files."""
