@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -174,3 +175,29 @@ def test_the_budget_holds_with_the_price_from_the_environment_when_runpod_cannot
                         clock=lambda: now[0])
     unpriced.check()
     assert "idle" in unpriced.status()["reason"]  # without the price the budget could not be guarded
+
+
+def test_silent_connections_cannot_crowd_out_the_owners_heartbeats(fake, pod, monkeypatch):
+    """~1,000 idle sockets once took a thread each for ever and starved the heartbeats: the pod was terminated as
+    idle. Now each is dropped after the time-out and beyond a cap refused at once."""
+    from SegmentationMachineLib.cloud import podagent
+
+    monkeypatch.setattr(podagent, "CONNECTION_TIMEOUT_S", 1)  # read when the agent starts serving
+    threads = threading.active_count()
+    server = podagent.serve(PodAgent(AgentConfig(pod.id, RUNPOD_KEY, TOKEN, port=0)), host="127.0.0.1")
+    silent = [socket.create_connection(("127.0.0.1", server.server_port)) for _ in range(300)]
+    try:
+        time.sleep(0.5)
+        assert threading.active_count() < threads + 100  # 300 silent sockets, not a thread each
+        url = f"http://127.0.0.1:{server.server_port}/heartbeat"
+        deadline, answered = time.monotonic() + 15, False
+        while not answered and time.monotonic() < deadline:
+            try:
+                answered = requests.post(url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=2).ok
+            except requests.RequestException:
+                time.sleep(0.5)
+        assert answered, "the owner's heartbeat never got through the silent connections"
+    finally:
+        for connection in silent:
+            connection.close()
+        server.shutdown()

@@ -241,8 +241,42 @@ class PodAgent:
             server.shutdown()
 
 
+# A thread per connection: silent sockets (anyone can open them through the proxy) must not hold threads for
+# ever, nor crowd out the owner's heartbeats. A connection that sends nothing is closed after the time-out;
+# beyond the cap new connections are closed at once and the client's next beat (every 30 s) gets in.
+CONNECTION_TIMEOUT_S = 10
+MAX_CONNECTIONS = 64
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # socketserver's 5 would drop connections while the cap sorts them out
+
+    def __init__(self, address, handler):
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def serve(agent: PodAgent, host: str = "0.0.0.0") -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
+        timeout = CONNECTION_TIMEOUT_S  # per read: a silent or dripping client is dropped
+
         def do_GET(self):
             if self.path != "/healthz":  # says only that the agent runs: for the image's HEALTHCHECK
                 return self._answer(404, {"detail": "not found"})
@@ -267,7 +301,7 @@ def serve(agent: PodAgent, host: str = "0.0.0.0") -> ThreadingHTTPServer:
         def log_message(self, *args):
             pass  # the proxy logs requests; ours would only repeat them
 
-    server = ThreadingHTTPServer((host, agent.config.port), Handler)
+    server = _BoundedServer((host, agent.config.port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
