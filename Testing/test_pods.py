@@ -7,7 +7,7 @@ import pytest
 
 from conftest import RUNPOD_KEY as KEY
 from fake_runpod import NO_CAPACITY, NO_FREE_GPUS, NO_RESOURCES, SOMETHING_WENT_WRONG
-from SegmentationMachineLib.cloud.pods import CAPACITY_SENTENCE, CapacityError, PodsError, PodSpec, RunPodRest
+from SegmentationMachineLib.cloud.pods import CAPACITY_SENTENCE, CapacityError, PodsError, PodSpec, RunPodRest, redacted
 
 RTX_4090 = "NVIDIA GeForce RTX 4090"
 
@@ -174,3 +174,12 @@ def test_graphql_capacity_errors_and_its_retirement(backend, fake):
 def test_the_container_log_of_a_pod(backend, fake):
     pod = backend.create(PodSpec("NVIDIA L40S", image="x"))
     assert backend.logs(pod.id) == "pulling image\nstarting the container"
+
+
+def test_runpod_text_is_shown_without_anything_that_looks_like_a_secret():
+    text = ("invalid env SM_NNI_API_KEY=Zr8x-secret-value from key rpa_ABC123def456 (Authorization: Bearer eyJhbGciOi"
+            ".payload) token: 0123456789abcdef0123456789abcdef01\x1b[2J; pod abc123xyz, GPU NVIDIA GeForce RTX 4090")
+    shown = redacted(text, ["Zr8x-secret-value"])
+    for secret in ("Zr8x-secret-value", "rpa_ABC123def456", "eyJhbGciOi", "0123456789abcdef0123456789abcdef01", "\x1b"):
+        assert secret not in shown
+    assert "pod abc123xyz, GPU NVIDIA GeForce RTX 4090" in shown  # what helps the user stays

@@ -9,11 +9,13 @@ retry, and one-sentence errors that never carry the key or the pod's secrets.
 """
 
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
 
 from ..core.errors import UserError
+from ..core.files import printable
 
 MIN_VRAM_GB = 10  # nnInteractive's recommendation
 NAME_PREFIX = "segmentation-machine-"
@@ -252,10 +254,23 @@ def _checked(response, secret_values=()) -> dict:
     _raise_for(response.status_code, _problem(response), secret_values)
 
 
-def _raise_for(status: int, detail: str, secret_values=()):
-    for value in secret_values:  # RunPod may quote the request back: the pod's secrets never reach a sentence
+# What looks like a secret in RunPod's own words: its API keys (rpa_...), bearer tokens, "key=..." pairs and
+# long opaque strings (the pod secrets we generate are 32 characters or more).
+SECRET_LIKE = re.compile(r"\brp[a-z]_[A-Za-z0-9]+|\bbearer\s+\S+|\b(?:api[_-]?key|token|password|secret)\s*[=:]\s*\S+"
+                         r"|[A-Za-z0-9+/_=-]{32,}", re.IGNORECASE)
+
+
+def redacted(detail: str, secret_values=()) -> str:
+    """RunPod's text for a sentence: the pod's own secrets and anything secret-like masked, control characters
+    escaped (RunPod may quote the request back)."""
+    for value in secret_values:
         if len(value) >= 4:
             detail = detail.replace(value, "***")
+    return printable(SECRET_LIKE.sub("***", detail))
+
+
+def _raise_for(status: int, detail: str, secret_values=()):
+    detail = redacted(detail, secret_values)
     if status == 401:
         raise PodsError("RunPod rejected the API key: check it in the Cloud GPU panel "
                         "(it needs read and write access).")
