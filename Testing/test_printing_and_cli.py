@@ -1,7 +1,9 @@
 """Send to OrcaSlicer with a real executable stub, and the CLI as a user runs it (real processes)."""
 
+import errno
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -160,3 +162,32 @@ def test_the_cli_default_export_folder_is_the_modules():
     from SegmentationMachineLib.mesh import export
 
     assert cli.DEFAULT_OUT == export.DEFAULT_EXPORT_FOLDER
+
+
+def test_model_stopped_by_a_signal_leaves_no_incomplete_export(tmp_path):
+    """SIGTERM (a service stop) and SIGHUP (a closed terminal) end `model` as Ctrl-C does: exit 128+signal,
+    one sentence, and no folder of complete-looking meshes without their report."""
+    process = subprocess.Popen(CLI + ["model", "--out", str(tmp_path / "out"), "--quiet"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "out").glob("*/*.stl")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)  # until the export has written its first mesh
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr and "Interrupted: nothing was overwritten" in stderr
+    assert not list((tmp_path / "out").glob("SegmentationMachine_CT_phantom_segmentation_*"))  # the phantom's DICOM stays
+
+
+def test_a_full_disk_is_one_sentence_and_leaves_no_partial_export(tmp_path, monkeypatch, capsys):
+    from SegmentationMachineLib.cli import main as cli
+    from SegmentationMachineLib.mesh import writers
+
+    def disk_full(path, *args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(writers, "write_3mf", disk_full)  # after the STLs and the OBJ were written
+    assert cli.main(["model", "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert "No space left on device" in error and "free some space" in error and "Traceback" not in error
+    assert not list((tmp_path / "out").glob("SegmentationMachine_CT_phantom_segmentation_*"))

@@ -385,14 +385,27 @@ def main(argv=None) -> int:
     _configure_logging(args.log)
     commands = {"model": run_model, "export": run_export, "watch": run_watch, "server": run_server,
                 "print": run_print, "pod": run_pod}
+    signals = []
+    if args.command in ("model", "export"):  # a closed terminal or a service stop ends them as Ctrl-C does
+        def interrupted(signum, frame):
+            signals.append(signum)
+            raise KeyboardInterrupt
+
+        for name in ("SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), interrupted)
     try:
         commands[args.command](args)
     except UserError as error:
         log.error("%s", error)
         return 2
     except KeyboardInterrupt:
-        log.error("Interrupted: nothing was overwritten; an export folder without report.json is incomplete.")
-        return 130
+        log.error("Interrupted: nothing was overwritten, and no incomplete export was left behind.")
+        return 128 + (signals[-1] if signals else signal.SIGINT)
+    except OSError as error:  # a full disk, a folder taken away: the files of this run are removed
+        log.error("Could not write %s (%s): free some space or choose another folder with --out, then run "
+                  "again.", error.filename or "the output", error.strerror or error)
+        return 1
     return 0
 
 

@@ -7,6 +7,7 @@ themselves. Output goes to a new timestamped folder; nothing is ever overwritten
 
 import json
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -132,10 +133,20 @@ def export_segmentation(segmentation_node, out_dir, options: ExportOptions = Exp
 
 def write_export(prepared: PreparedExport, out_dir, options: ExportOptions = ExportOptions(),
                  progress=None) -> ExportResult:
-    """Any thread (a worker's, in the module): meshes, checks, files and the report, from prepare_export."""
+    """Any thread (a worker's, in the module): meshes, checks, files and the report, from prepare_export.
+
+    The folder is new and this run's own: interrupted (Ctrl-C, a signal, a full disk), it is removed whole."""
+    folder = new_output_folder(out_dir, prepared.name)
+    try:
+        return _write_into(folder, prepared, options, progress)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _write_into(folder: Path, prepared: PreparedExport, options: ExportOptions, progress) -> ExportResult:
     started = time.perf_counter()
     file_names = prepared.file_names
-    folder = new_output_folder(out_dir, prepared.name)
 
     def finish(mesh):
         """Runs on a worker thread: output coordinates, checks, and the segment's own STL."""
@@ -148,14 +159,9 @@ def write_export(prepared: PreparedExport, out_dir, options: ExportOptions = Exp
             writers.write_stl(folder / entry["stl"], [(points, mesh.triangles, normals)], mesh.name)
         return file_names[mesh.segment_id], mesh.color, points, mesh.triangles, entry
 
-    try:
-        finished, empty = meshes_from(prepared.segments, options.surface, progress, finish)
-        if not finished:
-            raise ExportError(f"Every segment of '{prepared.name}' is empty: nothing to export.")
-    except BaseException:
-        if not any(folder.iterdir()):
-            folder.rmdir()
-        raise
+    finished, empty = meshes_from(prepared.segments, options.surface, progress, finish)
+    if not finished:
+        raise ExportError(f"Every segment of '{prepared.name}' is empty: nothing to export.")
     named = [item[:4] for item in finished]
     entries = [item[4] for item in finished]
     files = [folder / e["stl"] for e in entries if "stl" in e]
