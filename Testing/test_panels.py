@@ -79,3 +79,24 @@ def test_inbox_panel_missing_folder_is_a_status_sentence(tmp_path):
     panel = InboxPanel(folder=tmp_path / "nowhere", state_folder=tmp_path / "state")
     panel.start()
     assert not panel.running and "does not exist" in panel.status
+
+
+def test_inbox_stop_returns_even_while_a_read_hangs(tmp_path, monkeypatch):
+    """Whatever blocks a poll (a file system that never answers), the module's Stop returns."""
+    import threading
+    import time
+
+    from SegmentationMachineLib.panels import inbox as inbox_panel
+    from SegmentationMachineLib.panels.inbox import InboxPanel
+
+    monkeypatch.setattr(inbox_panel, "STOP_WAIT_S", 0.3)
+    (tmp_path / "inbox").mkdir()
+    panel = InboxPanel(folder=tmp_path / "inbox", state_folder=tmp_path / "state")
+    panel.start()
+    stuck = threading.Event()
+    monkeypatch.setattr(panel.inbox, "poll", lambda: stuck.wait(60) or [])
+    panel.tick()  # the poll starts on its worker and hangs
+    started = time.monotonic()
+    panel.stop()
+    assert time.monotonic() - started < 5 and not panel.running
+    stuck.set()

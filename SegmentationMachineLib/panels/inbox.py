@@ -9,6 +9,8 @@ from ..core.errors import UserError
 from ..inbox.watcher import DEFAULT_INBOX, Inbox, InboxOptions
 from .tasks import BackgroundTask
 
+STOP_WAIT_S = 5.0  # Stop never hangs on a read still running: after this it is abandoned (its thread is a daemon)
+
 
 def default_inbox_folder() -> Path:
     """SM_INBOX where set (the pod image sets /workspace/inbox), else ~/SegmentationMachine/Inbox."""
@@ -57,7 +59,7 @@ class InboxPanel:
 
     def stop(self):
         if self.task:
-            self.task.wait()
+            self.task.wait(STOP_WAIT_S)
             self.task = None
         self._apply_acknowledgements()
         if self.inbox:
