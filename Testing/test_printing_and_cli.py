@@ -191,3 +191,13 @@ def test_a_full_disk_is_one_sentence_and_leaves_no_partial_export(tmp_path, monk
     error = capsys.readouterr().err
     assert "No space left on device" in error and "free some space" in error and "Traceback" not in error
     assert not list((tmp_path / "out").glob("SegmentationMachine_CT_phantom_segmentation_*"))
+
+
+def test_exported_files_get_the_users_normal_permissions(shared_data, tmp_path):
+    """Exports follow the umask (0644 under the usual 022), not the 0600 of a temporary file."""
+    result = subprocess.run(CLI + ["export", shared_data / "dcmqi" / "liver_seg.nrrd", "--out", tmp_path, "--quiet"],
+                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: os.umask(0o022))
+    assert result.returncode == 0, result.stderr
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert files and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}

@@ -8,15 +8,20 @@ from pathlib import Path
 
 PRIVATE_FOLDER = 0o700  # patient data and state: the owner only
 PRIVATE_FILE = 0o600
+# The user's umask, read once (setting it is the only way to read it, and it is process-wide: not in threads).
+UMASK = os.umask(0o077)
+os.umask(UMASK)
 
 
 @contextmanager
 def atomic_file(path: Path, mode: str = "wb"):
-    """Writes to a hidden temporary file beside path, then renames it into place; never overwrites."""
+    """Writes to a hidden temporary file beside path, then renames it into place; never overwrites.
+    The file gets the user's normal permissions (umask), as any program's output: others may open exports."""
     path = Path(path)
     if path.exists():
         raise FileExistsError(path)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.fchmod(handle, 0o666 & ~UMASK)  # mkstemp makes it 0600
     try:
         with os.fdopen(handle, mode) as stream:
             yield stream
