@@ -252,7 +252,7 @@ def run_server(args):
     print(f"nnInteractive server on http://{args.host}:{args.port} ({device}); Ctrl-C stops it.", flush=True)
     # The key goes by environment, never on the command line where `ps` shows it to every user.
     process = subprocess.Popen(command, env={**os.environ, "NN_INTERACTIVE_API_KEY": key}, stdin=subprocess.DEVNULL)
-    signal.signal(signal.SIGTERM, _interrupt)
+    _stop_on_signals(("SIGTERM",))
     try:
         process.wait()
     except KeyboardInterrupt:
@@ -322,15 +322,7 @@ def run_watch(args):
         report_skipped()
         print(printable(line), flush=True)  # series names come from the files' headers
 
-    signals = []
-
-    def interrupted(signum, frame):  # Ctrl-C, a closed terminal, a service stop: all end the same way
-        signals.append(signum)
-        raise KeyboardInterrupt
-
-    stopping = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
-    for number in stopping:
-        signal.signal(number, interrupted)
+    signals = _stop_on_signals(STOP_SIGNALS)
     try:
         outbox.mkdir(parents=True, exist_ok=True)
         inbox.start()
@@ -338,10 +330,11 @@ def run_watch(args):
               flush=True)
         run_queue(inbox, outbox, process, once=args.once, echo=echo, polled=report_skipped)
     except KeyboardInterrupt:
-        for number in stopping:
-            signal.signal(number, signal.SIG_IGN)  # a second signal must not cut the clean-up short
+        for name in STOP_SIGNALS:
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)  # a second signal must not cut the clean-up short
         print("Stopped; run the same command again to continue where it stopped.", flush=True)
-        raise SystemExit(128 + (signals[-1] if signals else signal.SIGINT)) from None
+        raise SystemExit(_exit_status(signals)) from None
     except OSError as error:
         raise UserError(f"Cannot use {printable(error.filename or outbox)} ({error.strerror}): "
                         "check the folder and the free space.") from None
@@ -349,8 +342,26 @@ def run_watch(args):
         inbox.stop()
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # Ctrl-C, a service stop, a closed terminal
+
+
+def _stop_on_signals(names) -> list:
+    """Each of these signals ends the command as Ctrl-C does (KeyboardInterrupt); returns the list of the
+    signals received, for the exit status."""
+    received = []
+
+    def interrupted(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    for name in names:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), interrupted)
+    return received
+
+
+def _exit_status(received: list) -> int:
+    return 128 + (received[-1] if received else signal.SIGINT)
 
 
 def run_print(args):
@@ -385,15 +396,8 @@ def main(argv=None) -> int:
     _configure_logging(args.log)
     commands = {"model": run_model, "export": run_export, "watch": run_watch, "server": run_server,
                 "print": run_print, "pod": run_pod}
-    signals = []
-    if args.command in ("model", "export"):  # a closed terminal or a service stop ends them as Ctrl-C does
-        def interrupted(signum, frame):
-            signals.append(signum)
-            raise KeyboardInterrupt
-
-        for name in ("SIGTERM", "SIGHUP"):
-            if hasattr(signal, name):
-                signal.signal(getattr(signal, name), interrupted)
+    # model and export end on a closed terminal or a service stop as on Ctrl-C; watch and server set their own.
+    signals = _stop_on_signals(STOP_SIGNALS) if args.command in ("model", "export") else []
     try:
         commands[args.command](args)
     except UserError as error:
@@ -401,7 +405,7 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         log.error("Interrupted: nothing was overwritten, and no incomplete export was left behind.")
-        return 128 + (signals[-1] if signals else signal.SIGINT)
+        return _exit_status(signals)
     except OSError as error:  # a full disk, a folder taken away: the files of this run are removed
         log.error("Could not write %s (%s): free some space or choose another folder with --out, then run "
                   "again.", error.filename or "the output", error.strerror or error)

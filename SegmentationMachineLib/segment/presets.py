@@ -100,7 +100,7 @@ def _components_with(mask, seeds):
 
 def _around(box, margin_mm: float, spacing, shape) -> tuple:
     """box (slices) grown by margin_mm on every side, inside shape."""
-    grow = [int(np.ceil(margin_mm / s)) + 1 for s in spacing]
+    grow = [before for before, _ in _pad_width(margin_mm, spacing)]
     return tuple(slice(max(b.start - g, 0), min(b.stop + g, n)) for b, g, n in zip(box, grow, shape))
 
 
