@@ -158,10 +158,10 @@ def test_list_shows_series_and_skipped_files(shared_data):
 
 
 def test_the_cli_default_export_folder_is_the_modules():
-    from SegmentationMachineLib.cli import main as cli
+    from SegmentationMachineLib.cli import common
     from SegmentationMachineLib.mesh import export
 
-    assert cli.DEFAULT_OUT == export.DEFAULT_EXPORT_FOLDER
+    assert common.DEFAULT_OUT == export.DEFAULT_EXPORT_FOLDER
 
 
 def test_model_stopped_by_a_signal_leaves_no_incomplete_export(tmp_path):

@@ -20,6 +20,7 @@ from ..core.errors import UserError
 
 def add_pod_commands(commands, common):
     pod = commands.add_parser("pod", help="RunPod GPU pods: gpus, up, status, list, stop, resume, down, login, logout")
+    pod.set_defaults(run=run_pod)
     actions = pod.add_subparsers(dest="pod_command", required=True)
     gpus = actions.add_parser("gpus", parents=[common], help="NVIDIA GPU types in stock with ≥ 10 GB, cheapest first")
     gpus.add_argument("--cloud", choices=["secure", "community"], default="secure")
