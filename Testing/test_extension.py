@@ -24,7 +24,7 @@ def test_library_cmake_lists_every_library_file():
 
 # Each package imports only those of lower layers or its own: module -> panels/CLI -> pipeline -> capabilities -> core.
 LAYERS = {"core": 0, "dicom": 1, "mesh": 1, "prompts": 1, "cloud": 1, "segment": 2, "inbox": 2,
-          "pipeline": 3, "panels": 4, "cli": 4}
+          "pipeline": 3, "pacs": 3, "panels": 4, "cli": 4}
 
 
 def _library_imports():
