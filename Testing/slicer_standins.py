@@ -100,6 +100,13 @@ class IdleMainThread:
         self.timers.append([time.monotonic() + interval_ms / 1000, interval_ms / 1000, callback])
         return self
 
+    def click(self, callback, *args):
+        """Runs callback(*args) now, as Qt runs a button's slot on the main thread, and records it as a tick."""
+        started = time.monotonic()
+        result = callback(*args)
+        self.ticks.append((time.monotonic() - started, getattr(callback, "__qualname__", "")))
+        return result
+
     def run(self, until, seconds: float = 120.0) -> bool:
         """Fires the timers until until() is true (True) or seconds have passed (False)."""
         deadline = time.monotonic() + seconds
@@ -169,18 +176,18 @@ def drive(main: IdleMainThread, until, *timers, pump: bool = True, seconds: floa
     return main.run(until, seconds)
 
 
-def preset_flow(main: IdleMainThread, ctx, volume_node, preset: str = "bone"):
+def preset_flow(main: IdleMainThread, ctx, volume_node, preset: str = "bone", seconds: float = 300.0):
     """Apply, then the poll timer adds the segment once the worker is done; returns the segmentation node."""
     from SegmentationMachineLib.panels.presets import PresetsPanel
 
     panel, added = PresetsPanel(preset=preset), []
-    panel.start(volume_node)
+    main.click(panel.start, volume_node)
 
     def poll():
         if panel.task and panel.task.done():
             added.append(panel.finish(ctx, volume_node))
 
-    assert drive(main, lambda: added, (POLL_MS, poll)), panel.status
+    assert drive(main, lambda: added, (POLL_MS, poll), seconds=seconds), panel.status
     assert added[0] is not None, panel.status
     return added[0]
 
@@ -190,7 +197,7 @@ def export_flow(main: IdleMainThread, segmentation_node, folder):
     from SegmentationMachineLib.panels.export import ExportPanel
 
     panel, results = ExportPanel(output_folder=folder), []
-    panel.start(segmentation_node)
+    main.click(panel.start, segmentation_node)
 
     def poll():
         if panel.task and panel.task.done():

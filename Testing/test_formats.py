@@ -160,6 +160,17 @@ def test_seg_on_an_oblique_mirrored_anisotropic_grid_stays_in_place(ctx, shared_
 
 
 @needs_highdicom
+def test_seg_of_a_series_without_patient_attributes_is_written(tmp_path):
+    """Anonymisers (and our phantom) drop type 2 patient/study attributes; the SEG still copies them, empty."""
+    import highdicom
+
+    assert main(["model", "--format", "seg", "--out", str(tmp_path), "--quiet"]) == 0
+    seg = highdicom.seg.segread(next(tmp_path.glob("*/segmentation.dcm")))
+    assert "PatientBirthDate" in seg and not seg.PatientBirthDate
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["Bone"]
+
+
+@needs_highdicom
 def test_seg_without_a_dicom_series_is_one_sentence_before_any_work(ctx, shared_data, tmp_path):
     on_nifti = load_segmentation(ctx, DATA / "totalsegmentator" / "example_seg.nii.gz")
     with pytest.raises(ExportError, match="DICOM SEG needs the DICOM series"):

@@ -218,3 +218,27 @@ def test_status_json_paths_are_absolute_whatever_the_working_directory(tmp_path,
         (Path("inbox") / path.name).write_bytes(path.read_bytes())
     board, _ = queue_once(Path("inbox"), Path("state"), Path("outbox"))
     assert board["inbox"] == str(tmp_path / "inbox") and board["series"][0]["result"] == str(tmp_path / "outbox" / "CT_model")
+
+
+def test_an_unexpected_error_fails_that_series_once_and_the_queue_goes_on(tmp_path, shared_data):
+    """A bug (ours or a library's) in one series marks it failed, says so, and is not retried on every restart."""
+    inbox_folder, state, outbox = tmp_path / "inbox", tmp_path / "state", tmp_path / "outbox"
+    from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
+    for name in ("first", "second"):
+        write_ct_series(inbox_folder / name, make_phantom(shape=(4, 32, 32)).hu, 1.5,
+                        [(0, 0, 2.0 * k) for k in range(4)], name)
+    attempts = []
+
+    def export_with_a_bug(delivery, folder):
+        attempts.append(delivery.series.name)
+        if "first" in delivery.series.name:
+            raise AttributeError("'FileDataset' object has no attribute 'PatientBirthDate'")
+        return export(delivery, folder)
+
+    board, lines = queue_once(inbox_folder, state, outbox, export_with_a_bug)
+    states = {entry["name"]: (entry["state"], entry["reason"]) for entry in board["series"]}
+    assert states["CT 'second'"] == ("done", "")
+    assert states["CT 'first'"][0] == "failed"
+    assert "unexpected error" in states["CT 'first'"][1] and "PatientBirthDate" in states["CT 'first'"][1]
+    board, _ = queue_once(inbox_folder, state, outbox, export_with_a_bug)  # a restart does not retry it
+    assert attempts.count("CT 'first'") == 1

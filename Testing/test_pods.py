@@ -140,12 +140,20 @@ def test_a_rejected_key_is_a_sentence_and_no_secret_leaks(fake, caplog):
 
 
 def test_no_answer_is_tried_twice_more_then_said(monkeypatch):
-    from nninteractive_server import free_port
+    import socket
 
-    monkeypatch.setenv("RUNPOD_REST_URL", f"http://127.0.0.1:{free_port()}/v2")  # nothing listens there
-    sleeps = []
-    with pytest.raises(PodsError, match="RunPod did not answer properly"):
-        RunPodRest(KEY, sleep=sleeps.append).pods()
+    from SegmentationMachineLib.cloud import pods
+
+    with socket.socket() as silent:  # accepts connections (the kernel does), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/v2"
+        monkeypatch.setenv("RUNPOD_REST_URL", url)
+        monkeypatch.setattr(pods, "TIMEOUT_S", 0.2)
+        sleeps = []
+        with pytest.raises(PodsError) as error:
+            RunPodRest(KEY, sleep=sleeps.append).pods()
+    assert str(error.value) == f"RunPod at {url} did not answer within 0.2 s (time-out): try again in a minute."
     assert sleeps == [5, 10]  # seconds, not minutes, before the user hears of it
 
 

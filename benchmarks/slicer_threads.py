@@ -1,6 +1,6 @@
 """The module's flows with Slicer's idle main thread (GIL held between timer ticks) and without it.
 
-Run: .venv/bin/python benchmarks/slicer_threads.py
+Run: .venv/bin/python benchmarks/slicer_threads.py [WORD...]  (only the flows whose name holds a WORD)
 Each flow is driven by the widget's timers (Testing/slicer_standins.py): first with the GIL released
 between ticks (as if PythonQt let go of it), then held in C as Slicer 5.10 does, with the module's
 GIL pump running. Prints seconds for both, their ratio and the main-thread ticks' lengths.
@@ -60,7 +60,7 @@ def export_61_labels(ctx):
 def bone_preset(ctx, phantom):
     volume = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
     arrays.set_volume_array(volume, phantom.hu, np.diag([-0.7, -0.7, 1.0, 1.0]))
-    return lambda main: preset_flow(main, ctx, volume)
+    return lambda main: preset_flow(main, ctx, volume, seconds=1800)  # minutes on a machine shared with other jobs
 
 
 def inbox_delivery(series: Path):
@@ -124,6 +124,8 @@ def main():
         ("Cloud GPU: pod start on the fake RunPod (boot 0.5 s, ports 0.7 s, server 1 s)", pod_start(work), False),
         ("bone preset, 512x512x300 phantom (0.7 x 0.7 x 1 mm)", bone_preset(ctx, big), False),
     ]
+    words = sys.argv[1:]
+    flows = [flow for flow in flows if not words or any(word in flow[0] for word in words)]
     try:
         print("| flow | s without fixture | s with fixture | ratio | ticks | 95th percentile tick ms | "
               "longest tick ms, per timer |\n|---|---|---|---|---|---|---|")
@@ -132,7 +134,7 @@ def main():
             p95 = 1000 * np.percentile([seconds for seconds, _ in ticks], 95)
             longest = {}
             for seconds, timer in ticks:
-                timer = timer.split(".")[-1]  # share_gil (the pump), poll, tick
+                timer = timer.split(".")[-1]  # share_gil (the pump), poll, tick, start (the button's click)
                 longest[timer] = max(longest.get(timer, 0.0), seconds)
             per_timer = ", ".join(f"{timer} {1000 * seconds:.0f}" for timer, seconds in longest.items())
             print(f"| {name} | {free:.2f} | {held:.2f} | {held / free:.2f} | {len(ticks)} | {p95:.0f} | {per_timer} |",

@@ -4,7 +4,27 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 pip_flags=(--quiet --disable-pip-version-check)
 
-# 0. The Khronos glTF-Validator (npm) that the glTF tests run on every .glb written (skipped without Node.js).
+# 0a. Orthanc with its DICOMweb plugin, and DCMTK: Debian packages that the PACS tests run as real servers. Installed
+#     where apt-get is usable (root, or sudo without a password); elsewhere those tests are skipped. The package
+#     starts no service where policy-rc.d forbids it (containers): the tests start their own Orthanc on loopback.
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo -n "$@"; fi; }
+missing=()
+for package in orthanc orthanc-dicomweb dcmtk; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    install=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}")
+    if command -v apt-get >/dev/null && as_root true 2>/dev/null; then
+        as_root "${install[@]}" >/dev/null 2>&1 \
+            || { as_root apt-get update -q >/dev/null && as_root "${install[@]}" >/dev/null; } \
+            || echo "Could not install ${missing[*]} with apt-get: the Orthanc and DICOM node tests will be skipped."
+    else
+        echo "Not installing ${missing[*]} (needs apt-get as root or sudo without a password):" \
+             "the Orthanc and DICOM node tests will be skipped."
+    fi
+fi
+
+# 0b. The Khronos glTF-Validator (npm) that the glTF tests run on every .glb written (skipped without Node.js).
 if command -v npm >/dev/null && [ ! -d build/tools/node_modules/gltf-validator ]; then
     npm install --silent --no-audit --no-fund --prefix build/tools gltf-validator@2.0.0-dev.3.10
 fi

@@ -13,6 +13,7 @@ import vtk
 from slicer.i18n import tr as _
 
 from SegmentationMachineLib.core.credentials import SecretStore
+from SegmentationMachineLib.core.scene import forward_render_pauses
 from SegmentationMachineLib.panels.promptmarkups import BoxPlacement, curve_points_ras
 from SegmentationMachineLib.panels.prompts import PromptsPanel
 from SegmentationMachineLib.prompts.promptfile import save_prompt_file, SegmentPrompts
@@ -145,6 +146,7 @@ class PromptToolsSection:
         logic.SetMRMLScene(slicer.mrmlScene)
         logic.SetMRMLApplicationLogic(slicer.app.applicationLogic())
         logic.SetSegmentEditorNode(editorNode)
+        forward_render_pauses(logic, slicer.app.applicationLogic())  # no Segment Editor widget does it
         return logic
 
     # -- viewer tools ------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """What the commands share: progress bars, export options, signals that end a command as Ctrl-C does."""
 
+import argparse
+import errno
 import logging
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
@@ -14,6 +17,9 @@ DEFAULT_OUT = Path.home() / "SegmentationMachine" / "Exports"  # = export.DEFAUL
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # Ctrl-C, a service stop, a closed terminal
 
 log = logging.getLogger("segmentation-machine")
+# Each step of a run (scan, load, preset, mesh, files), at INFO: kept in the --log file, not shown on the console.
+steps = logging.getLogger("segmentation-machine.steps")
+SECRET_WORDS = ("key", "token", "password", "secret")  # options never recorded, should one ever hold a secret
 
 
 class Progress:
@@ -34,24 +40,40 @@ class Progress:
         self._bar.close()
 
 
-def add_surface_options(parser):
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"parent of the new export folder (default {DEFAULT_OUT})")
+def examples(*lines: str) -> dict:
+    """add_parser() arguments that end a command's help with examples, laid out as written."""
+    return {"epilog": "example" + ("s" if len(lines) > 1 else "") + ":\n" + "\n".join(f"  {line}" for line in lines),
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
+def add_surface_options(parser, queue: bool = False):
+    """The export options of model and export; queue (watch, listen): --out is the required OUTBOX and
+    nothing is opened on screen."""
+    if queue:
+        parser.add_argument("--out", type=Path, required=True, help="OUTBOX: a result folder per series and status.json")
+    else:
+        parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                            help=f"parent of the new export folder (default {DEFAULT_OUT})")
     parser.add_argument("--format", default="stl,obj,3mf",
                         help="any of stl,obj,3mf,glb,seg (default stl,obj,3mf; glb: binary glTF in metres, +Y up; "
                              "seg: DICOM SEG, needs a DICOM input and segmentation-machine[hospital])")
     parser.add_argument("--smoothing", type=float, default=0.5, help="0 (none) to 1 (strong), default 0.5")
     parser.add_argument("--decimate", type=float, default=0.0, help="fraction of triangles to remove, 0 to 0.95")
-    parser.add_argument("--method", choices=["flying_edges", "surface_nets"], default="flying_edges")
+    parser.add_argument("--method", choices=["flying_edges", "surface_nets"], default="flying_edges",
+                        help="surface algorithm: flying_edges (default, watertight) or surface_nets (fewer, more even "
+                             "triangles)")
     parser.add_argument("--ras", action="store_true", help="write RAS coordinates instead of LPS")
     parser.add_argument("--merged-stl", action="store_true", help="also write all segments into merged.stl")
-    parser.add_argument("--print", dest="send_to_printer", action="store_true", help="open the result in OrcaSlicer")
-    parser.add_argument("--orcaslicer", help="path of OrcaSlicer, when it is not found by itself")
+    if not queue:
+        parser.add_argument("--print", dest="send_to_printer", action="store_true",
+                            help="open the result in OrcaSlicer")
+        parser.add_argument("--orcaslicer", help="path of OrcaSlicer, when it is not found by itself")
 
 
 def parse_presets(text: str) -> list:
     from ..segment.presets import PRESETS
 
-    presets = [p.strip() for p in text.split(",") if p.strip()]
+    presets = [p.strip().lower() for p in text.split(",") if p.strip()]
     unknown = [p for p in presets if p not in PRESETS]
     if unknown or not presets:
         raise UserError(f"Unknown preset '{','.join(unknown) or text}': choose from {', '.join(PRESETS)}.")
@@ -59,14 +81,37 @@ def parse_presets(text: str) -> list:
 
 
 def export_options(args):
+    """The export options, checked before any work: a bad value or an output folder that cannot be written
+    fails now, not after minutes of segmentation."""
     from ..mesh.export import ExportOptions, parse_formats
     from ..mesh.surfaces import SurfaceMethod, SurfaceOptions
 
     if not 0 <= args.smoothing <= 1 or not 0 <= args.decimate <= 0.95:
         raise UserError("--smoothing must be between 0 and 1 and --decimate between 0 and 0.95.")
-    return ExportOptions(formats=parse_formats(args.format), coordinates="RAS" if args.ras else "LPS",
-                         merged_stl=args.merged_stl,
-                         surface=SurfaceOptions(SurfaceMethod(args.method), args.smoothing, args.decimate))
+    options = ExportOptions(formats=parse_formats(args.format), coordinates="RAS" if args.ras else "LPS",
+                            merged_stl=args.merged_stl,
+                            surface=SurfaceOptions(SurfaceMethod(args.method), args.smoothing, args.decimate))
+    if not getattr(args, "list", False):  # --list writes nothing
+        writable_folder(args.out)
+    return options
+
+
+def writable_folder(folder: Path, option: str = "--out") -> Path:
+    """folder, once a file could be made in it or, while it does not exist, in the folder it would be made in
+    (nothing is left behind; the only test that also holds for root, read-only mounts and full disks)."""
+    folder = Path(folder).expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        from ..core.files import printable
+
+        raise UserError(f"Cannot write in {printable(folder)} ({error.strerror or error}): choose a folder you can "
+                        f"write to with {option}.") from None
+    return folder
 
 
 def report_export(args, result):
@@ -79,10 +124,20 @@ def report_export(args, result):
     if result.not_watertight:
         log.warning("Not watertight: %s; the printer's slicer may need to repair these meshes "
                     "(flying_edges with smoothing gives closed meshes).", ", ".join(result.not_watertight))
+    for warning in result.warnings:
+        log.warning("%s", warning)
     if args.send_to_printer:
         send_to_orcaslicer(result.folder, args.orcaslicer)
         print("Opened in OrcaSlicer.")
     return result
+
+
+def command_record(args) -> dict:
+    """The command and its options for report.json: every option as given, none that could hold a secret
+    (keys come from the environment, never the command line; the variable's name is no secret)."""
+    options = {name: (str(value) if isinstance(value, Path) else value) for name, value in vars(args).items()
+               if name not in ("run", "command") and (name.endswith("_env") or not any(w in name for w in SECRET_WORDS))}
+    return {"name": args.command, "options": options}
 
 
 def api_key(variable: str, pod=None) -> str:

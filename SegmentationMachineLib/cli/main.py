@@ -9,12 +9,14 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .. import __version__
 from ..core.errors import UserError
-from .common import STOP_SIGNALS, exit_status, log, stop_on_signals
+from .common import STOP_SIGNALS, examples, exit_status, log, steps, stop_on_signals
 from .export import add_export_command
+from .listen import add_listen_command
 from .model import add_model_command
 from .pod import add_pod_commands
 from .server import add_server_command
@@ -22,21 +24,24 @@ from .watch import add_watch_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segmentation-machine", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="segmentation-machine", description=__doc__.splitlines()[0],
+                                     **examples("segmentation-machine model ~/scans/ct --preset bone",
+                                                "segmentation-machine COMMAND --help"))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bars")
     common.add_argument("--log", type=Path, help="also append the log to this file")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add_command in (add_model_command, add_export_command, add_watch_command, add_server_command,
-                        add_pod_commands, _add_print_command):
+    for add_command in (add_model_command, add_export_command, add_watch_command, add_listen_command,
+                        add_server_command, add_pod_commands, _add_print_command):
         add_command(commands, common)
     return parser
 
 
 def _add_print_command(commands, common):
-    send = commands.add_parser("print", parents=[common], help="open an export folder or model file in OrcaSlicer")
-    send.add_argument("path", type=Path)
+    send = commands.add_parser("print", parents=[common], help="open an export folder or model file in OrcaSlicer",
+                               **examples("segmentation-machine print ~/SegmentationMachine/Exports/CT_20260101-1200"))
+    send.add_argument("path", type=Path, help="an export folder (its 3MF, else its STLs) or one model file")
     send.add_argument("--orcaslicer", help="path of OrcaSlicer, when it is not found by itself")
     send.set_defaults(run=_run_print)
 
@@ -64,8 +69,14 @@ def _configure_logging(log_file: Path = None):
         handlers.append(logging.StreamHandler(os.fdopen(descriptor, "a")))
     for handler in handlers:
         handler.addFilter(_printable_record)
-    logging.basicConfig(level=logging.INFO, format="segmentation-machine: %(levelname)s: %(message)s",
+    handlers[0].addFilter(lambda record: not record.name.startswith(steps.name))  # steps: the --log file only
+    # Third parties' INFO lines (httpx's requests, NumExpr's threads) are noise to the user: only warnings pass.
+    logging.basicConfig(level=logging.WARNING, format="segmentation-machine: %(levelname)s: %(message)s",
                         handlers=handlers, force=True)
+    log.setLevel(logging.INFO)
+    # pydicom's and highdicom's remarks on a file's odd values (a one-part patient name): our sentences say what matters.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(pydicom|highdicom)(\.|$)")
 
 
 def main(argv=None) -> int:

@@ -6,6 +6,7 @@ timeout ends it once nobody connects).
 """
 
 import getpass
+import importlib
 import signal
 import sys
 import time
@@ -16,22 +17,29 @@ from ..cloud.pods import PodsError, RunPodRest, spend_per_hr
 from ..cloud.podstart import DEFAULT_TIMEOUT_S
 from ..core.credentials import SecretStore
 from ..core.errors import UserError
+from .common import examples
+
+SM = "segmentation-machine pod"
+CLOUD_HELP = "secure (default: RunPod's data centres) or community (cheaper hosts)"
 
 
 def add_pod_commands(commands, common):
-    pod = commands.add_parser("pod", help="RunPod GPU pods: gpus, up, status, list, stop, resume, down, login, logout")
+    pod = commands.add_parser("pod", help="RunPod GPU pods: gpus, up, status, list, stop, resume, down, login, logout",
+                              **examples(f"{SM} login", f"{SM} up --gpu 'RTX 4090' --max-price 0.8", f"{SM} down --all"))
     pod.set_defaults(run=run_pod)
     actions = pod.add_subparsers(dest="pod_command", required=True)
-    gpus = actions.add_parser("gpus", parents=[common], help="NVIDIA GPU types in stock with ≥ 10 GB, cheapest first")
-    gpus.add_argument("--cloud", choices=["secure", "community"], default="secure")
+    gpus = actions.add_parser("gpus", parents=[common], help="NVIDIA GPU types in stock with ≥ 10 GB, cheapest first",
+                              **examples(f"{SM} gpus --cloud community"))
+    gpus.add_argument("--cloud", choices=["secure", "community"], default="secure", help=CLOUD_HELP)
 
-    up = actions.add_parser("up", parents=[common], help="start a pod and wait until its server answers")
+    up = actions.add_parser("up", parents=[common], help="start a pod and wait until its server answers",
+                            **examples(f"{SM} up", f"{SM} up --mode desktop --budget 2 --detach"))
     up.add_argument("--gpu", help="GPU type id or name (default: the cheapest with ≥ 10 GB that has capacity)")
     up.add_argument("--mode", choices=MODES, default="server", help="server (default) or desktop (Slicer in a browser)")
     source = up.add_mutually_exclusive_group()
     source.add_argument("--image", help="container image (default SM_POD_IMAGE or our published image)")
     source.add_argument("--template", help="RunPod template id instead of an image")
-    up.add_argument("--cloud", choices=["secure", "community"], default="secure")
+    up.add_argument("--cloud", choices=["secure", "community"], default="secure", help=CLOUD_HELP)
     up.add_argument("--max-price", type=float, help="only GPU types costing at most this many $/h")
     up.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds until a start that is not "
                     f"ready is terminated (default {DEFAULT_TIMEOUT_S:g})")
@@ -43,26 +51,37 @@ def add_pod_commands(commands, common):
     up.add_argument("--volume-gb", type=int, help="size of the pod's /workspace volume (default 50)")
     up.add_argument("--network-volume", help="id of a network volume to mount at /workspace instead")
     up.add_argument("--detach", action="store_true", help="return once ready and leave the pod running")
-    resume = actions.add_parser("resume", parents=[common], help="resume a stopped pod started here and connect")
-    resume.add_argument("pod_id")
-    resume.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
+    resume = actions.add_parser("resume", parents=[common], help="resume a stopped pod started here and connect",
+                                **examples(f"{SM} resume abc123xyz"))
+    resume.add_argument("pod_id", help="the pod's id, as `pod status` or `pod list` shows it")
+    resume.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds until a resume that is "
+                        f"not ready is stopped again (default {DEFAULT_TIMEOUT_S:g})")
     resume.add_argument("--detach", action="store_true", help="return once ready and leave the pod running")
 
-    status = actions.add_parser("status", parents=[common], help="pods started here (or one pod): state, cost, URLs")
-    status.add_argument("pod_id", nargs="?")
+    status = actions.add_parser("status", parents=[common], help="pods started here (or one pod): state, cost, URLs",
+                                **examples(f"{SM} status", f"{SM} status abc123xyz --show-secrets"))
+    status.add_argument("pod_id", nargs="?", help="one pod's id (default: every pod started from this computer)")
     status.add_argument("--show-secrets", action="store_true", help="also print the pod's server key and passwords")
-    actions.add_parser("list", parents=[common], help="every pod on the account, with cost so far")
-    stop = actions.add_parser("stop", parents=[common], help="stop a pod: no GPU billing, its volume is kept")
-    stop.add_argument("pod_id")
-    down = actions.add_parser("down", parents=[common], help="terminate a pod (its volume is deleted)")
+    actions.add_parser("list", parents=[common], help="every pod on the account, with cost so far",
+                       **examples(f"{SM} list"))
+    stop = actions.add_parser("stop", parents=[common], help="stop a pod: no GPU billing, its volume is kept",
+                              **examples(f"{SM} stop abc123xyz"))
+    stop.add_argument("pod_id", help="the pod's id, as `pod status` or `pod list` shows it")
+    down = actions.add_parser("down", parents=[common], help="terminate a pod (its volume is deleted)",
+                              **examples(f"{SM} down abc123xyz", f"{SM} down --all"))
     target = down.add_mutually_exclusive_group(required=True)
-    target.add_argument("pod_id", nargs="?")
+    target.add_argument("pod_id", nargs="?", help="the pod's id, as `pod status` or `pod list` shows it")
     target.add_argument("--all", action="store_true", help="every pod started from this computer")
-    actions.add_parser("login", parents=[common], help="save the RunPod API key (read without echo) in the keychain")
-    actions.add_parser("logout", parents=[common], help="forget the saved RunPod API key")
+    actions.add_parser("login", parents=[common], help="save the RunPod API key (read without echo) in the keychain",
+                       **examples(f"{SM} login", f"pass show runpod | {SM} login"))
+    actions.add_parser("logout", parents=[common], help="forget the saved RunPod API key", **examples(f"{SM} logout"))
 
 
 def run_pod(args):
+    try:
+        importlib.import_module("requests")  # the cloud extra: Slicer bundles it, a bare pip install does not
+    except ImportError:
+        raise UserError("The pod commands need the cloud extra: pip install 'segmentation-machine[cloud]'.") from None
     if args.pod_command in ("login", "logout"):
         return _login() if args.pod_command == "login" else _logout()
     cloud = CloudGpu(RunPodRest(runpod_key()))

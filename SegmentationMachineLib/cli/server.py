@@ -6,21 +6,30 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 from ..core.errors import UserError
-from .common import stop_on_signals
+from ..core.files import printable
+from .common import examples, stop_on_signals
+
+STARTUP_POLL_S = 0.25  # how often the starting server is asked whether it answers
 
 
 def add_server_command(commands, common):
     serve = commands.add_parser("server", parents=[common],
-                                help="run the upstream nnInteractive server (GPU workstation or pod)")
+                                help="run the upstream nnInteractive server (GPU workstation or pod)",
+                                **examples("SM_NNI_API_KEY=... segmentation-machine server --host 0.0.0.0",
+                                           "segmentation-machine server --model-dir ~/my-model --fold 0 --device cpu"))
     serve.add_argument("--model-dir", type=Path, help="a model folder (else the official weights, downloaded once)")
     serve.add_argument("--fold", default="0", help="fold of --model-dir (default 0)")
     serve.add_argument("--model", help="official model id (default: upstream's default model)")
-    serve.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when a GPU is present")
-    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1; 0.0.0.0 in the pod image")
-    serve.add_argument("--port", type=int, default=1527)
+    serve.add_argument("--device", choices=["cuda", "cpu"], help="where the model runs (default: cuda when a GPU "
+                                                                 "is present, else cpu)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 in the "
+                                                           "pod image)")
+    serve.add_argument("--port", type=int, default=1527, help="TCP port (default 1527)")
     serve.add_argument("--max-sessions", type=int, help="concurrent sessions (upstream default 3)")
     serve.set_defaults(run=run_server)
 
@@ -31,11 +40,16 @@ def run_server(args):
     if executable is None:
         raise UserError("The nnInteractive server is not installed: pip install 'segmentation-machine[server]' "
                         "(on a GPU machine, install a CUDA build of torch first).")
+    if args.model_dir:
+        _check_model_dir(args.model_dir.expanduser(), args.fold)
+    device = args.device or _default_device()
+    if device == "cuda" and _default_device() != "cuda":
+        raise UserError("--device cuda, but torch sees no CUDA GPU here: run on a GPU machine (with a CUDA build "
+                        "of torch), or use --device cpu (slow).")
     key = os.environ.get("SM_NNI_API_KEY")
     if not key:
         key = secrets.token_urlsafe(32)
         print(f"API key (shown once; clients need it): {key}", flush=True)
-    device = args.device or _default_device()
     command = [executable, "--host", args.host, "--port", str(args.port), "--device", device]
     if args.model_dir:
         command += ["--model-dir", str(args.model_dir), "--fold", str(args.fold)]
@@ -45,11 +59,14 @@ def run_server(args):
         command += ["--max-sessions", str(args.max_sessions)]
     if device == "cpu":
         command += ["--torch-n-threads", str(os.cpu_count() or 1)]
-    print(f"nnInteractive server on http://{args.host}:{args.port} ({device}); Ctrl-C stops it.", flush=True)
+    url = f"http://{args.host}:{args.port}"
+    print(f"Starting the nnInteractive server on {url} ({device}); it loads the model first.", flush=True)
     # The key goes by environment, never on the command line where `ps` shows it to every user.
     process = subprocess.Popen(command, env={**os.environ, "NN_INTERACTIVE_API_KEY": key}, stdin=subprocess.DEVNULL)
     stop_on_signals(("SIGTERM",))
     try:
+        if _answers_once_started(process, args.host, args.port):
+            print(f"Ready: the nnInteractive server answers on {url}; Ctrl-C stops it.", flush=True)
         process.wait()
     except KeyboardInterrupt:
         process.terminate()
@@ -59,6 +76,35 @@ def run_server(args):
             process.kill()
     if process.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL, None):
         raise UserError(f"The nnInteractive server stopped with status {process.returncode}: see its messages above.")
+
+
+def _check_model_dir(folder: Path, fold: str):
+    """The mistakes upstream answers with a traceback: a folder that is not there, or not a model's."""
+    if not folder.is_dir():
+        raise UserError(f"--model-dir {printable(folder)} is not a folder: give the folder of a trained nnInteractive "
+                        "model (the one holding fold_0/), or leave --model-dir out for the official weights.")
+    if not (folder / f"fold_{fold}").is_dir():
+        found = ", ".join(sorted(p.name for p in folder.glob("fold_*") if p.is_dir())) or "no fold_* folder"
+        raise UserError(f"{printable(folder)} has no fold_{fold} folder (found: {found}): choose the fold with --fold, "
+                        "or give the model's own folder.")
+    if not any((folder / name).is_file() for name in ("inference_info.json", "inference_session_class.json")):
+        raise UserError(f"{printable(folder)} is not an nnInteractive model folder (it has neither inference_info.json "
+                        "nor inference_session_class.json): give the folder the model was trained or unpacked into.")
+
+
+def _answers_once_started(process, host: str, port: int) -> bool:
+    """Waits until the server answers its health check (True) or exits (False)."""
+    local = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the server is here, never via a proxy
+    while process.poll() is None:
+        try:
+            with opener.open(f"http://{local}:{port}/healthz", timeout=2) as answer:
+                if answer.status == 200:
+                    return True
+        except (OSError, ValueError):  # not listening yet
+            pass
+        time.sleep(STARTUP_POLL_S)
+    return False
 
 
 def _default_device() -> str:

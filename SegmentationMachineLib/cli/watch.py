@@ -4,38 +4,59 @@ import signal
 from pathlib import Path
 
 from ..core.errors import UserError
-from .common import STOP_SIGNALS, exit_status, log, parse_presets, stop_on_signals
+from .common import (STOP_SIGNALS, add_surface_options, examples, exit_status, export_options, log, parse_presets,
+                     stop_on_signals, writable_folder)
 
 
 def add_watch_command(commands, common):
     watch = commands.add_parser("watch", parents=[common],
-                                help="process every series dropped into INBOX, one at a time, into OUTBOX")
-    watch.add_argument("inbox", type=Path)
-    watch.add_argument("--out", type=Path, required=True, help="OUTBOX: a result folder per series and status.json")
-    watch.add_argument("--preset", default="bone", help="bone, skin, or both as bone,skin (default bone)")
-    watch.add_argument("--format", default="stl,obj,3mf", help="any of stl,obj,3mf,glb,seg (default stl,obj,3mf)")
+                                help="process every series dropped into INBOX, one at a time, into OUTBOX",
+                                **examples("segmentation-machine watch ~/Inbox --out ~/Outbox --preset bone,skin",
+                                           "segmentation-machine watch /mnt/share/ct --out ~/Outbox --polling --once"))
+    watch.add_argument("inbox", type=Path, help="the folder series are dropped into (DICOM files, folders or zips)")
+    add_queue_options(watch)
     watch.add_argument("--once", action="store_true", help="process what is there, then exit")
-    watch.add_argument("--settle", type=float, default=5.0, help="seconds a series' files must be unchanged (default 5)")
     watch.add_argument("--polling", action="store_true", help="poll instead of file events (network shares)")
-    watch.add_argument("--state", type=Path, help="journal and scratch folder (default OUTBOX/.segmentation-machine)")
-    watch.add_argument("--hold", type=float, default=60.0,
-                       help="seconds a series that looks incomplete waits for more files (default 60)")
     watch.set_defaults(run=run_watch)
 
 
+def add_queue_options(parser):
+    """What watch and listen share: where results go, how series are modelled, how long they settle."""
+    add_surface_options(parser, queue=True)
+    parser.add_argument("--preset", default="bone", help="bone, skin, or both as bone,skin (default bone)")
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds a series' files must be unchanged (default 5)")
+    parser.add_argument("--state", type=Path, help="journal and scratch folder (default OUTBOX/.segmentation-machine)")
+    parser.add_argument("--hold", type=float, default=60.0,
+                        help="seconds a series that looks incomplete waits for more files (default 60)")
+
+
 def run_watch(args):
+    from ..core.files import printable
+
+    serve_inbox(args, args.inbox.expanduser(), f"Watching {printable(args.inbox.expanduser().resolve())}")
+
+
+def state_folder(args) -> Path:
+    return args.state or args.out.expanduser().absolute() / ".segmentation-machine"
+
+
+def serve_inbox(args, inbox_folder: Path, banner: str, service=None, modelled=lambda result: None):
+    """The queue of watch and listen: every series that settles in inbox_folder, modelled once into args.out, until a
+    signal. service (start(), stop()) feeds inbox_folder while the inbox is held; modelled(result) follows each model."""
     from ..core.files import printable
     from ..core.scene import create_headless_scene
     from ..dicom.volumes import load_series
     from ..inbox.watcher import Inbox, InboxOptions
     from ..inbox.watchqueue import run_queue
-    from ..mesh.export import ExportOptions, parse_formats
     from ..pipeline import model_volume
 
-    options = ExportOptions(formats=parse_formats(args.format))
+    if args.settle < 0 or args.hold < 0:
+        raise UserError("--settle and --hold are waiting times: give 0 or more seconds.")
+    options = export_options(args)  # also checks that OUTBOX can be written
     presets = parse_presets(args.preset)
     outbox = args.out.expanduser().absolute()
-    inbox = Inbox(InboxOptions(folder=args.inbox.expanduser(), state_folder=args.state or outbox / ".segmentation-machine",
+    writable_folder(state_folder(args), "--state")
+    inbox = Inbox(InboxOptions(folder=inbox_folder, state_folder=state_folder(args),
                                settle_seconds=args.settle, polling=args.polling, hold_seconds=args.hold))
     reported = set()
 
@@ -44,11 +65,13 @@ def run_watch(args):
         loaded = load_series(ctx, delivery.series)
         for note in loaded.notes:
             log.warning("%s", note)
-        return model_volume(ctx, loaded.node, presets, folder, options).folder
+        result = model_volume(ctx, loaded.node, presets, folder, options)
+        modelled(result)
+        return result.folder
 
     def report_skipped():
         for path, reason in list(inbox.bad_files.items()):
-            if path not in reported:
+            if path not in reported and path not in inbox.seen_before:  # said once, not on every restart
                 reported.add(path)
                 log.warning("Skipped %s: %s", path, reason)
 
@@ -60,9 +83,10 @@ def run_watch(args):
     try:
         outbox.mkdir(parents=True, exist_ok=True)
         inbox.start()
-        print(f"Watching {printable(inbox.folder)} → {printable(outbox)} (settle {args.settle:g} s; Ctrl-C stops)",
-              flush=True)
-        run_queue(inbox, outbox, process, once=args.once, echo=echo, polled=report_skipped)
+        if service:
+            service.start()
+        print(f"{banner} → {printable(outbox)} (settle {args.settle:g} s; Ctrl-C stops)", flush=True)
+        board = run_queue(inbox, outbox, process, once=args.once, echo=echo, polled=report_skipped)
     except KeyboardInterrupt:
         for name in STOP_SIGNALS:
             if hasattr(signal, name):
@@ -73,4 +97,9 @@ def run_watch(args):
         raise UserError(f"Cannot use {printable(error.filename or outbox)} ({error.strerror}): "
                         "check the folder and the free space.") from None
     finally:
+        if service:
+            service.stop()
         inbox.stop()
+    if board.failed_here:  # --once: a script or a scheduler learns that something needs a look
+        log.error("%d series failed (reasons in %s).", len(board.failed_here), printable(board.path))
+        raise SystemExit(1)

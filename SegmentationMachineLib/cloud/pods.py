@@ -11,8 +11,10 @@ retry, and one-sentence errors that never carry the key or the pod's secrets.
 import os
 import re
 import secrets
+import socket
 import time
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from ..core.errors import UserError
 from ..core.files import printable
@@ -215,13 +217,15 @@ class RunPodRest:
         outcome is unknown raises _Unknown instead, for create() to look before it tries again."""
         import requests
 
-        failures = 0
+        failures, problem = 0, ""
         for wait in (*BACKOFF_S, None):
             try:
                 response = requests.request(method, url or self.url + path, json=body, headers=self._headers,
                                             timeout=TIMEOUT_S)
-            except requests.RequestException:  # time-outs, dropped connections; the text holds no secret but is noise
-                response = None
+            except requests.RequestException as error:  # its text holds no secret but is noise: our sentence
+                response, (problem, at_once) = None, unreachable(url or self.url, error)
+                if at_once:  # a refused connection or an unknown name is not cured by waiting
+                    raise PodsError(problem) from None
             if response is not None and response.status_code == 429:
                 if wait is None:
                     raise PodsError("RunPod keeps refusing requests (rate limit): try again in a minute.")
@@ -235,9 +239,36 @@ class RunPodRest:
                 raise _Unknown()
             failures += 1
             if failures > NETWORK_RETRIES or wait is None:
-                raise PodsError("RunPod did not answer properly (server error or time-out): try again in a minute.")
+                raise PodsError(problem or f"RunPod at {_shown(url or self.url)} answered with a server error "
+                                f"({response.status_code}): try again in a minute.")
             self._sleep(wait)
         raise AssertionError("unreachable")
+
+
+def _shown(url: str) -> str:
+    """url without anything secret-looking (user:password@, a query): where, not how."""
+    parts = urlsplit(url)
+    return printable(f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}")
+
+
+def unreachable(url: str, error: Exception) -> tuple:
+    """(the sentence for a request that got no answer, whether trying again is pointless): names the URL and
+    the cause (connection refused, name not found, time-out)."""
+    causes, seen = [], error
+    while seen is not None and len(causes) < 10:  # requests wraps urllib3, which wraps the socket's error
+        causes.append(seen)
+        seen = getattr(seen, "reason", None) or seen.__cause__ or seen.__context__
+    where = _shown(url)
+    if any(isinstance(c, ConnectionRefusedError) for c in causes):
+        return (f"Cannot reach RunPod at {where}: the connection was refused; check the network, a proxy or "
+                "firewall in between, and RUNPOD_REST_URL if it is set.", True)
+    if any(isinstance(c, socket.gaierror) or type(c).__name__ == "NameResolutionError" for c in causes):
+        return (f"Cannot reach RunPod at {where}: its name {urlsplit(url).hostname} was not found (DNS); check the "
+                "internet connection.", True)
+    if any(isinstance(c, TimeoutError) or "Timeout" in type(c).__name__ for c in causes):
+        return f"RunPod at {where} did not answer within {TIMEOUT_S:g} s (time-out): try again in a minute.", False
+    return (f"Cannot reach RunPod at {where} (the connection failed: {type(causes[-1]).__name__}): try again in a "
+            "minute.", False)
 
 
 class _Unknown(Exception):

@@ -1,6 +1,7 @@
 """NumPy views of MRML volume data and geometry, for code that must not touch Slicer's globals."""
 
 import numpy as np
+import slicer
 import vtk
 from vtkmodules.util import numpy_support
 
@@ -44,6 +45,28 @@ def image_from_array(array: np.ndarray) -> vtk.vtkImageData:
     image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
     image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array.ravel(), deep=True))
     return image
+
+
+def bounding_box(mask: np.ndarray) -> tuple:
+    """The smallest K, J, I slices that hold every true voxel of mask (empty slices if there is none)."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(hits[0], hits[-1] + 1) if len(hits) else slice(0, 0))
+    return tuple(box)
+
+
+def labelmap_from_array(mask: np.ndarray, ijk_to_ras_matrix: np.ndarray, start=(0, 0, 0)):
+    """A binary labelmap of a K, J, I bool or uint8 array whose first voxel is at K, J, I index start of the
+    grid ijk_to_ras_matrix describes. It shares the array's memory (no copy: on the main thread a whole-volume
+    copy costs a tick of 100 ms), so the array must not change afterwards."""
+    voxels = np.ascontiguousarray(mask).view(np.uint8) if mask.dtype == bool else np.ascontiguousarray(mask, np.uint8)
+    labelmap = slicer.vtkOrientedImageData()
+    k, j, i = (int(n) for n in start)
+    labelmap.SetExtent(i, i + voxels.shape[2] - 1, j, j + voxels.shape[1] - 1, k, k + voxels.shape[0] - 1)
+    labelmap.GetPointData().SetScalars(numpy_support.numpy_to_vtk(voxels.ravel(), deep=False))  # keeps voxels alive
+    labelmap.SetImageToWorldMatrix(array_to_matrix(ijk_to_ras_matrix))
+    return labelmap
 
 
 def set_volume_array(volume_node, array: np.ndarray, ijk_to_ras_matrix: np.ndarray):

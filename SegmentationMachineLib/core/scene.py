@@ -4,6 +4,7 @@ In Slicer the module builds a SceneContext from Slicer's own scene and logics; t
 tests build a headless one from the slicer-core wheel (real MRML, no Qt).
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import slicer
@@ -22,6 +23,27 @@ class SceneContext:
     colors_logic: "slicer.vtkSlicerColorLogic"
 
 
+@contextmanager
+def editing(ctx: SceneContext, node):
+    """Changes to node as one: views paused and node events held until the end, as Slicer's Segment Editor
+    logic wraps its edits (RenderBlocker, MRMLNodeModifyBlocker), so no view draws a half-made state."""
+    ctx.app_logic.PauseRender()
+    modifying = node.StartModify()
+    try:
+        yield node
+    finally:
+        node.EndModify(modifying)
+        ctx.app_logic.ResumeRender()
+
+
+def forward_render_pauses(editor_logic: "slicer.vtkSlicerSegmentEditorLogic", app_logic):
+    """A Segment Editor logic pauses the views around each edit through its own events, which Slicer 5.10
+    connects to the application only for its Segment Editor widget's logic: a module's logic forwards them
+    to the application logic (Slicer's application pauses rendering on its events)."""
+    editor_logic.AddObserver(editor_logic.PauseRenderEvent, lambda *_: app_logic.PauseRender())
+    editor_logic.AddObserver(editor_logic.ResumeRenderEvent, lambda *_: app_logic.ResumeRender())
+
+
 _MODULE_LOGICS = (
     # (name the logics look each other up by, class, SceneContext field)
     ("Colors", "vtkSlicerColorLogic", "colors_logic"),
@@ -31,6 +53,26 @@ _MODULE_LOGICS = (
 )
 
 
+def _quiet_itk():
+    """ITK writes its own warnings to stderr (e.g. "Non uniform sampling or missing slices detected"); the
+    library says what matters in its own sentences. slicer-core renames ITK's namespace to slicer_itk."""
+    import ctypes
+    import glob
+    import os
+
+    try:
+        import slicer_core
+    except ImportError:  # inside Slicer: its own ITK logs to Slicer's log
+        return
+    folder = os.path.join(os.path.dirname(slicer_core.__file__), "third_party.libs")
+    for path in glob.glob(os.path.join(folder, "libITKCommon*")):
+        library = ctypes.CDLL(path)  # already loaded by Slicer's reader: the same copy
+        for namespace in ("10slicer_itk", "3itk"):  # itk::Object::SetGlobalWarningDisplay(bool), mangled
+            symbol = f"_ZN{namespace}6Object23SetGlobalWarningDisplayEb"
+            if hasattr(library, symbol):
+                getattr(library, symbol)(ctypes.c_bool(False))
+
+
 def create_headless_scene(quiet: bool = True) -> SceneContext:
     """A new scene with application logic and the module logics, wired as Slicer wires them."""
     if quiet:
@@ -38,6 +80,7 @@ def create_headless_scene(quiet: bool = True) -> SceneContext:
         # library code checks return values instead of relying on VTK's log.
         vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)
         vtk.vtkObject.GlobalWarningDisplayOff()
+        _quiet_itk()
     scene = slicer.vtkMRMLScene()
     app_logic = slicer.vtkSlicerApplicationLogic()
     app_logic.SetMRMLScene(scene)

@@ -17,6 +17,12 @@ from pathlib import Path, PurePosixPath
 from ..core.files import PRIVATE_FILE, PRIVATE_FOLDER, private_folder
 
 CHUNK = 1024 * 1024
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first member, or an empty zip
+
+
+def is_zip(head: bytes) -> bool:
+    """From a file's first bytes: a zip archive (whatever its name)."""
+    return head[:4] in ZIP_MAGIC
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,7 @@ def write_ct_series(folder, hu: np.ndarray, pixel_spacing: float, positions, des
         ds.PatientID = "SM-PHANTOM"
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[study_uid, "frame of reference"])  # type 1 in a CT
         ds.SeriesNumber = 1
         ds.SeriesDescription = description
         ds.InstanceNumber = index + 1

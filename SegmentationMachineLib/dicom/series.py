@@ -174,15 +174,17 @@ def read_slice(path: Path, data: bytes = None):
     if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
         return None, "an image without patient position or orientation (a secondary capture?)"
     try:
-        ts = ds.file_meta.TransferSyntaxUID
-        if not ts.is_compressed and len(ds.PixelData) < _expected_pixel_bytes(ds):
-            return None, "truncated (its pixel data is shorter than its size says)"
-        orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
-        position = np.array([float(v) for v in ds.ImagePositionPatient])
-        spacing = tuple(float(v) for v in ds.get("PixelSpacing") or ())
-        shape = (int(ds.Rows), int(ds.Columns))
-        instance_number, frames, announced = (int(ds.get(name, default) or default) for name, default in (
-            ("InstanceNumber", 0), ("NumberOfFrames", 1), ("ImagesInAcquisition", 0)))  # crafted text: a reason
+        with warnings.catch_warnings():  # pydicom's words on a bad value ("Invalid value for VR IS"): ours follow
+            warnings.simplefilter("ignore")
+            ts = ds.file_meta.TransferSyntaxUID
+            if not ts.is_compressed and len(ds.PixelData) < _expected_pixel_bytes(ds):
+                return None, "truncated (its pixel data is shorter than its size says)"
+            orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
+            position = np.array([float(v) for v in ds.ImagePositionPatient])
+            spacing = tuple(float(v) for v in ds.get("PixelSpacing") or ())
+            shape = (int(ds.Rows), int(ds.Columns))
+            instance_number, frames, announced = (int(ds.get(name, default) or default) for name, default in (
+                ("InstanceNumber", 0), ("NumberOfFrames", 1), ("ImagesInAcquisition", 0)))  # crafted text: a reason
     except (AttributeError, TypeError, ValueError) as error:
         return None, f"malformed image attributes ({error})"
     if orientation.shape != (6,) or position.shape != (3,):
@@ -300,6 +302,11 @@ def scan_folder(folder, progress=None) -> ScanResult:
 
 def choose_series(result: ScanResult, selector: str = None) -> DicomSeries:
     """The series named by UID or list number (1-based), else the CT series with the most slices."""
+    if not result.series and result.folder.is_file() and len(result.skipped) == 1:  # one file given: its reason
+        reason = result.skipped[0].reason
+        advice = ("copy it again from its source" if reason.startswith("truncated")
+                  else "give a DICOM image file or folder, or a NIfTI/NRRD volume")
+        raise InputError(f"{result.folder} is not a usable image: {reason}; {advice}.")
     if not result.series:
         first = f"; the first: {result.skipped[0]}" if result.skipped else ""
         raise InputError(f"No DICOM image series found in {result.folder} ({len(result.skipped)} file(s) looked "

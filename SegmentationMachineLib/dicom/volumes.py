@@ -1,5 +1,6 @@
 """Turn a DICOM series or a NIfTI/NRRD file into a volume node through Slicer's Volumes logic."""
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ class LoadedVolume:
     source: str  # what was loaded, for messages and reports
     series: DicomSeries = None
     notes: list = field(default_factory=list)
+    path: Path = None  # the file or folder given
 
 
 def load_series(ctx: SceneContext, series: DicomSeries) -> LoadedVolume:
@@ -85,17 +87,56 @@ def load_volume_file(ctx: SceneContext, path, labelmap: bool = False) -> LoadedV
                                                LABELMAP if labelmap else 0, None)
     if node is None or node.GetImageData() is None:
         raise InputError(f"{path} could not be read as a volume: check that it is a complete NIfTI or NRRD file.")
-    return LoadedVolume(node=node, source=f"file {path.name}")
+    return LoadedVolume(node=node, source=f"file {path.name}", path=path)
 
 
-def load_input(ctx: SceneContext, path, series: str = None, scan: ScanResult = None) -> LoadedVolume:
-    """A volume from a DICOM folder (or file), or a NIfTI/NRRD file; notes say what was skipped or fixed."""
+def load_input(ctx: SceneContext, path, series: str = None, scan: ScanResult = None, progress=None) -> LoadedVolume:
+    """A volume from a DICOM folder (or file), or a NIfTI/NRRD file; notes say what was skipped or fixed.
+
+    progress(done, total, item): the folder's scan file by file (unless scan is given), then the read as
+    one step (Slicer's reader reports none of its own)."""
     path = Path(path)
     if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")):
-        return load_volume_file(ctx, path)
-    scan = scan or scan_folder(path)
+        return _reading(progress, path.name, lambda: load_volume_file(ctx, path))
+    scan = scan or scan_folder(path, progress)
     if not scan.series and len(scan.volume_files) == 1:
-        return load_volume_file(ctx, scan.volume_files[0])
-    loaded = load_series(ctx, choose_series(scan, series))
+        return _reading(progress, scan.volume_files[0].name, lambda: load_volume_file(ctx, scan.volume_files[0]))
+    chosen = choose_series(scan, series)
+    loaded = _reading(progress, f"{len(chosen.files)} slices", lambda: load_series(ctx, chosen))
     loaded.notes = scan.notes + loaded.notes
+    loaded.path = path
     return loaded
+
+
+def _reading(progress, item: str, read) -> LoadedVolume:
+    if progress:
+        progress(0, 1, item)
+    loaded = read()
+    if progress:
+        progress(1, 1, item)
+    return loaded
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def input_record(loaded: LoadedVolume, path=None, progress=None) -> dict:
+    """What report.json says about the input, so a lab can prove which files a model came from: the path
+    given (path, where it was not a local one: a DICOMweb address), and SHA-256 hashes of the volume file
+    or of every slice of the DICOM series used (names relative to the folder), with its SeriesInstanceUID."""
+    given = str(path if path is not None else loaded.path)
+    if loaded.series is None:
+        return {"path": given, "sha256": file_sha256(loaded.path)}
+    files = []
+    base = loaded.path if loaded.path is not None and loaded.path.is_dir() else None
+    for done, file in enumerate(loaded.series.files, 1):
+        name = str(file.relative_to(base)) if base is not None and base in file.parents else str(file)
+        files.append({"name": name, "sha256": file_sha256(file)})
+        if progress:
+            progress(done, len(loaded.series.files), file.name)
+    return {"path": given, "series_uid": loaded.series.uid, "files": files}

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..core.errors import UserError
 from ..core.files import private_folder
-from ..dicom.archives import ArchiveLimits, extract_zip
+from ..dicom.archives import ArchiveLimits, extract_zip, is_zip
 from ..dicom.series import DicomSeries, build_series, looks_like_dicom, read_slice
 from .journal import Journal
 from .locks import hold_lock
@@ -40,7 +40,6 @@ RESCAN_EVERY_S = 1.0
 ARCHIVE = "a zip archive (its contents are read from the scratch folder)"
 LINK = "a link (links are not followed: copy the files themselves into the inbox)"
 NOT_REGULAR = "not a regular file (a FIFO, socket or device)"
-ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 CHUNK = 1024 * 1024
 NO_FOLLOW = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
 
@@ -97,6 +96,7 @@ class _File:
     sha256: str = None
     slice: object = None  # DicomSlice
     reason: str = None
+    fresh: bool = False  # read in this run and not yet part of a delivery (not remembered from the journal)
 
 
 def _may_still_grow(reason: str) -> bool:
@@ -172,6 +172,8 @@ class Inbox:
         self._handed_out = {}  # series key -> hashes handed out and not yet acknowledged
         self._states = {}  # series key -> SeriesStatus
         self.bad_files = {}  # Path -> reason, for every file that is not part of a series
+        self.seen_before = set()  # bad files an earlier run found (and reported): from the journal
+        self.duplicates = []  # SeriesStatus of drops whose files were all delivered before; the consumer empties it
         self.scratch = None
         self._extracted = {}  # extraction folder -> how deep in nested archives it is
         self.journal = None
@@ -180,6 +182,9 @@ class Inbox:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self):
         folder = Path(self.options.folder).expanduser().resolve()
+        if folder.exists() and not folder.is_dir():
+            raise InboxError(f"The inbox {folder} is a file, not a folder: give the folder that series are dropped "
+                             "into.")
         if not folder.is_dir():
             raise InboxError(f"The inbox folder {folder} does not exist: create it or choose another folder.")
         state = Path(self.options.state_folder).expanduser().resolve()
@@ -337,6 +342,7 @@ class Inbox:
             self._recent.pop(known, None)
             self._growing.pop(known, None)
             self.bad_files.pop(known, None)
+            self.seen_before.discard(known)
             self._changed = True
 
     def _refuse(self, path: Path, reason: str):
@@ -360,6 +366,8 @@ class Inbox:
             self._unread.discard(path)
             self._changed = True
             self._note(path, record)
+            if path in self.bad_files:
+                self.seen_before.add(path)
             if reason == ARCHIVE:
                 self._add_extracted(self.scratch / sha256[:24], self._depth(path) + 1, now)
             return
@@ -375,8 +383,9 @@ class Inbox:
     def _read(self, path: Path, record: _File, now: float):
         self._unread.discard(path)
         self._changed = True
-        record.read = True
+        record.read, record.fresh = True, True
         record.sha256, record.slice, record.reason = None, None, None
+        self.seen_before.discard(path)
         try:
             descriptor = os.open(path, NO_FOLLOW)  # a link swapped in since the listing is refused here
         except OSError as error:
@@ -399,7 +408,7 @@ class Inbox:
             record.reason = NOT_REGULAR
             return
         head = stream.read(132)
-        if head[:4] in ZIP_MAGIC:
+        if is_zip(head):
             self._read_archive(path, stream, head, record, now)
         elif not looks_like_dicom(head):
             record.reason = "not a DICOM file"
@@ -429,13 +438,18 @@ class Inbox:
                 copy.write(chunk)
             record.sha256, record.reason = digest.hexdigest(), ARCHIVE
             destination = self.scratch / record.sha256[:24]
-            if not destination.exists():
+            copied = destination.exists()  # the same bytes were unpacked before: this drop is a copy
+            if not copied:
                 copy.seek(0)
                 room = limits.max_scratch_bytes - _folder_bytes(self.scratch)
                 extraction = extract_zip(copy, destination, limits, scratch_room=room)
                 for member, reason in extraction.refused:
                     self.bad_files[Path(f"{path}!{member}")] = f"refused from {path.name}: {reason}"
         self._add_extracted(destination, depth, now)
+        if copied:
+            for known, each in self._files.items():
+                if destination in known.parents and each.slice is not None:
+                    each.fresh = True  # said as a duplicate if its files were delivered
 
     def _depth(self, path: Path) -> int:
         """How many archives deep path is: 0 in the inbox itself."""
@@ -458,6 +472,17 @@ class Inbox:
         else:
             self.bad_files.pop(path, None)
 
+    def _note_duplicate(self, key: str, records: list):
+        """Files dropped in this run that are all copies of delivered ones: said once, not processed again."""
+        fresh = [r for r in records if r.fresh]
+        if not fresh:
+            return  # the delivered files themselves, or copies already said
+        for record in fresh:
+            record.fresh = False
+        name = build_series(key, [r.slice for r in fresh], []).name
+        self.duplicates.append(SeriesStatus(key, name, len(fresh), SeriesState.LOADED,
+                                            "already processed: the same files as an earlier delivery"))
+
     def _ready_series(self, now: float) -> list:
         unsettled_folders = {p.parent for p in self._unread} | {p.parent for p in self._recent} | \
                             {p.parent for p in self._growing}
@@ -468,8 +493,9 @@ class Inbox:
         ready, self._held = [], {}
         for key, records in groups.items():
             hashes = frozenset(r.sha256 for r in records)
-            if hashes <= self._delivered:
-                continue  # everything here was delivered before, under this or another name
+            if hashes <= self._delivered:  # everything here was delivered before, under this or another name
+                self._note_duplicate(key, records)
+                continue
             if self._handed_out.get(key) == hashes:
                 continue
             skipped = []
@@ -487,6 +513,8 @@ class Inbox:
             for item in skipped:
                 self.bad_files[item.path] = item.reason
             self._handed_out[key] = hashes
+            for record in records:
+                record.fresh = False
             self._states[key] = SeriesStatus(key, series.name, len(series.files), SeriesState.READY)
             ready.append(Delivery(key, series, hashes, is_update=self.journal.was_delivered(key),
                                   incomplete=incomplete))

@@ -13,6 +13,7 @@ other staging (an interrupted export) is removed, so the series is processed aga
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -25,6 +26,8 @@ from ..core.files import printable, replace_private
 from .locks import hold_lock
 from .watcher import Delivery, Inbox, SeriesState
 
+log = logging.getLogger(__name__)
+
 STATUS_NAME = "status.json"
 STAGING = ".staging"
 
@@ -34,6 +37,7 @@ class StatusBoard:
         self.path = Path(outbox).absolute() / STATUS_NAME
         self._inbox = str(Path(inbox_folder).absolute())
         self._series = {}
+        self.failed_here = set()  # keys of the series that failed since this board was opened
         try:  # a restart continues the same board
             self._series = {s["key"]: s for s in json.loads(self.path.read_text())["series"]}
         except (OSError, ValueError, KeyError, TypeError):
@@ -49,10 +53,17 @@ class StatusBoard:
         entry = {"key": key, "name": name, "files": files, "state": state, "reason": reason,
                  "result": str(Path(result).absolute()) if result else "",
                  "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if state == "failed":
+            self.failed_here.add(key)
+        else:
+            self.failed_here.discard(key)
         if {k: v for k, v in self.get(key).items() if k != "updated"} == {k: v for k, v in entry.items() if k != "updated"}:
             return
         self._series[key] = entry
-        replace_private(self.path, json.dumps({"inbox": self._inbox, "updated": entry["updated"],
+        self.save()
+
+    def save(self):
+        replace_private(self.path, json.dumps({"inbox": self._inbox, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                                "series": list(self._series.values())}, indent=2))
 
 
@@ -111,6 +122,17 @@ def reconcile(inbox: Inbox, board: StatusBoard, outbox: Path):
     shutil.rmtree(outbox / STAGING, ignore_errors=True)
 
 
+def _failure_reason(error: Exception) -> str:
+    if isinstance(error, OSError):
+        return _disk_problem(error)
+    if isinstance(error, UserError):
+        return str(error)
+    # Not the user's mistake: remembered as failed (not retried on every restart) and said plainly.
+    log.exception("Unexpected error while processing a series")
+    return (f"an unexpected error stopped this series ({type(error).__name__}: {printable(str(error))[:200]}); "
+            "please report it with the log")
+
+
 def deliver(inbox: Inbox, board: StatusBoard, delivery: Delivery, process, outbox: Path, echo):
     """process(delivery, folder) writes one result folder into folder (staging) and returns it."""
     series = delivery.series
@@ -121,9 +143,9 @@ def deliver(inbox: Inbox, board: StatusBoard, delivery: Delivery, process, outbo
     try:
         staging.mkdir(parents=True)
         staged = _free_name(Path(process(delivery, staging)), outbox)
-    except (UserError, OSError) as error:
+    except Exception as error:  # noqa: BLE001 — one series' failure, even our own bug, never stops the queue
         _remove(staging)
-        reason = _disk_problem(error) if isinstance(error, OSError) else str(error)
+        reason = _failure_reason(error)
         if not isinstance(error, OSError) or error.errno not in (errno.ENOSPC, errno.EDQUOT):
             inbox.acknowledge(delivery, False, reason)  # a full disk is not this series' fault: not remembered
         board.set(delivery.key, series.name, len(series.files), "failed", reason)
@@ -158,6 +180,8 @@ def run_queue(inbox: Inbox, outbox: Path, process, once: bool = False, echo=prin
     try:
         board = StatusBoard(outbox, inbox.folder)
         reconcile(inbox, board, outbox)
+        board.failed_here.clear()  # what failed before a restart was said then
+        board.save()  # from the start: a reader (or a monitor) finds the board before the first series
         while not stop.is_set():
             deliveries = _poll(inbox, echo)
             polled()
@@ -165,6 +189,11 @@ def run_queue(inbox: Inbox, outbox: Path, process, once: bool = False, echo=prin
                 if status.state == SeriesState.WAITING and board.get(status.key).get("state") != "waiting":
                     board.set(status.key, status.name, status.files, "waiting", status.reason)
                     echo(f"{status.name}: " + (status.reason or "waiting for its files to settle"))
+            while inbox.duplicates:
+                copy = inbox.duplicates.pop(0)
+                result = board.get(copy.key).get("result")
+                echo(f"{copy.name}: {copy.files} file(s) {copy.reason}; not processed again"
+                     + (f" (result: {printable(result)})" if result else "") + ".")
             for delivery in deliveries:
                 try:
                     deliver(inbox, board, delivery, process, outbox, echo)

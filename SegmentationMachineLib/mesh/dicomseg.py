@@ -126,6 +126,11 @@ def check_seg_export(segmentation_node) -> list:
     return [_source_dataset(name) for name in files]
 
 
+# The patient and study attributes a SEG copies from its source images (type 2 in the SEG IOD's modules).
+TYPE_2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
 def _source_dataset(path):
     dataset = pydicom.dcmread(path, stop_before_pixels=True)
     if "SpecificCharacterSet" in dataset and not dataset.SpecificCharacterSet:
@@ -133,7 +138,11 @@ def _source_dataset(path):
     # Some anonymisers blank the instance's UIDs in the data set but keep them in the file meta.
     dataset.SOPClassUID = dataset.get("SOPClassUID") or dataset.file_meta.get("MediaStorageSOPClassUID", "")
     dataset.SOPInstanceUID = dataset.get("SOPInstanceUID") or dataset.file_meta.get("MediaStorageSOPInstanceUID", "")
-    missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not dataset.get(k)]
+    missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
+               if not dataset.get(k)]
+    for keyword in TYPE_2_COPIED:  # highdicom copies these (type 2: present, may be empty); anonymisers drop them
+        if keyword not in dataset:
+            setattr(dataset, keyword, None)
     if missing:
         raise ExportError(f"{path} has no {' or '.join(missing)} (an anonymiser removed it), so a DICOM SEG "
                           "could not refer to it: export STL, OBJ, 3MF or glTF instead.")

@@ -3,29 +3,48 @@
 All mesh formats are written from the same meshes, in LPS millimetres by default (what printers
 and most tools expect) or RAS; glTF in metres with +Y up (gltf.py). A DICOM SEG holds the voxels
 themselves. Output goes to a new timestamped folder; nothing is ever overwritten.
+
+report.json, written last, says what was made and from what (a lab can trace every file back):
+  tool {name, version}; created (UTC, ISO 8601); segmentation (its name);
+  input: {path, sha256} for a volume file, {path, series_uid, files: [{name, sha256}]} for a
+    DICOM series (dicom/volumes.py input_record), {path, sha256, volume} for the export command's
+    segmentation file, or null where the caller does not know it (the module);
+  presets: [{name, parameters}] in the order run; command: {name, options} of the CLI (never a
+    secret), or null;
+  coordinates, units, options (formats, merged_stl and every surface option);
+  meshes: per segment {name, segment_id, color, triangles, boundary_edges, non_manifold_edges,
+    watertight, volume_ml (the mesh's; null when not watertight: an open mesh encloses nothing),
+    voxel_volume_ml, volume_difference_percent, iso_level and sigma_voxels (the smoothing this segment
+    got: lower than asked where it is too thin for it, mesh/surfaces.py), bounds_min_mm, bounds_max_mm, stl};
+  skipped: [{name, reason}]; warnings: one sentence each; files: names; seconds.
 """
 
 import json
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from .. import __version__
 from ..core.errors import ExportError
 from . import writers
 from .check import check_mesh
 from .dicomseg import SEG_FILE, SegInput, check_seg_export, read_seg_input, write_seg
 from .gltf import write_glb
-from .surfaces import MeshJobs, SurfaceOptions, meshes_from, read_segments
+from .surfaces import MeshJobs, SurfaceMethod, SurfaceOptions, meshes_from, read_segments
 
 FORMATS = ("stl", "obj", "3mf", "glb", "seg")
 DEFAULT_FORMATS = ("stl", "obj", "3mf")  # SEG needs the DICOM series and highdicom: on request
 REPORT_NAME = "report.json"  # written last: a folder without it is an interrupted export
 # Under $HOME: the Flatpak OrcaSlicer cannot read /tmp.
 DEFAULT_EXPORT_FOLDER = Path.home() / "SegmentationMachine" / "Exports"
+# A mesh whose volume differs more from its segment's voxels is not what was segmented: said so.
+VOLUME_WARNING_PERCENT = 10.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +53,7 @@ class ExportOptions:
     coordinates: str = "LPS"  # or "RAS"
     merged_stl: bool = False
     surface: SurfaceOptions = field(default_factory=SurfaceOptions)
+    save_segmentation: bool = False  # also <name>.seg.nrrd, written by Slicer's segmentation storage node
 
 
 @dataclass
@@ -46,12 +66,20 @@ class ExportResult:
     def not_watertight(self) -> list:
         return [m["name"] for m in self.report["meshes"] if not m["watertight"]]
 
+    @property
+    def warnings(self) -> list:
+        return self.report["warnings"]
+
     def summary_lines(self) -> list:
         lines = []
         for m in self.report["meshes"]:
-            flag = "watertight" if m["watertight"] else (
-                f"NOT watertight ({m['boundary_edges']} open, {m['non_manifold_edges']} non-manifold edges)")
-            lines.append(f"{m['name']}: {m['triangles']} triangles, {m['volume_ml']:.1f} mL, {flag}")
+            if m["watertight"]:
+                volume = (f"{m['volume_ml']:.1f} mL (voxels {m['voxel_volume_ml']:.1f} mL, "
+                          f"{m['volume_difference_percent']:+.1f}%), watertight")
+            else:
+                volume = (f"voxels {m['voxel_volume_ml']:.1f} mL, NOT watertight ({m['boundary_edges']} open, "
+                          f"{m['non_manifold_edges']} non-manifold edges: no mesh volume)")
+            lines.append(f"{m['name']}: {m['triangles']} triangles, {volume}")
         lines.extend(f"{s['name']}: skipped ({s['reason']})" for s in self.report["skipped"])
         return lines
 
@@ -109,6 +137,7 @@ class PreparedExport:
     segments: MeshJobs
     file_names: dict  # segment id -> file stem
     seg: SegInput = None
+    segmentation_file: bytes = None  # the .seg.nrrd's content, when asked for
 
 
 def prepare_export(segmentation_node, options: ExportOptions = ExportOptions(), segment_ids=None) -> PreparedExport:
@@ -122,29 +151,72 @@ def prepare_export(segmentation_node, options: ExportOptions = ExportOptions(), 
     ids = [job.segment_id for job in segments.jobs]
     file_names = dict(zip(ids, _unique_names(segmentation.GetSegment(i).GetName() for i in ids)))
     seg = read_seg_input(segmentation_node, ids) if "seg" in options.formats and ids else None
-    return PreparedExport(segmentation_node.GetName(), segments, file_names, seg)
+    saved = _segmentation_bytes(segmentation_node) if options.save_segmentation else None
+    return PreparedExport(segmentation_node.GetName(), segments, file_names, seg, saved)
+
+
+def _segmentation_bytes(segmentation_node) -> bytes:
+    """The .seg.nrrd Slicer's own storage node writes (so Slicer opens it as it saved it), read back into
+    memory: the export folder does not exist yet, and write_export may run on another thread."""
+    storage = segmentation_node.CreateDefaultStorageNode()
+    with tempfile.TemporaryDirectory() as scratch:  # private (0700): the voxels are patient data
+        path = Path(scratch) / "segmentation.seg.nrrd"
+        storage.SetFileName(str(path))
+        if not storage.WriteData(segmentation_node) or not path.is_file():
+            raise ExportError(f"Slicer could not save segmentation '{segmentation_node.GetName()}' as .seg.nrrd: "
+                              "export without --save-segmentation, or save it from Slicer's Data module.")
+        return path.read_bytes()
 
 
 def export_segmentation(segmentation_node, out_dir, options: ExportOptions = ExportOptions(),
-                        segment_ids=None, progress=None) -> ExportResult:
+                        segment_ids=None, progress=None, provenance: dict = None) -> ExportResult:
     """Writes the meshes of segmentation_node into a new folder under out_dir; returns files and report."""
-    return write_export(prepare_export(segmentation_node, options, segment_ids), out_dir, options, progress)
+    return write_export(prepare_export(segmentation_node, options, segment_ids), out_dir, options, progress,
+                        provenance)
 
 
 def write_export(prepared: PreparedExport, out_dir, options: ExportOptions = ExportOptions(),
-                 progress=None) -> ExportResult:
+                 progress=None, provenance: dict = None) -> ExportResult:
     """Any thread (a worker's, in the module): meshes, checks, files and the report, from prepare_export.
 
+    provenance: the report's input, presets and command, where the caller knows them.
     The folder is new and this run's own: interrupted (Ctrl-C, a signal, a full disk), it is removed whole."""
     folder = new_output_folder(out_dir, prepared.name)
     try:
-        return _write_into(folder, prepared, options, progress)
+        return _write_into(folder, prepared, options, progress, provenance or {})
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
 
 
-def _write_into(folder: Path, prepared: PreparedExport, options: ExportOptions, progress) -> ExportResult:
+def _volume_entry(check: dict, mesh) -> dict:
+    """The mesh's volume beside its voxels'; an open mesh encloses no volume, so it has none."""
+    volume = check["volume_ml"] if check["watertight"] else None
+    difference = None
+    if volume is not None and mesh.voxel_volume_ml > 0:
+        difference = round(100.0 * (volume - mesh.voxel_volume_ml) / mesh.voxel_volume_ml, 1)
+    return {"volume_ml": volume, "voxel_volume_ml": round(mesh.voxel_volume_ml, 4),
+            "volume_difference_percent": difference,
+            "iso_level": None if mesh.iso_level is None else round(float(mesh.iso_level), 4),
+            "sigma_voxels": round(mesh.sigma_voxels, 4)}
+
+
+def _volume_warning(entry: dict, surface: SurfaceOptions) -> str:
+    difference = entry["volume_difference_percent"]
+    if difference is None or abs(difference) <= VOLUME_WARNING_PERCENT:
+        return None
+    if surface.method == SurfaceMethod.SURFACE_NETS:
+        remedy = "export with flying_edges, which keeps thin parts' volume"
+    elif surface.smoothing == 0:  # marching cubes cuts the voxels' corners
+        remedy = "export with some smoothing, which keeps thin parts' volume"
+    else:  # already the lowest level and sigma surfaces.py allows: single voxels, specks
+        remedy = "parts of it are a voxel or two across, too small for any surface: remove specks from the segment"
+    return (f"{entry['name']}: the mesh holds {entry['volume_ml']:.1f} mL where its voxels hold "
+            f"{entry['voxel_volume_ml']:.1f} mL ({difference:+.0f}%): {remedy}, or check it before printing.")
+
+
+def _write_into(folder: Path, prepared: PreparedExport, options: ExportOptions, progress,
+                provenance: dict) -> ExportResult:
     started = time.perf_counter()
     file_names = prepared.file_names
 
@@ -152,8 +224,9 @@ def _write_into(folder: Path, prepared: PreparedExport, options: ExportOptions, 
         """Runs on a worker thread: output coordinates, checks, and the segment's own STL."""
         points = _to_output_coordinates(mesh.points, options.coordinates)
         normals = _to_output_coordinates(mesh.normals, options.coordinates)
+        check = check_mesh(points, mesh.triangles, normals).as_dict()
         entry = {"name": mesh.name, "segment_id": mesh.segment_id, "color": [round(c, 4) for c in mesh.color],
-                 **check_mesh(points, mesh.triangles, normals).as_dict()}
+                 **check, **_volume_entry(check, mesh)}
         if "stl" in options.formats:
             entry["stl"] = f"{file_names[mesh.segment_id]}.stl"
             writers.write_stl(folder / entry["stl"], [(points, mesh.triangles, normals)], mesh.name)
@@ -181,15 +254,25 @@ def _write_into(folder: Path, prepared: PreparedExport, options: ExportOptions, 
     if "seg" in options.formats:
         files.append(folder / SEG_FILE)
         write_seg(files[-1], prepared.seg)
+    if prepared.segmentation_file is not None:
+        files.append(folder / f"{safe_name(prepared.name)}.seg.nrrd")
+        with writers.atomic_file(files[-1]) as stream:
+            stream.write(prepared.segmentation_file)
     report = {
+        "tool": {"name": "SegmentationMachine", "version": __version__},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "segmentation": prepared.name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "input": provenance.get("input"),
+        "presets": list(provenance.get("presets", [])),
+        "command": provenance.get("command"),
         "coordinates": options.coordinates,
         "units": "mm",
         "options": {"formats": list(options.formats), "merged_stl": options.merged_stl,
+                    "save_segmentation": options.save_segmentation,
                     **{k: (v.value if hasattr(v, "value") else v) for k, v in asdict(options.surface).items()}},
         "meshes": entries,
         "skipped": [{"name": name, "reason": "empty segment"} for name in empty],
+        "warnings": [w for w in (_volume_warning(e, options.surface) for e in entries) if w],
         "files": [p.name for p in files],
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -63,10 +63,11 @@ class ExportPanel:
         self.status = (f"Exported to {result.folder}." if not bad else
                        f"Exported to {result.folder}, but {', '.join(bad)} "
                        "is not watertight: use flying edges with smoothing, or repair it in the slicer.")
+        self.status = " ".join([self.status, *result.warnings])
         return result
 
     def report_text(self) -> str:
-        return "\n".join(self.last_result.summary_lines()) if self.last_result else ""
+        return "\n".join(self.last_result.summary_lines() + self.last_result.warnings) if self.last_result else ""
 
     def send_to_printer(self, configured_path: str = None, env: dict = None):
         """env: the environment OrcaSlicer starts with (in Slicer, Slicer's startup environment)."""

@@ -92,8 +92,8 @@ class PromptsPanel:
             self._next()
         elapsed = self.clock() - self._job_started
         if self.can_cancel and elapsed >= SHOW_WAIT_AFTER_S:
-            self.status = (f"{self._job.prompt.kind.capitalize()}: the server is working on it, {elapsed:.0f} s "
-                           "(Cancel stops waiting).")
+            doing = self._job.note or "the server is working on it"
+            self.status = f"{self._job.prompt.kind.capitalize()}: {doing}, {elapsed:.0f} s (Cancel stops waiting)."
 
     def _start(self, job, function):
         self._job, self._job_started = job, self.clock()
@@ -122,7 +122,7 @@ class PromptsPanel:
             self.status = (f"Connected: nnInteractive {caps.server_version}, prompts {caps.describe()}, "
                            f"model licence {caps.licence}.")
         elif job == "stage":
-            self.status = "Ready: place a point, box, scribble or lasso."
+            self.status = f"Ready ({self.session.region_note}): place a point, box, scribble or lasso."
         else:
             timing = self.session.finish(job, result)
             self.last_latency = str(timing)

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 from nnInteractive.inference.remote import remote_session
 from nnInteractive.inference.remote._protocol import META_HEADER
-from nnInteractive.inference.remote.serialization import unpack_array
+from nnInteractive.inference.remote.serialization import pack_array, unpack_array
 
 from ..core.files import printable
 
@@ -29,6 +29,14 @@ SMALL_ANSWER = 1 << 20  # JSON replies, headers and a packed diff's overhead
 
 class BadReply(ValueError):
     """A reply that breaks the protocol; the message says how."""
+
+
+class RequestTooLarge(Exception):
+    """A request body larger than the session may send (the proxy's cap): refused before sending."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"a request of {size / 1e6:.1f} MB, over the {limit / 1e6:.1f} MB limit")
+        self.size, self.limit = size, limit
 
 
 class AnswerRefused(httpx.ReadError):
@@ -114,9 +122,17 @@ class _GuardedTransport(httpx.HTTPTransport):
 class GuardedSession(remote_session.nnInteractiveRemoteInferenceSession):
     """The upstream remote session over the guarded transport, with every prediction reply checked."""
 
-    def __init__(self, url: str, api_key: str, read_timeout: float):
+    def __init__(self, url: str, api_key: str, read_timeout: float, max_request_bytes: int = None):
         self._guard = _AnswerGuard(self._answer_limit)
+        self.max_request_bytes, self.last_sent = max_request_bytes, 0
         super().__init__(url, api_key=api_key, read_timeout=read_timeout)
+
+    def _post_binary(self, path, meta, array_bytes, timeout=None):
+        """As upstream, but a body over max_request_bytes is refused here: the proxy would answer 413."""
+        if self.max_request_bytes is not None and len(array_bytes) > self.max_request_bytes:
+            raise RequestTooLarge(len(array_bytes), self.max_request_bytes)
+        self.last_sent = len(array_bytes)
+        return super()._post_binary(path, meta, array_bytes, timeout)
 
     def _answer_limit(self) -> int:
         """A packed diff is never much larger than the raw target buffer it updates."""
@@ -150,6 +166,11 @@ class GuardedSession(remote_session.nnInteractiveRemoteInferenceSession):
         self._write_bbox_into_target_buffer(checked_diff(resp.content, box, self.target_buffer), box)
         self._last_paste_bbox = box
         return ran
+
+
+def pack_image(image: np.ndarray) -> bytes:
+    """An image as the upstream client's set_image packs it (to know its size on the wire)."""
+    return pack_array(image, nthreads=remote_session._compression_threads())
 
 
 def _meta(resp: httpx.Response) -> dict:

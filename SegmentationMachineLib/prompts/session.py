@@ -1,11 +1,13 @@
 """AI prompt tools: an nnInteractive session over the upstream client (nninteractive-client 2.6).
 
-The volume is sent once in its native dtype (the client compresses it) and again only when its
-voxels change. Prompts in RAS are mapped to the voxel grid; each result (the changed box the
-server returns) is written into the selected segment through Slicer's Segment Editor logic, so
-masking and overwrite settings hold and other segments are respected. Undo and redo are kept
-here, many levels deep; the server learns of undo, redo and hand edits (Segment Editor paint
-or erase) before the next prompt, which re-seeds it with the segment as it is. Only what the
+The server gets a region of the volume (region.py: the body's box, as many slices as one request
+through RunPod's proxy may carry), in its native dtype (the client compresses it), copied and sent
+off the main thread; a new region goes only when a prompt falls outside it or the voxels change.
+Prompts in RAS are mapped to the voxel grid, then to the region; each result (the changed box the
+server returns) is pasted at the region's place in the selected segment through Slicer's Segment
+Editor logic, so masking and overwrite settings hold and other segments are respected. Undo and
+redo are kept here, many levels deep; the server learns of undo, redo and hand edits (Segment
+Editor paint or erase) before the next prompt, which re-seeds it with the segment as it is. Only what the
 server's model takes is sent (its capabilities are read at connect). A lost session (lease gone,
 server restarted, connection refused) is resumed without the user: claim, upload, seed the
 current mask, repeat the prompt. A slow answer is waited for and never repeated: a large
@@ -26,9 +28,10 @@ import vtk
 from ..core import arrays
 from ..core.errors import UserError
 from ..core.files import printable
-from ..core.scene import BINARY_LABELMAP
+from ..core.scene import BINARY_LABELMAP, forward_render_pauses
 from . import geometry
 from .promptfile import Prompt
+from .region import covers, Limits, Planner, slices
 
 MAX_UNDO_BYTES = 256 << 20  # the undo history's memory (masks packed 8 voxels a byte); the oldest steps go first
 RETRY_AFTER_S = 10  # what the server asks for when full; its client does not pass the header on
@@ -116,6 +119,7 @@ def headless_editor(scene, app_logic, segmentation_node, volume_node):
     logic.SetMRMLScene(scene)
     logic.SetMRMLApplicationLogic(app_logic)
     logic.SetSegmentEditorNode(editor_node)
+    forward_render_pauses(logic, app_logic)
     return logic
 
 
@@ -153,11 +157,17 @@ class InteractiveSession:
     max_wait_s: float = 300.0
     read_timeout_s: float = 120.0
     capabilities: Capabilities = None
+    limits: Limits = field(default_factory=Limits)
     _client: object = None
     _volume_key: tuple = None
-    _image: np.ndarray = None
+    _source: np.ndarray = None  # the volume's voxels (K, J, I), a view of Slicer's: copied on the worker
+    _shape: tuple = None
+    _planner: Planner = None
+    _region: np.ndarray = None  # the box of the volume the server has (or is being sent)
+    _sent: bool = False  # the server has _region's voxels
+    _image: np.ndarray = None  # (1, K, J, I) of the region
     _matrix: np.ndarray = None
-    _buffer: np.ndarray = None  # the segment as we last wrote it or seeded the server with (K, J, I)
+    _buffer: np.ndarray = None  # the segment in the region as we last wrote it or seeded the server with
     _mirror: np.ndarray = None  # the upstream client's target buffer: where the server's answers land
     _written: int = None  # the segment's modified time after our last write; another means a hand edit
     _in_sync: bool = False  # the server's state is _buffer plus the prompts since it was seeded
@@ -218,7 +228,7 @@ class InteractiveSession:
         waited = 0.0
         while True:
             try:
-                return remote.GuardedSession(self.url, self.api_key, self.read_timeout_s)
+                return remote.GuardedSession(self.url, self.api_key, self.read_timeout_s, self.limits.request_bytes)
             except upstream.ServerAtCapacityError:
                 if waited >= self.max_wait_s:
                     raise InteractiveError(f"The nnInteractive server at {self.url} is still full after "
@@ -245,6 +255,10 @@ class InteractiveSession:
         if code == 401:
             return InteractiveError(f"The nnInteractive server at {self.url} rejected the API key: "
                                     "enter the key the server was started with.")
+        if code == 413:  # Cloudflare's answer to a body over its cap
+            return InteractiveError(f"The proxy in front of {self.url} refused a request as too large (HTTP 413); "
+                                    "the segment is left as it was: use a smaller prompt, or reach the server "
+                                    "without the proxy.")
         if code == 524:  # Cloudflare in front of RunPod's proxy ends a request after 100 s
             return InteractiveError(f"The proxy in front of {self.url} gave up waiting for the prediction (HTTP 524, "
                                     "after about 100 s); the segment is left as it was: try a smaller prompt, "
@@ -284,6 +298,9 @@ class InteractiveSession:
             raise self._http_error(error) from None
         except (remote.AnswerRefused, httpx.ReadTimeout) as error:
             raise self._unanswered(error) from None
+        except remote.RequestTooLarge as error:
+            raise InteractiveError(f"This client refused to send {error} one request may carry through the proxy; "
+                                   "the segment is left as it was: use a smaller prompt.") from None
         except (ValueError, KeyError, TypeError, AttributeError) as error:  # the upstream client reading a bad reply
             raise self._bad_reply(str(error) if isinstance(error, remote.BadReply) else error) from None
         except httpx.TransportError as error:
@@ -300,7 +317,7 @@ class InteractiveSession:
         self._generation += 1
         if self._image is not None:
             self._client.set_image(self._image)
-        if self._buffer is not None:
+        if self._buffer is not None and self._buffer.shape == self._image.shape[1:]:  # else a new region: seeded next
             self._seed(self._client, self._buffer.astype(np.uint8))
 
     def close(self):
@@ -319,22 +336,75 @@ class InteractiveSession:
         segmentation = target.segmentation_node.GetSegmentation()
         if not segmentation.ContainsRepresentation(BINARY_LABELMAP):
             segmentation.CreateRepresentation(BINARY_LABELMAP)
-        self._buffer = self._segment_mask(target.segment_id)
+        self._buffer = None  # read at the next prompt, which seeds the server (only the region: cheap)
         self._written = self._modified_time()
         self._in_sync = False
 
     def stage_volume(self, volume_node):
-        """Main thread: takes the voxels; returns the upload, which may run on a worker thread."""
+        """Main thread, instant: keeps a view of the voxels; returns the upload (choosing the first region,
+        copying it, sending it), which may run on a worker thread: it touches numpy arrays only. The view holds
+        Slicer's scalar array, so VTK allocates new scalars rather than resizing these under the copy."""
         key = (volume_node.GetID(), volume_node.GetImageData().GetMTime())
         if key == self._volume_key:
             return lambda: None
         self._volume_key = key
         self._matrix = arrays.ijk_to_ras(volume_node)
-        self._image = arrays.volume_array(volume_node)[np.newaxis].copy()  # (1, K, J, I), native dtype
-        self._mirror = np.zeros(self._image.shape[1:], np.uint8)
+        self._source = arrays.volume_array(volume_node)
+        self._shape = self._source.shape
+        self._planner = self._region = self._image = None
+        self._sent = False
         if self._target is not None:
             self.select_segment(self._target)  # read again on the new grid
-        return lambda: self._call(lambda client: client.set_image(self._image))
+        return self._send_first_region
+
+    def _send_first_region(self):
+        """Worker: the body's box, as many slices as one request carries; smaller when refused as too large."""
+        upstream, remote, httpx = _upstream()
+        self._planner = Planner(self._source, self.limits, remote.pack_image)
+        for _ in range(3):
+            if self._send_region(self._planner.first()):
+                return
+        raise InteractiveError(f"The proxy in front of {self.url} refused three ever smaller uploads of this volume "
+                               "(too large or too slow for it): reach the server without the proxy (its TCP port, "
+                               "or an SSH tunnel).")
+
+    def _send_region(self, region) -> bool:
+        """Worker: copies region out of the volume and sends it. False when it was refused as too large for one
+        request (our cap, or the proxy's 413 or 524): the planner then knows to choose a smaller one."""
+        self._image = np.ascontiguousarray(self._source[slices(region)])[np.newaxis]
+        self._region, self._sent = region, False
+        self._mirror = np.zeros(self._image.shape[1:], np.uint8)
+        refused = self._call(self._upload)
+        if refused:
+            self.status(f"The upload ({refused / 1e6:.1f} MB) was too large for one request: sending a smaller "
+                        "region.")
+            return False
+        self._planner.learn(self._image.size, self._client.last_sent)
+        self._sent = True
+        return True
+
+    def _upload(self, client) -> int:
+        """The region's voxels to the server; 0, or the bytes of a body refused as too large or too slow."""
+        upstream, remote, httpx = _upstream()
+        try:
+            client.set_image(self._image)
+            return 0
+        except remote.RequestTooLarge as error:  # our estimate of the packed size was short
+            self._planner.learn(self._image.size, error.size)
+            return error.size
+        except httpx.HTTPStatusError as error:
+            if error.response.status_code not in (413, 524):  # Cloudflare: body over its cap / over 100 s
+                raise
+            self._planner.refused(client.last_sent)
+            return client.last_sent
+
+    @property
+    def region_note(self) -> str:
+        """Where the server's region lies, for the status line, e.g. 'slices 301-620 of 1000 on the server'."""
+        if self._region is None:
+            return "no image on the server"
+        (k0, j0, i0), (k1, j1, i1) = self._region
+        return f"slices {k0 + 1}-{k1} of {self._shape[0]} on the server"
 
     def _modified_time(self):
         """VTK's modified time of the segment's labelmap: any write to its voxels changes it."""
@@ -344,8 +414,7 @@ class InteractiveSession:
 
     def _segment_mask(self, segment_id, box: tuple = None) -> np.ndarray:
         """The segment in the volume's K, J, I grid (only box, when given)."""
-        shape = self._image.shape[1:]
-        box = box or tuple(slice(0, n) for n in shape)
+        box = box or tuple(slice(0, n) for n in self._shape)
         segment = self._target.segmentation_node.GetSegmentation().GetSegment(segment_id)
         labelmap = segment.GetRepresentation(BINARY_LABELMAP)
         out = np.zeros(tuple(b.stop - b.start for b in box), bool)
@@ -372,7 +441,7 @@ class InteractiveSession:
     def _resampled_mask(self, labelmap, label_value: int) -> np.ndarray:
         """A segment stored on another grid, resampled onto the volume's (nearest neighbour)."""
         reference = slicer.vtkOrientedImageData()
-        reference.SetExtent(0, self._image.shape[3] - 1, 0, self._image.shape[2] - 1, 0, self._image.shape[1] - 1)
+        reference.SetExtent(0, self._shape[2] - 1, 0, self._shape[1] - 1, 0, self._shape[0] - 1)
         reference.SetImageToWorldMatrix(arrays.array_to_matrix(self._matrix))
         resampled = slicer.vtkOrientedImageData()
         slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled)
@@ -392,12 +461,18 @@ class InteractiveSession:
     def prepare(self, prompt: Prompt) -> "PendingPrompt":
         """Main thread: maps the prompt to voxels and notices hand edits. Its run() touches no scene and may
         go to a worker thread."""
-        if self._target is None or self._image is None:
+        if self._target is None or self._planner is None:
             raise InteractiveError("Choose a source volume and a segment before prompting.")
-        call = self._prompt_call(prompt)
-        seed = self._seed_call()
+        footprint, call = self._prompt_call(prompt)
+        region, note = None, ""
+        if not (self._sent and covers(self._region, footprint, self._shape, self.limits.edge)):
+            region = self._planner.toward(self._region, footprint)  # grown, or moved where growing does not fit
+            self._in_sync = False
+            note = f"sending slices {region[0, 0] + 1}-{region[1, 0]} first (the prompt is outside the region sent)"
+        seed = self._seed_call(self._region if region is None else region)
         self._in_sync = False  # until its answer is written: a prompt cancelled or failed leaves it unknown
-        return PendingPrompt(self, prompt, seed, call, time.perf_counter())
+        origin = (self._region if region is None else region)[0]
+        return PendingPrompt(self, prompt, seed, call(origin), time.perf_counter(), region=region, note=note)
 
     def finish(self, pending: "PendingPrompt", box) -> PromptTiming:
         """Main thread, after run(): writes the changed box into the segment."""
@@ -408,14 +483,14 @@ class InteractiveSession:
         total = time.perf_counter() - pending.started
         return PromptTiming(total, pending.server_s, total - pending.server_s)
 
-    def _seed_call(self):
+    def _seed_call(self, region):
         """None when the server's state matches the segment; the server's own undo when the last prompt was
         undone here; otherwise (segment painted or erased by hand, undone deeper, or the server's state
         unknown) the call that restarts the server from the segment as it is. The model then forgets earlier
         prompts, so this happens only when needed."""
         undo, self._undo_on_server = self._undo_on_server, False
         if not (self._in_sync and self._modified_time() == self._written):
-            current = self._segment_mask(self._target.segment_id)
+            current = self._segment_mask(self._target.segment_id, slices(region))
             self._written = self._modified_time()
             if not (self._in_sync and np.array_equal(current, self._buffer)):  # else another segment of a shared labelmap
                 self._buffer = current
@@ -430,11 +505,16 @@ class InteractiveSession:
         if generation == self._generation:  # a resumed session was seeded with the undone segment already
             client.undo()
 
+    def _after_cancelled(self):
+        """Worker: waits for a cancelled prompt's thread (a late answer, a region upload) before changing what the
+        server has. Costs nothing: the server finishes that prediction first anyway."""
+        cancelled, self._cancelled = self._cancelled, None
+        if cancelled is not None:
+            cancelled.finished.wait()
+
     def _seed(self, client, seed: np.ndarray):
         """The server restarts from seed: no interactions, seed as the mask, answers into our mirror."""
-        if self._cancelled:  # its late answer lands before the seed, not in the next prompt's answer
-            self._cancelled.finished.wait()  # costs nothing: the server finishes that prediction first anyway
-            self._cancelled = None
+        self._after_cancelled()
         client.set_target_buffer(self._mirror)
         client.reset_interactions()
         self._server_can_undo = False
@@ -447,33 +527,41 @@ class InteractiveSession:
             raise InteractiveError(f"{what}, which this server's model does not take; {advice}.")
 
     def _prompt_call(self, prompt: Prompt):
-        shape, matrix, include = self._image.shape[1:], self._matrix, prompt.include
+        """(the prompt's voxel box in the volume, call(origin): its client call in the voxels of a region that
+        starts at origin)."""
+        shape, matrix, include = self._shape, self._matrix, prompt.include
         others = ", ".join(k for k in self.capabilities.prompt_types if k != prompt.kind)
         self._require(INTERACTIONS[prompt.kind], f"A {prompt.kind}", f"use another kind of prompt ({others})")
         if prompt.kind == "point":
-            voxel = geometry.point_voxel(matrix, shape, prompt.ras)
-            return lambda client: client.add_point_interaction(voxel, include_interaction=include)
+            voxel = np.array(geometry.point_voxel(matrix, shape, prompt.ras))
+            return np.array([voxel, voxel + 1]), lambda origin: lambda client: client.add_point_interaction(
+                tuple(int(v) for v in voxel - origin), include_interaction=include)
         if prompt.kind == "box":
-            box = geometry.box_voxels(matrix, shape, prompt.ras_min, prompt.ras_max)
-            if all(hi - lo > 1 for lo, hi in box):  # one voxel thick on any axis makes it a 2D box to the server
+            box = np.array(geometry.box_voxels(matrix, shape, prompt.ras_min, prompt.ras_max)).T
+            if (box[1] - box[0] > 1).all():  # one voxel thick on any axis makes it a 2D box to the server
                 self._require({"bbox3d"}, "A 3D box", "draw the box on one slice")
-            return lambda client: client.add_bbox_interaction(box, include_interaction=include)
+            return box, lambda origin: lambda client: client.add_bbox_interaction(
+                (box - origin).T.tolist(), include_interaction=include)
         # Scribbles and lassos travel as crops with their box, not as whole-volume masks.
         if prompt.kind == "scribble":
             mask, box = geometry.scribble_mask(matrix, shape, prompt.ras_points, self.capabilities.scribble_thickness)
-            return lambda client: client.add_scribble_interaction(mask.astype(np.uint8), include_interaction=include,
-                                                                  interaction_bbox=box)
-        mask, box = geometry.lasso_mask(matrix, shape, prompt.ras_points)
-        return lambda client: client.add_lasso_interaction(mask.astype(np.uint8), include_interaction=include,
-                                                           interaction_bbox=box)
+            add = "add_scribble_interaction"
+        else:
+            mask, box = geometry.lasso_mask(matrix, shape, prompt.ras_points)
+            add = "add_lasso_interaction"
+        box = np.array(box).T
+        return box, lambda origin: lambda client: getattr(client, add)(
+            mask.astype(np.uint8), include_interaction=include, interaction_bbox=(box - origin).T.tolist())
 
-    def _write(self, prompt: Prompt, box: tuple):
+    def _write(self, prompt: Prompt, local: tuple):
+        """Pastes the server's changed box (in the region) at its place in the segment."""
         segment_id = self._target.segment_id
         untouched = self._modified_time() == self._written  # else a hand edit made meanwhile: the next prompt sees it
+        box = tuple(slice(b.start + int(o), b.stop + int(o)) for b, o in zip(local, self._region[0]))
         before = self._segment_mask(segment_id, box)
-        self._modify(box, self._mirror[box].astype(bool), bypass_masking=False)
+        self._modify(box, self._mirror[local].astype(bool), bypass_masking=False, before=before)
         after = self._segment_mask(segment_id, box)
-        self._buffer[box] = after  # what the editor's masking actually allowed
+        self._buffer[local] = after  # what the editor's masking actually allowed
         if untouched:
             self._written = self._modified_time()
         self._remember(_Step(segment_id, prompt, box, before, after))
@@ -490,22 +578,26 @@ class InteractiveSession:
             self.status(f"The undo history reached its {self.max_undo_bytes >> 20} MB: the oldest "
                         f"{dropped} step{'s' if dropped > 1 else ''} can no longer be undone.")
 
-    def _modify(self, box, mask: np.ndarray, bypass_masking: bool):
-        """Sets the selected segment to mask inside box through the Segment Editor logic."""
+    def _modify(self, box, mask: np.ndarray, bypass_masking: bool, before: np.ndarray = None):
+        """Sets the selected segment (before: its voxels in box, if read already) to mask inside box through the
+        Segment Editor logic: erases what mask drops, then adds what it holds. (The logic's Set mode replaces the
+        whole segment, whatever extent it is given: a result pasted that way erased every earlier one outside
+        its box.)"""
+        before = self._segment_mask(self._target.segment_id, box) if before is None else before
         extent = [box[2].start, box[2].stop - 1, box[1].start, box[1].stop - 1, box[0].start, box[0].stop - 1]
-        modifier = slicer.vtkOrientedImageData()
-        modifier.ShallowCopy(arrays.image_from_array(mask.astype(np.uint8)))
-        modifier.SetExtent(*extent)
-        modifier.SetImageToWorldMatrix(arrays.array_to_matrix(self._matrix))
         logic = self._target.editor_logic
         editor = logic.GetSegmentEditorNode()
         editor.SetSelectedSegmentID(self._target.segment_id)
-        masked = (editor.GetMaskMode() != self._target.segmentation_node.EditAllowedEverywhere
-                  or editor.GetSourceVolumeIntensityMask())
-        if masked and not bypass_masking:
-            logic.UpdateMaskLabelmap()  # other segments may have changed; costs a pass over the volume
-        logic.ModifySegmentByLabelmap(self._target.segmentation_node, self._target.segment_id, modifier,
-                                      logic.ModificationModeSet, extent, False, bypass_masking)
+        # Each masked call makes the edit mask from the other segments itself (a pass over the volume).
+        changes = ((logic.ModificationModeRemove, before & ~mask), (logic.ModificationModeAdd, mask & ~before))
+        for mode, voxels in changes:
+            if voxels.any():
+                modifier = slicer.vtkOrientedImageData()
+                modifier.ShallowCopy(arrays.image_from_array(voxels.astype(np.uint8)))
+                modifier.SetExtent(*extent)
+                modifier.SetImageToWorldMatrix(arrays.array_to_matrix(self._matrix))
+                logic.ModifySegmentByLabelmap(self._target.segmentation_node, self._target.segment_id, modifier,
+                                              mode, extent, False, bypass_masking)
 
     # -- undo / redo -------------------------------------------------------------------------
     @property
@@ -540,13 +632,17 @@ class InteractiveSession:
             self.select_segment(SegmentTarget(self._target.segmentation_node, step.segment_id,
                                               self._target.editor_logic))
         self._modify(step.box, mask, bypass_masking=True)
-        self._buffer[step.box] = mask
+        if in_sync:  # the server's state: its part inside the region
+            box = np.array([[b.start for b in step.box], [b.stop for b in step.box]])
+            inside = np.array([np.maximum(box[0], self._region[0]), np.minimum(box[1], self._region[1])])
+            if (inside[0] < inside[1]).all():
+                self._buffer[slices(inside - self._region[0])] = mask[slices(inside - box[0])]
         self._written = self._modified_time()
         self._in_sync = in_sync
 
     def reset(self):
         """Clears the selected segment (undoable); the next prompt starts the server from the empty segment."""
-        box = tuple(slice(0, n) for n in self._buffer.shape)
+        box = tuple(slice(0, n) for n in self._shape)
         before = self._segment_mask(self._target.segment_id)
         self._remember(_Step(self._target.segment_id, Prompt("reset"), box, before, np.zeros_like(before)))
         self._restore(self._done[-1], self._done[-1].after)
@@ -568,6 +664,8 @@ class PendingPrompt:
     seed: object  # None, or the call that first restarts the server from the segment
     call: object
     started: float
+    region: np.ndarray = None  # a new region, sent first
+    note: str = ""  # what the wait is about, beyond the prediction
     server_s: float = 0.0
     cancelled: bool = False
     finished: threading.Event = field(default_factory=threading.Event)
@@ -577,6 +675,11 @@ class PendingPrompt:
         started = time.perf_counter()
         abandoned = lambda: self.cancelled
         try:
+            if self.session._cancelled is not self:
+                self.session._after_cancelled()
+            if self.region is not None and not self.session._send_region(self.region):
+                raise InteractiveError("The new region was larger than one request may carry; the segment is left "
+                                       "as it was: prompt again (the next region is chosen smaller).")
             if self.seed:
                 self.session._call(self.seed, abandoned)
             return None if self.cancelled else self.session._call(self.call, abandoned)

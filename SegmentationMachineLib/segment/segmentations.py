@@ -3,10 +3,16 @@
 import json
 from pathlib import Path
 
+import numpy as np
+
+from ..core import arrays
 from ..core.errors import InputError
 from ..core.scene import SceneContext
 from ..dicom.volumes import load_volume_file
 from .dicomseg import is_dicom_seg, load_dicom_seg
+
+# More distinct values than any atlas has labels (TotalSegmentator: 117): an image's intensities, not labels.
+MAX_LABELS = 1000
 
 
 def read_label_names(path) -> dict:
@@ -33,6 +39,7 @@ def load_segmentation(ctx: SceneContext, path, label_names: dict = None, referen
             raise InputError(f"{path} could not be read as a Slicer segmentation: check that the file is complete.")
     else:
         labelmap = load_volume_file(ctx, path, labelmap=True).node
+        _check_labels(path, arrays.volume_array(labelmap))
         node = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", labelmap.GetName())
         node.CreateDefaultDisplayNodes()
         if not ctx.segmentations_logic.ImportLabelmapToSegmentationNode(labelmap, node):
@@ -47,3 +54,13 @@ def load_segmentation(ctx: SceneContext, path, label_names: dict = None, referen
     if reference_volume is not None:
         node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
     return node
+
+
+def _check_labels(path: Path, voxels: np.ndarray):
+    """A scan given where a labelmap belongs would become a mesh per intensity: junk, after minutes."""
+    values = np.unique(voxels)
+    whole = np.issubdtype(values.dtype, np.integer) or bool(np.all(np.mod(values, 1) == 0))
+    if values.size and (values[0] < 0 or values.size > MAX_LABELS or not whole):
+        raise InputError(f"{path} looks like a scan, not a labelmap ({values.size} different values from "
+                         f"{values[0]:g} to {values[-1]:g}, where labels are a few whole numbers from 0): give a "
+                         "segmentation, or model the scan with `segmentation-machine model`.")

@@ -1,0 +1,245 @@
+"""A DICOM node: studies a PACS pushes (C-STORE) land in an inbox folder, each instance durable before it is acknowledged.
+
+Each received instance is written to a private staging file, flushed to disk, then renamed into
+FOLDER/<study>/<series>/<instance>.dcm, and only then does the sender hear "success": an instance the
+PACS saw acknowledged survives a kill -9, and one it did not is sent again by the PACS; the inbox never
+holds half a file. Only the calling AE titles on the allow-list may connect; TLS is optional.
+"""
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import ssl
+import tempfile
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..core.errors import UserError
+from ..core.files import PRIVATE_FOLDER, private_folder
+
+log = logging.getLogger("segmentation-machine")
+# Its errors come as several lines, some with tracebacks: the node writes one sentence for each itself.
+logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+
+SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+# The DICOM default repertoire without backslash or control characters, at most 16 (spaces are padding).
+AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
+UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+TIMEOUT_S = 30
+
+
+def check_ae_title(text: str, what: str) -> str:
+    title = text.strip()
+    if not AE_TITLE.fullmatch(title):
+        raise UserError(f"{what} '{text}' is not a DICOM AE title: use 1 to 16 letters, digits or spaces "
+                        "(no backslash), e.g. SEGMACHINE.")
+    return title
+
+
+def parse_destination(text: str) -> tuple:
+    """'AE@HOST:PORT' → (AE, HOST, PORT)."""
+    match = re.fullmatch(r"(.+)@(.+):([0-9]{1,5})", text.strip())
+    if not match or not 0 < int(match[3]) < 65536:
+        raise UserError(f"'{text}' is not a DICOM destination: write it as AE@HOST:PORT, e.g. PACS@10.0.0.5:104.")
+    return check_ae_title(match[1], "The destination's AE title"), match[2], int(match[3])
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    ae_title: str
+    port: int
+    allowed: tuple  # calling AE titles that may connect (never empty: nobody else may)
+    host: str = ""  # every interface
+    tls_cert: Path = None
+    tls_key: Path = None
+    tls_ca: Path = None  # when set, senders must show a certificate it signed
+
+
+class _HandshakeOnFirstRead(ssl.SSLContext):
+    """pynetdicom wraps each connection in its accept loop: with the handshake there, one client that connects
+    and says nothing would stop the node from accepting anyone. Deferred, it runs on the association's thread,
+    under its timeouts."""
+
+    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, *args, **kwargs):
+        return super().wrap_socket(sock, server_side, False, *args, **kwargs)
+
+
+def tls_context(options: NodeOptions):
+    """The server's TLS context, or None without --tls-cert."""
+    if not options.tls_cert:
+        if options.tls_key or options.tls_ca:
+            raise UserError("--tls-key and --tls-ca need --tls-cert: give the node's certificate too.")
+        return None
+    context = _HandshakeOnFirstRead(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:  # an encrypted key would ask for its password on the terminal: it is refused instead
+        context.load_cert_chain(options.tls_cert, options.tls_key, password=lambda: b"")
+        if options.tls_ca:
+            context.load_verify_locations(options.tls_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as error:
+        raise UserError(f"Cannot use the TLS files {options.tls_cert}, {options.tls_key or '(key in the certificate)'}"
+                        f"{', ' + str(options.tls_ca) if options.tls_ca else ''} "
+                        f"({getattr(error, 'strerror', None) or getattr(error, 'reason', None) or error}): "
+                        "give PEM files, with an unencrypted key readable only by this user.") from None
+    return context
+
+
+def _file_name(uid) -> str:
+    """A UID as a file name; anything else (it comes from the network) as its hash, never a path."""
+    text = str(uid or "")
+    return text if UID.fullmatch(text) and len(text) <= 64 else "x" + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _sync_folder(folder: Path):
+    """A rename or a new entry is durable only once its folder is flushed (POSIX; Windows has no such call)."""
+    if os.name == "nt":
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class DicomNode:
+    """A storage SCP (every storage SOP class, any transfer syntax) and C-ECHO, writing into folder."""
+
+    def __init__(self, options: NodeOptions, folder: Path, staging: Path):
+        if not options.allowed:
+            raise UserError("Name the PACS that may send with --allow AE_TITLE (its calling AE title): "
+                            "a node that accepts everyone would take studies from anyone on the network.")
+        self.options = replace(options, ae_title=check_ae_title(options.ae_title, "--ae-title"),
+                               allowed=tuple(check_ae_title(a, "--allow") for a in options.allowed))
+        if not 0 < options.port < 65536:
+            raise UserError(f"--port {options.port} is not a TCP port: choose one from 1 to 65535 (DICOM: 104 or 11112).")
+        self.folder, self.staging = Path(folder), Path(staging)
+        self._context = tls_context(self.options)
+        self._ae = None
+        self._received = {}  # association → instances stored, for its one log line
+        self._lock = threading.Lock()
+
+    def start(self):
+        from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+
+        shutil.rmtree(self.staging, ignore_errors=True)  # files cut short by a kill: never acknowledged
+        private_folder(self.staging)
+        private_folder(self.folder)
+        ae = AE(ae_title=self.options.ae_title)
+        for context in AllStoragePresentationContexts:  # stored as sent: compressed syntaxes too
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        ae.require_calling_aet = list(self.options.allowed)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
+        handlers = [(evt.EVT_C_STORE, self._store), (evt.EVT_REJECTED, self._rejected),
+                    (evt.EVT_RELEASED, self._finished), (evt.EVT_ABORTED, self._finished)]
+        try:
+            ae.start_server((self.options.host, self.options.port), block=False, ssl_context=self._context,
+                            evt_handlers=handlers)
+        except OSError as error:
+            raise UserError(f"Cannot listen on port {self.options.port} ({error.strerror or error}): "
+                            "choose another --port, or stop the program that uses it.") from None
+        self._ae = ae
+
+    def stop(self):
+        """Stops listening; associations in progress are aborted (their unacknowledged instances are resent)."""
+        if self._ae:
+            for association in self._ae.active_associations:
+                if not association.is_established:  # pynetdicom cannot abort one still being requested
+                    association.kill()
+            self._ae.shutdown()
+            self._ae = None
+
+    def describe(self) -> str:
+        return (f"DICOM node {self.options.ae_title} on port {self.options.port}"
+                f"{' (TLS)' if self._context else ''}, accepting {', '.join(self.options.allowed)}")
+
+    # -- handlers, on pynetdicom's association threads ---------------------------------------
+    def _store(self, event) -> int:
+        try:
+            dataset = event.dataset  # elements are decoded when read: only the two UIDs are
+            folder = self.folder / _file_name(dataset.StudyInstanceUID) / _file_name(dataset.SeriesInstanceUID)
+            data = event.encoded_dataset()  # the bytes as sent, with their file meta
+        except Exception as error:  # whatever a sender puts in a dataset: that instance is refused
+            log.warning("Refused an instance from %s: it cannot be read (%s).", self._peer(event), error)
+            return CANNOT_UNDERSTAND
+        try:
+            self._write(folder / f"{_file_name(event.request.AffectedSOPInstanceUID)}.dcm", data)
+        except OSError as error:
+            log.error("Cannot store an instance from %s (%s): free some space; the sender may send it again.",
+                      self._peer(event), error.strerror or error)
+            return OUT_OF_RESOURCES
+        with self._lock:
+            self._received[event.assoc] = self._received.get(event.assoc, 0) + 1
+        return SUCCESS
+
+    def _write(self, path: Path, data: bytes):
+        descriptor, temp = tempfile.mkstemp(dir=self.staging, suffix=".partial")
+        try:
+            with os.fdopen(descriptor, "wb") as stream:
+                stream.write(data)
+                stream.flush()
+                os.fsync(stream.fileno())
+            self._make_folder(path.parent)
+            os.replace(temp, path)  # a resent instance replaces its earlier copy whole
+            _sync_folder(path.parent)
+        finally:
+            if os.path.exists(temp):
+                os.unlink(temp)
+
+    def _make_folder(self, folder: Path):
+        if folder.is_dir():
+            return
+        self._make_folder(folder.parent)
+        folder.mkdir(mode=PRIVATE_FOLDER, exist_ok=True)
+        _sync_folder(folder.parent)
+
+    def _rejected(self, event):
+        if event.assoc.requestor.ae_title.strip() in self.options.allowed:  # pynetdicom's limit, 10 at once
+            log.warning("Refused an association from %s: too many are open; it may try again later.",
+                        self._peer(event))
+        else:
+            log.warning("Refused an association from %s: only %s may send (--allow).", self._peer(event),
+                        ", ".join(self.options.allowed))
+
+    def _finished(self, event):
+        with self._lock:
+            count = self._received.pop(event.assoc, 0)
+        if count:
+            log.info("Received %d instance(s) from %s.", count, self._peer(event))
+
+    @staticmethod
+    def _peer(event) -> str:
+        requestor = event.assoc.requestor
+        return f"AE '{requestor.ae_title.strip()}' at {requestor.address}"
+
+
+def send_file(path: Path, destination: tuple, calling_ae: str) -> str:
+    """C-STORE of one DICOM file to (AE, HOST, PORT); "" when stored, else why not (one sentence)."""
+    from pydicom import dcmread
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+
+    title, host, port = destination
+    dataset = dcmread(path)
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
+    ae.add_requested_context(dataset.SOPClassUID, sorted({dataset.file_meta.TransferSyntaxUID, ExplicitVRLittleEndian}))
+    try:
+        association = ae.associate(host, port, ae_title=title)
+        if not association.is_established:
+            return f"{title} at {host}:{port} did not accept an association from {calling_ae}: check its AE list and port."
+        try:
+            status = association.send_c_store(dataset)
+        finally:
+            association.release()
+    except (OSError, RuntimeError, ValueError) as error:  # e.g. it does not take this SOP class
+        return f"sending {path.name} to {title} at {host}:{port} failed ({error})."
+    if not status or status.Status != SUCCESS:
+        code = f"status 0x{status.Status:04X}" if status else "no answer"
+        return f"{title} at {host}:{port} did not store {path.name} ({code})."
+    return ""

@@ -1,0 +1,266 @@
+"""DICOMweb: a series fetched from a PACS (QIDO-RS, WADO-RS) and a DICOM SEG stored back (STOW-RS).
+
+Through dicomweb-client, which Slicer bundles too. The source is written `dicomweb+https://HOST/dicom-web`.
+Credentials come from the environment or the keychain, never from the command line or the URL (both show
+in `ps` and in logs), and travel only as an Authorization header. Every failure is one sentence that
+names the server and the cause.
+"""
+
+import ipaddress
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pydicom
+import requests
+
+from ..core.credentials import SecretStore
+from ..core.errors import UserError
+from ..core.files import printable
+
+PREFIX = "dicomweb+"
+TOKEN_VARIABLE = "SM_DICOMWEB_TOKEN"  # bearer token (OAuth 2 access token)
+USER_VARIABLE, PASSWORD_VARIABLE = "SM_DICOMWEB_USER", "SM_DICOMWEB_PASSWORD"  # HTTP basic
+TIMEOUT = (10, 120)  # seconds to connect, and between two reads of an answer
+ANY_TRANSFER_SYNTAX = (("application/dicom", "*"),)  # as stored: no transcoding on the server (JPEG 2000 too)
+# Series that hold no image slices: never the default choice.
+NON_IMAGE_MODALITIES = {"SEG", "SR", "RTSTRUCT", "RTPLAN", "PR", "KO", "REG", "DOC", "AU", "ECG", "PLAN"}
+UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # DICOM UIDs: digits and dots, at most 64 characters
+_QIDO_FIELDS = ["SeriesNumber", "SeriesDescription", "Modality", "NumberOfSeriesRelatedInstances"]
+
+
+def is_dicomweb(source) -> bool:
+    return isinstance(source, str) and source.lower().startswith(PREFIX)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class DicomWebServer:
+    url: str  # http(s)://HOST[:PORT]/ROOT, as dicomweb-client wants it
+
+    @classmethod
+    def parse(cls, source: str) -> "DicomWebServer":
+        shown = printable(source)
+        parts = urlsplit(source[len(PREFIX):])
+        if parts.username is not None or parts.password is not None:
+            raise UserError("Credentials in a DICOMweb address would show in the process list and in logs: remove "
+                            f"them and set {TOKEN_VARIABLE}, or {USER_VARIABLE} and {PASSWORD_VARIABLE}, instead.")
+        if parts.query or parts.fragment:  # not shown: it may hold a token
+            raise UserError("The DICOMweb address has a query or fragment (?... or #...): give only the server's "
+                            f"DICOMweb root, and a token in {TOKEN_VARIABLE}.")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UserError(f"'{shown}' is not a DICOMweb address: write dicomweb+https://HOST/dicom-web "
+                            "(the server's DICOMweb root).")
+        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+            raise UserError(f"'{shown}' would send patient data and credentials unencrypted: use dicomweb+https "
+                            "(plain http is only for this computer, e.g. through an SSH tunnel to 127.0.0.1).")
+        return cls(f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}")
+
+    @property
+    def keychain_suffix(self) -> str:
+        """HOST[_PORT], as a keychain name (or a file name where no keychain works) can hold it."""
+        return re.sub(r"[^A-Za-z0-9.-]", "_", urlsplit(self.url).netloc)
+
+    def keychain_names(self) -> tuple:
+        """The keychain names of this server's token, user and password."""
+        return tuple(f"dicomweb-{kind}-{self.keychain_suffix}" for kind in ("token", "user", "password"))
+
+
+class BearerAuth(requests.auth.AuthBase):
+    """Authorization: Bearer; requests drops it when a redirect leads to another host."""
+
+    def __init__(self, token: str):
+        self._token = token
+
+    def __call__(self, request):
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        return request
+
+    def __repr__(self):
+        return "BearerAuth(***)"
+
+
+def credentials(server: DicomWebServer, environ=os.environ, store: SecretStore = None):
+    """The requests auth for server: the environment first, else the keychain; None: ask without."""
+    token, user, password = environ.get(TOKEN_VARIABLE), environ.get(USER_VARIABLE), environ.get(PASSWORD_VARIABLE)
+    if not (token or user or password):
+        store = store or SecretStore()
+        token, user, password = (store.load(name) for name in server.keychain_names())
+    if token:
+        return BearerAuth(token.strip())
+    if bool(user) != bool(password):
+        raise UserError(f"Give both {USER_VARIABLE} and {PASSWORD_VARIABLE} for {server.url} (HTTP basic "
+                        f"authentication), or a bearer token in {TOKEN_VARIABLE}.")
+    return (user, password) if user else None
+
+
+class _Session(requests.Session):
+    """Every request with our timeout: a server that stops answering is an error, not a hang. dicomweb-client
+    0.60 (Slicer's) sets none, 0.61 its own 20 s, short for a PACS that first fetches a series from its archive."""
+
+    def __init__(self, timeout):
+        super().__init__()
+        self.timeout = timeout
+
+    def request(self, *args, **kwargs):
+        kwargs["timeout"] = self.timeout
+        return super().request(*args, **kwargs)
+
+
+def _text(dataset, keyword) -> str:
+    value = dataset.get(keyword, "")
+    return printable(str(value if value is not None else "")).strip()
+
+
+@dataclass
+class RemoteSeries:
+    uid: str
+    modality: str
+    description: str
+    number: str
+    instances: int
+
+    @property
+    def is_image(self) -> bool:
+        return self.modality.upper() not in NON_IMAGE_MODALITIES
+
+    def summary(self) -> str:
+        label = self.description or f"series {self.number or '?'}"
+        count = f"{self.instances} instance(s), " if self.instances else ""  # not every PACS says
+        return f"{self.modality or '?'} '{label}', {count}uid {self.uid}"
+
+
+def _check_uid(uid: str, what: str):
+    """A UID goes into the request's path: anything else is the user's typo, said before any request."""
+    if not (UID.fullmatch(uid) and len(uid) <= 64):
+        raise UserError(f"'{printable(uid)}' is not a {what} (digits and dots, e.g. 1.2.840.113619.2.55.3): "
+                        "copy it from the PACS viewer's study information.")
+
+
+def _cause(error: requests.RequestException, timeout) -> str:
+    """A short cause from requests' long message (which repeats the URL and urllib3's internals)."""
+    if isinstance(error, requests.Timeout):
+        return f"no answer within {max(timeout):g} s"
+    if isinstance(error, requests.exceptions.SSLError):
+        return "its TLS certificate was not accepted"
+    found = re.search(r"\[Errno -?\d+\] ([^)'\"\]]+)", str(error))
+    return found.group(1).strip().rstrip(".").lower() if found else type(error).__name__
+
+
+class DicomWeb:
+    """One DICOMweb server, with its credentials."""
+
+    def __init__(self, server: DicomWebServer, auth=None, timeout=TIMEOUT):
+        try:
+            from dicomweb_client.api import DICOMwebClient
+        except ImportError:
+            raise UserError("DICOMweb needs dicomweb-client: pip install 'segmentation-machine[pacs]' "
+                            "(Slicer bundles it).") from None
+
+        self.server = server
+        self._session = _Session(timeout)
+        self._session.auth = auth
+        self._client = DICOMwebClient(server.url, session=self._session)
+        self._client.set_http_retry_params(retry=False)  # an unanswered request is said at once, not in 30 s
+
+    @contextmanager
+    def _asking(self, what: str):
+        """Turns every failure of one request into the user's sentence; what names the item asked for."""
+        url, timeout = self.server.url, self._session.timeout  # the cause is said, never requests' long text
+        try:
+            yield
+        except requests.HTTPError as error:
+            status = error.response.status_code if error.response is not None else 0
+            if status in (401, 403):
+                raise UserError(f"The DICOMweb server {url} refused access (HTTP {status}): set {TOKEN_VARIABLE}, "
+                                f"or {USER_VARIABLE} and {PASSWORD_VARIABLE}, to credentials it accepts.") from None
+            if status == 404:
+                raise UserError(f"The DICOMweb server {url} answered 'not found' (HTTP 404) for {what}: check the "
+                                "UID, and that the address is the server's DICOMweb root (e.g. https://HOST/dicom-web)."
+                                ) from None
+            raise UserError(f"The DICOMweb server {url} answered HTTP {status} to the request for {what}: "
+                            "try again later or ask its administrator.") from None
+        except (requests.ConnectionError, requests.Timeout) as error:
+            raise UserError(f"Cannot reach the DICOMweb server {url} ({_cause(error, timeout)}): check the address "
+                            "and that the server is running.") from None
+        except (ValueError, KeyError, pydicom.errors.InvalidDicomError) as error:
+            # an HTML page, JSON that is not DICOM JSON, a multipart answer without DICOM parts
+            raise UserError(f"{url} did not answer as a DICOMweb server when asked for {what} "
+                            f"({type(error).__name__}): check that the address is its DICOMweb root "
+                            "(e.g. https://HOST/dicom-web).") from None
+        except requests.RequestException as error:  # too many redirects, a broken answer
+            raise UserError(f"The request to the DICOMweb server {url} for {what} failed "
+                            f"({_cause(error, timeout)}): try again, or ask its administrator.") from None
+
+    def series(self, study: str) -> list:
+        """The series of study (QIDO-RS): image series first, in series number order."""
+        _check_uid(study, "StudyInstanceUID")
+        with self._asking(f"study {study}"):
+            found = [pydicom.Dataset.from_json(item) for item in
+                     self._client.search_for_series(study_instance_uid=study, fields=_QIDO_FIELDS)]
+            series = [RemoteSeries(_text(d, "SeriesInstanceUID"), _text(d, "Modality"),
+                                   _text(d, "SeriesDescription"), _text(d, "SeriesNumber"),
+                                   int(d.get("NumberOfSeriesRelatedInstances") or 0)) for d in found]
+        if not series:
+            raise UserError(f"The DICOMweb server {self.server.url} has no study {study}: check the "
+                            "StudyInstanceUID (in the PACS viewer: study information).")
+        return sorted(series, key=lambda s: (not s.is_image, int(s.number) if s.number.isdigit() else 1e9, s.uid))
+
+    def choose_series(self, study: str, selector: str = None) -> RemoteSeries:
+        """The series named by UID or by its number in series(); with none, the study's only image series."""
+        series = self.series(study)
+        listing = "; ".join(f"{n}. {s.summary()}" for n, s in enumerate(series, 1))
+        if selector:
+            if selector.isdigit() and 1 <= int(selector) <= len(series):
+                return series[int(selector) - 1]
+            for item in series:
+                if item.uid == selector:
+                    return item
+            raise UserError(f"Study {study} on {self.server.url} has no series '{printable(selector)}': "
+                            f"give --series with one of: {listing}.")
+        images = [s for s in series if s.is_image]
+        if len(images) == 1:
+            return images[0]
+        if not images:
+            raise UserError(f"Study {study} on {self.server.url} has no image series ({listing}): choose a "
+                            "study with a CT or MR series.")
+        raise UserError(f"Study {study} on {self.server.url} has {len(images)} image series: choose one with "
+                        f"--series NUMBER or UID: {listing}.")
+
+    def retrieve(self, study: str, series: RemoteSeries, folder: Path, progress=None) -> list:
+        """The series' instances (WADO-RS, as stored) written into folder as 00001.dcm...; their paths."""
+        _check_uid(study, "StudyInstanceUID")
+        paths = []
+        with self._asking(f"series {series.uid} of study {study}"):
+            for dataset in self._client.iter_series(study, series.uid, media_types=ANY_TRANSFER_SYNTAX):
+                paths.append(Path(folder) / f"{len(paths) + 1:05d}.dcm")
+                dataset.save_as(paths[-1])
+                if progress:
+                    progress(len(paths), max(series.instances, len(paths)), series.uid)
+        if not paths:
+            raise UserError(f"The DICOMweb server {self.server.url} sent no instance of series {series.uid}: "
+                            "check the series in the PACS.")
+        return paths
+
+    def store(self, path: Path) -> pydicom.Dataset:
+        """Stores one DICOM file (STOW-RS) in its study; returns its header."""
+        dataset = pydicom.dcmread(path)
+        with self._asking(f"the store of {Path(path).name} in study {dataset.StudyInstanceUID}"):
+            answer = self._client.store_instances([dataset], study_instance_uid=dataset.StudyInstanceUID)
+        failed = answer.get("FailedSOPSequence") or []
+        if failed:
+            reason = failed[0].get("FailureReason", "?")
+            raise UserError(f"The DICOMweb server {self.server.url} did not store {Path(path).name} (failure "
+                            f"reason {reason}): ask its administrator whether it accepts DICOM SEG objects.")
+        return dataset

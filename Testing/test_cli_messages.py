@@ -1,0 +1,306 @@
+"""The CLI as a user meets it: one sentence naming the cause for each mistake, watch's loose ends, the help.
+
+Real processes, real files, the real upstream server and the real scans; nothing is mocked but the
+absence of `requests` (hidden from imports in the child process) and RunPod's clock of a time-out.
+"""
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import EXAMPLE_CT, RUNPOD_KEY, UNCOMPRESSED_SERIES
+from SegmentationMachineLib.cli.common import parse_presets
+from SegmentationMachineLib.cli.main import _configure_logging, build_parser
+from SegmentationMachineLib.cloud.pods import PodsError, RunPodRest
+from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
+
+CLI = [sys.executable, "-m", "SegmentationMachineLib.cli"]
+# The child process cannot import requests, as after a bare `pip install segmentation-machine`.
+WITHOUT_REQUESTS = """
+import runpy, sys
+class NoRequests:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "requests":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoRequests())
+sys.argv[0] = "segmentation-machine"
+runpy.run_module("SegmentationMachineLib.cli", run_name="__main__")
+"""
+
+
+def run_cli(*args, env=None, timeout=300, prefix=CLI):
+    return subprocess.run(prefix + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+
+
+def one_sentence(result, sentence: str, status: int = 2) -> str:
+    """The run ended with status and exactly one line on stderr, which holds sentence."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == status, result.stderr
+    assert len(lines) == 1 and sentence in lines[0] and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder nobody may write in, root included (the tests and CI run as root): immutable (chattr +i)."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+    elif shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        pytest.skip("no way to make a folder read-only for root here (chattr +i needs ext4 and CAP_LINUX_IMMUTABLE)")
+    try:
+        with pytest.raises(OSError):
+            (folder / "probe").write_text("x")
+        yield folder
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        folder.chmod(0o755)
+
+
+# -- help ------------------------------------------------------------------------------------------
+
+def _commands(parser, name="segmentation-machine"):
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _commands(sub, f"{name} {sub_name}")
+
+
+def test_every_option_and_argument_is_described_and_every_help_ends_with_an_example():
+    commands = dict(_commands(build_parser()))
+    assert {"segmentation-machine watch", "segmentation-machine pod up", "segmentation-machine pod down"} <= set(commands)
+    for name, parser in commands.items():
+        actions = [a for a in parser._actions if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
+        for commands_action in set(parser._actions) - set(actions):  # each subcommand's line in the list
+            actions += getattr(commands_action, "_choices_actions", [])
+        undescribed = [a.option_strings or a.dest for a in actions if not (a.help or "").strip()]
+        assert undescribed == [], f"{name}: {undescribed} have no help"
+        epilog = (parser.epilog or "").strip().splitlines()
+        assert epilog and epilog[0].startswith("example") and "segmentation-machine" in epilog[-1], name
+    shown = run_cli("pod", "down", "--help")
+    assert shown.returncode == 0 and shown.stdout.rstrip().endswith("segmentation-machine pod down --all")
+
+
+def test_preset_is_case_insensitive(tmp_path):
+    assert parse_presets("BONE, Skin") == ["bone", "skin"]
+    listed = run_cli("model", UNCOMPRESSED_SERIES, "--list", "--preset", "BONE", "--out", tmp_path)
+    assert listed.returncode == 0 and listed.stdout.startswith("1. CT"), listed.stderr
+
+
+# -- one sentence that names the cause ---------------------------------------------------------------
+
+@pytest.mark.parametrize("args, sentence", [
+    (["watch", "{tmp}/afile", "--out", "{tmp}/out"], "The inbox {tmp}/afile is a file, not a folder"),
+    (["watch", "{tmp}", "--out", "{tmp}/out", "--settle", "-1"], "--settle and --hold are waiting times"),
+    (["watch", "{tmp}", "--out", "{tmp}/afile/out"],
+     "Cannot write in {tmp}/afile/out (Not a directory): choose a folder you can write to with --out."),
+    (["watch", "{tmp}", "--out", "{tmp}/out", "--state", "{tmp}/afile/state"],
+     "Cannot write in {tmp}/afile/state (Not a directory): choose a folder you can write to with --state."),
+    (["model", str(UNCOMPRESSED_SERIES), "--out", "{tmp}/afile/x"], "Cannot write in {tmp}/afile/x (Not a directory)"),
+    (["model", "{tmp}/cut.dcm", "--out", "{tmp}/out"],
+     "{tmp}/cut.dcm is not a usable image: truncated (its pixel data is shorter than its size says); copy it again"),
+    (["model", "{tmp}/broken.zip", "--out", "{tmp}/out"],
+     "Nothing could be unpacked from {tmp}/broken.zip: the archive cannot be read"),
+    (["model", str(EXAMPLE_CT), "--series", "2", "--out", "{tmp}/out"],
+     "--series does not apply to example_ct.nii.gz: a NIfTI/NRRD file holds one volume"),
+    (["export", str(EXAMPLE_CT), "--out", "{tmp}/out"],
+     f"{EXAMPLE_CT} looks like a scan, not a labelmap (2598 different values from -1207 to 3382"),
+])
+def test_a_mistake_is_one_sentence_naming_its_cause(shared_data, tmp_path, args, sentence):
+    (tmp_path / "afile").write_text("a file where a folder belongs")
+    cut = (UNCOMPRESSED_SERIES / "01.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(cut[:len(cut) // 2])
+    (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    result = run_cli(*[a.format(tmp=tmp_path) for a in args])
+    one_sentence(result, sentence.format(tmp=tmp_path))
+    assert "Loaded" not in result.stdout  # found before any work
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_read_only_out_is_found_before_any_work(shared_data, read_only, tmp_path):
+    model = run_cli("model", UNCOMPRESSED_SERIES, "--out", read_only / "exports")
+    one_sentence(model, f"Cannot write in {read_only}/exports (")
+    assert "Loaded" not in model.stdout and "Segmented" not in model.stdout
+    (tmp_path / "inbox").mkdir()
+    for args, option in ((["--out", read_only], "--out"), (["--out", tmp_path / "out", "--state", read_only], "--state")):
+        watch = run_cli("watch", tmp_path / "inbox", "--once", *args)
+        one_sentence(watch, f"Cannot write in {read_only} (")
+        assert watch.stderr.strip().endswith(f"choose a folder you can write to with {option}.")
+
+
+def test_a_zip_given_to_model_is_read_like_watch_reads_one(shared_data, tmp_path):
+    import zipfile
+
+    archive = tmp_path / "study.zip"
+    with zipfile.ZipFile(archive, "w") as package:
+        for path in sorted(UNCOMPRESSED_SERIES.iterdir()):
+            package.write(path, f"study/{path.name}")
+        package.writestr("../escape.dcm", b"outside")
+    result = run_cli("model", archive, "--list", "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert "Unpacked 3 file(s)" in result.stdout and "1. CT 'series 2', 3 slices of 512x512" in result.stdout
+    assert "Skipped ../escape.dcm in study.zip: its path leads outside the archive's folder" in result.stderr
+    assert not (tmp_path / "escape.dcm").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["study.zip"]
+
+
+def test_pod_without_the_cloud_extra(tmp_path):
+    result = run_cli("pod", "list", env={"RUNPOD_API_KEY": RUNPOD_KEY},
+                     prefix=[sys.executable, "-c", WITHOUT_REQUESTS])
+    one_sentence(result, "The pod commands need the cloud extra: pip install 'segmentation-machine[cloud]'.")
+
+
+def test_runpod_refused_or_unknown_is_said_at_once_with_the_url_and_the_cause(monkeypatch):
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    for url, cause in ((f"http://127.0.0.1:{port}/v2", "the connection was refused"),
+                       ("http://runpod.invalid/v2", "its name runpod.invalid was not found (DNS)")):
+        monkeypatch.setenv("RUNPOD_REST_URL", url)
+        sleeps = []
+        with pytest.raises(PodsError) as error:
+            RunPodRest(RUNPOD_KEY, sleep=sleeps.append).pods()
+        assert str(error.value).startswith(f"Cannot reach RunPod at {url}: {cause};") and sleeps == []
+        assert RUNPOD_KEY not in str(error.value)
+    result = run_cli("pod", "gpus", env={"RUNPOD_REST_URL": f"http://127.0.0.1:{port}/v2", "RUNPOD_API_KEY": RUNPOD_KEY},
+                     timeout=30)
+    one_sentence(result, f"Cannot reach RunPod at http://127.0.0.1:{port}/v2: the connection was refused")
+
+
+def test_third_party_info_lines_never_reach_the_user(capsys):
+    _configure_logging()
+    try:
+        for name in ("httpx", "numexpr.utils", "pydicom"):
+            logging.getLogger(name).info("noise from %s", name)
+        logging.getLogger("pydicom").warning("noise: Invalid value for VR IS: 'xx'")  # a file's odd value
+        logging.getLogger("segmentation-machine").info("our own line")
+    finally:
+        logging.basicConfig(force=True)
+    err = capsys.readouterr().err
+    assert "our own line" in err and "noise" not in err
+
+
+def test_a_missing_slice_is_our_sentence_not_itks(tmp_path):
+    phantom = make_phantom(shape=(12, 64, 64), pixel_spacing=3.0, slice_spacing=3.0)
+    kept = [k for k in range(12) if k != 6]  # slice 7 never arrived
+    write_ct_series(tmp_path / "ct", phantom.hu[kept], 3.0, [(-94.5, -94.5, k * 3.0) for k in kept], "gap")
+    result = run_cli("model", tmp_path / "ct", "--out", tmp_path / "out", "--format", "stl", "--quiet")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert all(line.startswith("segmentation-machine: ") for line in lines), result.stderr  # not ITK's own words
+    assert any("a slice is probably missing" in line for line in lines), result.stderr
+
+
+def test_highdicoms_remarks_on_a_patient_name_never_reach_the_user(shared_data, tmp_path):
+    pytest.importorskip("highdicom")
+    result = run_cli("model", UNCOMPRESSED_SERIES, "--out", tmp_path, "--format", "seg", "--quiet")
+    assert result.returncode == 0 and result.stderr == "", result.stderr  # "JANCT000": a one-part name
+
+
+# -- server --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def server_installed():
+    pytest.importorskip("nnInteractive")
+    pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("args, sentence", [
+    (["--model-dir", "{tmp}/nowhere"], "--model-dir {tmp}/nowhere is not a folder"),
+    (["--model-dir", "{tmp}", "--fold", "3"], "{tmp} has no fold_3 folder (found: fold_0): choose the fold with --fold"),
+    (["--model-dir", "{tmp}"], "{tmp} is not an nnInteractive model folder"),
+])
+def test_server_refuses_a_model_folder_that_is_not_one(server_installed, tmp_path, args, sentence):
+    (tmp_path / "fold_0").mkdir()
+    result = run_cli("server", *[a.format(tmp=tmp_path) for a in args], "--device", "cpu")
+    one_sentence(result, sentence.format(tmp=tmp_path))
+    assert "API key" not in result.stdout  # no key is handed out for a server that never starts
+
+
+def test_server_on_cuda_without_a_gpu(server_installed, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    one_sentence(run_cli("server", "--device", "cuda"), "--device cuda, but torch sees no CUDA GPU here")
+
+
+def test_server_says_ready_only_once_it_answers(server_installed, tmp_path):
+    from nninteractive_model import write_model_folder
+    from nninteractive_server import free_port
+
+    model = write_model_folder(tmp_path / "model")
+    port = free_port()
+    server = subprocess.Popen(CLI + ["server", "--model-dir", str(model), "--device", "cpu", "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env={**os.environ, "SM_NNI_API_KEY": "test-key-0123456789", "PYTHONUNBUFFERED": "1"})
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while not (lines and lines[-1].startswith("Ready")):
+            assert time.monotonic() < deadline and server.poll() is None, lines
+            lines.append(server.stdout.readline().strip())
+        started = next(i for i, line in enumerate(lines) if line.startswith("Starting the nnInteractive server"))
+        assert lines[-1] == f"Ready: the nnInteractive server answers on http://127.0.0.1:{port}; Ctrl-C stops it."
+        assert started < len(lines) - 1 and not any("API key" in line for line in lines)  # the key came from us
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:  # at once: no retry
+            assert answer.status == 200
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(30) == 0
+
+
+# -- watch's loose ends --------------------------------------------------------------------------------
+
+def tilted_series(folder: Path):
+    """Four small slices sheared 45° (gantry tilt): a series that fails, in a sentence."""
+    hu = np.full((4, 16, 16), 40.0)
+    write_ct_series(folder, hu, 1.0, [(k * 2.0, 0.0, k * 2.0) for k in range(4)], "tilted")
+
+
+def watch_once(inbox: Path, outbox: Path, *options):
+    return run_cli("watch", inbox, "--out", outbox, "--once", "--settle", "0.2", "--hold", "0", *options)
+
+
+def test_watch_once_status_failures_skipped_files_and_duplicates(shared_data, tmp_path):
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    (inbox / "notes.txt").write_text("not DICOM")
+    first = watch_once(inbox, outbox, "--format", "stl", "--smoothing", "0", "--merged-stl")
+    assert first.returncode == 0, first.stderr
+    assert json.loads((outbox / "status.json").read_text())["series"] == []  # there before any series
+    assert first.stderr.count("notes.txt: not a DICOM file") == 1
+
+    shutil.copytree(UNCOMPRESSED_SERIES, inbox / "ct")
+    tilted_series(inbox / "tilted")
+    second = watch_once(inbox, outbox, "--format", "stl", "--smoothing", "0", "--merged-stl")
+    assert second.returncode == 1, second.stderr  # a series failed: a script learns of it
+    assert "notes.txt" not in second.stderr  # reported once, not on every restart
+    assert second.stderr.strip().endswith(f"1 series failed (reasons in {outbox / 'status.json'}).")
+    states = {s["name"]: s for s in json.loads((outbox / "status.json").read_text())["series"]}
+    assert states["CT 'tilted'"]["state"] == "failed" and "gantry tilt" in states["CT 'tilted'"]["reason"]
+    result = Path(states["CT 'series 2'"]["result"])
+    assert sorted(p.name for p in result.iterdir()) == ["Bone.stl", "merged.stl", "report.json"]  # model's options
+
+    shutil.copytree(UNCOMPRESSED_SERIES, inbox / "ct-again")
+    third = watch_once(inbox, outbox)
+    assert third.returncode == 0, third.stderr  # what failed before this run was said then
+    assert (f"CT 'series 2': 3 file(s) already processed: the same files as an earlier delivery; not processed "
+            f"again (result: {result}).") in third.stdout.splitlines()
+    assert sorted(p.name for p in outbox.iterdir() if not p.name.startswith(".")) == sorted([result.name, "status.json"])

@@ -1,0 +1,284 @@
+"""`model dicomweb+http://...`: a series fetched from a real Orthanc (QIDO-RS, WADO-RS), the pipeline run on it,
+and the DICOM SEG stored back (STOW-RS); credentials from the environment or the keychain, never shown."""
+
+import io
+import json
+import logging
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from conftest import DATA, JPEG2000_SERIES, UNCOMPRESSED_SERIES
+from orthanc_server import PASSWORD, USER, Orthanc, free_port, require_orthanc
+
+from SegmentationMachineLib.cli import main as cli
+from SegmentationMachineLib.core.credentials import SecretStore
+from SegmentationMachineLib.core.errors import UserError
+from SegmentationMachineLib.dicom.volumes import load_input
+from SegmentationMachineLib.pacs.dicomweb import (BearerAuth, DicomWeb, DicomWebServer, credentials,
+                                                  PASSWORD_VARIABLE, TOKEN_VARIABLE, USER_VARIABLE)
+
+LIVER_SEG = DATA / "dcmqi" / "liver.dcm"  # a SEG in the CT's study: the study holds one image series and a SEG
+STUDY = "1.2.392.200103.20080913.113635.0.2009.6.22.21.43.10.22941.1"
+CT_SERIES = "1.2.392.200103.20080913.113635.1.2009.6.22.21.43.10.23430.1"
+TWO_SERIES_STUDY, JPEG2000_STUDY = generate_uid(), generate_uid()
+JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
+
+
+def _copies_in_a_new_study(folder, study: str, count: int, source_series=UNCOMPRESSED_SERIES) -> list:
+    """A real series as count image series of another study: new UIDs, the same pixels."""
+    paths = []
+    for number in range(1, count + 1):
+        series = generate_uid()
+        for source in sorted(source_series.iterdir()):
+            dataset = pydicom.dcmread(source)
+            dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series
+            dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            dataset.SeriesDescription, dataset.SeriesNumber = f"copy {number}", 10 + number
+            paths.append(folder / f"{number}-{source.name}.dcm")
+            dataset.save_as(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    require_orthanc()
+    if not UNCOMPRESSED_SERIES.is_dir():
+        pytest.skip(f"the real scans are not at {DATA} (they sit beside the repository in CI)")
+    server = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
+    try:
+        server.upload(*sorted(UNCOMPRESSED_SERIES.glob("*.dcm")), LIVER_SEG,
+                      *_copies_in_a_new_study(tmp_path_factory.mktemp("copies"), TWO_SERIES_STUDY, 2),
+                      # its files' own UIDs are blank (anonymised): Orthanc needs them
+                      *_copies_in_a_new_study(tmp_path_factory.mktemp("j2k"), JPEG2000_STUDY, 1, JPEG2000_SERIES))
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def logged_in(monkeypatch):
+    monkeypatch.delenv(TOKEN_VARIABLE, raising=False)
+    monkeypatch.setenv(USER_VARIABLE, USER)
+    monkeypatch.setenv(PASSWORD_VARIABLE, PASSWORD)
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """The folder tempfile uses during the test: to see that the fetched series is removed afterwards."""
+    import tempfile
+
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def model(capsys, *args) -> tuple:
+    """segmentation-machine model ARGS in this process: (exit status, stdout, stderr)."""
+    status = cli.main(["model", *map(str, args), "--quiet"])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def one_sentence(status, err) -> str:
+    assert status == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_model_fetches_the_series_and_writes_meshes(orthanc, logged_in, private_tmp, tmp_path, capsys):
+    status, out, err = model(capsys, f"dicomweb+{orthanc.dicomweb_url}", "--study", STUDY, "--series", CT_SERIES,
+                             "--out", tmp_path / "out", "--format", "stl")
+    assert status == 0, err
+    assert f"Retrieved CT 'series 2', 3 instance(s), uid {CT_SERIES} from {orthanc.dicomweb_url}: 3 file(s)" in out
+    assert "512x512x3 voxels" in out
+    report = json.loads(next((tmp_path / "out").glob("*/report.json")).read_text())
+    assert report["meshes"][0]["name"] == "Bone" and report["meshes"][0]["triangles"] > 1000
+    assert not any(private_tmp.iterdir()), "the fetched series was left on disk"
+    assert PASSWORD not in out + err
+
+
+def test_a_jpeg2000_series_comes_as_stored_and_is_decoded_here(orthanc, tmp_path, ctx):
+    # Orthanc 1.10 cannot transcode JPEG 2000: asked for the default (explicit little endian) it answers HTTP 500.
+    server = DicomWebServer.parse(f"dicomweb+{orthanc.dicomweb_url}")
+    web = DicomWeb(server, (USER, PASSWORD))
+    paths = web.retrieve(JPEG2000_STUDY, web.choose_series(JPEG2000_STUDY), tmp_path)
+    assert len(paths) == 20 and pydicom.dcmread(paths[0]).file_meta.TransferSyntaxUID == JPEG2000_LOSSLESS
+    assert load_input(ctx, tmp_path).node.GetImageData().GetDimensions() == (512, 512, 20)
+
+
+def test_a_study_of_two_image_series_needs_series_and_lists_them(orthanc, logged_in, tmp_path, capsys):
+    status, out, err = model(capsys, f"dicomweb+{orthanc.dicomweb_url}", "--study", TWO_SERIES_STUDY,
+                             "--out", tmp_path)
+    line = one_sentence(status, err)
+    assert f"Study {TWO_SERIES_STUDY} on {orthanc.dicomweb_url} has 2 image series: choose one with --series" in line
+    assert "1. CT 'copy 1', 3 instance(s), uid " in line and "2. CT 'copy 2', 3 instance(s), uid " in line
+    assert not any(tmp_path.iterdir())
+
+
+def test_list_shows_the_studys_series(orthanc, logged_in, capsys):
+    status, out, err = model(capsys, f"dicomweb+{orthanc.dicomweb_url}", "--study", STUDY, "--list")
+    assert status == 0, err
+    assert out.splitlines()[0] == f"1. CT 'series 2', 3 instance(s), uid {CT_SERIES}"
+    assert "SEG 'Liver Segmentation', 1 instance(s)" in out
+
+
+def test_a_wrong_password_is_one_sentence_and_never_shown(orthanc, monkeypatch, tmp_path, capsys):
+    wrong = "Wrong-Password-9f3a"
+    monkeypatch.setenv(USER_VARIABLE, USER)
+    monkeypatch.setenv(PASSWORD_VARIABLE, wrong)
+    log_file = tmp_path / "log.txt"
+    status, out, err = model(capsys, f"dicomweb+{orthanc.dicomweb_url}", "--study", STUDY, "--out", tmp_path / "out",
+                             "--log", log_file)
+    line = one_sentence(status, err)
+    assert f"The DICOMweb server {orthanc.dicomweb_url} refused access (HTTP 401)" in line
+    assert wrong not in out + err + log_file.read_text()
+
+
+def test_an_unknown_study_is_one_sentence(orthanc, logged_in, tmp_path, capsys):
+    status, out, err = model(capsys, f"dicomweb+{orthanc.dicomweb_url}", "--study", "1.2.3.4", "--out", tmp_path)
+    assert f"The DICOMweb server {orthanc.dicomweb_url} has no study 1.2.3.4" in one_sentence(status, err)
+
+
+@pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent")  # the real scan's patient name
+def test_store_seg_puts_the_segmentation_into_the_study(orthanc, logged_in, tmp_path, capsys):
+    highdicom = pytest.importorskip("highdicom")
+    # No --series: the study's only image series (the other one is a SEG) is taken.
+    status, out, err = model(capsys, f"dicomweb+{orthanc.dicomweb_url}", "--study", STUDY, "--store-seg",
+                             "--out", tmp_path, "--format", "stl")
+    assert status == 0, err
+    stored = next(line for line in out.splitlines() if line.startswith("Stored the DICOM SEG"))
+    assert stored.endswith(f"1 segment(s)) in study {STUDY} on {orthanc.dicomweb_url}")
+    seg_series = stored.split("(series ")[1].split(",")[0]
+    found = orthanc.get(f"/dicom-web/studies/{STUDY}/series?Modality=SEG").json()  # QIDO-RS
+    assert seg_series in [series["0020000E"]["Value"][0] for series in found]
+    (stored_file,) = orthanc.instance_files(seg_series)
+    seg = highdicom.seg.segread(io.BytesIO(stored_file))
+    assert seg.SeriesInstanceUID == seg_series and seg.StudyInstanceUID == STUDY
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["Bone"]
+    assert CT_SERIES in [s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence]
+    assert seg.SOPInstanceUID == pydicom.dcmread(next(tmp_path.glob("*/segmentation.dcm"))).SOPInstanceUID
+
+
+def test_credentials_come_from_the_keychain_when_the_environment_has_none(orthanc, tmp_path):
+    server = DicomWebServer.parse(f"dicomweb+{orthanc.dicomweb_url}")
+    store = SecretStore(tmp_path / "secrets", use_keychain=False)
+    token_name, user_name, password_name = server.keychain_names()
+    store.save(user_name, USER)
+    store.save(password_name, PASSWORD)
+    series = DicomWeb(server, credentials(server, environ={}, store=store)).series(STUDY)
+    assert series[0].uid == CT_SERIES
+    with pytest.raises(UserError, match="refused access"):  # the environment comes first
+        DicomWeb(server, credentials(server, {USER_VARIABLE: USER, PASSWORD_VARIABLE: "x"}, store)).series(STUDY)
+    store.save(token_name, "a-token")
+    assert isinstance(credentials(server, {}, store), BearerAuth)
+
+
+def test_a_user_without_password_is_one_sentence(tmp_path):
+    server = DicomWebServer.parse("dicomweb+https://pacs.example.org/dicom-web")
+    with pytest.raises(UserError, match=f"Give both {USER_VARIABLE} and {PASSWORD_VARIABLE}"):
+        credentials(server, {USER_VARIABLE: "me"}, SecretStore(tmp_path, use_keychain=False))
+    assert server.keychain_names()[0] == "dicomweb-token-pacs.example.org"
+
+
+def test_an_unreachable_server_is_one_sentence_naming_it(tmp_path, capsys):
+    url = f"http://127.0.0.1:{free_port()}/dicom-web"  # nothing listens there
+    status, out, err = model(capsys, f"dicomweb+{url}", "--study", STUDY, "--out", tmp_path)
+    assert f"Cannot reach the DICOMweb server {url} (connection refused)" in one_sentence(status, err)
+
+
+def test_a_server_that_never_answers_is_one_sentence_not_a_hang():
+    with socket.socket() as silent:  # accepts connections (the kernel does) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web"
+        web = DicomWeb(DicomWebServer.parse(f"dicomweb+{url}"), timeout=(1, 0.5))
+        sentence = f"Cannot reach the DICOMweb server {url} (no answer within 1 s)"
+        with pytest.raises(UserError, match=re.escape(sentence)):
+            web.series(STUDY)
+
+
+@pytest.mark.parametrize("source, extra, sentence", [
+    ("dicomweb+https://me:secret@pacs.example.org/dicom-web", ["--study", "1.2"], "Credentials in a DICOMweb address"),
+    ("dicomweb+http://pacs.example.org/dicom-web", ["--study", "1.2"], "would send patient data and credentials"),
+    ("dicomweb+https://pacs.example.org/dicom-web?token=abc", ["--study", "1.2"], "address has a query or fragment"),
+    ("dicomweb+ftp://pacs.example.org/", ["--study", "1.2"], "is not a DICOMweb address"),
+    ("dicomweb+https://pacs.example.org/dicom-web", [], "with --study StudyInstanceUID"),
+    ("dicomweb+https://pacs.example.org/dicom-web", ["--study", "1.2/../../x"], "is not a StudyInstanceUID"),
+    ("{tmp}", ["--study", "1.2"], "--study and --store-seg are for a DICOMweb input"),
+    ("{tmp}", ["--store-seg"], "--study and --store-seg are for a DICOMweb input"),
+])
+def test_bad_addresses_and_options_are_one_sentence(tmp_path, capsys, source, extra, sentence):
+    status, out, err = model(capsys, source.format(tmp=tmp_path), *extra, "--out", tmp_path)
+    line = one_sentence(status, err)
+    assert sentence in line and "secret" not in line and "abc" not in line
+
+
+class _NotDicomWeb(BaseHTTPRequestHandler):
+    """A web server that is no DICOMweb server; it keeps each request's Authorization header."""
+    seen = []
+
+    def do_GET(self):
+        self.seen.append(self.headers.get("Authorization"))
+        status = 401 if self.headers.get("Authorization", "").startswith("Bearer ") else 200
+        self.send_response(status)
+        self.send_header("Content-Type", "text/html")
+        self.end_headers()
+        self.wfile.write(b"<html><body>Welcome to the hospital intranet</body></html>")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def web_page():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotDicomWeb)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _NotDicomWeb.seen.clear()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_web_page_is_not_taken_for_a_dicomweb_server(web_page, monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv(TOKEN_VARIABLE, raising=False)
+    monkeypatch.delenv(USER_VARIABLE, raising=False)
+    monkeypatch.delenv(PASSWORD_VARIABLE, raising=False)
+    monkeypatch.setattr(SecretStore, "load", lambda self, name: None)  # no credentials saved on this computer
+    status, out, err = model(capsys, f"dicomweb+{web_page}/intranet", "--study", STUDY, "--out", tmp_path)
+    assert f"{web_page}/intranet did not answer as a DICOMweb server" in one_sentence(status, err)
+
+
+@pytest.fixture
+def debug_log():
+    """Everything dicomweb-client, requests and urllib3 log, down to DEBUG (the CLI resets the root logger)."""
+    text = io.StringIO()
+    handler = logging.StreamHandler(text)
+    loggers = [logging.getLogger(name) for name in ("dicomweb_client", "requests", "urllib3")]
+    saved = [(logger.level, logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False  # here only: the CLI's stderr stays one sentence
+    yield text
+    for logger, (level, propagate) in zip(loggers, saved):
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def test_a_bearer_token_is_sent_as_a_header_and_never_shown(web_page, monkeypatch, tmp_path, capsys, debug_log):
+    token = "eyJ-test-token-5d1c"
+    monkeypatch.setenv(TOKEN_VARIABLE, token)
+    status, out, err = model(capsys, f"dicomweb+{web_page}/dicom-web", "--study", STUDY, "--out", tmp_path)
+    assert "refused access (HTTP 401)" in one_sentence(status, err)
+    assert _NotDicomWeb.seen == [f"Bearer {token}"]
+    assert '"GET /dicom-web/studies/' in debug_log.getvalue()  # the requests were logged...
+    assert token not in out + err + debug_log.getvalue()  # ...and the token nowhere
