@@ -297,6 +297,9 @@ def test_watch_once_status_failures_skipped_files_and_duplicates(shared_data, tm
     assert states["CT 'tilted'"]["state"] == "failed" and "gantry tilt" in states["CT 'tilted'"]["reason"]
     result = Path(states["CT 'series 2'"]["result"])
     assert sorted(p.name for p in result.iterdir()) == ["Bone.stl", "merged.stl", "report.json"]  # model's options
+    report = json.loads((result / "report.json").read_text())
+    assert report["input"]["series_uid"] and len(report["input"]["files"]) == 3  # traceable, as model's reports
+    assert report["command"]["name"] == "watch" and report["command"]["options"]["format"] == "stl"
 
     shutil.copytree(UNCOMPRESSED_SERIES, inbox / "ct-again")
     third = watch_once(inbox, outbox)

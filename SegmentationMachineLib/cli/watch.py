@@ -4,8 +4,8 @@ import signal
 from pathlib import Path
 
 from ..core.errors import UserError
-from .common import (STOP_SIGNALS, add_surface_options, examples, exit_status, export_options, log, parse_presets,
-                     stop_on_signals, writable_folder)
+from .common import (STOP_SIGNALS, add_surface_options, command_record, examples, exit_status, export_options, log,
+                     parse_presets, stop_on_signals, writable_folder)
 
 
 def add_watch_command(commands, common):
@@ -45,7 +45,7 @@ def serve_inbox(args, inbox_folder: Path, banner: str, service=None, modelled=la
     signal. service (start(), stop()) feeds inbox_folder while the inbox is held; modelled(result) follows each model."""
     from ..core.files import printable
     from ..core.scene import create_headless_scene
-    from ..dicom.volumes import load_series
+    from ..dicom.volumes import input_record, load_series
     from ..inbox.watcher import Inbox, InboxOptions
     from ..inbox.watchqueue import run_queue
     from ..pipeline import model_volume
@@ -65,7 +65,8 @@ def serve_inbox(args, inbox_folder: Path, banner: str, service=None, modelled=la
         loaded = load_series(ctx, delivery.series)
         for note in loaded.notes:
             log.warning("%s", note)
-        result = model_volume(ctx, loaded.node, presets, folder, options)
+        provenance = {"input": input_record(loaded, inbox_folder), "command": command_record(args)}
+        result = model_volume(ctx, loaded.node, presets, folder, options, provenance=provenance)
         modelled(result)
         return result.folder
 
