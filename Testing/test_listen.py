@@ -327,3 +327,26 @@ def test_a_port_in_use_is_one_sentence(tmp_path, capsys):
                      "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"Cannot listen on port {port} (Address already in use)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_modules_inbox_section_shows_what_listen_received(listener, tmp_path, shared_data):
+    """In Slicer, the Inbox section pointed at OUTBOX/.segmentation-machine/received lists (and loads) the series
+    a PACS pushed: it only reads that folder, with its own journal, beside listen's queue."""
+    from SegmentationMachineLib.panels.inbox import InboxPanel
+
+    node = listener("--format", "stl")
+    assert push(node.port, ct_files(shared_data)) == [0, 0, 0]
+    panel = InboxPanel(folder=node.received, settle_seconds=0.5, state_folder=tmp_path / "module-state")
+    panel.start()
+    try:
+        delivered, deadline = [], time.monotonic() + 60
+        while not delivered and time.monotonic() < deadline:
+            delivered += panel.tick()
+            time.sleep(0.05)
+        [delivery] = delivered
+        assert delivery.series.name == "CT 'series 2'" and len(delivery.series.files) == 3
+        panel.loaded(delivery, True)
+        node.wait_for(lambda: node.done())  # listen's own queue models it all the same
+    finally:
+        panel.stop()
+    assert len(node.instances()) == 3  # the section moved and removed nothing
