@@ -76,6 +76,8 @@ def _configure_logging(log_file: Path = None):
     log.setLevel(logging.INFO)
     # pydicom's and highdicom's remarks on a file's odd values (a one-part patient name): our sentences say what matters.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
+    # pynetdicom's errors come as several lines, some with tracebacks: the DICOM node writes one sentence for each.
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(pydicom|highdicom)(\.|$)")
 
 

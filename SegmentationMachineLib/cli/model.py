@@ -2,7 +2,6 @@
 → preset or prompted segmentation → meshes (and, for DICOMweb, the DICOM SEG stored back)."""
 
 import importlib.util
-import logging
 import tempfile
 from contextlib import ExitStack
 from dataclasses import replace
@@ -72,7 +71,6 @@ def _dicomweb(args):
     if args.store_seg and importlib.util.find_spec("highdicom") is None:
         raise UserError("--store-seg writes a DICOM SEG, which needs highdicom: "
                         "pip install 'segmentation-machine[hospital]'.")
-    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # its INFO lines repeat each request's UIDs
     return DicomWeb(server, credentials(server))
 
 

@@ -21,8 +21,6 @@ from ..core.errors import UserError
 from ..core.files import PRIVATE_FOLDER, private_folder
 
 log = logging.getLogger("segmentation-machine")
-# Its errors come as several lines, some with tracebacks: the node writes one sentence for each itself.
-logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
 
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 # The DICOM default repertoire without backslash or control characters, at most 16 (spaces are padding).
