@@ -37,6 +37,7 @@ from SegmentationMachineLib.segment.presets import PRESETS
 
 from SegmentationMachineWidgets import errorsShown, packages
 from SegmentationMachineWidgets.cloud import CloudSection
+from SegmentationMachineWidgets.pacs import PacsSection
 from SegmentationMachineWidgets.prompttools import PromptToolsSection
 
 SETTINGS_OUTPUT_FOLDER = "SegmentationMachine/OutputFolder"
@@ -52,7 +53,7 @@ class SegmentationMachine(ScriptedLoadableModule):
         self.parent.contributors = ["SegmentationMachine developers"]
         self.parent.helpText = _(
             "From CT/MR DICOM to a model on the print bed: CPU presets (bone, skin), watertight STL/OBJ/3MF "
-            "(and glTF, DICOM SEG) export in LPS millimetres with a mesh report, and Send to OrcaSlicer.")
+            "(and glTF, DICOM SEG) export in LPS millimetres with a mesh report, Send to OrcaSlicer or to a PACS.")
         self.parent.acknowledgementText = _(
             "AI prompt tools use nnInteractive: Isensee F., Rokuss M., Krämer L. et al. (2025), "
             "nnInteractive: Redefining 3D Promptable Segmentation, arXiv:2503.08373.")
@@ -86,7 +87,6 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.inboxTimer.timeout.connect(self.onInboxTick)
         self._presetVolume = None  # kept alive while its preset runs
         self._promptVolume = None
-        self._exportSegmentation = None
         self._inboxRows = None
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(100)
@@ -105,6 +105,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.logic = SegmentationMachineLogic()
         self.promptTools = PromptToolsSection(self.ui, lambda: self._parameterNode, self.updateGui)
         self.cloud = CloudSection(self.layout, self.promptTools)
+        self.pacs = PacsSection(self.ui, lambda: self._parameterNode, self.inbox, self.onInboxStartStop)
         self.ui.inboxFolderSelector.currentPath = slicer.util.settingsValue(SETTINGS_INBOX_FOLDER, str(self.inbox.folder))
         self.ui.inboxStartButton.connect("clicked(bool)", self.onInboxStartStop)
         self.ui.outputFolderSelector.currentPath = slicer.util.settingsValue(
@@ -123,12 +124,14 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.updateGui()
 
     def cleanup(self):
+        self.presets.cancel()  # its child process would otherwise compute for minutes for nobody
         self.pollTimer.stop()
         self.gilPumpTimer.stop()
         self.inboxTimer.stop()
         self.inbox.stop()
         self.promptTools.cleanup()
         self.cloud.cleanup()
+        self.pacs.cleanup()
         self.removeObservers()
 
     def enter(self):
@@ -214,8 +217,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.export.smoothing = self._parameterNode.smoothing
             if "seg" in self.export.formats and not packages.ensureSeg():
                 return
-            self._exportSegmentation = self._parameterNode.segmentation
-            self.export.start(self._exportSegmentation)
+            self.export.start(self._parameterNode.segmentation, self.logic.context())  # copies what it needs
             self.pollTimer.start()
         self.updateGui()
 
@@ -230,7 +232,6 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 self._presetVolume = None
             if self.export.task and self.export.task.done():
                 self.export.finish()
-                self._exportSegmentation = None
         if not self.presets.task and not self.export.task:
             self.pollTimer.stop()
         self.updateGui()
@@ -293,7 +294,6 @@ class SegmentationMachineLogic(ScriptedLoadableModuleLogic):
             colors_logic=slicer.modules.colors.logic(),
         )
 
-
     def loadDelivery(self, delivery):
         """Adds the delivered files (only those) to Slicer's DICOM database, then loads the series."""
         files = [str(path) for path in delivery.series.files]
@@ -314,7 +314,7 @@ class SegmentationMachineLogic(ScriptedLoadableModuleLogic):
 
 
 class SegmentationMachineTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer: phantom volume → bone preset (on a worker thread) → export → report."""
+    """Runs inside Slicer: phantom volume → bone preset (in a child process) → export → report."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -337,7 +337,7 @@ class SegmentationMachineTest(ScriptedLoadableModuleTest):
         volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Phantom")
         arrays.set_volume_array(volume, phantom.hu, np.array(matrix))
 
-        self.delayDisplay("Bone preset on a worker thread")
+        self.delayDisplay("Bone preset in a child process")
         logic = SegmentationMachineLogic()
         presets = PresetsPanel()
         presets.start(volume)

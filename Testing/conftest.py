@@ -83,3 +83,14 @@ def backend(fake):
     adapter = RunPodRest(RUNPOD_KEY, sleep=sleeps.append)
     adapter.sleeps = sleeps
     return adapter
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """The folder tempfile uses during the test: to see that temporary copies of patient data are removed."""
+    import tempfile
+
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder

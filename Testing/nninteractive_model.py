@@ -92,6 +92,41 @@ def _arch_block(delay_s: float = 0.0) -> dict:
     return block
 
 
+def _official_arch_block() -> dict:
+    """The official v1.0 weights' architecture (notes/nninteractive-official-model.md): ResEnc-L U-Net,
+    6 stages of 32...320 features, 1,3,4,6,6,6 residual blocks, instance norm; 102 M parameters."""
+    return {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+        "arch_kwargs": {
+            "n_stages": 6,
+            "features_per_stage": [32, 64, 128, 256, 320, 320],
+            "conv_op": "torch.nn.modules.conv.Conv3d",
+            "kernel_sizes": [[3, 3, 3]] * 6,
+            "strides": [[1, 1, 1]] + [[2, 2, 2]] * 5,
+            "n_blocks_per_stage": [1, 3, 4, 6, 6, 6],
+            "n_conv_per_stage_decoder": [1] * 5,
+            "conv_bias": True,
+            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+            "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True},
+        },
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }
+
+
+def _random_official_state_dict() -> dict:
+    """Untrained (randomly initialised) weights of the official architecture: real GPU timings, no real masks."""
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+
+    kw = dict(_official_arch_block()["arch_kwargs"])
+    kw.update(conv_op=torch.nn.Conv3d, norm_op=torch.nn.InstanceNorm3d, nonlin=torch.nn.LeakyReLU)
+    net = ResidualEncoderUNet(input_channels=NUM_INPUT_CHANNELS, num_classes=2, deep_supervision=False, **kw)
+    return net.state_dict()
+
+
 def build_network():
     """Instantiate the architecture described by plans.json (same class and kwargs)."""
     kw = dict(_arch_block()["arch_kwargs"])
@@ -139,11 +174,15 @@ def write_model_folder(
     interaction_decay: float = 0.98,
     license_line: str = "Apache-2.0 (synthetic test model)",
     delay_s: float = 0.0,
+    official_architecture: bool = False,
 ) -> Path:
     """Write the model folder and return its path. patch_size must be >= 64 in practice
     (the server's refinement margin is 24 voxels per side) and divisible by 2. delay_s > 0 makes
-    every forward pass that much slower."""
+    every forward pass that much slower. official_architecture: the official weights' network and
+    192^3 patch with random weights instead (GPU timing runs: benchmarks/gpu_server.py)."""
     folder = Path(folder)
+    if official_architecture:
+        patch_size = 192
     if patch_size % 2:
         raise ValueError("patch_size must be even (one stride-2 stage)")
     (folder / "fold_0").mkdir(parents=True, exist_ok=True)
@@ -184,7 +223,7 @@ def write_model_folder(
                 "spacing": [1.0, 1.0, 1.0],
                 "normalization_schemes": ["ZScoreNormalization"],
                 "use_mask_for_norm": [False],
-                "architecture": _arch_block(delay_s),
+                "architecture": _official_arch_block() if official_architecture else _arch_block(delay_s),
                 "batch_dice": False,
             }
         },
@@ -196,7 +235,7 @@ def write_model_folder(
     (folder / "plans.json").write_text(json.dumps(plans, indent=2))
     (folder / "LICENSE").write_text(license_line + "\n")
     checkpoint = {
-        "network_weights": make_state_dict(),
+        "network_weights": _random_official_state_dict() if official_architecture else make_state_dict(),
         "trainer_name": TRAINER_NAME,
         "init_args": {"configuration": CONFIGURATION, "fold": 0, "plans": plans, "dataset_json": dataset},
     }

@@ -240,6 +240,41 @@ def test_server_on_cuda_without_a_gpu(server_installed, tmp_path):
     one_sentence(run_cli("server", "--device", "cuda"), "--device cuda, but torch sees no CUDA GPU here")
 
 
+@pytest.mark.parametrize("flag", [[], ["--no-torch-compile"]])
+def test_server_on_cuda_runs_without_torch_compile_where_no_c_compiler_is_found(
+        server_installed, tmp_path, monkeypatch, capsys, flag):
+    """Upstream compiles by default, and Triton needs a C compiler for it (docker/README.md)."""
+    from SegmentationMachineLib.cli import server
+
+    commands = []
+
+    class Exited:  # the server's process, as if it stopped at once (nothing runs on a GPU here)
+        returncode = 0
+
+        def __init__(self, command, **kwargs):
+            commands.append(command)
+
+        def poll(self):
+            return 0
+
+        wait = poll
+
+    (tmp_path / "cc").write_text("#!/bin/sh\n")
+    (tmp_path / "cc").chmod(0o755)
+    monkeypatch.setattr(server, "_default_device", lambda: "cuda")
+    monkeypatch.setattr(server.subprocess, "Popen", Exited)
+    monkeypatch.setenv("SM_NNI_API_KEY", "test-key-0123456789")
+    monkeypatch.delenv("CC", raising=False)
+    for with_compiler in (True, False):
+        monkeypatch.setenv("PATH", str(tmp_path) if with_compiler else str(tmp_path / "empty"))
+        server.run_server(build_parser().parse_args(["server", "--device", "cuda", *flag]))
+    said = capsys.readouterr().out
+    with_compiler, without = commands
+    assert ("--no-torch-compile" in with_compiler) == bool(flag)
+    assert "--no-torch-compile" in without
+    assert said.count("No C compiler found, which torch.compile needs") == (0 if flag else 1)
+
+
 def test_server_says_ready_only_once_it_answers(server_installed, tmp_path):
     from nninteractive_model import write_model_folder
     from nninteractive_server import free_port

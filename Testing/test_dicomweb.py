@@ -68,17 +68,6 @@ def logged_in(monkeypatch):
     monkeypatch.setenv(PASSWORD_VARIABLE, PASSWORD)
 
 
-@pytest.fixture
-def private_tmp(tmp_path, monkeypatch):
-    """The folder tempfile uses during the test: to see that the fetched series is removed afterwards."""
-    import tempfile
-
-    folder = tmp_path / "tmp"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
-
-
 def model(capsys, *args) -> tuple:
     """segmentation-machine model ARGS in this process: (exit status, stdout, stderr)."""
     status = cli.main(["model", *map(str, args), "--quiet"])

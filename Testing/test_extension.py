@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 MODULE = REPO / "SegmentationMachine" / "SegmentationMachine.py"
 PROMPT_TOOLS = REPO / "SegmentationMachine" / "SegmentationMachineWidgets" / "prompttools.py"
+PACS = REPO / "SegmentationMachine" / "SegmentationMachineWidgets" / "pacs.py"
 UI = REPO / "SegmentationMachine" / "Resources" / "UI" / "SegmentationMachine.ui"
 
 
@@ -65,7 +66,7 @@ def test_extension_metadata():
 def test_ui_binds_every_widget_the_module_uses_and_every_parameter():
     root = ET.parse(UI).getroot()
     names = {w.get("name") for w in root.iter("widget")}
-    used = set(re.findall(r"self\.ui\.(\w+)|\bui\.(\w+)", MODULE.read_text() + PROMPT_TOOLS.read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)|\bui\.(\w+)", MODULE.read_text() + PROMPT_TOOLS.read_text() + PACS.read_text()))
     used = {a or b for a, b in used}
     assert used <= names, f"the module uses widgets the .ui lacks: {used - names}"
     bound = {w.find("string").text for w in root.iter("property") if w.get("name") == "SlicerParameterName"}
@@ -87,9 +88,11 @@ def test_the_section_bindings_use_only_what_their_panels_have():
     """Slicer is not here to run the bindings: at least every panel attribute they touch must exist."""
     from SegmentationMachineLib.core.credentials import SecretStore
     from SegmentationMachineLib.panels.cloud import CloudPanel
+    from SegmentationMachineLib.panels.pacs import PacsPanel
     from SegmentationMachineLib.panels.prompts import PromptsPanel
 
-    panels = {"cloud.py": CloudPanel(SecretStore(REPO / "unused", use_keychain=False)), "prompttools.py": PromptsPanel()}
+    panels = {"cloud.py": CloudPanel(SecretStore(REPO / "unused", use_keychain=False)), "prompttools.py": PromptsPanel(),
+              "pacs.py": PacsPanel(store=SecretStore(REPO / "unused", use_keychain=False))}
     for name, panel in panels.items():
         used = set(re.findall(r"panel\.(\w+)", (REPO / "SegmentationMachine" / "SegmentationMachineWidgets" / name).read_text()))
         assert used and not [attribute for attribute in used if not hasattr(panel, attribute)], name

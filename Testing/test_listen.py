@@ -336,7 +336,8 @@ def test_the_modules_inbox_section_shows_what_listen_received(listener, tmp_path
 
     node = listener("--format", "stl")
     assert push(node.port, ct_files(shared_data)) == [0, 0, 0]
-    panel = InboxPanel(folder=node.received, settle_seconds=0.5, state_folder=tmp_path / "module-state")
+    panel = InboxPanel(settle_seconds=0.5, state_folder=tmp_path / "module-state")
+    assert panel.point_at_received(node.outbox) and panel.folder == node.received  # the section's one click
     panel.start()
     try:
         delivered, deadline = [], time.monotonic() + 60

@@ -1,5 +1,7 @@
 """The module's panel state, driven as the widget drives it: start, poll, finish on the main thread."""
 
+import re
+
 from SegmentationMachineLib.core import arrays
 from SegmentationMachineLib.dicom.volumes import load_input
 from SegmentationMachineLib.panels.export import ExportPanel
@@ -14,6 +16,8 @@ def test_presets_then_export_then_print_as_the_widget_does(ctx, phantom_dir, tmp
     presets.start(volume)
     assert not presets.can_apply(volume) and "Running the bone preset" in presets.status
     assert presets.task.wait(120)
+    # The child process's progress reached the status line, up to its last step.
+    assert re.fullmatch(r"Running the bone preset on '.+': .+ \((\d+)/\1\)\.\.\.", presets.status), presets.status
     segmentation = presets.finish(ctx, volume)
     assert segmentation.GetSegmentation().GetNthSegment(0).GetName() == "Bone"
     assert presets.status.startswith("Added segment 'Bone'")

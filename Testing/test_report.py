@@ -100,5 +100,5 @@ def test_loading_and_presets_report_progress(ctx, phantom_dir):
     assert calls[files:] == [(0, 1, "72 slices"), (1, 1, "72 slices")]  # then Slicer's read
     steps = []
     apply_preset(ctx, volume, "bone", progress=lambda *call: steps.append(call))
-    assert steps == [(0, 6, "body"), (1, 6, "vessels"), (2, 6, "cortex"), (3, 6, "closing"), (4, 6, "marrow"),
-                     (5, 6, "islands"), (1, 1, "bone")]
+    assert steps == [(0, 7, "body"), (1, 7, "vessels"), (2, 7, "cortex"), (3, 7, "closing"), (4, 7, "marrow"),
+                     (5, 7, "outline"), (6, 7, "islands"), (1, 1, "bone")]

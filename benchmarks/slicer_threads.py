@@ -4,10 +4,13 @@ Run: .venv/bin/python benchmarks/slicer_threads.py [WORD...]  (only the flows wh
 Each flow is driven by the widget's timers (Testing/slicer_standins.py): first with the GIL released
 between ticks (as if PythonQt let go of it), then held in C as Slicer 5.10 does, with the module's
 GIL pump running. Prints seconds for both, their ratio and the main-thread ticks' lengths.
+The bone preset runs in a child process, as in the module; its control (a child that only keeps a core
+busy) gives the ticks that the machine's load alone causes.
 """
 
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,8 +23,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "Testing")]
 from fake_runpod import FakeRunPod  # noqa: E402
 from nninteractive_model import write_model_folder  # noqa: E402
 from nninteractive_server import Server  # noqa: E402
-from slicer_standins import (IdleMainThread, cloud_flow, export_flow, inbox_flow, preset_flow,  # noqa: E402
-                             prompts_flow)
+from slicer_standins import (POLL_MS, IdleMainThread, cloud_flow, drive, export_flow, inbox_flow,  # noqa: E402
+                             preset_flow, prompts_flow)
 from SegmentationMachineLib.cloud.cloudgpu import KEY_NAME  # noqa: E402
 from SegmentationMachineLib.cloud.podstart import PodRecords  # noqa: E402
 from SegmentationMachineLib.core import arrays  # noqa: E402
@@ -31,7 +34,9 @@ from SegmentationMachineLib.dicom.phantom import make_phantom, write_phantom  # 
 from SegmentationMachineLib.panels.cloud import CloudPanel  # noqa: E402
 from SegmentationMachineLib.panels.inbox import InboxPanel  # noqa: E402
 from SegmentationMachineLib.panels.prompts import PromptsPanel  # noqa: E402
+from SegmentationMachineLib.panels.tasks import BackgroundTask  # noqa: E402
 from SegmentationMachineLib.prompts.session import headless_editor, SegmentTarget  # noqa: E402
+from SegmentationMachineLib.segment.preset_child import NICENESS  # noqa: E402
 from SegmentationMachineLib.segment.segmentations import load_segmentation  # noqa: E402
 
 LABELS = ROOT.parent / "shared" / "data" / "totalsegmentator" / "example_seg_fast_force_split.nii.gz"
@@ -61,6 +66,18 @@ def bone_preset(ctx, phantom):
     volume = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
     arrays.set_volume_array(volume, phantom.hu, np.diag([-0.7, -0.7, 1.0, 1.0]))
     return lambda main: preset_flow(main, ctx, volume, seconds=1800)  # minutes on a machine shared with other jobs
+
+
+def busy_child(seconds: float):
+    """The preset's control: a child process that only keeps a core busy (at the preset child's niceness),
+    waited for on a worker thread. Its ticks are what the machine's load alone does to the main thread."""
+    code = (f"import os, time\nos.nice({NICENESS})\nend = time.monotonic() + {seconds}\n"
+            "while time.monotonic() < end: pass")
+
+    def flow(main):
+        task = BackgroundTask(lambda: subprocess.run([sys.executable, "-c", code], check=True))
+        assert drive(main, task.done, (POLL_MS, task.done)) and task.outcome()
+    return flow
 
 
 def inbox_delivery(series: Path):
@@ -122,7 +139,8 @@ def main():
         ("AI prompt: connect, upload 512x512x300, one point (real server, CPU)", prompt_round_trip(ctx, big, server),
          True),
         ("Cloud GPU: pod start on the fake RunPod (boot 0.5 s, ports 0.7 s, server 1 s)", pod_start(work), False),
-        ("bone preset, 512x512x300 phantom (0.7 x 0.7 x 1 mm)", bone_preset(ctx, big), False),
+        ("bone preset, 512x512x300 phantom (0.7 x 0.7 x 1 mm), in a child process", bone_preset(ctx, big), False),
+        ("bone preset's control: a child process that only keeps a core busy for 20 s", busy_child(20), False),
     ]
     words = sys.argv[1:]
     flows = [flow for flow in flows if not words or any(word in flow[0] for word in words)]

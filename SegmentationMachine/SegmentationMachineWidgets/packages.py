@@ -8,12 +8,11 @@ import slicer
 from slicer.i18n import tr as _
 
 from SegmentationMachineLib.core.packages import installed_pins
-from SegmentationMachineLib.panels.export import ExportPanel
+from SegmentationMachineLib.mesh import dicomseg
 
 from . import errorsShown
 
 AI = {"nnInteractive": "nninteractive-client==2.6.*", "httpx": "httpx>=0.25"}
-SEG = {"highdicom": "highdicom>=0.23"}  # the first on NumPy 2; needs pydicom 3 (ExportPanel.check_seg_possible)
 
 
 def missing(modules: dict) -> list:
@@ -39,6 +38,15 @@ def ensure(modules: dict, purpose: str) -> bool:
 
 
 def ensureSeg() -> bool:
-    """highdicom for DICOM SEG; where Slicer's pydicom is too old for it, the sentence instead of an install."""
-    ExportPanel.check_seg_possible()
-    return ensure(SEG, _("DICOM SEG export"))
+    """DICOM SEG's pydicom 3 and highdicom (after asking), in a folder of their own that only the SEG writer's
+    child process puts on its path: Slicer 5.10's pydicom 2.4 is too old for highdicom and must stay."""
+    if not dicomseg.seg_packages_missing():
+        return True
+    if not slicer.util.confirmOkCancelDisplay(
+            _("DICOM SEG export needs {packages}. Install them now (about 40 MB, needs the internet) into "
+              "{folder}? Slicer's own packages stay as they are.").format(
+                packages=", ".join(dicomseg.SEG_PINS), folder=dicomseg.seg_packages_folder())):
+        return False
+    with errorsShown(_("Installing the packages failed."), waitCursor=True):
+        dicomseg.install_seg_packages(slicer.util.pip_install)
+    return not dicomseg.seg_packages_missing()

@@ -29,12 +29,12 @@ def run_listen(args):
     from ..core.files import private_folder
     from ..mesh.dicomseg import SEG_FILE
     from ..mesh.export import parse_formats
-    from ..pacs.dicomnode import DicomNode, NodeOptions, parse_destination, send_file
+    from ..pacs.dicomnode import RECEIVED, RECEIVING, DicomNode, NodeOptions, parse_destination, send_file
 
     state = Path(state_folder(args)).expanduser().absolute()
     allowed = tuple(title for option in args.allow for title in option.split(",") if title.strip())
     node = DicomNode(NodeOptions(args.ae_title, args.port, allowed, args.host, args.tls_cert, args.tls_key, args.tls_ca),
-                     folder=state / "received", staging=state / "receiving")
+                     folder=state / RECEIVED, staging=state / RECEIVING)
     destination = parse_destination(args.send_seg_to) if args.send_seg_to else None
     if destination and "seg" not in parse_formats(args.format):
         raise UserError("--send-seg-to sends each series' DICOM SEG: add seg to --format, e.g. --format stl,seg.")

@@ -37,7 +37,9 @@ def run_watch(args):
 
 
 def state_folder(args) -> Path:
-    return args.state or args.out.expanduser().absolute() / ".segmentation-machine"
+    from ..inbox.watcher import OUTBOX_STATE
+
+    return args.state or args.out.expanduser().absolute() / OUTBOX_STATE
 
 
 def serve_inbox(args, inbox_folder: Path, banner: str, service=None, modelled=lambda result: None):

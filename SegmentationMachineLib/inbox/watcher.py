@@ -33,6 +33,7 @@ from .journal import Journal
 from .locks import hold_lock
 
 DEFAULT_INBOX = Path.home() / "SegmentationMachine" / "Inbox"
+OUTBOX_STATE = ".segmentation-machine"  # watch's and listen's journal and scratch, inside OUTBOX unless --state
 # A file is read once it has been quiet this long; its series still waits for the settle time.
 READ_AFTER_S = 0.5
 # Folders with recent changes are re-listed this often (a safety net for missed file events).

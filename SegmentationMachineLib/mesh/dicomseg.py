@@ -1,95 +1,91 @@
-"""DICOM SEG: a segmentation as one DICOM Segmentation object that references its source series.
+"""DICOM SEG from the scene: a segmentation as one DICOM Segmentation object that references its source series.
 
-Written with highdicom (not bundled by Slicer: imported only here, when a SEG is written) on the
-grid of the volume the segmentation was made on, one frame per slice that holds a segment, with
-each frame's position stated, so the SEG lines up in space whatever the grid's orientation.
+read_seg_input (main thread: MRML belongs to it) copies the segments, on the grid of the volume they were made
+on, and the source series' file names out of the scene; write_seg (any thread) has segwriter write them with
+highdicom. highdicom needs pydicom 3, and Slicer 5.10 bundles pydicom 2.4, which an install must not replace:
+where highdicom does not import here, the writer runs as a child process with pydicom 3 and highdicom from a
+private folder (installed once, after asking, by the module's packages.ensureSeg) first on its path.
 The SEG lives beside the mesh writers because the one-click export (export.py) writes it.
 """
 
-import re
-
-from dataclasses import dataclass
+import importlib
+import logging
+import subprocess
+import tempfile
+from pathlib import Path
 
 import numpy as np
-import pydicom
 import slicer
-from pydicom.misc import is_dicom
 import vtk
+from pydicom.misc import is_dicom
 
-from .. import __version__
-from ..core import arrays
+from ..core import arrays, child
 from ..core.errors import ExportError
-from ..core.files import atomic_file
+from . import segwriter
+from .segwriter import SegInput, source_dataset
 
 SEG_FILE = "segmentation.dcm"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
-# Segmented property category and type, SNOMED CT: (value, meaning).
-TISSUE = ("85756007", "Tissue")
-ANATOMICAL_STRUCTURE = ("123037004", "Anatomical Structure")
-# A segment named after one of these (any case, any word of its name, e.g. "kidney_left") gets its code;
-# any other name is coded as tissue.
-KNOWN_STRUCTURES = {
-    "bone": (TISSUE, ("272673000", "Bone")),
-    "skin": (ANATOMICAL_STRUCTURE, ("39937001", "Skin")),
-    "liver": (ANATOMICAL_STRUCTURE, ("10200004", "Liver")),
-    "spleen": (ANATOMICAL_STRUCTURE, ("78961009", "Spleen")),
-    "kidney": (ANATOMICAL_STRUCTURE, ("64033007", "Kidney")),
-    "pancreas": (ANATOMICAL_STRUCTURE, ("15776009", "Pancreas")),
-    "stomach": (ANATOMICAL_STRUCTURE, ("69695003", "Stomach")),
-    "gallbladder": (ANATOMICAL_STRUCTURE, ("28231008", "Gallbladder")),
-    "heart": (ANATOMICAL_STRUCTURE, ("80891009", "Heart")),
-    "lung": (ANATOMICAL_STRUCTURE, ("39607008", "Lung")),
-    "aorta": (ANATOMICAL_STRUCTURE, ("15825003", "Aorta")),
-    "esophagus": (ANATOMICAL_STRUCTURE, ("32849002", "Esophagus")),
-    "trachea": (ANATOMICAL_STRUCTURE, ("44567001", "Trachea")),
-    "duodenum": (ANATOMICAL_STRUCTURE, ("38848004", "Duodenum")),
-    "colon": (ANATOMICAL_STRUCTURE, ("71854001", "Colon")),
-    "brain": (ANATOMICAL_STRUCTURE, ("12738006", "Brain")),
-    "prostate": (ANATOMICAL_STRUCTURE, ("41216001", "Prostate")),
-    "femur": (ANATOMICAL_STRUCTURE, ("71341001", "Femur")),
-    "sacrum": (ANATOMICAL_STRUCTURE, ("54735007", "Sacrum")),
-    "rib": (ANATOMICAL_STRUCTURE, ("113197003", "Rib")),
-    "humerus": (ANATOMICAL_STRUCTURE, ("85050009", "Humerus")),
-    "skull": (ANATOMICAL_STRUCTURE, ("89546000", "Skull")),
-}
+# What the SEG writer needs beyond what Slicer 5.10 bundles (numpy 2.0.2, Pillow, packaging and
+# typing-extensions, highdicom's other requirements): pure Python, so one folder serves any Slicer and the CLI.
+# highdicom's pyjpegls only encodes JPEG-LS, which a SEG written here never uses.
+SEG_PINS = ("pydicom==3.0.2", "highdicom==0.28.2")
+CHILD_TIMEOUT_S = 1800  # thousands of frames take a minute or two; half an hour means the child hangs
+
+log = logging.getLogger("segmentation-machine")
 
 
-def segment_codes(name: str):
-    """((category value, meaning), (type value, meaning)) for a segment name; tissue when not known."""
-    for word in re.split(r"[^a-z]+", name.lower()):
-        if word in KNOWN_STRUCTURES:
-            return KNOWN_STRUCTURES[word]
-    return TISSUE, TISSUE
+def seg_packages_folder() -> Path:
+    """The private folder of SEG_PINS, beside our other state rather than in Slicer's settings folder: the
+    packages are pure Python, so every Slicer and the CLI share it. One per pin set: new pins install anew."""
+    return Path.home() / ".segmentation-machine" / "seg-packages" / "_".join(p.replace("==", "-") for p in SEG_PINS)
 
 
-# sRGB (0..1) <-> CIELab (D65), as DICOM's RecommendedDisplayCIELabValue stores it (scaled to 0..65535).
-_RGB_TO_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
-                        [0.0193339, 0.1191920, 0.9503041]])
-_D65 = _RGB_TO_XYZ.sum(axis=1)  # the white point is sRGB's white: white is a = b = 0 exactly
+def install_seg_packages(pip_install, folder=None) -> Path:
+    """Fills the private folder with SEG_PINS, whole or not at all, through pip_install(args): Slicer's
+    pip_install (slicer/util.py), which runs `PythonSlicer -m pip install ARGS`. --target puts them only there
+    and --no-deps adds nothing else, so the application's own packages (Slicer's pydicom 2.4) stay as they are."""
+    folder = Path(folder or seg_packages_folder())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".installing-", dir=folder.parent) as scratch:
+        target = Path(scratch) / "packages"
+        pip_install(["--target", str(target), "--no-deps", "--only-binary=:all:", *SEG_PINS])
+        try:
+            target.rename(folder)
+        except OSError:
+            if not folder.is_dir():  # else a parallel install finished first
+                raise
+    return folder
 
 
-def _lab_f(t):
-    return np.where(t > (6 / 29) ** 3, np.cbrt(t), t / (3 * (6 / 29) ** 2) + 4 / 29)
+def _highdicom_imports() -> bool:
+    try:
+        importlib.import_module("highdicom")
+    except Exception:  # ImportError; an old highdicom beside pydicom 2.4 fails in other ways too
+        return False
+    return True
 
 
-def rgb_to_dicom_lab(rgb) -> list:
-    srgb = np.clip(np.asarray(rgb[:3], float), 0, 1)
-    linear = np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4)
-    fx, fy, fz = _lab_f(_RGB_TO_XYZ @ linear / _D65)
-    lab = np.array([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)])
-    scaled = [lab[0] / 100 * 65535, (lab[1] + 128) / 255 * 65535, (lab[2] + 128) / 255 * 65535]
-    return [int(round(min(max(v, 0), 65535))) for v in scaled]
+def _writer_packages():
+    """None where highdicom writes in this process, else the private folder; the sentence where neither."""
+    if _highdicom_imports():
+        return None
+    folder = seg_packages_folder()
+    if folder.is_dir():
+        return folder
+    raise ExportError("DICOM SEG export needs highdicom and the pydicom 3 it needs: pip install "
+                      "'segmentation-machine[hospital]' (in 3D Slicer, the export installs both once, after asking, "
+                      "into a folder of their own).")
 
 
-def dicom_lab_to_rgb(values) -> tuple:
-    lightness, a, b = values[0] / 65535 * 100, values[1] / 65535 * 255 - 128, values[2] / 65535 * 255 - 128
-    fy = (lightness + 16) / 116
-    f = np.array([fy + a / 500, fy, fy - b / 200])
-    xyz = np.where(f > 6 / 29, f ** 3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * _D65
-    linear = np.clip(np.linalg.solve(_RGB_TO_XYZ, xyz), 0, 1)
-    srgb = np.where(linear <= 0.0031308, linear * 12.92, 1.055 * linear ** (1 / 2.4) - 0.055)
-    return tuple(float(c) for c in np.clip(srgb, 0, 1))
+def seg_packages_missing() -> bool:
+    """True where a SEG can be written neither here nor in the child: the private folder is to be installed."""
+    try:
+        _writer_packages()
+    except ExportError:
+        return True
+    return False
 
 
 def _reference_volume(segmentation_node):
@@ -106,47 +102,17 @@ def source_files(volume_node) -> list:
     return [name for name in names if name and is_dicom(name)]
 
 
-def _highdicom():
-    try:
-        import highdicom
-    except ImportError:
-        raise ExportError("DICOM SEG export needs highdicom: pip install 'segmentation-machine[hospital]' "
-                          "(in Slicer, the export installs it after asking).") from None
-    return highdicom
-
-
 def check_seg_export(segmentation_node) -> list:
-    """The source series' headers; raises the user's sentence before any work when no SEG can be written."""
-    _highdicom()
+    """The source series' files; raises the user's sentence before any work when no SEG can be written."""
+    _writer_packages()
     files = source_files(_reference_volume(segmentation_node))
     if not files:
         raise ExportError(f"DICOM SEG needs the DICOM series '{segmentation_node.GetName()}' was made on, and it "
                           "was not made on one: load the DICOM series (in the CLI: --volume FOLDER) and export again, "
                           "or choose STL, OBJ, 3MF or glTF.")
-    return [_source_dataset(name) for name in files]
-
-
-# The patient and study attributes a SEG copies from its source images (type 2 in the SEG IOD's modules).
-TYPE_2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
-
-
-def _source_dataset(path):
-    dataset = pydicom.dcmread(path, stop_before_pixels=True)
-    if "SpecificCharacterSet" in dataset and not dataset.SpecificCharacterSet:
-        del dataset.SpecificCharacterSet  # empty means the default repertoire; highdicom refuses ''
-    # Some anonymisers blank the instance's UIDs in the data set but keep them in the file meta.
-    dataset.SOPClassUID = dataset.get("SOPClassUID") or dataset.file_meta.get("MediaStorageSOPClassUID", "")
-    dataset.SOPInstanceUID = dataset.get("SOPInstanceUID") or dataset.file_meta.get("MediaStorageSOPInstanceUID", "")
-    missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
-               if not dataset.get(k)]
-    for keyword in TYPE_2_COPIED:  # highdicom copies these (type 2: present, may be empty); anonymisers drop them
-        if keyword not in dataset:
-            setattr(dataset, keyword, None)
-    if missing:
-        raise ExportError(f"{path} has no {' or '.join(missing)} (an anonymiser removed it), so a DICOM SEG "
-                          "could not refer to it: export STL, OBJ, 3MF or glTF instead.")
-    return dataset
+    for name in files:
+        source_dataset(name)  # with this process's pydicom: the check, not yet the SEG's headers
+    return [str(Path(name).absolute()) for name in files]
 
 
 def _segment_on_grid(segmentation_node, segment_id, reference: "slicer.vtkOrientedImageData") -> np.ndarray:
@@ -168,41 +134,6 @@ def _reference_grid(volume_node) -> "slicer.vtkOrientedImageData":
     return reference
 
 
-def _plane_geometry(ijk_to_ras: np.ndarray, slices: int):
-    """highdicom's pixel measures, orientation and one position per slice, in LPS as DICOM wants."""
-    import highdicom
-
-    ijk_to_lps = arrays.RAS_TO_LPS @ ijk_to_ras
-    spacing = arrays.spacing_of(ijk_to_lps)
-    row_direction, column_direction = ijk_to_lps[:3, 0] / spacing[0], ijk_to_lps[:3, 1] / spacing[1]
-    measures = highdicom.PixelMeasuresSequence(
-        pixel_spacing=[float(spacing[1]), float(spacing[0])], slice_thickness=float(spacing[2]),
-        spacing_between_slices=float(spacing[2]))
-    orientation = highdicom.PlaneOrientationSequence(
-        coordinate_system="PATIENT", image_orientation=[*map(float, row_direction), *map(float, column_direction)])
-    positions = [highdicom.PlanePositionSequence(
-        coordinate_system="PATIENT", image_position=[float(v) for v in (ijk_to_lps @ [0, 0, k, 1])[:3]])
-        for k in range(slices)]
-    return measures, orientation, positions
-
-
-def _description(number: int, name: str, color):
-    import highdicom
-    from pydicom.sr.coding import Code
-
-    category, kind = segment_codes(name)
-    description = highdicom.seg.SegmentDescription(
-        segment_number=number, segment_label=name,
-        segmented_property_category=Code(category[0], "SCT", category[1]),
-        segmented_property_type=Code(kind[0], "SCT", kind[1]),
-        algorithm_type=highdicom.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
-        algorithm_identification=highdicom.AlgorithmIdentificationSequence(
-            name="SegmentationMachine", version=__version__,
-            family=Code("123110", "DCM", "Artificial Intelligence")))
-    description.RecommendedDisplayCIELabValue = rgb_to_dicom_lab(color)
-    return description
-
-
 def _seg_pixels(segmentation_node, segment_ids, reference) -> np.ndarray:
     """Segment numbers (K, J, I) where segments do not overlap; else one mask per segment (K, J, I, n)."""
     labels = np.zeros(arrays.image_array(reference).shape, np.uint16)
@@ -214,38 +145,47 @@ def _seg_pixels(segmentation_node, segment_ids, reference) -> np.ndarray:
     return labels
 
 
-@dataclass
-class SegInput:
-    """What a DICOM SEG needs from the scene, copied out of it."""
-    datasets: list  # the source series' headers
-    ijk_to_ras: np.ndarray
-    pixels: np.ndarray  # segment numbers (K, J, I), or one mask per segment (K, J, I, n)
-    segments: list  # (name, colour) per segment number
-    description: str
-
-
 def read_seg_input(segmentation_node, segment_ids) -> SegInput:
-    """Main thread (MRML belongs to it): the given segments on the source series' grid, and its headers."""
-    datasets = check_seg_export(segmentation_node)
+    """Main thread (MRML belongs to it): the given segments on the source series' grid, and its files."""
+    files = check_seg_export(segmentation_node)
     volume = _reference_volume(segmentation_node)
     segmentation = segmentation_node.GetSegmentation()
-    return SegInput(datasets, arrays.ijk_to_ras(volume),
+    return SegInput(files, arrays.ijk_to_ras(volume),
                     _seg_pixels(segmentation_node, segment_ids, _reference_grid(volume)),
-                    [(segmentation.GetSegment(i).GetName(), segmentation.GetSegment(i).GetColor()) for i in segment_ids],
+                    [(segmentation.GetSegment(i).GetName(), segmentation.GetSegment(i).GetColor())
+                     for i in segment_ids],
                     segmentation_node.GetName()[:64])
 
 
-def write_seg(path, seg: SegInput):
-    """Any thread: writes the segments as one DICOM SEG at path, segment numbers in their order."""
-    highdicom = _highdicom()
-    measures, orientation, positions = _plane_geometry(seg.ijk_to_ras, seg.pixels.shape[0])
-    document = highdicom.seg.Segmentation(
-        source_images=seg.datasets, pixel_array=seg.pixels,
-        segmentation_type=highdicom.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[_description(n, name, color) for n, (name, color) in enumerate(seg.segments, 1)],
-        series_instance_uid=highdicom.UID(), series_number=900, sop_instance_uid=highdicom.UID(), instance_number=1,
-        manufacturer="SegmentationMachine", manufacturer_model_name="SegmentationMachine",
-        software_versions=__version__, device_serial_number="0", series_description=seg.description,
-        pixel_measures=measures, plane_orientation=orientation, plane_positions=positions)
-    with atomic_file(path) as stream:
-        document.save_as(stream)
+def write_seg(path, seg: SegInput, packages=None):
+    """Any thread: writes the segments as one DICOM SEG at path, segment numbers in their order; in this
+    process where highdicom imports, else in a child with the private folder. packages: a folder of pydicom 3
+    and highdicom for the child, which then writes even where highdicom imports here."""
+    packages = packages or _writer_packages()
+    if packages is None:
+        segwriter.write(path, seg)
+    else:
+        _write_in_child(path, seg, Path(packages))
+
+
+def _write_in_child(path, seg: SegInput, packages: Path):
+    with tempfile.TemporaryDirectory(prefix="sm-seg-") as folder:  # private (0700): the voxels are patient data
+        segwriter.save_input(folder, seg)
+        try:
+            done = child.run_module(segwriter.__name__, [folder, Path(path).absolute()], CHILD_TIMEOUT_S,
+                                    first_paths=[packages])
+        except subprocess.TimeoutExpired:
+            raise ExportError(f"Writing the DICOM SEG took more than {CHILD_TIMEOUT_S // 60} minutes and was "
+                              "stopped: export fewer segments at a time.") from None
+        except OSError as error:
+            raise ExportError(f"The DICOM SEG writer could not start ({error.strerror}): export STL, OBJ, 3MF or "
+                              "glTF instead.") from None
+    last_line = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "")
+    if done.returncode == segwriter.USER_ERROR_EXIT:
+        raise ExportError(last_line)
+    if done.returncode != 0:
+        log.error("The DICOM SEG writer's process (packages from %s) ended with exit code %s:\n%s",
+                  packages, done.returncode, done.stderr)
+        raise ExportError(f"Writing the DICOM SEG failed ({last_line or f'exit code {done.returncode}'}; the log has "
+                          f"the details): export STL, OBJ, 3MF or glTF instead, or delete {packages} so that the "
+                          "next SEG export installs its packages again.")

@@ -140,13 +140,15 @@ class PreparedExport:
     segmentation_file: bytes = None  # the .seg.nrrd's content, when asked for
 
 
-def prepare_export(segmentation_node, options: ExportOptions = ExportOptions(), segment_ids=None) -> PreparedExport:
-    """Main thread (MRML belongs to it): checks the options and copies what the export needs."""
+def prepare_export(segmentation_node, options: ExportOptions = ExportOptions(), segment_ids=None,
+                   ctx=None) -> PreparedExport:
+    """Main thread (MRML belongs to it): checks the options and copies what the export needs.
+    ctx: the module's scene context, so that a conversion to labelmaps pauses the views (read_segments)."""
     if options.coordinates not in ("LPS", "RAS"):
         raise ExportError(f"Unknown coordinate system '{options.coordinates}': use LPS or RAS.")
     if "seg" in options.formats:
         check_seg_export(segmentation_node)  # before reading voxels, and minutes of work
-    segments = read_segments(segmentation_node, segment_ids, options.surface)
+    segments = read_segments(segmentation_node, segment_ids, options.surface, ctx)
     segmentation = segmentation_node.GetSegmentation()
     ids = [job.segment_id for job in segments.jobs]
     file_names = dict(zip(ids, _unique_names(segmentation.GetSegment(i).GetName() for i in ids)))

@@ -48,7 +48,7 @@ def write_obj(path: Path, named_meshes):
         offset = 1
         for name, _, points, triangles in named_meshes:
             stream.write(f"o {name}\ng {name}\nusemtl {name}\n")
-            stream.write(("v %.4f %.4f %.4f\n" * len(points)) % tuple(points.ravel()))
+            stream.write(("v %.6f %.6f %.6f\n" * len(points)) % tuple(points.ravel()))
             stream.write(("f %d %d %d\n" * len(triangles)) % tuple((triangles + offset).ravel()))
             offset += len(points)
 
@@ -77,7 +77,7 @@ def _model_xml(named_meshes) -> str:
     for index, (name, _, points, triangles) in enumerate(named_meshes):
         chunks.append(f'  <object id="{index + 2}" type="model" name={quoteattr(name)} pid="1" pindex="{index}">\n'
                       "   <mesh>\n    <vertices>\n")
-        chunks.append(('     <vertex x="%.4f" y="%.4f" z="%.4f"/>\n' * len(points)) % tuple(points.ravel()))
+        chunks.append(('     <vertex x="%.6f" y="%.6f" z="%.6f"/>\n' * len(points)) % tuple(points.ravel()))
         chunks.append("    </vertices>\n    <triangles>\n")
         chunks.append(('     <triangle v1="%d" v2="%d" v3="%d"/>\n' * len(triangles)) % tuple(triangles.ravel()))
         chunks.append("    </triangles>\n   </mesh>\n  </object>\n")

@@ -27,6 +27,7 @@ SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
 UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 TIMEOUT_S = 30
+RECEIVED, RECEIVING = "received", "receiving"  # in listen's state folder: its inbox, and its staging area
 
 
 def check_ae_title(text: str, what: str) -> str:

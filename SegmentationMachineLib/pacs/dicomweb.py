@@ -24,6 +24,8 @@ from ..core.files import printable
 PREFIX = "dicomweb+"
 TOKEN_VARIABLE = "SM_DICOMWEB_TOKEN"  # bearer token (OAuth 2 access token)
 USER_VARIABLE, PASSWORD_VARIABLE = "SM_DICOMWEB_USER", "SM_DICOMWEB_PASSWORD"  # HTTP basic
+# What a refusal (401, 403) asks of the user; the module, whose credentials are saved in it, says its own.
+SET_CREDENTIALS = f"set {TOKEN_VARIABLE}, or {USER_VARIABLE} and {PASSWORD_VARIABLE}, to credentials it accepts"
 TIMEOUT = (10, 120)  # seconds to connect, and between two reads of an answer
 ANY_TRANSFER_SYNTAX = (("application/dicom", "*"),)  # as stored: no transcoding on the server (JPEG 2000 too)
 # Series that hold no image slices: never the default choice.
@@ -161,7 +163,7 @@ def _cause(error: requests.RequestException, timeout) -> str:
 class DicomWeb:
     """One DICOMweb server, with its credentials."""
 
-    def __init__(self, server: DicomWebServer, auth=None, timeout=TIMEOUT):
+    def __init__(self, server: DicomWebServer, auth=None, timeout=TIMEOUT, set_credentials: str = SET_CREDENTIALS):
         try:
             from dicomweb_client.api import DICOMwebClient
         except ImportError:
@@ -169,6 +171,7 @@ class DicomWeb:
                             "(Slicer bundles it).") from None
 
         self.server = server
+        self._set_credentials = set_credentials
         self._session = _Session(timeout)
         self._session.auth = auth
         self._client = DICOMwebClient(server.url, session=self._session)
@@ -183,8 +186,8 @@ class DicomWeb:
         except requests.HTTPError as error:
             status = error.response.status_code if error.response is not None else 0
             if status in (401, 403):
-                raise UserError(f"The DICOMweb server {url} refused access (HTTP {status}): set {TOKEN_VARIABLE}, "
-                                f"or {USER_VARIABLE} and {PASSWORD_VARIABLE}, to credentials it accepts.") from None
+                raise UserError(f"The DICOMweb server {url} refused access (HTTP {status}): "
+                                f"{self._set_credentials}.") from None
             if status == 404:
                 raise UserError(f"The DICOMweb server {url} answered 'not found' (HTTP 404) for {what}: check the "
                                 "UID, and that the address is the server's DICOMweb root (e.g. https://HOST/dicom-web)."

@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.errors import ExportError, UserError
+from ..core.errors import UserError
 from ..mesh.export import DEFAULT_EXPORT_FOLDER, FORMATS, ExportOptions, ExportResult, prepare_export, write_export
 from ..mesh.printing import send_to_orcaslicer
 from .tasks import BackgroundTask
@@ -30,22 +30,12 @@ class ExportPanel:
         ordered = tuple(f for f in FORMATS if f in self.formats)
         return ExportOptions(formats=ordered, surface=SurfaceOptions(smoothing=self.smoothing))
 
-    @staticmethod
-    def check_seg_possible(pydicom_version: str = None):
-        """Before installing highdicom: every highdicom that runs on NumPy 2 needs pydicom 3, and
-        Slicer 5.10 bundles pydicom 2.4, which an install must not replace."""
-        import pydicom
-
-        if int((pydicom_version or pydicom.__version__).split(".")[0]) < 3:
-            raise ExportError("DICOM SEG export needs pydicom 3 (for highdicom), newer than this Slicer's "
-                              "pydicom: save the segmentation and run `segmentation-machine export SEGFILE --volume "
-                              "DICOM_FOLDER --format seg`, or use a Slicer that bundles pydicom 3.")
-
-    def start(self, segmentation_node):
-        """Main thread: copies what the export needs out of the scene; meshing and writing go to a worker."""
+    def start(self, segmentation_node, ctx=None):
+        """Main thread: copies what the export needs out of the scene (ctx: the module's, so that converting
+        surfaces to labelmaps pauses the views); meshing and writing go to a worker."""
         options = self.options()
         try:
-            prepared = prepare_export(segmentation_node, options)
+            prepared = prepare_export(segmentation_node, options, ctx=ctx)
         except UserError as error:
             self.status = str(error)
             return

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import UserError
-from ..inbox.watcher import DEFAULT_INBOX, Inbox, InboxOptions
+from ..inbox.watcher import DEFAULT_INBOX, OUTBOX_STATE, Inbox, InboxOptions
+from ..pacs.dicomnode import RECEIVED
 from .tasks import BackgroundTask
 
 STOP_WAIT_S = 5.0  # Stop never hangs on a read still running: after this it is abandoned (its thread is a daemon)
@@ -57,6 +58,18 @@ class InboxPanel:
         self.inbox = inbox
         self.status = f"Watching {folder}: series appear here when their files have settled."
 
+    def point_at_received(self, chosen: Path) -> bool:
+        """Points the inbox at what `listen` received: chosen is its OUTBOX (or its --state folder). False, with the
+        sentence as status, when chosen is neither."""
+        chosen = Path(chosen).expanduser()
+        for received in (chosen / OUTBOX_STATE / RECEIVED, chosen / RECEIVED):
+            if received.is_dir():
+                self.folder = received
+                return True
+        self.status = (f"{chosen} holds no {OUTBOX_STATE}/{RECEIVED} folder, so it is not where `segmentation-machine "
+                       "listen` puts what it receives: choose the folder listen was given with --out (or --state).")
+        return False
+
     def stop(self):
         if self.task:
             self.task.wait(STOP_WAIT_S)
@@ -79,6 +92,7 @@ class InboxPanel:
             return []
         task, self.task = self.task, None
         deliveries, problem = task.outcome()
+        self._say_duplicates()
         if problem:
             self.status = problem
         return deliveries or []
@@ -86,6 +100,12 @@ class InboxPanel:
     def loaded(self, delivery, ok: bool, reason: str = ""):
         """The widget loaded a delivery (or failed to, with reason); recorded before the next poll."""
         self._acknowledgements.append((delivery, ok, reason))
+
+    def _say_duplicates(self):
+        """Drops that repeat delivered files are said once, as watch says them, and the inbox's list emptied."""
+        copies, self.inbox.duplicates = self.inbox.duplicates, []
+        if copies:
+            self.status = " ".join(f"{c.name}: {c.files} file(s) {c.reason}; not loaded again." for c in copies)
 
     def _apply_acknowledgements(self):
         for delivery, ok, reason in self._acknowledgements:

@@ -2,21 +2,10 @@
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from ..core import arrays
-from ..segment.presets import PRESETS, add_preset_segment, preset_mask, spacing_kji
+from ..segment.preset_child import PresetProcess
+from ..segment.presets import PRESETS, add_preset_segment, spacing_kji
 from .tasks import BackgroundTask
-
-
-def cropped_preset_mask(preset: str, hu: np.ndarray, spacing, volume_name: str) -> tuple:
-    """Worker thread: the preset's mask cut to its bounding box, and the box's first K, J, I index.
-
-    hu is a view of the volume: the copy is made here, where it does not hold up the GUI. The crop keeps
-    the main thread's segment write (and the segment's memory) proportional to the structure."""
-    mask = preset_mask(preset, hu.copy(), spacing, volume_name)
-    box = arrays.bounding_box(mask)
-    return np.ascontiguousarray(mask[box]), tuple(part.start for part in box)
 
 
 @dataclass
@@ -24,6 +13,7 @@ class PresetsPanel:
     preset: str = "bone"
     status: str = "Choose a CT volume and a preset."
     task: BackgroundTask = None
+    process: PresetProcess = None
 
     @property
     def presets(self) -> dict:
@@ -33,10 +23,25 @@ class PresetsPanel:
         return volume_node is not None and self.task is None
 
     def start(self, volume_node):
-        # The view keeps the voxels alive if the user closes the volume; the worker copies them at once.
-        self.task = BackgroundTask(cropped_preset_mask, self.preset, arrays.volume_array(volume_node),
-                                   spacing_kji(volume_node), volume_node.GetName())
-        self.status = f"Running the {self.preset} preset on '{volume_node.GetName()}'..."
+        """Main thread: the preset runs in a child process (its own GIL); the worker thread writes the volume
+        for it, waits and reads the cropped mask back. The view keeps the voxels alive if the user closes the
+        volume meanwhile."""
+        name = volume_node.GetName()
+        running = f"Running the {self.preset} preset on '{name}'"
+
+        def progress(done, total, step):  # worker thread: one new string, which the GUI shows at its next update
+            if done < total:
+                self.status = f"{running}: {step} ({done + 1}/{total})..."
+
+        self.process = PresetProcess()
+        self.task = BackgroundTask(self.process.run, self.preset, arrays.volume_array(volume_node),
+                                   spacing_kji(volume_node), name, progress)
+        self.status = f"{running}..."
+
+    def cancel(self):
+        """Any thread (the module's cleanup): kills a running preset's process; its task ends with a sentence."""
+        if self.task:
+            self.process.cancel()
 
     def finish(self, ctx, volume_node, segmentation_node=None):
         """Main thread, once task.done(): adds the segment; returns the segmentation node or None."""

@@ -14,7 +14,8 @@ from pydicom.misc import is_dicom
 from ..core import arrays
 from ..core.errors import InputError
 from ..core.scene import SceneContext
-from ..mesh.dicomseg import SEGMENTATION_STORAGE, dicom_lab_to_rgb
+from ..mesh.dicomseg import SEGMENTATION_STORAGE
+from ..mesh.segwriter import dicom_lab_to_rgb
 from .presets import add_segment_from_mask
 
 DEFAULT_COLOR = (0.5, 0.68, 0.5)  # Slicer's colour for a segment without one

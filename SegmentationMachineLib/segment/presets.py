@@ -17,18 +17,30 @@ from ..core.scene import SceneContext, editing
 
 # Scanners write values like -3024 or -2000 outside the field of view; no tissue is below this.
 PADDING_BELOW_HU = -1500
+# The bone preset's body only gates out the table, a centimetre or more from any bone: voxels this size do.
+BODY_GATE_MM = 2.0
+# Limbs hold a 15 mm deep point, tables not 5 mm: depths measured on voxels this size still tell them apart.
+LIMB_GRID_MM = 5.0
+# Face neighbours within a K slice: outlines and marrow are decided slice by slice.
+IN_PLANE = np.pad(ndimage.generate_binary_structure(2, 1)[None], ((1, 1), (0, 0), (0, 0)))
 
 
 @dataclass(frozen=True)
 class BoneOptions:
+    """The bone preset's parameters: densities in HU, sizes in mm (or voxels, for partial-volume effects), each
+    set by the anatomy or the scanner's physics noted beside it, so it holds from 0.5 to 3 mm voxels."""
+
     threshold_hu: float = 130.0  # cancellous bone starts near here; cortical bone is far above
     cortex_hu: float = 300.0  # a cortex stays above this even blurred by 3 mm voxels; enhanced organs stay below
     vessel_max_hu: float = 500.0  # contrast-filled blood stays below this; cortex goes beyond it
     vessel_core_mm: float = 3.0  # lumens at least 6 mm wide (aorta, cavae, portal vein) are looked at
     vessel_max_sd_hu: float = 40.0  # blood is a fluid: its spread is image noise; cancellous bone spreads more
     vessel_wall_mm: float = 2.0  # the partial-volume rim around a lumen goes with it
-    closing_mm: float = 6.0  # bridges the gaps between cortical shell and cancellous core
+    closing_mm: float = 3.0  # in-plane: bridges gaps in a cortical ring, not a vertebral canal's openings...
+    closing_voxels: float = 2.0  # ...or the one or two voxels of thin cortex that partial volume drops at coarse voxels
     max_hole_cm2: float = 20.0  # fills marrow and vertebral bodies, never a whole pelvis or chest
+    outline_hu: float = 200.0  # a bone's edge: about half way from soft tissue (40) to a thin cortex blurred to ~400
+    outline_mm: float = 2.0  # how far the scanner's blur spreads an edge: surface voxels this deep may lie outside
     min_island_ml: float = 1.0  # drops speckle, calcifications and noise
 
 
@@ -56,14 +68,29 @@ def _closing(mask, radius_mm, spacing):
     return closed[tuple(slice(p[0], -p[0]) for p in pad)]
 
 
+def _closing_in_plane(mask, radius_mm, spacing):
+    """_closing of each K slice with a disc: it never bridges from slice to slice (across a disc space)."""
+    return np.stack([_closing(part, radius_mm, spacing[1:]) for part in mask]) if len(mask) else mask
+
+
+def _coarse_grid(voxel_mm: float, spacing) -> tuple:
+    """(slices taking every n-th voxel, their spacing): voxels of about voxel_mm, never finer than they are."""
+    steps = [max(1, int(voxel_mm // s)) for s in spacing]
+    return tuple(slice(None, None, step) for step in steps), np.multiply(spacing, steps)
+
+
+def _ball(radius_mm: float, spacing) -> np.ndarray:
+    """Structuring element: the voxels within radius_mm of its centre (anisotropic voxels, exact distances)."""
+    half = [int(radius_mm // s) for s in spacing]
+    offsets = np.indices([2 * h + 1 for h in half]) - np.reshape(half, (-1,) + (1,) * len(half))
+    return sum((o * s) ** 2 for o, s in zip(offsets, spacing)) <= radius_mm ** 2
+
+
 def _opening(mask, radius_mm, spacing):
-    """Opening with a ball; the image's ends are not background (a 3-slice scan must not erode away)."""
-    if mask.all():
-        return mask
-    eroded = ndimage.distance_transform_edt(mask, sampling=spacing) > radius_mm
-    if not eroded.any():
-        return eroded
-    return ndimage.distance_transform_edt(~eroded, sampling=spacing) <= radius_mm
+    """Opening with a ball; the image's ends are not background (a 3-slice scan must not erode away).
+    Few-voxel balls: structuring elements are 5-50 times faster here than two whole-volume distance maps."""
+    ball = _ball(radius_mm, spacing)
+    return ndimage.binary_dilation(ndimage.binary_erosion(mask, ball, border_value=1), ball)
 
 
 def _fill_small_holes(mask, spacing, max_area_mm2):
@@ -124,27 +151,29 @@ def _vessel_lumens(candidates, hu, spacing, options: BoneOptions):
     marrow is homogeneous (young red marrow) a cortex surrounds it, while a vessel lies in soft tissue.
     """
     blood_range = candidates & (hu < options.vessel_max_hu)
-    cores = _opening(blood_range, options.vessel_core_mm, spacing) & blood_range
-    labels, count = ndimage.label(cores)
+    ball = _ball(options.vessel_core_mm, spacing)
+    # Centres: voxels with blood-range HU all around them (an erosion is cheap on this sparse mask).
+    labels, count = ndimage.label(ndimage.binary_erosion(blood_range, ball, border_value=1))
+    lumens = np.zeros_like(blood_range)
     if count == 0:
-        return cores
-    ids = np.arange(1, count + 1)
-    spread = np.asarray(ndimage.standard_deviation(hu, labels, ids))
-    volume_ml = np.bincount(labels.ravel(), minlength=count + 1)[1:] * float(np.prod(spacing)) / 1000.0
-    lumens, boxes = np.zeros_like(cores), ndimage.find_objects(labels)
-    # Only homogeneous, large enough cores are looked at further, each in its own neighbourhood (distance
-    # maps of the whole volume cost seconds each on a 512x512x300 scan).
-    for index in np.flatnonzero((spread < options.vessel_max_sd_hu) & (volume_ml >= options.min_island_ml)):
-        near = _around(boxes[index], options.vessel_core_mm, spacing, labels.shape)
-        core = labels[near] == index + 1
-        shell = (ndimage.distance_transform_edt(~core, sampling=spacing) <= options.vessel_core_mm) & ~core
-        if (hu[near][shell] >= options.vessel_max_hu).mean() <= 0.5:  # not wrapped in cortex: a vessel
+        return lumens
+    spread = np.asarray(ndimage.standard_deviation(hu, labels, np.arange(1, count + 1)))
+    boxes, voxel_ml = ndimage.find_objects(labels), float(np.prod(spacing)) / 1000.0
+    # Only homogeneous centres are looked at further, each in its own neighbourhood: its core (the centre
+    # grown back by vessel_core_mm) and the shell around that.
+    for index in np.flatnonzero(spread < options.vessel_max_sd_hu):
+        near = _around(boxes[index], 2 * options.vessel_core_mm, spacing, labels.shape)
+        core = ndimage.binary_dilation(labels[near] == index + 1, ball)
+        if core.sum() * voxel_ml < options.min_island_ml:
+            continue
+        shell = ndimage.binary_dilation(core, ball) & ~core
+        if shell.any() and (hu[near][shell] >= options.vessel_max_hu).mean() <= 0.5:  # not wrapped in cortex
             lumens[near] |= core
     if not lumens.any():
         return lumens
     near = _around(ndimage.find_objects(lumens.astype(np.uint8))[0], options.vessel_wall_mm, spacing, labels.shape)
     rim = np.zeros_like(lumens)
-    rim[near] = (ndimage.distance_transform_edt(~lumens[near], sampling=spacing) <= options.vessel_wall_mm) & blood_range[near]
+    rim[near] = ndimage.binary_dilation(lumens[near], _ball(options.vessel_wall_mm, spacing)) & blood_range[near]
     rim_parts, _ = ndimage.label(rim)  # face-connected, so the rim never reaches across a thin cortex
     return np.isin(rim_parts, rim_parts[lumens]) & rim
 
@@ -155,28 +184,60 @@ def _steps(progress, total: int):
     return lambda name: progress(next(done), total, name) if progress else None
 
 
+def _body_gate(hu, spacing) -> np.ndarray:
+    """body_mask computed on a grid of about BODY_GATE_MM voxels (4 to 16 times cheaper), back on hu's grid."""
+    grid, coarse_spacing = _coarse_grid(BODY_GATE_MM, spacing)
+    coarse = body_mask(hu[grid], coarse_spacing)
+    for axis, taken in enumerate(grid):
+        coarse = np.repeat(coarse, taken.step, axis)
+    return coarse[:hu.shape[0], :hu.shape[1], :hu.shape[2]]
+
+
+def _outline(mask, hu, spacing, options: BoneOptions):
+    """mask without the blur around it: a cortex's brightness spreads outline_mm into the soft tissue beside it,
+    so voxels there below outline_hu go, where reached from outside the mask without crossing brighter bone
+    (the marrow behind a thin cortex stays)."""
+    depth = np.stack([ndimage.distance_transform_edt(np.pad(part, 1), sampling=spacing[1:])[1:-1, 1:-1]
+                      for part in mask])
+    blurred = mask & (hu < options.outline_hu) & (depth <= options.outline_mm)
+    labels, count = ndimage.label(blurred, IN_PLANE)
+    outer = np.zeros(count + 1, bool)
+    outer[labels[ndimage.binary_dilation(~mask, IN_PLANE) & blurred]] = True
+    outer[0] = False
+    return mask & ~outer[labels]
+
+
 def bone_mask(hu: np.ndarray, spacing, options: BoneOptions = BoneOptions(), progress=None) -> np.ndarray:
     """Bone inside the body: candidates above threshold_hu, minus the table (outside the body mask),
     minus contrast-filled vessel lumens (thick and homogeneous), keeping only the pieces that hold
-    dense cortex (which drops enhanced organs and small vessels); then closed, marrow filled, islands removed.
+    dense cortex (which drops enhanced organs and small vessels); then closed and marrow filled slice by slice
+    (so disc spaces between vertebrae stay open), its edge moved to outline_hu, islands removed.
+    Works on the bounding box of the candidates only.
     """
-    step = _steps(progress, 6)
+    step = _steps(progress, 7)
     step("body")
-    candidates = (hu > options.threshold_hu) & body_mask(hu, spacing)
+    candidates = (hu > options.threshold_hu) & _body_gate(hu, spacing)
+    result = np.zeros(hu.shape, bool)
     if not candidates.any():
-        return candidates
+        return result
+    # Everything after this looks at most vessel_core_mm (a lumen's shell) beyond a candidate.
+    box = _around(ndimage.find_objects(candidates.astype(np.uint8))[0], options.vessel_core_mm, spacing, hu.shape)
+    candidates, hu = candidates[box], hu[box]
     step("vessels")
     lumens = _vessel_lumens(candidates, hu, spacing, options)
     step("cortex")
     mask = _components_with(candidates & ~lumens, hu > options.cortex_hu)
     if not mask.any():
-        return mask
+        return result
     step("closing")
-    mask = _closing(mask, options.closing_mm, spacing)
+    mask = _closing_in_plane(mask, max(options.closing_mm, options.closing_voxels * max(spacing[1:])), spacing)
     step("marrow")
     mask = _fill_small_holes(mask, spacing, options.max_hole_cm2 * 100) & ~lumens
+    step("outline")
+    mask = _outline(mask, hu, spacing, options)
     step("islands")
-    return _remove_small_islands(mask, spacing, options.min_island_ml)
+    result[box] = _remove_small_islands(mask, spacing, options.min_island_ml)
+    return result
 
 
 def body_mask(hu: np.ndarray, spacing, options: SkinOptions = SkinOptions(), progress=None) -> np.ndarray:
@@ -192,9 +253,11 @@ def body_mask(hu: np.ndarray, spacing, options: SkinOptions = SkinOptions(), pro
     if count == 0:
         return mask
     step("limbs")
-    thick = ndimage.distance_transform_edt(mask, sampling=spacing) >= options.min_part_radius_mm
+    # Depth on a coarser grid (LIMB_GRID_MM): the distance map costs 10-100 times less.
+    grid, coarse_spacing = _coarse_grid(LIMB_GRID_MM, spacing)
+    depth = ndimage.distance_transform_edt(mask[grid], sampling=coarse_spacing)
     keep = np.zeros(count + 1, bool)
-    keep[labels[thick]] = True
+    keep[labels[grid][depth >= options.min_part_radius_mm]] = True
     keep[np.argmax(np.bincount(labels.ravel())[1:]) + 1] = True  # a thin scan's body still counts
     mask = keep[labels]
     step("cavities")

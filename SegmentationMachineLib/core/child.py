@@ -1,0 +1,54 @@
+"""Our own modules run as child processes of the Python we run in.
+
+Work that must not share Slicer's process (packages newer than Slicer's pins, CPU work that would
+hold the GIL the main thread needs) runs as `python -m SegmentationMachineLib....` in a child.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+LIBRARY_PARENT = Path(__file__).resolve().parents[2]  # the folder that holds SegmentationMachineLib
+
+
+def python_executable() -> str:
+    """Inside Slicer, `PythonSlicer` (its sys.executable is the application, and Slicer puts PythonSlicer
+    on PATH: slicer/util.py _executePythonModule at v5.10.0); elsewhere this interpreter."""
+    in_slicer = hasattr(sys.modules.get("slicer"), "app")  # only the Slicer application's slicer has it
+    return (shutil.which("PythonSlicer") if in_slicer else None) or sys.executable
+
+
+# PythonSlicer is a CTK AppLauncher: it puts Slicer's own paths, its site-packages (pydicom 2.4) among them,
+# before the PYTHONPATH it inherits (commontk/AppLauncher Base/ctkAppLauncher.cpp, "Path environment
+# variables"; Slicer's SuperBuild/python_configure_python_launcher.cmake). So the child puts first_paths
+# first itself, before it imports anything, then runs the module as -m would.
+_FIRST_PATHS_THEN_MODULE = ("import runpy, sys; sys.path[:0] = {paths!r}; "
+                            "runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+
+
+def _command(module: str, args: list, first_paths=()) -> list:
+    if first_paths:
+        code = _FIRST_PATHS_THEN_MODULE.format(paths=[str(p) for p in first_paths], module=module)
+        return [python_executable(), "-c", code, *map(str, args)]
+    return [python_executable(), "-m", module, *map(str, args)]
+
+
+def _environment() -> dict:
+    paths = [str(LIBRARY_PARENT), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
+def run_module(module: str, args: list, timeout: float, first_paths=()) -> subprocess.CompletedProcess:
+    """Runs `python -m module args` and returns it finished; first_paths go before everything else on its
+    sys.path. Raises subprocess.TimeoutExpired (the child is killed) or OSError; the caller turns a
+    non-zero returncode (stderr has the child's traceback) into its own sentence."""
+    return subprocess.run(_command(module, args, first_paths), env=_environment(), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_module(module: str, args: list, first_paths=(), **popen) -> subprocess.Popen:
+    """Starts `python -m module args` as run_module does, without waiting: the caller reads its output as it
+    comes and may kill it from another thread. popen: Popen's stdin, stdout, stderr, text..."""
+    return subprocess.Popen(_command(module, args, first_paths), env=_environment(), **popen)

@@ -1,0 +1,212 @@
+"""DICOM SEG writing with highdicom: numpy, pydicom and highdicom only (no VTK, no Slicer), so it also runs as
+
+    python -m SegmentationMachineLib.mesh.segwriter INPUT_FOLDER OUTPUT_FILE
+
+in a child of Slicer's Python with pydicom 3 and highdicom first on its path: Slicer 5.10 bundles pydicom 2.4,
+which highdicom on NumPy 2 cannot use and an install must not replace. The parent writes the input with
+save_input (voxels as .npy, the rest as JSON, the source series as file paths: no pydicom object crosses
+between pydicom versions); the child reads the source headers with its own pydicom.
+
+The SEG is written on the grid of the volume the segmentation was made on, one frame per slice that holds a
+segment, with each frame's position stated, so it lines up in space whatever the grid's orientation.
+"""
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from .. import __version__
+from ..core.errors import ExportError, UserError
+from ..core.files import atomic_file
+
+USER_ERROR_EXIT = 2  # then the child's last stderr line is the sentence for the user, as the CLI's exit 2
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # = core.arrays.RAS_TO_LPS, which imports VTK; the child may not
+
+# Segmented property category and type, SNOMED CT: (value, meaning).
+TISSUE = ("85756007", "Tissue")
+ANATOMICAL_STRUCTURE = ("123037004", "Anatomical Structure")
+# A segment named after one of these (any case, any word of its name, e.g. "kidney_left") gets its code;
+# any other name is coded as tissue.
+KNOWN_STRUCTURES = {
+    "bone": (TISSUE, ("272673000", "Bone")),
+    "skin": (ANATOMICAL_STRUCTURE, ("39937001", "Skin")),
+    "liver": (ANATOMICAL_STRUCTURE, ("10200004", "Liver")),
+    "spleen": (ANATOMICAL_STRUCTURE, ("78961009", "Spleen")),
+    "kidney": (ANATOMICAL_STRUCTURE, ("64033007", "Kidney")),
+    "pancreas": (ANATOMICAL_STRUCTURE, ("15776009", "Pancreas")),
+    "stomach": (ANATOMICAL_STRUCTURE, ("69695003", "Stomach")),
+    "gallbladder": (ANATOMICAL_STRUCTURE, ("28231008", "Gallbladder")),
+    "heart": (ANATOMICAL_STRUCTURE, ("80891009", "Heart")),
+    "lung": (ANATOMICAL_STRUCTURE, ("39607008", "Lung")),
+    "aorta": (ANATOMICAL_STRUCTURE, ("15825003", "Aorta")),
+    "esophagus": (ANATOMICAL_STRUCTURE, ("32849002", "Esophagus")),
+    "trachea": (ANATOMICAL_STRUCTURE, ("44567001", "Trachea")),
+    "duodenum": (ANATOMICAL_STRUCTURE, ("38848004", "Duodenum")),
+    "colon": (ANATOMICAL_STRUCTURE, ("71854001", "Colon")),
+    "brain": (ANATOMICAL_STRUCTURE, ("12738006", "Brain")),
+    "prostate": (ANATOMICAL_STRUCTURE, ("41216001", "Prostate")),
+    "femur": (ANATOMICAL_STRUCTURE, ("71341001", "Femur")),
+    "sacrum": (ANATOMICAL_STRUCTURE, ("54735007", "Sacrum")),
+    "rib": (ANATOMICAL_STRUCTURE, ("113197003", "Rib")),
+    "humerus": (ANATOMICAL_STRUCTURE, ("85050009", "Humerus")),
+    "skull": (ANATOMICAL_STRUCTURE, ("89546000", "Skull")),
+}
+
+
+def segment_codes(name: str):
+    """((category value, meaning), (type value, meaning)) for a segment name; tissue when not known."""
+    for word in re.split(r"[^a-z]+", name.lower()):
+        if word in KNOWN_STRUCTURES:
+            return KNOWN_STRUCTURES[word]
+    return TISSUE, TISSUE
+
+
+# sRGB (0..1) <-> CIELab (D65), as DICOM's RecommendedDisplayCIELabValue stores it (scaled to 0..65535).
+_RGB_TO_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
+                        [0.0193339, 0.1191920, 0.9503041]])
+_D65 = _RGB_TO_XYZ.sum(axis=1)  # the white point is sRGB's white: white is a = b = 0 exactly
+
+
+def _lab_f(t):
+    return np.where(t > (6 / 29) ** 3, np.cbrt(t), t / (3 * (6 / 29) ** 2) + 4 / 29)
+
+
+def rgb_to_dicom_lab(rgb) -> list:
+    srgb = np.clip(np.asarray(rgb[:3], float), 0, 1)
+    linear = np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4)
+    fx, fy, fz = _lab_f(_RGB_TO_XYZ @ linear / _D65)
+    lab = np.array([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)])
+    scaled = [lab[0] / 100 * 65535, (lab[1] + 128) / 255 * 65535, (lab[2] + 128) / 255 * 65535]
+    return [int(round(min(max(v, 0), 65535))) for v in scaled]
+
+
+def dicom_lab_to_rgb(values) -> tuple:
+    lightness, a, b = values[0] / 65535 * 100, values[1] / 65535 * 255 - 128, values[2] / 65535 * 255 - 128
+    fy = (lightness + 16) / 116
+    f = np.array([fy + a / 500, fy, fy - b / 200])
+    xyz = np.where(f > 6 / 29, f ** 3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * _D65
+    linear = np.clip(np.linalg.solve(_RGB_TO_XYZ, xyz), 0, 1)
+    srgb = np.where(linear <= 0.0031308, linear * 12.92, 1.055 * linear ** (1 / 2.4) - 0.055)
+    return tuple(float(c) for c in np.clip(srgb, 0, 1))
+
+
+# The patient and study attributes a SEG copies from its source images (type 2 in the SEG IOD's modules).
+TYPE_2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def source_dataset(path):
+    """A source image's header as highdicom takes it; the user's sentence when a SEG cannot refer to it.
+    Works on pydicom 2.4 too: the parent checks the series with Slicer's pydicom before any work."""
+    dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    if "SpecificCharacterSet" in dataset and not dataset.SpecificCharacterSet:
+        del dataset.SpecificCharacterSet  # empty means the default repertoire; highdicom refuses ''
+    # Some anonymisers blank the instance's UIDs in the data set but keep them in the file meta.
+    dataset.SOPClassUID = dataset.get("SOPClassUID") or dataset.file_meta.get("MediaStorageSOPClassUID", "")
+    dataset.SOPInstanceUID = dataset.get("SOPInstanceUID") or dataset.file_meta.get("MediaStorageSOPInstanceUID", "")
+    missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
+               if not dataset.get(k)]
+    for keyword in TYPE_2_COPIED:  # highdicom copies these (type 2: present, may be empty); anonymisers drop them
+        if keyword not in dataset:
+            setattr(dataset, keyword, None)
+    if missing:
+        raise ExportError(f"{path} has no {' or '.join(missing)} (an anonymiser removed it), so a DICOM SEG "
+                          "could not refer to it: export STL, OBJ, 3MF or glTF instead.")
+    return dataset
+
+
+@dataclass
+class SegInput:
+    """What a DICOM SEG needs from the scene, copied out of it: plain data, so it can cross to a child."""
+    source_files: list  # the source series' DICOM files (absolute paths); the writer reads their headers
+    ijk_to_ras: np.ndarray
+    pixels: np.ndarray  # segment numbers (K, J, I), or one mask per segment (K, J, I, n)
+    segments: list  # (name, colour) per segment number
+    description: str
+
+
+def save_input(folder, seg: SegInput):
+    """seg as files in folder (the parent's side of the child)."""
+    folder = Path(folder)
+    np.save(folder / "pixels.npy", seg.pixels)
+    (folder / "seg.json").write_text(json.dumps({
+        "source_files": [str(name) for name in seg.source_files], "ijk_to_ras": np.asarray(seg.ijk_to_ras).tolist(),
+        "segments": [[name, [float(c) for c in color]] for name, color in seg.segments],
+        "description": seg.description}))
+
+
+def load_input(folder) -> SegInput:
+    folder = Path(folder)
+    saved = json.loads((folder / "seg.json").read_text())
+    return SegInput(saved["source_files"], np.array(saved["ijk_to_ras"]), np.load(folder / "pixels.npy"),
+                    [(name, tuple(color)) for name, color in saved["segments"]], saved["description"])
+
+
+def _plane_geometry(ijk_to_ras: np.ndarray, slices: int):
+    """highdicom's pixel measures, orientation and one position per slice, in LPS as DICOM wants."""
+    import highdicom
+
+    ijk_to_lps = RAS_TO_LPS @ ijk_to_ras
+    spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)  # voxel size along I, J, K
+    row_direction, column_direction = ijk_to_lps[:3, 0] / spacing[0], ijk_to_lps[:3, 1] / spacing[1]
+    measures = highdicom.PixelMeasuresSequence(
+        pixel_spacing=[float(spacing[1]), float(spacing[0])], slice_thickness=float(spacing[2]),
+        spacing_between_slices=float(spacing[2]))
+    orientation = highdicom.PlaneOrientationSequence(
+        coordinate_system="PATIENT", image_orientation=[*map(float, row_direction), *map(float, column_direction)])
+    positions = [highdicom.PlanePositionSequence(
+        coordinate_system="PATIENT", image_position=[float(v) for v in (ijk_to_lps @ [0, 0, k, 1])[:3]])
+        for k in range(slices)]
+    return measures, orientation, positions
+
+
+def _description(number: int, name: str, color):
+    import highdicom
+    from pydicom.sr.coding import Code
+
+    category, kind = segment_codes(name)
+    description = highdicom.seg.SegmentDescription(
+        segment_number=number, segment_label=name,
+        segmented_property_category=Code(category[0], "SCT", category[1]),
+        segmented_property_type=Code(kind[0], "SCT", kind[1]),
+        algorithm_type=highdicom.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
+        algorithm_identification=highdicom.AlgorithmIdentificationSequence(
+            name="SegmentationMachine", version=__version__,
+            family=Code("123110", "DCM", "Artificial Intelligence")))
+    description.RecommendedDisplayCIELabValue = rgb_to_dicom_lab(color)
+    return description
+
+
+def write(path, seg: SegInput):
+    """Writes the segments as one DICOM SEG at path, whole or not at all, with highdicom in this process."""
+    import highdicom
+
+    measures, orientation, positions = _plane_geometry(seg.ijk_to_ras, seg.pixels.shape[0])
+    document = highdicom.seg.Segmentation(
+        source_images=[source_dataset(name) for name in seg.source_files], pixel_array=seg.pixels,
+        segmentation_type=highdicom.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[_description(n, name, color) for n, (name, color) in enumerate(seg.segments, 1)],
+        series_instance_uid=highdicom.UID(), series_number=900, sop_instance_uid=highdicom.UID(), instance_number=1,
+        manufacturer="SegmentationMachine", manufacturer_model_name="SegmentationMachine",
+        software_versions=__version__, device_serial_number="0", series_description=seg.description,
+        pixel_measures=measures, plane_orientation=orientation, plane_positions=positions)
+    with atomic_file(path) as stream:
+        document.save_as(stream)
+
+
+def main(folder: str, output: str) -> int:
+    try:
+        write(output, load_input(folder))
+    except UserError as error:
+        print(error, file=sys.stderr)
+        return USER_ERROR_EXIT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))

@@ -1,0 +1,106 @@
+"""Qt-free state of the module's Send to PACS part (in Export & Print): a segmentation stored as a DICOM SEG in its
+study on a DICOMweb server (STOW-RS), with credentials kept in the keychain under the server's names."""
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..core.credentials import SecretStore
+from ..core.errors import UserError
+from ..mesh.dicomseg import SEG_FILE, SegInput, write_seg
+from ..mesh.export import ExportOptions, prepare_export
+from ..pacs.dicomweb import PREFIX, TIMEOUT, DicomWeb, DicomWebServer, credentials, is_dicomweb
+from .tasks import BackgroundTask
+
+SAVE_CREDENTIALS = "save a token, or a user name and password, that it accepts (Save credentials)"
+
+
+def send_seg(server: DicomWebServer, auth, seg: SegInput, timeout=TIMEOUT):
+    """Any thread: writes the SEG into a private temporary folder and stores it in its study; returns its header."""
+    with tempfile.TemporaryDirectory(prefix="segmentation-machine-seg-") as folder:
+        path = Path(folder) / SEG_FILE
+        write_seg(path, seg)
+        return DicomWeb(server, auth, timeout, set_credentials=SAVE_CREDENTIALS).store(path)
+
+
+def _segments(count: int) -> str:
+    return f"{count} segment" + ("" if count == 1 else "s")
+
+
+@dataclass
+class PacsPanel:
+    server: str = ""  # as typed: https://HOST/dicom-web, with or without the dicomweb+ of the CLI
+    status: str = "Give the PACS's DICOMweb address to send a segmentation made on a DICOM series."
+    task: BackgroundTask = None
+    store: SecretStore = None  # default: the keychain (or ~/.segmentation-machine/secrets)
+    environ: dict = field(default_factory=lambda: os.environ)  # SM_DICOMWEB_* there come before saved ones
+    timeout: tuple = TIMEOUT
+    _sent: str = ""  # the sentence that ends the send well
+
+    def __post_init__(self):
+        self.store = self.store or SecretStore()
+
+    def can_send(self) -> bool:
+        return bool(self.server.strip()) and self.task is None
+
+    def _parsed(self) -> DicomWebServer:
+        text = self.server.strip()
+        return DicomWebServer.parse(text if is_dicomweb(text) else PREFIX + text)
+
+    def save_credentials(self, token: str = "", user: str = "", password: str = "") -> bool:
+        """A token, or a user and password, for this server; the others are forgotten. True once saved (the
+        widget then clears its fields); the secrets are never part of the status."""
+        try:
+            server = self._parsed()
+        except UserError as error:
+            self.status = str(error)
+            return False
+        token, user = token.strip(), user.strip()
+        if not token and not (user and password):
+            self.status = "Give a token, or a user name and a password, then Save credentials."
+            return False
+        secrets = (token, "", "") if token else ("", user, password)
+        for name, secret in zip(server.keychain_names(), secrets):
+            if secret:
+                self.store.save(name, secret)
+            else:
+                self.store.forget(name)
+        self.status = f"Saved the credentials for {server.url} in {self.store.where}."
+        return True
+
+    def forget_credentials(self):
+        try:
+            server = self._parsed()
+        except UserError as error:
+            self.status = str(error)
+            return
+        for name in server.keychain_names():
+            self.store.forget(name)
+        self.status = f"Forgot the credentials for {server.url}."
+
+    def start(self, segmentation_node):
+        """Main thread: checks, and copies the SEG's input out of the scene; writing and sending go to a worker."""
+        if segmentation_node is None:
+            self.status = "Choose the segmentation to send (Segmentation, above), then Send to PACS."
+            return
+        try:
+            server = self._parsed()
+            auth = credentials(server, self.environ, self.store)
+            prepared = prepare_export(segmentation_node, ExportOptions(formats=("seg",)))
+        except UserError as error:
+            self.status = str(error)
+            return
+        if prepared.seg is None:
+            self.status = f"Every segment of '{prepared.name}' is empty: nothing to send."
+            return
+        what = f"'{prepared.name}' ({_segments(len(prepared.seg.segments))}) to {server.url} as a DICOM SEG"
+        self.task = BackgroundTask(send_seg, server, auth, prepared.seg, self.timeout)
+        self.status, self._sent = f"Sending {what}...", f"Sent {what}."
+
+    def finish(self):
+        """Main thread, once the task is done: the header of what was stored, or None with the cause as status."""
+        task, self.task = self.task, None
+        stored, problem = task.outcome()
+        self.status = problem or self._sent
+        return stored
