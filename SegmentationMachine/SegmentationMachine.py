@@ -33,7 +33,7 @@ from SegmentationMachineLib.panels.export import ExportPanel
 from SegmentationMachineLib.panels.inbox import InboxPanel
 from SegmentationMachineLib.panels.presets import PresetsPanel
 from SegmentationMachineLib.panels.tasks import PUMP_INTERVAL_MS, share_gil
-from SegmentationMachineLib.segment.presets import PRESETS
+from SegmentationMachineLib.segment.masks import PRESETS
 
 from SegmentationMachineWidgets import errorsShown, packages
 from SegmentationMachineWidgets.cloud import CloudSection

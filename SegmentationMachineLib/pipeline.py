@@ -10,7 +10,8 @@ from .core.scene import SceneContext
 from .mesh.export import ExportOptions, ExportResult, export_segmentation
 from .prompts.promptfile import PromptFileError
 from .prompts.session import InteractiveSession, SegmentTarget, headless_editor
-from .segment.presets import apply_preset, preset_parameters
+from .segment.masks import preset_parameters
+from .segment.presets import apply_preset
 
 log = logging.getLogger("segmentation-machine.steps")  # kept in the CLI's --log file
 # Peak memory of load + bone preset + export, per voxel of the scan: 92 bytes measured on two real CTs

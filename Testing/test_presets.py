@@ -9,7 +9,8 @@ from conftest import BONE_LABELS, DATA, EXAMPLE_CT, EXAMPLE_LABELS, JPEG2000_SER
 from SegmentationMachineLib.core import arrays
 from SegmentationMachineLib.core.errors import SegmentationError
 from SegmentationMachineLib.dicom.volumes import load_input, load_volume_file
-from SegmentationMachineLib.segment.presets import apply_preset, body_mask, bone_mask, PRESETS, spacing_kji
+from SegmentationMachineLib.segment.masks import PRESETS, body_mask, bone_mask
+from SegmentationMachineLib.segment.presets import apply_preset, spacing_kji
 
 DICOM_LABELS = JPEG2000_SERIES.parent / "example_seg_dicom.nii.gz"
 AORTA, SPINAL_CORD, COSTAL_CARTILAGES = 52, 79, 117  # labels_total.json

@@ -14,7 +14,8 @@ from SegmentationMachineLib import __version__, pipeline
 from SegmentationMachineLib.cli import main as cli
 from SegmentationMachineLib.cli.common import command_record
 from SegmentationMachineLib.dicom.volumes import load_input
-from SegmentationMachineLib.segment.presets import BoneOptions, apply_preset
+from SegmentationMachineLib.segment.masks import BoneOptions
+from SegmentationMachineLib.segment.presets import apply_preset
 from SegmentationMachineLib.segment.segmentations import load_segmentation
 
 

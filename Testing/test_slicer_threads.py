@@ -38,7 +38,7 @@ from SegmentationMachineLib.panels.presets import PresetsPanel
 from SegmentationMachineLib.panels.prompts import PromptsPanel
 from SegmentationMachineLib.panels.tasks import BackgroundTask, share_gil
 from SegmentationMachineLib.prompts.session import headless_editor, SegmentTarget
-from SegmentationMachineLib.segment import preset_child, presets
+from SegmentationMachineLib.segment import masks, preset_child, presets
 from SegmentationMachineLib.segment.preset_child import PresetProcess
 from test_presets import segment_mask
 
@@ -103,7 +103,7 @@ def test_the_preset_segment_equals_its_mask_and_is_added_as_one_paused_change(ct
 
     ctx.scene.AddObserver(ctx.scene.NodeAddedEvent, added)
     segmentation = preset_flow(IdleMainThread(), ctx, volume)
-    bone = presets.bone_mask(phantom.hu, presets.spacing_kji(volume))
+    bone = masks.bone_mask(phantom.hu, presets.spacing_kji(volume))
     assert bone.any() and np.array_equal(segment_mask(segmentation, "Bone", phantom.hu), bone)  # cropped, not changed
     # Reference geometry, transform, display nodes and the segment: one batch of events while the views pause.
     assert events == ["PauseRenderEvent", "ModifiedEvent", "SegmentAdded", "ResumeRenderEvent"], events
@@ -112,13 +112,13 @@ def test_the_preset_segment_equals_its_mask_and_is_added_as_one_paused_change(ct
 def test_3d_hole_filling_is_scipys_and_leaves_the_gil_to_the_gui():
     rng = np.random.default_rng(3)
     small = ndimage.binary_opening(rng.random((30, 40, 50)) > 0.4)
-    assert np.array_equal(presets._fill_holes(small), ndimage.binary_fill_holes(small))
+    assert np.array_equal(masks._fill_holes(small), ndimage.binary_fill_holes(small))
     # A body with lungs on a 300x512x512 grid: scipy's own loop keeps the GIL for 200 ms at a time.
     k, j, i = np.ogrid[:300, :512, :512]
     body = (((j - 256) / 200) ** 2 + ((i - 256) / 240) ** 2 <= 1) & (k >= 0)
     body &= ~((((j - 240) / 80) ** 2 + ((i - 160) / 60) ** 2 <= 1) & (k > 20) & (k < 280))
     main = IdleMainThread()
-    task = BackgroundTask(presets._fill_holes, body)
+    task = BackgroundTask(masks._fill_holes, body)
     assert drive(main, task.done, (POLL_MS, task.done))
     assert task.result.sum() > body.sum() and max(seconds for seconds, _ in main.ticks) < LONGEST_TICK_S
 
@@ -128,7 +128,7 @@ def test_the_preset_flow_keeps_every_main_thread_tick_short_on_a_512x512x300_sca
     of most of the volume (whole-volume copies on the main thread took 90-380 ms here)."""
     # The write is what is measured: the mask is made on the worker thread (a child process has only the
     # real presets), as large as a segment gets.
-    monkeypatch.setitem(presets.PRESETS, "dense", presets.Preset("dense", "Dense", (1, 1, 1), "", None))
+    monkeypatch.setitem(masks.PRESETS, "dense", masks.Preset("dense", "Dense", (1, 1, 1), "", None))
     monkeypatch.setattr(PresetProcess, "run", lambda self, preset, hu, *_: preset_child.cropped(hu > 300))
     hu = np.full((300, 512, 512), -1000, np.int16)
     hu[10:290, 40:480, 30:500] = 1000
@@ -244,13 +244,21 @@ def private_temp(tmp_path, monkeypatch):
     assert list(folder.iterdir()) == []
 
 
+def test_the_presets_child_starts_without_mrml_or_vtk():
+    """Loading Slicer's kits (VTK, MRML) would add a second or more, and hundreds of MB, to every preset run."""
+    loaded = subprocess.run([sys.executable, "-c", "import sys, SegmentationMachineLib.segment.preset_child; "
+                             "print(sorted({'slicer', 'vtk', 'vtkmodules'} & set(sys.modules)))"],
+                            capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+
+
 @pytest.mark.parametrize("preset", ["bone", "skin"])
 def test_the_presets_child_process_gives_the_in_process_mask_voxel_for_voxel(ctx, shared_data, private_temp, preset):
     volume = load_input(ctx, UNCOMPRESSED_SERIES).node  # a real 3-slice CT
     hu, spacing = arrays.volume_array(volume), presets.spacing_kji(volume)
     steps = []
     crop, start = PresetProcess().run(preset, hu, spacing, volume.GetName(), lambda *step: steps.append(step))
-    expected = presets.preset_mask(preset, hu.copy(), spacing, volume.GetName())
+    expected = masks.preset_mask(preset, hu.copy(), spacing, volume.GetName())
     assert expected.any() and crop.shape != hu.shape  # cropped to the structure
     child = np.zeros_like(expected)
     child[tuple(slice(first, first + n) for first, n in zip(start, crop.shape))] = crop

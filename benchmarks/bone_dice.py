@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from SegmentationMachineLib.core import arrays  # noqa: E402
 from SegmentationMachineLib.core.scene import create_headless_scene  # noqa: E402
 from SegmentationMachineLib.dicom.volumes import load_input, load_volume_file  # noqa: E402
-from SegmentationMachineLib.segment.presets import bone_mask, spacing_kji  # noqa: E402
+from SegmentationMachineLib.segment.masks import bone_mask  # noqa: E402
+from SegmentationMachineLib.segment.presets import spacing_kji  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BONE_LABELS = [*range(25, 51), *range(69, 79), *range(91, 117)]

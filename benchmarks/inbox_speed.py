@@ -70,7 +70,7 @@ def main():
     root = Path(tempfile.mkdtemp())
     for index in range(args.files // 1000):
         write_series(root / "inbox" / f"study{index}", 1000, f"series {index}")
-    print(f"| measurement | value | target |\n|---|---|---|")
+    print("| measurement | value | target |\n|---|---|---|")
     for polling in (False, True):
         share = idle_cpu(root, args.files, args.idle_seconds, polling)
         mode = "polling folders every 2 s" if polling else "file events"

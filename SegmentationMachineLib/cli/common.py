@@ -71,7 +71,7 @@ def add_surface_options(parser, queue: bool = False):
 
 
 def parse_presets(text: str) -> list:
-    from ..segment.presets import PRESETS
+    from ..segment.masks import PRESETS
 
     presets = [p.strip().lower() for p in text.split(",") if p.strip()]
     unknown = [p for p in presets if p not in PRESETS]

@@ -47,15 +47,6 @@ def image_from_array(array: np.ndarray) -> vtk.vtkImageData:
     return image
 
 
-def bounding_box(mask: np.ndarray) -> tuple:
-    """The smallest K, J, I slices that hold every true voxel of mask (empty slices if there is none)."""
-    box = []
-    for axis in range(mask.ndim):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(hits[0], hits[-1] + 1) if len(hits) else slice(0, 0))
-    return tuple(box)
-
-
 def labelmap_from_array(mask: np.ndarray, ijk_to_ras_matrix: np.ndarray, start=(0, 0, 0)):
     """A binary labelmap of a K, J, I bool or uint8 array whose first voxel is at K, J, I index start of the
     grid ijk_to_ras_matrix describes. It shares the array's memory (no copy: on the main thread a whole-volume

@@ -4,7 +4,8 @@ from dataclasses import dataclass
 
 from ..core import arrays
 from ..segment.preset_child import PresetProcess
-from ..segment.presets import PRESETS, add_preset_segment, spacing_kji
+from ..segment.masks import PRESETS
+from ..segment.presets import add_preset_segment, spacing_kji
 from .tasks import BackgroundTask
 
 

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core import arrays
 from ..core.child import start_module
 from ..core.errors import SegmentationError, UserError
-from .presets import preset_mask
+from .masks import preset_mask
 
 TIMEOUT_S = 3600  # a large scan on a slow machine takes minutes; an hour means the child hangs
 NICENESS = 10  # a background job's: when every core is busy, the GUI's threads get one first
@@ -154,8 +153,17 @@ def main(folder: str) -> int:
 def cropped(mask: np.ndarray) -> tuple:
     """(mask cut to its bounding box, the box's first K, J, I index): the segment the main thread then writes,
     and the memory it keeps, grow with the structure, not with the volume."""
-    box = arrays.bounding_box(mask)
+    box = bounding_box(mask)
     return np.ascontiguousarray(mask[box]), [int(part.start) for part in box]
+
+
+def bounding_box(mask: np.ndarray) -> tuple:
+    """The smallest K, J, I slices that hold every true voxel of mask (empty slices if there is none)."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(hits[0], hits[-1] + 1) if len(hits) else slice(0, 0))
+    return tuple(box)
 
 
 if __name__ == "__main__":
