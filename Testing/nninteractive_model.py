@@ -117,13 +117,20 @@ def _official_arch_block() -> dict:
     }
 
 
-def _random_official_state_dict() -> dict:
-    """Untrained (randomly initialised) weights of the official architecture: real GPU timings, no real masks."""
+@torch.no_grad()
+def _random_official_state_dict(predicts_nothing: bool = False) -> dict:
+    """Untrained (randomly initialised) weights of the official architecture: real GPU timings, no real masks.
+    predicts_nothing: the output layer always says background, so each prompt is one network pass (the time
+    of a small structure) instead of random foreground that sets off autozoom."""
     from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 
     kw = dict(_official_arch_block()["arch_kwargs"])
     kw.update(conv_op=torch.nn.Conv3d, norm_op=torch.nn.InstanceNorm3d, nonlin=torch.nn.LeakyReLU)
     net = ResidualEncoderUNet(input_channels=NUM_INPUT_CHANNELS, num_classes=2, deep_supervision=False, **kw)
+    if predicts_nothing:
+        output = net.decoder.seg_layers[-1]
+        output.weight.zero_()
+        output.bias.copy_(torch.tensor([5.0, -5.0]))
     return net.state_dict()
 
 
@@ -175,11 +182,13 @@ def write_model_folder(
     license_line: str = "Apache-2.0 (synthetic test model)",
     delay_s: float = 0.0,
     official_architecture: bool = False,
+    predicts_nothing: bool = False,
 ) -> Path:
     """Write the model folder and return its path. patch_size must be >= 64 in practice
     (the server's refinement margin is 24 voxels per side) and divisible by 2. delay_s > 0 makes
     every forward pass that much slower. official_architecture: the official weights' network and
-    192^3 patch with random weights instead (GPU timing runs: benchmarks/gpu_server.py)."""
+    192^3 patch with random weights instead (GPU timing runs: benchmarks/gpu_server.py), predicts_nothing:
+    with an output layer that always says background."""
     folder = Path(folder)
     if official_architecture:
         patch_size = 192
@@ -235,7 +244,7 @@ def write_model_folder(
     (folder / "plans.json").write_text(json.dumps(plans, indent=2))
     (folder / "LICENSE").write_text(license_line + "\n")
     checkpoint = {
-        "network_weights": _random_official_state_dict() if official_architecture else make_state_dict(),
+        "network_weights": _random_official_state_dict(predicts_nothing) if official_architecture else make_state_dict(),
         "trainer_name": TRAINER_NAME,
         "init_args": {"configuration": CONFIGURATION, "fold": 0, "plans": plans, "dataset_json": dataset},
     }

@@ -5,6 +5,8 @@ Run on a machine with a GPU and the server's packages (the README's "GPU check" 
     python benchmarks/gpu_server.py [--no-torch-compile]
 Random weights give real network and refinement times but meaningless masks; the mask sizes are printed
 so a prompt that set off autozoom (a prediction that reached its patch's border) can be told apart.
+--one-pass makes the output layer always say background: each prompt is then one network pass, the time
+a small structure takes.
 """
 
 import argparse
@@ -145,11 +147,14 @@ def main():
     parser.add_argument("--no-torch-compile", action="store_true")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tests-model", action="store_true", help="the tests' hand-set tiny model (a CPU dry run)")
+    parser.add_argument("--one-pass", action="store_true", help="an output layer that always says background: each "
+                                                                "prompt is one network pass, as for a small structure")
     args = parser.parse_args()
     memory = GpuMemory() if args.device == "cuda" else None
     with tempfile.TemporaryDirectory() as folder:
         started = time.monotonic()
-        model = write_model_folder(Path(folder) / "model", official_architecture=not args.tests_model)
+        model = write_model_folder(Path(folder) / "model", official_architecture=not args.tests_model,
+                                   predicts_nothing=args.one_pass)
         print(f"model folder written in {time.monotonic() - started:.1f} s")
         port = free_port()
         startup_s, process, lines = start_server(model, port, args.no_torch_compile, args.device)
@@ -162,7 +167,7 @@ def main():
             process.terminate()
             process.wait(30)
     peak = memory.stop() if memory else "-"
-    compile_state = "without" if args.no_torch_compile else "with"
+    compile_state = "without" if args.no_torch_compile or args.device == "cpu" else "with"  # upstream: CUDA only
     print(f"\n`segmentation-machine server --device {args.device}` {compile_state} torch.compile: Ready after {startup_s:.1f} s; "
           f"peak GPU memory {peak} MiB")
     print("| request | ms | mask voxels after |\n|---|---|---|")
