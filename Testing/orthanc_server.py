@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from conftest import DATA, UNCOMPRESSED_SERIES
 from nninteractive_server import free_port  # noqa: F401 (also sets NO_PROXY for loopback)
 
 ORTHANC = Path("/usr/sbin/Orthanc")
@@ -106,3 +107,16 @@ class Orthanc:
         if self.process:
             self.log.close()
 
+
+def serving(folder: Path, files):
+    """For a fixture: yields an Orthanc in folder loaded with files() (the real scans' paths), stopped afterwards;
+    skips with a sentence when Orthanc or the scans are missing."""
+    require_orthanc()
+    if not UNCOMPRESSED_SERIES.is_dir():
+        pytest.skip(f"the real scans are not at {DATA} (they sit beside the repository in CI)")
+    server = Orthanc(folder).start()
+    try:
+        server.upload(*files())
+        yield server
+    finally:
+        server.stop()

@@ -14,7 +14,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from conftest import DATA, JPEG2000_SERIES, UNCOMPRESSED_SERIES
-from orthanc_server import PASSWORD, USER, Orthanc, free_port, require_orthanc
+from orthanc_server import PASSWORD, USER, free_port, serving
 
 from SegmentationMachineLib.cli import main as cli
 from SegmentationMachineLib.core.credentials import SecretStore
@@ -47,18 +47,11 @@ def _copies_in_a_new_study(folder, study: str, count: int, source_series=UNCOMPR
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
-    require_orthanc()
-    if not UNCOMPRESSED_SERIES.is_dir():
-        pytest.skip(f"the real scans are not at {DATA} (they sit beside the repository in CI)")
-    server = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
-    try:
-        server.upload(*sorted(UNCOMPRESSED_SERIES.glob("*.dcm")), LIVER_SEG,
-                      *_copies_in_a_new_study(tmp_path_factory.mktemp("copies"), TWO_SERIES_STUDY, 2),
-                      # its files' own UIDs are blank (anonymised): Orthanc needs them
-                      *_copies_in_a_new_study(tmp_path_factory.mktemp("j2k"), JPEG2000_STUDY, 1, JPEG2000_SERIES))
-        yield server
-    finally:
-        server.stop()
+    yield from serving(tmp_path_factory.mktemp("orthanc"), lambda: [
+        *sorted(UNCOMPRESSED_SERIES.glob("*.dcm")), LIVER_SEG,
+        *_copies_in_a_new_study(tmp_path_factory.mktemp("copies"), TWO_SERIES_STUDY, 2),
+        # its files' own UIDs are blank (anonymised): Orthanc needs them
+        *_copies_in_a_new_study(tmp_path_factory.mktemp("j2k"), JPEG2000_STUDY, 1, JPEG2000_SERIES)])
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from conftest import DATA, UNCOMPRESSED_SERIES
-from orthanc_server import PASSWORD, USER, Orthanc, free_port, require_orthanc
+from conftest import UNCOMPRESSED_SERIES
+from orthanc_server import PASSWORD, USER, free_port, serving
 from SegmentationMachineLib.core import arrays
 from SegmentationMachineLib.core.credentials import SecretStore
 from SegmentationMachineLib.dicom.volumes import load_input
@@ -27,15 +27,7 @@ LOGGERS = ("", "dicomweb_client", "requests", "urllib3", "segmentation-machine")
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
-    require_orthanc()
-    if not UNCOMPRESSED_SERIES.is_dir():
-        pytest.skip(f"the real scans are not at {DATA} (they sit beside the repository in CI)")
-    server = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
-    try:
-        server.upload(*sorted(UNCOMPRESSED_SERIES.glob("*.dcm")))
-        yield server
-    finally:
-        server.stop()
+    yield from serving(tmp_path_factory.mktemp("orthanc"), lambda: sorted(UNCOMPRESSED_SERIES.glob("*.dcm")))
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -235,13 +234,10 @@ def test_a_pod_start_under_the_idle_main_thread(fake, tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def private_temp(tmp_path, monkeypatch):
+def private_temp(private_tmp):
     """The temporary folder the preset's child works in: empty again after every run."""
-    folder = tmp_path / "temp"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    yield folder
-    assert list(folder.iterdir()) == []
+    yield private_tmp
+    assert list(private_tmp.iterdir()) == []
 
 
 def test_the_presets_child_starts_without_mrml_or_vtk():

@@ -11,6 +11,12 @@ import sys
 from pathlib import Path
 
 LIBRARY_PARENT = Path(__file__).resolve().parents[2]  # the folder that holds SegmentationMachineLib
+USER_ERROR_EXIT = 2  # a child's status when its last stderr line is a sentence for the user, as the CLI's exit 2
+
+
+def last_line(stderr: str) -> str:
+    """The last non-blank line of a child's stderr: its sentence, or its traceback's last line."""
+    return next((line for line in reversed(stderr.splitlines()) if line.strip()), "")
 
 
 def python_executable() -> str:

@@ -180,8 +180,8 @@ def _write_in_child(path, seg: SegInput, packages: Path):
         except OSError as error:
             raise ExportError(f"The DICOM SEG writer could not start ({error.strerror}): export STL, OBJ, 3MF or "
                               "glTF instead.") from None
-    last_line = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "")
-    if done.returncode == segwriter.USER_ERROR_EXIT:
+    last_line = child.last_line(done.stderr)
+    if done.returncode == child.USER_ERROR_EXIT:
         raise ExportError(last_line)
     if done.returncode != 0:
         log.error("The DICOM SEG writer's process (packages from %s) ended with exit code %s:\n%s",

@@ -21,10 +21,10 @@ import numpy as np
 import pydicom
 
 from .. import __version__
+from ..core.child import USER_ERROR_EXIT
 from ..core.errors import ExportError, UserError
 from ..core.files import atomic_file
 
-USER_ERROR_EXIT = 2  # then the child's last stderr line is the sentence for the user, as the CLI's exit 2
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # = core.arrays.RAS_TO_LPS, which imports VTK; the child may not
 
 # Segmented property category and type, SNOMED CT: (value, meaning).
@@ -204,7 +204,7 @@ def main(folder: str, output: str) -> int:
         write(output, load_input(folder))
     except UserError as error:
         print(error, file=sys.stderr)
-        return USER_ERROR_EXIT
+        return USER_ERROR_EXIT  # the sentence is stderr's last line
     return 0
 
 

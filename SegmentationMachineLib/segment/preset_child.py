@@ -18,14 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.child import start_module
+from ..core.child import USER_ERROR_EXIT, last_line, start_module
 from ..core.errors import SegmentationError, UserError
 from .masks import preset_mask
 
 TIMEOUT_S = 3600  # a large scan on a slow machine takes minutes; an hour means the child hangs
 NICENESS = 10  # a background job's: when every core is busy, the GUI's threads get one first
 PROGRESS = "progress"  # the first field of the child's progress lines on stdout
-USER_ERROR_EXIT = 2  # then the child's last stderr line is the sentence for the user, as the CLI's exit 2
 
 log = logging.getLogger(__name__)
 _parent_gone = threading.Event()
@@ -99,7 +98,7 @@ class PresetProcess:
             timer.cancel()
 
     def _failure(self, preset: str, returncode: int, stderr: str) -> SegmentationError:
-        last_line = next((line for line in reversed(stderr.splitlines()) if line.strip()), "")
+        sentence = last_line(stderr)
         if self._stopped == "cancelled":
             return SegmentationError(f"The {preset} preset was cancelled.")
         if self._stopped == "timeout":
@@ -107,12 +106,12 @@ class PresetProcess:
             return SegmentationError(f"The {preset} preset took more than {limit} and was stopped: crop the volume "
                                      "to the region you need and run it again.")
         if returncode == USER_ERROR_EXIT:
-            return SegmentationError(last_line)
+            return SegmentationError(sentence)
         if returncode < 0:  # a signal: on a large scan most likely the system's out-of-memory killer
             return SegmentationError(f"The {preset} preset's process was killed (signal {-returncode}), most likely "
                                      "for lack of memory: close other programs or crop the volume, and run it again.")
         log.error("The %s preset's process ended with exit code %s:\n%s", preset, returncode, stderr)
-        return SegmentationError(f"The {preset} preset failed: {last_line or f'exit code {returncode}'} "
+        return SegmentationError(f"The {preset} preset failed: {sentence or f'exit code {returncode}'} "
                                  "(the log has the details).")
 
 
