@@ -63,7 +63,7 @@ def test_bone_beats_a_plain_threshold_on_real_ct(ctx, shared_data):
     plain = dice(hu > 150, truth)
     ours = dice(bone_mask(hu, (3.0, 3.0, 3.0)), truth)
     assert plain == pytest.approx(0.72, abs=0.01)
-    assert ours > 0.89 > plain
+    assert ours > 0.905 > plain
 
 
 def test_bone_on_a_contrast_ct_leaves_out_the_table_vessels_cartilage_and_canal(ctx, shared_data):
@@ -78,8 +78,8 @@ def test_bone_on_a_contrast_ct_leaves_out_the_table_vessels_cartilage_and_canal(
     assert not (ours & ~body).any()  # ...and none of it is bone
     assert (ours & aorta).sum() < 0.2 * aorta.sum()  # the contrast-filled aorta is mostly left out (its calcified wall stays)
     assert (ours & (labels == COSTAL_CARTILAGES)).sum() < 0.4 * (labels == COSTAL_CARTILAGES).sum()
-    assert (ours & (labels == SPINAL_CORD)).sum() < 0.55 * (labels == SPINAL_CORD).sum()  # the canal stays open mostly
-    assert dice(hu > 150, truth) < 0.55 < 0.73 < dice(ours, truth)
+    assert (ours & (labels == SPINAL_CORD)).sum() < 0.01 * (labels == SPINAL_CORD).sum()  # the canal stays open
+    assert dice(hu > 150, truth) < 0.55 < 0.75 < dice(ours, truth)
 
 
 def test_bone_covers_the_spine_of_a_third_scanner(ctx, shared_data):
@@ -125,6 +125,23 @@ def test_a_disc_space_between_two_vertebrae_stays_out():
     hu[bodies & ~ndimage.binary_erosion(bodies, border_value=1)] = 700
     hu[(radius <= 15) & (k >= 18) & (k < 22)] = 80
     assert np.array_equal(bone_mask(hu, (1.0, 1.0, 1.0)), bodies)
+
+
+def test_the_spinal_canal_stays_open_where_its_arch_closes_and_fatty_marrow_is_filled():
+    """1 mm voxels: a vertebral body (1.5 mm cortex at 700 HU around fatty marrow at 20 HU, below any bone
+    threshold) and behind it the canal (CSF, 10 HU), closed by its arch (700 HU) except at the level of the
+    foramina (k 12-19), where it opens sideways into the soft tissue; in the arch's slices both are 2D holes."""
+    k, j, i = np.indices((32, 90, 90))
+    hu = np.where(np.hypot(j - 45, i - 45) <= 44, 40.0, -1000.0)
+    body, canal = np.hypot(j - 33, i - 45) <= 14, np.hypot(j - 60, i - 45) <= 8
+    arch = (np.hypot(j - 60, i - 45) <= 11) & ~canal & ~body & ((k < 12) | (k >= 20))
+    hu[body] = 700
+    hu[np.hypot(j - 33, i - 45) <= 12.5] = 20
+    hu[arch] = 700
+    hu[canal] = 10
+    ours = bone_mask(hu, (1.0, 1.0, 1.0))
+    assert ours[body].all() and not ours[canal].any()
+    assert dice(ours, body | arch) > 0.98
 
 
 def test_a_blurred_thin_cortex_is_outlined_inside_the_130_hu_halo():

@@ -108,8 +108,8 @@ def check_seg_export(segmentation_node) -> list:
     files = source_files(_reference_volume(segmentation_node))
     if not files:
         raise ExportError(f"DICOM SEG needs the DICOM series '{segmentation_node.GetName()}' was made on, and it "
-                          "was not made on one: load the DICOM series (in the CLI: --volume FOLDER) and export again, "
-                          "or choose STL, OBJ, 3MF or glTF.")
+                          "was not made on one: segment a loaded DICOM series (in the CLI: --volume FOLDER) to make a SEG; "
+                          "STL, OBJ, 3MF and glTF need none.")
     for name in files:
         source_dataset(name)  # with this process's pydicom: the check, not yet the SEG's headers
     return [str(Path(name).absolute()) for name in files]

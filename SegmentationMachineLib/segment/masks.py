@@ -38,6 +38,7 @@ class BoneOptions:
     closing_mm: float = 3.0  # in-plane: bridges gaps in a cortical ring, not a vertebral canal's openings...
     closing_voxels: float = 2.0  # ...or the one or two voxels of thin cortex that partial volume drops at coarse voxels
     max_hole_cm2: float = 20.0  # fills marrow and vertebral bodies, never a whole pelvis or chest
+    canal_mm: float = 3.0  # the spinal canal opens into soft tissue through foramina wider than twice this; a cortex's gaps are narrower
     outline_hu: float = 200.0  # a bone's edge: about half way from soft tissue (40) to a thin cortex blurred to ~400
     outline_mm: float = 2.0  # how far the scanner's blur spreads an edge: surface voxels this deep may lie outside
     min_island_ml: float = 1.0  # drops speckle, calcifications and noise
@@ -88,8 +89,8 @@ def _opening(mask, radius_mm, spacing):
     return ndimage.binary_dilation(ndimage.binary_erosion(mask, ball, border_value=1), ball)
 
 
-def _fill_small_holes(mask, spacing, max_area_mm2):
-    """Fills 2D holes (in each K slice) no larger than max_area_mm2."""
+def _fill_small_holes(mask, spacing, max_area_mm2, open_space=None):
+    """Fills 2D holes (in each K slice) no larger than max_area_mm2, except those mostly in open_space."""
     pixel_area = spacing[1] * spacing[2]
     filled = mask.copy()
     for k in range(mask.shape[0]):
@@ -97,10 +98,32 @@ def _fill_small_holes(mask, spacing, max_area_mm2):
         if not holes.any():
             continue
         labels, count = ndimage.label(holes)
-        areas = np.bincount(labels.ravel())[1:] * pixel_area
-        small = np.concatenate([[False], areas <= max_area_mm2])
-        filled[k] |= small[labels]
+        voxels = np.bincount(labels.ravel())[1:]
+        fill = voxels * pixel_area <= max_area_mm2
+        if open_space is not None:
+            fill &= np.bincount(labels.ravel(), open_space[k].ravel())[1:] < voxels / 2
+        filled[k] |= np.concatenate([[False], fill])[labels]
     return filled
+
+
+def _open_space(mask, spacing, radius_mm):
+    """The space outside mask that a ball of radius_mm reaches from the side of the image (the soft tissue beside
+    the bones) without touching mask, in 3D: a spinal canal closed in one slice by its arch opens through the
+    foramina in the next; a marrow cavity leaks only through the narrower gaps in its cortex.
+    On a grid of about BODY_GATE_MM voxels, where the ball is a few voxels (4 to 16 times cheaper)."""
+    grid, coarse_spacing = _coarse_grid(BODY_GATE_MM, spacing)
+    ball = _ball(radius_mm, coarse_spacing)
+    centres, _ = ndimage.label(ndimage.binary_erosion(~mask[grid], ball, border_value=1))
+    on_sides = np.unique(np.concatenate([centres[:, [0, -1]].ravel(), centres[:, :, [0, -1]].ravel()]))
+    outside = np.isin(centres, on_sides[on_sides > 0])
+    return _back_on_grid(ndimage.binary_dilation(outside, ball), grid, mask.shape)
+
+
+def _back_on_grid(coarse, grid, shape) -> np.ndarray:
+    """A mask computed on hu[grid] (_coarse_grid), each voxel repeated back onto hu's grid of this shape."""
+    for axis, taken in enumerate(grid):
+        coarse = np.repeat(coarse, taken.step, axis)
+    return coarse[:shape[0], :shape[1], :shape[2]]
 
 
 def _fill_holes(mask):
@@ -182,10 +205,7 @@ def _steps(progress, total: int):
 def _body_gate(hu, spacing) -> np.ndarray:
     """body_mask computed on a grid of about BODY_GATE_MM voxels (4 to 16 times cheaper), back on hu's grid."""
     grid, coarse_spacing = _coarse_grid(BODY_GATE_MM, spacing)
-    coarse = body_mask(hu[grid], coarse_spacing)
-    for axis, taken in enumerate(grid):
-        coarse = np.repeat(coarse, taken.step, axis)
-    return coarse[:hu.shape[0], :hu.shape[1], :hu.shape[2]]
+    return _back_on_grid(body_mask(hu[grid], coarse_spacing), grid, hu.shape)
 
 
 def _outline(mask, hu, spacing, options: BoneOptions):
@@ -206,7 +226,7 @@ def bone_mask(hu: np.ndarray, spacing, options: BoneOptions = BoneOptions(), pro
     """Bone inside the body: candidates above threshold_hu, minus the table (outside the body mask),
     minus contrast-filled vessel lumens (thick and homogeneous), keeping only the pieces that hold
     dense cortex (which drops enhanced organs and small vessels); then closed and marrow filled slice by slice
-    (so disc spaces between vertebrae stay open), its edge moved to outline_hu, islands removed.
+    (so disc spaces between vertebrae stay open) but not the spinal canal, its edge moved to outline_hu, islands removed.
     Works on the bounding box of the candidates only.
     """
     step = _steps(progress, 7)
@@ -227,7 +247,8 @@ def bone_mask(hu: np.ndarray, spacing, options: BoneOptions = BoneOptions(), pro
     step("closing")
     mask = _closing_in_plane(mask, max(options.closing_mm, options.closing_voxels * max(spacing[1:])), spacing)
     step("marrow")
-    mask = _fill_small_holes(mask, spacing, options.max_hole_cm2 * 100) & ~lumens
+    mask = _fill_small_holes(mask, spacing, options.max_hole_cm2 * 100, _open_space(mask, spacing, options.canal_mm))
+    mask &= ~lumens
     step("outline")
     mask = _outline(mask, hu, spacing, options)
     step("islands")
