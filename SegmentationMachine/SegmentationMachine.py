@@ -35,7 +35,7 @@ from SegmentationMachineLib.panels.presets import PresetsPanel
 from SegmentationMachineLib.panels.tasks import PUMP_INTERVAL_MS, share_gil
 from SegmentationMachineLib.segment.masks import PRESETS
 
-from SegmentationMachineWidgets import errorsShown, packages
+from SegmentationMachineWidgets import errorsShown, packages, timer
 from SegmentationMachineWidgets.cloud import CloudSection
 from SegmentationMachineWidgets.pacs import PacsSection
 from SegmentationMachineWidgets.prompttools import PromptToolsSection
@@ -82,19 +82,13 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.presets = PresetsPanel()
         self.export = ExportPanel()
         self.inbox = InboxPanel()
-        self.inboxTimer = qt.QTimer()
-        self.inboxTimer.setInterval(250)
-        self.inboxTimer.timeout.connect(self.onInboxTick)
+        self.inboxTimer = timer(250, self.onInboxTick)
         self._presetVolume = None  # kept alive while its preset runs
         self._promptVolume = None
         self._inboxRows = None
-        self.pollTimer = qt.QTimer()
-        self.pollTimer.setInterval(100)
-        self.pollTimer.timeout.connect(self.poll)
+        self.pollTimer = timer(100, self.poll)
         # Slicer's idle main thread keeps the GIL: this timer lends it to the workers of every section.
-        self.gilPumpTimer = qt.QTimer()
-        self.gilPumpTimer.setInterval(PUMP_INTERVAL_MS)
-        self.gilPumpTimer.timeout.connect(share_gil)
+        self.gilPumpTimer = timer(PUMP_INTERVAL_MS, share_gil)
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -181,7 +175,8 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if p and p.sourceVolume is not self._promptVolume:
             self._promptVolume = p.sourceVolume
             self.promptTools.onTargetChanged()
-        self.ui.applyPresetButton.enabled = bool(p) and self.presets.can_apply(p.sourceVolume)
+        self.ui.applyPresetButton.text = _("Cancel") if self.presets.task else _("Apply")
+        self.ui.applyPresetButton.enabled = bool(self.presets.task) or bool(p) and self.presets.can_apply(p.sourceVolume)
         if p:
             self.export.formats = {f for f in ("stl", "obj", "3mf", "glb", "seg") if getattr(p, f"export{f.capitalize()}")}
         self.ui.exportButton.enabled = bool(p) and self.export.can_export(p.segmentation)
@@ -202,6 +197,8 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.reportTextEdit.plainText = self.export.report_text()
 
     def onApplyPreset(self):
+        if self.presets.task:  # the button reads Cancel while a preset runs: its sentence comes through poll
+            return self.presets.cancel()
         with errorsShown(_("Failed to start the preset."), waitCursor=True):
             self.presets.preset = self._parameterNode.preset
             self._presetVolume = self._parameterNode.sourceVolume

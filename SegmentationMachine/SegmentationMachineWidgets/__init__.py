@@ -15,3 +15,13 @@ def errorsShown(message: str, waitCursor: bool = False):
             yield
     except Exception:  # already shown to the user, with its details
         pass
+
+
+def timer(interval_ms: int, slot):
+    """A QTimer that calls slot every interval_ms once started."""
+    import qt
+
+    result = qt.QTimer()
+    result.setInterval(interval_ms)
+    result.timeout.connect(slot)
+    return result

@@ -15,7 +15,7 @@ from slicer.i18n import tr as _
 from SegmentationMachineLib.cloud.cloudgpu import Limits, MODES
 from SegmentationMachineLib.panels.cloud import CloudPanel
 
-from . import errorsShown
+from . import errorsShown, timer
 
 
 class _WindowCloseFilter(qt.QObject):
@@ -114,9 +114,7 @@ class CloudSection:
         self.useEarlierButton.connect("clicked(bool)", lambda: self.act(self.panel.connect_earlier, self.earlierId()))
         self.terminateEarlierButton.connect("clicked(bool)", lambda: self.act(self.panel.terminate, self.earlierId()))
         self.earlierList.connect("itemSelectionChanged()", self.updateGui)
-        self.timer = qt.QTimer()
-        self.timer.setInterval(200)
-        self.timer.timeout.connect(self.tick)
+        self.timer = timer(200, self.tick)
         self.terminateAtQuit = True  # no surprise bill: only an explicit No keeps this session's pods
         self.closeFilter = _WindowCloseFilter(self.onWindowClose)
         if slicer.util.mainWindow():  # none in generic tests (--no-main-window): aboutToQuit still terminates

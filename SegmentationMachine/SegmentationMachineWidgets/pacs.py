@@ -12,7 +12,7 @@ from slicer.i18n import tr as _
 
 from SegmentationMachineLib.panels.pacs import PacsPanel
 
-from . import errorsShown, packages
+from . import errorsShown, packages, timer
 
 SETTINGS_DICOMWEB_SERVER = "SegmentationMachine/DicomWebServer"
 
@@ -25,9 +25,7 @@ class PacsSection:
         self.inbox = inbox
         self.startStopInbox = startStopInbox
         self.panel = PacsPanel(server=slicer.util.settingsValue(SETTINGS_DICOMWEB_SERVER, ""))
-        self.timer = qt.QTimer()
-        self.timer.setInterval(100)
-        self.timer.timeout.connect(self.tick)
+        self.timer = timer(100, self.tick)
         ui.dicomwebServerEdit.text = self.panel.server
         ui.dicomwebServerEdit.connect("textChanged(QString)", self.onServerChanged)
         ui.saveCredentialsButton.connect("clicked(bool)", self.onSaveCredentials)

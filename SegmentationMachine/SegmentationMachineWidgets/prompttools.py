@@ -19,7 +19,7 @@ from SegmentationMachineLib.panels.prompts import PromptsPanel
 from SegmentationMachineLib.prompts.promptfile import save_prompt_file, SegmentPrompts
 from SegmentationMachineLib.prompts.session import SegmentTarget
 
-from . import errorsShown, packages
+from . import errorsShown, packages, timer
 
 SETTINGS_SERVER_URL = "SegmentationMachine/ServerUrl"
 SECRET_NAME = "nninteractive-api-key"
@@ -45,9 +45,7 @@ class PromptToolsSection:
         self.savedPlaceMode = None  # (place mode persistence, interaction mode) before a tool was chosen
         self.markups = {}
         self.observations = []
-        self.timer = qt.QTimer()
-        self.timer.setInterval(50)
-        self.timer.timeout.connect(self.tick)
+        self.timer = timer(50, self.tick)
         # Inside the pod's desktop the image sets SM_NNI_URL and SM_NNI_API_KEY: the local server is ready to use.
         ui.serverUrlEdit.text = os.environ.get("SM_NNI_URL") or slicer.util.settingsValue(SETTINGS_SERVER_URL, "")
         ui.serverKeyEdit.text = os.environ.get("SM_NNI_API_KEY") or self.secrets.load(SECRET_NAME) or ""
