@@ -99,7 +99,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.logic = SegmentationMachineLogic()
         self.promptTools = PromptToolsSection(self.ui, lambda: self._parameterNode, self.updateGui)
         self.cloud = CloudSection(self.layout, self.promptTools)
-        self.pacs = PacsSection(self.ui, lambda: self._parameterNode, self.inbox, self.onInboxStartStop)
+        self.pacs = PacsSection(self.ui, lambda: self._parameterNode, self.logic.context, self.inbox, self.onInboxStartStop)
         self.ui.inboxFolderSelector.currentPath = slicer.util.settingsValue(SETTINGS_INBOX_FOLDER, str(self.inbox.folder))
         self.ui.inboxStartButton.connect("clicked(bool)", self.onInboxStartStop)
         self.ui.outputFolderSelector.currentPath = slicer.util.settingsValue(
@@ -289,6 +289,7 @@ class SegmentationMachineLogic(ScriptedLoadableModuleLogic):
             segmentations_logic=slicer.modules.segmentations.logic(),
             subject_hierarchy_logic=slicer.modules.subjecthierarchy.logic(),
             colors_logic=slicer.modules.colors.logic(),
+            dicom_database=getattr(slicer, "dicomDatabase", None),  # set by the DICOM module, where it is loaded
         )
 
     def loadDelivery(self, delivery):

@@ -244,3 +244,38 @@ def cloud_flow(main: IdleMainThread, panel, *steps):
         step()
         assert drive(main, lambda: not panel.busy, (CLOUD_MS, tick)), panel.status
     return next((pod for pod in ready if pod is not None), None)
+
+
+class DicomDatabase:
+    """ctkDICOMDatabase's fileForInstance over the DICOM files it indexed: the path, or "" for a SOP instance UID it
+    does not know (ctkDICOMDatabase.cpp)."""
+
+    def __init__(self, files):
+        import pydicom
+
+        self._files = {str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID): str(path) for path in files}
+
+    def fileForInstance(self, uid: str) -> str:
+        return self._files.get(uid, "")
+
+
+def as_dicom_module_loads(ctx, volume_node, files, name: str = "DICOM"):
+    """A copy of volume_node as Slicer 5.10's DICOM module loads a series by default (DICOMScalarVolumePlugin's
+    "GDCM with DCMTK fallback" series reader): voxels and geometry, no storage node, and the attribute
+    DICOM.instanceUIDs listing the series' SOP instance UIDs in slice order."""
+    import pydicom
+    import numpy as np
+    import vtk
+
+    datasets = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+    normal = np.cross(*np.reshape(np.asarray(datasets[0].ImageOrientationPatient, float), (2, 3)))
+    datasets.sort(key=lambda d: float(np.dot(normal, np.asarray(d.ImagePositionPatient, float))))
+    node = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    image = vtk.vtkImageData()
+    image.DeepCopy(volume_node.GetImageData())
+    node.SetAndObserveImageData(image)
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    node.SetIJKToRASMatrix(matrix)
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(str(d.SOPInstanceUID) for d in datasets))
+    return node

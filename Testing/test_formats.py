@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +14,12 @@ import vtk
 from vtkmodules.util import numpy_support
 
 from conftest import DATA, JPEG2000_SERIES, UNCOMPRESSED_SERIES
+from slicer_standins import DicomDatabase, as_dicom_module_loads
 from SegmentationMachineLib.cli.main import main
 from SegmentationMachineLib.core import arrays
 from SegmentationMachineLib.core.errors import ExportError
 from SegmentationMachineLib.dicom.volumes import load_input, load_volume_file
-from SegmentationMachineLib.mesh.export import ExportOptions, export_segmentation
+from SegmentationMachineLib.mesh.export import ExportOptions, export_segmentation, prepare_export, write_export
 from SegmentationMachineLib.mesh.segwriter import dicom_lab_to_rgb, rgb_to_dicom_lab, segment_codes
 from SegmentationMachineLib.panels.export import ExportPanel
 from SegmentationMachineLib.segment.dicomseg import load_dicom_seg
@@ -179,6 +181,35 @@ def test_seg_without_a_dicom_series_is_one_sentence_before_any_work(ctx, shared_
     with pytest.raises(ExportError, match="has no StudyInstanceUID or SeriesInstanceUID"):
         export_segmentation(anonymised, tmp_path, ExportOptions(formats=("seg",)))
     assert not list(tmp_path.iterdir())
+
+
+@needs_highdicom
+def test_seg_of_a_volume_slicers_dicom_module_loaded_finds_its_series_through_the_database(ctx, shared_data, tmp_path):
+    """Slicer's DICOM module leaves no storage node, only DICOM.instanceUIDs: its database gives the files."""
+    import highdicom
+
+    files = sorted(UNCOMPRESSED_SERIES.glob("*.dcm"))
+    loaded = as_dicom_module_loads(ctx, load_input(ctx, UNCOMPRESSED_SERIES).node, files)
+    assert loaded.GetStorageNode() is None
+    node = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "on the DICOM module's volume")
+    node.SetReferenceImageGeometryParameterFromVolumeNode(loaded)
+    liver = load_volume_file(ctx, DCMQI / "liver_seg.nrrd", labelmap=True).node
+    add_segment_from_mask(node, arrays.volume_array(liver) > 0, arrays.ijk_to_ras(liver), "Liver", (0.87, 0.51, 0.4))
+    with pytest.raises(ExportError, match="DICOM SEG needs the DICOM series"):  # no database: no files
+        export_segmentation(node, tmp_path, ExportOptions(formats=("seg",)))
+    prepared = prepare_export(node, ExportOptions(formats=("seg",)), ctx=replace(ctx, dicom_database=DicomDatabase(files)))
+    result = write_export(prepared, tmp_path, ExportOptions(formats=("seg",)))
+    seg = highdicom.seg.segread(result.folder / "segmentation.dcm")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == pydicom_series_uid(files[0])
+    assert highdicom_voxels(seg, loaded)["Liver"] == segment_voxels(node, 0, loaded)
+    with pytest.raises(ExportError, match="DICOM SEG needs the DICOM series"):  # a slice the database lost
+        prepare_export(node, ExportOptions(formats=("seg",)), ctx=replace(ctx, dicom_database=DicomDatabase(files[1:])))
+
+
+def pydicom_series_uid(path) -> str:
+    import pydicom
+
+    return pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID
 
 
 def test_export_reads_dcmqis_liver_seg_where_slicers_reader_puts_it(ctx, shared_data, tmp_path):

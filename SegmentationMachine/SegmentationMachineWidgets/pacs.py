@@ -18,10 +18,11 @@ SETTINGS_DICOMWEB_SERVER = "SegmentationMachine/DicomWebServer"
 
 
 class PacsSection:
-    def __init__(self, ui, parameterNodeGetter, inbox, startStopInbox):
+    def __init__(self, ui, parameterNodeGetter, contextGetter, inbox, startStopInbox):
         """inbox: the Inbox section's InboxPanel; startStopInbox(): its Start/Stop watching button's action."""
         self.ui = ui
         self.parameterNode = parameterNodeGetter
+        self.context = contextGetter
         self.inbox = inbox
         self.startStopInbox = startStopInbox
         self.panel = PacsPanel(server=slicer.util.settingsValue(SETTINGS_DICOMWEB_SERVER, ""))
@@ -63,7 +64,7 @@ class PacsSection:
         with errorsShown(_("Failed to start sending to the PACS."), waitCursor=True):
             if packages.ensureSeg():  # highdicom, installed after asking
                 parameterNode = self.parameterNode()
-                self.panel.start(parameterNode.segmentation if parameterNode else None)
+                self.panel.start(parameterNode.segmentation if parameterNode else None, self.context())
                 if self.panel.task:
                     self.timer.start()
         self.updateGui()

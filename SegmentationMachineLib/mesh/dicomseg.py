@@ -93,19 +93,28 @@ def _reference_volume(segmentation_node):
     return segmentation_node.GetNodeReference(role)
 
 
-def source_files(volume_node) -> list:
-    """The DICOM files the volume was read from (Slicer's archetype storage node keeps the list)."""
-    storage = volume_node.GetStorageNode() if volume_node is not None else None
-    if storage is None:
+def source_files(volume_node, dicom_database=None) -> list:
+    """The DICOM files the volume was read from. An archetype storage node keeps their list; a volume that
+    Slicer's DICOM module loaded (its default GDCM series reader) has no storage node, only the attribute
+    DICOM.instanceUIDs, which Slicer's DICOM database (ctkDICOMDatabase) turns back into files."""
+    if volume_node is None:
         return []
-    names = [storage.GetNthFileName(i) for i in range(storage.GetNumberOfFileNames())] or [storage.GetFileName()]
-    return [name for name in names if name and is_dicom(name)]
+    storage = volume_node.GetStorageNode()
+    names = ([storage.GetNthFileName(i) for i in range(storage.GetNumberOfFileNames())] or [storage.GetFileName()]
+             if storage else [])
+    files = [name for name in names if name and is_dicom(name)]
+    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    if files or dicom_database is None or not uids:
+        return files
+    files = [dicom_database.fileForInstance(uid) for uid in uids]
+    return files if all(files) and all(map(is_dicom, files)) else []  # a SEG refers to every slice
 
 
-def check_seg_export(segmentation_node) -> list:
-    """The source series' files; raises the user's sentence before any work when no SEG can be written."""
+def check_seg_export(segmentation_node, dicom_database=None) -> list:
+    """The source series' files; raises the user's sentence before any work when no SEG can be written.
+    dicom_database: Slicer's, where volumes may come from its DICOM module (source_files)."""
     _writer_packages()
-    files = source_files(_reference_volume(segmentation_node))
+    files = source_files(_reference_volume(segmentation_node), dicom_database)
     if not files:
         raise ExportError(f"DICOM SEG needs the DICOM series '{segmentation_node.GetName()}' was made on, and it "
                           "was not made on one: segment a loaded DICOM series (in the CLI: --volume FOLDER) to make a SEG; "
@@ -145,9 +154,9 @@ def _seg_pixels(segmentation_node, segment_ids, reference) -> np.ndarray:
     return labels
 
 
-def read_seg_input(segmentation_node, segment_ids) -> SegInput:
+def read_seg_input(segmentation_node, segment_ids, dicom_database=None) -> SegInput:
     """Main thread (MRML belongs to it): the given segments on the source series' grid, and its files."""
-    files = check_seg_export(segmentation_node)
+    files = check_seg_export(segmentation_node, dicom_database)
     volume = _reference_volume(segmentation_node)
     segmentation = segmentation_node.GetSegmentation()
     return SegInput(files, arrays.ijk_to_ras(volume),

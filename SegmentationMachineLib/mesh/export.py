@@ -143,16 +143,18 @@ class PreparedExport:
 def prepare_export(segmentation_node, options: ExportOptions = ExportOptions(), segment_ids=None,
                    ctx=None) -> PreparedExport:
     """Main thread (MRML belongs to it): checks the options and copies what the export needs.
-    ctx: the module's scene context, so that a conversion to labelmaps pauses the views (read_segments)."""
+    ctx: the module's scene context, so that a conversion to labelmaps pauses the views (read_segments), and
+    Slicer's DICOM database finds the series of a volume its DICOM module loaded (a SEG's source)."""
     if options.coordinates not in ("LPS", "RAS"):
         raise ExportError(f"Unknown coordinate system '{options.coordinates}': use LPS or RAS.")
+    dicom_database = ctx.dicom_database if ctx else None
     if "seg" in options.formats:
-        check_seg_export(segmentation_node)  # before reading voxels, and minutes of work
+        check_seg_export(segmentation_node, dicom_database)  # before reading voxels, and minutes of work
     segments = read_segments(segmentation_node, segment_ids, options.surface, ctx)
     segmentation = segmentation_node.GetSegmentation()
     ids = [job.segment_id for job in segments.jobs]
     file_names = dict(zip(ids, _unique_names(segmentation.GetSegment(i).GetName() for i in ids)))
-    seg = read_seg_input(segmentation_node, ids) if "seg" in options.formats and ids else None
+    seg = read_seg_input(segmentation_node, ids, dicom_database) if "seg" in options.formats and ids else None
     saved = _segmentation_bytes(segmentation_node) if options.save_segmentation else None
     return PreparedExport(segmentation_node.GetName(), segments, file_names, seg, saved)
 

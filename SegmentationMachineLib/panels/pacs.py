@@ -79,15 +79,16 @@ class PacsPanel:
             self.store.forget(name)
         self.status = f"Forgot the credentials for {server.url}."
 
-    def start(self, segmentation_node):
-        """Main thread: checks, and copies the SEG's input out of the scene; writing and sending go to a worker."""
+    def start(self, segmentation_node, ctx=None):
+        """Main thread: checks, and copies the SEG's input out of the scene; writing and sending go to a worker.
+        ctx: the module's scene context (prepare_export)."""
         if segmentation_node is None:
             self.status = "Choose the segmentation to send (Segmentation, above), then Send to PACS."
             return
         try:
             server = self._parsed()
             auth = credentials(server, self.environ, self.store)
-            prepared = prepare_export(segmentation_node, ExportOptions(formats=("seg",)))
+            prepared = prepare_export(segmentation_node, ExportOptions(formats=("seg",)), ctx=ctx)
         except UserError as error:
             self.status = str(error)
             return
