@@ -324,6 +324,20 @@ def test_the_entrypoint_never_refuses_to_start():
 
 # --- the files the image is built from --------------------------------------------------------
 
+def test_slicers_python_gets_packages_only_beside_its_own_never_instead():
+    """Each pip install into Slicer's Python adds our wheel alone (--no-deps), installs with every package Slicer
+    ships pinned (-c, as the module does), or goes into a folder of its own (DICOM SEG's): Slicer 5.10's pydicom
+    2.4, requests and cryptography stay (../shared/notes/slicer-5.10-runtime.md)."""
+    text = (DOCKER / "Dockerfile").read_text().replace("\\\n", " ")
+    installs = [part for part in text.split("&&") if "PythonSlicer -m pip install" in part]
+    assert len(installs) == 2
+    for install in installs:
+        arguments = shlex.split(install.split("pip install", 1)[1])
+        assert "--no-deps" in arguments or "-c" in arguments, install
+        assert not any(re.match(r"(pydicom|runpod|requests|urllib3|cryptography|numpy|scipy)\b", a) for a in arguments)
+    assert "install_seg_packages(" in text  # pydicom 3 and highdicom: --target their own folder, --no-deps
+
+
 def test_dockerfile_copies_what_exists_and_exposes_the_ports():
     text = (DOCKER / "Dockerfile").read_text()
     for sources in re.findall(r"^COPY (.+) \S+$", text, re.M):
