@@ -311,6 +311,8 @@ def test_the_dicom_seg_goes_back_to_the_named_ae_and_a_missing_ae_costs_one_sent
     (["--allow", "PACS", "--send-seg-to", "PACS@host:104"], "add seg to --format"),
     (["--allow", "PACS", "--tls-key", "key.pem"], "need --tls-cert"),
     (["--allow", "PACS", "--tls-cert", "missing.pem"], "Cannot use the TLS files missing.pem"),
+    (["--allow", "PACS", "--keep-received", "-1"], "--keep-received -1 is not a number of days"),
+    (["--allow", "PACS", "--min-free-mb", "-5"], "--min-free-mb -5 is not an amount of free space"),
 ])
 def test_a_wrong_option_is_one_sentence_before_anything_listens(tmp_path, capsys, options, sentence):
     assert main(["listen", "--out", str(tmp_path / "out"), *options]) == 2

@@ -21,20 +21,28 @@ def add_listen_command(commands, common):
     listen.add_argument("--tls-ca", type=Path, help="PEM CA certificates: senders must show a certificate they signed")
     listen.add_argument("--send-seg-to", metavar="AE@HOST:PORT",
                         help="C-STORE each series' DICOM SEG there (with --format including seg)")
+    listen.add_argument("--keep-received", type=float, default=7.0, metavar="DAYS",
+                        help="remove a series' received files once it is modelled (or failed) and unchanged for "
+                             "DAYS days (default 7; 0: as soon as it is modelled); status.json keeps the result")
+    listen.add_argument("--min-free-mb", type=float, default=1024.0, metavar="MB",
+                        help="refuse instances (status A700: the PACS sends them again later) while the received "
+                             "folder's disk would keep less than MB free (default 1024)")
     listen.set_defaults(run=run_listen, once=False, polling=False)  # received files are local: file events
 
 
 def run_listen(args):
     from ..core.errors import UserError
     from ..core.files import private_folder
+    from ..inbox.retention import Retention
     from ..mesh.dicomseg import SEG_FILE
     from ..mesh.export import parse_formats
     from ..pacs.dicomnode import RECEIVED, RECEIVING, DicomNode, NodeOptions, parse_destination, send_file
 
     state = Path(state_folder(args)).expanduser().absolute()
     allowed = tuple(title for option in args.allow for title in option.split(",") if title.strip())
-    node = DicomNode(NodeOptions(args.ae_title, args.port, allowed, args.host, args.tls_cert, args.tls_key, args.tls_ca),
-                     folder=state / RECEIVED, staging=state / RECEIVING)
+    node = DicomNode(NodeOptions(args.ae_title, args.port, allowed, args.host, args.tls_cert, args.tls_key, args.tls_ca,
+                                 args.min_free_mb), folder=state / RECEIVED, staging=state / RECEIVING)
+    retention = Retention(args.keep_received, lock=node.storing)
     destination = parse_destination(args.send_seg_to) if args.send_seg_to else None
     if destination and "seg" not in parse_formats(args.format):
         raise UserError("--send-seg-to sends each series' DICOM SEG: add seg to --format, e.g. --format stl,seg.")
@@ -46,4 +54,5 @@ def run_listen(args):
                 log.error("The DICOM SEG was not sent: %s The models are delivered all the same.", problem)
 
     private_folder(node.folder)  # the inbox must exist before it is watched
-    serve_inbox(args, node.folder, f"Listening as {node.describe()}", service=node, modelled=send_seg)
+    serve_inbox(args, node.folder, f"Listening as {node.describe()}", service=node, modelled=send_seg,
+                polled=retention.tick)

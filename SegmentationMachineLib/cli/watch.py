@@ -42,9 +42,11 @@ def state_folder(args) -> Path:
     return args.state or args.out.expanduser().absolute() / OUTBOX_STATE
 
 
-def serve_inbox(args, inbox_folder: Path, banner: str, service=None, modelled=lambda result: None):
+def serve_inbox(args, inbox_folder: Path, banner: str, service=None, modelled=lambda result: None,
+                polled=lambda inbox: None):
     """The queue of watch and listen: every series that settles in inbox_folder, modelled once into args.out, until a
-    signal. service (start(), stop()) feeds inbox_folder while the inbox is held; modelled(result) follows each model."""
+    signal. service (start(), stop()) feeds inbox_folder while the inbox is held; modelled(result) follows each model;
+    polled(inbox) runs on the queue's loop after each poll (listen's retention)."""
     from ..core.files import printable
     from ..core.scene import create_headless_scene
     from ..dicom.volumes import input_record, load_series
@@ -78,6 +80,10 @@ def serve_inbox(args, inbox_folder: Path, banner: str, service=None, modelled=la
                 reported.add(path)
                 log.warning("Skipped %s: %s", path, reason)
 
+    def after_poll():
+        report_skipped()
+        polled(inbox)
+
     def echo(line):
         report_skipped()
         print(printable(line), flush=True)  # series names come from the files' headers
@@ -89,7 +95,7 @@ def serve_inbox(args, inbox_folder: Path, banner: str, service=None, modelled=la
         if service:
             service.start()
         print(f"{banner} → {printable(outbox)} (settle {args.settle:g} s; Ctrl-C stops)", flush=True)
-        board = run_queue(inbox, outbox, process, once=args.once, echo=echo, polled=report_skipped)
+        board = run_queue(inbox, outbox, process, once=args.once, echo=echo, polled=after_poll)
     except KeyboardInterrupt:
         for name in STOP_SIGNALS:
             if hasattr(signal, name):

@@ -32,6 +32,10 @@ def load_series(ctx: SceneContext, series: DicomSeries) -> LoadedVolume:
             f"Series {series.name} was not loaded: its slices are tilted by {series.tilt_degrees:.1f}° "
             "(gantry tilt), which would distort the model; reconstruct it without tilt on the scanner "
             "or load it in 3D Slicer with acquisition geometry regularization.")
+    gone = sum(not Path(path).is_file() for path in series.files)
+    if gone:  # e.g. an inbox that `listen --keep-received` cleaned between listing and loading
+        raise InputError(f"Series {series.name} was not loaded: {gone} of its {len(series.files)} files are gone from "
+                         f"{Path(series.files[0]).parent} (moved or removed since they arrived); send or copy it again.")
     file_list = vtk.vtkStringArray()
     for path in series.files:
         file_list.InsertNextValue(str(path))

@@ -78,6 +78,12 @@ class Journal:
             self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
                              (str(path), size, mtime_ns, sha256, slice_to_json(item) if item else None, reason))
 
+    def forget_files(self, paths):
+        """Files removed for good (listen's retention): their rows go, so the journal does not grow forever; what was
+        delivered is still remembered by content."""
+        with self._lock, self._db:
+            self._db.executemany("DELETE FROM files WHERE path=?", [(str(path),) for path in paths])
+
     def delivered_hashes(self) -> set:
         with self._lock:
             return {row[0] for row in self._db.execute("SELECT sha256 FROM delivered_files")}

@@ -3,7 +3,9 @@
 Each received instance is written to a private staging file, flushed to disk, then renamed into
 FOLDER/<study>/<series>/<instance>.dcm, and only then does the sender hear "success": an instance the
 PACS saw acknowledged survives a kill -9, and one it did not is sent again by the PACS; the inbox never
-holds half a file. Only the calling AE titles on the allow-list may connect; TLS is optional.
+holds half a file. Only the calling AE titles on the allow-list may connect; TLS is optional. While the disk
+would keep less than the minimum free space, instances are refused as "out of resources", which a PACS sends
+again later: the node never fills the disk that the models and the journal need too.
 """
 
 import hashlib
@@ -18,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..core.errors import UserError
-from ..core.files import PRIVATE_FOLDER, private_folder
+from ..core.files import PRIVATE_FOLDER, printable, private_folder
 
 log = logging.getLogger("segmentation-machine")
 
@@ -27,6 +29,7 @@ SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
 UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 TIMEOUT_S = 30
+MB = 1024 ** 2
 RECEIVED, RECEIVING = "received", "receiving"  # in listen's state folder: its inbox, and its staging area
 
 
@@ -55,6 +58,7 @@ class NodeOptions:
     tls_cert: Path = None
     tls_key: Path = None
     tls_ca: Path = None  # when set, senders must show a certificate it signed
+    min_free_mb: float = 1024  # instances that would leave less free space on the inbox's disk are refused
 
 
 class _HandshakeOnFirstRead(ssl.SSLContext):
@@ -115,11 +119,16 @@ class DicomNode:
                                allowed=tuple(check_ae_title(a, "--allow") for a in options.allowed))
         if not 0 < options.port < 65536:
             raise UserError(f"--port {options.port} is not a TCP port: choose one from 1 to 65535 (DICOM: 104 or 11112).")
+        if not options.min_free_mb >= 0:  # NaN too
+            raise UserError(f"--min-free-mb {options.min_free_mb:g} is not an amount of free space: give 0 or more "
+                            "MB (default 1024).")
         self.folder, self.staging = Path(folder), Path(staging)
         self._context = tls_context(self.options)
         self._ae = None
         self._received = {}  # association → instances stored, for its one log line
+        self._refused = {}  # association → (instances refused for want of space, the free MB last seen)
         self._lock = threading.Lock()
+        self.storing = threading.Lock()  # held while a file enters the inbox: the retention sweep waits for it
 
     def start(self):
         from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
@@ -167,6 +176,12 @@ class DicomNode:
             log.warning("Refused an instance from %s: it cannot be read (%s).", self._peer(event), error)
             return CANNOT_UNDERSTAND
         try:
+            free = shutil.disk_usage(self.folder).free
+            if free - len(data) < self.options.min_free_mb * MB:
+                with self._lock:
+                    refused, _ = self._refused.get(event.assoc, (0, 0))
+                    self._refused[event.assoc] = (refused + 1, free / MB)
+                return OUT_OF_RESOURCES
             self._write(folder / f"{_file_name(event.request.AffectedSOPInstanceUID)}.dcm", data)
         except OSError as error:
             log.error("Cannot store an instance from %s (%s): free some space; the sender may send it again.",
@@ -183,9 +198,10 @@ class DicomNode:
                 stream.write(data)
                 stream.flush()
                 os.fsync(stream.fileno())
-            self._make_folder(path.parent)
-            os.replace(temp, path)  # a resent instance replaces its earlier copy whole
-            _sync_folder(path.parent)
+            with self.storing:
+                self._make_folder(path.parent)
+                os.replace(temp, path)  # a resent instance replaces its earlier copy whole
+                _sync_folder(path.parent)
         finally:
             if os.path.exists(temp):
                 os.unlink(temp)
@@ -208,8 +224,13 @@ class DicomNode:
     def _finished(self, event):
         with self._lock:
             count = self._received.pop(event.assoc, 0)
+            refused, free_mb = self._refused.pop(event.assoc, (0, 0))
         if count:
             log.info("Received %d instance(s) from %s.", count, self._peer(event))
+        if refused:
+            log.warning("Refused %d instance(s) from %s: only %.0f MB free on %s (--min-free-mb %g); free some space, "
+                        "the PACS will send them again.", refused, self._peer(event), free_mb, printable(self.folder),
+                        self.options.min_free_mb)
 
     @staticmethod
     def _peer(event) -> str:
