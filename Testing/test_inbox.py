@@ -1,6 +1,7 @@
 """The DICOM inbox with real files, real file events and real timing (settle 1 s, writers 300 ms apart)."""
 
 import json
+import os
 import shutil
 import stat
 import sys
@@ -9,6 +10,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import JPEG2000_SERIES, UNCOMPRESSED_SERIES, tree_digest
@@ -194,6 +196,37 @@ def test_polling_mode_for_shares_without_file_events(folders, shared_data):
     uploaded()
     deliveries = poll_until(inbox, SETTLE + 3)
     assert len(deliveries) == 1 and len(deliveries[0].series.files) == 3
+    inbox.stop()
+
+
+def test_a_quiet_polled_inbox_stats_a_share_of_its_settled_files_each_interval(folders, monkeypatch):
+    """Polling is for network shares, where each lstat costs about a millisecond: once 1,200 files have settled,
+    an interval looks at POLL_STATS of them in turn (and the folders), and a file written again is still found."""
+    from SegmentationMachineLib.inbox import watcher
+
+    inbox_folder, state, uploaded = folders
+    hu = np.zeros((1200, 4, 4), np.int16)
+    write_ct_series(inbox_folder / "big", hu, 1.0, [(0, 0, z) for z in range(len(hu))], "Quiet")
+    uploaded()
+    clock = [0.0]
+    inbox = Inbox(InboxOptions(folder=inbox_folder, state_folder=state, settle_seconds=SETTLE, polling=True,
+                               poll_interval=2.0), clock=lambda: clock[0])
+    inbox.start()
+    while not inbox.poll() or inbox.pending():  # read and delivered
+        clock[0] += 1.0
+    statted = []
+    monkeypatch.setattr(watcher.os, "lstat", lambda path, real=os.lstat: statted.append(path) or real(path))
+    clock[0] += 2.0
+    assert inbox.poll() == []
+    assert watcher.POLL_STATS <= len(statted) <= watcher.POLL_STATS + 2  # the share, the inbox and its one folder
+    rewritten = sorted((inbox_folder / "big").iterdir())[-1]
+    os.utime(rewritten, ns=(rewritten.stat().st_atime_ns, rewritten.stat().st_mtime_ns + 10 ** 9))
+    for _ in range(-(-1200 // watcher.POLL_STATS)):  # every settled file's turn comes within these intervals
+        clock[0] += 2.0
+        inbox.poll()
+        if inbox.pending():  # found changed: read again once it settles
+            break
+    assert inbox.pending()
     inbox.stop()
 
 

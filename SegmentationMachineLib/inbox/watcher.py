@@ -37,6 +37,7 @@ OUTBOX_STATE = ".segmentation-machine"  # watch's and listen's journal and scrat
 # A file is read once it has been quiet this long; its series still waits for the settle time.
 READ_AFTER_S = 0.5
 # Folders with recent changes are re-listed this often (a safety net for missed file events).
+POLL_STATS = 500  # settled files statted per polling interval, in turn: 10,000 are all looked at every 40 s
 RESCAN_EVERY_S = 1.0
 ARCHIVE = "a zip archive (its contents are read from the scratch folder)"
 LINK = "a link (links are not followed: copy the files themselves into the inbox)"
@@ -165,6 +166,7 @@ class Inbox:
         self._active = {}  # folder -> when a file in it last changed: re-listed until quiet
         self._folders = {}  # folder -> modification time, for polling mode
         self._last_poll_scan = None
+        self._poll_turn = 0  # where the next polling interval's share of settled files starts
         self._last_rescan = None
         self._lock = threading.Lock()
         self._observer = None
@@ -284,12 +286,25 @@ class Inbox:
     # -- internals -------------------------------------------------------------------------
     def _polled_changes(self, now: float) -> set:
         """Polling mode: a folder's modification time changes when files appear in or leave it,
-        and a file's when it is written again (an upload that resumes after a pause): both are
-        statted each interval, never read."""
+        and a file's when it is written again (an upload that resumes after a pause): the folders and
+        the files still settling are statted each interval, the settled files POLL_STATS at a time in
+        turn (never read: a network share answers each lstat in about a millisecond)."""
         if self._last_poll_scan is not None and now - self._last_poll_scan < self.options.poll_interval:
             return set()
         self._last_poll_scan = now
-        changed = {str(path) for path in self._files if self.scratch not in path.parents}
+        scratch = f"{self.scratch}{os.sep}"
+        settled = [path for path in self._files if not str(path).startswith(scratch)]
+        start = self._poll_turn if self._poll_turn < len(settled) else 0
+        self._poll_turn = start + POLL_STATS
+        changed = set()
+        for path in {*settled[start:start + POLL_STATS], *self._unread, *self._recent, *self._growing}:
+            record = self._files.get(path)
+            try:
+                info = os.lstat(path)
+            except OSError:
+                info = None  # gone: _refresh forgets it
+            if record is None or info is None or (info.st_size, info.st_mtime_ns) != (record.size, record.mtime_ns):
+                changed.add(str(path))
         for folder, mtime_ns in list(self._folders.items()):
             try:
                 current = os.lstat(folder).st_mtime_ns
