@@ -54,6 +54,7 @@ def segment_with_prompts(ctx: SceneContext, volume_node, segments, session: Inte
     upload()
     node = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()}_segmentation")
     node.CreateDefaultDisplayNodes()
+    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())  # on the volume's own grid, as presets do
     node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     editor = headless_editor(ctx.scene, ctx.app_logic, node, volume_node)
     for segment in segments:

@@ -1,14 +1,19 @@
-"""Prompt files: round trip, and a sentence naming the entry for every malformed one; prompt geometry."""
+"""Prompt files: round trip, and a sentence naming the entry for every malformed one; prompt geometry, also
+through a volume's parent transform (real MRML transform nodes)."""
 
 import json
 
 import numpy as np
 import pytest
 
-from SegmentationMachineLib.prompts import geometry
+from SegmentationMachineLib.core import arrays
+from SegmentationMachineLib.prompts import frames, geometry
 from SegmentationMachineLib.prompts.geometry import PromptOutsideError
 from SegmentationMachineLib.prompts.promptfile import (Prompt, PromptFileError, SegmentPrompts, load_prompt_file,
                                                        parse_prompts, prompts_to_json, save_prompt_file)
+from SegmentationMachineLib.prompts.session import headless_editor, InteractiveSession, SegmentTarget
+from SegmentationMachineLib.segment.presets import add_segment_from_mask
+from transformed_volume import SHAPE, transformed_volume, voxel_centres, voxel_world
 
 EXAMPLE = {"version": 1, "extra": "kept", "segments": [{"name": "liver", "colour": "ignored", "prompts": [
     {"type": "point", "ras": [1, 2, 3], "include": True},
@@ -97,3 +102,75 @@ def test_a_drawing_reaching_absurdly_far_is_refused_and_one_leaving_the_image_is
     mask, box = geometry.scribble_mask(identity, shape, [(10, 20, 20), (60, 20, 20)], (1, 1, 1))
     painted = np.argwhere(mask) + [lo for lo, _ in box]
     assert mask.size <= np.prod(shape) and set(painted[:, 2]) == set(range(10, 40))  # i up to the image's edge
+
+
+@pytest.mark.parametrize("kind", ["linear", "grid"])
+def test_prompts_in_world_reach_the_voxels_under_them_through_the_volumes_parent_transform(ctx, kind):
+    """Slicer's views give world RAS; the voxels lie under the volume's transform (a registration, or the
+    gantry-tilt grid Slicer's DICOM module adds): each point is mapped through it, a box by its corners."""
+    volume = transformed_volume(ctx.scene, kind)
+    matrix, to_local = arrays.ijk_to_ras(volume), frames.world_to_local(volume)
+    for kji in ((8, 30, 20), (38, 45, 50)):  # the second lies outside the image's untransformed place
+        assert geometry.point_voxel(matrix, SHAPE, voxel_world(volume, kji), to_local) == kji
+    centre = np.array(voxel_world(volume, (18, 15, 20)))
+    box = geometry.box_voxels(matrix, SHAPE, centre - [5, 4, 0], centre + [5, 4, 0], to_local)  # an axial view's
+    assert box[0] == [18, 19] and box[1][0] <= 15 < box[1][1] and box[2][0] <= 20 < box[2][1]
+    assert abs(sum(box[1]) / 2 - 15.5) <= 1 and abs(sum(box[2]) / 2 - 20.5) <= 1  # centred on it
+    line = [voxel_world(volume, (22, 10, i)) for i in (10, 30)]
+    mask, crop = geometry.scribble_mask(matrix, SHAPE, line, (1, 1, 1), to_local)
+    assert {tuple(v) for v in np.argwhere(mask) + [lo for lo, _ in crop]} == {(22, 10, i) for i in range(10, 31)}
+    square = [voxel_world(volume, (30, j, i)) for j, i in ((5, 5), (5, 20), (20, 20), (20, 5))]
+    mask, crop = geometry.lasso_mask(matrix, SHAPE, square, to_local)
+    lassoed = np.zeros(SHAPE, bool)
+    lassoed[tuple(slice(lo, hi) for lo, hi in crop)] = mask
+    assert lassoed[30, 6:20, 6:20].all() and lassoed.sum() == lassoed[30, 5:21, 5:21].sum()
+
+
+@pytest.mark.parametrize("kind", ["linear", "grid"])
+def test_a_result_on_the_volumes_grid_lands_on_its_voxels_in_a_segmentation_in_world(ctx, kind):
+    """The Segment Editor leaves a new segmentation in world: a result is placed on the volume's grid as the
+    segmentation sees it (linear), or resampled through the grid transform onto its reference grid and back."""
+    volume = transformed_volume(ctx.scene, kind)
+    segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    ijk_to_ras = arrays.ijk_to_ras(volume)
+    grid, between = frames.volume_in_segmentation(volume, segmentation, ijk_to_ras)
+    assert (between is None) == (kind == "linear")
+    cube = np.zeros((5, 5, 5), bool)
+    cube[1:4, 1:4, 1:4] = True  # voxels (19-21, 23-25, 27-29), centred on (20, 24, 28)
+    image = arrays.labelmap_from_array(cube, grid, (18, 22, 26))
+    if between is not None:
+        image = frames.resample(image, frames.reference_grid(segmentation, ijk_to_ras), between)
+    placed = voxel_centres(image)  # in world: the segmentation has no transform
+    off = np.linalg.norm(placed.mean(axis=0) - voxel_world(volume, (20, 24, 28)))
+    if between is None:
+        assert len(placed) == 27 and off < 1e-6
+    else:  # on the segmentation's own grid: within half a voxel; read back onto the volume's, as the session does
+        assert off < 0.55
+        back = frames.resample(image, ijk_to_ras, frames.inverse(between), (26, 30, 22, 26, 18, 22))
+        assert np.array_equal(arrays.image_array(back) > 0, cube)
+
+
+def test_a_segment_across_the_grid_transform_is_read_back_onto_the_volumes_voxels(ctx):
+    """What the session seeds the server with and keeps for undo: a segment kept in world, on the lattice Slicer's
+    reference geometry gives it there, read onto the tilted volume's voxels where they lie in world, nearest
+    neighbour, resampling only where the segment has voxels."""
+    volume = transformed_volume(ctx.scene, "grid")
+    segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    lattice = frames.reference_grid(segmentation, None)
+    cube = np.zeros(SHAPE, bool)
+    cube[20:23, 10:18, 30:36] = True  # on the world lattice
+    segment = add_segment_from_mask(segmentation, cube, lattice, "organ", (1, 0, 0))
+    editor = headless_editor(ctx.scene, ctx.app_logic, segmentation, volume)
+    session = InteractiveSession("http://127.0.0.1:9", "key")  # never connected: reading needs no server
+    session.stage_volume(volume)
+    session.select_segment(SegmentTarget(segmentation, segment, editor))
+    read = session._segment_mask(segment)
+    expected = np.zeros(SHAPE, bool)
+    for kji in np.ndindex(SHAPE[0], SHAPE[1], 16):  # every voxel the cube's columns (i 30-35) may reach
+        kji = (kji[0], kji[1], kji[2] + 25)
+        i, j, k = np.rint(np.linalg.inv(lattice) @ [*voxel_world(volume, kji), 1.0])[:3].astype(int)
+        expected[kji] = 0 <= j < SHAPE[1] and 0 <= i < SHAPE[2] and cube[k, j, i]
+    assert read.sum() == cube.sum() and np.array_equal(read, expected)
+    assert not np.array_equal(read, cube)  # the tilt moved it on the volume's voxels

@@ -125,13 +125,18 @@ def check_seg_export(segmentation_node, dicom_database=None) -> list:
 
 
 def _segment_on_grid(segmentation_node, segment_id, reference: "slicer.vtkOrientedImageData") -> np.ndarray:
-    """The segment's voxels (K, J, I, bool) resampled onto the reference volume's grid."""
+    """The segment's voxels (K, J, I, bool) resampled onto the reference volume's grid, voxel for voxel of its series
+    whatever transforms the two nodes are under (a registration, Slicer's gantry-tilt acquisition transform)."""
     labelmap = slicer.vtkOrientedImageData()
     slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
-        segmentation_node, segment_id, labelmap)
+        segmentation_node, segment_id, labelmap, False)  # in the segmentation's own frame, not world
+    to_volume = vtk.vtkGeneralTransform()  # nothing concatenated (the usual: the same transform) is the identity
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(
+        segmentation_node.GetParentTransformNode(), _reference_volume(segmentation_node).GetParentTransformNode(),
+        to_volume)
     on_grid = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-        labelmap, reference, on_grid, False, True)
+        labelmap, reference, on_grid, False, False, to_volume)  # exactly the series' extent: not padded
     return arrays.image_array(on_grid) > 0
 
 

@@ -69,8 +69,9 @@ def _world_matrix(segmentation_node) -> np.ndarray:
     if transform_node is None:
         return np.eye(4)
     if not transform_node.IsTransformToWorldLinear():
-        raise ExportError(f"Segmentation '{segmentation_node.GetName()}' is under a non-linear transform: "
-                          "harden the transform (Data module) and export again.")
+        raise ExportError(f"Segmentation '{segmentation_node.GetName()}' is under a non-linear transform (such as "
+                          "the acquisition transform Slicer puts on a gantry-tilted series): harden the transform "
+                          "(Data module) and export again.")
     matrix = vtk.vtkMatrix4x4()
     transform_node.GetMatrixTransformToWorld(matrix)
     return arrays.matrix_to_array(matrix)

@@ -4,6 +4,8 @@ Works for any IJK-to-RAS matrix: oblique, mirrored, anisotropic. A box becomes t
 holds its corners; a scribble is painted along its polyline; a lasso fills the voxels inside it.
 Scribbles and lassos go to the model on one voxel plane (axial, coronal or sagittal of the image),
 as it was trained: one drawn on an oblique slice is projected onto the nearest such plane.
+Prompts come in world RAS (Slicer's views); under a parent transform, to_local maps them point by
+point into the volume's own RAS first (frames.world_to_local), exact for non-linear transforms too.
 """
 
 import numpy as np
@@ -23,6 +25,12 @@ def ras_to_kji(ijk_to_ras: np.ndarray, ras) -> np.ndarray:
     return ijk[:, ::-1]
 
 
+def _kji(ijk_to_ras, ras, to_local=None) -> np.ndarray:
+    """World RAS points → continuous (k, j, i), through the volume's parent transform when there is one."""
+    ras = np.atleast_2d(np.asarray(ras, float))
+    return ras_to_kji(ijk_to_ras, ras if to_local is None else to_local(ras))
+
+
 def _check_inside(kji: np.ndarray, shape, what: str):
     if (kji < -0.5).any() or (kji > np.array(shape) - 0.5).any():
         raise PromptOutsideError(f"The {what} is outside the image: place it on the volume.")
@@ -37,27 +45,32 @@ def _check_near(kji: np.ndarray, shape, what: str):
                                  "the image is large): draw it on the volume.")
 
 
-def point_voxel(ijk_to_ras, shape, ras) -> tuple:
-    kji = ras_to_kji(ijk_to_ras, ras)[0]
+def point_voxel(ijk_to_ras, shape, ras, to_local=None) -> tuple:
+    kji = _kji(ijk_to_ras, ras, to_local)[0]
     _check_inside(kji, shape, "point")
     return tuple(int(v) for v in np.clip(np.rint(kji), 0, np.array(shape) - 1))
 
 
-def box_voxels(ijk_to_ras, shape, ras_min, ras_max) -> list:
+def box_voxels(ijk_to_ras, shape, ras_min, ras_max, to_local=None) -> list:
     """Half-open [[lo, hi]] per axis of the voxel box holding the RAS box's corners.
 
     A box flat along a RAS axis (drawn in a slice view) becomes one slice across the voxel axis
     closest to that RAS axis: the server's boxes are axis-aligned in voxels, and on an oblique
-    grid the flat RAS box is a tilted plane.
+    grid the flat RAS box is a tilted plane. Under a parent transform each corner is mapped: a
+    linear one keeps the box a parallelepiped, so the corners bound it exactly; a non-linear one
+    bends its faces, which may bulge a little past the corners' voxel box or fall short of it
+    (not for Slicer's gantry-tilt acquisition transform, which shifts each slice as a whole).
     """
     corners = np.array([[x, y, z] for x in (ras_min[0], ras_max[0]) for y in (ras_min[1], ras_max[1])
                         for z in (ras_min[2], ras_max[2])])
-    kji = ras_to_kji(ijk_to_ras, corners)
+    kji = _kji(ijk_to_ras, corners, to_local)
     low, high = kji.min(axis=0), kji.max(axis=0)
     flat_ras = [axis for axis in range(3) if ras_max[axis] == ras_min[axis]]
     if flat_ras:
-        directions = ijk_to_ras[:3, :3] / np.linalg.norm(ijk_to_ras[:3, :3], axis=0)  # columns: I, J, K
-        flat = 2 - int(np.argmax(np.abs(directions[flat_ras[0]])))  # I, J, K -> array axis 2, 1, 0
+        # The voxel axis that a 1 mm step across the drawn plane, at the box's centre, goes along farthest.
+        centre = (np.asarray(ras_min, float) + np.asarray(ras_max, float)) / 2
+        step = np.diff(_kji(ijk_to_ras, [centre, centre + np.eye(3)[flat_ras[0]]], to_local), axis=0)[0]
+        flat = int(np.argmax(np.abs(step) * np.linalg.norm(ijk_to_ras[:3, :3], axis=0)[::-1]))
     else:
         flat = int(np.argmin(high - low)) if (high - low).min() < 0.5 else None
     box = []
@@ -100,10 +113,10 @@ def _crop(kji: np.ndarray, shape, margin: int):
     return low, high
 
 
-def scribble_mask(ijk_to_ras, shape, ras_points, thickness):
+def scribble_mask(ijk_to_ras, shape, ras_points, thickness, to_local=None):
     """(mask, box): the polyline painted to the server's preferred thickness (voxels), as a crop of the
     K, J, I grid and its half-open box, so only the scribble's neighbourhood travels."""
-    kji = ras_to_kji(ijk_to_ras, ras_points)
+    kji = _kji(ijk_to_ras, ras_points, to_local)
     _check_near(kji, shape, "scribble")
     _check_inside(kji.mean(axis=0, keepdims=True), shape, "scribble")
     kji = onto_voxel_plane(kji, shape)
@@ -122,10 +135,10 @@ def scribble_mask(ijk_to_ras, shape, ras_points, thickness):
     return mask, [[int(lo), int(hi)] for lo, hi in zip(low, high)]
 
 
-def lasso_mask(ijk_to_ras, shape, ras_points):
+def lasso_mask(ijk_to_ras, shape, ras_points, to_local=None):
     """(mask, box): the closed polygon filled on its voxel plane, as a crop of the K, J, I grid and its
     half-open box."""
-    kji = ras_to_kji(ijk_to_ras, ras_points)
+    kji = _kji(ijk_to_ras, ras_points, to_local)
     _check_near(kji, shape, "lasso")
     _check_inside(kji.mean(axis=0, keepdims=True), shape, "lasso")
     kji = onto_voxel_plane(kji, shape)

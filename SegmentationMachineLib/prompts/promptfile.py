@@ -1,6 +1,8 @@
 """Prompt files: the prompts of a segmentation as JSON, so sessions are reproducible and batchable.
 
-Coordinates are RAS millimetres. Schema (extra keys allowed):
+Coordinates are RAS millimetres in Slicer's world (what its views show; the session maps them through the
+volume's parent transform); the CLI loads a volume with no transform, so there world is the volume's own RAS.
+Schema (extra keys allowed):
   {"version": 1, "segments": [{"name": "liver", "prompts": [
       {"type": "point", "ras": [x, y, z], "include": true},
       {"type": "box", "ras_min": [x, y, z], "ras_max": [x, y, z], "include": true},

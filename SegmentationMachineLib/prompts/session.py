@@ -3,16 +3,18 @@
 The server gets a region of the volume (region.py: the body's box, as many slices as one request
 through RunPod's proxy may carry), in its native dtype (the client compresses it), copied and sent
 off the main thread; a new region goes only when a prompt falls outside it or the voxels change.
-Prompts in RAS are mapped to the voxel grid, then to the region; each result (the changed box the
-server returns) is pasted at the region's place in the selected segment through Slicer's Segment
-Editor logic, so masking and overwrite settings hold and other segments are respected. Undo and
-redo are kept here, many levels deep; the server learns of undo, redo and hand edits (Segment
-Editor paint or erase) before the next prompt, which re-seeds it with the segment as it is. Only what the
-server's model takes is sent (its capabilities are read at connect). A lost session (lease gone,
-server restarted, connection refused) is resumed without the user: claim, upload, seed the
-current mask, repeat the prompt. A slow answer is waited for and never repeated: a large
-structure can take many seconds, and a read time-out says so instead of reconnecting. No reply
-is trusted (remote.py): a broken or hostile server ends in one sentence, never in a crash.
+Prompts in world RAS are mapped through the volume's parent transform to its voxel grid, then to the
+region; each result (the changed box the server returns) is pasted at the region's place in the
+selected segment through Slicer's Segment Editor logic, so masking and overwrite settings hold and
+other segments are respected, and it lands on the volume's voxels in world whatever transforms the
+volume and the segmentation are under (frames.py). Undo and redo are kept here, many levels deep;
+the server learns of undo, redo and hand edits (Segment Editor paint or erase) before the next
+prompt, which re-seeds it with the segment as it is. Only what the server's model takes is sent
+(its capabilities are read at connect). A lost session (lease gone, server restarted, connection
+refused) is resumed without the user: claim, upload, seed the current mask, repeat the prompt. A
+slow answer is waited for and never repeated: a large structure can take many seconds, and a read
+time-out says so instead of reconnecting. No reply is trusted (remote.py): a broken or hostile
+server ends in one sentence, never in a crash.
 """
 
 import ipaddress
@@ -29,7 +31,7 @@ from ..core import arrays
 from ..core.errors import UserError
 from ..core.files import printable
 from ..core.scene import BINARY_LABELMAP, forward_render_pauses
-from . import geometry
+from . import frames, geometry
 from .promptfile import Prompt
 from .region import covers, Limits, Planner, slices
 
@@ -160,6 +162,7 @@ class InteractiveSession:
     limits: Limits = field(default_factory=Limits)
     _client: object = None
     _volume_key: tuple = None
+    _volume_node: object = None  # read on the main thread only: its parent transform places prompts and results
     _source: np.ndarray = None  # the volume's voxels (K, J, I), a view of Slicer's: copied on the worker
     _shape: tuple = None
     _planner: Planner = None
@@ -347,7 +350,7 @@ class InteractiveSession:
         key = (volume_node.GetID(), volume_node.GetImageData().GetMTime())
         if key == self._volume_key:
             return lambda: None
-        self._volume_key = key
+        self._volume_key, self._volume_node = key, volume_node
         self._matrix = arrays.ijk_to_ras(volume_node)
         self._source = arrays.volume_array(volume_node)
         self._shape = self._source.shape
@@ -412,6 +415,11 @@ class InteractiveSession:
         labelmap = segment.GetRepresentation(BINARY_LABELMAP)
         return None if labelmap is None else labelmap.GetMTime()
 
+    def _grid(self):
+        """(the volume's IJK to the segmentation's RAS, None), or (its own IJK to RAS, the non-linear transform
+        from its RAS to the segmentation's); read at each use, as the user may move either node meanwhile."""
+        return frames.volume_in_segmentation(self._volume_node, self._target.segmentation_node, self._matrix)
+
     def _segment_mask(self, segment_id, box: tuple = None) -> np.ndarray:
         """The segment in the volume's K, J, I grid (only box, when given)."""
         box = box or tuple(slice(0, n) for n in self._shape)
@@ -420,10 +428,11 @@ class InteractiveSession:
         out = np.zeros(tuple(b.stop - b.start for b in box), bool)
         if labelmap is None or labelmap.GetPointData().GetScalars() is None:
             return out
+        grid, between = self._grid()
         matrix = vtk.vtkMatrix4x4()
         labelmap.GetImageToWorldMatrix(matrix)
-        if not np.allclose(arrays.matrix_to_array(matrix), self._matrix, atol=1e-6):
-            return self._resampled_mask(labelmap, segment.GetLabelValue())[box]
+        if between is not None or not np.allclose(arrays.matrix_to_array(matrix), grid, atol=1e-6):
+            return self._resampled_mask(labelmap, segment.GetLabelValue(), box, grid, between, out)
         # Same grid (the usual case): read the box straight from Slicer's shared labelmap.
         extent = labelmap.GetExtent()
         starts = (extent[4], extent[2], extent[0])
@@ -438,14 +447,25 @@ class InteractiveSession:
         out[target] = values[source] == segment.GetLabelValue()
         return out
 
-    def _resampled_mask(self, labelmap, label_value: int) -> np.ndarray:
-        """A segment stored on another grid, resampled onto the volume's (nearest neighbour)."""
-        reference = slicer.vtkOrientedImageData()
-        reference.SetExtent(0, self._shape[2] - 1, 0, self._shape[1] - 1, 0, self._shape[0] - 1)
-        reference.SetImageToWorldMatrix(arrays.array_to_matrix(self._matrix))
-        resampled = slicer.vtkOrientedImageData()
-        slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled)
-        return arrays.image_array(resampled) == label_value
+    @staticmethod
+    def _resampled_mask(labelmap, label_value: int, box: tuple, grid, between, out: np.ndarray) -> np.ndarray:
+        """A segment stored on another grid, or across a non-linear transform, resampled into out (box of the
+        volume's grid), nearest neighbour: only where its voxels land, as through a non-linear transform a whole
+        512 x 512 x 300 volume takes seconds."""
+        occupied = [0, -1, 0, -1, 0, -1]
+        if not slicer.vtkOrientedImageDataResample.CalculateEffectiveExtent(labelmap, occupied):
+            return out  # no voxel of any segment in its layer
+        to_volume = None if between is None else frames.inverse(between)
+        landed = frames.landing_extent(labelmap, occupied, to_volume, grid)
+        low = np.maximum([b.start for b in box], landed[4::-2])  # K, J, I
+        high = np.minimum([b.stop for b in box], np.add(landed[5::-2], 1))
+        if (low >= high).any():
+            return out
+        resampled = frames.resample(labelmap, grid, to_volume, [v for lo, hi in zip(low[::-1], high[::-1])
+                                                                for v in (int(lo), int(hi) - 1)])
+        out[tuple(slice(lo - b.start, hi - b.start) for lo, hi, b in zip(low, high, box))] = \
+            arrays.image_array(resampled) == label_value
+        return out
 
     # -- prompts ---------------------------------------------------------------------------
     def add(self, prompt: Prompt) -> PromptTiming:
@@ -530,24 +550,26 @@ class InteractiveSession:
         """(the prompt's voxel box in the volume, call(origin): its client call in the voxels of a region that
         starts at origin)."""
         shape, matrix, include = self._shape, self._matrix, prompt.include
+        to_local = frames.world_to_local(self._volume_node)  # the views' world RAS -> the volume's own
         others = ", ".join(k for k in self.capabilities.prompt_types if k != prompt.kind)
         self._require(INTERACTIONS[prompt.kind], f"A {prompt.kind}", f"use another kind of prompt ({others})")
         if prompt.kind == "point":
-            voxel = np.array(geometry.point_voxel(matrix, shape, prompt.ras))
+            voxel = np.array(geometry.point_voxel(matrix, shape, prompt.ras, to_local))
             return np.array([voxel, voxel + 1]), lambda origin: lambda client: client.add_point_interaction(
                 tuple(int(v) for v in voxel - origin), include_interaction=include)
         if prompt.kind == "box":
-            box = np.array(geometry.box_voxels(matrix, shape, prompt.ras_min, prompt.ras_max)).T
+            box = np.array(geometry.box_voxels(matrix, shape, prompt.ras_min, prompt.ras_max, to_local)).T
             if (box[1] - box[0] > 1).all():  # one voxel thick on any axis makes it a 2D box to the server
                 self._require({"bbox3d"}, "A 3D box", "draw the box on one slice")
             return box, lambda origin: lambda client: client.add_bbox_interaction(
                 (box - origin).T.tolist(), include_interaction=include)
         # Scribbles and lassos travel as crops with their box, not as whole-volume masks.
         if prompt.kind == "scribble":
-            mask, box = geometry.scribble_mask(matrix, shape, prompt.ras_points, self.capabilities.scribble_thickness)
+            mask, box = geometry.scribble_mask(matrix, shape, prompt.ras_points, self.capabilities.scribble_thickness,
+                                             to_local)
             add = "add_scribble_interaction"
         else:
-            mask, box = geometry.lasso_mask(matrix, shape, prompt.ras_points)
+            mask, box = geometry.lasso_mask(matrix, shape, prompt.ras_points, to_local)
             add = "add_lasso_interaction"
         box = np.array(box).T
         return box, lambda origin: lambda client: getattr(client, add)(
@@ -582,9 +604,11 @@ class InteractiveSession:
         """Sets the selected segment (before: its voxels in box, if read already) to mask inside box through the
         Segment Editor logic: erases what mask drops, then adds what it holds. (The logic's Set mode replaces the
         whole segment, whatever extent it is given: a result pasted that way erased every earlier one outside
-        its box.)"""
+        its box.) Each change is written on the volume's grid as the segmentation sees it, or, across a
+        non-linear transform, resampled onto the segmentation's reference grid, where the Segment Editor keeps
+        its masks."""
         before = self._segment_mask(self._target.segment_id, box) if before is None else before
-        extent = [box[2].start, box[2].stop - 1, box[1].start, box[1].stop - 1, box[0].start, box[0].stop - 1]
+        segmentation, grid, between = self._target.segmentation_node, *self._grid()
         logic = self._target.editor_logic
         editor = logic.GetSegmentEditorNode()
         editor.SetSelectedSegmentID(self._target.segment_id)
@@ -592,12 +616,13 @@ class InteractiveSession:
         changes = ((logic.ModificationModeRemove, before & ~mask), (logic.ModificationModeAdd, mask & ~before))
         for mode, voxels in changes:
             if voxels.any():
-                modifier = slicer.vtkOrientedImageData()
-                modifier.ShallowCopy(arrays.image_from_array(voxels.astype(np.uint8)))
-                modifier.SetExtent(*extent)
-                modifier.SetImageToWorldMatrix(arrays.array_to_matrix(self._matrix))
-                logic.ModifySegmentByLabelmap(self._target.segmentation_node, self._target.segment_id, modifier,
-                                              mode, extent, False, bypass_masking)
+                crop = _bounding_box(voxels)  # only where it changes: less to resample, less to mask
+                start = [b.start + c.start for b, c in zip(box, crop)]
+                modifier = arrays.labelmap_from_array(voxels[crop], grid, start)
+                if between is not None:
+                    modifier = frames.resample(modifier, frames.reference_grid(segmentation, self._matrix), between)
+                logic.ModifySegmentByLabelmap(segmentation, self._target.segment_id, modifier, mode,
+                                              modifier.GetExtent(), False, bypass_masking)
 
     # -- undo / redo -------------------------------------------------------------------------
     @property
@@ -655,6 +680,15 @@ class InteractiveSession:
             if step.segment_id == segment_id:
                 prompts = [] if step.prompt.kind == "reset" else prompts + [step.prompt]
         return prompts
+
+
+def _bounding_box(voxels: np.ndarray) -> tuple:
+    """The slices of the smallest box holding voxels' set ones (there is at least one)."""
+    box = []
+    for axis in range(voxels.ndim):
+        occupied = voxels.any(axis=tuple(a for a in range(voxels.ndim) if a != axis))
+        box.append(slice(int(np.argmax(occupied)), len(occupied) - int(np.argmax(occupied[::-1]))))
+    return tuple(box)
 
 
 @dataclass
