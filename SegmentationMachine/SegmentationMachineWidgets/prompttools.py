@@ -197,21 +197,27 @@ class PromptToolsSection:
         return node
 
     def onPlaced(self, tool):
+        """Inside the markups node's own event: Slicer's placing widget goes on using the node after it
+        (vtkSlicerMarkupsWidget::PlacePoint), so the prompt is read now and the node changed only afterwards."""
         node = self.markups[tool]
         if tool == "point":
             position = [0.0, 0.0, 0.0]
             node.GetNthControlPointPositionWorld(node.GetNumberOfControlPoints() - 1, position)
             self.submit("point", ras=tuple(position))
-            node.RemoveAllControlPoints()
+            qt.QTimer.singleShot(0, node.RemoveAllControlPoints)
         elif tool == "box":
             box = self.boxPlacement.update(node)
             if box:
                 self.submit("box", ras_min=box[0], ras_max=box[1])
-                # A box ROI accepts a single point once defined (UpdateControlPointsFromBoxROI): the next
-                # box needs a fresh ROI, made active for placing.
-                slicer.mrmlScene.RemoveNode(self.markups.pop("box"))
-                if self.tool == "box":
-                    self.setTool("box")
+                qt.QTimer.singleShot(0, lambda: self.replaceBox(node))
+
+    def replaceBox(self, node):
+        """A box ROI accepts a single point once defined (UpdateControlPointsFromBoxROI): the next box needs a
+        fresh ROI, made active for placing."""
+        if self.markups.get("box") is node:
+            slicer.mrmlScene.RemoveNode(self.markups.pop("box"))
+            if self.tool == "box":
+                self.setTool("box")
 
     def onPlacementEnded(self):
         """Curves are finished by the user (right-click or Escape): then they become a prompt."""
