@@ -5,10 +5,6 @@ import slicer
 import vtk
 from vtkmodules.util import numpy_support
 
-# Diagonal that turns RAS into LPS and back.
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
 def matrix_to_array(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 

@@ -21,7 +21,7 @@ class SceneContext:
     segmentations_logic: "slicer.vtkSlicerSegmentationsModuleLogic"
     subject_hierarchy_logic: "slicer.vtkSlicerSubjectHierarchyModuleLogic"
     colors_logic: "slicer.vtkSlicerColorLogic"
-    dicom_database: "ctk.ctkDICOMDatabase" = None  # Slicer's: the files of the volumes its DICOM module loads
+    dicom_database: object = None  # Slicer's ctkDICOMDatabase: the files of the volumes its DICOM module loads
 
 
 @contextmanager

@@ -23,9 +23,9 @@ import pydicom
 from .. import __version__
 from ..core.child import USER_ERROR_EXIT
 from ..core.errors import ExportError, UserError
+from ..core.grids import RAS_TO_LPS
 from ..core.files import atomic_file
 
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # = core.arrays.RAS_TO_LPS, which imports VTK; the child may not
 
 # Segmented property category and type, SNOMED CT: (value, meaning).
 TISSUE = ("85756007", "Tissue")

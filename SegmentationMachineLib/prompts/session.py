@@ -30,6 +30,7 @@ import vtk
 from ..core import arrays
 from ..core.errors import UserError
 from ..core.files import printable
+from ..core.grids import bounding_box
 from ..core.scene import BINARY_LABELMAP, forward_render_pauses
 from . import frames, geometry
 from .promptfile import Prompt
@@ -616,7 +617,7 @@ class InteractiveSession:
         changes = ((logic.ModificationModeRemove, before & ~mask), (logic.ModificationModeAdd, mask & ~before))
         for mode, voxels in changes:
             if voxels.any():
-                crop = _bounding_box(voxels)  # only where it changes: less to resample, less to mask
+                crop = bounding_box(voxels)  # only where it changes: less to resample, less to mask
                 start = [b.start + c.start for b, c in zip(box, crop)]
                 modifier = arrays.labelmap_from_array(voxels[crop], grid, start)
                 if between is not None:
@@ -680,15 +681,6 @@ class InteractiveSession:
             if step.segment_id == segment_id:
                 prompts = [] if step.prompt.kind == "reset" else prompts + [step.prompt]
         return prompts
-
-
-def _bounding_box(voxels: np.ndarray) -> tuple:
-    """The slices of the smallest box holding voxels' set ones (there is at least one)."""
-    box = []
-    for axis in range(voxels.ndim):
-        occupied = voxels.any(axis=tuple(a for a in range(voxels.ndim) if a != axis))
-        box.append(slice(int(np.argmax(occupied)), len(occupied) - int(np.argmax(occupied[::-1]))))
-    return tuple(box)
 
 
 @dataclass

@@ -11,8 +11,8 @@ import numpy as np
 import pydicom
 from pydicom.misc import is_dicom
 
-from ..core import arrays
 from ..core.errors import InputError
+from ..core.grids import RAS_TO_LPS
 from ..core.scene import SceneContext
 from ..mesh.dicomseg import SEGMENTATION_STORAGE
 from ..mesh.segwriter import dicom_lab_to_rgb
@@ -86,7 +86,7 @@ def load_dicom_seg(ctx: SceneContext, path, reference_volume=None):
     except Exception as error:  # pydicom raises many kinds for a damaged file
         raise InputError(f"{path} could not be read as a DICOM SEG ({error}): check that the file is complete.") from None
     ijk_to_lps, slice_index = _grid(dataset, len(frames))
-    ijk_to_ras = arrays.RAS_TO_LPS @ ijk_to_lps
+    ijk_to_ras = RAS_TO_LPS @ ijk_to_lps
     numbers = np.array([_frame_item(dataset, f, "SegmentIdentificationSequence").ReferencedSegmentNumber
                         for f in range(len(frames))])
     node = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", path.name.split(".")[0])

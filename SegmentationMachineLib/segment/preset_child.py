@@ -20,6 +20,7 @@ import numpy as np
 
 from ..core.child import USER_ERROR_EXIT, last_line, start_module
 from ..core.errors import SegmentationError, UserError
+from ..core.grids import bounding_box
 from .masks import preset_mask
 
 TIMEOUT_S = 3600  # a large scan on a slow machine takes minutes; an hour means the child hangs
@@ -154,15 +155,6 @@ def cropped(mask: np.ndarray) -> tuple:
     and the memory it keeps, grow with the structure, not with the volume."""
     box = bounding_box(mask)
     return np.ascontiguousarray(mask[box]), [int(part.start) for part in box]
-
-
-def bounding_box(mask: np.ndarray) -> tuple:
-    """The smallest K, J, I slices that hold every true voxel of mask (empty slices if there is none)."""
-    box = []
-    for axis in range(mask.ndim):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(hits[0], hits[-1] + 1) if len(hits) else slice(0, 0))
-    return tuple(box)
 
 
 if __name__ == "__main__":
