@@ -1,6 +1,5 @@
 """SegmentationMachine: DICOM to a model on the print bed. A thin binding: behaviour lives in SegmentationMachineLib."""
 
-import importlib
 import logging
 import os
 import sys
@@ -271,8 +270,10 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(self.export.last_result.folder)))
 
     def onReload(self):
-        for name in sorted(n for n in sys.modules if n.startswith(("SegmentationMachineLib", "SegmentationMachineWidgets"))):
-            importlib.reload(sys.modules[name])
+        # Forgotten, not reloaded one by one: the module's reload imports them all afresh, each after what it
+        # imports (a reload in name order left cloud.pods's error class deriving from the old core.errors one).
+        for name in [n for n in sys.modules if n.startswith(("SegmentationMachineLib", "SegmentationMachineWidgets"))]:
+            del sys.modules[name]
         ScriptedLoadableModuleWidget.onReload(self)
 
 

@@ -42,6 +42,27 @@ def test_the_import_guard_refuses_what_slicer_lacks(tmp_path):
     assert "SegmentationMachineLib.probe imports watchdog, which Slicer 5.10 does not bundle" in result.stderr
 
 
+def test_a_developer_reload_leaves_one_generation_of_each_class(tmp_path):
+    """Reload (the module's developer section) re-imports the library; an error class from a package reloaded
+    before the one it derives from would no longer be a UserError, and its sentence would become a traceback."""
+    code = LOAD.replace('print("loaded")', """
+import importlib.util
+def reload_module(widget):  # what slicer.util.reloadScriptedModule does first (Base/Python/slicer/util.py, v5.10.0)
+    spec = importlib.util.spec_from_file_location("SegmentationMachine", SegmentationMachine.__file__)
+    sys.modules["SegmentationMachine"] = module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+SegmentationMachine.ScriptedLoadableModuleWidget.onReload = reload_module
+with only_slicer_packages():
+    SegmentationMachine.SegmentationMachineWidget.onReload(object())
+pods, errors = sys.modules["SegmentationMachineLib.cloud.pods"], sys.modules["SegmentationMachineLib.core.errors"]
+assert issubclass(pods.PodsError, errors.UserError)
+assert sys.modules["SegmentationMachine"] is not SegmentationMachine
+print("reloaded")
+""")
+    result = run(code, tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == "reloaded", result.stderr[-3000:]
+
+
 def test_only_the_module_sits_in_the_module_folder():
     """Slicer loads every .py file directly in a module folder as a module
     (qSlicerAbstractModuleFactoryManager::registerModules lists QDir::Files): helpers live in a package."""
