@@ -4,8 +4,11 @@ RUNPOD_REST_URL points the client at {url}/v2 and RUNPOD_GRAPHQL_URL at {url}/gr
 answers as notes/runpod-2026.md describes: bearer key, problem+json errors (RFC 9457), lists
 wrapped as {"pods": [...]}, 400 without capacity (RunPod's own sentences, no code), 402, 422, 429
 with Retry-After, a 5xx after the pod was created, a pod list that lags behind a create, pods that
-provision slowly and list their ports late, 404 once a pod is gone, 409 for an action not valid
-now, terminateAfter honoured, and RunPod's proxy to the pod's server and agent under /proxy/.
+provision slowly (PROVISIONING, STARTING) and list their ports late, pods that fail (ERROR) or are
+stopped (EXITED) on their own, a terminated pod listed as TERMINATED for a while before it answers
+404, 409 for an action not valid now, terminateAfter honoured, the container log as a stream of
+Server-Sent Events that never ends (a backfill, then live lines and keep-alive comments), and
+RunPod's proxy to the pod's server and agent under /proxy/.
 """
 
 import itertools
@@ -14,10 +17,10 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from graphql import parse
 from graphql.language import ast
@@ -62,6 +65,10 @@ class FakeRunPod:
     limited_keys: set = field(default_factory=set)  # keys that may read and stop pods but not terminate them
     agent_answers: bool = True  # the pod agent behind the proxy (port 8001) answers heartbeats
     warning: str = ""  # what the pod agent behind the proxy warns of
+    fails_as: str = None  # "ERROR" (the container keeps failing) or "EXITED" (stopped): new pods end so once booted
+    terminated_listed_s: float = 3.0  # a terminated pod is still listed (TERMINATED) this long, then 404
+    log_ping_s: float = 0.5  # the log stream's keep-alive comment when no line came
+    logs_as_json: bool = False  # the log as one finished JSON answer {"logs": [...]}, as RunPod answered earlier
     clock: object = time.monotonic  # provisioning and the list's lag
     wall: object = time.time  # terminateAfter
     pods: dict = field(default_factory=dict)
@@ -73,12 +80,17 @@ class FakeRunPod:
         self._lock = threading.Lock()
         self._count = 0
         self.rate_limited = 0  # 429s answered
+        self.ended = {}  # terminated pods, still listed as TERMINATED for terminated_listed_s
+        self.log_streams = 0  # log streams open now: a client that gives up must close its stream
+        self._closing = threading.Event()
 
     # -- server ----------------------------------------------------------------------------
     def start(self):
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # as Cloudflare answers: keep-alive, streams chunked
+
             def do_GET(self):
                 self._serve("GET")
 
@@ -96,6 +108,8 @@ class FakeRunPod:
                     status, payload, headers = *fake.proxy(self.path, authorization), {}
                 else:
                     status, payload, headers = fake.handle(method, self.path, authorization, body)
+                if isinstance(payload, _LogStream):
+                    return self._stream_log(payload)
                 data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
                 kind = ("text/html" if isinstance(payload, str) else
                         "application/problem+json" if status >= 400 and "status" in payload else "application/json")
@@ -107,6 +121,34 @@ class FakeRunPod:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _stream_log(self, stream):
+                """RunPod's log stream: the backfill, then live lines or a keep-alive comment, until the client
+                disconnects (or the fake stops); chunked, as a stream of unknown length is over HTTP/1.1."""
+                self.send_response(200)
+                for name, value in (("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
+                                    ("Transfer-Encoding", "chunked")):
+                    self.send_header(name, value)
+                self.end_headers()
+                self.close_connection = True
+                with fake._lock:
+                    fake.log_streams += 1
+                sent = max(0, len(fake.log_of(stream.pod_id)) - stream.tail)
+                try:
+                    while True:
+                        lines = fake.log_of(stream.pod_id)
+                        events = "".join(_event(line) for line in lines[sent:])
+                        sent = len(lines)
+                        data = (events or ": ping\n\n").encode()
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                        self.wfile.flush()
+                        if fake._closing.wait(fake.log_ping_s):
+                            break
+                except OSError:
+                    pass  # the client went away
+                finally:
+                    with fake._lock:
+                        fake.log_streams -= 1
+
             def log_message(self, *args):
                 pass
 
@@ -116,7 +158,14 @@ class FakeRunPod:
         return self
 
     def stop(self):
+        self._closing.set()
         self._server.shutdown()
+
+    def log_of(self, pod_id) -> list:
+        """The pod's log so far (a terminated pod's too, while it is listed)."""
+        with self._lock:
+            pod = self.pods.get(pod_id) or self.ended.get(pod_id)
+            return list(pod["log"]) if pod else []
 
     def environment(self) -> dict:
         """What points a client (or a pod agent) at the fake."""
@@ -127,7 +176,7 @@ class FakeRunPod:
         target, _, route = path[len("/proxy/"):].partition("/")
         pod_id, _, port = target.rpartition("-")
         with self._lock:
-            self._expire()
+            self._advance()
             pod = self.pods.get(pod_id)
         if pod is None or pod["status"] != "RUNNING" or self._uptime(pod) < self.server_s:
             return 502, "<html><body>502 Bad Gateway</body></html>"
@@ -162,16 +211,16 @@ class FakeRunPod:
             if self.rate_limit_every and self._count % self.rate_limit_every == 0:
                 self.rate_limited += 1
                 return (*_problem(429, "Too many requests."), {"Retry-After": str(self.retry_after_s)})
-            self._expire()
+            self._advance()
             try:
                 if path == "/graphql":
                     return (*self._graphql(payload or {}), {})
-                return (*self._route(method, urlsplit(path).path, payload, key), {})
+                return (*self._route(method, path, payload, key), {})
             except _Failure as failure:
                 return failure.answer
 
     def _route(self, method, path, body, key):
-        parts = path.strip("/").split("/")  # v2, pods, ID, action
+        parts = urlsplit(path).path.strip("/").split("/")  # v2, pods, ID, action
         if parts[0] != "v2":
             raise _Failure(404, "No such endpoint.")
         if method == "GET" and parts[1:] == ["catalog", "gpus"]:
@@ -180,16 +229,21 @@ class FakeRunPod:
             raise _Failure(404, "No such endpoint.")
         if len(parts) == 2:
             if method == "GET":
-                listed = [p for p in self.pods.values() if self.clock() - p["created_at"] >= self.list_lag_s]
+                listed = [p for p in [*self.pods.values(), *self.ended.values()]
+                          if self.clock() - p["created_at"] >= self.list_lag_s]
                 return 200, {"pods": [self._view(p) for p in listed]}
             return 201, self._view(self._create_from_v2(body if isinstance(body, dict) else {}))
-        pod = self.pods.get(parts[2])
+        pod = self.pods.get(parts[2]) or self.ended.get(parts[2])
         if pod is None:
             raise _Failure(404, f"Pod {parts[2]} not found.")
         if method == "GET" and len(parts) == 3:
             return 200, self._view(pod)
-        if method == "GET" and parts[3:] == ["logs"]:
-            return 200, {"logs": list(pod["log"])}
+        if method == "GET" and parts[3:] == ["logs"]:  # ?tail=N lines of backfill, 100 when omitted
+            tail = parse_qs(urlsplit(path).query).get("tail", ["100"])[0]
+            tail = min(5000, int(tail) if tail.isdigit() else 100)
+            if self.logs_as_json:
+                return 200, {"logs": [_entry(e)[1] for e in pod["log"]][-tail:] if tail else []}
+            return 200, _LogStream(pod["id"], tail)
         if method == "DELETE" and len(parts) == 3:
             return self._act(pod, "terminate", key)
         if method == "POST" and parts[3:] == ["action"]:
@@ -197,6 +251,8 @@ class FakeRunPod:
         raise _Failure(404, "No such endpoint.")
 
     def _act(self, pod, action, key):
+        if pod["status"] == "TERMINATED":
+            raise _Failure(409, f"Pod {pod['id']} is terminated.")
         if action == "stop":
             if pod["status"] != "RUNNING":
                 raise _Failure(409, f"Pod {pod['id']} is not running.")
@@ -211,7 +267,7 @@ class FakeRunPod:
         elif action == "terminate":
             if key in self.limited_keys:
                 raise _Failure(403, "This API key may not terminate pods.")
-            del self.pods[pod["id"]]
+            self._terminate(pod)
             return 200, {}
         else:
             raise _Failure(422, "action must be one of stop, start, terminate.")
@@ -252,7 +308,8 @@ class FakeRunPod:
             "started": now, "stoppedUptime": 0.0, "env": dict(env), "ports": list(ports), "volumeInGb": volume_gb,
             "volumeMountPath": mount_path, "terminateAfter": terminate_after,
             "cost": gpu["securePrice"] if cloud == "SECURE" else gpu["communityPrice"],
-            "log": ["pulling image", "starting the container"],
+            "log": [("system", f"pulling image {image or template_id}"), "starting the container"],
+            "fails_as": self.fails_as,
         }
         if self.create_fault:
             fault, self.create_fault = self.create_fault, None
@@ -286,16 +343,36 @@ class FakeRunPod:
         return 200, {"data": {"podFindAndDeployOnDemand": {"id": pod["id"], "name": pod["name"],
                                                            "desiredStatus": "RUNNING", "costPerHr": pod["cost"]}}}
 
-    def _expire(self):
-        """RunPod's terminateAfter: the pod is terminated at that time, whatever runs inside."""
-        now = self.wall()
-        for pod_id, pod in list(self.pods.items()):
+    def _advance(self):
+        """Time passes: terminateAfter ends pods whatever runs inside, a failing pod fails once booted, and a
+        terminated pod drops off the list."""
+        for pod in list(self.pods.values()):
             end = pod["terminateAfter"]
-            if end and datetime.fromisoformat(end.replace("Z", "+00:00")).timestamp() <= now:
-                del self.pods[pod_id]
+            if end and datetime.fromisoformat(end.replace("Z", "+00:00")).timestamp() <= self.wall():
+                self._terminate(pod)
+            elif pod["fails_as"] and pod["status"] == "RUNNING" and self._uptime(pod) >= self.boot_s:
+                self._fail(pod, pod["fails_as"])
+        for pod_id, pod in list(self.ended.items()):
+            if self.clock() - pod["terminated_at"] >= self.terminated_listed_s:
+                del self.ended[pod_id]
+
+    def _fail(self, pod, status):
+        if status == "EXITED":  # stopped: no GPU billing
+            pod["stoppedUptime"] += self._uptime(pod)
+            pod["log"].append(("system", "pod stopped"))
+        else:  # RunPod restarts the failing container: it bills on
+            pod["log"] += ["Traceback (most recent call last):", "RuntimeError: CUDA error: no kernel image is "
+                           "available for execution on the device", ("system", "container exited with code 1")]
+        pod["status"] = status
+
+    def _terminate(self, pod):
+        pod["stoppedUptime"] += self._uptime(pod)
+        pod["status"], pod["terminated_at"] = "TERMINATED", self.clock()
+        pod["log"].append(("system", "pod terminated"))
+        self.ended[pod["id"]] = self.pods.pop(pod["id"])
 
     def _uptime(self, pod) -> float:
-        return self.clock() - pod["started"] if pod["status"] == "RUNNING" else 0.0
+        return self.clock() - pod["started"] if pod["status"] in ("RUNNING", "ERROR") else 0.0
 
     def cost_so_far(self, pod_id) -> float:
         pod = self.pods[pod_id]
@@ -305,7 +382,7 @@ class FakeRunPod:
         age = self._uptime(pod)
         runtime, status = None, pod["status"]
         if status == "RUNNING" and age < self.boot_s:
-            status = "PROVISIONING"
+            status = "PROVISIONING" if age < self.boot_s / 2 else "STARTING"
         elif status == "RUNNING":
             ports = [{"ip": "100.65.0.2", "isIpPublic": False, "privatePort": int(p.split("/")[0]),
                       "publicPort": int(p.split("/")[0]), "type": p.split("/")[1]}
@@ -314,6 +391,25 @@ class FakeRunPod:
         return {"id": pod["id"], "name": pod["name"], "status": status, "cost": pod["cost"],
                 "gpu": {"id": pod["gpuTypeId"], "displayName": pod["gpuDisplayName"], "count": 1},
                 "image": pod["image"], "ports": pod["ports"], "volumeInGb": pod["volumeInGb"], "runtime": runtime}
+
+
+@dataclass
+class _LogStream:
+    """GET /v2/pods/{id}/logs: answered by the handler as a stream that stays open."""
+    pod_id: str
+    tail: int
+
+
+def _entry(entry) -> tuple:
+    """(source, line) of a pod's log entry: a plain string is the container's."""
+    return entry if isinstance(entry, tuple) else ("container", entry)
+
+
+def _event(entry) -> str:
+    """One log line as RunPod's SSE event: id is its timestamp, data {"source", "line", "ts"}."""
+    source, line = _entry(entry)
+    ts = datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return f"id: {ts}\ndata: {json.dumps({'source': source, 'line': line, 'ts': ts})}\n\n"
 
 
 class _Failure(Exception):
@@ -354,3 +450,23 @@ def _value(node, variables):
     if isinstance(node, ast.NullValueNode):
         return None
     return node.value  # strings (escapes decoded by the parser) and enums
+
+
+def ends_within(seconds: float, function, *args, **kwargs):
+    """function(*args, **kwargs) on a thread that must end within seconds: a call that would hang fails the test
+    instead of hanging it. Returns what it returned, or raises what it raised."""
+    outcome = {}
+
+    def call():
+        try:
+            outcome["value"] = function(*args, **kwargs)
+        except BaseException as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{getattr(function, '__name__', function)} still running after {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

@@ -116,6 +116,31 @@ def test_cancel_while_starting_terminates_the_pod(panel, fake):
     assert panel.records.all() == {}
 
 
+def test_a_pod_in_error_ends_the_start_at_once_with_the_sentence(panel, fake):
+    keyed(panel)
+    fake.fails_as = "ERROR"
+    started = time.monotonic()
+    panel.start("NVIDIA L40S", "server")  # with the default 10 min ready time-out
+    settle(panel, timeout=30)
+    assert time.monotonic() - started < 20
+    assert panel.status.startswith("RunPod reports the pod as ERROR while pulling the image: it was terminated")
+    assert fake.pods == {} and panel.records.all() == {} and panel.pod is None
+
+
+def test_a_pod_terminated_elsewhere_is_not_listed_as_still_there(panel, fake):
+    keyed(panel)
+    panel.start("NVIDIA L40S", "server")
+    settle(panel)
+    pod_id = panel.pod.pod_id
+    time.sleep(fake.list_lag_s)
+    panel.backend_factory(RUNPOD_KEY).terminate(pod_id)  # in RunPod's console, say: RunPod lists it as TERMINATED
+    later = CloudPanel(panel.store, PodRecords(panel.records.path))
+    later.refresh()
+    settle(later)
+    assert pod_id in fake.ended and later.earlier == [] and later.status == "Choose a GPU type and press Start."
+    assert later.records.all() == {}
+
+
 def test_pods_from_an_earlier_session_are_listed_and_can_be_used_or_terminated(panel, fake, tmp_path):
     keyed(panel)
     panel.start("NVIDIA L40S", "server")

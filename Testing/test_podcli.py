@@ -111,6 +111,9 @@ def test_a_stopped_pod_is_resumed_and_connected_again(env, fake):
     stopped = pod(env, "stop", pod_id)
     assert stopped.returncode == 0 and fake.pods[pod_id]["status"] == "EXITED"
     assert "its 50 GB volume is kept and costs $10.00/month until RunPod terminates the pod at" in stopped.stdout
+    status = pod(env, "status", pod_id).stdout
+    assert f"{pod_id} " in status and ": EXITED, L40S, $0.86/h" in status
+    assert status.splitlines()[0].endswith("; stopped, its 50 GB volume costs $10.00/month until it is terminated")
     resumed = pod(env, "resume", pod_id, "--detach")
     assert resumed.returncode == 0, resumed.stderr
     assert fake.pods[pod_id]["status"] == "RUNNING" and f"Ready: pod {pod_id}" in resumed.stdout
@@ -147,9 +150,37 @@ def test_max_price_leaves_out_dearer_types(env, fake):
 
 def test_a_start_not_ready_in_time_is_terminated(env, fake):
     fake.server_s = 3600
-    done = pod(env, "up", "--timeout", "3", "--gpu", "NVIDIA GeForce RTX 4090")
+    done = pod(env, "up", "--timeout", "3", "--gpu", "NVIDIA GeForce RTX 4090", timeout=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "not ready after" in done.stderr and "it was terminated" in done.stderr and fake.pods == {}
+    assert "its container log is in" in done.stderr
+    end = time.monotonic() + 10
+    while fake.log_streams:  # the never-ending log stream was closed, not left open
+        assert time.monotonic() < end
+        time.sleep(0.1)
+
+
+def test_a_pod_in_error_ends_up_at_once_with_one_sentence(env, fake):
+    fake.fails_as = "ERROR"  # the container keeps failing: waiting the 10 min of --timeout would only bill
+    started = time.monotonic()
+    done = pod(env, "up", "--gpu", "NVIDIA GeForce RTX 4090", timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and time.monotonic() - started < 30
+    assert "RunPod reports the pod as ERROR while pulling the image: it was terminated (cost $0.00); its container " \
+           "log is in" in done.stderr and fake.pods == {}
+
+
+def test_a_pod_terminated_elsewhere_is_not_shown_as_still_there(env, fake, tmp_path):
+    from SegmentationMachineLib.cloud.pods import RunPodRest
+
+    assert pod(env, "up", "--detach", "--gpu", "NVIDIA L40S").returncode == 0
+    [pod_id] = fake.pods
+    time.sleep(fake.list_lag_s)  # listed by now
+    RunPodRest(RUNPOD_KEY).terminate(pod_id)  # e.g. in RunPod's console: the record here stays
+    assert [p["status"] for p in fake.ended.values()] == ["TERMINATED"]  # and RunPod still lists it, for a while
+    assert "0 pod(s). Spending $0.00/h" in pod(env, "list").stdout
+    assert pod(env, "status").stdout == f"{pod_id}: terminated.\n"
+    records = tmp_path / ".segmentation-machine" / "pods.json"
+    assert json.loads(records.read_text()) == {}  # forgotten: the next `pod up` does not offer it
 
 
 def test_ctrl_c_while_starting_terminates_the_pod(env, fake):

@@ -1,13 +1,15 @@
 """The pods adapter: RunPod's REST v2 API over requests, against a local fake RunPod on loopback."""
 
 import logging
+import threading
 import time
 
 import pytest
 
 from conftest import RUNPOD_KEY as KEY
-from fake_runpod import NO_CAPACITY, NO_FREE_GPUS, NO_RESOURCES, SOMETHING_WENT_WRONG
-from SegmentationMachineLib.cloud.pods import CAPACITY_SENTENCE, CapacityError, PodsError, PodSpec, RunPodRest, redacted
+from fake_runpod import NO_CAPACITY, NO_FREE_GPUS, NO_RESOURCES, SOMETHING_WENT_WRONG, ends_within
+from SegmentationMachineLib.cloud.pods import (CAPACITY_SENTENCE, CapacityError, PodsError, PodSpec, RunPodRest,
+                                               redacted, spend_per_hr)
 
 RTX_4090 = "NVIDIA GeForce RTX 4090"
 
@@ -179,9 +181,65 @@ def test_graphql_capacity_errors_and_its_retirement(backend, fake):
     assert fake.pods[pod.id]["terminateAfter"] is None and pod.terminate_after is None
 
 
-def test_the_container_log_of_a_pod(backend, fake):
+def wait_for(condition, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end
+        time.sleep(0.05)
+
+
+def test_the_log_stream_that_never_ends_is_read_until_quiet_and_closed(backend, fake):
+    """RunPod streams the log (SSE) and keeps the stream open with keep-alives: the backfill is what we get."""
+    pod = backend.create(PodSpec("NVIDIA L40S", image="example/sm:1"))
+    fake.pods[pod.id]["log"].append(f"echoed by a careless script: {KEY}")
+    started = time.monotonic()
+    text = ends_within(10, backend.logs, pod.id, quiet_s=1.0)
+    assert 1.0 <= time.monotonic() - started < 4  # quiet for 1 s (only keep-alives came): the backfill is over
+    assert text == "[system] pulling image example/sm:1\nstarting the container\nechoed by a careless script: ***"
+    # (the API key is never kept, not even in the user's own file)
+    wait_for(lambda: fake.log_streams == 0)  # the stream was closed behind us, not left open
+    fake.logs_as_json = True  # as RunPod's API answered before it streamed: read too
+    assert ends_within(10, backend.logs, pod.id, quiet_s=1.0).startswith("pulling image example/sm:1\nstarting")
+    with pytest.raises(PodsError, match=r"RunPod refused the request \(404\): Pod pod9999x not found"):
+        ends_within(10, backend.logs, "pod9999x")
+
+
+def test_a_log_that_keeps_coming_is_cut_at_the_deadline_or_at_its_last_lines(backend, fake):
     pod = backend.create(PodSpec("NVIDIA L40S", image="x"))
-    assert backend.logs(pod.id) == "pulling image\nstarting the container"
+    log = fake.pods[pod.id]["log"]
+    log += [f"line {i}" for i in range(500)]
+    assert ends_within(10, backend.logs, pod.id, max_lines=50).splitlines() == [f"line {i}" for i in range(450, 500)]
+    crash_loop = threading.Event()
+
+    def keep_logging():  # a container restarting for ever: a line every 0.1 s, never quiet
+        while not crash_loop.wait(0.1):
+            log.append("RuntimeError: CUDA error")
+
+    threading.Thread(target=keep_logging, daemon=True).start()
+    try:
+        started = time.monotonic()
+        text = ends_within(10, backend.logs, pod.id, within_s=1.5, quiet_s=1.0, max_lines=1000)
+        assert 1.5 <= time.monotonic() - started < 3 and text.endswith("RuntimeError: CUDA error")
+    finally:
+        crash_loop.set()
+    wait_for(lambda: fake.log_streams == 0)
+
+
+def test_a_terminated_pod_is_listed_as_terminated_for_a_while_and_counts_as_gone(backend, fake, virtual):
+    import requests
+
+    pod = backend.create(PodSpec("NVIDIA L40S", image="x"))
+    virtual[0] = 3.0
+    backend.terminate(pod.id)
+    listed = requests.get(f"{fake.url}/v2/pods", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+    assert [(p["id"], p["status"]) for p in listed["pods"]] == [(pod.id, "TERMINATED")]  # RunPod still lists it
+    assert backend.get(pod.id) is None and backend.pods() == [] and backend.named(pod.name) == []
+    backend.terminate(pod.id)  # 409 for a TERMINATED pod: already done
+    with pytest.raises(PodsError, match=f"There is no pod {pod.id} on this account"):
+        backend.stop(pod.id)
+    virtual[0] = 3.0 + fake.terminated_listed_s
+    assert requests.get(f"{fake.url}/v2/pods/{pod.id}", headers={"Authorization": f"Bearer {KEY}"},
+                        timeout=10).status_code == 404  # then it is gone
 
 
 def test_runpod_text_is_shown_without_anything_that_looks_like_a_secret():
@@ -191,3 +249,13 @@ def test_runpod_text_is_shown_without_anything_that_looks_like_a_secret():
     for secret in ("Zr8x-secret-value", "rpa_ABC123def456", "eyJhbGciOi", "0123456789abcdef0123456789abcdef01", "\x1b"):
         assert secret not in shown
     assert "pod abc123xyz, GPU NVIDIA GeForce RTX 4090" in shown  # what helps the user stays
+
+
+def test_a_pod_in_error_still_bills_a_stopped_one_only_for_its_volume(backend, fake, virtual):
+    failing = backend.create(PodSpec("NVIDIA L40S", image="x"))
+    fake.fails_as = "ERROR"  # its container keeps failing, and RunPod keeps restarting it
+    backend.create(PodSpec("NVIDIA GeForce RTX 4090", image="x"))
+    virtual[0] = 3.0
+    backend.stop(failing.id)
+    assert sorted(p.status for p in backend.pods()) == ["ERROR", "EXITED"]
+    assert spend_per_hr(backend.pods()) == 0.69  # the pod in ERROR, not the stopped one

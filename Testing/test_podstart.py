@@ -3,12 +3,14 @@
 import stat
 import time
 from datetime import datetime
+from urllib.parse import urlsplit
 
 import pytest
 
-from fake_runpod import FakeRunPod
+from conftest import RUNPOD_KEY
+from fake_runpod import FakeRunPod, ends_within
 from SegmentationMachineLib.cloud.cloudgpu import CloudGpu, Limits
-from SegmentationMachineLib.cloud.pods import CapacityError, PodsError, PodSpec
+from SegmentationMachineLib.cloud.pods import LOG_QUIET_S, CapacityError, PodsError, PodSpec
 from SegmentationMachineLib.cloud.podstart import Phase, PodRecords, server_answers, start_pod
 
 SERVER_KEY = "nni-key-for-this-pod"
@@ -52,12 +54,71 @@ def test_no_capacity_moves_on_to_the_next_gpu_type(backend, quick, tmp_path):
                   PodRecords(tmp_path / "other.json"), poll_s=0.1)
 
 
-def test_a_start_that_is_never_ready_is_terminated_and_said(backend, quick, tmp_path):
-    quick.server_s = 3600  # the server never comes up
+def requested(fake, method, ending) -> int:
+    """Where in the fake's requests the first one of method to a path ending so is."""
+    return next(i for i, (m, path, _) in enumerate(fake.requests) if m == method and urlsplit(path).path.endswith(ending))
+
+
+def test_a_start_that_is_never_ready_keeps_its_streamed_log_within_seconds_and_is_terminated(backend, quick, tmp_path):
+    quick.server_s = 3600  # the server never comes up; RunPod's log stream never ends either
     records = PodRecords(tmp_path / "pods.json")
-    with pytest.raises(PodsError, match=r"not ready after 0 min \(still starting services\): it was terminated"):
-        start_pod(backend, [spec("NVIDIA GeForce RTX 4090")], ready_check(quick), records, timeout_s=1.0, poll_s=0.1)
+    started = time.monotonic()
+    with pytest.raises(PodsError, match=r"not ready after 0 min \(still starting services\): it was terminated "
+                                        r"\(cost \$0\.00\); its container log is in .*logs/pod0001x\.log; try another"):
+        ends_within(30, start_pod, backend, [spec("NVIDIA GeForce RTX 4090")], ready_check(quick), records,
+                    timeout_s=1.0, poll_s=0.1)
+    assert time.monotonic() - started < 1.0 + LOG_QUIET_S + 3  # the time-out, the log's quiet end, some slack
     assert quick.pods == {} and records.all() == {}  # nothing left billing, nothing left listed
+    assert requested(quick, "GET", "/logs") < requested(quick, "POST", "/action")  # the log while RunPod has it
+    assert "starting the container" in (tmp_path / "logs" / "pod0001x.log").read_text()
+
+
+@pytest.mark.parametrize("state", ["ERROR", "EXITED"])
+def test_a_pod_that_fails_or_is_stopped_while_starting_ends_the_wait_at_once(backend, quick, tmp_path, state):
+    quick.fails_as = state
+    records = PodRecords(tmp_path / "pods.json")
+
+    def careless_container(progress):  # a container that prints its secrets, and the account's key
+        if progress.pod_id in quick.pods:
+            quick.pods[progress.pod_id]["log"].append(f"env: SM_NNI_API_KEY={SERVER_KEY} RUNPOD_API_KEY={RUNPOD_KEY}")
+
+    started = time.monotonic()
+    with pytest.raises(PodsError) as error:
+        ends_within(30, start_pod, backend, [spec("NVIDIA GeForce RTX 4090")], ready_check(quick), records,
+                    careless_container, poll_s=0.1, details={"secrets": {"SM_NNI_API_KEY": SERVER_KEY}})
+    assert time.monotonic() - started < quick.boot_s + LOG_QUIET_S + 3  # not the 10 min of the ready time-out
+    assert str(error.value).startswith(f"RunPod reports the pod as {state} while pulling the image: it was "
+                                       "terminated (cost $0.00); its container log is in ")
+    assert quick.pods == {} and records.all() == {}
+    saved = (tmp_path / "logs" / "pod0001x.log").read_text()
+    assert "env: SM_NNI_API_KEY=*** RUNPOD_API_KEY=***" in saved and SERVER_KEY not in saved and RUNPOD_KEY not in saved
+    assert ("CUDA error" in saved) == (state == "ERROR")
+
+
+def test_a_log_that_cannot_be_kept_is_a_warning_not_instead_of_the_sentence(backend, quick, tmp_path, caplog):
+    quick.fails_as = "ERROR"
+    (tmp_path / "logs").write_text("a file where the logs folder would be")
+    with pytest.raises(PodsError, match=r"as ERROR while pulling the image: it was terminated \(cost \$0\.00\); try"):
+        ends_within(30, start_pod, backend, [spec("NVIDIA GeForce RTX 4090")], ready_check(quick),
+                    PodRecords(tmp_path / "pods.json"), poll_s=0.1)
+    assert quick.pods == {} and "The log of pod pod0001x was not kept (FileExistsError)" in caplog.text
+
+
+@pytest.mark.parametrize("state, said", [
+    ("EXITED", "it was stopped again, its volume kept; its container log is in "),  # e.g. RunPod stopped it again
+    ("ERROR", "and it could not be stopped (RunPod cannot do that to the pod now: Pod pod0001x is not running): "
+              "terminate it with `segmentation-machine pod down pod0001x`")])
+def test_a_resume_that_fails_keeps_the_volume(backend, quick, tmp_path, state, said):
+    records = PodRecords(tmp_path / "pods.json")
+    cloud = CloudGpu(backend, records)
+    pod = backend.create(spec("NVIDIA L40S"))
+    records.add(pod, 0, mode="server", secrets={"SM_NNI_API_KEY": SERVER_KEY, "SM_HEARTBEAT_TOKEN": "beat"})
+    backend.stop(pod.id)
+    quick.pods[pod.id]["fails_as"] = state  # nothing to wait for
+    with pytest.raises(PodsError) as error:
+        ends_within(30, cloud.resume, pod.id, sleep=lambda s: time.sleep(0.1))
+    assert f"RunPod reports the pod as {state} while pulling the image" in str(error.value) and said in str(error.value)
+    assert quick.pods[pod.id]["status"] == state and pod.id in records.all()  # the volume is the user's
 
 
 def test_a_key_the_pod_does_not_know_is_an_error_not_a_wait(backend, quick, tmp_path):

@@ -120,8 +120,12 @@ def _spending(pods) -> str:
 def _up(cloud: CloudGpu, args):
     _terminate_on_signals()
     for pod, cost in cloud.started_earlier():
-        print(f"Still there from an earlier start: {pod.id} ({pod.gpu}, {pod.status}, ${cost:.2f} so far); "
-              f"`segmentation-machine pod down {pod.id}` terminates it.")
+        if pod.status == "EXITED":
+            print(f"Stopped since an earlier start: {pod.id} ({pod.gpu}); {_volume_cost(pod)}: `{SM} resume {pod.id}` "
+                  f"continues it, `{SM} down {pod.id}` terminates it.")
+        else:
+            print(f"Still there from an earlier start: {pod.id} ({pod.gpu}, {pod.status}, ${cost:.2f} so far); "
+                  f"`{SM} down {pod.id}` terminates it.")
     choices = cloud.gpu_choices(args.gpu, args.cloud.upper(), args.max_price)
     limits = Limits(args.idle_timeout, args.max_lifetime, args.budget)
     volume = {k: v for k, v in (("volume_gb", args.volume_gb), ("network_volume_id", args.network_volume)) if v}
@@ -177,6 +181,10 @@ def _stay_connected(cloud: CloudGpu, started: StartedPod):
                     cloud.records.remove(started.pod_id)
                     print(f"Pod {started.pod_id} was terminated ({warned or 'from elsewhere'}).")
                     return
+                if last.status == "EXITED":  # e.g. by its agent, whose pod-scoped key may only stop it
+                    print(f"Pod {started.pod_id} was stopped ({warned or 'from elsewhere'}); {_volume_cost(last)}: "
+                          f"`{SM} resume {started.pod_id}` continues it, `{SM} down {started.pod_id}` terminates it.")
+                    return
             time.sleep(INTERVAL_S)
     except KeyboardInterrupt:
         cloud.terminate(started.pod_id)  # first: printing to a closed terminal may fail
@@ -199,8 +207,14 @@ def _urls(started: StartedPod) -> str:
 
 
 def _pod_line(pod) -> str:
+    stopped = f"; stopped, {_volume_cost(pod)}" if pod.status == "EXITED" else ""
     return (f"{pod.id} {pod.name}: {pod.status}, {pod.gpu}, ${pod.cost_per_hr:.2f}/h, up {pod.uptime_s / 60:.0f} min,"
-            f" ${pod.cost_so_far:.2f} so far")
+            f" ${pod.cost_so_far:.2f} so far{stopped}")
+
+
+def _volume_cost(pod) -> str:
+    """What a stopped pod still costs: its volume, until it is terminated."""
+    return f"its {pod.volume_gb} GB volume costs ${pod.volume_usd_per_month:.2f}/month until it is terminated"
 
 
 def _status(cloud: CloudGpu, args):

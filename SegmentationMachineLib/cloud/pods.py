@@ -5,13 +5,17 @@ API; GraphQL retires in early 2027. Only one call still goes to GraphQL while it
 pod with `terminateAfter`, RunPod's server-side end of a pod, which v2 has no field for. What the
 adapter adds: 429s waited out (Retry-After), a create whose outcome is unknown (5xx, no answer,
 "something went wrong") answered by looking the pod up over the seconds the list lags before any
-retry, and one-sentence errors that never carry the key or the pod's secrets.
+retry, and one-sentence errors that never carry the key or the pod's secrets. A terminated pod,
+which RunPod still lists as TERMINATED for a while, counts as gone.
 """
 
+import json
 import os
+import queue
 import re
 import secrets
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -28,6 +32,9 @@ BACKOFF_S = (5, 10, 20, 40, 60)  # between tries after a 429 without Retry-After
 NETWORK_RETRIES = 2  # a read that gets a server error or no answer is tried again twice (5 s, 10 s)
 LOOKUP_S = (2, 3, 5)  # after a create of unknown outcome: the pod list lags a few seconds behind
 VOLUME_USD_PER_GB_MONTH = 0.20  # a stopped pod's volume
+LOG_LINES = 200  # a failed start's log: its last lines are enough to say why
+LOG_WITHIN_S = 15.0  # RunPod streams the log and never ends the stream: reading it takes this long at most
+LOG_QUIET_S = 2.0  # the backfill is over once no line came for this long (keep-alive comments do not count)
 CAPACITY_MESSAGES = ("no longer any instances available", "does not have the resources to deploy",
                      "not enough free gpus")  # RunPod's 400s without capacity carry no code, only these
 CAPACITY_SENTENCE = ("RunPod has no capacity for that GPU right now: choose another GPU type or cloud, "
@@ -78,7 +85,7 @@ class PodSpec:
 class Pod:
     id: str
     name: str
-    status: str  # PROVISIONING, RUNNING, EXITED, ERROR, TERMINATED
+    status: str  # PROVISIONING, STARTING, RUNNING, ERROR, EXITED (stopped: its volume kept); TERMINATED is gone
     gpu: str
     cost_per_hr: float
     uptime_s: int
@@ -97,8 +104,9 @@ class Pod:
 
 
 def spend_per_hr(pods) -> float:
-    """What the running pods cost together ($/h): v2 has no balance or spend endpoint."""
-    return sum(p.cost_per_hr for p in pods if p.status == "RUNNING")
+    """What the pods holding a GPU cost together ($/h): all but the stopped (EXITED) ones, since a pod in ERROR
+    restarts its container and bills on; v2 has no balance or spend endpoint."""
+    return sum(p.cost_per_hr for p in pods if p.status not in ("EXITED", "TERMINATED"))
 
 
 class RunPodRest:
@@ -120,20 +128,69 @@ class RunPodRest:
                        and (g.in_stock or not in_stock)), key=lambda g: (g.price(cloud), -g.memory_gb))
 
     def pods(self) -> list:
-        """Every pod of the account; a pod created seconds ago may not be listed yet."""
-        return [_pod(p) for p in self._json("GET", "/pods")["pods"]]
+        """Every pod of the account but the terminated ones; a pod created seconds ago may not be listed yet."""
+        return [_pod(p) for p in self._json("GET", "/pods")["pods"] if p.get("status") != "TERMINATED"]
 
     def get(self, pod_id: str):
-        """The pod, or None once it is gone."""
+        """The pod, or None once it is terminated (listed as TERMINATED, or gone: 404)."""
         response = self._request("GET", f"/pods/{pod_id}")
-        return None if response.status_code == 404 else _pod(_checked(response))
+        if response.status_code == 404:
+            return None
+        pod = _pod(_checked(response))
+        return None if pod.status == "TERMINATED" else pod
 
     def named(self, name: str) -> list:
         return [p for p in self.pods() if p.name == name]
 
-    def logs(self, pod_id: str) -> str:
-        """The container's log (why a start failed)."""
-        return "\n".join(self._json("GET", f"/pods/{pod_id}/logs").get("logs") or [])
+    def logs(self, pod_id: str, within_s: float = LOG_WITHIN_S, quiet_s: float = LOG_QUIET_S,
+             max_lines: int = LOG_LINES) -> str:
+        """The last lines of the pod's log (why a start failed), read for within_s at most whatever RunPod does.
+
+        RunPod streams the log as Server-Sent Events and keeps the stream open: a backfill, then live lines and
+        keep-alive comments. Reading ends after max_lines, once no line came for quiet_s, or after within_s;
+        a reader thread does the reading, so a stream that stalls cannot hold the caller."""
+        found, stop = queue.Queue(), threading.Event()
+        threading.Thread(target=self._read_log, args=(pod_id, max_lines, within_s, found, stop), daemon=True,
+                         name=f"log of {pod_id}").start()
+        lines, deadline, wait = [], time.monotonic() + within_s, within_s  # until RunPod answers: all the time
+        try:
+            while len(lines) < max_lines:
+                item = found.get(timeout=max(0.0, min(wait, deadline - time.monotonic())))
+                if item is _END or (isinstance(item, PodsError) and lines):
+                    break  # a stream that breaks after some lines still told something
+                if isinstance(item, PodsError):
+                    raise item
+                if item is not _OPEN:
+                    lines.append(item)
+                wait = quiet_s
+        except queue.Empty:
+            pass  # quiet, or out of time: what came is the log
+        finally:
+            stop.set()  # the reader closes the stream at its next line or keep-alive
+        return masked("\n".join(lines), [self._headers["Authorization"].removeprefix("Bearer ")])
+
+    def _read_log(self, pod_id: str, max_lines: int, within_s: float, found: queue.Queue, stop: threading.Event):
+        """On the reader thread: puts _OPEN, then each line, then _END (or a PodsError) into found."""
+        import requests
+
+        try:
+            with requests.get(f"{self.url}/pods/{pod_id}/logs", params={"tail": max_lines}, headers=self._headers,
+                              stream=True, timeout=(TIMEOUT_S, within_s)) as response:
+                if response.status_code >= 300:
+                    _checked(response)
+                found.put(_OPEN)
+                for line in _log_lines(response):
+                    if stop.is_set():  # looked at on keep-alives too: the caller has gone, the stream is closed
+                        return
+                    if line is not None:
+                        found.put(line)
+            found.put(_END)
+        except PodsError as error:
+            found.put(error)
+        except ValueError:  # JSON that is not JSON (requests' JSONDecodeError is a RequestException too)
+            found.put(PodsError("RunPod's answer for the pod's log could not be read."))
+        except requests.RequestException as error:
+            found.put(PodsError(unreachable(self.url, error)[0]))
 
     # -- changing --------------------------------------------------------------------------
     def create(self, spec: PodSpec) -> Pod:
@@ -161,10 +218,11 @@ class RunPodRest:
         self._action(pod_id, "start")
 
     def terminate(self, pod_id: str):
-        """Terminates the pod; one that is already gone counts as terminated."""
+        """Terminates the pod; one that is already terminated (404, or a 409 for a TERMINATED pod) counts as done."""
         response = self._request("POST", f"/pods/{pod_id}/action", body={"action": "terminate"})
-        if response.status_code != 404:
-            _checked(response)
+        if response.status_code == 404 or (response.status_code == 409 and self.get(pod_id) is None):
+            return
+        _checked(response)
 
     # -- inside ----------------------------------------------------------------------------
     def _create_once(self, spec: PodSpec) -> Pod:
@@ -204,7 +262,7 @@ class RunPodRest:
 
     def _action(self, pod_id: str, action: str):
         response = self._request("POST", f"/pods/{pod_id}/action", body={"action": action})
-        if response.status_code == 404:
+        if response.status_code == 404 or (response.status_code == 409 and self.get(pod_id) is None):
             raise PodsError(f"There is no pod {pod_id} on this account (terminated?): "
                             "`segmentation-machine pod list` shows them.")
         _checked(response)
@@ -275,6 +333,36 @@ class _Unknown(Exception):
     """A create whose outcome is unknown: the caller looks before it tries again."""
 
 
+_OPEN, _END = object(), object()  # the log's reader: RunPod answered; the stream ended
+
+
+def _log_lines(response):
+    """The lines of RunPod's answer for a pod's log: Server-Sent Events whose data is {"source", "line", "ts"}
+    (None for comments such as keep-alives, ids and blank lines), or JSON {"logs": [...]} as earlier versions
+    answered."""
+    if "json" in response.headers.get("Content-Type", ""):
+        answer = response.json()
+        yield from (str(line) for line in (answer.get("logs") if isinstance(answer, dict) else None) or [])
+        return
+    for raw in response.iter_lines():
+        text = raw.decode("utf-8", "replace")
+        if not text.startswith("data:"):
+            yield None
+            continue
+        data = text[5:].removeprefix(" ")
+        try:
+            event = json.loads(data)
+        except ValueError:
+            yield data  # plain text data
+            continue
+        if not isinstance(event, dict):
+            yield data
+        elif event.get("source", "container") == "container":
+            yield str(event.get("line", ""))
+        else:
+            yield f"[{event['source']}] {event.get('line', '')}"
+
+
 _CLOUD_FLAG = {"SECURE": "secureCloud", "COMMUNITY": "communityCloud"}
 
 
@@ -291,13 +379,18 @@ SECRET_LIKE = re.compile(r"\brp[a-z]_[A-Za-z0-9]+|\bbearer\s+\S+|\b(?:api[_-]?ke
                          r"|[A-Za-z0-9+/_=-]{32,}", re.IGNORECASE)
 
 
+def masked(text: str, secret_values) -> str:
+    """text with each of secret_values (the key, the pod's own secrets) replaced by ***."""
+    for value in secret_values:
+        if len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
 def redacted(detail: str, secret_values=()) -> str:
     """RunPod's text for a sentence: the pod's own secrets and anything secret-like masked, control characters
     escaped (RunPod may quote the request back)."""
-    for value in secret_values:
-        if len(value) >= 4:
-            detail = detail.replace(value, "***")
-    return printable(SECRET_LIKE.sub("***", detail))
+    return printable(SECRET_LIKE.sub("***", masked(detail, secret_values)))
 
 
 def _raise_for(status: int, detail: str, secret_values=()):

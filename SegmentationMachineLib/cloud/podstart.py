@@ -2,12 +2,14 @@
 
 Ready means the pod answered through RunPod's proxy (cloudgpu: its agent accepted a heartbeat and
 its nnInteractive server an authenticated request), not merely that RunPod says RUNNING. A start
-that is not ready in time is terminated, its container log kept and the reason said; a GPU type
-without capacity hands over to the next one; every pod started here is recorded locally, so the
-next start can list what still runs and what it has cost.
+that is not ready in time, or that RunPod reports as failed (ERROR) or stopped (EXITED), has its
+container log kept (read within seconds) and is terminated (a resume: stopped again), and the reason said; a
+GPU type without capacity hands over to the next one; every pod started here is recorded locally,
+so the next start can list what is still there and what it has cost.
 """
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -15,10 +17,12 @@ from enum import Enum
 from pathlib import Path
 
 from ..core.files import write_private
-from .pods import CapacityError, Pod, PodsError
+from .pods import CapacityError, Pod, PodsError, masked
 
 POLL_S = 5.0  # RunPod's API is not to be polled faster
 DEFAULT_TIMEOUT_S = 600.0
+FAILED = ("ERROR", "EXITED")  # a start in these states will not become ready by waiting
+log = logging.getLogger("segmentation-machine")
 
 
 class Phase(str, Enum):
@@ -102,7 +106,8 @@ class PodRecords:
         self._write(records)
 
     def still_running(self, backend) -> list:
-        """(Pod, cost so far) for recorded pods that still exist; forgets the ones that are gone.
+        """(Pod, cost so far) for recorded pods that still exist, running or stopped (EXITED: its volume still
+        bills); forgets the terminated ones.
 
         Each is asked for by id: RunPod's list lags behind a create, and would make a new pod look gone."""
         result = []
@@ -151,16 +156,20 @@ def start_pod(backend, specs, is_ready, records: PodRecords, on_progress=lambda 
 
 def wait_until_ready(backend, pod: Pod, is_ready, records, on_progress, timeout_s, poll_s=POLL_S, clock=time.monotonic,
                      sleep=time.sleep, note="", keep_volume=False) -> Pod:
-    """Polls until is_ready(pod); past timeout_s the pod is terminated (stopped when keep_volume: a resume)."""
+    """Polls until is_ready(pod). Past timeout_s, or once RunPod reports the pod failed (ERROR) or stopped (EXITED),
+    the pod is terminated (stopped when keep_volume: a resume) and the reason raised."""
     started = clock()
     phase = Phase.PULLING_IMAGE
     while True:
         current = backend.get(pod.id)
         if current is None:
             records.remove(pod.id)
-            raise PodsError(f"Pod {pod.id} disappeared while starting (terminated elsewhere?): start a new one.")
+            raise PodsError(f"Pod {pod.id} was terminated while starting (elsewhere, or by RunPod): start a new one.")
         elapsed = clock() - started
         cost = elapsed / 3600 * current.cost_per_hr
+        if current.status in FAILED:
+            raise _given_up(backend, records, current, f"RunPod reports the pod as {current.status} while "
+                            f"{phase.value}", cost, keep_volume)
         if current.runtime_ready:
             phase = Phase.STARTING_SERVICES
             if is_ready(current):
@@ -168,22 +177,36 @@ def wait_until_ready(backend, pod: Pod, is_ready, records, on_progress, timeout_
                 return current
         on_progress(Progress(phase, elapsed, cost, current.id, note))
         if elapsed >= timeout_s:
-            kept = _keep_log(backend, records, pod.id)
-            if keep_volume:
-                backend.stop(pod.id)
-                raise PodsError(f"The pod was not ready after {timeout_s / 60:.0f} min (still {phase.value}): it was "
-                                f"stopped again, its volume kept{kept}; try again later or terminate it.")
-            backend.terminate(pod.id)
-            records.remove(pod.id)
-            raise PodsError(f"The pod was not ready after {timeout_s / 60:.0f} min (still {phase.value}): it was "
-                            f"terminated (cost ${cost:.2f}){kept}; try another GPU type or again later.")
+            raise _given_up(backend, records, current, f"The pod was not ready after {timeout_s / 60:.0f} min "
+                            f"(still {phase.value})", cost, keep_volume)
         sleep(poll_s)
 
 
-def _keep_log(backend, records: PodRecords, pod_id: str) -> str:
-    """Saves the container log of a start that failed; the clause that says where (or '' without one)."""
+def _given_up(backend, records: PodRecords, pod: Pod, why: str, cost: float, keep_volume: bool) -> PodsError:
+    """Keeps the log of a start that failed (read within seconds: RunPod may serve no log once a pod is gone),
+    then ends its bill (terminated; a resume stopped); the error to raise."""
+    kept = _keep_log(backend, records, pod.id, records.get(pod.id).get("secrets", {}).values())
+    if keep_volume:
+        try:
+            if pod.status != "EXITED":  # stopped already
+                backend.stop(pod.id)
+        except PodsError as error:  # e.g. RunPod refuses to stop a pod in ERROR
+            return PodsError(f"{why}, and it could not be stopped ({str(error).rstrip('.')}): terminate it with "
+                             f"`segmentation-machine pod down {pod.id}` or in the RunPod console.")
+        return PodsError(f"{why}: it was stopped again, its volume kept{kept}; try again later or terminate it.")
+    backend.terminate(pod.id)
+    records.remove(pod.id)
+    return PodsError(f"{why}: it was terminated (cost ${cost:.2f}){kept}; try another GPU type or again later.")
+
+
+def _keep_log(backend, records: PodRecords, pod_id: str, secret_values=()) -> str:
+    """Saves the log of a start that failed; the clause that says where ('' without one). Never raises: the log
+    is a help, and the sentence about the pod matters more."""
     try:
-        text = backend.logs(pod_id)
-    except PodsError:
-        return ""  # the log is a help, not a condition: terminating comes first
-    return f"; its container log is in {records.save_log(pod_id, text)}" if text else ""
+        text = masked(backend.logs(pod_id), list(secret_values))
+        return f"; its container log is in {records.save_log(pod_id, text)}" if text else ""
+    except PodsError as error:
+        log.warning("The log of pod %s was not kept: %s", pod_id, error)
+    except Exception as error:  # a bug, a full disk: said in the log, not instead of the sentence
+        log.warning("The log of pod %s was not kept (%s).", pod_id, type(error).__name__)
+    return ""
