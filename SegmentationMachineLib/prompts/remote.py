@@ -5,7 +5,8 @@ voxel is written: the changed box against the target buffer (a wrong one makes V
 bounds), the diff's dtype, shape and size (the upstream client would build an "object" array
 from the server's bytes and dereference them). Every answer must arrive whole within its read
 time-out and under a size cap: httpx's time-out is per read, so a server dripping a byte every
-few seconds would hold us for ever, and a multi-GB answer would be read into memory.
+few seconds would hold us for ever, and a multi-GB answer would be read into memory. A proxy from the
+environment (proxies.py: a hospital's) is gone through on the same guarded connections.
 Imported only where the client is installed (the base install runs without it).
 """
 
@@ -22,6 +23,7 @@ from nnInteractive.inference.remote._protocol import META_HEADER
 from nnInteractive.inference.remote.serialization import pack_array, unpack_array
 
 from ..core.files import printable
+from .proxies import proxy_for, ProxySettingError
 
 PLAIN_NUMBERS = "biuf"  # numpy kinds a diff may have: bool, signed and unsigned integers, floats
 SMALL_ANSWER = 1 << 20  # JSON replies, headers and a packed diff's overhead
@@ -39,6 +41,11 @@ class RequestTooLarge(Exception):
         self.size, self.limit = size, limit
 
 
+class ProxyFailed(httpx.TransportError):
+    """The proxy from the environment cannot be used, or refused; the message names it (never its credentials)
+    and says what to do. An httpx error, so the upstream client's own handlers take it as one."""
+
+
 class AnswerRefused(httpx.ReadError):
     """An answer not read whole: larger than any answer can be, or compressed although we asked for none.
     An httpx error, so the upstream client's own handlers (release at close, heartbeat) take it as one."""
@@ -53,7 +60,7 @@ def short(value, limit: int = 80) -> str:
 class _AnswerGuard(httpcore.SyncBackend):
     """Every byte read from the server passes here. Per request (per thread: the heartbeat's requests are
     its own): the whole answer within the request's read time-out, counted from the first byte awaited, and
-    no more than limit() bytes."""
+    no more than limit() bytes. Every connection is made here too: through a proxy, a TCP connection is to the proxy."""
 
     def __init__(self, limit):
         self.limit = limit
@@ -61,9 +68,17 @@ class _AnswerGuard(httpcore.SyncBackend):
 
     def begin(self, seconds):
         self._request.seconds, self._request.deadline, self._request.received = seconds, None, 0
+        self._request.connecting = False
 
     def connect_tcp(self, *args, **kwargs):
-        return _GuardedStream(super().connect_tcp(*args, **kwargs), self)
+        self._request.connecting = True  # until the TCP connection stands (to the proxy, where there is one)
+        stream = super().connect_tcp(*args, **kwargs)
+        self._request.connecting = False
+        return _GuardedStream(stream, self)
+
+    def failed_connecting(self) -> bool:
+        """Whether this thread's request failed making a TCP connection, rather than later (in TLS, say)."""
+        return self._request.connecting
 
     def read(self, stream, max_bytes: int, timeout):
         request, now = self._request, time.monotonic()
@@ -101,17 +116,36 @@ class _GuardedStream(httpcore.NetworkStream):
 
 
 class _GuardedTransport(httpx.HTTPTransport):
-    def __init__(self, guard: _AnswerGuard):
+    def __init__(self, guard: _AnswerGuard, proxy=None):
         super().__init__()
-        # httpx takes no network backend: its connection pool is made again with ours (httpx 0.28), keeping
-        # httpx's keep-alive expiry.
-        self._pool = httpcore.ConnectionPool(ssl_context=httpx.create_ssl_context(), keepalive_expiry=5.0,
-                                             network_backend=guard)
-        self._guard = guard
+        # httpx takes no network backend: its connection pool, or its proxy (which httpx would give a transport
+        # of its own), is made again with ours (httpx 0.28), keeping httpx's keep-alive expiry.
+        options = dict(ssl_context=httpx.create_ssl_context(), keepalive_expiry=5.0, network_backend=guard)
+        if proxy is None:
+            self._pool = httpcore.ConnectionPool(**options)
+        else:  # an https:// server through CONNECT, an http:// one by forwarding
+            self._pool = httpcore.HTTPProxy(httpcore.URL(scheme=proxy.scheme.encode(), host=proxy.host.encode(),
+                                                         port=proxy.port, target=b"/"),
+                                            proxy_auth=proxy.auth, **options)
+        self._guard, self._proxy = guard, proxy
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         self._guard.begin(request.extensions.get("timeout", {}).get("read"))
-        response = super().handle_request(request)
+        url = request.url
+        try:
+            response = super().handle_request(request)
+        except httpx.ProxyError as error:  # its answer to CONNECT; httpcore says "407 Proxy Authentication Required"
+            if self._proxy is None:
+                raise
+            status, _, reason = str(error).partition(" ")
+            raise ProxyFailed(self._proxy.refused(int(status), short(reason, 40), url.host, url.port)) from None
+        except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+            if self._proxy is None or not self._guard.failed_connecting():  # TLS with the server, say
+                raise
+            raise ProxyFailed(self._proxy.unreachable(type(error).__name__, url.host)) from None
+        if response.status_code == 407 and self._proxy is not None:  # a forwarded request's answer
+            response.close()
+            raise ProxyFailed(self._proxy.refused(407, short(response.reason_phrase, 40), url.host, url.port))
         encoding = response.headers.get("Content-Encoding", "identity")
         if encoding != "identity":  # httpx would inflate it, past the size cap (a compression bomb)
             response.close()
@@ -123,6 +157,10 @@ class GuardedSession(remote_session.nnInteractiveRemoteInferenceSession):
     """The upstream remote session over the guarded transport, with every prediction reply checked."""
 
     def __init__(self, url: str, api_key: str, read_timeout: float, max_request_bytes: int = None):
+        try:
+            self._proxy = proxy_for(url)
+        except ProxySettingError as error:
+            raise ProxyFailed(str(error)) from None
         self._guard = _AnswerGuard(self._answer_limit)
         self.max_request_bytes, self.last_sent = max_request_bytes, 0
         super().__init__(url, api_key=api_key, read_timeout=read_timeout)
@@ -140,8 +178,8 @@ class GuardedSession(remote_session.nnInteractiveRemoteInferenceSession):
         return SMALL_ANSWER + (0 if buffer is None else buffer.nbytes)
 
     # The upstream constructor makes its httpx client and claims a lease at once: the client is swapped
-    # here, as it is assigned, for one on the guarded transport. No proxies from the environment: they
-    # would get transports of their own, unguarded.
+    # here, as it is assigned, for one on the guarded transport, through the proxy the environment names (proxies.py)
+    # rather than httpx's choice: httpx would give it a transport of its own, unguarded.
     @property
     def _http(self) -> httpx.Client:
         return self.__dict__["_http"]
@@ -152,7 +190,7 @@ class GuardedSession(remote_session.nnInteractiveRemoteInferenceSession):
         headers["Accept-Encoding"] = "identity"
         client.close()
         self.__dict__["_http"] = httpx.Client(base_url=client.base_url, timeout=client.timeout, headers=headers,
-                                              transport=_GuardedTransport(self._guard), trust_env=False)
+                                              transport=_GuardedTransport(self._guard, self._proxy), trust_env=False)
 
     def _apply_prediction_response(self, resp: httpx.Response) -> bool:
         """As upstream, but the box and the diff are checked before anything is written."""

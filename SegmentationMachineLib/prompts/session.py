@@ -17,7 +17,6 @@ time-out says so instead of reconnecting. No reply is trusted (remote.py): a bro
 server ends in one sentence, never in a crash.
 """
 
-import ipaddress
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from ..core.grids import bounding_box
 from ..core.scene import BINARY_LABELMAP, forward_render_pauses
 from . import frames, geometry
 from .promptfile import Prompt
+from .proxies import is_loopback
 from .region import covers, Limits, Planner, slices
 
 MAX_UNDO_BYTES = 256 << 20  # the undo history's memory (masks packed 8 voxels a byte); the oldest steps go first
@@ -144,13 +144,6 @@ def _upstream():
     return remote_session, remote, httpx
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 @dataclass
 class InteractiveSession:
     url: str
@@ -198,7 +191,7 @@ class InteractiveSession:
         if url.scheme not in ("http", "https") or not url.hostname:
             raise InteractiveError(f"{printable(self.url)[:200]} is not a server address: "
                                    "give one like https://host:port.")
-        if url.scheme == "http" and not _is_loopback(url.hostname):
+        if url.scheme == "http" and not is_loopback(url.hostname):
             self.status(f"Warning: {url.hostname} is reached over plain http://, so the API key and the image "
                         "travel unencrypted: use its https:// address (a pod's proxy URL) or an SSH tunnel.")
 
@@ -244,6 +237,8 @@ class InteractiveSession:
                 raise self._http_error(error) from None
             except (remote.AnswerRefused, httpx.ReadTimeout) as error:
                 raise self._unanswered(error) from None
+            except remote.ProxyFailed as error:
+                raise self._proxy_failed(error) from None
             except httpx.TransportError as error:
                 raise InteractiveError(f"Cannot reach the nnInteractive server at {self.url} "
                                        f"({type(error).__name__}): check the URL and that the server is running.") from None
@@ -274,6 +269,9 @@ class InteractiveSession:
                                     "run server and client of the same version.")
         return InteractiveError(f"The nnInteractive server answered HTTP {code} "
                                 f"({printable(error.response.text[:200])}): try the prompt again, or reset the segment.")
+
+    def _proxy_failed(self, error) -> InteractiveError:
+        return InteractiveError(f"Cannot reach the nnInteractive server at {self.url}: {error}.")
 
     def _unanswered(self, error) -> InteractiveError:
         upstream, remote, httpx = _upstream()
@@ -307,6 +305,8 @@ class InteractiveSession:
                                    "the segment is left as it was: use a smaller prompt.") from None
         except (ValueError, KeyError, TypeError, AttributeError) as error:  # the upstream client reading a bad reply
             raise self._bad_reply(str(error) if isinstance(error, remote.BadReply) else error) from None
+        except remote.ProxyFailed as error:
+            raise self._proxy_failed(error) from None
         except httpx.TransportError as error:
             raise InteractiveError(f"The connection to the nnInteractive server at {self.url} failed during the "
                                    f"request ({type(error).__name__}); the segment is left as it was: "
