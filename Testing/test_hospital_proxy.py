@@ -7,7 +7,6 @@ went through the proxy, and one that goes direct cannot.
 """
 
 import base64
-import datetime
 import logging
 import os
 import ssl
@@ -20,10 +19,10 @@ import numpy as np
 import pytest
 import requests.utils
 
+from certificates import self_signed
 from forward_proxy import ForwardProxy
 from nninteractive_server import free_port
 from test_hostile_server import DRIP_EVERY_S, Hostile, READ_TIMEOUT_S, SHAPE
-
 from SegmentationMachineLib.core import arrays
 from SegmentationMachineLib.core.errors import UserError
 from SegmentationMachineLib.prompts.promptfile import Prompt
@@ -35,33 +34,10 @@ USER, PASSWORD = "ward7", "s3cret p@ss:w/rd"  # characters that must be percent-
 TOO_LARGE = "sent an answer larger than 1.1 MB (no answer for this volume can be that large)"
 
 
-def _certificate(folder, name: str):
-    """A self-signed certificate for name and its key, as PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                   .sign(key, hashes.SHA256()))
-    cert_path, key_path = folder / "server.crt", folder / "server.key"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """{scheme: port} of the fake server on loopback, over TLS and plain; SSL_CERT_FILE: its certificate."""
-    cert, key = _certificate(tmp_path_factory.mktemp("tls"), NAME)
+    cert, key = self_signed(tmp_path_factory.mktemp("tls"), "server", NAME)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     running = {scheme: ThreadingHTTPServer(("127.0.0.1", 0), Hostile) for scheme in ("http", "https")}

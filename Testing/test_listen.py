@@ -1,7 +1,6 @@
 """`listen`: a DICOM node that a PACS pushes to, as real processes on loopback, with two independent senders
 (dcmtk's storescu and pynetdicom): models exactly once, an allow-list, kill -9 mid-association, TLS, SEG sent back."""
 
-import datetime
 import json
 import shutil
 import signal
@@ -18,6 +17,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import CTImageStorage
 
 from conftest import REPO, UNCOMPRESSED_SERIES
+from certificates import self_signed
 from SegmentationMachineLib.cli.main import main
 from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
 
@@ -223,36 +223,10 @@ def test_kill_9_mid_association_keeps_every_acknowledged_instance_and_the_resent
     assert node.stop() == 128 + signal.SIGTERM
 
 
-def _certificate(folder, name: str):
-    """A self-signed certificate for 127.0.0.1 and its key, as PEM files."""
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                                  critical=False)
-                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                   .sign(key, hashes.SHA256()))
-    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 def test_tls_with_client_certificates_takes_a_tls_push_and_refuses_plain_or_unknown_clients(
         listener, tmp_path, shared_data):
-    server_cert, server_key = _certificate(tmp_path, "node")
-    client_cert, client_key = _certificate(tmp_path, "pacs")
+    server_cert, server_key = self_signed(tmp_path, "node", "127.0.0.1")
+    client_cert, client_key = self_signed(tmp_path, "pacs", "127.0.0.1")
     node = listener("--format", "stl", "--tls-cert", str(server_cert), "--tls-key", str(server_key),
                     "--tls-ca", str(client_cert))
     assert "(TLS)" in node.out()
