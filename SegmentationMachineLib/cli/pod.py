@@ -121,7 +121,7 @@ def _up(cloud: CloudGpu, args):
     _terminate_on_signals()
     for pod, cost in cloud.started_earlier():
         if pod.status == "EXITED":
-            print(f"Stopped since an earlier start: {pod.id} ({pod.gpu}); {_volume_cost(pod)}: `{SM} resume {pod.id}` "
+            print(f"Stopped since an earlier start: {pod.id} ({pod.gpu}); {pod.stopped_cost()}: `{SM} resume {pod.id}` "
                   f"continues it, `{SM} down {pod.id}` terminates it.")
         else:
             print(f"Still there from an earlier start: {pod.id} ({pod.gpu}, {pod.status}, ${cost:.2f} so far); "
@@ -182,7 +182,7 @@ def _stay_connected(cloud: CloudGpu, started: StartedPod):
                     print(f"Pod {started.pod_id} was terminated ({warned or 'from elsewhere'}).")
                     return
                 if last.status == "EXITED":  # e.g. by its agent, whose pod-scoped key may only stop it
-                    print(f"Pod {started.pod_id} was stopped ({warned or 'from elsewhere'}); {_volume_cost(last)}: "
+                    print(f"Pod {started.pod_id} was stopped ({warned or 'from elsewhere'}); {last.stopped_cost()}: "
                           f"`{SM} resume {started.pod_id}` continues it, `{SM} down {started.pod_id}` terminates it.")
                     return
             time.sleep(INTERVAL_S)
@@ -207,14 +207,9 @@ def _urls(started: StartedPod) -> str:
 
 
 def _pod_line(pod) -> str:
-    stopped = f"; stopped, {_volume_cost(pod)}" if pod.status == "EXITED" else ""
+    stopped = f"; stopped, {pod.stopped_cost()}" if pod.status == "EXITED" else ""
     return (f"{pod.id} {pod.name}: {pod.status}, {pod.gpu}, ${pod.cost_per_hr:.2f}/h, up {pod.uptime_s / 60:.0f} min,"
             f" ${pod.cost_so_far:.2f} so far{stopped}")
-
-
-def _volume_cost(pod) -> str:
-    """What a stopped pod still costs: its volume, until it is terminated."""
-    return f"its {pod.volume_gb} GB volume costs ${pod.volume_usd_per_month:.2f}/month until it is terminated"
 
 
 def _status(cloud: CloudGpu, args):

@@ -102,6 +102,10 @@ class Pod:
     def volume_usd_per_month(self) -> float:
         return self.volume_gb * VOLUME_USD_PER_GB_MONTH
 
+    def stopped_cost(self) -> str:
+        """What a stopped (EXITED) pod still costs: its volume, until it is terminated."""
+        return f"its {self.volume_gb} GB volume costs ${self.volume_usd_per_month:.2f}/month until it is terminated"
+
 
 def spend_per_hr(pods) -> float:
     """What the pods holding a GPU cost together ($/h): all but the stopped (EXITED) ones, since a pod in ERROR
