@@ -235,5 +235,5 @@ def test_a_volume_whose_least_region_cannot_fit_is_one_sentence_and_nothing_is_s
     assert str(error.value).startswith("The region a prompt needs (33x33x33 voxels, about ")
     assert str(error.value).endswith("is more than one upload may carry (20 kB: the proxy's limit, or 30 s at "
                                      "20 Mbit/s): crop or resample the volume, or reach the server without the proxy "
-                                     "(its TCP port, or an SSH tunnel).")
+                                     "(an SSH tunnel to it, or its address on your own network).")
     assert proxy.uploads() == []

@@ -110,7 +110,7 @@ class Planner:
                 f"{amount(np.prod(size(need)) * self.wire_per_voxel)} packed) is more than one upload may carry "
                 f"({amount(self.budget)}: the proxy's limit, or {self.limits.request_s:g} s at "
                 f"{self.limits.uplink_bytes_per_s * 8 / 1e6:g} Mbit/s): crop or resample the volume, or reach the "
-                "server without the proxy (its TCP port, or an SSH tunnel).")
+                "server without the proxy (an SSH tunnel to it, or its address on your own network).")
         t = _largest(lambda t: size(need)[0] * np.prod(size(_between(need, want, t))[1:]) <= voxels)
         region = _between(need, want, t)
         count = int(np.clip(voxels // np.prod(size(region)[1:]), size(need)[0], size(want)[0]))

@@ -369,8 +369,8 @@ class InteractiveSession:
             if self._send_region(self._planner.first()):
                 return
         raise InteractiveError(f"The proxy in front of {self.url} refused three ever smaller uploads of this volume "
-                               "(too large or too slow for it): reach the server without the proxy (its TCP port, "
-                               "or an SSH tunnel).")
+                               "(too large or too slow for it): reach the server without the proxy (an SSH tunnel "
+                               "to it, or its address on your own network).")
 
     def _send_region(self, region) -> bool:
         """Worker: copies region out of the volume and sends it. False when it was refused as too large for one
