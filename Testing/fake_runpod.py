@@ -69,6 +69,7 @@ class FakeRunPod:
     terminated_listed_s: float = 3.0  # a terminated pod is still listed (TERMINATED) this long, then 404
     log_ping_s: float = 0.5  # the log stream's keep-alive comment when no line came
     logs_as_json: bool = False  # the log as one finished JSON answer {"logs": [...]}, as RunPod answered earlier
+    stalled: bool = False  # while set, API requests get no answer (a network that times out)
     clock: object = time.monotonic  # provisioning and the list's lag
     wall: object = time.time  # terminateAfter
     pods: dict = field(default_factory=dict)
@@ -107,6 +108,8 @@ class FakeRunPod:
                 if self.path.startswith("/proxy/"):  # https://POD_ID-PORT.proxy.runpod.net, here as a path
                     status, payload, headers = *fake.proxy(self.path, authorization), {}
                 else:
+                    while fake.stalled and not fake._closing.is_set():
+                        time.sleep(0.05)
                     status, payload, headers = fake.handle(method, self.path, authorization, body)
                 if isinstance(payload, _LogStream):
                     return self._stream_log(payload)

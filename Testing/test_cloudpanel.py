@@ -104,6 +104,31 @@ def test_one_job_at_a_time_and_terminate_needs_its_pod(panel, fake):
     assert [p["status"] for p in fake.pods.values()] == ["EXITED"]
 
 
+def test_at_quit_the_pods_are_terminated_together_within_the_wait_even_on_a_network_that_times_out(panel, fake,
+                                                                                                   monkeypatch):
+    """Slicer's window waits for terminate_started_here: one pod after another, each with its retries, would hold
+    it for minutes when RunPod does not answer."""
+    from SegmentationMachineLib.panels import cloud
+
+    keyed(panel)
+    for gpu in ("NVIDIA L40S", "NVIDIA GeForce RTX 4090"):
+        panel.start(gpu, "server")
+        settle(panel)
+    pods = list(panel.started_here)
+    assert len(pods) == 2 and set(pods) <= set(fake.pods)
+    monkeypatch.setattr(cloud, "QUIT_WAIT_S", 2.0)
+    fake.stalled = True
+    try:
+        started = time.monotonic()
+        problems = panel.terminate_started_here()
+        assert time.monotonic() - started < 3.0
+        assert problems == [f"{pod}: RunPod did not answer within 2 s" for pod in pods]
+    finally:
+        fake.stalled = False
+    assert panel.terminate_started_here() == [] and fake.pods == {}  # answered now: both terminated
+    assert panel.started_here == []
+
+
 def test_cancel_while_starting_terminates_the_pod(panel, fake):
     fake.server_s = 3600
     keyed(panel)

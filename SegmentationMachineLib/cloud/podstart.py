@@ -11,6 +11,7 @@ so the next start can list what is still there and what it has cost.
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -82,6 +83,8 @@ def server_answers(url: str, api_key: str, timeout: float = 10.0) -> bool:
 class PodRecords:
     """Pods this computer started and has not seen terminated: a JSON file only the user can read."""
 
+    _changing = threading.Lock()  # a read, change and write at a time (pods are terminated in parallel at quit)
+
     def __init__(self, path: Path = None):
         self.path = Path(path or Path.home() / ".segmentation-machine" / "pods.json")
 
@@ -94,16 +97,18 @@ class PodRecords:
     def add(self, pod: Pod, started_at: float, **details):
         """details: what reconnecting needs later (mode, the pod's own secrets); the file is the user's only."""
         end = {"terminate_after": pod.terminate_after} if pod.terminate_after else {}
-        self._write({**self.all(), pod.id: {"name": pod.name, "gpu": pod.gpu, "started_at": started_at, **end,
-                                            **details}})
+        with self._changing:
+            self._write({**self.all(), pod.id: {"name": pod.name, "gpu": pod.gpu, "started_at": started_at, **end,
+                                                **details}})
 
     def get(self, pod_id: str) -> dict:
         return self.all().get(pod_id, {})
 
     def remove(self, pod_id: str):
-        records = self.all()
-        records.pop(pod_id, None)
-        self._write(records)
+        with self._changing:
+            records = self.all()
+            records.pop(pod_id, None)
+            self._write(records)
 
     def still_running(self, backend) -> list:
         """(Pod, cost so far) for recorded pods that still exist, running or stopped (EXITED: its volume still

@@ -8,6 +8,7 @@ server is ready, tick() hands back the StartedPod once, for the AI prompt sectio
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 
 from ..cloud.cloudgpu import KEY_NAME, CloudGpu, Limits, StartedPod, recorded_pod, runpod_key
@@ -20,7 +21,7 @@ from .tasks import BackgroundTask
 
 PHASES = list(Phase)
 MAX_FALLBACK_PRICE = 1.5  # without capacity, Start moves on to types costing at most this times the chosen one
-QUIT_WAIT_S = 60.0
+QUIT_WAIT_S = 30.0  # Slicer's window waits this long at most for this session's pods to be terminated
 log = logging.getLogger("segmentation-machine")
 
 
@@ -126,24 +127,40 @@ class CloudPanel:
         self.status = f"Terminating pod {pod_id}..."
 
     def terminate_started_here(self) -> list:
-        """At Slicer's quit, on the main thread: cancels a start and terminates this session's pods.
-
-        Returns the failures as sentences."""
+        """At Slicer's quit, on the main thread: cancels a start and terminates this session's pods, all at once
+        and within QUIT_WAIT_S in all (on a network that times out, one by one would hold the window for
+        minutes). Returns the failures as sentences."""
+        deadline = time.monotonic() + QUIT_WAIT_S
         if self.starting:
             self.cancel()
-            self.task.wait(QUIT_WAIT_S)  # the cancelled start terminates its own pod
+            self.task.wait(QUIT_WAIT_S)  # the cancelled start terminates its own pod (first: the deadline is fresh)
         self._release()
-        problems = []
         try:
             cloud = CloudGpu(self.backend_factory(runpod_key(self.store)), self.records)
         except UserError as error:
             return [str(error)] if self.started_here else []
-        for pod_id in list(self.started_here):
+        outcomes = {}  # pod id -> None when terminated, else why not
+
+        def terminate(pod_id):
             try:
                 cloud.terminate(pod_id)
+                outcomes[pod_id] = None
+            except UserError as error:
+                outcomes[pod_id] = str(error)
+
+        workers = [threading.Thread(target=terminate, args=(pod_id,), daemon=True) for pod_id in self.started_here]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        problems = []
+        for pod_id in list(self.started_here):
+            if pod_id not in outcomes:
+                problems.append(f"{pod_id}: RunPod did not answer within {QUIT_WAIT_S:g} s")
+            elif outcomes[pod_id]:
+                problems.append(f"{pod_id}: {outcomes[pod_id]}")
+            else:
                 self.started_here.remove(pod_id)
-            except UserError as error:  # say it and go on with the others
-                problems.append(f"{pod_id}: {error}")
         return problems
 
     # -- the main thread's poll ------------------------------------------------------------
