@@ -32,6 +32,9 @@ from SegmentationMachineLib.prompts.session import headless_editor, InteractiveS
 NAME = "nninteractive.test"  # resolvable by the proxy only
 USER, PASSWORD = "ward7", "s3cret p@ss:w/rd"  # characters that must be percent-encoded in a proxy URL
 TOO_LARGE = "sent an answer larger than 1.1 MB (no answer for this volume can be that large)"
+UNTRUSTED = ("The nnInteractive server at {url} shows a certificate this computer does not trust (self-signed "
+             "certificate): check the address; behind a proxy that inspects TLS, set SSL_CERT_FILE to your "
+             "organisation's CA certificates.")
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +208,7 @@ def test_an_untrusted_server_certificate_through_the_tunnel_is_not_blamed_on_the
     env.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.port}")
     env.delenv("SSL_CERT_FILE")
     url = url_of(servers, "https")
-    assert prompt(ctx, url) == (f"Cannot reach the nnInteractive server at {url} (ConnectError): check the URL and "
-                                "that the server is running.", 0)
+    assert prompt(ctx, url) == (UNTRUSTED.format(url=url), 0)
     assert proxy.tunnels == [f"{NAME}:{servers[0]['https']}"]  # the proxy let it through; TLS refused the server
 
 
@@ -215,7 +217,7 @@ def test_without_proxy_settings_nothing_changes(ctx, env, servers, proxies):
     assert prompt(ctx, url_of(servers, "http", host="127.0.0.1")) == (None, 27)
     url = url_of(servers, "https")
     assert prompt(ctx, url) == (f"Cannot reach the nnInteractive server at {url} (ConnectError): check the URL and "
-                                "that the server is running.", 0)
+                                "that the server is running.", 0)  # its name resolves only in the proxy
     assert proxy.tunnels == proxy.forwarded == proxy.refused == []
 
 

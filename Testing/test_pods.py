@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from certificates import self_signed
 from conftest import RUNPOD_KEY as KEY
 from fake_runpod import NO_CAPACITY, NO_FREE_GPUS, NO_RESOURCES, SOMETHING_WENT_WRONG, ends_within
 from SegmentationMachineLib.cloud.pods import (CAPACITY_SENTENCE, CapacityError, PodsError, PodSpec, RunPodRest,
@@ -157,6 +158,32 @@ def test_no_answer_is_tried_twice_more_then_said(monkeypatch):
             RunPodRest(KEY, sleep=sleeps.append).pods()
     assert str(error.value) == f"RunPod at {url} did not answer within 0.2 s (time-out): try again in a minute."
     assert sleeps == [5, 10]  # seconds, not minutes, before the user hears of it
+
+
+def test_a_certificate_this_computer_does_not_trust_is_said_at_once(monkeypatch, tmp_path):
+    """A hospital proxy that inspects TLS shows its own CA's certificate: requests refuses it, and waiting or
+    trying again cannot help."""
+    import http.server
+    import ssl
+
+    certificate, key = self_signed(tmp_path, "inspecting", "127.0.0.1")
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificate, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_port}/v2"
+    monkeypatch.setenv("RUNPOD_REST_URL", url)
+    sleeps = []
+    try:
+        with pytest.raises(PodsError) as error:
+            RunPodRest(KEY, sleep=sleeps.append).pods()
+    finally:
+        server.shutdown()
+    assert str(error.value) == (f"Cannot reach RunPod at {url}: it shows a certificate this computer does not trust "
+                                "(self-signed certificate); behind a proxy that inspects TLS, set REQUESTS_CA_BUNDLE "
+                                "to your organisation's CA certificates.")
+    assert sleeps == []
 
 
 def test_terminate_after_goes_through_graphql_and_runpod_ends_the_pod(backend, fake):

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from ..core.errors import UserError
+from ..core.errors import UserError, causes, untrusted_certificate
 from ..core.files import printable
 
 MIN_VRAM_GB = 10  # nnInteractive's recommendation
@@ -316,20 +316,20 @@ def _shown(url: str) -> str:
 def unreachable(url: str, error: Exception) -> tuple:
     """(the sentence for a request that got no answer, whether trying again is pointless): names the URL and
     the cause (connection refused, name not found, time-out)."""
-    causes, seen = [], error
-    while seen is not None and len(causes) < 10:  # requests wraps urllib3, which wraps the socket's error
-        causes.append(seen)
-        seen = getattr(seen, "reason", None) or seen.__cause__ or seen.__context__
-    where = _shown(url)
-    if any(isinstance(c, ConnectionRefusedError) for c in causes):
+    chain, where = causes(error), _shown(url)
+    if untrusted_certificate(error):  # waiting does not cure it
+        return (f"Cannot reach RunPod at {where}: it shows a certificate this computer does not trust "
+                f"({untrusted_certificate(error)}); behind a proxy that inspects TLS, set REQUESTS_CA_BUNDLE to your "
+                "organisation's CA certificates.", True)
+    if any(isinstance(c, ConnectionRefusedError) for c in chain):
         return (f"Cannot reach RunPod at {where}: the connection was refused; check the network, a proxy or "
                 "firewall in between, and RUNPOD_REST_URL if it is set.", True)
-    if any(isinstance(c, socket.gaierror) or type(c).__name__ == "NameResolutionError" for c in causes):
+    if any(isinstance(c, socket.gaierror) or type(c).__name__ == "NameResolutionError" for c in chain):
         return (f"Cannot reach RunPod at {where}: its name {urlsplit(url).hostname} was not found (DNS); check the "
                 "internet connection.", True)
-    if any(isinstance(c, TimeoutError) or "Timeout" in type(c).__name__ for c in causes):
+    if any(isinstance(c, TimeoutError) or "Timeout" in type(c).__name__ for c in chain):
         return f"RunPod at {where} did not answer within {TIMEOUT_S:g} s (time-out): try again in a minute.", False
-    return (f"Cannot reach RunPod at {where} (the connection failed: {type(causes[-1]).__name__}): try again in a "
+    return (f"Cannot reach RunPod at {where} (the connection failed: {type(chain[-1]).__name__}): try again in a "
             "minute.", False)
 
 

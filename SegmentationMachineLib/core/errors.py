@@ -1,5 +1,7 @@
 """User-facing failures: each message is the one sentence the user sees (what happened, what to do)."""
 
+import ssl
+
 
 class UserError(Exception):
     """A failure the user can cause and fix; its message is shown as is, never with a traceback."""
@@ -19,3 +21,21 @@ class ExportError(UserError):
 
 class PrintError(UserError):
     """OrcaSlicer cannot be found or started."""
+
+
+def causes(error: BaseException) -> list:
+    """error and what it wraps, outermost first: requests wraps urllib3's error (its reason), which wraps the
+    socket's or ssl's; httpx wraps httpcore's (its cause or context)."""
+    chain = []
+    while isinstance(error, BaseException) and len(chain) < 10:  # a reason may be text (ssl.SSLError's)
+        chain.append(error)
+        reason = getattr(error, "reason", None)
+        error = reason if isinstance(reason, BaseException) else error.__cause__ or error.__context__
+    return chain
+
+
+def untrusted_certificate(error: BaseException) -> str:
+    """Why TLS refused the server's certificate, when error comes from that, else "" (a proxy that inspects TLS
+    re-signs with its own CA)."""
+    refused = [c for c in causes(error) if isinstance(c, ssl.SSLCertVerificationError)]
+    return (refused[0].verify_message or "certificate verify failed") if refused else ""

@@ -27,7 +27,7 @@ import slicer
 import vtk
 
 from ..core import arrays
-from ..core.errors import UserError
+from ..core.errors import UserError, untrusted_certificate
 from ..core.files import printable
 from ..core.grids import bounding_box
 from ..core.scene import BINARY_LABELMAP, forward_render_pauses
@@ -240,6 +240,11 @@ class InteractiveSession:
             except remote.ProxyFailed as error:
                 raise self._proxy_failed(error) from None
             except httpx.TransportError as error:
+                if untrusted_certificate(error):
+                    raise InteractiveError(
+                        f"The nnInteractive server at {self.url} shows a certificate this computer does not trust "
+                        f"({untrusted_certificate(error)}): check the address; behind a proxy that inspects TLS, set "
+                        "SSL_CERT_FILE to your organisation's CA certificates.") from None
                 raise InteractiveError(f"Cannot reach the nnInteractive server at {self.url} "
                                        f"({type(error).__name__}): check the URL and that the server is running.") from None
             except KeyError as error:  # a reply without the fields this client version expects
