@@ -6,7 +6,6 @@ in `ps` and in logs), and travel only as an Authorization header. Every failure 
 names the server and the cause.
 """
 
-import ipaddress
 import os
 import re
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from urllib.parse import urlsplit
 import pydicom
 import requests
 
+from ..core.addresses import is_loopback
 from ..core.credentials import SecretStore
 from ..core.errors import UserError
 from ..core.files import printable
@@ -38,15 +38,6 @@ def is_dicomweb(source) -> bool:
     return isinstance(source, str) and source.lower().startswith(PREFIX)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 @dataclass(frozen=True)
 class DicomWebServer:
     url: str  # http(s)://HOST[:PORT]/ROOT, as dicomweb-client wants it
@@ -64,7 +55,7 @@ class DicomWebServer:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UserError(f"'{shown}' is not a DICOMweb address: write dicomweb+https://HOST/dicom-web "
                             "(the server's DICOMweb root).")
-        if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        if parts.scheme == "http" and not is_loopback(parts.hostname):
             raise UserError(f"'{shown}' would send patient data and credentials unencrypted: use dicomweb+https "
                             "(plain http is only for this computer, e.g. through an SSH tunnel to 127.0.0.1).")
         return cls(f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}")

@@ -15,18 +15,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
+from ..core.addresses import is_loopback
+
 DEFAULT_PORTS = {"http": 80, "https": 443}  # how the proxy itself is reached
 
 
 class ProxySettingError(ValueError):
     """A proxy setting this client cannot use; the message names the setting, never its credentials."""
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 @dataclass(frozen=True)

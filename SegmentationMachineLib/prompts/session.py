@@ -27,13 +27,13 @@ import slicer
 import vtk
 
 from ..core import arrays
+from ..core.addresses import is_loopback
 from ..core.errors import UserError, untrusted_certificate
 from ..core.files import printable
 from ..core.grids import bounding_box
 from ..core.scene import BINARY_LABELMAP, forward_render_pauses
 from . import frames, geometry
 from .promptfile import Prompt
-from .proxies import is_loopback
 from .region import covers, Limits, Planner, slices
 
 MAX_UNDO_BYTES = 256 << 20  # the undo history's memory (masks packed 8 voxels a byte); the oldest steps go first
