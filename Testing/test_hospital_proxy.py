@@ -56,11 +56,13 @@ def servers(tmp_path_factory):
 
 @pytest.fixture
 def env(monkeypatch, servers):
-    """No proxy setting but the test's (nninteractive_server.py sets NO_PROXY for the whole run); the fake
-    server's certificate trusted."""
+    """No proxy setting but the test's, and loopback in NO_PROXY as for the whole run (nninteractive_server.py):
+    other tests' threads still talking to 127.0.0.1 through requests must not wander into the test's proxy. The
+    fake server's certificate trusted."""
     for name in list(os.environ):
         if name.lower().endswith("_proxy"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("SSL_CERT_FILE", servers[1])
     return monkeypatch
 
@@ -138,6 +140,7 @@ def test_an_answer_too_large_or_too_slow_is_cut_off_through_the_proxy_too(ctx, e
 
 def test_no_proxy_and_loopback_addresses_go_direct(ctx, env, servers, proxies):
     proxy = proxies()
+    env.delenv("NO_PROXY")  # loopback goes direct by our rule alone
     env.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.port}")
     env.setenv("ALL_PROXY", f"http://127.0.0.1:{proxy.port}")
     for host in ("127.0.0.1", "localhost"):  # an SSH tunnel: on this computer, which the proxy cannot reach

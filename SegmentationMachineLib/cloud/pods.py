@@ -224,9 +224,8 @@ class RunPodRest:
     def terminate(self, pod_id: str):
         """Terminates the pod; one that is already terminated (404, or a 409 for a TERMINATED pod) counts as done."""
         response = self._request("POST", f"/pods/{pod_id}/action", body={"action": "terminate"})
-        if response.status_code == 404 or (response.status_code == 409 and self.get(pod_id) is None):
-            return
-        _checked(response)
+        if not self._terminated(response, pod_id):
+            _checked(response)
 
     # -- inside ----------------------------------------------------------------------------
     def _create_once(self, spec: PodSpec) -> Pod:
@@ -264,9 +263,14 @@ class RunPodRest:
                 return found
         return []
 
+    def _terminated(self, response, pod_id: str) -> bool:
+        """Whether an action's answer means the pod is terminated: gone (404), or refused (409) while it is
+        still listed as TERMINATED."""
+        return response.status_code == 404 or (response.status_code == 409 and self.get(pod_id) is None)
+
     def _action(self, pod_id: str, action: str):
         response = self._request("POST", f"/pods/{pod_id}/action", body={"action": action})
-        if response.status_code == 404 or (response.status_code == 409 and self.get(pod_id) is None):
+        if self._terminated(response, pod_id):
             raise PodsError(f"There is no pod {pod_id} on this account (terminated?): "
                             "`segmentation-machine pod list` shows them.")
         _checked(response)
@@ -357,9 +361,8 @@ def _log_lines(response):
         try:
             event = json.loads(data)
         except ValueError:
-            yield data  # plain text data
-            continue
-        if not isinstance(event, dict):
+            event = None
+        if not isinstance(event, dict):  # plain text data
             yield data
         elif event.get("source", "container") == "container":
             yield str(event.get("line", ""))

@@ -293,17 +293,17 @@ class Inbox:
             return set()
         self._last_poll_scan = now
         scratch = f"{self.scratch}{os.sep}"
-        settled = [path for path in self._files if not str(path).startswith(scratch)]
-        start = self._poll_turn if self._poll_turn < len(settled) else 0
+        known = [path for path in self._files if not str(path).startswith(scratch)]
+        start = self._poll_turn if self._poll_turn < len(known) else 0
         self._poll_turn = start + POLL_STATS
         changed = set()
-        for path in {*settled[start:start + POLL_STATS], *self._unread, *self._recent, *self._growing}:
-            record = self._files.get(path)
+        for path in {*known[start:start + POLL_STATS], *self._unread, *self._recent, *self._growing}:
+            record = self._files[path]  # the settling ones are known files too
             try:
                 info = os.lstat(path)
             except OSError:
                 info = None  # gone: _refresh forgets it
-            if record is None or info is None or (info.st_size, info.st_mtime_ns) != (record.size, record.mtime_ns):
+            if info is None or (info.st_size, info.st_mtime_ns) != (record.size, record.mtime_ns):
                 changed.add(str(path))
         for folder, mtime_ns in list(self._folders.items()):
             try:

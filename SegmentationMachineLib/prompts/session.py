@@ -615,6 +615,7 @@ class InteractiveSession:
         its masks."""
         before = self._segment_mask(self._target.segment_id, box) if before is None else before
         segmentation, grid, between = self._target.segmentation_node, *self._grid()
+        reference = None if between is None else frames.reference_grid(segmentation, self._matrix)
         logic = self._target.editor_logic
         editor = logic.GetSegmentEditorNode()
         editor.SetSelectedSegmentID(self._target.segment_id)
@@ -626,7 +627,7 @@ class InteractiveSession:
                 start = [b.start + c.start for b, c in zip(box, crop)]
                 modifier = arrays.labelmap_from_array(voxels[crop], grid, start)
                 if between is not None:
-                    modifier = frames.resample(modifier, frames.reference_grid(segmentation, self._matrix), between)
+                    modifier = frames.resample(modifier, reference, between)
                 logic.ModifySegmentByLabelmap(segmentation, self._target.segment_id, modifier, mode,
                                               modifier.GetExtent(), False, bypass_masking)
 
