@@ -18,7 +18,7 @@ import requests
 
 from ..core.addresses import is_loopback
 from ..core.credentials import SecretStore
-from ..core.errors import UserError
+from ..core.errors import UserError, untrusted_certificate
 from ..core.files import printable
 
 PREFIX = "dicomweb+"
@@ -146,7 +146,7 @@ def _cause(error: requests.RequestException, timeout) -> str:
     if isinstance(error, requests.Timeout):
         return f"no answer within {max(timeout):g} s"
     if isinstance(error, requests.exceptions.SSLError):
-        return "its TLS certificate was not accepted"
+        return "the TLS handshake failed"
     found = re.search(r"\[Errno -?\d+\] ([^)'\"\]]+)", str(error))
     return found.group(1).strip().rstrip(".").lower() if found else type(error).__name__
 
@@ -186,6 +186,10 @@ class DicomWeb:
             raise UserError(f"The DICOMweb server {url} answered HTTP {status} to the request for {what}: "
                             "try again later or ask its administrator.") from None
         except (requests.ConnectionError, requests.Timeout) as error:
+            if untrusted_certificate(error):  # a hospital's own CA, or a proxy that inspects TLS and re-signs
+                raise UserError(f"The DICOMweb server {url} shows a certificate this computer does not trust "
+                                f"({untrusted_certificate(error)}): set REQUESTS_CA_BUNDLE to your organisation's "
+                                "CA certificates.") from None
             raise UserError(f"Cannot reach the DICOMweb server {url} ({_cause(error, timeout)}): check the address "
                             "and that the server is running.") from None
         except (ValueError, KeyError, pydicom.errors.InvalidDicomError) as error:
