@@ -304,7 +304,7 @@ def test_server_says_ready_only_once_it_answers(server_installed, tmp_path):
 # -- watch's loose ends --------------------------------------------------------------------------------
 
 def tilted_series(folder: Path):
-    """Four small slices sheared 45° (gantry tilt): a series that fails, in a sentence."""
+    """Four small slices leaning 45°, more than a gantry tilts: a series that fails, in a sentence."""
     hu = np.full((4, 16, 16), 40.0)
     write_ct_series(folder, hu, 1.0, [(k * 2.0, 0.0, k * 2.0) for k in range(4)], "tilted")
 
@@ -329,7 +329,7 @@ def test_watch_once_status_failures_skipped_files_and_duplicates(shared_data, tm
     assert "notes.txt" not in second.stderr  # reported once, not on every restart
     assert second.stderr.strip().endswith(f"1 series failed (reasons in {outbox / 'status.json'}).")
     states = {s["name"]: s for s in json.loads((outbox / "status.json").read_text())["series"]}
-    assert states["CT 'tilted'"]["state"] == "failed" and "gantry tilt" in states["CT 'tilted'"]["reason"]
+    assert states["CT 'tilted'"]["state"] == "failed" and "more than a CT gantry tilts" in states["CT 'tilted'"]["reason"]
     result = Path(states["CT 'series 2'"]["result"])
     assert sorted(p.name for p in result.iterdir()) == ["Bone.stl", "merged.stl", "report.json"]  # model's options
     report = json.loads((result / "report.json").read_text())

@@ -19,6 +19,8 @@ from ..core.errors import InputError
 VOLUME_FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 # Slices whose stacking direction leans more than this from the slice normal are sheared (gantry tilt).
 MAX_TILT_DEGREES = 0.5
+# CT gantries tilt up to about 30°: a stack leaning more has positions that are wrong, not tilted.
+MAX_GANTRY_TILT_DEGREES = 30.0
 # Relative difference between slice gaps that counts as uneven spacing (a missing slice).
 SPACING_TOLERANCE = 0.01
 # How far ImageOrientationPatient's two directions may be from unit length and from perpendicular.

@@ -10,7 +10,7 @@ import vtk
 from ..core import arrays
 from ..core.errors import InputError
 from ..core.scene import SceneContext
-from .series import MAX_TILT_DEGREES, SPACING_TOLERANCE, DicomSeries, ScanResult, choose_series, scan_folder
+from .series import MAX_GANTRY_TILT_DEGREES, MAX_TILT_DEGREES, SPACING_TOLERANCE, DicomSeries, ScanResult, choose_series, scan_folder
 
 # vtkSlicerVolumesLogic::AddArchetypeVolume loading options (bit flags).
 LABELMAP = 1
@@ -26,12 +26,15 @@ class LoadedVolume:
 
 
 def load_series(ctx: SceneContext, series: DicomSeries) -> LoadedVolume:
-    """Loads one series with Slicer's own reader; refuses gantry tilt, resamples uneven spacing."""
-    if series.tilt_degrees > MAX_TILT_DEGREES:
+    """Loads one series with Slicer's own reader; resamples uneven spacing.
+
+    A gantry-tilted series keeps every slice where it was acquired: Slicer's reader (since 5.8, ITK's series
+    reader without forced orthogonal directions) gives it a sheared IJK-to-RAS, as Slicer's DICOM module
+    loads it, and meshes, prompts and SEGs follow that matrix."""
+    if series.tilt_degrees > MAX_GANTRY_TILT_DEGREES:
         raise InputError(
-            f"Series {series.name} was not loaded: its slices are tilted by {series.tilt_degrees:.1f}° "
-            "(gantry tilt), which would distort the model; reconstruct it without tilt on the scanner "
-            "or load it in 3D Slicer with acquisition geometry regularization.")
+            f"Series {series.name} was not loaded: its slices lean {series.tilt_degrees:.1f}° from their normal, "
+            f"more than a CT gantry tilts ({MAX_GANTRY_TILT_DEGREES:g}°); check the files' ImagePositionPatient.")
     gone = sum(not Path(path).is_file() for path in series.files)
     if gone:  # e.g. an inbox that `listen --keep-received` cleaned between listing and loading
         raise InputError(f"Series {series.name} was not loaded: {gone} of its {len(series.files)} files are gone from "
@@ -47,14 +50,19 @@ def load_series(ctx: SceneContext, series: DicomSeries) -> LoadedVolume:
     if series.is_uneven:
         _resample_evenly(node, series)
     _check_voxel_size(node, series)
-    return LoadedVolume(node=node, source=f"DICOM series {series.name}", series=series, notes=list(series.notes))
+    notes = list(series.notes)
+    if series.tilt_degrees > MAX_TILT_DEGREES:
+        notes.append(f"Series {series.name} was acquired with a gantry tilt of {series.tilt_degrees:.1f}°: its "
+                     "slices keep their true positions (a sheared voxel grid), so the model is not distorted.")
+    return LoadedVolume(node=node, source=f"DICOM series {series.name}", series=series, notes=notes)
 
 
 def _check_voxel_size(node, series: DicomSeries):
     """The voxel size the reader gave must be the one the headers say: a model of the wrong size is the worst
     failure this product can have, and the reader has its own defaults (1 mm for a pixel spacing it rejects)."""
     row_spacing, column_spacing = series.pixel_spacing
-    expected = [column_spacing, row_spacing] + ([series.slice_spacing] if len(series.files) > 1 else [])
+    step = series.slice_spacing / np.cos(np.radians(series.tilt_degrees))  # along the tilted stack, not the normal
+    expected = [column_spacing, row_spacing] + ([step] if len(series.files) > 1 else [])
     got = arrays.spacing_of(arrays.ijk_to_ras(node))[:len(expected)]
     if not np.allclose(got, expected, rtol=SPACING_TOLERANCE):
         raise InputError(f"Series {series.name} was not loaded: Slicer's reader gave it voxels of "
@@ -79,9 +87,10 @@ def _resample_evenly(node, series: DicomSeries):
     resampled = voxels[lower] * (1 - weight) + voxels[upper] * weight
     if np.issubdtype(voxels.dtype, np.integer):
         resampled = np.rint(resampled)
-    # The K column keeps its direction; only its length becomes the even step.
+    # The K column keeps its direction (a gantry tilt's lean too); only its reach along the normal becomes the step.
+    normal = np.cross(matrix[:3, 0], matrix[:3, 1])
     k_column = matrix[:3, 2]
-    matrix[:3, 2] = k_column / np.linalg.norm(k_column) * step
+    matrix[:3, 2] = k_column * step / abs(np.dot(k_column, normal / np.linalg.norm(normal)))
     arrays.set_volume_array(node, resampled.astype(voxels.dtype), matrix)
 
 
