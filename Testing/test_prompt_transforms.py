@@ -20,6 +20,7 @@ from nninteractive_model import write_model_folder  # noqa: E402
 from nninteractive_server import Server  # noqa: E402
 from SegmentationMachineLib.core import arrays  # noqa: E402
 from SegmentationMachineLib.pipeline import segment_with_prompts  # noqa: E402
+from SegmentationMachineLib.prompts import frames, geometry  # noqa: E402
 from SegmentationMachineLib.prompts.promptfile import Prompt, SegmentPrompts  # noqa: E402
 from SegmentationMachineLib.prompts.session import headless_editor, InteractiveSession, SegmentTarget  # noqa: E402
 from transformed_volume import segment_world, transformed_volume, voxel_world  # noqa: E402
@@ -129,6 +130,25 @@ def test_a_prompt_file_replayed_on_a_transformed_volume_makes_a_segmentation_on_
     extent = labelmap.GetExtent()
     kji = np.argwhere(arrays.image_array(labelmap) > 0) + [extent[4], extent[2], extent[0]]
     assert 20 <= len(kji) <= 60 and np.allclose(kji.mean(axis=0), (20, 24, 28), atol=0.01)  # centred on its voxel
+
+
+def test_saved_prompts_are_in_the_volumes_own_frame_so_the_cli_replays_them_on_the_same_voxels(session, parts):
+    """The module saves prompts for the CLI, which loads the series with no transform: a point is its voxel's
+    own RAS, and a box drawn flat in a view is still flat and covers the same voxels when replayed there."""
+    volume, segmentation, segment, _ = parts
+    own_ras = arrays.ijk_to_ras(volume)
+    point = (20, 24, 28)
+    session.add(Prompt("point", True, ras=voxel_world(volume, point)))
+    centre = np.array(voxel_world(volume, (18, 15, 20)))
+    drawn = Prompt("box", True, ras_min=tuple(centre - [5, 4, 0]), ras_max=tuple(centre + [5, 4, 0]))
+    session.add(drawn)
+    saved_point, saved_box = session.prompts_of(segment)
+    assert np.allclose(saved_point.ras, (own_ras @ [*point[::-1], 1])[:3], atol=1e-3)
+    assert sum(a == b for a, b in zip(saved_box.ras_min, saved_box.ras_max)) == 1  # a 2D box, as drawn
+    to_local = frames.world_to_local(volume)
+    shape = arrays.volume_array(volume).shape
+    assert (geometry.box_voxels(own_ras, shape, saved_box.ras_min, saved_box.ras_max)
+            == geometry.box_voxels(own_ras, shape, drawn.ras_min, drawn.ras_max, to_local))
 
 
 def test_the_segment_editors_intensity_range_holds_on_the_volumes_voxels(session, parts):

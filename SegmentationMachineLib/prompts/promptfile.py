@@ -1,7 +1,8 @@
 """Prompt files: the prompts of a segmentation as JSON, so sessions are reproducible and batchable.
 
-Coordinates are RAS millimetres in Slicer's world (what its views show; the session maps them through the
-volume's parent transform); the CLI loads a volume with no transform, so there world is the volume's own RAS.
+Coordinates are RAS millimetres in the volume's own frame: the module saves its prompts mapped from Slicer's
+world (what its views show) through the volume's parent transform, if any, so the CLI, which loads the series
+with no transform, replays them on the same voxels.
 Schema (extra keys allowed):
   {"version": 1, "segments": [{"name": "liver", "prompts": [
       {"type": "point", "ras": [x, y, z], "include": true},
@@ -14,8 +15,10 @@ lasso is a closed planar polygon.
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import numpy as np
 
 from ..core.errors import UserError
 from ..core.files import atomic_file
@@ -46,6 +49,25 @@ class Prompt:
             data["ras_points"] = [list(p) for p in self.ras_points]
         data["include"] = self.include
         return data
+
+    def mapped(self, to_frame) -> "Prompt":
+        """This prompt in another frame (to_frame maps (N, 3) points; None: this one). A box holds its mapped
+        corners, and one drawn flat stays flat, across the axis it is thinnest along there."""
+        if to_frame is None:
+            return self
+        if self.ras is not None:
+            return replace(self, ras=tuple(map(float, to_frame([self.ras])[0])))
+        if self.ras_points is not None:
+            return replace(self, ras_points=tuple(tuple(map(float, p)) for p in to_frame(self.ras_points)))
+        if self.ras_min is None:
+            return self  # a reset
+        corners = to_frame([[x, y, z] for x in (self.ras_min[0], self.ras_max[0])
+                            for y in (self.ras_min[1], self.ras_max[1]) for z in (self.ras_min[2], self.ras_max[2])])
+        low, high = corners.min(axis=0), corners.max(axis=0)
+        if any(a == b for a, b in zip(self.ras_min, self.ras_max)):
+            flat = int(np.argmin(high - low))
+            low[flat] = high[flat] = (low[flat] + high[flat]) / 2
+        return replace(self, ras_min=tuple(map(float, low)), ras_max=tuple(map(float, high)))
 
 
 @dataclass

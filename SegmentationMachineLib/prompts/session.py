@@ -592,7 +592,8 @@ class InteractiveSession:
         self._buffer[local] = after  # what the editor's masking actually allowed
         if untouched:
             self._written = self._modified_time()
-        self._remember(_Step(segment_id, prompt, box, before, after))
+        # kept in the volume's own frame, for prompt files the CLI replays on the series as loaded, untransformed
+        self._remember(_Step(segment_id, prompt.mapped(frames.world_to_local(self._volume_node)), box, before, after))
 
     def _remember(self, step: _Step):
         """A new step: redo is gone, and the oldest steps go when the history outgrows its memory."""
@@ -681,7 +682,8 @@ class InteractiveSession:
         self._undo_on_server = self._server_can_undo = False
 
     def prompts_of(self, segment_id: str) -> list:
-        """The prompts that made the segment as it stands (undone ones left out), for prompt files."""
+        """The prompts that made the segment as it stands (undone ones left out), for prompt files: in the volume's
+        own RAS, as mapped when each was made."""
         prompts = []
         for step in self._done:
             if step.segment_id == segment_id:
