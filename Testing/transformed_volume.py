@@ -3,9 +3,14 @@
 linear: a registration with a 20 degree gantry-tilt shear. grid: the acquisition transform Slicer 5.10's
 DICOM module adds for a gantry tilt (DICOMScalarVolumePlugin.gridTransformFromCorners: a 2 x 2 x slices
 grid in the volume's orientation, one displacement per slice), with a wobble no linear transform has.
+
+tilted_series and load_as_dicom_module: a real series whose slices are sheared unevenly, read by Slicer's own
+reader and put under the acquisition transform as the DICOM module does. (An evenly sheared series needs none:
+Slicer 5.10's reader keeps the shear in the volume's IJK to RAS, ForceOrthogonalDirection off.)
 """
 
 import numpy as np
+import pydicom
 import slicer
 import vtk
 
@@ -28,10 +33,12 @@ def registration(scene, volume):
     return node
 
 
-def acquisition(scene, volume):
-    """Each slice k shifted along A by the tilt plus 3 mm x sin(k / 5)."""
-    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "acquisition")
-    spacing, (slices, rows, columns) = volume.GetSpacing(), arrays.volume_array(volume).shape
+def slice_grid(scene, volume, displacements: np.ndarray, name: str = "acquisition"):
+    """The volume under a grid transform as DICOMScalarVolumePlugin.gridTransformFromCorners makes it: nodes at the
+    corners of each slice ((slices, 2, 2, 3) RAS displacements, row then column), in the volume's orientation."""
+    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", name)
+    columns, rows, slices = volume.GetImageData().GetDimensions()
+    spacing = volume.GetSpacing()
     image = vtk.vtkImageData()
     image.SetOrigin(*volume.GetOrigin())
     image.SetDimensions(2, 2, slices)
@@ -43,11 +50,16 @@ def acquisition(scene, volume):
     transform.SetGridDirectionMatrix(directions)
     transform.SetDisplacementGridData(image)
     node.SetAndObserveTransformToParent(transform)
-    displacements = slicer.util.arrayFromGridTransform(node)
-    for k in range(slices):
-        displacements[k, :, :] = [0.0, k * spacing[2] * TILT + 3.0 * np.sin(k / 5), 0.0]
+    slicer.util.arrayFromGridTransform(node)[:] = displacements
     slicer.util.arrayFromGridTransformModified(node)
     return node
+
+
+def acquisition(scene, volume):
+    """Each slice k shifted along A by the tilt plus 3 mm x sin(k / 5)."""
+    slices, spacing = volume.GetImageData().GetDimensions()[2], volume.GetSpacing()
+    shifts = [k * spacing[2] * TILT + 3.0 * np.sin(k / 5) for k in range(slices)]
+    return slice_grid(scene, volume, np.array([[[[0.0, shift, 0.0]] * 2] * 2 for shift in shifts]))
 
 
 TRANSFORMS = {"linear": registration, "grid": acquisition}
@@ -94,3 +106,67 @@ def segment_world(segmentation, segment_id) -> np.ndarray:
         return np.zeros((0, 3))
     return np.array([to_world(segmentation, point) for point in voxel_centres(labelmap, segment.GetLabelValue())
                      ]).reshape(-1, 3)
+
+
+def tilted_series(source_files, folder, shifts_mm) -> list:
+    """Copies of a real series' files in folder, slice k (in order along the slice normal) moved by shifts_mm[k]
+    along its image's columns: a gantry tilt whose slices are sheared by those amounts. The copies' paths, in
+    that order."""
+    headers = [pydicom.dcmread(path) for path in source_files]
+    normal = np.cross(*np.reshape(np.asarray(headers[0].ImageOrientationPatient, float), (2, 3)))
+    headers.sort(key=lambda d: float(np.dot(normal, np.asarray(d.ImagePositionPatient, float))))
+    paths = []
+    for k, (header, shift) in enumerate(zip(headers, shifts_mm)):
+        columns = np.asarray(header.ImageOrientationPatient[3:], float)
+        header.ImagePositionPatient = [round(float(v), 6) for v in np.asarray(header.ImagePositionPatient, float)
+                                       + shift * columns]
+        paths.append(folder / f"tilted{k:03d}.dcm")
+        header.save_as(paths[-1])
+    return paths
+
+
+def _corners_from_headers(volume, files) -> np.ndarray:
+    """DICOMScalarVolumePlugin.AcquisitionModeling.sliceCornersFromDICOM: (slices, 2, 2, 3) RAS from each file's
+    position, orientation and spacing (the files in the volume's slice order, as DICOM.instanceUIDs lists them)."""
+    columns, rows, _ = volume.GetImageData().GetDimensions()
+    corners = []
+    for path in files:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        position = np.asarray(header.ImagePositionPatient, float) * [-1, -1, 1]
+        row, column = np.reshape(np.asarray(header.ImageOrientationPatient, float), (2, 3)) * [-1, -1, 1]
+        spacing = np.asarray(header.PixelSpacing, float)
+        corners.append([[position + c * columns * spacing[1] * row + r * rows * spacing[0] * column
+                         for c in range(2)] for r in range(2)])
+    return np.array(corners)
+
+
+def _corners_of_grid(volume) -> np.ndarray:
+    """sliceCornersFromIJKToRAS: the same corners, from the volume's regular grid."""
+    columns, rows, slices = volume.GetImageData().GetDimensions()
+    matrix = arrays.ijk_to_ras(volume)
+    return np.array([[[(matrix @ [c * columns, r * rows, k, 1.0])[:3] for c in range(2)] for r in range(2)]
+                     for k in range(slices)])
+
+
+def load_as_dicom_module(ctx, files, name: str = "tilted CT"):
+    """files (one series) as Slicer 5.10's DICOM module loads them: Slicer's reader (vtkITK, as AddArchetypeVolume
+    and the plugin's series reader use it), no storage node, DICOM.instanceUIDs, and the acquisition transform
+    (createAcquisitionTransform: a grid transform from the grid's slice corners to the files', not hardened) where
+    they differ by more than its cornerEpsilon, checked as the plugin checks it."""
+    from slicer_standins import as_dicom_module_loads
+
+    names = vtk.vtkStringArray()
+    for path in files:
+        names.InsertNextValue(str(path))
+    read = ctx.volumes_logic.AddArchetypeVolume(str(files[0]), "read", 0, names)
+    volume = as_dicom_module_loads(ctx, read, files, name)
+    ctx.scene.RemoveNode(read)
+    uids = volume.GetAttribute("DICOM.instanceUIDs").split()
+    by_uid = {str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID): path for path in files}
+    target, source = _corners_from_headers(volume, [by_uid[uid] for uid in uids]), _corners_of_grid(volume)
+    if np.abs(target - source).max() > 1e-3:
+        node = slice_grid(ctx.scene, volume, target - source, f"{name} acquisition transform")
+        volume.SetAndObserveTransformNodeID(node.GetID())
+        fixed = np.array([to_world(volume, corner) for corner in source.reshape(-1, 3)]).reshape(source.shape)
+        assert np.allclose(fixed, target), "Acquisition transform didn't fix slice corners!"
+    return volume

@@ -4,12 +4,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 pip_flags=(--quiet --disable-pip-version-check)
 
-# 0a. Orthanc with its DICOMweb plugin, and DCMTK: Debian packages that the PACS tests run as real servers. Installed
+# 0a. Orthanc with its DICOMweb plugin, and DCMTK: Debian packages that the PACS tests run as real servers; dicom3tools:
+#     dciodvfy, which checks the SEGs we write against DICOM's rules. Installed
 #     where apt-get is usable (root, or sudo without a password); elsewhere those tests are skipped. The package
 #     starts no service where policy-rc.d forbids it (containers): the tests start their own Orthanc on loopback.
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo -n "$@"; fi; }
 missing=()
-for package in orthanc orthanc-dicomweb dcmtk; do
+for package in orthanc orthanc-dicomweb dcmtk dicom3tools; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -21,10 +21,14 @@ from pydicom.misc import is_dicom
 
 from ..core import arrays, child
 from ..core.errors import ExportError
+from ..core.grids import RAS_TO_LPS
 from . import segwriter
 from .segwriter import SegInput, source_dataset
 
 SEG_FILE = "segmentation.dcm"
+# A slice is its source image, as read, where it starts within this of the image's position: Slicer's DICOM
+# module adds an acquisition transform where slice corners differ by more (cornerEpsilon, DICOMScalarVolumePlugin).
+SAME_POSITION_MM = 1e-3
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 # What the SEG writer needs beyond what Slicer 5.10 bundles (numpy 2.0.2, Pillow, packaging and
@@ -110,18 +114,64 @@ def source_files(volume_node, dicom_database=None) -> list:
     return files if all(files) and all(map(is_dicom, files)) else []  # a SEG refers to every slice
 
 
-def check_seg_export(segmentation_node, dicom_database=None) -> list:
-    """The source series' files; raises the user's sentence before any work when no SEG can be written.
-    dicom_database: Slicer's, where volumes may come from its DICOM module (source_files)."""
+def _source_headers(segmentation_node, dicom_database=None):
+    """(files, headers) of the source series; raises the user's sentence where no SEG can be written."""
     _writer_packages()
     files = source_files(_reference_volume(segmentation_node), dicom_database)
     if not files:
         raise ExportError(f"DICOM SEG needs the DICOM series '{segmentation_node.GetName()}' was made on, and it "
                           "was not made on one: segment a loaded DICOM series (in the CLI: --volume FOLDER) to make a SEG; "
                           "STL, OBJ, 3MF and glTF need none.")
-    for name in files:
-        source_dataset(name)  # with this process's pydicom: the check, not yet the SEG's headers
-    return [str(Path(name).absolute()) for name in files]
+    headers = [source_dataset(name) for name in files]  # with this process's pydicom: the check, not the SEG's headers
+    return [str(Path(name).absolute()) for name in files], headers
+
+
+def check_seg_export(segmentation_node, dicom_database=None) -> list:
+    """The source series' files; raises the user's sentence before any work when no SEG can be written.
+    dicom_database: Slicer's, where volumes may come from its DICOM module (source_files)."""
+    return _source_headers(segmentation_node, dicom_database)[0]
+
+
+def _slice_starts(volume_node) -> np.ndarray:
+    """(K, 3) LPS: where each slice of the volume's grid starts, through its acquisition transform where it has
+    one: Slicer's DICOM module puts the regular grid of a series with irregular geometry (a gantry tilt whose
+    slices are not evenly sheared, uneven spacing) under a non-linear transform that moves each slice onto its
+    image. A linear parent (a registration) is the user's: the series' own coordinates are the grid's."""
+    ijk_to_ras = arrays.ijk_to_ras(volume_node)
+    slices = volume_node.GetImageData().GetDimensions()[2]
+    starts = (ijk_to_ras @ np.c_[np.zeros((slices, 2)), np.arange(slices), np.ones(slices)].T)[:3].T
+    transform_node = volume_node.GetParentTransformNode()
+    if transform_node is not None and not transform_node.IsLinear():
+        to_parent = transform_node.GetTransformToParent()
+        starts = np.array([to_parent.TransformPoint(*map(float, start)) for start in starts])
+    return starts * RAS_TO_LPS.diagonal()[:3]
+
+
+def _images_by_slice(volume_node, files: list, headers: list) -> list:
+    """The source files in the volume's slice order where each slice is its file's image as read, same rows,
+    columns, orientation and spacing, starting where the image does: the SEG's frames are then the images
+    themselves, at their own positions. [] where the volume is not the series as read (uneven spacing resampled,
+    an acquisition transform hardened, another grid): the SEG's frames lie on the volume's grid."""
+    dimensions = volume_node.GetImageData().GetDimensions()
+    if len(files) != dimensions[2]:
+        return []
+    ijk_to_lps = RAS_TO_LPS @ arrays.ijk_to_ras(volume_node)
+    spacing = np.linalg.norm(ijk_to_lps[:3, :2], axis=0)
+    orientation = np.concatenate([ijk_to_lps[:3, 0] / spacing[0], ijk_to_lps[:3, 1] / spacing[1]])
+    positions = []
+    for header in headers:
+        if not ((header.get("Rows"), header.get("Columns")) == dimensions[1::-1]
+                and np.allclose(np.asarray(header.get("ImageOrientationPatient") or [0] * 6, float), orientation,
+                                atol=1e-4)
+                and np.allclose(np.asarray(header.get("PixelSpacing") or [0, 0], float), spacing[::-1], rtol=1e-4)
+                and len(header.get("ImagePositionPatient") or ()) == 3):
+            return []
+        positions.append(np.asarray(header.ImagePositionPatient, float))
+    distances = np.linalg.norm(_slice_starts(volume_node)[:, None] - np.array(positions)[None], axis=2)
+    nearest = distances.argmin(axis=1)
+    if not (distances.min(axis=1) <= SAME_POSITION_MM).all() or len(set(nearest)) != len(files):
+        return []
+    return [files[index] for index in nearest]
 
 
 def _segment_on_grid(segmentation_node, segment_id, reference: "slicer.vtkOrientedImageData") -> np.ndarray:
@@ -161,14 +211,15 @@ def _seg_pixels(segmentation_node, segment_ids, reference) -> np.ndarray:
 
 def read_seg_input(segmentation_node, segment_ids, dicom_database=None) -> SegInput:
     """Main thread (MRML belongs to it): the given segments on the source series' grid, and its files."""
-    files = check_seg_export(segmentation_node, dicom_database)
+    files, headers = _source_headers(segmentation_node, dicom_database)
     volume = _reference_volume(segmentation_node)
     segmentation = segmentation_node.GetSegmentation()
-    return SegInput(files, arrays.ijk_to_ras(volume),
+    by_slice = _images_by_slice(volume, files, headers)
+    return SegInput(by_slice or files, arrays.ijk_to_ras(volume),
                     _seg_pixels(segmentation_node, segment_ids, _reference_grid(volume)),
                     [(segmentation.GetSegment(i).GetName(), segmentation.GetSegment(i).GetColor())
                      for i in segment_ids],
-                    segmentation_node.GetName()[:64])
+                    segmentation_node.GetName()[:64], source_frames=bool(by_slice))
 
 
 def write_seg(path, seg: SegInput, packages=None):

@@ -8,7 +8,10 @@ save_input (voxels as .npy, the rest as JSON, the source series as file paths: n
 between pydicom versions); the child reads the source headers with its own pydicom.
 
 The SEG is written on the grid of the volume the segmentation was made on, one frame per slice that holds a
-segment, with each frame's position stated, so it lines up in space whatever the grid's orientation.
+segment. Where each slice is a source image as read (source_frames), highdicom copies the images' own geometry
+and refers each frame to its image: a gantry-tilted series' sheared positions, which no regular grid holds.
+Else (a resampled volume) each frame's position is stated from the grid, so it lines up in space whatever the
+grid's orientation.
 """
 
 import json
@@ -128,6 +131,7 @@ class SegInput:
     pixels: np.ndarray  # segment numbers (K, J, I), or one mask per segment (K, J, I, n)
     segments: list  # (name, colour) per segment number
     description: str
+    source_frames: bool = False  # pixels[k] is source_files[k]'s image, pixel for pixel: the SEG takes its geometry
 
 
 def save_input(folder, seg: SegInput):
@@ -137,14 +141,15 @@ def save_input(folder, seg: SegInput):
     (folder / "seg.json").write_text(json.dumps({
         "source_files": [str(name) for name in seg.source_files], "ijk_to_ras": np.asarray(seg.ijk_to_ras).tolist(),
         "segments": [[name, [float(c) for c in color]] for name, color in seg.segments],
-        "description": seg.description}))
+        "description": seg.description, "source_frames": seg.source_frames}))
 
 
 def load_input(folder) -> SegInput:
     folder = Path(folder)
     saved = json.loads((folder / "seg.json").read_text())
     return SegInput(saved["source_files"], np.array(saved["ijk_to_ras"]), np.load(folder / "pixels.npy"),
-                    [(name, tuple(color)) for name, color in saved["segments"]], saved["description"])
+                    [(name, tuple(color)) for name, color in saved["segments"]], saved["description"],
+                    saved["source_frames"])
 
 
 def _plane_geometry(ijk_to_ras: np.ndarray, slices: int):
@@ -186,15 +191,15 @@ def write(path, seg: SegInput):
     """Writes the segments as one DICOM SEG at path, whole or not at all, with highdicom in this process."""
     import highdicom
 
-    measures, orientation, positions = _plane_geometry(seg.ijk_to_ras, seg.pixels.shape[0])
+    geometry = {} if seg.source_frames else dict(zip(("pixel_measures", "plane_orientation", "plane_positions"),
+                                                     _plane_geometry(seg.ijk_to_ras, seg.pixels.shape[0])))
     document = highdicom.seg.Segmentation(
         source_images=[source_dataset(name) for name in seg.source_files], pixel_array=seg.pixels,
         segmentation_type=highdicom.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[_description(n, name, color) for n, (name, color) in enumerate(seg.segments, 1)],
         series_instance_uid=highdicom.UID(), series_number=900, sop_instance_uid=highdicom.UID(), instance_number=1,
         manufacturer="SegmentationMachine", manufacturer_model_name="SegmentationMachine",
-        software_versions=__version__, device_serial_number="0", series_description=seg.description,
-        pixel_measures=measures, plane_orientation=orientation, plane_positions=positions)
+        software_versions=__version__, device_serial_number="0", series_description=seg.description, **geometry)
     with atomic_file(path) as stream:
         document.save_as(stream)
 

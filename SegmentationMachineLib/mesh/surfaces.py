@@ -1,4 +1,5 @@
-"""Closed surfaces from a segmentation node's binary labelmaps: one mesh per segment, in RAS mm.
+"""Closed surfaces from a segmentation node's binary labelmaps: one mesh per segment, in world RAS mm, where
+Slicer's views show it: through the segmentation's parent transform, a matrix when linear, else point by point.
 
 Every export format is written from these meshes, so STL, OBJ and 3MF line up exactly. Each
 segment is contoured on its own padded bounding box (padding closes the surface at the edge of
@@ -36,6 +37,12 @@ MIN_SIGMA_VOXELS = 0.25
 # Surface nets smooth the mesh itself, which thins thin parts too (a bone preset's phantom lost 11% at 28
 # iterations, 3.5% at 8): fewer iterations where a segment would lose more than this.
 NETS_VOLUME_TOLERANCE = 0.05
+# Under a non-linear transform, a point this far outside the surface (in voxels) must still lie on the side the
+# triangles face once both are mapped to world; where it does not, the transform folds space there.
+FOLD_PROBE_VOXELS = 0.05
+# A vertex turned over (or kept) when the cosine between its probe and its triangles' normal is beyond this: near
+# 0 at saddles, where the triangles around a vertex face every way, neither is said.
+FOLD_COSINE = 0.5
 
 
 class SurfaceMethod(str, Enum):
@@ -56,7 +63,7 @@ class SegmentMesh:
     segment_id: str
     name: str
     color: tuple  # RGB 0..1
-    points: np.ndarray  # (N, 3) float64, RAS mm (world)
+    points: np.ndarray  # (N, 3) float64, RAS mm (world, through the segmentation's transform, linear or not)
     triangles: np.ndarray  # (M, 3) int64, counter-clockwise seen from outside
     normals: np.ndarray  # (M, 3) outward face normals, length twice the triangle's area
     voxel_volume_ml: float = 0.0  # the segment's voxels, what the mesh's volume is compared with
@@ -64,17 +71,22 @@ class SegmentMesh:
     sigma_voxels: float = 0.0  # the Gaussian's sigma this segment was smoothed with (flying edges)
 
 
-def _world_matrix(segmentation_node) -> np.ndarray:
+def _to_world(segmentation_node):
+    """(matrix, warp): the segmentation's RAS to world. A linear transform (or none) is the matrix, and warp None;
+    a non-linear one (the acquisition transform Slicer puts on a gantry-tilted series, a deformable registration)
+    is warp, a vtkGeneralTransform each mesh's points go through, and the matrix the identity. Updated here, on the
+    main thread: workers then only read it (it holds the scene's transforms, which VTK keeps alive)."""
     transform_node = segmentation_node.GetParentTransformNode()
     if transform_node is None:
-        return np.eye(4)
-    if not transform_node.IsTransformToWorldLinear():
-        raise ExportError(f"Segmentation '{segmentation_node.GetName()}' is under a non-linear transform (such as "
-                          "the acquisition transform Slicer puts on a gantry-tilted series): harden the transform "
-                          "(Data module) and export again.")
-    matrix = vtk.vtkMatrix4x4()
-    transform_node.GetMatrixTransformToWorld(matrix)
-    return arrays.matrix_to_array(matrix)
+        return np.eye(4), None
+    if transform_node.IsTransformToWorldLinear():
+        matrix = vtk.vtkMatrix4x4()
+        transform_node.GetMatrixTransformToWorld(matrix)
+        return arrays.matrix_to_array(matrix), None
+    warp = vtk.vtkGeneralTransform()
+    transform_node.GetTransformToWorld(warp)
+    warp.Update()
+    return np.eye(4), warp
 
 
 def _padding(options: SurfaceOptions) -> int:
@@ -212,10 +224,11 @@ class _Job:
     name: str
     color: tuple
     mask: np.ndarray  # padded K, J, I crop
-    crop_to_world: np.ndarray  # 4x4: padded crop voxel (x=I, y=J, z=K) -> RAS world
+    crop_to_world: np.ndarray  # 4x4: padded crop voxel (x=I, y=J, z=K) -> RAS world, or to the segmentation's RAS
+    warp: object = None  # under a non-linear transform: the vtkGeneralTransform from the segmentation's RAS to world
 
 
-def _layer_jobs(segmentation_node, segment_ids, world: np.ndarray, pad: int):
+def _layer_jobs(segmentation_node, segment_ids, world: np.ndarray, pad: int, warp=None):
     """One job per non-empty segment; empty segment names returned separately."""
     segmentation = segmentation_node.GetSegmentation()
     layers = {}  # shared labelmap -> (array, bounding boxes by label value, array index -> world)
@@ -243,19 +256,73 @@ def _layer_jobs(segmentation_node, segment_ids, world: np.ndarray, pad: int):
         mask = np.pad(values[box] == value, pad)
         start = np.eye(4)
         start[:3, 3] = [box[2].start - pad, box[1].start - pad, box[0].start - pad]
-        jobs.append(_Job(segment_id, segment.GetName(), tuple(segment.GetColor()), mask, layer_to_world @ start))
+        jobs.append(_Job(segment_id, segment.GetName(), tuple(segment.GetColor()), mask, layer_to_world @ start, warp))
     return jobs, empty
+
+
+def _outward(points: np.ndarray, triangles: np.ndarray):
+    """(triangles, normals, enclosed mm3) with the triangles facing outward: mirroring grids and some contour
+    filters wind them inward."""
+    normals = face_normals(points[triangles])
+    volume = signed_volume_mm3(points, triangles, normals) if len(triangles) else 0.0
+    if volume < 0:
+        return triangles[:, ::-1], -normals, -volume
+    return triangles, normals, volume
+
+
+def _vertex_sums(triangles: np.ndarray, vectors: np.ndarray, count: int) -> np.ndarray:
+    """(count, 3): per vertex, the sum of a vector per triangle over the triangles it is a corner of."""
+    return np.stack([np.bincount(triangles.ravel(), np.repeat(vectors[:, axis], 3), count) for axis in range(3)], 1)
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    lengths = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.divide(vectors, lengths, out=np.zeros_like(vectors), where=lengths > 0)
+
+
+def _through(warp, points: np.ndarray) -> np.ndarray:
+    """(N, 3) points through a VTK transform, in one call (a million points take a few hundredths of a second)."""
+    source, target = vtk.vtkPoints(), vtk.vtkPoints()
+    source.SetData(numpy_support.numpy_to_vtk(np.ascontiguousarray(points, np.float64), deep=True))
+    target.SetDataTypeToDouble()
+    warp.TransformPoints(source, target)
+    return numpy_support.vtk_to_numpy(target.GetData()).astype(np.float64)
+
+
+def _warped(job: _Job, points: np.ndarray, triangles: np.ndarray, normals: np.ndarray):
+    """(points, triangles, normals) of an outward mesh mapped to world through the job's non-linear warp.
+
+    The triangles keep their neighbours (watertight stays watertight) and their normals are computed anew; a
+    warp turns triangles over where it folds space (its Jacobian's determinant below 0). Each vertex's probe, a
+    point just outside it, tells: mapped, it lies behind the mapped triangles around the vertex where they turned
+    over. All turned over is a mirror (the triangles are reversed); some is a fold, inside out in world, said so."""
+    probe_mm = FOLD_PROBE_VOXELS * float(np.linalg.norm(job.crop_to_world[:3, :3], axis=0).min())
+    outside = points + probe_mm * _unit(_vertex_sums(triangles, normals, len(points)))
+    mapped = _through(job.warp, np.concatenate([points, outside]))
+    points, outside = mapped[:len(points)], mapped[len(points):]
+    normals = face_normals(points[triangles])
+    facing = np.einsum("ij,ij->i", _unit(outside - points), _unit(_vertex_sums(triangles, normals, len(points))))
+    if (facing > FOLD_COSINE).any() and (facing < -FOLD_COSINE).any():
+        raise ExportError(f"Segment '{job.name}' lies where its segmentation's non-linear transform folds space over "
+                          "itself, which would turn its mesh inside out there: correct the transform, or harden it "
+                          "(Data module), and export again.")
+    return (points, triangles[:, ::-1], -normals) if (facing < -FOLD_COSINE).any() else (points, triangles, normals)
 
 
 def _run_job(job: _Job, options: SurfaceOptions) -> SegmentMesh:
     surface, level, sigma = _contour(job.mask, options)
     points, triangles = _mesh_arrays(surface)
     points = points @ job.crop_to_world[:3, :3].T + job.crop_to_world[:3, 3]
-    normals = face_normals(points[triangles])
-    if len(triangles) and signed_volume_mm3(points, triangles, normals) < 0:
-        # Mirroring grids and some contour filters wind inward: face outward.
-        triangles, normals = triangles[:, ::-1], -normals
+    triangles, normals, enclosed = _outward(points, triangles)
     voxel_ml = np.count_nonzero(job.mask) * abs(np.linalg.det(job.crop_to_world[:3, :3])) / 1000.0
+    if job.warp is not None and len(triangles):
+        points, triangles, normals = _warped(job, points, triangles, normals)
+        # A non-linear map changes volume point by point (by its Jacobian's determinant), and the voxels' volume in
+        # world would take that determinant at every voxel. They are scaled instead by what the map did to the mesh
+        # that encloses them (the same region, to within the smoothing): the report's difference then compares like
+        # with like, what contouring and smoothing did to the segment, as it does without a transform.
+        if enclosed > 0:
+            voxel_ml *= signed_volume_mm3(points, triangles, normals) / enclosed
     return SegmentMesh(job.segment_id, job.name, job.color, points, triangles, normals, float(voxel_ml), level, sigma)
 
 
@@ -283,7 +350,8 @@ def read_segments(segmentation_node, segment_ids=None, options: SurfaceOptions =
         if not converted:
             raise ExportError(f"Segmentation '{segmentation_node.GetName()}' cannot be converted to a labelmap: "
                               "set its reference geometry (Segmentations module) and export again.")
-    return MeshJobs(*_layer_jobs(segmentation_node, segment_ids, _world_matrix(segmentation_node), _padding(options)))
+    world, warp = _to_world(segmentation_node)
+    return MeshJobs(*_layer_jobs(segmentation_node, segment_ids, world, _padding(options), warp))
 
 
 def meshes_from(segments: MeshJobs, options: SurfaceOptions = SurfaceOptions(), progress=None, each=None):
