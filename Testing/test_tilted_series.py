@@ -8,9 +8,11 @@ import numpy as np
 import pydicom
 import pytest
 import vtk
+from pydicom.uid import generate_uid
 from vtkmodules.util import numpy_support
 
 from conftest import JPEG2000_SERIES
+from test_formats import needs_highdicom
 from SegmentationMachineLib.core import arrays
 from SegmentationMachineLib.core.errors import InputError
 from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
@@ -24,11 +26,15 @@ LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
 
 def tilted_copy(source, folder, degrees: float):
     """The real axial series as a gantry tilted by degrees acquires it: each slice moved along LPS y by
-    tan(degrees) times its height above the lowest slice. Pixel data (JPEG 2000) is copied as it is."""
+    tan(degrees) times its height above the lowest slice. Pixel data (JPEG 2000) is copied as it is; the study and
+    series UIDs and the instance UID its anonymiser blanked are given back, as a scanner writes them."""
     folder.mkdir()
     datasets = [pydicom.dcmread(path) for path in sorted(source.iterdir())]
     lowest = min(float(d.ImagePositionPatient[2]) for d in datasets)
+    study, series = generate_uid(), generate_uid()
     for index, dataset in enumerate(datasets):
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
         x, y, z = map(float, dataset.ImagePositionPatient)
         dataset.ImagePositionPatient = [f"{v:.4f}" for v in (x, y + np.tan(np.radians(degrees)) * (z - lowest), z)]
         dataset.save_as(folder / f"{index:03d}.dcm")
@@ -75,3 +81,20 @@ def test_a_stack_leaning_more_than_a_gantry_tilts_is_one_sentence(ctx, tmp_path)
     write_ct_series(tmp_path, phantom.hu, 1.5, [(0.0, k * lean, k * 2.0) for k in range(6)], "leaning")
     with pytest.raises(InputError, match=r"lean 35\.0° from their normal, more than a CT gantry tilts \(30°\)"):
         load_input(ctx, tmp_path)
+
+
+@needs_highdicom
+def test_a_seg_of_a_tilted_series_puts_each_frame_on_its_image(ctx, shared_data, tmp_path):
+    import highdicom
+
+    tilted_copy(JPEG2000_SERIES, tmp_path / "tilted", TILT_DEGREES)
+    segmentation = apply_preset(ctx, load_input(ctx, tmp_path / "tilted").node, "bone")
+    folder = export_segmentation(segmentation, tmp_path / "out", ExportOptions(formats=("seg",))).folder
+    seg = highdicom.seg.segread(folder / "segmentation.dcm")
+    sources = {str(d.SOPInstanceUID): d for d in (pydicom.dcmread(path, stop_before_pixels=True)
+                                                  for path in (tmp_path / "tilted").iterdir())}
+    assert seg.NumberOfFrames > 10
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert np.allclose(np.asarray(frame.PlanePositionSequence[0].ImagePositionPatient, float),
+                           np.asarray(sources[uid].ImagePositionPatient, float), atol=1e-3)
