@@ -5,8 +5,10 @@ import json
 import os
 import shutil
 import subprocess
+import zipfile
 from dataclasses import replace
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -290,33 +292,76 @@ def stl_points(path):
     return numpy_support.vtk_to_numpy(reader.GetOutput().GetPoints().GetData()).astype(float)
 
 
-def test_3mf_read_back_by_lib3mf_objects_names_colours_units_build_items(ctx, shared_data, tmp_path):
+def test_3mf_is_one_object_with_a_named_coloured_part_per_segment_where_the_stls_lie(ctx, shared_data, tmp_path):
+    """What makes OrcaSlicer, Bambu Studio (bbs_3mf.cpp) load one object with a part per segment, relative
+    positions kept and no "Multi-part object detected" question: one build item, an assembly object whose
+    components (identity transforms) are the segments' mesh objects, and the parts' names in
+    Metadata/model_settings.config; read by the 3MF Consortium's lib3mf in strict mode."""
     lib3mf = pytest.importorskip("lib3mf", reason="pip install lib3mf (the test extras include it)")
     volume = load_input(ctx, UNCOMPRESSED_SERIES).node
     node = apply_preset(ctx, volume, "bone")
     apply_preset(ctx, volume, "skin", node)
-    result = export_segmentation(node, tmp_path, ExportOptions(formats=("3mf",)))
-    wrapper = lib3mf.get_wrapper()
-    model = wrapper.CreateModel()
+    result = export_segmentation(node, tmp_path, ExportOptions(formats=("stl", "3mf")))
+    path = result.folder / "segments.3mf"
+    model = lib3mf.get_wrapper().CreateModel()
     reader = model.QueryReader("3mf")
     reader.SetStrictModeActive(True)
-    reader.ReadFromFile(str(result.folder / "segments.3mf"))
+    reader.ReadFromFile(str(path))
     assert reader.GetWarningCount() == 0
     assert model.GetUnit() == lib3mf.ModelUnit.MilliMeter
-    objects, iterator = {}, model.GetMeshObjects()
-    while iterator.MoveNext():
-        mesh = iterator.GetCurrentMeshObject()
-        objects[mesh.GetName()] = mesh
-    assert list(objects) == ["Bone", "Skin"]
-    for entry in result.report["meshes"]:
-        mesh = objects[entry["name"]]
-        assert mesh.GetTriangleCount() == entry["triangles"] and mesh.IsManifoldAndOriented()
+    items = model.GetBuildItems()
+    assert items.Count() == 1 and items.MoveNext()
+    item = items.GetCurrent()
+    assert not item.HasObjectTransform()
+    assembly = model.GetComponentsObjectByID(item.GetObjectResourceID())
+    assert assembly.GetName() == result.report["segmentation"] == node.GetName()  # the object's name in the slicer
+    assert assembly.GetComponentCount() == len(result.report["meshes"]) == 2
+    identity = np.eye(4)[:, :3]
+    parts = {}
+    for index, entry in enumerate(result.report["meshes"]):
+        component = assembly.GetComponent(index)
+        transform = np.array(component.GetTransform().Fields)
+        assert not component.HasTransform() and np.array_equal(transform, identity)
+        mesh = model.GetMeshObjectByID(component.GetObjectResourceID())
+        parts[str(component.GetObjectResourceID())] = entry["name"]
+        assert mesh.GetName() == entry["name"] and mesh.GetTriangleCount() == entry["triangles"]
+        assert mesh.IsManifoldAndOriented()
         group_id, property_id, has_property = mesh.GetObjectLevelProperty()
         materials = model.GetBaseMaterialGroupByID(group_id)
         color = materials.GetDisplayColor(property_id)
         assert has_property and materials.GetName(property_id) == entry["name"]
         assert np.allclose([color.Red, color.Green, color.Blue], np.array(entry["color"]) * 255, atol=0.5)
-    items, iterator = [], model.GetBuildItems()
-    while iterator.MoveNext():
-        items.append(iterator.GetCurrent().GetObjectResource().GetResourceID())
-    assert sorted(items) == sorted(m.GetResourceID() for m in objects.values())
+        vertices = np.array([v.Coordinates[0:3] for v in mesh.GetVertices()])
+        stl = stl_points(result.folder / entry["stl"])  # the very place of every segment, not only relative
+        assert np.allclose([vertices.min(0), vertices.max(0)], [stl.min(0), stl.max(0)], atol=1e-4)
+        distinct = [np.sort(np.unique(v, axis=0), axis=0) for v in (vertices, stl)]
+        assert np.allclose(*distinct, atol=1e-4)
+    # OrcaSlicer/Bambu Studio name parts only from their own file: the object's id and its parts' ids and names
+    with zipfile.ZipFile(path) as package:
+        config = ElementTree.fromstring(package.read("Metadata/model_settings.config"))
+    (settings,) = config.findall("object")
+    assert settings.get("id") == str(item.GetObjectResourceID())
+    assert settings.find("metadata[@key='name']").get("value") == node.GetName()
+    names = {part.get("id"): part.find("metadata[@key='name']").get("value") for part in settings.findall("part")}
+    assert names == parts
+    assert {part.get("subtype") for part in settings.findall("part")} == {"normal_part"}
+
+
+@pytest.mark.skipif(shutil.which("prusa-slicer") is None, reason="apt-get install prusa-slicer (Debian)")
+def test_a_real_slicer_reads_the_3mf_with_every_segment_where_its_stl_lies(ctx, shared_data, tmp_path):
+    """PrusaSlicer's libslic3r (the code OrcaSlicer's grew from) loads the 3MF: a manifold object per part
+    (PrusaSlicer makes objects of components), each at its STL's coordinates, not moved."""
+    volume = load_input(ctx, UNCOMPRESSED_SERIES).node
+    node = apply_preset(ctx, volume, "bone")
+    apply_preset(ctx, volume, "skin", node)
+    result = export_segmentation(node, tmp_path, ExportOptions(formats=("stl", "3mf")))
+    info = subprocess.run(["prusa-slicer", "--info", "segments.3mf"], cwd=result.folder, capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert info.returncode == 0, info.stderr
+    objects = [dict(line.split(" = ") for line in block.splitlines() if " = " in line)
+               for block in info.stdout.split("[segments.3mf]")[1:]]
+    assert len(objects) == 2 and all(o["manifold"].strip() == "yes" for o in objects)
+    read = sorted([float(o[f"{end}_{axis}"]) for end in ("min", "max") for axis in "xyz"] for o in objects)
+    stls = sorted([*points.min(0), *points.max(0)]
+                  for points in (stl_points(result.folder / e["stl"]) for e in result.report["meshes"]))
+    assert np.allclose(read, stls, atol=1e-3)

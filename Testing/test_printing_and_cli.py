@@ -8,13 +8,18 @@ import stat
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
+from xml.etree import ElementTree
 
+import numpy as np
 import pytest
 
 from conftest import EXAMPLE_LABELS, LABEL_NAMES
 from SegmentationMachineLib.core.errors import PrintError
+from SegmentationMachineLib.mesh.check import check_mesh
 from SegmentationMachineLib.mesh.printing import find_orcaslicer, FLATPAK_IDS, send_to_orcaslicer
+from SegmentationMachineLib.mesh.writers import read_stl, write_stl
 
 CLI = [sys.executable, "-m", "SegmentationMachineLib.cli"]
 
@@ -65,12 +70,84 @@ def test_orcaslicer_gets_the_environment_it_is_given_not_ours(tmp_path, export_f
     assert wait_for(bin_dir / "env.txt").strip() == "unset"
 
 
-def test_stls_when_there_is_no_3mf(tmp_path, export_folder):
-    (export_folder / "segments.3mf").unlink()
+def cube(low, size):
+    """A closed, outward-facing cube: (points, triangles)."""
+    points = np.array([[x, y, z] for x in (0, 1) for y in (0, 1) for z in (0, 1)], float) * size + low
+    faces = [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)]
+    return points, np.array([t for a, b, c, d in faces for t in ((a, b, c), (a, c, d))])
+
+
+@pytest.fixture
+def stl_export(tmp_path):
+    """An STL-only export as `--format stl` leaves it: a bone inside the skin, lower sides apart, and its report."""
+    folder = tmp_path / "stl-export"
+    folder.mkdir()
+    meshes = {"Bone": cube([10, 10, 30], 20), "Skin": cube([0, 0, 5], 60)}
+    colors = {"Bone": [0.95, 0.84, 0.57], "Skin": [0.69, 0.48, 0.4]}
+    for name, (points, triangles) in meshes.items():
+        write_stl(folder / f"{name}.stl", [(points, triangles, None)])
+    (folder / "report.json").write_text(json.dumps({"segmentation": "Knee & <left>", "meshes": [
+        {"name": n, "color": colors[n], "stl": f"{n}.stl"} for n in meshes]}))
+    return folder, meshes, colors
+
+
+def threemf_parts(path):
+    """(build items, the parts of the one built object: {name: (colour, points, triangles, transform)})."""
+    namespace = {"m": "http://schemas.microsoft.com/3dmanufacturing/core/2015/02"}
+    with zipfile.ZipFile(path) as package:
+        root = ElementTree.fromstring(package.read("3D/3dmodel.model"))
+    assert root.get("unit") == "millimeter"
+    objects = {o.get("id"): o for o in root.iterfind("m:resources/m:object", namespace)}
+    colors = [b.get("displaycolor") for b in root.iterfind("m:resources/m:basematerials/m:base", namespace)]
+    items = root.findall("m:build/m:item", namespace)
+    parts = {}
+    for component in objects[items[0].get("objectid")].iterfind("m:components/m:component", namespace):
+        mesh = objects[component.get("objectid")]
+        points = np.array([[float(v.get(a)) for a in "xyz"] for v in mesh.iterfind(".//m:vertex", namespace)])
+        triangles = np.array([[int(t.get(a)) for a in ("v1", "v2", "v3")]
+                              for t in mesh.iterfind(".//m:triangle", namespace)])
+        parts[mesh.get("name")] = (colors[int(mesh.get("pindex"))], points, triangles, component.get("transform"))
+    return items, objects[items[0].get("objectid")].get("name"), parts
+
+
+def test_several_stls_go_to_orcaslicer_as_one_3mf_object_with_a_part_each(tmp_path, stl_export):
+    """OrcaSlicer would centre and drop each STL on its own unless the user answers a dialog: the STLs of an
+    STL-only export go as one 3MF made beside them, its parts named and coloured from the report."""
+    folder, meshes, colors = stl_export
     bin_dir = tmp_path / "bin"
     make_stub(bin_dir, "OrcaSlicer")
-    send_to_orcaslicer(export_folder, env={"PATH": str(bin_dir)}, home=tmp_path)
-    assert wait_for(bin_dir / "OrcaSlicer.args").split() == [str(export_folder / n) for n in ("Bone.stl", "Skin.stl")]
+    send_to_orcaslicer(folder, env={"PATH": str(bin_dir)}, home=tmp_path)
+    assert wait_for(bin_dir / "OrcaSlicer.args").split() == [str(folder / "segments.3mf")]
+    items, title, parts = threemf_parts(folder / "segments.3mf")
+    assert len(items) == 1 and items[0].get("transform") is None and title == "Knee & <left>"
+    assert list(parts) == ["Bone", "Skin"]
+    for name, (color, points, triangles, transform) in parts.items():
+        assert transform is None  # identity: every part where its STL lies
+        assert color == "#" + "".join(f"{round(c * 255):02X}" for c in colors[name])
+        assert check_mesh(points, triangles).watertight and check_mesh(points, triangles).volume_ml > 0
+        assert np.allclose(np.unique(points, axis=0), np.unique(meshes[name][0], axis=0))
+
+
+def test_one_stl_goes_as_it_is_and_a_broken_one_is_one_sentence(tmp_path, stl_export):
+    folder, _, _ = stl_export
+    (folder / "Bone.stl").unlink()
+    bin_dir = tmp_path / "bin"
+    make_stub(bin_dir, "orca-slicer")
+    send_to_orcaslicer(folder, env={"PATH": str(bin_dir)}, home=tmp_path)
+    assert wait_for(bin_dir / "orca-slicer.args").split() == [str(folder / "Skin.stl")]
+    assert not (folder / "segments.3mf").exists()
+    (folder / "Bone.stl").write_text("solid not binary\nendsolid\n")
+    with pytest.raises(PrintError, match=r"Bone.stl is no binary STL: send a 3MF or export"):
+        send_to_orcaslicer(folder, env={"PATH": str(bin_dir)}, home=tmp_path)
+    assert not (folder / "segments.3mf").exists()
+
+
+def test_read_stl_gives_back_the_closed_mesh_write_stl_wrote(tmp_path):
+    points, triangles = cube([1.5, -2, 3], 7.25)
+    write_stl(tmp_path / "cube.stl", [(points, triangles, None)])
+    read_points, read_triangles = read_stl(tmp_path / "cube.stl")
+    assert len(read_points) == 8 and check_mesh(read_points, read_triangles).watertight
+    assert np.array_equal(read_points[read_triangles], points[triangles])
 
 
 def test_not_installed_says_where_to_get_it(tmp_path, export_folder):

@@ -4,26 +4,30 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 pip_flags=(--quiet --disable-pip-version-check)
 
-# 0a. Orthanc with its DICOMweb plugin, and DCMTK: Debian packages that the PACS tests run as real servers; dicom3tools:
-#     dciodvfy, which checks the SEGs we write against DICOM's rules. Installed
-#     where apt-get is usable (root, or sudo without a password); elsewhere those tests are skipped. The package
-#     starts no service where policy-rc.d forbids it (containers): the tests start their own Orthanc on loopback.
+# 0a. Debian packages that tests run as real components, installed where apt-get is usable (root, or sudo without a
+#     password); elsewhere the tests that need them are skipped. Orthanc with its DICOMweb plugin and DCMTK are real
+#     PACS servers and senders (the package starts no service where policy-rc.d forbids it, as in containers: the tests
+#     start their own Orthanc on loopback); dicom3tools' dciodvfy checks the SEGs we write against DICOM's rules;
+#     PrusaSlicer's CLI reads our 3MF as a real slicer does.
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo -n "$@"; fi; }
-missing=()
-for package in orthanc orthanc-dicomweb dcmtk dicom3tools; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    install=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}")
+install_debian() {  # install_debian "tests skipped without them" PACKAGE...
+    local skipped=$1 missing=() package
+    shift
+    for package in "$@"; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    local install=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}")
     if command -v apt-get >/dev/null && as_root true 2>/dev/null; then
         as_root "${install[@]}" >/dev/null 2>&1 \
             || { as_root apt-get update -q >/dev/null && as_root "${install[@]}" >/dev/null; } \
-            || echo "Could not install ${missing[*]} with apt-get: the Orthanc and DICOM node tests will be skipped."
+            || echo "Could not install ${missing[*]} with apt-get: $skipped will be skipped."
     else
-        echo "Not installing ${missing[*]} (needs apt-get as root or sudo without a password):" \
-             "the Orthanc and DICOM node tests will be skipped."
+        echo "Not installing ${missing[*]} (needs apt-get as root or sudo without a password): $skipped will be skipped."
     fi
-fi
+}
+install_debian "the Orthanc, DICOM node and SEG validation tests" orthanc orthanc-dicomweb dcmtk dicom3tools
+install_debian "the real-slicer 3MF test" prusa-slicer
 
 # 0b. The Khronos glTF-Validator (npm) that the glTF tests run on every .glb written (skipped without Node.js).
 if command -v npm >/dev/null && [ ! -d build/tools/node_modules/gltf-validator ]; then

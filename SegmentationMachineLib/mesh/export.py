@@ -251,7 +251,7 @@ def _write_into(folder: Path, prepared: PreparedExport, options: ExportOptions, 
         files.append(files[-1].with_suffix(".mtl"))
     if "3mf" in options.formats:
         files.append(folder / "segments.3mf")
-        writers.write_3mf(files[-1], named)
+        writers.write_3mf(files[-1], named, prepared.name)
     if "glb" in options.formats:
         files.append(folder / "segments.glb")
         write_glb(files[-1], named, options.coordinates)

@@ -1,5 +1,6 @@
 """Send to OrcaSlicer: find it wherever people install it, and open exported models in it, detached."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -8,9 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import PrintError
+from .writers import read_stl, write_3mf
 
 EXECUTABLE_NAMES = ("orca-slicer", "OrcaSlicer", "orcaslicer")
 FLATPAK_IDS = ("com.orcaslicer.OrcaSlicer", "io.github.softfever.OrcaSlicer")
+UNKNOWN_COLOR = (0.9, 0.9, 0.9)  # a segment whose export report is gone
 SETTING_ENV = "SM_ORCASLICER"  # a path set by the user, when it is not found by itself
 DOWNLOAD_HINT = ("install it from https://github.com/SoftFever/OrcaSlicer/releases (or Flathub), "
                  f"or give its path with --orcaslicer, the {SETTING_ENV} environment variable or the module's settings")
@@ -85,16 +88,45 @@ def find_orcaslicer(configured: str = None, env=None, platform: str = None, home
 
 
 def model_files(path) -> list:
-    """The files to open for an export folder (its 3MF, else its STLs) or a given model file."""
+    """The file to open for an export folder (its 3MF, else its STLs as one 3MF made beside them, else its
+    one STL) or a given model file. One 3MF opens as one object with a part per segment, where the
+    segments lie relative to each other; several STLs would each be centred on the bed on their own."""
     path = Path(path)
     if path.is_file():
         return [path]
     if path.is_dir():
         threemf = sorted(path.glob("*.3mf"))
         stls = sorted(p for p in path.glob("*.stl") if p.name != "merged.stl")
-        if threemf or stls:
-            return threemf[:1] or stls
+        if threemf or len(stls) == 1:
+            return (threemf or stls)[:1]
+        if stls:
+            return [_threemf_from_stls(path, stls)]
     raise PrintError(f"No 3MF or STL model in {path}: export first, then send the export folder.")
+
+
+def _threemf_from_stls(folder: Path, stls: list) -> Path:
+    """segments.3mf from an export's STLs, with the segments' names and colours from its report."""
+    from .export import REPORT_NAME
+
+    try:
+        report = json.loads((folder / REPORT_NAME).read_text())
+    except (OSError, ValueError):
+        report = {}
+    known = {m["stl"]: m for m in report.get("meshes", []) if isinstance(m, dict) and "stl" in m}
+    meshes = []
+    for stl in stls:
+        mesh = read_stl(stl)
+        if mesh is None:
+            raise PrintError(f"{stl} is no binary STL: send a 3MF or export the segmentation again.")
+        entry = known.get(stl.name, {})
+        meshes.append((entry.get("name", stl.stem), entry.get("color", UNKNOWN_COLOR), *mesh))
+    target = folder / "segments.3mf"
+    try:
+        write_3mf(target, meshes, report.get("segmentation"))
+    except OSError as error:
+        raise PrintError(f"Cannot write {target} for OrcaSlicer ({error.strerror}): export with the 3MF format, "
+                         "or send one STL file.") from None
+    return target
 
 
 def send_to_orcaslicer(path, configured: str = None, launcher=subprocess.Popen, **find_args):

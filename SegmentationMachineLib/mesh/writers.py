@@ -1,4 +1,5 @@
-"""Writers for printable meshes: binary STL, OBJ with materials, 3MF. Each file appears whole or not at all."""
+"""Printable mesh files: binary STL (written and read back), OBJ with materials, 3MF. Each file appears whole
+or not at all."""
 
 import zipfile
 from pathlib import Path
@@ -35,6 +36,19 @@ def write_stl(path: Path, meshes, title: str = "SegmentationMachine"):
         stream.write(data.tobytes())
 
 
+def read_stl(path: Path):
+    """(points, triangles) of a binary STL, its corners merged into shared vertices (exactly equal ones: a
+    closed mesh written by write_stl reads back closed); None when the file is no binary STL."""
+    data = Path(path).read_bytes()
+    count = int(np.frombuffer(data, "<u4", 1, 80)[0]) if len(data) >= 84 else -1
+    if count < 0 or len(data) != 84 + 50 * count:
+        return None
+    record = np.dtype([("normal", "<f4", 3), ("corners", "<f4", (3, 3)), ("attribute", "<u2")])
+    corners = np.frombuffer(data, record, count, 84)["corners"].reshape(-1, 3)
+    points, triangles = np.unique(corners, axis=0, return_inverse=True)
+    return points.astype(float), triangles.reshape(-1, 3)
+
+
 def write_obj(path: Path, named_meshes):
     """One OBJ with a group and a material (colour) per mesh, and its .mtl beside it."""
     path = Path(path)
@@ -57,6 +71,7 @@ _CONTENT_TYPES = """<?xml version="1.0" encoding="UTF-8"?>
 <Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">
  <Default Extension="rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/>
  <Default Extension="model" ContentType="application/vnd.ms-package.3dmanufacturing-3dmodel+xml"/>
+ <Default Extension="config" ContentType="application/xml"/>
 </Types>
 """
 _RELS = """<?xml version="1.0" encoding="UTF-8"?>
@@ -64,9 +79,14 @@ _RELS = """<?xml version="1.0" encoding="UTF-8"?>
  <Relationship Target="/3D/3dmodel.model" Id="rel0" Type="http://schemas.microsoft.com/3dmanufacturing/2013/01/3dmodel"/>
 </Relationships>
 """
+# OrcaSlicer and Bambu Studio name a 3MF's parts only from this file of theirs (else after the object).
+_PART_NAMES = "Metadata/model_settings.config"
 
 
-def _model_xml(named_meshes) -> str:
+def _model_xml(named_meshes, title: str, assembly: int) -> str:
+    """Core 3MF: a mesh object per segment (named, coloured), one assembly object made of them all
+    (components without transforms: identity), and one build item, so that slicers load a single
+    object with a part per segment, where the segments lie relative to each other."""
     materials = "".join(f'  <base name={quoteattr(name)} displaycolor="{_hex_color(color)}"/>\n'
                         for name, color, _, _ in named_meshes)
     chunks = ['<?xml version="1.0" encoding="UTF-8"?>\n'
@@ -81,16 +101,29 @@ def _model_xml(named_meshes) -> str:
         chunks.append("    </vertices>\n    <triangles>\n")
         chunks.append(('     <triangle v1="%d" v2="%d" v3="%d"/>\n' * len(triangles)) % tuple(triangles.ravel()))
         chunks.append("    </triangles>\n   </mesh>\n  </object>\n")
-    chunks.append(" </resources>\n <build>\n")
-    chunks.extend(f'  <item objectid="{index + 2}"/>\n' for index in range(len(named_meshes)))
-    chunks.append(" </build>\n</model>\n")
+    chunks.append(f'  <object id="{assembly}" type="model" name={quoteattr(title)}>\n   <components>\n')
+    chunks.extend(f'    <component objectid="{index + 2}"/>\n' for index in range(len(named_meshes)))
+    chunks.append(f'   </components>\n  </object>\n </resources>\n <build>\n  <item objectid="{assembly}"/>\n'
+                  " </build>\n</model>\n")
     return "".join(chunks)
 
 
-def write_3mf(path: Path, named_meshes):
-    """One 3MF with an object per mesh, each with its name and colour; coordinates kept as given."""
+def _part_names_xml(named_meshes, title: str, assembly: int) -> str:
+    parts = "".join(f'  <part id="{index + 2}" subtype="normal_part">\n'
+                    f'   <metadata key="name" value={quoteattr(name)}/>\n  </part>\n'
+                    for index, (name, _, _, _) in enumerate(named_meshes))
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<config>\n <object id="{assembly}">\n'
+            f'  <metadata key="name" value={quoteattr(title)}/>\n{parts} </object>\n</config>\n')
+
+
+def write_3mf(path: Path, named_meshes, title: str = None):
+    """One 3MF holding one object (title, else the file's name) with a named, coloured part per mesh;
+    coordinates kept as given."""
+    title = title or Path(path).stem
+    assembly = len(named_meshes) + 2  # ids: 1 the materials, 2... the meshes, then the object made of them
     with atomic_file(path) as stream:
         with zipfile.ZipFile(stream, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as package:
             package.writestr("[Content_Types].xml", _CONTENT_TYPES)
             package.writestr("_rels/.rels", _RELS)
-            package.writestr("3D/3dmodel.model", _model_xml(named_meshes))
+            package.writestr("3D/3dmodel.model", _model_xml(named_meshes, title, assembly))
+            package.writestr(_PART_NAMES, _part_names_xml(named_meshes, title, assembly))
