@@ -1,8 +1,10 @@
 """A local fake of RunPod's REST v2 API (plus the one GraphQL mutation still used) that behaves like the real one.
 
 RUNPOD_REST_URL points the client at {url}/v2 and RUNPOD_GRAPHQL_URL at {url}/graphql. The fake
-answers as notes/runpod-2026.md describes: bearer key, problem+json errors (RFC 9457), lists
-wrapped as {"pods": [...]}, 400 without capacity (RunPod's own sentences, no code), 402, 422, 429
+answers as notes/runpod-2026.md and RunPod's published v2 schema describe: bearer key, problem+json errors
+(RFC 9457, a 422 listing each violation), request bodies checked as the schema checks them (an unknown
+field is a 422; the handler's own rules are 400s), templates spread into a create, v2's Pod and
+catalog shapes, lists wrapped as {"pods": [...]}, 204 for a terminate, 400 without capacity (RunPod's own sentences, no code), 402, 422, 429
 with Retry-After, a 5xx after the pod was created, a pod list that lags behind a create, pods that
 provision slowly (PROVISIONING, STARTING) and list their ports late, pods that fail (ERROR) or are
 stopped (EXITED) on their own, a terminated pod listed as TERMINATED for a while before it answers
@@ -30,21 +32,123 @@ NO_RESOURCES = "This machine does not have the resources to deploy your pod."
 NO_FREE_GPUS = "There are not enough free GPUs on the host machine to start this pod."
 SOMETHING_WENT_WRONG = "Something went wrong. Please try again later or contact support."
 
+# The catalog as v2 answers GET /v2/catalog/gpus (GpuType); stock is per cloud, NONE to HIGH.
 GPU_TYPES = [
-    {"id": "NVIDIA GeForce RTX 3070", "displayName": "RTX 3070", "manufacturer": "Nvidia", "memoryInGb": 8,
-     "securePrice": 0.14, "communityPrice": 0.10, "stock": "High"},
-    {"id": "NVIDIA GeForce RTX 4090", "displayName": "RTX 4090", "manufacturer": "Nvidia", "memoryInGb": 24,
-     "securePrice": 0.69, "communityPrice": 0.34, "stock": "Medium"},
-    {"id": "NVIDIA RTX A5000", "displayName": "RTX A5000", "manufacturer": "Nvidia", "memoryInGb": 24,
-     "securePrice": 0.27, "communityPrice": 0.16, "stock": "Low"},
-    {"id": "NVIDIA L40S", "displayName": "L40S", "manufacturer": "Nvidia", "memoryInGb": 48,
-     "securePrice": 0.86, "communityPrice": 0.79, "stock": "High"},
-    {"id": "NVIDIA H100 80GB HBM3", "displayName": "H100 SXM", "manufacturer": "Nvidia", "memoryInGb": 80,
-     "securePrice": 2.69, "communityPrice": 1.99, "stock": "None"},  # listed, but none to be had
-    {"id": "AMD Instinct MI300X OAM", "displayName": "MI300X", "manufacturer": "AMD", "memoryInGb": 192,
-     "securePrice": 0.20, "communityPrice": 0.20, "stock": "High"},  # cheap and large, but no CUDA
+    {"id": "NVIDIA GeForce RTX 3070", "name": "RTX 3070", "manufacturer": "NVIDIA", "memory": 8,
+     "price": {"secure": 0.14, "community": 0.10}, "stock": {"SECURE": "HIGH", "COMMUNITY": "HIGH"}},
+    {"id": "NVIDIA GeForce RTX 4090", "name": "RTX 4090", "manufacturer": "NVIDIA", "memory": 24,
+     "price": {"secure": 0.69, "community": 0.34}, "stock": {"SECURE": "MEDIUM", "COMMUNITY": "HIGH"}},
+    {"id": "NVIDIA RTX A5000", "name": "RTX A5000", "manufacturer": "NVIDIA", "memory": 24,
+     "price": {"secure": 0.27, "community": 0.16}, "stock": {"SECURE": "LOW", "COMMUNITY": "LOW"}},
+    {"id": "NVIDIA L40S", "name": "L40S", "manufacturer": "NVIDIA", "memory": 48,
+     "price": {"secure": 0.86, "community": 0.79}, "stock": {"SECURE": "HIGH", "COMMUNITY": "MEDIUM"}},
+    {"id": "NVIDIA H100 80GB HBM3", "name": "H100 SXM", "manufacturer": "NVIDIA", "memory": 80,  # none on SECURE
+     "price": {"secure": 2.69, "community": 1.99}, "stock": {"SECURE": "NONE", "COMMUNITY": "LOW"}},
+    {"id": "AMD Instinct MI300X OAM", "name": "MI300X", "manufacturer": "AMD", "memory": 192,  # cheap, large, no CUDA
+     "price": {"secure": 0.20, "community": 0.20}, "stock": {"SECURE": "HIGH", "COMMUNITY": "NONE"}},
 ]
 PORT = re.compile(r"^\d{1,5}/(http|tcp)$")
+
+
+# -- RunPod's v2 request schema, encoded by hand -------------------------------------------------------
+# From api-reference-v2/openapi.json in github.com/runpod/docs at 098c7fb0 (2026-08-18, "sync API reference
+# from Frontdoor v2.9.0"): CreatePodRequest, CreateGpuConfig, CreateCpuConfig, Mounts, PersistentMount,
+# NetworkMount, PodActionRequest. Their `unevaluatedProperties: false` / `additionalProperties: false` make an
+# unknown field a 422, like a wrong type; the rules the schema leaves to the handler are 400s (_create_rules).
+# Violations are listed as the real API lists them in problem+json's `errors`.
+
+def _string(min_length=0, pattern=None):
+    def check(value, at):
+        if not isinstance(value, str):
+            return [f"{at}: expected string"]
+        if len(value) < min_length:
+            return [f"{at}: length must be >= {min_length}"]
+        return [f"{at}: does not match pattern {pattern}"] if pattern and not re.fullmatch(pattern, value) else []
+    return check
+
+
+def _integer(minimum):
+    def check(value, at):
+        if not isinstance(value, int) or isinstance(value, bool):
+            return [f"{at}: expected integer"]
+        return [f"{at}: must be >= {minimum}"] if value < minimum else []
+    return check
+
+
+def _boolean(value, at):
+    return [] if isinstance(value, bool) else [f"{at}: expected boolean"]
+
+
+def _enum(*values):
+    return lambda value, at: [] if value in values else [f"{at}: value must be one of {', '.join(values)}"]
+
+
+def _nullable(check):
+    return lambda value, at: [] if value is None else check(value, at)
+
+
+def _array(item, max_items=None):
+    def check(value, at):
+        if not isinstance(value, list):
+            return [f"{at}: expected array"]
+        if max_items is not None and len(value) > max_items:
+            return [f"{at}: maximum {max_items} items"]
+        return [problem for i, v in enumerate(value) for problem in item(v, f"{at}[{i}]")]
+    return check
+
+
+def _map(item):
+    """An object whose every value is item (env)."""
+    def check(value, at):
+        if not isinstance(value, dict):
+            return [f"{at}: expected object"]
+        return [problem for k, v in value.items() for problem in item(v, f"{at}.{k}")]
+    return check
+
+
+def _object(fields, required=()):
+    """A closed object: only these fields."""
+    def check(value, at):
+        if not isinstance(value, dict):
+            return [f"{at}: expected object"]
+        unknown = sorted(set(value) - set(fields))
+        return ([f"{at}: missing property '{name}'" for name in required if name not in value]
+                + ([f"{at}: additional properties {', '.join(map(repr, unknown))} not allowed"] if unknown else [])
+                + [problem for name, v in value.items() if name in fields for problem in fields[name](v, f"{at}.{name}")])
+    return check
+
+
+CUDA_VERSION = _string(pattern=r"\d+\.\d+")
+MOUNTS = _object({"persistent": _object({"size": _integer(10), "path": _string()}, ("size", "path")),
+                  "network": _array(_object({"volumeId": _string(), "path": _string()}, ("volumeId", "path")), 1)})
+CREATE_POD = _object({
+    "name": _string(1), "image": _string(), "args": _string(), "disk": _integer(1), "env": _map(_string()),
+    "ports": _array(_string()), "registry": _nullable(_string()), "cloud": _enum("SECURE", "COMMUNITY"),
+    "gpu": _object({"id": _string(), "count": _integer(1), "allowedCudaVersions": _array(CUDA_VERSION),
+                    "minCudaVersion": CUDA_VERSION}, ("id",)),
+    "cpu": _object({"id": _string(1), "vcpuCount": _integer(2)}, ("id", "vcpuCount")),
+    "dataCenterIds": _array(_string()), "globalNetworking": _boolean, "mounts": MOUNTS, "startJupyter": _boolean,
+    "startSsh": _boolean, "templateId": _string(1)}, ("name",))
+POD_ACTION = _object({"action": _enum("start", "stop", "restart", "terminate")}, ("action",))
+# Which actions a pod's status allows (the pod's `actions`); any other is a 409.
+ACTIONS = {"PROVISIONING": ["stop", "terminate"], "STARTING": ["stop", "terminate"],
+           "RUNNING": ["stop", "restart", "terminate"], "EXITED": ["start", "terminate"],
+           "ERROR": ["start", "terminate"], "TERMINATED": []}
+
+
+def _create_rules(body) -> list:
+    """What the schema's handler enforces beyond the schema itself (400s)."""
+    mounts, gpu = body.get("mounts") or {}, body.get("gpu") or {}
+    return [text for broken, text in [
+        (("gpu" in body) == ("cpu" in body), "exactly one of gpu or cpu must be set"),
+        ("persistent" in mounts and "network" in mounts, "mounts.persistent and mounts.network are mutually exclusive"),
+        ("persistent" in mounts and "cpu" in body, "mounts.persistent is not allowed on a CPU pod"),
+        (bool(gpu.get("allowedCudaVersions")) and "minCudaVersion" in gpu,
+         "gpu.allowedCudaVersions and gpu.minCudaVersion are mutually exclusive"),
+        # The schema leaves the port format to its description ("port/protocol"); we assume upstream refuses
+        # another one as a broken rule.
+        (not all(PORT.match(p) for p in body.get("ports") or []), "ports must be formatted as port/protocol, "
+                                                                   "e.g. 8000/http")] if broken]
 
 
 @dataclass
@@ -63,6 +167,7 @@ class FakeRunPod:
     balance: float = 25.0  # at 0, creates answer 402
     graphql_retired: bool = False  # /graphql answers 404, as it will in 2027
     limited_keys: set = field(default_factory=set)  # keys that may read and stop pods but not terminate them
+    templates: dict = field(default_factory=dict)  # id → a Template's settings (image, ports, env, disk, mounts...)
     agent_answers: bool = True  # the pod agent behind the proxy (port 8001) answers heartbeats
     warning: str = ""  # what the pod agent behind the proxy warns of
     fails_as: str = None  # "ERROR" (the container keeps failing) or "EXITED" (stopped): new pods end so once booted
@@ -113,11 +218,13 @@ class FakeRunPod:
                     status, payload, headers = fake.handle(method, self.path, authorization, body)
                 if isinstance(payload, _LogStream):
                     return self._stream_log(payload)
-                data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+                data = (b"" if payload is None else payload.encode() if isinstance(payload, str) else
+                        json.dumps(payload).encode())
                 kind = ("text/html" if isinstance(payload, str) else
                         "application/problem+json" if status >= 400 and "status" in payload else "application/json")
                 self.send_response(status)
-                self.send_header("Content-Type", kind)
+                if payload is not None:  # 204: no body
+                    self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(data)))
                 for name, value in headers.items():
                     self.send_header(name, value)
@@ -224,10 +331,11 @@ class FakeRunPod:
 
     def _route(self, method, path, body, key):
         parts = urlsplit(path).path.strip("/").split("/")  # v2, pods, ID, action
+        query = parse_qs(urlsplit(path).query)
         if parts[0] != "v2":
             raise _Failure(404, "No such endpoint.")
         if method == "GET" and parts[1:] == ["catalog", "gpus"]:
-            return 200, {"gpus": [_catalog_entry(g) for g in GPU_TYPES]}
+            return 200, {"gpus": _catalog(query)}
         if parts[1:2] != ["pods"]:
             raise _Failure(404, "No such endpoint.")
         if len(parts) == 2:
@@ -235,67 +343,78 @@ class FakeRunPod:
                 listed = [p for p in [*self.pods.values(), *self.ended.values()]
                           if self.clock() - p["created_at"] >= self.list_lag_s]
                 return 200, {"pods": [self._view(p) for p in listed]}
-            return 201, self._view(self._create_from_v2(body if isinstance(body, dict) else {}))
+            if method == "POST":
+                return 201, self._view(self._create_from_v2(body))
+            raise _Failure(405, f"{method} is not allowed here.")
         pod = self.pods.get(parts[2]) or self.ended.get(parts[2])
         if pod is None:
             raise _Failure(404, f"Pod {parts[2]} not found.")
         if method == "GET" and len(parts) == 3:
             return 200, self._view(pod)
-        if method == "GET" and parts[3:] == ["logs"]:  # ?tail=N lines of backfill, 100 when omitted
-            tail = parse_qs(urlsplit(path).query).get("tail", ["100"])[0]
-            tail = min(5000, int(tail) if tail.isdigit() else 100)
+        if method == "GET" and parts[3:] == ["logs"]:  # ?tail=N lines of backfill (0 to 5000), 100 when omitted
+            tail = query.get("tail", ["100"])[0]
+            if not tail.isdigit() or int(tail) > 5000:
+                raise _Failure(422, "Request validation failed.", ["tail: must be an integer from 0 to 5000"])
+            tail = int(tail)
             if self.logs_as_json:
                 return 200, {"logs": [_entry(e)[1] for e in pod["log"]][-tail:] if tail else []}
             return 200, _LogStream(pod["id"], tail)
         if method == "DELETE" and len(parts) == 3:
             return self._act(pod, "terminate", key)
         if method == "POST" and parts[3:] == ["action"]:
-            return self._act(pod, (body or {}).get("action"), key)
+            _valid(POD_ACTION, body)
+            return self._act(pod, body["action"], key)
         raise _Failure(404, "No such endpoint.")
 
     def _act(self, pod, action, key):
-        if pod["status"] == "TERMINATED":
-            raise _Failure(409, f"Pod {pod['id']} is terminated.")
+        status = self._view(pod)["status"]
+        if action not in ACTIONS[status]:
+            raise _Failure(409, f"Pod {pod['id']} is {status}: {action} is not valid now.")
         if action == "stop":
-            if pod["status"] != "RUNNING":
-                raise _Failure(409, f"Pod {pod['id']} is not running.")
             pod["stoppedUptime"] += self._uptime(pod)
             pod["status"] = "EXITED"
         elif action == "start":
-            if pod["status"] == "RUNNING":
-                raise _Failure(409, f"Pod {pod['id']} is already running.")
             if self.no_capacity_on_resume:
                 raise _Failure(400, NO_FREE_GPUS)
             pod["status"], pod["started"] = "RUNNING", self.clock()
-        elif action == "terminate":
+        elif action == "restart":
+            pod["started"] = self.clock()
+        else:
             if key in self.limited_keys:
                 raise _Failure(403, "This API key may not terminate pods.")
             self._terminate(pod)
-            return 200, {}
-        else:
-            raise _Failure(422, "action must be one of stop, start, terminate.")
+            return 204, None
         return 200, self._view(pod)
 
     def _create_from_v2(self, body):
-        gpu, env, ports, mounts = body.get("gpu"), body.get("env", {}), body.get("ports", []), body.get("mounts", [])
-        problems = [text for broken, text in [
-            (not isinstance(body.get("name"), str), "name must be a string"),
-            (not isinstance(gpu, dict) or not isinstance(gpu.get("id"), str), "gpu.id must be a string"),
-            (not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()),
-             "env must be an object of strings"),
-            (not isinstance(ports, list) or not all(PORT.match(str(p)) for p in ports),
-             "ports must be a list like [\"8000/http\"]"),
-            (not isinstance(mounts, list) or len(mounts) > 1, "mounts must be a list of at most one mount"),
-            (not (body.get("image") or body.get("templateId")), "image or templateId is required"),
-            (body.get("cloudType") not in ("SECURE", "COMMUNITY"), "cloudType must be SECURE or COMMUNITY")]
-            if broken]
-        if problems:
-            raise _Failure(422, "; ".join(problems))
-        mount = mounts[0] if mounts else {}
-        return self._create(body["name"], gpu["id"], body["cloudType"], env, ports, body.get("image", ""),
-                            body.get("templateId"), mount.get("volumeInGb", 0), mount.get("mountPath", ""), None)
+        """POST /v2/pods: the body checked as RunPod's schema and handler check it, a template spread into it."""
+        _valid(CREATE_POD, body)
+        if "templateId" not in body and "image" not in body:  # the schema's if/then
+            raise _Failure(422, "Request validation failed.", ["$: missing property 'image'"])
+        broken = _create_rules(body)
+        if broken:
+            raise _Failure(400, "; ".join(broken))
+        return self._create(self._spread(body), None)
 
-    def _create(self, name, gpu_id, cloud, env, ports, image, template_id, volume_gb, mount_path, terminate_after):
+    def _spread(self, body) -> dict:
+        """The body with its template's settings under it: the body's own fields win, env is merged per key, and
+        either CUDA field replaces the template's constraint."""
+        if "templateId" not in body:
+            return body
+        template = self.templates.get(body["templateId"])
+        if template is None:
+            raise _Failure(404, f"Template {body['templateId']} not found.")
+        if template.get("serverless"):
+            raise _Failure(422, f"Template {body['templateId']} is a serverless template.")
+        spread = {k: v for k, v in template.items() if k in ("image", "args", "disk", "ports", "registry", "mounts")}
+        gpu = dict(body.get("gpu") or {})
+        if not {"allowedCudaVersions", "minCudaVersion"} & set(gpu) and template.get("allowedCudaVersions"):
+            gpu["allowedCudaVersions"] = template["allowedCudaVersions"]
+        return {**spread, **body, "gpu": gpu, "env": {**template.get("env", {}), **body.get("env", {})}}
+
+    def _create(self, settings, terminate_after):
+        """A pod from v2-shaped settings (a template already spread into them)."""
+        gpu_id, cloud = settings["gpu"]["id"], settings.get("cloud", "SECURE")
         if gpu_id in self.no_capacity:
             raise _Failure(400, self.capacity_message)
         gpu = next((g for g in GPU_TYPES if g["id"] == gpu_id), None)
@@ -303,15 +422,18 @@ class FakeRunPod:
             raise _Failure(400, f"There is no GPU type {gpu_id}.")
         if self.balance <= 0:
             raise _Failure(402, "Your balance is too low to deploy this pod.")
+        if "image" not in settings:
+            raise _Failure(400, "The template has no image.")
         pod_id = f"pod{next(self._ids):04d}x"
         now = self.clock()
         self.pods[pod_id] = {
-            "id": pod_id, "name": name, "image": image, "templateId": template_id, "gpuTypeId": gpu["id"],
-            "gpuDisplayName": gpu["displayName"], "cloud": cloud, "status": "RUNNING", "created_at": now,
-            "started": now, "stoppedUptime": 0.0, "env": dict(env), "ports": list(ports), "volumeInGb": volume_gb,
-            "volumeMountPath": mount_path, "terminateAfter": terminate_after,
-            "cost": gpu["securePrice"] if cloud == "SECURE" else gpu["communityPrice"],
-            "log": [("system", f"pulling image {image or template_id}"), "starting the container"],
+            "id": pod_id, "name": settings["name"], "image": settings["image"], "gpu": dict(settings["gpu"]),
+            "templateId": settings.get("templateId"), "cloud": cloud, "disk": settings.get("disk", 50),
+            "mounts": settings.get("mounts", {}), "status": "RUNNING", "created_at": now, "started": now,
+            "stoppedUptime": 0.0, "env": dict(settings.get("env", {})), "ports": list(settings.get("ports", [])),
+            "startSsh": settings.get("startSsh", False), "terminateAfter": terminate_after,
+            "cost": gpu["price"][cloud.lower()], "log": [("system", f"pulling image {settings['image']}"),
+                                                         "starting the container"],
             "fails_as": self.fails_as,
         }
         if self.create_fault:
@@ -329,14 +451,21 @@ class FakeRunPod:
         [argument] = operation.arguments
         spec = _value(argument.value, body.get("variables") or {})
         terminate_after = spec.get("terminateAfter")
+        mount = spec.get("volumeMountPath", "/workspace")
+        settings = {"name": spec.get("name", ""), "gpu": {"id": spec.get("gpuTypeId")},
+                    "cloud": spec.get("cloudType", "SECURE"), "env": {e["key"]: e["value"] for e in spec.get("env", [])},
+                    "ports": [p for p in spec.get("ports", "").split(",") if p], "disk": spec.get("containerDiskInGb", 50),
+                    "mounts": ({"network": [{"volumeId": spec["networkVolumeId"], "path": mount}]}
+                               if spec.get("networkVolumeId") else
+                               {"persistent": {"size": spec["volumeInGb"], "path": mount}} if spec.get("volumeInGb")
+                               else {}),
+                    "startSsh": spec.get("startSsh", False)}
+        settings.update({"templateId": spec["templateId"]} if spec.get("templateId") else
+                        {"image": spec.get("imageName", "")})
         try:
             if terminate_after:
                 datetime.fromisoformat(terminate_after.replace("Z", "+00:00"))
-            pod = self._create(spec.get("name", ""), spec.get("gpuTypeId"), spec.get("cloudType"),
-                               {e["key"]: e["value"] for e in spec.get("env", [])},
-                               [p for p in spec.get("ports", "").split(",") if p], spec.get("imageName", ""),
-                               spec.get("templateId"), spec.get("volumeInGb", 0), spec.get("volumeMountPath", ""),
-                               terminate_after)
+            pod = self._create(self._spread(settings), terminate_after)
         except _Failure as failure:
             if failure.status >= 500:
                 raise
@@ -382,18 +511,26 @@ class FakeRunPod:
         return (pod["stoppedUptime"] + self._uptime(pod)) / 3600 * pod["cost"]
 
     def _view(self, pod):
+        """The pod as v2's Pod schema describes it (every required field): runtime null until RUNNING, cost 0.0
+        once EXITED or TERMINATED, no link to a template it was created from."""
         age = self._uptime(pod)
         runtime, status = None, pod["status"]
         if status == "RUNNING" and age < self.boot_s:
             status = "PROVISIONING" if age < self.boot_s / 2 else "STARTING"
         elif status == "RUNNING":
-            ports = [{"ip": "100.65.0.2", "isIpPublic": False, "privatePort": int(p.split("/")[0]),
-                      "publicPort": int(p.split("/")[0]), "type": p.split("/")[1]}
-                     for p in pod["ports"]] if age >= self.ports_s else []
+            ports = [{"private": int(p.split("/")[0]), "public": None if p.endswith("/http") else 40000 + i,
+                      "type": p.split("/")[1], "ip": None if p.endswith("/http") else "100.65.0.2"}
+                     for i, p in enumerate(pod["ports"])] if age >= self.ports_s else []
             runtime = {"uptime": int(pod["stoppedUptime"] + age), "ports": ports}
-        return {"id": pod["id"], "name": pod["name"], "status": status, "cost": pod["cost"],
-                "gpu": {"id": pod["gpuTypeId"], "displayName": pod["gpuDisplayName"], "count": 1},
-                "image": pod["image"], "ports": pod["ports"], "volumeInGb": pod["volumeInGb"], "runtime": runtime}
+        proxy = {"host": "ssh.runpod.io", "port": 22, "username": f"{pod['id']}-64411eb2",
+                 "command": f"ssh {pod['id']}-64411eb2@ssh.runpod.io"}
+        return {"id": pod["id"], "name": pod["name"], "status": status, "actions": ACTIONS[status],
+                "image": pod["image"], "args": "", "disk": pod["disk"], "mounts": pod["mounts"], "ports": pod["ports"],
+                "env": pod["env"], "registry": None, "gpu": {"id": pod["gpu"]["id"], "count": 1}, "cloud": pod["cloud"],
+                "dataCenterId": "EU-RO-1", "cudaVersion": "12.8", "ssh": {"proxy": proxy, "direct": None},
+                "template": None, "cost": 0.0 if status in ("EXITED", "TERMINATED") else pod["cost"],
+                "locked": False, "globalNetworking": {"enabled": False}, "runtime": runtime,
+                "createdAt": _iso(pod["created_at"]), "startedAt": _iso(pod["started"]) if runtime else None}
 
 
 @dataclass
@@ -416,24 +553,51 @@ def _event(entry) -> str:
 
 
 class _Failure(Exception):
-    def __init__(self, status, detail):
+    def __init__(self, status, detail, errors=None):
         super().__init__(status)
-        self.status, self.detail = status, detail
+        self.status, self.detail, self.errors = status, detail, errors
 
     @property
     def answer(self):
-        return (*_problem(self.status, self.detail), {})
+        return (*_problem(self.status, self.detail, self.errors), {})
 
 
-def _problem(status: int, detail: str):
-    """An RFC 9457 problem: (status, body)."""
-    return status, {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail}
+def _problem(status: int, detail: str, errors=None):
+    """An RFC 9457 problem: (status, body); errors lists a 422's violations."""
+    return status, {"title": HTTPStatus(status).phrase, "status": status, "detail": detail,
+                    **({"errors": errors} if errors else {})}
 
 
-def _catalog_entry(gpu: dict) -> dict:
-    entry = {k: v for k, v in gpu.items() if k != "stock"}
-    return {**entry, "secureCloud": True, "communityCloud": gpu["manufacturer"] == "Nvidia",
-            "availability": {"stockStatus": gpu["stock"], "available": gpu["stock"] != "None"}}
+def _valid(schema, body):
+    """Raises the 422 the real API answers for a body its schema refuses."""
+    errors = schema(body, "$")
+    if errors:
+        raise _Failure(422, "Request validation failed.", errors)
+
+
+def _iso(monotonic: float) -> str:
+    """A time of the fake's clock as the API's date-time."""
+    return datetime.fromtimestamp(time.time() - time.monotonic() + monotonic, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _catalog(query: dict) -> list:
+    """GET /v2/catalog/gpus: availability only with include=AVAILABILITY, which needs product; stock per cloud
+    (SECURE unless cloud says otherwise)."""
+    include, product, cloud = query.get("include", [""])[0], query.get("product", [""])[0], query.get("cloud", [""])[0]
+    if include not in ("", "AVAILABILITY") or product not in ("", "POD", "CLUSTER", "SERVERLESS") or cloud not in (
+            "", "SECURE", "COMMUNITY"):
+        raise _Failure(422, "Request validation failed.", ["include, product or cloud: value not allowed"])
+    if bool(include) != bool(product) or (cloud and not include):
+        raise _Failure(400, "include=AVAILABILITY requires product, and product and cloud are valid only with it.")
+    entries = []
+    for gpu in GPU_TYPES:
+        entry = {k: v for k, v in gpu.items() if k != "stock"}
+        entry.update(pool=None, secure=True, community=gpu["stock"]["COMMUNITY"] != "NONE",
+                     maxCount={"secure": 8, "community": 4})
+        if include:
+            entry["availability"] = gpu["stock"][cloud or "SECURE"]
+        entries.append(entry)
+    return entries
 
 
 def _value(node, variables):

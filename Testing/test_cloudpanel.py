@@ -70,7 +70,7 @@ def test_start_reports_phases_connects_and_beats_then_quit_terminates(panel, fak
     ready = panel.tick() or panel.pod
     assert ready is panel.pod and ready.mode == "desktop" and "is ready" in panel.status
     assert "pulling the image" in seen  # (waiting for a GPU lasts one request: too short to sample)
-    assert fake.pods[ready.pod_id]["gpuDisplayName"] == "L40S"
+    assert fake.pods[ready.pod_id]["gpu"]["id"] == "NVIDIA L40S"
     deadline = time.monotonic() + 10
     while fake.pods[ready.pod_id].get("heartbeats", 0) < 2:  # during the start, and once connected
         assert time.monotonic() < deadline

@@ -73,7 +73,7 @@ def test_up_falls_back_on_capacity_records_lists_and_downs(env, fake, tmp_path):
     done = pod(env, "up", "--detach")  # the cheapest type (A5000) has no capacity in the fake
     assert done.returncode == 0, done.stderr
     [(pod_id, created)] = fake.pods.items()
-    assert created["gpuDisplayName"] == "RTX 4090"
+    assert created["gpu"]["id"] == "NVIDIA GeForce RTX 4090"
     out = done.stdout
     assert "Starting a server pod on NVIDIA RTX A5000" in out and "no capacity for NVIDIA RTX A5000" in out
     for phase in ("waiting for a GPU", "server ready"):
@@ -93,7 +93,7 @@ def test_up_falls_back_on_capacity_records_lists_and_downs(env, fake, tmp_path):
     shown = pod(env, "status", pod_id, "--show-secrets").stdout
     assert f"{pod_id} " in shown and "RUNNING" in shown and f"SM_VNC_PASSWORD={env_given['SM_VNC_PASSWORD']}" in shown
     again = pod(env, "up", "--detach", "--gpu", "NVIDIA L40S", "--mode", "desktop", "--budget", "2.5")
-    assert f"Still there from an earlier start: {pod_id} (RTX 4090, RUNNING, $" in again.stdout
+    assert f"Still there from an earlier start: {pod_id} (NVIDIA GeForce RTX 4090, RUNNING, $" in again.stdout
     second = next(p for p in fake.pods if p != pod_id)
     assert fake.pods[second]["env"]["SM_MODE"] == "desktop" and fake.pods[second]["env"]["SM_BUDGET_USD"] == "2.5"
     assert "6080/http" in fake.pods[second]["ports"] and "/vnc.html?autoconnect=1" in again.stdout
@@ -112,7 +112,7 @@ def test_a_stopped_pod_is_resumed_and_connected_again(env, fake):
     assert stopped.returncode == 0 and fake.pods[pod_id]["status"] == "EXITED"
     assert "its 50 GB volume is kept and costs $10.00/month until RunPod terminates the pod at" in stopped.stdout
     status = pod(env, "status", pod_id).stdout
-    assert f"{pod_id} " in status and ": EXITED, L40S, $0.86/h" in status
+    assert f"{pod_id} " in status and ": EXITED, NVIDIA L40S; stopped" in status  # RunPod: no rate, no uptime
     assert status.splitlines()[0].endswith("; stopped, its 50 GB volume costs $10.00/month until it is terminated")
     resumed = pod(env, "resume", pod_id, "--detach")
     assert resumed.returncode == 0, resumed.stderr
@@ -130,6 +130,22 @@ def creates(fake) -> list:
         elif (method, path) == ("POST", "/v2/pods"):
             found.append(body["env"])
     return found
+
+
+def test_up_after_graphqls_retirement_creates_through_v2_from_a_template_on_a_network_volume(env, fake):
+    fake.graphql_retired = True  # 2027: /graphql answers 404, and v2's schema decides what a create may say
+    fake.templates["tpl9x4m"] = {"image": "example/sm-template:1", "env": {"FROM_TEMPLATE": "1"}, "serverless": False}
+    done = pod(env, "up", "--detach", "--gpu", "NVIDIA L40S", "--template", "tpl9x4m", "--network-volume", "vol_abc")
+    assert done.returncode == 0, done.stderr
+    [(pod_id, created)] = fake.pods.items()
+    [body] = [body for method, path, body in fake.requests if (method, path) == ("POST", "/v2/pods")]
+    assert body["templateId"] == "tpl9x4m" and "image" not in body and body["cloud"] == "SECURE"
+    assert body["mounts"] == {"network": [{"volumeId": "vol_abc", "path": "/workspace"}]}
+    assert created["image"] == "example/sm-template:1" and created["env"]["FROM_TEMPLATE"] == "1"
+    assert created["terminateAfter"] is None and f"Ready: pod {pod_id}" in done.stdout
+    missing = pod(env, "up", "--detach", "--gpu", "NVIDIA L40S", "--template", "nosuch")
+    assert missing.returncode == 2 and "RunPod has no template nosuch that this API key can use" in missing.stderr
+    assert "Traceback" not in missing.stderr and list(fake.pods) == [pod_id]
 
 
 def test_no_orphan_when_create_answers_500_after_creating(env, fake):

@@ -34,11 +34,13 @@ def creates(fake) -> list:
             if (method, path) == ("POST", "/v2/pods") or path == "/graphql"]
 
 
-def test_only_nvidia_types_in_stock_with_10_gb_or_more_cheapest_first(backend):
+def test_only_nvidia_types_in_stock_with_10_gb_or_more_cheapest_first(backend, fake):
     secure = backend.gpu_types()
     # Left out: the 8 GB RTX 3070, the H100 without stock, the AMD MI300X (cheapest and largest, but no CUDA).
     assert [g.name for g in secure] == ["RTX A5000", "RTX 4090", "L40S"]
-    assert [g.name for g in backend.gpu_types(cloud="COMMUNITY")] == ["RTX A5000", "RTX 4090", "L40S"]
+    # Stock is counted per cloud: the H100 has none on the secure cloud, some on the community cloud.
+    assert [g.name for g in backend.gpu_types(cloud="COMMUNITY")] == ["RTX A5000", "RTX 4090", "L40S", "H100 SXM"]
+    assert fake.requests[-1][1] == "/v2/catalog/gpus?product=POD&include=AVAILABILITY&cloud=COMMUNITY"
     assert secure[0].memory_gb == 24 and secure[0].price("SECURE") == 0.27
     everything = backend.gpu_types(min_vram_gb=0, in_stock=False)
     assert [g.name for g in everything if not g.in_stock] == ["H100 SXM"] and "MI300X" not in str(everything)
@@ -50,12 +52,104 @@ def test_create_sends_v2s_nested_body_with_values_intact(backend, fake):
     pod = backend.create(spec)
     assert fake.pods[pod.id]["env"] == {"SM_VNC_PASSWORD": tricky}  # arrived intact, nothing injected
     [(method, path, body)] = [r for r in fake.requests if r[0] == "POST"]
-    assert (method, path) == ("POST", "/v2/pods") and body["gpu"] == {"id": RTX_4090, "count": 1,
-                                                                       "allowedCudaVersions": ["12.8"]}
-    assert body["ports"] == ["8000/http", "8001/http", "22/tcp"] and body["mounts"] == [
-        {"volumeInGb": 50, "mountPath": "/workspace"}]
+    assert (method, path) == ("POST", "/v2/pods") and body == {  # CreatePodRequest, as RunPod's v2 schema has it
+        "name": spec.name, "image": "example/sm:1", "cloud": "SECURE", "disk": 40,
+        "gpu": {"id": RTX_4090, "count": 1, "allowedCudaVersions": ["12.8"]},
+        "env": {"SM_VNC_PASSWORD": tricky}, "ports": ["8000/http", "8001/http", "22/tcp"],
+        "mounts": {"persistent": {"size": 50, "path": "/workspace"}}, "startSsh": True}
     assert pod.name.startswith("segmentation-machine-") and pod.cost_per_hr == 0.69 and not pod.runtime_ready
     assert pod.status == "PROVISIONING" and pod.volume_gb == 50 and pod.volume_usd_per_month == 10.0
+
+
+# What _v2_body sent before RunPod's v2 schema was read (v1's flat names, mounts as a list): every create
+# after GraphQL's retirement would have failed.
+BODY_BEFORE_THE_SCHEMA = {
+    "name": "segmentation-machine-0badc0de", "cloudType": "SECURE", "gpu": {"id": RTX_4090, "count": 1},
+    "containerDiskInGb": 40, "env": {}, "ports": ["8000/http", "8001/http", "22/tcp"],
+    "mounts": [{"volumeInGb": 50, "mountPath": "/workspace"}], "supportPublicIp": False, "image": "example/sm:1"}
+
+
+def test_the_body_sent_before_the_schema_was_read_is_refused_as_runpod_refuses_it(fake):
+    import requests
+
+    answer = requests.post(f"{fake.url}/v2/pods", json=BODY_BEFORE_THE_SCHEMA,
+                           headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert answer.status_code == 422 and answer.headers["Content-Type"] == "application/problem+json"
+    assert answer.json()["errors"] == [
+        "$: additional properties 'cloudType', 'containerDiskInGb', 'supportPublicIp' not allowed",
+        "$.mounts: expected object"]
+    assert fake.pods == {}
+
+
+@pytest.mark.parametrize("change, status, said", [
+    ({"gpu": None}, 400, "exactly one of gpu or cpu must be set"),
+    ({"cpu": {"id": "cpu5c", "vcpuCount": 4}}, 400, "exactly one of gpu or cpu must be set"),
+    ({"mounts": {"persistent": {"size": 50, "path": "/workspace"},
+                 "network": [{"volumeId": "vol1", "path": "/workspace"}]}}, 400, "mutually exclusive"),
+    ({"mounts": {"persistent": {"size": 5, "path": "/workspace"}}}, 422, "$.mounts.persistent.size: must be >= 10"),
+    ({"mounts": {"persistent": {"size": 50}}}, 422, "$.mounts.persistent: missing property 'path'"),
+    ({"mounts": {"network": [{"volumeId": "a", "path": "/a"}, {"volumeId": "b", "path": "/b"}]}}, 422,
+     "$.mounts.network: maximum 1 items"),
+    ({"image": None}, 422, "$: missing property 'image'"),
+    ({"gpu": {"id": RTX_4090, "count": True}}, 422, "$.gpu.count: expected integer"),
+    ({"gpu": {"id": RTX_4090, "allowedCudaVersions": ["12"]}}, 422, "does not match pattern"),
+    ({"gpu": {"id": RTX_4090, "allowedCudaVersions": ["12.8"], "minCudaVersion": "12.4"}}, 400, "mutually exclusive"),
+    ({"env": {"SM_IDLE_TIMEOUT_S": 900}}, 422, "$.env.SM_IDLE_TIMEOUT_S: expected string"),
+    ({"cloud": "CHEAP"}, 422, "$.cloud: value must be one of SECURE, COMMUNITY"),
+])
+def test_the_fake_refuses_what_runpods_v2_schema_and_handler_refuse(fake, change, status, said):
+    import requests
+
+    from SegmentationMachineLib.cloud.pods import _v2_body
+
+    body = {**_v2_body(PodSpec(RTX_4090, image="example/sm:1")), **change}
+    body = {k: v for k, v in body.items() if v is not None}
+    answer = requests.post(f"{fake.url}/v2/pods", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    problem = answer.json()
+    assert answer.status_code == status and said in " ".join([problem["detail"], *problem.get("errors", [])])
+    assert fake.pods == {}
+
+
+def test_the_fake_takes_the_bodies_runpods_own_documentation_sends(fake):
+    """The create examples of RunPod's v2 reference (the gpuPod example, the region-constrained deploy loop): a
+    fake that refused them would be stricter than RunPod."""
+    import requests
+
+    for body in ({"name": "pytorch-training", "image": "runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2404",
+                  "gpu": {"id": RTX_4090, "count": 1}, "disk": 50},
+                 {"name": "inference-worker", "image": "runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2404",
+                  "gpu": {"id": RTX_4090, "count": 1}, "dataCenterIds": ["EU-RO-1"], "disk": 50}):
+        answer = requests.post(f"{fake.url}/v2/pods", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                               timeout=10)
+        assert answer.status_code == 201 and answer.json()["status"] == "PROVISIONING"
+        assert answer.json()["gpu"] == {"id": RTX_4090, "count": 1} and answer.json()["template"] is None
+
+
+def test_a_network_volume_is_mounted_instead_of_the_pods_own_volume(backend, fake):
+    pod = backend.create(PodSpec("NVIDIA L40S", image="example/sm:1", network_volume_id="vol_abc123"))
+    assert fake.requests[-1][2]["mounts"] == {"network": [{"volumeId": "vol_abc123", "path": "/workspace"}]}
+    assert fake.pods[pod.id]["mounts"] == {"network": [{"volumeId": "vol_abc123", "path": "/workspace"}]}
+    assert pod.volume_gb == 0  # a network volume bills on its own, not as this pod's volume
+    own = backend.create(PodSpec("NVIDIA L40S", image="example/sm:1", volume_gb=20))
+    assert fake.pods[own.id]["mounts"] == {"persistent": {"size": 20, "path": "/workspace"}} and own.volume_gb == 20
+    with pytest.raises(PodsError, match=r"^RunPod rejected the pod's settings: Request validation failed; "
+                                        r"\$\.mounts\.persistent\.size: must be >= 10\.$"):
+        backend.create(PodSpec("NVIDIA L40S", image="example/sm:1", volume_gb=5))  # RunPod's floor: 10 GB
+
+
+def test_a_template_is_named_and_runpod_spreads_its_settings_into_the_pod(backend, fake):
+    fake.templates["tpl9x4m"] = {"image": "example/from-template:2", "ports": ["8888/http"], "disk": 80,
+                                 "env": {"FROM_TEMPLATE": "1", "SM_MODE": "desktop"},
+                                 "allowedCudaVersions": ["12.4"], "serverless": False}
+    pod = backend.create(PodSpec("NVIDIA L40S", template_id="tpl9x4m", env={"SM_MODE": "server"}))
+    body = fake.requests[-1][2]
+    assert body["templateId"] == "tpl9x4m" and "image" not in body  # v2 takes the template's image
+    created = fake.pods[pod.id]
+    assert created["image"] == "example/from-template:2" and created["ports"] == ["8000/http", "8001/http", "22/tcp"]
+    assert created["env"] == {"FROM_TEMPLATE": "1", "SM_MODE": "server"}  # merged per key, ours winning
+    assert created["disk"] == 40  # what we send overrides the template's
+    with pytest.raises(PodsError, match=r"^RunPod has no template nosuch that this API key can use: check the "):
+        backend.create(PodSpec("NVIDIA L40S", template_id="nosuch"))
 
 
 def test_a_pod_provisions_slowly_lists_late_stops_resumes_and_terminates(backend, fake, virtual):
@@ -66,11 +160,11 @@ def test_a_pod_provisions_slowly_lists_late_stops_resumes_and_terminates(backend
     assert booted.status == "RUNNING" and booted.runtime_ready and booted.ports == []  # ports come later still
     virtual[0] = 2.5
     ready = backend.get(pod.id)
-    assert sorted(ready.ports) == [22, 8000, 8001] and ready.gpu == "L40S" and ready.uptime_s == 2
+    assert sorted(ready.ports) == [22, 8000, 8001] and ready.gpu == "NVIDIA L40S" and ready.uptime_s == 2
     assert [p.id for p in backend.pods()] == [pod.id]
     backend.stop(pod.id)
     assert backend.get(pod.id).status == "EXITED"
-    with pytest.raises(PodsError, match=f"RunPod cannot do that to the pod now: Pod {pod.id} is not running"):
+    with pytest.raises(PodsError, match=f"RunPod cannot do that to the pod now: Pod {pod.id} is EXITED: stop is not valid now.$"):
         backend.stop(pod.id)  # 409
     backend.resume(pod.id)
     assert backend.get(pod.id).status == "PROVISIONING"
@@ -103,7 +197,7 @@ def test_balance_and_invalid_settings_are_sentences_without_the_pods_secrets(bac
     with pytest.raises(PodsError, match="balance is too low. Add credit in the RunPod console"):
         backend.create(PodSpec("NVIDIA L40S", image="example/sm:1"))
     fake.balance = 25
-    with pytest.raises(PodsError, match=r"rejected the pod's settings: ports must be a list like") as error:
+    with pytest.raises(PodsError, match=r"refused the request \(400\): ports must be formatted as port/proto") as error:
         backend.create(PodSpec("NVIDIA L40S", image="x", ports=["8000"], env={"SM_NNI_API_KEY": "secret-token-123"}))
     assert "secret-token-123" not in str(error.value) and fake.pods == {}
     assert error.value.__suppress_context__ or error.value.__context__ is None  # no HTTP error chained to show
@@ -193,7 +287,7 @@ def test_terminate_after_goes_through_graphql_and_runpod_ends_the_pod(backend, f
                                  terminate_after=end))
     assert creates(fake) == [("POST", "/graphql")] and fake.pods[pod.id]["terminateAfter"] == end
     assert fake.pods[pod.id]["env"] == {"SM_VNC_PASSWORD": tricky}  # a variable: nothing pasted into the query
-    assert pod.gpu == "L40S" and pod.status == "PROVISIONING" and pod.terminate_after == end  # described by v2
+    assert pod.gpu == "NVIDIA L40S" and pod.status == "PROVISIONING" and pod.terminate_after == end  # described by v2
     fake.wall = lambda: time.time() + 3601  # RunPod's clock passes terminateAfter
     assert backend.get(pod.id) is None and fake.pods == {}
 
@@ -203,9 +297,10 @@ def test_graphql_capacity_errors_and_its_retirement(backend, fake):
     with pytest.raises(CapacityError):
         backend.create(PodSpec("NVIDIA RTX A5000", image="x", terminate_after=end))
     fake.graphql_retired = True  # 2027: /graphql answers 404, v2 creates (without a server-side end)
-    pod = backend.create(PodSpec("NVIDIA L40S", image="x", terminate_after=end))
+    pod = backend.create(PodSpec("NVIDIA L40S", image="x", terminate_after=end, network_volume_id="vol_abc123"))
     assert creates(fake)[-2:] == [("POST", "/graphql"), ("POST", "/v2/pods")]
     assert fake.pods[pod.id]["terminateAfter"] is None and pod.terminate_after is None
+    assert fake.pods[pod.id]["mounts"] == {"network": [{"volumeId": "vol_abc123", "path": "/workspace"}]}
 
 
 def wait_for(condition, timeout=10.0):

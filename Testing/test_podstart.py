@@ -47,7 +47,7 @@ def test_no_capacity_moves_on_to_the_next_gpu_type(backend, quick, tmp_path):
     seen = []
     pod = start_pod(backend, [spec("NVIDIA RTX A5000"), spec("NVIDIA L40S")], ready_check(quick),
                     PodRecords(tmp_path / "pods.json"), seen.append, poll_s=0.1)
-    assert pod.gpu == "L40S" and "no capacity for NVIDIA RTX A5000" in str(seen[-1])
+    assert pod.gpu == "NVIDIA L40S" and "no capacity for NVIDIA RTX A5000" in str(seen[-1])
     quick.no_capacity = {"NVIDIA RTX A5000", "NVIDIA L40S"}
     with pytest.raises(CapacityError, match="No capacity right now for NVIDIA RTX A5000, NVIDIA L40S"):
         start_pod(backend, [spec("NVIDIA RTX A5000"), spec("NVIDIA L40S")], ready_check(quick),
@@ -106,7 +106,7 @@ def test_a_log_that_cannot_be_kept_is_a_warning_not_instead_of_the_sentence(back
 
 @pytest.mark.parametrize("state, said", [
     ("EXITED", "it was stopped again, its volume kept; its container log is in "),  # e.g. RunPod stopped it again
-    ("ERROR", "and it could not be stopped (RunPod cannot do that to the pod now: Pod pod0001x is not running): "
+    ("ERROR", "and it could not be stopped (RunPod cannot do that to the pod now: Pod pod0001x is ERROR: stop is not valid now): "
               "terminate it with `segmentation-machine pod down pod0001x`")])
 def test_a_resume_that_fails_keeps_the_volume(backend, quick, tmp_path, state, said):
     records = PodRecords(tmp_path / "pods.json")

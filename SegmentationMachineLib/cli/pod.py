@@ -207,9 +207,10 @@ def _urls(started: StartedPod) -> str:
 
 
 def _pod_line(pod) -> str:
-    stopped = f"; stopped, {pod.stopped_cost()}" if pod.status == "EXITED" else ""
+    if pod.status == "EXITED":  # RunPod reports a stopped pod with no rate (0.0) and no uptime
+        return f"{pod.id} {pod.name}: EXITED, {pod.gpu}; stopped, {pod.stopped_cost()}"
     return (f"{pod.id} {pod.name}: {pod.status}, {pod.gpu}, ${pod.cost_per_hr:.2f}/h, up {pod.uptime_s / 60:.0f} min,"
-            f" ${pod.cost_so_far:.2f} so far{stopped}")
+            f" ${pod.cost_so_far:.2f} so far")
 
 
 def _status(cloud: CloudGpu, args):

@@ -86,9 +86,9 @@ class Pod:
     id: str
     name: str
     status: str  # PROVISIONING, STARTING, RUNNING, ERROR, EXITED (stopped: its volume kept); TERMINATED is gone
-    gpu: str
-    cost_per_hr: float
-    uptime_s: int
+    gpu: str  # the GPU type's id: v2 describes a pod's GPU as {id, count} only
+    cost_per_hr: float  # RunPod's current rate: 0.0 once stopped (EXITED)
+    uptime_s: int  # 0 unless RUNNING: v2 has no runtime for a pod in any other state
     runtime_ready: bool  # the container runs (a runtime is reported)
     ports: list  # private ports listed by the runtime
     volume_gb: int = 0
@@ -125,9 +125,9 @@ class RunPodRest:
     # -- reading ---------------------------------------------------------------------------
     def gpu_types(self, min_vram_gb: int = MIN_VRAM_GB, cloud: str = "SECURE", in_stock: bool = True) -> list:
         """NVIDIA types (the image's torch is CUDA) with at least min_vram_gb, cheapest first for that cloud."""
-        catalog = self._json("GET", "/catalog/gpus?product=POD&include=AVAILABILITY")
-        types = [_gpu_type(g) for g in catalog["gpus"]
-                 if (g.get("manufacturer") or "").lower() == "nvidia" and g.get(_CLOUD_FLAG[cloud])]
+        # Stock is per cloud: RunPod counts it for SECURE unless told otherwise.
+        catalog = self._json("GET", f"/catalog/gpus?product=POD&include=AVAILABILITY&cloud={cloud}")
+        types = [_gpu_type(g) for g in catalog["gpus"] if g.get("manufacturer") == "NVIDIA" and g.get(cloud.lower())]
         return sorted((g for g in types if g.memory_gb >= min_vram_gb and g.price(cloud) > 0
                        and (g.in_stock or not in_stock)), key=lambda g: (g.price(cloud), -g.memory_gb))
 
@@ -234,7 +234,11 @@ class RunPodRest:
             created = self._create_with_graphql(spec, secret_values)
             if created is not None:
                 return created
-        return _pod(_checked(self._request("POST", "/pods", body=_v2_body(spec), create=True), secret_values))
+        response = self._request("POST", "/pods", body=_v2_body(spec), create=True)
+        if response.status_code == 404 and spec.template_id:  # the one thing a create can name that is not there
+            raise PodsError(f"RunPod has no template {printable(spec.template_id)} that this API key can use: check "
+                            "the template id (RunPod console → Templates).")
+        return _pod(_checked(response, secret_values))
 
     def _create_with_graphql(self, spec: PodSpec, secret_values):
         """Creates through GraphQL, the only API that takes terminateAfter; None once GraphQL is retired."""
@@ -370,9 +374,6 @@ def _log_lines(response):
             yield f"[{event['source']}] {event.get('line', '')}"
 
 
-_CLOUD_FLAG = {"SECURE": "secureCloud", "COMMUNITY": "communityCloud"}
-
-
 def _checked(response, secret_values=()) -> dict:
     """The JSON of a 2xx answer; otherwise the sentence for RunPod's problem (RFC 9457)."""
     if response.status_code < 300:
@@ -401,7 +402,7 @@ def redacted(detail: str, secret_values=()) -> str:
 
 
 def _raise_for(status: int, detail: str, secret_values=()):
-    detail = redacted(detail, secret_values)
+    detail = redacted(detail, secret_values).rstrip(".")  # the sentence ends with its own full stop
     if status == 401:
         raise PodsError("RunPod rejected the API key: check it in the Cloud GPU panel "
                         "(it needs read and write access).")
@@ -420,14 +421,17 @@ def _raise_for(status: int, detail: str, secret_values=()):
 
 
 def _problem(response) -> str:
-    """The human part of a problem+json answer ('' for anything else)."""
+    """The human part of a problem+json answer ('' for anything else): its detail, and for a 422 the violations
+    it lists (the detail alone says only "Request validation failed.")."""
     try:
         problem = response.json()
     except ValueError:
         return ""
     if not isinstance(problem, dict):
         return ""
-    return str(problem.get("detail") or problem.get("title") or "")
+    detail = str(problem.get("detail") or problem.get("title") or "")
+    errors = problem.get("errors") if isinstance(problem.get("errors"), list) else []
+    return "; ".join([detail.rstrip("."), *map(str, errors)]) if errors else detail
 
 
 def _retry_after(response, default: float) -> float:
@@ -438,15 +442,17 @@ def _retry_after(response, default: float) -> float:
 
 
 def _v2_body(spec: PodSpec) -> dict:
+    """CreatePodRequest as RunPod's v2 schema has it (Frontdoor v2.9.0): a field it does not know is a 422.
+    With a template, RunPod spreads its settings into the pod; the fields given here override them."""
     gpu = {"id": spec.gpu_type_id, "count": 1}
     if spec.allowed_cuda_versions:
         gpu["allowedCudaVersions"] = list(spec.allowed_cuda_versions)
-    mount = ({"networkVolumeId": spec.network_volume_id} if spec.network_volume_id else
-             {"volumeInGb": spec.volume_gb})
-    body = {"name": spec.name, "cloudType": spec.cloud, "gpu": gpu, "containerDiskInGb": spec.container_disk_gb,
-            "env": {str(k): str(v) for k, v in spec.env.items()}, "ports": list(spec.ports),
-            "mounts": [{**mount, "mountPath": spec.volume_mount}], "supportPublicIp": False}
-    body.update({"templateId": spec.template_id} if spec.template_id else {"image": spec.image or ""})
+    mounts = ({"network": [{"volumeId": spec.network_volume_id, "path": spec.volume_mount}]} if spec.network_volume_id
+              else {"persistent": {"size": spec.volume_gb, "path": spec.volume_mount}})
+    body = {"name": spec.name, "cloud": spec.cloud, "gpu": gpu, "disk": spec.container_disk_gb,
+            "env": {str(k): str(v) for k, v in spec.env.items()}, "ports": list(spec.ports), "mounts": mounts,
+            "startSsh": True}  # PUBLIC_KEY: the account's SSH keys, as GraphQL's create asks for too
+    body.update({"templateId": spec.template_id} if spec.template_id else {"image": spec.image})
     return body
 
 
@@ -463,18 +469,18 @@ def _graphql_input(spec: PodSpec) -> dict:
 
 
 def _gpu_type(data: dict) -> GpuType:
-    availability = data.get("availability") or {}
-    stock = availability.get("stockStatus")
-    return GpuType(data["id"], data.get("displayName") or data["id"], int(data.get("memoryInGb") or 0),
-                   float(data.get("securePrice") or 0), float(data.get("communityPrice") or 0),
-                   in_stock=bool(availability.get("available")) and stock not in (None, "None"))
+    """A v2 catalog entry (GpuType); availability is NONE, LOW, MEDIUM or HIGH."""
+    price = data.get("price") or {}
+    return GpuType(data["id"], data.get("name") or data["id"], int(data.get("memory") or 0),
+                   float(price.get("secure") or 0), float(price.get("community") or 0),
+                   in_stock=data.get("availability") in ("LOW", "MEDIUM", "HIGH"))
 
 
 def _pod(data: dict) -> Pod:
+    """A v2 Pod: gpu is {id, count}; runtime is null (or empty) until the container runs; cost is 0 once stopped."""
     runtime = data.get("runtime") or {}
-    gpu = data.get("gpu") or {}
+    persistent = (data.get("mounts") or {}).get("persistent") or {}  # a network volume bills apart from the pod
     return Pod(id=data["id"], name=data.get("name", ""), status=data.get("status", ""),
-               gpu=gpu.get("displayName", ""), cost_per_hr=float(data.get("cost") or 0),
-               uptime_s=int(runtime.get("uptime") or 0), runtime_ready=bool(data.get("runtime")),
-               ports=[p["privatePort"] for p in runtime.get("ports") or []],
-               volume_gb=int(data.get("volumeInGb") or 0))
+               gpu=(data.get("gpu") or {}).get("id", ""), cost_per_hr=float(data.get("cost") or 0),
+               uptime_s=int(runtime.get("uptime") or 0), runtime_ready=bool(runtime),
+               ports=[p["private"] for p in runtime.get("ports") or []], volume_gb=int(persistent.get("size") or 0))
