@@ -249,10 +249,10 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         deliveries = self.inbox.tick()
         for delivery in deliveries:
             try:
-                node = self.logic.loadDelivery(delivery)
-                self.inbox.loaded(delivery, True)
+                loaded = self.logic.loadDelivery(delivery)
+                self.inbox.loaded(delivery, True, notes=loaded.notes)  # shown in its row and the status
                 if self._parameterNode and self.ui.inboxUseAsSourceCheckBox.checked:
-                    self._parameterNode.sourceVolume = node
+                    self._parameterNode.sourceVolume = loaded.node
                     self.ui.promptsCollapsibleButton.collapsed = False  # straight to the AI prompt tools
             except UserError as error:
                 self.inbox.loaded(delivery, False, str(error))
@@ -305,11 +305,9 @@ class SegmentationMachineLogic(ScriptedLoadableModuleLogic):
         except Exception as error:  # the database is a convenience: the scene still gets the series
             logging.warning("Could not add %s to the DICOM database: %s", delivery.series.name, error)
         loaded = load_series(self.context(), delivery.series)
-        for note in loaded.notes:
-            logging.warning(note)
         # The Volumes logic loads without showing: put the series in the slice views.
         slicer.util.setSliceViewerLayers(background=loaded.node, fit=True)
-        return loaded.node
+        return loaded  # its notes go to the inbox's row
 
 
 class SegmentationMachineTest(ScriptedLoadableModuleTest):
@@ -372,7 +370,7 @@ class SegmentationMachineTest(ScriptedLoadableModuleTest):
             deliveries = panel.tick()
             time.sleep(0.05)
         self.assertEqual(len(deliveries), 1)
-        node = SegmentationMachineLogic().loadDelivery(deliveries[0])
+        node = SegmentationMachineLogic().loadDelivery(deliveries[0]).node
         self.assertEqual(node.GetImageData().GetDimensions(), (48, 48, 16))
         red = slicer.app.layoutManager().sliceWidget("Red") if slicer.app.layoutManager() else None
         if red:  # shown, not only loaded

@@ -176,3 +176,19 @@ def test_a_reader_that_disagrees_with_the_headers_on_voxel_size_is_refused(ctx, 
     with pytest.raises(InputError, match=r"^Series CT 'test series' was not loaded: Slicer's reader gave it voxels "
                                          r"of 1\.5 x 1\.5 x 2 mm where its headers say 1 x 1 x 2 mm;"):
         load_series(ctx, series)
+
+
+def test_a_reader_that_places_the_slices_elsewhere_than_the_headers_is_refused(ctx, tmp_path):
+    """GDCM places an enhanced image's frames itself (at 1 mm pixels and the first frame in file order, where they
+    are unevenly spaced): the headers' first position and slice count are checked after every read."""
+    write_phantom_slices(tmp_path)
+    series = choose_series(scan_folder(tmp_path))
+    series.first_position = series.first_position + [0, 0, 2.0]  # as if the reader had dropped the lowest slice
+    with pytest.raises(InputError, match=r"^Series CT 'test series' was not loaded: Slicer's reader put its first slice "
+                                         r"at \(47\.25, 47\.25, 0\) mm \(RAS\) where its headers say "
+                                         r"\(47\.25, 47\.25, 2\) mm;"):
+        load_series(ctx, series)
+    series = choose_series(scan_folder(tmp_path))
+    series.positions = np.append(series.positions, series.positions[-1] + 2.0)  # a frame the reader left out
+    with pytest.raises(InputError, match=r"Slicer's reader gave it 12 slices where its headers say 13;"):
+        load_series(ctx, series)

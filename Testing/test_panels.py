@@ -104,3 +104,34 @@ def test_inbox_stop_returns_even_while_a_read_hangs(tmp_path, monkeypatch):
     panel.stop()
     assert time.monotonic() - started < 5 and not panel.running
     stuck.set()
+
+
+def test_a_loaded_series_that_looks_incomplete_or_was_resampled_says_so_in_its_row_and_the_status(ctx, tmp_path):
+    """The widget loads what the inbox holds back no longer: 'loaded' alone would hide that a slice is missing."""
+    import time
+
+    from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
+    from SegmentationMachineLib.dicom.volumes import load_series
+    from SegmentationMachineLib.panels.inbox import InboxPanel
+
+    (tmp_path / "inbox").mkdir()
+    panel = InboxPanel(folder=tmp_path / "inbox", settle_seconds=0.2, hold_seconds=0.5, state_folder=tmp_path / "state")
+    panel.start()
+    write_ct_series(tmp_path / "inbox" / "gap", make_phantom(shape=(4, 16, 16)).hu, 1.5,
+                    [(-12.0, -12.0, z) for z in (0.0, 2.0, 4.0, 8.0)], "one slice lost")  # the slice at 6 mm never came
+    deliveries, deadline = [], time.monotonic() + 15
+    while not deliveries and time.monotonic() < deadline:
+        deliveries = panel.tick()
+        time.sleep(0.05)
+    [delivery] = deliveries
+    loaded = load_series(ctx, delivery.series)  # what the widget's loadDelivery returns
+    panel.loaded(delivery, True, notes=loaded.notes)
+    assert panel.status.startswith(f"{delivery.series.name} was loaded. Looks incomplete: its slice positions have "
+                                   "a gap")
+    assert "resampled to even spacing" in panel.status
+    while panel.task is None or not panel.task.done():  # the next poll applies the acknowledgement
+        panel.tick()
+        time.sleep(0.05)
+    [row] = [row for row in panel.rows() if row[0] == delivery.series.name]
+    assert row[:3] == (delivery.series.name, 4, "loaded") and row[3] == panel.status.split(" was loaded. ", 1)[1]
+    panel.stop()

@@ -172,7 +172,7 @@ def _run_model(args, cleanup: ExitStack):
         return
     chosen = choose_series(scan, args.series) if scan and scan.series else None
     if chosen:  # before reading a voxel; a volume file's size is known once it is read
-        _warn_if_too_big(chosen.shape[0] * chosen.shape[1] * len(chosen.files))
+        _warn_if_too_big(chosen.shape[0] * chosen.shape[1] * chosen.slice_count)
     ctx = create_headless_scene()
     with Progress("loading", args.quiet) as progress:
         loaded = load_input(ctx, source, args.series, scan, progress)

@@ -16,7 +16,9 @@ def add_watch_command(commands, common):
     watch.add_argument("inbox", type=Path, help="the folder series are dropped into (DICOM files, folders or zips)")
     add_queue_options(watch)
     watch.add_argument("--once", action="store_true", help="process what is there, then exit")
-    watch.add_argument("--polling", action="store_true", help="poll instead of file events (network shares)")
+    watch.add_argument("--polling", action="store_true",
+                       help="look every 2 s instead of relying on file events (network shares: without it, files that "
+                            "other computers write there are seen within 10 s)")
     watch.set_defaults(run=run_watch)
 
 

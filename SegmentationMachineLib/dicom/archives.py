@@ -46,6 +46,14 @@ class _Refused(Exception):
     """The whole archive is refused; the message is the reason."""
 
 
+def size_text(count: float) -> str:
+    """Bytes as a person reads them: 512 bytes, 3.4 MB, 2.1 GB."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count:.0f} bytes"
+
+
 def _member_problem(info: zipfile.ZipInfo, limits: ArchiveLimits):
     name = PurePosixPath(info.filename.replace("\\", "/"))
     if name.is_absolute() or ".." in name.parts or (name.parts and ":" in name.parts[0]):
@@ -53,7 +61,7 @@ def _member_problem(info: zipfile.ZipInfo, limits: ArchiveLimits):
     if stat.S_ISLNK(info.external_attr >> 16):
         return "it is a link"
     if info.file_size > limits.max_member_bytes:
-        return f"it unpacks to {info.file_size / 1024 ** 3:.1f} GiB, over the limit"
+        return f"it unpacks to {size_text(info.file_size)}, over the limit"
     if info.compress_size and info.file_size / info.compress_size > limits.max_ratio and info.file_size > CHUNK:
         return f"it is compressed {info.file_size / info.compress_size:.0f}:1, like a zip bomb"
     return None
@@ -72,8 +80,9 @@ class _Budget:
         if total > self.ratio_allowed:
             raise _Refused(f"it unpacks to over {total / self.archive_bytes:.0f} times its size, like a zip bomb")
         if total > self.allowed:
-            what = "the scratch folder's room" if self.allowed < self.limits.max_total_bytes else "the limit"
-            raise _Refused(f"it unpacks to over {total / 1024 ** 3:.1f} GiB, more than {what}")
+            what = (f"the {size_text(self.allowed)} left for unpacked archives (removing processed zips from the inbox "
+                    "frees their room)" if self.allowed < self.limits.max_total_bytes else "the limit")
+            raise _Refused(f"it unpacks to over {size_text(total)}, more than {what}")
 
     def write(self, source, sink):
         while chunk := source.read(CHUNK):

@@ -7,6 +7,7 @@ with its reason, and every geometry problem with what was done about it.
 import io
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +26,35 @@ MAX_GANTRY_TILT_DEGREES = 30.0
 SPACING_TOLERANCE = 0.01
 # How far ImageOrientationPatient's two directions may be from unit length and from perpendicular.
 ORIENTATION_TOLERANCE = 1e-3
-# SOP classes that are DICOM but not image slices we can stack (SEG, SR, RTSTRUCT, ...).
+# SOP classes that carry pixel data but are not image slices we can stack. Objects without pixel data
+# (structured reports, presentation states, RT plans, vendor non-image objects...) are told by reading them.
 NON_IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.66.4": "a DICOM SEG object",
-    "1.2.840.10008.5.1.4.1.1.481.3": "an RT structure set",
-    "1.2.840.10008.5.1.4.1.1.88.11": "a structured report",
-    "1.2.840.10008.5.1.4.1.1.88.22": "a structured report",
-    "1.2.840.10008.5.1.4.1.1.88.33": "a structured report",
 }
+# Names of private SOP classes, for the reason a file is skipped (pydicom knows the standard ones).
+PRIVATE_SOP_CLASS_NAMES = {"1.3.12.2.1107.5.9.1": "Siemens CSA Non-Image Storage"}
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # a DICOMDIR
+DICOMDIR = "a DICOMDIR (CD index; the files it lists are read where they lie)"
+NOT_AN_IMAGE = "not an image"
+# Tags that tell apart acquisitions kept in one series (Slicer's DICOM module splits on the first two, on
+# orientation and on the diffusion gradient; MR needs echo, inversion, b-value and time point too), with how
+# a part is named. A tag splits a series only where its groups of slices overlap in space: a scanner that
+# numbers each rotation of a sequential scan as an acquisition still gives one volume.
+ACQUISITION_TAGS = (
+    ("AcquisitionNumber", "acquisition {}"),
+    ("ImageType", "image type {}"),
+    ("EchoNumbers", "echo {}"),
+    ("EchoTime", "TE {} ms"),
+    ("InversionTime", "TI {} ms"),
+    ("DiffusionBValue", "b={}"),
+    ("DiffusionGradientOrientation", "gradient {}"),
+    ("TemporalPositionIdentifier", "time point {}"),
+)
+
+
+def _uneven(gaps: np.ndarray) -> bool:
+    """Slice gaps that differ by more than SPACING_TOLERANCE: a slice is missing (or two volumes are mixed)."""
+    return len(gaps) > 1 and float(gaps.max() - gaps.min()) > SPACING_TOLERANCE * float(np.median(gaps))
 
 
 @dataclass
@@ -59,6 +81,8 @@ class DicomSlice:
     instance_number: int
     frames: int
     images_in_acquisition: int = 0  # (0020,1002) where the header gives it: how many slices to expect
+    acquisition: dict = field(default_factory=dict)  # ACQUISITION_TAGS keyword -> value as text, where given
+    frame_positions: tuple = ()  # an enhanced multi-frame image: each frame's position (LPS), in file order
 
 
 @dataclass
@@ -74,11 +98,13 @@ class DicomSeries:
     pixel_spacing: tuple
     notes: list = field(default_factory=list)  # warnings about this series, one sentence each
     tilt_degrees: float = 0.0
+    part: str = ""  # which acquisition (or multi-frame file) of a DICOM series that holds several
+    first_position: np.ndarray = None  # LPS position of the first slice along the normal
 
     @property
     def name(self) -> str:
         label = self.description or f"series {self.series_number or '?'}"
-        return f"{self.modality} '{label}'"
+        return f"{self.modality} '{label}'" + (f" ({self.part})" if self.part else "")
 
     @property
     def slice_spacing(self) -> float:
@@ -87,13 +113,18 @@ class DicomSeries:
 
     @property
     def is_uneven(self) -> bool:
-        gaps = np.diff(self.positions)
-        return len(gaps) > 1 and float(gaps.max() - gaps.min()) > SPACING_TOLERANCE * float(np.median(gaps))
+        return _uneven(np.diff(self.positions))
+
+    @property
+    def slice_count(self) -> int:
+        """Slices in the volume: one per file, or one per frame of an enhanced multi-frame file."""
+        return len(self.positions)
 
     def summary(self) -> str:
         rows, cols = self.shape
         spacing = f"{self.pixel_spacing[0]:.3g}x{self.pixel_spacing[1]:.3g}x{self.slice_spacing:.3g} mm"
-        return f"{self.name}, {len(self.files)} slices of {rows}x{cols}, {spacing}, uid {self.uid or '(none)'}"
+        files = f" in {len(self.files)} file" if len(self.files) != self.slice_count else ""
+        return f"{self.name}, {self.slice_count} slices{files} of {rows}x{cols}, {spacing}, uid {self.uid or '(none)'}"
 
 
 @dataclass
@@ -121,6 +152,7 @@ def _expected_pixel_bytes(ds) -> int:
 
 
 TRUNCATED = "truncated (the file ends before its pixel data does)"
+PIXEL_DATA = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 def _geometry_problem(spacing: tuple, orientation: np.ndarray, position: np.ndarray) -> str:
@@ -140,8 +172,102 @@ def _geometry_problem(spacing: tuple, orientation: np.ndarray, position: np.ndar
     return None
 
 
+def _normal(orientation) -> np.ndarray:
+    orientation = np.asarray(orientation, dtype=float)
+    return np.cross(orientation[:3], orientation[3:])
+
+
+def _sop_class_name(uid: str) -> str:
+    name = PRIVATE_SOP_CLASS_NAMES.get(uid) or pydicom.uid.UID(uid).name
+    return name if name and name != uid else f"SOP class {uid or 'not given'}"
+
+
+def _no_pixels_reason(ds) -> str:
+    """A completely read dataset without pixel data: a non-image object, unless its header describes pixels
+    (then the file was cut off just before them)."""
+    if all(name in ds for name in ("Rows", "Columns", "BitsAllocated")):
+        return TRUNCATED
+    return f"{NOT_AN_IMAGE} ({_sop_class_name(str(ds.get('SOPClassUID', '')))})"
+
+
+def _tag_text(value) -> str:
+    """A tag's value as stable text: numbers in one form ('4.92', '2'), several values joined by '/'."""
+    items = [value] if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") else list(value)
+    texts = []
+    for item in items:
+        try:
+            number = float(item)
+            texts.append(str(int(number)) if number.is_integer() else f"{number:.6g}")
+        except (TypeError, ValueError, OverflowError):
+            texts.append(str(item).strip().upper())
+    return "/".join(texts)
+
+
+def _acquisition_values(ds) -> dict:
+    return {name: _tag_text(ds.get(name)) for name, _ in ACQUISITION_TAGS if ds.get(name) not in (None, "")}
+
+
+def _from_groups(ds, index: int, sequence: str, attribute: str):
+    """An attribute of one frame of an enhanced image: from its per-frame functional group, else the shared one."""
+    shared = ds.get("SharedFunctionalGroupsSequence") or [None]
+    for groups in (ds.PerFrameFunctionalGroupsSequence[index], shared[0]):
+        items = getattr(groups, sequence, None) if groups is not None else None
+        if items and attribute in items[0]:
+            return items[0].get(attribute)
+    return None
+
+
+def _frame_geometry(ds):
+    """(frame positions, orientation, pixel spacing) of an enhanced (or legacy-converted) multi-frame image,
+    from its functional groups; or a reason it is not one stack Slicer's reader can place."""
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    if len(ds.PerFrameFunctionalGroupsSequence) != count:
+        groups = len(ds.PerFrameFunctionalGroupsSequence)
+        return f"malformed multi-frame image ({groups} per-frame groups, {count} frames)"
+    if int(ds.get("InConcatenationTotalNumber", 1) or 1) > 1:
+        return ("one part of a multi-frame image split over several files (a concatenation), which Slicer's reader "
+                "cannot join: export the series as single-frame images")
+    frames = [[_from_groups(ds, k, sequence, attribute) for k in range(count)] for sequence, attribute in (
+        ("PlanePositionSequence", "ImagePositionPatient"), ("PlaneOrientationSequence", "ImageOrientationPatient"),
+        ("PixelMeasuresSequence", "PixelSpacing"))]
+    if any(value is None for values in frames[:2] for value in values):
+        return "an image without patient position or orientation (a secondary capture?)"
+    positions, orientations = (np.array([[float(v) for v in value] for value in values]) for values in frames[:2])
+    spacings = {tuple(float(v) for v in value or ()) for value in frames[2]}
+    if positions.shape != (count, 3) or orientations.shape != (count, 6):
+        return "malformed image position or orientation"
+    if len(spacings) > 1 or np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
+        return ("a multi-frame image whose frames differ in orientation or pixel size (several stacks in one file), "
+                "which cannot be loaded as one volume")
+    return positions, orientations[0], spacings.pop()
+
+
+def _frame_stack_problem(positions: np.ndarray, orientation: np.ndarray) -> str:
+    """Why the frames of an enhanced image are not one even, straight stack, or None: Slicer's reader (GDCM)
+    places such frames wrongly without a word (a pixel size of 1 mm where the spacing is uneven)."""
+    if len(positions) < 2:
+        return None
+    normal = _normal(orientation)
+    distances = np.sort(positions @ normal)
+    gaps = np.diff(distances)
+    if gaps.min() < 1e-3:
+        return ("a multi-frame image with several frames at one position (several stacks in one file: echoes, "
+                "phases or time points), which cannot be loaded as one volume")
+    if _uneven(gaps):
+        return (f"a multi-frame image whose frames are unevenly spaced ({gaps.min():.3g} to {gaps.max():.3g} mm; "
+                "a frame is missing?), which Slicer's reader would load at the wrong size")
+    ordered = positions[np.argsort(positions @ normal)]
+    step = ordered[-1] - ordered[0]
+    tilt = math.degrees(math.acos(min(1.0, abs(float(step @ normal)) / float(np.linalg.norm(step)))))
+    if tilt > MAX_TILT_DEGREES:
+        return (f"a multi-frame image whose frames lean {tilt:.1f}° from their normal (a gantry tilt), which "
+                "Slicer's reader would load distorted")
+    return None
+
+
 def read_slice(path: Path, data: bytes = None):
-    """Returns (DicomSlice, None) for an image slice, (None, reason) for anything else.
+    """Returns (DicomSlice, None) for an image slice (or an enhanced multi-frame image: one stack in one file),
+    (None, reason) for anything else.
 
     data: the file's bytes when the caller has read them already (the inbox hashes them too).
     A reason starting with "truncated" may be a file still being written.
@@ -168,12 +294,17 @@ def read_slice(path: Path, data: bytes = None):
         return None, "unreadable DICOM (its header is malformed)"
     if any("End of file" in str(w.message) or "truncated" in str(w.message).lower() for w in caught):
         return None, TRUNCATED
+    # Read to its end without a word: what is missing now is missing from the object, not cut off.
+    meta = getattr(ds, "file_meta", None) or {}
+    if meta.get("MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+        return None, DICOMDIR
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class in NON_IMAGE_SOP_CLASSES:
         return None, f"{NON_IMAGE_SOP_CLASSES[sop_class]}, not an image slice"
-    if "PixelData" not in ds:
-        return None, "truncated or not an image (no pixel data)"
-    if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+    if not any(name in ds for name in PIXEL_DATA):
+        return None, _no_pixels_reason(ds)
+    enhanced = "ImagePositionPatient" not in ds and "PerFrameFunctionalGroupsSequence" in ds
+    if not enhanced and ("ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds):
         return None, "an image without patient position or orientation (a secondary capture?)"
     try:
         with warnings.catch_warnings():  # pydicom's words on a bad value ("Invalid value for VR IS"): ours follow
@@ -181,17 +312,29 @@ def read_slice(path: Path, data: bytes = None):
             ts = ds.file_meta.TransferSyntaxUID
             if not ts.is_compressed and len(ds.PixelData) < _expected_pixel_bytes(ds):
                 return None, "truncated (its pixel data is shorter than its size says)"
-            orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
-            position = np.array([float(v) for v in ds.ImagePositionPatient])
-            spacing = tuple(float(v) for v in ds.get("PixelSpacing") or ())
+            if enhanced:
+                geometry = _frame_geometry(ds)
+                if isinstance(geometry, str):
+                    return None, geometry
+                frame_positions, orientation, spacing = geometry
+                position = frame_positions[0]
+            else:
+                frame_positions = ()
+                orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
+                position = np.array([float(v) for v in ds.ImagePositionPatient])
+                spacing = tuple(float(v) for v in ds.get("PixelSpacing") or ())
             shape = (int(ds.Rows), int(ds.Columns))
             instance_number, frames, announced = (int(ds.get(name, default) or default) for name, default in (
                 ("InstanceNumber", 0), ("NumberOfFrames", 1), ("ImagesInAcquisition", 0)))  # crafted text: a reason
+            acquisition = _acquisition_values(ds)
     except (AttributeError, TypeError, ValueError) as error:
         return None, f"malformed image attributes ({error})"
     if orientation.shape != (6,) or position.shape != (3,):
         return None, "malformed image position or orientation"
     problem = _geometry_problem(spacing, orientation, position)
+    if not problem and enhanced:
+        finite = np.isfinite(frame_positions).all()
+        problem = _frame_stack_problem(frame_positions, orientation) if finite else "its frame positions are not finite"
     if problem:
         return None, problem
     series_uid = str(ds.get("SeriesInstanceUID", "") or "")
@@ -212,6 +355,8 @@ def read_slice(path: Path, data: bytes = None):
         instance_number=instance_number,
         frames=frames,
         images_in_acquisition=announced,
+        acquisition=acquisition,
+        frame_positions=tuple(tuple(float(v) for v in p) for p in frame_positions),
     ), None
 
 
@@ -223,19 +368,93 @@ def _walk_files(folder: Path):
                 yield Path(root) / name
 
 
-def build_series(key: str, slices: list, skipped: list) -> DicomSeries:
-    """One series from its slices: ordered along the normal, duplicates and odd slices moved to skipped."""
-    # Localizers and reformats sometimes share a series: keep the largest stack of one orientation and size.
+def _overlap(extents) -> bool:
+    """Whether any two (low, high) extents along a normal share a position."""
+    reach = -math.inf
+    for low, high in sorted(extents):
+        if low <= reach + 1e-3:
+            return True
+        reach = max(reach, high)
+    return False
+
+
+def _stacks(slices: list) -> dict:
+    """Slices by orientation and size: the stacks a series may hold (a localizer, reformats, the volume)."""
     stacks = {}
     for s in slices:
         stacks.setdefault((tuple(np.round(s.orientation, 3)), s.shape), []).append(s)
+    return stacks
+
+
+def _is_one_volume(distances: list) -> bool:
+    """Slices at distinct, evenly spaced positions: one volume, whatever their tags say (as Slicer loads it: an MR
+    acquired in two interleaved packages numbers them as two acquisitions)."""
+    gaps = np.diff(np.sort(distances))
+    return not len(gaps) or (gaps.min() >= 1e-3 and not _uneven(gaps))
+
+
+def _splitting_tags(slices: list) -> list:
+    """The ACQUISITION_TAGS whose values tell apart slices of one stack that overlap in space, where together
+    they are not one volume (two slices at one position, or uneven spacing)."""
+    stacks = [stack for stack in _stacks(slices).values()
+              if not _is_one_volume([float(np.dot(s.position, _normal(s.orientation))) for s in stack])]
+    found = []
+    for name, _ in ACQUISITION_TAGS:
+        for stack in stacks:
+            normal = _normal(stack[0].orientation)
+            extents = {}
+            for s in stack:
+                distance = float(np.dot(s.position, normal))
+                low, high = extents.get(s.acquisition.get(name), (distance, distance))
+                extents[s.acquisition.get(name)] = (min(low, distance), max(high, distance))
+            if len(extents) > 1 and _overlap(extents.values()):
+                found.append(name)
+                break
+    return found
+
+
+def _natural(text: str):
+    """Sorts 'acquisition 2' before 'acquisition 10'."""
+    return [float(part) if index % 2 else part for index, part in enumerate(re.split(r"(\d+(?:\.\d+)?)", text))]
+
+
+def group_series(slices: list) -> dict:
+    """key -> the slices of one series. Slices are grouped by DICOM series; where a series holds several
+    acquisitions of the same region (phases, echoes, b-values, time points: told apart by ACQUISITION_TAGS),
+    or several enhanced multi-frame images, each becomes a series of its own, keyed '<series key>|<part>'
+    (stable whatever the files' order). Mixed, they would alternate slice by slice in one volume."""
+    by_series = {}
+    for s in slices:
+        by_series.setdefault(s.series_key, []).append(s)
+    groups = {}
+    for key, members in by_series.items():
+        parts = {}
+        if len(members) > 1:
+            for s in sorted((s for s in members if s.frame_positions), key=lambda s: str(s.path)):
+                label = f"file {s.path.name}"
+                parts[label if label not in parts else f"{label} #{len(parts) + 1}"] = [s]
+            members = [s for s in members if not s.frame_positions]
+        tags = _splitting_tags(members)
+        for s in members:
+            label = ", ".join(dict(ACQUISITION_TAGS)[name].format(s.acquisition.get(name, "not given"))
+                              for name in tags)
+            parts.setdefault(label, []).append(s)
+        for label in sorted(parts, key=_natural):
+            groups[f"{key}|{label}" if label else key] = parts[label]
+    return groups
+
+
+def build_series(key: str, slices: list, skipped: list) -> DicomSeries:
+    """One series from its slices (one group of group_series): ordered along the normal, duplicates and odd
+    slices moved to skipped."""
+    # Localizers and reformats sometimes share a series: keep the largest stack of one orientation and size.
+    stacks = _stacks(slices)
     stack = max(stacks.values(), key=len)
     for other in stacks.values():
         if other is not stack:
             skipped.extend(SkippedFile(s.path, "a different orientation or size from the rest of its series") for s in other)
     first = stack[0]
-    row, col = first.orientation[:3], first.orientation[3:]
-    normal = np.cross(row, col)
+    normal = _normal(first.orientation)
     stack.sort(key=lambda s: (float(np.dot(s.position, normal)), s.instance_number))
     distances = np.array([float(np.dot(s.position, normal)) for s in stack])
     kept, kept_distances = [stack[0]], [distances[0]]
@@ -245,6 +464,9 @@ def build_series(key: str, slices: list, skipped: list) -> DicomSeries:
             continue
         kept.append(s)
         kept_distances.append(d)
+    # An enhanced multi-frame image is a stack by itself: its frames are the slices.
+    points = np.array([p for s in kept for p in (s.frame_positions or [s.position])], dtype=float)
+    points = points[np.argsort(points @ normal, kind="stable")]
     series = DicomSeries(
         key=key,
         uid=first.series_uid,
@@ -252,16 +474,21 @@ def build_series(key: str, slices: list, skipped: list) -> DicomSeries:
         description=first.description,
         series_number=first.series_number,
         files=[s.path for s in kept],
-        positions=np.array(kept_distances),
+        positions=points @ normal if first.frame_positions else np.array(kept_distances),
         shape=first.shape,
         pixel_spacing=first.pixel_spacing,
+        part=key[len(first.series_key) + 1:] if key.startswith(f"{first.series_key}|") else "",
+        first_position=points[0],
     )
-    if len(kept) > 1:
-        step = kept[-1].position - kept[0].position
+    if len(points) > 1:
+        step = points[-1] - points[0]
         cos = abs(float(np.dot(step, normal))) / max(float(np.linalg.norm(step)), 1e-9)
         series.tilt_degrees = float(np.degrees(np.arccos(min(1.0, cos))))
     if not first.series_uid:
         series.notes.append(f"Series {series.name} has no SeriesInstanceUID; its files were grouped by folder and series number.")
+    if series.part:
+        series.notes.append(f"Series {series.name} is one of several acquisitions or images of the same region kept in "
+                            "one DICOM series: each is listed as a series of its own (--list), and --series chooses.")
     if series.is_uneven:
         gaps = np.diff(series.positions)
         worst = int(np.argmax(np.abs(gaps - series.slice_spacing)))
@@ -272,16 +499,45 @@ def build_series(key: str, slices: list, skipped: list) -> DicomSeries:
     return series
 
 
+def _is_dicomdir(path: Path) -> bool:
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+    except Exception:  # noqa: BLE001 - not a Part 10 file: not a DICOMDIR
+        return False
+    return meta.get("MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY
+
+
+def _dicomdir_files(path: Path) -> list:
+    """The files a DICOMDIR lists, where all of them are there; else None (read its folder instead)."""
+    from pydicom.fileset import FileSet
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            files = [Path(instance.path) for instance in FileSet(pydicom.dcmread(path))]
+    except Exception:  # noqa: BLE001 - a DICOMDIR pydicom cannot follow: its folder is read instead
+        return None
+    return files if files and all(file.is_file() for file in files) else None
+
+
+def is_quiet_skip(reason: str) -> bool:
+    """Files that belong in a DICOM export but are no images (reports, CD indexes): listed, never warned about."""
+    return reason.startswith((NOT_AN_IMAGE, DICOMDIR)) or reason.endswith("not an image slice")
+
+
 def scan_folder(folder, progress=None) -> ScanResult:
     """All image series under folder (any nesting, any file names), most slices first.
 
-    progress(done, total, path), when given, is called after each file.
+    folder may be one file; a DICOMDIR stands for the files it lists (or, where some are not where it says,
+    for its folder). progress(done, total, path), when given, is called after each file.
     """
     folder = Path(folder)
     if not folder.exists():
         raise InputError(f"{folder} does not exist: give a folder of DICOM files or a NIfTI/NRRD file.")
     paths = [folder] if folder.is_file() else list(_walk_files(folder))
-    slices, skipped, volume_files = {}, [], []
+    if folder.is_file() and _is_dicomdir(folder):
+        paths = _dicomdir_files(folder) or [p for p in _walk_files(folder.parent) if p != folder]
+        folder = folder.parent
+    slices, skipped, volume_files = [], [], []
     for done, path in enumerate(paths, 1):
         if progress:
             progress(done, len(paths), path.name)
@@ -292,13 +548,14 @@ def scan_folder(folder, progress=None) -> ScanResult:
         if item is None:
             skipped.append(SkippedFile(path, reason))
         else:
-            slices.setdefault(item.series_key, []).append(item)
-    series = [build_series(key, items, skipped) for key, items in slices.items()]
-    series.sort(key=lambda s: (-len(s.files), s.description))
+            slices.append(item)
+    series = [build_series(key, items, skipped) for key, items in group_series(slices).items()]
+    series.sort(key=lambda s: (-s.slice_count, s.description))
     notes = []
-    if skipped:
-        notes.append(f"{len(skipped)} file(s) in {folder} were skipped: " +
-                     "; ".join(str(s) for s in skipped[:5]) + ("; ..." if len(skipped) > 5 else "") + ".")
+    told = [s for s in skipped if not is_quiet_skip(s.reason)]
+    if told:
+        notes.append(f"{len(told)} file(s) in {folder} were skipped: " +
+                     "; ".join(str(s) for s in told[:5]) + ("; ..." if len(told) > 5 else "") + ".")
     return ScanResult(folder=folder, series=series, skipped=skipped, volume_files=volume_files, notes=notes)
 
 

@@ -47,6 +47,7 @@ def load_series(ctx: SceneContext, series: DicomSeries) -> LoadedVolume:
     if node is None or node.GetImageData() is None:
         raise InputError(f"Slicer's DICOM reader could not read series {series.name} "
                          f"(first file {series.files[0]}): check that the files are complete.")
+    _check_placement(node, series)
     if series.is_uneven:
         _resample_evenly(node, series)
     _check_voxel_size(node, series)
@@ -62,12 +63,27 @@ def _check_voxel_size(node, series: DicomSeries):
     failure this product can have, and the reader has its own defaults (1 mm for a pixel spacing it rejects)."""
     row_spacing, column_spacing = series.pixel_spacing
     step = series.slice_spacing / np.cos(np.radians(series.tilt_degrees))  # along the tilted stack, not the normal
-    expected = [column_spacing, row_spacing] + ([step] if len(series.files) > 1 else [])
+    expected = [column_spacing, row_spacing] + ([step] if series.slice_count > 1 else [])
     got = arrays.spacing_of(arrays.ijk_to_ras(node))[:len(expected)]
     if not np.allclose(got, expected, rtol=SPACING_TOLERANCE):
         raise InputError(f"Series {series.name} was not loaded: Slicer's reader gave it voxels of "
                          f"{' x '.join(f'{v:.4g}' for v in got)} mm where its headers say "
                          f"{' x '.join(f'{v:.4g}' for v in expected)} mm; check the files' PixelSpacing and positions.")
+
+
+def _check_placement(node, series: DicomSeries):
+    """The reader must put the first slice where its header says, with as many slices as the headers give: for an
+    enhanced multi-frame image GDCM places the frames itself (our check of the frames is the only one)."""
+    depth = node.GetImageData().GetDimensions()[2]
+    origin = arrays.ijk_to_ras(node)[:3, 3]
+    expected = series.first_position * [-1, -1, 1]  # LPS to RAS
+    if series.slice_count > 1 and depth != series.slice_count:
+        raise InputError(f"Series {series.name} was not loaded: Slicer's reader gave it {depth} slices where its "
+                         f"headers say {series.slice_count}; check that its files are complete.")
+    if not np.allclose(origin, expected, atol=SPACING_TOLERANCE * min(series.pixel_spacing)):
+        raise InputError(f"Series {series.name} was not loaded: Slicer's reader put its first slice at "
+                         f"({', '.join(f'{v:.4g}' for v in origin)}) mm (RAS) where its headers say "
+                         f"({', '.join(f'{v:.4g}' for v in expected)}) mm; check the files' ImagePositionPatient.")
 
 
 def _resample_evenly(node, series: DicomSeries):
@@ -115,7 +131,7 @@ def load_input(ctx: SceneContext, path, series: str = None, scan: ScanResult = N
     if not scan.series and len(scan.volume_files) == 1:
         return _reading(progress, scan.volume_files[0].name, lambda: load_volume_file(ctx, scan.volume_files[0]))
     chosen = choose_series(scan, series)
-    loaded = _reading(progress, f"{len(chosen.files)} slices", lambda: load_series(ctx, chosen))
+    loaded = _reading(progress, f"{chosen.slice_count} slices", lambda: load_series(ctx, chosen))
     loaded.notes = scan.notes + loaded.notes
     loaded.path = path
     return loaded

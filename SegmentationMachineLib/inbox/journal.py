@@ -84,6 +84,12 @@ class Journal:
         with self._lock, self._db:
             self._db.executemany("DELETE FROM files WHERE path=?", [(str(path),) for path in paths])
 
+    def forget_folder(self, folder: Path):
+        """Every file under folder removed for good (an unpacked zip's folder), known in this run or not."""
+        prefix = f"{folder}{os.sep}"
+        with self._lock, self._db:
+            self._db.execute("DELETE FROM files WHERE substr(path, 1, ?) = ?", (len(prefix), prefix))
+
     def delivered_hashes(self) -> set:
         with self._lock:
             return {row[0] for row in self._db.execute("SELECT sha256 FROM delivered_files")}

@@ -1,11 +1,12 @@
 """A watched folder whose uploads become series, each delivered once, and nothing of the user's touched.
 
-File events (watchdog; where events are unavailable, e.g. network shares, or watchdog is not installed,
-as in a stock 3D Slicer, polling) only mark paths to look at; poll() does the work on the caller's
-thread. A file is read once it has not changed for a moment; a series is delivered when its files
-are read and nothing in its folders changed for the settle time. The journal remembers what was
-delivered across restarts, by content, so a re-upload is not delivered again and a series that gains
-files is delivered again as an update.
+File events (watchdog; where watchdog is not installed, as in a stock 3D Slicer, polling) only mark
+paths to look at; poll() does the work on the caller's thread. A network share (CIFS/SMB, NFS) reports
+no events for files that other computers write, so events mode also re-lists slowly (RELIST_EVERY_S),
+with the same bounded statting as polling mode. A file is read once it has not changed for a moment; a
+series is delivered when its files are read and nothing in its folders changed for the settle time. The
+journal remembers what was delivered across restarts, by content, so a re-upload is not delivered again
+and a series that gains files is delivered again as an update.
 
 Whoever can drop a file here must not hang, exhaust or steer the watcher: links are refused (never
 followed), only regular files are opened (without blocking, so a FIFO cannot hang a poll), files are
@@ -15,6 +16,7 @@ archives are unpacked, within limits, from the very bytes that were hashed.
 
 import errno
 import hashlib
+import math
 import os
 import shutil
 import stat
@@ -27,8 +29,8 @@ from pathlib import Path
 
 from ..core.errors import UserError
 from ..core.files import private_folder
-from ..dicom.archives import ArchiveLimits, extract_zip, is_zip
-from ..dicom.series import DicomSeries, build_series, looks_like_dicom, read_slice
+from ..dicom.archives import ArchiveLimits, extract_zip, is_zip, size_text
+from ..dicom.series import DicomSeries, build_series, group_series, looks_like_dicom, read_slice
 from .journal import Journal
 from .locks import hold_lock
 
@@ -39,6 +41,7 @@ READ_AFTER_S = 0.5
 # Folders with recent changes are re-listed this often (a safety net for missed file events).
 POLL_STATS = 500  # settled files statted per polling interval, in turn: 10,000 are all looked at every 40 s
 RESCAN_EVERY_S = 1.0
+RELIST_EVERY_S = 10.0  # events mode: what no event announced (a network share's other writers) is seen this late
 ARCHIVE = "a zip archive (its contents are read from the scratch folder)"
 LINK = "a link (links are not followed: copy the files themselves into the inbox)"
 NOT_REGULAR = "not a regular file (a FIFO, socket or device)"
@@ -79,6 +82,11 @@ class Delivery:
     is_update: bool  # the series was delivered before with fewer files
     incomplete: str = ""  # why the series looks incomplete, when it does (delivered after the hold)
 
+    def remarks(self, notes=()) -> str:
+        """What a consumer that loaded it says with its acknowledgement: why it looks incomplete, then the loader's
+        notes (e.g. resampled to even spacing); "" when there is nothing to say."""
+        return " ".join([f"Looks incomplete: {self.incomplete}."] * bool(self.incomplete) + [str(n) for n in notes])
+
 
 @dataclass
 class SeriesStatus:
@@ -113,8 +121,10 @@ def incompleteness(series: DicomSeries, slices: list) -> str:
     kept = [s for s in slices if s.path in used]
     numbers = sorted({s.instance_number for s in kept if s.instance_number > 0})
     announced = max((s.images_in_acquisition for s in kept), default=0)
-    if len(numbers) == len(kept) and numbers and numbers[-1] - numbers[0] + 1 > len(numbers):
-        missing = numbers[-1] - numbers[0] + 1 - len(numbers)
+    # One acquisition of several in a series may be numbered every n-th (echoes interleaved): count in its steps.
+    step = (math.gcd(*(b - a for a, b in zip(numbers, numbers[1:]))) or 1) if series.part and len(numbers) > 1 else 1
+    if len(numbers) == len(kept) and numbers and (numbers[-1] - numbers[0]) // step + 1 > len(numbers):
+        missing = (numbers[-1] - numbers[0]) // step + 1 - len(numbers)
         return f"{missing} instance number(s) between {numbers[0]} and {numbers[-1]} are missing"
     if series.is_uneven:
         return "its slice positions have a gap (a slice is probably missing)"
@@ -174,11 +184,14 @@ class Inbox:
         self.polling = options.polling  # also without watchdog
         self._handed_out = {}  # series key -> hashes handed out and not yet acknowledged
         self._states = {}  # series key -> SeriesStatus
+        self._grouped = {}  # DICOM series key -> (its (path, hash) pairs, its groups' paths): see _groups
         self.bad_files = {}  # Path -> reason, for every file that is not part of a series
         self.seen_before = set()  # bad files an earlier run found (and reported): from the journal
         self.duplicates = []  # SeriesStatus of drops whose files were all delivered before; the consumer empties it
         self.scratch = None
         self._extracted = {}  # extraction folder -> how deep in nested archives it is
+        self.in_use = set()  # unpacked folders the consumer still reads (Slicer's scene): kept though their zip is gone
+        self._sweep_due = True  # an unpacked folder may have lost its zip: see _remove_unpacked
         self.journal = None
         self._delivered = set()
 
@@ -236,11 +249,12 @@ class Inbox:
                     del self._active[folder]
                 else:
                     dirty.add(str(folder))
-        if self.polling:
-            dirty |= self._polled_changes(now)
+        dirty |= self._polled_changes(now, self.options.poll_interval if self.polling else RELIST_EVERY_S)
         for path in sorted(dirty):
             self._refresh(Path(path), now)
         for path in sorted(self._unread):
+            if path not in self._unread:
+                continue  # forgotten by a read before it: its zip's unpacked folder was removed
             record = self._files[path]
             if now - record.changed_at >= min(READ_AFTER_S, self.options.settle_seconds):
                 self._read(path, record, now)
@@ -255,6 +269,8 @@ class Inbox:
                 self._changed = True
         if any(now >= until for until in self._held.values()):
             self._changed = True
+        if self._sweep_due and all(self._is_extracted(path) for path in self._unread):
+            self._remove_unpacked()  # only once every zip in the inbox is known: an unread one may own a folder
         if self.journal:
             self.journal.commit()
         if not self._changed:
@@ -271,6 +287,7 @@ class Inbox:
 
     def acknowledge(self, delivery: Delivery, ok: bool, reason: str = "", result: str = ""):
         """The consumer finished a delivery (loaded/processed, or failed with reason): never again."""
+        self._sweep_due = True
         state = SeriesState.LOADED if ok else SeriesState.ERROR
         self.journal.record_delivery(delivery.key, delivery.series.uid, delivery.series.name, delivery.hashes,
                                      state.value, reason, result)
@@ -283,13 +300,18 @@ class Inbox:
     def statuses(self) -> list:
         return list(self._states.values())
 
+    def unpacked_folders(self, delivery: Delivery) -> set:
+        """The unpacked zips' folders that delivery's files are in (none for files dropped as they are)."""
+        return {self.scratch / path.relative_to(self.scratch).parts[0] for path in map(Path, delivery.series.files)
+                if self._is_extracted(path)}
+
     # -- internals -------------------------------------------------------------------------
-    def _polled_changes(self, now: float) -> set:
-        """Polling mode: a folder's modification time changes when files appear in or leave it,
+    def _polled_changes(self, now: float, interval: float) -> set:
+        """Every interval: a folder's modification time changes when files appear in or leave it,
         and a file's when it is written again (an upload that resumes after a pause): the folders and
         the files still settling are statted each interval, the settled files POLL_STATS at a time in
         turn (never read: a network share answers each lstat in about a millisecond)."""
-        if self._last_poll_scan is not None and now - self._last_poll_scan < self.options.poll_interval:
+        if self._last_poll_scan is not None and now - self._last_poll_scan < interval:
             return set()
         self._last_poll_scan = now
         scratch = f"{self.scratch}{os.sep}"
@@ -348,11 +370,30 @@ class Inbox:
                 if not name.startswith("."):
                     self._refresh(root / name, now)
 
+    def _remove_unpacked(self):
+        """An unpacked zip is patient data the inbox keeps only while it is needed: once its zip has left the inbox
+        (the user removed or replaced it) and nothing from it waits for an acknowledgement or is in use, its folder
+        is removed and what was read from it forgotten (what was delivered is remembered by content). Nested zips
+        go one level per pass, as their own zips are forgotten."""
+        self._sweep_due = False
+        waiting = set().union(*self._handed_out.values())
+        kept = {self.scratch / r.sha256[:24] for r in self._files.values() if r.reason == ARCHIVE and r.sha256}
+        kept |= self.in_use | {self.scratch / p.relative_to(self.scratch).parts[0] for p, r in self._files.items()
+                               if r.sha256 in waiting and self._is_extracted(p)}
+        for folder in self.scratch.iterdir():
+            if folder not in kept and folder.is_dir() and not folder.name.endswith(".partial"):
+                shutil.rmtree(folder, ignore_errors=True)
+                self._forget(folder)
+                self._extracted.pop(folder, None)
+                self.journal.forget_folder(folder)
+
     def _forget(self, path: Path):
         """Deleted or moved away: forget it and anything under it."""
         for known in [p for p in self._folders if p == path or path in p.parents]:
             del self._folders[known]
         for known in [p for p in set(self._files) | set(self.bad_files) if p == path or path in p.parents]:
+            if getattr(self._files.get(known), "reason", None) == ARCHIVE:
+                self._sweep_due = True  # its unpacked folder may be unused now
             self._files.pop(known, None)
             self._unread.discard(known)
             self._recent.pop(known, None)
@@ -448,7 +489,7 @@ class Inbox:
             copy.write(head)
             while chunk := stream.read(CHUNK):
                 if copy.tell() + len(chunk) > limits.max_total_bytes:
-                    record.reason = f"an archive over {limits.max_total_bytes / 1024 ** 3:.1f} GiB (not unpacked)"
+                    record.reason = f"an archive over {size_text(limits.max_total_bytes)} (not unpacked)"
                     return
                 digest.update(chunk)
                 copy.write(chunk)
@@ -457,6 +498,8 @@ class Inbox:
             copied = destination.exists()  # the same bytes were unpacked before: this drop is a copy
             if not copied:
                 copy.seek(0)
+                if self._sweep_due:
+                    self._remove_unpacked()  # what zips the user removed took is room for this one
                 room = limits.max_scratch_bytes - _folder_bytes(self.scratch)
                 extraction = extract_zip(copy, destination, limits, scratch_room=room)
                 for member, reason in extraction.refused:
@@ -502,10 +545,9 @@ class Inbox:
     def _ready_series(self, now: float) -> list:
         unsettled_folders = {p.parent for p in self._unread} | {p.parent for p in self._recent} | \
                             {p.parent for p in self._growing}
-        groups = {}
-        for record in self._files.values():
-            if record.slice is not None:
-                groups.setdefault(record.slice.series_key, []).append(record)
+        groups = self._groups()
+        for key in [k for k, s in self._states.items() if s.state is SeriesState.WAITING and k not in groups]:
+            del self._states[key]  # split into its acquisitions (or gone) since it was seen waiting
         ready, self._held = [], {}
         for key, records in groups.items():
             hashes = frozenset(r.sha256 for r in records)
@@ -535,6 +577,28 @@ class Inbox:
             ready.append(Delivery(key, series, hashes, is_update=self.journal.was_delivered(key),
                                   incomplete=incomplete))
         return ready
+
+
+    def _groups(self) -> dict:
+        """key -> the records of one series; a series of several acquisitions is one group each (group_series).
+        Telling acquisitions apart takes numpy work per slice, so it is redone only for a DICOM series whose files
+        changed: on every poll, 10,000 delivered files took half a second."""
+        by_series = {}
+        for record in self._files.values():
+            if record.slice is not None:
+                by_series.setdefault(record.slice.series_key, []).append(record)
+        groups, known = {}, {}
+        for series_key, records in by_series.items():
+            members = frozenset((r.slice.path, r.sha256) for r in records)
+            cached = self._grouped.get(series_key)
+            if cached is None or cached[0] != members:
+                cached = members, {key: [s.path for s in slices]
+                                   for key, slices in group_series([r.slice for r in records]).items()}
+            known[series_key] = cached
+            by_path = {r.slice.path: r for r in records}
+            groups.update({key: [by_path[path] for path in paths] for key, paths in cached[1].items()})
+        self._grouped = known
+        return groups
 
 
 def _folder_bytes(folder: Path) -> int:

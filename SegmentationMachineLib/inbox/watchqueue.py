@@ -91,8 +91,7 @@ def _free_name(made: Path, outbox: Path) -> Path:
 
 
 def _commit(inbox: Inbox, delivery: Delivery, result: Path):
-    inbox.acknowledge(delivery, True, delivery.incomplete and f"Looks incomplete: {delivery.incomplete}.",
-                      result=str(result))
+    inbox.acknowledge(delivery, True, delivery.remarks(), result=str(result))
 
 
 def _publish(staged: Path, result: Path):
@@ -161,8 +160,7 @@ def deliver(inbox: Inbox, board: StatusBoard, delivery: Delivery, process, outbo
     _remove(staging)
     echo(f"{series.name}: done → {printable(result)}" + (f" (looks incomplete: {delivery.incomplete})"
                                                            if delivery.incomplete else ""))
-    board.set(delivery.key, series.name, len(series.files), "done",
-              delivery.incomplete and f"Looks incomplete: {delivery.incomplete}.", result)
+    board.set(delivery.key, series.name, len(series.files), "done", delivery.remarks(), result)
 
 
 def run_queue(inbox: Inbox, outbox: Path, process, once: bool = False, echo=print,

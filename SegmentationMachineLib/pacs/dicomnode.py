@@ -109,7 +109,8 @@ def _sync_folder(folder: Path):
 
 
 class DicomNode:
-    """A storage SCP (every storage SOP class, any transfer syntax) and C-ECHO, writing into folder."""
+    """A storage SCP (every storage SOP class, private and unknown ones too, any transfer syntax) and C-ECHO,
+    writing into folder."""
 
     def __init__(self, options: NodeOptions, folder: Path, staging: Path):
         if not options.allowed:
@@ -143,7 +144,8 @@ class DicomNode:
         ae.add_supported_context(Verification)
         ae.require_calling_aet = list(self.options.allowed)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
-        handlers = [(evt.EVT_C_STORE, self._store), (evt.EVT_REJECTED, self._rejected),
+        handlers = [(evt.EVT_REQUESTED, self._accept_unknown_classes), (evt.EVT_C_STORE, self._store),
+                    (evt.EVT_REJECTED, self._rejected),
                     (evt.EVT_RELEASED, self._finished), (evt.EVT_ABORTED, self._finished)]
         try:
             ae.start_server((self.options.host, self.options.port), block=False, ssl_context=self._context,
@@ -167,6 +169,29 @@ class DicomNode:
                 f"{' (TLS)' if self._context else ''}, accepting {', '.join(self.options.allowed)}")
 
     # -- handlers, on pynetdicom's association threads ---------------------------------------
+    def _accept_unknown_classes(self, event):
+        """Before negotiation: SOP classes pynetdicom does not know (a vendor's private one, such as Siemens CSA
+        Non-Image in most Siemens studies, or one newer than pynetdicom) are taken as storage for this association,
+        as Orthanc and storescp --promiscuous take them: refusing one fails the PACS's whole send. Registering the UID
+        is what routes its C-STORE to _store; unlike pynetdicom's UNRESTRICTED_STORAGE_SERVICE switch, no other AE
+        in the process changes what it accepts."""
+        from pynetdicom import ALL_TRANSFER_SYNTAXES, build_context, register_uid
+        from pynetdicom.service_class import ServiceClass, StorageServiceClass
+        from pynetdicom.sop_class import uid_to_service_class
+
+        request, acceptor = event.assoc.requestor.primitive, event.assoc.acceptor
+        if request.calling_ae_title.strip() not in self.options.allowed:
+            return  # refused by the negotiation: nothing registered for strangers
+        offered = {str(c.abstract_syntax) for c in request.presentation_context_definition_list}
+        added = sorted(uid for uid in offered - {str(c.abstract_syntax) for c in acceptor.supported_contexts}
+                       if UID.fullmatch(uid) and len(uid) <= 64
+                       and uid_to_service_class(uid) in (ServiceClass, StorageServiceClass))  # registered before
+        for uid in added:
+            if uid_to_service_class(uid) is ServiceClass:
+                register_uid(uid, "Storage_" + uid.replace(".", "_"), StorageServiceClass)
+        acceptor.supported_contexts = acceptor.supported_contexts + [build_context(uid, ALL_TRANSFER_SYNTAXES)
+                                                                     for uid in added]
+
     def _store(self, event) -> int:
         try:
             dataset = event.dataset  # elements are decoded when read: only the two UIDs are

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import UserError
+from ..dicom.series import is_quiet_skip
 from ..inbox.watcher import DEFAULT_INBOX, OUTBOX_STATE, Inbox, InboxOptions
 from ..pacs.dicomnode import RECEIVED
 from .tasks import BackgroundTask
@@ -34,11 +35,15 @@ class InboxPanel:
 
     folder: Path = field(default_factory=default_inbox_folder)
     settle_seconds: float = 5.0
+    hold_seconds: float = 60.0  # how long a series that looks incomplete waits for more files
     status: str = "Press Start to watch the inbox folder."
     inbox: Inbox = None
     task: BackgroundTask = None
     state_folder: Path = None  # default: inbox_state_folder(folder)
     _acknowledgements: list = field(default_factory=list)
+    # Unpacked zips that loaded series come from: Slicer's scene (and its DICOM SEG export) reads their files, so they
+    # stay for the whole session, across Stop and Start, even once their zip is gone; the next session removes them.
+    _in_use: set = field(default_factory=set)
 
     @property
     def running(self) -> bool:
@@ -49,7 +54,8 @@ class InboxPanel:
         if folder == default_inbox_folder().expanduser():
             folder.mkdir(parents=True, exist_ok=True)  # the default inbox is ours to create
         inbox = Inbox(InboxOptions(folder=folder, state_folder=self.state_folder or inbox_state_folder(folder),
-                                   settle_seconds=self.settle_seconds))
+                                   settle_seconds=self.settle_seconds, hold_seconds=self.hold_seconds))
+        inbox.in_use = self._in_use
         try:
             inbox.start()
         except UserError as error:
@@ -97,8 +103,14 @@ class InboxPanel:
             self.status = problem
         return deliveries or []
 
-    def loaded(self, delivery, ok: bool, reason: str = ""):
-        """The widget loaded a delivery (or failed to, with reason); recorded before the next poll."""
+    def loaded(self, delivery, ok: bool, reason: str = "", notes=()):
+        """The widget loaded a delivery (or failed to, with reason); recorded before the next poll. A loaded series
+        that looks incomplete, or that the loader changed (notes, e.g. resampled to even spacing), says so in its row
+        and in the status: it was loaded, but not as the scanner made it."""
+        if ok:
+            reason = delivery.remarks(notes)
+            if reason:
+                self.status = f"{delivery.series.name} was loaded. {reason}"
         self._acknowledgements.append((delivery, ok, reason))
 
     def _say_duplicates(self):
@@ -109,13 +121,17 @@ class InboxPanel:
 
     def _apply_acknowledgements(self):
         for delivery, ok, reason in self._acknowledgements:
+            if ok:
+                self._in_use |= self.inbox.unpacked_folders(delivery)
             self.inbox.acknowledge(delivery, ok, reason)
         self._acknowledgements.clear()
 
     def rows(self) -> list:
-        """(name, files, state, reason) per series, then one error row per skipped file."""
+        """(name, files, state, reason) per series, then one row per skipped file: an error, or "skipped" for what
+        belongs in a DICOM export without being an image (a dose report, a CD's DICOMDIR)."""
         if not self.inbox:
             return []
         rows = [(s.name, s.files, s.state.value, s.reason) for s in self.inbox.statuses()]
-        rows += [(Path(str(path)).name, 1, "error", reason) for path, reason in self.inbox.bad_files.items()]
+        rows += [(Path(str(path)).name, 1, "skipped" if is_quiet_skip(reason) else "error", reason)
+                 for path, reason in self.inbox.bad_files.items()]
         return rows
