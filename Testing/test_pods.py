@@ -130,6 +130,8 @@ def test_a_network_volume_is_mounted_instead_of_the_pods_own_volume(backend, fak
     assert fake.requests[-1][2]["mounts"] == {"network": [{"volumeId": "vol_abc123", "path": "/workspace"}]}
     assert fake.pods[pod.id]["mounts"] == {"network": [{"volumeId": "vol_abc123", "path": "/workspace"}]}
     assert pod.volume_gb == 0  # a network volume bills on its own, not as this pod's volume
+    assert pod.stopped_cost() == ("it has no volume of its own (its network volume vol_abc123 bills apart, on "
+                                  "RunPod's Storage page, until you delete it there)")
     own = backend.create(PodSpec("NVIDIA L40S", image="example/sm:1", volume_gb=20))
     assert fake.pods[own.id]["mounts"] == {"persistent": {"size": 20, "path": "/workspace"}} and own.volume_gb == 20
     with pytest.raises(PodsError, match=r"^RunPod rejected the pod's settings: Request validation failed; "

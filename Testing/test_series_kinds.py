@@ -67,6 +67,9 @@ def test_acquisitions_of_the_same_region_in_one_series_become_series_of_their_ow
     assert scan.series[0].name == f"CT 'series 2' ({parts[0]})" and not scan.skipped and not scan.notes
     assert any("one of several acquisitions" in note for note in scan.series[1].notes)
     assert choose_series(scan) is scan.series[0] and choose_series(scan, "2") is scan.series[1]
+    assert choose_series(scan, scan.series[1].key) is scan.series[1]
+    with pytest.raises(InputError, match=rf"^Series {uid} holds 2 acquisitions \(.*\): give the number of the one "):
+        choose_series(scan, uid)  # the UID names both: not the first one silently
     reference = arrays.volume_array(load_input(ctx, UNCOMPRESSED_SERIES).node)
     for number, series in enumerate(scan.series, 1):
         voxels = arrays.volume_array(load_input(ctx, tmp_path / "study", series=str(number)).node)

@@ -92,6 +92,7 @@ class Pod:
     runtime_ready: bool  # the container runs (a runtime is reported)
     ports: list  # private ports listed by the runtime
     volume_gb: int = 0
+    network_volume: str = ""  # the network volume's id, where the pod mounts one instead of a volume of its own
     terminate_after: str = None  # when RunPod itself terminates it; known only to the create that set it
 
     @property
@@ -103,7 +104,11 @@ class Pod:
         return self.volume_gb * VOLUME_USD_PER_GB_MONTH
 
     def stopped_cost(self) -> str:
-        """What a stopped (EXITED) pod still costs: its volume, until it is terminated."""
+        """What a stopped (EXITED) pod still costs: its volume, until it is terminated; a network volume bills on its
+        own, pod or no pod."""
+        if self.network_volume:
+            return (f"it has no volume of its own (its network volume {self.network_volume} bills apart, on RunPod's "
+                    "Storage page, until you delete it there)")
         return f"its {self.volume_gb} GB volume costs ${self.volume_usd_per_month:.2f}/month until it is terminated"
 
 
@@ -479,8 +484,10 @@ def _gpu_type(data: dict) -> GpuType:
 def _pod(data: dict) -> Pod:
     """A v2 Pod: gpu is {id, count}; runtime is null (or empty) until the container runs; cost is 0 once stopped."""
     runtime = data.get("runtime") or {}
-    persistent = (data.get("mounts") or {}).get("persistent") or {}  # a network volume bills apart from the pod
+    mounts = data.get("mounts") or {}
+    persistent, network = mounts.get("persistent") or {}, mounts.get("network") or [{}]  # a network volume bills apart
     return Pod(id=data["id"], name=data.get("name", ""), status=data.get("status", ""),
                gpu=(data.get("gpu") or {}).get("id", ""), cost_per_hr=float(data.get("cost") or 0),
                uptime_s=int(runtime.get("uptime") or 0), runtime_ready=bool(runtime),
-               ports=[p["private"] for p in runtime.get("ports") or []], volume_gb=int(persistent.get("size") or 0))
+               ports=[p["private"] for p in runtime.get("ports") or []], volume_gb=int(persistent.get("size") or 0),
+               network_volume=str(network[0].get("volumeId") or ""))

@@ -573,9 +573,12 @@ def choose_series(result: ScanResult, selector: str = None) -> DicomSeries:
     if selector:
         if selector.isdigit() and 1 <= int(selector) <= len(result.series):
             return result.series[int(selector) - 1]
-        for series in result.series:
-            if selector in (series.uid, series.key):
-                return series
+        named = [series for series in result.series if selector in (series.uid, series.key)]
+        if len(named) > 1:  # one DICOM series split into its acquisitions: the UID names them all
+            raise InputError(f"Series {selector} holds {len(named)} acquisitions ({', '.join(s.part for s in named)}): "
+                             "give the number of the one you want from --list.")
+        if named:
+            return named[0]
         raise InputError(f"No series '{selector}' in {result.folder}: run with --list to see the series and their numbers.")
     ct = [s for s in result.series if s.modality == "CT"]
     return (ct or result.series)[0]
