@@ -186,6 +186,17 @@ def test_seg_without_a_dicom_series_is_one_sentence_before_any_work(ctx, shared_
 
 
 @needs_highdicom
+def test_seg_of_a_series_whose_files_are_gone_says_so(ctx, shared_data, tmp_path):
+    """Moved, or an unpacked zip the inbox removed in a later session: once a FileNotFoundError traceback."""
+    shutil.copytree(UNCOMPRESSED_SERIES, tmp_path / "series")
+    segmentation = apply_preset(ctx, load_input(ctx, tmp_path / "series").node, "bone")
+    (tmp_path / "series" / "02.dcm").unlink()
+    with pytest.raises(ExportError, match=r"^1 of the 3 DICOM files '.*' was loaded from are gone from .*series "
+                                          r"\(moved or removed since; .*\): load the series again from where it is now"):
+        export_segmentation(segmentation, tmp_path / "out", ExportOptions(formats=("seg",)))
+
+
+@needs_highdicom
 def test_seg_of_a_volume_slicers_dicom_module_loaded_finds_its_series_through_the_database(ctx, shared_data, tmp_path):
     """Slicer's DICOM module leaves no storage node, only DICOM.instanceUIDs: its database gives the files."""
     import highdicom

@@ -106,12 +106,25 @@ def source_files(volume_node, dicom_database=None) -> list:
     storage = volume_node.GetStorageNode()
     names = ([storage.GetNthFileName(i) for i in range(storage.GetNumberOfFileNames())] or [storage.GetFileName()]
              if storage else [])
-    files = [name for name in names if name and is_dicom(name)]
+    files = [name for name in _present(volume_node, [name for name in names if name]) if is_dicom(name)]
     uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
     if files or dicom_database is None or not uids:
         return files
     files = [dicom_database.fileForInstance(uid) for uid in uids]
-    return files if all(files) and all(map(is_dicom, files)) else []  # a SEG refers to every slice
+    if not all(files):
+        return []  # a SEG refers to every slice
+    return files if all(map(is_dicom, _present(volume_node, files))) else []
+
+
+def _present(volume_node, files: list) -> list:
+    """files, where every one is still there: a SEG refers to its series' files and copies their headers."""
+    gone = [name for name in files if not Path(name).is_file()]
+    if gone:
+        raise ExportError(f"{len(gone)} of the {len(files)} DICOM files '{volume_node.GetName()}' was loaded from are "
+                          f"gone from {Path(gone[0]).parent} (moved or removed since; an inbox removes a zip's unpacked "
+                          "copy once the zip has left it): load the series again from where it is now to make a SEG; "
+                          "STL, OBJ, 3MF and glTF need none.")
+    return files
 
 
 def _source_headers(segmentation_node, dicom_database=None):
