@@ -396,15 +396,16 @@ def _is_one_volume(distances: list) -> bool:
 def _splitting_tags(slices: list) -> list:
     """The ACQUISITION_TAGS whose values tell apart slices of one stack that overlap in space, where together
     they are not one volume (two slices at one position, or uneven spacing)."""
-    stacks = [stack for stack in _stacks(slices).values()
-              if not _is_one_volume([float(np.dot(s.position, _normal(s.orientation))) for s in stack])]
+    stacks = []  # (slices, their distances along the stack's normal), of the stacks that are not one volume
+    for stack in _stacks(slices).values():
+        distances = [float(np.dot(s.position, _normal(stack[0].orientation))) for s in stack]
+        if not _is_one_volume(distances):
+            stacks.append((stack, distances))
     found = []
     for name, _ in ACQUISITION_TAGS:
-        for stack in stacks:
-            normal = _normal(stack[0].orientation)
+        for stack, distances in stacks:
             extents = {}
-            for s in stack:
-                distance = float(np.dot(s.position, normal))
+            for s, distance in zip(stack, distances):
                 low, high = extents.get(s.acquisition.get(name), (distance, distance))
                 extents[s.acquisition.get(name)] = (min(low, distance), max(high, distance))
             if len(extents) > 1 and _overlap(extents.values()):

@@ -10,7 +10,9 @@ import vtk
 from ..core import arrays
 from ..core.errors import InputError
 from ..core.scene import SceneContext
-from .series import MAX_GANTRY_TILT_DEGREES, MAX_TILT_DEGREES, SPACING_TOLERANCE, DicomSeries, ScanResult, choose_series, scan_folder
+from ..core.grids import RAS_TO_LPS
+from .series import (MAX_GANTRY_TILT_DEGREES, MAX_TILT_DEGREES, SPACING_TOLERANCE, DicomSeries, ScanResult,
+                     choose_series, scan_folder)
 
 # vtkSlicerVolumesLogic::AddArchetypeVolume loading options (bit flags).
 LABELMAP = 1
@@ -76,7 +78,7 @@ def _check_placement(node, series: DicomSeries):
     enhanced multi-frame image GDCM places the frames itself (our check of the frames is the only one)."""
     depth = node.GetImageData().GetDimensions()[2]
     origin = arrays.ijk_to_ras(node)[:3, 3]
-    expected = series.first_position * [-1, -1, 1]  # LPS to RAS
+    expected = series.first_position * RAS_TO_LPS.diagonal()[:3]  # LPS to RAS: the same flip
     if series.slice_count > 1 and depth != series.slice_count:
         raise InputError(f"Series {series.name} was not loaded: Slicer's reader gave it {depth} slices where its "
                          f"headers say {series.slice_count}; check that its files are complete.")

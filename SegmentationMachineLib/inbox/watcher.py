@@ -302,8 +302,7 @@ class Inbox:
 
     def unpacked_folders(self, delivery: Delivery) -> set:
         """The unpacked zips' folders that delivery's files are in (none for files dropped as they are)."""
-        return {self.scratch / path.relative_to(self.scratch).parts[0] for path in map(Path, delivery.series.files)
-                if self._is_extracted(path)}
+        return {self._unpacked_folder(path) for path in map(Path, delivery.series.files) if self._is_extracted(path)}
 
     # -- internals -------------------------------------------------------------------------
     def _polled_changes(self, now: float, interval: float) -> set:
@@ -378,7 +377,7 @@ class Inbox:
         self._sweep_due = False
         waiting = set().union(*self._handed_out.values())
         kept = {self.scratch / r.sha256[:24] for r in self._files.values() if r.reason == ARCHIVE and r.sha256}
-        kept |= self.in_use | {self.scratch / p.relative_to(self.scratch).parts[0] for p, r in self._files.items()
+        kept |= self.in_use | {self._unpacked_folder(p) for p, r in self._files.items()
                                if r.sha256 in waiting and self._is_extracted(p)}
         for folder in self.scratch.iterdir():
             if folder not in kept and folder.is_dir() and not folder.name.endswith(".partial"):
@@ -512,12 +511,14 @@ class Inbox:
 
     def _depth(self, path: Path) -> int:
         """How many archives deep path is: 0 in the inbox itself."""
-        if self.scratch not in path.parents:
-            return 0
-        return self._extracted.get(self.scratch / path.relative_to(self.scratch).parts[0], 0)
+        return self._extracted.get(self._unpacked_folder(path), 0) if self._is_extracted(path) else 0
 
     def _is_extracted(self, path: Path) -> bool:
         return self.scratch in path.parents
+
+    def _unpacked_folder(self, path: Path) -> Path:
+        """The folder of the unpacked zip an extracted path is in."""
+        return self.scratch / path.relative_to(self.scratch).parts[0]
 
     def _add_extracted(self, folder: Path, depth: int, now: float):
         self._extracted[folder] = depth
@@ -577,7 +578,6 @@ class Inbox:
             ready.append(Delivery(key, series, hashes, is_update=self.journal.was_delivered(key),
                                   incomplete=incomplete))
         return ready
-
 
     def _groups(self) -> dict:
         """key -> the records of one series; a series of several acquisitions is one group each (group_series).
