@@ -79,7 +79,7 @@ def test_bone_on_a_contrast_ct_leaves_out_the_table_vessels_cartilage_and_canal(
     assert (ours & aorta).sum() < 0.2 * aorta.sum()  # the contrast-filled aorta is mostly left out (its calcified wall stays)
     assert (ours & (labels == COSTAL_CARTILAGES)).sum() < 0.4 * (labels == COSTAL_CARTILAGES).sum()
     assert (ours & (labels == SPINAL_CORD)).sum() < 0.01 * (labels == SPINAL_CORD).sum()  # the canal stays open
-    assert dice(hu > 150, truth) < 0.55 < 0.76 < dice(ours, truth)
+    assert dice(hu > 150, truth) < 0.55 < 0.77 < dice(ours, truth)
 
 
 def test_an_arterial_phase_aorta_is_not_bone_either(ctx, shared_data):
@@ -142,6 +142,21 @@ def test_a_disc_space_between_two_vertebrae_stays_out():
     hu[bodies & ~ndimage.binary_erosion(bodies, border_value=1)] = 700
     hu[(radius <= 15) & (k >= 18) & (k < 22)] = 80
     assert np.array_equal(bone_mask(hu, (1.0, 1.0, 1.0)), bodies)
+
+
+def test_an_osteoporotic_vertebral_body_with_homogeneous_marrow_is_solid():
+    """1 mm voxels: a vertebral body (1 mm cortex at 700 HU) whose marrow is homogeneous (200 +- 12 HU) as
+    contrast-filled blood is, with discs (80 HU) above and below: soft tissue in its shell as round a vessel.
+    The bone encloses it, so it is marrow, not a lumen: the body is not hollow."""
+    rng = np.random.default_rng(0)
+    k, j, i = np.indices((40, 80, 80))
+    radius = np.hypot(j - 40, i - 40)
+    hu = np.where(radius <= 36, 40.0, -1000.0)
+    body = (radius <= 15) & (k >= 8) & (k < 32)
+    hu[body] = rng.normal(200, 12, k.shape)[body]
+    hu[body & ~ndimage.binary_erosion(body, border_value=1)] = 700
+    hu[(radius <= 15) & ~body] = 80
+    assert np.array_equal(bone_mask(hu, (1.0, 1.0, 1.0)), body)
 
 
 def test_the_spinal_canal_stays_open_where_its_arch_closes_and_fatty_marrow_is_filled():
