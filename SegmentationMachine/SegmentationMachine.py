@@ -249,7 +249,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         deliveries = self.inbox.tick()
         for delivery in deliveries:
             try:
-                loaded = self.logic.loadDelivery(delivery)
+                loaded = self.logic.loadDelivery(delivery, copyFiles=self.inbox.copies_into_database(delivery))
                 self.inbox.loaded(delivery, True, notes=loaded.notes)  # shown in its row and the status
                 if self._parameterNode and self.ui.inboxUseAsSourceCheckBox.checked:
                     self._parameterNode.sourceVolume = loaded.node
@@ -293,14 +293,15 @@ class SegmentationMachineLogic(ScriptedLoadableModuleLogic):
             dicom_database=getattr(slicer, "dicomDatabase", None),  # set by the DICOM module, where it is loaded
         )
 
-    def loadDelivery(self, delivery):
-        """Adds the delivered files (only those) to Slicer's DICOM database, then loads the series."""
+    def loadDelivery(self, delivery, copyFiles=False):
+        """Adds the delivered files (only those) to Slicer's DICOM database, then loads the series. copyFiles: the
+        database keeps its own copy (files the inbox removes later: an unpacked zip's)."""
         files = [str(path) for path in delivery.series.files]
         try:
             import ctk
             indexer = ctk.ctkDICOMIndexer()
             # The database is an argument (ctkDICOMIndexer has no database property; DICOMUtils does the same).
-            indexer.addListOfFiles(slicer.dicomDatabase, files)
+            indexer.addListOfFiles(slicer.dicomDatabase, files, copyFiles)
             indexer.waitForImportFinished()
         except Exception as error:  # the database is a convenience: the scene still gets the series
             logging.warning("Could not add %s to the DICOM database: %s", delivery.series.name, error)

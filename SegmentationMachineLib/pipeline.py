@@ -1,11 +1,10 @@
 """The model pipeline one series goes through: volume → segments (presets, prompts) → printable meshes."""
 
 import logging
-import os
 import time
-from pathlib import Path
 
 from .core.errors import UserError
+from .core.memory import said_when_out_of_memory
 from .core.scene import SceneContext
 from .mesh.export import ExportOptions, ExportResult, export_segmentation
 from .prompts.promptfile import PromptFileError
@@ -14,35 +13,6 @@ from .segment.masks import preset_parameters
 from .segment.presets import apply_preset
 
 log = logging.getLogger("segmentation-machine.steps")  # kept in the CLI's --log file
-# Peak memory of load + bone preset + export, per voxel of the scan: 92 bytes measured on two real CTs
-# (1.4 and 5.2 million voxels; benchmarks/memory_peak.py), rounded up.
-PEAK_BYTES_PER_VOXEL = 100
-
-
-def available_memory() -> int:
-    """Bytes the system can give without swapping (MemAvailable), else free physical memory; None if unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):  # Windows and macOS have no SC_AVPHYS_PAGES
-        return None
-
-
-def memory_warning(voxels: int, available: int = None) -> str:
-    """One sentence when a scan of `voxels` will need more memory than is free (available: bytes, read
-    from the system when None); None when it fits or nothing is known."""
-    available = available_memory() if available is None else available
-    needed = voxels * PEAK_BYTES_PER_VOXEL
-    if available is None or needed <= available:
-        return None
-    return (f"This scan has {voxels / 1e6:.0f} million voxels and will need about {needed / 2**30:.1f} GiB of memory "
-            f"where {available / 2**30:.1f} GiB is free: close other programs first, or the run may slow to a "
-            "crawl or be stopped by the system.")
 
 
 def segment_with_prompts(ctx: SceneContext, volume_node, segments, session: InteractiveSession,
@@ -85,19 +55,21 @@ def model_volume(ctx: SceneContext, volume_node, presets, out_dir, options: Expo
     """Runs each preset into the segmentation of volume_node (a new one if None) and exports it under out_dir.
 
     provenance: the report's input and command (export.py); the presets run are added to it.
-    Every step is logged at INFO (the CLI's --log file keeps them)."""
-    for name in presets:
+    Every step is logged at INFO (the CLI's --log file keeps them); running out of memory is one sentence."""
+    dimensions = volume_node.GetImageData().GetDimensions()
+    with said_when_out_of_memory(dimensions[0] * dimensions[1] * dimensions[2]):
+        for name in presets:
+            started = time.perf_counter()
+            segmentation = apply_preset(ctx, volume_node, name, segmentation, progress=preset_progress)
+            log.info("Preset '%s' on '%s' in %.1f s.", name, volume_node.GetName(), time.perf_counter() - started)
+            echo(f"Segmented with preset '{name}'")
         started = time.perf_counter()
-        segmentation = apply_preset(ctx, volume_node, name, segmentation, progress=preset_progress)
-        log.info("Preset '%s' on '%s' in %.1f s.", name, volume_node.GetName(), time.perf_counter() - started)
-        echo(f"Segmented with preset '{name}'")
-    started = time.perf_counter()
-    result = export_segmentation(segmentation, out_dir, options, progress=progress,
-                                 provenance={**(provenance or {}), "presets": [
-                                     {"name": name, "parameters": preset_parameters(name)} for name in presets]})
-    for mesh in result.report["meshes"]:
-        log.info("Mesh '%s': %d triangles, %s mL (voxels %s mL).", mesh["name"], mesh["triangles"],
-                 mesh["volume_ml"], mesh["voxel_volume_ml"])
-    log.info("Wrote %s in %s in %.1f s.", ", ".join(p.name for p in result.files), result.folder,
-             time.perf_counter() - started)
-    return result
+        result = export_segmentation(segmentation, out_dir, options, progress=progress,
+                                     provenance={**(provenance or {}), "presets": [
+                                         {"name": name, "parameters": preset_parameters(name)} for name in presets]})
+        for mesh in result.report["meshes"]:
+            log.info("Mesh '%s': %d triangles, %s mL (voxels %s mL).", mesh["name"], mesh["triangles"],
+                     mesh["volume_ml"], mesh["voxel_volume_ml"])
+        log.info("Wrote %s in %s in %.1f s.", ", ".join(p.name for p in result.files), result.folder,
+                 time.perf_counter() - started)
+        return result

@@ -8,7 +8,9 @@ catalog shapes, lists wrapped as {"pods": [...]}, 204 for a terminate, 400 witho
 with Retry-After, a 5xx after the pod was created, a pod list that lags behind a create, pods that
 provision slowly (PROVISIONING, STARTING) and list their ports late, pods that fail (ERROR) or are
 stopped (EXITED) on their own, a terminated pod listed as TERMINATED for a while before it answers
-404, 409 for an action not valid now, terminateAfter honoured, the container log as a stream of
+404, 409 for an action not valid now, terminateAfter honoured, a pod's own volume (a folder stands in for it)
+deleted when it is terminated and kept when it is stopped, runtime.uptime over all starts or (as an option)
+since the last one, the container log as a stream of
 Server-Sent Events that never ends (a backfill, then live lines and keep-alive comments), and
 RunPod's proxy to the pod's server and agent under /proxy/.
 """
@@ -16,6 +18,7 @@ RunPod's proxy to the pod's server and agent under /proxy/.
 import itertools
 import json
 import re
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,6 +39,14 @@ SOMETHING_WENT_WRONG = "Something went wrong. Please try again later or contact 
 GPU_TYPES = [
     {"id": "NVIDIA GeForce RTX 3070", "name": "RTX 3070", "manufacturer": "NVIDIA", "memory": 8,
      "price": {"secure": 0.14, "community": 0.10}, "stock": {"SECURE": "HIGH", "COMMUNITY": "HIGH"}},
+    # Between 8 and 24 GB, as references/gpu-types.mdx in runpod/docs names them: cheaper than every type that
+    # holds a large structure, so a floor too low makes one of them the default.
+    {"id": "NVIDIA GeForce RTX 3080", "name": "RTX 3080", "manufacturer": "NVIDIA", "memory": 10,
+     "price": {"secure": 0.20, "community": 0.17}, "stock": {"SECURE": "HIGH", "COMMUNITY": "HIGH"}},
+    {"id": "NVIDIA GeForce RTX 3080 Ti", "name": "RTX 3080 Ti", "manufacturer": "NVIDIA", "memory": 12,
+     "price": {"secure": 0.22, "community": 0.18}, "stock": {"SECURE": "MEDIUM", "COMMUNITY": "HIGH"}},
+    {"id": "NVIDIA GeForce RTX 4070 Ti", "name": "RTX 4070 Ti", "manufacturer": "NVIDIA", "memory": 12,
+     "price": {"secure": 0.23, "community": 0.19}, "stock": {"SECURE": "HIGH", "COMMUNITY": "HIGH"}},
     {"id": "NVIDIA GeForce RTX 4090", "name": "RTX 4090", "manufacturer": "NVIDIA", "memory": 24,
      "price": {"secure": 0.69, "community": 0.34}, "stock": {"SECURE": "MEDIUM", "COMMUNITY": "HIGH"}},
     {"id": "NVIDIA RTX A5000", "name": "RTX A5000", "manufacturer": "NVIDIA", "memory": 24,
@@ -175,6 +186,9 @@ class FakeRunPod:
     log_ping_s: float = 0.5  # the log stream's keep-alive comment when no line came
     logs_as_json: bool = False  # the log as one finished JSON answer {"logs": [...]}, as RunPod answered earlier
     stalled: bool = False  # while set, API requests get no answer (a network that times out)
+    # runtime.uptime since the last start instead of over all starts: RunPod's docs do not say which it is
+    uptime_per_start: bool = False
+    volumes: dict = field(default_factory=dict)  # pod id → a folder standing in for its /workspace
     clock: object = time.monotonic  # provisioning and the list's lag
     wall: object = time.time  # terminateAfter
     pods: dict = field(default_factory=dict)
@@ -394,7 +408,7 @@ class FakeRunPod:
         broken = _create_rules(body)
         if broken:
             raise _Failure(400, "; ".join(broken))
-        return self._create(self._spread(body), None)
+        return self._create(self._spread(body))
 
     def _spread(self, body) -> dict:
         """The body with its template's settings under it: the body's own fields win, env is merged per key, and
@@ -412,7 +426,7 @@ class FakeRunPod:
             gpu["allowedCudaVersions"] = template["allowedCudaVersions"]
         return {**spread, **body, "gpu": gpu, "env": {**template.get("env", {}), **body.get("env", {})}}
 
-    def _create(self, settings, terminate_after):
+    def _create(self, settings, terminateAfter=None, stopAfter=None):
         """A pod from v2-shaped settings (a template already spread into them)."""
         gpu_id, cloud = settings["gpu"]["id"], settings.get("cloud", "SECURE")
         if gpu_id in self.no_capacity:
@@ -431,7 +445,7 @@ class FakeRunPod:
             "templateId": settings.get("templateId"), "cloud": cloud, "disk": settings.get("disk", 50),
             "mounts": settings.get("mounts", {}), "status": "RUNNING", "created_at": now, "started": now,
             "stoppedUptime": 0.0, "env": dict(settings.get("env", {})), "ports": list(settings.get("ports", [])),
-            "startSsh": settings.get("startSsh", False), "terminateAfter": terminate_after,
+            "startSsh": settings.get("startSsh", False), "terminateAfter": terminateAfter, "stopAfter": stopAfter,
             "cost": gpu["price"][cloud.lower()], "log": [("system", f"pulling image {settings['image']}"),
                                                          "starting the container"],
             "fails_as": self.fails_as,
@@ -450,7 +464,7 @@ class FakeRunPod:
             return 200, {"errors": [{"message": f"Cannot query field {operation.name.value}."}]}
         [argument] = operation.arguments
         spec = _value(argument.value, body.get("variables") or {})
-        terminate_after = spec.get("terminateAfter")
+        ends = {"terminateAfter": spec.get("terminateAfter"), "stopAfter": spec.get("stopAfter")}
         mount = spec.get("volumeMountPath", "/workspace")
         settings = {"name": spec.get("name", ""), "gpu": {"id": spec.get("gpuTypeId")},
                     "cloud": spec.get("cloudType", "SECURE"), "env": {e["key"]: e["value"] for e in spec.get("env", [])},
@@ -463,25 +477,30 @@ class FakeRunPod:
         settings.update({"templateId": spec["templateId"]} if spec.get("templateId") else
                         {"image": spec.get("imageName", "")})
         try:
-            if terminate_after:
-                datetime.fromisoformat(terminate_after.replace("Z", "+00:00"))
-            pod = self._create(self._spread(settings), terminate_after)
+            for end in filter(None, ends.values()):
+                datetime.fromisoformat(end.replace("Z", "+00:00"))
+            pod = self._create(self._spread(settings), **ends)
         except _Failure as failure:
             if failure.status >= 500:
                 raise
             return 200, {"errors": [{"message": failure.detail}]}
         except ValueError:
-            return 200, {"errors": [{"message": "terminateAfter must be an RFC 3339 date-time."}]}
+            return 200, {"errors": [{"message": "terminateAfter and stopAfter must be RFC 3339 date-times."}]}
         return 200, {"data": {"podFindAndDeployOnDemand": {"id": pod["id"], "name": pod["name"],
                                                            "desiredStatus": "RUNNING", "costPerHr": pod["cost"]}}}
 
     def _advance(self):
-        """Time passes: terminateAfter ends pods whatever runs inside, a failing pod fails once booted, and a
-        terminated pod drops off the list."""
+        """Time passes: terminateAfter and stopAfter end pods whatever runs inside, a failing pod fails once
+        booted, and a terminated pod drops off the list."""
+        def due(end) -> bool:
+            return bool(end) and datetime.fromisoformat(end.replace("Z", "+00:00")).timestamp() <= self.wall()
+
         for pod in list(self.pods.values()):
-            end = pod["terminateAfter"]
-            if end and datetime.fromisoformat(end.replace("Z", "+00:00")).timestamp() <= self.wall():
+            if due(pod["terminateAfter"]):
                 self._terminate(pod)
+            elif due(pod["stopAfter"]) and pod["status"] == "RUNNING":
+                pod["stopAfter"] = None  # once: a resume runs on
+                self._fail(pod, "EXITED")
             elif pod["fails_as"] and pod["status"] == "RUNNING" and self._uptime(pod) >= self.boot_s:
                 self._fail(pod, pod["fails_as"])
         for pod_id, pod in list(self.ended.items()):
@@ -502,6 +521,10 @@ class FakeRunPod:
         pod["status"], pod["terminated_at"] = "TERMINATED", self.clock()
         pod["log"].append(("system", "pod terminated"))
         self.ended[pod["id"]] = self.pods.pop(pod["id"])
+        volume = self.volumes.pop(pod["id"], None)
+        # RunPod: the pod's own volume "is deleted when the Pod is terminated"; a network volume stays.
+        if volume is not None and not pod["mounts"].get("network"):
+            shutil.rmtree(volume)
 
     def _uptime(self, pod) -> float:
         return self.clock() - pod["started"] if pod["status"] in ("RUNNING", "ERROR") else 0.0
@@ -521,7 +544,7 @@ class FakeRunPod:
             ports = [{"private": int(p.split("/")[0]), "public": None if p.endswith("/http") else 40000 + i,
                       "type": p.split("/")[1], "ip": None if p.endswith("/http") else "100.65.0.2"}
                      for i, p in enumerate(pod["ports"])] if age >= self.ports_s else []
-            runtime = {"uptime": int(pod["stoppedUptime"] + age), "ports": ports}
+            runtime = {"uptime": int(age if self.uptime_per_start else pod["stoppedUptime"] + age), "ports": ports}
         proxy = {"host": "ssh.runpod.io", "port": 22, "username": f"{pod['id']}-64411eb2",
                  "command": f"ssh {pod['id']}-64411eb2@ssh.runpod.io"}
         return {"id": pod["id"], "name": pod["name"], "status": status, "actions": ACTIONS[status],

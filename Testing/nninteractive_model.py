@@ -15,7 +15,9 @@ prompts smaller than that where they assert exact voxels.
 The folder reports the capabilities the server gives the official nnInteractive v1.0 weights
 (their legacy metadata: points, 2D boxes, scribbles, lassos, an initial segment; no 3D boxes), so
 a client that sends what the official model refuses fails here too. A slow variant (delay_s) waits
-in every forward pass, like a large structure on a busy GPU.
+in every forward pass, like a large structure on a busy GPU; with image_weight the image votes too, so
+bright voxels grow (a long vessel the model follows past its prompt); an out_of_memory variant fails
+every forward pass as CUDA does when the GPU's memory runs out.
 """
 
 import json
@@ -65,7 +67,15 @@ class SlowPlainConvUNet(PlainConvUNet):
         return super().forward(x)
 
 
-def _arch_block(delay_s: float = 0.0) -> dict:
+class OutOfMemoryPlainConvUNet(PlainConvUNet):
+    """The same network, failing every forward pass with the error torch raises when a GPU's memory runs out."""
+
+    def forward(self, x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.25 GiB. GPU 0 has a total capacity of "
+                                     "15.69 GiB of which 1.02 GiB is free.")
+
+
+def _arch_block(delay_s: float = 0.0, out_of_memory: bool = False) -> dict:
     block = {
         "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
         "arch_kwargs": {
@@ -89,6 +99,8 @@ def _arch_block(delay_s: float = 0.0) -> dict:
     if delay_s:
         block["network_class_name"] = "nninteractive_model.SlowPlainConvUNet"
         block["arch_kwargs"]["delay_s"] = delay_s
+    if out_of_memory:
+        block["network_class_name"] = "nninteractive_model.OutOfMemoryPlainConvUNet"
     return block
 
 
@@ -156,13 +168,13 @@ def _input_weights() -> dict[int, float]:
 
 
 @torch.no_grad()
-def make_state_dict() -> dict:
+def make_state_dict(image_weight: float = 0.0) -> dict:
     net = build_network()
     for p in net.parameters():
         p.zero_()
 
     first = net.encoder.stages[0][0].convs[0].conv  # Conv3d(8 -> F0, k3, s1, pad 1)
-    for ch, weight in _input_weights().items():
+    for ch, weight in {0: image_weight, **_input_weights()}.items():  # set on the module: all its aliases follow
         first.weight[0, ch, 1, 1, 1] = weight
 
     dec = net.decoder.stages[0].convs[0].conv  # Conv3d(2*F0 -> F0): input = cat(upsampled, skip)
@@ -183,12 +195,16 @@ def write_model_folder(
     delay_s: float = 0.0,
     official_architecture: bool = False,
     predicts_nothing: bool = False,
+    image_weight: float = 0.0,
+    out_of_memory: bool = False,
 ) -> Path:
     """Write the model folder and return its path. patch_size must be >= 64 in practice
     (the server's refinement margin is 24 voxels per side) and divisible by 2. delay_s > 0 makes
     every forward pass that much slower. official_architecture: the official weights' network and
     192^3 patch with random weights instead (GPU timing runs: benchmarks/gpu_server.py), predicts_nothing:
-    with an output layer that always says background."""
+    with an output layer that always says background. image_weight: the (z-scored) image's vote: at 0.3,
+    voxels more than 1.7 standard deviations above the image's mean are foreground wherever the model
+    looks. out_of_memory: every prediction fails as on a GPU whose memory ran out."""
     folder = Path(folder)
     if official_architecture:
         patch_size = 192
@@ -232,7 +248,8 @@ def write_model_folder(
                 "spacing": [1.0, 1.0, 1.0],
                 "normalization_schemes": ["ZScoreNormalization"],
                 "use_mask_for_norm": [False],
-                "architecture": _official_arch_block() if official_architecture else _arch_block(delay_s),
+                "architecture": (_official_arch_block() if official_architecture
+                                 else _arch_block(delay_s, out_of_memory)),
                 "batch_dice": False,
             }
         },
@@ -244,7 +261,8 @@ def write_model_folder(
     (folder / "plans.json").write_text(json.dumps(plans, indent=2))
     (folder / "LICENSE").write_text(license_line + "\n")
     checkpoint = {
-        "network_weights": _random_official_state_dict(predicts_nothing) if official_architecture else make_state_dict(),
+        "network_weights": (_random_official_state_dict(predicts_nothing) if official_architecture
+                            else make_state_dict(image_weight)),
         "trainer_name": TRAINER_NAME,
         "init_args": {"configuration": CONFIGURATION, "fold": 0, "plans": plans, "dataset_json": dataset},
     }

@@ -21,10 +21,12 @@ def free_port() -> int:
 
 
 class Server:
-    """nninteractive-server on 127.0.0.1 with --no-autozoom, CPU, an API key and the test model."""
+    """nninteractive-server on 127.0.0.1 with --no-autozoom (autozoom=True: with autozoom, as a pod runs it), CPU, an
+    API key and the test model."""
 
-    def __init__(self, model_dir: Path, api_key: str, port: int = None, *extra):
+    def __init__(self, model_dir: Path, api_key: str, port: int = None, *extra, autozoom: bool = False):
         self.model_dir, self.api_key, self.extra = model_dir, api_key, list(extra)
+        self.autozoom = autozoom
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = None
@@ -36,7 +38,7 @@ class Server:
         self.process = subprocess.Popen(
             [str(executable), "--model-dir", str(self.model_dir), "--fold", "0", "--device", "cpu",
              "--host", "127.0.0.1", "--port", str(self.port), "--api-key", self.api_key,
-             "--torch-n-threads", "1", "--no-autozoom", *self.extra],
+             "--torch-n-threads", "1", *([] if self.autozoom else ["--no-autozoom"]), *self.extra],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"})  # log lines (counted) as they happen
         deadline = time.monotonic() + timeout

@@ -15,44 +15,37 @@ from pydicom.uid import generate_uid
 
 from certificates import self_signed
 from conftest import DATA, JPEG2000_SERIES, UNCOMPRESSED_SERIES
-from orthanc_server import PASSWORD, USER, free_port, serving
+from orthanc_server import PASSWORD, USER, copies_in_a_new_study, dropping_seg, free_port, serving
 
 from SegmentationMachineLib.cli import main as cli
 from SegmentationMachineLib.core.credentials import SecretStore
 from SegmentationMachineLib.core.errors import UserError
 from SegmentationMachineLib.dicom.volumes import load_input
-from SegmentationMachineLib.pacs.dicomweb import (BearerAuth, DicomWeb, DicomWebServer, credentials,
+from SegmentationMachineLib.pacs.dicomweb import (BearerAuth, DicomWeb, DicomWebServer, credentials, failure_reason,
                                                   PASSWORD_VARIABLE, TOKEN_VARIABLE, USER_VARIABLE)
 
 LIVER_SEG = DATA / "dcmqi" / "liver.dcm"  # a SEG in the CT's study: the study holds one image series and a SEG
 STUDY = "1.2.392.200103.20080913.113635.0.2009.6.22.21.43.10.22941.1"
 CT_SERIES = "1.2.392.200103.20080913.113635.1.2009.6.22.21.43.10.23430.1"
-TWO_SERIES_STUDY, JPEG2000_STUDY = generate_uid(), generate_uid()
-JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
-
-
-def _copies_in_a_new_study(folder, study: str, count: int, source_series=UNCOMPRESSED_SERIES) -> list:
-    """A real series as count image series of another study: new UIDs, the same pixels."""
-    paths = []
-    for number in range(1, count + 1):
-        series = generate_uid()
-        for source in sorted(source_series.iterdir()):
-            dataset = pydicom.dcmread(source)
-            dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series
-            dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            dataset.SeriesDescription, dataset.SeriesNumber = f"copy {number}", 10 + number
-            paths.append(folder / f"{number}-{source.name}.dcm")
-            dataset.save_as(paths[-1])
-    return paths
+TWO_SERIES_STUDY, JPEG2000_STUDY, HTJ2K_STUDY = generate_uid(), generate_uid(), generate_uid()
+JPEG2000_LOSSLESS, HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.201"
 
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     yield from serving(tmp_path_factory.mktemp("orthanc"), lambda: [
         *sorted(UNCOMPRESSED_SERIES.glob("*.dcm")), LIVER_SEG,
-        *_copies_in_a_new_study(tmp_path_factory.mktemp("copies"), TWO_SERIES_STUDY, 2),
+        *copies_in_a_new_study(tmp_path_factory.mktemp("copies"), TWO_SERIES_STUDY, 2),
         # its files' own UIDs are blank (anonymised): Orthanc needs them
-        *_copies_in_a_new_study(tmp_path_factory.mktemp("j2k"), JPEG2000_STUDY, 1, JPEG2000_SERIES)])
+        *copies_in_a_new_study(tmp_path_factory.mktemp("j2k"), JPEG2000_STUDY, 1, JPEG2000_SERIES),
+        *copies_in_a_new_study(tmp_path_factory.mktemp("htj2k"), HTJ2K_STUDY, 1, JPEG2000_SERIES, HTJ2K_LOSSLESS)])
+
+
+@pytest.fixture(scope="module")
+def dropping_orthanc(tmp_path_factory):
+    """An Orthanc whose filter drops every DICOM SEG, yet answers the STOW-RS with success."""
+    folder = tmp_path_factory.mktemp("dropping")
+    yield from serving(folder, lambda: sorted(UNCOMPRESSED_SERIES.glob("*.dcm")), dropping_seg(folder))
 
 
 @pytest.fixture
@@ -88,13 +81,29 @@ def test_model_fetches_the_series_and_writes_meshes(orthanc, logged_in, private_
     assert PASSWORD not in out + err
 
 
-def test_a_jpeg2000_series_comes_as_stored_and_is_decoded_here(orthanc, tmp_path, ctx):
-    # Orthanc 1.10 cannot transcode JPEG 2000: asked for the default (explicit little endian) it answers HTTP 500.
+def test_a_jpeg2000_series_comes_as_stored_and_is_decoded_here(orthanc, tmp_path, ctx, debug_log):
+    # Orthanc 1.10 cannot transcode JPEG 2000: asked for explicit little endian alone it answers HTTP 500. Asked for
+    # that or as stored ("*"), it heeds only the last of the two, so it sends the series as stored.
     server = DicomWebServer.parse(f"dicomweb+{orthanc.dicomweb_url}")
     web = DicomWeb(server, (USER, PASSWORD))
     paths = web.retrieve(JPEG2000_STUDY, web.choose_series(JPEG2000_STUDY), tmp_path)
     assert len(paths) == 20 and pydicom.dcmread(paths[0]).file_meta.TransferSyntaxUID == JPEG2000_LOSSLESS
     assert load_input(ctx, tmp_path).node.GetImageData().GetDimensions() == (512, 512, 20)
+    accepted = ('multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.1, '
+                'multipart/related; type="application/dicom"; transfer-syntax=*')
+    assert accepted in debug_log.getvalue()  # a server that can transcode what Slicer cannot decode is asked to
+
+
+def test_an_htj2k_series_the_server_does_not_transcode_is_one_sentence(orthanc, logged_in, private_tmp, tmp_path,
+                                                                      capsys):
+    status, out, err = model(capsys, f"dicomweb+{orthanc.dicomweb_url}", "--study", HTJ2K_STUDY,
+                             "--out", tmp_path / "out")
+    (series,) = [s["0020000E"]["Value"][0] for s in orthanc.get(f"/dicom-web/studies/{HTJ2K_STUDY}/series").json()]
+    assert one_sentence(status, err).endswith(
+        f"The DICOMweb server {orthanc.dicomweb_url} sent series {series} encoded as HTJ2K lossless "
+        f"({HTJ2K_LOSSLESS}), which Slicer 5.10 cannot decode, and does not transcode it to explicit VR little endian when asked: ask its "
+        "administrator for the series uncompressed or as JPEG 2000.")
+    assert not (tmp_path / "out").exists() and not any(private_tmp.iterdir())  # nothing fetched is left
 
 
 def test_a_study_of_two_image_series_needs_series_and_lists_them(orthanc, logged_in, tmp_path, capsys):
@@ -148,6 +157,45 @@ def test_store_seg_puts_the_segmentation_into_the_study(orthanc, logged_in, tmp_
     assert [d.SegmentLabel for d in seg.SegmentSequence] == ["Bone"]
     assert CT_SERIES in [s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence]
     assert seg.SOPInstanceUID == pydicom.dcmread(next(tmp_path.glob("*/segmentation.dcm"))).SOPInstanceUID
+
+
+@pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent")  # the real scan's patient name
+def test_a_seg_the_pacs_does_not_keep_is_never_said_stored(dropping_orthanc, logged_in, tmp_path, capsys):
+    pytest.importorskip("highdicom")
+    url = dropping_orthanc.dicomweb_url
+    status, out, err = model(capsys, f"dicomweb+{url}", "--study", STUDY, "--store-seg", "--out", tmp_path,
+                             "--format", "stl")
+    line = one_sentence(status, err)
+    (seg_file,) = tmp_path.glob("*/segmentation.dcm")
+    assert line.endswith(f"The DICOMweb server {url} accepted segmentation.dcm but did not keep it (it is not in study "
+                         f"{STUDY} afterwards): ask its administrator whether it filters DICOM SEG objects; the DICOM "
+                         f"SEG stays in {seg_file}.")
+    assert "Stored the DICOM SEG" not in out
+    assert pydicom.dcmread(seg_file).Modality == "SEG"  # the user's work is there
+    assert dropping_orthanc.get(f"/dicom-web/studies/{STUDY}/series?Modality=SEG").json() == []
+
+
+@pytest.mark.parametrize("accept", ["application/dicom+json", "application/dicom+xml"])
+def test_a_refused_store_says_the_servers_reason(orthanc, monkeypatch, accept):
+    """Orthanc answers a SEG posted to another study than its own with HTTP 409 and FailedSOPSequence, reason 0x0110
+    (and no Content-Type): the reason is said, not 'try again later'."""
+    web = DicomWeb(DicomWebServer.parse(f"dicomweb+{orthanc.dicomweb_url}"), (USER, PASSWORD))
+    web._session.headers["Accept"] = accept  # the answer's two encodings
+    post = web._client.store_instances
+    monkeypatch.setattr(web._client, "store_instances",
+                        lambda datasets, study_instance_uid: post(datasets, study_instance_uid=TWO_SERIES_STUDY))
+    with pytest.raises(UserError) as error:
+        web.store(LIVER_SEG)
+    assert str(error.value) == (f"The DICOMweb server {orthanc.dicomweb_url} refused the store of liver.dcm in study "
+                                f"{STUDY} (HTTP 409, failure reason 0x0110: processing failure): ask its administrator "
+                                "why it does not take it.")
+
+
+@pytest.mark.parametrize("code, words", [(0x0122, "0x0122: it does not take this SOP class"),
+                                         (0xA701, "0xA701: out of resources"), (0xC123, "0xC123: it cannot understand"),
+                                         (0x0124, "0x0124: not authorized"), (0x9999, "0x9999: a reason the DICOM")])
+def test_failure_reasons_are_said_in_words_with_their_code(code, words):
+    assert failure_reason(code).startswith(f"failure reason {words}")
 
 
 def test_credentials_come_from_the_keychain_when_the_environment_has_none(orthanc, tmp_path):

@@ -20,6 +20,7 @@ from slicer_standins import DicomDatabase, as_dicom_module_loads
 from SegmentationMachineLib.cli.main import main
 from SegmentationMachineLib.core import arrays
 from SegmentationMachineLib.core.errors import ExportError
+from SegmentationMachineLib.core.provenance import NNINTERACTIVE, mark_segment
 from SegmentationMachineLib.dicom.volumes import load_input, load_volume_file
 from SegmentationMachineLib.mesh.export import ExportOptions, export_segmentation, prepare_export, write_export
 from SegmentationMachineLib.mesh.segwriter import dicom_lab_to_rgb, rgb_to_dicom_lab, segment_codes
@@ -109,6 +110,33 @@ def test_seg_holds_every_segment_voxel_for_voxel_in_space_and_refers_to_its_seri
     for index, name in enumerate(descriptions):
         expected = segment_voxels(node, index, volume)
         assert expected and read_back[name] == expected, name
+
+
+@needs_highdicom
+def test_seg_says_how_each_segment_was_made_also_from_a_saved_segmentation(ctx, shared_data, tmp_path):
+    """A preset is automatic morphology on the CPU, not AI; nnInteractive's segments are AI, semi-automatic; a segment
+    we did not make is manual. The content creator (type 2) is there, empty: nobody is named."""
+    import pydicom
+
+    volume, node = dcmqi_segmentation(ctx)  # Liver, spine, Heart: made elsewhere
+    apply_preset(ctx, volume, "bone", node)
+    mark_segment(node, node.GetSegmentation().GetSegmentIdBySegmentName("Heart"), NNINTERACTIVE)  # as the session does
+    result = export_segmentation(node, tmp_path / "out", ExportOptions(formats=("seg",), save_segmentation=True))
+    saved = next(result.folder.glob("*.seg.nrrd"))
+    assert main(["export", str(saved), "--volume", str(UNCOMPRESSED_SERIES), "--format", "seg", "--quiet",
+                 "--out", str(tmp_path / "again")]) == 0
+    for path in (result.folder / "segmentation.dcm", next((tmp_path / "again").glob("*/segmentation.dcm"))):
+        seg = pydicom.dcmread(path)
+        assert "ContentCreatorName" in seg and not seg.ContentCreatorName
+        made = {}
+        for description in seg.SegmentSequence:
+            algorithm = description.get("SegmentationAlgorithmIdentificationSequence", [None])[0]
+            made[description.SegmentLabel] = (description.SegmentAlgorithmType, algorithm and (
+                algorithm.AlgorithmName, algorithm.AlgorithmFamilyCodeSequence[0].CodeValue,
+                algorithm.AlgorithmFamilyCodeSequence[0].CodeMeaning))
+        assert made == {"Liver": ("MANUAL", None), "spine": ("MANUAL", None),
+                        "Heart": ("SEMIAUTOMATIC", ("nnInteractive", "123110", "Artificial Intelligence")),
+                        "Bone": ("AUTOMATIC", ("SegmentationMachine preset", "123104", "Morphological Operations"))}
 
 
 @needs_highdicom
@@ -276,7 +304,9 @@ def test_glb_passes_the_khronos_validator_with_named_coloured_nodes_in_metres_y_
     for coordinates in ("LPS", "RAS"):
         result = export_segmentation(node, tmp_path, ExportOptions(formats=("stl", "glb"), coordinates=coordinates))
         report = gltf_validation(result.folder / "segments.glb")
-        assert report["issues"]["numErrors"] == 0, report["issues"]["messages"][:5]
+        issues = report["issues"]
+        counts = [issues[f"num{kind}"] for kind in ("Errors", "Warnings", "Infos", "Hints")]
+        assert counts == [0, 0, 0, 0], issues["messages"][:5]
         assert report["info"]["drawCallCount"] == 2
         document, binary = glb_document(result.folder / "segments.glb")
         assert [n["name"] for n in document["nodes"]] == ["Bone", "Skin"]
@@ -286,6 +316,16 @@ def test_glb_passes_the_khronos_validator_with_named_coloured_nodes_in_metres_y_
             accessor = document["accessors"][document["meshes"][index]["primitives"][0]["attributes"]["POSITION"]]
             view = document["bufferViews"][accessor["bufferView"]]
             points = np.frombuffer(binary, "<f4", accessor["count"] * 3, view["byteOffset"]).reshape(-1, 3)
+            # Smooth shading: a unit normal per vertex, pointing out of the segment (away from its inside).
+            accessor = document["accessors"][document["meshes"][index]["primitives"][0]["attributes"]["NORMAL"]]
+            view = document["bufferViews"][accessor["bufferView"]]
+            normals = np.frombuffer(binary, "<f4", accessor["count"] * 3, view["byteOffset"]).reshape(-1, 3)
+            assert len(normals) == len(points) and np.allclose(np.linalg.norm(normals, axis=1), 1, atol=1e-6)
+            accessor = document["accessors"][document["meshes"][index]["primitives"][0]["indices"]]
+            view = document["bufferViews"][accessor["bufferView"]]
+            triangles = np.frombuffer(binary, "<u4", accessor["count"], view["byteOffset"]).reshape(-1, 3)
+            agreement = np.sum(normals * outward_normals(points, triangles), axis=1)
+            assert np.median(agreement) > 0.99 and np.mean(agreement > 0) > 0.99
             stl = stl_points(result.folder / entry["stl"])
             lps = stl if coordinates == "LPS" else stl * [-1, -1, 1]
             # glTF x = patient left, y = superior, z = anterior, metres: the same mesh, whatever the STL's axes
@@ -294,6 +334,23 @@ def test_glb_passes_the_khronos_validator_with_named_coloured_nodes_in_metres_y_
             srgb = document["materials"][index]["pbrMetallicRoughness"]["baseColorFactor"][:3]
             assert np.allclose(np.where(np.array(srgb) <= 0.0031308, np.array(srgb) * 12.92,
                                         1.055 * np.array(srgb) ** (1 / 2.4) - 0.055), entry["color"], atol=1e-3)
+
+
+def outward_normals(points, triangles) -> np.ndarray:
+    """VTK's point normals of a closed surface, turned to point outward whatever its triangles' winding."""
+    polydata = vtk.vtkPolyData()
+    polydata.SetPoints(vtk.vtkPoints())
+    polydata.GetPoints().SetData(numpy_support.numpy_to_vtk(points.astype(float), deep=True))
+    cells = vtk.vtkCellArray()
+    cells.SetData(numpy_support.numpy_to_vtkIdTypeArray(np.arange(0, 3 * len(triangles) + 1, 3), deep=True),
+                  numpy_support.numpy_to_vtkIdTypeArray(triangles.astype(np.int64).ravel(), deep=True))
+    polydata.SetPolys(cells)
+    normals = vtk.vtkPolyDataNormals()
+    normals.SetInputData(polydata)
+    normals.AutoOrientNormalsOn()
+    normals.SplittingOff()  # one normal per point, in the points' order
+    normals.Update()
+    return numpy_support.vtk_to_numpy(normals.GetOutput().GetPointData().GetNormals())
 
 
 def stl_points(path):

@@ -85,6 +85,7 @@ def test_desktop_mode_adds_the_desktop_services(tmp_path):
     assert uploader[uploader.index("--inbox") + 1] == "/workspace/inbox" and uploader[uploader.index("--port") + 1] == "8080"
     assert uploader[uploader.index("--staging") + 1] == "/workspace/.uploads"  # outside the inbox, same volume
     assert environment(found["slicer"])["SM_INBOX"] == "/workspace/inbox"
+    assert environment(found["slicer"])["SM_INBOX_STATE"] == "/workspace/.inbox-state"  # its journal: on the volume
     assert all(found[name]["user"] == "sm" for name in ("vnc", "novnc", "uploader", "slicer"))
 
 
@@ -294,8 +295,13 @@ def test_public_key_without_a_key_leaves_ssh_off_and_the_start_going(tmp_path, t
 
 def test_the_image_registers_the_module_with_slicer_as_the_desktop_users_file():
     ini = configparser.ConfigParser()
+    ini.optionxform = str  # QSettings' keys are case-sensitive
     ini.read(DOCKER / "desktop/Slicer.ini")
     assert ini["Modules"]["AdditionalPaths"] == "/opt/segmentation-machine/SegmentationMachine"
+    # Slicer saves scenes to DefaultScenePath (a key outside any group: QSettings' [General]), else to ~/Documents,
+    # which is on the container disk that RunPod wipes at every stop; the Export icon looks under /workspace.
+    assert ini["General"]["DefaultScenePath"] == "/workspace/scenes"
+    assert "find /workspace " in (DOCKER / "desktop/sm-export-latest").read_text()
     text = (DOCKER / "Dockerfile").read_text()
     assert re.search(r"install -m 0644 -o sm -g sm /opt/segmentation-machine/docker/desktop/Slicer\.ini \\\n\s+"
                      r"/home/sm/\.config/slicer\.org/Slicer\.ini", text)
@@ -348,6 +354,53 @@ def test_dockerfile_copies_what_exists_and_exposes_the_ports():
     assert "HEALTHCHECK" in text and "download.pytorch.org/whl/cu128" in text
     assert os.access(DOCKER / "entrypoint.sh", os.X_OK) and os.access(DOCKER / "healthcheck.sh", os.X_OK)
     assert (DOCKER / "Dockerfile.dockerignore").exists()
+
+
+def test_what_a_desktop_user_makes_is_on_the_volume_and_the_agent_knows_what_is_not_theirs():
+    """The folders the entrypoint makes on /workspace: the user's (theirs to fill), the image's (which the pod agent
+    does not count as the user's files when it decides between stopping and terminating), and the agent's own."""
+    from SegmentationMachineLib.cloud.podagent import AGENT_FOLDER, IMAGE_ENTRIES, WORKSPACE
+
+    lines = (DOCKER / "entrypoint.sh").read_text().splitlines()
+    made = {folder: line.split()[line.split().index("-o") + 1] for line in lines if line.strip().startswith("install -d")
+            for folder in line.split() if folder.startswith("/workspace/")}
+    assert {made[f"/workspace/{name}"] for name in ("inbox", "exports", "scenes", ".uploads", ".inbox-state")} == {"sm"}
+    assert made[f"{WORKSPACE}/{AGENT_FOLDER}"] == "smagent" and made["/workspace/nninteractive"] == "nni"
+    assert {name.removeprefix("/workspace/") for name in made} - {"inbox", "exports", "scenes"} == IMAGE_ENTRIES - {
+        "lost+found"}
+    notices = (DOCKER / "desktop/sm-pod-notices").read_text()
+    assert f"SM_POD_NOTICE:-{WORKSPACE}/{AGENT_FOLDER}/notice" in notices
+    assert "\n/opt/segmentation-machine/docker/desktop/sm-pod-notices &\n" in (DOCKER / "desktop/xstartup").read_text()
+
+
+def test_a_resumed_desktop_delivers_no_series_twice(tmp_path, monkeypatch):
+    """A stop or restart wipes the container disk (the home folder): the inbox's journal lives on the volume, where
+    the image's SM_INBOX_STATE puts it, so the series already in /workspace/inbox are not loaded again."""
+    import time
+
+    from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
+    from SegmentationMachineLib.panels.inbox import InboxPanel
+
+    volume = tmp_path / "workspace"
+    monkeypatch.setenv("SM_INBOX_STATE", str(volume / ".inbox-state"))
+    write_ct_series(volume / "inbox" / "upload", make_phantom(shape=(3, 16, 16)).hu, 1.5,
+                    [(-12.0, -12.0, z) for z in (0.0, 2.0, 4.0)], "uploaded before the stop")
+
+    def session(home) -> list:
+        monkeypatch.setenv("HOME", str(home))  # a fresh container disk
+        panel = InboxPanel(folder=volume / "inbox", settle_seconds=0.2, hold_seconds=0.2)
+        panel.start()
+        delivered, deadline = [], time.monotonic() + 4
+        while time.monotonic() < deadline and not (delivered and panel.task and panel.task.done()):
+            for delivery in panel.tick():
+                delivered.append(delivery)
+                panel.loaded(delivery, True)  # as the widget acknowledges a loaded series
+            time.sleep(0.05)
+        panel.stop()
+        return delivered
+
+    assert len(session(tmp_path / "home-before")) == 1
+    assert session(tmp_path / "home-after-resume") == []
 
 
 def test_desktop_icons_run_scripts_that_exist():

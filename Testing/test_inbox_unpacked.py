@@ -135,6 +135,7 @@ def test_in_slicer_a_loaded_zips_copy_stays_for_the_session_and_the_next_session
     panel = InboxPanel(folder=tmp_path / "inbox", settle_seconds=0.2, state_folder=tmp_path / "state")
     panel.start()
     [delivery] = deliver(panel)
+    assert panel.copies_into_database(delivery)  # Slicer's DICOM database keeps its own copy of the zip's files
     panel.loaded(delivery, True)
     (tmp_path / "inbox" / "study.zip").unlink()
     settle(panel)

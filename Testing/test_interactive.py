@@ -377,6 +377,8 @@ def run_cli(*args, env=None):
 def test_model_command_replays_a_prompt_file_and_exports(server, tmp_path):
     import json
 
+    import pydicom
+
     from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
 
     write_ct_series(tmp_path / "dicom", make_phantom(shape=(24, 64, 64)).hu, 1.5,
@@ -387,12 +389,15 @@ def test_model_command_replays_a_prompt_file_and_exports(server, tmp_path):
         {"type": "box", "ras_min": [-10, -10, 10], "ras_max": [5, 5, 10], "include": True}]}]}
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     result = run_cli("model", tmp_path / "dicom", "--server", server.url, "--prompts", tmp_path / "prompts.json",
-                     "--out", tmp_path / "out", "--format", "stl,3mf", "--quiet", env={"SM_NNI_API_KEY": KEY})
+                     "--out", tmp_path / "out", "--format", "stl,3mf,seg", "--quiet", env={"SM_NNI_API_KEY": KEY})
     assert result.returncode == 0, result.stderr
     assert "blob: prompt 1/2 (point, include) in" in result.stdout and "blob: prompt 2/2 (box, include)" in result.stdout
     assert KEY not in result.stdout + result.stderr
     report = json.loads(next((tmp_path / "out").glob("*/report.json")).read_text())
     assert [m["name"] for m in report["meshes"]] == ["blob"] and report["meshes"][0]["watertight"]
+    segment = pydicom.dcmread(next((tmp_path / "out").glob("*/segmentation.dcm"))).SegmentSequence[0]  # made by AI
+    assert segment.SegmentAlgorithmType == "SEMIAUTOMATIC"
+    assert segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmFamilyCodeSequence[0].CodeValue == "123110"
 
 
 def test_model_command_bad_prompt_file_and_missing_key_are_sentences(server, tmp_path, phantom_dir):

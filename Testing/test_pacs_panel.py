@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from conftest import UNCOMPRESSED_SERIES
-from orthanc_server import PASSWORD, USER, free_port, serving
+from orthanc_server import PASSWORD, USER, dropping_seg, free_port, serving
 from SegmentationMachineLib.core import arrays
 from SegmentationMachineLib.core.credentials import SecretStore
 from SegmentationMachineLib.dicom.volumes import load_input
@@ -52,9 +52,16 @@ def two_segments_on_the_ct(ctx):
 
 
 def panel_for(tmp_path, server: str) -> PacsPanel:
-    """The panel with its own secret store (no keychain) and an environment without SM_DICOMWEB_*."""
+    """The panel with its own secret store (no keychain), an environment without SM_DICOMWEB_*, and a folder for
+    a SEG that was not stored."""
     return PacsPanel(server=server, store=SecretStore(tmp_path / "secrets", use_keychain=False), environ={},
-                     timeout=(5, 30))
+                     timeout=(5, 30), unsent_folder=tmp_path / "unsent")
+
+
+def kept_seg(tmp_path):
+    """The one SEG the panel kept in its unsent_folder, as CT bones_seg-not-stored_TIME/segmentation.dcm."""
+    (path,) = (tmp_path / "unsent").glob("CT_bones_seg-not-stored_*/segmentation.dcm")
+    return path
 
 
 def send(panel: PacsPanel, node):
@@ -95,7 +102,8 @@ def test_wrong_credentials_are_one_sentence_that_never_shows_them(orthanc, ctx, 
     seg_series = orthanc.get(f"/dicom-web/studies/{STUDY}/series?Modality=SEG").content
     assert send(panel, two_segments_on_the_ct(ctx)) is None
     assert panel.status == (f"The DICOMweb server {orthanc.dicomweb_url} refused access (HTTP 401): save a token, or "
-                            "a user name and password, that it accepts (Save credentials).")
+                            "a user name and password, that it accepts (Save credentials); the DICOM SEG stays in "
+                            f"{kept_seg(tmp_path)}.")
     assert "wrong-Password-91f3" not in full_log.text and "Traceback" not in full_log.text
     assert orthanc.get(f"/dicom-web/studies/{STUDY}/series?Modality=SEG").content == seg_series  # nothing stored
 
@@ -106,8 +114,30 @@ def test_an_unreachable_server_is_one_sentence(ctx, shared_data, tmp_path):
     panel = panel_for(tmp_path, f"dicomweb+{url}")  # the CLI's spelling works too
     assert send(panel, two_segments_on_the_ct(ctx)) is None
     assert panel.status == (f"Cannot reach the DICOMweb server {url} (connection refused): check the address and "
-                            "that the server is running.")
+                            f"that the server is running; the DICOM SEG stays in {kept_seg(tmp_path)}.")
     assert panel.task is None and panel.can_send()  # ready to try again
+
+
+@pytest.fixture(scope="module")
+def dropping_orthanc(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dropping")
+    yield from serving(folder, lambda: sorted(UNCOMPRESSED_SERIES.glob("*.dcm")), dropping_seg(folder))
+
+
+def test_a_seg_the_pacs_does_not_keep_is_not_said_sent_and_stays_on_disk(dropping_orthanc, ctx, tmp_path, private_tmp):
+    highdicom = pytest.importorskip("highdicom")
+    url = dropping_orthanc.dicomweb_url
+    panel = panel_for(tmp_path, url)
+    assert panel.save_credentials(user=USER, password=PASSWORD)
+    assert send(panel, two_segments_on_the_ct(ctx)) is None
+    kept = kept_seg(tmp_path)
+    assert panel.status == (f"The DICOMweb server {url} accepted segmentation.dcm but did not keep it (it is not in "
+                            f"study {STUDY} afterwards): ask its administrator whether it filters DICOM SEG objects; "
+                            f"the DICOM SEG stays in {kept}.")
+    seg = highdicom.seg.segread(kept)  # the work, whole
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["Bone", "Marker"] and seg.StudyInstanceUID == STUDY
+    assert not any(private_tmp.iterdir())
+    assert dropping_orthanc.get(f"/dicom-web/studies/{STUDY}/series?Modality=SEG").json() == []
 
 
 @pytest.mark.parametrize("address, sentence", [

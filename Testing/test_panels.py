@@ -64,6 +64,7 @@ def test_inbox_panel_delivers_loads_and_lists_states(ctx, tmp_path, phantom_dir)
         deliveries = panel.tick()  # as the widget's QTimer does
         time.sleep(0.05)
     [delivery] = deliveries
+    assert not panel.copies_into_database(delivery)  # files dropped as they are stay where the user put them
     volume = load_series(ctx, delivery.series).node  # what the widget does on the main thread
     assert arrays.volume_array(volume).shape == (72, 128, 128)
     panel.loaded(delivery, True)

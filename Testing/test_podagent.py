@@ -1,11 +1,14 @@
 """The pod agent, run as the image runs it (`python -m SegmentationMachineLib.cloud.podagent`), against the fake RunPod."""
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -13,10 +16,11 @@ import requests
 from conftest import RUNPOD_KEY
 from nninteractive_server import free_port
 from SegmentationMachineLib.cloud.heartbeat import Heartbeat
-from SegmentationMachineLib.cloud.podagent import AgentConfig, PodAgent, verdict
+from SegmentationMachineLib.cloud.podagent import AGENT_FOLDER, AgentConfig, PodAgent, holds_user_files, verdict
 from SegmentationMachineLib.cloud.pods import PodSpec, RunPodRest
 
 TOKEN = "heartbeat-token-of-this-pod"
+NOTICES = Path(__file__).resolve().parents[1] / "docker/desktop/sm-pod-notices"
 
 
 class RunningAgent:
@@ -24,6 +28,7 @@ class RunningAgent:
         self.port = free_port()
         env = {**os.environ, "RUNPOD_POD_ID": pod_id, "RUNPOD_API_KEY": RUNPOD_KEY, **fake.environment(),
                "SM_HEARTBEAT_TOKEN": TOKEN, "SM_AGENT_PORT": str(self.port), "SM_AGENT_POLL_S": "0.3",
+               "SM_WORKSPACE": str(fake.volumes[pod_id]),
                **{name: str(value) for name, value in limits.items()}}
         self.process = subprocess.Popen([sys.executable, "-m", "SegmentationMachineLib.cloud.podagent"], env=env,
                                         stderr=subprocess.PIPE, text=True)
@@ -45,9 +50,19 @@ class RunningAgent:
 
 
 @pytest.fixture
-def pod(backend, fake):
+def pod(backend, fake, tmp_path):
     fake.boot_s = fake.ports_s = fake.server_s = 0
-    return backend.create(PodSpec("NVIDIA GeForce RTX 4090", image="example/sm:1"))
+    return new_pod(backend, fake, tmp_path / "volume")
+
+
+def new_pod(backend, fake, volume: Path, network_volume: str = None):
+    """A pod with a 50 GB volume of its own or a network volume, which a folder stands in for (/workspace as the
+    entrypoint prepares it)."""
+    created = backend.create(PodSpec("NVIDIA GeForce RTX 4090", image="example/sm:1", volume_gb=50,
+                                     network_volume_id=network_volume))
+    (volume / AGENT_FOLDER).mkdir(parents=True)
+    fake.volumes[created.id] = volume
+    return created
 
 
 def beat_for(seconds, heartbeat, every=0.3):
@@ -201,3 +216,136 @@ def test_silent_connections_cannot_crowd_out_the_owners_heartbeats(fake, pod, mo
         for connection in silent:
             connection.close()
         server.shutdown()
+
+
+# --- a desktop user's files, and limits over all of a pod's starts ------------------------------------
+
+def test_only_what_the_image_keeps_on_the_volume_counts_as_nothing_of_the_users(tmp_path):
+    assert not holds_user_files(tmp_path / "no-volume")
+    for folder in ("inbox/upload", "exports", "scenes", "nninteractive/huggingface", AGENT_FOLDER, ".uploads",
+                   ".inbox-state/0123", "lost+found"):  # what the entrypoint, the server, the agent and mkfs make
+        (tmp_path / folder).mkdir(parents=True)
+    for file in ("nninteractive/huggingface/weights.bin", f"{AGENT_FOLDER}/running.json", ".uploads/ab12.part",
+                 ".inbox-state/0123/journal.json"):
+        (tmp_path / file).write_bytes(b"x")
+    assert not holds_user_files(tmp_path)
+    (tmp_path / "scenes/skull.mrb").write_bytes(b"PK")
+    assert holds_user_files(tmp_path)
+    (tmp_path / "scenes/skull.mrb").unlink()
+    (tmp_path / "notes.txt").symlink_to("/nowhere")  # anything else at the top is the user's, even a broken link
+    assert holds_user_files(tmp_path)
+
+
+def test_a_desktop_pod_holding_the_users_files_is_stopped_and_only_one_without_is_terminated(fake, backend, pod,
+                                                                                            tmp_path):
+    """RunPod deletes a pod's own volume with it: a desktop user's export must not go with it. A network volume
+    outlives the pod: that pod is terminated, its files stay."""
+    networked = new_pod(backend, fake, tmp_path / "network-volume", network_volume="nv-skulls")
+    empty = new_pod(backend, fake, tmp_path / "empty-volume")
+    for kept in (pod, networked):
+        export = fake.volumes[kept.id] / "exports" / "skull" / "skull.stl"
+        export.parent.mkdir(parents=True)
+        export.write_bytes(b"solid skull\nendsolid skull\n")
+    for folder in ("inbox", "exports", "scenes", "nninteractive"):  # what the image makes, with nothing of the user's
+        (fake.volumes[empty.id] / folder).mkdir()
+    (fake.volumes[empty.id] / "nninteractive/weights.bin").write_bytes(b"\0" * 1024)
+    kept_log, networked_log, emptied_log = [agent.log() for agent in [
+        RunningAgent(fake, p.id, SM_MODE="desktop", SM_ACTIVITY_PORTS=free_port(), SM_IDLE_TIMEOUT_S=1.5)
+        for p in (pod, networked, empty)]]
+    assert fake.pods[pod.id]["status"] == "EXITED"  # no GPU billing, the volume kept
+    assert (tmp_path / "volume/exports/skull/skull.stl").read_bytes().startswith(b"solid skull")
+    assert f"Stopping pod {pod.id}: no client has been connected for 1.5 s (idle timeout)" in kept_log
+    assert "are kept, and its 50 GB volume costs $10.00/month until it is terminated" in kept_log
+    assert "Terminating" not in kept_log
+    assert networked.id not in fake.pods and (tmp_path / "network-volume/exports/skull/skull.stl").exists()
+    assert f"Terminating pod {networked.id}" in networked_log and "stay on network volume nv-skulls" in networked_log
+    assert empty.id not in fake.pods and not (tmp_path / "empty-volume").exists()  # gone, with its volume
+    assert f"Terminating pod {empty.id}: no client has been connected" in emptied_log
+
+
+def test_the_budget_and_lifetime_are_totals_over_stops_and_resumes(fake, backend, tmp_path):
+    """Whether RunPod's runtime.uptime counts from the last start or from create (its docs do not say), a resumed pod
+    continues its budget and lifetime: it does not get them afresh."""
+    now = [1000.0]
+    fake.clock = lambda: now[0]
+    fake.boot_s = fake.ports_s = fake.server_s = 0
+    for per_start, limit, reason in [(True, {"budget_usd": 0.69}, "its budget of $0.69 is spent"),
+                                     (True, {"max_lifetime_s": 3600}, "its maximum lifetime of 60 min is reached"),
+                                     (False, {"budget_usd": 0.69}, "its budget of $0.69 is spent")]:
+        fake.uptime_per_start = per_start
+        volume = tmp_path / f"volume-{len(fake.volumes) + len(fake.ended)}"
+        pod = new_pod(backend, fake, volume)  # an RTX 4090 at $0.69/h: the budget lasts an hour
+        config = AgentConfig(pod.id, RUNPOD_KEY, TOKEN, idle_timeout_s=10 ** 6, poll_s=60, workspace=str(volume),
+                             **limit)
+        first = PodAgent(config, RunPodRest(RUNPOD_KEY), clock=lambda: now[0])
+        first.check()
+        now[0] += 2400  # 40 minutes of work
+        first.check()
+        assert first.status()["terminates_in_s"] == pytest.approx(1200, abs=1)
+        backend.stop(pod.id)  # the container and its agent go
+        now[0] += 86400
+        backend.resume(pod.id)  # the next day: a new container, a new agent
+        second = PodAgent(config, RunPodRest(RUNPOD_KEY), clock=lambda: now[0])
+        second.check()
+        assert second.status()["terminates_in_s"] == pytest.approx(1200, abs=1), (per_start, limit)
+        assert second.status()["reason"] == reason
+        now[0] += 1201
+        second.check()
+        assert pod.id not in fake.pods, (per_start, limit)  # server mode: terminated after an hour in all
+    other = new_pod(backend, fake, tmp_path / "network-volume-reused")  # the kept time is its own pod's only
+    (tmp_path / "network-volume-reused" / AGENT_FOLDER / "running.json").write_text(
+        json.dumps({"pod_id": "pod-before", "running_s": 3000}))
+    fresh = PodAgent(AgentConfig(other.id, RUNPOD_KEY, TOKEN, idle_timeout_s=10 ** 6, max_lifetime_s=3600,
+                                 workspace=str(tmp_path / "network-volume-reused")), RunPodRest(RUNPOD_KEY),
+                     clock=lambda: now[0])
+    fresh.check()
+    assert fresh.status()["terminates_in_s"] == pytest.approx(3600, abs=1)
+
+
+def test_the_desktop_shows_when_its_pod_stops_and_that_the_files_stay(fake, backend, pod):
+    """The agent's notice, shown by the desktop's own script (sm-pod-notices, as xstartup runs it) with xmessage on a
+    real X server: the only warning a user at the pod's desktop sees."""
+    if not shutil.which("Xvfb") or not shutil.which("xmessage"):
+        pytest.skip("Xvfb and xmessage are not installed (scripts/test.sh installs xvfb and x11-utils)")
+    number = next(n for n in range(50, 100) if not Path(f"/tmp/.X{n}-lock").exists())
+    display = f":{number}"
+    xvfb = subprocess.Popen(["Xvfb", display, "-nolisten", "tcp", "-noreset", "-screen", "0", "800x600x24"],
+                            stderr=subprocess.DEVNULL)  # -noreset: no restart (refusing clients) as the last one leaves
+    root_window = ["xwininfo", "-root", "-children", "-display", display]
+    for _ in range(100):
+        if subprocess.run(root_window, capture_output=True).returncode == 0:
+            break
+        time.sleep(0.1)
+    (fake.volumes[pod.id] / "scenes").mkdir()
+    (fake.volumes[pod.id] / "scenes" / "skull.mrb").write_bytes(b"PK")  # a scene saved where Slicer saves
+    notice = fake.volumes[pod.id] / AGENT_FOLDER / "notice"
+    notice.write_text("1000\nleft by an earlier start\n")  # withdrawn by the new agent, and long past anyway
+    fake.uptime_per_start = True
+    backend.stop(pod.id)
+    backend.resume(pod.id)  # its lifetime counts from here: the pod's age before does not eat into the test's
+    watcher = subprocess.Popen([str(NOTICES)], start_new_session=True, env={
+        "PATH": os.environ["PATH"], "DISPLAY": display, "SM_POD_NOTICE": str(notice), "SM_POD_NOTICE_EVERY_S": "0.2"})
+    try:
+        agent = RunningAgent(fake, pod.id, SM_MODE="desktop", SM_ACTIVITY_PORTS=free_port(), SM_IDLE_TIMEOUT_S=60,
+                             SM_MAX_LIFETIME_S=10, SM_WARNING_S=7)
+        heartbeat, shown, window = Heartbeat(agent.url, TOKEN), "", ""
+        while agent.process.poll() is None and not (shown and window):
+            heartbeat.beat()  # a client is connected: only the lifetime ends this pod
+            shown = subprocess.run(["ps", "-ww", "-o", "args=", "--ppid", str(watcher.pid)], capture_output=True,
+                                   text=True).stdout  # the xmessage the script started, with its text
+            shown = shown if "xmessage" in shown else ""
+            window = subprocess.run(root_window, capture_output=True, text=True).stdout
+            window = window if "this pod ends soon" in window else ""
+            time.sleep(0.2)
+        assert heartbeat.beat() and "The pod stops in" in heartbeat.warning  # connected clients are told too
+        assert "The pod stops in 0." in shown, shown
+        assert "its maximum lifetime of 10 s is reached (at " in shown and " UTC)." in shown
+        assert f"Your files in {fake.volumes[pod.id]} are kept: its 50 GB volume costs $10.00/month" in shown
+        assert "earlier start" not in shown and window, "the notice is a window on the desktop"
+        log = agent.log()
+        assert fake.pods[pod.id]["status"] == "EXITED" and f"Stopping pod {pod.id}: its maximum lifetime" in log
+    finally:
+        os.killpg(watcher.pid, 9)  # the script and the xmessage it started
+        xvfb.terminate()  # not killed: it removes its lock and socket
+        xvfb.wait()
+        watcher.wait()

@@ -121,6 +121,19 @@ def test_a_stopped_pod_is_resumed_and_connected_again(env, fake):
     assert unknown.returncode == 2 and "was not started from this computer" in unknown.stderr
 
 
+def test_runpods_own_end_terminates_a_server_pod_and_only_stops_a_desktop_pod(env, fake):
+    """The maximum lifetime's backstop, RunPod's end of a pod whose agent never acted: a desktop pod's volume may hold
+    the user's files (a terminate deletes it), so RunPod stops that pod instead."""
+    for mode in ("server", "desktop"):
+        assert pod(env, "up", "--detach", "--gpu", "NVIDIA L40S", "--mode", mode).returncode == 0
+    server, desktop = sorted(fake.pods, key=lambda p: fake.pods[p]["env"]["SM_MODE"] == "desktop")
+    assert fake.pods[server]["terminateAfter"] and fake.pods[server]["stopAfter"] is None
+    assert fake.pods[desktop]["stopAfter"] and fake.pods[desktop]["terminateAfter"] is None
+    fake.wall = lambda: time.time() + 13 * 3600  # past the 12 h default lifetime
+    pod(env, "list")
+    assert server not in fake.pods and fake.pods[desktop]["status"] == "EXITED"  # stopped: its volume kept
+
+
 def creates(fake) -> list:
     """The bodies of every create, through v2 or GraphQL, with the env as {name: value}."""
     found = []

@@ -9,6 +9,7 @@ import pytest
 from certificates import self_signed
 from conftest import RUNPOD_KEY as KEY
 from fake_runpod import NO_CAPACITY, NO_FREE_GPUS, NO_RESOURCES, SOMETHING_WENT_WRONG, ends_within
+from SegmentationMachineLib.cloud.cloudgpu import CloudGpu
 from SegmentationMachineLib.cloud.pods import (CAPACITY_SENTENCE, CapacityError, PodsError, PodSpec, RunPodRest,
                                                redacted, spend_per_hr)
 
@@ -34,9 +35,10 @@ def creates(fake) -> list:
             if (method, path) == ("POST", "/v2/pods") or path == "/graphql"]
 
 
-def test_only_nvidia_types_in_stock_with_10_gb_or_more_cheapest_first(backend, fake):
+def test_only_nvidia_types_in_stock_with_16_gb_or_more_cheapest_first(backend, fake):
     secure = backend.gpu_types()
-    # Left out: the 8 GB RTX 3070, the H100 without stock, the AMD MI300X (cheapest and largest, but no CUDA).
+    # Left out: the 8 to 12 GB RTX 3070, 3080, 3080 Ti and 4070 Ti (cheaper, but too small for a whole-volume
+    # prediction), the H100 without stock, the AMD MI300X (cheapest and largest, but no CUDA).
     assert [g.name for g in secure] == ["RTX A5000", "RTX 4090", "L40S"]
     # Stock is counted per cloud: the H100 has none on the secure cloud, some on the community cloud.
     assert [g.name for g in backend.gpu_types(cloud="COMMUNITY")] == ["RTX A5000", "RTX 4090", "L40S", "H100 SXM"]
@@ -44,6 +46,14 @@ def test_only_nvidia_types_in_stock_with_10_gb_or_more_cheapest_first(backend, f
     assert secure[0].memory_gb == 24 and secure[0].price("SECURE") == 0.27
     everything = backend.gpu_types(min_vram_gb=0, in_stock=False)
     assert [g.name for g in everything if not g.in_stock] == ["H100 SXM"] and "MI300X" not in str(everything)
+
+
+def test_the_default_gpu_skips_the_cheaper_cards_too_small_for_large_structures_but_they_can_be_named(backend):
+    cloud = CloudGpu(backend)
+    cheaper = [g for g in backend.gpu_types(min_vram_gb=0) if g.price("SECURE") < cloud.gpu_choices()[0].price("SECURE")]
+    assert {g.memory_gb for g in cheaper} == {8, 10, 12}  # the catalog's cards between 8 and 24 GB
+    assert cloud.gpu_choices()[0].name == "RTX A5000" and min(g.memory_gb for g in cloud.gpu_choices()) >= 16
+    assert [g.memory_gb for g in cloud.gpu_choices("RTX 3080 Ti")] == [12]  # a user's own choice still goes
 
 
 def test_create_sends_v2s_nested_body_with_values_intact(backend, fake):

@@ -1,10 +1,11 @@
 """AI prompts on a 1000-slice volume through a proxy that behaves like RunPod's (Cloudflare in front).
 
 The proxy, written here, stands between the client and the real upstream nnInteractive server on
-CPU: it answers 413 to a body over its cap and 524 to a request not answered within its time
-limit (counted from the request's first byte, the upload included), optionally reading bodies at a
-slow uplink's rate. Everything is scaled down (a 64x64x1000 volume, caps in kB, limits in seconds)
-so the test stays fast; the session's region logic is the one a 512x512x1000 CT meets.
+CPU: it answers 413 to a body over its cap, 524 to a request not answered within its time
+limit (counted from the request's first byte, the upload included) and 502 with an HTML page while
+the server is down (restarting), optionally reading bodies at a slow uplink's rate. Everything is
+scaled down (a 64x64x1000 volume, caps in kB, limits in seconds) so the test stays fast; the
+session's region logic is the one a 512x512x1000 CT meets.
 """
 
 import http.client
@@ -24,7 +25,8 @@ from nninteractive_server import Server  # noqa: E402
 from SegmentationMachineLib.core import arrays  # noqa: E402
 from SegmentationMachineLib.prompts.promptfile import Prompt  # noqa: E402
 from SegmentationMachineLib.prompts.region import Limits, RegionTooLarge  # noqa: E402
-from SegmentationMachineLib.prompts.session import headless_editor, InteractiveSession, SegmentTarget  # noqa: E402
+from SegmentationMachineLib.prompts.session import (  # noqa: E402
+    headless_editor, InteractiveError, InteractiveSession, SegmentTarget)
 
 KEY = "proxy-test-key-0123"
 SHAPE = (1000, 64, 64)  # K, J, I
@@ -42,11 +44,18 @@ def limits(**changes) -> Limits:
     return Limits(**{"request_bytes": CAP, "context": 16, "edge": 4, "body_margin": 4, **changes})
 
 
+DOWN_PAGE = (b"<!DOCTYPE html><html><head><title>502 Bad Gateway</title><style>body{font-family:sans-serif}</style>"
+             b"</head><body><h1>502 Bad Gateway</h1><p>The origin did not answer.</p><hr><center>cloudflare</center>"
+             b"</body></html>")
+
+
 class CloudflareLike:
-    """A reverse proxy on loopback: body cap (413), request time limit (524), optional slow uplink."""
+    """A reverse proxy on loopback: body cap (413), request time limit (524), an HTML page with down_status while
+    the server refuses connections (RunPod's 502 while a pod's server restarts), optional slow uplink."""
 
     def __init__(self, upstream_port: int, cap: int = CAP, limit_s: float = 10.0, uplink_bytes_per_s: float = None):
         self.seen = []  # (method, path, body bytes, status) per request
+        self.down_status = 502
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -70,6 +79,9 @@ class CloudflareLike:
                     data = answer.read()
                 except socket.timeout:
                     return self._reply(524, b"<html><body>524 A timeout occurred</body></html>", length)
+                except ConnectionRefusedError:
+                    return self._reply(proxy.down_status, DOWN_PAGE.replace(b"502", str(proxy.down_status).encode()),
+                                       length)
                 finally:
                     upstream.close()
                 passed = [(k, v) for k, v in answer.getheaders()
@@ -237,3 +249,25 @@ def test_a_volume_whose_least_region_cannot_fit_is_one_sentence_and_nothing_is_s
                                      "20 Mbit/s): crop or resample the volume, or reach the server without the proxy "
                                      "(an SSH tunnel to it, or its address on your own network).")
     assert proxy.uploads() == []
+
+
+def test_a_server_restarting_behind_the_proxy_is_a_sentence_without_html_and_the_next_prompt_resumes(server, proxies,
+                                                                                                      scene_parts):
+    proxy = proxies()
+    session = open_session(proxy, scene_parts, limits=limits())
+    session.add(Prompt("point", True, ras=ras((500, 30, 32))))
+    server.stop()
+    try:
+        for status in (502, 503):  # RunPod's proxy answers 502 while nothing listens; Cloudflare may say 503
+            proxy.down_status = status
+            with pytest.raises(InteractiveError) as error:
+                session.add(Prompt("point", True, ras=ras((520, 36, 40))))
+            assert str(error.value) == (
+                f"The nnInteractive server at {proxy.url} is starting, restarting or unreachable through the proxy in "
+                f"front of it (HTTP {status}); the segment is left as it was: wait a minute and try again.")
+            assert (proxy.seen[-1][3], mask_of(session)[520, 36, 40]) == (status, False)
+    finally:
+        server.start()
+    session.add(Prompt("point", True, ras=ras((520, 36, 40))))  # a new lease, the region and the segment sent again
+    assert centred_on(mask_of(session), (500, 30, 32)) and centred_on(mask_of(session), (520, 36, 40))
+    session.close()

@@ -174,3 +174,21 @@ def test_a_segment_across_the_grid_transform_is_read_back_onto_the_volumes_voxel
         expected[kji] = 0 <= j < SHAPE[1] and 0 <= i < SHAPE[2] and cube[k, j, i]
     assert read.sum() == cube.sum() and np.array_equal(read, expected)
     assert not np.array_equal(read, cube)  # the tilt moved it on the volume's voxels
+
+
+def test_only_a_result_reaching_a_face_that_cuts_the_volume_with_new_voxels_is_cut_there():
+    from SegmentationMachineLib.prompts.region import cut_faces
+
+    shape, region = (100, 20, 20), np.array([[10, 0, 0], [50, 20, 20]])  # slices 10-49 of 100, all of each slice
+    box = np.array([[0, 0, 0], [40, 20, 20]])  # the changed box: all of the region
+    before, after = np.zeros((40, 20, 20), bool), np.zeros((40, 20, 20), np.uint8)
+    after[0:5, 0:3, 5:8] = 1  # on the region's first slice (a cut: slice 10 of the volume) and its J edge (the volume's)
+    assert cut_faces(region, shape, box, after, before).tolist() == [[True, False, False], [False, False, False]]
+    before[0, 0:3, 5:8] = True  # there before this result: not the result running on
+    assert not cut_faces(region, shape, box, after, before).any()
+    after[39, 10, 10] = 1  # on its last slice: cut (slice 49 of 100)...
+    assert cut_faces(region, shape, box, after, before).tolist() == [[False, False, False], [True, False, False]]
+    inner = np.array([[0, 0, 0], [39, 20, 20]])  # ...unless the changed box ends before the face
+    assert not cut_faces(region, shape, inner, after[:39], before[:39]).any()
+    whole = np.array([[0, 0, 0], [40, 20, 20]])  # a region of all slices has no cut faces
+    assert not cut_faces(whole, (40, 20, 20), box, after, np.zeros_like(before)).any()

@@ -20,12 +20,16 @@ as_sm() { (cd / && runuser -u sm -- env -i HOME="$DESKTOP_HOME" PATH=/usr/bin:/b
 # Folders on the volume. /workspace belongs to root, so nobody else can swap these for links.
 install -d -m 0755 /workspace
 install -d -m 0755 -o nni -g nni /workspace/nninteractive
+# The agent's running time over all starts (its budget and lifetime are totals) and its notice for the desktop.
+install -d -m 0755 -o smagent -g smagent /workspace/.pod-agent
 install -d -m 0755 /run/segmentation-machine /var/log/segmentation-machine
 
 if grep -q '^\[program:vnc\]' "$CONF/supervisord.conf"; then  # desktop mode
-    # The inbox (uploads), exports, and the upload page's part files (outside the inbox, same volume).
-    install -d -m 0755 -o sm -g sm /workspace/inbox /workspace/exports
-    install -d -m 0700 -o sm -g sm /workspace/.uploads
+    # The inbox (uploads), exports, scenes (Slicer's default place to save), the upload page's part files and
+    # the inbox's journal (outside the inbox, same volume): all of it outlives the container disk, which a
+    # stop or restart wipes, so a resumed pod keeps the user's work and delivers no series twice.
+    install -d -m 0755 -o sm -g sm /workspace/inbox /workspace/exports /workspace/scenes
+    install -d -m 0700 -o sm -g sm /workspace/.uploads /workspace/.inbox-state
     as_sm mkdir -p -m 0700 "$DESKTOP_HOME/.vnc"
     as_sm mkdir -p "$DESKTOP_HOME/SegmentationMachine"
     # The module exports to ~/SegmentationMachine/Exports: keep them on the volume, downloadable.

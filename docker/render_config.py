@@ -16,6 +16,7 @@ billing. A value the pod cannot use is replaced by its safe default and named in
 
 import argparse
 import configparser
+import hashlib
 import io
 import os
 import re
@@ -168,7 +169,10 @@ def programs(env, mode: str, values: dict, root: Path, ssh: bool) -> dict:
             "command": f"{VENV}/python -m SegmentationMachineLib.cloud.podagent",
             "user": "smagent",
             "log": "/dev/stdout",  # the pod log in RunPod's console: why the pod ended is seen there
+            # The server's key only hashed: heartbeats with it count too (the AI section of a client that knows
+            # only the server's URL and key), and the agent never holds the key itself.
             "env": {"HOME": "/var/lib/smagent", "SM_MODE": mode, "SM_HEARTBEAT_TOKEN": values["SM_HEARTBEAT_TOKEN"],
+                    "SM_NNI_KEY_SHA256": hashlib.sha256(values["SM_NNI_API_KEY"].encode()).hexdigest(),
                     "SM_AGENT_PORT": agent_port, **agent_env(env)},
         },
     }
@@ -197,6 +201,7 @@ def programs(env, mode: str, values: dict, root: Path, ssh: bool) -> dict:
                 "command": f"{APP}/docker/desktop/sm-slicer",
                 "user": DESKTOP_USER, "priority": "30",
                 "env": {**desktop, "DISPLAY": ":1", "SM_INBOX": f"{WORKSPACE}/inbox",
+                        "SM_INBOX_STATE": f"{WORKSPACE}/.inbox-state",  # on the volume, as the inbox is
                         "SM_NNI_URL": "http://127.0.0.1:8000", "SM_NNI_API_KEY": values["SM_NNI_API_KEY"], **gpu},
             },
         })

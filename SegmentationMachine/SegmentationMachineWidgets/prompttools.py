@@ -53,6 +53,7 @@ class PromptToolsSection:
             ui.promptStatusLabel.text = _("The AI prompt tools need the nnInteractive client, which Slicer does "
                                           "not include: Connect installs it, after asking.")
         ui.connectButton.connect("clicked(bool)", self.onConnect)
+        ui.disconnectButton.connect("clicked(bool)", self.onDisconnect)
         ui.includeButton.connect("clicked(bool)", self.onToggleInclude)
         ui.undoButton.connect("clicked(bool)", lambda: self.queue(self.panel.undo))
         ui.redoButton.connect("clicked(bool)", lambda: self.queue(self.panel.redo))
@@ -93,8 +94,7 @@ class PromptToolsSection:
         for shortcut in self.shortcuts:
             shortcut.setParent(None)  # parented to the main window, which outlives this section
         self.shortcuts = []
-        if self.panel.session:
-            self.panel.session.close()
+        self.panel.disconnect()  # its heartbeats stop too: the pod it kept running may end
 
     def onConnect(self):
         url, key = self.ui.serverUrlEdit.text.strip(), self.ui.serverKeyEdit.text.strip()
@@ -114,6 +114,10 @@ class PromptToolsSection:
         self.panel.connect(url, key)
         self.timer.start()
         self.updateGui()
+
+    def onDisconnect(self):
+        self.panel.disconnect()
+        self.tick()
 
     def onToggleInclude(self):
         self.panel.toggle_include()
@@ -238,10 +242,11 @@ class PromptToolsSection:
             self.panel.tick()
             if self.panel.connected and not wasConnected:
                 self.onTargetChanged()
-        if not self.panel.busy:
+        if not self.panel.busy and self.panel.heartbeat is None:  # the pod's warnings are shown while connected
             self.timer.stop()
         self.ui.promptStatusLabel.text = self.panel.status
         self.ui.cancelPromptButton.enabled = self.panel.can_cancel
+        self.ui.disconnectButton.enabled = self.panel.connected
         self.ui.latencyLabel.text = _("Last prompt: ") + self.panel.last_latency if self.panel.last_latency else ""
 
     def onCancel(self):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..core.errors import UserError
+from ..core.memory import out_of_memory
 from .common import STOP_SIGNALS, examples, exit_status, log, steps, stop_on_signals
 from .export import add_export_command
 from .listen import add_listen_command
@@ -90,6 +91,9 @@ def main(argv=None) -> int:
         args.run(args)
     except UserError as error:
         log.error("%s", error)
+        return 2
+    except MemoryError:  # where the scan's size is known, the pipeline says it (pipeline.model_volume)
+        log.error("%s", out_of_memory())
         return 2
     except KeyboardInterrupt:
         log.error("Interrupted: nothing was overwritten, and no incomplete export was left behind.")

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..cloud.cloudgpu import recorded_pod_at
-from ..cloud.heartbeat import Heartbeat
+from ..cloud.keepalive import pod_heartbeat
 from ..cloud.podstart import PodRecords
 from ..core.errors import UserError
 from .common import (Progress, add_surface_options, api_key, command_record, examples, export_options, log,
@@ -109,14 +109,19 @@ def _unzipped(source: Path, cleanup: ExitStack) -> Path:
 
 def _store_seg(web, result):
     from ..mesh.dicomseg import SEG_FILE
+    from ..pacs.dicomweb import kept
 
-    stored = web.store(result.folder / SEG_FILE)
+    path = result.folder / SEG_FILE
+    try:
+        stored = web.store(path)
+    except UserError as error:
+        raise kept(error, path) from None
     print(f"Stored the DICOM SEG (series {stored.SeriesInstanceUID}, {len(stored.SegmentSequence)} segment(s)) "
           f"in study {stored.StudyInstanceUID} on {web.server.url}")
 
 
 def _warn_if_too_big(voxels: int):
-    from ..pipeline import memory_warning
+    from ..core.memory import memory_warning
 
     warning = memory_warning(voxels)
     if warning:
@@ -192,7 +197,9 @@ def _run_model(args, cleanup: ExitStack):
         caps = session.connect()
         print(f"Connected to {args.server} (nnInteractive {caps.server_version}, prompts {caps.describe()}, "
               f"model licence: {caps.licence})")
-        heartbeat = Heartbeat(pod.agent_url, pod.secrets["SM_HEARTBEAT_TOKEN"]).start() if pod else None
+        heartbeat = pod_heartbeat(args.server, key, PodRecords())  # a pod's server, whoever started the pod
+        if heartbeat:
+            heartbeat.start()
         try:
             segmentation = segment_with_prompts(ctx, loaded.node, prompt_segments, session, print)
         finally:

@@ -50,6 +50,7 @@ def serve_inbox(args, inbox_folder: Path, banner: str, service=None, modelled=la
     signal. service (start(), stop()) feeds inbox_folder while the inbox is held; modelled(result) follows each model;
     polled(inbox) runs on the queue's loop after each poll (listen's retention)."""
     from ..core.files import printable
+    from ..core.memory import said_when_out_of_memory
     from ..core.scene import create_headless_scene
     from ..dicom.volumes import input_record, load_series
     from ..inbox.watcher import Inbox, InboxOptions
@@ -68,7 +69,9 @@ def serve_inbox(args, inbox_folder: Path, banner: str, service=None, modelled=la
 
     def process(delivery, folder):
         ctx = create_headless_scene()  # a fresh scene per series: memory does not grow with the queue
-        loaded = load_series(ctx, delivery.series)
+        series = delivery.series
+        with said_when_out_of_memory(series.shape[0] * series.shape[1] * series.slice_count):  # the queue goes on
+            loaded = load_series(ctx, series)
         for note in loaded.notes:
             log.warning("%s", note)
         provenance = {"input": input_record(loaded, inbox_folder), "command": command_record(args)}

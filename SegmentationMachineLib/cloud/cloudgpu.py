@@ -3,8 +3,10 @@
 A pod gets fresh secrets of its own (server key, desktop and file passwords, heartbeat token),
 handed over as environment and kept only in the user's pod records. A start that is interrupted
 (Ctrl-C, a closed terminal, Cancel) terminates what it created before it gives up. With a maximum
-lifetime, RunPod itself terminates the pod at creation + start timeout + lifetime (terminateAfter):
-the pod agent ends it earlier and warns first; RunPod's end catches a pod whose agent never ran.
+lifetime, RunPod itself ends the pod at creation + start timeout + lifetime: the pod agent ends it
+earlier and warns first; RunPod's end catches a pod whose agent never ran. A server pod is terminated
+then (terminateAfter); a desktop pod is stopped (stopAfter), since its volume may hold the user's files
+and a terminate deletes it.
 """
 
 import os
@@ -52,7 +54,7 @@ class Limits:
         if (self.max_lifetime_s is not None and self.max_lifetime_s <= 0) or (self.budget_usd or 1) <= 0:
             raise UserError("The maximum lifetime and the budget must be more than 0.")
 
-    def terminate_after(self, start_timeout_s: float):
+    def end_time(self, start_timeout_s: float):
         """RFC 3339 time for RunPod's own end of the pod, or None without a maximum lifetime."""
         if self.max_lifetime_s is None:
             return None
@@ -175,11 +177,12 @@ class CloudGpu:
         name = NAME_PREFIX + secrets.token_hex(4)  # one name for all tries: an interrupted start is found by it
         env = {"SM_MODE": mode, **pod_secrets, **limits.environment()}
         image = None if template_id else (image or os.environ.get("SM_POD_IMAGE") or DEFAULT_IMAGE)
-        end = limits.terminate_after(timeout_s)
+        end = limits.end_time(timeout_s)
+        ends = {"stop_after": end} if mode == "desktop" else {"terminate_after": end}
         # The price goes along: the agent's budget holds even where the pod's key cannot read the pod's cost.
         specs = [PodSpec(g.id, image=image, template_id=template_id, cloud=cloud, ports=ports(mode), name=name,
                          env={**env, "SM_PRICE_PER_HOUR": f"{g.price(cloud):g}"}, allowed_cuda_versions=CUDA_VERSIONS,
-                         terminate_after=end, **volume) for g in gpus]
+                         **ends, **volume) for g in gpus]
         try:
             pod = start_pod(self.backend, specs, _ready_check(pod_secrets), self.records, on_progress, timeout_s,
                             POLL_S, sleep=sleep, details={"mode": mode, "secrets": pod_secrets})

@@ -1,4 +1,4 @@
-"""The pod agent: runs inside the pod and terminates it when nobody uses it, or when its time or budget is spent.
+"""The pod agent: runs inside the pod and ends it when nobody uses it, or when its time or budget is spent.
 
 `python -m SegmentationMachineLib.podagent`, configured by environment (RunPod sets RUNPOD_POD_ID
 and a pod-scoped RUNPOD_API_KEY, whose rights beyond stopping the pod are not documented: when a
@@ -7,8 +7,13 @@ SM_PRICE_PER_HOUR among them, so the budget holds where the key cannot read the 
 connected (the module, `segmentation-machine pod up`) send `POST /heartbeat` with
 `Authorization: Bearer <SM_HEARTBEAT_TOKEN>`; the answer says when and why the pod will end, so
 they can warn their user. A laptop that sleeps stops its heartbeats, and the bill stops with them.
+
+Ending means terminating, which deletes the pod's volume; a desktop pod whose volume holds the user's files
+(uploads, saved scenes, exports) is stopped instead: the GPU bill ends, the files stay. The running time of
+all its starts is kept on the volume, so budget and lifetime are totals whatever RunPod's uptime counts.
 """
 
+import hashlib
 import hmac
 import json
 import logging
@@ -20,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from .pods import VOLUME_USD_PER_GB_MONTH, PodsError, RunPodRest
 
@@ -33,6 +39,12 @@ DESKTOP_PORTS = "5901"
 # 16-byte challenge, the result); after, it sends the desktop itself. More than this proves a session.
 AUTHENTICATED_BYTES = 4096
 _ss_failed = threading.Event()
+WORKSPACE = "/workspace"  # the pod's volume
+# The agent's folder on the volume (the entrypoint makes it the agent's): running.json, the pod's running time
+# over all its starts; notice, what the desktop shows (docker/desktop/sm-pod-notices) before the pod ends.
+AGENT_FOLDER = ".pod-agent"
+# What the image itself keeps on the volume (and a file system's lost+found); any other file there is the user's.
+IMAGE_ENTRIES = {"nninteractive", AGENT_FOLDER, ".inbox-state", ".uploads", "lost+found"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,9 @@ class AgentConfig:
     warning_s: float = 300.0  # how long before the end connected clients are told
     poll_s: float = 60.0  # how often RunPod is asked for the pod's uptime and cost
     activity_ports: tuple = ()  # an authenticated session on one of these counts as a heartbeat (the desktop)
+    server_key_sha256: str = ""  # the server's key, hashed: a heartbeat with it counts too (keepalive.py)
+    workspace: str = WORKSPACE
+    keeps_user_files: bool = False  # desktop mode: a volume with the user's files is stopped, never terminated
 
     @classmethod
     def from_env(cls, env=os.environ) -> "AgentConfig":
@@ -70,31 +85,34 @@ class AgentConfig:
                    port=int(number("SM_AGENT_PORT", 8001)),
                    warning_s=number("SM_WARNING_S", 300.0), poll_s=number("SM_AGENT_POLL_S", 60.0),
                    activity_ports=_ports(env.get("SM_ACTIVITY_PORTS", DESKTOP_PORTS if env.get("SM_MODE") == "desktop"
-                                                 else "")))
+                                                 else "")),
+                   workspace=env.get("SM_WORKSPACE") or WORKSPACE, keeps_user_files=env.get("SM_MODE") == "desktop",
+                   server_key_sha256=env.get("SM_NNI_KEY_SHA256", "").lower())
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """What ends the pod first, and when: seconds left (<= 0: now)."""
+    """What ends the pod first, and when: seconds left (<= 0: now); limit is idle, lifetime or budget."""
     reason: str
     seconds_left: float
+    limit: str = ""
 
-    def sentence(self) -> str:
+    def sentence(self, ends: str = "terminates") -> str:
         when = "now" if self.seconds_left <= 0 else f"in {self.seconds_left / 60:.1f} min"
-        return f"The pod terminates {when}: {self.reason}."
+        return f"The pod {ends} {when}: {self.reason}."
 
 
 def verdict(config: AgentConfig, idle_s: float, lifetime_s: float, cost_usd: float, cost_per_hr: float) -> Verdict:
     """The limit that is reached first; pure, so it is tested without clocks."""
     limits = [Verdict(f"no client has been connected for {_duration(config.idle_timeout_s)} (idle timeout)",
-                      config.idle_timeout_s - idle_s)]
+                      config.idle_timeout_s - idle_s, "idle")]
     if config.max_lifetime_s is not None:
         limits.append(Verdict(f"its maximum lifetime of {_duration(config.max_lifetime_s)} is reached",
-                              config.max_lifetime_s - lifetime_s))
+                              config.max_lifetime_s - lifetime_s, "lifetime"))
     if config.budget_usd is not None:
         rate = cost_per_hr / 3600
         left = (config.budget_usd - cost_usd) / rate if rate > 0 else float("inf")
-        limits.append(Verdict(f"its budget of ${config.budget_usd:g} is spent", left))
+        limits.append(Verdict(f"its budget of ${config.budget_usd:g} is spent", left, "budget"))
     return min(limits, key=lambda v: v.seconds_left)
 
 
@@ -129,6 +147,47 @@ def sessions_on(ports) -> int:
     return count
 
 
+def holds_user_files(workspace) -> bool:
+    """Whether the volume holds a file of the user's: anything but what the image keeps there. A folder the agent
+    may not read counts as holding some: what cannot be seen is never deleted."""
+    try:
+        names = [name for name in os.listdir(workspace) if name not in IMAGE_ENTRIES]
+    except FileNotFoundError:
+        return False  # no volume
+    except OSError:
+        return True
+    unreadable = []
+    for name in names:
+        path = os.path.join(workspace, name)
+        if os.path.islink(path) or not os.path.isdir(path):
+            return True
+        for _, _, files in os.walk(path, onerror=unreadable.append):
+            if files or unreadable:
+                return True
+    return False
+
+
+def load_running_s(path: Path, pod_id: str) -> float:
+    """Seconds the pod ran before this agent started, as kept on its volume: 0 for a new pod, and for a network
+    volume that another pod used before."""
+    try:
+        kept = json.loads(path.read_text())
+        return float(kept["running_s"]) if kept.get("pod_id") == pod_id else 0.0
+    except FileNotFoundError:
+        return 0.0
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        log.error("Could not read the pod's running time so far (%s: %s): budget and lifetime count from now.",
+                  path, error)
+        return 0.0
+
+
+def save_running_s(path: Path, pod_id: str, seconds: float):
+    """Replaces the kept running time at once: a pod stopped mid-write keeps the last whole one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps({"pod_id": pod_id, "running_s": round(seconds, 1)}))
+    os.replace(temporary, path)
+
+
 def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:g} s"
@@ -136,18 +195,25 @@ def _duration(seconds: float) -> str:
 
 
 class PodAgent:
-    def __init__(self, config: AgentConfig, backend=None, clock=time.monotonic):
+    def __init__(self, config: AgentConfig, backend=None, clock=time.monotonic, wall=time.time):
         self.config = config
         self._backend = backend or RunPodRest(config.api_key)
-        self._clock = clock
+        self._clock, self._wall = clock, wall
         self._started = clock()
         self._last_heartbeat = self._started  # a fresh pod gets one idle timeout to be connected
         self._uptime_s, self._polled_at, self._uptime_at = 0.0, None, self._started
         self._cost_per_hr = config.price_per_hr or 0.0
+        self._pod = None  # RunPod's last answer: the volume's size, for what a stopped pod costs
+        folder = Path(config.workspace) / AGENT_FOLDER
+        self._running_file, self._notice_file = folder / "running.json", folder / "notice"
+        self._ran_before_s = load_running_s(self._running_file, config.pod_id)
+        self._keeping_failed = False
         self._warned = None
+        self._ends = "terminates"  # or "stops", decided when the end is near
         self._retry_at = 0.0  # when a failed terminate is tried again
-        self.terminated = threading.Event()
+        self.terminated = threading.Event()  # the pod is ended: terminated, or stopped
         self._lock = threading.Lock()
+        self._withdraw_notice()  # a notice left by an earlier start is not about this one
 
     # -- what clients see ------------------------------------------------------------------
     def heartbeat(self) -> dict:
@@ -160,16 +226,22 @@ class PodAgent:
 
     def status(self) -> dict:
         current = self._verdict()
-        warning = current.sentence() if current.seconds_left <= self.config.warning_s else ""
+        warning = current.sentence(self._ends) if current.seconds_left <= self.config.warning_s else ""
         return {"pod_id": self.config.pod_id, "terminates_in_s": round(current.seconds_left, 1),
                 "reason": current.reason, "warning": warning, "idle_timeout_s": self.config.idle_timeout_s}
 
     def authorized(self, header: str) -> bool:
-        return hmac.compare_digest(header.encode(), f"Bearer {self.config.heartbeat_token}".encode())
+        """The heartbeat token, or the server's key: whoever may use the server may keep the pod running (the AI
+        section knows only the server's URL and key of a pod started elsewhere)."""
+        key = header.removeprefix("Bearer ").encode() if header.startswith("Bearer ") else b""
+        by_key = bool(key and self.config.server_key_sha256) and hmac.compare_digest(
+            hashlib.sha256(key).hexdigest(), self.config.server_key_sha256)
+        return hmac.compare_digest(header.encode(), f"Bearer {self.config.heartbeat_token}".encode()) or by_key
 
     # -- the watch -------------------------------------------------------------------------
     def check(self):
-        """One look: refresh the pod's cost now and then, warn once per reason, terminate when due."""
+        """One look: refresh the pod's cost and keep its running time now and then, warn once per reason, end the
+        pod when due."""
         if self.terminated.is_set():
             return
         now = self._clock()
@@ -177,33 +249,70 @@ class PodAgent:
             self._touch()
         if self._polled_at is None or now - self._polled_at >= self.config.poll_s:
             self._poll_runpod(now)
+            self._keep_running_time(now)
         current = self._verdict()
         if current.seconds_left <= 0 and now >= self._retry_at:
-            log.warning("Terminating pod %s: %s.", self.config.pod_id, current.reason)
-            if self._end_pod():
+            self._keep_running_time(now)
+            if self._end_pod(current.reason):
                 self.terminated.set()
             else:  # tried again after a poll interval, not flooding the log
                 self._retry_at = now + self.config.poll_s
-        elif current.seconds_left <= self.config.warning_s and self._warned != current.reason:
-            self._warned = current.reason
-            log.warning("%s", current.sentence())
+        elif current.seconds_left <= self.config.warning_s:
+            if self._warned != current.reason:
+                self._warned = current.reason
+                self._ends = "stops" if self._keeps_files() else "terminates"
+                log.warning("%s", current.sentence(self._ends))
+                self._post_notice(current)
+        elif self._warned:  # used again: the next approach of a limit is warned of again
+            self._warned = None
+            self._withdraw_notice()
 
-    def _end_pod(self) -> bool:
-        """Terminates the pod; where that is refused (a pod-scoped key), stops it: the GPU bill ends either way."""
+    def _keeps_files(self) -> bool:
+        """Whether ending must stop the pod: terminating would delete the user's files with its volume. A network
+        volume outlives the pod: terminating keeps them."""
+        return (self.config.keeps_user_files and not (self._pod and self._pod.network_volume)
+                and holds_user_files(self.config.workspace))
+
+    def _end_pod(self, reason: str) -> bool:
+        """Terminates the pod, or stops it where that would delete the user's files or is refused (a pod-scoped
+        key): the GPU bill ends either way."""
+        if self._keeps_files():
+            log.warning("Stopping pod %s: %s.", self.config.pod_id, reason)
+            if not self._stop("Stopping failed: %s"):
+                return False
+            log.warning("Stopped pod %s: the files on its volume (%s) are kept, and %s (`segmentation-machine pod down "
+                        "%s` deletes them with it). A resume continues this pod's budget and lifetime; raise "
+                        "SM_BUDGET_USD or SM_MAX_LIFETIME_S in its settings to use it longer.", self.config.pod_id,
+                        self.config.workspace, self._volume_cost(), self.config.pod_id)
+            return True
+        log.warning("Terminating pod %s: %s.", self.config.pod_id, reason)
         try:
             self._backend.terminate(self.config.pod_id)
+            if self.config.keeps_user_files and self._pod and self._pod.network_volume:
+                log.warning("The files in %s stay on network volume %s, which bills apart until you delete it.",
+                            self.config.workspace, self._pod.network_volume)
             return True
         except PodsError as error:
             log.error("Terminating failed: %s", error)
-        try:
-            self._backend.stop(self.config.pod_id)
-        except PodsError as error:
-            log.error("Stopping failed too: %s", error)
+        if not self._stop("Stopping failed too: %s"):
             return False
         log.warning("Stopped pod %s instead: its volume is kept and bills $%.2f/GB/month until it is terminated "
                     "(RunPod console or `segmentation-machine pod down %s`).", self.config.pod_id,
                     VOLUME_USD_PER_GB_MONTH, self.config.pod_id)
         return True
+
+    def _stop(self, failure: str) -> bool:
+        try:
+            self._backend.stop(self.config.pod_id)
+            return True
+        except PodsError as error:
+            log.error(failure, error)
+            return False
+
+    def _volume_cost(self) -> str:
+        if self._pod is not None:
+            return self._pod.stopped_cost()
+        return f"its volume costs ${VOLUME_USD_PER_GB_MONTH:.2f}/GB/month until it is terminated"
 
     def _poll_runpod(self, now):
         self._polled_at = now  # a failed poll is also retried only after poll_s
@@ -215,24 +324,67 @@ class PodAgent:
         # None: RunPod does not (or not yet) list the pod. The watch goes on: one odd answer must not
         # leave a pod unguarded, and a really terminated pod takes this container with it anyway.
         if pod is not None:
+            self._pod = pod
             self._uptime_s, self._uptime_at = pod.uptime_s, now
             self._cost_per_hr = pod.cost_per_hr or self._cost_per_hr
+
+    def _lifetime(self, now) -> float:
+        """The pod's running time over all its starts: the earlier starts' as kept on the volume, plus this one's.
+        RunPod's uptime (since the last start, or since create: its docs do not say) is a floor either way; it also
+        counts what ran before the agent; between polls it grows with our clock."""
+        return max(self._ran_before_s + now - self._started, self._uptime_s + now - self._uptime_at)
+
+    def _keep_running_time(self, now):
+        try:
+            save_running_s(self._running_file, self.config.pod_id, self._lifetime(now))
+        except OSError as error:  # said once: the limits still hold for this start
+            if not self._keeping_failed:
+                self._keeping_failed = True
+                log.error("Could not keep the pod's running time on its volume (%s): after a resume its budget and "
+                          "lifetime would count from zero.", error)
 
     def _verdict(self) -> Verdict:
         now = self._clock()
         with self._lock:
             idle = now - self._last_heartbeat
-        # RunPod's uptime survives container restarts; between polls it grows with our clock.
-        lifetime = max(now - self._started, self._uptime_s + now - self._uptime_at)
+        lifetime = self._lifetime(now)
         return verdict(self.config, idle, lifetime, lifetime / 3600 * self._cost_per_hr, self._cost_per_hr)
 
+    # -- the desktop's notice ----------------------------------------------------------------
+    def _post_notice(self, current: Verdict):
+        """For the desktop to show (sm-pod-notices): its first line the end as a Unix time, then what happens. Not for
+        the idle timeout: a desktop that shows it is in use, which ends the idle time."""
+        if current.limit == "idle" or not self.config.keeps_user_files:
+            return
+        ends_at = self._wall() + max(current.seconds_left, 0.0)
+        files = (f"Your files in {self.config.workspace} are kept: {self._volume_cost()}." if self._ends == "stops"
+                 else f"Nothing of yours is in {self.config.workspace}; it is deleted with the pod.")
+        text = (f"{int(ends_at)}\n{current.sentence(self._ends)[:-1]} "
+                f"(at {time.strftime('%H:%M', time.gmtime(ends_at))} UTC).\n{files}\n")
+        temporary = self._notice_file.with_name("notice.tmp")
+        try:
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            with os.fdopen(descriptor, "w") as file:
+                os.fchmod(file.fileno(), 0o644)  # the desktop's user reads it, whatever the umask
+                file.write(text)
+            os.replace(temporary, self._notice_file)
+        except OSError as error:
+            log.error("Could not post the notice for the desktop (%s).", error)
+
+    def _withdraw_notice(self):
+        try:
+            self._notice_file.unlink(missing_ok=True)
+        except OSError:
+            pass  # no agent folder (no volume): there was no notice either
+
     def run(self, check_every_s: float = 1.0):
-        """Serves heartbeats and checks until the pod is terminated."""
+        """Serves heartbeats and checks until the pod is ended."""
         server = serve(self)
-        log.info("Pod agent for %s on port %d: idle timeout %g s%s%s.", self.config.pod_id, server.server_port,
+        log.info("Pod agent for %s on port %d: idle timeout %g s%s%s; %s.", self.config.pod_id, server.server_port,
                  self.config.idle_timeout_s,
                  f", lifetime {self.config.max_lifetime_s:g} s" if self.config.max_lifetime_s is not None else "",
-                 f", budget ${self.config.budget_usd:g}" if self.config.budget_usd is not None else "")
+                 f", budget ${self.config.budget_usd:g}" if self.config.budget_usd is not None else "",
+                 f"ran {self._ran_before_s:.0f} s before this start" if self._ran_before_s else "a first start")
         try:
             self.check()  # the pod's cost so far is known before the first heartbeat is answered
             while not self.terminated.wait(check_every_s):
@@ -314,7 +466,7 @@ def main() -> int:
         log.error("%s", error)
         return 2
     PodAgent(config).run()
-    log.info("Pod %s terminated; the agent stops.", config.pod_id)
+    log.info("Pod %s ended; the agent stops.", config.pod_id)
     return 0
 
 

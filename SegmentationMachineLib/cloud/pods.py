@@ -23,7 +23,12 @@ from urllib.parse import urlsplit
 from ..core.errors import UserError, causes, untrusted_certificate
 from ..core.files import printable
 
-MIN_VRAM_GB = 10  # nnInteractive's recommendation
+# The default GPU must run large structures too: a whole-volume prediction on a 512x512x300 CT (autozoom, no
+# torch.compile, as the pod runs it) peaked at 10.3 GB of GPU memory on an H200, CUDA context included (README,
+# benchmarks/gpu_server.py): more than a 10 GB card has and within 2 GB of a 12 GB one, and autozoom's buffers
+# grow with longer scans. 16 GB keeps half as much again in reserve. (Small structures peak at 5.6 GB: upstream
+# recommends 10 GB.)
+MIN_VRAM_GB = 16
 NAME_PREFIX = "segmentation-machine-"
 REST_URL = "https://api.runpod.io/v2"
 GRAPHQL_URL = "https://api.runpod.io/graphql"
@@ -79,6 +84,7 @@ class PodSpec:
     allowed_cuda_versions: list = None
     name: str = field(default_factory=lambda: NAME_PREFIX + secrets.token_hex(4))
     terminate_after: str = None  # RFC 3339: RunPod terminates the pod then, whatever runs inside it
+    stop_after: str = None  # RFC 3339: RunPod stops the pod then (its volume kept), whatever runs inside it
 
 
 @dataclass
@@ -235,7 +241,7 @@ class RunPodRest:
     # -- inside ----------------------------------------------------------------------------
     def _create_once(self, spec: PodSpec) -> Pod:
         secret_values = [str(v) for v in spec.env.values()]
-        if spec.terminate_after:
+        if spec.terminate_after or spec.stop_after:
             created = self._create_with_graphql(spec, secret_values)
             if created is not None:
                 return created
@@ -246,7 +252,8 @@ class RunPodRest:
         return _pod(_checked(response, secret_values))
 
     def _create_with_graphql(self, spec: PodSpec, secret_values):
-        """Creates through GraphQL, the only API that takes terminateAfter; None once GraphQL is retired."""
+        """Creates through GraphQL, the only API that takes terminateAfter and stopAfter; None once GraphQL is
+        retired."""
         response = self._request("POST", "", body={"query": CREATE, "variables": {"input": _graphql_input(spec)}},
                                  create=True, url=self.graphql_url)
         if response.status_code in (404, 410):
@@ -469,7 +476,7 @@ def _graphql_input(spec: PodSpec) -> dict:
              "volumeMountPath": spec.volume_mount, "ports": ",".join(spec.ports), "startSsh": True,
              "supportPublicIp": False, "allowedCudaVersions": spec.allowed_cuda_versions,
              "env": [{"key": str(k), "value": str(v)} for k, v in spec.env.items()],
-             "terminateAfter": spec.terminate_after}
+             "terminateAfter": spec.terminate_after, "stopAfter": spec.stop_after}
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 
 from ..core.errors import InputError
+from .transfer_syntaxes import ASK_FOR_DECODABLE, CANNOT_DECODE, undecodable
 
 VOLUME_FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 # Slices whose stacking direction leans more than this from the slice normal are sheared (gantry tilt).
@@ -310,6 +311,9 @@ def read_slice(path: Path, data: bytes = None):
         with warnings.catch_warnings():  # pydicom's words on a bad value ("Invalid value for VR IS"): ours follow
             warnings.simplefilter("ignore")
             ts = ds.file_meta.TransferSyntaxUID
+            encoding = undecodable(ts)
+            if encoding:  # GDCM would fail on it later, as if the file were incomplete
+                return None, f"{encoding}: {ASK_FOR_DECODABLE}"
             if not ts.is_compressed and len(ds.PixelData) < _expected_pixel_bytes(ds):
                 return None, "truncated (its pixel data is shorter than its size says)"
             if enhanced:
@@ -562,6 +566,10 @@ def scan_folder(folder, progress=None) -> ScanResult:
 
 def choose_series(result: ScanResult, selector: str = None) -> DicomSeries:
     """The series named by UID or list number (1-based), else the CT series with the most slices."""
+    undecoded = [s for s in result.skipped if CANNOT_DECODE in s.reason]
+    if not result.series and undecoded:  # the one reason that holds for them all, not 'check the folder'
+        raise InputError(f"No series in {result.folder} can be loaded: {len(undecoded)} image file(s), the first "
+                         f"{undecoded[0].path.name}, are {undecoded[0].reason}.")
     if not result.series and result.folder.is_file() and len(result.skipped) == 1:  # one file given: its reason
         reason = result.skipped[0].reason
         advice = ("copy it again from its source" if reason.startswith("truncated")

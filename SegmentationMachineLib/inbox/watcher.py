@@ -471,7 +471,8 @@ class Inbox:
         elif info.st_size > self.options.max_file_bytes:
             record.reason = f"too big for a DICOM file ({info.st_size / 1024 ** 3:.1f} GiB)"
         else:
-            data = head + stream.read(self.options.max_file_bytes + 1 - len(head))
+            # read(n) reserves n bytes first: the file's size, not the 1 GiB cap (a ulimit -v would refuse it)
+            data = head + stream.read(min(info.st_size, self.options.max_file_bytes) + 1 - len(head))
             record.sha256 = hashlib.sha256(data).hexdigest()
             record.slice, record.reason = read_slice(path, data)
 

@@ -22,6 +22,7 @@ from pydicom.misc import is_dicom
 from ..core import arrays, child
 from ..core.errors import ExportError
 from ..core.grids import RAS_TO_LPS
+from ..core.provenance import made_by
 from . import segwriter
 from .segwriter import SegInput, source_dataset
 
@@ -232,7 +233,8 @@ def read_seg_input(segmentation_node, segment_ids, dicom_database=None) -> SegIn
                     _seg_pixels(segmentation_node, segment_ids, _reference_grid(volume)),
                     [(segmentation.GetSegment(i).GetName(), segmentation.GetSegment(i).GetColor())
                      for i in segment_ids],
-                    segmentation_node.GetName()[:64], source_frames=bool(by_slice))
+                    segmentation_node.GetName()[:64], source_frames=bool(by_slice),
+                    made_by=tuple(made_by(segmentation.GetSegment(i)) for i in segment_ids))
 
 
 def write_seg(path, seg: SegInput, packages=None):

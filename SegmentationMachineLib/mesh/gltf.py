@@ -33,6 +33,20 @@ def to_gltf_axes(points: np.ndarray, coordinates: str) -> np.ndarray:
     return lps @ LPS_TO_GLTF.T
 
 
+def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """Unit normals per vertex, the mean of its triangles' normals weighted by their areas, so that viewers shade
+    the surface smooth (without NORMAL, glTF 2.0 3.7.2.1 has them shade each triangle flat). Triangles wind
+    counter-clockwise seen from outside: the normals point out. A vertex no triangle uses gets +Y."""
+    corners = vertices[triangles]
+    faces = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # length: twice the area
+    normals = np.stack([np.bincount(triangles.ravel(), np.repeat(faces[:, axis], 3), len(vertices))
+                        for axis in range(3)], axis=1)
+    length = np.linalg.norm(normals, axis=1)
+    unused = length == 0
+    normals[unused], length[unused] = (0.0, 1.0, 0.0), 1.0
+    return normals / length[:, None]
+
+
 def glb_bytes(named_meshes, coordinates: str = "LPS") -> bytes:
     """The .glb of (name, colour, points in mm, triangles) meshes given in LPS or RAS."""
     document = {"asset": {"version": "2.0", "generator": "SegmentationMachine",
@@ -48,17 +62,22 @@ def glb_bytes(named_meshes, coordinates: str = "LPS") -> bytes:
         return len(document["bufferViews"]) - 1
 
     for index, (name, color, points, triangles) in enumerate(named_meshes):
-        vertices = to_gltf_axes(points, coordinates).astype("<f4")
+        exact = to_gltf_axes(points, coordinates)
+        vertices = exact.astype("<f4")
         document["accessors"].append({"bufferView": add_view(vertices, ARRAY_BUFFER), "componentType": FLOAT,
                                       "count": len(vertices), "type": "VEC3",
                                       "min": vertices.min(axis=0).tolist(), "max": vertices.max(axis=0).tolist()})
+        normals = vertex_normals(exact, triangles).astype("<f4")
+        document["accessors"].append({"bufferView": add_view(normals, ARRAY_BUFFER), "componentType": FLOAT,
+                                      "count": len(normals), "type": "VEC3"})
         indices = triangles.astype("<u4").ravel()
         document["accessors"].append({"bufferView": add_view(indices, ELEMENT_ARRAY_BUFFER),
                                       "componentType": UNSIGNED_INT, "count": len(indices), "type": "SCALAR"})
         document["materials"].append({"name": name, "pbrMetallicRoughness": {
             "baseColorFactor": [*(_linear(c) for c in color[:3]), 1.0], "metallicFactor": 0.0, "roughnessFactor": 0.7}})
         document["meshes"].append({"name": name, "primitives": [
-            {"attributes": {"POSITION": 2 * index}, "indices": 2 * index + 1, "material": index}]})
+            {"attributes": {"POSITION": 3 * index, "NORMAL": 3 * index + 1}, "indices": 3 * index + 2,
+             "material": index}]})
         document["nodes"].append({"name": name, "mesh": index})
         document["scenes"][0]["nodes"].append(index)
     document["buffers"] = [{"byteLength": len(binary)}]

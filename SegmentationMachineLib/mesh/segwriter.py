@@ -28,6 +28,7 @@ from ..core.child import USER_ERROR_EXIT
 from ..core.errors import ExportError, UserError
 from ..core.grids import RAS_TO_LPS
 from ..core.files import atomic_file
+from ..core.provenance import NNINTERACTIVE, PRESET
 
 
 # Segmented property category and type, SNOMED CT: (value, meaning).
@@ -132,6 +133,7 @@ class SegInput:
     segments: list  # (name, colour) per segment number
     description: str
     source_frames: bool = False  # pixels[k] is source_files[k]'s image, pixel for pixel: the SEG takes its geometry
+    made_by: tuple = ()  # core.provenance's PRESET, NNINTERACTIVE or "" (unknown) per segment; none: all unknown
 
 
 def save_input(folder, seg: SegInput):
@@ -141,7 +143,7 @@ def save_input(folder, seg: SegInput):
     (folder / "seg.json").write_text(json.dumps({
         "source_files": [str(name) for name in seg.source_files], "ijk_to_ras": np.asarray(seg.ijk_to_ras).tolist(),
         "segments": [[name, [float(c) for c in color]] for name, color in seg.segments],
-        "description": seg.description, "source_frames": seg.source_frames}))
+        "description": seg.description, "source_frames": seg.source_frames, "made_by": list(seg.made_by)}))
 
 
 def load_input(folder) -> SegInput:
@@ -149,7 +151,7 @@ def load_input(folder) -> SegInput:
     saved = json.loads((folder / "seg.json").read_text())
     return SegInput(saved["source_files"], np.array(saved["ijk_to_ras"]), np.load(folder / "pixels.npy"),
                     [(name, tuple(color)) for name, color in saved["segments"]], saved["description"],
-                    saved["source_frames"])
+                    saved["source_frames"], tuple(saved["made_by"]))
 
 
 def _plane_geometry(ijk_to_ras: np.ndarray, slices: int):
@@ -170,19 +172,33 @@ def _plane_geometry(ijk_to_ras: np.ndarray, slices: int):
     return measures, orientation, positions
 
 
-def _description(number: int, name: str, color):
+# How each kind of segment was made, in DICOM's terms: (algorithm type, name, family from CID 7162 "Surface
+# Processing Algorithm Family", whose codes a SEG's algorithm family takes). A preset runs on its own once chosen
+# (threshold, then morphology); nnInteractive, an AI model, follows the user's prompts.
+ALGORITHMS = {
+    PRESET: ("AUTOMATIC", "SegmentationMachine preset", ("123104", "Morphological Operations")),
+    NNINTERACTIVE: ("SEMIAUTOMATIC", "nnInteractive", ("123110", "Artificial Intelligence")),
+}
+
+
+def _description(number: int, name: str, color, made_by: str = ""):
+    """A segment made neither by a preset nor by nnInteractive (by hand, or in another program) is MANUAL: no
+    algorithm of ours made it."""
     import highdicom
     from pydicom.sr.coding import Code
 
     category, kind = segment_codes(name)
+    algorithm_type, identification = "MANUAL", None
+    if made_by in ALGORITHMS:
+        algorithm_type, algorithm_name, (value, meaning) = ALGORITHMS[made_by]
+        identification = highdicom.AlgorithmIdentificationSequence(
+            name=algorithm_name, version=__version__, family=Code(value, "DCM", meaning))
     description = highdicom.seg.SegmentDescription(
         segment_number=number, segment_label=name,
         segmented_property_category=Code(category[0], "SCT", category[1]),
         segmented_property_type=Code(kind[0], "SCT", kind[1]),
-        algorithm_type=highdicom.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
-        algorithm_identification=highdicom.AlgorithmIdentificationSequence(
-            name="SegmentationMachine", version=__version__,
-            family=Code("123110", "DCM", "Artificial Intelligence")))
+        algorithm_type=highdicom.seg.SegmentAlgorithmTypeValues[algorithm_type],
+        algorithm_identification=identification)
     description.RecommendedDisplayCIELabValue = rgb_to_dicom_lab(color)
     return description
 
@@ -193,13 +209,16 @@ def write(path, seg: SegInput):
 
     geometry = {} if seg.source_frames else dict(zip(("pixel_measures", "plane_orientation", "plane_positions"),
                                                      _plane_geometry(seg.ijk_to_ras, seg.pixels.shape[0])))
+    made_by = seg.made_by or ("",) * len(seg.segments)
     document = highdicom.seg.Segmentation(
         source_images=[source_dataset(name) for name in seg.source_files], pixel_array=seg.pixels,
         segmentation_type=highdicom.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[_description(n, name, color) for n, (name, color) in enumerate(seg.segments, 1)],
+        segment_descriptions=[_description(n, name, color, how)
+                              for n, ((name, color), how) in enumerate(zip(seg.segments, made_by), 1)],
         series_instance_uid=highdicom.UID(), series_number=900, sop_instance_uid=highdicom.UID(), instance_number=1,
         manufacturer="SegmentationMachine", manufacturer_model_name="SegmentationMachine",
         software_versions=__version__, device_serial_number="0", series_description=seg.description, **geometry)
+    document.ContentCreatorName = None  # type 2: present, empty (highdicom leaves it out); we do not know who it is
     with atomic_file(path) as stream:
         document.save_as(stream)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..core.errors import UserError
 from ..core.files import PRIVATE_FOLDER, printable, private_folder
+from ..dicom.transfer_syntaxes import DECODABLE
 
 log = logging.getLogger("segmentation-machine")
 
@@ -97,6 +98,15 @@ def _file_name(uid) -> str:
     return text if UID.fullmatch(text) and len(text) <= 64 else "x" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def _transfer_syntaxes() -> list:
+    """Every transfer syntax, those Slicer 5.10 decodes first: pynetdicom takes the first of these that a presentation
+    context offers, so a sender offering HTJ2K and explicit VR little endian sends the latter (transcoding), and one
+    offering only HTJ2K still delivers (the inbox then says why it cannot be loaded)."""
+    from pynetdicom import ALL_TRANSFER_SYNTAXES
+
+    return sorted(ALL_TRANSFER_SYNTAXES, key=lambda uid: uid not in DECODABLE)
+
+
 def _sync_folder(folder: Path):
     """A rename or a new entry is durable only once its folder is flushed (POSIX; Windows has no such call)."""
     if os.name == "nt":
@@ -132,7 +142,7 @@ class DicomNode:
         self.storing = threading.Lock()  # held while a file enters the inbox: the retention sweep waits for it
 
     def start(self):
-        from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
 
         shutil.rmtree(self.staging, ignore_errors=True)  # files cut short by a kill: never acknowledged
@@ -140,7 +150,7 @@ class DicomNode:
         private_folder(self.folder)
         ae = AE(ae_title=self.options.ae_title)
         for context in AllStoragePresentationContexts:  # stored as sent: compressed syntaxes too
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(context.abstract_syntax, _transfer_syntaxes())
         ae.add_supported_context(Verification)
         ae.require_calling_aet = list(self.options.allowed)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
@@ -175,7 +185,7 @@ class DicomNode:
         as Orthanc and storescp --promiscuous take them: refusing one fails the PACS's whole send. Registering the UID
         is what routes its C-STORE to _store; unlike pynetdicom's UNRESTRICTED_STORAGE_SERVICE switch, no other AE
         in the process changes what it accepts."""
-        from pynetdicom import ALL_TRANSFER_SYNTAXES, build_context, register_uid
+        from pynetdicom import build_context, register_uid
         from pynetdicom.service_class import ServiceClass, StorageServiceClass
         from pynetdicom.sop_class import uid_to_service_class
 
@@ -189,7 +199,7 @@ class DicomNode:
         for uid in added:
             if uid_to_service_class(uid) is ServiceClass:
                 register_uid(uid, "Storage_" + uid.replace(".", "_"), StorageServiceClass)
-        acceptor.supported_contexts = acceptor.supported_contexts + [build_context(uid, ALL_TRANSFER_SYNTAXES)
+        acceptor.supported_contexts = acceptor.supported_contexts + [build_context(uid, _transfer_syntaxes())
                                                                      for uid in added]
 
     def _store(self, event) -> int:

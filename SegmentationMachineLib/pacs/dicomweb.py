@@ -6,8 +6,10 @@ in `ps` and in logs), and travel only as an Authorization header. Every failure 
 names the server and the cause.
 """
 
+import json
 import os
 import re
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from ..core.addresses import is_loopback
 from ..core.credentials import SecretStore
 from ..core.errors import UserError, untrusted_certificate
 from ..core.files import printable
+from ..dicom.transfer_syntaxes import undecodable
 
 PREFIX = "dicomweb+"
 TOKEN_VARIABLE = "SM_DICOMWEB_TOKEN"  # bearer token (OAuth 2 access token)
@@ -27,7 +30,19 @@ USER_VARIABLE, PASSWORD_VARIABLE = "SM_DICOMWEB_USER", "SM_DICOMWEB_PASSWORD"  #
 # What a refusal (401, 403) asks of the user; the module, whose credentials are saved in it, says its own.
 SET_CREDENTIALS = f"set {TOKEN_VARIABLE}, or {USER_VARIABLE} and {PASSWORD_VARIABLE}, to credentials it accepts"
 TIMEOUT = (10, 120)  # seconds to connect, and between two reads of an answer
-ANY_TRANSFER_SYNTAX = (("application/dicom", "*"),)  # as stored: no transcoding on the server (JPEG 2000 too)
+# Explicit VR little endian (which Slicer reads and a server that holds a syntax Slicer cannot decode, HTJ2K, may
+# transcode to), else as stored (JPEG 2000 too). Orthanc 1.10 (DICOMweb 1.7) heeds only the last of these, so "*"
+# comes last: it cannot transcode JPEG 2000 or HTJ2K and answers HTTP 500 when asked to.
+ACCEPTED_TRANSFER_SYNTAXES = (("application/dicom", "1.2.840.10008.1.2.1"), ("application/dicom", "*"))
+# A PACS may answer a STOW-RS with success and not keep the instance (a filter): QIDO-RS looks for it after these
+# waits (seconds), for a server that indexes what it received a moment later.
+CONFIRM_WAITS = (0, 0.5, 1, 2)
+# Why a STOW-RS server did not store an instance: FailureReason (0008,1197), PS3.18 10.5.3 and PS3.4 Annex B.
+FAILURE_REASONS = {0x0110: "processing failure", 0x0111: "the instance is already stored",
+                   0x0122: "it does not take this SOP class", 0x0124: "not authorized",
+                   0xC122: "it does not take this transfer syntax"}
+FAILURE_REASON_RANGES = ((0xA700, 0xA7FF, "out of resources"), (0xA900, 0xA9FF, "the data set does not match its "
+                         "SOP class"), (0xC000, 0xCFFF, "it cannot understand the data set"))
 # Series that hold no image slices: never the default choice.
 NON_IMAGE_MODALITIES = {"SEG", "SR", "RTSTRUCT", "RTPLAN", "PR", "KO", "REG", "DOC", "AU", "ECG", "PLAN"}
 UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # DICOM UIDs: digits and dots, at most 64 characters
@@ -151,6 +166,30 @@ def _cause(error: requests.RequestException, timeout) -> str:
     return found.group(1).strip().rstrip(".").lower() if found else type(error).__name__
 
 
+def failure_reason(code: int) -> str:
+    """A STOW-RS FailureReason in words, with its code as the standard writes it."""
+    ranges = (text for low, high, text in FAILURE_REASON_RANGES if low <= code <= high)
+    words = FAILURE_REASONS.get(code) or next(ranges, "a reason the DICOM standard does not name")
+    return f"failure reason 0x{code:04X}: {words}"
+
+
+def _failure_codes(response) -> list:
+    """The FailureReason of each FailedSOPSequence item of a STOW-RS answer's body (DICOM JSON or XML, whatever its
+    Content-Type says: Orthanc 1.10 sends none with its 409); [] for a body that has none."""
+    text = response.text.strip() if response is not None else ""
+    try:
+        if text.startswith("<"):
+            from xml.etree import ElementTree
+
+            tree = ElementTree.fromstring(text)
+            return [int(value.text) for value in tree.iterfind(
+                ".//{*}DicomAttribute[@tag='00081198']//{*}DicomAttribute[@tag='00081197']/{*}Value")]
+        items = json.loads(text).get("00081198", {}).get("Value", [])
+        return [int(item["00081197"]["Value"][0]) for item in items]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):  # not DICOM JSON or XML: no reason known
+        return []
+
+
 class DicomWeb:
     """One DICOMweb server, with its credentials."""
 
@@ -167,6 +206,10 @@ class DicomWeb:
         self._session.auth = auth
         self._client = DICOMwebClient(server.url, session=self._session)
         self._client.set_http_retry_params(retry=False)  # an unanswered request is said at once, not in 30 s
+        # dicomweb-client 0.60-0.61 counts application/dicom once per transfer syntax and then refuses a series asked
+        # for in several (ValueError): counted once, as its docstring says it should be.
+        common = self._client._get_common_media_types
+        self._client._get_common_media_types = lambda media_types=None: list(dict.fromkeys(common(media_types)))
 
     @contextmanager
     def _asking(self, what: str):
@@ -179,6 +222,11 @@ class DicomWeb:
             if status in (401, 403):
                 raise UserError(f"The DICOMweb server {url} refused access (HTTP {status}): "
                                 f"{self._set_credentials}.") from None
+            codes = _failure_codes(error.response)
+            if codes:  # a STOW-RS refusal (409 for a conflict): its reason, as retrying would not help
+                raise UserError(f"The DICOMweb server {url} refused {what} (HTTP {status}, "
+                                f"{failure_reason(codes[0])}): ask its administrator why it does not take it."
+                                ) from None
             if status == 404:
                 raise UserError(f"The DICOMweb server {url} answered 'not found' (HTTP 404) for {what}: check the "
                                 "UID, and that the address is the server's DICOMweb root (e.g. https://HOST/dicom-web)."
@@ -237,11 +285,17 @@ class DicomWeb:
                         f"--series NUMBER or UID: {listing}.")
 
     def retrieve(self, study: str, series: RemoteSeries, folder: Path, progress=None) -> list:
-        """The series' instances (WADO-RS, as stored) written into folder as 00001.dcm...; their paths."""
+        """The series' instances (WADO-RS: explicit VR little endian where the server transcodes, else as stored)
+        written into folder as 00001.dcm...; their paths."""
         _check_uid(study, "StudyInstanceUID")
         paths = []
         with self._asking(f"series {series.uid} of study {study}"):
-            for dataset in self._client.iter_series(study, series.uid, media_types=ANY_TRANSFER_SYNTAX):
+            for dataset in self._client.iter_series(study, series.uid, media_types=ACCEPTED_TRANSFER_SYNTAXES):
+                problem = undecodable(getattr(dataset, "file_meta", {}).get("TransferSyntaxUID"))
+                if problem:  # said now, not as a reader failure once the whole series is here
+                    raise UserError(f"The DICOMweb server {self.server.url} sent series {series.uid} {problem}, and "
+                                    "does not transcode it to explicit VR little endian when asked: ask its "
+                                    "administrator for the series uncompressed or as JPEG 2000.")
                 paths.append(Path(folder) / f"{len(paths) + 1:05d}.dcm")
                 dataset.save_as(paths[-1])
                 if progress:
@@ -252,13 +306,41 @@ class DicomWeb:
         return paths
 
     def store(self, path: Path) -> pydicom.Dataset:
-        """Stores one DICOM file (STOW-RS) in its study; returns its header."""
+        """Stores one DICOM file (STOW-RS) in its study and confirms (QIDO-RS) that the server kept it; returns its
+        header."""
         dataset = pydicom.dcmread(path)
-        with self._asking(f"the store of {Path(path).name} in study {dataset.StudyInstanceUID}"):
-            answer = self._client.store_instances([dataset], study_instance_uid=dataset.StudyInstanceUID)
-        failed = answer.get("FailedSOPSequence") or []
+        study, name = dataset.StudyInstanceUID, Path(path).name
+        with self._asking(f"the store of {name} in study {study}"):
+            answer = self._client.store_instances([dataset], study_instance_uid=study)
+        failed = [str(item.get("FailureReason", "")) for item in answer.get("FailedSOPSequence") or []]
         if failed:
-            reason = failed[0].get("FailureReason", "?")
-            raise UserError(f"The DICOMweb server {self.server.url} did not store {Path(path).name} (failure "
-                            f"reason {reason}): ask its administrator whether it accepts DICOM SEG objects.")
+            reason = failure_reason(int(failed[0])) if failed[0].isdigit() else "no failure reason given"
+            raise UserError(f"The DICOMweb server {self.server.url} did not store {name} ({reason}): ask its "
+                            "administrator whether it accepts DICOM SEG objects.")
+        if not self._lists(dataset):
+            raise UserError(f"The DICOMweb server {self.server.url} accepted {name} but did not keep it (it is not in "
+                            f"study {study} afterwards): ask its administrator whether it filters DICOM SEG objects.")
         return dataset
+
+    def _lists(self, dataset: pydicom.Dataset) -> bool:
+        """Whether QIDO-RS finds the instance in its series: a PACS may answer a STOW-RS with success and drop the
+        instance (an Orthanc ReceivedInstanceFilter does)."""
+        study, series, instance = dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID
+        for wait in CONFIRM_WAITS:
+            time.sleep(wait)
+            with self._asking(f"the instance {instance} just stored in study {study}"):
+                try:
+                    found = self._client.search_for_instances(study, series,
+                                                              search_filters={"SOPInstanceUID": instance})
+                except requests.HTTPError as error:
+                    if error.response is None or error.response.status_code != 404:
+                        raise
+                    found = []  # no such series (yet)
+            if any(item.get("00080018", {}).get("Value") == [instance] for item in found):
+                return True
+        return False
+
+
+def kept(error: UserError, path: Path) -> UserError:
+    """error, saying where the DICOM SEG that was not stored stays."""
+    return UserError(f"{str(error).rstrip('.')}; the DICOM SEG stays in {path}.")

@@ -20,9 +20,10 @@ def default_inbox_folder() -> Path:
 
 
 def inbox_state_folder(folder: Path) -> Path:
-    """Journal and scratch area of one inbox folder, outside it and apart from other inboxes'."""
+    """Journal and scratch area of one inbox folder, outside it and apart from other inboxes': under SM_INBOX_STATE
+    where set (the pod image: on its volume, so a resumed pod delivers no series twice), else in the home folder."""
     key = hashlib.sha256(str(Path(folder).expanduser().resolve()).encode()).hexdigest()[:16]
-    return Path.home() / ".segmentation-machine" / "inboxes" / key
+    return Path(os.environ.get("SM_INBOX_STATE") or Path.home() / ".segmentation-machine" / "inboxes") / key
 
 
 @dataclass
@@ -112,6 +113,11 @@ class InboxPanel:
             if reason:
                 self.status = f"{delivery.series.name} was loaded. {reason}"
         self._acknowledgements.append((delivery, ok, reason))
+
+    def copies_into_database(self, delivery) -> bool:
+        """Whether Slicer's DICOM database should keep its own copy of delivery's files: those from an unpacked zip
+        are removed in a later session, and the database must not list series whose files are gone."""
+        return bool(self.inbox and self.inbox.unpacked_folders(delivery))
 
     def _say_duplicates(self):
         """Drops that repeat delivered files are said once, as watch says them, and the inbox's list emptied."""

@@ -2,6 +2,7 @@
 study on a DICOMweb server (STOW-RS), with credentials kept in the keychain under the server's names."""
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,19 +10,30 @@ from pathlib import Path
 from ..core.credentials import SecretStore
 from ..core.errors import UserError
 from ..mesh.dicomseg import SEG_FILE, SegInput, write_seg
-from ..mesh.export import ExportOptions, prepare_export
-from ..pacs.dicomweb import PREFIX, TIMEOUT, DicomWeb, DicomWebServer, credentials, is_dicomweb
+from ..mesh.export import DEFAULT_EXPORT_FOLDER, ExportOptions, new_output_folder, prepare_export
+from ..pacs.dicomweb import PREFIX, TIMEOUT, DicomWeb, DicomWebServer, credentials, is_dicomweb, kept
 from .tasks import BackgroundTask
 
 SAVE_CREDENTIALS = "save a token, or a user name and password, that it accepts (Save credentials)"
 
 
-def send_seg(server: DicomWebServer, auth, seg: SegInput, timeout=TIMEOUT):
-    """Any thread: writes the SEG into a private temporary folder and stores it in its study; returns its header."""
+def send_seg(server: DicomWebServer, auth, seg: SegInput, timeout=TIMEOUT, keep_in: Path = DEFAULT_EXPORT_FOLDER,
+             name: str = "segmentation"):
+    """Any thread: writes the SEG into a private temporary folder and stores it in its study; returns its header.
+    A SEG the server did not store (or not keep) is moved into a new folder NAME_seg-not-stored_TIME in keep_in,
+    which the sentence names: the user's work is never lost with the temporary folder."""
     with tempfile.TemporaryDirectory(prefix="segmentation-machine-seg-") as folder:
         path = Path(folder) / SEG_FILE
         write_seg(path, seg)
-        return DicomWeb(server, auth, timeout, set_credentials=SAVE_CREDENTIALS).store(path)
+        try:
+            return DicomWeb(server, auth, timeout, set_credentials=SAVE_CREDENTIALS).store(path)
+        except UserError as error:
+            try:
+                kept_path = new_output_folder(keep_in, f"{name}_seg-not-stored") / SEG_FILE
+                shutil.move(path, kept_path)
+            except (UserError, OSError) as problem:
+                raise UserError(f"{str(error).rstrip('.')}; keeping the DICOM SEG failed too ({problem}).") from None
+            raise kept(error, kept_path) from None
 
 
 def _segments(count: int) -> str:
@@ -36,6 +48,7 @@ class PacsPanel:
     store: SecretStore = None  # default: the keychain (or ~/.segmentation-machine/secrets)
     environ: dict = field(default_factory=lambda: os.environ)  # SM_DICOMWEB_* there come before saved ones
     timeout: tuple = TIMEOUT
+    unsent_folder: Path = DEFAULT_EXPORT_FOLDER  # where a SEG the server did not store is kept
     _sent: str = ""  # the sentence that ends the send well
 
     def __post_init__(self):
@@ -96,7 +109,8 @@ class PacsPanel:
             self.status = f"Every segment of '{prepared.name}' is empty: nothing to send."
             return
         what = f"'{prepared.name}' ({_segments(len(prepared.seg.segments))}) to {server.url} as a DICOM SEG"
-        self.task = BackgroundTask(send_seg, server, auth, prepared.seg, self.timeout)
+        self.task = BackgroundTask(send_seg, server, auth, prepared.seg, self.timeout, self.unsent_folder,
+                                   prepared.name)
         self.status, self._sent = f"Sending {what}...", f"Sent {what}."
 
     def finish(self):

@@ -4,6 +4,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..cloud.heartbeat import Heartbeat
+from ..cloud.keepalive import pod_heartbeat
+from ..cloud.podstart import PodRecords
 from ..core.errors import UserError
 from ..prompts.promptfile import Prompt
 from ..prompts.session import InteractiveSession, PendingPrompt, SegmentTarget
@@ -18,7 +21,8 @@ class PromptsPanel:
 
     Scene reads and segment writes happen in tick() on the main thread; the worker only talks
     to the server. A prompt made while a prediction runs waits its turn: none is dropped. A
-    slow prediction shows its elapsed seconds in the status line and can be cancelled.
+    slow prediction shows its elapsed seconds in the status line and can be cancelled. While connected to a
+    pod's server it heartbeats the pod's agent (on its own thread), so the pod is not ended as idle mid-work.
     """
 
     include: bool = True
@@ -28,9 +32,12 @@ class PromptsPanel:
     task: BackgroundTask = None
     queue: deque = field(default_factory=deque)
     clock: object = time.monotonic
+    records: PodRecords = field(default_factory=PodRecords)  # pods started here: their heartbeat tokens
+    heartbeat: Heartbeat = None  # while connected to a pod's server
     _job: object = None  # what the running task is: "connect", "stage", or a PendingPrompt
     _job_started: float = 0.0
     _connecting: InteractiveSession = None
+    _pod_note: str = ""  # what the pod's agent said last that the status line showed
 
     @property
     def connected(self) -> bool:
@@ -46,12 +53,25 @@ class PromptsPanel:
         return isinstance(self._job, PendingPrompt)
 
     def connect(self, url: str, api_key: str):
-        if self.session:
-            self.session.close()
-            self.session = None
+        self.disconnect()
         self._connecting = InteractiveSession(url, api_key, status=self._say)
         self._start("connect", self._connecting.connect)
         self.status = f"Connecting to {url}..."
+
+    def disconnect(self):
+        """Ends the session and its heartbeats: a pod kept running only by them ends after its idle timeout.
+        What was on its way or queued is dropped (an answer still to come is not written)."""
+        if self.can_cancel:
+            self._job.cancel()
+        self.task, self._job, self._connecting = None, None, None
+        self.queue.clear()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
+        if self.session:
+            self.session.close()
+            self.session = None
+            self.status = "Disconnected."
 
     def choose(self, volume_node, target: SegmentTarget):
         """Main thread: the volume (uploaded if its voxels are new) and the segment to prompt into."""
@@ -94,6 +114,20 @@ class PromptsPanel:
         if self.can_cancel and elapsed >= SHOW_WAIT_AFTER_S:
             doing = self._job.note or "the server is working on it"
             self.status = f"{self._job.prompt.kind.capitalize()}: {doing}, {elapsed:.0f} s (Cancel stops waiting)."
+        note = self._pod_said()
+        if note != self._pod_note:  # each once: the prompts' own lines follow
+            self._pod_note = note
+            self.status = note or self.status
+
+    def _pod_said(self) -> str:
+        """The pod's warning that it ends soon, or why the heartbeats do not keep it running; "" otherwise."""
+        if self.heartbeat is None:
+            return ""
+        if self.heartbeat.refused:
+            return ("The pod's agent did not accept this server's key as a heartbeat (an older pod image): the pod "
+                    "ends after its idle timeout unless the Cloud GPU section or `segmentation-machine pod up` "
+                    "stays connected to it.")
+        return self.heartbeat.warning
 
     def _start(self, job, function):
         self._job, self._job_started = job, self.clock()
@@ -118,6 +152,9 @@ class PromptsPanel:
             return
         if job == "connect":
             self.session, self._connecting = self._connecting, None
+            self.heartbeat = pod_heartbeat(self.session.url, self.session.api_key, self.records)
+            if self.heartbeat is not None:
+                self.heartbeat.start()
             caps = self.session.capabilities
             self.status = (f"Connected: nnInteractive {caps.server_version}, prompts {caps.describe()}, "
                            f"model licence {caps.licence}.")
@@ -125,8 +162,12 @@ class PromptsPanel:
             self.status = f"Ready ({self.session.region_note}): place a point, box, scribble or lasso."
         else:
             timing = self.session.finish(job, result)
+            if job.again:  # the region sent cut its result: the same prompt on a larger region
+                self._start(job.again, job.again.run)
+                return
             self.last_latency = str(timing)
-            self.status = f"{job.prompt.kind.capitalize()} applied in {timing}."
+            self.status = " ".join(filter(None, [f"{job.prompt.kind.capitalize()} applied in {timing}.",
+                                                 timing.warning]))
 
     def _next(self):
         item = self.queue.popleft()

@@ -5,8 +5,10 @@ packs to 185-280 MB (blosc2 zstd as the upstream client sends it; benchmarks/pro
 one upload carries a region: the body's bounding box (air cut away; everything, for a volume
 without air in HU), as many slices of it as one request may carry, centred on the body. A prompt
 outside it, or near one of its cut faces, sends a new region around the prompt: the old one grown,
-or moved where growing would not fit. Boxes are (2, 3) arrays: low (inclusive) and high
-(exclusive) per axis.
+or moved where growing would not fit. A result that reaches a face of the region where it cuts the
+volume (a vessel running on) was cut there by the server: the prompt runs again on a region around the
+result and the prompt, reaching past those faces as far as one request carries (narrower in-plane than
+the body, so more slices fit). Boxes are (2, 3) arrays: low (inclusive) and high (exclusive) per axis.
 """
 
 from dataclasses import dataclass
@@ -74,6 +76,20 @@ def covers(region: np.ndarray, footprint: np.ndarray, shape, edge: int) -> bool:
     return bool((footprint[0] >= low).all() and (footprint[1] <= high).all())
 
 
+def cut_faces(region: np.ndarray, shape, box: np.ndarray, after: np.ndarray, before: np.ndarray) -> np.ndarray:
+    """(2, 3) booleans: the faces of region (low and high, per axis) that cut the volume and that a result reaches
+    with voxels it added. box: its changed box in the region's voxels; after, before: the mask there with and
+    without the result (only their voxels on the faces are read)."""
+    def added(axis, index):
+        return ((np.take(after, index, axis) > 0) & ~np.take(before, index, axis)).any()
+
+    reached = np.zeros((2, 3), bool)
+    for axis in range(3):
+        reached[0, axis] = box[0, axis] == 0 < region[0, axis] and added(axis, 0)
+        reached[1, axis] = box[1, axis] == size(region)[axis] and region[1, axis] < shape[axis] and added(axis, -1)
+    return reached
+
+
 class Planner:
     """Chooses regions for one volume within the limits, from an estimate of the bytes a voxel takes
     on the wire (sampled, then measured on each upload)."""
@@ -95,6 +111,13 @@ class Planner:
         there where growing does not fit."""
         need = self._around(footprint)
         return self.fit(need, need if region is None else _union(region, need))
+
+    def beyond(self, result: np.ndarray, footprint: np.ndarray, cut: np.ndarray) -> np.ndarray:
+        """The region to run a prompt again in, whose result (its box) reached the faces cut (cut_faces) of the
+        region sent: the result and the prompt's footprint with their context, reaching past those faces as far as
+        one request carries; RegionTooLarge where even that context does not fit."""
+        need = self._around(_union(result, footprint))
+        return self.fit(need, np.where(cut, np.array([np.zeros(3, int), self.shape]), need))
 
     def _around(self, box: np.ndarray) -> np.ndarray:
         context = self.limits.context

@@ -10,7 +10,9 @@ environment (proxies.py: a hospital's) is gone through on the same guarded conne
 Imported only where the client is installed (the base install runs without it).
 """
 
+import html
 import json
+import re
 import struct
 import threading
 import time
@@ -55,6 +57,18 @@ def short(value, limit: int = 80) -> str:
     """A value the server sent, for a message: cut to limit, control characters escaped."""
     text = value if isinstance(value, str) else repr(value)
     return printable(text if len(text) <= limit else text[:limit] + "...")
+
+
+def error_text(response: httpx.Response) -> str:
+    """What an error answer says, for a message: upstream's JSON detail, or its text without markup (a proxy's HTML
+    page), cut to 200 characters."""
+    try:
+        text = response.json().get("detail")
+    except (ValueError, AttributeError):
+        text = None
+    if not isinstance(text, str):
+        text = html.unescape(re.sub(r"<(script|style)\b.*?</\1\s*>|<[^>]*>", " ", response.text, flags=re.S | re.I))
+    return short(" ".join(text.split()), 200) or "no text"
 
 
 class _AnswerGuard(httpcore.SyncBackend):

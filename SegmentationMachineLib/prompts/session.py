@@ -7,10 +7,13 @@ Prompts in world RAS are mapped through the volume's parent transform to its vox
 region; each result (the changed box the server returns) is pasted at the region's place in the
 selected segment through Slicer's Segment Editor logic, so masking and overwrite settings hold and
 other segments are respected, and it lands on the volume's voxels in world whatever transforms the
-volume and the segmentation are under (frames.py). Undo and redo are kept here, many levels deep;
-the server learns of undo, redo and hand edits (Segment Editor paint or erase) before the next
-prompt, which re-seeds it with the segment as it is. Only what the server's model takes is sent
-(its capabilities are read at connect). A lost session (lease gone, server restarted, connection
+volume and the segmentation are under (frames.py). A result the server cut at a face of the region
+(it reaches one that cuts the volume) is not written: the prompt runs again, from the segment as it
+was, on a region that holds more of it (at most MAX_RERUNS times, each within one request); where
+none fits, the cut result is written and the status line says so. Undo and redo are kept here, many
+levels deep; the server learns of undo, redo and hand edits (Segment Editor paint or erase) before
+the next prompt, which re-seeds it with the segment as it is. Only what the server's model takes is
+sent (its capabilities are read at connect). A lost session (lease gone, server restarted, connection
 refused) is resumed without the user: claim, upload, seed the current mask, repeat the prompt. A
 slow answer is waited for and never repeated: a large structure can take many seconds, and a read
 time-out says so instead of reconnecting. No reply is trusted (remote.py): a broken or hostile
@@ -31,14 +34,16 @@ from ..core.addresses import is_loopback
 from ..core.errors import UserError, untrusted_certificate
 from ..core.files import printable
 from ..core.grids import bounding_box
+from ..core.provenance import NNINTERACTIVE, mark_segment
 from ..core.scene import BINARY_LABELMAP, forward_render_pauses
 from . import frames, geometry
 from .promptfile import Prompt
-from .region import covers, Limits, Planner, slices
+from .region import covers, cut_faces, Limits, Planner, RegionTooLarge, slices
 
 MAX_UNDO_BYTES = 256 << 20  # the undo history's memory (masks packed 8 voxels a byte); the oldest steps go first
 RETRY_AFTER_S = 10  # what the server asks for when full; its client does not pass the header on
 MAX_SCRIBBLE_THICKNESS = 20  # voxels; what a server prefers beyond that is not a scribble (and costs memory)
+MAX_RERUNS = 3  # a prompt whose result the region cut runs again on a larger region at most this often
 
 
 class InteractiveError(UserError):
@@ -77,6 +82,7 @@ class PromptTiming:
     total_s: float
     server_s: float  # upstream client call: network, server, (de)compression
     client_s: float  # ours: mapping the prompt and writing the segment
+    warning: str = ""  # a sentence about the result, for the status line: cut by the region sent
 
     def __str__(self):
         return f"{self.total_s * 1000:.0f} ms ({self.server_s * 1000:.0f} ms server + network)"
@@ -272,8 +278,26 @@ class InteractiveSession:
                                     f"(HTTP {code}; client nninteractive-client {_client_version()}, server "
                                     f"{self.capabilities.server_version if self.capabilities else 'unknown'}): "
                                     "run server and client of the same version.")
-        return InteractiveError(f"The nnInteractive server answered HTTP {code} "
-                                f"({printable(error.response.text[:200])}): try the prompt again, or reset the segment.")
+        if code in (502, 503, 504):
+            return self._gateway(code)
+        said = _upstream()[1].error_text(error.response)
+        if code == 500 and "out of memory" in said.lower():
+            return InteractiveError(f"The nnInteractive server ran out of GPU memory on this prompt (HTTP 500: "
+                                    f"{said}); the segment is left as it was: the GPU has too little memory for this "
+                                    "region and prompt, so run the server on a GPU with more memory.")
+        if code == 500:  # upstream answers only this to what it does not expect, a CUDA out of memory included
+            return InteractiveError(f"The nnInteractive server failed on this prompt (HTTP 500: {said}); the segment "
+                                    "is left as it was: its log says why (a pod's logs are in RunPod's console), and "
+                                    "where that is CUDA out of memory, run the server on a GPU with more memory; "
+                                    "otherwise try the prompt again.")
+        return InteractiveError(f"The nnInteractive server answered HTTP {code} ({said}): try the prompt again, "
+                                "or reset the segment.")
+
+    def _gateway(self, code: int) -> InteractiveError:
+        """RunPod's proxy (Cloudflare) answers these, with an HTML page, while the pod's server starts or restarts."""
+        return InteractiveError(f"The nnInteractive server at {self.url} is starting, restarting or unreachable "
+                                f"through the proxy in front of it (HTTP {code}); the segment is left as it was: "
+                                "wait a minute and try again.")
 
     def _proxy_failed(self, error) -> InteractiveError:
         return InteractiveError(f"Cannot reach the nnInteractive server at {self.url}: {error}.")
@@ -303,6 +327,8 @@ class InteractiveSession:
                 return action(self._client)
         except httpx.HTTPStatusError as error:
             raise self._http_error(error) from None
+        except upstream.ServerAtCapacityError:  # the upstream client's name for any 503: only a proxy's, once claimed
+            raise self._gateway(503) from None
         except (remote.AnswerRefused, httpx.ReadTimeout) as error:
             raise self._unanswered(error) from None
         except remote.RequestTooLarge as error:
@@ -475,9 +501,14 @@ class InteractiveSession:
 
     # -- prompts ---------------------------------------------------------------------------
     def add(self, prompt: Prompt) -> PromptTiming:
-        """Runs one prompt and writes its result into the selected segment."""
+        """Runs one prompt (again on a larger region while the region cuts its result) and writes its result into
+        the selected segment."""
         pending = self.prepare(prompt)
-        return self.finish(pending, pending.run())
+        timing = self.finish(pending, pending.run())
+        while pending.again is not None:
+            pending = pending.again
+            timing = self.finish(pending, pending.run())
+        return timing
 
     def check(self, prompt: Prompt):
         """Raises the sentence the user sees if prompt cannot be sent: outside the image, or of a kind the
@@ -489,25 +520,62 @@ class InteractiveSession:
         go to a worker thread."""
         if self._target is None or self._planner is None:
             raise InteractiveError("Choose a source volume and a segment before prompting.")
-        footprint, call = self._prompt_call(prompt)
+        footprint, place = self._prompt_call(prompt)
         region, note = None, ""
         if not (self._sent and covers(self._region, footprint, self._shape, self.limits.edge)):
             region = self._planner.toward(self._region, footprint)  # grown, or moved where growing does not fit
-            self._in_sync = False
             note = f"sending slices {region[0, 0] + 1}-{region[1, 0]} first (the prompt is outside the region sent)"
+        return self._pending(prompt, footprint, place, region, note)
+
+    def _pending(self, prompt: Prompt, footprint, place, region, note: str, started: float = None,
+                 **more) -> "PendingPrompt":
+        """The prompt, placed in region (a new one to send first) or else in the region the server has."""
+        if region is not None:
+            self._in_sync = False
         seed = self._seed_call(self._region if region is None else region)
         self._in_sync = False  # until its answer is written: a prompt cancelled or failed leaves it unknown
         origin = (self._region if region is None else region)[0]
-        return PendingPrompt(self, prompt, seed, call(origin), time.perf_counter(), region=region, note=note)
+        return PendingPrompt(self, prompt, seed, place(origin), started or time.perf_counter(), region=region,
+                             note=note, footprint=footprint, place=place, **more)
 
     def finish(self, pending: "PendingPrompt", box) -> PromptTiming:
-        """Main thread, after run(): writes the changed box into the segment."""
-        if box:
-            self._write(pending.prompt, tuple(slice(int(lo), int(hi)) for lo, hi in box))
-        self._in_sync = True
-        self._server_can_undo = bool(box) and self.capabilities.undo
+        """Main thread, after run(): writes the changed box into the segment; or, where the result reaches a face of
+        the region that cuts the volume and a larger region fits, writes nothing and sets pending.again, the same
+        prompt on that region: run it and finish it in turn."""
+        warning, changed = "", bool(box)
+        if changed:
+            box = np.array(box).T  # (2, 3) in the region's voxels
+            cut = cut_faces(self._region, self._shape, box, self._mirror[slices(box)], self._buffer[slices(box)])
+            if cut.any():
+                pending.again, warning = self._again(pending, box, cut)
+            if pending.again is None:
+                self._write(pending.prompt, slices(box))
+        if pending.again is None:
+            self._in_sync = True
+            self._server_can_undo = changed and self.capabilities.undo
+        if warning:
+            self.status(warning)
         total = time.perf_counter() - pending.started
-        return PromptTiming(total, pending.server_s, total - pending.server_s)
+        return PromptTiming(total, pending.server_s, total - pending.server_s, warning)
+
+    def _again(self, pending: "PendingPrompt", box: np.ndarray, cut: np.ndarray) -> tuple:
+        """(the prompt again, on a region holding its result and reaching past the cut faces, None), or (None, the
+        sentence saying the result may be cut) where no such region fits or the prompt ran again often enough."""
+        found = bounding_box(self._mirror[slices(box)] > 0)
+        result = np.array([[s.start for s in found], [s.stop for s in found]]) + box[0] + self._region[0]
+        why = f"the prompt ran on larger parts {MAX_RERUNS} times already"
+        if pending.reruns < MAX_RERUNS:
+            try:
+                region = self._planner.beyond(result, pending.footprint, cut)
+                note = (f"its result reaches the edge of the part of the scan sent: sending slices "
+                        f"{region[0, 0] + 1}-{region[1, 0]} and repeating the prompt")
+                return self._pending(pending.prompt, pending.footprint, pending.place, region, note,
+                                     started=pending.started, server_s=pending.server_s,
+                                     reruns=pending.reruns + 1), ""
+            except RegionTooLarge:
+                why = "a part that holds more of it does not fit in one upload"
+        return None, (f"The result reaches the edge of the part of the scan sent ({self.region_note}) and may be cut "
+                      f"off there: {why}; place a prompt on the structure beyond that edge to continue it.")
 
     def _seed_call(self, region):
         """None when the server's state matches the segment; the server's own undo when the last prompt was
@@ -590,6 +658,7 @@ class InteractiveSession:
         self._modify(box, self._mirror[local].astype(bool), bypass_masking=False, before=before)
         after = self._segment_mask(segment_id, box)
         self._buffer[local] = after  # what the editor's masking actually allowed
+        mark_segment(self._target.segmentation_node, segment_id, NNINTERACTIVE)  # its DICOM SEG says AI made it
         if untouched:
             self._written = self._modified_time()
         # kept in the volume's own frame, for prompt files the CLI replays on the series as loaded, untransformed
@@ -700,7 +769,11 @@ class PendingPrompt:
     started: float
     region: np.ndarray = None  # a new region, sent first
     note: str = ""  # what the wait is about, beyond the prediction
-    server_s: float = 0.0
+    footprint: np.ndarray = None  # the prompt's voxel box in the volume
+    place: object = None  # origin -> the prompt's client call in a region starting there
+    reruns: int = 0  # times the prompt ran before on regions that cut its result
+    again: "PendingPrompt" = None  # set by finish(): the prompt to run next, on a larger region
+    server_s: float = 0.0  # in run(), of this try and the earlier ones
     cancelled: bool = False
     finished: threading.Event = field(default_factory=threading.Event)
 
@@ -718,7 +791,7 @@ class PendingPrompt:
                 self.session._call(self.seed, abandoned)
             return None if self.cancelled else self.session._call(self.call, abandoned)
         finally:
-            self.server_s = time.perf_counter() - started
+            self.server_s += time.perf_counter() - started
             self.finished.set()
 
     def cancel(self):

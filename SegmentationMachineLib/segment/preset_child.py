@@ -21,6 +21,7 @@ import numpy as np
 from ..core.child import USER_ERROR_EXIT, last_line, start_module
 from ..core.errors import SegmentationError, UserError
 from ..core.grids import bounding_box
+from ..core.memory import out_of_memory
 from .masks import preset_mask
 
 TIMEOUT_S = 3600  # a large scan on a slow machine takes minutes; an hour means the child hangs
@@ -143,6 +144,9 @@ def main(folder: str) -> int:
         mask = preset_mask(job["preset"], np.asarray(hu), np.asarray(job["spacing"]), job["volume_name"], progress)
     except UserError as error:
         print(error, file=sys.stderr)
+        return USER_ERROR_EXIT
+    except MemoryError:  # the parent shows stderr's last line as the preset's failure
+        print(out_of_memory(hu.size), file=sys.stderr)
         return USER_ERROR_EXIT
     crop, start = cropped(mask)
     np.save(folder / "mask.npy", crop)

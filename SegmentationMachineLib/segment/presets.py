@@ -3,6 +3,7 @@
 import numpy as np
 
 from ..core import arrays
+from ..core.provenance import PRESET, mark_segment
 from ..core.scene import SceneContext, editing
 from .masks import get_preset, preset_mask
 
@@ -39,6 +40,7 @@ def add_preset_segment(ctx: SceneContext, volume_node, preset_name: str, mask: n
             segmentation_node.CreateDefaultDisplayNodes()
             segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
             segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
-        add_segment_from_mask(segmentation_node, mask, arrays.ijk_to_ras(volume_node), preset.segment_name, preset.color,
-                              start)
+        segment_id = add_segment_from_mask(segmentation_node, mask, arrays.ijk_to_ras(volume_node), preset.segment_name,
+                                           preset.color, start)
+        mark_segment(segmentation_node, segment_id, PRESET)
     return segmentation_node

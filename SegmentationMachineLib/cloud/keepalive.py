@@ -1,0 +1,31 @@
+"""Keeping a pod running while its nnInteractive server is in use, whoever started the pod.
+
+A client that knows only a server's URL and key (the AI prompts section) heartbeats the pod's agent as the
+Cloud GPU section does. RunPod's proxy names both by pod and port, so the agent's address follows from the
+server's. The credential is the heartbeat token where the pod was started from this computer (its records),
+else the server's key, which the agent accepts too: whoever may use the server may keep it running.
+"""
+
+import re
+
+from .cloudgpu import AGENT_PORT, SERVER_PORT, recorded_pod
+from .heartbeat import Heartbeat
+from .podstart import PodRecords, proxy_url
+
+
+def pod_at(server_url: str):
+    """The id of the pod whose nnInteractive server is at server_url (RunPod's proxy address), else None."""
+    pattern = re.escape(proxy_url("{pod_id}", SERVER_PORT)).replace(re.escape("{pod_id}"), "([A-Za-z0-9]+)")
+    found = re.fullmatch(pattern, server_url.strip().rstrip("/"), re.IGNORECASE)
+    return found and found.group(1)
+
+
+def pod_heartbeat(server_url: str, api_key: str, records: PodRecords):
+    """The (not yet started) Heartbeat that keeps the pod behind server_url running; None for any other server."""
+    pod_id = pod_at(server_url)
+    if not pod_id:
+        return None
+    started_here = recorded_pod(records, pod_id)
+    if started_here is not None:
+        return Heartbeat(started_here.agent_url, started_here.secrets["SM_HEARTBEAT_TOKEN"])
+    return Heartbeat(proxy_url(pod_id, AGENT_PORT), api_key)
