@@ -191,6 +191,24 @@ def test_a_refused_store_says_the_servers_reason(orthanc, monkeypatch, accept):
                                 "why it does not take it.")
 
 
+def test_a_store_these_credentials_may_not_search_for_is_said_unconfirmed_not_failed(orthanc, monkeypatch):
+    """A push-only account may store but not search (QIDO-RS 403): the SEG was stored, and that is not a failure."""
+    import requests
+
+    web = DicomWeb(DicomWebServer.parse(f"dicomweb+{orthanc.dicomweb_url}"), (USER, PASSWORD))
+
+    def refused(*args, **kwargs):
+        answer = requests.Response()
+        answer.status_code, answer.url = 403, orthanc.dicomweb_url
+        raise requests.HTTPError("403 Client Error: Forbidden", response=answer)
+
+    monkeypatch.setattr(web._client, "search_for_instances", refused)
+    stored = web.store(LIVER_SEG)
+    assert stored.dataset.SOPInstanceUID == pydicom.dcmread(LIVER_SEG).SOPInstanceUID
+    assert stored.unconfirmed == (f"The DICOMweb server {orthanc.dicomweb_url} stored liver.dcm, but whether it kept it "
+                                  "could not be checked (HTTP 403 to a search for it): look for it in the PACS.")
+
+
 @pytest.mark.parametrize("code, words", [(0x0122, "0x0122: it does not take this SOP class"),
                                          (0xA701, "0xA701: out of resources"), (0xC123, "0xC123: it cannot understand"),
                                          (0x0124, "0x0124: not authorized"), (0x9999, "0x9999: a reason the DICOM")])

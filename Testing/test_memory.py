@@ -72,9 +72,13 @@ def test_available_memory_is_the_least_the_system_and_each_container_limit_leave
 
 @needs_linux
 def test_this_machines_available_memory_is_at_most_its_memavailable():
+    def mem_available() -> int:
+        line = next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+
+    before = mem_available()
     available = memory.available_memory()
-    line = next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
-    assert 0 < available <= int(line.split()[1]) * 1024
+    assert 0 < available <= max(before, mem_available())  # other jobs' memory may change between the reads
 
 
 @pytest.fixture(scope="module")

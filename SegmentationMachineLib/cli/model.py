@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..cloud.cloudgpu import recorded_pod_at
-from ..cloud.keepalive import pod_heartbeat
+from ..cloud.keepalive import heartbeat_note, pod_heartbeat
 from ..cloud.podstart import PodRecords
 from ..core.errors import UserError
 from .common import (Progress, add_surface_options, api_key, command_record, examples, export_options, log,
@@ -116,8 +116,11 @@ def _store_seg(web, result):
         stored = web.store(path)
     except UserError as error:
         raise kept(error, path) from None
-    print(f"Stored the DICOM SEG (series {stored.SeriesInstanceUID}, {len(stored.SegmentSequence)} segment(s)) "
-          f"in study {stored.StudyInstanceUID} on {web.server.url}")
+    header = stored.dataset
+    print(f"Stored the DICOM SEG (series {header.SeriesInstanceUID}, {len(header.SegmentSequence)} segment(s)) "
+          f"in study {header.StudyInstanceUID} on {web.server.url}")
+    if stored.unconfirmed:
+        log.warning("%s", stored.unconfirmed)
 
 
 def _warn_if_too_big(voxels: int):
@@ -206,6 +209,8 @@ def _run_model(args, cleanup: ExitStack):
             session.close()
             if heartbeat:
                 heartbeat.stop()
+                if heartbeat_note(heartbeat):  # the pod ends soon, or ignored the heartbeats
+                    log.warning("%s", heartbeat_note(heartbeat))
     with Progress("presets", args.quiet) as preset_progress, Progress("surfaces", args.quiet) as progress:
         result = model_volume(ctx, loaded.node, presets, args.out, options, progress, print, segmentation,
                               provenance, preset_progress)

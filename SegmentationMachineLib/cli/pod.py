@@ -28,13 +28,15 @@ def add_pod_commands(commands, common):
                               **examples(f"{SM} login", f"{SM} up --gpu 'RTX 4090' --max-price 0.8", f"{SM} down --all"))
     pod.set_defaults(run=run_pod)
     actions = pod.add_subparsers(dest="pod_command", required=True)
-    gpus = actions.add_parser("gpus", parents=[common], help=f"NVIDIA GPU types in stock with ≥ {MIN_VRAM_GB} GB, cheapest first",
+    gpus = actions.add_parser("gpus", parents=[common],
+                              help=f"NVIDIA GPU types in stock with ≥ {MIN_VRAM_GB} GB, cheapest first",
                               **examples(f"{SM} gpus --cloud community"))
     gpus.add_argument("--cloud", choices=["secure", "community"], default="secure", help=CLOUD_HELP)
 
     up = actions.add_parser("up", parents=[common], help="start a pod and wait until its server answers",
                             **examples(f"{SM} up", f"{SM} up --mode desktop --budget 2 --detach"))
-    up.add_argument("--gpu", help=f"GPU type id or name (default: the cheapest with ≥ {MIN_VRAM_GB} GB that has capacity)")
+    up.add_argument("--gpu",
+                    help=f"GPU type id or name (default: the cheapest with ≥ {MIN_VRAM_GB} GB that has capacity)")
     up.add_argument("--mode", choices=MODES, default="server", help="server (default) or desktop (Slicer in a browser)")
     source = up.add_mutually_exclusive_group()
     source.add_argument("--image", help="container image (default SM_POD_IMAGE or our published image)")

@@ -20,7 +20,8 @@ from ..core.errors import UserError
 from .heartbeat import INTERVAL_S as HEARTBEAT_S
 from .heartbeat import Heartbeat
 from .pods import NAME_PREFIX, PodsError, PodSpec
-from .podstart import DEFAULT_TIMEOUT_S, POLL_S, PodRecords, proxy_url, server_answers, start_pod, wait_until_ready
+from .podstart import (DEFAULT_TIMEOUT_S, POLL_S, PodRecords, pod_at, proxy_url, server_answers, start_pod,
+                       wait_until_ready)
 
 KEY_NAME = "runpod-api-key"
 DEFAULT_IMAGE = "ghcr.io/segmentation-machine/pod:0.1.0"
@@ -104,8 +105,8 @@ def recorded_pod(records: PodRecords, pod_id: str):
 
 def recorded_pod_at(records: PodRecords, server_url: str):
     """The recorded pod whose server is at server_url, or None."""
-    pods = (recorded_pod(records, pod_id) for pod_id in records.all())
-    return next((p for p in pods if p and p.server_url == server_url.rstrip("/")), None)
+    pod_id = pod_at(server_url, SERVER_PORT)
+    return recorded_pod(records, pod_id) if pod_id else None
 
 
 def _ready_check(pod_secrets: dict):

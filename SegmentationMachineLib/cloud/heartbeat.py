@@ -56,5 +56,5 @@ class Heartbeat:
                 self.beat()
             except Exception as error:  # a surprise must not end the heartbeats: the pod would be ended as idle
                 self.problem = f"heartbeat failed: {error}"
-            if self._stop.wait(INTERVAL_S):
+            if self.refused or self._stop.wait(INTERVAL_S):  # a refused token stays refused: no log flood
                 return

@@ -6,18 +6,20 @@ server's. The credential is the heartbeat token where the pod was started from t
 else the server's key, which the agent accepts too: whoever may use the server may keep it running.
 """
 
-import re
-
-from .cloudgpu import AGENT_PORT, SERVER_PORT, recorded_pod
+from .cloudgpu import AGENT_PORT, recorded_pod
 from .heartbeat import Heartbeat
-from .podstart import PodRecords, proxy_url
+from .podstart import PodRecords, pod_at, proxy_url
 
 
-def pod_at(server_url: str):
-    """The id of the pod whose nnInteractive server is at server_url (RunPod's proxy address), else None."""
-    pattern = re.escape(proxy_url("{pod_id}", SERVER_PORT)).replace(re.escape("{pod_id}"), "([A-Za-z0-9]+)")
-    found = re.fullmatch(pattern, server_url.strip().rstrip("/"), re.IGNORECASE)
-    return found and found.group(1)
+def heartbeat_note(heartbeat) -> str:
+    """The pod's warning that it ends soon, or why the heartbeats do not keep it running; "" otherwise."""
+    if heartbeat is None:
+        return ""
+    if heartbeat.refused:
+        return ("The pod's agent refused these heartbeats (a pod from an older image takes only its own heartbeat "
+                "token): the pod ends after its idle timeout unless the Cloud GPU section or `segmentation-machine "
+                "pod up` stays connected to it.")
+    return heartbeat.warning
 
 
 def pod_heartbeat(server_url: str, api_key: str, records: PodRecords):

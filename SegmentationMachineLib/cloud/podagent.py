@@ -282,7 +282,8 @@ class PodAgent:
                 return False
             log.warning("Stopped pod %s: the files on its volume (%s) are kept, and %s (`segmentation-machine pod down "
                         "%s` deletes them with it). A resume continues this pod's budget and lifetime; raise "
-                        "SM_BUDGET_USD or SM_MAX_LIFETIME_S in its settings to use it longer.", self.config.pod_id,
+                        "SM_BUDGET_USD or SM_MAX_LIFETIME_S in its settings to use it longer (RunPod's own stop at "
+                        "the maximum lifetime, set when the pod was created, does not move with them).", self.config.pod_id,
                         self.config.workspace, self._volume_cost(), self.config.pod_id)
             return True
         log.warning("Terminating pod %s: %s.", self.config.pod_id, reason)

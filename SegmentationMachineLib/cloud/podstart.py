@@ -11,6 +11,7 @@ so the next start can list what is still there and what it has cost.
 import json
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -52,6 +53,14 @@ PROXY_URL = "https://{pod_id}-{port}.proxy.runpod.net"
 def proxy_url(pod_id: str, port: int = 8000) -> str:
     """The public URL of a pod's port; SM_RUNPOD_PROXY_URL redirects it (tests, other deployments)."""
     return (os.environ.get("SM_RUNPOD_PROXY_URL") or PROXY_URL).format(pod_id=pod_id, port=port)
+
+
+def pod_at(url: str, port: int = 8000):
+    """The id of the pod whose port (its nnInteractive server, by default) is at url, RunPod's proxy address as
+    proxy_url makes it; None for any other address."""
+    pattern = re.escape(proxy_url("{pod_id}", port)).replace(re.escape("{pod_id}"), "([A-Za-z0-9]+)")
+    found = re.fullmatch(pattern, url.strip().rstrip("/"), re.IGNORECASE)
+    return found and found.group(1)
 
 
 def server_answers(url: str, api_key: str, timeout: float = 10.0) -> bool:

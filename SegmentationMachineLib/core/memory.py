@@ -23,7 +23,7 @@ def memory_needed(voxels: int) -> int:
 
 
 def available_memory(meminfo: Path = Path("/proc/meminfo"), cgroups: Path = Path("/proc/self/cgroup"),
-                     cgroup_folder: Path = CGROUP_FOLDER) -> int:
+                     cgroup_folder: Path = CGROUP_FOLDER) -> "int | None":
     """Bytes this process can take without swapping or being killed: the least of the system's MemAvailable and
     the room left under each memory limit of its control groups (Docker, Kubernetes, Slurm, systemd), else
     free physical memory; None if nothing is known (Windows, macOS)."""

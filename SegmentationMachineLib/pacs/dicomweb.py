@@ -37,6 +37,7 @@ ACCEPTED_TRANSFER_SYNTAXES = (("application/dicom", "1.2.840.10008.1.2.1"), ("ap
 # A PACS may answer a STOW-RS with success and not keep the instance (a filter): QIDO-RS looks for it after these
 # waits (seconds), for a server that indexes what it received a moment later.
 CONFIRM_WAITS = (0, 0.5, 1, 2)
+UNSEARCHABLE = (400, 401, 403, 405, 501)  # a search refused or not offered: what was stored cannot be confirmed
 # Why a STOW-RS server did not store an instance: FailureReason (0008,1197), PS3.18 10.5.3 and PS3.4 Annex B.
 FAILURE_REASONS = {0x0110: "processing failure", 0x0111: "the instance is already stored",
                    0x0122: "it does not take this SOP class", 0x0124: "not authorized",
@@ -208,8 +209,9 @@ class DicomWeb:
         self._client.set_http_retry_params(retry=False)  # an unanswered request is said at once, not in 30 s
         # dicomweb-client 0.60-0.61 counts application/dicom once per transfer syntax and then refuses a series asked
         # for in several (ValueError): counted once, as its docstring says it should be.
-        common = self._client._get_common_media_types
-        self._client._get_common_media_types = lambda media_types=None: list(dict.fromkeys(common(media_types)))
+        common = getattr(self._client, "_get_common_media_types", None)
+        if common is not None:  # a private method: a later dicomweb-client may have none, or no such bug
+            self._client._get_common_media_types = lambda media_types=None: list(dict.fromkeys(common(media_types)))
 
     @contextmanager
     def _asking(self, what: str):
@@ -305,9 +307,9 @@ class DicomWeb:
                             "check the series in the PACS.")
         return paths
 
-    def store(self, path: Path) -> pydicom.Dataset:
+    def store(self, path: Path) -> "Stored":
         """Stores one DICOM file (STOW-RS) in its study and confirms (QIDO-RS) that the server kept it; returns its
-        header."""
+        header, with a sentence where the server cannot be searched for it."""
         dataset = pydicom.dcmread(path)
         study, name = dataset.StudyInstanceUID, Path(path).name
         with self._asking(f"the store of {name} in study {study}"):
@@ -317,14 +319,19 @@ class DicomWeb:
             reason = failure_reason(int(failed[0])) if failed[0].isdigit() else "no failure reason given"
             raise UserError(f"The DICOMweb server {self.server.url} did not store {name} ({reason}): ask its "
                             "administrator whether it accepts DICOM SEG objects.")
-        if not self._lists(dataset):
+        listed = self._lists(dataset)
+        if listed is False:
             raise UserError(f"The DICOMweb server {self.server.url} accepted {name} but did not keep it (it is not in "
                             f"study {study} afterwards): ask its administrator whether it filters DICOM SEG objects.")
-        return dataset
+        if listed is True:
+            return Stored(dataset)
+        return Stored(dataset, f"The DICOMweb server {self.server.url} stored {name}, but whether it kept it could not "
+                               f"be checked (HTTP {listed} to a search for it): look for it in the PACS.")
 
-    def _lists(self, dataset: pydicom.Dataset) -> bool:
+    def _lists(self, dataset: pydicom.Dataset):
         """Whether QIDO-RS finds the instance in its series: a PACS may answer a STOW-RS with success and drop the
-        instance (an Orthanc ReceivedInstanceFilter does)."""
+        instance (an Orthanc ReceivedInstanceFilter does). The HTTP status instead where this server, or these
+        credentials, may store but not search (push-only accounts): not confirmable."""
         study, series, instance = dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID
         for wait in CONFIRM_WAITS:
             time.sleep(wait)
@@ -333,12 +340,21 @@ class DicomWeb:
                     found = self._client.search_for_instances(study, series,
                                                               search_filters={"SOPInstanceUID": instance})
                 except requests.HTTPError as error:
-                    if error.response is None or error.response.status_code != 404:
+                    status = error.response.status_code if error.response is not None else None
+                    if status in UNSEARCHABLE:
+                        return status
+                    if status != 404:
                         raise
                     found = []  # no such series (yet)
             if any(item.get("00080018", {}).get("Value") == [instance] for item in found):
                 return True
         return False
+
+
+@dataclass
+class Stored:
+    dataset: pydicom.Dataset  # the header of what was stored
+    unconfirmed: str = ""  # the sentence, where the server could not be searched for it
 
 
 def kept(error: UserError, path: Path) -> UserError:

@@ -19,7 +19,7 @@ SAVE_CREDENTIALS = "save a token, or a user name and password, that it accepts (
 
 def send_seg(server: DicomWebServer, auth, seg: SegInput, timeout=TIMEOUT, keep_in: Path = DEFAULT_EXPORT_FOLDER,
              name: str = "segmentation"):
-    """Any thread: writes the SEG into a private temporary folder and stores it in its study; returns its header.
+    """Any thread: writes the SEG into a private temporary folder and stores it in its study; returns it (Stored).
     A SEG the server did not store (or not keep) is moved into a new folder NAME_seg-not-stored_TIME in keep_in,
     which the sentence names: the user's work is never lost with the temporary folder."""
     with tempfile.TemporaryDirectory(prefix="segmentation-machine-seg-") as folder:
@@ -117,5 +117,5 @@ class PacsPanel:
         """Main thread, once the task is done: the header of what was stored, or None with the cause as status."""
         task, self.task = self.task, None
         stored, problem = task.outcome()
-        self.status = problem or self._sent
-        return stored
+        self.status = problem or " ".join(filter(None, [self._sent, stored.unconfirmed]))
+        return stored and stored.dataset

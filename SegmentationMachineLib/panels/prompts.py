@@ -5,7 +5,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..cloud.heartbeat import Heartbeat
-from ..cloud.keepalive import pod_heartbeat
+from ..cloud.keepalive import heartbeat_note, pod_heartbeat
 from ..cloud.podstart import PodRecords
 from ..core.errors import UserError
 from ..prompts.promptfile import Prompt
@@ -120,14 +120,7 @@ class PromptsPanel:
             self.status = note or self.status
 
     def _pod_said(self) -> str:
-        """The pod's warning that it ends soon, or why the heartbeats do not keep it running; "" otherwise."""
-        if self.heartbeat is None:
-            return ""
-        if self.heartbeat.refused:
-            return ("The pod's agent did not accept this server's key as a heartbeat (an older pod image): the pod "
-                    "ends after its idle timeout unless the Cloud GPU section or `segmentation-machine pod up` "
-                    "stays connected to it.")
-        return self.heartbeat.warning
+        return heartbeat_note(self.heartbeat)
 
     def _start(self, job, function):
         self._job, self._job_started = job, self.clock()

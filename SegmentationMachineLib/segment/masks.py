@@ -233,7 +233,8 @@ def _enclosed_lumens(lumens, mask):
     if count == 0:
         return lumens
     labels, hole = _holes_in_plane(mask)
-    inside = np.bincount(parts.ravel(), hole[labels].ravel(), count + 1) >= np.bincount(parts.ravel(), minlength=count + 1) / 2
+    voxels = np.bincount(parts.ravel(), minlength=count + 1)
+    inside = np.bincount(parts.ravel(), hole[labels].ravel(), count + 1) >= voxels / 2
     inside[0] = False
     return inside[parts]
 
@@ -266,9 +267,10 @@ def _outline(mask, hu, spacing, options: BoneOptions):
 
 def bone_mask(hu: np.ndarray, spacing, options: BoneOptions = BoneOptions(), progress=None) -> np.ndarray:
     """Bone inside the body: candidates above threshold_hu, minus the table (outside the body mask),
-    minus contrast-filled vessel lumens (thick and homogeneous; those the bone encloses are marrow), keeping only the pieces that hold
-    dense cortex (which drops enhanced organs and small vessels); then closed and marrow filled slice by slice
-    (so disc spaces between vertebrae stay open) but not the spinal canal, its edge moved to outline_hu, islands removed.
+    minus contrast-filled vessel lumens (thick and homogeneous; those the bone encloses are marrow), keeping only
+    the pieces that hold dense cortex (which drops enhanced organs and small vessels); then closed and marrow filled
+    slice by slice (so disc spaces between vertebrae stay open) but not the spinal canal, its edge moved to
+    outline_hu, islands removed.
     Works on the bounding box of the candidates only.
     """
     step = _steps(progress, 7)
