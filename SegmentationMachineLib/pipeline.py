@@ -1,6 +1,7 @@
 """The model pipeline one series goes through: volume → segments (presets, prompts) → printable meshes."""
 
 import logging
+import math
 import time
 
 from .core.errors import UserError
@@ -56,8 +57,7 @@ def model_volume(ctx: SceneContext, volume_node, presets, out_dir, options: Expo
 
     provenance: the report's input and command (export.py); the presets run are added to it.
     Every step is logged at INFO (the CLI's --log file keeps them); running out of memory is one sentence."""
-    dimensions = volume_node.GetImageData().GetDimensions()
-    with said_when_out_of_memory(dimensions[0] * dimensions[1] * dimensions[2]):
+    with said_when_out_of_memory(math.prod(volume_node.GetImageData().GetDimensions())):
         for name in presets:
             started = time.perf_counter()
             segmentation = apply_preset(ctx, volume_node, name, segmentation, progress=preset_progress)

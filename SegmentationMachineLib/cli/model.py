@@ -2,6 +2,7 @@
 → preset or prompted segmentation → meshes (and, for DICOMweb, the DICOM SEG stored back)."""
 
 import importlib.util
+import math
 import tempfile
 from contextlib import ExitStack
 from dataclasses import replace
@@ -180,7 +181,7 @@ def _run_model(args, cleanup: ExitStack):
         return
     chosen = choose_series(scan, args.series) if scan and scan.series else None
     if chosen:  # before reading a voxel; a volume file's size is known once it is read
-        _warn_if_too_big(chosen.shape[0] * chosen.shape[1] * chosen.slice_count)
+        _warn_if_too_big(chosen.voxel_count)
     ctx = create_headless_scene()
     with Progress("loading", args.quiet) as progress:
         loaded = load_input(ctx, source, args.series, scan, progress)
@@ -188,7 +189,7 @@ def _run_model(args, cleanup: ExitStack):
         log.warning(note)
     dimensions = loaded.node.GetImageData().GetDimensions()
     if not chosen:
-        _warn_if_too_big(dimensions[0] * dimensions[1] * dimensions[2])
+        _warn_if_too_big(math.prod(dimensions))
     print(f"Loaded {loaded.source}: {'x'.join(map(str, dimensions))} voxels")
     steps.info("Loaded %s from %s: %s voxels of %s mm.", loaded.source, source, "x".join(map(str, dimensions)),
                "x".join(f"{v:.4g}" for v in loaded.node.GetSpacing()))

@@ -70,7 +70,7 @@ def serve_inbox(args, inbox_folder: Path, banner: str, service=None, modelled=la
     def process(delivery, folder):
         ctx = create_headless_scene()  # a fresh scene per series: memory does not grow with the queue
         series = delivery.series
-        with said_when_out_of_memory(series.shape[0] * series.shape[1] * series.slice_count):  # the queue goes on
+        with said_when_out_of_memory(series.voxel_count):  # the queue goes on
             loaded = load_series(ctx, series)
         for note in loaded.notes:
             log.warning("%s", note)

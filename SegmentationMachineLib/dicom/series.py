@@ -121,6 +121,10 @@ class DicomSeries:
         """Slices in the volume: one per file, or one per frame of an enhanced multi-frame file."""
         return len(self.positions)
 
+    @property
+    def voxel_count(self) -> int:
+        return self.shape[0] * self.shape[1] * self.slice_count
+
     def summary(self) -> str:
         rows, cols = self.shape
         spacing = f"{self.pixel_spacing[0]:.3g}x{self.pixel_spacing[1]:.3g}x{self.slice_spacing:.3g} mm"

@@ -149,8 +149,9 @@ class DicomNode:
         private_folder(self.staging)
         private_folder(self.folder)
         ae = AE(ae_title=self.options.ae_title)
+        syntaxes = _transfer_syntaxes()
         for context in AllStoragePresentationContexts:  # stored as sent: compressed syntaxes too
-            ae.add_supported_context(context.abstract_syntax, _transfer_syntaxes())
+            ae.add_supported_context(context.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification)
         ae.require_calling_aet = list(self.options.allowed)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S

@@ -114,13 +114,10 @@ class PromptsPanel:
         if self.can_cancel and elapsed >= SHOW_WAIT_AFTER_S:
             doing = self._job.note or "the server is working on it"
             self.status = f"{self._job.prompt.kind.capitalize()}: {doing}, {elapsed:.0f} s (Cancel stops waiting)."
-        note = self._pod_said()
+        note = heartbeat_note(self.heartbeat)
         if note != self._pod_note:  # each once: the prompts' own lines follow
             self._pod_note = note
             self.status = note or self.status
-
-    def _pod_said(self) -> str:
-        return heartbeat_note(self.heartbeat)
 
     def _start(self, job, function):
         self._job, self._job_started = job, self.clock()
