@@ -249,7 +249,7 @@ def test_server_on_cuda_runs_without_torch_compile_where_no_c_compiler_is_found(
     commands = []
 
     class Exited:  # the server's process, as if it stopped at once (nothing runs on a GPU here)
-        returncode = 0
+        returncode, stdout = 0, []
 
         def __init__(self, command, **kwargs):
             commands.append(command)
@@ -299,6 +299,42 @@ def test_server_says_ready_only_once_it_answers(server_installed, tmp_path):
     finally:
         server.send_signal(signal.SIGINT)
         assert server.wait(30) == 0
+
+
+
+def test_server_says_what_a_cuda_out_of_memory_leaves_behind(server_installed, tmp_path):
+    """The real server answers again after a CUDA out of memory, but each prompt takes about twice as long until it
+    restarts (benchmarks/gpu_out_of_memory.py on an H100); upstream's log says only the traceback."""
+    import httpx
+    from nninteractive_model import write_model_folder
+    from nninteractive_server import free_port, TESTING
+    from SegmentationMachineLib.cli.server import OUT_OF_MEMORY_NOTE
+    from SegmentationMachineLib.prompts.remote import GuardedSession
+
+    model, port, key = write_model_folder(tmp_path / "model", out_of_memory=True), free_port(), "test-key-0123456789"
+    server = subprocess.Popen(CLI + ["server", "--model-dir", str(model), "--device", "cpu", "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "SM_NNI_API_KEY": key, "PYTHONUNBUFFERED": "1",
+                                   "PYTHONPATH": os.pathsep.join([str(TESTING), os.environ.get("PYTHONPATH", "")])})
+    try:
+        lines = []
+        while not (lines and lines[-1].startswith("Ready")):
+            assert server.poll() is None, lines
+            lines.append(server.stdout.readline().strip())
+        session = GuardedSession(f"http://127.0.0.1:{port}", key, read_timeout=60)
+        image = np.random.default_rng(0).integers(-100, 100, (1, 64, 64, 64), np.int16)  # upstream refuses all zero
+        session.set_image(image, {"spacing": [1, 1, 1]})
+        session.set_target_buffer(np.zeros((64, 64, 64), np.uint8))
+        session.reset_interactions()
+        with pytest.raises(httpx.HTTPStatusError) as failed:
+            session.add_point_interaction((32, 32, 32), include_interaction=True)
+        assert failed.value.response.status_code == 500, failed.value.response.text
+        session.close()
+    finally:
+        server.send_signal(signal.SIGINT)
+        lines += server.communicate(timeout=30)[0].splitlines()
+    assert server.returncode == 0 and lines.count(OUT_OF_MEMORY_NOTE) == 1
+    assert lines[lines.index(OUT_OF_MEMORY_NOTE) - 1].startswith("torch.OutOfMemoryError: CUDA out of memory")
 
 
 # -- watch's loose ends --------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """`segmentation-machine server` on a CUDA GPU, driven by our own guarded client: start-up, upload and
 prompt times on a 512x512x300 CT-like volume, with the official model's architecture (random weights).
 
-Run on a machine with a GPU and the server's packages (the README's "GPU check" says how it ran here):
+Run on a machine with a GPU and the server's packages (the README's *Benchmarks* says how they ran):
     python benchmarks/gpu_server.py [--no-torch-compile]
 Random weights give real network and refinement times but meaningless masks; the mask sizes are printed
 so a prompt that set off autozoom (a prediction that reached its patch's border) can be told apart.
@@ -82,7 +82,8 @@ def start_server(model: Path, port: int, no_compile: bool, device: str):
             break
     if process.poll() is not None or not lines or not lines[-1].startswith("Ready"):
         raise SystemExit("the server did not start:\n" + "\n".join(lines[-40:]))
-    threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()  # keep its pipe drained
+    # keep its pipe drained, and its log in lines
+    threading.Thread(target=lambda: lines.extend(line.rstrip() for line in process.stdout), daemon=True).start()
     return time.monotonic() - started, process, lines
 
 

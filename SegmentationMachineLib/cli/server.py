@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -15,6 +16,9 @@ from ..core.files import printable
 from .common import examples, stop_on_signals
 
 STARTUP_POLL_S = 0.25  # how often the starting server is asked whether it answers
+OUT_OF_MEMORY_NOTE = ("The nnInteractive server ran out of GPU memory on a prompt: it goes on answering, but each "
+                      "prompt takes about twice as long until it is restarted; restart it, on a GPU with more memory "
+                      "if such prompts are needed.")
 
 
 def add_server_command(commands, common):
@@ -71,7 +75,10 @@ def run_server(args):
     url = f"http://{args.host}:{args.port}"
     print(f"Starting the nnInteractive server on {url} ({device}); it loads the model first.", flush=True)
     # The key goes by environment, never on the command line where `ps` shows it to every user.
-    process = subprocess.Popen(command, env={**os.environ, "NN_INTERACTIVE_API_KEY": key}, stdin=subprocess.DEVNULL)
+    process = subprocess.Popen(command, env={**os.environ, "NN_INTERACTIVE_API_KEY": key}, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    relay = threading.Thread(target=_relay, args=(process.stdout,), daemon=True)
+    relay.start()
     stop_on_signals(("SIGTERM",))
     try:
         if _answers_once_started(process, args.host, args.port):
@@ -83,8 +90,19 @@ def run_server(args):
             process.wait(15)
         except subprocess.TimeoutExpired:  # it ignores TERM while a prediction runs
             process.kill()
+    relay.join(5)  # its last lines before ours
     if process.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL, None):
         raise UserError(f"The nnInteractive server stopped with status {process.returncode}: see its messages above.")
+
+
+def _relay(output):
+    """Passes the server's log on, and says what a CUDA out of memory leaves behind, which upstream does not: the
+    server answers again, but each prompt takes about twice as long until it restarts (benchmarks/gpu_out_of_memory.py,
+    on an H100)."""
+    for line in output:
+        print(line, end="", flush=True)
+        if line.startswith("torch.OutOfMemoryError"):
+            print(OUT_OF_MEMORY_NOTE, flush=True)
 
 
 def _check_model_dir(folder: Path, fold: str):

@@ -284,12 +284,14 @@ class InteractiveSession:
         if code == 500 and "out of memory" in said.lower():
             return InteractiveError(f"The nnInteractive server ran out of GPU memory on this prompt (HTTP 500: "
                                     f"{said}); the segment is left as it was: the GPU has too little memory for this "
-                                    "region and prompt, so run the server on a GPU with more memory.")
+                                    "region and prompt, so restart the server on a GPU with more memory (until it "
+                                    "restarts, it answers about half as fast).")
         if code == 500:  # upstream answers only this to what it does not expect, a CUDA out of memory included
             return InteractiveError(f"The nnInteractive server failed on this prompt (HTTP 500: {said}); the segment "
-                                    "is left as it was: its log says why (a pod's logs are in RunPod's console), and "
-                                    "where that is CUDA out of memory, run the server on a GPU with more memory; "
-                                    "otherwise try the prompt again.")
+                                    "is left as it was: its log says why (a pod's logs are in RunPod's console); "
+                                    "where that is CUDA out of memory, restart the server on a GPU with more memory "
+                                    "(until it restarts, it answers about half as fast); otherwise try the prompt "
+                                    "again.")
         return InteractiveError(f"The nnInteractive server answered HTTP {code} ({said}): try the prompt again, "
                                 "or reset the segment.")
 
