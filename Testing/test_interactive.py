@@ -161,6 +161,27 @@ def test_a_kind_the_model_does_not_take_is_refused_before_sending(server, scene_
     session.close()
 
 
+def test_a_prompt_on_an_all_zero_image_is_one_sentence_and_the_next_volume_works(server, scene_parts):
+    """The real server answers HTTP 400 'Input image is entirely zero' (an MR's air, a blank volume): retrying
+    cannot help, so the sentence says what can."""
+    volume = scene_parts[0]
+    image = arrays.volume_array(volume).copy()
+    arrays.set_volume_array(volume, np.zeros_like(image), oblique_matrix())
+    session = open_session(server, scene_parts)
+    with pytest.raises(InteractiveError) as error:
+        session.add(Prompt("point", True, ras=ras((20, 24, 28))))
+    assert str(error.value) == (
+        "The part of the scan sent for this prompt is all zero (slices 1-40 of 40 on the server), which nnInteractive "
+        "cannot segment; the segment is left as it was: place the prompt on the structure, or choose the scan's own "
+        "volume.")
+    assert not mask_of(session).any()
+    arrays.set_volume_array(volume, image, oblique_matrix())
+    session.set_volume(volume)
+    session.add(Prompt("point", True, ras=ras((20, 24, 28))))
+    assert mask_of(session)[20, 24, 28]
+    session.close()
+
+
 def test_scribble_and_lasso_include_and_exclude(server, scene_parts):
     session = open_session(server, scene_parts)
     line = [ras((22, 10, 10)), ras((22, 10, 30))]

@@ -96,6 +96,27 @@ def test_a_result_the_region_would_cut_runs_again_on_a_region_that_holds_it(serv
     session.close()
 
 
+def test_a_prompt_that_ran_again_often_enough_is_written_as_it_came_and_said(server, scene_parts):
+    """At most MAX_RERUNS larger regions: a structure that would go on reaching the edge (the model following it
+    from region to region) is written once that many have been tried, with the sentence."""
+    from SegmentationMachineLib.prompts.session import MAX_RERUNS
+
+    volume, target = scene_parts
+    session = InteractiveSession(server.url, KEY, limits=limits(250_000))
+    session.connect()
+    session.set_volume(volume)
+    session.select_segment(target)
+    k0, k1 = session._region[:, 0]
+    pending = session.prepare(point(120))
+    pending.reruns = MAX_RERUNS  # as if this were its last try
+    timing = session.finish(pending, pending.run())
+    assert pending.again is None and spans(session._segment_mask(target.segment_id)) == (k0, k1 - 1)
+    assert timing.warning == (f"The result reaches the edge of the part of the scan sent (slices {k0 + 1}-{k1} of 240 "
+                              f"on the server) and may be cut off there: the prompt ran on larger parts {MAX_RERUNS} "
+                              "times already; place a prompt on the structure beyond that edge to continue it.")
+    session.close()
+
+
 def run_recording(panel, clock: list) -> list:
     """Ticks the panel until it is idle, advancing its clock 2 s a tick; the status lines it showed, in order."""
     seen, deadline = [], time.monotonic() + 120

@@ -266,6 +266,11 @@ def test_a_server_restarting_behind_the_proxy_is_a_sentence_without_html_and_the
                 f"The nnInteractive server at {proxy.url} is starting, restarting or unreachable through the proxy in "
                 f"front of it (HTTP {status}); the segment is left as it was: wait a minute and try again.")
             assert (proxy.seen[-1][3], mask_of(session)[520, 36, 40]) == (status, False)
+            with pytest.raises(InteractiveError) as error:  # connecting then: not "the server is full", waiting
+                open_session(proxy, scene_parts, limits=limits(), max_wait_s=0)
+            assert str(error.value) == (
+                f"The nnInteractive server at {proxy.url} is starting, restarting or unreachable through the proxy in "
+                f"front of it (HTTP {status}); the segment is left as it was: wait a minute and try again.")
     finally:
         server.start()
     session.add(Prompt("point", True, ras=ras((520, 36, 40))))  # a new lease, the region and the segment sent again

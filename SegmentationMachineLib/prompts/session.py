@@ -42,6 +42,9 @@ from .region import covers, cut_faces, Limits, Planner, RegionTooLarge, slices
 
 MAX_UNDO_BYTES = 256 << 20  # the undo history's memory (masks packed 8 voxels a byte); the oldest steps go first
 RETRY_AFTER_S = 10  # what the server asks for when full; its client does not pass the header on
+# What the upstream client says of a 503 whose body has no JSON detail: a proxy's page, never the server's own
+# "server is at capacity (N sessions)" (nninteractive-client 2.6, remote_session._raise_for_lease_errors).
+CAPACITY_WITHOUT_DETAIL = "server is at capacity"
 MAX_SCRIBBLE_THICKNESS = 20  # voxels; what a server prefers beyond that is not a scribble (and costs memory)
 MAX_RERUNS = 3  # a prompt whose result the region cut runs again on a larger region at most this often
 
@@ -232,7 +235,9 @@ class InteractiveSession:
         while True:
             try:
                 return remote.GuardedSession(self.url, self.api_key, self.read_timeout_s, self.limits.request_bytes)
-            except upstream.ServerAtCapacityError:
+            except upstream.ServerAtCapacityError as error:
+                if str(error) == CAPACITY_WITHOUT_DETAIL:  # a 503 without upstream's JSON: a proxy's page
+                    raise self._gateway(503) from None
                 if waited >= self.max_wait_s:
                     raise InteractiveError(f"The nnInteractive server at {self.url} is still full after "
                                            f"{waited:.0f} s: try again later or start your own GPU pod.") from None
@@ -281,6 +286,13 @@ class InteractiveSession:
         if code in (502, 503, 504):
             return self._gateway(code)
         said = _upstream()[1].error_text(error.response)
+        if code == 400 and "entirely zero" in said:  # upstream cannot normalise it: an MR's air, a blank volume
+            return InteractiveError(f"The part of the scan sent for this prompt is all zero ({self.region_note}), "
+                                    "which nnInteractive cannot segment; the segment is left as it was: place the "
+                                    "prompt on the structure, or choose the scan's own volume.")
+        if code == 400:
+            return InteractiveError(f"The nnInteractive server refused this prompt (HTTP 400: {said}); the segment "
+                                    "is left as it was.")
         if code == 500 and "out of memory" in said.lower():
             return InteractiveError(f"The nnInteractive server ran out of GPU memory on this prompt (HTTP 500: "
                                     f"{said}); the segment is left as it was: the GPU has too little memory for this "
