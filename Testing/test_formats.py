@@ -114,13 +114,19 @@ def test_seg_holds_every_segment_voxel_for_voxel_in_space_and_refers_to_its_seri
 
 @needs_highdicom
 def test_seg_says_how_each_segment_was_made_also_from_a_saved_segmentation(ctx, shared_data, tmp_path):
-    """A preset is automatic morphology on the CPU, not AI; nnInteractive's segments are AI, semi-automatic; a segment
-    we did not make is manual. The content creator (type 2) is there, empty: nobody is named."""
+    """A preset is automatic morphology on the CPU, not AI, and semi-automatic once edited by hand; nnInteractive's
+    segments are AI, semi-automatic; a segment we did not make is manual. The content creator (type 2) is there, empty: nobody is named."""
     import pydicom
 
     volume, node = dcmqi_segmentation(ctx)  # Liver, spine, Heart: made elsewhere
     apply_preset(ctx, volume, "bone", node)
+    apply_preset(ctx, volume, "skin", node)
     mark_segment(node, node.GetSegmentation().GetSegmentIdBySegmentName("Heart"), NNINTERACTIVE)  # as the session does
+    skin = node.GetSegmentation().GetSegment(node.GetSegmentation().GetSegmentIdBySegmentName("Skin"))
+    labelmap = skin.GetRepresentation("Binary labelmap")
+    voxels = arrays.image_array(labelmap)
+    voxels.flat[np.flatnonzero(voxels == skin.GetLabelValue())[0]] = 0  # one voxel erased, as by hand
+    labelmap.Modified()
     result = export_segmentation(node, tmp_path / "out", ExportOptions(formats=("seg",), save_segmentation=True))
     saved = next(result.folder.glob("*.seg.nrrd"))
     assert main(["export", str(saved), "--volume", str(UNCOMPRESSED_SERIES), "--format", "seg", "--quiet",
@@ -136,7 +142,8 @@ def test_seg_says_how_each_segment_was_made_also_from_a_saved_segmentation(ctx, 
                 algorithm.AlgorithmFamilyCodeSequence[0].CodeMeaning))
         assert made == {"Liver": ("MANUAL", None), "spine": ("MANUAL", None),
                         "Heart": ("SEMIAUTOMATIC", ("nnInteractive", "123110", "Artificial Intelligence")),
-                        "Bone": ("AUTOMATIC", ("SegmentationMachine preset", "123104", "Morphological Operations"))}
+                        "Bone": ("AUTOMATIC", ("SegmentationMachine preset", "123104", "Morphological Operations")),
+                        "Skin": ("SEMIAUTOMATIC", ("SegmentationMachine preset", "123104", "Morphological Operations"))}
 
 
 @needs_highdicom

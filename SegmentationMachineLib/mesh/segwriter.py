@@ -28,7 +28,7 @@ from ..core.child import USER_ERROR_EXIT
 from ..core.errors import ExportError, UserError
 from ..core.grids import RAS_TO_LPS
 from ..core.files import atomic_file
-from ..core.provenance import NNINTERACTIVE, PRESET
+from ..core.provenance import NNINTERACTIVE, PRESET, PRESET_EDITED
 
 
 # Segmented property category and type, SNOMED CT: (value, meaning).
@@ -133,7 +133,7 @@ class SegInput:
     segments: list  # (name, colour) per segment number
     description: str
     source_frames: bool = False  # pixels[k] is source_files[k]'s image, pixel for pixel: the SEG takes its geometry
-    made_by: tuple = ()  # core.provenance's PRESET, NNINTERACTIVE or "" (unknown) per segment; none: all unknown
+    made_by: tuple = ()  # core.provenance's PRESET, PRESET_EDITED, NNINTERACTIVE or "" (unknown) per segment
 
 
 def save_input(folder, seg: SegInput):
@@ -174,9 +174,11 @@ def _plane_geometry(ijk_to_ras: np.ndarray, slices: int):
 
 # How each kind of segment was made, in DICOM's terms: (algorithm type, name, family from CID 7162 "Surface
 # Processing Algorithm Family", whose codes a SEG's algorithm family takes). A preset runs on its own once chosen
-# (threshold, then morphology); nnInteractive, an AI model, follows the user's prompts.
+# (threshold, then morphology), and is semi-automatic once someone edited its result; nnInteractive, an AI model,
+# follows the user's prompts.
 ALGORITHMS = {
     PRESET: ("AUTOMATIC", "SegmentationMachine preset", ("123104", "Morphological Operations")),
+    PRESET_EDITED: ("SEMIAUTOMATIC", "SegmentationMachine preset", ("123104", "Morphological Operations")),
     NNINTERACTIVE: ("SEMIAUTOMATIC", "nnInteractive", ("123110", "Artificial Intelligence")),
 }
 
