@@ -45,6 +45,31 @@ def test_a_user_error_on_the_worker_becomes_the_status_line(ctx):
     assert "found nothing in 'MR'" in panel.status and panel.can_apply(volume)
 
 
+def test_memory_running_out_on_the_worker_is_the_status_line_and_the_next_export_works(ctx, phantom_dir, tmp_path,
+                                                                                       monkeypatch):
+    from SegmentationMachineLib.panels import export as export_module
+
+    volume = load_input(ctx, phantom_dir).node
+    presets = PresetsPanel()
+    presets.start(volume)
+    assert presets.task.wait(120)
+    segmentation = presets.finish(ctx, volume)
+    write = export_module.write_export
+
+    def runs_out(*args):
+        raise MemoryError()  # as numpy does when an allocation fails
+
+    monkeypatch.setattr(export_module, "write_export", runs_out)
+    panel = ExportPanel(output_folder=tmp_path, formats={"stl"})
+    panel.start(segmentation)
+    assert panel.task.wait(30) and panel.finish() is None
+    assert panel.status == ("This computer ran out of memory: close other programs, crop the scan to the region you "
+                            "need, or run it on a computer with more memory.")
+    monkeypatch.setattr(export_module, "write_export", write)
+    panel.start(segmentation)
+    assert panel.task.wait(120) and panel.finish() is not None
+
+
 def test_inbox_panel_delivers_loads_and_lists_states(ctx, tmp_path, phantom_dir):
     import shutil
     import time

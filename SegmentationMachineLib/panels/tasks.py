@@ -10,6 +10,7 @@ import sys
 import threading
 
 from ..core.errors import UserError
+from ..core.memory import out_of_memory
 
 PUMP_INTERVAL_MS = 10
 SHARE_S = 0.02  # the longest the GUI waits per tick; ticks then follow each other, so workers get most of the time
@@ -65,9 +66,12 @@ class BackgroundTask:
         return self._done.wait(timeout)
 
     def outcome(self):
-        """(result, None) on success, (None, sentence) for a user's mistake; a bug is re-raised."""
+        """(result, None) on success, (None, sentence) for a user's mistake or memory running out; a bug is
+        re-raised."""
         if isinstance(self.error, UserError):
             return None, str(self.error)
+        if isinstance(self.error, MemoryError):  # Slicer goes on: the worker's arrays are freed with it
+            return None, out_of_memory()
         if self.error:
             raise self.error
         return self.result, None
