@@ -7,6 +7,7 @@ import logging
 import re
 import socket
 import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pydicom
@@ -308,14 +309,49 @@ class _NotDicomWeb(BaseHTTPRequestHandler):
         pass
 
 
+@contextmanager
+def answering(handler):
+    """handler's HTTP server on loopback, its URL while the block runs."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def web_page():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotDicomWeb)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     _NotDicomWeb.seen.clear()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with answering(_NotDicomWeb) as url:
+        yield url
+
+
+class _SomeFailed(BaseHTTPRequestHandler):
+    """A PACS answering a store with 202 Accepted and the instance in FailedSOPSequence (DICOM PS3.18 10.5.3: some
+    instances failed), its DICOM JSON typed with a charset as many servers do."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps({"00081198": {"vr": "SQ", "Value": [{"00081197": {"vr": "US", "Value": [0xA700]}}]}})
+        self.send_response(202)
+        self.send_header("Content-Type", "application/dicom+json; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_store_answered_202_with_the_seg_failed_says_why_and_is_not_stored():
+    with answering(_SomeFailed) as url:
+        web = DicomWeb(DicomWebServer.parse(f"dicomweb+{url}"), (USER, PASSWORD))
+        with pytest.raises(UserError) as error:
+            web.store(LIVER_SEG)
+    assert str(error.value) == (f"The DICOMweb server {url} did not store liver.dcm (failure reason 0xA700: out of "
+                                "resources): ask its administrator whether it accepts DICOM SEG objects.")
 
 
 def test_a_web_page_is_not_taken_for_a_dicomweb_server(web_page, monkeypatch, tmp_path, capsys):

@@ -121,10 +121,12 @@ class _Session(requests.Session):
     def __init__(self, timeout):
         super().__init__()
         self.timeout = timeout
+        self.last_answer = None  # what the store's answer says is read from here, not as dicomweb-client parses it
 
     def request(self, *args, **kwargs):
         kwargs["timeout"] = self.timeout
-        return super().request(*args, **kwargs)
+        self.last_answer = super().request(*args, **kwargs)
+        return self.last_answer
 
 
 def _text(dataset, keyword) -> str:
@@ -314,9 +316,11 @@ class DicomWeb:
         study, name = dataset.StudyInstanceUID, Path(path).name
         with self._asking(f"the store of {name} in study {study}"):
             answer = self._client.store_instances([dataset], study_instance_uid=study)
-        failed = [str(item.get("FailureReason", "")) for item in answer.get("FailedSOPSequence") or []]
-        if failed:
-            reason = failure_reason(int(failed[0])) if failed[0].isdigit() else "no failure reason given"
+        # A success status (200, or 202 for "some failed") may still list it as failed. dicomweb-client reads the
+        # list only under an exact Content-Type ('application/dicom+json; charset=utf-8' gets an empty answer).
+        failed = _failure_codes(self._session.last_answer)
+        if failed or answer.get("FailedSOPSequence"):
+            reason = failure_reason(failed[0]) if failed else "no failure reason given"
             raise UserError(f"The DICOMweb server {self.server.url} did not store {name} ({reason}): ask its "
                             "administrator whether it accepts DICOM SEG objects.")
         listed = self._lists(dataset)
