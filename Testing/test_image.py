@@ -84,6 +84,7 @@ def test_desktop_mode_adds_the_desktop_services(tmp_path):
     assert uploader[:2] == ["/usr/bin/python3", "/opt/segmentation-machine/docker/uploader.py"]
     assert uploader[uploader.index("--inbox") + 1] == "/workspace/inbox" and uploader[uploader.index("--port") + 1] == "8080"
     assert uploader[uploader.index("--staging") + 1] == "/workspace/.uploads"  # outside the inbox, same volume
+    assert uploader[uploader.index("--exports") + 1] == "/workspace/exports"  # where the desktop's exports go
     assert environment(found["slicer"])["SM_INBOX"] == "/workspace/inbox"
     assert environment(found["slicer"])["SM_INBOX_STATE"] == "/workspace/.inbox-state"  # its journal: on the volume
     assert all(found[name]["user"] == "sm" for name in ("vnc", "novnc", "uploader", "slicer"))

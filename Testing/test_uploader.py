@@ -1,13 +1,16 @@
-"""The desktop pod's upload page (docker/uploader.py), started for real on loopback as supervisord starts it:
-password from the environment, files into an inbox only whole, nothing outside it."""
+"""The desktop pod's files page (docker/uploader.py), started for real on loopback as supervisord starts it:
+password from the environment, files into an inbox only whole, nothing outside it; finished exports out as zips,
+nothing else."""
 
 import base64
 import hashlib
+import io
 import os
 import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from urllib.parse import quote
 
@@ -24,10 +27,11 @@ MiB = 1024 * 1024
 class Uploader:
     def __init__(self, tmp_path: Path):
         self.inbox, self.staging = tmp_path / "workspace/inbox", tmp_path / "workspace/.uploads"
+        self.exports = tmp_path / "workspace/exports"
         self.port = free_port()
         self.process = subprocess.Popen(
             [sys.executable, str(UPLOADER), "--host", "127.0.0.1", "--port", str(self.port),
-             "--inbox", str(self.inbox), "--staging", str(self.staging)],
+             "--inbox", str(self.inbox), "--staging", str(self.staging), "--exports", str(self.exports)],
             env={"PATH": os.environ["PATH"], "SM_FILES_PASSWORD": PASSWORD}, stderr=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
         self.client = httpx.Client(base_url=self.url, auth=("sm", PASSWORD), timeout=60)
@@ -64,6 +68,7 @@ def uploader(tmp_path):
 def test_the_right_password_uploads_and_a_wrong_one_gets_nothing(uploader):
     page = uploader.client.get("/")
     assert page.status_code == 200 and 'webkitdirectory' in page.text and PASSWORD not in page.text
+    assert 'id="exports"' in page.text
     saved = uploader.put("CT head/series 1/IM0001.dcm", b"DICM" * 100)
     assert saved.status_code == 200 and saved.json() == {"received": 400, "saved": "CT head/series 1/IM0001.dcm"}
     assert (uploader.inbox / "CT head/series 1/IM0001.dcm").read_bytes() == b"DICM" * 100
@@ -140,6 +145,35 @@ def test_an_upload_never_replaces_a_file_in_the_inbox(uploader):
 def test_the_password_is_never_on_the_command_line(uploader):
     command_line = Path(f"/proc/{uploader.process.pid}/cmdline").read_bytes()
     assert PASSWORD.encode() not in command_line and b"uploader.py" in command_line
+
+
+def test_finished_exports_download_as_zips_and_nothing_else_does(uploader, tmp_path):
+    bone = uploader.exports / "CT_segmentation_20261126-1200"
+    bone.mkdir(parents=True)
+    mesh = os.urandom(3 * MiB)
+    (bone / "Bone.stl").write_bytes(mesh)
+    (bone / "report.json").write_text('{"meshes": []}')
+    (bone / "secrets").symlink_to("/etc/passwd")  # a link in an export leads nowhere
+    (uploader.exports / "half-written").mkdir()  # no report.json yet: not finished
+    (uploader.exports / "half-written" / "Skin.stl").write_bytes(b"solid")
+    (uploader.inbox / "patient").mkdir(parents=True)
+    (uploader.inbox / "patient" / "IM1.dcm").write_bytes(b"DICM")
+
+    listed = uploader.client.get("/exports")
+    assert listed.status_code == 200 and listed.json() == {"exports": [
+        {"name": bone.name, "files": ["Bone.stl", "report.json"], "bytes": len(mesh) + 14}]}
+    got = uploader.client.get(f"/exports/{bone.name}.zip")
+    assert got.status_code == 200 and got.headers["Content-Type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(got.content)) as archive:
+        assert archive.namelist() == [f"{bone.name}/Bone.stl", f"{bone.name}/report.json"]
+        assert archive.read(f"{bone.name}/Bone.stl") == mesh
+    for path in ["/exports/half-written.zip", "/exports/..%2Finbox%2Fpatient.zip", "/exports/../inbox/patient.zip",
+                 "/exports/%2Fetc.zip", "/inbox/patient/IM1.dcm", "/exports/"]:
+        refused = uploader.client.get(path)
+        assert refused.status_code == 404 and "PK" not in refused.text, path
+    assert httpx.get(f"{uploader.url}/exports/{bone.name}.zip").status_code == 401
+    assert list(uploader.staging.iterdir()) == []  # the zip made for the download is gone
+    assert "Traceback" not in uploader.stop()
 
 
 def test_without_a_password_the_page_stays_off(tmp_path):

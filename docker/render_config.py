@@ -191,10 +191,11 @@ def programs(env, mode: str, values: dict, root: Path, ssh: bool) -> dict:
                 "command": f"{VENV}/websockify --web /opt/novnc 0.0.0.0:6080 127.0.0.1:5901",
                 "user": DESKTOP_USER, "env": desktop, "priority": "20",
             },
-            # Our own upload page (docker/uploader.py, standard library only): the password by environment.
+            # Our own files page (docker/uploader.py, standard library only): uploads into the inbox, finished
+            # exports back out; the password by environment.
             "uploader": {
                 "command": (f"/usr/bin/python3 {APP}/docker/uploader.py --host 0.0.0.0 --port 8080 "
-                            f"--inbox {WORKSPACE}/inbox --staging {WORKSPACE}/.uploads"),
+                            f"--inbox {WORKSPACE}/inbox --staging {WORKSPACE}/.uploads --exports {WORKSPACE}/exports"),
                 "user": DESKTOP_USER, "env": {**desktop, "SM_FILES_PASSWORD": values["SM_FILES_PASSWORD"]},
             },
             "slicer": {

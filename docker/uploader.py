@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""The desktop pod's upload page: files and folders from a browser into the inbox (standard library only).
+"""The desktop pod's files page: files and folders from a browser into the inbox, and the finished exports
+back to the browser as zip files (standard library only).
 
 Runs as the desktop user under supervisord, behind HTTP Basic authentication (user `sm`, the password
-from SM_FILES_PASSWORD in the environment, never on the command line where `ps` shows it). It only
-writes: no listing, no downloads, no deleting, no shell.
+from SM_FILES_PASSWORD in the environment, never on the command line where `ps` shows it). It writes only
+into the inbox and reads only finished exports (folders of the exports folder holding report.json): no
+other listing or download, no deleting, no shell.
 
 A file arrives in chunks (`PUT /upload?path=a/b.dcm&size=N&offset=K`, each under RunPod's proxy body
 cap) appended to a part file in the staging folder, outside the inbox. Only the last chunk moves it
@@ -21,9 +23,10 @@ import os
 import shutil
 import sys
 import time
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 USER = "sm"
 CHUNK_LIMIT = 64 * 1024 * 1024  # RunPod's proxy refuses bodies near 100 MB
@@ -116,7 +119,33 @@ def forget_abandoned_parts(staging: Path, age_s: float = 2 * 24 * 3600):
             part.unlink()
 
 
-def make_handler(inbox: Path, staging: Path, secret: str):
+def finished_exports(exports: Path) -> list:
+    """The exports a user may download, newest first: folders directly in exports holding report.json (written last,
+    so the export is whole), with their plain files (links, which could lead anywhere, are left out)."""
+    found = []
+    for folder in exports.iterdir() if exports and exports.is_dir() else ():
+        if folder.is_dir() and not folder.is_symlink() and (folder / "report.json").is_file():
+            files = sorted(f for f in folder.iterdir() if f.is_file() and not f.is_symlink())
+            found.append({"name": folder.name, "files": [f.name for f in files],
+                          "bytes": sum(f.stat().st_size for f in files),
+                          "time": (folder / "report.json").stat().st_mtime})
+    return sorted(found, key=lambda export: -export["time"])
+
+
+def zip_export(exports: Path, name: str, staging: Path) -> Path:
+    """The finished export called name as a zip file in staging (the caller removes it); a name that is not one of
+    finished_exports() is refused, so nothing else can be asked for."""
+    export = next((e for e in finished_exports(exports) if e["name"] == name), None)
+    if export is None:
+        raise Refused(404, f"There is no finished export called {name!r}.")
+    target = staging / f"{hashlib.sha256(name.encode()).hexdigest()}.{os.getpid()}.{time.monotonic_ns()}.zip"
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
+        for file in export["files"]:
+            archive.write(exports / name / file, f"{name}/{file}")
+    return target
+
+
+def make_handler(inbox: Path, staging: Path, secret: str, exports: Path = None):
     expected = ("Basic " + base64.b64encode(f"{USER}:{secret}".encode()).decode()).encode()
 
     class Handler(BaseHTTPRequestHandler):
@@ -128,10 +157,35 @@ def make_handler(inbox: Path, staging: Path, secret: str):
         def do_GET(self):
             if not self._authorized():
                 return
-            if urlsplit(self.path).path == "/":
+            path = unquote(urlsplit(self.path).path)
+            if path == "/":
                 self._send(200, PAGE.encode(), "text/html; charset=utf-8")
+            elif path == "/exports" and exports:
+                self._answer(200, {"exports": [{k: e[k] for k in ("name", "files", "bytes")}
+                                               for e in finished_exports(exports)]})
+            elif path.startswith("/exports/") and path.endswith(".zip") and exports:
+                self._send_export(path[len("/exports/"):-len(".zip")])
             else:
-                self._answer(404, {"error": "Only the upload page is here."})
+                self._answer(404, {"error": "Only the upload page and the finished exports are here."})
+
+        def _send_export(self, name: str):
+            try:
+                archive = zip_export(exports, name, staging)
+            except Refused as refused:
+                self._answer(refused.status, {"error": str(refused)})
+                return
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/zip")
+                self.send_header("Content-Length", str(archive.stat().st_size))
+                self.send_header("Content-Disposition", f"attachment; filename*=UTF-8''{quote(name)}.zip")
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                with open(archive, "rb") as data:
+                    shutil.copyfileobj(data, self.wfile, BLOCK)
+                log.info("Sent the export %s.", name)
+            finally:
+                archive.unlink()
 
         def do_PUT(self):
             if not self._authorized():
@@ -194,7 +248,7 @@ def make_handler(inbox: Path, staging: Path, secret: str):
 
 
 PAGE = """<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>Upload to the inbox</title>
+<html><head><meta charset="utf-8"><title>The pod's files</title>
 <style>body{font:16px sans-serif;margin:2em;max-width:50em}#log{white-space:pre-wrap;font-family:monospace}</style>
 </head><body>
 <h1>Upload to the pod's inbox</h1>
@@ -202,6 +256,10 @@ PAGE = """<!DOCTYPE html>
 <p><label>Folder: <input type="file" id="folder" webkitdirectory multiple></label></p>
 <p><label>Files: <input type="file" id="files" multiple></label></p>
 <p id="status"></p><div id="log"></div>
+<h2>Exports</h2>
+<p>What you exported in Slicer on the pod (STL, OBJ, 3MF...), one zip file each, newest first.
+<button id="refresh">Refresh</button></p>
+<ul id="exports"></ul>
 <script>
 const CHUNK = 32 * 1024 * 1024;
 const status = document.getElementById("status"), logView = document.getElementById("log");
@@ -236,6 +294,22 @@ async function uploadAll(input) {
   status.textContent = "Done: " + input.files.length + " file(s).";
   input.value = "";
 }
+async function listExports() {
+  const list = document.getElementById("exports");
+  const response = await fetch("exports");
+  if (!response.ok) { list.textContent = "No exports here."; return; }
+  const answer = await response.json();
+  list.replaceChildren(...answer.exports.map((e) => {
+    const item = document.createElement("li"), link = document.createElement("a");
+    link.href = "exports/" + encodeURIComponent(e.name) + ".zip";
+    link.textContent = e.name;
+    item.append(link, ` (${e.files.join(", ")}; ${(e.bytes / 1048576).toFixed(1)} MiB)`);
+    return item;
+  }));
+  if (!answer.exports.length) { list.textContent = "None yet: export a segmentation in Slicer first."; }
+}
+document.getElementById("refresh").addEventListener("click", listExports);
+listExports();
 for (const id of ["folder", "files"]) {
   const input = document.getElementById(id);
   input.addEventListener("change", () => uploadAll(input));
@@ -250,6 +324,7 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--inbox", type=Path, required=True)
     parser.add_argument("--staging", type=Path, required=True, help="part files; on the inbox's file system")
+    parser.add_argument("--exports", type=Path, help="the folder whose finished exports may be downloaded")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="uploader: %(levelname)s: %(message)s", stream=sys.stderr)
     secret = os.environ.pop("SM_FILES_PASSWORD", "")  # not inherited by anything this process starts
@@ -259,7 +334,7 @@ def main(argv=None) -> int:
     for folder in (args.inbox, args.staging):
         folder.mkdir(parents=True, exist_ok=True)
     forget_abandoned_parts(args.staging)
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(args.inbox, args.staging, secret))
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(args.inbox, args.staging, secret, args.exports))
     server.daemon_threads = True
     log.info("Upload page on port %d into %s.", server.server_port, args.inbox)
     server.serve_forever()

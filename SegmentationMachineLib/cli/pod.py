@@ -204,7 +204,8 @@ def _describe(started: StartedPod):
 def _urls(started: StartedPod) -> str:
     lines = [f"  nnInteractive server: {started.server_url}"]
     if started.mode == "desktop":
-        lines += [f"  Desktop:     {started.desktop_url}", f"  File upload: {started.files_url}"]
+        lines += [f"  Desktop:     {started.desktop_url}",
+                  f"  Files:       {started.files_url} (uploads in, exports out)"]
     return "\n".join(lines)
 
 
