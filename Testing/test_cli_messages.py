@@ -5,6 +5,7 @@ absence of `requests` (hidden from imports in the child process) and RunPod's cl
 """
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -249,10 +250,11 @@ def test_server_on_cuda_runs_without_torch_compile_where_no_c_compiler_is_found(
     commands = []
 
     class Exited:  # the server's process, as if it stopped at once (nothing runs on a GPU here)
-        returncode, stdout = 0, []
+        returncode = 0
 
         def __init__(self, command, **kwargs):
             commands.append(command)
+            self.stdout = io.BytesIO()  # it said nothing
 
         def poll(self):
             return 0
@@ -299,7 +301,6 @@ def test_server_says_ready_only_once_it_answers(server_installed, tmp_path):
     finally:
         server.send_signal(signal.SIGINT)
         assert server.wait(30) == 0
-
 
 
 def test_server_says_what_a_cuda_out_of_memory_leaves_behind(server_installed, tmp_path):

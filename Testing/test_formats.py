@@ -115,7 +115,8 @@ def test_seg_holds_every_segment_voxel_for_voxel_in_space_and_refers_to_its_seri
 @needs_highdicom
 def test_seg_says_how_each_segment_was_made_also_from_a_saved_segmentation(ctx, shared_data, tmp_path):
     """A preset is automatic morphology on the CPU, not AI, and semi-automatic once edited by hand; nnInteractive's
-    segments are AI, semi-automatic; a segment we did not make is manual. The content creator (type 2) is there, empty: nobody is named."""
+    segments are AI, semi-automatic; a segment we did not make is manual. The content creator (type 2) is there,
+    empty: nobody is named."""
     import pydicom
 
     volume, node = dcmqi_segmentation(ctx)  # Liver, spine, Heart: made elsewhere
@@ -131,6 +132,7 @@ def test_seg_says_how_each_segment_was_made_also_from_a_saved_segmentation(ctx, 
     saved = next(result.folder.glob("*.seg.nrrd"))
     assert main(["export", str(saved), "--volume", str(UNCOMPRESSED_SERIES), "--format", "seg", "--quiet",
                  "--out", str(tmp_path / "again")]) == 0
+    preset = ("SegmentationMachine preset", "123104", "Morphological Operations")
     for path in (result.folder / "segmentation.dcm", next((tmp_path / "again").glob("*/segmentation.dcm"))):
         seg = pydicom.dcmread(path)
         assert "ContentCreatorName" in seg and not seg.ContentCreatorName
@@ -142,8 +144,37 @@ def test_seg_says_how_each_segment_was_made_also_from_a_saved_segmentation(ctx, 
                 algorithm.AlgorithmFamilyCodeSequence[0].CodeMeaning))
         assert made == {"Liver": ("MANUAL", None), "spine": ("MANUAL", None),
                         "Heart": ("SEMIAUTOMATIC", ("nnInteractive", "123110", "Artificial Intelligence")),
-                        "Bone": ("AUTOMATIC", ("SegmentationMachine preset", "123104", "Morphological Operations")),
-                        "Skin": ("SEMIAUTOMATIC", ("SegmentationMachine preset", "123104", "Morphological Operations"))}
+                        "Bone": ("AUTOMATIC", preset), "Skin": ("SEMIAUTOMATIC", preset)}
+
+
+def test_a_preset_on_another_grid_than_its_segmentation_is_unedited_after_saving_and_loading(ctx, tmp_path):
+    """Saving resamples every segment onto the segmentation's reference geometry: a preset made on a finer volume
+    than the one the segmentation was made on is not 'edited' by that."""
+    from SegmentationMachineLib.core.provenance import made_by, PRESET, PRESET_EDITED
+    from SegmentationMachineLib.segment.presets import add_segment_from_mask
+
+    coarse, fine = np.diag([2.0, 2.0, 2.0, 1.0]), np.eye(4)
+    volume = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "coarse")
+    arrays.set_volume_array(volume, np.zeros((20, 20, 20), np.int16), coarse)
+    node = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    drawn = np.zeros((20, 20, 20), bool)
+    drawn[1:4, 1:4, 1:4] = True
+    add_segment_from_mask(node, drawn, coarse, "Drawn", (1, 0, 0))
+    bone = np.zeros((40, 40, 40), bool)
+    bone[10:30, 12:28, 5:35] = True
+    mark_segment(node, add_segment_from_mask(node, bone, fine, "Bone", (1, 1, 1)), PRESET)
+    storage = node.CreateDefaultStorageNode()
+    storage.SetFileName(str(tmp_path / "saved.seg.nrrd"))
+    assert storage.WriteData(node)
+    loaded = ctx.segmentations_logic.LoadSegmentationFromFile(str(tmp_path / "saved.seg.nrrd"), False)
+    bone_id = loaded.GetSegmentation().GetSegmentIdBySegmentName("Bone")
+    assert made_by(loaded, bone_id) == PRESET
+    labelmap = loaded.GetSegmentation().GetSegment(bone_id).GetRepresentation("Binary labelmap")
+    voxels = arrays.image_array(labelmap)
+    voxels.flat[np.flatnonzero(voxels == loaded.GetSegmentation().GetSegment(bone_id).GetLabelValue())[-1]] = 0
+    labelmap.Modified()
+    assert made_by(loaded, bone_id) == PRESET_EDITED
 
 
 @needs_highdicom

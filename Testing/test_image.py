@@ -94,7 +94,7 @@ def test_desktop_mode_adds_the_desktop_services(tmp_path):
 def test_every_program_restarts_logs_and_runs_unprivileged(tmp_path, mode):
     for name, program in programs(rendered(tmp_path, SM_MODE=mode)).items():
         assert program["autorestart"] == "true" and program["autostart"] == "true", name
-        if name == "agent":  # why the pod was terminated belongs in the pod log
+        if name in ("agent", "server"):  # why the pod ended, and why a prompt failed, belong in the pod log
             assert program["stdout_logfile"] == "/dev/stdout" and program["stdout_logfile_maxbytes"] == "0"
         else:
             assert program["stdout_logfile"] == f"/var/log/segmentation-machine/{name}.log", name

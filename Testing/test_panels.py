@@ -3,6 +3,7 @@
 import re
 
 from SegmentationMachineLib.core import arrays
+from SegmentationMachineLib.core.provenance import made_by, PRESET
 from SegmentationMachineLib.dicom.volumes import load_input
 from SegmentationMachineLib.panels.export import ExportPanel
 from SegmentationMachineLib.panels.presets import PresetsPanel
@@ -21,6 +22,8 @@ def test_presets_then_export_then_print_as_the_widget_does(ctx, phantom_dir, tmp
     segmentation = presets.finish(ctx, volume)
     assert segmentation.GetSegmentation().GetNthSegment(0).GetName() == "Bone"
     assert presets.status.startswith("Added segment 'Bone'")
+    # its checksum, made from the cropped mask on the worker, is the segment's own: unedited
+    assert made_by(segmentation, segmentation.GetSegmentation().GetNthSegmentID(0)) == PRESET
 
     export = ExportPanel(output_folder=tmp_path, formats={"stl", "3mf"})
     assert export.can_export(segmentation) and not export.can_send()

@@ -4,6 +4,7 @@ nothing else."""
 
 import base64
 import hashlib
+import http.client
 import io
 import os
 import socket
@@ -162,17 +163,22 @@ def test_finished_exports_download_as_zips_and_nothing_else_does(uploader, tmp_p
     listed = uploader.client.get("/exports")
     assert listed.status_code == 200 and listed.json() == {"exports": [
         {"name": bone.name, "files": ["Bone.stl", "report.json"], "bytes": len(mesh) + 14}]}
-    got = uploader.client.get(f"/exports/{bone.name}.zip")
-    assert got.status_code == 200 and got.headers["Content-Type"] == "application/zip"
-    with zipfile.ZipFile(io.BytesIO(got.content)) as archive:
-        assert archive.namelist() == [f"{bone.name}/Bone.stl", f"{bone.name}/report.json"]
-        assert archive.read(f"{bone.name}/Bone.stl") == mesh
+    for _ in range(2):  # streamed (chunked), twice on one kept-alive connection
+        got = uploader.client.get(f"/exports/{bone.name}.zip")
+        assert got.status_code == 200 and got.headers["Content-Type"] == "application/zip"
+        assert got.headers["Transfer-Encoding"] == "chunked"
+        with zipfile.ZipFile(io.BytesIO(got.content)) as archive:
+            assert archive.namelist() == [f"{bone.name}/Bone.stl", f"{bone.name}/report.json"]
+            assert archive.read(f"{bone.name}/Bone.stl") == mesh
     for path in ["/exports/half-written.zip", "/exports/..%2Finbox%2Fpatient.zip", "/exports/../inbox/patient.zip",
-                 "/exports/%2Fetc.zip", "/inbox/patient/IM1.dcm", "/exports/"]:
-        refused = uploader.client.get(path)
-        assert refused.status_code == 404 and "PK" not in refused.text, path
+                 "/exports/%2Fetc.zip", "/exports/%2E%2E.zip", "/inbox/patient/IM1.dcm", "/exports/"]:
+        connection = http.client.HTTPConnection("127.0.0.1", uploader.port, timeout=10)  # the path as written here
+        connection.request("GET", path, headers={"Authorization": basic()})
+        refused = connection.getresponse()
+        assert refused.status == 404 and b"PK" not in refused.read(), path
+        connection.close()
     assert httpx.get(f"{uploader.url}/exports/{bone.name}.zip").status_code == 401
-    assert list(uploader.staging.iterdir()) == []  # the zip made for the download is gone
+    assert list(uploader.staging.iterdir()) == []  # nothing made on the volume for the download
     assert "Traceback" not in uploader.stop()
 
 

@@ -158,6 +158,7 @@ def programs(env, mode: str, values: dict, root: Path, ssh: bool) -> dict:
             "command": (f"{VENV}/nninteractive-server --host 0.0.0.0 --port 8000 --device cuda "
                         f"--model {model} --no-torch-compile"),
             "user": "nni",
+            "log": "/dev/stdout",  # the pod log in RunPod's console: where a failed prompt's traceback is looked for
             # The key by environment, never on the command line where `ps` shows it. The weights: baked into
             # the image, else downloaded once into the volume's cache (HF_HOME: Hugging Face's own files).
             "env": {"HOME": "/var/lib/nni", "NN_INTERACTIVE_API_KEY": values["SM_NNI_API_KEY"],

@@ -17,6 +17,7 @@ import argparse
 import base64
 import hashlib
 import hmac
+import io
 import json
 import logging
 import os
@@ -121,28 +122,40 @@ def forget_abandoned_parts(staging: Path, age_s: float = 2 * 24 * 3600):
 
 def finished_exports(exports: Path) -> list:
     """The exports a user may download, newest first: folders directly in exports holding report.json (written last,
-    so the export is whole), with their plain files (links, which could lead anywhere, are left out)."""
+    so the export is whole), with their plain files (links, which could lead anywhere, are left out). A folder that
+    goes away or cannot be read meanwhile is left out too."""
     found = []
     for folder in exports.iterdir() if exports and exports.is_dir() else ():
-        if folder.is_dir() and not folder.is_symlink() and (folder / "report.json").is_file():
-            files = sorted(f for f in folder.iterdir() if f.is_file() and not f.is_symlink())
-            found.append({"name": folder.name, "files": [f.name for f in files],
-                          "bytes": sum(f.stat().st_size for f in files),
-                          "time": (folder / "report.json").stat().st_mtime})
+        try:
+            if folder.is_dir() and not folder.is_symlink() and (folder / "report.json").is_file():
+                files = sorted(f for f in folder.iterdir() if f.is_file() and not f.is_symlink())
+                found.append({"name": folder.name, "files": [f.name for f in files],
+                              "bytes": sum(f.stat().st_size for f in files),
+                              "time": (folder / "report.json").stat().st_mtime})
+        except OSError:
+            continue
     return sorted(found, key=lambda export: -export["time"])
 
 
-def zip_export(exports: Path, name: str, staging: Path) -> Path:
-    """The finished export called name as a zip file in staging (the caller removes it); a name that is not one of
-    finished_exports() is refused, so nothing else can be asked for."""
-    export = next((e for e in finished_exports(exports) if e["name"] == name), None)
-    if export is None:
-        raise Refused(404, f"There is no finished export called {name!r}.")
-    target = staging / f"{hashlib.sha256(name.encode()).hexdigest()}.{os.getpid()}.{time.monotonic_ns()}.zip"
-    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
-        for file in export["files"]:
-            archive.write(exports / name / file, f"{name}/{file}")
-    return target
+class ChunkedBody(io.RawIOBase):
+    """HTTP/1.1 chunked coding onto the connection: a zip streams as it is made, nothing is written to the volume,
+    and bytes flow from the start (RunPod's proxy gives up on an answer silent for 100 s). Only end() writes the
+    last chunk: an answer broken off lacks it, so the browser says the download failed rather than keep a cut zip."""
+
+    def __init__(self, connection):
+        super().__init__()
+        self.connection = connection
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if data:
+            self.connection.write(b"%x\r\n%s\r\n" % (len(data), bytes(data)))
+        return len(data)
+
+    def end(self):
+        self.connection.write(b"0\r\n\r\n")
 
 
 def make_handler(inbox: Path, staging: Path, secret: str, exports: Path = None):
@@ -169,23 +182,27 @@ def make_handler(inbox: Path, staging: Path, secret: str, exports: Path = None):
                 self._answer(404, {"error": "Only the upload page and the finished exports are here."})
 
         def _send_export(self, name: str):
-            try:
-                archive = zip_export(exports, name, staging)
-            except Refused as refused:
-                self._answer(refused.status, {"error": str(refused)})
+            """Only a name finished_exports() lists: nothing else can be asked for (no path ever reaches a file)."""
+            export = next((e for e in finished_exports(exports) if e["name"] == name), None)
+            if export is None:
+                self._answer(404, {"error": f"There is no finished export called {name!r}."})
                 return
-            try:
-                self.send_response(200)
-                self.send_header("Content-Type", "application/zip")
-                self.send_header("Content-Length", str(archive.stat().st_size))
-                self.send_header("Content-Disposition", f"attachment; filename*=UTF-8''{quote(name)}.zip")
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                with open(archive, "rb") as data:
-                    shutil.copyfileobj(data, self.wfile, BLOCK)
-                log.info("Sent the export %s.", name)
-            finally:
-                archive.unlink()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/zip")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Content-Disposition", f"attachment; filename*=UTF-8''{quote(name)}.zip")
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.close_connection = True  # until the last chunk is out: a failure part-way ends the connection
+            chunks = ChunkedBody(self.wfile)
+            body = io.BufferedWriter(chunks, BLOCK)
+            with zipfile.ZipFile(body, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
+                for file in export["files"]:
+                    archive.write(exports / name / file, f"{name}/{file}")
+            body.flush()
+            chunks.end()
+            self.close_connection = False
+            log.info("Sent the export %s.", name)
 
         def do_PUT(self):
             if not self._authorized():
@@ -238,7 +255,7 @@ def make_handler(inbox: Path, staging: Path, secret: str, exports: Path = None):
             try:
                 super().handle_one_request()
             except OSError as error:  # the browser went away or the volume failed: the page resumes or says so
-                log.warning("An upload broke off: %s", error.strerror or error)
+                log.warning("A transfer broke off: %s", error.strerror or error)
                 self.close_connection = True
 
         def log_message(self, *args):

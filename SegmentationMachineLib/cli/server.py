@@ -1,5 +1,6 @@
 """`segmentation-machine server`: the upstream nnInteractive server, started with a key and stopped cleanly."""
 
+import io
 import os
 import secrets
 import shutil
@@ -75,9 +76,12 @@ def run_server(args):
     url = f"http://{args.host}:{args.port}"
     print(f"Starting the nnInteractive server on {url} ({device}); it loads the model first.", flush=True)
     # The key goes by environment, never on the command line where `ps` shows it to every user.
-    process = subprocess.Popen(command, env={**os.environ, "NN_INTERACTIVE_API_KEY": key}, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
-    relay = threading.Thread(target=_relay, args=(process.stdout,), daemon=True)
+    # Unbuffered: through a pipe its request lines would otherwise come in 8 KiB batches, and be lost with it.
+    process = subprocess.Popen(command, env={**os.environ, "NN_INTERACTIVE_API_KEY": key, "PYTHONUNBUFFERED": "1"},
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # newline="": a download's progress bar keeps its carriage returns and redraws in place
+    output = io.TextIOWrapper(process.stdout, errors="replace", newline="")
+    relay = threading.Thread(target=_relay, args=(output,), daemon=True)
     relay.start()
     stop_on_signals(("SIGTERM",))
     try:
@@ -99,10 +103,14 @@ def _relay(output):
     """Passes the server's log on, and says what a CUDA out of memory leaves behind, which upstream does not: the
     server answers again, but each prompt takes about twice as long until it restarts (benchmarks/gpu_out_of_memory.py,
     on an H100)."""
-    for line in output:
-        print(line, end="", flush=True)
-        if line.startswith("torch.OutOfMemoryError"):
-            print(OUT_OF_MEMORY_NOTE, flush=True)
+    try:
+        for line in output:
+            print(line, end="", flush=True)
+            if "OutOfMemoryError: CUDA out of memory" in line:  # torch.cuda.OutOfMemoryError before torch 2.5
+                print(OUT_OF_MEMORY_NOTE, flush=True)
+    except (OSError, ValueError):  # our own output is gone: go on reading, or the server blocks on its next line
+        for _ in output:
+            pass
 
 
 def _check_model_dir(folder: Path, fold: str):

@@ -9,21 +9,45 @@ PRESET_EDITED = "preset, edited"  # a preset's segment changed since (Segment Ed
 NNINTERACTIVE = "nnInteractive"  # the AI model, from the user's prompts
 
 
-def mark_segment(segmentation_node, segment_id: str, made_by: str):
+def mark_segment(segmentation_node, segment_id: str, made_by: str, fingerprint: str = None):
+    """fingerprint: a PRESET's mask_fingerprint, where the caller made it (off the main thread: it reads every voxel)
+    on the segmentation's reference geometry; else it is computed here."""
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
     segment.SetTag(MADE_BY_TAG, made_by)
     if made_by == PRESET:
-        segment.SetTag(VOXELS_TAG, _voxels_fingerprint(segment))
+        segment.SetTag(VOXELS_TAG, fingerprint or _voxels_fingerprint(segmentation_node, segment_id))
     else:
         segment.RemoveTag(VOXELS_TAG)
 
 
-def made_by(segment) -> str:
+def made_by(segmentation_node, segment_id: str) -> str:
     """PRESET, PRESET_EDITED, NNINTERACTIVE, or "" for a segment made otherwise (by hand, in another program)."""
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
     made, voxels = _tag(segment, MADE_BY_TAG), _tag(segment, VOXELS_TAG)
-    if made == PRESET and voxels != _voxels_fingerprint(segment):
+    if made == PRESET and voxels != _voxels_fingerprint(segmentation_node, segment_id):
         return PRESET_EDITED
     return made
+
+
+def mask_fingerprint(mask, start=(0, 0, 0)) -> str:
+    """A checksum of a K, J, I mask's voxels and where they lie on its grid (its first voxel at index start)."""
+    import numpy as np
+
+    where = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    if not all(len(w) for w in where):
+        return "empty"
+    crop = mask[tuple(slice(w[0], w[-1] + 1) for w in where)]
+    first = [int(w[0]) + int(s) for w, s in zip(where, start)]
+    return f"{zlib.crc32(np.packbits(crop).tobytes(), zlib.crc32(np.array(first + list(crop.shape)).tobytes())):08x}"
+
+
+def on_reference_grid(segmentation_node, ijk_to_ras) -> bool:
+    """Whether a mask on the grid ijk_to_ras lies on the segmentation's reference geometry, as saving stores it."""
+    import numpy as np
+
+    geometry = segmentation_node.GetSegmentation().GetConversionParameter("Reference image geometry")
+    numbers = [float(n) for n in geometry.split(";") if n][:16] if geometry else []
+    return len(numbers) == 16 and np.allclose(np.reshape(numbers, (4, 4)), ijk_to_ras, atol=1e-6)
 
 
 def _tag(segment, name: str) -> str:
@@ -33,23 +57,23 @@ def _tag(segment, name: str) -> str:
     return value.get() if segment.GetTag(name, value) else ""
 
 
-def _voxels_fingerprint(segment) -> str:
-    """A checksum of the segment's voxels and where they lie on its labelmap's grid: the same after saving and
-    loading (whatever the shared labelmap's extent or label value), different after any voxel changed."""
-    import numpy as np
+def _voxels_fingerprint(segmentation_node, segment_id: str) -> str:
+    """mask_fingerprint of the segment on the segmentation's reference geometry, where saving puts it: the same after
+    saving and loading (whatever the labelmap's grid, extent or label value), different after any edit."""
+    import slicer
 
     from . import arrays
-    from .scene import BINARY_LABELMAP
 
-    labelmap = segment.GetRepresentation(BINARY_LABELMAP)
-    if labelmap is None or labelmap.GetPointData().GetScalars() is None:
+    labelmap = slicer.vtkOrientedImageData()
+    segmentation_node.GetBinaryLabelmapRepresentation(segment_id, labelmap)  # this segment's voxels as 1
+    if labelmap.GetPointData().GetScalars() is None:
         return "empty"
-    voxels = arrays.image_array(labelmap) == segment.GetLabelValue()
-    if not voxels.any():
-        return "empty"
-    where = [np.flatnonzero(voxels.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-    crop = voxels[tuple(slice(w[0], w[-1] + 1) for w in where)]
+    geometry = segmentation_node.GetSegmentation().GetConversionParameter("Reference image geometry")
+    if geometry:
+        reference, resampled = slicer.vtkOrientedImageData(), slicer.vtkOrientedImageData()
+        slicer.vtkSegmentationConverter.DeserializeImageGeometry(geometry, reference, False)
+        slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            labelmap, reference, resampled, False, True)  # nearest neighbour, grown to hold it all, as saving does
+        labelmap = resampled
     extent = labelmap.GetExtent()
-    start = [int(w[0]) + extent[2 * (2 - axis)] for axis, w in enumerate(where)]  # K, J, I on the grid
-    checksum = zlib.crc32(np.packbits(crop).tobytes(), zlib.crc32(np.array(start + list(crop.shape)).tobytes()))
-    return f"{checksum:08x}"
+    return mask_fingerprint(arrays.image_array(labelmap) > 0, (extent[4], extent[2], extent[0]))

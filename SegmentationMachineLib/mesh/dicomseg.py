@@ -234,7 +234,7 @@ def read_seg_input(segmentation_node, segment_ids, dicom_database=None) -> SegIn
                     [(segmentation.GetSegment(i).GetName(), segmentation.GetSegment(i).GetColor())
                      for i in segment_ids],
                     segmentation_node.GetName()[:64], source_frames=bool(by_slice),
-                    made_by=tuple(made_by(segmentation.GetSegment(i)) for i in segment_ids))
+                    made_by=tuple(made_by(segmentation_node, i) for i in segment_ids))
 
 
 def write_seg(path, seg: SegInput, packages=None):

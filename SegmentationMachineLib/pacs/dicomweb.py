@@ -169,8 +169,10 @@ def _cause(error: requests.RequestException, timeout) -> str:
     return found.group(1).strip().rstrip(".").lower() if found else type(error).__name__
 
 
-def failure_reason(code: int) -> str:
-    """A STOW-RS FailureReason in words, with its code as the standard writes it."""
+def failure_reason(code) -> str:
+    """A STOW-RS FailureReason in words, with its code as the standard writes it (None: an item without one)."""
+    if code is None:
+        return "no failure reason given"
     ranges = (text for low, high, text in FAILURE_REASON_RANGES if low <= code <= high)
     words = FAILURE_REASONS.get(code) or next(ranges, "a reason the DICOM standard does not name")
     return f"failure reason 0x{code:04X}: {words}"
@@ -178,7 +180,8 @@ def failure_reason(code: int) -> str:
 
 def _failure_codes(response) -> list:
     """The FailureReason of each FailedSOPSequence item of a STOW-RS answer's body (DICOM JSON or XML, whatever its
-    Content-Type says: Orthanc 1.10 sends none with its 409); [] for a body that has none."""
+    Content-Type says: Orthanc 1.10 sends none with its 409), None for an item without one; [] for a body that has
+    none."""
     text = response.text.strip() if response is not None else ""
     try:
         if text.startswith("<"):
@@ -188,7 +191,7 @@ def _failure_codes(response) -> list:
             return [int(value.text) for value in tree.iterfind(
                 ".//{*}DicomAttribute[@tag='00081198']//{*}DicomAttribute[@tag='00081197']/{*}Value")]
         items = json.loads(text).get("00081198", {}).get("Value", [])
-        return [int(item["00081197"]["Value"][0]) for item in items]
+        return [int(item["00081197"]["Value"][0]) if "00081197" in item else None for item in items]
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):  # not DICOM JSON or XML: no reason known
         return []
 
@@ -318,9 +321,9 @@ class DicomWeb:
             answer = self._client.store_instances([dataset], study_instance_uid=study)
         # A success status (200, or 202 for "some failed") may still list it as failed. dicomweb-client reads the
         # list only under an exact Content-Type ('application/dicom+json; charset=utf-8' gets an empty answer).
-        failed = _failure_codes(self._session.last_answer)
-        if failed or answer.get("FailedSOPSequence"):
-            reason = failure_reason(failed[0]) if failed else "no failure reason given"
+        failed = _failure_codes(self._session.last_answer) or [None] * len(answer.get("FailedSOPSequence") or [])
+        if failed:
+            reason = failure_reason(failed[0])
             raise UserError(f"The DICOMweb server {self.server.url} did not store {name} ({reason}): ask its "
                             "administrator whether it accepts DICOM SEG objects.")
         listed = self._lists(dataset)

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from ..core import arrays
+from ..core.provenance import mask_fingerprint
 from ..segment.preset_child import PresetProcess
 from ..segment.masks import PRESETS
 from ..segment.presets import add_preset_segment, spacing_kji
@@ -35,8 +36,12 @@ class PresetsPanel:
                 self.status = f"{running}: {step} ({done + 1}/{total})..."
 
         self.process = PresetProcess()
-        self.task = BackgroundTask(self.process.run, self.preset, arrays.volume_array(volume_node),
-                                   spacing_kji(volume_node), name, progress)
+
+        def run(hu, spacing):  # worker thread: the mask and its checksum, which reads every voxel
+            mask, start = self.process.run(self.preset, hu, spacing, name, progress)
+            return mask, start, mask_fingerprint(mask, start)
+
+        self.task = BackgroundTask(run, arrays.volume_array(volume_node), spacing_kji(volume_node))
         self.status = f"{running}..."
 
     def cancel(self):
@@ -51,7 +56,7 @@ class PresetsPanel:
         if problem:
             self.status = problem
             return None
-        mask, start = result
-        node = add_preset_segment(ctx, volume_node, self.preset, mask, segmentation_node, start)
+        mask, start, fingerprint = result
+        node = add_preset_segment(ctx, volume_node, self.preset, mask, segmentation_node, start, fingerprint)
         self.status = f"Added segment '{PRESETS[self.preset].segment_name}' to '{node.GetName()}'."
         return node

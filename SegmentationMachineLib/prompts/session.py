@@ -292,7 +292,8 @@ class InteractiveSession:
                                     "prompt on the structure, or choose the scan's own volume.")
         if code == 400:
             return InteractiveError(f"The nnInteractive server refused this prompt (HTTP 400: {said}); the segment "
-                                    "is left as it was.")
+                                    "is left as it was: place the prompt inside the scan, or reset the segment and "
+                                    "try again.")
         if code == 500 and "out of memory" in said.lower():
             return InteractiveError(f"The nnInteractive server ran out of GPU memory on this prompt (HTTP 500: "
                                     f"{said}); the segment is left as it was: the GPU has too little memory for this "

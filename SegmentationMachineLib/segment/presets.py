@@ -3,7 +3,7 @@
 import numpy as np
 
 from ..core import arrays
-from ..core.provenance import PRESET, mark_segment
+from ..core.provenance import mark_segment, mask_fingerprint, on_reference_grid, PRESET
 from ..core.scene import SceneContext, editing
 from .masks import get_preset, preset_mask
 
@@ -24,13 +24,14 @@ def apply_preset(ctx: SceneContext, volume_node, preset_name: str, segmentation_
     """Runs a preset on volume_node; adds its segment to segmentation_node (a new one if None)."""
     mask = preset_mask(preset_name, arrays.volume_array(volume_node), spacing_kji(volume_node), volume_node.GetName(),
                        progress)
-    return add_preset_segment(ctx, volume_node, preset_name, mask, segmentation_node)
+    return add_preset_segment(ctx, volume_node, preset_name, mask, segmentation_node,
+                              fingerprint=mask_fingerprint(mask))
 
 
 def add_preset_segment(ctx: SceneContext, volume_node, preset_name: str, mask: np.ndarray, segmentation_node=None,
-                       start=(0, 0, 0)):
+                       start=(0, 0, 0), fingerprint: str = None):
     """Main-thread half of apply_preset: the mask (cropped, its first voxel at index start) becomes a named,
-    coloured segment, added as one change."""
+    coloured segment, added as one change. fingerprint: the mask's mask_fingerprint, made off the main thread."""
     preset = get_preset(preset_name)
     new = segmentation_node is None
     if new:
@@ -40,7 +41,9 @@ def add_preset_segment(ctx: SceneContext, volume_node, preset_name: str, mask: n
             segmentation_node.CreateDefaultDisplayNodes()
             segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
             segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
-        segment_id = add_segment_from_mask(segmentation_node, mask, arrays.ijk_to_ras(volume_node), preset.segment_name,
-                                           preset.color, start)
-        mark_segment(segmentation_node, segment_id, PRESET)
+        grid = arrays.ijk_to_ras(volume_node)
+        segment_id = add_segment_from_mask(segmentation_node, mask, grid, preset.segment_name, preset.color, start)
+        # The mask's own checksum holds where it is what saving stores; elsewhere the segment's is made here.
+        mark_segment(segmentation_node, segment_id, PRESET,
+                     fingerprint if on_reference_grid(segmentation_node, grid) else None)
     return segmentation_node
