@@ -21,7 +21,8 @@ def mark_segment(segmentation_node, segment_id: str, made_by: str, fingerprint: 
 
 
 def made_by(segmentation_node, segment_id: str) -> str:
-    """PRESET, PRESET_EDITED, NNINTERACTIVE, or "" for a segment made otherwise (by hand, in another program)."""
+    """PRESET, PRESET_EDITED, NNINTERACTIVE, or "" for a segment made otherwise (by hand, in another program). A
+    preset saved without its checksum (by an earlier version) cannot be shown unedited: PRESET_EDITED."""
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
     made, voxels = _tag(segment, MADE_BY_TAG), _tag(segment, VOXELS_TAG)
     if made == PRESET and voxels != _voxels_fingerprint(segmentation_node, segment_id):
