@@ -20,6 +20,8 @@ from ..core.errors import UserError
 from .common import examples
 
 SM = "segmentation-machine pod"
+SIGNAL_POLL_S = 0.2  # how soon a Ctrl-C while connected is acted on, between heartbeats
+ENDING_SIGNALS = [signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
 CLOUD_HELP = "secure (default: RunPod's data centres) or community (cheaper hosts)"
 
 
@@ -155,43 +157,44 @@ def _connect(cloud: CloudGpu, args, start, interrupted: str):
         raise SystemExit(130) from None
     finally:
         display.close()
+    ended = _ended_by_signals()  # from here a signal never interrupts: it ends the connection (not a detached one)
     _describe(started)
     if args.detach:
         print(f"Detached: the pod ends once nobody has been connected for its idle timeout, or with "
               f"`segmentation-machine pod down {started.pod_id}`.")
         return
-    _terminate_on_signals()  # armed again: the start may have used the one interruption
-    _stay_connected(cloud, started)
+    _stay_connected(cloud, started, ended)
 
 
-def _stay_connected(cloud: CloudGpu, started: StartedPod):
+def _stay_connected(cloud: CloudGpu, started: StartedPod, ended: list):
+    """Heartbeats and RunPod's word on the pod every INTERVAL_S, until the pod ends or a signal lands in ended."""
     heartbeat = Heartbeat(started.agent_url, started.secrets["SM_HEARTBEAT_TOKEN"])
     print("Connected: this terminal keeps the pod alive; Ctrl-C or closing it terminates the pod.", flush=True)
     warned, last = "", None  # last: the pod as RunPod last described it
-    try:
-        while True:
-            heartbeat.beat()
-            if heartbeat.warning and heartbeat.warning != warned:
-                warned = heartbeat.warning
-                print(f"Warning from the pod: {warned}", flush=True)
-            try:
-                last = cloud.backend.get(started.pod_id)
-            except PodsError as error:  # RunPod hiccups: the heartbeats go on, RunPod is asked again later
-                print(f"RunPod did not answer ({error}); still connected.", flush=True)
-            else:
-                if last is None:
-                    cloud.records.remove(started.pod_id)
-                    print(f"Pod {started.pod_id} was terminated ({warned or 'from elsewhere'}).")
-                    return
-                if last.status == "EXITED":  # e.g. by its agent, whose pod-scoped key may only stop it
-                    print(f"Pod {started.pod_id} was stopped ({warned or 'from elsewhere'}); {last.stopped_cost()}: "
-                          f"`{SM} resume {started.pod_id}` continues it, `{SM} down {started.pod_id}` terminates it.")
-                    return
-            time.sleep(INTERVAL_S)
-    except KeyboardInterrupt:
-        cloud.terminate(started.pod_id)  # first: printing to a closed terminal may fail
-        cost = f" (it cost ${last.cost_so_far:.2f})" if last else ""
-        print(f"Terminated pod {started.pod_id}{cost}.", flush=True)
+    while not ended:
+        heartbeat.beat()
+        if heartbeat.warning and heartbeat.warning != warned:
+            warned = heartbeat.warning
+            print(f"Warning from the pod: {warned}", flush=True)
+        try:
+            last = cloud.backend.get(started.pod_id)
+        except PodsError as error:  # RunPod hiccups: the heartbeats go on, RunPod is asked again later
+            print(f"RunPod did not answer ({error}); still connected.", flush=True)
+        else:
+            if last is None:
+                cloud.records.remove(started.pod_id)
+                print(f"Pod {started.pod_id} was terminated ({warned or 'from elsewhere'}).")
+                return
+            if last.status == "EXITED":  # e.g. by its agent, whose pod-scoped key may only stop it
+                print(f"Pod {started.pod_id} was stopped ({warned or 'from elsewhere'}); {last.stopped_cost()}: "
+                      f"`{SM} resume {started.pod_id}` continues it, `{SM} down {started.pod_id}` terminates it.")
+                return
+        deadline = time.monotonic() + INTERVAL_S
+        while not ended and time.monotonic() < deadline:
+            time.sleep(SIGNAL_POLL_S)
+    cloud.terminate(started.pod_id)  # first: printing to a closed terminal may fail
+    cost = f" (it cost ${last.cost_so_far:.2f})" if last else ""
+    print(f"Terminated pod {started.pod_id}{cost}.", flush=True)
 
 
 def _describe(started: StartedPod):
@@ -288,14 +291,31 @@ class _PhaseDisplay:
             print(file=sys.stderr)
 
 
+
 def _terminate_on_signals():
-    """Ctrl-C, SIGTERM and a closed terminal (SIGHUP) interrupt once; later ones wait for the termination."""
-    ending = [signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+    """While a pod starts: Ctrl-C, SIGTERM and a closed terminal (SIGHUP) interrupt once; later ones wait for the
+    termination."""
 
     def interrupt(signum, frame):
-        for each in ending:
+        for each in ENDING_SIGNALS:
             signal.signal(each, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    for each in ending:
+    for each in ENDING_SIGNALS:
         signal.signal(each, interrupt)
+
+
+def _ended_by_signals() -> list:
+    """While connected: the first of those signals is appended to the list returned, later ones are ignored. No
+    exception: one raised wherever the signal lands can leave a lock held (logging's, say), and the termination
+    after it would then wait forever."""
+    ended = []
+
+    def note(signum, frame):
+        for each in ENDING_SIGNALS:
+            signal.signal(each, signal.SIG_IGN)
+        ended.append(signum)
+
+    for each in ENDING_SIGNALS:
+        signal.signal(each, note)
+    return ended
