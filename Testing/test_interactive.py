@@ -565,6 +565,20 @@ def test_prompts_panel_wrong_key_is_the_status_line(server):
     assert not panel.connected and "rejected the API key" in panel.status
 
 
+def test_a_connect_abandoned_by_disconnect_gives_its_lease_back(server):
+    """Upstream's client keeps a lease alive by its own heartbeats: one nobody uses would hold one of the server's
+    few slots until its idle reaper (10 min)."""
+    from SegmentationMachineLib.panels.prompts import PromptsPanel
+
+    claims, releases = server.count('"POST /claim'), server.count('"POST /release')
+    panel = PromptsPanel()
+    panel.connect(server.url, KEY)
+    panel.disconnect()  # while the connect is on its way
+    assert not panel.connected and not panel.busy
+    wait_for_log(server, '"POST /claim', claims + 1)
+    wait_for_log(server, '"POST /release', releases + 1, seconds=30)
+
+
 def test_secret_store_file_fallback_is_private_and_forgets(tmp_path):
     import stat
 

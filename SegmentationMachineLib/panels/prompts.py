@@ -1,5 +1,6 @@
 """Qt-free state of the module's AI prompts section."""
 
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -63,6 +64,8 @@ class PromptsPanel:
         What was on its way or queued is dropped (an answer still to come is not written)."""
         if self.can_cancel:
             self._job.cancel()
+        if self._job == "connect":  # its lease would hold one of the server's few slots until the server reaps it
+            _close_once_connected(self.task, self._connecting)
         self.task, self._job, self._connecting = None, None, None
         self.queue.clear()
         if self.heartbeat is not None:
@@ -179,3 +182,8 @@ class PromptsPanel:
                 self.status = f"{item.capitalize()} done."
             except UserError as error:
                 self.status = str(error)
+
+
+def _close_once_connected(task: BackgroundTask, session: InteractiveSession):
+    """Gives back the lease of a connect the user abandoned, once it is made (upstream's client keeps it alive)."""
+    threading.Thread(target=lambda: (task.wait(), session.close()), daemon=True).start()
