@@ -3,9 +3,9 @@ service routed for that pod and port (the upstream nnInteractive server, the pod
 fake RunPod's own stand-ins, which answer while a pod is being started."""
 
 import http.client
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
+
+from loopback import LoopbackServer, QuietHandler
 
 NOT_PASSED_BACK = ("content-length", "transfer-encoding", "connection", "date", "server")  # the proxy's own
 
@@ -16,7 +16,7 @@ class PodProxy:
         self.routes = {}  # (pod id, port) -> local port
         proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as the upstream client expects
 
             def _any(self):
@@ -36,23 +36,13 @@ class PodProxy:
                     answer, data = None, b"<html><body>502 Bad Gateway</body></html>"
                 finally:
                     upstream.close()
-                self.send_response(answer.status if answer else 502)
-                for name, value in answer.getheaders() if answer else ():
-                    if name.lower() not in NOT_PASSED_BACK:
-                        self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                passed = [(n, v) for n, v in (answer.getheaders() if answer else ()) if n.lower() not in NOT_PASSED_BACK]
+                self.reply(answer.status if answer else 502, data, passed)
 
             do_GET = do_POST = _any
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.serving = LoopbackServer(Handler)
+        self.url = self.serving.url
 
     def template(self) -> str:
         """For SM_RUNPOD_PROXY_URL: https://{pod_id}-{port}.proxy.runpod.net, here as a path."""
@@ -62,5 +52,4 @@ class PodProxy:
         self.routes[(pod_id, port)] = local_port
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.serving.close()

@@ -15,6 +15,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from certificates import self_signed
+from loopback import LoopbackServer
 from conftest import DATA, JPEG2000_SERIES, UNCOMPRESSED_SERIES
 from orthanc_server import PASSWORD, USER, copies_in_a_new_study, dropping_seg, free_port, serving
 
@@ -312,13 +313,11 @@ class _NotDicomWeb(BaseHTTPRequestHandler):
 @contextmanager
 def answering(handler):
     """handler's HTTP server on loopback, its URL while the block runs."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    serving = LoopbackServer(handler)
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield serving.url
     finally:
-        server.shutdown()
-        server.server_close()
+        serving.close()
 
 
 @pytest.fixture

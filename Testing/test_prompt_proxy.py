@@ -10,9 +10,7 @@ session's region logic is the one a 512x512x1000 CT meets.
 
 import http.client
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ import pytest
 pytest.importorskip("torch")  # the server's model: only in .venv (scripts/test.sh, step 2)
 pytest.importorskip("nnInteractive")
 
+from loopback import LoopbackServer, QuietHandler  # noqa: E402
 from nninteractive_model import write_model_folder  # noqa: E402
 from nninteractive_server import Server  # noqa: E402
 from SegmentationMachineLib.core import arrays  # noqa: E402
@@ -58,7 +57,7 @@ class CloudflareLike:
         self.down_status = 502
         proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as the upstream client expects
 
             def _any(self):
@@ -100,29 +99,18 @@ class CloudflareLike:
 
             def _reply(self, status: int, data: bytes, length: int, headers=()):
                 proxy.seen.append((self.command, self.path, length, status))
-                self.send_response(status)
-                for name, value in headers:
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.reply(status, data, headers)
 
             do_GET = do_POST = _any
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.serving = LoopbackServer(Handler)
+        self.url = self.serving.url
 
     def uploads(self) -> list:
         return [(length, status) for method, path, length, status in self.seen if path == "/set_image"]
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.serving.close()
 
 
 @pytest.fixture(scope="module")
