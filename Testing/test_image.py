@@ -23,7 +23,7 @@ DOCKER = REPO / "docker"
 RENDER = DOCKER / "render_config.py"
 SERVER_PROGRAMS = {"server", "agent"}
 DESKTOP_PROGRAMS = SERVER_PROGRAMS | {"vnc", "novnc", "uploader", "slicer"}
-SERVER_COMMAND = ("/opt/venv/bin/nninteractive-server --host 0.0.0.0 --port 8000 --device cuda "
+SERVER_COMMAND = ("/opt/venv/bin/segmentation-machine server --host 0.0.0.0 --port 8000 --device cuda "
                   "--model nnInteractive_v1.0 --no-torch-compile")
 SECRETS = ("SM_NNI_API_KEY", "SM_VNC_PASSWORD", "SM_FILES_PASSWORD", "SM_HEARTBEAT_TOKEN")
 
@@ -117,8 +117,7 @@ def test_each_program_gets_only_its_own_secrets(tmp_path):
     env = {name: environment(program) for name, program in found.items()}
     assert [name for name, e in env.items() if "RUNPOD_API_KEY" in e] == ["agent"]
     assert [name for name, e in env.items() if "SM_HEARTBEAT_TOKEN" in e] == ["agent"]
-    assert [name for name, e in env.items() if "NN_INTERACTIVE_API_KEY" in e] == ["server"]  # upstream's variable
-    assert [name for name, e in env.items() if "SM_NNI_API_KEY" in e] == ["slicer"]
+    assert [name for name, e in env.items() if "SM_NNI_API_KEY" in e] == ["server", "slicer"]
     assert [name for name, e in env.items() if "SM_FILES_PASSWORD" in e] == ["uploader"]
     assert not [name for name, e in env.items() if "SM_VNC_PASSWORD" in e]
 
@@ -132,7 +131,7 @@ def test_given_values_reach_the_programs(tmp_path):
              "RUNPOD_REST_URL": "http://127.0.0.1:9999/v2?x=1"}
     found = programs(rendered(tmp_path, **given))
     server, agent = environment(found["server"]), environment(found["agent"])
-    assert server["NN_INTERACTIVE_API_KEY"] == "nni-key-0123456789"
+    assert server["SM_NNI_API_KEY"] == "nni-key-0123456789"
     assert server["NNINTERACTIVE_MODEL_DIR"] == "/workspace/nninteractive"  # not baked here: the volume's cache
     assert server["HF_HOME"].startswith("/workspace/")
     assert {k: agent[k] for k in given if k != "SM_NNI_API_KEY"} == {k: v for k, v in given.items() if k != "SM_NNI_API_KEY"}
@@ -157,15 +156,20 @@ def test_baked_weights_are_served_from_the_image_and_pinned(tmp_path):
         "NNINTERACTIVE_MODEL_DIR"] == "/workspace/nninteractive"
 
 
-def test_the_server_command_is_what_the_installed_upstream_server_accepts(tmp_path):
-    """Parsed by nnInteractive's own argument parser (the one `nninteractive-server` runs)."""
+def test_the_server_command_is_ours_and_what_it_runs_is_what_the_installed_upstream_server_accepts(tmp_path):
+    """Parsed by our CLI's parser, and the upstream command it runs by nnInteractive's own (the one
+    `nninteractive-server` runs)."""
     from nnInteractive.inference.server.main import _build_parser
+    from SegmentationMachineLib.cli.main import build_parser
+    from SegmentationMachineLib.cli.server import upstream_command
 
     command = programs(rendered(tmp_path))["server"]["command"].split()
-    assert command[0] == "/opt/venv/bin/nninteractive-server"
-    args = _build_parser().parse_args(command[1:])
-    assert args.no_torch_compile and args.device == "cuda" and args.model == "nnInteractive_v1.0"
-    assert args.host == "0.0.0.0" and args.port == 8000 and args.api_key is None  # the key comes by environment
+    assert command[0] == "/opt/venv/bin/segmentation-machine"
+    ours = build_parser().parse_args(command[1:])
+    assert not ours.no_restart_on_out_of_memory  # a CUDA out of memory restarts it
+    upstream = _build_parser().parse_args(upstream_command("nninteractive-server", ours, ours.device)[1:])
+    assert upstream.no_torch_compile and upstream.device == "cuda" and upstream.model == "nnInteractive_v1.0"
+    assert upstream.host == "0.0.0.0" and upstream.port == 8000 and upstream.api_key is None  # the key by environment
 
 
 def test_absent_secrets_are_generated_stored_privately_and_printed_once(tmp_path):
@@ -181,7 +185,7 @@ def test_absent_secrets_are_generated_stored_privately_and_printed_once(tmp_path
     second = render(tmp_path)  # a restart reuses them and prints nothing
     assert second.returncode == 0 and second.stdout == ""
     assert credentials(tmp_path) == stored
-    assert environment(programs(rendered(tmp_path))["server"])["NN_INTERACTIVE_API_KEY"] == stored["SM_NNI_API_KEY"]
+    assert environment(programs(rendered(tmp_path))["server"])["SM_NNI_API_KEY"] == stored["SM_NNI_API_KEY"]
 
     other = tmp_path / "other-pod"
     assert render(other).returncode == 0

@@ -181,7 +181,8 @@ def test_a_server_out_of_gpu_memory_is_a_sentence_that_helps(tmp_path, scene_par
         assert str(error.value) == (
             "The nnInteractive server failed on this prompt (HTTP 500: Internal Server Error); the segment is left as "
             "it was: its log says why (a pod's logs are in RunPod's console); where that is CUDA out of memory, "
-            "restart the server on a GPU with more memory (until it restarts, it answers about half as fast); "
+            "run the server on a GPU with more memory (a pod's server, or one run by segmentation-machine server, "
+            "restarts itself within a minute; another is about half as fast on large structures until restarted); "
             "otherwise try the prompt again.")
         deadline = time.monotonic() + 30  # its log says so, once the traceback is written
         while not failing.count("torch.OutOfMemoryError: CUDA out of memory") and time.monotonic() < deadline:
@@ -200,5 +201,6 @@ def test_an_answer_that_names_out_of_memory_says_the_gpu_is_too_small():
     error = session._http_error(httpx.HTTPStatusError("500", request=request, response=answer))
     assert str(error) == ("The nnInteractive server ran out of GPU memory on this prompt (HTTP 500: CUDA out of "
                           "memory. Tried to allocate 2.25 GiB); the segment is left as it was: the GPU has too little "
-                          "memory for this region and prompt, so restart the server on a GPU with more memory "
-                          "(until it restarts, it answers about half as fast).")
+                          "memory for this region and prompt, so run the server on a GPU with more memory (a pod's "
+                          "server, or one run by segmentation-machine server, restarts itself within a minute; "
+                          "another is about half as fast on large structures until restarted).")

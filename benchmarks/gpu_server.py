@@ -68,10 +68,10 @@ class GpuMemory:
         return self.peak_mib
 
 
-def start_server(model: Path, port: int, no_compile: bool, device: str):
-    """Our CLI's `server` (not upstream's directly): the seconds until it printed Ready, and the process."""
+def start_server(model: Path, port: int, no_compile: bool, device: str, options=()):
+    """Our CLI's `server` (not upstream's directly): the seconds until it printed Ready, the process, its log."""
     command = [sys.executable, "-m", "SegmentationMachineLib.cli", "server", "--model-dir", str(model),
-               "--device", device, "--port", str(port)] + (["--no-torch-compile"] if no_compile else [])
+               "--device", device, "--port", str(port), *options] + (["--no-torch-compile"] if no_compile else [])
     started = time.monotonic()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "SM_NNI_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}, cwd=ROOT)

@@ -150,18 +150,19 @@ def programs(env, mode: str, values: dict, root: Path, ssh: bool) -> dict:
     model, model_root = server_model(env, root)
     result = {
         "server": {
-            # The upstream server itself. --device cuda: on a host whose driver cannot run our torch it fails
-            # (the start times out and is terminated) instead of quietly running on the CPU while the GPU bills.
-            # --no-torch-compile: compiling needs a C compiler and Python headers (not in the image), adds
+            # The upstream server, run by our `server` command: it restarts it after a CUDA out of memory, which
+            # leaves upstream's answering at half speed. --device cuda: on a host whose driver cannot run our torch
+            # it fails (the start times out and is terminated) instead of quietly running on the CPU while the GPU
+            # bills. --no-torch-compile: compiling needs a C compiler and Python headers (not in the image), adds
             # ~46 s to every start and saves ~20 ms a prompt (docker/README.md). --model pins the weights, so
             # a start neither asks Hugging Face for its manifest nor picks up a new default model.
-            "command": (f"{VENV}/nninteractive-server --host 0.0.0.0 --port 8000 --device cuda "
+            "command": (f"{VENV}/segmentation-machine server --host 0.0.0.0 --port 8000 --device cuda "
                         f"--model {model} --no-torch-compile"),
             "user": "nni",
             "log": "/dev/stdout",  # the pod log in RunPod's console: where a failed prompt's traceback is looked for
             # The key by environment, never on the command line where `ps` shows it. The weights: baked into
             # the image, else downloaded once into the volume's cache (HF_HOME: Hugging Face's own files).
-            "env": {"HOME": "/var/lib/nni", "NN_INTERACTIVE_API_KEY": values["SM_NNI_API_KEY"],
+            "env": {"HOME": "/var/lib/nni", "SM_NNI_API_KEY": values["SM_NNI_API_KEY"],
                     "NNINTERACTIVE_MODEL_DIR": model_root, "HF_HOME": f"{WORKSPACE}/nninteractive/huggingface",
                     **gpu},
             "stopwaitsecs": "30",

@@ -17,9 +17,13 @@ from ..core.files import printable
 from .common import examples, stop_on_signals
 
 STARTUP_POLL_S = 0.25  # how often the starting server is asked whether it answers
-OUT_OF_MEMORY_NOTE = ("The nnInteractive server ran out of GPU memory on a prompt: it goes on answering, but each "
-                      "prompt takes about twice as long until it is restarted; restart it, on a GPU with more memory "
-                      "if such prompts are needed.")
+EXIT_POLL_S = 0.5  # how often a running server is looked at for having exited
+OUT_OF_MEMORY_NOTE = ("The nnInteractive server ran out of GPU memory on a prompt: it goes on answering, but a large "
+                      "structure's prompt takes about twice as long until it is restarted; restart it, on a GPU with "
+                      "more memory if such prompts are needed.")
+RESTART_NOTE = ("The nnInteractive server ran out of GPU memory on a prompt, which leaves it about half as fast on "
+                "large structures: restarting it (clients reconnect by themselves; that prompt needs a GPU with more "
+                "memory).")
 
 
 def add_server_command(commands, common):
@@ -39,6 +43,10 @@ def add_server_command(commands, common):
     serve.add_argument("--no-torch-compile", action="store_true",
                        help="skip torch.compile on CUDA: starts about 45 s sooner, each prompt about 20 ms slower "
                             "(automatic where no C compiler is found, which compile needs)")
+    serve.add_argument("--no-restart-on-out-of-memory", action="store_true",
+                       help="after a prompt runs out of GPU memory, keep the server running (a large structure's "
+                            "prompt then takes about twice as long) instead of restarting it (its clients reconnect "
+                            "and send their scan again)")
     serve.set_defaults(run=run_server)
 
 
@@ -58,6 +66,36 @@ def run_server(args):
     if not key:
         key = secrets.token_urlsafe(32)
         print(f"API key (shown once; clients need it): {key}", flush=True)
+    if device == "cuda" and not args.no_torch_compile and not _c_compiler():
+        print("No C compiler found, which torch.compile needs: the server runs without it (prompts about 20 ms "
+              "slower); install gcc to have it.", flush=True)
+        args.no_torch_compile = True
+    command = upstream_command(executable, args, device)
+    url = f"http://{args.host}:{args.port}"
+    print(f"Starting the nnInteractive server on {url} ({device}); it loads the model first.", flush=True)
+    stop_on_signals(("SIGTERM",))
+    restarts = not args.no_restart_on_out_of_memory
+    server = _Upstream(command, key, restarts)
+    try:
+        while _answers_once_started(server.process, args.host, args.port):
+            print(f"Ready: the nnInteractive server answers on {url}; Ctrl-C stops it.", flush=True)
+            server.out_of_memory.clear()  # only a prompt's failure restarts it, never one while it started
+            if not restarts or not server.runs_until_out_of_memory():
+                server.process.wait()
+                break
+            print(RESTART_NOTE, flush=True)
+            server.stop()
+            server = _Upstream(command, key, restarts)
+    except KeyboardInterrupt:
+        server.stop()
+    server.relay.join(5)  # its last lines before ours
+    if server.process.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL, None):
+        raise UserError(f"The nnInteractive server stopped with status {server.process.returncode}: see its messages "
+                        "above.")
+
+
+def upstream_command(executable: str, args, device: str) -> list:
+    """The `nninteractive-server` command line for these options (never the key: `ps` shows it to every user)."""
     command = [executable, "--host", args.host, "--port", str(args.port), "--device", device]
     if args.model_dir:
         command += ["--model-dir", str(args.model_dir), "--fold", str(args.fold)]
@@ -65,52 +103,65 @@ def run_server(args):
         command += ["--model", args.model]
     if args.max_sessions:
         command += ["--max-sessions", str(args.max_sessions)]
-    if device == "cuda" and not args.no_torch_compile and not _c_compiler():
-        print("No C compiler found, which torch.compile needs: the server runs without it (prompts about 20 ms "
-              "slower); install gcc to have it.", flush=True)
-        args.no_torch_compile = True
     if args.no_torch_compile:
         command.append("--no-torch-compile")
     if device == "cpu":
         command += ["--torch-n-threads", str(os.cpu_count() or 1)]
-    url = f"http://{args.host}:{args.port}"
-    print(f"Starting the nnInteractive server on {url} ({device}); it loads the model first.", flush=True)
-    # The key goes by environment, never on the command line where `ps` shows it to every user.
-    # Unbuffered: through a pipe its request lines would otherwise come in 8 KiB batches, and be lost with it.
-    process = subprocess.Popen(command, env={**os.environ, "NN_INTERACTIVE_API_KEY": key, "PYTHONUNBUFFERED": "1"},
-                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    # newline="": a download's progress bar keeps its carriage returns and redraws in place
-    output = io.TextIOWrapper(process.stdout, errors="replace", newline="")
-    relay = threading.Thread(target=_relay, args=(output,), daemon=True)
-    relay.start()
-    stop_on_signals(("SIGTERM",))
-    try:
-        if _answers_once_started(process, args.host, args.port):
-            print(f"Ready: the nnInteractive server answers on {url}; Ctrl-C stops it.", flush=True)
-        process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
+    return command
+
+
+class _Upstream:
+    """One run of the upstream server, its log passed on as it comes."""
+
+    def __init__(self, command: list, key: str, restarts: bool):
+        # The key goes by environment. Unbuffered: through a pipe its request lines would otherwise come in
+        # 8 KiB batches, and be lost with it.
+        self.process = subprocess.Popen(command, env={**os.environ, "NN_INTERACTIVE_API_KEY": key,
+                                                      "PYTHONUNBUFFERED": "1"},
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.out_of_memory = threading.Event()
+        # newline="": a download's progress bar keeps its carriage returns and redraws in place
+        output = io.TextIOWrapper(self.process.stdout, errors="replace", newline="")
+        self.relay = threading.Thread(target=_relay, args=(output, self.out_of_memory, restarts), daemon=True)
+        self.relay.start()
+
+    def runs_until_out_of_memory(self) -> bool:
+        """Waits until the server says it ran out of GPU memory (True) or exits (False)."""
+        while self.process.poll() is None:
+            if self.out_of_memory.wait(EXIT_POLL_S):
+                return True
+        return False
+
+    def stop(self):
+        self.process.terminate()
         try:
-            process.wait(15)
+            self.process.wait(15)
         except subprocess.TimeoutExpired:  # it ignores TERM while a prediction runs
-            process.kill()
-    relay.join(5)  # its last lines before ours
-    if process.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL, None):
-        raise UserError(f"The nnInteractive server stopped with status {process.returncode}: see its messages above.")
+            self.process.kill()
+            self.process.wait()
+        self.relay.join(5)
 
 
-def _relay(output):
-    """Passes the server's log on, and says what a CUDA out of memory leaves behind, which upstream does not: the
-    server answers again, but each prompt takes about twice as long until it restarts (benchmarks/gpu_out_of_memory.py,
-    on an H100)."""
+def _relay(output, out_of_memory: threading.Event, restarts: bool):
+    """Passes the server's log on, and notices a CUDA out of memory, which upstream only logs: the server answers
+    again, but a large structure's prompt (several network passes) takes about twice as long until it restarts, a
+    small one's does not (benchmarks/gpu_out_of_memory.py, on an H100). Starlette has sent the prompt's HTTP 500 by
+    the time the traceback is logged."""
     try:
         for line in output:
             print(line, end="", flush=True)
-            if "OutOfMemoryError: CUDA out of memory" in line:  # torch.cuda.OutOfMemoryError before torch 2.5
+            if _out_of_memory(line, out_of_memory) and not restarts:
                 print(OUT_OF_MEMORY_NOTE, flush=True)
     except (OSError, ValueError):  # our own output is gone: go on reading, or the server blocks on its next line
-        for _ in output:
-            pass
+        for line in output:
+            _out_of_memory(line, out_of_memory)
+
+
+def _out_of_memory(line: str, seen: threading.Event) -> bool:
+    found = "OutOfMemoryError: CUDA out of memory" in line  # torch.cuda.OutOfMemoryError before torch 2.5
+    if found:
+        seen.set()
+    return found
 
 
 def _check_model_dir(folder: Path, fold: str):

@@ -45,6 +45,10 @@ RETRY_AFTER_S = 10  # what the server asks for when full; its client does not pa
 # What the upstream client says of a 503 whose body has no JSON detail: a proxy's page, never the server's own
 # "server is at capacity (N sessions)" (nninteractive-client 2.6, remote_session._raise_for_lease_errors).
 CAPACITY_WITHOUT_DETAIL = "server is at capacity"
+# After a CUDA out of memory upstream's server is about half as fast on large structures until it restarts; ours
+# restarts it.
+RESTARTS = ("a pod's server, or one run by segmentation-machine server, restarts itself within a minute; another is "
+            "about half as fast on large structures until restarted")
 MAX_SCRIBBLE_THICKNESS = 20  # voxels; what a server prefers beyond that is not a scribble (and costs memory)
 MAX_RERUNS = 3  # a prompt whose result the region cut runs again on a larger region at most this often
 
@@ -297,14 +301,12 @@ class InteractiveSession:
         if code == 500 and "out of memory" in said.lower():
             return InteractiveError(f"The nnInteractive server ran out of GPU memory on this prompt (HTTP 500: "
                                     f"{said}); the segment is left as it was: the GPU has too little memory for this "
-                                    "region and prompt, so restart the server on a GPU with more memory (until it "
-                                    "restarts, it answers about half as fast).")
+                                    f"region and prompt, so run the server on a GPU with more memory ({RESTARTS}).")
         if code == 500:  # upstream answers only this to what it does not expect, a CUDA out of memory included
             return InteractiveError(f"The nnInteractive server failed on this prompt (HTTP 500: {said}); the segment "
                                     "is left as it was: its log says why (a pod's logs are in RunPod's console); "
-                                    "where that is CUDA out of memory, restart the server on a GPU with more memory "
-                                    "(until it restarts, it answers about half as fast); otherwise try the prompt "
-                                    "again.")
+                                    "where that is CUDA out of memory, run the server on a GPU with more memory "
+                                    f"({RESTARTS}); otherwise try the prompt again.")
         return InteractiveError(f"The nnInteractive server answered HTTP {code} ({said}): try the prompt again, "
                                 "or reset the segment.")
 
