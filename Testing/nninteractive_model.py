@@ -68,14 +68,22 @@ class SlowPlainConvUNet(PlainConvUNet):
 
 
 class OutOfMemoryPlainConvUNet(PlainConvUNet):
-    """The same network, failing every forward pass with the error torch raises when a GPU's memory runs out."""
+    """The same network, failing every forward pass after the first passes_before_failing with the error torch raises
+    when a GPU's memory runs out (as a larger region's prediction does after a smaller one's fitted)."""
+
+    def __init__(self, *args, passes_before_failing: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.passes_left = passes_before_failing
 
     def forward(self, x):
+        self.passes_left -= 1
+        if self.passes_left >= 0:
+            return super().forward(x)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.25 GiB. GPU 0 has a total capacity of "
                                      "15.69 GiB of which 1.02 GiB is free.")
 
 
-def _arch_block(delay_s: float = 0.0, out_of_memory: bool = False) -> dict:
+def _arch_block(delay_s: float = 0.0, out_of_memory: bool = False, passes_before_failing: int = 0) -> dict:
     block = {
         "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
         "arch_kwargs": {
@@ -101,6 +109,7 @@ def _arch_block(delay_s: float = 0.0, out_of_memory: bool = False) -> dict:
         block["arch_kwargs"]["delay_s"] = delay_s
     if out_of_memory:
         block["network_class_name"] = "nninteractive_model.OutOfMemoryPlainConvUNet"
+        block["arch_kwargs"]["passes_before_failing"] = passes_before_failing
     return block
 
 
@@ -197,6 +206,7 @@ def write_model_folder(
     predicts_nothing: bool = False,
     image_weight: float = 0.0,
     out_of_memory: bool = False,
+    passes_before_failing: int = 0,
 ) -> Path:
     """Write the model folder and return its path. patch_size must be >= 64 in practice
     (the server's refinement margin is 24 voxels per side) and divisible by 2. delay_s > 0 makes
@@ -204,7 +214,8 @@ def write_model_folder(
     192^3 patch with random weights instead (GPU timing runs: benchmarks/gpu_server.py), predicts_nothing:
     with an output layer that always says background. image_weight: the (z-scored) image's vote: at 0.3,
     voxels more than 1.7 standard deviations above the image's mean are foreground wherever the model
-    looks. out_of_memory: every prediction fails as on a GPU whose memory ran out."""
+    looks. out_of_memory: every prediction fails as on a GPU whose memory ran out (after passes_before_failing
+    forward passes that work)."""
     folder = Path(folder)
     if official_architecture:
         patch_size = 192
@@ -249,7 +260,7 @@ def write_model_folder(
                 "normalization_schemes": ["ZScoreNormalization"],
                 "use_mask_for_norm": [False],
                 "architecture": (_official_arch_block() if official_architecture
-                                 else _arch_block(delay_s, out_of_memory)),
+                                 else _arch_block(delay_s, out_of_memory, passes_before_failing)),
                 "batch_dice": False,
             }
         },

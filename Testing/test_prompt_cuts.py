@@ -167,6 +167,62 @@ def test_where_no_larger_region_fits_the_cut_result_is_kept_and_the_status_line_
     session.close()
 
 
+@pytest.fixture
+def fails_on_larger_regions(tmp_path):
+    """The growing model, out of memory after 20 forward passes: the first region's prediction takes 12, a larger
+    region's more, as on a GPU whose memory holds the first region's but not a larger one's."""
+    folder = write_model_folder(tmp_path / "model", image_weight=0.3, out_of_memory=True, passes_before_failing=20)
+    running = Server(folder, KEY, autozoom=True).start()
+    yield running
+    running.stop()
+
+
+CUT_KEPT = ("The result reaches the edge of the part of the scan sent and may be cut off there, as running the prompt "
+            "on a larger part failed: the nnInteractive server failed on this prompt (HTTP 500: Internal Server "
+            "Error); place a prompt on the structure beyond that edge to continue it.")
+
+
+def test_a_cut_result_is_kept_when_the_larger_region_fails(fails_on_larger_regions, scene_parts):
+    """The seconds the first answer took are not lost with it: it is written, cut, and the sentence says why."""
+    from SegmentationMachineLib.panels.prompts import PromptsPanel
+
+    volume, target = scene_parts
+    clock = [0.0]
+    panel = PromptsPanel(clock=lambda: clock[0])
+    panel.connect(fails_on_larger_regions.url, KEY)
+    run_recording(panel, clock)
+    panel.session.limits = limits(250_000)
+    panel.choose(volume, target)
+    run_recording(panel, clock)
+    k0, k1 = panel.session._region[:, 0]
+    panel.submit("point", ras=point(120).ras)
+    seen = run_recording(panel, clock)
+
+    assert any("repeating the prompt" in line for line in seen) and panel.status == CUT_KEPT
+    assert fails_on_larger_regions.count("torch.OutOfMemoryError: CUDA out of memory") == 1
+    mask = panel.session._segment_mask(target.segment_id)
+    assert spans(mask) == (k0, k1 - 1) and vessel_only(mask)  # the first region's answer, cut flat at its faces
+    panel.undo()  # one step
+    run_recording(panel, clock)
+    assert not panel.session._segment_mask(target.segment_id).any()
+    panel.session.close()
+
+
+def test_a_prompt_file_keeps_a_cut_result_when_the_larger_region_fails(fails_on_larger_regions, scene_parts):
+    """session.add, which the CLI's prompt files run."""
+    volume, target = scene_parts
+    said = []
+    session = InteractiveSession(fails_on_larger_regions.url, KEY, status=said.append, limits=limits(250_000))
+    session.connect()
+    session.set_volume(volume)
+    session.select_segment(target)
+    k0, k1 = session._region[:, 0]
+    timing = session.add(point(120))
+    assert timing.warning == CUT_KEPT and said == [CUT_KEPT]
+    assert spans(session._segment_mask(target.segment_id)) == (k0, k1 - 1)
+    session.close()
+
+
 def test_a_server_out_of_gpu_memory_is_a_sentence_that_helps(tmp_path, scene_parts):
     """The real server answers a CUDA out of memory with HTTP 500 and 'Internal Server Error' only."""
     volume, target = scene_parts

@@ -136,6 +136,9 @@ class PromptsPanel:
         except Exception:
             self.queue.clear()
             raise
+        if problem and getattr(job, "cut", None) is not None:  # a prompt run again on a larger region failed
+            self.status = self.session.keep_cut(job, problem).warning
+            return
         if problem:
             self.status = problem
             if job == "connect":

@@ -10,14 +10,14 @@ other segments are respected, and it lands on the volume's voxels in world whate
 volume and the segmentation are under (frames.py). A result the server cut at a face of the region
 (it reaches one that cuts the volume) is not written: the prompt runs again, from the segment as it
 was, on a region that holds more of it (at most MAX_RERUNS times, each within one request); where
-none fits, the cut result is written and the status line says so. Undo and redo are kept here, many
-levels deep; the server learns of undo, redo and hand edits (Segment Editor paint or erase) before
-the next prompt, which re-seeds it with the segment as it is. Only what the server's model takes is
-sent (its capabilities are read at connect). A lost session (lease gone, server restarted, connection
-refused) is resumed without the user: claim, upload, seed the current mask, repeat the prompt. A
-slow answer is waited for and never repeated: a large structure can take many seconds, and a read
-time-out says so instead of reconnecting. No reply is trusted (remote.py): a broken or hostile
-server ends in one sentence, never in a crash.
+none fits, or the larger one fails (a GPU out of memory), the cut result is written and the status
+line says so. Undo and redo are kept here, many levels deep; the server learns of undo, redo and hand
+edits (Segment Editor paint or erase) before the next prompt, which re-seeds it with the segment as it
+is. Only what the server's model takes is sent (its capabilities are read at connect). A lost session
+(lease gone, server restarted, connection refused) is resumed without the user: claim, upload, seed
+the current mask, repeat the prompt. A slow answer is waited for and never repeated: a large structure
+can take many seconds, and a read time-out says so instead of reconnecting. No reply is trusted
+(remote.py): a broken or hostile server ends in one sentence, never in a crash.
 """
 
 import threading
@@ -524,7 +524,11 @@ class InteractiveSession:
         timing = self.finish(pending, pending.run())
         while pending.again is not None:
             pending = pending.again
-            timing = self.finish(pending, pending.run())
+            try:
+                box = pending.run()
+            except InteractiveError as error:
+                return self.keep_cut(pending, str(error))
+            timing = self.finish(pending, box)
         return timing
 
     def check(self, prompt: Prompt):
@@ -565,13 +569,28 @@ class InteractiveSession:
             cut = cut_faces(self._region, self._shape, box, self._mirror[slices(box)], self._buffer[slices(box)])
             if cut.any():
                 pending.again, warning = self._again(pending, box, cut)
-            if pending.again is None:
+            if pending.again is not None:  # kept in case the larger region fails
+                pending.again.cut = (self._in_volume(slices(box)), self._mirror[slices(box)].astype(bool))
+            else:
                 self._write(pending.prompt, slices(box))
         if pending.again is None:
             self._in_sync = True
             self._server_can_undo = changed and self.capabilities.undo
         if warning:
             self.status(warning)
+        total = time.perf_counter() - pending.started
+        return PromptTiming(total, pending.server_s, total - pending.server_s, warning)
+
+    def keep_cut(self, pending: "PendingPrompt", problem: str) -> PromptTiming:
+        """Main thread, after pending (a prompt run again on a larger region) failed with problem: writes the result
+        the earlier region cut, which would otherwise be lost with the seconds it took, and says why it may be cut."""
+        self._paste(pending.prompt, *pending.cut)
+        self._in_sync = False  # the server's state is unknown: the next prompt re-seeds it
+        cause = problem.split("; the segment is left as it was")[0].rstrip(".")
+        warning = (f"The result reaches the edge of the part of the scan sent and may be cut off there, as running the "
+                   f"prompt on a larger part failed: {cause[:1].lower()}{cause[1:]}; place a prompt on the structure "
+                   "beyond that edge to continue it.")
+        self.status(warning)
         total = time.perf_counter() - pending.started
         return PromptTiming(total, pending.server_s, total - pending.server_s, warning)
 
@@ -668,18 +687,26 @@ class InteractiveSession:
 
     def _write(self, prompt: Prompt, local: tuple):
         """Pastes the server's changed box (in the region) at its place in the segment."""
+        self._buffer[local] = self._paste(prompt, self._in_volume(local), self._mirror[local].astype(bool))
+
+    def _in_volume(self, local: tuple) -> tuple:
+        """A box of the region's voxels as the volume's."""
+        return tuple(slice(b.start + int(o), b.stop + int(o)) for b, o in zip(local, self._region[0]))
+
+    def _paste(self, prompt: Prompt, box: tuple, mask: np.ndarray) -> np.ndarray:
+        """Sets the segment to mask in box (the volume's voxels), as one undoable step; returns what the editor's
+        masking actually allowed."""
         segment_id = self._target.segment_id
         untouched = self._modified_time() == self._written  # else a hand edit made meanwhile: the next prompt sees it
-        box = tuple(slice(b.start + int(o), b.stop + int(o)) for b, o in zip(local, self._region[0]))
         before = self._segment_mask(segment_id, box)
-        self._modify(box, self._mirror[local].astype(bool), bypass_masking=False, before=before)
+        self._modify(box, mask, bypass_masking=False, before=before)
         after = self._segment_mask(segment_id, box)
-        self._buffer[local] = after  # what the editor's masking actually allowed
         mark_segment(self._target.segmentation_node, segment_id, NNINTERACTIVE)  # its DICOM SEG says AI made it
         if untouched:
             self._written = self._modified_time()
         # kept in the volume's own frame, for prompt files the CLI replays on the series as loaded, untransformed
         self._remember(_Step(segment_id, prompt.mapped(frames.world_to_local(self._volume_node)), box, before, after))
+        return after
 
     def _remember(self, step: _Step):
         """A new step: redo is gone, and the oldest steps go when the history outgrows its memory."""
@@ -790,6 +817,7 @@ class PendingPrompt:
     place: object = None  # origin -> the prompt's client call in a region starting there
     reruns: int = 0  # times the prompt ran before on regions that cut its result
     again: "PendingPrompt" = None  # set by finish(): the prompt to run next, on a larger region
+    cut: tuple = None  # (box in the volume, mask): the result an earlier region cut, kept if this run fails
     server_s: float = 0.0  # in run(), of this try and the earlier ones
     cancelled: bool = False
     finished: threading.Event = field(default_factory=threading.Event)
