@@ -352,10 +352,16 @@ def test_resumes_after_the_session_is_reaped_and_after_a_server_restart(model_di
         assert mask_of(session)[10, 10, 10] and mask_of(session)[30, 30, 40]  # segment intact, new prompt applied
         port = reaping.port
         reaping.stop()
+        with pytest.raises(InteractiveError) as stopped:  # while it restarts (after a GPU out of memory, say)
+            session.add(Prompt("point", False, ras=ras((10, 10, 10))))
+        assert str(stopped.value) == (f"The nnInteractive server at {reaping.url} stopped answering (ConnectError); "
+                                      "the segment is left as it was: it may be restarting, so prompt again in a "
+                                      "minute, else check that it runs.")
+        assert mask_of(session)[10, 10, 10]
         reaping = Server(model_dir, KEY, port).start()
         session.add(Prompt("point", False, ras=ras((10, 10, 10))))
         assert not mask_of(session)[10, 10, 10] and mask_of(session)[30, 30, 40]
-        assert len(messages) == 2
+        assert len(messages) == 3
         session.close()
     finally:
         reaping.stop()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import vtk
 
-from SegmentationMachineLib.panels.promptmarkups import BoxPlacement, curve_points_ras
+from SegmentationMachineLib.panels.promptmarkups import BoxPlacement, curve_points_ras, PlaceMode
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE_FOLDER = REPO / "SegmentationMachine"
@@ -124,6 +124,51 @@ def test_no_shortcut_steals_a_key_slicers_views_use():
             and (len(node.value) == 1 or node.value.startswith(("Ctrl+", "Shift+")))}
     assert {"Ctrl+Z", "Ctrl+Y"} <= keys and len(keys) >= 8, keys
     assert not keys & VIEW_KEYS, f"these shortcuts take keys from Slicer's views: {keys & VIEW_KEYS}"
+
+
+def test_a_prompt_tool_gives_slicers_place_mode_back_as_it_was(ctx):
+    """The interaction and selection nodes are Slicer's singletons: after a tool, "place multiple" and the active
+    place node are the user's again, whether the tool was switched off or left by a right-click."""
+    interaction, selection = ctx.app_logic.GetInteractionNode(), ctx.app_logic.GetSelectionNode()
+    own = ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "my landmarks")
+    prompts = ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsCurveNode", "AI scribble prompt")
+    selection.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsFiducialNode")
+    selection.SetActivePlaceNodeID(own.GetID())
+    before = (0, interaction.ViewTransform, "vtkMRMLMarkupsFiducialNode", own.GetID())
+
+    def state():
+        return (interaction.GetPlaceModePersistence(), interaction.GetCurrentInteractionMode(),
+                selection.GetActivePlaceNodeClassName(), selection.GetActivePlaceNodeID())
+
+    assert state() == before
+    place_mode = PlaceMode()
+    place_mode.take(interaction, selection, "vtkMRMLMarkupsCurveNode", prompts.GetID())
+    assert state() == (1, interaction.Place, "vtkMRMLMarkupsCurveNode", prompts.GetID())
+    place_mode.take(interaction, selection, "vtkMRMLMarkupsCurveNode", prompts.GetID())  # another tool: still kept
+    interaction.SwitchToViewTransformMode()  # a right-click ends the curve; persistence stays 1 in Slicer
+    assert interaction.GetPlaceModePersistence() == 1
+    place_mode.give_back(interaction, selection, keep_mode=True)
+    assert state() == before
+
+    interaction.SetCurrentInteractionMode(interaction.Place)  # the user was placing their own points
+    place_mode.take(interaction, selection, "vtkMRMLMarkupsCurveNode", prompts.GetID())
+    ctx.scene.RemoveNode(own)
+    place_mode.give_back(interaction, selection)  # the tool switched off: their mode comes back, their node is gone
+    assert state() == (0, interaction.Place, "vtkMRMLMarkupsFiducialNode", None)
+    place_mode.give_back(interaction, selection)  # nothing taken: nothing changes
+    assert state() == (0, interaction.Place, "vtkMRMLMarkupsFiducialNode", None)
+
+
+def test_quitting_slicer_still_reaches_the_cloud_sections_quit_slot():
+    """Slicer connects its own aboutToQuit slot first (qSlicerCoreApplicationPrivate::init); it unloads the modules,
+    which calls our cleanup(), before our slot's turn. Qt skips a slot disconnected during the emission, so a
+    cleanup() that disconnected aboutToQuit would leave this session's pods running on every quit."""
+    for path in (MODULE_FOLDER / "SegmentationMachineWidgets").glob("*.py"):
+        for call in ast.walk(ast.parse(path.read_text())):
+            if isinstance(call, ast.Call) and getattr(call.func, "attr", "") == "disconnect" and call.args:
+                assert getattr(call.args[0], "value", None) != "aboutToQuit()", f"{path.name}:{call.lineno}"
+    cloud = (MODULE_FOLDER / "SegmentationMachineWidgets" / "cloud.py").read_text()
+    assert 'slicer.app.connect("aboutToQuit()", self.onAboutToQuit)' in cloud
 
 
 def test_an_install_into_slicer_may_add_packages_but_never_replace_slicers(tmp_path):

@@ -224,4 +224,6 @@ class CloudSection:
         self.timer.stop()
         if slicer.util.mainWindow():
             slicer.util.mainWindow().removeEventFilter(self.closeFilter)
-        slicer.app.disconnect("aboutToQuit()", self.onAboutToQuit)
+        # aboutToQuit stays connected: at a real quit Slicer's own slot, connected first when the application was
+        # made, unloads the modules, which calls this cleanup() before our slot's turn; a slot disconnected here
+        # would then never run, and this session's pods would bill on (qSlicerCoreApplication::onAboutToQuit).

@@ -14,7 +14,7 @@ from slicer.i18n import tr as _
 
 from SegmentationMachineLib.core.credentials import SecretStore
 from SegmentationMachineLib.core.scene import forward_render_pauses
-from SegmentationMachineLib.panels.promptmarkups import BoxPlacement, curve_points_ras
+from SegmentationMachineLib.panels.promptmarkups import BoxPlacement, curve_points_ras, PlaceMode
 from SegmentationMachineLib.panels.prompts import PromptsPanel
 from SegmentationMachineLib.prompts.promptfile import save_prompt_file, SegmentPrompts
 from SegmentationMachineLib.prompts.session import SegmentTarget
@@ -42,7 +42,7 @@ class PromptToolsSection:
         self.secrets = SecretStore()
         self.tool = None
         self.boxPlacement = BoxPlacement()
-        self.savedPlaceMode = None  # (place mode persistence, interaction mode) before a tool was chosen
+        self.placeMode = PlaceMode()  # Slicer's, as it was before a tool was chosen
         self.markups = {}
         self.observations = []
         self.timer = timer(50, self.tick)
@@ -152,35 +152,25 @@ class PromptToolsSection:
         return logic
 
     # -- viewer tools ------------------------------------------------------------------------
-    def setTool(self, tool):
-        """The interaction node is Slicer's global singleton: place mode and "place multiple" are restored
-        as they were when no tool of ours is active any more."""
+    def setTool(self, tool, keepMode=False):
+        """Slicer's place mode, "place multiple" and active place node are given back as they were when no tool
+        of ours is active any more (keepMode: the interaction mode the user chose meanwhile stays)."""
         self.tool = tool
         self.boxPlacement.reset()
         for name, (_className, button, _key) in TOOLS.items():
             getattr(self.ui, button).checked = name == tool
-        interaction = slicer.app.applicationLogic().GetInteractionNode()
+        logic = slicer.app.applicationLogic()
         if tool is None:
-            if self.savedPlaceMode is not None:
-                self.savedPlaceMode, (persistence, mode) = None, self.savedPlaceMode
-                interaction.SetPlaceModePersistence(persistence)
-                interaction.SetCurrentInteractionMode(mode)
-            return
-        if self.savedPlaceMode is None:
-            self.savedPlaceMode = (interaction.GetPlaceModePersistence(), interaction.GetCurrentInteractionMode())
-        node = self.markupsNode(tool)
-        selection = slicer.app.applicationLogic().GetSelectionNode()
-        selection.SetReferenceActivePlaceNodeClassName(TOOLS[tool][0])
-        selection.SetActivePlaceNodeID(node.GetID())
-        interaction.SetPlaceModePersistence(1)
-        interaction.SetCurrentInteractionMode(interaction.Place)
+            self.placeMode.give_back(logic.GetInteractionNode(), logic.GetSelectionNode(), keepMode)
+        else:
+            node = self.markupsNode(tool)
+            self.placeMode.take(logic.GetInteractionNode(), logic.GetSelectionNode(), TOOLS[tool][0], node.GetID())
 
     def onInteractionModeChanged(self):
-        """Another module or the toolbar left place mode: our tool buttons follow."""
+        """Another module, the toolbar or a right-click left place mode: our tool buttons follow."""
         interaction = slicer.app.applicationLogic().GetInteractionNode()
         if self.tool and interaction.GetCurrentInteractionMode() != interaction.Place:
-            self.savedPlaceMode = None  # the user chose the mode now in force: keep it
-            self.setTool(None)
+            self.setTool(None, keepMode=True)
 
     def markupsNode(self, tool):
         node = self.markups.get(tool)
@@ -202,7 +192,10 @@ class PromptToolsSection:
 
     def onPlaced(self, tool):
         """Inside the markups node's own event: Slicer's placing widget goes on using the node after it
-        (vtkSlicerMarkupsWidget::PlacePoint), so the prompt is read now and the node changed only afterwards."""
+        (vtkSlicerMarkupsWidget::PlacePoint), so the prompt is read now and the node changed only afterwards.
+        Only while that tool is chosen: a point placed otherwise is not a prompt."""
+        if tool != self.tool:
+            return
         node = self.markups[tool]
         if tool == "point":
             position = [0.0, 0.0, 0.0]

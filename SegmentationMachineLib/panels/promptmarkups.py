@@ -46,3 +46,36 @@ def curve_points_ras(curve_node) -> np.ndarray:
     if points is None or points.GetNumberOfPoints() == 0:
         return np.zeros((0, 3))
     return numpy_support.vtk_to_numpy(points.GetData()).astype(float).copy()
+
+
+class PlaceMode:
+    """The interaction and selection nodes are Slicer's global singletons: what a prompt tool sets there (place
+    mode, "place multiple", the active place node) would stay set for every other module, and a point placed later
+    from Slicer's own toolbar would land in the tool's node. take() keeps what was set before the first tool;
+    give_back() restores all of it."""
+
+    def __init__(self):
+        self.saved = None  # (persistence, interaction mode, active place node class, active place node ID)
+
+    def take(self, interaction, selection, class_name: str, node_id: str):
+        """Place mode, placing many, into the node node_id (of class_name)."""
+        if self.saved is None:
+            self.saved = (interaction.GetPlaceModePersistence(), interaction.GetCurrentInteractionMode(),
+                          selection.GetActivePlaceNodeClassName(), selection.GetActivePlaceNodeID())
+        selection.SetReferenceActivePlaceNodeClassName(class_name)
+        selection.SetActivePlaceNodeID(node_id)
+        interaction.SetPlaceModePersistence(1)
+        interaction.SetCurrentInteractionMode(interaction.Place)
+
+    def give_back(self, interaction, selection, keep_mode: bool = False):
+        """Everything as it was before take(); keep_mode: the user left place mode and chose the mode now in force
+        (a right-click, the toolbar), so that one stays."""
+        if self.saved is None:
+            return
+        (persistence, mode, class_name, node_id), self.saved = self.saved, None
+        selection.SetReferenceActivePlaceNodeClassName(class_name)
+        scene = selection.GetScene()
+        selection.SetActivePlaceNodeID(node_id if node_id and scene and scene.GetNodeByID(node_id) else None)
+        interaction.SetPlaceModePersistence(persistence)
+        if not keep_mode:
+            interaction.SetCurrentInteractionMode(mode)

@@ -233,7 +233,7 @@ class InteractiveSession:
                                 "nothing was written to the segment: check that it is an nnInteractive server "
                                 f"for nninteractive-client {_client_version()}.")
 
-    def _claim(self):
+    def _claim(self, resuming: bool = False):
         upstream, remote, httpx = _upstream()
         waited = 0.0
         while True:
@@ -260,6 +260,10 @@ class InteractiveSession:
                         f"The nnInteractive server at {self.url} shows a certificate this computer does not trust "
                         f"({untrusted_certificate(error)}): check the address; behind a proxy that inspects TLS, set "
                         "SSL_CERT_FILE to your organisation's CA certificates.") from None
+                if resuming:  # it answered before: gone since, or restarting (as after a GPU out of memory)
+                    raise InteractiveError(f"The nnInteractive server at {self.url} stopped answering "
+                                           f"({type(error).__name__}); the segment is left as it was: it may be "
+                                           "restarting, so prompt again in a minute, else check that it runs.") from None
                 raise InteractiveError(f"Cannot reach the nnInteractive server at {self.url} "
                                        f"({type(error).__name__}): check the URL and that the server is running.") from None
             except KeyError as error:  # a reply without the fields this client version expects
@@ -335,8 +339,10 @@ class InteractiveSession:
         upstream, remote, httpx = _upstream()
         try:
             try:
+                if self._client is None:  # the last resume failed (the server was away): resume now
+                    raise _NoSession
                 return action(self._client)
-            except (upstream.SessionExpiredError, httpx.ConnectError):
+            except (upstream.SessionExpiredError, httpx.ConnectError, _NoSession):
                 if abandoned():  # a cancelled prompt's thread leaves the session alone
                     raise
                 self.status("The server session was lost; reconnecting and restoring the segment.")
@@ -361,16 +367,19 @@ class InteractiveSession:
                                    "prompt again to continue.") from None
 
     def _resume(self):
-        try:
-            self._client.close()
-        except Exception:  # the old lease is gone anyway
-            pass
-        self._client = self._claim()
+        lost, self._client = self._client, None
+        _close_quietly(lost)  # its lease is gone anyway
+        client = self._claim(resuming=True)
         self._generation += 1
-        if self._image is not None:
-            self._client.set_image(self._image)
-        if self._buffer is not None and self._buffer.shape == self._image.shape[1:]:  # else a new region: seeded next
-            self._seed(self._client, self._buffer.astype(np.uint8))
+        try:
+            if self._image is not None:
+                client.set_image(self._image)
+            if self._buffer is not None and self._buffer.shape == self._image.shape[1:]:  # else a new region: seeded next
+                self._seed(client, self._buffer.astype(np.uint8))
+        except BaseException:
+            _close_quietly(client)  # else upstream's client goes on heartbeating its lease
+            raise
+        self._client = client
 
     def close(self):
         if self._client is not None:
@@ -844,6 +853,18 @@ class PendingPrompt:
         the session's next prompt re-seeds the server with the segment as it is."""
         self.cancelled = True
         self.session._cancelled = self
+
+
+class _NoSession(Exception):
+    """The session has no server session: the last one was lost and could not be resumed."""
+
+
+def _close_quietly(client):
+    try:
+        if client is not None:
+            client.close()
+    except Exception:  # a server that is away cannot release a lease; its reaper will
+        pass
 
 
 def _client_version() -> str:
