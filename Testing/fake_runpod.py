@@ -173,6 +173,7 @@ class FakeRunPod:
     capacity_message: str = NO_CAPACITY
     no_capacity_on_resume: bool = False
     create_fault: tuple = None  # (status, detail): the next create answers this although it created the pod
+    action_fault: tuple = None  # (status, detail): the next action answers this although it was done
     rate_limit_every: int = 0  # every Nth API request answers 429
     retry_after_s: int = 1
     balance: float = 25.0  # at 0, creates answer 402
@@ -377,7 +378,11 @@ class FakeRunPod:
             return self._act(pod, "terminate", key)
         if method == "POST" and parts[3:] == ["action"]:
             _valid(POD_ACTION, body)
-            return self._act(pod, body["action"], key)
+            answer = self._act(pod, body["action"], key)
+            if self.action_fault:
+                fault, self.action_fault = self.action_fault, None
+                raise _Failure(*fault)
+            return answer
         raise _Failure(404, "No such endpoint.")
 
     def _act(self, pod, action, key):

@@ -8,6 +8,7 @@ import pytest
 
 from certificates import self_signed
 from conftest import RUNPOD_KEY as KEY
+import fake_runpod
 from fake_runpod import NO_CAPACITY, NO_FREE_GPUS, NO_RESOURCES, SOMETHING_WENT_WRONG, ends_within
 from SegmentationMachineLib.cloud.cloudgpu import CloudGpu
 from SegmentationMachineLib.cloud.pods import (CAPACITY_SENTENCE, CapacityError, PodsError, PodSpec, RunPodRest,
@@ -223,6 +224,47 @@ def test_a_create_of_unknown_outcome_looks_the_pod_up_while_the_list_lags(backen
     pod = backend.create(spec)
     assert list(fake.pods) == [pod.id] and pod.name == spec.name  # found by name, not created twice
     assert len(creates(fake)) == 1 and backend.sleeps == [2, 3]  # looked twice: the list showed it after 4 s
+
+
+def actions(fake) -> list:
+    return [body["action"] for method, path, body in fake.requests if path.endswith("/action")]
+
+
+@pytest.mark.parametrize("status, detail", [(500, "Internal Server Error"), (400, SOMETHING_WENT_WRONG)])
+def test_an_action_of_unknown_outcome_looks_the_pod_up_before_trying_again(backend, fake, virtual, status, detail):
+    """RunPod: after "something went wrong" or a server error the action may have happened. A stop reported as
+    failed when it happened sends a user to terminate (the volume lost); a resume so reported bills unseen."""
+    pod = backend.create(PodSpec("NVIDIA L40S", image="example/sm:1"))
+    fake.action_fault = (status, detail)
+    backend.stop(pod.id)
+    assert fake.pods[pod.id]["status"] == "EXITED" and actions(fake) == ["stop"]
+    fake.action_fault = (status, detail)
+    backend.resume(pod.id)
+    assert fake.pods[pod.id]["status"] == "RUNNING" and actions(fake) == ["stop", "start"]
+    fake.action_fault = (status, detail)
+    backend.terminate(pod.id)
+    assert backend.get(pod.id) is None and actions(fake) == ["stop", "start", "terminate"] and backend.sleeps == []
+
+
+def test_an_action_that_did_not_happen_is_sent_again_and_one_never_confirmed_is_a_sentence(backend, fake, virtual,
+                                                                                         monkeypatch):
+    pod = backend.create(PodSpec("NVIDIA L40S", image="example/sm:1"))
+    real_act = fake._act
+    refused = iter([True])
+
+    def fails_first(pod_, action, key):  # the first stop answers 502 before RunPod acted on it
+        if next(refused, False):
+            raise fake_runpod._Failure(502, "Bad Gateway")
+        return real_act(pod_, action, key)
+
+    monkeypatch.setattr(fake, "_act", fails_first)
+    backend.stop(pod.id)
+    assert fake.pods[pod.id]["status"] == "EXITED" and actions(fake) == ["stop", "stop"] and backend.sleeps == [5]
+    refused = iter([True] * 3)
+    with pytest.raises(PodsError, match=rf"^RunPod did not confirm the start of pod {pod.id} \(server errors or no "
+                                        r"answer\), and the pod does not show it: try again in a minute"):
+        backend.resume(pod.id)
+    assert fake.pods[pod.id]["status"] == "EXITED" and actions(fake)[2:] == ["start"] * 3
 
 
 def test_a_pod_the_list_shows_too_late_is_terminated_as_a_twin(backend, fake, virtual):

@@ -36,6 +36,11 @@ TIMEOUT_S = 30.0
 BACKOFF_S = (5, 10, 20, 40, 60)  # between tries after a 429 without Retry-After
 NETWORK_RETRIES = 2  # a read that gets a server error or no answer is tried again twice (5 s, 10 s)
 LOOKUP_S = (2, 3, 5)  # after a create of unknown outcome: the pod list lags a few seconds behind
+# After an action of unknown outcome (RunPod: "the action may have happened: look the pod up before trying again"),
+# what the pod shows once it happened; None: terminated.
+DONE = {"stop": lambda pod: pod is not None and pod.status == "EXITED",
+        "start": lambda pod: pod is not None and pod.status != "EXITED",
+        "terminate": lambda pod: pod is None}
 VOLUME_USD_PER_GB_MONTH = 0.20  # a stopped pod's volume
 LOG_LINES = 200  # a failed start's log: its last lines are enough to say why
 LOG_WITHIN_S = 15.0  # RunPod streams the log and never ends the stream: reading it takes this long at most
@@ -234,8 +239,8 @@ class RunPodRest:
 
     def terminate(self, pod_id: str):
         """Terminates the pod; one that is already terminated (404, or a 409 for a TERMINATED pod) counts as done."""
-        response = self._request("POST", f"/pods/{pod_id}/action", body={"action": "terminate"})
-        if not self._terminated(response, pod_id):
+        response = self._act(pod_id, "terminate")
+        if response is not None and not self._terminated(response, pod_id):
             _checked(response)
 
     # -- inside ----------------------------------------------------------------------------
@@ -285,18 +290,37 @@ class RunPodRest:
         return response.status_code == 404 or (response.status_code == 409 and self.get(pod_id) is None)
 
     def _action(self, pod_id: str, action: str):
-        response = self._request("POST", f"/pods/{pod_id}/action", body={"action": action})
+        response = self._act(pod_id, action)
+        if response is None:
+            return
         if self._terminated(response, pod_id):
             raise PodsError(f"There is no pod {pod_id} on this account (terminated?): "
                             "`segmentation-machine pod list` shows them.")
         _checked(response)
 
+    def _act(self, pod_id: str, action: str):
+        """The action's answer, or None where an answer of unknown outcome (a server error, none, "something went
+        wrong") was followed by a look at the pod that shows it done. Sent again only once the pod shows it not
+        done: a stop reported failed although it happened would send a user to terminate, losing the volume."""
+        for wait in (*BACKOFF_S[:NETWORK_RETRIES], None):
+            try:
+                return self._request("POST", f"/pods/{pod_id}/action", body={"action": action}, create=True)
+            except _Unknown:
+                if DONE[action](self.get(pod_id)):
+                    return None
+                if wait is None:
+                    raise PodsError(f"RunPod did not confirm the {action} of pod {pod_id} (server errors or no "
+                                    "answer), and the pod does not show it: try again in a minute, or use the "
+                                    "RunPod console.") from None
+                self._sleep(wait)
+
     def _json(self, method: str, path: str) -> dict:
         return _checked(self._request(method, path))
 
     def _request(self, method: str, path: str, body: dict = None, create: bool = False, url: str = None):
-        """One call: waits out 429s, tries a read again after a server error or no answer; a create whose
-        outcome is unknown raises _Unknown instead, for create() to look before it tries again."""
+        """One call: waits out 429s, tries a read again after a server error or no answer; a create or action
+        (create=True) whose outcome is unknown raises _Unknown instead, for the caller to look before it tries
+        again."""
         import requests
 
         failures, problem = 0, ""
@@ -354,7 +378,7 @@ def unreachable(url: str, error: Exception) -> tuple:
 
 
 class _Unknown(Exception):
-    """A create whose outcome is unknown: the caller looks before it tries again."""
+    """A create or action whose outcome is unknown: the caller looks before it tries again."""
 
 
 _OPEN, _END = object(), object()  # the log's reader: RunPod answered; the stream ended
