@@ -242,9 +242,9 @@ def test_server_on_cuda_without_a_gpu(server_installed, tmp_path):
 
 
 @pytest.mark.parametrize("flag", [[], ["--no-torch-compile"]])
-def test_server_on_cuda_runs_without_torch_compile_where_no_c_compiler_is_found(
+def test_server_on_cuda_runs_without_torch_compile_where_no_c_compiler_or_python_headers_are_found(
         server_installed, tmp_path, monkeypatch, capsys, flag):
-    """Upstream compiles by default, and Triton needs a C compiler for it (docker/README.md)."""
+    """Upstream compiles by default, and Triton needs a C compiler and Python's headers for it (docker/README.md)."""
     from SegmentationMachineLib.cli import server
 
     commands = []
@@ -267,14 +267,18 @@ def test_server_on_cuda_runs_without_torch_compile_where_no_c_compiler_is_found(
     monkeypatch.setattr(server.subprocess, "Popen", Exited)
     monkeypatch.setenv("SM_NNI_API_KEY", "test-key-0123456789")
     monkeypatch.delenv("CC", raising=False)
-    for with_compiler in (True, False):
+    headers = server.sysconfig.get_paths()
+    for with_compiler, with_headers in ((True, True), (False, True), (True, False)):
         monkeypatch.setenv("PATH", str(tmp_path) if with_compiler else str(tmp_path / "empty"))
+        monkeypatch.setattr(server.sysconfig, "get_paths", lambda: headers if with_headers else {
+            **headers, "include": str(tmp_path / "no-python-dev")})
         server.run_server(build_parser().parse_args(["server", "--device", "cuda", *flag]))
     said = capsys.readouterr().out
-    with_compiler, without = commands
-    assert ("--no-torch-compile" in with_compiler) == bool(flag)
-    assert "--no-torch-compile" in without
+    with_both, without_compiler, without_headers = commands
+    assert ("--no-torch-compile" in with_both) == bool(flag)
+    assert "--no-torch-compile" in without_compiler and "--no-torch-compile" in without_headers
     assert said.count("No C compiler found, which torch.compile needs") == (0 if flag else 1)
+    assert said.count("No Python headers found, which torch.compile needs") == (0 if flag else 1)
 
 
 def test_server_says_ready_only_once_it_answers(server_installed, tmp_path):

@@ -200,7 +200,8 @@ def test_a_resume_without_free_gpus_on_the_host_is_a_capacity_error(backend, fak
     pod = backend.create(PodSpec("NVIDIA L40S", image="example/sm:1"))
     backend.stop(pod.id)
     fake.no_capacity_on_resume = True
-    with pytest.raises(CapacityError, match="no capacity for that GPU"):
+    with pytest.raises(CapacityError, match=rf"^The host of pod {pod.id} has no free GPU right now: try resuming it "
+                                            "later, or terminate it and start a new pod"):
         backend.resume(pod.id)
     assert fake.pods[pod.id]["status"] == "EXITED"
 

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import urllib.request
@@ -42,7 +43,7 @@ def add_server_command(commands, common):
     serve.add_argument("--max-sessions", type=int, help="concurrent sessions (upstream default 3)")
     serve.add_argument("--no-torch-compile", action="store_true",
                        help="skip torch.compile on CUDA: starts about 45 s sooner, each prompt about 20 ms slower "
-                            "(automatic where no C compiler is found, which compile needs)")
+                            "(automatic where no C compiler or Python headers are found, which compile needs)")
     serve.add_argument("--no-restart-on-out-of-memory", action="store_true",
                        help="after a prompt runs out of GPU memory, keep the server running (a large structure's "
                             "prompt then takes about twice as long) instead of restarting it (its clients reconnect "
@@ -66,9 +67,10 @@ def run_server(args):
     if not key:
         key = secrets.token_urlsafe(32)
         print(f"API key (shown once; clients need it): {key}", flush=True)
-    if device == "cuda" and not args.no_torch_compile and not _c_compiler():
-        print("No C compiler found, which torch.compile needs: the server runs without it (prompts about 20 ms "
-              "slower); install gcc to have it.", flush=True)
+    missing = _missing_for_compile() if device == "cuda" and not args.no_torch_compile else ""
+    if missing:
+        print(f"No {missing} found, which torch.compile needs: the server runs without it (prompts about 20 ms "
+              "slower); install gcc and python3-dev to have it.", flush=True)
         args.no_torch_compile = True
     command = upstream_command(executable, args, device)
     url = f"http://{args.host}:{args.port}"
@@ -193,10 +195,16 @@ def _answers_once_started(process, host: str, port: int) -> bool:
     return False
 
 
-def _c_compiler() -> bool:
-    """torch.compile's Triton builds its launcher with the C compiler in CC, else cc, gcc or clang: upstream's
-    default compile makes a server without one exit during its start-up warm-up."""
-    return any(shutil.which(name) for name in (os.environ.get("CC"), "cc", "gcc", "clang") if name)
+def _missing_for_compile() -> str:
+    """What torch.compile lacks here, "" if nothing: its Triton builds a launcher with the C compiler in CC (else
+    cc, gcc or clang) against Python's headers, and upstream's default compile makes a server without them exit
+    during its start-up warm-up."""
+    missing = []
+    if not any(shutil.which(name) for name in (os.environ.get("CC"), "cc", "gcc", "clang") if name):
+        missing.append("C compiler")
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        missing.append("Python headers")
+    return " and no ".join(missing)
 
 
 def _default_device() -> str:

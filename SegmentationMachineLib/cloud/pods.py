@@ -235,7 +235,11 @@ class RunPodRest:
         self._action(pod_id, "stop")
 
     def resume(self, pod_id: str):
-        self._action(pod_id, "start")
+        try:
+            self._action(pod_id, "start")
+        except CapacityError:  # a stopped pod is tied to its host: another GPU type or cloud is no way out
+            raise CapacityError(f"The host of pod {pod_id} has no free GPU right now: try resuming it later, or "
+                                "terminate it and start a new pod (its volume's files go with it).") from None
 
     def terminate(self, pod_id: str):
         """Terminates the pod; one that is already terminated (404, or a 409 for a TERMINATED pod) counts as done."""
