@@ -181,6 +181,8 @@ class FakeRunPod:
     limited_keys: set = field(default_factory=set)  # keys that may read and stop pods but not terminate them
     templates: dict = field(default_factory=dict)  # id → a Template's settings (image, ports, env, disk, mounts...)
     agent_answers: bool = True  # the pod agent behind the proxy (port 8001) answers heartbeats
+    routing_status: int = 502  # the proxy's page until the pod's server answers (also 503 or 504 while it routes)
+    server_full: bool = False  # the pod's server answers claims as upstream's does with every session in use
     warning: str = ""  # what the pod agent behind the proxy warns of
     fails_as: str = None  # "ERROR" (the container keeps failing) or "EXITED" (stopped): new pods end so once booted
     terminated_listed_s: float = 3.0  # a terminated pod is still listed (TERMINATED) this long, then 404
@@ -304,7 +306,7 @@ class FakeRunPod:
             self._advance()
             pod = self.pods.get(pod_id)
         if pod is None or pod["status"] != "RUNNING" or self._uptime(pod) < self.server_s:
-            return 502, "<html><body>502 Bad Gateway</body></html>"
+            return self.routing_status, f"<html><body>{self.routing_status} Bad Gateway</body></html>"
         if port == "8001":  # the pod agent
             if not self.agent_answers:
                 return 502, "<html><body>502 Bad Gateway</body></html>"
@@ -314,6 +316,8 @@ class FakeRunPod:
             return 200, {"pod_id": pod_id, "terminates_in_s": 900.0, "reason": "idle timeout", "warning": self.warning}
         if authorization != f"Bearer {pod['env'].get('SM_NNI_API_KEY')}":
             return 401, {"detail": "invalid API key"}
+        if self.server_full and route == "claim":
+            return 503, {"detail": "server is at capacity (3 sessions)"}
         return 200, {"lease_token": "lease-1"} if route == "claim" else {}
 
     def proxy_template(self) -> str:

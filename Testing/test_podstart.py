@@ -43,6 +43,18 @@ def test_phases_until_the_server_answers_an_authenticated_request(backend, quick
     assert "server ready" in str(seen[-1]) and "$" in str(seen[-1])
 
 
+def test_the_proxys_503_while_it_routes_is_not_ready_but_a_full_servers_is(backend, quick, tmp_path):
+    """RunPod's proxy answers 503 (as well as 502) with its own page while it routes a new pod; upstream's server
+    answers 503 with its JSON detail when every session is in use: up, and checking keys."""
+    quick.routing_status = 503
+    pod = backend.create(spec("NVIDIA GeForce RTX 4090"))
+    check = ready_check(quick)
+    assert not check(pod)
+    quick.server_s = 0.0
+    quick.server_full = True
+    assert check(pod)
+
+
 def test_no_capacity_moves_on_to_the_next_gpu_type(backend, quick, tmp_path):
     seen = []
     pod = start_pod(backend, [spec("NVIDIA RTX A5000"), spec("NVIDIA L40S")], ready_check(quick),

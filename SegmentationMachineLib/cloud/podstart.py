@@ -66,7 +66,7 @@ def pod_at(url: str, port: int = 8000):
 def server_answers(url: str, api_key: str, timeout: float = 10.0) -> bool:
     """True once the nnInteractive server behind url grants a session to api_key (released at once).
 
-    False while the proxy answers 502 or nothing; a rejected key is an error, not a wait.
+    False while the proxy answers 502, 503 (its own page) or nothing; a rejected key is an error, not a wait.
     """
     import requests
 
@@ -76,8 +76,8 @@ def server_answers(url: str, api_key: str, timeout: float = 10.0) -> bool:
         return False
     if claim.status_code == 401:
         raise PodsError("The pod's server rejected the key it was started with: terminate the pod and start a new one.")
-    if claim.status_code == 503:
-        return True  # full, but up and checking keys
+    if claim.status_code == 503:  # full, but up and checking keys; or the proxy's page while it routes
+        return _at_capacity(claim)
     if claim.status_code != 200:
         return False
     token = claim.json().get("lease_token", "")
@@ -87,6 +87,14 @@ def server_answers(url: str, api_key: str, timeout: float = 10.0) -> bool:
     except requests.RequestException:
         pass  # the lease expires by itself
     return True
+
+
+def _at_capacity(answer) -> bool:
+    """Whether a 503 is upstream's own (JSON: "server is at capacity (3 sessions)"), not the proxy's HTML page."""
+    try:
+        return "at capacity" in str(answer.json().get("detail", ""))
+    except (ValueError, AttributeError):
+        return False
 
 
 class PodRecords:
