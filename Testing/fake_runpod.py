@@ -464,6 +464,13 @@ class FakeRunPod:
             raise _Failure(*fault)
         return self.pods[pod_id]
 
+    # PodFindAndDeployOnDemandInput's fields, as runpod-python 1.12's mutation sends them, and the two ends: GraphQL
+    # refuses any other field before it runs anything.
+    GRAPHQL_INPUT = {"name", "imageName", "cloudType", "startSsh", "gpuTypeId", "supportPublicIp", "gpuCount",
+                     "volumeInGb", "minVcpuCount", "minMemoryInGb", "allowedCudaVersions", "dataCenterId", "dockerArgs",
+                     "countryCode", "containerDiskInGb", "ports", "volumeMountPath", "env", "templateId",
+                     "networkVolumeId", "minDownload", "minUpload", "terminateAfter", "stopAfter"}
+
     def _graphql(self, body):
         """podFindAndDeployOnDemand, the one mutation still used (for terminateAfter)."""
         if self.graphql_retired:
@@ -473,9 +480,15 @@ class FakeRunPod:
             return 200, {"errors": [{"message": f"Cannot query field {operation.name.value}."}]}
         [argument] = operation.arguments
         spec = _value(argument.value, body.get("variables") or {})
+        unknown = sorted(set(spec) - self.GRAPHQL_INPUT)
+        if unknown:
+            return 400, {"errors": [{"message": f'Variable "$input" got invalid value; Field "{unknown[0]}" is not '
+                                                'defined by type "PodFindAndDeployOnDemandInput".'}]}
         ends = {"terminateAfter": spec.get("terminateAfter"), "stopAfter": spec.get("stopAfter")}
         mount = spec.get("volumeMountPath", "/workspace")
-        settings = {"name": spec.get("name", ""), "gpu": {"id": spec.get("gpuTypeId")},
+        gpu = {"id": spec.get("gpuTypeId"), **({"allowedCudaVersions": spec["allowedCudaVersions"]}
+                                                if spec.get("allowedCudaVersions") else {})}
+        settings = {"name": spec.get("name", ""), "gpu": gpu,
                     "cloud": spec.get("cloudType", "SECURE"), "env": {e["key"]: e["value"] for e in spec.get("env", [])},
                     "ports": [p for p in spec.get("ports", "").split(",") if p], "disk": spec.get("containerDiskInGb", 50),
                     "mounts": ({"network": [{"volumeId": spec["networkVolumeId"], "path": mount}]}

@@ -402,6 +402,30 @@ def test_a_log_that_keeps_coming_is_cut_at_the_deadline_or_at_its_last_lines(bac
     wait_for(lambda: fake.log_streams == 0)
 
 
+def test_graphqls_create_keeps_the_cuda_versions_and_names_a_low_balance(backend, fake):
+    """Every start from the panel or `pod up` has an end, so goes through GraphQL: what v2 is checked for holds
+    there too."""
+    end = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+    pod = backend.create(PodSpec("NVIDIA L40S", image="x", terminate_after=end, allowed_cuda_versions=["12.8"]))
+    assert creates(fake) == [("POST", "/graphql")] and fake.pods[pod.id]["gpu"]["allowedCudaVersions"] == ["12.8"]
+    fake.balance = 0
+    with pytest.raises(PodsError, match=r"^RunPod refused: the account's balance is too low. Add credit"):
+        backend.create(PodSpec("NVIDIA L40S", image="x", terminate_after=end))
+
+
+def test_the_fake_graphql_refuses_an_input_field_runpods_does_not_define(backend, fake, monkeypatch):
+    """As GraphQL does, before anything runs: the check behind the test above."""
+    from SegmentationMachineLib.cloud import pods
+
+    real = pods._graphql_input
+    monkeypatch.setattr(pods, "_graphql_input", lambda spec: {**real(spec), "minCudaVersion": "12.8"})  # v2's only
+    end = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+    with pytest.raises(PodsError, match=r'\(400\): Variable "\$input" got invalid value; Field "minCudaVersion" is not '
+                                        r'defined by type "PodFindAndDeployOnDemandInput"'):
+        backend.create(PodSpec("NVIDIA L40S", image="x", terminate_after=end))
+    assert fake.pods == {}
+
+
 def test_a_terminated_pod_is_listed_as_terminated_for_a_while_and_counts_as_gone(backend, fake, virtual):
     import requests
 

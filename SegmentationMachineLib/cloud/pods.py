@@ -446,7 +446,7 @@ def _raise_for(status: int, detail: str, secret_values=()):
     if status == 401:
         raise PodsError("RunPod rejected the API key: check it in the Cloud GPU panel "
                         "(it needs read and write access).")
-    if status == 402:
+    if status == 402 or "balance is too low" in detail.lower():  # GraphQL says so in an error of a 200
         raise PodsError("RunPod refused: the account's balance is too low. Add credit in the RunPod console "
                         "(Billing) and try again.")
     if status == 400 and any(message in detail.lower() for message in CAPACITY_MESSAGES):
@@ -462,7 +462,7 @@ def _raise_for(status: int, detail: str, secret_values=()):
 
 def _problem(response) -> str:
     """The human part of a problem+json answer ('' for anything else): its detail, and for a 422 the violations
-    it lists (the detail alone says only "Request validation failed.")."""
+    it lists (the detail alone says only "Request validation failed."); for GraphQL, its errors' messages."""
     try:
         problem = response.json()
     except ValueError:
@@ -471,7 +471,8 @@ def _problem(response) -> str:
         return ""
     detail = str(problem.get("detail") or problem.get("title") or "")
     errors = problem.get("errors") if isinstance(problem.get("errors"), list) else []
-    return "; ".join([detail.rstrip("."), *map(str, errors)]) if errors else detail
+    errors = [str(e.get("message", "")) if isinstance(e, dict) else str(e) for e in errors]  # GraphQL's: messages
+    return "; ".join(filter(None, [detail.rstrip("."), *errors])) if errors else detail
 
 
 def _retry_after(response, default: float) -> float:
