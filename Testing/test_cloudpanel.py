@@ -7,6 +7,7 @@ import pytest
 from conftest import RUNPOD_KEY
 from SegmentationMachineLib.cloud.cloudgpu import KEY_NAME
 from SegmentationMachineLib.cloud.podstart import PodRecords
+from SegmentationMachineLib.cloud.pods import KEPT_WHILE_CREDIT
 from SegmentationMachineLib.core.credentials import SecretStore
 from SegmentationMachineLib.core.errors import UserError
 from SegmentationMachineLib.panels.cloud import CloudPanel
@@ -98,7 +99,8 @@ def test_one_job_at_a_time_and_terminate_needs_its_pod(panel, fake):
     settle(panel)
     assert panel.status.startswith(f"Stopped pod {stopped}: no GPU billing; its 50 GB volume is kept and costs "
                                    "$10.00/month until RunPod terminates the pod at ")
-    assert panel.status.endswith("(its maximum lifetime). 1 pod(s) started earlier are still there: connect to or "
+    assert panel.status.endswith(f"(its maximum lifetime); {KEPT_WHILE_CREDIT}. 1 pod(s) started earlier are still "
+                                 "there: connect to or "
                                  "terminate them below.")
     assert panel.started_here == [] and panel.terminate_started_here() == []
     assert [p["status"] for p in fake.pods.values()] == ["EXITED"]

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import re
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from conftest import RUNPOD_KEY
 from nninteractive_server import free_port
 from SegmentationMachineLib.cloud.heartbeat import Heartbeat
 from SegmentationMachineLib.cloud.podagent import AGENT_FOLDER, AgentConfig, PodAgent, holds_user_files, verdict
-from SegmentationMachineLib.cloud.pods import PodSpec, RunPodRest
+from SegmentationMachineLib.cloud.pods import KEPT_WHILE_CREDIT, PodSpec, RunPodRest
 
 TOKEN = "heartbeat-token-of-this-pod"
 NOTICES = Path(__file__).resolve().parents[1] / "docker/desktop/sm-pod-notices"
@@ -173,7 +174,8 @@ def test_a_pod_key_that_may_not_terminate_stops_the_pod_instead(fake, pod):
     log = agent.log()
     assert agent.process.returncode == 0 and fake.pods[pod.id]["status"] == "EXITED"  # no GPU billing
     assert "Terminating failed: RunPod refused: this API key may not do that" in log
-    assert f"Stopped pod {pod.id} instead: its volume is kept and bills $0.20/GB/month" in log
+    assert re.search(rf"Stopped pod {pod.id} instead: its \d+ GB volume costs \$\d+\.\d\d/month until it is "
+                     rf"terminated; {re.escape(KEPT_WHILE_CREDIT)} \(RunPod console", log), log
     assert "rpa_POD_SCOPED" not in log
 
 
@@ -255,7 +257,7 @@ def test_a_desktop_pod_holding_the_users_files_is_stopped_and_only_one_without_i
     assert fake.pods[pod.id]["status"] == "EXITED"  # no GPU billing, the volume kept
     assert (tmp_path / "volume/exports/skull/skull.stl").read_bytes().startswith(b"solid skull")
     assert f"Stopping pod {pod.id}: no client has been connected for 1.5 s (idle timeout)" in kept_log
-    assert "are kept, and its 50 GB volume costs $10.00/month until it is terminated" in kept_log
+    assert "are kept, and its 50 GB volume costs $10.00/month until it is terminated; " + KEPT_WHILE_CREDIT in kept_log
     assert "Terminating" not in kept_log
     assert networked.id not in fake.pods and (tmp_path / "network-volume/exports/skull/skull.stl").exists()
     assert f"Terminating pod {networked.id}" in networked_log and "stay on network volume nv-skulls" in networked_log

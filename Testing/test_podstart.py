@@ -10,7 +10,7 @@ import pytest
 from conftest import RUNPOD_KEY
 from fake_runpod import FakeRunPod, ends_within
 from SegmentationMachineLib.cloud.cloudgpu import CloudGpu, Limits
-from SegmentationMachineLib.cloud.pods import LOG_QUIET_S, CapacityError, PodsError, PodSpec
+from SegmentationMachineLib.cloud.pods import KEPT_WHILE_CREDIT, LOG_QUIET_S, CapacityError, PodsError, PodSpec
 from SegmentationMachineLib.cloud.podstart import Phase, PodRecords, server_answers, start_pod
 
 SERVER_KEY = "nni-key-for-this-pod"
@@ -178,11 +178,13 @@ def test_stopping_says_what_the_volume_costs_and_until_when(backend, fake, tmp_p
     fake.graphql_retired = True  # created through v2: RunPod has no end for it
     plain = backend.create(PodSpec("NVIDIA L40S", image="x", volume_gb=80, terminate_after="2030-01-01T00:00:00Z"))
     records.add(plain, 0)
-    assert cloud.stop(plain.id) == "its 80 GB volume is kept and costs $16.00/month until the pod is terminated"
+    assert cloud.stop(plain.id) == ("its 80 GB volume is kept and costs $16.00/month until the pod is terminated; it is "
+                                    "kept while the account has credit (at $0 RunPod terminates pods without a "
+                                    "network volume)")
     fake.graphql_retired = False
     ending = backend.create(PodSpec("NVIDIA L40S", image="x", terminate_after="2030-01-01T00:00:00Z"))
     records.add(ending, 0)
     assert cloud.stop(ending.id) == ("its 50 GB volume is kept and costs $10.00/month until RunPod terminates the "
-                                     "pod at 2030-01-01 00:00 UTC (its maximum lifetime)")
+                                     "pod at 2030-01-01 00:00 UTC (its maximum lifetime); " + KEPT_WHILE_CREDIT)
     with pytest.raises(PodsError, match="RunPod cannot do that to the pod now"):
         cloud.stop(ending.id)  # 409: already stopped

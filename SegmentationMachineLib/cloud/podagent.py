@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .pods import VOLUME_USD_PER_GB_MONTH, PodsError, RunPodRest
+from .pods import KEPT_WHILE_CREDIT, PodsError, RunPodRest, VOLUME_USD_PER_GB_MONTH
 
 log = logging.getLogger("segmentation-machine.podagent")
 
@@ -297,9 +297,8 @@ class PodAgent:
             log.error("Terminating failed: %s", error)
         if not self._stop("Stopping failed too: %s"):
             return False
-        log.warning("Stopped pod %s instead: its volume is kept and bills $%.2f/GB/month until it is terminated "
-                    "(RunPod console or `segmentation-machine pod down %s`).", self.config.pod_id,
-                    VOLUME_USD_PER_GB_MONTH, self.config.pod_id)
+        log.warning("Stopped pod %s instead: %s (RunPod console or `segmentation-machine pod down %s`).",
+                    self.config.pod_id, self._volume_cost(), self.config.pod_id)
         return True
 
     def _stop(self, failure: str) -> bool:
@@ -313,7 +312,7 @@ class PodAgent:
     def _volume_cost(self) -> str:
         if self._pod is not None:
             return self._pod.stopped_cost()
-        return f"its volume costs ${VOLUME_USD_PER_GB_MONTH:.2f}/GB/month until it is terminated"
+        return f"its volume costs ${VOLUME_USD_PER_GB_MONTH:.2f}/GB/month until it is terminated; {KEPT_WHILE_CREDIT}"
 
     def _poll_runpod(self, now):
         self._polled_at = now  # a failed poll is also retried only after poll_s

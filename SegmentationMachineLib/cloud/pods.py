@@ -42,6 +42,7 @@ DONE = {"stop": lambda pod: pod is not None and pod.status == "EXITED",
         "start": lambda pod: pod is not None and pod.status != "EXITED",
         "terminate": lambda pod: pod is None}
 VOLUME_USD_PER_GB_MONTH = 0.20  # a stopped pod's volume
+KEPT_WHILE_CREDIT = "it is kept while the account has credit (at $0 RunPod terminates pods without a network volume)"
 LOG_LINES = 200  # a failed start's log: its last lines are enough to say why
 LOG_WITHIN_S = 15.0  # RunPod streams the log and never ends the stream: reading it takes this long at most
 LOG_QUIET_S = 2.0  # the backfill is over once no line came for this long (keep-alive comments do not count)
@@ -120,7 +121,8 @@ class Pod:
         if self.network_volume:
             return (f"it has no volume of its own (its network volume {self.network_volume} bills apart, on RunPod's "
                     "Storage page, until you delete it there)")
-        return f"its {self.volume_gb} GB volume costs ${self.volume_usd_per_month:.2f}/month until it is terminated"
+        return (f"its {self.volume_gb} GB volume costs ${self.volume_usd_per_month:.2f}/month until it is terminated"
+                f"; {KEPT_WHILE_CREDIT}")
 
 
 def spend_per_hr(pods) -> float:
