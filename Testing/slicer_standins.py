@@ -137,13 +137,20 @@ class MainThreadOnly:
     """Records calls into MRML and segmentation objects made from any thread but the main one.
 
     In Slicer those objects forward their events to Qt widgets and renderers, which must stay on the
-    main thread. Threads started inside the with-block are watched (threading.setprofile)."""
+    main thread. Threads started inside the with-block are watched (threading.setprofile). A VTK static
+    method called on its class (a logic's ImportLabelmapToSegmentationNode, say) is no call a profiler sees,
+    so with a scene every event of its nodes (those added meanwhile too) is also recorded where it fires
+    off the main thread: what reaches Slicer's widgets, whichever way the write came."""
 
-    def __init__(self):
+    def __init__(self, scene=None):
         import slicer
 
-        self.watched = (slicer.vtkMRMLNode, slicer.vtkMRMLScene, slicer.vtkSegmentation, slicer.vtkOrientedImageData)
-        self.calls = []  # "thread: Class.Method (file:line)"
+        # Logics too (the application's, the Segmentations and Segment Editor logics): they write into the scene
+        # for their caller, and so raise the nodes' events on the caller's thread.
+        self.watched = (slicer.vtkMRMLNode, slicer.vtkMRMLScene, slicer.vtkSegmentation, slicer.vtkOrientedImageData,
+                        slicer.vtkMRMLAbstractLogic)
+        self.scene, self.observed = scene, []
+        self.calls = []  # "thread: Class.Method (file:line)", or "thread: event Name on Class"
 
     def _profile(self, frame, event, argument):
         if event == "c_call" and isinstance(getattr(argument, "__self__", None), self.watched):
@@ -152,12 +159,34 @@ class MainThreadOnly:
                 self.calls.append(f"{thread.name}: {type(argument.__self__).__name__}.{argument.__name__} "
                                   f"({frame.f_code.co_filename}:{frame.f_lineno})")
 
+    def _event(self, caller, event):
+        thread = threading.current_thread()
+        if thread is not threading.main_thread():
+            self.calls.append(f"{thread.name}: event {event} on {type(caller).__name__}")  # (a VTK call would count)
+
+    def _observe(self, node):
+        self.observed.append((node, node.AddObserver("AnyEvent", self._event)))
+
     def __enter__(self) -> "MainThreadOnly":
+        if self.scene is not None:
+            import vtk
+
+            def added(scene, event, node):
+                self._observe(node)
+
+            added.CallDataType = vtk.VTK_OBJECT  # the added node comes as the event's call data
+            for index in range(self.scene.GetNumberOfNodes()):
+                self._observe(self.scene.GetNthNode(index))
+            self._observe(self.scene)
+            self.observed.append((self.scene, self.scene.AddObserver(self.scene.NodeAddedEvent, added)))
         threading.setprofile(self._profile)
         return self
 
     def __exit__(self, *exc):
         threading.setprofile(None)
+        for node, tag in self.observed:
+            node.RemoveObserver(tag)
+        self.observed = []
 
 
 # -- The module's timers, as its widget wires them (SegmentationMachine.py, SegmentationMachineWidgets/) --

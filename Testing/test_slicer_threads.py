@@ -78,7 +78,7 @@ def volume(ctx, phantom):
 
 def test_preset_and_its_export_complete_under_the_idle_main_thread(ctx, volume, tmp_path):
     main = IdleMainThread()
-    with MainThreadOnly() as calls:
+    with MainThreadOnly(ctx.scene) as calls:
         segmentation = preset_flow(main, ctx, volume)
     assert segmentation.GetSegmentation().GetNthSegment(0).GetName() == "Bone" and calls.calls == []
     # The preset runs in a child process: the worker thread only writes, waits and reads, and hands the GIL
@@ -142,7 +142,7 @@ def test_the_preset_flow_keeps_every_main_thread_tick_short_on_a_512x512x300_sca
 
 def test_export_uses_no_scene_object_off_the_main_thread(ctx, volume, tmp_path):
     segmentation = preset_flow(IdleMainThread(), ctx, volume)
-    with MainThreadOnly() as calls:
+    with MainThreadOnly(ctx.scene) as calls:
         export_flow(IdleMainThread(), segmentation, tmp_path)
     assert calls.calls == []
 
@@ -153,13 +153,32 @@ def test_the_recorder_catches_a_worker_reading_a_node(volume):
     assert len(calls.calls) == 1 and "vtkMRMLScalarVolumeNode.GetName" in calls.calls[0]
 
 
+def test_the_recorder_catches_a_worker_writing_through_a_logic(ctx, volume):
+    """A logic writes into the scene for its caller: a segment imported from a worker raises the node's events there,
+    as a direct node call would; static logic functions are called on the class."""
+    import slicer
+
+    segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    labelmap = ctx.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    labelmap.SetAndObserveImageData(volume.GetImageData())
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    with MainThreadOnly() as calls:  # a static method called on the class: no call the profiler sees
+        assert BackgroundTask(lambda: logic.ImportLabelmapToSegmentationNode(labelmap, segmentation)).wait(30)
+    assert calls.calls == []
+    with MainThreadOnly(ctx.scene) as calls:  # the events it raises are seen
+        assert BackgroundTask(lambda: logic.ImportLabelmapToSegmentationNode(labelmap, segmentation)).wait(30)
+        assert BackgroundTask(ctx.app_logic.GetSelectionNode).wait(10)
+    assert any(call.endswith(" on vtkMRMLSegmentationNode") for call in calls.calls), calls.calls  # its events
+    assert any(".GetSelectionNode (" in call for call in calls.calls)  # a logic's method on an instance
+
+
 def test_inbox_delivers_under_the_idle_main_thread_and_loads_on_the_main_thread(ctx, tmp_path, phantom_dir):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     panel = InboxPanel(folder=inbox, settle_seconds=0.5, state_folder=tmp_path / "state")
     panel.start()
     loaded = []
-    with MainThreadOnly() as calls:
+    with MainThreadOnly(ctx.scene) as calls:
         deliveries = inbox_flow(IdleMainThread(), panel, lambda: shutil.copytree(phantom_dir, inbox / "upload"),
                                 load=lambda delivery: loaded.append(load_series(ctx, delivery.series).node))
     panel.stop()
@@ -195,7 +214,7 @@ def test_a_prompt_round_trip_under_the_idle_main_thread(ctx, interactive, nni_se
     editor.UpdateMaskLabelmap()
     one_update, mask_changes[:] = len(mask_changes), []
     panel = PromptsPanel()
-    with MainThreadOnly() as calls:
+    with MainThreadOnly(ctx.scene) as calls:
         prompts_flow(IdleMainThread(), panel, lambda: panel.connect(nni_server.url, interactive.KEY),
                      lambda: panel.choose(volume, SegmentTarget(segmentation, target, editor)),
                      lambda: panel.submit("point", ras=interactive.ras((10, 10, 10))))
