@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import vtk
 
 from SegmentationMachineLib.panels.promptmarkups import BoxPlacement, curve_points_ras, PlaceMode
@@ -187,3 +188,23 @@ def test_an_install_into_slicer_may_add_packages_but_never_replace_slicers(tmp_p
     assert newer.returncode != 0 and "conflict" in newer.stdout + newer.stderr
     binding = (MODULE_FOLDER / "SegmentationMachineWidgets" / "packages.py").read_text()
     assert '"--constraint", str(pins)' in binding and "installed_pins()" in binding
+
+
+def test_without_keyring_as_in_a_stock_slicer_keys_go_to_a_file_only_the_user_reads(tmp_path, monkeypatch):
+    from SegmentationMachineLib.core.credentials import SecretStore
+
+    monkeypatch.setitem(sys.modules, "keyring", None)  # stock Slicer bundles no keyring: importing it fails
+    store = SecretStore(tmp_path / "secrets")
+    store.save("nninteractive-api-key", "key-0123456789")
+    assert store.where.endswith("(readable only by you)") and store.load("nninteractive-api-key") == "key-0123456789"
+    assert (tmp_path / "secrets" / "nninteractive-api-key").stat().st_mode & 0o077 == 0
+
+
+def test_without_the_nninteractive_client_as_in_a_stock_slicer_a_prompt_says_what_to_install(monkeypatch):
+    from SegmentationMachineLib.prompts.session import InteractiveError, InteractiveSession
+
+    for name in ("blosc2", "httpx", "nnInteractive", "nnInteractive.inference", "nnInteractive.inference.remote"):
+        monkeypatch.setitem(sys.modules, name, None)  # Slicer bundles none of them
+    with pytest.raises(InteractiveError, match=r"^The nnInteractive client is not installed: install it with pip "
+                                               r"install 'segmentation-machine\[ai\]' \(the module offers to do it\)"):
+        InteractiveSession("http://127.0.0.1:1", "key-0123456789").connect()
