@@ -190,7 +190,7 @@ class MainThreadOnly:
 
 
 # -- The module's timers, as its widget wires them (SegmentationMachine.py, SegmentationMachineWidgets/) --
-POLL_MS, INBOX_MS, PROMPTS_MS, CLOUD_MS = 100, 250, 50, 200
+POLL_MS, INBOX_MS, PROMPTS_MS, CLOUD_MS, PACS_MS = 100, 250, 50, 200, 100
 
 
 def drive(main: IdleMainThread, until, *timers, pump: bool = True, seconds: float = 300.0) -> bool:
@@ -234,6 +234,20 @@ def export_flow(main: IdleMainThread, segmentation_node, folder):
 
     assert drive(main, lambda: results, (POLL_MS, poll)), panel.status
     assert results[0] is not None, panel.status
+    return results[0]
+
+
+def pacs_flow(main: IdleMainThread, panel, segmentation_node, ctx=None):
+    """Send to PACS, then the section's timer finishes it once the worker is done; returns what finish() does (the
+    stored SEG's header, or None with the cause in panel.status)."""
+    results = []
+    main.click(panel.start, segmentation_node, ctx)
+
+    def tick():
+        if panel.task and panel.task.done():
+            results.append(panel.finish())
+
+    assert drive(main, lambda: results, (PACS_MS, tick)), panel.status
     return results[0]
 
 

@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from conftest import REPO, RUNPOD_KEY, UNCOMPRESSED_SERIES
 from slicer_standins import (IdleMainThread, MainThreadOnly, POLL_MS, cloud_flow, drive, export_flow,
-                             inbox_flow, preset_flow, prompts_flow)
+                             inbox_flow, pacs_flow, preset_flow, prompts_flow)
 from SegmentationMachineLib.cloud.cloudgpu import KEY_NAME
 from SegmentationMachineLib.cloud.podstart import PodRecords
 from SegmentationMachineLib.core import arrays
@@ -170,6 +170,27 @@ def test_the_recorder_catches_a_worker_writing_through_a_logic(ctx, volume):
         assert BackgroundTask(ctx.app_logic.GetSelectionNode).wait(10)
     assert any(call.endswith(" on vtkMRMLSegmentationNode") for call in calls.calls), calls.calls  # its events
     assert any(".GetSelectionNode (" in call for call in calls.calls)  # a logic's method on an instance
+
+
+def test_send_to_pacs_under_the_idle_main_thread_reads_the_scene_only_there(ctx, tmp_path):
+    """The SEG is written and stored (a real Orthanc, DICOMweb) on the worker the pump lends time to; the scene is
+    read on the main thread when Send is clicked."""
+    pytest.importorskip("highdicom")
+    from orthanc_server import PASSWORD, serving, USER
+    from test_pacs_panel import panel_for, two_segments_on_the_ct
+
+    server = serving(tmp_path / "orthanc", lambda: sorted(UNCOMPRESSED_SERIES.glob("*.dcm")))
+    orthanc = next(server)
+    try:
+        node = two_segments_on_the_ct(ctx)
+        panel = panel_for(tmp_path, orthanc.dicomweb_url)
+        assert panel.save_credentials(user=USER, password=PASSWORD)
+        with MainThreadOnly(ctx.scene) as calls:
+            stored = pacs_flow(IdleMainThread(), panel, node)
+        assert stored is not None and panel.status.startswith("Sent 'CT bones' (2 segments) to "), panel.status
+        assert calls.calls == []
+    finally:
+        server.close()
 
 
 def test_inbox_delivers_under_the_idle_main_thread_and_loads_on_the_main_thread(ctx, tmp_path, phantom_dir):
