@@ -121,6 +121,9 @@ def test_a_stopped_pod_is_resumed_and_connected_again(env, fake):
     assert fake.pods[pod_id]["status"] == "RUNNING" and f"Ready: pod {pod_id}" in resumed.stdout
     unknown = pod(env, "resume", "pod9999x")
     assert unknown.returncode == 2 and "was not started from this computer" in unknown.stderr
+    assert pod(env, "stop", pod_id).returncode == 0
+    down = pod(env, "down", pod_id)  # RunPod reports a stopped pod with no rate or uptime: no "$0.00" made of that
+    assert down.returncode == 0 and down.stdout.strip() == f"Terminated pod {pod_id}."
 
 
 def test_runpods_own_end_terminates_a_server_pod_and_only_stops_a_desktop_pod(env, fake):

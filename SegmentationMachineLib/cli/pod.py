@@ -193,7 +193,7 @@ def _stay_connected(cloud: CloudGpu, started: StartedPod, ended: list):
         while not ended and time.monotonic() < deadline:
             time.sleep(SIGNAL_POLL_S)
     cloud.terminate(started.pod_id)  # first: printing to a closed terminal may fail
-    cost = f" (it cost ${last.cost_so_far:.2f})" if last else ""
+    cost = _cost_of(last) if last else ""
     print(f"Terminated pod {started.pod_id}{cost}.", flush=True)
 
 
@@ -269,7 +269,13 @@ def _cost(cloud: CloudGpu, pod_id: str) -> str:
     if pod is None:
         cloud.records.remove(pod_id)
         raise UserError(f"There is no pod {pod_id} on this account: `segmentation-machine pod list` shows them.")
-    return f" (it cost ${pod.cost_so_far:.2f})"
+    return _cost_of(pod)
+
+
+def _cost_of(pod) -> str:
+    """What the pod's current run cost, where RunPod says (a running pod's rate and uptime): a stopped pod or one in
+    ERROR is reported with no rate or uptime, and "$0.00" would be wrong."""
+    return f" (this run cost ${pod.cost_so_far:.2f})" if pod.status == "RUNNING" else ""
 
 
 class _PhaseDisplay:

@@ -182,13 +182,15 @@ def wait_until_ready(backend, pod: Pod, is_ready, records, on_progress, timeout_
     the pod is terminated (stopped when keep_volume: a resume) and the reason raised."""
     started = clock()
     phase = Phase.PULLING_IMAGE
+    rate = pod.cost_per_hr
     while True:
         current = backend.get(pod.id)
         if current is None:
             records.remove(pod.id)
             raise PodsError(f"Pod {pod.id} was terminated while starting (elsewhere, or by RunPod): start a new one.")
         elapsed = clock() - started
-        cost = elapsed / 3600 * current.cost_per_hr
+        rate = current.cost_per_hr or rate  # a pod in ERROR is reported without a rate, but bills on
+        cost = elapsed / 3600 * rate
         if current.status in FAILED:
             raise _given_up(backend, records, current, f"RunPod reports the pod as {current.status} while "
                             f"{phase.value}", cost, keep_volume)
