@@ -8,8 +8,6 @@ scaled down (a 64x64x1000 volume, caps in kB, limits in seconds) so the test sta
 session's region logic is the one a 512x512x1000 CT meets.
 """
 
-import http.client
-import socket
 import time
 
 import numpy as np
@@ -18,7 +16,7 @@ import pytest
 pytest.importorskip("torch")  # the server's model: only in .venv (scripts/test.sh, step 2)
 pytest.importorskip("nnInteractive")
 
-from loopback import LoopbackServer, QuietHandler  # noqa: E402
+from cloudflare import CloudflareLike  # noqa: E402
 from nninteractive_model import write_model_folder  # noqa: E402
 from nninteractive_server import Server  # noqa: E402
 from SegmentationMachineLib.core import arrays  # noqa: E402
@@ -43,76 +41,6 @@ def limits(**changes) -> Limits:
     return Limits(**{"request_bytes": CAP, "context": 16, "edge": 4, "body_margin": 4, **changes})
 
 
-DOWN_PAGE = (b"<!DOCTYPE html><html><head><title>502 Bad Gateway</title><style>body{font-family:sans-serif}</style>"
-             b"</head><body><h1>502 Bad Gateway</h1><p>The origin did not answer.</p><hr><center>cloudflare</center>"
-             b"</body></html>")
-
-
-class CloudflareLike:
-    """A reverse proxy on loopback: body cap (413), request time limit (524), an HTML page with down_status while
-    the server refuses connections (RunPod's 502 while a pod's server restarts), optional slow uplink."""
-
-    def __init__(self, upstream_port: int, cap: int = CAP, limit_s: float = 10.0, uplink_bytes_per_s: float = None):
-        self.seen = []  # (method, path, body bytes, status) per request
-        self.down_status = 502
-        proxy = self
-
-        class Handler(QuietHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, as the upstream client expects
-
-            def _any(self):
-                started = time.monotonic()
-                length = int(self.headers.get("Content-Length", 0))
-                if length > cap:
-                    self.rfile.read(length)
-                    return self._reply(413, b"<html><body>413 Request Entity Too Large</body></html>", length)
-                body = self._read(length, uplink_bytes_per_s)
-                left = limit_s - (time.monotonic() - started)
-                if left <= 0:
-                    return self._reply(524, b"<html><body>524 A timeout occurred</body></html>", length)
-                upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=left)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                try:
-                    upstream.request(self.command, self.path, body=body, headers=headers)
-                    answer = upstream.getresponse()
-                    data = answer.read()
-                except socket.timeout:
-                    return self._reply(524, b"<html><body>524 A timeout occurred</body></html>", length)
-                except ConnectionRefusedError:
-                    return self._reply(proxy.down_status, DOWN_PAGE.replace(b"502", str(proxy.down_status).encode()),
-                                       length)
-                finally:
-                    upstream.close()
-                passed = [(k, v) for k, v in answer.getheaders()
-                          if k.lower() not in ("content-length", "transfer-encoding", "connection", "date", "server")]
-                self._reply(answer.status, data, length, passed)
-
-            def _read(self, length: int, rate) -> bytes:
-                if rate is None:
-                    return self.rfile.read(length)
-                parts, chunk = [], max(1, int(rate / 20))
-                while length > 0:
-                    parts.append(self.rfile.read(min(chunk, length)))
-                    length -= len(parts[-1])
-                    time.sleep(len(parts[-1]) / rate)
-                return b"".join(parts)
-
-            def _reply(self, status: int, data: bytes, length: int, headers=()):
-                proxy.seen.append((self.command, self.path, length, status))
-                self.reply(status, data, headers)
-
-            do_GET = do_POST = _any
-
-        self.serving = LoopbackServer(Handler)
-        self.url = self.serving.url
-
-    def uploads(self) -> list:
-        return [(length, status) for method, path, length, status in self.seen if path == "/set_image"]
-
-    def close(self):
-        self.serving.close()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     running = Server(write_model_folder(tmp_path_factory.mktemp("nni") / "model"), KEY).start()
@@ -123,7 +51,7 @@ def server(tmp_path_factory):
 @pytest.fixture
 def proxies(server):
     made = []
-    yield lambda **options: made.append(CloudflareLike(server.port, **options)) or made[-1]
+    yield lambda **options: made.append(CloudflareLike(server.port, **{"cap": CAP, "limit_s": 10.0, **options})) or made[-1]
     for proxy in made:
         proxy.close()
 

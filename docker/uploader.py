@@ -278,15 +278,15 @@ PAGE = """<!DOCTYPE html>
 <button id="refresh">Refresh</button></p>
 <ul id="exports"></ul>
 <script>
-const CHUNK = 32 * 1024 * 1024;
+const CHUNK = 32 * 1024 * 1024, MIN_CHUNK = 1024 * 1024;
 const status = document.getElementById("status"), logView = document.getElementById("log");
 const say = (text) => { logView.textContent += text + "\\n"; };
 
 async function upload(file) {
   const name = file.webkitRelativePath || file.name;
-  let offset = 0;
+  let offset = 0, chunk = CHUNK;
   for (let tries = 0; tries < 5;) {
-    const end = Math.min(offset + CHUNK, file.size);
+    const end = Math.min(offset + chunk, file.size);
     const query = new URLSearchParams({path: name, size: file.size, offset: offset});
     let answer;
     try {
@@ -298,10 +298,13 @@ async function upload(file) {
         if (answer.saved) { say("saved    " + name); return; }
         continue;
       }
-    } catch (error) { tries += 1; continue; }  // the pod answers the next try with the byte it has
+    } catch (error) {  // cut off: RunPod's proxy ends a request after 100 s, so a slow uplink needs smaller chunks
+      chunk = Math.max(Math.floor((end - offset) / 2), MIN_CHUNK); tries += 1; continue;  // the pod says where to resume
+    }
     if (answer.exists) { say("skipped  " + name + ": " + answer.error); return; }
     if (answer.received === undefined) { say("failed   " + name + ": " + answer.error); return; }
-    offset = answer.received; tries += 1;
+    tries = answer.received > offset ? 0 : tries + 1;  // part of it arrived: that is progress, not a failure
+    offset = answer.received;
   }
   say("failed   " + name + ": the upload kept breaking off; try again");
 }
