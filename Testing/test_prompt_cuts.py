@@ -71,13 +71,21 @@ def vessel_only(mask: np.ndarray) -> bool:
     return np.array_equal(mask, expected)
 
 
-def test_a_result_the_region_would_cut_runs_again_on_a_region_that_holds_it(server, scene_parts):
+def session_on(server, scene_parts, said: list = None) -> InteractiveSession:
+    """A session on server, its first region sent: the body in-plane, part of the vessel's slices."""
     volume, target = scene_parts
-    said = []
-    session = InteractiveSession(server.url, KEY, status=said.append, limits=limits(250_000))
+    session = InteractiveSession(server.url, KEY, limits=limits(250_000),
+                                 **({"status": said.append} if said is not None else {}))
     session.connect()
     session.set_volume(volume)
     session.select_segment(target)
+    return session
+
+
+def test_a_result_the_region_would_cut_runs_again_on_a_region_that_holds_it(server, scene_parts):
+    target = scene_parts[1]
+    said = []
+    session = session_on(server, scene_parts, said)
     first = session._region.copy()
     assert first[1, 0] - first[0, 0] < 150 and (first[:, 1:] == [[0, 0], [48, 48]]).all()  # the body, part of it
     uploads, points = server.count('"POST /set_image'), server.count("Added new point interaction")
@@ -101,11 +109,8 @@ def test_a_prompt_that_ran_again_often_enough_is_written_as_it_came_and_said(ser
     from region to region) is written once that many have been tried, with the sentence."""
     from SegmentationMachineLib.prompts.session import MAX_RERUNS
 
-    volume, target = scene_parts
-    session = InteractiveSession(server.url, KEY, limits=limits(250_000))
-    session.connect()
-    session.set_volume(volume)
-    session.select_segment(target)
+    target = scene_parts[1]
+    session = session_on(server, scene_parts)
     k0, k1 = session._region[:, 0]
     pending = session.prepare(point(120))
     pending.reruns = MAX_RERUNS  # as if this were its last try
@@ -130,7 +135,8 @@ def run_recording(panel, clock: list) -> list:
     return seen
 
 
-def test_where_no_larger_region_fits_the_cut_result_is_kept_and_the_status_line_says_so(server, scene_parts):
+def panel_on(server, scene_parts, request_bytes: int) -> tuple:
+    """(the prompts panel connected to server and ready on the scene's vessel, its clock)."""
     from SegmentationMachineLib.panels.prompts import PromptsPanel
 
     volume, target = scene_parts
@@ -138,9 +144,15 @@ def test_where_no_larger_region_fits_the_cut_result_is_kept_and_the_status_line_
     panel = PromptsPanel(clock=lambda: clock[0])
     panel.connect(server.url, KEY)
     run_recording(panel, clock)
-    panel.session.limits = limits(65_000)  # the first region holds about 30 slices; a narrower one about 90
+    panel.session.limits = limits(request_bytes)
     panel.choose(volume, target)
     run_recording(panel, clock)
+    return panel, clock
+
+
+def test_where_no_larger_region_fits_the_cut_result_is_kept_and_the_status_line_says_so(server, scene_parts):
+    target = scene_parts[1]
+    panel, clock = panel_on(server, scene_parts, 65_000)  # the first region holds about 30 slices; a narrower one 90
     panel.submit("point", ras=point(120).ras)
     seen = run_recording(panel, clock)
 
@@ -184,16 +196,8 @@ CUT_KEPT = ("The result reaches the edge of the part of the scan sent and may be
 
 def test_a_cut_result_is_kept_when_the_larger_region_fails(fails_on_larger_regions, scene_parts):
     """The seconds the first answer took are not lost with it: it is written, cut, and the sentence says why."""
-    from SegmentationMachineLib.panels.prompts import PromptsPanel
-
-    volume, target = scene_parts
-    clock = [0.0]
-    panel = PromptsPanel(clock=lambda: clock[0])
-    panel.connect(fails_on_larger_regions.url, KEY)
-    run_recording(panel, clock)
-    panel.session.limits = limits(250_000)
-    panel.choose(volume, target)
-    run_recording(panel, clock)
+    target = scene_parts[1]
+    panel, clock = panel_on(fails_on_larger_regions, scene_parts, 250_000)
     k0, k1 = panel.session._region[:, 0]
     panel.submit("point", ras=point(120).ras)
     seen = run_recording(panel, clock)
@@ -210,12 +214,9 @@ def test_a_cut_result_is_kept_when_the_larger_region_fails(fails_on_larger_regio
 
 def test_a_prompt_file_keeps_a_cut_result_when_the_larger_region_fails(fails_on_larger_regions, scene_parts):
     """session.add, which the CLI's prompt files run."""
-    volume, target = scene_parts
+    target = scene_parts[1]
     said = []
-    session = InteractiveSession(fails_on_larger_regions.url, KEY, status=said.append, limits=limits(250_000))
-    session.connect()
-    session.set_volume(volume)
-    session.select_segment(target)
+    session = session_on(fails_on_larger_regions, scene_parts, said)
     k0, k1 = session._region[:, 0]
     timing = session.add(point(120))
     assert timing.warning == CUT_KEPT and said == [CUT_KEPT]
