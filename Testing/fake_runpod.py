@@ -306,7 +306,8 @@ class FakeRunPod:
             self._advance()
             pod = self.pods.get(pod_id)
         if pod is None or pod["status"] != "RUNNING" or self._uptime(pod) < self.server_s:
-            return self.routing_status, f"<html><body>{self.routing_status} Bad Gateway</body></html>"
+            page = f"{self.routing_status} {HTTPStatus(self.routing_status).phrase}"
+            return self.routing_status, f"<html><body>{page}</body></html>"
         if port == "8001":  # the pod agent
             if not self.agent_answers:
                 return 502, "<html><body>502 Bad Gateway</body></html>"
@@ -444,7 +445,7 @@ class FakeRunPod:
         if gpu is None:
             raise _Failure(400, f"There is no GPU type {gpu_id}.")
         if self.balance <= 0:
-            raise _Failure(402, "Your balance is too low to deploy this pod.")
+            raise _Failure(402, "Your balance is too low to deploy this pod.")  # the words are ours, not RunPod's
         if "image" not in settings:
             raise _Failure(400, "The template has no image.")
         pod_id = f"pod{next(self._ids):04d}x"

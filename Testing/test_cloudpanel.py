@@ -97,9 +97,9 @@ def test_one_job_at_a_time_and_terminate_needs_its_pod(panel, fake):
     stopped = panel.pod.pod_id
     panel.stop()  # kept on purpose: quitting must not terminate it
     settle(panel)
-    assert panel.status.startswith(f"Stopped pod {stopped}: no GPU billing; its 50 GB volume is kept and costs "
+    assert panel.status.startswith(f"Stopped pod {stopped}: no GPU billing; its 50 GB volume costs "
                                    "$10.00/month until RunPod terminates the pod at ")
-    assert panel.status.endswith(f"(its maximum lifetime); {KEPT_WHILE_CREDIT}. 1 pod(s) started earlier are still "
+    assert panel.status.endswith(f"(its maximum lifetime), and is {KEPT_WHILE_CREDIT}. 1 pod(s) started earlier are still "
                                  "there: connect to or "
                                  "terminate them below.")
     assert panel.started_here == [] and panel.terminate_started_here() == []

@@ -110,11 +110,11 @@ def test_a_stopped_pod_is_resumed_and_connected_again(env, fake):
     [pod_id] = fake.pods
     stopped = pod(env, "stop", pod_id)
     assert stopped.returncode == 0 and fake.pods[pod_id]["status"] == "EXITED"
-    assert "its 50 GB volume is kept and costs $10.00/month until RunPod terminates the pod at" in stopped.stdout
+    assert "its 50 GB volume costs $10.00/month until RunPod terminates the pod at" in stopped.stdout
     status = pod(env, "status", pod_id).stdout
     assert f"{pod_id} " in status and ": EXITED, NVIDIA L40S; stopped" in status  # RunPod: no rate, no uptime
-    assert status.splitlines()[0].endswith("; stopped, its 50 GB volume costs $10.00/month until it is terminated; it "
-                                           "is kept while the account has credit (at $0 RunPod terminates pods "
+    assert status.splitlines()[0].endswith("; stopped, its 50 GB volume costs $10.00/month until it is terminated, "
+                                           "and is kept while the account has credit (at $0 RunPod terminates pods "
                                            "without a network volume)")
     resumed = pod(env, "resume", pod_id, "--detach")
     assert resumed.returncode == 0, resumed.stderr

@@ -247,6 +247,18 @@ def test_an_action_of_unknown_outcome_looks_the_pod_up_before_trying_again(backe
     assert backend.get(pod.id) is None and actions(fake) == ["stop", "start", "terminate"] and backend.sleeps == []
 
 
+def test_an_action_that_happened_but_shows_late_is_not_reported_failed(backend, fake, virtual, monkeypatch):
+    """The pod looked up after the unclear answer still shows it running; the stop sent again is refused (409) as not
+    valid now: a second look shows it happened."""
+    pod = backend.create(PodSpec("NVIDIA L40S", image="example/sm:1"))
+    stale = [backend.get(pod.id)]  # RUNNING: as RunPod may still describe it just after the stop
+    real_get = backend.get
+    monkeypatch.setattr(backend, "get", lambda pod_id: stale.pop() if stale else real_get(pod_id))
+    fake.action_fault = (500, "Internal Server Error")
+    backend.stop(pod.id)
+    assert fake.pods[pod.id]["status"] == "EXITED" and actions(fake) == ["stop", "stop"]
+
+
 def test_an_action_that_did_not_happen_is_sent_again_and_one_never_confirmed_is_a_sentence(backend, fake, virtual,
                                                                                          monkeypatch):
     pod = backend.create(PodSpec("NVIDIA L40S", image="example/sm:1"))

@@ -191,7 +191,10 @@ def fails_on_larger_regions(tmp_path):
 
 CUT_KEPT = ("The result reaches the edge of the part of the scan sent and may be cut off there, as running the prompt "
             "on a larger part failed: the nnInteractive server failed on this prompt (HTTP 500: Internal Server "
-            "Error); place a prompt on the structure beyond that edge to continue it.")
+            "Error): its log says why (a pod's logs are in RunPod's console); where that is CUDA out of memory, run "
+            "the server on a GPU with more memory (a pod's server, or one run by segmentation-machine server, "
+            "restarts itself within a minute; another is about half as fast on large structures until restarted); "
+            "otherwise try the prompt again; place a prompt on the structure beyond that edge to continue it.")
 
 
 def test_a_cut_result_is_kept_when_the_larger_region_fails(fails_on_larger_regions, scene_parts):

@@ -160,16 +160,21 @@ def test_a_prompt_tool_gives_slicers_place_mode_back_as_it_was(ctx):
     assert state() == (0, interaction.Place, "vtkMRMLMarkupsFiducialNode", None)
 
 
-def test_quitting_slicer_still_reaches_the_cloud_sections_quit_slot():
+def test_the_cloud_sections_cleanup_leaves_its_quit_slot_connected():
     """Slicer connects its own aboutToQuit slot first (qSlicerCoreApplicationPrivate::init); it unloads the modules,
     which calls our cleanup(), before our slot's turn. Qt skips a slot disconnected during the emission, so a
-    cleanup() that disconnected aboutToQuit would leave this session's pods running on every quit."""
-    for path in (MODULE_FOLDER / "SegmentationMachineWidgets").glob("*.py"):
-        for call in ast.walk(ast.parse(path.read_text())):
-            if isinstance(call, ast.Call) and getattr(call.func, "attr", "") == "disconnect" and call.args:
-                assert getattr(call.args[0], "value", None) != "aboutToQuit()", f"{path.name}:{call.lineno}"
-    cloud = (MODULE_FOLDER / "SegmentationMachineWidgets" / "cloud.py").read_text()
-    assert 'slicer.app.connect("aboutToQuit()", self.onAboutToQuit)' in cloud
+    cleanup() that disconnected aboutToQuit would leave this session's pods running on every quit. (A source check:
+    Qt's emission order cannot run here.)"""
+    tree = ast.parse((MODULE_FOLDER / "SegmentationMachineWidgets" / "cloud.py").read_text())
+    section = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "CloudSection")
+    methods = {node.name: node for node in section.body if isinstance(node, ast.FunctionDef)}
+
+    def quit_calls(function, verb):
+        return [call for call in ast.walk(function) if isinstance(call, ast.Call)
+                and getattr(call.func, "attr", "") == verb and call.args
+                and getattr(call.args[0], "value", None) == "aboutToQuit()"]
+
+    assert quit_calls(methods["__init__"], "connect") and not quit_calls(methods["cleanup"], "disconnect")
 
 
 def test_an_install_into_slicer_may_add_packages_but_never_replace_slicers(tmp_path):

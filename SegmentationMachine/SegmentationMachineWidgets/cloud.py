@@ -18,6 +18,9 @@ from SegmentationMachineLib.panels.cloud import CloudPanel
 from . import errorsShown, timer
 
 
+QUIT_SLOT = "_segmentationMachineQuitSlot"  # where the connected quit slot is kept, on the slicer module
+
+
 class _WindowCloseFilter(qt.QObject):
     """Asks about running pods while the main window can still show a dialog (not at aboutToQuit). The
     close can still be cancelled after this (qSlicerMainWindow::closeEvent asks about unsaved data), so
@@ -119,7 +122,13 @@ class CloudSection:
         self.closeFilter = _WindowCloseFilter(self.onWindowClose)
         if slicer.util.mainWindow():  # none in generic tests (--no-main-window): aboutToQuit still terminates
             slicer.util.mainWindow().installEventFilter(self.closeFilter)
-        slicer.app.connect("aboutToQuit()", self.onAboutToQuit)
+        # One quit slot at a time: a developer reload leaves the previous section's connected (cleanup() must).
+        previous = getattr(slicer, QUIT_SLOT, None)
+        if previous is not None:
+            slicer.app.disconnect("aboutToQuit()", previous)
+        slot = self.onAboutToQuit
+        setattr(slicer, QUIT_SLOT, slot)  # the slicer module outlives reloads of this one
+        slicer.app.connect("aboutToQuit()", slot)
         box.connect("contentsCollapsed(bool)", self.onExpanded)
         self.updateGui()
 

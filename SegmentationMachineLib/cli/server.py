@@ -42,7 +42,7 @@ def add_server_command(commands, common):
     serve.add_argument("--port", type=int, default=1527, help="TCP port (default 1527)")
     serve.add_argument("--max-sessions", type=int, help="concurrent sessions (upstream default 3)")
     serve.add_argument("--no-torch-compile", action="store_true",
-                       help="skip torch.compile on CUDA: starts about 45 s sooner, each prompt about 20 ms slower "
+                       help="skip torch.compile on CUDA: starts about 46 s sooner, each prompt about 20 ms slower "
                             "(automatic where no C compiler or Python headers are found, which compile needs)")
     serve.add_argument("--no-restart-on-out-of-memory", action="store_true",
                        help="after a prompt runs out of GPU memory, keep the server running (a large structure's "
@@ -61,16 +61,17 @@ def run_server(args):
         _check_model_dir(args.model_dir.expanduser(), args.fold)
     device = args.device or _default_device()
     if device == "cuda" and _default_device() != "cuda":
-        raise UserError("--device cuda, but torch sees no CUDA GPU here: run on a GPU machine (with a CUDA build "
-                        "of torch), or use --device cpu (slow).")
+        raise UserError("--device cuda, but torch sees no CUDA GPU here (none, or a driver too old for this torch's "
+                        "CUDA): run on a GPU machine with a recent driver (and a CUDA build of torch), or use --device "
+                        "cpu (slow).")
     key = os.environ.get("SM_NNI_API_KEY")
     if not key:
         key = secrets.token_urlsafe(32)
         print(f"API key (shown once; clients need it): {key}", flush=True)
-    missing = _missing_for_compile() if device == "cuda" and not args.no_torch_compile else ""
+    missing = _missing_for_compile() if device == "cuda" and not args.no_torch_compile else {}
     if missing:
-        print(f"No {missing} found, which torch.compile needs: the server runs without it (prompts about 20 ms "
-              "slower); install gcc and python3-dev to have it.", flush=True)
+        print(f"No {' and no '.join(missing)} found, which torch.compile needs: the server runs without it (prompts "
+              f"about 20 ms slower); install {' and '.join(missing.values())} to have it.", flush=True)
         args.no_torch_compile = True
     command = upstream_command(executable, args, device)
     url = f"http://{args.host}:{args.port}"
@@ -89,8 +90,9 @@ def run_server(args):
             server.stop()
             server = _Upstream(command, key, restarts)
     except KeyboardInterrupt:
+        pass
+    finally:  # whatever ended us (a signal, our own output gone): never leave it holding the GPU and the port
         server.stop()
-    server.relay.join(5)  # its last lines before ours
     if server.process.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL, None):
         raise UserError(f"The nnInteractive server stopped with status {server.process.returncode}: see its messages "
                         "above.")
@@ -135,12 +137,14 @@ class _Upstream:
         return False
 
     def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:  # it ignores TERM while a prediction runs
-            self.process.kill()
-            self.process.wait()
+        """Ends it, if it still runs, and waits for its last lines."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:  # it ignores TERM while a prediction runs
+                self.process.kill()
+                self.process.wait()
         self.relay.join(5)
 
 
@@ -195,16 +199,16 @@ def _answers_once_started(process, host: str, port: int) -> bool:
     return False
 
 
-def _missing_for_compile() -> str:
-    """What torch.compile lacks here, "" if nothing: its Triton builds a launcher with the C compiler in CC (else
-    cc, gcc or clang) against Python's headers, and upstream's default compile makes a server without them exit
-    during its start-up warm-up."""
-    missing = []
+def _missing_for_compile() -> dict:
+    """What torch.compile lacks here (what it is: the Debian package that gives it): its Triton builds a launcher
+    with the C compiler in CC (else cc, gcc or clang) against Python's headers, and upstream's default compile
+    makes a server without them exit during its start-up warm-up."""
+    missing = {}
     if not any(shutil.which(name) for name in (os.environ.get("CC"), "cc", "gcc", "clang") if name):
-        missing.append("C compiler")
+        missing["C compiler"] = "gcc"
     if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
-        missing.append("Python headers")
-    return " and no ".join(missing)
+        missing["Python headers"] = "python3-dev"
+    return missing
 
 
 def _default_device() -> str:

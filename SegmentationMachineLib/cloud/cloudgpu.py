@@ -226,7 +226,7 @@ class CloudGpu:
                  "until the pod is terminated")
         if pod.network_volume:
             return pod.stopped_cost()
-        return (f"its {pod.volume_gb} GB volume is kept and costs ${pod.volume_usd_per_month:.2f}/month {until}; "
+        return (f"its {pod.volume_gb} GB volume costs ${pod.volume_usd_per_month:.2f}/month {until}, and is "
                 f"{KEPT_WHILE_CREDIT}")
 
     def terminate(self, pod_id: str):

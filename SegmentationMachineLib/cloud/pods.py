@@ -37,12 +37,12 @@ BACKOFF_S = (5, 10, 20, 40, 60)  # between tries after a 429 without Retry-After
 NETWORK_RETRIES = 2  # a read that gets a server error or no answer is tried again twice (5 s, 10 s)
 LOOKUP_S = (2, 3, 5)  # after a create of unknown outcome: the pod list lags a few seconds behind
 # After an action of unknown outcome (RunPod: "the action may have happened: look the pod up before trying again"),
-# what the pod shows once it happened; None: terminated.
-DONE = {"stop": lambda pod: pod is not None and pod.status == "EXITED",
+# whether the pod (None: terminated) shows that it happened.
+HAPPENED = {"stop": lambda pod: pod is not None and pod.status == "EXITED",
         "start": lambda pod: pod is not None and pod.status != "EXITED",
         "terminate": lambda pod: pod is None}
 VOLUME_USD_PER_GB_MONTH = 0.20  # a stopped pod's volume
-KEPT_WHILE_CREDIT = "it is kept while the account has credit (at $0 RunPod terminates pods without a network volume)"
+KEPT_WHILE_CREDIT = "kept while the account has credit (at $0 RunPod terminates pods without a network volume)"
 LOG_LINES = 200  # a failed start's log: its last lines are enough to say why
 LOG_WITHIN_S = 15.0  # RunPod streams the log and never ends the stream: reading it takes this long at most
 LOG_QUIET_S = 2.0  # the backfill is over once no line came for this long (keep-alive comments do not count)
@@ -122,7 +122,7 @@ class Pod:
             return (f"it has no volume of its own (its network volume {self.network_volume} bills apart, on RunPod's "
                     "Storage page, until you delete it there)")
         return (f"its {self.volume_gb} GB volume costs ${self.volume_usd_per_month:.2f}/month until it is terminated"
-                f"; {KEPT_WHILE_CREDIT}")
+                f", and is {KEPT_WHILE_CREDIT}")
 
 
 def spend_per_hr(pods) -> float:
@@ -241,7 +241,7 @@ class RunPodRest:
             self._action(pod_id, "start")
         except CapacityError:  # a stopped pod is tied to its host: another GPU type or cloud is no way out
             raise CapacityError(f"The host of pod {pod_id} has no free GPU right now: try resuming it later, or "
-                                "terminate it and start a new pod (its volume's files go with it).") from None
+                                "terminate it and start a new pod (which deletes its volume's files).") from None
 
     def terminate(self, pod_id: str):
         """Terminates the pod; one that is already terminated (404, or a 409 for a TERMINATED pod) counts as done."""
@@ -308,11 +308,17 @@ class RunPodRest:
         """The action's answer, or None where an answer of unknown outcome (a server error, none, "something went
         wrong") was followed by a look at the pod that shows it done. Sent again only once the pod shows it not
         done: a stop reported failed although it happened would send a user to terminate, losing the volume."""
+        unsure = False
         for wait in (*BACKOFF_S[:NETWORK_RETRIES], None):
             try:
-                return self._request("POST", f"/pods/{pod_id}/action", body={"action": action}, create=True)
+                response = self._request("POST", f"/pods/{pod_id}/action", body={"action": action}, create=True)
+                if not (unsure and response.status_code == 409):
+                    return response
+                # refused as not valid now: it may have happened after all, and the pod shown late
+                return None if HAPPENED[action](self.get(pod_id)) else response
             except _Unknown:
-                if DONE[action](self.get(pod_id)):
+                unsure = True
+                if HAPPENED[action](self.get(pod_id)):
                     return None
                 if wait is None:
                     raise PodsError(f"RunPod did not confirm the {action} of pod {pod_id} (server errors or no "
@@ -473,7 +479,7 @@ def _problem(response) -> str:
         return ""
     detail = str(problem.get("detail") or problem.get("title") or "")
     errors = problem.get("errors") if isinstance(problem.get("errors"), list) else []
-    errors = [str(e.get("message", "")) if isinstance(e, dict) else str(e) for e in errors]  # GraphQL's: messages
+    errors = [str(e.get("message") or e) if isinstance(e, dict) else str(e) for e in errors]  # GraphQL's: messages
     return "; ".join(filter(None, [detail.rstrip("."), *errors])) if errors else detail
 
 

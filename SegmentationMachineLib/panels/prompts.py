@@ -137,7 +137,8 @@ class PromptsPanel:
             self.queue.clear()
             raise
         if problem and getattr(job, "cut", None) is not None:  # a prompt run again on a larger region failed
-            self.status = self.session.keep_cut(job, problem).warning
+            timing = self.session.keep_cut(job, problem)
+            self.last_latency, self.status = str(timing), timing.warning
             return
         if problem:
             self.status = problem

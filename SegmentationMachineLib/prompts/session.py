@@ -361,6 +361,8 @@ class InteractiveSession:
             raise self._bad_reply(str(error) if isinstance(error, remote.BadReply) else error) from None
         except remote.ProxyFailed as error:
             raise self._proxy_failed(error) from None
+        except _NoSession:  # only a cancelled prompt's thread, which leaves the session alone, gets here
+            raise InteractiveError("The prompt was cancelled.") from None
         except httpx.TransportError as error:
             raise InteractiveError(f"The connection to the nnInteractive server at {self.url} failed during the "
                                    f"request ({type(error).__name__}); the segment is left as it was: "
@@ -595,7 +597,7 @@ class InteractiveSession:
         the earlier region cut, which would otherwise be lost with the seconds it took, and says why it may be cut."""
         self._paste(pending.prompt, *pending.cut)
         self._in_sync = False  # the server's state is unknown: the next prompt re-seeds it
-        cause = problem.split("; the segment is left as it was")[0].rstrip(".")
+        cause = problem.replace("; the segment is left as it was", "").rstrip(".")  # it is not: the first result is in
         warning = (f"The result reaches the edge of the part of the scan sent and may be cut off there, as running the "
                    f"prompt on a larger part failed: {cause[:1].lower()}{cause[1:]}; place a prompt on the structure "
                    "beyond that edge to continue it.")
