@@ -38,7 +38,17 @@ fi
 # 1. The library tests on the packages 3D Slicer 5.10 bundles (numpy 2.0.2, scipy 1.13.1, pydicom 2.4.4,
 #    requests 2.32.3, ...: scripts/slicer-5.10-constraints.txt), as the module runs them inside Slicer.
 #    The AI prompt tests need the torch-based server and the image tests its linters: they run in 2.
-python3 -m venv .venv-slicer510
+#    In Python 3.12, as Slicer 5.10, where this machine has it (on PATH, or pyenv's); else python3.
+slicer_python=python3
+for candidate in python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do
+    if "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+        slicer_python=$candidate
+        break
+    fi
+done
+slicer_version=$("$slicer_python" -c 'import platform; print(platform.python_version())')
+grep -qs "^version = $slicer_version\$" .venv-slicer510/pyvenv.cfg || rm -rf .venv-slicer510  # made by another Python
+"$slicer_python" -m venv .venv-slicer510
 .venv-slicer510/bin/python -m pip install "${pip_flags[@]}" -c scripts/slicer-5.10-constraints.txt -e ".[test-core]"
 .venv-slicer510/bin/python -m pytest -q -p no:cacheprovider \
     --ignore=Testing/test_interactive.py --ignore=Testing/test_image.py "$@" || [ $? -eq 5 ]  # 5: none selected
