@@ -39,8 +39,8 @@ LOOKUP_S = (2, 3, 5)  # after a create of unknown outcome: the pod list lags a f
 # After an action of unknown outcome (RunPod: "the action may have happened: look the pod up before trying again"),
 # whether the pod (None: terminated) shows that it happened.
 HAPPENED = {"stop": lambda pod: pod is not None and pod.status == "EXITED",
-        "start": lambda pod: pod is not None and pod.status != "EXITED",
-        "terminate": lambda pod: pod is None}
+            "start": lambda pod: pod is not None and pod.status != "EXITED",
+            "terminate": lambda pod: pod is None}
 VOLUME_USD_PER_GB_MONTH = 0.20  # a stopped pod's volume
 KEPT_WHILE_CREDIT = "kept while the account has credit (at $0 RunPod terminates pods without a network volume)"
 LOG_LINES = 200  # a failed start's log: its last lines are enough to say why
@@ -306,8 +306,8 @@ class RunPodRest:
 
     def _act(self, pod_id: str, action: str):
         """The action's answer, or None where an answer of unknown outcome (a server error, none, "something went
-        wrong") was followed by a look at the pod that shows it done. Sent again only once the pod shows it not
-        done: a stop reported failed although it happened would send a user to terminate, losing the volume."""
+        wrong") was followed by a look at the pod that shows it happened. Sent again only while the pod shows it did
+        not: a stop reported failed although it happened would send a user to terminate, losing the volume."""
         unsure = False
         for wait in (*BACKOFF_S[:NETWORK_RETRIES], None):
             try:
