@@ -205,50 +205,46 @@ def drive(main: IdleMainThread, until, *timers, pump: bool = True, seconds: floa
     return main.run(until, seconds)
 
 
+def _task_flow(main: IdleMainThread, panel, start: tuple, finish, interval_ms: float = POLL_MS,
+               seconds: float = 300.0):
+    """start, (a panel's method, its arguments), clicked; then the section's timer calls finish() once the panel's
+    task is done; returns what it did."""
+    results = []
+    main.click(*start)
+
+    def poll():
+        if panel.task and panel.task.done():
+            results.append(finish())
+
+    assert drive(main, lambda: results, (interval_ms, poll), seconds=seconds), panel.status
+    return results[0]
+
+
 def preset_flow(main: IdleMainThread, ctx, volume_node, preset: str = "bone", seconds: float = 300.0):
     """Apply, then the poll timer adds the segment once the worker is done; returns the segmentation node."""
     from SegmentationMachineLib.panels.presets import PresetsPanel
 
-    panel, added = PresetsPanel(preset=preset), []
-    main.click(panel.start, volume_node)
-
-    def poll():
-        if panel.task and panel.task.done():
-            added.append(panel.finish(ctx, volume_node))
-
-    assert drive(main, lambda: added, (POLL_MS, poll), seconds=seconds), panel.status
-    assert added[0] is not None, panel.status
-    return added[0]
+    panel = PresetsPanel(preset=preset)
+    added = _task_flow(main, panel, (panel.start, volume_node), lambda: panel.finish(ctx, volume_node),
+                       seconds=seconds)
+    assert added is not None, panel.status
+    return added
 
 
 def export_flow(main: IdleMainThread, segmentation_node, folder):
     """Export, then the poll timer finishes it; returns the ExportResult."""
     from SegmentationMachineLib.panels.export import ExportPanel
 
-    panel, results = ExportPanel(output_folder=folder), []
-    main.click(panel.start, segmentation_node)
-
-    def poll():
-        if panel.task and panel.task.done():
-            results.append(panel.finish())
-
-    assert drive(main, lambda: results, (POLL_MS, poll)), panel.status
-    assert results[0] is not None, panel.status
-    return results[0]
+    panel = ExportPanel(output_folder=folder)
+    result = _task_flow(main, panel, (panel.start, segmentation_node), panel.finish)
+    assert result is not None, panel.status
+    return result
 
 
 def pacs_flow(main: IdleMainThread, panel, segmentation_node, ctx=None):
     """Send to PACS, then the section's timer finishes it once the worker is done; returns what finish() does (the
     stored SEG's header, or None with the cause in panel.status)."""
-    results = []
-    main.click(panel.start, segmentation_node, ctx)
-
-    def tick():
-        if panel.task and panel.task.done():
-            results.append(panel.finish())
-
-    assert drive(main, lambda: results, (PACS_MS, tick)), panel.status
-    return results[0]
+    return _task_flow(main, panel, (panel.start, segmentation_node, ctx), panel.finish, PACS_MS)
 
 
 def inbox_flow(main: IdleMainThread, panel, upload, load=None) -> list:

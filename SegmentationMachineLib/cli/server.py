@@ -59,8 +59,9 @@ def run_server(args):
                         "(on a GPU machine, install a CUDA build of torch first).")
     if args.model_dir:
         _check_model_dir(args.model_dir.expanduser(), args.fold)
-    device = args.device or _default_device()
-    if device == "cuda" and _default_device() != "cuda":
+    available = _default_device()  # imports torch: once
+    device = args.device or available
+    if device == "cuda" and available != "cuda":
         raise UserError("--device cuda, but torch sees no CUDA GPU here (none, or a driver too old for this torch's "
                         "CUDA): run on a GPU machine with a recent driver (and a CUDA build of torch), or use --device "
                         "cpu (slow).")

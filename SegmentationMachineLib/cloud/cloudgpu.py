@@ -19,7 +19,7 @@ from ..core.credentials import SecretStore
 from ..core.errors import UserError
 from .heartbeat import INTERVAL_S as HEARTBEAT_S
 from .heartbeat import Heartbeat
-from .pods import KEPT_WHILE_CREDIT, NAME_PREFIX, PodsError, PodSpec
+from .pods import NAME_PREFIX, PodsError, PodSpec
 from .podstart import (DEFAULT_TIMEOUT_S, POLL_S, PodRecords, pod_at, proxy_url, server_answers, start_pod,
                        wait_until_ready)
 
@@ -224,10 +224,7 @@ class CloudGpu:
         end = self.records.get(pod_id).get("terminate_after")
         until = (f"until RunPod terminates the pod at {_display_time(end)} (its maximum lifetime)" if end else
                  "until the pod is terminated")
-        if pod.network_volume:
-            return pod.stopped_cost()
-        return (f"its {pod.volume_gb} GB volume costs ${pod.volume_usd_per_month:.2f}/month {until}, and is "
-                f"{KEPT_WHILE_CREDIT}")
+        return pod.stopped_cost(until)
 
     def terminate(self, pod_id: str):
         self.backend.terminate(pod_id)

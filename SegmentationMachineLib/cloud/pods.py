@@ -115,14 +115,14 @@ class Pod:
     def volume_usd_per_month(self) -> float:
         return self.volume_gb * VOLUME_USD_PER_GB_MONTH
 
-    def stopped_cost(self) -> str:
+    def stopped_cost(self, until: str = "until it is terminated") -> str:
         """What a stopped (EXITED) pod still costs: its volume, until it is terminated; a network volume bills on its
         own, pod or no pod."""
         if self.network_volume:
             return (f"it has no volume of its own (its network volume {self.network_volume} bills apart, on RunPod's "
                     "Storage page, until you delete it there)")
-        return (f"its {self.volume_gb} GB volume costs ${self.volume_usd_per_month:.2f}/month until it is terminated"
-                f", and is {KEPT_WHILE_CREDIT}")
+        return (f"its {self.volume_gb} GB volume costs ${self.volume_usd_per_month:.2f}/month {until}, and is "
+                f"{KEPT_WHILE_CREDIT}")
 
 
 def spend_per_hr(pods) -> float:
