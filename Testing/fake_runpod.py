@@ -24,11 +24,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 from graphql import parse
 from graphql.language import ast
+
+from loopback import LoopbackServer
 
 NO_CAPACITY = "There are no longer any instances available with the requested specifications. Please refresh and try again."
 NO_RESOURCES = "This machine does not have the resources to deploy your pod."
@@ -279,14 +281,13 @@ class FakeRunPod:
             def log_message(self, *args):
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._server = LoopbackServer(Handler)
+        self.url = self._server.url
         return self
 
     def stop(self):
         self._closing.set()
-        self._server.shutdown()
+        self._server.close()
 
     def log_of(self, pod_id) -> list:
         """The pod's log so far (a terminated pod's too, while it is listed)."""

@@ -231,11 +231,11 @@ def preset_flow(main: IdleMainThread, ctx, volume_node, preset: str = "bone", se
     return added
 
 
-def export_flow(main: IdleMainThread, segmentation_node, folder):
+def export_flow(main: IdleMainThread, segmentation_node, folder, formats=("stl", "obj", "3mf")):
     """Export, then the poll timer finishes it; returns the ExportResult."""
     from SegmentationMachineLib.panels.export import ExportPanel
 
-    panel = ExportPanel(output_folder=folder)
+    panel = ExportPanel(formats=set(formats), output_folder=folder)
     result = _task_flow(main, panel, (panel.start, segmentation_node), panel.finish)
     assert result is not None, panel.status
     return result

@@ -307,6 +307,20 @@ def test_server_says_ready_only_once_it_answers(server_installed, tmp_path):
         assert server.wait(30) == 0
 
 
+def test_a_signal_while_the_server_starts_upstream_acts_once_the_process_is_known():
+    """server.py starts upstream's server inside signals_held: a Ctrl-C that came between Popen's return and the
+    assignment would leave it running, holding the GPU and the port, after we exit."""
+    from SegmentationMachineLib.cli.common import signals_held
+
+    before, known = signal.getsignal(signal.SIGINT), False
+    with pytest.raises(KeyboardInterrupt):
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # Python runs a handler between bytecodes: Ctrl-C's would have raised by now
+            known = True
+    assert known and signal.getsignal(signal.SIGINT) is before
+
+
 class OutOfMemoryServer:
     """`segmentation-machine server` on the tests' model whose every forward pass runs out of CUDA memory."""
 

@@ -6,9 +6,8 @@ import json
 import logging
 import re
 import socket
-import threading
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pydicom
 import pytest
@@ -259,20 +258,10 @@ def test_a_server_that_never_answers_is_one_sentence_not_a_hang():
 def test_a_certificate_this_computer_does_not_trust_is_said_with_the_cure(tmp_path):
     """A hospital PACS signed by the hospital's own CA (or a proxy that inspects TLS): the sentence says the
     certificate is not trusted and names REQUESTS_CA_BUNDLE, not 'check the address'."""
-    import ssl
-
-    certificate, key = self_signed(tmp_path, "hospital-pacs", "127.0.0.1")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certificate, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"https://127.0.0.1:{server.server_port}/dicom-web"
-    try:
+    with LoopbackServer(tls=self_signed(tmp_path, "hospital-pacs", "127.0.0.1")) as server:
+        url = f"{server.url}/dicom-web"
         with pytest.raises(UserError) as error:
             DicomWeb(DicomWebServer.parse(f"dicomweb+{url}")).series(STUDY)
-    finally:
-        server.shutdown()
     assert str(error.value) == (f"The DICOMweb server {url} shows a certificate this computer does not trust "
                                 "(self-signed certificate): set REQUESTS_CA_BUNDLE to your organisation's CA "
                                 "certificates.")

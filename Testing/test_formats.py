@@ -247,8 +247,26 @@ def test_seg_without_a_dicom_series_is_one_sentence_before_any_work(ctx, shared_
         export_segmentation(on_nifti, tmp_path, ExportOptions(formats=("stl", "seg")))
     anonymised = apply_preset(ctx, load_input(ctx, JPEG2000_SERIES).node, "bone")  # blank study/series UIDs
     with pytest.raises(ExportError, match="has no StudyInstanceUID or SeriesInstanceUID"):
-        export_segmentation(anonymised, tmp_path, ExportOptions(formats=("seg",)))
-    assert not list(tmp_path.iterdir())
+        export_segmentation(anonymised, tmp_path, ExportOptions(formats=("stl", "seg")))
+    assert not list(tmp_path.iterdir())  # no mesh was made
+
+
+@needs_highdicom
+def test_a_seg_export_reads_its_series_headers_off_the_main_thread(ctx, shared_data, tmp_path, monkeypatch):
+    """prepare_export runs on Slicer's main thread, where reading a 300-slice series' headers took a third of a
+    second, twice; write_export runs on a worker."""
+    from SegmentationMachineLib.mesh import segwriter
+
+    segmentation = apply_preset(ctx, load_input(ctx, UNCOMPRESSED_SERIES).node, "bone")
+    read, dcmread = [], segwriter.pydicom.dcmread
+    monkeypatch.setattr(segwriter.pydicom, "dcmread",
+                        lambda path, **options: read.append(path) or dcmread(path, **options))
+    prepared = prepare_export(segmentation, ExportOptions(formats=("seg",)))
+    assert read == []
+    result = write_export(prepared, tmp_path, ExportOptions(formats=("seg",)))
+    assert sorted(map(str, set(read))) == sorted(str(p.absolute()) for p in UNCOMPRESSED_SERIES.glob("*.dcm"))
+    seg = load_dicom_seg(ctx, result.folder / "segmentation.dcm")
+    assert seg.GetSegmentation().GetNumberOfSegments() == 1
 
 
 @needs_highdicom

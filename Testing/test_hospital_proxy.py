@@ -9,10 +9,7 @@ went through the proxy, and one that goes direct cannot.
 import base64
 import logging
 import os
-import ssl
-import threading
 import time
-from http.server import ThreadingHTTPServer
 from urllib.parse import quote, urlsplit
 
 import numpy as np
@@ -21,6 +18,7 @@ import requests.utils
 
 from certificates import self_signed
 from forward_proxy import ForwardProxy
+from loopback import LoopbackServer
 from nninteractive_server import free_port
 from test_hostile_server import DRIP_EVERY_S, Hostile, READ_TIMEOUT_S, SHAPE
 from SegmentationMachineLib.core import arrays
@@ -40,18 +38,9 @@ UNTRUSTED = ("The nnInteractive server at {url} shows a certificate this compute
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """{scheme: port} of the fake server on loopback, over TLS and plain; SSL_CERT_FILE: its certificate."""
-    cert, key = self_signed(tmp_path_factory.mktemp("tls"), "server", NAME)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    running = {scheme: ThreadingHTTPServer(("127.0.0.1", 0), Hostile) for scheme in ("http", "https")}
-    running["https"].socket = context.wrap_socket(running["https"].socket, server_side=True)
-    for server in running.values():
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield {scheme: server.server_port for scheme, server in running.items()}, str(cert)
-    for server in running.values():
-        server.shutdown()
-        server.server_close()
+    tls = self_signed(tmp_path_factory.mktemp("tls"), "server", NAME)
+    with LoopbackServer(Hostile) as plain, LoopbackServer(Hostile, tls) as secure:
+        yield {"http": plain.port, "https": secure.port}, str(tls[0])
 
 
 @pytest.fixture

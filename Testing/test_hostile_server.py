@@ -9,10 +9,9 @@ The hostile server is stdlib http.server on loopback speaking the upstream proto
 import json
 import subprocess
 import sys
-import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import blosc2
@@ -21,6 +20,7 @@ import pytest
 from nnInteractive.inference.remote._protocol import META_HEADER
 from nnInteractive.inference.remote.serialization import pack_array
 
+from loopback import LoopbackServer
 from SegmentationMachineLib.prompts.session import InteractiveError, InteractiveSession
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,12 +166,8 @@ GZIP_BOMB = _gzip_bomb(200)
 
 @pytest.fixture(scope="module")
 def hostile():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
+    with LoopbackServer(Hostile) as server:
+        yield server.url
 
 
 CLIENT = """

@@ -602,8 +602,9 @@ def test_secret_store_file_fallback_is_private_and_forgets(tmp_path):
 def test_a_server_of_another_protocol_version_is_one_sentence_naming_versions():
     """A fake server that grants a lease but answers capabilities in a shape this client does not know."""
     import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
+
+    from loopback import LoopbackServer
 
     class OtherVersion(BaseHTTPRequestHandler):
         def _reply(self, body):
@@ -623,11 +624,6 @@ def test_a_server_of_another_protocol_version_is_one_sentence_naming_versions():
         def log_message(self, *args):
             pass
 
-    fake = ThreadingHTTPServer(("127.0.0.1", 0), OtherVersion)
-    threading.Thread(target=fake.serve_forever, daemon=True).start()
-    try:
-        with pytest.raises(InteractiveError) as error:
-            InteractiveSession(f"http://127.0.0.1:{fake.server_port}", KEY).connect()
-        assert "another nnInteractive protocol" in str(error.value) and "nninteractive-client 2.6" in str(error.value)
-    finally:
-        fake.shutdown()
+    with LoopbackServer(OtherVersion) as fake, pytest.raises(InteractiveError) as error:
+        InteractiveSession(fake.url, KEY).connect()
+    assert "another nnInteractive protocol" in str(error.value) and "nninteractive-client 2.6" in str(error.value)

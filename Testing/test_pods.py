@@ -7,6 +7,7 @@ import time
 import pytest
 
 from certificates import self_signed
+from loopback import LoopbackServer
 from conftest import RUNPOD_KEY as KEY
 import fake_runpod
 from fake_runpod import NO_CAPACITY, NO_FREE_GPUS, NO_RESOURCES, SOMETHING_WENT_WRONG, ends_within
@@ -324,23 +325,12 @@ def test_no_answer_is_tried_twice_more_then_said(monkeypatch):
 def test_a_certificate_this_computer_does_not_trust_is_said_at_once(monkeypatch, tmp_path):
     """A hospital proxy that inspects TLS shows its own CA's certificate: requests refuses it, and waiting or
     trying again cannot help."""
-    import http.server
-    import ssl
-
-    certificate, key = self_signed(tmp_path, "inspecting", "127.0.0.1")
-    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certificate, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"https://127.0.0.1:{server.server_port}/v2"
-    monkeypatch.setenv("RUNPOD_REST_URL", url)
     sleeps = []
-    try:
+    with LoopbackServer(tls=self_signed(tmp_path, "inspecting", "127.0.0.1")) as server:
+        url = f"{server.url}/v2"
+        monkeypatch.setenv("RUNPOD_REST_URL", url)
         with pytest.raises(PodsError) as error:
             RunPodRest(KEY, sleep=sleeps.append).pods()
-    finally:
-        server.shutdown()
     assert str(error.value) == (f"Cannot reach RunPod at {url}: it shows a certificate this computer does not trust "
                                 "(self-signed certificate); behind a proxy that inspects TLS, set REQUESTS_CA_BUNDLE "
                                 "to your organisation's CA certificates.")

@@ -31,12 +31,14 @@ from SegmentationMachineLib.core import arrays  # noqa: E402
 from SegmentationMachineLib.core.credentials import SecretStore  # noqa: E402
 from SegmentationMachineLib.core.scene import create_headless_scene  # noqa: E402
 from SegmentationMachineLib.dicom.phantom import make_phantom, write_phantom  # noqa: E402
+from SegmentationMachineLib.dicom.volumes import load_input  # noqa: E402
 from SegmentationMachineLib.panels.cloud import CloudPanel  # noqa: E402
 from SegmentationMachineLib.panels.inbox import InboxPanel  # noqa: E402
 from SegmentationMachineLib.panels.prompts import PromptsPanel  # noqa: E402
 from SegmentationMachineLib.panels.tasks import BackgroundTask  # noqa: E402
 from SegmentationMachineLib.prompts.session import headless_editor, SegmentTarget  # noqa: E402
 from SegmentationMachineLib.segment.preset_child import NICENESS  # noqa: E402
+from SegmentationMachineLib.segment.presets import add_preset_segment  # noqa: E402
 from SegmentationMachineLib.segment.segmentations import load_segmentation  # noqa: E402
 
 LABELS = ROOT.parent / "shared" / "data" / "totalsegmentator" / "example_seg_fast_force_split.nii.gz"
@@ -60,6 +62,14 @@ def timed(flow, warm_up: bool) -> tuple:
 def export_61_labels(ctx):
     segmentation = load_segmentation(ctx, LABELS)
     return lambda main: export_flow(main, segmentation, Path(tempfile.mkdtemp()))
+
+
+def export_bone_with_seg(ctx, phantom, folder: Path):
+    """The bone of a 512x512x300 DICOM series as STL and DICOM SEG: the SEG reads the series' headers."""
+    write_phantom(folder, phantom)
+    volume = load_input(ctx, folder).node
+    segmentation = add_preset_segment(ctx, volume, "bone", phantom.bone)
+    return lambda main: export_flow(main, segmentation, Path(tempfile.mkdtemp()), ("stl", "seg"))
 
 
 def bone_preset(ctx, phantom):
@@ -134,6 +144,8 @@ def main():
     os.environ.pop("RUNPOD_API_KEY", None)
     flows = [
         ("export, 61 labels (example_seg_fast_force_split, STL+OBJ+3MF)", export_61_labels(ctx), False),
+        ("export, bone of a 512x512x300 DICOM series (the phantom's), STL+SEG",
+         export_bone_with_seg(ctx, big, work / "big"), False),
         (f"inbox delivery, {small.hu.shape[0]}-slice DICOM series (settle 0.5 s)", inbox_delivery(work / "series"),
          False),
         ("AI prompt: connect, upload 512x512x300, one point (real server, CPU)", prompt_round_trip(ctx, big, server),

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -161,6 +162,24 @@ def stop_on_signals(names) -> list:
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), interrupted)
     return received
+
+
+@contextmanager
+def signals_held(names=("SIGINT", "SIGTERM")):
+    """Main thread: these signals, arriving inside, act at its end. A child started inside is then known to the
+    code that stops it: a Ctrl-C between Popen's return and the assignment of its result would leave it running."""
+    held, previous = [], {}
+    for name in names:
+        if hasattr(signal, name):
+            number = getattr(signal, name)
+            previous[number] = signal.signal(number, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if held:
+            signal.raise_signal(held[0])  # to the handler it would have met: Ctrl-C's KeyboardInterrupt, or ours
 
 
 def exit_status(received: list) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..core.errors import UserError
 from ..core.files import printable
-from .common import examples, stop_on_signals
+from .common import examples, signals_held, stop_on_signals
 
 STARTUP_POLL_S = 0.25  # how often the starting server is asked whether it answers
 EXIT_POLL_S = 0.5  # how often a running server is looked at for having exited
@@ -79,8 +79,10 @@ def run_server(args):
     print(f"Starting the nnInteractive server on {url} ({device}); it loads the model first.", flush=True)
     stop_on_signals(("SIGTERM",))
     restarts = not args.no_restart_on_out_of_memory
-    server = _Upstream(command, key, restarts)
+    server = None
     try:
+        with signals_held():
+            server = _Upstream(command, key, restarts)
         while _answers_once_started(server.process, args.host, args.port):
             print(f"Ready: the nnInteractive server answers on {url}; Ctrl-C stops it.", flush=True)
             server.out_of_memory.clear()  # only a prompt's failure restarts it, never one while it started
@@ -89,12 +91,14 @@ def run_server(args):
                 break
             print(RESTART_NOTE, flush=True)
             server.stop()
-            server = _Upstream(command, key, restarts)
+            with signals_held():
+                server = _Upstream(command, key, restarts)
     except KeyboardInterrupt:
         pass
     finally:  # whatever ended us (a signal, our own output gone): never leave it holding the GPU and the port
-        server.stop()
-    if server.process.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL, None):
+        if server:
+            server.stop()
+    if server and server.process.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL, None):
         raise UserError(f"The nnInteractive server stopped with status {server.process.returncode}: see its messages "
                         "above.")
 

@@ -1,10 +1,11 @@
 """DICOM SEG from the scene: a segmentation as one DICOM Segmentation object that references its source series.
 
 read_seg_input (main thread: MRML belongs to it) copies the segments, on the grid of the volume they were made
-on, and the source series' file names out of the scene; write_seg (any thread) has segwriter write them with
-highdicom. highdicom needs pydicom 3, and Slicer 5.10 bundles pydicom 2.4, which an install must not replace:
-where highdicom does not import here, the writer runs as a child process with pydicom 3 and highdicom from a
-private folder (installed once, after asking, by the module's packages.ensureSeg) first on its path.
+on, and the source series' file names out of the scene; write_seg (any thread) reads the series' headers
+(match_sources) and has segwriter write them with highdicom. highdicom needs pydicom 3, and Slicer 5.10 bundles
+pydicom 2.4, which an install must not replace: where highdicom does not import here, the writer runs as a child
+process with pydicom 3 and highdicom from a private folder (installed once, after asking, by the module's
+packages.ensureSeg) first on its path.
 The SEG lives beside the mesh writers because the one-click export (export.py) writes it.
 """
 
@@ -12,6 +13,7 @@ import importlib
 import logging
 import subprocess
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -128,22 +130,28 @@ def _present(volume_node, files: list) -> list:
     return files
 
 
-def _source_headers(segmentation_node, dicom_database=None):
-    """(files, headers) of the source series; raises the user's sentence where no SEG can be written."""
+def check_seg_export(segmentation_node, dicom_database=None) -> list:
+    """Main thread: the source series' files (absolute paths); raises the user's sentence before any work where no
+    SEG can be written. dicom_database: Slicer's, where volumes may come from its DICOM module (source_files).
+    Their headers are read by match_sources, off the main thread: a third of a second per 300 files."""
     _writer_packages()
     files = source_files(_reference_volume(segmentation_node), dicom_database)
     if not files:
         raise ExportError(f"DICOM SEG needs the DICOM series '{segmentation_node.GetName()}' was made on, and it "
                           "was not made on one: segment a loaded DICOM series (in the CLI: --volume FOLDER) to make a SEG; "
                           "STL, OBJ, 3MF and glTF need none.")
-    headers = [source_dataset(name) for name in files]  # with this process's pydicom: the check, not the SEG's headers
-    return [str(Path(name).absolute()) for name in files], headers
+    return [str(Path(name).absolute()) for name in files]
 
 
-def check_seg_export(segmentation_node, dicom_database=None) -> list:
-    """The source series' files; raises the user's sentence before any work when no SEG can be written.
-    dicom_database: Slicer's, where volumes may come from its DICOM module (source_files)."""
-    return _source_headers(segmentation_node, dicom_database)[0]
+def match_sources(seg: SegInput) -> SegInput:
+    """Any thread, once (write_seg does it where the caller has not): reads the source files' headers, with this
+    process's pydicom (the user's sentence where a SEG cannot refer to them), and where each slice is its file's
+    image as read puts the files in slice order, source_frames set."""
+    if seg.slice_starts is None:
+        return seg
+    images = [_image_geometry(source_dataset(name)) for name in seg.source_files]
+    by_slice = _images_by_slice(seg.pixels.shape[:3], seg.ijk_to_ras, seg.slice_starts, seg.source_files, images)
+    return replace(seg, source_files=by_slice or seg.source_files, source_frames=bool(by_slice), slice_starts=None)
 
 
 def _slice_starts(volume_node) -> np.ndarray:
@@ -161,27 +169,33 @@ def _slice_starts(volume_node) -> np.ndarray:
     return starts * RAS_TO_LPS.diagonal()[:3]
 
 
-def _images_by_slice(volume_node, files: list, headers: list) -> list:
+def _image_geometry(header) -> tuple:
+    """((rows, columns), orientation, pixel spacing, position) of a source image, as plain tuples: 300 whole headers
+    kept alive made the garbage collector hold the GIL for a fifth of a second at a time."""
+    return ((header.get("Rows"), header.get("Columns")),
+            *(tuple(map(float, header.get(keyword) or ()))
+              for keyword in ("ImageOrientationPatient", "PixelSpacing", "ImagePositionPatient")))
+
+
+def _images_by_slice(shape, ijk_to_ras, slice_starts, files: list, images: list) -> list:
     """The source files in the volume's slice order where each slice is its file's image as read, same rows,
     columns, orientation and spacing, starting where the image does: the SEG's frames are then the images
     themselves, at their own positions. [] where the volume is not the series as read (uneven spacing resampled,
-    an acquisition transform hardened, another grid): the SEG's frames lie on the volume's grid."""
-    dimensions = volume_node.GetImageData().GetDimensions()
-    if len(files) != dimensions[2]:
+    an acquisition transform hardened, another grid): the SEG's frames lie on the volume's grid.
+    shape: the volume's (K, J, I); slice_starts: _slice_starts; images: _image_geometry of each file."""
+    if len(files) != shape[0]:
         return []
-    ijk_to_lps = RAS_TO_LPS @ arrays.ijk_to_ras(volume_node)
+    ijk_to_lps = RAS_TO_LPS @ ijk_to_ras
     spacing = np.linalg.norm(ijk_to_lps[:3, :2], axis=0)
     orientation = np.concatenate([ijk_to_lps[:3, 0] / spacing[0], ijk_to_lps[:3, 1] / spacing[1]])
     positions = []
-    for header in headers:
-        if not ((header.get("Rows"), header.get("Columns")) == dimensions[1::-1]
-                and np.allclose(np.asarray(header.get("ImageOrientationPatient") or [0] * 6, float), orientation,
-                                atol=1e-4)
-                and np.allclose(np.asarray(header.get("PixelSpacing") or [0, 0], float), spacing[::-1], rtol=1e-4)
-                and len(header.get("ImagePositionPatient") or ()) == 3):
+    for size, image_orientation, pixel_spacing, position in images:
+        if not (size == tuple(shape[1:]) and len(image_orientation) == 6 and len(pixel_spacing) == 2
+                and np.allclose(image_orientation, orientation, atol=1e-4)
+                and np.allclose(pixel_spacing, spacing[::-1], rtol=1e-4) and len(position) == 3):
             return []
-        positions.append(np.asarray(header.ImagePositionPatient, float))
-    distances = np.linalg.norm(_slice_starts(volume_node)[:, None] - np.array(positions)[None], axis=2)
+        positions.append(position)
+    distances = np.linalg.norm(slice_starts[:, None] - np.array(positions)[None], axis=2)
     nearest = distances.argmin(axis=1)
     if not (distances.min(axis=1) <= SAME_POSITION_MM).all() or len(set(nearest)) != len(files):
         return []
@@ -224,23 +238,24 @@ def _seg_pixels(segmentation_node, segment_ids, reference) -> np.ndarray:
 
 
 def read_seg_input(segmentation_node, segment_ids, dicom_database=None) -> SegInput:
-    """Main thread (MRML belongs to it): the given segments on the source series' grid, and its files."""
-    files, headers = _source_headers(segmentation_node, dicom_database)
+    """Main thread (MRML belongs to it): the given segments on the source series' grid, its files, and where its
+    slices lie (match_sources matches the files to them)."""
+    files = check_seg_export(segmentation_node, dicom_database)
     volume = _reference_volume(segmentation_node)
     segmentation = segmentation_node.GetSegmentation()
-    by_slice = _images_by_slice(volume, files, headers)
-    return SegInput(by_slice or files, arrays.ijk_to_ras(volume),
+    return SegInput(files, arrays.ijk_to_ras(volume),
                     _seg_pixels(segmentation_node, segment_ids, _reference_grid(volume)),
                     [(segmentation.GetSegment(i).GetName(), segmentation.GetSegment(i).GetColor())
                      for i in segment_ids],
-                    segmentation_node.GetName()[:64], source_frames=bool(by_slice),
-                    made_by=tuple(made_by(segmentation_node, i) for i in segment_ids))
+                    segmentation_node.GetName()[:64], made_by=tuple(made_by(segmentation_node, i) for i in segment_ids),
+                    slice_starts=_slice_starts(volume))
 
 
 def write_seg(path, seg: SegInput, packages=None):
     """Any thread: writes the segments as one DICOM SEG at path, segment numbers in their order; in this
     process where highdicom imports, else in a child with the private folder. packages: a folder of pydicom 3
     and highdicom for the child, which then writes even where highdicom imports here."""
+    seg = match_sources(seg)
     packages = packages or _writer_packages()
     if packages is None:
         segwriter.write(path, seg)

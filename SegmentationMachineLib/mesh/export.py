@@ -24,7 +24,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from .. import __version__
 from ..core.errors import ExportError
 from . import writers
 from .check import check_mesh
-from .dicomseg import SEG_FILE, SegInput, check_seg_export, read_seg_input, write_seg
+from .dicomseg import SEG_FILE, SegInput, check_seg_export, match_sources, read_seg_input, write_seg
 from .gltf import write_glb
 from .surfaces import MeshJobs, SurfaceMethod, SurfaceOptions, meshes_from, read_segments
 
@@ -185,6 +185,8 @@ def write_export(prepared: PreparedExport, out_dir, options: ExportOptions = Exp
 
     provenance: the report's input, presets and command, where the caller knows them.
     The folder is new and this run's own: interrupted (Ctrl-C, a signal, a full disk), it is removed whole."""
+    if prepared.seg is not None:  # the series' headers first: where a SEG cannot refer to them, say so before any work
+        prepared = replace(prepared, seg=match_sources(prepared.seg))
     folder = new_output_folder(out_dir, prepared.name)
     try:
         return _write_into(folder, prepared, options, progress, provenance or {})

@@ -134,6 +134,7 @@ class SegInput:
     description: str
     source_frames: bool = False  # pixels[k] is source_files[k]'s image, pixel for pixel: the SEG takes its geometry
     made_by: tuple = ()  # core.provenance's PRESET, PRESET_EDITED, NNINTERACTIVE or "" (unknown) per segment
+    slice_starts: np.ndarray = None  # (K, 3) LPS, where the scene puts each slice, until dicomseg.match_sources
 
 
 def save_input(folder, seg: SegInput):
