@@ -1,4 +1,4 @@
-"""An HTTP server of the tests' own on loopback, serving from a daemon thread until close()."""
+"""An HTTP or HTTPS server of the tests' own on loopback, serving from a daemon thread until close()."""
 
 import ssl
 import threading

@@ -307,18 +307,54 @@ def test_server_says_ready_only_once_it_answers(server_installed, tmp_path):
         assert server.wait(30) == 0
 
 
-def test_a_signal_while_the_server_starts_upstream_acts_once_the_process_is_known():
-    """server.py starts upstream's server inside signals_held: a Ctrl-C that came between Popen's return and the
-    assignment would leave it running, holding the GPU and the port, after we exit."""
+def test_a_term_between_popen_and_the_assignment_still_stops_upstreams_server(server_installed, monkeypatch):
+    """A signal that came between Popen's return and the assignment of its result would leave upstream's server
+    running after we exit, holding the GPU and the port: server.py starts it with the signals held."""
+    from SegmentationMachineLib.cli import server
+
+    started = []
+
+    class Started:  # Popen's stand-in: the signal arrives before Popen's caller has the object
+        returncode = None
+
+        def __init__(self, command, **options):
+            self.stdout, self.stopped = io.BytesIO(), False
+            started.append(self)
+            signal.raise_signal(signal.SIGTERM)
+
+        def poll(self):
+            return self.returncode
+
+        def terminate(self):
+            self.stopped, self.returncode = True, -signal.SIGTERM
+
+        def wait(self, timeout=None):
+            return self.returncode
+
+    monkeypatch.setattr(server, "_default_device", lambda: "cpu")
+    monkeypatch.setattr(server.subprocess, "Popen", Started)
+    monkeypatch.setenv("SM_NNI_API_KEY", KEY)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        server.run_server(build_parser().parse_args(["server", "--device", "cpu"]))
+    finally:
+        signal.signal(signal.SIGTERM, before)  # run_server's own handler would outlive the test
+    assert len(started) == 1 and started[0].stopped
+
+
+def test_a_held_signal_whose_handler_is_the_default_ends_the_block_as_ctrl_c_does():
+    """The default TERM handler ends the process at once: the caller could not stop what it started."""
     from SegmentationMachineLib.cli.common import signals_held
 
-    before, known = signal.getsignal(signal.SIGINT), False
-    with pytest.raises(KeyboardInterrupt):
-        with signals_held():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)  # Python runs a handler between bytecodes: Ctrl-C's would have raised by now
-            known = True
-    assert known and signal.getsignal(signal.SIGINT) is before
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_held():
+                signal.raise_signal(signal.SIGTERM)  # held: the process is still here
+                known = True
+        assert known and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 class OutOfMemoryServer:

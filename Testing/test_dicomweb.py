@@ -6,7 +6,6 @@ import json
 import logging
 import re
 import socket
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler
 
 import pydicom
@@ -299,21 +298,11 @@ class _NotDicomWeb(BaseHTTPRequestHandler):
         pass
 
 
-@contextmanager
-def answering(handler):
-    """handler's HTTP server on loopback, its URL while the block runs."""
-    serving = LoopbackServer(handler)
-    try:
-        yield serving.url
-    finally:
-        serving.close()
-
-
 @pytest.fixture
 def web_page():
     _NotDicomWeb.seen.clear()
-    with answering(_NotDicomWeb) as url:
-        yield url
+    with LoopbackServer(_NotDicomWeb) as server:
+        yield server.url
 
 
 class _SomeFailed(BaseHTTPRequestHandler):
@@ -334,7 +323,8 @@ class _SomeFailed(BaseHTTPRequestHandler):
 
 
 def test_a_store_answered_202_with_the_seg_failed_says_why_and_is_not_stored():
-    with answering(_SomeFailed) as url:
+    with LoopbackServer(_SomeFailed) as server:
+        url = server.url
         web = DicomWeb(DicomWebServer.parse(f"dicomweb+{url}"), (USER, PASSWORD))
         with pytest.raises(UserError) as error:
             web.store(LIVER_SEG)

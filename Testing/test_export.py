@@ -200,3 +200,26 @@ def test_format_parsing():
     assert parse_formats("STL, .3mf,stl") == ("stl", "3mf")
     with pytest.raises(ExportError, match="Unknown export format 'ply'"):
         parse_formats("stl,ply")
+
+
+def test_obj_and_3mf_text_written_in_chunks_is_the_text_written_at_once(tmp_path, monkeypatch):
+    """The writers format a few thousand rows per call, so a worker never holds the GIL (Slicer's GUI) for long:
+    chunk edges must neither lose nor repeat a row."""
+    import zipfile
+
+    from SegmentationMachineLib.mesh import writers
+
+    rng = np.random.default_rng(0)
+    meshes = [("Bone", (0.9, 0.8, 0.6), rng.normal(size=(10, 3)) * 100, rng.integers(0, 10, (8, 3))),
+              ("Skin", (0.9, 0.6, 0.5), rng.normal(size=(5, 3)), rng.integers(0, 5, (3, 3)))]
+    written = {}
+    for rows in (10 ** 9, 3):
+        monkeypatch.setattr(writers, "ROWS_PER_CHUNK", rows)
+        folder = tmp_path / str(rows)
+        folder.mkdir()
+        writers.write_obj(folder / "segments.obj", meshes)
+        writers.write_3mf(folder / "segments.3mf", meshes, "CT")
+        with zipfile.ZipFile(folder / "segments.3mf") as package:
+            written[rows] = (folder / "segments.obj").read_text(), package.read("3D/3dmodel.model")
+    assert written[3] == written[10 ** 9]
+    assert written[3][0].count("\nv ") == 15 and written[3][1].count(b"<triangle ") == 11

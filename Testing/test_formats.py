@@ -3,6 +3,7 @@ glTF-Validator), 3MF (the 3MF Consortium's lib3mf), and DICOM SEG read by `segme
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import zipfile
@@ -247,26 +248,40 @@ def test_seg_without_a_dicom_series_is_one_sentence_before_any_work(ctx, shared_
         export_segmentation(on_nifti, tmp_path, ExportOptions(formats=("stl", "seg")))
     anonymised = apply_preset(ctx, load_input(ctx, JPEG2000_SERIES).node, "bone")  # blank study/series UIDs
     with pytest.raises(ExportError, match="has no StudyInstanceUID or SeriesInstanceUID"):
-        export_segmentation(anonymised, tmp_path, ExportOptions(formats=("stl", "seg")))
-    assert not list(tmp_path.iterdir())  # no mesh was made
+        prepare_export(anonymised, ExportOptions(formats=("stl", "seg")))  # at the click: its first file tells
 
 
 @needs_highdicom
 def test_a_seg_export_reads_its_series_headers_off_the_main_thread(ctx, shared_data, tmp_path, monkeypatch):
     """prepare_export runs on Slicer's main thread, where reading a 300-slice series' headers took a third of a
-    second, twice; write_export runs on a worker."""
+    second, twice: it reads the first file's alone; write_export, on a worker, reads them all before any mesh."""
+    import pydicom
+
     from SegmentationMachineLib.mesh import segwriter
 
-    segmentation = apply_preset(ctx, load_input(ctx, UNCOMPRESSED_SERIES).node, "bone")
+    shutil.copytree(UNCOMPRESSED_SERIES, tmp_path / "series")
+    segmentation = apply_preset(ctx, load_input(ctx, tmp_path / "series").node, "bone")
+    files = sorted(str(path.absolute()) for path in (tmp_path / "series").glob("*.dcm"))
     read, dcmread = [], segwriter.pydicom.dcmread
     monkeypatch.setattr(segwriter.pydicom, "dcmread",
                         lambda path, **options: read.append(path) or dcmread(path, **options))
-    prepared = prepare_export(segmentation, ExportOptions(formats=("seg",)))
-    assert read == []
-    result = write_export(prepared, tmp_path, ExportOptions(formats=("seg",)))
-    assert sorted(map(str, set(read))) == sorted(str(p.absolute()) for p in UNCOMPRESSED_SERIES.glob("*.dcm"))
+    options = ExportOptions(formats=("stl", "seg"))
+    prepared = prepare_export(segmentation, options)
+    assert len(read) == 1 and read[0] in files
+    result = write_export(prepared, tmp_path / "out", options)
+    assert sorted(set(map(str, read))) == files
     seg = load_dicom_seg(ctx, result.folder / "segmentation.dcm")
     assert seg.GetSegmentation().GetNumberOfSegments() == 1
+
+    other = next(name for name in files if name != read[0])  # a file an anonymiser got at, not the one read first
+    header = pydicom.dcmread(other)
+    del header.StudyInstanceUID
+    header.save_as(other)
+    prepared, meshed = prepare_export(segmentation, options), []  # the click does not see it: the worker does
+    anonymised = f"{re.escape(other)} has no StudyInstanceUID \\(an anonymiser removed it\\)"
+    with pytest.raises(ExportError, match=anonymised):
+        write_export(prepared, tmp_path / "again", options, progress=lambda *done: meshed.append(done))
+    assert not meshed and not (tmp_path / "again").exists()
 
 
 @needs_highdicom

@@ -167,18 +167,22 @@ def stop_on_signals(names) -> list:
 @contextmanager
 def signals_held(names=("SIGINT", "SIGTERM")):
     """Main thread: these signals, arriving inside, act at its end. A child started inside is then known to the
-    code that stops it: a Ctrl-C between Popen's return and the assignment of its result would leave it running."""
+    code that stops it: a Ctrl-C between Popen's return and the assignment of its result would leave it running.
+    A held signal whose handler was the system's default (which ends the process at once) ends it as Ctrl-C does,
+    so the caller's cleanup still runs."""
     held, previous = [], {}
-    for name in names:
-        if hasattr(signal, name):
-            number = getattr(signal, name)
-            previous[number] = signal.signal(number, lambda signum, frame: held.append(signum))
     try:
+        for name in names:
+            if hasattr(signal, name):
+                number = getattr(signal, name)
+                previous[number] = signal.signal(number, lambda signum, frame: held.append(signum))
         yield
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-        if held:
+        if held and previous[held[0]] in (signal.SIG_DFL, None):
+            raise KeyboardInterrupt
+        if held and previous[held[0]] != signal.SIG_IGN:
             signal.raise_signal(held[0])  # to the handler it would have met: Ctrl-C's KeyboardInterrupt, or ours
 
 

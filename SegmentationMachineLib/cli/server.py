@@ -96,9 +96,9 @@ def run_server(args):
     except KeyboardInterrupt:
         pass
     finally:  # whatever ended us (a signal, our own output gone): never leave it holding the GPU and the port
-        if server:
+        if server is not None:
             server.stop()
-    if server and server.process.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL, None):
+    if server is not None and server.process.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL, None):
         raise UserError(f"The nnInteractive server stopped with status {server.process.returncode}: see its messages "
                         "above.")
 

@@ -133,13 +133,15 @@ def _present(volume_node, files: list) -> list:
 def check_seg_export(segmentation_node, dicom_database=None) -> list:
     """Main thread: the source series' files (absolute paths); raises the user's sentence before any work where no
     SEG can be written. dicom_database: Slicer's, where volumes may come from its DICOM module (source_files).
-    Their headers are read by match_sources, off the main thread: a third of a second per 300 files."""
+    Only the first file's header is read here (an anonymiser blanks every file alike): match_sources reads them
+    all off the main thread, where they take a third of a second per 300 files."""
     _writer_packages()
     files = source_files(_reference_volume(segmentation_node), dicom_database)
     if not files:
         raise ExportError(f"DICOM SEG needs the DICOM series '{segmentation_node.GetName()}' was made on, and it "
                           "was not made on one: segment a loaded DICOM series (in the CLI: --volume FOLDER) to make a SEG; "
                           "STL, OBJ, 3MF and glTF need none.")
+    source_dataset(files[0])
     return [str(Path(name).absolute()) for name in files]
 
 
@@ -173,8 +175,17 @@ def _image_geometry(header) -> tuple:
     """((rows, columns), orientation, pixel spacing, position) of a source image, as plain tuples: 300 whole headers
     kept alive made the garbage collector hold the GIL for a fifth of a second at a time."""
     return ((header.get("Rows"), header.get("Columns")),
-            *(tuple(map(float, header.get(keyword) or ()))
-              for keyword in ("ImageOrientationPatient", "PixelSpacing", "ImagePositionPatient")))
+            *(_numbers(header.get(keyword)) for keyword in ("ImageOrientationPatient", "PixelSpacing",
+                                                            "ImagePositionPatient")))
+
+
+def _numbers(value) -> tuple:
+    """A multi-valued attribute's numbers; () where it is missing or malformed (one value where several belong):
+    the SEG's frames then lie on the volume's grid."""
+    try:
+        return tuple(map(float, value)) if value is not None else ()
+    except (TypeError, ValueError):
+        return ()
 
 
 def _images_by_slice(shape, ijk_to_ras, slice_starts, files: list, images: list) -> list:
@@ -237,10 +248,10 @@ def _seg_pixels(segmentation_node, segment_ids, reference) -> np.ndarray:
     return labels
 
 
-def read_seg_input(segmentation_node, segment_ids, dicom_database=None) -> SegInput:
-    """Main thread (MRML belongs to it): the given segments on the source series' grid, its files, and where its
-    slices lie (match_sources matches the files to them)."""
-    files = check_seg_export(segmentation_node, dicom_database)
+def read_seg_input(segmentation_node, segment_ids, dicom_database=None, files=None) -> SegInput:
+    """Main thread (MRML belongs to it): the given segments on the source series' grid, its files (check_seg_export's,
+    where the caller has them), and where its slices lie (match_sources matches the files to them)."""
+    files = files or check_seg_export(segmentation_node, dicom_database)
     volume = _reference_volume(segmentation_node)
     segmentation = segmentation_node.GetSegmentation()
     return SegInput(files, arrays.ijk_to_ras(volume),

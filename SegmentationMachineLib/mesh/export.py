@@ -148,13 +148,13 @@ def prepare_export(segmentation_node, options: ExportOptions = ExportOptions(), 
     if options.coordinates not in ("LPS", "RAS"):
         raise ExportError(f"Unknown coordinate system '{options.coordinates}': use LPS or RAS.")
     dicom_database = ctx.dicom_database if ctx else None
-    if "seg" in options.formats:
-        check_seg_export(segmentation_node, dicom_database)  # before reading voxels, and minutes of work
+    # before reading voxels, and minutes of work
+    seg_files = check_seg_export(segmentation_node, dicom_database) if "seg" in options.formats else None
     segments = read_segments(segmentation_node, segment_ids, options.surface, ctx)
     segmentation = segmentation_node.GetSegmentation()
     ids = [job.segment_id for job in segments.jobs]
     file_names = dict(zip(ids, _unique_names(segmentation.GetSegment(i).GetName() for i in ids)))
-    seg = read_seg_input(segmentation_node, ids, dicom_database) if "seg" in options.formats and ids else None
+    seg = read_seg_input(segmentation_node, ids, dicom_database, seg_files) if seg_files and ids else None
     saved = _segmentation_bytes(segmentation_node) if options.save_segmentation else None
     return PreparedExport(segmentation_node.GetName(), segments, file_names, seg, saved)
 

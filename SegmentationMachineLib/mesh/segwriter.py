@@ -106,7 +106,8 @@ TYPE_2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "
 
 def source_dataset(path):
     """A source image's header as highdicom takes it; the user's sentence when a SEG cannot refer to it.
-    Works on pydicom 2.4 too: the parent checks the series with Slicer's pydicom before any work."""
+    Works on pydicom 2.4 too: the parent checks the series with Slicer's pydicom (dicomseg.check_seg_export and
+    match_sources) before any mesh is made."""
     dataset = pydicom.dcmread(path, stop_before_pixels=True)
     if "SpecificCharacterSet" in dataset and not dataset.SpecificCharacterSet:
         del dataset.SpecificCharacterSet  # empty means the default repertoire; highdicom refuses ''
@@ -138,7 +139,9 @@ class SegInput:
 
 
 def save_input(folder, seg: SegInput):
-    """seg as files in folder (the parent's side of the child)."""
+    """seg as files in folder (the parent's side of the child), its files matched to its slices (match_sources)."""
+    if seg.slice_starts is not None:
+        raise ValueError("dicomseg.match_sources(seg) first: the child cannot match the files to the slices")
     folder = Path(folder)
     np.save(folder / "pixels.npy", seg.pixels)
     (folder / "seg.json").write_text(json.dumps({

@@ -11,6 +11,18 @@ from ..core.files import atomic_file
 from .check import face_normals
 
 
+# Rows formatted per call: one call over a whole bone's million rows holds the GIL for a second (Slicer's GUI
+# waits on it); 20,000 take a few milliseconds.
+ROWS_PER_CHUNK = 20_000
+
+
+def _rows(row_format: str, values: np.ndarray):
+    """values (N, k) as text, row_format per row, in chunks of ROWS_PER_CHUNK rows."""
+    for start in range(0, len(values), ROWS_PER_CHUNK):
+        part = values[start:start + ROWS_PER_CHUNK]
+        yield (row_format * len(part)) % tuple(part.ravel())
+
+
 def _hex_color(color) -> str:
     return "#" + "".join(f"{int(round(max(0.0, min(1.0, c)) * 255)):02X}" for c in color[:3])
 
@@ -62,8 +74,8 @@ def write_obj(path: Path, named_meshes):
         offset = 1
         for name, _, points, triangles in named_meshes:
             stream.write(f"o {name}\ng {name}\nusemtl {name}\n")
-            stream.write(("v %.6f %.6f %.6f\n" * len(points)) % tuple(points.ravel()))
-            stream.write(("f %d %d %d\n" * len(triangles)) % tuple((triangles + offset).ravel()))
+            stream.writelines(_rows("v %.6f %.6f %.6f\n", points))
+            stream.writelines(_rows("f %d %d %d\n", triangles + offset))
             offset += len(points)
 
 
@@ -83,29 +95,28 @@ _RELS = """<?xml version="1.0" encoding="UTF-8"?>
 _PART_NAMES = "Metadata/model_settings.config"
 
 
-def _model_xml(named_meshes, title: str, assembly: int) -> str:
-    """Core 3MF: a mesh object per segment (named, coloured), one assembly object made of them all
-    (components without transforms: identity), and one build item, so that slicers load a single
-    object with a part per segment, where the segments lie relative to each other."""
+def _model_xml(named_meshes, title: str, assembly: int):
+    """Core 3MF, in chunks of text: a mesh object per segment (named, coloured), one assembly object made of them
+    all (components without transforms: identity), and one build item, so that slicers load a single object with a
+    part per segment, where the segments lie relative to each other."""
     materials = "".join(f'  <base name={quoteattr(name)} displaycolor="{_hex_color(color)}"/>\n'
                         for name, color, _, _ in named_meshes)
-    chunks = ['<?xml version="1.0" encoding="UTF-8"?>\n'
-              '<model unit="millimeter" xml:lang="en-US" '
-              'xmlns="http://schemas.microsoft.com/3dmanufacturing/core/2015/02">\n'
-              ' <metadata name="Application">SegmentationMachine</metadata>\n'
-              f' <resources>\n  <basematerials id="1">\n{materials}  </basematerials>\n']
+    yield ('<?xml version="1.0" encoding="UTF-8"?>\n'
+           '<model unit="millimeter" xml:lang="en-US" '
+           'xmlns="http://schemas.microsoft.com/3dmanufacturing/core/2015/02">\n'
+           ' <metadata name="Application">SegmentationMachine</metadata>\n'
+           f' <resources>\n  <basematerials id="1">\n{materials}  </basematerials>\n')
     for index, (name, _, points, triangles) in enumerate(named_meshes):
-        chunks.append(f'  <object id="{index + 2}" type="model" name={quoteattr(name)} pid="1" pindex="{index}">\n'
-                      "   <mesh>\n    <vertices>\n")
-        chunks.append(('     <vertex x="%.6f" y="%.6f" z="%.6f"/>\n' * len(points)) % tuple(points.ravel()))
-        chunks.append("    </vertices>\n    <triangles>\n")
-        chunks.append(('     <triangle v1="%d" v2="%d" v3="%d"/>\n' * len(triangles)) % tuple(triangles.ravel()))
-        chunks.append("    </triangles>\n   </mesh>\n  </object>\n")
-    chunks.append(f'  <object id="{assembly}" type="model" name={quoteattr(title)}>\n   <components>\n')
-    chunks.extend(f'    <component objectid="{index + 2}"/>\n' for index in range(len(named_meshes)))
-    chunks.append(f'   </components>\n  </object>\n </resources>\n <build>\n  <item objectid="{assembly}"/>\n'
-                  " </build>\n</model>\n")
-    return "".join(chunks)
+        yield (f'  <object id="{index + 2}" type="model" name={quoteattr(name)} pid="1" pindex="{index}">\n'
+               "   <mesh>\n    <vertices>\n")
+        yield from _rows('     <vertex x="%.6f" y="%.6f" z="%.6f"/>\n', points)
+        yield "    </vertices>\n    <triangles>\n"
+        yield from _rows('     <triangle v1="%d" v2="%d" v3="%d"/>\n', triangles)
+        yield "    </triangles>\n   </mesh>\n  </object>\n"
+    yield f'  <object id="{assembly}" type="model" name={quoteattr(title)}>\n   <components>\n'
+    yield "".join(f'    <component objectid="{index + 2}"/>\n' for index in range(len(named_meshes)))
+    yield (f'   </components>\n  </object>\n </resources>\n <build>\n  <item objectid="{assembly}"/>\n'
+           " </build>\n</model>\n")
 
 
 def _part_names_xml(named_meshes, title: str, assembly: int) -> str:
@@ -125,5 +136,7 @@ def write_3mf(path: Path, named_meshes, title: str = None):
         with zipfile.ZipFile(stream, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as package:
             package.writestr("[Content_Types].xml", _CONTENT_TYPES)
             package.writestr("_rels/.rels", _RELS)
-            package.writestr("3D/3dmodel.model", _model_xml(named_meshes, title, assembly))
+            with package.open("3D/3dmodel.model", "w") as model:  # streamed: never the whole text at once
+                for chunk in _model_xml(named_meshes, title, assembly):
+                    model.write(chunk.encode())
             package.writestr(_PART_NAMES, _part_names_xml(named_meshes, title, assembly))
