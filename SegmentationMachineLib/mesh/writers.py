@@ -11,8 +11,8 @@ from ..core.files import atomic_file
 from .check import face_normals
 
 
-# Rows formatted per call: one call over a whole bone's million rows holds the GIL for a second (Slicer's GUI
-# waits on it); 20,000 take a few milliseconds.
+# Rows formatted per call: one call per mesh held the GIL (and Slicer's GUI) for 0.1-0.2 s on a large bone, longer
+# on a whole skeleton; 20,000 rows take a few milliseconds.
 ROWS_PER_CHUNK = 20_000
 
 
