@@ -99,9 +99,8 @@ def test_one_job_at_a_time_and_terminate_needs_its_pod(panel, fake):
     settle(panel)
     assert panel.status.startswith(f"Stopped pod {stopped}: no GPU billing; its 50 GB volume costs "
                                    "$10.00/month until RunPod terminates the pod at ")
-    assert panel.status.endswith(f"(its maximum lifetime), and is {KEPT_WHILE_CREDIT}. 1 pod(s) started earlier are still "
-                                 "there: connect to or "
-                                 "terminate them below.")
+    assert panel.status.endswith(f"(its maximum lifetime), and is {KEPT_WHILE_CREDIT}. 1 pod(s) started earlier are "
+                                 "still there: connect to or terminate them below.")
     assert panel.started_here == [] and panel.terminate_started_here() == []
     assert [p["status"] for p in fake.pods.values()] == ["EXITED"]
 

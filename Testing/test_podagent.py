@@ -257,7 +257,8 @@ def test_a_desktop_pod_holding_the_users_files_is_stopped_and_only_one_without_i
     assert fake.pods[pod.id]["status"] == "EXITED"  # no GPU billing, the volume kept
     assert (tmp_path / "volume/exports/skull/skull.stl").read_bytes().startswith(b"solid skull")
     assert f"Stopping pod {pod.id}: no client has been connected for 1.5 s (idle timeout)" in kept_log
-    assert "are kept, and its 50 GB volume costs $10.00/month until it is terminated, and is " + KEPT_WHILE_CREDIT in kept_log
+    assert ("are kept, and its 50 GB volume costs $10.00/month until it is terminated, and is "
+            + KEPT_WHILE_CREDIT) in kept_log
     assert "Terminating" not in kept_log
     assert networked.id not in fake.pods and (tmp_path / "network-volume/exports/skull/skull.stl").exists()
     assert f"Terminating pod {networked.id}" in networked_log and "stay on network volume nv-skulls" in networked_log

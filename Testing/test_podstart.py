@@ -178,8 +178,9 @@ def test_stopping_says_what_the_volume_costs_and_until_when(backend, fake, tmp_p
     fake.graphql_retired = True  # created through v2: RunPod has no end for it
     plain = backend.create(PodSpec("NVIDIA L40S", image="x", volume_gb=80, terminate_after="2030-01-01T00:00:00Z"))
     records.add(plain, 0)
-    assert cloud.stop(plain.id) == ("its 80 GB volume costs $16.00/month until the pod is terminated, and is kept while "
-                                    "the account has credit (at $0 RunPod terminates pods without a network volume)")
+    assert cloud.stop(plain.id) == ("its 80 GB volume costs $16.00/month until the pod is terminated, and is kept "
+                                    "while the account has credit (at $0 RunPod terminates pods without a network "
+                                    "volume)")
     fake.graphql_retired = False
     ending = backend.create(PodSpec("NVIDIA L40S", image="x", terminate_after="2030-01-01T00:00:00Z"))
     records.add(ending, 0)

@@ -71,11 +71,11 @@ def vessel_only(mask: np.ndarray) -> bool:
     return np.array_equal(mask, expected)
 
 
-def session_on(server, scene_parts, said: list = None) -> InteractiveSession:
-    """A session on server, its first region sent: the body in-plane, part of the vessel's slices."""
+def session_on(server, scene_parts, said: list) -> InteractiveSession:
+    """A session on server, its first region sent (the body in-plane, part of the vessel's slices); its status
+    sentences go to said."""
     volume, target = scene_parts
-    session = InteractiveSession(server.url, KEY, limits=limits(250_000),
-                                 **({"status": said.append} if said is not None else {}))
+    session = InteractiveSession(server.url, KEY, status=said.append, limits=limits(250_000))
     session.connect()
     session.set_volume(volume)
     session.select_segment(target)
@@ -110,7 +110,7 @@ def test_a_prompt_that_ran_again_often_enough_is_written_as_it_came_and_said(ser
     from SegmentationMachineLib.prompts.session import MAX_RERUNS
 
     target = scene_parts[1]
-    session = session_on(server, scene_parts)
+    session = session_on(server, scene_parts, [])
     k0, k1 = session._region[:, 0]
     pending = session.prepare(point(120))
     pending.reruns = MAX_RERUNS  # as if this were its last try

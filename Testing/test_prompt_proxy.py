@@ -51,7 +51,12 @@ def server(tmp_path_factory):
 @pytest.fixture
 def proxies(server):
     made = []
-    yield lambda **options: made.append(CloudflareLike(server.port, **{"cap": CAP, "limit_s": 10.0, **options})) or made[-1]
+
+    def proxy(**options) -> CloudflareLike:  # RunPod's cap and time limit, scaled down
+        made.append(CloudflareLike(server.port, **{"cap": CAP, "limit_s": 10.0, **options}))
+        return made[-1]
+
+    yield proxy
     for proxy in made:
         proxy.close()
 

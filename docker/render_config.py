@@ -153,8 +153,8 @@ def programs(env, mode: str, values: dict, root: Path, ssh: bool) -> dict:
             # The upstream server, run by our `server` command: it restarts it after a CUDA out of memory, which
             # leaves upstream's answering at half speed. --device cuda: on a host whose driver cannot run our torch
             # it refuses in one sentence in the pod log (repeated by supervisord's retries; the start times out and
-            # is terminated) instead of quietly running on the CPU while the GPU bills. --no-torch-compile: compiling needs a C compiler and Python headers (not in the image), adds
-            # ~46 s to every start and saves ~20 ms a prompt (docker/README.md). --model pins the weights, so
+            # is terminated) instead of quietly running on the CPU while the GPU bills. --no-torch-compile:
+            # compiling needs a C compiler and Python headers (not in the image), adds ~46 s to every start and saves ~20 ms a prompt (docker/README.md). --model pins the weights, so
             # a start neither asks Hugging Face for its manifest nor picks up a new default model.
             "command": (f"{VENV}/segmentation-machine server --host 0.0.0.0 --port 8000 --device cuda "
                         f"--model {model} --no-torch-compile"),

@@ -180,9 +180,10 @@ def signals_held(names=("SIGINT", "SIGTERM")):
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-        if held and previous[held[0]] in (signal.SIG_DFL, None):
+        handler = previous[held[0]] if held else signal.SIG_IGN
+        if handler in (signal.SIG_DFL, None):
             raise KeyboardInterrupt
-        if held and previous[held[0]] != signal.SIG_IGN:
+        if handler != signal.SIG_IGN:
             signal.raise_signal(held[0])  # to the handler it would have met: Ctrl-C's KeyboardInterrupt, or ours
 
 

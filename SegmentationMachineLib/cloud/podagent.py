@@ -312,7 +312,8 @@ class PodAgent:
     def _volume_cost(self) -> str:
         if self._pod is not None:
             return self._pod.stopped_cost()
-        return f"its volume costs ${VOLUME_USD_PER_GB_MONTH:.2f}/GB/month until it is terminated, and is {KEPT_WHILE_CREDIT}"
+        return (f"its volume costs ${VOLUME_USD_PER_GB_MONTH:.2f}/GB/month until it is terminated, and is "
+                f"{KEPT_WHILE_CREDIT}")
 
     def _poll_runpod(self, now):
         self._polled_at = now  # a failed poll is also retried only after poll_s
