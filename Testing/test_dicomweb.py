@@ -254,6 +254,39 @@ def test_a_server_that_never_answers_is_one_sentence_not_a_hang():
             web.series(STUDY)
 
 
+class _ClosesItsFirstConnection(BaseHTTPRequestHandler):
+    """A server that closes a kept-alive connection as a request arrives on it (Orthanc closes one idle for a second):
+    the first request of all is dropped unanswered; then an empty study list."""
+
+    protocol_version = "HTTP/1.1"
+    requests = []
+
+    def do_GET(self):
+        self.requests.append(self.command)
+        if len(self.requests) == 1:
+            self.close_connection = True
+            return
+        body = b"[]"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_read_on_a_connection_the_server_just_closed_is_sent_again_on_a_new_one():
+    """Once a flaky "Cannot reach" against a real Orthanc, between two polls for a stored SEG."""
+    _ClosesItsFirstConnection.requests.clear()
+    with LoopbackServer(_ClosesItsFirstConnection) as server:
+        web = DicomWeb(DicomWebServer.parse(f"dicomweb+{server.url}/dicom-web"))
+        with pytest.raises(UserError, match=f"has no study {STUDY}"):  # answered: an empty list
+            web.series(STUDY)
+    assert _ClosesItsFirstConnection.requests == ["GET", "GET"]
+
+
 def test_a_certificate_this_computer_does_not_trust_is_said_with_the_cure(tmp_path):
     """A hospital PACS signed by the hospital's own CA (or a proxy that inspects TLS): the sentence says the
     certificate is not trusted and names REQUESTS_CA_BUNDLE, not 'check the address'."""

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import pydicom
 import requests
+from urllib3.exceptions import ProtocolError
 
 from ..core.addresses import is_loopback
 from ..core.credentials import SecretStore
@@ -123,9 +124,17 @@ class _Session(requests.Session):
         self.timeout = timeout
         self.last_answer = None  # what the store's answer says is read from here, not as dicomweb-client parses it
 
-    def request(self, *args, **kwargs):
+    def request(self, method, *args, **kwargs):
         kwargs["timeout"] = self.timeout
-        self.last_answer = super().request(*args, **kwargs)
+        try:
+            self.last_answer = super().request(method, *args, **kwargs)
+        except requests.ConnectionError as error:
+            # A server closes a kept-alive connection when it likes (Orthanc after a second idle): a request sent as it
+            # does fails at once. A read is sent once more, on a new connection; a store is never sent twice.
+            dropped = error.args and isinstance(error.args[0], (ProtocolError, ConnectionResetError))
+            if method.upper() not in ("GET", "HEAD") or not dropped:
+                raise
+            self.last_answer = super().request(method, *args, **kwargs)
         return self.last_answer
 
 
