@@ -193,6 +193,9 @@ class FakeRunPod:
     stalled: bool = False  # while set, API requests get no answer (a network that times out)
     # runtime.uptime since the last start instead of over all starts: RunPod's docs do not say which it is
     uptime_per_start: bool = False
+    # GET /v2/pods/{id} off its schema: "page" (a maintenance page, answered 200) or "renamed" (v2 is a beta: its
+    # runtime's port entries with a field renamed)
+    reads_as: str = None
     volumes: dict = field(default_factory=dict)  # pod id → a folder standing in for its /workspace
     clock: object = time.monotonic  # provisioning and the list's lag
     wall: object = time.time  # terminateAfter
@@ -371,7 +374,12 @@ class FakeRunPod:
         if pod is None:
             raise _Failure(404, f"Pod {parts[2]} not found.")
         if method == "GET" and len(parts) == 3:
-            return 200, self._view(pod)
+            view = self._view(pod)
+            if self.reads_as == "page":
+                return 200, "<html><body>Down for maintenance</body></html>"
+            if self.reads_as == "renamed" and view["runtime"]:
+                view["runtime"]["ports"] = [{"privatePort": p["private"]} for p in view["runtime"]["ports"]]
+            return 200, view
         if method == "GET" and parts[3:] == ["logs"]:  # ?tail=N lines of backfill (0 to 5000), 100 when omitted
             tail = query.get("tail", ["100"])[0]
             if not tail.isdigit() or int(tail) > 5000:

@@ -77,7 +77,19 @@ def test_start_reports_phases_connects_and_beats_then_quit_terminates(panel, fak
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert ready.desktop_url.endswith("/vnc.html?autoconnect=1&reconnect=true&resize=remote")
-    assert panel.terminate_started_here() == [] and fake.pods == {} and panel.pod is None
+    # At quit a desktop pod is stopped: the user's uploads, scenes and exports on its volume stay.
+    assert panel.desktops_started_here() == [ready.pod_id]
+    assert panel.end_started_here() == [] and fake.pods[ready.pod_id]["status"] == "EXITED" and panel.pod is None
+    assert panel.started_here == []
+
+
+def test_at_quit_server_pods_are_terminated_and_desktop_pods_too_when_the_user_asks(panel, fake):
+    keyed(panel)
+    for mode in ("desktop", "server"):
+        panel.start("NVIDIA L40S", mode)
+        settle(panel)
+    assert len(panel.started_here) == 2 and len(panel.desktops_started_here()) == 1
+    assert panel.end_started_here(keep_desktop_files=False) == [] and fake.pods == {}
 
 
 def test_one_job_at_a_time_and_terminate_needs_its_pod(panel, fake):
@@ -101,13 +113,13 @@ def test_one_job_at_a_time_and_terminate_needs_its_pod(panel, fake):
                                    "$10.00/month until RunPod terminates the pod at ")
     assert panel.status.endswith(f"(its maximum lifetime), and is {KEPT_WHILE_CREDIT}. 1 pod(s) started earlier are "
                                  "still there: connect to or terminate them below.")
-    assert panel.started_here == [] and panel.terminate_started_here() == []
+    assert panel.started_here == [] and panel.end_started_here() == []
     assert [p["status"] for p in fake.pods.values()] == ["EXITED"]
 
 
 def test_at_quit_the_pods_are_terminated_together_within_the_wait_even_on_a_network_that_times_out(panel, fake,
                                                                                                    monkeypatch):
-    """Slicer's window waits for terminate_started_here: one pod after another, each with its retries, would hold
+    """Slicer's window waits for end_started_here: one pod after another, each with its retries, would hold
     it for minutes when RunPod does not answer."""
     from SegmentationMachineLib.panels import cloud
 
@@ -121,12 +133,12 @@ def test_at_quit_the_pods_are_terminated_together_within_the_wait_even_on_a_netw
     fake.stalled = True
     try:
         started = time.monotonic()
-        problems = panel.terminate_started_here()
+        problems = panel.end_started_here()
         assert time.monotonic() - started < 3.0
         assert problems == [f"{pod}: RunPod did not answer within 2 s" for pod in pods]
     finally:
         fake.stalled = False
-    assert panel.terminate_started_here() == [] and fake.pods == {}  # answered now: both terminated
+    assert panel.end_started_here() == [] and fake.pods == {}  # answered now: both terminated
     assert panel.started_here == []
 
 

@@ -154,6 +154,33 @@ def test_the_first_limit_reached_decides():
     assert "budget" in spent.reason and spent.seconds_left == pytest.approx(10)
 
 
+@pytest.mark.parametrize("reads_as, said", [
+    ("page", "RunPod answered 200 with something other than its API's JSON (text/html)"),
+    ("renamed", "RunPod answered in a form this version does not know")])
+def test_answers_runpod_was_not_meant_to_give_do_not_end_the_watch(fake, pod, reads_as, said):
+    """v2 is a beta, and a proxy may answer with a page: a poll that cannot be read once crashed the agent (and
+    supervisord gave up restarting it), leaving the pod billing with nothing to end it."""
+    fake.reads_as = reads_as
+    agent = RunningAgent(fake, pod.id, SM_IDLE_TIMEOUT_S=2)
+    log = agent.log()
+    assert agent.process.returncode == 0 and pod.id not in fake.pods  # ended at its idle timeout all the same
+    assert f"Could not read the pod's cost from RunPod: {said}" in log and "Traceback" not in log
+
+
+def test_a_check_that_fails_unexpectedly_is_logged_once_and_the_watch_goes_on(pod, caplog):
+    class Broken:
+        def get(self, pod_id):
+            raise RuntimeError("a bug of ours")
+
+    now = [0.0]
+    agent = PodAgent(AgentConfig(pod.id, "k", TOKEN, idle_timeout_s=10, poll_s=1), Broken(), clock=lambda: now[0])
+    for second in range(1, 4):
+        now[0] = second
+        agent._check_come_what_may()
+    assert caplog.text.count("The pod agent's check failed; it goes on watching the pod.") == 1
+    assert "a bug of ours" in caplog.text and not agent.terminated.is_set()
+
+
 def test_a_failing_terminate_is_retried_each_poll_interval_not_each_second(fake, pod, caplog):
     now = [0.0]
     config = AgentConfig(pod.id, "rpa_revoked_key", TOKEN, idle_timeout_s=10, poll_s=60)

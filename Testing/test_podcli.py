@@ -237,6 +237,16 @@ def test_closing_the_terminal_or_stopping_a_connected_up_terminates_the_pod(env,
     assert up.process.returncode == 0 and f"Terminated pod {pod_id}" in out and fake.pods == {}
 
 
+def test_ending_a_connected_desktop_up_stops_its_pod_keeping_the_users_files(env, fake):
+    up = Background(env, "--gpu", "NVIDIA GeForce RTX 4090", "--mode", "desktop")
+    up.wait_for("Ctrl-C or closing it stops the pod (its volume, with your files, stays")
+    [pod_id] = fake.pods
+    out = up.end(signal.SIGTERM)
+    assert up.process.returncode == 0 and fake.pods[pod_id]["status"] == "EXITED"
+    assert f"Stopped pod {pod_id}" in out and "its 50 GB volume costs $10.00/month" in out
+    assert f"`segmentation-machine pod down {pod_id}` terminates it with your files" in out
+
+
 def test_a_wrong_key_is_one_sentence(env):
     done = pod({**env, "RUNPOD_API_KEY": "rpa_WRONGKEY_not_this_one"}, "list")
     assert done.returncode == 2 and "Traceback" not in done.stderr

@@ -91,6 +91,16 @@ def test_scribbles_and_lassos_on_oblique_slices_reach_the_model_on_one_voxel_pla
     assert any(len(set(painted[:, axis])) == 1 for axis in range(3))  # on one slice of the axis it spans least
 
 
+@pytest.mark.parametrize("end", [(30, 10, 20), (30, 20, 20)])
+def test_a_scribble_is_as_thick_as_the_model_prefers_across_the_stroke_and_one_slice_deep(end):
+    """The official weights prefer 2-voxel scribbles: a stroke along a voxel axis (two points in a prompt file, a
+    ruler-straight drag) was once 1 voxel wide."""
+    scribble, _ = geometry.scribble_mask(np.eye(4), (40, 48, 56), [(10, 10, 20), end], (2.0, 2.0, 2.0))
+    k, j, i = (scribble.any(axis=tuple(b for b in range(3) if b != a)).sum() for a in range(3))
+    assert k == 1 and j >= 2 and i >= 21
+    assert scribble.sum() >= 2 * 21  # no voxel along the stroke only one wide
+
+
 def test_a_drawing_reaching_absurdly_far_is_refused_and_one_leaving_the_image_is_clipped_to_it():
     """A scribble 2e12 mm long once tried to allocate terabytes: geometry is bounded by the image."""
     identity, shape = np.eye(4), (40, 40, 40)  # RAS = (i, j, k)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import vtk
+import slicer
 
 from SegmentationMachineLib.panels.promptmarkups import BoxPlacement, curve_points_ras, PlaceMode
 
@@ -71,9 +72,28 @@ def test_only_the_module_sits_in_the_module_folder():
 
 
 def place(node, positions):
-    """Clicks as vtkSlicerMarkupsWidget::PlacePoint makes them: each control point defined in turn."""
+    """Clicks as vtkSlicerMarkupsWidget makes them, the mouse moving between them: while it moves, a preview control
+    point follows the cursor (UpdatePreviewPoint), and a click defines it (PlacePoint), both through the display
+    node's UpdateActiveControlPointWorld."""
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    display, cursor = node.GetDisplayNode(), np.array(positions[0], float) + 7.0
+
+    def preview_index():
+        previews = [i for i in range(node.GetNumberOfControlPoints())
+                    if node.GetNthControlPointPositionStatus(i) == node.PositionPreview]
+        return previews[0] if previews else node.GetControlPointPlacementStartIndex()
+
+    def update(position, status):
+        event = slicer.vtkMRMLInteractionEventData()
+        event.SetWorldPosition(list(position))
+        display.UpdateActiveControlPointWorld(preview_index(), event, [1, 0, 0, 0, 1, 0, 0, 0, 1], "", "", status)
+
     for position in positions:
-        node.AddControlPointWorld(vtk.vtkVector3d(*position))
+        for step in np.linspace(0, 1, 4):  # the mouse on its way to the click
+            update(cursor + step * (np.array(position, float) - cursor), node.PositionPreview)
+        update(position, node.PositionDefined)
+        cursor = np.array(position, float)
 
 
 def test_two_clicks_with_slicers_roi_give_a_flat_box_on_the_slice(ctx):

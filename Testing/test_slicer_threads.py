@@ -270,7 +270,7 @@ def test_a_pod_start_under_the_idle_main_thread(fake, tmp_path, monkeypatch):
     panel.store.save(KEY_NAME, RUNPOD_KEY)
     pod = cloud_flow(IdleMainThread(), panel, panel.refresh, lambda: panel.start("NVIDIA L40S", "server"))
     assert pod is not None and pod is panel.pod and "is ready" in panel.status, panel.status
-    assert panel.terminate_started_here() == [] and fake.pods == {}
+    assert panel.end_started_here() == [] and fake.pods == {}
 
 
 @pytest.fixture

@@ -127,7 +127,7 @@ def pod_start(folder: Path):
                            PodRecords(folder / f"pods-{stamp}.json"))
         panel.store.save(KEY_NAME, RUNPOD_KEY)
         assert cloud_flow(main, panel, panel.refresh, lambda: panel.start("NVIDIA L40S", "server")), panel.status
-        assert panel.terminate_started_here() == []
+        assert panel.end_started_here() == []
     return flow
 
 

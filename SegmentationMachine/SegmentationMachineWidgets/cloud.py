@@ -13,6 +13,7 @@ import slicer
 from slicer.i18n import tr as _
 
 from SegmentationMachineLib.cloud.cloudgpu import Limits, MODES
+from SegmentationMachineLib.cloud.pods import VOLUME_USD_PER_GB_MONTH
 from SegmentationMachineLib.panels.cloud import CloudPanel
 
 from . import errorsShown, timer
@@ -118,7 +119,8 @@ class CloudSection:
         self.terminateEarlierButton.connect("clicked(bool)", lambda: self.act(self.panel.terminate, self.earlierId()))
         self.earlierList.connect("itemSelectionChanged()", self.updateGui)
         self.timer = timer(200, self.tick)
-        self.terminateAtQuit = True  # no surprise bill: only an explicit No keeps this session's pods
+        self.endAtQuit = True  # no surprise bill: only an explicit "keep running" keeps this session's pods
+        self.keepDesktopFilesAtQuit = True  # desktop pods are stopped, not terminated, unless asked
         self.closeFilter = _WindowCloseFilter(self.onWindowClose)
         if slicer.util.mainWindow():  # none in generic tests (--no-main-window): aboutToQuit still terminates
             slicer.util.mainWindow().installEventFilter(self.closeFilter)
@@ -213,21 +215,31 @@ class CloudSection:
     def onWindowClose(self):
         if not (self.panel.started_here or self.panel.starting):
             return
+        count, desktops = len(self.panel.started_here) + int(self.panel.starting), self.panel.desktops_started_here()
         box = qt.QMessageBox(qt.QMessageBox.Question, _("Cloud GPU"), _(
-            "Terminate the {n} pod(s) this session started when Slicer quits? They bill until terminated.").format(
-            n=len(self.panel.started_here) + int(self.panel.starting)),
-            qt.QMessageBox.Yes | qt.QMessageBox.No, slicer.util.mainWindow())
-        box.setInformativeText(_("Closing this dialog or pressing Escape terminates them; No keeps them running."))
-        box.setDefaultButton(qt.QMessageBox.Yes)
-        box.setEscapeButton(qt.QMessageBox.Yes)  # a Yes/No box would make No the Escape button
-        self.terminateAtQuit = box.exec_() != qt.QMessageBox.No
+            "End the {n} pod(s) this session started when Slicer quits? They bill until ended.").format(n=count),
+            qt.QMessageBox.NoButton, slicer.util.mainWindow())
+        end = box.addButton(_("Stop desktop pods, terminate the others") if desktops else _("Terminate"),
+                            qt.QMessageBox.AcceptRole)
+        terminate = box.addButton(_("Terminate all"), qt.QMessageBox.DestructiveRole) if desktops else end
+        keep = box.addButton(_("Keep running"), qt.QMessageBox.RejectRole)
+        box.setInformativeText(
+            (_("A stopped desktop pod keeps your uploads, scenes and exports on its volume, which bills "
+               "${cost:.2f}/GB/month until you terminate it; terminating deletes them. ").format(
+                cost=VOLUME_USD_PER_GB_MONTH) if desktops else "")
+            + _("Closing this dialog or pressing Escape ends them as the first button does."))
+        box.setDefaultButton(end)
+        box.setEscapeButton(end)  # never "keep running" by accident
+        box.exec_()
+        self.endAtQuit = box.clickedButton() != keep
+        self.keepDesktopFilesAtQuit = box.clickedButton() != terminate
 
     def onAboutToQuit(self):
-        if not self.terminateAtQuit:
+        if not self.endAtQuit:
             return
-        problems = self.panel.terminate_started_here()
+        problems = self.panel.end_started_here(self.keepDesktopFilesAtQuit)
         if problems:
-            logging.error("Could not terminate: %s. Terminate them in the RunPod console.", "; ".join(problems))
+            logging.error("Could not end: %s. End them in the RunPod console.", "; ".join(problems))
 
     def cleanup(self):
         self.timer.stop()

@@ -169,7 +169,9 @@ def _connect(cloud: CloudGpu, args, start, interrupted: str):
 def _stay_connected(cloud: CloudGpu, started: StartedPod, ended: list):
     """Heartbeats and RunPod's word on the pod every INTERVAL_S, until the pod ends or a signal lands in ended."""
     heartbeat = Heartbeat(started.agent_url, started.secrets["SM_HEARTBEAT_TOKEN"])
-    print("Connected: this terminal keeps the pod alive; Ctrl-C or closing it terminates the pod.", flush=True)
+    ending = ("stops the pod (its volume, with your files, stays and bills per month until `pod down`)"
+              if started.mode == "desktop" else "terminates the pod")
+    print(f"Connected: this terminal keeps the pod alive; Ctrl-C or closing it {ending}.", flush=True)
     warned, last = "", None  # last: the pod as RunPod last described it
     while not ended:
         heartbeat.beat()
@@ -192,8 +194,13 @@ def _stay_connected(cloud: CloudGpu, started: StartedPod, ended: list):
         deadline = time.monotonic() + INTERVAL_S
         while not ended and time.monotonic() < deadline:
             time.sleep(SIGNAL_POLL_S)
-    cloud.terminate(started.pod_id)  # first: printing to a closed terminal may fail
     cost = _cost_of(last) if last else ""
+    if started.mode == "desktop":  # the uploads, scenes and exports on its volume are the user's
+        still = cloud.stop(started.pod_id)  # first: printing to a closed terminal may fail
+        print(f"Stopped pod {started.pod_id}{cost}: no GPU billing; {still}. `{SM} resume {started.pod_id}` "
+              f"continues it, `{SM} down {started.pod_id}` terminates it with your files.", flush=True)
+        return
+    cloud.terminate(started.pod_id)
     print(f"Terminated pod {started.pod_id}{cost}.", flush=True)
 
 

@@ -208,6 +208,7 @@ class PodAgent:
         self._running_file, self._notice_file = folder / "running.json", folder / "notice"
         self._ran_before_s = load_running_s(self._running_file, config.pod_id)
         self._keeping_failed = False
+        self._failures = set()  # kinds of unexpected failure of check() already logged
         self._warned = None
         self._ends = "terminates"  # or "stops", decided when the end is near
         self._retry_at = 0.0  # when a failed terminate is tried again
@@ -387,11 +388,21 @@ class PodAgent:
                  f", budget ${self.config.budget_usd:g}" if self.config.budget_usd is not None else "",
                  f"ran {self._ran_before_s:.0f} s before this start" if self._ran_before_s else "a first start")
         try:
-            self.check()  # the pod's cost so far is known before the first heartbeat is answered
+            self._check_come_what_may()  # the pod's cost so far is known before the first heartbeat is answered
             while not self.terminated.wait(check_every_s):
-                self.check()
+                self._check_come_what_may()
         finally:
             server.shutdown()
+
+    def _check_come_what_may(self):
+        """check(); what it did not expect is logged (once for each kind), and the watch goes on: an agent that
+        died would leave the pod billing with nothing to end it."""
+        try:
+            self.check()
+        except Exception as error:
+            if repr(error) not in self._failures:
+                self._failures.add(repr(error))
+                log.exception("The pod agent's check failed; it goes on watching the pod.")
 
 
 # A thread per connection: silent sockets (anyone can open them through the proxy) must not hold threads for

@@ -9,6 +9,7 @@ retry, and one-sentence errors that never carry the key or the pod's secrets. A 
 which RunPod still lists as TERMINATED for a while, counts as gone.
 """
 
+import functools
 import json
 import os
 import queue
@@ -145,13 +146,14 @@ class RunPodRest:
         """NVIDIA types (the image's torch is CUDA) with at least min_vram_gb, cheapest first for that cloud."""
         # Stock is per cloud: RunPod counts it for SECURE unless told otherwise.
         catalog = self._json("GET", f"/catalog/gpus?product=POD&include=AVAILABILITY&cloud={cloud}")
-        types = [_gpu_type(g) for g in catalog["gpus"] if g.get("manufacturer") == "NVIDIA" and g.get(cloud.lower())]
+        types = [_gpu_type(g) for g in _listed(catalog, "gpus") if g.get("manufacturer") == "NVIDIA"
+                 and g.get(cloud.lower())]
         return sorted((g for g in types if g.memory_gb >= min_vram_gb and g.price(cloud) > 0
                        and (g.in_stock or not in_stock)), key=lambda g: (g.price(cloud), -g.memory_gb))
 
     def pods(self) -> list:
         """Every pod of the account but the terminated ones; a pod created seconds ago may not be listed yet."""
-        return [_pod(p) for p in self._json("GET", "/pods")["pods"] if p.get("status") != "TERMINATED"]
+        return [_pod(p) for p in _listed(self._json("GET", "/pods"), "pods") if p.get("status") != "TERMINATED"]
 
     def get(self, pod_id: str):
         """The pod, or None once it is terminated (listed as TERMINATED, or gone: 404)."""
@@ -271,11 +273,11 @@ class RunPodRest:
             return None  # GraphQL is gone: v2 creates without a server-side end
         answer = _checked(response, secret_values)
         if answer.get("errors"):  # GraphQL says what went wrong in a 200
-            message = str(answer["errors"][0].get("message", ""))
+            message = _problem(response)
             if "something went wrong" in message.lower():
                 raise _Unknown()
             _raise_for(400, message, secret_values)
-        created = self.get(answer["data"]["podFindAndDeployOnDemand"]["id"])  # described the way v2 does
+        created = self.get(_created_id(answer))  # described the way v2 does
         if created is None:
             raise _Unknown()
         created.terminate_after = spec.terminate_after
@@ -423,10 +425,33 @@ def _log_lines(response):
 
 
 def _checked(response, secret_values=()) -> dict:
-    """The JSON of a 2xx answer; otherwise the sentence for RunPod's problem (RFC 9457)."""
-    if response.status_code < 300:
-        return response.json() if response.content else {}
-    _raise_for(response.status_code, _problem(response), secret_values)
+    """The JSON object of a 2xx answer; otherwise the sentence for RunPod's problem (RFC 9457)."""
+    if response.status_code >= 300:
+        _raise_for(response.status_code, _problem(response), secret_values)
+    if not response.content:
+        return {}
+    try:
+        answer = response.json()
+    except ValueError:  # a proxy's or a maintenance page, answered 200
+        answer = None
+    if not isinstance(answer, dict):
+        raise PodsError(f"RunPod answered {response.status_code} with something other than its API's JSON "
+                        f"({printable(response.headers.get('Content-Type') or 'no content type')}): try again in a "
+                        "minute.")
+    return answer
+
+
+def _readable(parse):
+    """parse(answer), where an answer of an unexpected shape (v2 is a beta: fields may change) is a PodsError: the
+    callers that watch a billing pod go on after one, and would die of a KeyError."""
+    @functools.wraps(parse)
+    def read(answer, *args):
+        try:
+            return parse(answer, *args)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+            raise PodsError("RunPod answered in a form this version does not know (its API may have changed): try "
+                            "again in a minute, and update SegmentationMachine if it keeps happening.") from None
+    return read
 
 
 # What looks like a secret in RunPod's own words: its API keys (rpa_...), bearer tokens, "key=..." pairs and
@@ -517,6 +542,21 @@ def _graphql_input(spec: PodSpec) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
+@_readable
+def _listed(answer: dict, key: str) -> list:
+    """answer[key], a list of objects, as v2 wraps its lists ({"pods": [...]})."""
+    items = answer[key]
+    if not all(isinstance(item, dict) for item in items):
+        raise TypeError(key)
+    return items
+
+
+@_readable
+def _created_id(answer: dict) -> str:
+    return str(answer["data"]["podFindAndDeployOnDemand"]["id"])
+
+
+@_readable
 def _gpu_type(data: dict) -> GpuType:
     """A v2 catalog entry (GpuType); availability is NONE, LOW, MEDIUM or HIGH."""
     price = data.get("price") or {}
@@ -525,6 +565,7 @@ def _gpu_type(data: dict) -> GpuType:
                    in_stock=data.get("availability") in ("LOW", "MEDIUM", "HIGH"))
 
 
+@_readable
 def _pod(data: dict) -> Pod:
     """A v2 Pod: gpu is {id, count}; runtime is null (or empty) until the container runs; cost is 0 once stopped."""
     runtime = data.get("runtime") or {}

@@ -126,10 +126,16 @@ class CloudPanel:
         self._forget_started(pod_id)
         self.status = f"Terminating pod {pod_id}..."
 
-    def terminate_started_here(self) -> list:
-        """At Slicer's quit, on the main thread: cancels a start and terminates this session's pods, all at once
-        and within QUIT_WAIT_S in all (on a network that times out, one by one would hold the window for
-        minutes). Returns the failures as sentences."""
+    def desktops_started_here(self) -> list:
+        """The ids of this session's running desktop pods: their volumes hold the user's uploads, scenes and
+        exports."""
+        return [pod_id for pod_id in self.started_here if self.records.get(pod_id).get("mode") == "desktop"]
+
+    def end_started_here(self, keep_desktop_files: bool = True) -> list:
+        """At Slicer's quit, on the main thread: cancels a start and ends this session's pods, all at once and within
+        QUIT_WAIT_S in all (on a network that times out, one by one would hold the window for minutes). Server
+        pods are terminated; desktop pods are stopped where keep_desktop_files (the GPU bill ends, the volume and
+        the user's files on it stay), else terminated too. Returns the failures as sentences."""
         deadline = time.monotonic() + QUIT_WAIT_S
         if self.starting:
             self.cancel()
@@ -139,16 +145,17 @@ class CloudPanel:
             cloud = CloudGpu(self.backend_factory(runpod_key(self.store)), self.records)
         except UserError as error:
             return [str(error)] if self.started_here else []
-        outcomes = {}  # pod id -> None when terminated, else why not
+        outcomes = {}  # pod id -> None when ended, else why not
+        stopping = set(self.desktops_started_here()) if keep_desktop_files else set()
 
-        def terminate(pod_id):
+        def end(pod_id):
             try:
-                cloud.terminate(pod_id)
+                cloud.stop(pod_id) if pod_id in stopping else cloud.terminate(pod_id)
                 outcomes[pod_id] = None
             except UserError as error:
                 outcomes[pod_id] = str(error)
 
-        workers = [threading.Thread(target=terminate, args=(pod_id,), daemon=True) for pod_id in self.started_here]
+        workers = [threading.Thread(target=end, args=(pod_id,), daemon=True) for pod_id in self.started_here]
         for worker in workers:
             worker.start()
         for worker in workers:

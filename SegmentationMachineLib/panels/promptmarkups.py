@@ -13,13 +13,18 @@ class BoxPlacement:
     The ROI's state is read, not its events counted: how many PointPositionDefinedEvents one click
     raises depends on whether the node's modified events are blocked at that moment (they are then
     merged, vtkMRMLNode::InvokeCustomModifiedEvent), so call update() on its ModifiedEvent too; and the
-    ROI is sized one event before it is re-centred."""
+    ROI is sized one event before it is re-centred. While the mouse moves, Slicer's placing widget keeps a
+    preview control point at the cursor and sizes the ROI to it (vtkSlicerMarkupsWidget::UpdatePreviewPoint):
+    such a state is not a click."""
 
     def __init__(self):
         self.first = None
 
     def update(self, roi_node):
         """None until the box is complete, then (ras_min, ras_max) once."""
+        if any(roi_node.GetNthControlPointPositionStatus(i) == roi_node.PositionPreview
+               for i in range(roi_node.GetNumberOfControlPoints())):
+            return None
         size = roi_node.GetSize()
         if self.first is None:
             if roi_node.GetNumberOfDefinedControlPoints() == 1 and max(size) == 0:  # the first corner alone

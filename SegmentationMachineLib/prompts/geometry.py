@@ -93,14 +93,19 @@ def _plane_axes(kji: np.ndarray):
     return vt[2], vt[0], vt[1]
 
 
-def onto_voxel_plane(kji: np.ndarray, shape) -> np.ndarray:
-    """Points drawn on any slice → the same points on the nearest plane of the voxel grid: the axis
-    closest to their plane's normal (for a line, the axis it spans least) is set to their mean slice."""
+def _normal_axis(kji: np.ndarray) -> int:
+    """The voxel axis closest to the normal of the plane the points were drawn on (for a line, the axis it spans
+    least)."""
     centred = kji - kji.mean(axis=0)
     if len(kji) >= 3 and np.linalg.matrix_rank(centred, tol=1e-6) >= 2:
-        axis = int(np.argmax(np.abs(_plane_axes(kji)[0])))
-    else:
-        axis = int(np.argmin(np.ptp(kji, axis=0)))
+        return int(np.argmax(np.abs(_plane_axes(kji)[0])))
+    return int(np.argmin(np.ptp(kji, axis=0)))
+
+
+def onto_voxel_plane(kji: np.ndarray, shape) -> np.ndarray:
+    """Points drawn on any slice → the same points on the nearest plane of the voxel grid: the axis
+    closest to their plane's normal (_normal_axis) is set to their mean slice."""
+    axis = _normal_axis(kji)
     flat = kji.copy()
     flat[:, axis] = np.clip(np.rint(kji[:, axis].mean()), 0, shape[axis] - 1)
     return flat
@@ -119,6 +124,7 @@ def scribble_mask(ijk_to_ras, shape, ras_points, thickness, to_local=None):
     kji = _kji(ijk_to_ras, ras_points, to_local)
     _check_near(kji, shape, "scribble")
     _check_inside(kji.mean(axis=0, keepdims=True), shape, "scribble")
+    normal = _normal_axis(kji)
     kji = onto_voxel_plane(kji, shape)
     low, high = _crop(kji, shape, int(np.ceil(max(thickness))) + 1)
     mask = np.zeros(high - low, bool)
@@ -127,9 +133,9 @@ def scribble_mask(ijk_to_ras, shape, ras_points, thickness, to_local=None):
         samples = np.rint(np.linspace(start, end, steps)).astype(int) - low
         inside = ((samples >= 0) & (samples < mask.shape)).all(axis=1)
         mask[tuple(samples[inside].T)] = True
-    # Painted only within its slice.
-    extent = kji.max(axis=0) - kji.min(axis=0)
-    size = [1 if extent[a] < 0.5 else max(1, int(round(thickness[a]))) for a in range(3)]
+    # Widened to the thickness across the stroke too (a straight stroke along a voxel axis included), but only
+    # within its slice.
+    size = [1 if a == normal else max(1, int(round(thickness[a]))) for a in range(3)]
     if max(size) > 1:
         mask = ndimage.binary_dilation(mask, np.ones(size, bool))
     return mask, [[int(lo), int(hi)] for lo, hi in zip(low, high)]

@@ -29,6 +29,9 @@ from .proxies import proxy_for, ProxySettingError
 
 PLAIN_NUMBERS = "biuf"  # numpy kinds a diff may have: bool, signed and unsigned integers, floats
 SMALL_ANSWER = 1 << 20  # JSON replies, headers and a packed diff's overhead
+# Upstream's server (uvicorn) closes a connection idle for 5 s: one kept as long meets a closed socket when a prompt
+# goes out within a round trip of that (a tunnel, a server on the network). Closed sooner, it is never reused then.
+KEEPALIVE_S = 3.0
 
 
 class BadReply(ValueError):
@@ -133,8 +136,8 @@ class _GuardedTransport(httpx.HTTPTransport):
     def __init__(self, guard: _AnswerGuard, proxy=None):
         super().__init__()
         # httpx takes no network backend: its connection pool, or its proxy (which httpx would give a transport
-        # of its own), is made again with ours (httpx 0.28), keeping httpx's keep-alive expiry.
-        options = dict(ssl_context=httpx.create_ssl_context(), keepalive_expiry=5.0, network_backend=guard)
+        # of its own), is made again with ours (httpx 0.28).
+        options = dict(ssl_context=httpx.create_ssl_context(), keepalive_expiry=KEEPALIVE_S, network_backend=guard)
         if proxy is None:
             self._pool = httpcore.ConnectionPool(**options)
         else:  # an https:// server through CONNECT, an http:// one by forwarding
