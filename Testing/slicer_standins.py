@@ -27,6 +27,28 @@ SLICER_5_10_BUNDLED = frozenset({
 OURS = ("SegmentationMachine",)  # the module, its widget package and SegmentationMachineLib
 
 
+def python_slicer(folder, first_paths=(), starts=None):
+    """Writes folder/PythonSlicer as Slicer 5.10 ships it: a CTK AppLauncher (0.1.33: Base/ctkAppLauncher.cpp;
+    Slicer's SuperBuild/python_configure_python_launcher.cmake) that puts Slicer's paths (first_paths) before the
+    PYTHONPATH it inherits and runs the real Python as its own child, passing it its stdin, stdout and stderr. It
+    exits with that child's code; after a crash or a kill, it says so on stderr and exits 1. starts: a file each
+    start is listed in."""
+    launcher = folder / "PythonSlicer"
+    launcher.write_text(f"""#!{sys.executable}
+import os, subprocess, sys
+if {str(starts or '')!r}:
+    with open({str(starts or '')!r}, "a") as starts:
+        starts.write(" ".join(sys.argv[1:]) + "\\n")
+paths = [*{[str(p) for p in first_paths]!r}, os.environ.get("PYTHONPATH", "")]
+code = subprocess.call([{sys.executable!r}, *sys.argv[1:]], env={{**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}})
+if code < 0:
+    sys.stderr.write("[python-real] exit abnormally - Report the problem.\\n")
+sys.exit(1 if code < 0 else code)
+""")
+    launcher.chmod(0o755)
+    return launcher
+
+
 def _placeholder_module(name: str) -> types.ModuleType:
     """A module whose every attribute is an empty class: enough to import code, nothing to run it."""
     module = types.ModuleType(name)

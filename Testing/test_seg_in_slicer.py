@@ -17,6 +17,7 @@ import pytest
 
 from conftest import JPEG2000_SERIES, UNCOMPRESSED_SERIES
 from test_formats import DCMQI, dcmqi_segmentation, grid_voxels, segment_voxels
+from slicer_standins import python_slicer
 from SegmentationMachineLib.cli.main import main
 from SegmentationMachineLib.core.errors import ExportError
 from SegmentationMachineLib.dicom.volumes import load_input
@@ -85,11 +86,7 @@ def inside_slicer(monkeypatch, tmp_path, slicers_site_packages) -> Path:
     folder = tmp_path / "slicer-bin"
     folder.mkdir()
     starts = tmp_path / "PythonSlicer-starts.txt"
-    launcher = folder / "PythonSlicer"
-    launcher.write_text(f'#!/bin/sh\necho "$*" >> "{starts}"\n'
-                        f'PYTHONPATH="{slicers_site_packages}${{PYTHONPATH:+:$PYTHONPATH}}"\n'
-                        f'export PYTHONPATH\nexec "{sys.executable}" "$@"\n')
-    launcher.chmod(0o755)
+    python_slicer(folder, [slicers_site_packages], starts)
     monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(slicer, "app", object(), raising=False)
     return starts

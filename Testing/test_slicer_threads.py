@@ -22,7 +22,7 @@ import vtk
 from scipy import ndimage
 
 from conftest import REPO, RUNPOD_KEY, UNCOMPRESSED_SERIES
-from slicer_standins import (IdleMainThread, MainThreadOnly, POLL_MS, cloud_flow, drive, export_flow,
+from slicer_standins import (IdleMainThread, MainThreadOnly, POLL_MS, cloud_flow, drive, export_flow, python_slicer,
                              inbox_flow, pacs_flow, preset_flow, prompts_flow)
 from SegmentationMachineLib.cloud.cloudgpu import KEY_NAME
 from SegmentationMachineLib.cloud.podstart import PodRecords
@@ -315,20 +315,50 @@ def test_a_presets_child_past_its_time_is_killed(phantom, private_temp):
         PresetProcess(timeout=0.3).run("skin", phantom.hu, (2.0, 1.5, 1.5), "Phantom")  # starting takes longer
 
 
-def test_a_killed_presets_child_becomes_the_panels_status_and_a_cancel_kills_it(ctx, volume, private_temp):
+def _python_of(launcher_pid: int) -> int:
+    """The Python that PythonSlicer (a launcher) started, once it has."""
+    for _ in range(200):
+        children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+        if children:
+            return int(children[0])
+        time.sleep(0.05)
+    raise AssertionError("the launcher started no Python")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"  # not a zombie
+    except (OSError, FileNotFoundError):
+        return False
+
+
+@pytest.mark.parametrize("launcher", [False, True])
+def test_a_killed_presets_child_becomes_the_panels_status_and_a_cancel_kills_it(ctx, volume, private_temp, launcher,
+                                                                                monkeypatch, tmp_path):
+    """Inside Slicer the child is PythonSlicer, a launcher that runs the real Python as its own child: killing the
+    launcher alone once left that Python computing for minutes, and a Python the system killed was reported as
+    the launcher's "exit abnormally"."""
+    if launcher:
+        python_slicer(tmp_path)
+        monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+        monkeypatch.setattr(slicer, "app", object(), raising=False)
     for stop in ("killed", "cancelled"):
         panel = PresetsPanel()
         panel.start(volume)
         assert drive(IdleMainThread(), lambda: panel.process.pid or panel.task.done(), seconds=60)
-        if stop == "killed":  # as the system's out-of-memory killer does
-            os.kill(panel.process.pid, signal.SIGKILL)
-        else:
+        python = _python_of(panel.process.pid) if launcher else panel.process.pid
+        if stop == "killed":  # as the system's out-of-memory killer does: the largest process, the Python
+            os.kill(python, signal.SIGKILL)
+        else:  # a Python busy for minutes (here: paused, so it cannot finish by itself)
+            os.kill(python, signal.SIGSTOP)
             panel.cancel()
-        assert drive(IdleMainThread(), panel.task.done, seconds=30)
+        assert drive(IdleMainThread(), panel.task.done, seconds=10)
+        assert not _alive(python)
         assert panel.finish(ctx, volume) is None and panel.can_apply(volume)
-        assert panel.status == ("The bone preset's process was killed (signal 9), most likely for lack of memory: "
-                                "close other programs or crop the volume, and run it again." if stop == "killed" else
-                                "The bone preset was cancelled."), panel.status
+        killed = f"killed{'' if launcher else ' (signal 9)'}, most likely for lack of memory"
+        assert panel.status == (f"The bone preset's process was {killed}: close other programs or crop the volume, "
+                                "and run it again." if stop == "killed" else "The bone preset was cancelled."), panel.status
 
 
 def test_reading_surfaces_for_export_converts_them_in_one_paused_edit(ctx, volume):

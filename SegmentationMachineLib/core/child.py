@@ -6,12 +6,16 @@ hold the GIL the main thread needs) runs as `python -m SegmentationMachineLib...
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 LIBRARY_PARENT = Path(__file__).resolve().parents[2]  # the folder that holds SegmentationMachineLib
 USER_ERROR_EXIT = 2  # a child's status when its last stderr line is a sentence for the user, as the CLI's exit 2
+# How PythonSlicer (CTK AppLauncher 0.1.33, ctkAppLauncher.cpp) ends the stderr of a Python that crashed or was
+# killed; it then exits 1, so the signal itself is not seen.
+LAUNCHER_CRASH = "exit abnormally - Report the problem."
 
 
 def last_line(stderr: str) -> str:
@@ -46,15 +50,43 @@ def _environment() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
+# PythonSlicer (CTK AppLauncher) runs the real Python as its own child: killing the launcher would leave that
+# computing. So a child gets a process group of its own, and stop() ends the group. On Windows also no console
+# window, as slicer.util.launchConsoleProcess starts PythonSlicer.
+_OWN_GROUP = (dict(creationflags=subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW)
+              if os.name == "nt" else dict(start_new_session=True))
+
+
+def stop(process: subprocess.Popen):
+    """Kills process and whatever it started (the Python a launcher runs)."""
+    if process.poll() is not None:
+        return
+    try:
+        if os.name == "nt":
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, **_OWN_GROUP)
+        else:
+            os.killpg(process.pid, signal.SIGKILL)
+    except OSError:  # ended meanwhile
+        pass
+    process.kill()
+
+
 def run_module(module: str, args: list, timeout: float, first_paths=()) -> subprocess.CompletedProcess:
     """Runs `python -m module args` and returns it finished; first_paths go before everything else on its
-    sys.path. Raises subprocess.TimeoutExpired (the child is killed) or OSError; the caller turns a
-    non-zero returncode (stderr has the child's traceback) into its own sentence."""
-    return subprocess.run(_command(module, args, first_paths), env=_environment(), stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=timeout)
+    sys.path. Raises subprocess.TimeoutExpired (the child, and the Python a launcher started, killed) or OSError;
+    the caller turns a non-zero returncode (stderr has the child's traceback) into its own sentence."""
+    with start_module(module, args, first_paths, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except BaseException:  # the time-out, or Ctrl-C
+            stop(process)
+            raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def start_module(module: str, args: list, first_paths=(), **popen) -> subprocess.Popen:
-    """Starts `python -m module args` as run_module does, without waiting: the caller reads its output as it
-    comes and may kill it from another thread. popen: Popen's stdin, stdout, stderr, text..."""
-    return subprocess.Popen(_command(module, args, first_paths), env=_environment(), **popen)
+    """Starts `python -m module args` as run_module does, without waiting, in a process group of its own: the
+    caller reads its output as it comes and may stop() it from another thread. popen: Popen's stdin, stdout,
+    stderr, text..."""
+    return subprocess.Popen(_command(module, args, first_paths), env=_environment(), **_OWN_GROUP, **popen)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.child import USER_ERROR_EXIT, last_line, start_module
+from ..core.child import LAUNCHER_CRASH, USER_ERROR_EXIT, last_line, start_module, stop
 from ..core.errors import SegmentationError, UserError
 from ..core.grids import bounding_box
 from ..core.memory import out_of_memory
@@ -77,7 +77,7 @@ class PresetProcess:
         with self._lock:
             self._stopped = self._stopped or why
             if self._process:
-                self._process.kill()
+                stop(self._process)  # Slicer's PythonSlicer is a launcher: the Python it started goes too
 
     def _wait(self, folder: Path, stderr, progress) -> int:
         with self._lock:
@@ -109,9 +109,11 @@ class PresetProcess:
                                      "to the region you need and run it again.")
         if returncode == USER_ERROR_EXIT:
             return SegmentationError(sentence)
-        if returncode < 0:  # a signal: on a large scan most likely the system's out-of-memory killer
-            return SegmentationError(f"The {preset} preset's process was killed (signal {-returncode}), most likely "
-                                     "for lack of memory: close other programs or crop the volume, and run it again.")
+        # A signal (through Slicer's launcher, its crash report): on a large scan most likely the out-of-memory killer.
+        if returncode < 0 or sentence.endswith(LAUNCHER_CRASH):
+            how = f" (signal {-returncode})" if returncode < 0 else ""
+            return SegmentationError(f"The {preset} preset's process was killed{how}, most likely for lack of memory: "
+                                     "close other programs or crop the volume, and run it again.")
         log.error("The %s preset's process ended with exit code %s:\n%s", preset, returncode, stderr)
         return SegmentationError(f"The {preset} preset failed: {sentence or f'exit code {returncode}'} "
                                  "(the log has the details).")
