@@ -16,6 +16,7 @@ import slicer
 from nninteractive_model import write_model_folder
 from nninteractive_server import Server
 from SegmentationMachineLib.core import arrays
+from SegmentationMachineLib.core.errors import UserError
 from SegmentationMachineLib.prompts import geometry
 from SegmentationMachineLib.prompts.promptfile import Prompt
 from SegmentationMachineLib.prompts.session import headless_editor, InteractiveError, InteractiveSession, SegmentTarget
@@ -529,6 +530,32 @@ def test_prompts_panel_queues_prompts_made_during_a_prediction(server, scene_par
     panel.submit("point", ras=(9999.0, 0.0, 0.0))
     settle(panel)
     assert panel.status == "The point is outside the image: place it on the volume."
+    panel.session.close()
+
+
+def test_the_ai_section_makes_its_own_segment_to_prompt_into(server, ctx):
+    """A volume just loaded (from the inbox, say) and nothing else: Slicer's segment selector cannot add one, so
+    Add segment makes the segmentation and the segment, and the first prompt lands there."""
+    from SegmentationMachineLib.panels.prompts import new_segment
+
+    with pytest.raises(UserError, match="^There is no volume to segment: load one"):
+        new_segment(None)
+    volume = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+    arrays.set_volume_array(volume, np.random.default_rng(2).normal(0, 100, SHAPE).astype(np.int16), oblique_matrix())
+    segmentation, first = new_segment(volume)
+    assert segmentation.GetName() == "CT segmentation" and segmentation.GetDisplayNode() is not None
+    on_volume = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    on_volume.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    geometry = segmentation.GetSegmentation().GetConversionParameter(name)
+    assert geometry == on_volume.GetSegmentation().GetConversionParameter(name) != ""  # on the volume's grid
+    again, second = new_segment(volume, segmentation)
+    assert again is segmentation and second != first and segmentation.GetSegmentation().GetNumberOfSegments() == 2
+    editor = headless_editor(ctx.scene, ctx.app_logic, segmentation, volume)
+    panel = connected_panel(server, (volume, segmentation, second, editor))
+    panel.submit("point", ras=ras((10, 10, 10)))
+    settle(panel)
+    assert panel.status.startswith("Point applied in") and panel.session._segment_mask(second).any()
     panel.session.close()
 
 

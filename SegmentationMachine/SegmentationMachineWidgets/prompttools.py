@@ -13,9 +13,10 @@ import vtk
 from slicer.i18n import tr as _
 
 from SegmentationMachineLib.core.credentials import SecretStore
+from SegmentationMachineLib.core.errors import UserError
 from SegmentationMachineLib.core.scene import forward_render_pauses
 from SegmentationMachineLib.panels.promptmarkups import BoxPlacement, curve_points_ras, PlaceMode
-from SegmentationMachineLib.panels.prompts import PromptsPanel
+from SegmentationMachineLib.panels.prompts import new_segment, PromptsPanel
 from SegmentationMachineLib.prompts.promptfile import save_prompt_file, SegmentPrompts
 from SegmentationMachineLib.prompts.session import SegmentTarget
 
@@ -61,6 +62,7 @@ class PromptToolsSection:
         ui.cancelPromptButton.connect("clicked(bool)", self.onCancel)
         ui.savePromptsButton.connect("clicked(bool)", self.onSavePrompts)
         ui.promptSegmentSelector.connect("currentSegmentChanged(QString)", lambda _: self.onTargetChanged())
+        ui.addPromptSegmentButton.connect("clicked(bool)", self.onAddSegment)
         for tool, (_className, button, _key) in TOOLS.items():
             getattr(ui, button).connect("clicked(bool)", lambda checked, t=tool: self.setTool(t if checked else None))
         self.shortcuts = []
@@ -135,6 +137,17 @@ class PromptToolsSection:
             segmentation.SetReferenceImageGeometryParameterFromVolumeNode(p.sourceVolume)
             self.panel.choose(p.sourceVolume, SegmentTarget(segmentation, segmentId, self.editorLogic(p.sourceVolume)))
             self.timer.start()
+
+    def onAddSegment(self):
+        p = self.parameterNode()
+        try:
+            segmentation, segmentId = new_segment(p.sourceVolume if p else None,
+                                                  self.ui.promptSegmentSelector.currentNode())
+        except UserError as error:
+            self.ui.promptStatusLabel.text = str(error)
+            return
+        self.ui.promptSegmentSelector.setCurrentNode(segmentation)
+        self.ui.promptSegmentSelector.setCurrentSegmentID(segmentId)  # chosen: prompts go there
 
     def editorLogic(self, volume):
         """Segment Editor logic on the Segment Editor module's node: its masking and overwrite settings hold."""

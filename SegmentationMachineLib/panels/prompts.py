@@ -188,6 +188,20 @@ class PromptsPanel:
                 self.status = str(error)
 
 
+def new_segment(volume_node, segmentation_node=None) -> tuple:
+    """Main thread: (segmentation node, segment id) of a new empty segment to prompt into, as the Segment Editor's
+    Add makes one, in segmentation_node or, where none is chosen, in a new segmentation on volume_node's grid."""
+    if volume_node is None:
+        raise UserError("There is no volume to segment: load one (or drop a series in the inbox), then add a segment.")
+    if segmentation_node is None:
+        scene = volume_node.GetScene()
+        segmentation_node = scene.AddNewNodeByClass(
+            "vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{volume_node.GetName()} segmentation"))
+        segmentation_node.CreateDefaultDisplayNodes()
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    return segmentation_node, segmentation_node.GetSegmentation().AddEmptySegment()  # named and coloured by Slicer
+
+
 def _close_once_connected(task: BackgroundTask, session: InteractiveSession):
     """Gives back the lease of a connect the user abandoned, once it is made (upstream's client keeps it alive)."""
     threading.Thread(target=lambda: (task.wait(), session.close()), daemon=True).start()
