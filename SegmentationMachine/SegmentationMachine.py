@@ -69,6 +69,9 @@ class SegmentationMachineParameterNode:
     exportGlb: bool = False
     exportSeg: bool = False
     smoothing: Annotated[float, WithinRange(0, 1)] = 0.5
+    exportShownOnly: bool = False
+    exportMergedStl: bool = False
+    exportCoordinates: Annotated[str, Choice(["LPS", "RAS"])] = "LPS"
 
 
 class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -210,7 +213,9 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             folder = self.ui.outputFolderSelector.currentPath or str(self.export.output_folder)
             qt.QSettings().setValue(SETTINGS_OUTPUT_FOLDER, folder)
             self.export.output_folder = Path(folder)
-            self.export.smoothing = self._parameterNode.smoothing
+            p = self._parameterNode
+            self.export.smoothing, self.export.coordinates = p.smoothing, p.exportCoordinates
+            self.export.merged_stl, self.export.shown_only = p.exportMergedStl, p.exportShownOnly
             if "seg" in self.export.formats and not packages.ensureSeg():
                 return
             self.export.start(self._parameterNode.segmentation, self.logic.context())  # copies what it needs
@@ -264,6 +269,11 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         # Slicer's launcher puts its own libraries on the library path: OrcaSlicer gets the startup environment.
         self.export.send_to_printer(slicer.util.settingsValue(SETTINGS_ORCASLICER, ""),
                                     dict(slicer.util.startupEnvironment()))
+        if self.export.orcaslicer_missing:  # asked once, kept in Slicer's settings
+            path = qt.QFileDialog.getOpenFileName(None, _("Where is OrcaSlicer? (its program, or OrcaSlicer.app)"))
+            if path:
+                qt.QSettings().setValue(SETTINGS_ORCASLICER, path)
+                self.export.send_to_printer(path, dict(slicer.util.startupEnvironment()))
         self.updateGui()
 
     def onOpenFolder(self):

@@ -37,28 +37,39 @@ NO_RESOURCES = "This machine does not have the resources to deploy your pod."
 NO_FREE_GPUS = "There are not enough free GPUs on the host machine to start this pod."
 SOMETHING_WENT_WRONG = "Something went wrong. Please try again later or contact support."
 
-# The catalog as v2 answers GET /v2/catalog/gpus (GpuType); stock is per cloud, NONE to HIGH.
+# The catalog as v2 answers GET /v2/catalog/gpus (GpuType); stock is per cloud, NONE to HIGH; "cuda": the CUDA
+# versions its hosts report (their drivers'), which a create's gpu.allowedCudaVersions must name exactly or
+# gpu.minCudaVersion must not exceed. The RTX 4090's hosts run drivers newer than CUDA 13.0, and a few older.
+HOSTS_CUDA = ["12.4", "12.8", "13.0"]
 GPU_TYPES = [
     {"id": "NVIDIA GeForce RTX 3070", "name": "RTX 3070", "manufacturer": "NVIDIA", "memory": 8,
-     "price": {"secure": 0.14, "community": 0.10}, "stock": {"SECURE": "HIGH", "COMMUNITY": "HIGH"}},
+     "price": {"secure": 0.14, "community": 0.10}, "stock": {"SECURE": "HIGH", "COMMUNITY": "HIGH"},
+     "cuda": HOSTS_CUDA},
     # Between 8 and 24 GB, as references/gpu-types.mdx in runpod/docs names them: cheaper than every type that
     # holds a large structure, so a floor too low makes one of them the default.
     {"id": "NVIDIA GeForce RTX 3080", "name": "RTX 3080", "manufacturer": "NVIDIA", "memory": 10,
-     "price": {"secure": 0.20, "community": 0.17}, "stock": {"SECURE": "HIGH", "COMMUNITY": "HIGH"}},
+     "price": {"secure": 0.20, "community": 0.17}, "stock": {"SECURE": "HIGH", "COMMUNITY": "HIGH"},
+     "cuda": HOSTS_CUDA},
     {"id": "NVIDIA GeForce RTX 3080 Ti", "name": "RTX 3080 Ti", "manufacturer": "NVIDIA", "memory": 12,
-     "price": {"secure": 0.22, "community": 0.18}, "stock": {"SECURE": "MEDIUM", "COMMUNITY": "HIGH"}},
+     "price": {"secure": 0.22, "community": 0.18}, "stock": {"SECURE": "MEDIUM", "COMMUNITY": "HIGH"},
+     "cuda": HOSTS_CUDA},
     {"id": "NVIDIA GeForce RTX 4070 Ti", "name": "RTX 4070 Ti", "manufacturer": "NVIDIA", "memory": 12,
-     "price": {"secure": 0.23, "community": 0.19}, "stock": {"SECURE": "HIGH", "COMMUNITY": "HIGH"}},
+     "price": {"secure": 0.23, "community": 0.19}, "stock": {"SECURE": "HIGH", "COMMUNITY": "HIGH"},
+     "cuda": HOSTS_CUDA},
     {"id": "NVIDIA GeForce RTX 4090", "name": "RTX 4090", "manufacturer": "NVIDIA", "memory": 24,
-     "price": {"secure": 0.69, "community": 0.34}, "stock": {"SECURE": "MEDIUM", "COMMUNITY": "HIGH"}},
+     "price": {"secure": 0.69, "community": 0.34}, "stock": {"SECURE": "MEDIUM", "COMMUNITY": "HIGH"},
+     "cuda": ["12.4", "13.1", "13.2"]},
     {"id": "NVIDIA RTX A5000", "name": "RTX A5000", "manufacturer": "NVIDIA", "memory": 24,
-     "price": {"secure": 0.27, "community": 0.16}, "stock": {"SECURE": "LOW", "COMMUNITY": "LOW"}},
+     "price": {"secure": 0.27, "community": 0.16}, "stock": {"SECURE": "LOW", "COMMUNITY": "LOW"},
+     "cuda": HOSTS_CUDA},
     {"id": "NVIDIA L40S", "name": "L40S", "manufacturer": "NVIDIA", "memory": 48,
-     "price": {"secure": 0.86, "community": 0.79}, "stock": {"SECURE": "HIGH", "COMMUNITY": "MEDIUM"}},
+     "price": {"secure": 0.86, "community": 0.79}, "stock": {"SECURE": "HIGH", "COMMUNITY": "MEDIUM"},
+     "cuda": HOSTS_CUDA},
     {"id": "NVIDIA H100 80GB HBM3", "name": "H100 SXM", "manufacturer": "NVIDIA", "memory": 80,  # none on SECURE
-     "price": {"secure": 2.69, "community": 1.99}, "stock": {"SECURE": "NONE", "COMMUNITY": "LOW"}},
+     "price": {"secure": 2.69, "community": 1.99}, "stock": {"SECURE": "NONE", "COMMUNITY": "LOW"},
+     "cuda": HOSTS_CUDA},
     {"id": "AMD Instinct MI300X OAM", "name": "MI300X", "manufacturer": "AMD", "memory": 192,  # cheap, large, no CUDA
-     "price": {"secure": 0.20, "community": 0.20}, "stock": {"SECURE": "HIGH", "COMMUNITY": "NONE"}},
+     "price": {"secure": 0.20, "community": 0.20}, "stock": {"SECURE": "HIGH", "COMMUNITY": "NONE"}, "cuda": []},
 ]
 PORT = re.compile(r"^\d{1,5}/(http|tcp)$")
 
@@ -191,8 +202,8 @@ class FakeRunPod:
     log_ping_s: float = 0.5  # the log stream's keep-alive comment when no line came
     logs_as_json: bool = False  # the log as one finished JSON answer {"logs": [...]}, as RunPod answered earlier
     stalled: bool = False  # while set, API requests get no answer (a network that times out)
-    # runtime.uptime since the last start instead of over all starts: RunPod's docs do not say which it is
-    uptime_per_start: bool = False
+    # runtime.uptime since the container's last start, as v2's schema says (PodRuntime.uptime), or over all starts
+    uptime_per_start: bool = True
     # GET /v2/pods/{id} off its schema: "page" (a maintenance page, answered 200) or "renamed" (v2 is a beta: its
     # runtime's port entries with a field renamed)
     reads_as: str = None
@@ -453,6 +464,8 @@ class FakeRunPod:
         gpu = next((g for g in GPU_TYPES if g["id"] == gpu_id), None)
         if gpu is None:
             raise _Failure(400, f"There is no GPU type {gpu_id}.")
+        if not hosts_for(gpu, settings["gpu"]):  # no host reports a CUDA version the pod accepts
+            raise _Failure(400, NO_CAPACITY)
         if self.balance <= 0:
             raise _Failure(402, "Your balance is too low to deploy this pod.")  # the words are ours, not RunPod's
         if "image" not in settings:
@@ -467,7 +480,7 @@ class FakeRunPod:
             "startSsh": settings.get("startSsh", False), "terminateAfter": terminateAfter, "stopAfter": stopAfter,
             "cost": gpu["price"][cloud.lower()], "log": [("system", f"pulling image {settings['image']}"),
                                                          "starting the container"],
-            "fails_as": self.fails_as,
+            "fails_as": self.fails_as, "cudaVersion": hosts_for(gpu, settings["gpu"])[-1],
         }
         if self.create_fault:
             fault, self.create_fault = self.create_fault, None
@@ -582,7 +595,7 @@ class FakeRunPod:
         return {"id": pod["id"], "name": pod["name"], "status": status, "actions": ACTIONS[status],
                 "image": pod["image"], "args": "", "disk": pod["disk"], "mounts": pod["mounts"], "ports": pod["ports"],
                 "env": pod["env"], "registry": None, "gpu": {"id": pod["gpu"]["id"], "count": 1}, "cloud": pod["cloud"],
-                "dataCenterId": "EU-RO-1", "cudaVersion": "12.8", "ssh": {"proxy": proxy, "direct": None},
+                "dataCenterId": "EU-RO-1", "cudaVersion": pod["cudaVersion"], "ssh": {"proxy": proxy, "direct": None},
                 "template": None, "cost": 0.0 if status in ("EXITED", "TERMINATED") else pod["cost"],
                 "locked": False, "globalNetworking": {"enabled": False}, "runtime": runtime,
                 "createdAt": _iso(pod["created_at"]), "startedAt": _iso(pod["started"]) if runtime else None}
@@ -644,15 +657,38 @@ def _catalog(query: dict) -> list:
         raise _Failure(422, "Request validation failed.", ["include, product or cloud: value not allowed"])
     if bool(include) != bool(product) or (cloud and not include):
         raise _Failure(400, "include=AVAILABILITY requires product, and product and cloud are valid only with it.")
+    floor, exact = query.get("minCudaVersion", [None])[0], query.get("cudaVersions", [None])[0]
+    if (floor or exact) and not include or floor and exact:
+        raise _Failure(400, "minCudaVersion and cudaVersions are valid only with include=AVAILABILITY, and not both.")
+    if floor and not re.fullmatch(r"\d+(\.\d+)?", floor):
+        raise _Failure(422, "Request validation failed.", ["minCudaVersion: must be major or major.minor"])
     entries = []
     for gpu in GPU_TYPES:
-        entry = {k: v for k, v in gpu.items() if k != "stock"}
+        entry = {k: v for k, v in gpu.items() if k not in ("stock", "cuda")}
         entry.update(pool=None, secure=True, community=gpu["stock"]["COMMUNITY"] != "NONE",
                      maxCount={"secure": 8, "community": 4})
-        if include:
-            entry["availability"] = gpu["stock"][cloud or "SECURE"]
+        if include:  # availability and CUDA versions scoped by the CUDA filters
+            offered = [v for v in gpu["cuda"] if (not floor or _cuda(v) >= _cuda(floor))
+                       and (not exact or v in exact.split(","))]
+            stock = gpu["stock"][cloud or "SECURE"] if offered else "NONE"
+            entry["availability"] = stock
+            if offered:  # absent for a type none of whose hosts reports a version (AMD)
+                entry["cudaVersions"] = [{"version": v, "available": stock != "NONE"} for v in offered]
         entries.append(entry)
     return entries
+
+
+def _cuda(version: str) -> tuple:
+    """A CUDA version compared numerically, as RunPod compares it (12.11 is above 12.2)."""
+    return tuple(int(part) for part in version.split("."))
+
+
+def hosts_for(gpu_type: dict, gpu: dict) -> list:
+    """The CUDA versions of the type's hosts that a create's gpu settings accept: allowedCudaVersions exactly,
+    minCudaVersion numerically, either or none."""
+    allowed, floor = gpu.get("allowedCudaVersions") or None, gpu.get("minCudaVersion")
+    return [v for v in gpu_type["cuda"] if (allowed is None or v in allowed)
+            and (floor is None or _cuda(v) >= _cuda(floor))]
 
 
 def _value(node, variables):

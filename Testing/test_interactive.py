@@ -360,6 +360,11 @@ def test_resumes_after_the_session_is_reaped_and_after_a_server_restart(model_di
                                       "minute, else check that it runs.")
         assert mask_of(session)[10, 10, 10]
         reaping = Server(model_dir, KEY, port).start()
+        volume = scene_parts[0]
+        arrays.set_volume_array(volume, arrays.volume_array(volume) + 1, oblique_matrix())  # the next volume
+        uploads = reaping.count('"POST /set_image')  # (the log goes on from the server before, on this port)
+        session.set_volume(volume)  # its upload finds the lease gone: the resume sends it, and only the resume
+        assert reaping.count('"POST /set_image') == uploads + 1
         session.add(Prompt("point", False, ras=ras((10, 10, 10))))
         assert not mask_of(session)[10, 10, 10] and mask_of(session)[30, 30, 40]
         assert len(messages) == 3

@@ -7,6 +7,8 @@ from SegmentationMachineLib.core.provenance import made_by, PRESET
 from SegmentationMachineLib.dicom.volumes import load_input
 from SegmentationMachineLib.panels.export import ExportPanel
 from SegmentationMachineLib.panels.presets import PresetsPanel
+from SegmentationMachineLib.segment.masks import preset_parameters
+from SegmentationMachineLib.segment.presets import add_segment_from_mask
 import numpy as np
 
 
@@ -33,9 +35,20 @@ def test_presets_then_export_then_print_as_the_widget_does(ctx, phantom_dir, tmp
     assert export.status == f"Exported to {result.folder}." and export.can_send()
     assert sorted(p.name for p in result.folder.iterdir()) == ["Bone.stl", "report.json", "segments.3mf"]
     assert "Bone:" in export.report_text() and "watertight" in export.report_text()
+    # Traceable as the CLI's: the series the volume was read from, and the preset with every parameter it ran with.
+    phantom_files = sorted(p.name for p in phantom_dir.iterdir())
+    series = result.report["input"]
+    assert series["path"] == str(phantom_dir) and sorted(f["name"] for f in series["files"]) == phantom_files
+    assert series["series_uid"].startswith("1.") and all(len(f["sha256"]) == 64 for f in series["files"])
+    assert result.report["presets"] == [{"name": "bone", "parameters": preset_parameters("bone")}]
 
     export.send_to_printer(str(tmp_path / "no-orca-here"))
-    assert export.status.startswith("OrcaSlicer is not at the configured path")
+    assert export.status.startswith("OrcaSlicer is not at the configured path") and export.orcaslicer_missing
+    orca = tmp_path / "OrcaSlicer"  # where the user says it is, when the module asks
+    orca.write_text("#!/bin/sh\n")
+    orca.chmod(0o755)
+    export.send_to_printer(str(orca), env={"PATH": ""})
+    assert export.status == "Opened in OrcaSlicer." and not export.orcaslicer_missing
 
 
 def test_a_user_error_on_the_worker_becomes_the_status_line(ctx):
@@ -164,3 +177,24 @@ def test_a_loaded_series_that_looks_incomplete_or_was_resampled_says_so_in_its_r
     [row] = [row for row in panel.rows() if row[0] == delivery.series.name]
     assert row[:3] == (delivery.series.name, 4, "loaded") and row[3] == panel.status.split(" was loaded. ", 1)[1]
     panel.stop()
+
+
+def test_export_options_as_slicers_own_exporter_has_them_shown_segments_coordinates_merged_stl(ctx, tmp_path):
+    segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Two")
+    segmentation.CreateDefaultDisplayNodes()
+    cube = np.zeros((12, 12, 12), bool)
+    cube[3:9, 3:9, 3:9] = True
+    ids = [add_segment_from_mask(segmentation, cube, np.diag([1.0, 1.0, 1.0, 1.0]), name, (1, 0, 0), start)
+           for name, start in (("Shown", (0, 0, 0)), ("Hidden", (0, 0, 20)))]
+    segmentation.GetDisplayNode().SetSegmentVisibility(ids[1], False)
+    export = ExportPanel(output_folder=tmp_path, formats={"stl"}, shown_only=True, merged_stl=True, coordinates="RAS")
+    export.start(segmentation)
+    assert export.task.wait(60)
+    result = export.finish()
+    assert [m["name"] for m in result.report["meshes"]] == ["Shown"] and result.report["coordinates"] == "RAS"
+    assert sorted(p.name for p in result.folder.iterdir()) == ["Shown.stl", "merged.stl", "report.json"]
+    assert result.report["meshes"][0]["bounds_min_mm"][0] > 0  # RAS: x as in Slicer (LPS would negate it)
+    segmentation.GetDisplayNode().SetVisibility(False)
+    export.start(segmentation)
+    assert export.task is None and export.status == ("No segment of 'Two' is shown: show the ones to export, or "
+                                                     "untick Only shown segments.")

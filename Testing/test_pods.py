@@ -60,13 +60,14 @@ def test_the_default_gpu_skips_the_cheaper_cards_too_small_for_large_structures_
 
 def test_create_sends_v2s_nested_body_with_values_intact(backend, fake):
     tricky = 'pa"ss\\word\nwith } and "quotes"'
-    spec = PodSpec(RTX_4090, image="example/sm:1", env={"SM_VNC_PASSWORD": tricky}, allowed_cuda_versions=["12.8"])
+    spec = PodSpec(RTX_4090, image="example/sm:1", env={"SM_VNC_PASSWORD": tricky}, min_cuda_version="12.8",
+                   allowed_cuda_versions=["13.1"])  # (for GraphQL: v2 takes one of the two)
     pod = backend.create(spec)
     assert fake.pods[pod.id]["env"] == {"SM_VNC_PASSWORD": tricky}  # arrived intact, nothing injected
     [(method, path, body)] = [r for r in fake.requests if r[0] == "POST"]
     assert (method, path) == ("POST", "/v2/pods") and body == {  # CreatePodRequest, as RunPod's v2 schema has it
         "name": spec.name, "image": "example/sm:1", "cloud": "SECURE", "disk": 40,
-        "gpu": {"id": RTX_4090, "count": 1, "allowedCudaVersions": ["12.8"]},
+        "gpu": {"id": RTX_4090, "count": 1, "minCudaVersion": "12.8"},
         "env": {"SM_VNC_PASSWORD": tricky}, "ports": ["8000/http", "8001/http", "22/tcp"],
         "mounts": {"persistent": {"size": 50, "path": "/workspace"}}, "startSsh": True}
     assert pod.name.startswith("segmentation-machine-") and pod.cost_per_hr == 0.69 and not pod.runtime_ready

@@ -172,6 +172,22 @@ def test_ready_needs_a_heartbeat_the_agent_accepted_and_a_failed_start_keeps_its
     assert 3600 + 30 - 60 < end - time.time() <= 3600 + 30  # start timeout + lifetime: the agent ends it first
 
 
+def test_hosts_on_drivers_newer_than_any_list_we_could_write_still_take_our_pods(backend, quick, tmp_path,
+                                                                                 monkeypatch):
+    """RunPod matches a create's CUDA versions exactly: a list ending at 13.0 once made every RTX 4090 host (13.1 and
+    13.2 drivers) look like no capacity. The catalog, asked with our floor, names what the hosts run."""
+    monkeypatch.setenv("SM_RUNPOD_PROXY_URL", quick.proxy_template())
+    cloud = CloudGpu(backend, PodRecords(tmp_path / "pods.json"))
+    [rtx_4090] = cloud.gpu_choices("RTX 4090")
+    assert rtx_4090.cuda_versions == ("13.1", "13.2")  # its 12.4 hosts cannot run the image's torch
+    started = cloud.up([rtx_4090], limits=Limits(max_lifetime_s=3600), timeout_s=30, sleep=lambda s: time.sleep(0.1))
+    pod = quick.pods[started.pod_id]
+    assert pod["gpu"]["allowedCudaVersions"] == ["13.1", "13.2"] and pod["cudaVersion"] == "13.2"  # via GraphQL
+    with pytest.raises(PodsError, match="no capacity"):  # what a fixed list did
+        backend.create(PodSpec(rtx_4090.id, image="x", allowed_cuda_versions=["12.8", "12.9", "13.0"]))
+    assert backend.create(PodSpec(rtx_4090.id, image="x", min_cuda_version="12.8")).id in quick.pods  # v2's floor
+
+
 def test_stopping_says_what_the_volume_costs_and_until_when(backend, fake, tmp_path):
     records = PodRecords(tmp_path / "pods.json")
     cloud = CloudGpu(backend, records)

@@ -66,7 +66,7 @@ def add_pod_commands(commands, common):
                                 **examples(f"{SM} status", f"{SM} status abc123xyz --show-secrets"))
     status.add_argument("pod_id", nargs="?", help="one pod's id (default: every pod started from this computer)")
     status.add_argument("--show-secrets", action="store_true", help="also print the pod's server key and passwords")
-    actions.add_parser("list", parents=[common], help="every pod on the account, with cost so far",
+    actions.add_parser("list", parents=[common], help="every pod on the account, with its cost since its last start",
                        **examples(f"{SM} list"))
     stop = actions.add_parser("stop", parents=[common], help="stop a pod: no GPU billing, its volume is kept",
                               **examples(f"{SM} stop abc123xyz"))
@@ -128,7 +128,7 @@ def _up(cloud: CloudGpu, args):
             print(f"Stopped since an earlier start: {pod.id} ({pod.gpu}); {pod.stopped_cost()}: `{SM} resume {pod.id}` "
                   f"continues it, `{SM} down {pod.id}` terminates it.")
         else:
-            print(f"Still there from an earlier start: {pod.id} ({pod.gpu}, {pod.status}, ${cost:.2f} so far); "
+            print(f"Still there from an earlier start: {pod.id} ({pod.gpu}, {pod.status}, ${cost:.2f} since its last start); "
                   f"`{SM} down {pod.id}` terminates it.")
     choices = cloud.gpu_choices(args.gpu, args.cloud.upper(), args.max_price)
     limits = Limits(args.idle_timeout, args.max_lifetime, args.budget)
@@ -222,8 +222,8 @@ def _urls(started: StartedPod) -> str:
 def _pod_line(pod) -> str:
     if pod.status == "EXITED":  # RunPod reports a stopped pod with no rate (0.0) and no uptime
         return f"{pod.id} {pod.name}: EXITED, {pod.gpu}; stopped, {pod.stopped_cost()}"
-    return (f"{pod.id} {pod.name}: {pod.status}, {pod.gpu}, ${pod.cost_per_hr:.2f}/h, up {pod.uptime_s / 60:.0f} min,"
-            f" ${pod.cost_so_far:.2f} so far")
+    return (f"{pod.id} {pod.name}: {pod.status}, {pod.gpu}, ${pod.cost_per_hr:.2f}/h, "
+            f"${pod.cost_since_started:.2f} in the {pod.uptime_s / 60:.0f} min since its last start")
 
 
 def _status(cloud: CloudGpu, args):
@@ -282,7 +282,7 @@ def _cost(cloud: CloudGpu, pod_id: str) -> str:
 def _cost_of(pod) -> str:
     """What the pod's current run cost, where RunPod says (a running pod's rate and uptime): a stopped pod or one in
     ERROR is reported with no rate or uptime, and "$0.00" would be wrong."""
-    return f" (this run cost ${pod.cost_so_far:.2f})" if pod.status == "RUNNING" else ""
+    return f" (this run cost ${pod.cost_since_started:.2f})" if pod.status == "RUNNING" else ""
 
 
 class _PhaseDisplay:

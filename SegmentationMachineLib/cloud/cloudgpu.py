@@ -28,8 +28,11 @@ DEFAULT_IMAGE = "ghcr.io/segmentation-machine/pod:0.1.0"
 SERVER_PORT, AGENT_PORT, DESKTOP_PORT, FILES_PORT = 8000, 8001, 6080, 8080
 MODES = ("server", "desktop")
 SECRET_NAMES = ("SM_NNI_API_KEY", "SM_VNC_PASSWORD", "SM_FILES_PASSWORD", "SM_HEARTBEAT_TOKEN")
-# The image's torch is built for CUDA 12.8 (Ampere to Blackwell): hosts with older drivers would run it on the CPU.
-CUDA_VERSIONS = ["12.8", "12.9", "13.0"]
+# The image's torch is built for CUDA 12.8 (Ampere to Blackwell): hosts with older drivers cannot run it. RunPod
+# matches a list of versions exactly (a host on a newer driver than the list names counts as no capacity), so the
+# floor is sent where the API takes one (v2), and GraphQL gets the versions the catalog lists at or above it.
+MIN_CUDA_VERSION = "12.8"
+CUDA_VERSIONS = ("12.8", "12.9", "13.0", "13.1", "13.2")  # for a type the catalog lists none for
 
 
 def runpod_key(store: SecretStore = None) -> str:
@@ -143,13 +146,13 @@ class CloudGpu:
         """The GPU types to try in order: the one asked for (in stock or not: the create decides), else every
         type in stock with enough VRAM, cheapest first; none above max_price ($/h)."""
         if gpu is None:
-            chosen = self.backend.gpu_types(cloud=cloud)
+            chosen = self.backend.gpu_types(cloud=cloud, min_cuda_version=MIN_CUDA_VERSION)
             if not chosen:
                 raise UserError(f"RunPod has no NVIDIA GPU type with enough memory in stock on the {cloud.lower()} "
                                 "cloud right now: try the other cloud, or again in a few minutes.")
         else:
-            chosen = [g for g in self.backend.gpu_types(min_vram_gb=0, cloud=cloud, in_stock=False)
-                      if gpu in (g.id, g.name)]
+            chosen = [g for g in self.backend.gpu_types(min_vram_gb=0, cloud=cloud, in_stock=False,
+                                                        min_cuda_version=MIN_CUDA_VERSION) if gpu in (g.id, g.name)]
             if not chosen:
                 raise UserError(f"RunPod has no GPU type {gpu!r}: `segmentation-machine pod gpus` lists them.")
         affordable = [g for g in chosen if max_price is None or g.price(cloud) <= max_price]
@@ -160,7 +163,7 @@ class CloudGpu:
         return affordable
 
     def started_earlier(self) -> list:
-        """(Pod, cost so far) for pods started here that still run: offered for termination at each start."""
+        """(Pod, cost since its last start) for pods started here that still run: offered for termination at each start."""
         return self.records.still_running(self.backend)
 
     def up(self, gpus: list, mode: str = "server", image: str = None, template_id: str = None,
@@ -182,7 +185,8 @@ class CloudGpu:
         ends = {"stop_after": end} if mode == "desktop" else {"terminate_after": end}
         # The price goes along: the agent's budget holds even where the pod's key cannot read the pod's cost.
         specs = [PodSpec(g.id, image=image, template_id=template_id, cloud=cloud, ports=ports(mode), name=name,
-                         env={**env, "SM_PRICE_PER_HOUR": f"{g.price(cloud):g}"}, allowed_cuda_versions=CUDA_VERSIONS,
+                         env={**env, "SM_PRICE_PER_HOUR": f"{g.price(cloud):g}"}, min_cuda_version=MIN_CUDA_VERSION,
+                         allowed_cuda_versions=list(g.cuda_versions or CUDA_VERSIONS),
                          **ends, **volume) for g in gpus]
         try:
             pod = start_pod(self.backend, specs, _ready_check(pod_secrets), self.records, on_progress, timeout_s,

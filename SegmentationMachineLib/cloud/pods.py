@@ -71,6 +71,7 @@ class GpuType:
     secure_price: float  # $/h on demand
     community_price: float
     in_stock: bool = True
+    cuda_versions: tuple = ()  # those its hosts report, at or above the floor the catalog was asked with
 
     def price(self, cloud: str) -> float:
         return self.secure_price if cloud == "SECURE" else self.community_price
@@ -88,7 +89,8 @@ class PodSpec:
     network_volume_id: str = None
     ports: list = field(default_factory=lambda: ["8000/http", "8001/http", "22/tcp"])
     env: dict = field(default_factory=dict)
-    allowed_cuda_versions: list = None
+    min_cuda_version: str = None  # v2 matches it numerically
+    allowed_cuda_versions: list = None  # GraphQL matches them exactly
     name: str = field(default_factory=lambda: NAME_PREFIX + secrets.token_hex(4))
     terminate_after: str = None  # RFC 3339: RunPod terminates the pod then, whatever runs inside it
     stop_after: str = None  # RFC 3339: RunPod stops the pod then (its volume kept), whatever runs inside it
@@ -109,7 +111,9 @@ class Pod:
     terminate_after: str = None  # when RunPod itself terminates it; known only to the create that set it
 
     @property
-    def cost_so_far(self) -> float:
+    def cost_since_started(self) -> float:
+        """Rate x uptime: RunPod's uptime counts from the container's last start (a resume, a restart after a
+        crash), so this is not the pod's whole cost."""
         return self.uptime_s / 3600 * self.cost_per_hr
 
     @property
@@ -142,10 +146,13 @@ class RunPodRest:
         self.graphql_url = os.environ.get("RUNPOD_GRAPHQL_URL", GRAPHQL_URL)
 
     # -- reading ---------------------------------------------------------------------------
-    def gpu_types(self, min_vram_gb: int = MIN_VRAM_GB, cloud: str = "SECURE", in_stock: bool = True) -> list:
-        """NVIDIA types (the image's torch is CUDA) with at least min_vram_gb, cheapest first for that cloud."""
+    def gpu_types(self, min_vram_gb: int = MIN_VRAM_GB, cloud: str = "SECURE", in_stock: bool = True,
+                  min_cuda_version: str = None) -> list:
+        """NVIDIA types (the image's torch is CUDA) with at least min_vram_gb, cheapest first for that cloud; with
+        min_cuda_version, their stock and CUDA versions are those of the hosts that can run it."""
         # Stock is per cloud: RunPod counts it for SECURE unless told otherwise.
-        catalog = self._json("GET", f"/catalog/gpus?product=POD&include=AVAILABILITY&cloud={cloud}")
+        cuda = f"&minCudaVersion={min_cuda_version}" if min_cuda_version else ""
+        catalog = self._json("GET", f"/catalog/gpus?product=POD&include=AVAILABILITY&cloud={cloud}{cuda}")
         types = [_gpu_type(g) for g in _listed(catalog, "gpus") if g.get("manufacturer") == "NVIDIA"
                  and g.get(cloud.lower())]
         return sorted((g for g in types if g.memory_gb >= min_vram_gb and g.price(cloud) > 0
@@ -519,7 +526,9 @@ def _v2_body(spec: PodSpec) -> dict:
     """CreatePodRequest as RunPod's v2 schema has it (Frontdoor v2.9.0): a field it does not know is a 422.
     With a template, RunPod spreads its settings into the pod; the fields given here override them."""
     gpu = {"id": spec.gpu_type_id, "count": 1}
-    if spec.allowed_cuda_versions:
+    if spec.min_cuda_version:  # not both: the API refuses them together
+        gpu["minCudaVersion"] = spec.min_cuda_version
+    elif spec.allowed_cuda_versions:
         gpu["allowedCudaVersions"] = list(spec.allowed_cuda_versions)
     mounts = ({"network": [{"volumeId": spec.network_volume_id, "path": spec.volume_mount}]} if spec.network_volume_id
               else {"persistent": {"size": spec.volume_gb, "path": spec.volume_mount}})
@@ -562,7 +571,8 @@ def _gpu_type(data: dict) -> GpuType:
     price = data.get("price") or {}
     return GpuType(data["id"], data.get("name") or data["id"], int(data.get("memory") or 0),
                    float(price.get("secure") or 0), float(price.get("community") or 0),
-                   in_stock=data.get("availability") in ("LOW", "MEDIUM", "HIGH"))
+                   in_stock=data.get("availability") in ("LOW", "MEDIUM", "HIGH"),
+                   cuda_versions=tuple(str(v["version"]) for v in data.get("cudaVersions") or []))
 
 
 @_readable

@@ -128,7 +128,7 @@ class PodRecords:
             self._write(records)
 
     def still_running(self, backend) -> list:
-        """(Pod, cost so far) for recorded pods that still exist, running or stopped (EXITED: its volume still
+        """(Pod, cost since its last start) for recorded pods that still exist, running or stopped (EXITED: its volume still
         bills); forgets the terminated ones.
 
         Each is asked for by id: RunPod's list lags behind a create, and would make a new pod look gone."""
@@ -138,7 +138,7 @@ class PodRecords:
             if pod is None:
                 self.remove(pod_id)
             else:
-                result.append((pod, pod.cost_so_far))
+                result.append((pod, pod.cost_since_started))
         return result
 
     def save_log(self, pod_id: str, text: str) -> Path:

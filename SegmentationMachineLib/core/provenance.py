@@ -4,20 +4,27 @@ import zlib
 
 MADE_BY_TAG = "SegmentationMachine.MadeBy"
 VOXELS_TAG = "SegmentationMachine.Voxels"  # a preset's voxels as it made them: a hand edit changes them
+PRESET_NAME_TAG = "SegmentationMachine.Preset"  # which preset made it, for export reports
 PRESET = "preset"  # threshold and morphology on the CPU (segment.masks), no user input
 PRESET_EDITED = "preset, edited"  # a preset's segment changed since (Segment Editor, nnInteractive's undo...)
 NNINTERACTIVE = "nnInteractive"  # the AI model, from the user's prompts
 
 
-def mark_segment(segmentation_node, segment_id: str, made_by: str, fingerprint: str = None):
+def mark_segment(segmentation_node, segment_id: str, made_by: str, fingerprint: str = None, preset: str = None):
     """fingerprint: a PRESET's mask_fingerprint, where the caller made it (off the main thread: it reads every voxel)
-    on the segmentation's reference geometry; else it is computed here."""
+    on the segmentation's reference geometry; else it is computed here. preset: a PRESET's name."""
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
     segment.SetTag(MADE_BY_TAG, made_by)
     if made_by == PRESET:
         segment.SetTag(VOXELS_TAG, fingerprint or _voxels_fingerprint(segmentation_node, segment_id))
+        segment.SetTag(PRESET_NAME_TAG, preset or "")
     else:
         segment.RemoveTag(VOXELS_TAG)
+
+
+def preset_of(segmentation_node, segment_id: str) -> str:
+    """The name of the preset that made the segment (edited since or not), or ""."""
+    return _tag(segmentation_node.GetSegmentation().GetSegment(segment_id), PRESET_NAME_TAG)
 
 
 def made_by(segmentation_node, segment_id: str) -> str:

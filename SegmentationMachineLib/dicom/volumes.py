@@ -163,11 +163,16 @@ def input_record(loaded: LoadedVolume, path=None, progress=None) -> dict:
     given = str(path if path is not None else loaded.path)
     if loaded.series is None:
         return {"path": given, "sha256": file_sha256(loaded.path)}
-    files = []
     base = loaded.path if loaded.path is not None and loaded.path.is_dir() else None
-    for done, file in enumerate(loaded.series.files, 1):
+    return series_record(given, loaded.series.files, loaded.series.uid, base, progress)
+
+
+def series_record(given: str, files: list, series_uid: str, base: Path = None, progress=None) -> dict:
+    """input_record of a DICOM series: its files' SHA-256 hashes (names relative to base, where they lie in it)."""
+    records = []
+    for done, file in enumerate(map(Path, files), 1):
         name = str(file.relative_to(base)) if base is not None and base in file.parents else str(file)
-        files.append({"name": name, "sha256": file_sha256(file)})
+        records.append({"name": name, "sha256": file_sha256(file)})
         if progress:
-            progress(done, len(loaded.series.files), file.name)
-    return {"path": given, "series_uid": loaded.series.uid, "files": files}
+            progress(done, len(files), file.name)
+    return {"path": given, "series_uid": series_uid, "files": records}

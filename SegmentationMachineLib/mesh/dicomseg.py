@@ -95,7 +95,7 @@ def seg_packages_missing() -> bool:
     return False
 
 
-def _reference_volume(segmentation_node):
+def reference_volume(segmentation_node):
     role = segmentation_node.GetReferenceImageGeometryReferenceRole()
     return segmentation_node.GetNodeReference(role)
 
@@ -136,7 +136,7 @@ def check_seg_export(segmentation_node, dicom_database=None) -> list:
     Only the first file's header is read here (an anonymiser blanks every file alike): match_sources reads them
     all off the main thread, where they take a third of a second per 300 files."""
     _writer_packages()
-    files = source_files(_reference_volume(segmentation_node), dicom_database)
+    files = source_files(reference_volume(segmentation_node), dicom_database)
     if not files:
         raise ExportError(f"DICOM SEG needs the DICOM series '{segmentation_node.GetName()}' was made on, and it "
                           "was not made on one: segment a loaded DICOM series (in the CLI: --volume FOLDER) to make a SEG; "
@@ -221,7 +221,7 @@ def _segment_on_grid(segmentation_node, segment_id, reference: "slicer.vtkOrient
         segmentation_node, segment_id, labelmap, False)  # in the segmentation's own frame, not world
     to_volume = vtk.vtkGeneralTransform()  # nothing concatenated (the usual: the same transform) is the identity
     slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(
-        segmentation_node.GetParentTransformNode(), _reference_volume(segmentation_node).GetParentTransformNode(),
+        segmentation_node.GetParentTransformNode(), reference_volume(segmentation_node).GetParentTransformNode(),
         to_volume)
     on_grid = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
@@ -252,7 +252,7 @@ def read_seg_input(segmentation_node, segment_ids, dicom_database=None, files=No
     """Main thread (MRML belongs to it): the given segments on the source series' grid, its files (check_seg_export's,
     where the caller has them), and where its slices lie (match_sources matches the files to them)."""
     files = files or check_seg_export(segmentation_node, dicom_database)
-    volume = _reference_volume(segmentation_node)
+    volume = reference_volume(segmentation_node)
     segmentation = segmentation_node.GetSegmentation()
     return SegInput(files, arrays.ijk_to_ras(volume),
                     _seg_pixels(segmentation_node, segment_ids, _reference_grid(volume)),

@@ -16,7 +16,12 @@ FLATPAK_IDS = ("com.orcaslicer.OrcaSlicer", "io.github.softfever.OrcaSlicer")
 UNKNOWN_COLOR = (0.9, 0.9, 0.9)  # a segment whose export report is gone
 SETTING_ENV = "SM_ORCASLICER"  # a path set by the user, when it is not found by itself
 DOWNLOAD_HINT = ("install it from https://github.com/SoftFever/OrcaSlicer/releases (or Flathub), "
-                 f"or give its path with --orcaslicer, the {SETTING_ENV} environment variable or the module's settings")
+                 f"or give its path (--orcaslicer, the {SETTING_ENV} environment variable, or in Slicer where Send to "
+                 "OrcaSlicer asks for it)")
+
+
+class OrcaSlicerNotFound(PrintError):
+    """Neither found by itself nor at the configured path: the module then asks where it is."""
 
 
 @dataclass
@@ -74,7 +79,8 @@ def find_orcaslicer(configured: str = None, env=None, platform: str = None, home
     if configured:
         found = _from_path(Path(configured), "the configured path")
         if found is None:
-            raise PrintError(f"OrcaSlicer is not at the configured path {configured}: fix the path or {DOWNLOAD_HINT}.")
+            raise OrcaSlicerNotFound(f"OrcaSlicer is not at the configured path {configured}: fix the path or "
+                                     f"{DOWNLOAD_HINT}.")
         return found
     for name in EXECUTABLE_NAMES:
         executable = which(name, path=env.get("PATH"))
@@ -137,7 +143,7 @@ def send_to_orcaslicer(path, configured: str = None, launcher=subprocess.Popen, 
     files = [f.resolve() for f in model_files(path)]
     orca = find_orcaslicer(configured, **find_args)
     if orca is None:
-        raise PrintError(f"OrcaSlicer was not found: {DOWNLOAD_HINT}.")
+        raise OrcaSlicerNotFound(f"OrcaSlicer was not found: {DOWNLOAD_HINT}.")
     command = list(orca.command)
     if orca.flatpak:
         # The Flatpak sandbox sees only what it is given (it cannot read /tmp at all by default).

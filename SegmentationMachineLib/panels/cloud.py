@@ -36,7 +36,7 @@ class CloudPanel:
     backend_factory: object = RunPodRest  # key -> pods adapter
     status: str = "Enter your RunPod API key (RunPod console → Settings → API Keys)."
     gpus: list = field(default_factory=list)  # GpuType, cheapest first
-    earlier: list = field(default_factory=list)  # (Pod, cost so far) started before and still there
+    earlier: list = field(default_factory=list)  # (Pod, cost since its last start) started before and still there
     balance: str = ""  # what the account spends now (RunPod's API does not tell the balance itself)
     notice: str = ""  # what the last job has to say, shown with the refreshed status
     progress: object = None  # the latest podstart.Progress while starting

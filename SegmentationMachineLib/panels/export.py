@@ -3,20 +3,36 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.errors import UserError
+from ..core.errors import ExportError, UserError
 from ..mesh.export import DEFAULT_EXPORT_FOLDER, FORMATS, ExportOptions, ExportResult, prepare_export, write_export
-from ..mesh.printing import send_to_orcaslicer
+from ..mesh.printing import OrcaSlicerNotFound, send_to_orcaslicer
 from .tasks import BackgroundTask
+
+
+def shown_segment_ids(segmentation_node) -> list:
+    """The segments the views show (the segmentation shown, and each segment's own visibility)."""
+    display = segmentation_node.GetDisplayNode()
+    segmentation = segmentation_node.GetSegmentation()
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    shown = [i for i in ids if display is None or display.GetVisibility() and display.GetSegmentVisibility(i)]
+    if not shown:
+        raise ExportError(f"No segment of '{segmentation_node.GetName()}' is shown: show the ones to export, or "
+                          "untick Only shown segments.")
+    return shown
 
 
 @dataclass
 class ExportPanel:
     formats: set = field(default_factory=lambda: {"stl", "obj", "3mf"})
     smoothing: float = 0.5
+    coordinates: str = "LPS"  # or RAS
+    merged_stl: bool = False  # also one STL of every segment
+    shown_only: bool = False  # only the segments the views show (as Slicer's own exporter offers)
     output_folder: Path = DEFAULT_EXPORT_FOLDER
     status: str = "Choose a segmentation to export."
     last_result: ExportResult = None
     task: BackgroundTask = None
+    orcaslicer_missing: bool = False  # the last send found no OrcaSlicer: the module asks where it is
 
     def can_export(self, segmentation_node) -> bool:
         return segmentation_node is not None and bool(self.formats) and self.task is None
@@ -28,14 +44,16 @@ class ExportPanel:
         from ..mesh.surfaces import SurfaceOptions
 
         ordered = tuple(f for f in FORMATS if f in self.formats)
-        return ExportOptions(formats=ordered, surface=SurfaceOptions(smoothing=self.smoothing))
+        return ExportOptions(formats=ordered, coordinates=self.coordinates, merged_stl=self.merged_stl,
+                             surface=SurfaceOptions(smoothing=self.smoothing))
 
     def start(self, segmentation_node, ctx=None):
         """Main thread: copies what the export needs out of the scene (ctx: the module's, so that converting
         surfaces to labelmaps pauses the views); meshing and writing go to a worker."""
         options = self.options()
         try:
-            prepared = prepare_export(segmentation_node, options, ctx=ctx)
+            ids = shown_segment_ids(segmentation_node) if self.shown_only else None
+            prepared = prepare_export(segmentation_node, options, ids, ctx=ctx)
         except UserError as error:
             self.status = str(error)
             return
@@ -61,8 +79,11 @@ class ExportPanel:
 
     def send_to_printer(self, configured_path: str = None, env: dict = None):
         """env: the environment OrcaSlicer starts with (in Slicer, Slicer's startup environment)."""
+        self.orcaslicer_missing = False
         try:
             send_to_orcaslicer(self.last_result.folder, configured_path or None, env=env)
             self.status = "Opened in OrcaSlicer."
+        except OrcaSlicerNotFound as error:
+            self.status, self.orcaslicer_missing = str(error), True
         except UserError as error:
             self.status = str(error)

@@ -376,6 +376,7 @@ class InteractiveSession:
         try:
             if self._image is not None:
                 client.set_image(self._image)
+                self._image_client = client
             if self._buffer is not None and self._buffer.shape == self._image.shape[1:]:  # else a new region: seeded next
                 self._seed(client, self._buffer.astype(np.uint8))
         except BaseException:
@@ -415,7 +416,7 @@ class InteractiveSession:
         self._source = arrays.volume_array(volume_node)
         self._shape = self._source.shape
         self._planner = self._region = self._image = None
-        self._sent = False
+        self._sent, self._image_client = False, None  # _image_client: the client whose session holds _image
         if self._target is not None:
             self.select_segment(self._target)  # read again on the new grid
         return self._send_first_region
@@ -435,7 +436,7 @@ class InteractiveSession:
         """Worker: copies region out of the volume and sends it. False when it was refused as too large for one
         request (our cap, or the proxy's 413 or 524): the planner then knows to choose a smaller one."""
         self._image = np.ascontiguousarray(self._source[slices(region)])[np.newaxis]
-        self._region, self._sent = region, False
+        self._region, self._sent, self._image_client = region, False, None
         self._mirror = np.zeros(self._image.shape[1:], np.uint8)
         refused = self._call(self._upload)
         if refused:
@@ -449,8 +450,11 @@ class InteractiveSession:
     def _upload(self, client) -> int:
         """The region's voxels to the server; 0, or the bytes of a body refused as too large or too slow."""
         upstream, remote, httpx = _upstream()
+        if client is self._image_client:  # the resume of a lost session has just sent it
+            return 0
         try:
             client.set_image(self._image)
+            self._image_client = client
             return 0
         except remote.RequestTooLarge as error:  # our estimate of the packed size was short
             self._planner.learn(self._image.size, error.size)

@@ -45,5 +45,5 @@ def add_preset_segment(ctx: SceneContext, volume_node, preset_name: str, mask: n
         segment_id = add_segment_from_mask(segmentation_node, mask, grid, preset.segment_name, preset.color, start)
         # The mask's own checksum holds where it is what saving stores; elsewhere the segment's is made here.
         mark_segment(segmentation_node, segment_id, PRESET,
-                     fingerprint if on_reference_grid(segmentation_node, grid) else None)
+                     fingerprint if on_reference_grid(segmentation_node, grid) else None, preset.name)
     return segmentation_node
