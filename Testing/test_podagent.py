@@ -21,7 +21,8 @@ from SegmentationMachineLib.cloud.podagent import AGENT_FOLDER, AgentConfig, Pod
 from SegmentationMachineLib.cloud.pods import KEPT_WHILE_CREDIT, PodSpec, RunPodRest
 
 TOKEN = "heartbeat-token-of-this-pod"
-NOTICES = Path(__file__).resolve().parents[1] / "docker/desktop/sm-pod-notices"
+REPO = Path(__file__).resolve().parents[1]
+NOTICES = REPO / "docker/desktop/sm-pod-notices"
 
 
 class RunningAgent:
@@ -165,6 +166,28 @@ def test_answers_runpod_was_not_meant_to_give_do_not_end_the_watch(fake, pod, re
     log = agent.log()
     assert agent.process.returncode == 0 and pod.id not in fake.pods  # ended at its idle timeout all the same
     assert f"Could not read the pod's cost from RunPod: {said}" in log and "Traceback" not in log
+
+
+def test_when_preparing_the_pod_fails_the_entrypoint_still_runs_the_agent_which_ends_the_pod(fake, pod, tmp_path):
+    """RunPod restarts a container whose entrypoint exits, forever and billing: an entrypoint that stopped at its first
+    failing step (set -e) left nothing to end the pod. The image's entrypoint.sh, its paths moved here, with a
+    renderer that fails."""
+    app = tmp_path / "app"
+    (app / "docker").mkdir(parents=True)
+    (app / "docker/render_config.py").write_text("raise SystemExit(1)  # as a full disk would make it\n")
+    script = (REPO / "docker/entrypoint.sh").read_text()
+    script = script.replace("APP=/opt/segmentation-machine", f"APP={app}").replace(
+        "VENV=/opt/venv/bin", f"VENV={Path(sys.executable).parent}")
+    (tmp_path / "entrypoint.sh").write_text(script)
+    port = free_port()
+    env = {**os.environ, "RUNPOD_POD_ID": pod.id, "RUNPOD_API_KEY": RUNPOD_KEY, **fake.environment(),
+           "SM_HEARTBEAT_TOKEN": TOKEN, "SM_AGENT_PORT": str(port), "SM_AGENT_POLL_S": "0.3",
+           "SM_WORKSPACE": str(fake.volumes[pod.id]), "SM_IDLE_TIMEOUT_S": "2"}
+    started = subprocess.run(["bash", str(tmp_path / "entrypoint.sh")], env=env, capture_output=True, text=True,
+                             timeout=60)
+    assert started.returncode == 0 and pod.id not in fake.pods  # the agent ran, and ended the pod when idle
+    assert "preparing the pod failed (entrypoint.sh line" in started.stderr
+    assert f"Terminating pod {pod.id}: no client has been connected" in started.stderr
 
 
 def test_a_check_that_fails_unexpectedly_is_logged_once_and_the_watch_goes_on(pod, caplog):

@@ -6,9 +6,19 @@ set -euo pipefail
 umask 077
 
 APP=/opt/segmentation-machine
+VENV=/opt/venv/bin
 CONF=/etc/segmentation-machine
 CREDENTIALS=/root/.segmentation-machine/credentials
 DESKTOP_HOME=/home/sm
+
+# Whatever fails before supervisord takes over (a volume that refuses chown, a full disk), the pod agent still
+# runs, with the pod's own environment: the pod bills until something ends it, and the agent is what does.
+agent_alone() {
+    echo "segmentation-machine: preparing the pod failed (entrypoint.sh line $1); only its agent runs, which ends" \
+         "the pod at its idle timeout, budget or lifetime. The pod log above says what failed." >&2
+    exec "$VENV/python" -m SegmentationMachineLib.cloud.podagent
+}
+trap 'agent_alone $LINENO' ERR
 
 /usr/bin/python3 "$APP/docker/render_config.py"
 
@@ -47,5 +57,6 @@ fi
 
 # supervisord passes its environment to every child: start it with a clean one; each program
 # gets exactly its own variables from supervisord.conf.
+trap - ERR
 exec env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \
     /usr/bin/supervisord -n -c "$CONF/supervisord.conf"
