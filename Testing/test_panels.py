@@ -51,7 +51,7 @@ def test_presets_then_export_then_print_as_the_widget_does(ctx, phantom_dir, tmp
     assert export.status == "Opened in OrcaSlicer." and not export.orcaslicer_missing
 
 
-def test_a_user_error_on_the_worker_becomes_the_status_line(ctx):
+def test_a_user_error_on_the_worker_becomes_the_status_line_and_a_log_line(ctx, caplog):
     volume = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "MR")
     arrays.set_volume_array(volume, np.zeros((4, 8, 8), np.int16), np.eye(4))
     panel = PresetsPanel()
@@ -59,6 +59,7 @@ def test_a_user_error_on_the_worker_becomes_the_status_line(ctx):
     assert panel.task.wait(30)
     assert panel.finish(ctx, volume) is None
     assert "found nothing in 'MR'" in panel.status and panel.can_apply(volume)
+    assert [r.getMessage() for r in caplog.records if r.name == "segmentation-machine"] == [panel.status]
 
 
 def test_memory_running_out_on_the_worker_is_the_status_line_and_the_next_export_works(ctx, phantom_dir, tmp_path,

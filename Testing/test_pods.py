@@ -354,7 +354,7 @@ def test_graphql_capacity_errors_and_its_retirement(backend, fake):
     end = "2030-01-01T00:00:00Z"
     with pytest.raises(CapacityError):
         backend.create(PodSpec("NVIDIA RTX A5000", image="x", terminate_after=end))
-    fake.graphql_retired = True  # 2027: /graphql answers 404, v2 creates (without a server-side end)
+    fake.graphql_retired = True  # 2027: /graphql answers 410, v2 creates (without a server-side end)
     pod = backend.create(PodSpec("NVIDIA L40S", image="x", terminate_after=end, network_volume_id="vol_abc123"))
     assert creates(fake)[-2:] == [("POST", "/graphql"), ("POST", "/v2/pods")]
     assert fake.pods[pod.id]["terminateAfter"] is None and pod.terminate_after is None

@@ -6,6 +6,7 @@ module's pump timer calls share_gil() every PUMP_INTERVAL_MS: while a task runs,
 waits up to SHARE_S (events queue meanwhile), which gives the workers most of the time.
 """
 
+import logging
 import sys
 import threading
 
@@ -16,6 +17,7 @@ PUMP_INTERVAL_MS = 10
 SHARE_S = 0.02  # the longest the GUI waits per tick; ticks then follow each other, so workers get most of the time
 SWITCH_WHILE_SHARING_S = 0.001  # so the main thread gets the GIL back within ms, not 5 ms per try
 
+log = logging.getLogger("segmentation-machine")
 _running = 0  # BackgroundTasks not yet done
 _changed = threading.Condition()
 
@@ -66,12 +68,12 @@ class BackgroundTask:
         return self._done.wait(timeout)
 
     def outcome(self):
-        """(result, None) on success, (None, sentence) for a user's mistake or memory running out; a bug is
-        re-raised."""
-        if isinstance(self.error, UserError):
-            return None, str(self.error)
-        if isinstance(self.error, MemoryError):  # Slicer goes on: the worker's arrays are freed with it
-            return None, out_of_memory()
+        """(result, None) on success, (None, sentence) for a user's mistake or memory running out, the sentence also
+        logged (Slicer's log keeps what the status line loses at the next change); a bug is re-raised."""
+        if isinstance(self.error, (UserError, MemoryError)):  # Slicer goes on: the worker's arrays are freed with it
+            sentence = str(self.error) if isinstance(self.error, UserError) else out_of_memory()
+            log.warning("%s", sentence)
+            return None, sentence
         if self.error:
             raise self.error
         return self.result, None
