@@ -34,13 +34,12 @@ from SegmentationMachineLib.panels.presets import PresetsPanel
 from SegmentationMachineLib.panels.tasks import PUMP_INTERVAL_MS, share_gil
 from SegmentationMachineLib.segment.masks import PRESETS
 
-from SegmentationMachineWidgets import errorsShown, packages, timer
+from SegmentationMachineWidgets import errorsShown, packages, sendToOrcaSlicer, timer
 from SegmentationMachineWidgets.cloud import CloudSection
 from SegmentationMachineWidgets.pacs import PacsSection
 from SegmentationMachineWidgets.prompttools import PromptToolsSection
 
 SETTINGS_OUTPUT_FOLDER = "SegmentationMachine/OutputFolder"
-SETTINGS_ORCASLICER = "SegmentationMachine/OrcaSlicerPath"
 SETTINGS_INBOX_FOLDER = "SegmentationMachine/InboxFolder"
 
 
@@ -266,14 +265,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.updateGui()
 
     def onSendToPrinter(self):
-        # Slicer's launcher puts its own libraries on the library path: OrcaSlicer gets the startup environment.
-        self.export.send_to_printer(slicer.util.settingsValue(SETTINGS_ORCASLICER, ""),
-                                    dict(slicer.util.startupEnvironment()))
-        if self.export.orcaslicer_missing:  # asked once, kept in Slicer's settings
-            path = qt.QFileDialog.getOpenFileName(None, _("Where is OrcaSlicer? (its program, or OrcaSlicer.app)"))
-            if path:
-                qt.QSettings().setValue(SETTINGS_ORCASLICER, path)
-                self.export.send_to_printer(path, dict(slicer.util.startupEnvironment()))
+        sendToOrcaSlicer(self.export)
         self.updateGui()
 
     def onOpenFolder(self):

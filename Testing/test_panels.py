@@ -73,7 +73,7 @@ def test_memory_running_out_on_the_worker_is_the_status_line_and_the_next_export
     segmentation = presets.finish(ctx, volume)
     write = export_module.write_export
 
-    def runs_out(*args):
+    def runs_out(*args, **kwargs):
         raise MemoryError()  # as numpy does when an allocation fails
 
     monkeypatch.setattr(export_module, "write_export", runs_out)

@@ -25,3 +25,23 @@ def timer(interval_ms: int, slot):
     result.setInterval(interval_ms)
     result.timeout.connect(slot)
     return result
+
+
+SETTINGS_ORCASLICER = "SegmentationMachine/OrcaSlicerPath"
+
+
+def sendToOrcaSlicer(export):
+    """export (ExportPanel): its last export to OrcaSlicer; where OrcaSlicer is not found, the user is asked where it
+    is (the answer kept in Slicer's settings). OrcaSlicer gets Slicer's startup environment: Slicer's launcher puts
+    its own libraries on the library path."""
+    import qt
+    import slicer
+    from slicer.i18n import tr as _
+
+    environment = dict(slicer.util.startupEnvironment())
+    export.send_to_printer(slicer.util.settingsValue(SETTINGS_ORCASLICER, ""), environment)
+    if export.orcaslicer_missing:
+        path = qt.QFileDialog.getOpenFileName(None, _("Where is OrcaSlicer? (its program, or OrcaSlicer.app)"))
+        if path:
+            qt.QSettings().setValue(SETTINGS_ORCASLICER, path)
+            export.send_to_printer(path, environment)

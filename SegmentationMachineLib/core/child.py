@@ -52,7 +52,7 @@ def _environment() -> dict:
 
 # PythonSlicer (CTK AppLauncher) runs the real Python as its own child: killing the launcher would leave that
 # computing. So a child gets a process group of its own, and stop() ends the group. On Windows also no console
-# window, as slicer.util.launchConsoleProcess starts PythonSlicer.
+# window, as Slicer's own launchConsoleProcess starts PythonSlicer (Base/Python/slicer/util.py).
 _OWN_GROUP = (dict(creationflags=subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW)
               if os.name == "nt" else dict(start_new_session=True))
 

@@ -8,9 +8,8 @@ report.json, written last, says what was made and from what (a lab can trace eve
   tool {name, version}; created (UTC, ISO 8601); segmentation (its name);
   input: {path, sha256} for a volume file, {path, series_uid, files: [{name, sha256}]} for a
     DICOM series (dicom/volumes.py input_record), {path, sha256, volume} for the export command's
-    segmentation file; where the caller says nothing (the module), the volume's file or series as the scene
-    knows it; null for a volume made in Slicer;
-  presets: [{name, parameters}] in the order run, or (the module) those that made the exported segments;
+    segmentation file, or null where the caller does not know it (a volume made in Slicer);
+  presets: [{name, parameters}] in the order run (the module: those that made the exported segments);
     command: {name, options} of the CLI (never a secret), or null;
   coordinates, units, options (formats, merged_stl and every surface option);
   meshes: per segment {name, segment_id, color, triangles, boundary_edges, non_manifold_edges,
@@ -33,13 +32,9 @@ import numpy as np
 
 from .. import __version__
 from ..core.errors import ExportError
-from ..core.provenance import preset_of
-from ..dicom.volumes import file_sha256, series_record
-from ..segment.masks import preset_parameters
 from . import writers
 from .check import check_mesh
-from .dicomseg import (SEG_FILE, SegInput, check_seg_export, match_sources, read_seg_input, reference_volume,
-                       source_files, write_seg)
+from .dicomseg import SEG_FILE, SegInput, check_seg_export, match_sources, read_seg_input, write_seg
 from .gltf import write_glb
 from .surfaces import MeshJobs, SurfaceMethod, SurfaceOptions, meshes_from, read_segments
 
@@ -143,8 +138,6 @@ class PreparedExport:
     file_names: dict  # segment id -> file stem
     seg: SegInput = None
     segmentation_file: bytes = None  # the .seg.nrrd's content, when asked for
-    source: tuple = None  # (path, files, whether DICOM) the segmentation's volume was read from, where known
-    presets: list = field(default_factory=list)  # the presets that made its segments: [{name, parameters}]
 
 
 def prepare_export(segmentation_node, options: ExportOptions = ExportOptions(), segment_ids=None,
@@ -163,38 +156,7 @@ def prepare_export(segmentation_node, options: ExportOptions = ExportOptions(), 
     file_names = dict(zip(ids, _unique_names(segmentation.GetSegment(i).GetName() for i in ids)))
     seg = read_seg_input(segmentation_node, ids, dicom_database, seg_files) if seg_files and ids else None
     saved = _segmentation_bytes(segmentation_node) if options.save_segmentation else None
-    presets = dict.fromkeys(filter(None, (preset_of(segmentation_node, i) for i in ids)))
-    return PreparedExport(segmentation_node.GetName(), segments, file_names, seg, saved,
-                          _volume_source(segmentation_node, dicom_database),
-                          [{"name": name, "parameters": preset_parameters(name)} for name in presets])
-
-
-def _volume_source(segmentation_node, dicom_database) -> tuple:
-    """Main thread: (path, files, whether DICOM) the segmentation's volume was read from, as the scene knows it
-    (its storage node, or Slicer's DICOM database); None for a volume made in Slicer, or one whose files are gone."""
-    volume = reference_volume(segmentation_node)
-    if volume is None:
-        return None
-    try:
-        files = source_files(volume, dicom_database)
-    except ExportError:  # moved or removed since: nothing left to vouch for
-        return None
-    if files:
-        return str(Path(files[0]).parent), files, True
-    storage = volume.GetStorageNode()
-    path = storage.GetFileName() if storage else None
-    return (path, [path], False) if path and Path(path).is_file() else None
-
-
-def _input_record(source: tuple) -> dict:
-    """Any thread: report.json's input for a _volume_source (reading and hashing every file)."""
-    path, files, dicom = source
-    if not dicom:
-        return {"path": path, "sha256": file_sha256(path)}
-    import pydicom
-
-    uid = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID
-    return series_record(path, files, str(uid), Path(path))
+    return PreparedExport(segmentation_node.GetName(), segments, file_names, seg, saved)
 
 
 def _segmentation_bytes(segmentation_node) -> bytes:
@@ -306,10 +268,8 @@ def _write_into(folder: Path, prepared: PreparedExport, options: ExportOptions, 
         "tool": {"name": "SegmentationMachine", "version": __version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "segmentation": prepared.name,
-        # Where the caller (the CLI) does not say, what the scene knows: the volume's files, the segments' presets.
-        "input": provenance["input"] if "input" in provenance else (
-            _input_record(prepared.source) if prepared.source else None),
-        "presets": list(provenance.get("presets") or prepared.presets),
+        "input": provenance.get("input"),
+        "presets": list(provenance.get("presets", [])),
         "command": provenance.get("command"),
         "coordinates": options.coordinates,
         "units": "mm",

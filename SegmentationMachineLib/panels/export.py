@@ -4,9 +4,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import ExportError, UserError
+from ..core.provenance import preset_of
+from ..dicom.volumes import file_sha256, series_record
+from ..mesh.dicomseg import reference_volume, source_files
 from ..mesh.export import DEFAULT_EXPORT_FOLDER, FORMATS, ExportOptions, ExportResult, prepare_export, write_export
 from ..mesh.printing import OrcaSlicerNotFound, send_to_orcaslicer
+from ..segment.masks import preset_parameters
 from .tasks import BackgroundTask
+
+
+def _volume_source(segmentation_node, dicom_database) -> tuple:
+    """Main thread: (path, files, whether DICOM) the segmentation's volume was read from, as the scene knows it
+    (its storage node, or Slicer's DICOM database); None for a volume made in Slicer, or one whose files are gone."""
+    volume = reference_volume(segmentation_node)
+    if volume is None:
+        return None
+    try:
+        files = source_files(volume, dicom_database)
+    except ExportError:  # moved or removed since: nothing left to vouch for
+        return None
+    if files:
+        return str(Path(files[0]).parent), files, True
+    storage = volume.GetStorageNode()
+    path = storage.GetFileName() if storage else None
+    return (path, [path], False) if path and Path(path).is_file() else None
+
+
+def _input_record(source: tuple) -> dict:
+    """Any thread: report.json's input for a _volume_source, as the CLI's (reading and hashing every file)."""
+    path, files, dicom = source
+    if not dicom:
+        return {"path": path, "sha256": file_sha256(path)}
+    import pydicom
+
+    uid = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID
+    return series_record(path, files, str(uid), Path(path))
 
 
 def shown_segment_ids(segmentation_node) -> list:
@@ -57,7 +89,16 @@ class ExportPanel:
         except UserError as error:
             self.status = str(error)
             return
-        self.task = BackgroundTask(write_export, prepared, self.output_folder, options)
+        source = _volume_source(segmentation_node, ctx.dicom_database if ctx else None)
+        presets = dict.fromkeys(filter(None, (preset_of(segmentation_node, job.segment_id)
+                                              for job in prepared.segments.jobs)))
+
+        def work():  # hashing the volume's files is the worker's too
+            provenance = {"input": _input_record(source) if source else None,
+                          "presets": [{"name": name, "parameters": preset_parameters(name)} for name in presets]}
+            return write_export(prepared, self.output_folder, options, provenance=provenance)
+
+        self.task = BackgroundTask(work)
         self.status = f"Exporting '{prepared.name}'..."
 
     def finish(self):
