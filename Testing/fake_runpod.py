@@ -190,7 +190,7 @@ class FakeRunPod:
     rate_limit_every: int = 0  # every Nth API request answers 429
     retry_after_s: int = 1
     balance: float = 25.0  # at 0, creates answer 402
-    graphql_retired: bool = False  # /graphql answers 410 Gone (a retired API; our client takes 404 alike)
+    graphql_retired: int = 0  # once set, the status /graphql answers: 410 Gone (a retired API) or 404
     limited_keys: set = field(default_factory=set)  # keys that may read and stop pods but not terminate them
     templates: dict = field(default_factory=dict)  # id → a Template's settings (image, ports, env, disk, mounts...)
     agent_answers: bool = True  # the pod agent behind the proxy (port 8001) answers heartbeats
@@ -497,7 +497,7 @@ class FakeRunPod:
     def _graphql(self, body):
         """podFindAndDeployOnDemand, the one mutation still used (for terminateAfter)."""
         if self.graphql_retired:
-            raise _Failure(410, "GraphQL has been retired: use https://api.runpod.io/v2.")
+            raise _Failure(self.graphql_retired, "GraphQL has been retired: use https://api.runpod.io/v2.")
         operation = parse(body["query"]).definitions[0].selection_set.selections[0]
         if operation.name.value != "podFindAndDeployOnDemand":
             return 200, {"errors": [{"message": f"Cannot query field {operation.name.value}."}]}

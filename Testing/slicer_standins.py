@@ -39,8 +39,8 @@ import os, subprocess, sys
 if {str(starts or '')!r}:
     with open({str(starts or '')!r}, "a") as starts:
         starts.write(" ".join(sys.argv[1:]) + "\\n")
-paths = [*{[str(p) for p in first_paths]!r}, os.environ.get("PYTHONPATH", "")]
-code = subprocess.call([{sys.executable!r}, *sys.argv[1:]], env={{**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}})
+paths = os.pathsep.join(filter(None, [*{[str(p) for p in first_paths]!r}, os.environ.get("PYTHONPATH", "")]))
+code = subprocess.call([{sys.executable!r}, *sys.argv[1:]], env={{**os.environ, "PYTHONPATH": paths}})
 if code < 0:
     sys.stderr.write("[python-real] exit abnormally - Report the problem.\\n")
 sys.exit(1 if code < 0 else code)

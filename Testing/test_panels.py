@@ -2,6 +2,7 @@
 
 import re
 
+from conftest import DATA
 from SegmentationMachineLib.core import arrays
 from SegmentationMachineLib.core.provenance import made_by, PRESET
 from SegmentationMachineLib.dicom.volumes import load_input
@@ -199,3 +200,28 @@ def test_export_options_as_slicers_own_exporter_has_them_shown_segments_coordina
     export.start(segmentation)
     assert export.task is None and export.status == ("No segment of 'Two' is shown: show the ones to export, or "
                                                      "untick Only shown segments.")
+
+
+def test_a_provenance_that_cannot_be_vouched_for_is_left_out_and_the_export_goes_on(ctx, tmp_path):
+    """The volume's file gone before the worker hashes it, a segment tagged by a preset this version lacks (a scene
+    from another version): the report says nothing of them; the meshes are made all the same."""
+    import shutil
+
+    from SegmentationMachineLib.core.provenance import mark_segment
+
+    scan = tmp_path / "scan.nii.gz"
+    shutil.copy(DATA / "totalsegmentator" / "example_ct_sm.nii.gz", scan)
+    volume = load_input(ctx, scan).node
+    segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "From elsewhere")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    cube = np.zeros((10, 10, 10), bool)
+    cube[2:8, 2:8, 2:8] = True
+    segment = add_segment_from_mask(segmentation, cube, arrays.ijk_to_ras(volume), "Ribs", (1, 1, 1))
+    mark_segment(segmentation, segment, PRESET, preset="ribs")
+    scan.unlink()  # (Export's click reads none of it: the worker finds it gone)
+    export = ExportPanel(output_folder=tmp_path / "out", formats={"stl"})
+    export.start(segmentation)
+    assert export.task.wait(60)
+    result = export.finish()
+    assert result is not None, export.status
+    assert result.report["input"] is None and result.report["presets"] == [] and result.report["meshes"]

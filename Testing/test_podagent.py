@@ -179,29 +179,42 @@ def test_when_preparing_the_pod_fails_the_entrypoint_still_runs_the_agent_which_
     script = script.replace("APP=/opt/segmentation-machine", f"APP={app}").replace(
         "VENV=/opt/venv/bin", f"VENV={Path(sys.executable).parent}")
     (tmp_path / "entrypoint.sh").write_text(script)
-    port = free_port()
+    # The pod's raw environment, as the renderer would have repaired it: no heartbeat token (it makes one), a limit
+    # that is not a number (docker/README's own example).
     env = {**os.environ, "RUNPOD_POD_ID": pod.id, "RUNPOD_API_KEY": RUNPOD_KEY, **fake.environment(),
-           "SM_HEARTBEAT_TOKEN": TOKEN, "SM_AGENT_PORT": str(port), "SM_AGENT_POLL_S": "0.3",
-           "SM_WORKSPACE": str(fake.volumes[pod.id]), "SM_IDLE_TIMEOUT_S": "2"}
+           "SM_AGENT_PORT": str(free_port()), "SM_AGENT_POLL_S": "0.3", "SM_WORKSPACE": str(fake.volumes[pod.id]),
+           "SM_IDLE_TIMEOUT_S": "2", "SM_MAX_LIFETIME_S": "15m"}
+    env.pop("SM_HEARTBEAT_TOKEN", None)
     started = subprocess.run(["bash", str(tmp_path / "entrypoint.sh")], env=env, capture_output=True, text=True,
                              timeout=60)
     assert started.returncode == 0 and pod.id not in fake.pods  # the agent ran, and ended the pod when idle
     assert "preparing the pod failed (entrypoint.sh line" in started.stderr
+    assert "Ignoring SM_MAX_LIFETIME_S='15m': not a number above 0." in started.stderr
     assert f"Terminating pod {pod.id}: no client has been connected" in started.stderr
 
 
-def test_a_check_that_fails_unexpectedly_is_logged_once_and_the_watch_goes_on(pod, caplog):
+def test_a_check_that_fails_unexpectedly_is_logged_once_and_the_watch_goes_on(tmp_path, caplog):
+    """Whatever goes wrong in a look at the pod (here: reading it, every time; ending it, the first time), the agent's
+    run goes on and still ends the pod at its idle timeout."""
     class Broken:
+        terminated = []
+
         def get(self, pod_id):
             raise RuntimeError("a bug of ours")
 
-    now = [0.0]
-    agent = PodAgent(AgentConfig(pod.id, "k", TOKEN, idle_timeout_s=10, poll_s=1), Broken(), clock=lambda: now[0])
-    for second in range(1, 4):
-        now[0] = second
-        agent._check_come_what_may()
-    assert caplog.text.count("The pod agent's check failed; it goes on watching the pod.") == 1
-    assert "a bug of ours" in caplog.text and not agent.terminated.is_set()
+        def terminate(self, pod_id):
+            self.terminated.append(pod_id)
+            if len(self.terminated) == 1:
+                raise RuntimeError("another bug of ours")
+
+    config = AgentConfig("pod0001x", "k", TOKEN, idle_timeout_s=1.0, poll_s=0.1, warning_s=0.5, port=free_port(),
+                         workspace=str(tmp_path))
+    runner = threading.Thread(target=PodAgent(config, Broken()).run, kwargs={"check_every_s": 0.1}, daemon=True)
+    runner.start()
+    runner.join(10)
+    assert not runner.is_alive() and Broken.terminated == ["pod0001x"] * 2
+    assert caplog.text.count("The pod agent's check failed; it goes on watching the pod.") == 2  # once each
+    assert "a bug of ours" in caplog.text and "another bug of ours" in caplog.text
 
 
 def test_a_failing_terminate_is_retried_each_poll_interval_not_each_second(fake, pod, caplog):

@@ -151,7 +151,7 @@ def creates(fake) -> list:
 
 
 def test_up_after_graphqls_retirement_creates_through_v2_from_a_template_on_a_network_volume(env, fake):
-    fake.graphql_retired = True  # 2027: /graphql answers 410, and v2's schema decides what a create may say
+    fake.graphql_retired = 410  # 2027: /graphql answers 410, and v2's schema decides what a create may say
     fake.templates["tpl9x4m"] = {"image": "example/sm-template:1", "env": {"FROM_TEMPLATE": "1"}, "serverless": False}
     done = pod(env, "up", "--detach", "--gpu", "NVIDIA L40S", "--template", "tpl9x4m", "--network-volume", "vol_abc")
     assert done.returncode == 0, done.stderr

@@ -220,7 +220,8 @@ def test_balance_and_invalid_settings_are_sentences_without_the_pods_secrets(bac
 
 
 @pytest.mark.parametrize("status, detail", [(500, "Internal Server Error"), (502, "Bad Gateway"),
-                                            (400, SOMETHING_WENT_WRONG)])
+                                            (400, SOMETHING_WENT_WRONG),
+                                            (200, "Created.")])  # a 2xx of another shape (no pod in it)
 def test_a_create_of_unknown_outcome_looks_the_pod_up_while_the_list_lags(backend, fake, virtual, status, detail):
     fake.list_lag_s, fake.create_fault = 4.0, (status, detail)
     spec = PodSpec(RTX_4090, image="example/sm:1")
@@ -350,11 +351,12 @@ def test_terminate_after_goes_through_graphql_and_runpod_ends_the_pod(backend, f
     assert backend.get(pod.id) is None and fake.pods == {}
 
 
-def test_graphql_capacity_errors_and_its_retirement(backend, fake):
+@pytest.mark.parametrize("gone", [410, 404])
+def test_graphql_capacity_errors_and_its_retirement(backend, fake, gone):
     end = "2030-01-01T00:00:00Z"
     with pytest.raises(CapacityError):
         backend.create(PodSpec("NVIDIA RTX A5000", image="x", terminate_after=end))
-    fake.graphql_retired = True  # 2027: /graphql answers 410, v2 creates (without a server-side end)
+    fake.graphql_retired = gone  # 2027: /graphql is gone, v2 creates (without a server-side end)
     pod = backend.create(PodSpec("NVIDIA L40S", image="x", terminate_after=end, network_volume_id="vol_abc123"))
     assert creates(fake)[-2:] == [("POST", "/graphql"), ("POST", "/v2/pods")]
     assert fake.pods[pod.id]["terminateAfter"] is None and pod.terminate_after is None

@@ -191,13 +191,13 @@ def test_hosts_on_drivers_newer_than_any_list_we_could_write_still_take_our_pods
 def test_stopping_says_what_the_volume_costs_and_until_when(backend, fake, tmp_path):
     records = PodRecords(tmp_path / "pods.json")
     cloud = CloudGpu(backend, records)
-    fake.graphql_retired = True  # created through v2: RunPod has no end for it
+    fake.graphql_retired = 410  # created through v2: RunPod has no end for it
     plain = backend.create(PodSpec("NVIDIA L40S", image="x", volume_gb=80, terminate_after="2030-01-01T00:00:00Z"))
     records.add(plain, 0)
     assert cloud.stop(plain.id) == ("its 80 GB volume costs $16.00/month until the pod is terminated, and is kept "
                                     "while the account has credit (at $0 RunPod terminates pods without a network "
                                     "volume)")
-    fake.graphql_retired = False
+    fake.graphql_retired = 0
     ending = backend.create(PodSpec("NVIDIA L40S", image="x", terminate_after="2030-01-01T00:00:00Z"))
     records.add(ending, 0)
     assert cloud.stop(ending.id) == ("its 50 GB volume costs $10.00/month until RunPod terminates the pod at "

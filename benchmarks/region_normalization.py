@@ -35,15 +35,18 @@ def server_statistics(image: np.ndarray) -> tuple:
 
 def main():
     ctx = create_headless_scene()
-    real = arrays.volume_array(load_input(ctx, DATA / "dcmqi" / "ct-3slice").node)
+    def voxels(path):
+        return arrays.volume_array(load_input(ctx, DATA / path).node)
+
+    real = voxels("dcmqi/ct-3slice")
     volumes = {
-        "example_ct (3 mm, abdomen)": arrays.volume_array(load_input(ctx, DATA / "totalsegmentator" / "example_ct.nii.gz").node),
-        "example_ct_dicom (20 slices, contrast)": arrays.volume_array(
-            load_input(ctx, DATA / "totalsegmentator" / "example_ct_dicom").node),
+        "example_ct (3 mm, abdomen)": voxels("totalsegmentator/example_ct.nii.gz"),
+        "example_ct_dicom (20 slices, contrast)": voxels("totalsegmentator/example_ct_dicom"),
         "ct-3slice repeated to 300": np.resize(real, (300, *real.shape[1:])),
         "ct-3slice repeated to 1000": np.resize(real, (1000, *real.shape[1:])),
     }
-    print("| volume | region | shape sent | mean / SD sent | mean / SD whole | 60 HU: sent / whole | 400 HU: sent / whole |")
+    print("| volume | region | shape sent | mean / SD sent | mean / SD whole | 60 HU: sent / whole "
+          "| 400 HU: sent / whole |")
     print("|---|---|---|---|---|---|---|")
     for name, volume in volumes.items():
         whole = server_statistics(volume)

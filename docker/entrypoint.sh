@@ -2,7 +2,7 @@
 # Pod start: render env into configs (render_config.py), prepare folders and the VNC password
 # file, then hand over to supervisord. Nothing here refuses to start: RunPod restarts a container
 # whose entrypoint exits, forever and billing; a bad setting is named in the pod log and replaced.
-set -euo pipefail
+set -Eeuo pipefail
 umask 077
 
 APP=/opt/segmentation-machine
@@ -13,10 +13,12 @@ DESKTOP_HOME=/home/sm
 
 # Whatever fails before supervisord takes over (a volume that refuses chown, a full disk), the pod agent still
 # runs, with the pod's own environment: the pod bills until something ends it, and the agent is what does.
+# -E: a failure inside a function or subshell (as_sm) counts too; the trap acts once, in the script itself.
 agent_alone() {
+    [ "$BASHPID" = "$$" ] || exit 1
     echo "segmentation-machine: preparing the pod failed (entrypoint.sh line $1); only its agent runs, which ends" \
          "the pod at its idle timeout, budget or lifetime. The pod log above says what failed." >&2
-    exec "$VENV/python" -m SegmentationMachineLib.cloud.podagent
+    exec "$VENV/python" -m SegmentationMachineLib.cloud.podagent --alone
 }
 trap 'agent_alone $LINENO' ERR
 

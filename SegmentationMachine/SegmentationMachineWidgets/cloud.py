@@ -193,7 +193,8 @@ class CloudSection:
                 pod.id for pod, _cost in panel.earlier]:  # rebuilt only on change: the selection survives ticks
             self.earlierList.clear()
             for pod, cost in panel.earlier:
-                state = f"stopped, {pod.stopped_cost()}" if pod.status == "EXITED" else f"{pod.status}: ${cost:.2f} since its last start"
+                state = (f"stopped, {pod.stopped_cost()}" if pod.status == "EXITED" else
+                         f"{pod.status}: ${cost:.2f} since its last start")
                 item = qt.QListWidgetItem(f"{pod.id} {pod.gpu} {state}")
                 item.setData(qt.Qt.UserRole, pod.id)
                 self.earlierList.addItem(item)

@@ -128,8 +128,8 @@ def _up(cloud: CloudGpu, args):
             print(f"Stopped since an earlier start: {pod.id} ({pod.gpu}); {pod.stopped_cost()}: `{SM} resume {pod.id}` "
                   f"continues it, `{SM} down {pod.id}` terminates it.")
         else:
-            print(f"Still there from an earlier start: {pod.id} ({pod.gpu}, {pod.status}, ${cost:.2f} since its last start); "
-                  f"`{SM} down {pod.id}` terminates it.")
+            print(f"Still there from an earlier start: {pod.id} ({pod.gpu}, {pod.status}, ${cost:.2f} since its last "
+                  f"start); `{SM} down {pod.id}` terminates it.")
     choices = cloud.gpu_choices(args.gpu, args.cloud.upper(), args.max_price)
     limits = Limits(args.idle_timeout, args.max_lifetime, args.budget)
     volume = {k: v for k, v in (("volume_gb", args.volume_gb), ("network_volume_id", args.network_volume)) if v}

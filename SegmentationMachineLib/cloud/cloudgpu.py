@@ -32,7 +32,8 @@ SECRET_NAMES = ("SM_NNI_API_KEY", "SM_VNC_PASSWORD", "SM_FILES_PASSWORD", "SM_HE
 # matches a list of versions exactly (a host on a newer driver than the list names counts as no capacity), so the
 # floor is sent where the API takes one (v2), and GraphQL gets the versions the catalog lists at or above it.
 MIN_CUDA_VERSION = "12.8"
-CUDA_VERSIONS = ("12.8", "12.9", "13.0", "13.1", "13.2")  # for a type the catalog lists none for
+# For a type the catalog lists none for (no host runs 12.8 or later now): RunPod then answers no capacity, as v2 does.
+CUDA_VERSIONS = ("12.8", "12.9", "13.0", "13.1", "13.2")
 
 
 def runpod_key(store: SecretStore = None) -> str:
@@ -163,7 +164,8 @@ class CloudGpu:
         return affordable
 
     def started_earlier(self) -> list:
-        """(Pod, cost since its last start) for pods started here that still run: offered for termination at each start."""
+        """(Pod, cost since its last start) for pods started here that still run: offered for termination at each
+        start."""
         return self.records.still_running(self.backend)
 
     def up(self, gpus: list, mode: str = "server", image: str = None, template_id: str = None,

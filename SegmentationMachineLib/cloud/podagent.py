@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import subprocess
 import sys
 import threading
@@ -323,6 +324,9 @@ class PodAgent:
         except PodsError as error:
             log.error("Could not read the pod's cost from RunPod: %s", error)
             return
+        except Exception as error:  # whatever else: the limits are still watched, with our own clock and price
+            self._unexpected(error)
+            return
         # None: RunPod does not (or not yet) list the pod. The watch goes on: one odd answer must not
         # leave a pod unguarded, and a really terminated pod takes this container with it anyway.
         if pod is not None:
@@ -400,9 +404,13 @@ class PodAgent:
         try:
             self.check()
         except Exception as error:
-            if repr(error) not in self._failures:
-                self._failures.add(repr(error))
-                log.exception("The pod agent's check failed; it goes on watching the pod.")
+            self._unexpected(error)
+
+    def _unexpected(self, error: Exception):
+        """Logs an error of ours (with its traceback), once for each kind."""
+        if repr(error) not in self._failures:
+            self._failures.add(repr(error))
+            log.error("The pod agent's check failed; it goes on watching the pod.", exc_info=error)
 
 
 # A thread per connection: silent sockets (anyone can open them through the proxy) must not hold threads for
@@ -470,10 +478,31 @@ def serve(agent: PodAgent, host: str = "0.0.0.0") -> ThreadingHTTPServer:
     return server
 
 
-def main() -> int:
+ALONE_LIFETIME_S = 12 * 3600  # the image's default (render_config.py), for a pod whose preparation failed
+
+
+def alone_env(env) -> dict:
+    """The pod's own environment, made usable where the entrypoint failed before preparing it (--alone): a limit
+    that is not a number is dropped (its default holds), the lifetime defaults to the image's, and without a
+    heartbeat token a random one is made (no client can keep the pod then: it ends at its idle timeout)."""
+    usable = dict(env)
+    for name in [n for n in usable if n.startswith("SM_") and n.endswith(("_S", "_USD", "_PER_HOUR", "_PORT"))]:
+        try:
+            if float(usable[name]) <= 0:
+                raise ValueError
+        except ValueError:
+            log.warning("Ignoring %s=%r: not a number above 0.", name, usable.pop(name))
+    usable.setdefault("SM_MAX_LIFETIME_S", str(ALONE_LIFETIME_S))
+    usable["SM_HEARTBEAT_TOKEN"] = usable.get("SM_HEARTBEAT_TOKEN") or secrets.token_urlsafe(24)
+    return usable
+
+
+def main(argv=None) -> int:
+    """`python -m SegmentationMachineLib.cloud.podagent [--alone]`: --alone where the entrypoint failed."""
     logging.basicConfig(level=logging.INFO, format="pod-agent: %(levelname)s: %(message)s", stream=sys.stderr)
+    alone = "--alone" in (sys.argv[1:] if argv is None else argv)
     try:
-        config = AgentConfig.from_env()
+        config = AgentConfig.from_env(alone_env(os.environ) if alone else os.environ)
     except ValueError as error:
         log.error("%s", error)
         return 2

@@ -269,7 +269,7 @@ class RunPodRest:
         if response.status_code == 404 and spec.template_id:  # the one thing a create can name that is not there
             raise PodsError(f"RunPod has no template {printable(spec.template_id)} that this API key can use: check "
                             "the template id (RunPod console → Templates).")
-        return _pod(_checked(response, secret_values))
+        return _created(response, secret_values, _pod)
 
     def _create_with_graphql(self, spec: PodSpec, secret_values):
         """Creates through GraphQL, the only API that takes terminateAfter and stopAfter; None once GraphQL is
@@ -278,13 +278,13 @@ class RunPodRest:
                                  create=True, url=self.graphql_url)
         if response.status_code in (404, 410):
             return None  # GraphQL is gone: v2 creates without a server-side end
-        answer = _checked(response, secret_values)
+        answer = _created(response, secret_values)
         if answer.get("errors"):  # GraphQL says what went wrong in a 200
             message = _problem(response)
             if "something went wrong" in message.lower():
                 raise _Unknown()
             _raise_for(400, message, secret_values)
-        created = self.get(_created_id(answer))  # described the way v2 does
+        created = self.get(_created(response, secret_values, _created_id))  # described the way v2 does
         if created is None:
             raise _Unknown()
         created.terminate_after = spec.terminate_after
@@ -446,6 +446,17 @@ def _checked(response, secret_values=()) -> dict:
                         f"({printable(response.headers.get('Content-Type') or 'no content type')}): try again in a "
                         "minute.")
     return answer
+
+
+def _created(response, secret_values, read=lambda answer: answer):
+    """read(_checked(response)) for a create: a 2xx answer that cannot be read (not JSON, another shape) most likely
+    created the pod, so it is _Unknown: the caller looks for the pod by name rather than leave it billing unseen."""
+    if response.status_code >= 300:
+        _checked(response, secret_values)  # raises the refusal's sentence
+    try:
+        return read(_checked(response))
+    except PodsError:
+        raise _Unknown() from None
 
 
 def _readable(parse):

@@ -128,8 +128,8 @@ class PodRecords:
             self._write(records)
 
     def still_running(self, backend) -> list:
-        """(Pod, cost since its last start) for recorded pods that still exist, running or stopped (EXITED: its volume still
-        bills); forgets the terminated ones.
+        """(Pod, cost since its last start) for recorded pods that still exist, running or stopped (EXITED: its volume
+        still bills); forgets the terminated ones.
 
         Each is asked for by id: RunPod's list lags behind a create, and would make a new pod look gone."""
         result = []

@@ -106,17 +106,28 @@ def source_files(volume_node, dicom_database=None) -> list:
     DICOM.instanceUIDs, which Slicer's DICOM database (ctkDICOMDatabase) turns back into files."""
     if volume_node is None:
         return []
-    storage = volume_node.GetStorageNode()
-    names = ([storage.GetNthFileName(i) for i in range(storage.GetNumberOfFileNames())] or [storage.GetFileName()]
-             if storage else [])
-    files = [name for name in _present(volume_node, [name for name in names if name]) if is_dicom(name)]
-    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
-    if files or dicom_database is None or not uids:
+    files = [name for name in _present(volume_node, storage_names(volume_node)) if is_dicom(name)]
+    if files:
         return files
-    files = [dicom_database.fileForInstance(uid) for uid in uids]
+    files = database_files(volume_node, dicom_database)
     if not all(files):
         return []  # a SEG refers to every slice
     return files if all(map(is_dicom, _present(volume_node, files))) else []
+
+
+def storage_names(volume_node) -> list:
+    """The files the volume's storage node read it from (an archetype's list, or its one file); reads none."""
+    storage = volume_node.GetStorageNode()
+    names = ([storage.GetNthFileName(i) for i in range(storage.GetNumberOfFileNames())] or [storage.GetFileName()]
+             if storage else [])
+    return [name for name in names if name]
+
+
+def database_files(volume_node, dicom_database) -> list:
+    """For a volume Slicer's DICOM module loaded: its instances' files in Slicer's DICOM database ('' where one is
+    missing); [] without the database or the attribute."""
+    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    return [dicom_database.fileForInstance(uid) for uid in uids] if dicom_database is not None else []
 
 
 def _present(volume_node, files: list) -> list:

@@ -3,42 +3,42 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydicom.misc import is_dicom
+
 from ..core.errors import ExportError, UserError
 from ..core.provenance import preset_of
 from ..dicom.volumes import file_sha256, series_record
-from ..mesh.dicomseg import reference_volume, source_files
+from ..mesh.dicomseg import database_files, reference_volume, storage_names
 from ..mesh.export import DEFAULT_EXPORT_FOLDER, FORMATS, ExportOptions, ExportResult, prepare_export, write_export
 from ..mesh.printing import OrcaSlicerNotFound, send_to_orcaslicer
-from ..segment.masks import preset_parameters
+from ..segment.masks import PRESETS, preset_parameters
 from .tasks import BackgroundTask
 
 
-def _volume_source(segmentation_node, dicom_database) -> tuple:
-    """Main thread: (path, files, whether DICOM) the segmentation's volume was read from, as the scene knows it
-    (its storage node, or Slicer's DICOM database); None for a volume made in Slicer, or one whose files are gone."""
+def _volume_source(segmentation_node, dicom_database) -> list:
+    """Main thread, reading no file (that is the worker's): the files the segmentation's volume was read from, as the
+    scene knows them (its storage node, else Slicer's DICOM database); [] for a volume made in Slicer."""
     volume = reference_volume(segmentation_node)
     if volume is None:
-        return None
-    try:
-        files = source_files(volume, dicom_database)
-    except ExportError:  # moved or removed since: nothing left to vouch for
-        return None
-    if files:
-        return str(Path(files[0]).parent), files, True
-    storage = volume.GetStorageNode()
-    path = storage.GetFileName() if storage else None
-    return (path, [path], False) if path and Path(path).is_file() else None
+        return []
+    files = storage_names(volume) or database_files(volume, dicom_database)
+    return files if all(files) else []  # a series partly gone from the database cannot be vouched for
 
 
-def _input_record(source: tuple) -> dict:
-    """Any thread: report.json's input for a _volume_source, as the CLI's (reading and hashing every file)."""
-    path, files, dicom = source
-    if not dicom:
-        return {"path": path, "sha256": file_sha256(path)}
+def _input_record(files: list) -> dict:
+    """Any thread: report.json's input, as the CLI's, for the files a volume was read from (each read and hashed);
+    None where they are gone or changed since (a provenance that cannot be vouched for is not made up)."""
     import pydicom
+    from pydicom.errors import InvalidDicomError
 
-    uid = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID
-    return series_record(path, files, str(uid), Path(path))
+    try:
+        if len(files) == 1 and not is_dicom(files[0]):
+            return {"path": files[0], "sha256": file_sha256(files[0])}
+        uid = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID
+        folder = Path(files[0]).parent
+        return series_record(str(folder), files, str(uid), folder)
+    except (OSError, AttributeError, InvalidDicomError):
+        return None
 
 
 def shown_segment_ids(segmentation_node) -> list:
@@ -90,8 +90,8 @@ class ExportPanel:
             self.status = str(error)
             return
         source = _volume_source(segmentation_node, ctx.dicom_database if ctx else None)
-        presets = dict.fromkeys(filter(None, (preset_of(segmentation_node, job.segment_id)
-                                              for job in prepared.segments.jobs)))
+        presets = dict.fromkeys(name for name in (preset_of(segmentation_node, job.segment_id)
+                                                  for job in prepared.segments.jobs) if name in PRESETS)
 
         def work():  # hashing the volume's files is the worker's too
             provenance = {"input": _input_record(source) if source else None,

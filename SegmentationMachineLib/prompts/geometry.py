@@ -94,8 +94,8 @@ def _plane_axes(kji: np.ndarray):
 
 
 def _normal_axis(kji: np.ndarray) -> int:
-    """The voxel axis closest to the normal of the plane the points were drawn on (for a line, the axis it spans
-    least)."""
+    """The voxel axis closest to the normal of the plane the points were drawn on; for a line, the axis it spans
+    least (a stroke straight along a voxel axis fits two planes: the first, K, is taken, where most are drawn)."""
     centred = kji - kji.mean(axis=0)
     if len(kji) >= 3 and np.linalg.matrix_rank(centred, tol=1e-6) >= 2:
         return int(np.argmax(np.abs(_plane_axes(kji)[0])))
