@@ -188,6 +188,7 @@ class FakeRunPod:
     create_fault: tuple = None  # (status, detail): the next create answers this although it created the pod
     action_fault: tuple = None  # (status, detail): the next action answers this although it was done
     rate_limit_every: int = 0  # every Nth API request answers 429
+    graphql_rate_limited: bool = False  # /graphql answers every request 429 (RunPod rate-limits it ahead of retiring it)
     retry_after_s: int = 1
     balance: float = 25.0  # at 0, creates answer 402
     graphql_retired: int = 0  # once set, the status /graphql answers: 410 Gone (a retired API) or 404
@@ -353,7 +354,8 @@ class FakeRunPod:
             key = authorization.removeprefix("Bearer ")
             if not authorization.startswith("Bearer ") or key not in {self.api_key, *self.limited_keys}:
                 return (*_problem(401, "Invalid or missing API key."), {})
-            if self.rate_limit_every and self._count % self.rate_limit_every == 0:
+            if (self.rate_limit_every and self._count % self.rate_limit_every == 0
+                    or self.graphql_rate_limited and path == "/graphql"):
                 self.rate_limited += 1
                 return (*_problem(429, "Too many requests."), {"Retry-After": str(self.retry_after_s)})
             self._advance()

@@ -465,3 +465,12 @@ def test_a_pod_in_error_still_bills_a_stopped_one_only_for_its_volume(backend, f
     backend.stop(failing.id)
     assert sorted(p.status for p in backend.pods()) == ["ERROR", "EXITED"]
     assert spend_per_hr(backend.pods()) == 0.69  # the pod in ERROR, not the stopped one
+
+
+def test_a_graphql_that_refuses_every_try_creates_through_v2_and_says_what_that_leaves(backend, fake, virtual, caplog):
+    """RunPod tightens GraphQL's rate limits ahead of retiring it: after its retries a start goes on through v2
+    (without RunPod's own end, which only GraphQL sets) instead of failing."""
+    fake.graphql_rate_limited = True
+    pod = backend.create(PodSpec("NVIDIA L40S", image="x", terminate_after="2030-01-01T00:00:00Z"))
+    assert creates(fake)[-1] == ("POST", "/v2/pods") and fake.pods[pod.id]["terminateAfter"] is None
+    assert "without RunPod's own end at the maximum lifetime (its agent still ends it)" in caplog.text

@@ -11,6 +11,7 @@ which RunPod still lists as TERMINATED for a while, counts as gone.
 
 import functools
 import json
+import logging
 import os
 import queue
 import re
@@ -54,6 +55,8 @@ CAPACITY_SENTENCE = ("RunPod has no capacity for that GPU right now: choose anot
 CREATE = ("mutation Create($input: PodFindAndDeployOnDemandInput) { podFindAndDeployOnDemand(input: $input) "
           "{ id name desiredStatus costPerHr } }")
 
+log = logging.getLogger("segmentation-machine")
+
 
 class PodsError(UserError):
     """RunPod refused or failed; the message is the sentence to show."""
@@ -61,6 +64,10 @@ class PodsError(UserError):
 
 class CapacityError(PodsError):
     """The chosen GPU type has no capacity right now."""
+
+
+class RateLimited(PodsError):
+    """RunPod answered 429 to every try."""
 
 
 @dataclass(frozen=True)
@@ -273,9 +280,15 @@ class RunPodRest:
 
     def _create_with_graphql(self, spec: PodSpec, secret_values):
         """Creates through GraphQL, the only API that takes terminateAfter and stopAfter; None once GraphQL is
-        retired."""
-        response = self._request("POST", "", body={"query": CREATE, "variables": {"input": _graphql_input(spec)}},
-                                 create=True, url=self.graphql_url)
+        retired, or while it refuses every try (its rate limits tighten ahead of its retirement): then v2 creates
+        without a server-side end, and the pod's agent alone ends it."""
+        try:
+            response = self._request("POST", "", body={"query": CREATE, "variables": {"input": _graphql_input(spec)}},
+                                     create=True, url=self.graphql_url)
+        except RateLimited:
+            log.warning("RunPod's GraphQL API refuses every request (rate limit): the pod is created through its REST "
+                        "API, without RunPod's own end at the maximum lifetime (its agent still ends it).")
+            return None
         if response.status_code in (404, 410):
             return None  # GraphQL is gone: v2 creates without a server-side end
         answer = _created(response, secret_values)
@@ -355,7 +368,7 @@ class RunPodRest:
                     raise PodsError(problem) from None
             if response is not None and response.status_code == 429:
                 if wait is None:
-                    raise PodsError("RunPod keeps refusing requests (rate limit): try again in a minute.")
+                    raise RateLimited("RunPod keeps refusing requests (rate limit): try again in a minute.")
                 self._sleep(_retry_after(response, wait))
                 continue
             unknown = response is None or response.status_code >= 500 or (
