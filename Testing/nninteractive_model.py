@@ -207,6 +207,7 @@ def write_model_folder(
     image_weight: float = 0.0,
     out_of_memory: bool = False,
     passes_before_failing: int = 0,
+    initial_label: bool = True,
 ) -> Path:
     """Write the model folder and return its path. patch_size must be >= 64 in practice
     (the server's refinement margin is 24 voxels per side) and divisible by 2. delay_s > 0 makes
@@ -215,7 +216,8 @@ def write_model_folder(
     with an output layer that always says background. image_weight: the (z-scored) image's vote: at 0.3,
     voxels more than 1.7 standard deviations above the image's mean are foreground wherever the model
     looks. out_of_memory: every prediction fails as on a GPU whose memory ran out (after passes_before_failing
-    forward passes that work)."""
+    forward passes that work). initial_label: whether it reports taking a segment's voxels to start from (the
+    official weights do; a custom model may not)."""
     folder = Path(folder)
     if official_architecture:
         patch_size = 192
@@ -230,7 +232,7 @@ def write_model_folder(
         "interaction_decay": interaction_decay,
         "pad_mode_image": "constant",
         "supported_interactions": OFFICIAL_SUPPORTED_INTERACTIONS,
-        "supports_initial_label": True,
+        "supports_initial_label": initial_label,
         "supports_zero_shot_label_refinement": True,
         "interaction_channels": NUM_INTERACTION_CHANNELS_WITHOUT_PREV_SEG,
         "channel_mapping": CHANNEL_MAPPING,

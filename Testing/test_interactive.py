@@ -373,6 +373,29 @@ def test_resumes_after_the_session_is_reaped_and_after_a_server_restart(model_di
         reaping.stop()
 
 
+def test_a_model_that_cannot_start_from_a_segment_says_so_when_prompting_into_one_with_voxels(tmp_path, scene_parts):
+    """A custom model (--model-dir) may not take a segment's voxels to start from: its result then replaces them
+    around the prompt, which the status line says (the official weights take them)."""
+    volume, segmentation, _, editor = scene_parts
+    block = np.zeros(SHAPE, bool)
+    block[5:9, 5:9, 5:9] = True
+    painted = add_segment_from_mask(segmentation, block, oblique_matrix(), "painted", (1, 0, 0))
+    custom = Server(write_model_folder(tmp_path / "model", initial_label=False), KEY).start()
+    try:
+        messages = []
+        session = InteractiveSession(custom.url, KEY, status=messages.append)
+        session.connect()
+        session.set_volume(volume)
+        session.select_segment(SegmentTarget(segmentation, painted, editor))
+        session.add(Prompt("point", True, ras=ras((20, 20, 20))))
+        assert messages == ["This server's model cannot start from the segment's voxels: around the prompt its "
+                            "result replaces them (Undo brings them back); prompt into a new segment to keep them "
+                            "apart."]
+        session.close()
+    finally:
+        custom.stop()
+
+
 def counts(server) -> tuple:
     """(claims, volume uploads, points the model started on), from the server's log."""
     return tuple(server.count(text) for text in ('"POST /claim', '"POST /set_image', "Added new point interaction"))

@@ -665,6 +665,9 @@ class InteractiveSession:
         self._server_can_undo = False
         if seed.any() and self.capabilities.initial_mask:
             client.add_initial_seg_interaction(seed)
+        elif seed.any():
+            self.status("This server's model cannot start from the segment's voxels: around the prompt its result "
+                        "replaces them (Undo brings them back); prompt into a new segment to keep them apart.")
 
     def _require(self, interactions, what: str, advice: str):
         """The server answers HTTP 400 to what its model does not take: refused here, in one sentence."""
