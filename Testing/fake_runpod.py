@@ -373,6 +373,8 @@ class FakeRunPod:
             raise _Failure(404, "No such endpoint.")
         if method == "GET" and parts[1:] == ["catalog", "gpus"]:
             return 200, {"gpus": _catalog(query)}
+        if method == "GET" and parts[1:] == ["billing", "pods"]:
+            return 200, self._pod_billing(query)
         if parts[1:2] != ["pods"]:
             raise _Failure(404, "No such endpoint.")
         if len(parts) == 2:
@@ -572,6 +574,28 @@ class FakeRunPod:
         # RunPod: the pod's own volume "is deleted when the Pod is terminated"; a network volume stays.
         if volume is not None and not pod["mounts"].get("network"):
             shutil.rmtree(volume)
+
+    def _pod_billing(self, query: dict) -> dict:
+        """GET /v2/billing/pods (ListPodBillingResponse): one record per pod in the current day bucket, its GPU time
+        over all its starts at its rate (the fake bills no disk); podId narrows it to one pod."""
+        bucket = query.get("bucketSize", ["day"])[0]
+        if bucket not in ("hour", "day", "week", "month", "year"):
+            raise _Failure(422, "Request validation failed.", ["bucketSize: value not allowed"])
+        if "lastN" in query and ({"startTime", "endTime"} & set(query)):
+            raise _Failure(400, "lastN is mutually exclusive with startTime and endTime.")
+        wanted = query.get("podId", [None])[0]
+        records = []
+        for pod in [*self.pods.values(), *self.ended.values()]:
+            if wanted in (None, pod["id"]):
+                amount = round((pod["stoppedUptime"] + self._uptime(pod)) / 3600 * pod["cost"], 6)
+                records.append({"startTime": _iso(self.clock()), "endTime": _iso(self.clock() + 86400),
+                                "podId": pod["id"], "totalAmount": amount, "gpuAmount": amount, "cpuAmount": 0,
+                                "diskAmount": 0})
+        totals = {name: round(sum(r[name] for r in records), 6)
+                  for name in ("totalAmount", "gpuAmount", "cpuAmount", "diskAmount")}
+        return {"records": records, "metadata": {"query": {"bucketSize": bucket, "podId": wanted},
+                                                 "recordCount": len(records), "uniquePodCount": len(records),
+                                                 "totals": totals}}
 
     def _uptime(self, pod) -> float:
         return self.clock() - pod["started"] if pod["status"] in ("RUNNING", "ERROR") else 0.0

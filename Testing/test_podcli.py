@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -116,6 +117,8 @@ def test_a_stopped_pod_is_resumed_and_connected_again(env, fake):
     assert status.splitlines()[0].endswith("; stopped, its 50 GB volume costs $10.00/month until it is terminated, "
                                            "and is kept while the account has credit (at $0 RunPod terminates pods "
                                            "without a network volume)")
+    assert re.search(r"^  Billed by RunPod since it was created: \$\d+\.\d\d \(GPU and disk, all its starts\)\.$",
+                     status, re.M), status  # what it cost while it ran, though stopped now
     resumed = pod(env, "resume", pod_id, "--detach")
     assert resumed.returncode == 0, resumed.stderr
     assert fake.pods[pod_id]["status"] == "RUNNING" and f"Ready: pod {pod_id}" in resumed.stdout

@@ -474,3 +474,17 @@ def test_a_graphql_that_refuses_every_try_creates_through_v2_and_says_what_that_
     pod = backend.create(PodSpec("NVIDIA L40S", image="x", terminate_after="2030-01-01T00:00:00Z"))
     assert creates(fake)[-1] == ("POST", "/v2/pods") and fake.pods[pod.id]["terminateAfter"] is None
     assert "without RunPod's own end at the maximum lifetime (its agent still ends it)" in caplog.text
+
+
+def test_runpods_billing_counts_every_start_where_the_pods_uptime_counts_the_last(backend, fake, virtual):
+    """v2's uptime restarts with the container (a resume, a crash restart); its billing does not."""
+    pod = backend.create(PodSpec("NVIDIA L40S", image="x"))  # $0.86/h
+    backend._sleep(3600)
+    backend.stop(pod.id)
+    backend.resume(pod.id)
+    backend._sleep(1800)
+    pod = backend.get(pod.id)
+    assert pod.created_at and pod.cost_since_started == pytest.approx(0.43, abs=0.01)
+    assert backend.billed(pod) == pytest.approx(0.86 * 1.5, abs=0.01)
+    [(method, path, _)] = [r for r in fake.requests if "/billing/" in r[1]]
+    assert path == f"/v2/billing/pods?podId={pod.id}&bucketSize=day&startTime={pod.created_at.replace(':', '%3A')}"

@@ -237,6 +237,7 @@ def _status(cloud: CloudGpu, args):
             print(f"{pod_id}: terminated.")
             continue
         print(_pod_line(pod))
+        print(f"  {_billed(cloud, pod)}")
         started = recorded_pod(cloud.records, pod_id)
         if started is None:
             continue
@@ -244,6 +245,14 @@ def _status(cloud: CloudGpu, args):
         if args.show_secrets:
             for name, value in started.secrets.items():
                 print(f"  {name}={value}")
+
+
+def _billed(cloud: CloudGpu, pod) -> str:
+    """RunPod's own figure for what the pod has cost over all its starts (the lines above count since the last)."""
+    try:
+        return f"Billed by RunPod since it was created: ${cloud.backend.billed(pod):.2f} (GPU and disk, all its starts)."
+    except PodsError as error:
+        return f"RunPod's billing for it could not be read ({error})"
 
 
 def _list(cloud: CloudGpu, args):

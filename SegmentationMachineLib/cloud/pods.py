@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from ..core.errors import UserError, causes, untrusted_certificate
 from ..core.files import printable
@@ -115,6 +115,7 @@ class Pod:
     ports: list  # private ports listed by the runtime
     volume_gb: int = 0
     network_volume: str = ""  # the network volume's id, where the pod mounts one instead of a volume of its own
+    created_at: str = ""  # RFC 3339, as RunPod reports it
     terminate_after: str = None  # when RunPod itself terminates it; known only to the create that set it
 
     @property
@@ -176,6 +177,12 @@ class RunPodRest:
             return None
         pod = _pod(_checked(response))
         return None if pod.status == "TERMINATED" else pod
+
+    def billed(self, pod: Pod) -> float:
+        """What RunPod's billing says the pod has cost since it was created, over all its starts, GPU and disk
+        (v2's /billing/pods, in day buckets, the current one included)."""
+        query = {"podId": pod.id, "bucketSize": "day", **({"startTime": pod.created_at} if pod.created_at else {})}
+        return _billed_total(self._json("GET", f"/billing/pods?{urlencode(query)}"))
 
     def named(self, name: str) -> list:
         return [p for p in self.pods() if p.name == name]
@@ -590,6 +597,12 @@ def _created_id(answer: dict) -> str:
 
 
 @_readable
+def _billed_total(answer: dict) -> float:
+    """ListPodBillingResponse: the totals over its records, in USD."""
+    return float(answer["metadata"]["totals"]["totalAmount"])
+
+
+@_readable
 def _gpu_type(data: dict) -> GpuType:
     """A v2 catalog entry (GpuType); availability is NONE, LOW, MEDIUM or HIGH."""
     price = data.get("price") or {}
@@ -609,4 +622,4 @@ def _pod(data: dict) -> Pod:
                gpu=(data.get("gpu") or {}).get("id", ""), cost_per_hr=float(data.get("cost") or 0),
                uptime_s=int(runtime.get("uptime") or 0), runtime_ready=bool(runtime),
                ports=[p["private"] for p in runtime.get("ports") or []], volume_gb=int(persistent.get("size") or 0),
-               network_volume=str(network[0].get("volumeId") or ""))
+               network_volume=str(network[0].get("volumeId") or ""), created_at=str(data.get("createdAt") or ""))
