@@ -222,7 +222,7 @@ class CloudSection:
             qt.QMessageBox.NoButton, slicer.util.mainWindow())
         end = box.addButton(_("Stop desktop pods, terminate the others") if desktops else _("Terminate"),
                             qt.QMessageBox.AcceptRole)
-        terminate = box.addButton(_("Terminate all"), qt.QMessageBox.DestructiveRole) if desktops else end
+        terminate = box.addButton(_("Terminate all"), qt.QMessageBox.DestructiveRole) if desktops else None
         keep = box.addButton(_("Keep running"), qt.QMessageBox.RejectRole)
         box.setInformativeText(
             (_("A stopped desktop pod keeps your uploads, scenes and exports on its volume, which bills "

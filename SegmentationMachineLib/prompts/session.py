@@ -663,9 +663,11 @@ class InteractiveSession:
         client.set_target_buffer(self._mirror)
         client.reset_interactions()
         self._server_can_undo = False
-        if seed.any() and self.capabilities.initial_mask:
+        if not seed.any():
+            return
+        if self.capabilities.initial_mask:
             client.add_initial_seg_interaction(seed)
-        elif seed.any():
+        else:
             self.status("This server's model cannot start from the segment's voxels: around the prompt its result "
                         "replaces them (Undo brings them back); prompt into a new segment to keep them apart.")
 
