@@ -408,6 +408,55 @@ def test_a_resumed_desktop_delivers_no_series_twice(tmp_path, monkeypatch):
     assert session(tmp_path / "home-after-resume") == []
 
 
+def run_desktop_entrypoint(tmp_path) -> subprocess.CompletedProcess:
+    """docker/entrypoint.sh in desktop mode, for real, its paths moved under tmp_path: the desktop user is whoever
+    runs the test, the renderer writes a desktop supervisord.conf, and supervisord is `true`."""
+    app, conf = tmp_path / "app", tmp_path / "conf"
+    (app / "docker").mkdir(parents=True, exist_ok=True)
+    (app / "docker/render_config.py").write_text(
+        f"from pathlib import Path\nPath({str(conf)!r}).mkdir(exist_ok=True)\n"
+        f"Path({str(conf)!r}, 'supervisord.conf').write_text('[program:vnc]\\n')\n")
+    (tmp_path / "credentials").write_text("SM_VNC_PASSWORD=secret\n")
+    script = re.sub(r"-o (\w+) -g \1 ", "", (DOCKER / "entrypoint.sh").read_text())
+    for image_path, moved in (("APP=/opt/segmentation-machine", f"APP={app}"), ("CONF=/etc/segmentation-machine", f"CONF={conf}"),
+                              ("/root/.segmentation-machine/credentials", f"{tmp_path}/credentials"),
+                              ("DESKTOP_HOME=/home/sm", f"DESKTOP_HOME={tmp_path}/home"), ("runuser -u sm -- ", ""),
+                              ("/opt/TurboVNC/bin/vncpasswd -f", "cat"), ("/workspace", f"{tmp_path}/workspace"),
+                              ("/run/segmentation-machine /var/log/segmentation-machine", f"{tmp_path}/run"),
+                              ("/usr/bin/supervisord", "true")):
+        assert image_path in script, image_path
+        script = script.replace(image_path, moved)
+    (tmp_path / "entrypoint.sh").write_text(script)
+    (tmp_path / "home" / ".config").mkdir(parents=True)  # as the image has it
+    return subprocess.run(["bash", str(tmp_path / "entrypoint.sh")], capture_output=True, text=True, timeout=30)
+
+
+def test_a_stopped_desktop_keeps_its_orcaslicer_profiles_and_dicom_database(tmp_path):
+    """A stop wipes the container disk, the desktop user's home with it: a lab's printer set up in OrcaSlicer
+    (~/.config/OrcaSlicer) and Slicer's DICOM database (~/Documents/SlicerDICOMDatabase) were gone at every resume.
+    They live on the volume, and they alone do not make the agent keep a pod billing for its volume."""
+    from SegmentationMachineLib.cloud.podagent import holds_user_files
+
+    home, volume = tmp_path / "home", tmp_path / "workspace"
+    printer = Path(".config/OrcaSlicer/user/default/machine/Lab printer 0.4 nozzle.json")
+    database = Path("Documents/SlicerDICOMDatabase/ctkDICOM.sql")
+    started = run_desktop_entrypoint(tmp_path)
+    assert started.returncode == 0 and "preparing the pod failed" not in started.stderr, started.stderr
+    for written in (printer, database):
+        (home / written).parent.mkdir(parents=True, exist_ok=True)
+        (home / written).write_text("the user's")
+    assert (home / "SegmentationMachine/Exports").resolve() == volume / "exports"
+    shutil.rmtree(home)  # the stop
+    started = run_desktop_entrypoint(tmp_path)
+    assert started.returncode == 0 and "preparing the pod failed" not in started.stderr, started.stderr
+    assert (home / printer).read_text() == (home / database).read_text() == "the user's"
+    assert (volume / ".desktop/OrcaSlicer" / printer.relative_to(".config/OrcaSlicer")).is_file()
+    assert not holds_user_files(volume)  # settings only: an idle pod is still terminated, not kept billing
+    (volume / "exports" / "Bone_20261127-010000").mkdir()
+    (volume / "exports" / "Bone_20261127-010000" / "report.json").write_text("{}")
+    assert holds_user_files(volume)
+
+
 def test_desktop_icons_run_scripts_that_exist():
     icons = sorted((DOCKER / "desktop").glob("*.desktop"))
     assert {p.stem for p in icons} == {"slicer", "export", "send-to-printer"}

@@ -46,6 +46,14 @@ if grep -q '^\[program:vnc\]' "$CONF/supervisord.conf"; then  # desktop mode
     as_sm mkdir -p "$DESKTOP_HOME/SegmentationMachine"
     # The module exports to ~/SegmentationMachine/Exports: keep them on the volume, downloadable.
     [ -e "$DESKTOP_HOME/SegmentationMachine/Exports" ] || as_sm ln -sfn /workspace/exports "$DESKTOP_HOME/SegmentationMachine/Exports"
+    # The desktop's settings too: OrcaSlicer's printer, filament and process profiles, and Slicer's DICOM database
+    # (at Slicer's default place). Settings and an index only, never what the user brought: the pod agent does not
+    # count /workspace/.desktop as the user's files when it chooses between stopping and terminating.
+    install -d -m 0700 -o sm -g sm /workspace/.desktop
+    for kept in .config/OrcaSlicer Documents/SlicerDICOMDatabase; do
+        as_sm mkdir -p "/workspace/.desktop/${kept##*/}" "$DESKTOP_HOME/${kept%/*}"
+        [ -e "$DESKTOP_HOME/$kept" ] || as_sm ln -sfn "/workspace/.desktop/${kept##*/}" "$DESKTOP_HOME/$kept"
+    done
     # TurboVNC's obfuscated password file (VNC uses the first 8 characters), written by the user.
     if ! credential SM_VNC_PASSWORD | as_sm /opt/TurboVNC/bin/vncpasswd -f | as_sm tee "$DESKTOP_HOME/.vnc/passwd" >/dev/null; then
         echo "segmentation-machine: could not write the VNC password file ($DESKTOP_HOME/.vnc/passwd); the desktop refuses every login." >&2

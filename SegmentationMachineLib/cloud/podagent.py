@@ -44,8 +44,9 @@ WORKSPACE = "/workspace"  # the pod's volume
 # The agent's folder on the volume (the entrypoint makes it the agent's): running.json, the pod's running time
 # over all its starts; notice, what the desktop shows (docker/desktop/sm-pod-notices) before the pod ends.
 AGENT_FOLDER = ".pod-agent"
-# What the image itself keeps on the volume (and a file system's lost+found); any other file there is the user's.
-IMAGE_ENTRIES = {"nninteractive", AGENT_FOLDER, ".inbox-state", ".uploads", "lost+found"}
+# What the image itself keeps on the volume (the desktop's settings included; and a file system's lost+found); any
+# other file there is the user's.
+IMAGE_ENTRIES = {"nninteractive", AGENT_FOLDER, ".inbox-state", ".uploads", ".desktop", "lost+found"}
 
 
 @dataclass(frozen=True)
