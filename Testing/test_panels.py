@@ -47,6 +47,8 @@ def test_presets_then_export_then_print_as_the_widget_does(ctx, phantom_dir, tmp
     assert export.status.startswith("OrcaSlicer is not at the configured path") and export.orcaslicer_missing
     orca = tmp_path / "OrcaSlicer"  # where the user says it is, when the module asks
     orca.write_text("#!/bin/sh\n")
+    export.send_to_printer(str(orca), env={"PATH": ""})  # as a browser saved it: asking again would not help
+    assert "may not be run" in export.status and not export.orcaslicer_missing
     orca.chmod(0o755)
     export.send_to_printer(str(orca), env={"PATH": ""})
     assert export.status == "Opened in OrcaSlicer." and not export.orcaslicer_missing

@@ -183,6 +183,16 @@ def test_usual_install_places(tmp_path):
     assert find_orcaslicer(env={"SM_ORCASLICER": str(configured)}, home=tmp_path).command == [str(configured)]
 
 
+def test_a_downloaded_appimage_that_may_not_run_is_named_not_missing(tmp_path):
+    """Browsers save downloads without the permission to run them: 'not found' sent users looking elsewhere."""
+    appimage = tmp_path / "Downloads" / "OrcaSlicer_Linux_AppImage_Ubuntu2404_V2.3.1.AppImage"
+    appimage.parent.mkdir()
+    appimage.write_text("an AppImage")
+    for configured in (None, str(appimage)):
+        with pytest.raises(PrintError, match=r"may not be run .*chmod \+x"):
+            find_orcaslicer(configured, env={"PATH": ""}, platform="linux", home=tmp_path)
+
+
 def run_cli(*args, env=None, cwd=None):
     return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=600,
                           env={**os.environ, **(env or {})}, cwd=cwd, stdin=subprocess.DEVNULL)
@@ -215,6 +225,10 @@ def test_export_command_names_labels_from_json(shared_data, tmp_path):
     (["model", "{tmp}", "--format", "ply"], "Unknown export format 'ply'"),
     (["print", "{tmp}"], "No 3MF or STL model"),
     (["export", "{tmp}/none.nii.gz"], "is not a file"),
+    # --print's needs are found before the work, not after minutes of it
+    (["model", "--format", "obj,glb", "--print", "--out", "{tmp}/out"], "add 3mf or stl to --format"),
+    (["model", "--print", "--orcaslicer", "{tmp}/notes.txt", "--out", "{tmp}/out"], "may not be run"),
+    (["model", "--print", "--out", "{tmp}/out"], "OrcaSlicer was not found"),
 ])
 def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path, args, sentence):
     (tmp_path / "notes.txt").write_text("not DICOM")

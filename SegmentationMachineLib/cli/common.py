@@ -94,7 +94,19 @@ def export_options(args):
                             surface=SurfaceOptions(SurfaceMethod(args.method), args.smoothing, args.decimate))
     if not getattr(args, "list", False):  # --list writes nothing
         writable_folder(args.out)
+        if getattr(args, "send_to_printer", False):
+            ready_to_print(args, options.formats)
     return options
+
+
+def ready_to_print(args, formats):
+    """--print's needs, before the work: a model OrcaSlicer opens, and OrcaSlicer."""
+    from ..mesh.printing import DOWNLOAD_HINT, OrcaSlicerNotFound, find_orcaslicer
+
+    if not {"stl", "3mf"} & set(formats):
+        raise UserError("--print opens the export's 3MF or STL in OrcaSlicer: add 3mf or stl to --format.")
+    if find_orcaslicer(args.orcaslicer) is None:
+        raise OrcaSlicerNotFound(f"OrcaSlicer was not found: {DOWNLOAD_HINT}.")
 
 
 def writable_folder(folder: Path, option: str = "--out") -> Path:

@@ -40,6 +40,12 @@ def _from_path(path: Path, found: str):
     return None
 
 
+def _not_executable(path: Path) -> PrintError:
+    """A browser saves a downloaded AppImage without the permission to run it (found: the module asks nothing)."""
+    return PrintError(f"OrcaSlicer's {path} may not be run (a downloaded AppImage is saved that way): "
+                              f"allow it (chmod +x '{path}', or Properties > Permissions) and try again.")
+
+
 def _candidates(platform: str, env, home: Path):
     if platform == "darwin":
         for root in (Path("/Applications"), home / "Applications"):
@@ -78,6 +84,8 @@ def find_orcaslicer(configured: str = None, env=None, platform: str = None, home
     configured = configured or env.get(SETTING_ENV)
     if configured:
         found = _from_path(Path(configured), "the configured path")
+        if found is None and Path(configured).expanduser().is_file():
+            raise _not_executable(Path(configured).expanduser())
         if found is None:
             raise OrcaSlicerNotFound(f"OrcaSlicer is not at the configured path {configured}: fix the path or "
                                      f"{DOWNLOAD_HINT}.")
@@ -86,11 +94,16 @@ def find_orcaslicer(configured: str = None, env=None, platform: str = None, home
         executable = which(name, path=env.get("PATH"))
         if executable:
             return OrcaSlicer([executable], "PATH")
+    not_runnable = None
     for path, found in _candidates(platform, env, home):
         orca = _from_path(path, found)
         if orca:
             return orca
-    return _flatpak(env, home, which)
+        not_runnable = not_runnable or (path if path.is_file() else None)
+    orca = _flatpak(env, home, which)
+    if orca is None and not_runnable:
+        raise _not_executable(not_runnable)
+    return orca
 
 
 def model_files(path) -> list:
