@@ -242,6 +242,28 @@ def test_seg_of_a_series_without_patient_attributes_is_written(tmp_path):
 
 
 @needs_highdicom
+def test_a_seg_of_a_series_given_by_a_relative_path_puts_each_frame_on_its_own_image(shared_data, tmp_path,
+                                                                                    monkeypatch):
+    """Given a relative folder, Slicer's volume loader kept every file twice (relative and absolute): the SEG then
+    referred to each image twice and put its frames on the wrong images, which Slicer (dcmqi) and PACS viewers
+    show in the wrong slices, with nothing to warn."""
+    import highdicom
+    import pydicom
+
+    monkeypatch.chdir(DATA)
+    assert main(["model", "dcmqi/ct-3slice", "--preset", "bone", "--format", "seg", "--out", str(tmp_path),
+                 "--quiet"]) == 0
+    seg = highdicom.seg.segread(next(tmp_path.glob("*/segmentation.dcm")))
+    position = {d.SOPInstanceUID: [float(v) for v in d.ImagePositionPatient]
+                for d in (pydicom.dcmread(p, stop_before_pixels=True) for p in UNCOMPRESSED_SERIES.glob("*.dcm"))}
+    referenced = [i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence]
+    assert sorted(referenced) == sorted(position)  # each image once
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        source = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient] == position[source]
+
+
+@needs_highdicom
 def test_seg_without_a_dicom_series_is_one_sentence_before_any_work(ctx, shared_data, tmp_path):
     on_nifti = load_segmentation(ctx, DATA / "totalsegmentator" / "example_seg.nii.gz")
     with pytest.raises(ExportError, match="DICOM SEG needs the DICOM series"):

@@ -41,11 +41,14 @@ def load_series(ctx: SceneContext, series: DicomSeries) -> LoadedVolume:
     if gone:  # e.g. an inbox that `listen --keep-received` cleaned between listing and loading
         raise InputError(f"Series {series.name} was not loaded: {gone} of its {len(series.files)} files are gone from "
                          f"{Path(series.files[0]).parent} (moved or removed since they arrived); send or copy it again.")
+    # Absolute names: given a relative one, the storage node keeps every file twice (relative and absolute), and a
+    # DICOM SEG made from that list put its frames on the wrong images.
+    files = [str(Path(path).absolute()) for path in series.files]
     file_list = vtk.vtkStringArray()
-    for path in series.files:
-        file_list.InsertNextValue(str(path))
+    for path in files:
+        file_list.InsertNextValue(path)
     name = series.description or f"Series {series.series_number}".strip()
-    node = ctx.volumes_logic.AddArchetypeVolume(str(series.files[0]), name, 0, file_list)
+    node = ctx.volumes_logic.AddArchetypeVolume(files[0], name, 0, file_list)
     if node is None or node.GetImageData() is None:
         raise InputError(f"Slicer's DICOM reader could not read series {series.name} "
                          f"(first file {series.files[0]}): check that the files are complete.")

@@ -153,7 +153,8 @@ def check_seg_export(segmentation_node, dicom_database=None) -> list:
                           "was not made on one: segment a loaded DICOM series (in the CLI: --volume FOLDER) to make a SEG; "
                           "STL, OBJ, 3MF and glTF need none.")
     source_dataset(files[0])
-    return [str(Path(name).absolute()) for name in files]
+    # Once each: a storage node given relative names keeps each file twice, relative and absolute.
+    return list(dict.fromkeys(str(Path(name).absolute()) for name in files))
 
 
 def match_sources(seg: SegInput) -> SegInput:
