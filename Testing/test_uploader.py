@@ -136,6 +136,16 @@ def test_a_broken_off_upload_never_appears_and_resumes_where_it_stopped(uploader
     assert "Traceback" not in uploader.stop()
 
 
+def test_a_broken_off_file_is_never_joined_to_another_file_of_the_same_name_and_size(uploader):
+    """Patient A's upload broke off inside DICOM/IM000037; patient B's CD export has a file of that name and, as
+    uncompressed slices do, that size. B's file must arrive as B's bytes, not as A's header with B's pixels."""
+    a, b = b"patient A " * 60_000, b"patient B " * 60_000
+    assert uploader.put("DICOM/IM000037", a[:250_000], size=len(a)).json() == {"received": 250_000}  # then cut off
+    answer = uploader.put("DICOM/IM000037", b, size=len(b))  # the page starts every file at byte 0
+    assert answer.status_code == 200 and answer.json()["saved"] == "DICOM/IM000037"
+    assert (uploader.inbox / "DICOM/IM000037").read_bytes() == b and list(uploader.staging.iterdir()) == []
+
+
 def test_an_upload_never_replaces_a_file_in_the_inbox(uploader):
     uploader.inbox.mkdir(parents=True, exist_ok=True)
     (uploader.inbox / "report.pdf").write_bytes(b"the user's own")

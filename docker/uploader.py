@@ -10,7 +10,8 @@ other listing or download, no deleting, no shell.
 A file arrives in chunks (`PUT /upload?path=a/b.dcm&size=N&offset=K`, each under RunPod's proxy body
 cap) appended to a part file in the staging folder, outside the inbox. Only the last chunk moves it
 under its final name, at once and never over an existing file, so the inbox watcher never sees half a
-file. A chunk that fails is resumed from the byte the server reports (409 with `received`).
+file. A chunk that fails is resumed from the byte the server reports (409 with `received`); a part whose
+first bytes are not the file's is another file's, of the same name and size, and is started afresh.
 """
 
 import argparse
@@ -72,10 +73,21 @@ def receive(inbox: Path, staging: Path, relative: str, size: int, offset: int, b
     part = part_file(staging, relative, size)
     if offset == 0 and shutil.disk_usage(staging).free < size:
         raise Refused(507, f"The pod's volume has no room for {relative} ({size / 2**20:.0f} MiB).")
-    with open(part, "ab") as out:
+    with open(part, "a+b") as out:
         received = out.tell()
+        head = b""
+        if offset == 0 and received:  # a part of this name and size: this file's, or another's that broke off
+            head = body.read(min(received, length, BLOCK))
+            out.seek(0)
+            if out.read(len(head)) == head:
+                raise Refused(409, "Resume from the byte the pod has.", received=received)
+            # Another file's (a CD export of another patient names its files alike): never joined, started afresh.
+            out.truncate(0)
+            received = 0
         if received != offset:  # a chunk was lost or repeated: the page resumes from here
             raise Refused(409, "Resume from the byte the pod has.", received=received)
+        out.write(head)
+        length -= len(head)
         while length:
             block = body.read(min(BLOCK, length))
             if not block:
