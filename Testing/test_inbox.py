@@ -164,6 +164,53 @@ def test_zip_is_extracted_to_scratch_and_dangerous_members_refused(folders, shar
     inbox.stop()
 
 
+def test_a_finder_zip_loads_without_a_line_for_each_of_its_hidden_files(folders, shared_data):
+    """macOS Finder's Compress adds __MACOSX/._name beside every file with extended attributes, and .DS_Store."""
+    inbox_folder, state, uploaded = folders
+    with zipfile.ZipFile(inbox_folder / "study.zip", "w") as package:
+        for path in sorted(UNCOMPRESSED_SERIES.iterdir()):
+            package.write(path, f"study/{path.name}")
+            package.writestr(f"__MACOSX/study/._{path.name}", b"\0\5\26\7 AppleDouble")
+        package.writestr("study/.DS_Store", b"Bud1")
+    uploaded()
+    inbox = started(inbox_folder, state)
+    deliveries = poll_until(inbox, SETTLE + 4)
+    assert len(deliveries) == 1 and len(deliveries[0].series.files) == 3 and inbox.bad_files == {}
+    inbox.stop()
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["file events", "polling"])
+def test_files_written_under_hidden_names_then_renamed_are_one_delivery(folders, shared_data, polling):
+    """rsync (and scp -r to a temporary name, and our pod's files page) writes each file under a hidden name and
+    renames it once complete: between two files nothing visible changes for as long as a file takes, which took
+    the files so far as a settled series, then again as an update for every file after."""
+    inbox_folder, state, uploaded = folders
+    target = inbox_folder / "study"
+    target.mkdir()
+
+    def rsync():
+        for path in sorted(UNCOMPRESSED_SERIES.iterdir()):
+            data, temporary = path.read_bytes(), target / f".{path.name}.Xa81Qz"
+            with open(temporary, "wb") as out:
+                for start in range(0, len(data), len(data) // 8 + 1):  # 8 writes over 1.6 x the settle time
+                    out.write(data[start:start + len(data) // 8 + 1])
+                    out.flush()
+                    time.sleep(SETTLE / 5)
+            os.rename(temporary, target / path.name)
+
+    inbox = started(inbox_folder, state, polling=polling, poll_interval=0.2)
+    writer = threading.Thread(target=rsync)
+    writer.start()
+    deliveries = []
+    while writer.is_alive():
+        deliveries += inbox.poll()
+        time.sleep(0.1)
+    uploaded()
+    deliveries += poll_until(inbox, SETTLE + 3)
+    assert [len(d.series.files) for d in deliveries] == [3]
+    inbox.stop()
+
+
 def test_same_upload_twice_is_not_delivered_twice_and_a_completed_series_is_an_update(folders, shared_data):
     inbox_folder, state, uploaded = folders
     files = sorted(JPEG2000_SERIES.iterdir())

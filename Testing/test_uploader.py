@@ -110,8 +110,10 @@ def test_a_big_file_in_chunks_appears_in_the_inbox_only_whole(uploader):
         assert answer.status_code == 200, answer.text
         if offset + chunk < len(data):
             assert answer.json() == {"received": offset + chunk}
-            assert not (uploader.inbox / "big").exists()  # nothing under the final name before the last byte
+            # nothing under the final name before the last byte: only the hidden mark that the folder is arriving
+            assert [p.name for p in (uploader.inbox / "big").iterdir()] == [".upload-in-progress"]
     saved = uploader.inbox / "big/volume.nii.gz"
+    assert [p.name for p in saved.parent.iterdir()] == ["volume.nii.gz"]
     assert hashlib.sha256(saved.read_bytes()).digest() == hashlib.sha256(data).digest()
     assert list(uploader.staging.iterdir()) == []
     assert uploader.put("big/huge.bin", b"", size=1 << 60).status_code == 507  # more than the volume holds

@@ -32,7 +32,10 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 USER = "sm"
 CHUNK_LIMIT = 64 * 1024 * 1024  # RunPod's proxy refuses bodies near 100 MB
-BLOCK = 1024 * 1024
+BLOCK = 256 * 1024
+# Touched in a file's folder in the inbox as its bytes arrive, removed once it is there: the inbox never reads a
+# hidden file, but holds a folder while one in it changes, so a series is not taken before its last file arrives.
+MARKER = ".upload-in-progress"
 MAX_DEPTH, MAX_PATH = 32, 1024
 
 log = logging.getLogger("segmentation-machine.uploader")
@@ -73,6 +76,7 @@ def receive(inbox: Path, staging: Path, relative: str, size: int, offset: int, b
     part = part_file(staging, relative, size)
     if offset == 0 and shutil.disk_usage(staging).free < size:
         raise Refused(507, f"The pod's volume has no room for {relative} ({size / 2**20:.0f} MiB).")
+    marker = inbox_folder(final, inbox) / MARKER
     with open(part, "a+b") as out:
         received = out.tell()
         head = b""
@@ -89,6 +93,7 @@ def receive(inbox: Path, staging: Path, relative: str, size: int, offset: int, b
         out.write(head)
         length -= len(head)
         while length:
+            marker.touch()
             block = body.read(min(BLOCK, length))
             if not block:
                 raise Refused(400, "The upload ended early; it resumes from the byte the pod has.",
@@ -101,16 +106,26 @@ def receive(inbox: Path, staging: Path, relative: str, size: int, offset: int, b
         out.flush()
         os.fsync(out.fileno())
     publish(part, final, inbox)
+    marker.unlink(missing_ok=True)
     log.info("Saved %s (%d bytes).", relative, size)
     return {"received": size, "saved": relative}
 
 
+def inbox_folder(final: Path, inbox: Path) -> Path:
+    """final's folder in the inbox, made where missing; refused where a link inside the inbox leads out of it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if not final.parent.resolve().is_relative_to(inbox.resolve()):
+        raise Refused(400, f"{final.parent.name} is a link out of the inbox.")
+    return final.parent
+
+
 def publish(part: Path, final: Path, inbox: Path):
     """Gives the complete part file its name in the inbox at once, never replacing a file there."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if not final.parent.resolve().is_relative_to(inbox.resolve()):  # a link inside the inbox pointing out
+    try:
+        inbox_folder(final, inbox)
+    except Refused:
         part.unlink()
-        raise Refused(400, f"{final.parent.name} is a link out of the inbox.")
+        raise
     try:
         os.link(part, final)  # atomic, and fails when the name exists
     except FileExistsError:

@@ -170,6 +170,9 @@ class Inbox:
         self._unread = set()  # paths not read since they last changed
         self._recent = {}  # path -> when it changed, while within the settle time
         self._growing = {}  # path -> when it changed, for files that read as cut short (held)
+        # Hidden files (rsync's .name.XXXXXX, the files page's marker) are never read, but one being written means
+        # its folder is still arriving: path -> (size, mtime_ns, when it changed; None once quiet for the settle time)
+        self._hidden = {}
         self._held = {}  # series key -> until when an incomplete-looking series is held
         self._changed = False  # readiness is recomputed only after something changed
         self._dirty = set()
@@ -262,6 +265,10 @@ class Inbox:
             if now - changed >= self.options.settle_seconds:
                 del self._recent[path]
                 self._changed = True  # a folder may have settled: its series may be ready now
+        for path, (size, mtime_ns, changed) in list(self._hidden.items()):
+            if changed is not None and now - changed >= self.options.settle_seconds:
+                self._hidden[path] = (size, mtime_ns, None)
+                self._changed = True
         for path, changed in list(self._growing.items()):
             if now - changed >= self.options.hold_seconds:  # not an upload in progress after all
                 del self._growing[path]
@@ -283,7 +290,11 @@ class Inbox:
         with self._lock:
             if self._dirty:
                 return True
-        return bool(self._unread or self._recent or self._growing or self._held)
+        return bool(self._unread or self._recent or self._growing or self._held or self._busy_hidden())
+
+    def _busy_hidden(self) -> set:
+        """The hidden files written within the settle time."""
+        return {path for path, (_, _, changed) in self._hidden.items() if changed is not None}
 
     def acknowledge(self, delivery: Delivery, ok: bool, reason: str = "", result: str = ""):
         """The consumer finished a delivery (loaded/processed, or failed with reason): never again."""
@@ -326,6 +337,13 @@ class Inbox:
                 info = None  # gone: _refresh forgets it
             if info is None or (info.st_size, info.st_mtime_ns) != (record.size, record.mtime_ns):
                 changed.add(str(path))
+        for path, (size, mtime_ns, _) in list(self._hidden.items()):
+            try:
+                info = os.lstat(path)
+            except OSError:
+                info = None
+            if info is None or (info.st_size, info.st_mtime_ns) != (size, mtime_ns):
+                changed.add(str(path))
         for folder, mtime_ns in list(self._folders.items()):
             try:
                 current = os.lstat(folder).st_mtime_ns
@@ -345,7 +363,11 @@ class Inbox:
             info = os.lstat(path)
         except OSError:
             return self._forget(path)
-        if path != self.folder and (path.name.startswith(".") or not self._inside(path)):
+        if path != self.folder and not self._inside(path):
+            return
+        if path != self.folder and path.name.startswith("."):
+            if stat.S_ISREG(info.st_mode):
+                self._note_hidden(path, info, now)
             return
         if stat.S_ISDIR(info.st_mode):
             self._walk(path, now)
@@ -366,8 +388,7 @@ class Inbox:
             except OSError:
                 continue
             for name in names:
-                if not name.startswith("."):
-                    self._refresh(root / name, now)
+                self._refresh(root / name, now)
 
     def _remove_unpacked(self):
         """An unpacked zip is patient data the inbox keeps only while it is needed: once its zip has left the inbox
@@ -390,6 +411,8 @@ class Inbox:
         """Deleted or moved away: forget it and anything under it."""
         for known in [p for p in self._folders if p == path or path in p.parents]:
             del self._folders[known]
+        for known in [p for p in self._hidden if p == path or path in p.parents]:
+            del self._hidden[known]
         for known in [p for p in set(self._files) | set(self.bad_files) if p == path or path in p.parents]:
             if getattr(self._files.get(known), "reason", None) == ARCHIVE:
                 self._sweep_due = True  # its unpacked folder may be unused now
@@ -404,6 +427,13 @@ class Inbox:
     def _refuse(self, path: Path, reason: str):
         self._forget(path)
         self.bad_files[path] = reason
+
+    def _note_hidden(self, path: Path, info, now: float):
+        size, mtime_ns, _ = self._hidden.get(path, (None, None, None))
+        if (size, mtime_ns) != (info.st_size, info.st_mtime_ns):
+            self._hidden[path] = (info.st_size, info.st_mtime_ns, now)
+            self._active[path.parent] = now
+            self._changed = True
 
     def _refresh_file(self, path: Path, now: float, complete: bool = False):
         try:
@@ -523,9 +553,12 @@ class Inbox:
 
     def _add_extracted(self, folder: Path, depth: int, now: float):
         self._extracted[folder] = depth
-        for root, _, names in os.walk(folder):
+        for root, dirs, names in os.walk(folder):
+            # Hidden names are skipped as in the inbox: a macOS Finder zip holds __MACOSX/._name and .DS_Store files.
+            dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__MACOSX"]
             for name in names:
-                self._refresh_file(Path(root) / name, now, complete=True)
+                if not name.startswith("."):
+                    self._refresh_file(Path(root) / name, now, complete=True)
 
     def _note(self, path: Path, record: _File):
         if record.slice is None and record.reason != ARCHIVE:
@@ -546,7 +579,7 @@ class Inbox:
 
     def _ready_series(self, now: float) -> list:
         unsettled_folders = {p.parent for p in self._unread} | {p.parent for p in self._recent} | \
-                            {p.parent for p in self._growing}
+                            {p.parent for p in self._growing} | {p.parent for p in self._busy_hidden()}
         groups = self._groups()
         for key in [k for k, s in self._states.items() if s.state is SeriesState.WAITING and k not in groups]:
             del self._states[key]  # split into its acquisitions (or gone) since it was seen waiting
