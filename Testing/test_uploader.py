@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -146,6 +147,48 @@ def test_a_broken_off_file_is_never_joined_to_another_file_of_the_same_name_and_
     answer = uploader.put("DICOM/IM000037", b, size=len(b))  # the page starts every file at byte 0
     assert answer.status_code == 200 and answer.json()["saved"] == "DICOM/IM000037"
     assert (uploader.inbox / "DICOM/IM000037").read_bytes() == b and list(uploader.staging.iterdir()) == []
+
+
+def slow_put(uploader, path: str, data: bytes, seconds: float) -> str:
+    """One PUT whose body arrives evenly over seconds, as from a slow uplink; the answer's body."""
+    pieces = 8
+    step = len(data) // pieces + 1
+    with socket.create_connection(("127.0.0.1", uploader.port)) as sock:
+        sock.sendall(f"PUT /upload?path={quote(path)}&size={len(data)}&offset=0 HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: {basic()}\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode())
+        for start in range(0, len(data), step):
+            sock.sendall(data[start:start + step])
+            time.sleep(seconds / pieces)
+        return sock.makefile("rb").read().decode()
+
+
+def test_the_inbox_takes_a_folder_uploaded_through_the_page_as_one_series(uploader, shared_data):
+    """The page publishes each file whole, at once: between two files nothing visible changed in the inbox for as
+    long as a file took to arrive, and the inbox took the first files as a settled series. The mark the page
+    touches while bytes arrive holds the folder."""
+    from conftest import UNCOMPRESSED_SERIES
+    from SegmentationMachineLib.inbox.watcher import Inbox, InboxOptions
+
+    settle = 1.0
+    uploader.inbox.mkdir(parents=True, exist_ok=True)
+    inbox = Inbox(InboxOptions(folder=uploader.inbox, state_folder=uploader.inbox.parent / ".inbox-state",
+                               settle_seconds=settle, hold_seconds=settle))
+    inbox.start()
+    files = sorted(UNCOMPRESSED_SERIES.iterdir())
+    sender = threading.Thread(target=lambda: [slow_put(uploader, f"CD/DICOM/{f.name}", f.read_bytes(), 1.6 * settle)
+                                              for f in files])
+    sender.start()
+    deliveries = []
+    while sender.is_alive():
+        deliveries += inbox.poll()
+        time.sleep(0.1)
+    deadline = time.monotonic() + settle + 3
+    while time.monotonic() < deadline and not deliveries:
+        deliveries += inbox.poll()
+        time.sleep(0.1)
+    inbox.stop()
+    assert [len(d.series.files) for d in deliveries] == [len(files)]
+    assert sorted(p.name for p in (uploader.inbox / "CD/DICOM").iterdir()) == [f.name for f in files]
 
 
 def test_an_upload_never_replaces_a_file_in_the_inbox(uploader):

@@ -32,7 +32,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 USER = "sm"
 CHUNK_LIMIT = 64 * 1024 * 1024  # RunPod's proxy refuses bodies near 100 MB
-BLOCK = 256 * 1024
+BLOCK = 64 * 1024
 # Touched in a file's folder in the inbox as its bytes arrive, removed once it is there: the inbox never reads a
 # hidden file, but holds a folder while one in it changes, so a series is not taken before its last file arrives.
 MARKER = ".upload-in-progress"
