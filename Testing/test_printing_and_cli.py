@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -15,7 +16,7 @@ from xml.etree import ElementTree
 import numpy as np
 import pytest
 
-from conftest import EXAMPLE_LABELS, LABEL_NAMES
+from conftest import EXAMPLE_LABELS, LABEL_NAMES, UNCOMPRESSED_SERIES
 from SegmentationMachineLib.core.errors import PrintError
 from SegmentationMachineLib.mesh.check import check_mesh
 from SegmentationMachineLib.mesh.printing import find_orcaslicer, FLATPAK_IDS, send_to_orcaslicer
@@ -239,6 +240,25 @@ def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path, args, sentence):
     assert len(lines) == 1 and sentence in lines[0] and "Traceback" not in result.stderr
     assert sentence in log_file.read_text()
     assert (tmp_path / "notes.txt").read_text() == "not DICOM"
+
+
+def test_a_file_whose_name_is_not_utf8_is_skipped_with_its_reason_not_a_crash(shared_data, tmp_path):
+    """Names from an older share or CD (Latin-1 'Müller'): Slicer's reader aborted the process (C++ logic_error) and
+    the inbox's journal raised; such a file is skipped and named, its bytes shown as \\xNN."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    files = sorted(UNCOMPRESSED_SERIES.iterdir())
+    for source in files[1:]:
+        shutil.copy(source, folder / source.name)
+    shutil.copy(files[0], os.fsdecode(bytes(folder) + b"/M\xfcller.dcm"))
+    result = run_cli("model", folder, "--out", tmp_path / "out", "--quiet")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "M\\xfcller.dcm: its name is not UTF-8 text" in result.stderr
+    watched = run_cli("watch", folder, "--out", tmp_path / "outbox", "--once", "--settle", "0.5", "--log",
+                      tmp_path / "watch.log")
+    assert watched.returncode == 0 and "Traceback" not in watched.stderr + (tmp_path / "watch.log").read_text()
+    assert "Skipped " in watched.stderr and "M\\xfcller.dcm: its name is not UTF-8 text" in watched.stderr
+    assert "done" in watched.stdout
 
 
 def test_list_shows_series_and_skipped_files(shared_data):

@@ -83,7 +83,7 @@ def serve_inbox(args, inbox_folder: Path, banner: str, service=None, modelled=la
         for path, reason in list(inbox.bad_files.items()):
             if path not in reported and path not in inbox.seen_before:  # said once, not on every restart
                 reported.add(path)
-                log.warning("Skipped %s: %s", path, reason)
+                log.warning("Skipped %s: %s", printable(path), reason)
 
     def after_poll():
         report_skipped()

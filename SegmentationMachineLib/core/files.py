@@ -67,7 +67,24 @@ def write_private(path: Path, text: str):
     replace_private(path, text)
 
 
+# A file name that is not UTF-8 (Latin-1, from an older share or CD): Slicer's readers and our journal take text.
+NAME_NOT_UTF8 = "its name is not UTF-8 text (made on an older system): rename it, or copy it with a tool that converts names"
+
+
+def utf8_name(path) -> bool:
+    """Whether path's name can be written as UTF-8 (Python keeps other bytes as lone surrogates)."""
+    try:
+        str(path).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def printable(text) -> str:
     """text with control characters escaped (\\n, \\x1b...): a file name or a server's message
-    printed as is could forge log lines or send escape sequences to the terminal."""
-    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], str(text))
+    printed as is could forge log lines or send escape sequences to the terminal. A name's bytes that are not
+    UTF-8 are shown as \\xNN."""
+    text = str(text)
+    if not utf8_name(text):
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], text)

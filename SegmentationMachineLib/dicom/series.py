@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 
 from ..core.errors import InputError
+from ..core.files import NAME_NOT_UTF8, utf8_name
 from .transfer_syntaxes import ASK_FOR_DECODABLE, CANNOT_DECODE, undecodable
 
 VOLUME_FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -277,6 +278,8 @@ def read_slice(path: Path, data: bytes = None):
     data: the file's bytes when the caller has read them already (the inbox hashes them too).
     A reason starting with "truncated" may be a file still being written.
     """
+    if not utf8_name(path):
+        return None, NAME_NOT_UTF8
     try:
         if data is None:
             with open(path, "rb") as f:

@@ -28,7 +28,7 @@ from enum import Enum
 from pathlib import Path
 
 from ..core.errors import UserError
-from ..core.files import private_folder
+from ..core.files import NAME_NOT_UTF8, private_folder, utf8_name
 from ..dicom.archives import ArchiveLimits, extract_zip, is_zip, size_text
 from ..dicom.series import DicomSeries, build_series, group_series, looks_like_dicom, read_slice
 from .journal import Journal
@@ -365,6 +365,8 @@ class Inbox:
             return self._forget(path)
         if path != self.folder and not self._inside(path):
             return
+        if not utf8_name(path):
+            return self._refuse(path, NAME_NOT_UTF8)
         if path != self.folder and path.name.startswith("."):
             if stat.S_ISREG(info.st_mode):
                 self._note_hidden(path, info, now)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import UserError
+from ..core.files import printable
 from ..dicom.series import is_quiet_skip
 from ..inbox.watcher import DEFAULT_INBOX, OUTBOX_STATE, Inbox, InboxOptions
 from ..pacs.dicomnode import RECEIVED
@@ -138,6 +139,6 @@ class InboxPanel:
         if not self.inbox:
             return []
         rows = [(s.name, s.files, s.state.value, s.reason) for s in self.inbox.statuses()]
-        rows += [(Path(str(path)).name, 1, "skipped" if is_quiet_skip(reason) else "error", reason)
+        rows += [(printable(Path(str(path)).name), 1, "skipped" if is_quiet_skip(reason) else "error", reason)
                  for path, reason in self.inbox.bad_files.items()]
         return rows
