@@ -16,7 +16,7 @@ from xml.etree import ElementTree
 import numpy as np
 import pytest
 
-from conftest import EXAMPLE_LABELS, LABEL_NAMES, UNCOMPRESSED_SERIES
+from conftest import DATA, EXAMPLE_LABELS, LABEL_NAMES, UNCOMPRESSED_SERIES
 from SegmentationMachineLib.core.errors import PrintError
 from SegmentationMachineLib.mesh.check import check_mesh
 from SegmentationMachineLib.mesh.printing import find_orcaslicer, FLATPAK_IDS, send_to_orcaslicer
@@ -259,6 +259,10 @@ def test_a_file_whose_name_is_not_utf8_is_skipped_with_its_reason_not_a_crash(sh
     assert watched.returncode == 0 and "Traceback" not in watched.stderr + (tmp_path / "watch.log").read_text()
     assert "Skipped " in watched.stderr and "M\\xfcller.dcm: its name is not UTF-8 text" in watched.stderr
     assert "done" in watched.stdout
+    nifti = os.fsdecode(bytes(tmp_path) + b"/M\xfcller.nrrd")
+    shutil.copy(DATA / "dcmqi" / "liver_seg.nrrd", nifti)
+    refused = run_cli("model", nifti, "--out", tmp_path / "out")
+    assert refused.returncode == 2 and "M\\xfcller.nrrd cannot be read: its name is not UTF-8" in refused.stderr
 
 
 def test_list_shows_series_and_skipped_files(shared_data):
