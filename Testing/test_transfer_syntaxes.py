@@ -134,3 +134,31 @@ def test_a_syntax_the_table_says_slicer_decodes_loads_with_the_same_voxels(share
     written = arrays.volume_array(load_input(ctx, tmp_path / "written").node)
     original = arrays.volume_array(load_input(ctx, UNCOMPRESSED_SERIES).node)
     assert np.array_equal(written, original)
+
+
+def test_files_without_a_part_10_header_load_as_slicers_reader_reads_them(shared_data, ctx, tmp_path):
+    """Old PACS exports write the bare dataset (no preamble, no DICM, no file meta, implicit VR little endian).
+    Slicer's reader loads them; the scan refused them as 'malformed image attributes' (no TransferSyntaxUID)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    (tmp_path / "bare").mkdir()
+    for source in sorted(UNCOMPRESSED_SERIES.iterdir()):
+        dataset = pydicom.dcmread(source)
+        del dataset.file_meta, dataset.SpecificCharacterSet  # GDCM takes a bare file that starts with a value
+        written = DicomBytesIO()
+        written.is_little_endian, written.is_implicit_VR = True, True
+        write_dataset(written, dataset)
+        (tmp_path / "bare" / source.stem).write_bytes(written.getvalue())
+    bare = arrays.volume_array(load_input(ctx, tmp_path / "bare").node)
+    assert np.array_equal(bare, arrays.volume_array(load_input(ctx, UNCOMPRESSED_SERIES).node))
+
+
+def test_a_file_in_ges_private_syntax_is_not_called_malformed(shared_data, tmp_path):
+    """pydicom cannot say whether a private syntax is compressed (it raised 'UID is not a transfer syntax')."""
+    (path,) = _written_as(tmp_path / "ge", ImplicitVRLittleEndian)[:1]
+    dataset = pydicom.dcmread(path)
+    dataset.file_meta.TransferSyntaxUID = "1.2.840.113619.5.2"  # its header is implicit VR little endian
+    dataset.save_as(path)
+    item, reason = read_slice(path)
+    assert item is not None, reason

@@ -17,7 +17,7 @@ import pydicom
 
 from ..core.errors import InputError
 from ..core.files import NAME_NOT_UTF8, utf8_name
-from .transfer_syntaxes import ASK_FOR_DECODABLE, CANNOT_DECODE, undecodable
+from .transfer_syntaxes import ASK_FOR_DECODABLE, CANNOT_DECODE, UNCOMPRESSED, undecodable
 
 VOLUME_FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 # Slices whose stacking direction leans more than this from the slice normal are sheared (gantry tilt).
@@ -317,11 +317,13 @@ def read_slice(path: Path, data: bytes = None):
     try:
         with warnings.catch_warnings():  # pydicom's words on a bad value ("Invalid value for VR IS"): ours follow
             warnings.simplefilter("ignore")
-            ts = ds.file_meta.TransferSyntaxUID
+            # Without a Part 10 header (no file meta: old PACS exports) the dataset is read as it is encoded,
+            # uncompressed; Slicer's reader takes such files too.
+            ts = meta.get("TransferSyntaxUID") or "1.2.840.10008.1.2"
             encoding = undecodable(ts)
             if encoding:  # GDCM would fail on it later, as if the file were incomplete
                 return None, f"{encoding}: {ASK_FOR_DECODABLE}"
-            if not ts.is_compressed and len(ds.PixelData) < _expected_pixel_bytes(ds):
+            if ts in UNCOMPRESSED and len(ds.PixelData) < _expected_pixel_bytes(ds):
                 return None, "truncated (its pixel data is shorter than its size says)"
             if enhanced:
                 geometry = _frame_geometry(ds)

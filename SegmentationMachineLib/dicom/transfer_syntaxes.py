@@ -27,6 +27,10 @@ DECODABLE = {
     "1.2.840.10008.1.2.4.93": "JPEG 2000 part 2",
     "1.2.840.10008.1.2.5": "RLE lossless",
 }
+# Pixel data as it is stored (deflate compresses the whole dataset, which pydicom inflates as it reads); pydicom does
+# not know GE's private syntax, and cannot say whether it is compressed.
+UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2",
+                "1.2.840.113619.5.2"}
 # Names of recent syntaxes that pydicom 2.4 (Slicer's) does not know.
 _NAMES = {
     "1.2.840.10008.1.2.4.201": "HTJ2K lossless", "1.2.840.10008.1.2.4.202": "HTJ2K lossless RPCL",
