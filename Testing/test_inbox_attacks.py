@@ -175,6 +175,51 @@ def test_a_refused_archive_leaves_no_partial_extraction(tmp_path, shared_data):
     inbox.stop()
 
 
+def with_member_headers_patched(archive: Path, field_offsets: tuple, value: int) -> Path:
+    """archive with a 2-byte field set in every local (PK\\3\\4) and central (PK\\1\\2) header, as another zip
+    tool would have written it."""
+    data = bytearray(archive.read_bytes())
+    for signature, offset in zip((b"PK\3\4", b"PK\1\2"), field_offsets):
+        start = data.find(signature)
+        while start >= 0:
+            data[start + offset:start + offset + 2] = value.to_bytes(2, "little")
+            start = data.find(signature, start + 4)
+    archive.write_bytes(bytes(data))
+    return archive
+
+
+def test_zips_python_cannot_unpack_say_why_and_what_to_drop_instead(tmp_path, shared_data):
+    """Windows compresses folders over 2 GB with Deflate64 (method 9), which zipfile cannot read ('compression method
+    not supported'); a password-protected zip raised RuntimeError, which nothing caught."""
+    inbox_folder, state = tmp_path / "inbox", tmp_path / "state"
+    inbox_folder.mkdir()
+    with_member_headers_patched(zip_of(inbox_folder / "windows.zip", series_members()), (8, 10), 9)
+    with_member_headers_patched(zip_of(inbox_folder / "locked.zip", series_members("locked/")), (6, 8), 1)
+    inbox = started(inbox_folder, state)
+    assert deliveries_within(inbox, SETTLE + 1.5) == []
+    refused = {Path(str(p).split("!")[0]).name: r for p, r in inbox.bad_files.items() if str(p).endswith("!*")}
+    assert "compressed with Deflate64, as Windows compresses folders over 2 GB" in refused["windows.zip"]
+    assert "password-protected: drop the unzipped folder instead" in refused["locked.zip"]
+    inbox.stop()
+
+
+def test_a_zip_read_while_it_is_written_under_its_name_is_held_and_forgotten_once_whole(tmp_path, shared_data):
+    """scp, an SMB copy or a browser write a zip under its final name: read in a pause, it has no directory at its end
+    yet. It was said to be unreadable, and that line stayed after the zip arrived and its series was delivered."""
+    inbox_folder, state = tmp_path / "inbox", tmp_path / "state"
+    inbox_folder.mkdir()
+    whole = zip_of(tmp_path / "study.zip", series_members()).read_bytes()
+    inbox = started(inbox_folder, state, hold_seconds=5.0)
+    with open(inbox_folder / "study.zip", "wb") as upload:
+        upload.write(whole[:len(whole) // 2])
+        upload.flush()
+        assert deliveries_within(inbox, 3 * SETTLE) == [] and inbox.bad_files == {}  # a stall: read, held, not said
+        upload.write(whole[len(whole) // 2:])
+    [delivery] = deliveries_within(inbox, SETTLE + 3)
+    assert len(delivery.series.files) == 3 and inbox.bad_files == {}
+    inbox.stop()
+
+
 def test_nested_archives_are_unpacked_only_so_deep_and_within_the_scratch_room(tmp_path, shared_data):
     inbox_folder, state = tmp_path / "inbox", tmp_path / "state"
     inbox_folder.mkdir()

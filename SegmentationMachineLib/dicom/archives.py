@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from ..core.files import PRIVATE_FILE, PRIVATE_FOLDER, private_folder
 
 CHUNK = 1024 * 1024
+DEFLATE64 = 9  # the zip compression method number (APPNOTE 4.4.5)
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first member, or an empty zip
 
 
@@ -40,6 +41,7 @@ class Extraction:
     folder: Path
     files: list = field(default_factory=list)
     refused: list = field(default_factory=list)  # (member name, reason)
+    cut_short: bool = False  # no zip directory at its end: most often a zip still being written under its name
 
 
 class _Refused(Exception):
@@ -52,6 +54,15 @@ def size_text(count: float) -> str:
         if count >= size:
             return f"{count / size:.1f} {unit}"
     return f"{count:.0f} bytes"
+
+
+def _check_readable(members: list):
+    """What Python's zipfile cannot unpack, said before any work (it says 'compression method not supported')."""
+    if any(m.compress_type == DEFLATE64 for m in members):
+        raise _Refused("it is compressed with Deflate64, as Windows compresses folders over 2 GB, which cannot be "
+                       "unpacked here: drop the unzipped folder instead, or zip it with 7-Zip")
+    if any(m.flag_bits & 0x1 for m in members):
+        raise _Refused("it is password-protected: drop the unzipped folder instead")
 
 
 def _member_problem(info: zipfile.ZipInfo, limits: ArchiveLimits):
@@ -110,8 +121,14 @@ def extract_zip(archive, destination: Path, limits: ArchiveLimits = ArchiveLimit
     try:
         size = os.fstat(archive.fileno()).st_size if hasattr(archive, "fileno") else os.stat(archive).st_size
         budget = _Budget(size, limits, limits.max_scratch_bytes if scratch_room is None else scratch_room)
-        with zipfile.ZipFile(archive) as package:
+        try:
+            package = zipfile.ZipFile(archive)
+        except (zipfile.BadZipFile, EOFError):  # no directory at its end: most often a zip still being written
+            result.cut_short = True
+            raise
+        with package:
             members = [m for m in package.infolist() if not m.is_dir()]
+            _check_readable(members)
             if len(members) > limits.max_members:
                 raise _Refused(f"it holds {len(members)} files, over the limit of {limits.max_members}")
             budget.check(sum(m.file_size for m in members))  # what the headers admit to, before writing

@@ -415,7 +415,8 @@ class Inbox:
             del self._folders[known]
         for known in [p for p in self._hidden if p == path or path in p.parents]:
             del self._hidden[known]
-        for known in [p for p in set(self._files) | set(self.bad_files) if p == path or path in p.parents]:
+        for known in [p for p in set(self._files) | set(self.bad_files)
+                      if p == path or path in p.parents or str(p).startswith(f"{path}!")]:
             if getattr(self._files.get(known), "reason", None) == ARCHIVE:
                 self._sweep_due = True  # its unpacked folder may be unused now
             self._files.pop(known, None)
@@ -513,6 +514,8 @@ class Inbox:
         the files delivered under this hash are the bytes that were hashed, whatever happens to path."""
         limits = self.options.archive_limits
         depth = self._depth(path) + 1
+        for said in [known for known in self.bad_files if str(known).startswith(f"{path}!")]:
+            del self.bad_files[said]  # what an earlier read of this zip refused
         if depth > limits.max_depth:
             record.reason = f"an archive nested more than {limits.max_depth} deep (not unpacked)"
             return
@@ -534,6 +537,9 @@ class Inbox:
                     self._remove_unpacked()  # what zips the user removed took is room for this one
                 room = limits.max_scratch_bytes - _folder_bytes(self.scratch)
                 extraction = extract_zip(copy, destination, limits, scratch_room=room)
+                if extraction.cut_short:  # held like a cut DICOM file, said only if it stays so
+                    record.reason = f"truncated, or not a whole zip archive ({extraction.refused[0][1]})"
+                    return
                 for member, reason in extraction.refused:
                     self.bad_files[Path(f"{path}!{member}")] = f"refused from {path.name}: {reason}"
         self._add_extracted(destination, depth, now)
