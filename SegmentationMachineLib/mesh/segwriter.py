@@ -33,6 +33,7 @@ from ..core.provenance import NNINTERACTIVE, PRESET, PRESET_EDITED
 
 # Segmented property category and type, SNOMED CT: (value, meaning).
 TISSUE = ("85756007", "Tissue")
+LONG_STRING = 64  # characters a DICOM LO (a segment label, a series description) may hold
 ANATOMICAL_STRUCTURE = ("123037004", "Anatomical Structure")
 # A segment named after one of these (any case, any word of its name, e.g. "kidney_left") gets its code;
 # any other name is coded as tissue.
@@ -158,6 +159,13 @@ def load_input(folder) -> SegInput:
                     saved["source_frames"], tuple(saved["made_by"]))
 
 
+def _plane_distance(ijk_to_ras: np.ndarray) -> float:
+    """How far apart the slices' planes are, along their normal (for a gantry tilt's sheared grid, less than a step
+    along the stack)."""
+    normal = np.cross(ijk_to_ras[:3, 0], ijk_to_ras[:3, 1])
+    return float(abs(ijk_to_ras[:3, 2] @ normal) / np.linalg.norm(normal))
+
+
 def _plane_geometry(ijk_to_ras: np.ndarray, slices: int):
     """highdicom's pixel measures, orientation and one position per slice, in LPS as DICOM wants."""
     import highdicom
@@ -166,8 +174,8 @@ def _plane_geometry(ijk_to_ras: np.ndarray, slices: int):
     spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)  # voxel size along I, J, K
     row_direction, column_direction = ijk_to_lps[:3, 0] / spacing[0], ijk_to_lps[:3, 1] / spacing[1]
     measures = highdicom.PixelMeasuresSequence(
-        pixel_spacing=[float(spacing[1]), float(spacing[0])], slice_thickness=float(spacing[2]),
-        spacing_between_slices=float(spacing[2]))
+        pixel_spacing=[float(spacing[1]), float(spacing[0])], slice_thickness=_plane_distance(ijk_to_ras),
+        spacing_between_slices=_plane_distance(ijk_to_ras))
     orientation = highdicom.PlaneOrientationSequence(
         coordinate_system="PATIENT", image_orientation=[*map(float, row_direction), *map(float, column_direction)])
     positions = [highdicom.PlanePositionSequence(
@@ -200,7 +208,7 @@ def _description(number: int, name: str, color, made_by: str = ""):
         identification = highdicom.AlgorithmIdentificationSequence(
             name=algorithm_name, version=__version__, family=Code(value, "DCM", meaning))
     description = highdicom.seg.SegmentDescription(
-        segment_number=number, segment_label=name,
+        segment_number=number, segment_label=name[:LONG_STRING],
         segmented_property_category=Code(category[0], "SCT", category[1]),
         segmented_property_type=Code(kind[0], "SCT", kind[1]),
         algorithm_type=highdicom.seg.SegmentAlgorithmTypeValues[algorithm_type],
@@ -223,8 +231,16 @@ def write(path, seg: SegInput):
                               for n, ((name, color), how) in enumerate(zip(seg.segments, made_by), 1)],
         series_instance_uid=highdicom.UID(), series_number=900, sop_instance_uid=highdicom.UID(), instance_number=1,
         manufacturer="SegmentationMachine", manufacturer_model_name="SegmentationMachine",
-        software_versions=__version__, device_serial_number="0", series_description=seg.description, **geometry)
+        software_versions=__version__, device_serial_number="0", series_description=seg.description[:LONG_STRING],
+        **geometry)
     document.ContentCreatorName = None  # type 2: present, empty (highdicom leaves it out); we do not know who it is
+    # Names in any script (highdicom copies the series' character set, often none: ASCII, which turned 'ü' into a
+    # Latin-1 byte and Japanese into '?').
+    document.SpecificCharacterSet = "ISO_IR 192"
+    # dcmqi (Slicer's SEG reader) spaces its slices by the declared spacing, else by SliceThickness: highdicom
+    # declares none for frames on a tilted series' images.
+    document.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SpacingBetweenSlices = round(
+        _plane_distance(seg.ijk_to_ras), 6)
     with atomic_file(path) as stream:
         document.save_as(stream)
 
