@@ -209,6 +209,24 @@ def test_overlapping_segments_each_keep_their_voxels(ctx, shared_data, tmp_path)
 
 
 @needs_highdicom
+def test_a_segment_on_slices_apart_reads_back_with_the_gap_between_them_empty(ctx, shared_data, tmp_path):
+    """Empty frames are left out of a SEG, so its nearest frames may be slices apart: taking their distance for the
+    slice spacing filled the gap and doubled the volume, silently, into the printed mesh."""
+    volume = load_input(ctx, UNCOMPRESSED_SERIES).node
+    mask = np.zeros((3, 512, 512), bool)
+    mask[[0, 2], 200:260, 200:260] = True
+    node = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "apart")
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    add_segment_from_mask(node, mask, arrays.ijk_to_ras(volume), "Nodule", (0.9, 0.1, 0.1))
+    result = export_segmentation(node, tmp_path, ExportOptions(formats=("seg",)))
+    again = load_dicom_seg(ctx, result.folder / "segmentation.dcm")
+    assert segment_voxels(again, 0, volume) == mask_voxels(mask, arrays.ijk_to_ras(volume), volume)
+    matrix = vtk.vtkMatrix4x4()
+    again.GetSegmentation().GetNthSegment(0).GetRepresentation("Binary labelmap").GetImageToWorldMatrix(matrix)
+    assert np.allclose(arrays.spacing_of(arrays.matrix_to_array(matrix)), arrays.spacing_of(arrays.ijk_to_ras(volume)))
+
+
+@needs_highdicom
 def test_seg_on_an_oblique_mirrored_anisotropic_grid_stays_in_place(ctx, shared_data, tmp_path):
     import highdicom
 

@@ -12,12 +12,13 @@ from pydicom.uid import generate_uid
 from vtkmodules.util import numpy_support
 
 from conftest import JPEG2000_SERIES
-from test_formats import needs_highdicom
+from test_formats import needs_highdicom, segment_voxels
 from SegmentationMachineLib.core import arrays
 from SegmentationMachineLib.core.errors import InputError
 from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
 from SegmentationMachineLib.dicom.volumes import load_input
 from SegmentationMachineLib.mesh.export import export_segmentation, ExportOptions
+from SegmentationMachineLib.segment.dicomseg import load_dicom_seg
 from SegmentationMachineLib.segment.presets import apply_preset
 
 TILT_DEGREES = 15.0
@@ -88,7 +89,8 @@ def test_a_seg_of_a_tilted_series_puts_each_frame_on_its_image(ctx, shared_data,
     import highdicom
 
     tilted_copy(JPEG2000_SERIES, tmp_path / "tilted", TILT_DEGREES)
-    segmentation = apply_preset(ctx, load_input(ctx, tmp_path / "tilted").node, "bone")
+    volume = load_input(ctx, tmp_path / "tilted").node
+    segmentation = apply_preset(ctx, volume, "bone")
     folder = export_segmentation(segmentation, tmp_path / "out", ExportOptions(formats=("seg",))).folder
     seg = highdicom.seg.segread(folder / "segmentation.dcm")
     sources = {str(d.SOPInstanceUID): d for d in (pydicom.dcmread(path, stop_before_pixels=True)
@@ -98,3 +100,6 @@ def test_a_seg_of_a_tilted_series_puts_each_frame_on_its_image(ctx, shared_data,
         uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
         assert np.allclose(np.asarray(frame.PlanePositionSequence[0].ImagePositionPatient, float),
                            np.asarray(sources[uid].ImagePositionPatient, float), atol=1e-3)
+    # and `export` reads it back on the sheared grid, every voxel in place
+    again = load_dicom_seg(ctx, folder / "segmentation.dcm")
+    assert segment_voxels(again, 0, volume) == segment_voxels(segmentation, 0, volume)

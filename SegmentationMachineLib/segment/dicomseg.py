@@ -49,7 +49,10 @@ def _frames(dataset, path) -> np.ndarray:
 
 
 def _grid(dataset, frame_count: int):
-    """IJK→LPS of the voxel grid holding every frame, and each frame's slice index on it."""
+    """IJK→LPS of the voxel grid holding every frame, and each frame's slice index on it. The slice step is the
+    declared SpacingBetweenSlices where the frames' distances are whole multiples of it (empty frames are left
+    out, so the nearest two frames may be slices apart); a grid sheared evenly from slice to slice (a gantry tilt)
+    is one grid too."""
     orientation = np.array(_frame_item(dataset, 0, "PlaneOrientationSequence").ImageOrientationPatient, float)
     measures = _frame_item(dataset, 0, "PixelMeasuresSequence")
     row_spacing, column_spacing = map(float, measures.PixelSpacing)
@@ -58,19 +61,23 @@ def _grid(dataset, frame_count: int):
     positions = np.array([_frame_item(dataset, f, "PlanePositionSequence").ImagePositionPatient
                           for f in range(frame_count)], float)
     distances = positions @ normal
-    levels = np.unique(np.round(distances, 3))
-    step = float(np.min(np.diff(levels))) if len(levels) > 1 else float(
-        measures.get("SpacingBetweenSlices") or measures.get("SliceThickness") or 1.0)
+    gaps = np.diff(np.unique(np.round(distances, 3)))
+    declared = float(measures.get("SpacingBetweenSlices") or 0)
+    if declared > 0 and np.allclose(gaps / declared, np.rint(gaps / declared), atol=0.01):
+        step = declared
+    else:
+        step = float(gaps.min()) if len(gaps) else float(declared or measures.get("SliceThickness") or 1.0)
     origin = positions[np.argmin(distances)]
     slice_index = np.rint((distances - distances.min()) / step).astype(int)
     in_plane = positions - origin - np.outer(distances - distances.min(), normal)
-    if np.abs(in_plane).max() > 0.01 * min(row_spacing, column_spacing) or np.abs(
+    shear = in_plane.T @ slice_index / max(slice_index @ slice_index, 1)  # the shift from one slice to the next
+    if np.abs(in_plane - np.outer(slice_index, shear)).max() > 0.01 * min(row_spacing, column_spacing) or np.abs(
             distances - distances.min() - slice_index * step).max() > 0.01 * step:
         raise InputError("The DICOM SEG's frames do not lie on one evenly spaced grid: it cannot be read here.")
     ijk_to_lps = np.eye(4)
     ijk_to_lps[:3, 0] = along_row * column_spacing
     ijk_to_lps[:3, 1] = along_column * row_spacing
-    ijk_to_lps[:3, 2] = normal * step
+    ijk_to_lps[:3, 2] = normal * step + shear
     ijk_to_lps[:3, 3] = origin
     return ijk_to_lps, slice_index
 
