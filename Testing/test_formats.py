@@ -292,6 +292,16 @@ def test_seg_without_a_dicom_series_is_one_sentence_before_any_work(ctx, shared_
 
 
 @needs_highdicom
+def test_a_seg_on_a_series_the_labels_do_not_overlap_is_refused_before_any_file(shared_data, tmp_path, capsys):
+    """--volume naming another patient's series wrote a SEG of empty frames referring to that patient, exit 0."""
+    labels = DATA / "totalsegmentator" / "example_seg_dicom.nii.gz"
+    assert main(["export", str(labels), "--volume", str(UNCOMPRESSED_SERIES), "--format", "stl,seg",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "lies outside the DICOM series 'Series 2' that the SEG would refer to" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@needs_highdicom
 def test_a_seg_export_reads_its_series_headers_off_the_main_thread(ctx, shared_data, tmp_path, monkeypatch):
     """prepare_export runs on Slicer's main thread, where reading a 300-slice series' headers took a third of a
     second, twice: it reads the first file's alone; write_export, on a worker, reads them all before any mesh."""

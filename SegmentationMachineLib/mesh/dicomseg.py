@@ -238,7 +238,13 @@ def _segment_on_grid(segmentation_node, segment_id, reference: "slicer.vtkOrient
     on_grid = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
         labelmap, reference, on_grid, False, False, to_volume)  # exactly the series' extent: not padded
-    return arrays.image_array(on_grid) > 0
+    mask = arrays.image_array(on_grid) > 0
+    if not mask.any() and labelmap.GetPointData().GetScalars() and (arrays.image_array(labelmap) > 0).any():
+        raise ExportError(f"Segment '{segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()}' lies "
+                          f"outside the DICOM series '{reference_volume(segmentation_node).GetName()}' that the SEG "
+                          "would refer to: the two do not overlap in space. Give the series the segmentation was made "
+                          "on (in the CLI: --volume FOLDER).")
+    return mask
 
 
 def _reference_grid(volume_node) -> "slicer.vtkOrientedImageData":
