@@ -427,6 +427,25 @@ def _splitting_tags(slices: list) -> list:
     return found
 
 
+def _without_a_localizer(stack: list, distances: list, skipped: list):
+    """As Slicer's DICOM module loads a series that holds its own localizer (Siemens Axiom, GE volume viewer): where
+    one slice alone has another acquisition number or image type than the rest, and the rest is evenly spaced while
+    the whole is not, that slice is left out (a slice elsewhere in space would be interpolated across the gap)."""
+    if len(stack) < 3 or any(s.frames > 1 for s in stack) or not _uneven(np.diff(distances)):
+        return stack, distances
+    for name, label in ACQUISITION_TAGS[:2]:  # AcquisitionNumber, ImageType: Slicer's own subseries tags
+        values = [s.acquisition.get(name) for s in stack]
+        odd = [i for i, value in enumerate(values) if values.count(value) == 1]
+        if len(set(values)) == 2 and len(odd) == 1:
+            rest = [d for i, d in enumerate(distances) if i != odd[0]]
+            if not _uneven(np.diff(rest)):
+                lone = stack[odd[0]]
+                skipped.append(SkippedFile(lone.path, f"a localizer, not part of the volume (the one image of "
+                                                      f"{label.format(values[odd[0]] or 'not given')} in its series)"))
+                return [s for s in stack if s is not lone], rest
+    return stack, distances
+
+
 def _natural(text: str):
     """Sorts 'acquisition 2' before 'acquisition 10'."""
     return [float(part) if index % 2 else part for index, part in enumerate(re.split(r"(\d+(?:\.\d+)?)", text))]
@@ -478,6 +497,7 @@ def build_series(key: str, slices: list, skipped: list) -> DicomSeries:
             continue
         kept.append(s)
         kept_distances.append(d)
+    kept, kept_distances = _without_a_localizer(kept, kept_distances, skipped)
     # An enhanced multi-frame image is a stack by itself: its frames are the slices.
     points = np.array([p for s in kept for p in (s.frame_positions or [s.position])], dtype=float)
     points = points[np.argsort(points @ normal, kind="stable")]
