@@ -184,7 +184,7 @@ def test_listen_refuses_when_the_disk_is_short_and_keep_received_0_removes_each_
     node = listener("--format", "stl", "--keep-received", "0", "--min-free-mb", "1e12")
     assert push(node.port, files) == [OUT_OF_RESOURCES] * 3
     node.wait_for(lambda: "Refused 3 instance(s) from AE 'PACS' at 127.0.0.1: only " in node.err())
-    assert "(--min-free-mb 1e+12); free some space, the PACS will send them again." in node.err()
+    assert "(--min-free-mb 1e+12); free some space, then have them sent again." in node.err()
     assert node.instances() == [] and node.series() == []
     assert node.stop() == 128 + signal.SIGTERM
 

@@ -150,7 +150,8 @@ def check_seg_export(segmentation_node, dicom_database=None) -> list:
     files = source_files(reference_volume(segmentation_node), dicom_database)
     if not files:
         raise ExportError(f"DICOM SEG needs the DICOM series '{segmentation_node.GetName()}' was made on, and it "
-                          "was not made on one: segment a loaded DICOM series (in the CLI: --volume FOLDER) to make a SEG; "
+                          "was not made on one: segment a loaded DICOM series to make a SEG (in the CLI: `model DICOM_FOLDER`, "
+                          "or `export LABELS --volume DICOM_FOLDER`); "
                           "STL, OBJ, 3MF and glTF need none.")
     source_dataset(files[0])
     # Once each: a storage node given relative names keeps each file twice, relative and absolute.
@@ -243,7 +244,7 @@ def _segment_on_grid(segmentation_node, segment_id, reference: "slicer.vtkOrient
         raise ExportError(f"Segment '{segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()}' lies "
                           f"outside the DICOM series '{reference_volume(segmentation_node).GetName()}' that the SEG "
                           "would refer to: the two do not overlap in space. Give the series the segmentation was made "
-                          "on (in the CLI: --volume FOLDER).")
+                          "on (in the CLI: `export LABELS --volume DICOM_FOLDER`).")
     return mask
 
 

@@ -265,7 +265,7 @@ class DicomNode:
             log.info("Received %d instance(s) from %s.", count, self._peer(event))
         if refused:
             log.warning("Refused %d instance(s) from %s: only %.0f MB free on %s (--min-free-mb %g); free some space, "
-                        "the PACS will send them again.", refused, self._peer(event), free_mb, printable(self.folder),
+                        "then have them sent again.", refused, self._peer(event), free_mb, printable(self.folder),
                         self.options.min_free_mb)
 
     @staticmethod
