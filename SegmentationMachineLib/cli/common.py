@@ -41,6 +41,11 @@ class Progress:
         self._bar.close()
 
 
+def say(line: str):
+    """A line on stdout around the progress bars on screen: tqdm takes them away, prints, and draws them again."""
+    tqdm.write(str(line), file=sys.stdout)
+
+
 def examples(*lines: str) -> dict:
     """add_parser() arguments that end a command's help with examples, laid out as written."""
     return {"epilog": "example" + ("s" if len(lines) > 1 else "") + ":\n" + "\n".join(f"  {line}" for line in lines),

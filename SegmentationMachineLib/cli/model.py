@@ -13,7 +13,7 @@ from ..cloud.keepalive import heartbeat_note, pod_heartbeat
 from ..cloud.podstart import PodRecords
 from ..core.errors import UserError
 from .common import (Progress, add_surface_options, api_key, command_record, examples, export_options, log,
-                     parse_presets, report_export, steps)
+                     parse_presets, report_export, say, steps)
 
 
 def add_model_command(commands, common):
@@ -205,7 +205,7 @@ def _run_model(args, cleanup: ExitStack):
         if heartbeat:
             heartbeat.start()
         try:
-            segmentation = segment_with_prompts(ctx, loaded.node, prompt_segments, session, print)
+            segmentation = segment_with_prompts(ctx, loaded.node, prompt_segments, session, say)
         finally:
             session.close()
             if heartbeat:
@@ -213,7 +213,7 @@ def _run_model(args, cleanup: ExitStack):
                 if heartbeat_note(heartbeat):  # the pod ends soon, or ignored the heartbeats
                     log.warning("%s", heartbeat_note(heartbeat))
     with Progress("presets", args.quiet) as preset_progress, Progress("surfaces", args.quiet) as progress:
-        result = model_volume(ctx, loaded.node, presets, args.out, options, progress, print, segmentation,
+        result = model_volume(ctx, loaded.node, presets, args.out, options, progress, say, segmentation,
                               provenance, preset_progress)
     report_export(args, result)
     if args.store_seg:
