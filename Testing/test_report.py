@@ -24,6 +24,14 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_a_relative_input_is_recorded_by_its_absolute_path(phantom_dir, tmp_path, monkeypatch):
+    """'study.zip' or 'scans' in a report says nothing a month later, from another folder."""
+    monkeypatch.chdir(phantom_dir.parent)
+    assert cli.main(["model", phantom_dir.name, "--out", str(tmp_path / "out"), "--quiet", "--format", "stl"]) == 0
+    report = json.loads(next((tmp_path / "out").glob("*/report.json")).read_text())
+    assert report["input"]["path"] == str(phantom_dir) and report["command"]["options"]["input"] == phantom_dir.name
+
+
 def test_model_report_traces_input_preset_options_version_and_time(phantom_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(memory, "available_memory", lambda: 50 * 2**20)  # 50 MiB free: the phantom needs more
     log_file = tmp_path / "run.log"

@@ -164,9 +164,11 @@ def file_sha256(path) -> str:
 
 def input_record(loaded: LoadedVolume, path=None, progress=None) -> dict:
     """What report.json says about the input, so a lab can prove which files a model came from: the path
-    given (path, where it was not a local one: a DICOMweb address), and SHA-256 hashes of the volume file
-    or of every slice of the DICOM series used (names relative to the folder), with its SeriesInstanceUID."""
+    given (path, where it was not a local one: a DICOMweb address; a local one absolute, as typed it says nothing
+    later), and SHA-256 hashes of the volume file or of every slice of the DICOM series used (names relative to the
+    folder), with its SeriesInstanceUID."""
     given = str(path if path is not None else loaded.path)
+    given = given if "://" in given else str(Path(given).absolute())
     if loaded.series is None:
         return {"path": given, "sha256": file_sha256(loaded.path)}
     base = loaded.path if loaded.path is not None and loaded.path.is_dir() else None
