@@ -272,6 +272,14 @@ def test_list_shows_series_and_skipped_files(shared_data):
     assert "liver.dcm: a DICOM SEG object, not an image slice" in result.stdout
 
 
+def test_list_prints_file_names_that_hold_a_line_break_escaped(tmp_path):
+    """A file name is anyone's text: printed as it is, one could forge a line of the listing."""
+    (tmp_path / "notes\n1. CT 'forged', 300 slices.txt").write_text("not DICOM")
+    result = run_cli("model", tmp_path, "--list")
+    assert result.returncode == 0 and "notes\\n1. CT 'forged'" in result.stdout
+    assert not any(line.startswith("1. CT 'forged'") for line in result.stdout.splitlines())
+
+
 def test_the_cli_default_export_folder_is_the_modules():
     from SegmentationMachineLib.cli import common
     from SegmentationMachineLib.mesh import export

@@ -79,7 +79,7 @@ def add_surface_options(parser, queue: bool = False):
 def parse_presets(text: str) -> list:
     from ..segment.masks import PRESETS
 
-    presets = [p.strip().lower() for p in text.split(",") if p.strip()]
+    presets = list(dict.fromkeys(p.strip().lower() for p in text.split(",") if p.strip()))  # bone,bone: one
     unknown = [p for p in presets if p not in PRESETS]
     if unknown or not presets:
         raise UserError(f"Unknown preset '{','.join(unknown) or text}': choose from {', '.join(PRESETS)}.")

@@ -12,6 +12,7 @@ from ..cloud.cloudgpu import recorded_pod_at
 from ..cloud.keepalive import heartbeat_note, pod_heartbeat
 from ..cloud.podstart import PodRecords
 from ..core.errors import UserError
+from ..core.files import printable
 from .common import (Progress, add_surface_options, api_key, command_record, examples, export_options, log,
                      parse_presets, report_export, say, steps)
 
@@ -157,7 +158,7 @@ def _run_model(args, cleanup: ExitStack):
     key = api_key(args.api_key_env, pod) if args.server else None
     if web and args.list:
         for number, series in enumerate(web.series(args.study), 1):
-            print(f"{number}. {series.summary()}")
+            print(printable(f"{number}. {series.summary()}"))  # headers and names are anyone's text
         return
     source = _fetch(web, args, cleanup) if web else _unzipped(_input_or_phantom(args), cleanup)
     if args.series and source.is_file() and source.name.lower().endswith(VOLUME_FILE_SUFFIXES):
@@ -171,13 +172,13 @@ def _run_model(args, cleanup: ExitStack):
                    len(scan.volume_files), len(scan.skipped))
     if args.list:
         for number, series in enumerate(scan.series, 1):
-            print(f"{number}. {series.summary()}")
+            print(printable(f"{number}. {series.summary()}"))  # headers and file names are anyone's text
         for path in scan.volume_files:
-            print(f"-  volume file {path}")
+            print(printable(f"-  volume file {path}"))
         for skipped in scan.skipped:
-            print(f"skipped {skipped}")
+            print(printable(f"skipped {skipped}"))
         if not scan.series and not scan.volume_files:
-            print(f"No DICOM image series in {source}.")
+            print(printable(f"No DICOM image series in {source}."))
         return
     chosen = choose_series(scan, args.series) if scan and scan.series else None
     if chosen:  # before reading a voxel; a volume file's size is known once it is read
