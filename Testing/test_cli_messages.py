@@ -266,6 +266,7 @@ def test_server_on_cuda_runs_without_torch_compile_where_no_c_compiler_or_python
     monkeypatch.setattr(server, "_default_device", lambda: "cuda")
     monkeypatch.setattr(server.subprocess, "Popen", Exited)
     monkeypatch.setenv("SM_NNI_API_KEY", "test-key-0123456789")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the official weights' list from their cache: nothing to reach
     monkeypatch.delenv("CC", raising=False)
     headers = server.sysconfig.get_paths()
     for with_compiler, with_headers in ((True, True), (False, True), (True, False)):
@@ -307,6 +308,44 @@ def test_server_says_ready_only_once_it_answers(server_installed, tmp_path):
         assert server.wait(30) == 0
 
 
+def test_server_without_the_weights_and_without_hugging_face_is_one_sentence(server_installed, tmp_path):
+    """Upstream asked Hugging Face for its model list five times over half a minute, printing each retry, then
+    exited with a traceback."""
+    result = run_cli("server", "--device", "cpu", env={"HF_ENDPOINT": "https://hub.invalid",
+                                                       "NNINTERACTIVE_MODEL_DIR": str(tmp_path / "none")})
+    one_sentence(result, "The official nnInteractive weights are not on this machine and Hugging Face cannot be "
+                         "reached (its name hub.invalid was not found (DNS))")
+
+
+def test_server_offline_starts_from_the_weights_downloaded_before_without_retrying(server_installed, tmp_path):
+    """Upstream's layout of downloaded weights: NNINTERACTIVE_MODEL_DIR/models.json and models/<id>/ (here the
+    tests' model folder under the official id)."""
+    from nninteractive_model import write_model_folder
+    from nninteractive_server import free_port
+
+    root = tmp_path / "weights"
+    write_model_folder(root / "models" / "nnInteractive_v1.0")
+    (root / "models.json").write_text(json.dumps({"schema_version": 1, "models": [
+        {"id": "nnInteractive_v1.0", "display_name": "nnInteractive v1.0", "path": "nnInteractive_v1.0"}]}))
+    port = free_port()
+    server = subprocess.Popen(CLI + ["server", "--device", "cpu", "--port", str(port)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "SM_NNI_API_KEY": "test-key-0123456789", "PYTHONUNBUFFERED": "1",
+                                   "HF_ENDPOINT": "https://hub.invalid", "NNINTERACTIVE_MODEL_DIR": str(root)})
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while not (lines and lines[-1].startswith("Ready")):
+            assert time.monotonic() < deadline and server.poll() is None, lines
+            lines.append(server.stdout.readline().strip())
+        assert lines[0] == (f"Hugging Face cannot be reached (its name hub.invalid was not found (DNS)): the server "
+                            f"uses the weights already in {root}.")
+        assert not any("Retry" in line or "torch.compile" in line for line in lines), lines
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(30) == 0
+
+
 def test_a_term_between_popen_and_the_assignment_still_stops_upstreams_server(server_installed, monkeypatch):
     """A signal that came between Popen's return and the assignment of its result would leave upstream's server
     running after we exit, holding the GPU and the port: server.py starts it with the signals held."""
@@ -334,6 +373,7 @@ def test_a_term_between_popen_and_the_assignment_still_stops_upstreams_server(se
     monkeypatch.setattr(server, "_default_device", lambda: "cpu")
     monkeypatch.setattr(server.subprocess, "Popen", Started)
     monkeypatch.setenv("SM_NNI_API_KEY", KEY)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the official weights' list from their cache: nothing to reach
     before = signal.getsignal(signal.SIGTERM)
     try:
         server.run_server(build_parser().parse_args(["server", "--device", "cpu"]))
