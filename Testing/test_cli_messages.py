@@ -181,6 +181,7 @@ def test_runpod_refused_or_unknown_is_said_at_once_with_the_url_and_the_cause(mo
     result = run_cli("pod", "gpus", env={"RUNPOD_REST_URL": f"http://127.0.0.1:{port}/v2", "RUNPOD_API_KEY": RUNPOD_KEY},
                      timeout=30)
     one_sentence(result, f"Cannot reach RunPod at http://127.0.0.1:{port}/v2: the connection was refused")
+    assert result.stdout == ""  # no table header above the sentence
 
 
 def test_third_party_info_lines_never_reach_the_user(capsys):

@@ -105,13 +105,17 @@ def _login():
 
 def _logout():
     store = SecretStore()
+    if store.load(KEY_NAME) is None:
+        print(f"No RunPod API key is stored in {store.where}: nothing to forget.")
+        return
     store.forget(KEY_NAME)
     print(f"The RunPod API key is no longer stored in {store.where}.")
 
 
 def _gpus(cloud: CloudGpu, args):
+    choices = cloud.gpu_choices(cloud=args.cloud.upper())  # asked first: RunPod unreachable is one sentence alone
     print(f"{'GPU type':32} {'VRAM':>6} {'$/h ' + args.cloud:>14}")
-    for gpu in cloud.gpu_choices(cloud=args.cloud.upper()):
+    for gpu in choices:
         print(f"{gpu.id:32} {gpu.memory_gb:>4} GB {gpu.price(args.cloud.upper()):>14.2f}")
     print(_spending(cloud.backend.pods()))
 
