@@ -346,6 +346,17 @@ def test_server_offline_starts_from_the_weights_downloaded_before_without_retryi
         server.send_signal(signal.SIGINT)
         assert server.wait(30) == 0
 
+    # A model named that is there (the pod image names its baked one) needs no list: upstream looks nothing up.
+    from SegmentationMachineLib.cli import server as ours
+
+    (root / "models.json").unlink()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_ENDPOINT", "https://hub.invalid")
+        patch.setenv("NNINTERACTIVE_MODEL_DIR", str(root))
+        ours._official_weights_at_hand("nnInteractive_v1.0")
+        with pytest.raises(ours.UserError, match="weights are not on this machine"):
+            ours._official_weights_at_hand("nnInteractive_v2.0")
+
 
 def test_a_term_between_popen_and_the_assignment_still_stops_upstreams_server(server_installed, monkeypatch):
     """A signal that came between Popen's return and the assignment of its result would leave upstream's server

@@ -69,7 +69,7 @@ def run_server(args):
                         "CUDA): run on a GPU machine with a recent driver (and a CUDA build of torch), or use --device "
                         "cpu (slow).")
     if not args.model_dir:
-        _official_weights_at_hand()
+        _official_weights_at_hand(args.model)
     key = os.environ.get("SM_NNI_API_KEY")
     if not key:
         key = secrets.token_urlsafe(32)
@@ -195,13 +195,16 @@ def _hub_unreachable() -> str:
         return f"{endpoint.hostname} did not answer ({error.strerror or error})"
 
 
-def _official_weights_at_hand():
-    """Upstream asks Hugging Face for its model list at every start, retrying for half a minute, noisily, when it
-    cannot: offline, the weights already downloaded are used at once, and none is one sentence."""
+def _official_weights_at_hand(model: str = None):
+    """Upstream asks Hugging Face for its model list at every start (unless a model it has is named, as the pod image
+    names its baked one), retrying for half a minute, noisily, when it cannot: offline, the weights already
+    downloaded are used at once, and none is one sentence."""
+    root = Path(os.environ.get("NNINTERACTIVE_MODEL_DIR") or Path.home() / ".nninteractive").expanduser()
+    if model and (root / "models" / model).is_dir() and any((root / "models" / model).iterdir()):
+        return
     unreachable = _hub_unreachable()
     if not unreachable:
         return
-    root = Path(os.environ.get("NNINTERACTIVE_MODEL_DIR") or Path.home() / ".nninteractive").expanduser()
     if not (root / "models.json").is_file():
         raise UserError(f"The official nnInteractive weights are not on this machine and Hugging Face cannot be reached "
                         f"({unreachable}): connect this machine to the internet once (the weights are then kept in "
