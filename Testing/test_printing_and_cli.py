@@ -222,6 +222,7 @@ def test_export_command_names_labels_from_json(shared_data, tmp_path):
 @pytest.mark.parametrize("args, sentence", [
     (["model", "{tmp}/missing"], "does not exist"),
     (["model", "{tmp}", "--preset", "lungs"], "Unknown preset 'lungs'"),
+    (["model", "{tmp}", "--preset", ""], "Unknown preset ''"),  # not bone, silently
     (["model", "{tmp}"], "No DICOM image series found"),
     (["model", "{tmp}", "--format", "ply"], "Unknown export format 'ply'"),
     (["print", "{tmp}"], "No 3MF or STL model"),

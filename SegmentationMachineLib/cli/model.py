@@ -152,7 +152,7 @@ def _run_model(args, cleanup: ExitStack):
         options = replace(options, formats=(*options.formats, "seg"))
     if bool(args.server) != bool(args.prompts):
         raise UserError("--server and --prompts go together: give the server URL and the prompt file.")
-    presets = [] if args.prompts and not args.preset else parse_presets(args.preset or "bone")
+    presets = [] if args.prompts and not args.preset else parse_presets("bone" if args.preset is None else args.preset)
     prompt_segments = load_prompt_file(args.prompts) if args.prompts else None
     pod = recorded_pod_at(PodRecords(), args.server) if args.server else None  # a pod started here
     key = api_key(args.api_key_env, pod) if args.server else None
