@@ -283,6 +283,21 @@ def test_server_on_cuda_runs_without_torch_compile_where_no_c_compiler_or_python
     assert said.count("No Python headers found, which torch.compile needs") == (0 if flag else 1)
 
 
+def lines_until_ready(server) -> list:
+    """The server's lines up to its "Ready" one."""
+    lines = []
+    deadline = time.monotonic() + 120
+    while not (lines and lines[-1].startswith("Ready")):
+        assert time.monotonic() < deadline and server.poll() is None, lines
+        lines.append(server.stdout.readline().strip())
+    return lines
+
+
+# Hugging Face out of reach, whatever this machine's environment says (a proxy would skip the check).
+NO_HUB = {"HF_ENDPOINT": "https://hub.invalid", "HF_HUB_OFFLINE": "", **dict.fromkeys(
+    ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"), "")}
+
+
 def test_server_says_ready_only_once_it_answers(server_installed, tmp_path):
     from nninteractive_model import write_model_folder
     from nninteractive_server import free_port
@@ -293,11 +308,7 @@ def test_server_says_ready_only_once_it_answers(server_installed, tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                               env={**os.environ, "SM_NNI_API_KEY": "test-key-0123456789", "PYTHONUNBUFFERED": "1"})
     try:
-        lines = []
-        deadline = time.monotonic() + 120
-        while not (lines and lines[-1].startswith("Ready")):
-            assert time.monotonic() < deadline and server.poll() is None, lines
-            lines.append(server.stdout.readline().strip())
+        lines = lines_until_ready(server)
         started = next(i for i, line in enumerate(lines) if line.startswith("Starting the nnInteractive server"))
         assert lines[-1] == f"Ready: the nnInteractive server answers on http://127.0.0.1:{port}; Ctrl-C stops it."
         assert started < len(lines) - 1 and not any("API key" in line for line in lines)  # the key came from us
@@ -312,8 +323,7 @@ def test_server_says_ready_only_once_it_answers(server_installed, tmp_path):
 def test_server_without_the_weights_and_without_hugging_face_is_one_sentence(server_installed, tmp_path):
     """Upstream asked Hugging Face for its model list five times over half a minute, printing each retry, then
     exited with a traceback."""
-    result = run_cli("server", "--device", "cpu", env={"HF_ENDPOINT": "https://hub.invalid",
-                                                       "NNINTERACTIVE_MODEL_DIR": str(tmp_path / "none")})
+    result = run_cli("server", "--device", "cpu", env={**NO_HUB, "NNINTERACTIVE_MODEL_DIR": str(tmp_path / "none")})
     one_sentence(result, "The official nnInteractive weights are not on this machine and Hugging Face cannot be "
                          "reached (its name hub.invalid was not found (DNS))")
 
@@ -332,13 +342,9 @@ def test_server_offline_starts_from_the_weights_downloaded_before_without_retryi
     server = subprocess.Popen(CLI + ["server", "--device", "cpu", "--port", str(port)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "SM_NNI_API_KEY": "test-key-0123456789", "PYTHONUNBUFFERED": "1",
-                                   "HF_ENDPOINT": "https://hub.invalid", "NNINTERACTIVE_MODEL_DIR": str(root)})
+                                   **NO_HUB, "NNINTERACTIVE_MODEL_DIR": str(root)})
     try:
-        lines = []
-        deadline = time.monotonic() + 120
-        while not (lines and lines[-1].startswith("Ready")):
-            assert time.monotonic() < deadline and server.poll() is None, lines
-            lines.append(server.stdout.readline().strip())
+        lines = lines_until_ready(server)
         assert lines[0] == (f"Hugging Face cannot be reached (its name hub.invalid was not found (DNS)): the server "
                             f"uses the weights already in {root}.")
         assert not any("Retry" in line or "torch.compile" in line for line in lines), lines
@@ -351,8 +357,8 @@ def test_server_offline_starts_from_the_weights_downloaded_before_without_retryi
 
     (root / "models.json").unlink()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_ENDPOINT", "https://hub.invalid")
-        patch.setenv("NNINTERACTIVE_MODEL_DIR", str(root))
+        for name, value in {**NO_HUB, "NNINTERACTIVE_MODEL_DIR": str(root)}.items():
+            patch.setenv(name, value)
         ours._official_weights_at_hand("nnInteractive_v1.0")
         with pytest.raises(ours.UserError, match="weights are not on this machine"):
             ours._official_weights_at_hand("nnInteractive_v2.0")

@@ -452,6 +452,11 @@ def test_a_stopped_desktop_keeps_its_orcaslicer_profiles_and_dicom_database(tmp_
     assert (home / printer).read_text() == (home / database).read_text() == "the user's"
     assert (volume / ".desktop/OrcaSlicer" / printer.relative_to(".config/OrcaSlicer")).is_file()
     assert not holds_user_files(volume)  # settings only: an idle pod is still terminated, not kept billing
+    copied = volume / ".desktop/SlicerDICOMDatabase/dicom/1.2.3/1.2.3.4.dcm"  # a series the database keeps a copy of
+    copied.parent.mkdir(parents=True)
+    copied.write_text("an unpacked zip's slice")
+    assert holds_user_files(volume)
+    copied.unlink()
     (volume / "exports" / "Bone_20261127-010000").mkdir()
     (volume / "exports" / "Bone_20261127-010000" / "report.json").write_text("{}")
     assert holds_user_files(volume)

@@ -151,7 +151,7 @@ def test_the_free_space_guard_refuses_with_a700_writes_nothing_and_says_so_once_
     refusals = [r.getMessage() for r in caplog.records if "Refused" in r.getMessage()]
     assert [r.split(":")[0] for r in refusals] == ["Refused 3 instance(s) from AE 'PACS' at 127.0.0.1",
                                                    "Refused 1 instance(s) from AE 'PACS' at 127.0.0.1"]
-    assert f" MB free on {node.folder} (--min-free-mb {free_mb + 1e6:g}); free some space, the PACS will send them " \
+    assert f" MB free on {node.folder} (--min-free-mb {free_mb + 1e6:g}); free some space, then have them sent " \
            "again." in refusals[0]
     assert all(r.levelno == logging.WARNING for r in caplog.records if "Refused" in r.getMessage())
 

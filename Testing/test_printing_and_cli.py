@@ -235,7 +235,9 @@ def test_export_command_names_labels_from_json(shared_data, tmp_path):
 def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path, args, sentence):
     (tmp_path / "notes.txt").write_text("not DICOM")
     log_file = tmp_path / "log.txt"
-    result = run_cli(*[a.format(tmp=tmp_path) for a in args], "--log", log_file)
+    # No OrcaSlicer this machine may have: not on PATH, not in the home folder's usual places.
+    result = run_cli(*[a.format(tmp=tmp_path) for a in args], "--log", log_file,
+                     env={"HOME": str(tmp_path), "PATH": os.path.dirname(sys.executable)})
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and sentence in lines[0] and "Traceback" not in result.stderr
@@ -254,16 +256,22 @@ def test_a_file_whose_name_is_not_utf8_is_skipped_with_its_reason_not_a_crash(sh
     shutil.copy(files[0], os.fsdecode(bytes(folder) + b"/M\xfcller.dcm"))
     result = run_cli("model", folder, "--out", tmp_path / "out", "--quiet")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
-    assert "M\\xfcller.dcm: its name is not UTF-8 text" in result.stderr
+    assert "M\\xfcller.dcm: its path is not UTF-8 text" in result.stderr
     watched = run_cli("watch", folder, "--out", tmp_path / "outbox", "--once", "--settle", "0.5", "--log",
                       tmp_path / "watch.log")
     assert watched.returncode == 0 and "Traceback" not in watched.stderr + (tmp_path / "watch.log").read_text()
-    assert "Skipped " in watched.stderr and "M\\xfcller.dcm: its name is not UTF-8 text" in watched.stderr
+    assert "Skipped " in watched.stderr and "M\\xfcller.dcm: its path is not UTF-8 text" in watched.stderr
     assert "done" in watched.stdout
     nifti = os.fsdecode(bytes(tmp_path) + b"/M\xfcller.nrrd")
     shutil.copy(DATA / "dcmqi" / "liver_seg.nrrd", nifti)
     refused = run_cli("model", nifti, "--out", tmp_path / "out")
-    assert refused.returncode == 2 and "M\\xfcller.nrrd cannot be read: its name is not UTF-8" in refused.stderr
+    assert refused.returncode == 2 and "M\\xfcller.nrrd cannot be read: its path is not UTF-8" in refused.stderr
+    latin1_folder = os.fsdecode(bytes(tmp_path) + b"/Eing\xe4nge")  # every file in it: said once, for the folder
+    shutil.copytree(UNCOMPRESSED_SERIES, latin1_folder)
+    for command in (["model", latin1_folder], ["watch", latin1_folder, "--out", tmp_path / "box2", "--once"]):
+        result = run_cli(*command)
+        assert result.returncode == 2 and "Eing\\xe4nge cannot be" in result.stderr, result.stderr
+        assert "its path is not UTF-8 text" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_list_shows_series_and_skipped_files(shared_data):

@@ -106,20 +106,23 @@ def test_acquisition_numbers_along_the_table_stay_one_volume_and_true_duplicates
 def test_a_localizer_in_the_series_with_the_stacks_orientation_is_left_out_as_slicer_leaves_it_out(ctx, shared_data,
                                                                                                      tmp_path):
     """Siemens Axiom and GE volume viewer put one localizer of the volume's own orientation and size into its series;
-    100 mm beyond the stack it was loaded as 50 interpolated slices of a body that is not there. Slicer's DICOM
+    100 mm beyond the stack it was loaded as 100 interpolated slices of a body that is not there, and as image 1 it
+    gave the series its pixel spacing. Slicer's DICOM
     module prefers the series without the one image of another image type when that one is evenly spaced."""
     uid = generate_uid()
     for number, ds in enumerate(real_slices(), 1):
         ds.SeriesInstanceUID = uid
         save(ds, tmp_path / "study" / f"{number}.dcm")
-    localizer = real_slices()[0]
+    localizer = real_slices()[0]  # image 1 of its series, below the stack, over a wider field of view
     localizer.SeriesInstanceUID, localizer.ImageType = uid, ["ORIGINAL", "PRIMARY", "LOCALIZER"]
-    localizer.ImagePositionPatient = [*localizer.ImagePositionPatient[:2], localizer.ImagePositionPatient[2] + 100]
-    save(localizer, tmp_path / "study" / "overview.dcm")
+    localizer.ImagePositionPatient = [*localizer.ImagePositionPatient[:2], localizer.ImagePositionPatient[2] - 100]
+    localizer.PixelSpacing = [0.9, 0.9]
+    save(localizer, tmp_path / "study" / "0-overview.dcm")
     loaded = load_input(ctx, tmp_path / "study")
     assert arrays.volume_array(loaded.node).shape[0] == 3
     assert sorted(p.name for p in loaded.series.files) == ["1.dcm", "2.dcm", "3.dcm"]
-    assert any("overview.dcm: a localizer, not part of the volume (the one image of image type "
+    assert loaded.series.pixel_spacing == tuple(float(v) for v in real_slices()[0].PixelSpacing)
+    assert any("0-overview.dcm: a localizer, not part of the volume (the one image of image type "
                "ORIGINAL/PRIMARY/LOCALIZER in its series)" in note for note in loaded.notes)
     assert not any("missing" in note for note in loaded.notes)
 

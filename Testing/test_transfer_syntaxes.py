@@ -142,16 +142,21 @@ def test_files_without_a_part_10_header_load_as_slicers_reader_reads_them(shared
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset
 
-    (tmp_path / "bare").mkdir()
-    for source in sorted(UNCOMPRESSED_SERIES.iterdir()):
-        dataset = pydicom.dcmread(source)
-        del dataset.file_meta, dataset.SpecificCharacterSet  # GDCM takes a bare file that starts with a value
-        written = DicomBytesIO()
-        written.is_little_endian, written.is_implicit_VR = True, True
-        write_dataset(written, dataset)
-        (tmp_path / "bare" / source.stem).write_bytes(written.getvalue())
+    for folder, empty_start in (("bare", False), ("bare-empty-start", True)):
+        (tmp_path / folder).mkdir()
+        for source in sorted(UNCOMPRESSED_SERIES.iterdir()):
+            dataset = pydicom.dcmread(source)
+            del dataset.file_meta
+            if not empty_start:  # these files start with an empty SpecificCharacterSet, which GDCM cannot take
+                del dataset.SpecificCharacterSet
+            written = DicomBytesIO()
+            written.is_little_endian, written.is_implicit_VR = True, True
+            write_dataset(written, dataset)
+            (tmp_path / folder / source.stem).write_bytes(written.getvalue())
     bare = arrays.volume_array(load_input(ctx, tmp_path / "bare").node)
     assert np.array_equal(bare, arrays.volume_array(load_input(ctx, UNCOMPRESSED_SERIES).node))
+    item, reason = read_slice(tmp_path / "bare-empty-start" / "01")  # said as what it is, not 'check the files'
+    assert item is None and reason.startswith("DICOM without its file header, starting with an empty attribute")
 
 
 def test_a_file_in_ges_private_syntax_is_not_called_malformed(shared_data, tmp_path):

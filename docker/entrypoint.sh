@@ -47,8 +47,8 @@ if grep -q '^\[program:vnc\]' "$CONF/supervisord.conf"; then  # desktop mode
     # The module exports to ~/SegmentationMachine/Exports: keep them on the volume, downloadable.
     [ -e "$DESKTOP_HOME/SegmentationMachine/Exports" ] || as_sm ln -sfn /workspace/exports "$DESKTOP_HOME/SegmentationMachine/Exports"
     # The desktop's settings too: OrcaSlicer's printer, filament and process profiles, and Slicer's DICOM database
-    # (at Slicer's default place). Settings and an index only, never what the user brought: the pod agent does not
-    # count /workspace/.desktop as the user's files when it chooses between stopping and terminating.
+    # (at Slicer's default place). Settings and an index, which alone do not make the pod agent stop a pod rather
+    # than terminate it; the copies of files that database keeps (an unpacked zip's series) do.
     install -d -m 0700 -o sm -g sm /workspace/.desktop
     for kept in .config/OrcaSlicer Documents/SlicerDICOMDatabase; do
         as_sm mkdir -p "/workspace/.desktop/${kept##*/}" "$DESKTOP_HOME/${kept%/*}"

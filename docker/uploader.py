@@ -77,6 +77,14 @@ def receive(inbox: Path, staging: Path, relative: str, size: int, offset: int, b
     if offset == 0 and shutil.disk_usage(staging).free < size:
         raise Refused(507, f"The pod's volume has no room for {relative} ({size / 2**20:.0f} MiB).")
     marker = inbox_folder(final, inbox) / MARKER
+    try:
+        return _append(part, final, inbox, relative, size, offset, body, length, marker)
+    finally:  # touched while bytes arrive: never left behind (the pod agent would count it as a file of the user's)
+        marker.unlink(missing_ok=True)
+
+
+def _append(part: Path, final: Path, inbox: Path, relative: str, size: int, offset: int, body, length: int,
+            marker: Path) -> dict:
     with open(part, "a+b") as out:
         received = out.tell()
         head = b""
@@ -97,18 +105,23 @@ def receive(inbox: Path, staging: Path, relative: str, size: int, offset: int, b
             block = body.read(min(BLOCK, length))
             if not block:
                 raise Refused(400, "The upload ended early; it resumes from the byte the pod has.",
-                              received=out.tell())
+                              received=_size(out))
             out.write(block)
             length -= len(block)
-        received = out.tell()
+        received = _size(out)
         if received < size:
             return {"received": received}
         out.flush()
         os.fsync(out.fileno())
     publish(part, final, inbox)
-    marker.unlink(missing_ok=True)
     log.info("Saved %s (%d bytes).", relative, size)
     return {"received": size, "saved": relative}
+
+
+def _size(out) -> int:
+    """What the part file holds (an append-mode file's position says less after a truncate)."""
+    out.flush()
+    return os.fstat(out.fileno()).st_size
 
 
 def inbox_folder(final: Path, inbox: Path) -> Path:

@@ -1,6 +1,7 @@
 """`segmentation-machine server`: the upstream nnInteractive server, started with a key and stopped cleanly."""
 
 import io
+import json
 import os
 import secrets
 import shutil
@@ -183,11 +184,13 @@ def _out_of_memory(line: str, seen: threading.Event) -> bool:
 def _hub_unreachable() -> str:
     """Why Hugging Face (or HF_ENDPOINT) takes no connection, or '' (also behind a proxy, which only a request can
     judge)."""
-    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+    if os.environ.get("HF_HUB_OFFLINE") or any(os.environ.get(name) for name in (
+            "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
         return ""
     endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+        port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+        socket.create_connection((endpoint.hostname, port), timeout=5).close()
         return ""
     except socket.gaierror:
         return f"its name {endpoint.hostname} was not found (DNS)"
@@ -200,18 +203,33 @@ def _official_weights_at_hand(model: str = None):
     names its baked one), retrying for half a minute, noisily, when it cannot: offline, the weights already
     downloaded are used at once, and none is one sentence."""
     root = Path(os.environ.get("NNINTERACTIVE_MODEL_DIR") or Path.home() / ".nninteractive").expanduser()
-    if model and (root / "models" / model).is_dir() and any((root / "models" / model).iterdir()):
+    if model and _downloaded(root, model):
         return
     unreachable = _hub_unreachable()
     if not unreachable:
         return
-    if not (root / "models.json").is_file():
+    if not _downloaded(root, model or _default_model(root)):
         raise UserError(f"The official nnInteractive weights are not on this machine and Hugging Face cannot be reached "
                         f"({unreachable}): connect this machine to the internet once (the weights are then kept in "
                         f"{printable(root)}), or give a model folder with --model-dir.")
     print(f"Hugging Face cannot be reached ({unreachable}): the server uses the weights already in {printable(root)}.",
           flush=True)
     os.environ["HF_HUB_OFFLINE"] = "1"  # for the server: upstream then takes its own cached list at once
+
+
+def _downloaded(root: Path, model: str) -> bool:
+    """Whether upstream's model root holds that official model (upstream's own test: a folder with something in it)."""
+    folder = root / "models" / (model or "")
+    return bool(model) and folder.is_dir() and any(folder.iterdir())
+
+
+def _default_model(root: Path) -> str:
+    """The default model of upstream's cached list (models.json), or '' without one."""
+    try:
+        models = json.loads((root / "models.json").read_text())["models"]
+        return next((m["id"] for m in models if m.get("default")), models[0]["id"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return ""
 
 
 def _check_model_dir(folder: Path, fold: str):

@@ -47,6 +47,8 @@ AGENT_FOLDER = ".pod-agent"
 # What the image itself keeps on the volume (the desktop's settings included; and a file system's lost+found); any
 # other file there is the user's.
 IMAGE_ENTRIES = {"nninteractive", AGENT_FOLDER, ".inbox-state", ".uploads", ".desktop", "lost+found"}
+# ...but the copies Slicer's DICOM database keeps of what it imported (an unpacked zip's series) are the user's.
+USER_FILES_IN_IMAGE_ENTRIES = (os.path.join(".desktop", "SlicerDICOMDatabase", "dicom"),)
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,8 @@ def holds_user_files(workspace) -> bool:
     """Whether the volume holds a file of the user's: anything but what the image keeps there. A folder the agent
     may not read counts as holding some: what cannot be seen is never deleted."""
     try:
-        names = [name for name in os.listdir(workspace) if name not in IMAGE_ENTRIES]
+        names = [name for name in os.listdir(workspace) if name not in IMAGE_ENTRIES] + [
+            name for name in USER_FILES_IN_IMAGE_ENTRIES if os.path.lexists(os.path.join(workspace, name))]
     except FileNotFoundError:
         return False  # no volume
     except OSError:

@@ -67,12 +67,14 @@ def write_private(path: Path, text: str):
     replace_private(path, text)
 
 
-# A file name that is not UTF-8 (Latin-1, from an older share or CD): Slicer's readers and our journal take text.
-NAME_NOT_UTF8 = "its name is not UTF-8 text (made on an older system): rename it, or copy it with a tool that converts names"
+# A file or folder name that is not UTF-8 (Latin-1, from an older share or CD): Slicer's readers and our journal take
+# text only.
+PATH_NOT_UTF8 = ("its path is not UTF-8 text (a file's or a folder's name made on an older system): rename it, or "
+                 "copy it with a tool that converts names")
 
 
-def utf8_name(path) -> bool:
-    """Whether path's name can be written as UTF-8 (Python keeps other bytes as lone surrogates)."""
+def utf8_path(path) -> bool:
+    """Whether path can be written as UTF-8 (Python keeps other bytes of a name as lone surrogates)."""
     try:
         str(path).encode("utf-8")
         return True
@@ -85,6 +87,6 @@ def printable(text) -> str:
     printed as is could forge log lines or send escape sequences to the terminal. A name's bytes that are not
     UTF-8 are shown as \\xNN."""
     text = str(text)
-    if not utf8_name(text):
+    if not utf8_path(text):
         text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], text)

@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 
 from ..core.errors import InputError
-from ..core.files import NAME_NOT_UTF8, utf8_name
+from ..core.files import PATH_NOT_UTF8, printable, utf8_path
 from .transfer_syntaxes import ASK_FOR_DECODABLE, CANNOT_DECODE, UNCOMPRESSED, undecodable
 
 VOLUME_FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -52,6 +52,11 @@ ACQUISITION_TAGS = (
     ("DiffusionGradientOrientation", "gradient {}"),
     ("TemporalPositionIdentifier", "time point {}"),
 )
+
+
+# GDCM (Slicer's reader) takes a file without a Part 10 header only where its first attribute holds a value.
+BARE_EMPTY_START = ("DICOM without its file header, starting with an empty attribute, which Slicer's reader cannot "
+                    "read: have the series exported or sent again as DICOM files (Part 10)")
 
 
 def _uneven(gaps: np.ndarray) -> bool:
@@ -278,8 +283,8 @@ def read_slice(path: Path, data: bytes = None):
     data: the file's bytes when the caller has read them already (the inbox hashes them too).
     A reason starting with "truncated" may be a file still being written.
     """
-    if not utf8_name(path):
-        return None, NAME_NOT_UTF8
+    if not utf8_path(path):
+        return None, PATH_NOT_UTF8
     try:
         if data is None:
             with open(path, "rb") as f:
@@ -306,6 +311,8 @@ def read_slice(path: Path, data: bytes = None):
     meta = getattr(ds, "file_meta", None) or {}
     if meta.get("MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
         return None, DICOMDIR
+    if not meta and len(ds) and ds[next(iter(ds.keys()))].value in (None, "", b""):
+        return None, BARE_EMPTY_START
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class in NON_IMAGE_SOP_CLASSES:
         return None, f"{NON_IMAGE_SOP_CLASSES[sop_class]}, not an image slice"
@@ -498,6 +505,7 @@ def build_series(key: str, slices: list, skipped: list) -> DicomSeries:
         kept.append(s)
         kept_distances.append(d)
     kept, kept_distances = _without_a_localizer(kept, kept_distances, skipped)
+    first = kept[0]  # the series' attributes (pixel spacing...) from a slice of the volume, not from a localizer
     # An enhanced multi-frame image is a stack by itself: its frames are the slices.
     points = np.array([p for s in kept for p in (s.frame_positions or [s.position])], dtype=float)
     points = points[np.argsort(points @ normal, kind="stable")]
@@ -567,6 +575,8 @@ def scan_folder(folder, progress=None) -> ScanResult:
     folder = Path(folder)
     if not folder.exists():
         raise InputError(f"{folder} does not exist: give a folder of DICOM files or a NIfTI/NRRD file.")
+    if not utf8_path(folder):  # else each file would be skipped for it
+        raise InputError(f"{printable(folder)} cannot be read: {PATH_NOT_UTF8}.")
     paths = [folder] if folder.is_file() else list(_walk_files(folder))
     if folder.is_file() and _is_dicomdir(folder):
         paths = _dicomdir_files(folder) or [p for p in _walk_files(folder.parent) if p != folder]

@@ -9,7 +9,7 @@ import vtk
 
 from ..core import arrays
 from ..core.errors import InputError
-from ..core.files import NAME_NOT_UTF8, printable, utf8_name
+from ..core.files import PATH_NOT_UTF8, printable, utf8_path
 from ..core.scene import SceneContext
 from ..core.grids import RAS_TO_LPS
 from .series import (MAX_GANTRY_TILT_DEGREES, MAX_TILT_DEGREES, SPACING_TOLERANCE, DicomSeries, ScanResult,
@@ -118,8 +118,8 @@ def _resample_evenly(node, series: DicomSeries):
 
 def load_volume_file(ctx: SceneContext, path, labelmap: bool = False) -> LoadedVolume:
     path = Path(path)
-    if not utf8_name(path):  # Slicer's reader aborts the process on such a name
-        raise InputError(f"{printable(path)} cannot be read: {NAME_NOT_UTF8}.")
+    if not utf8_path(path):  # Slicer's reader aborts the process on such a name
+        raise InputError(f"{printable(path)} cannot be read: {PATH_NOT_UTF8}.")
     node = ctx.volumes_logic.AddArchetypeVolume(str(path), path.name.split(".")[0],
                                                LABELMAP if labelmap else 0, None)
     if node is None or node.GetImageData() is None:

@@ -28,7 +28,7 @@ from enum import Enum
 from pathlib import Path
 
 from ..core.errors import UserError
-from ..core.files import NAME_NOT_UTF8, private_folder, utf8_name
+from ..core.files import PATH_NOT_UTF8, printable, private_folder, utf8_path
 from ..dicom.archives import ArchiveLimits, extract_zip, is_zip, size_text
 from ..dicom.series import DicomSeries, build_series, group_series, looks_like_dicom, read_slice
 from .journal import Journal
@@ -206,6 +206,8 @@ class Inbox:
                              "into.")
         if not folder.is_dir():
             raise InboxError(f"The inbox folder {folder} does not exist: create it or choose another folder.")
+        if not utf8_path(folder):
+            raise InboxError(f"The inbox {printable(folder)} cannot be watched: {PATH_NOT_UTF8}.")
         state = Path(self.options.state_folder).expanduser().resolve()
         if state == folder or folder in state.parents:
             raise InboxError(f"The state folder {state} is inside the inbox: choose one outside {folder}.")
@@ -319,29 +321,25 @@ class Inbox:
     def _polled_changes(self, now: float, interval: float) -> set:
         """Every interval: a folder's modification time changes when files appear in or leave it,
         and a file's when it is written again (an upload that resumes after a pause): the folders and
-        the files still settling are statted each interval, the settled files POLL_STATS at a time in
-        turn (never read: a network share answers each lstat in about a millisecond)."""
+        the files still settling (hidden ones being written too) are statted each interval, the settled files
+        POLL_STATS at a time in turn (never read: a network share answers each lstat in about a millisecond)."""
         if self._last_poll_scan is not None and now - self._last_poll_scan < interval:
             return set()
         self._last_poll_scan = now
         scratch = f"{self.scratch}{os.sep}"
-        known = [path for path in self._files if not str(path).startswith(scratch)]
+        known = [path for path in self._files if not str(path).startswith(scratch)] + [
+            path for path, (_, _, changed) in self._hidden.items() if changed is None]
         start = self._poll_turn if self._poll_turn < len(known) else 0
         self._poll_turn = start + POLL_STATS
         changed = set()
-        for path in {*known[start:start + POLL_STATS], *self._unread, *self._recent, *self._growing}:
-            record = self._files[path]  # the settling ones are known files too
+        for path in {*known[start:start + POLL_STATS], *self._unread, *self._recent, *self._growing,
+                     *self._busy_hidden()}:
+            record = self._files.get(path)  # the settling ones are known files too
+            size, mtime_ns = (record.size, record.mtime_ns) if record else self._hidden[path][:2]
             try:
                 info = os.lstat(path)
             except OSError:
                 info = None  # gone: _refresh forgets it
-            if info is None or (info.st_size, info.st_mtime_ns) != (record.size, record.mtime_ns):
-                changed.add(str(path))
-        for path, (size, mtime_ns, _) in list(self._hidden.items()):
-            try:
-                info = os.lstat(path)
-            except OSError:
-                info = None
             if info is None or (info.st_size, info.st_mtime_ns) != (size, mtime_ns):
                 changed.add(str(path))
         for folder, mtime_ns in list(self._folders.items()):
@@ -362,11 +360,13 @@ class Inbox:
         try:
             info = os.lstat(path)
         except OSError:
-            return self._forget(path)
+            if self._hidden.pop(path, None) is None:  # a hidden file is no folder: nothing under it to forget
+                self._forget(path)
+            return
         if path != self.folder and not self._inside(path):
             return
-        if not utf8_name(path):
-            return self._refuse(path, NAME_NOT_UTF8)
+        if not utf8_path(path):
+            return self._refuse(path, PATH_NOT_UTF8)
         if path != self.folder and path.name.startswith("."):
             if stat.S_ISREG(info.st_mode):
                 self._note_hidden(path, info, now)

@@ -33,7 +33,7 @@ from ..core.provenance import NNINTERACTIVE, PRESET, PRESET_EDITED
 
 # Segmented property category and type, SNOMED CT: (value, meaning).
 TISSUE = ("85756007", "Tissue")
-LONG_STRING = 64  # characters a DICOM LO (a segment label, a series description) may hold
+LONG_STRING = 64  # what a DICOM LO (a segment label, a series description) may hold: bytes, as validators count
 ANATOMICAL_STRUCTURE = ("123037004", "Anatomical Structure")
 # A segment named after one of these (any case, any word of its name, e.g. "kidney_left") gets its code;
 # any other name is coded as tissue.
@@ -195,6 +195,23 @@ ALGORITHMS = {
 }
 
 
+def _long_string(text: str, suffix: str = "") -> str:
+    """text cut to a LO's 64 bytes in UTF-8, whole characters only, suffix kept."""
+    room = LONG_STRING - len(suffix.encode())
+    return text.encode()[:room].decode(errors="ignore") + suffix
+
+
+def _labels(names: list) -> list:
+    """The segments' labels: each a LO; names that only the cut made alike are told apart ('... (2)')."""
+    labels = []
+    for name in names:
+        label, copy = _long_string(name), 2
+        while label != name and label in labels:
+            label, copy = _long_string(name, f" ({copy})"), copy + 1
+        labels.append(label)
+    return labels
+
+
 def _description(number: int, name: str, color, made_by: str = ""):
     """A segment made neither by a preset nor by nnInteractive (by hand, or in another program) is MANUAL: no
     algorithm of ours made it."""
@@ -208,7 +225,7 @@ def _description(number: int, name: str, color, made_by: str = ""):
         identification = highdicom.AlgorithmIdentificationSequence(
             name=algorithm_name, version=__version__, family=Code(value, "DCM", meaning))
     description = highdicom.seg.SegmentDescription(
-        segment_number=number, segment_label=name[:LONG_STRING],
+        segment_number=number, segment_label=name,
         segmented_property_category=Code(category[0], "SCT", category[1]),
         segmented_property_type=Code(kind[0], "SCT", kind[1]),
         algorithm_type=highdicom.seg.SegmentAlgorithmTypeValues[algorithm_type],
@@ -227,11 +244,11 @@ def write(path, seg: SegInput):
     document = highdicom.seg.Segmentation(
         source_images=[source_dataset(name) for name in seg.source_files], pixel_array=seg.pixels,
         segmentation_type=highdicom.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[_description(n, name, color, how)
-                              for n, ((name, color), how) in enumerate(zip(seg.segments, made_by), 1)],
+        segment_descriptions=[_description(n, label, color, how) for n, (label, (_, color), how) in enumerate(
+            zip(_labels([name for name, _ in seg.segments]), seg.segments, made_by), 1)],
         series_instance_uid=highdicom.UID(), series_number=900, sop_instance_uid=highdicom.UID(), instance_number=1,
         manufacturer="SegmentationMachine", manufacturer_model_name="SegmentationMachine",
-        software_versions=__version__, device_serial_number="0", series_description=seg.description[:LONG_STRING],
+        software_versions=__version__, device_serial_number="0", series_description=_long_string(seg.description),
         **geometry)
     document.ContentCreatorName = None  # type 2: present, empty (highdicom leaves it out); we do not know who it is
     # Names in any script (highdicom copies the series' character set, often none: ASCII, which turned 'ü' into a

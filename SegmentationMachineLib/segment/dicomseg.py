@@ -48,6 +48,12 @@ def _frames(dataset, path) -> np.ndarray:
     return pixels > 0
 
 
+def _on_steps(distances: np.ndarray, step: float) -> bool:
+    """Whether every frame lies a whole number of steps from the lowest (to 1% of a step)."""
+    offsets = (distances - distances.min()) / step
+    return bool(np.abs(offsets - np.rint(offsets)).max() <= 0.01)
+
+
 def _grid(dataset, frame_count: int):
     """IJK→LPS of the voxel grid holding every frame, and each frame's slice index on it. The slice step is the
     declared SpacingBetweenSlices where the frames' distances are whole multiples of it (empty frames are left
@@ -63,16 +69,15 @@ def _grid(dataset, frame_count: int):
     distances = positions @ normal
     gaps = np.diff(np.unique(np.round(distances, 3)))
     declared = float(measures.get("SpacingBetweenSlices") or 0)
-    if declared > 0 and np.allclose(gaps / declared, np.rint(gaps / declared), atol=0.01):
+    step = float(gaps.min()) if len(gaps) else float(declared or measures.get("SliceThickness") or 1.0)
+    if declared > 0 and _on_steps(distances, declared):  # as dcmqi (Slicer's reader) spaces them
         step = declared
-    else:
-        step = float(gaps.min()) if len(gaps) else float(declared or measures.get("SliceThickness") or 1.0)
     origin = positions[np.argmin(distances)]
     slice_index = np.rint((distances - distances.min()) / step).astype(int)
     in_plane = positions - origin - np.outer(distances - distances.min(), normal)
     shear = in_plane.T @ slice_index / max(slice_index @ slice_index, 1)  # the shift from one slice to the next
-    if np.abs(in_plane - np.outer(slice_index, shear)).max() > 0.01 * min(row_spacing, column_spacing) or np.abs(
-            distances - distances.min() - slice_index * step).max() > 0.01 * step:
+    if np.abs(in_plane - np.outer(slice_index, shear)).max() > 0.01 * min(row_spacing, column_spacing) or not \
+            _on_steps(distances, step):
         raise InputError("The DICOM SEG's frames do not lie on one evenly spaced grid: it cannot be read here.")
     ijk_to_lps = np.eye(4)
     ijk_to_lps[:3, 0] = along_row * column_spacing
