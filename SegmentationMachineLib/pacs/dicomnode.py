@@ -4,8 +4,8 @@ Each received instance is written to a private staging file, flushed to disk, th
 FOLDER/<study>/<series>/<instance>.dcm, and only then does the sender hear "success": an instance the
 PACS saw acknowledged survives a kill -9, and one it did not is sent again by the PACS; the inbox never
 holds half a file. Only the calling AE titles on the allow-list may connect; TLS is optional. While the disk
-would keep less than the minimum free space, instances are refused as "out of resources", which a PACS sends
-again later: the node never fills the disk that the models and the journal need too.
+would keep less than the minimum free space, instances are refused as "out of resources", which a PACS with a
+retry queue sends again later: the node never fills the disk that the models and the journal need too.
 """
 
 import hashlib
