@@ -57,6 +57,14 @@ class Server:
         '"POST /claim', and one 'Added new point interaction' per point the model started on)."""
         return Path(self.log.name).read_text(errors="replace").count(text)
 
+    def logged(self, text: str, timeout: float = 30) -> int:
+        """count(text) once text is in the log, or after timeout: the server logs a failure's traceback after it
+        has answered HTTP 500, so on a busy machine the client hears of it first."""
+        deadline = time.monotonic() + timeout
+        while not self.count(text) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self.count(text)
+
     def stop(self):
         # SIGTERM does not stop it during a prediction: TERM, then KILL.
         if self.process and self.process.poll() is None:

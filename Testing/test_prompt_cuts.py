@@ -206,7 +206,7 @@ def test_a_cut_result_is_kept_when_the_larger_region_fails(fails_on_larger_regio
     seen = run_recording(panel, clock)
 
     assert any("repeating the prompt" in line for line in seen) and panel.status == CUT_KEPT
-    assert fails_on_larger_regions.count("torch.OutOfMemoryError: CUDA out of memory") == 1
+    assert fails_on_larger_regions.logged("torch.OutOfMemoryError: CUDA out of memory") == 1
     mask = panel.session._segment_mask(target.segment_id)
     assert spans(mask) == (k0, k1 - 1) and vessel_only(mask)  # the first region's answer, cut flat at its faces
     panel.undo()  # one step
@@ -244,10 +244,7 @@ def test_a_server_out_of_gpu_memory_is_a_sentence_that_helps(tmp_path, scene_par
             "run the server on a GPU with more memory (a pod's server, or one run by segmentation-machine server, "
             "restarts itself within a minute; another is about half as fast on large structures until restarted); "
             "otherwise try the prompt again.")
-        deadline = time.monotonic() + 30  # its log says so, once the traceback is written
-        while not failing.count("torch.OutOfMemoryError: CUDA out of memory") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert failing.count("torch.OutOfMemoryError: CUDA out of memory") == 1
+        assert failing.logged("torch.OutOfMemoryError: CUDA out of memory") == 1
         assert not session._segment_mask(target.segment_id).any()
         session.close()
     finally:

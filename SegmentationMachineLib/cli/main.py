@@ -62,21 +62,21 @@ def _printable_record(record: logging.LogRecord) -> bool:
     return True
 
 
-class _AroundProgressBars(logging.StreamHandler):
-    """The terminal's log lines, around the progress bars on screen (tqdm takes them away, writes, draws them again):
-    printed under a bar, a line was glued to it."""
+class _AroundProgressBars(logging.Handler):
+    """The terminal's log lines on stderr (whichever it is now), around the progress bars on screen (tqdm takes
+    them away, writes, draws them again): printed under a bar, a line was glued to it."""
 
     def emit(self, record):
         from tqdm import tqdm
 
         try:
-            tqdm.write(self.format(record), file=self.stream)
+            tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # noqa: BLE001 - as logging's own handlers: a line that cannot be written is no crash
             self.handleError(record)
 
 
 def _configure_logging(log_file: Path = None):
-    handlers = [_AroundProgressBars(sys.stderr)]
+    handlers = [_AroundProgressBars()]
     if log_file:  # owner-only: the log names patients' series and files
         descriptor = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.chmod(log_file, 0o600)  # also when it existed before
