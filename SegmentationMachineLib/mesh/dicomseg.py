@@ -277,7 +277,7 @@ def read_seg_input(segmentation_node, segment_ids, dicom_database=None, files=No
                     _seg_pixels(segmentation_node, segment_ids, _reference_grid(volume)),
                     [(segmentation.GetSegment(i).GetName(), segmentation.GetSegment(i).GetColor())
                      for i in segment_ids],
-                    segmentation_node.GetName()[:64], made_by=tuple(made_by(segmentation_node, i) for i in segment_ids),
+                    segmentation_node.GetName(), made_by=tuple(made_by(segmentation_node, i) for i in segment_ids),
                     slice_starts=_slice_starts(volume))
 
 

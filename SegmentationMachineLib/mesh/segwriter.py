@@ -173,9 +173,9 @@ def _plane_geometry(ijk_to_ras: np.ndarray, slices: int):
     ijk_to_lps = RAS_TO_LPS @ ijk_to_ras
     spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)  # voxel size along I, J, K
     row_direction, column_direction = ijk_to_lps[:3, 0] / spacing[0], ijk_to_lps[:3, 1] / spacing[1]
-    measures = highdicom.PixelMeasuresSequence(
-        pixel_spacing=[float(spacing[1]), float(spacing[0])], slice_thickness=_plane_distance(ijk_to_ras),
-        spacing_between_slices=_plane_distance(ijk_to_ras))
+    distance = _plane_distance(ijk_to_ras)
+    measures = highdicom.PixelMeasuresSequence(pixel_spacing=[float(spacing[1]), float(spacing[0])],
+                                               slice_thickness=distance, spacing_between_slices=distance)
     orientation = highdicom.PlaneOrientationSequence(
         coordinate_system="PATIENT", image_orientation=[*map(float, row_direction), *map(float, column_direction)])
     positions = [highdicom.PlanePositionSequence(
