@@ -1,6 +1,7 @@
 """The real upstream nnInteractive server, started on loopback for the tests."""
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -14,10 +15,29 @@ os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 TESTING = Path(__file__).resolve().parent  # on the server's path: the slow test network lives here
 
 
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the ephemeral range. Not one the kernel picks (bind to port 0): the kernel gives the same
+    range to every outgoing connection's local end, and one of the tests' many connections took such a port between
+    this pick and a slow-starting server's bind, which then exited (CI, session 27)."""
+    ephemeral = _ephemeral_ports()
+    while True:
+        port = random.randrange(10000, 65536)
+        if port in ephemeral:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 class Server:
@@ -43,7 +63,7 @@ class Server:
             env={**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"})  # log lines (counted) as they happen
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"the server exited; see {self.log.name}"
+            assert self.process.poll() is None, f"the server exited: {self._log_tail()}"
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return self
@@ -51,6 +71,9 @@ class Server:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"the server did not answer within {timeout} s; see {self.log.name}")
+
+    def _log_tail(self) -> str:
+        return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-15:])
 
     def count(self, text: str) -> int:
         """How often text occurs in the server's log (one access line per answered request, e.g.

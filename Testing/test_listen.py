@@ -18,6 +18,7 @@ from pynetdicom.sop_class import CTImageStorage
 
 from conftest import REPO, UNCOMPRESSED_SERIES
 from certificates import self_signed
+from nninteractive_server import free_port
 from SegmentationMachineLib.cli.main import main
 from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
 
@@ -25,12 +26,6 @@ CLI = [sys.executable, "-m", "SegmentationMachineLib.cli"]
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 needs_dcmtk = pytest.mark.skipif(not shutil.which("storescu"),
                                  reason="dcmtk's storescu is not installed: apt-get install dcmtk")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def ct_files(shared_data) -> list:
