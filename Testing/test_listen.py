@@ -182,6 +182,24 @@ def test_pynetdicom_pushes_each_series_once_however_often_it_is_sent(listener, t
     assert "Stopped; run the same command again" in node.out()
 
 
+def test_a_pacs_pausing_within_an_association_has_its_series_modelled_once_and_whole(listener, tmp_path):
+    node = listener("--format", "stl")  # --settle 1
+    phantom = phantom_series(tmp_path / "phantom")
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage)
+    association = ae.associate("127.0.0.1", node.port, ae_title="SEGMACHINE")
+    assert [association.send_c_store(dcmread(p)).Status for p in phantom[:5]] == [0] * 5
+    time.sleep(4)  # an archive fetching the rest: far longer than the settle time
+    assert "processing" not in node.out() and [s["state"] for s in node.series()] in ([], ["waiting"])
+    assert [m.name for m in node.received.rglob(".*")] == [".receiving"]
+    assert [association.send_c_store(dcmread(p)).Status for p in phantom[5:]] == [0] * 7
+    association.release()
+    node.wait_for(lambda: node.done())
+    [series] = node.series()
+    assert series["files"] == 12 and node.out().count("processing") == 1
+    assert not list(node.received.rglob(".receiving"))
+
+
 def test_kill_9_mid_association_keeps_every_acknowledged_instance_and_the_resent_series_completes(
         listener, shared_data):
     files = ct_files(shared_data)

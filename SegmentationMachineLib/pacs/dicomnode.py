@@ -6,6 +6,8 @@ PACS saw acknowledged survives a kill -9, and one it did not is sent again by th
 holds half a file. Only the calling AE titles on the allow-list may connect; TLS is optional. While the disk
 would keep less than the minimum free space, instances are refused as "out of resources", which a PACS with a
 retry queue sends again later: the node never fills the disk that the models and the journal need too.
+A series folder holds a hidden mark, touched while an association that stored into it is open: the inbox never
+takes a series in parts while a PACS pauses between instances (a slow link, an archive fetching from tape).
 """
 
 import hashlib
@@ -32,6 +34,8 @@ UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 TIMEOUT_S = 30
 MB = 1024 ** 2
 RECEIVED, RECEIVING = "received", "receiving"  # in listen's state folder: its inbox, and its staging area
+MARK = ".receiving"  # hidden: the inbox never reads it, and one being touched holds its folder
+MARK_INTERVAL_S = 0.25  # well within the shortest useful --settle
 
 
 def check_ae_title(text: str, what: str) -> str:
@@ -118,6 +122,13 @@ def _sync_folder(folder: Path):
         os.close(descriptor)
 
 
+def _touch(mark: Path):
+    try:
+        mark.touch()
+    except OSError:  # its series folder removed meanwhile (retention), or the disk full: it holds nothing then
+        pass
+
+
 class DicomNode:
     """A storage SCP (every storage SOP class, private and unknown ones too, any transfer syntax) and C-ECHO,
     writing into folder."""
@@ -138,7 +149,9 @@ class DicomNode:
         self._ae = None
         self._received = {}  # association → instances stored, for its one log line
         self._refused = {}  # association → (instances refused for want of space, the free MB last seen)
+        self._marked = {}  # association → the series folders it stored into, each with a MARK touched while it is open
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
         self.storing = threading.Lock()  # held while a file enters the inbox: the retention sweep waits for it
 
     def start(self):
@@ -148,6 +161,8 @@ class DicomNode:
         shutil.rmtree(self.staging, ignore_errors=True)  # files cut short by a kill: never acknowledged
         private_folder(self.staging)
         private_folder(self.folder)
+        for mark in self.folder.glob(f"*/*/{MARK}"):  # left by a kill; quiet, so they held nothing
+            mark.unlink(missing_ok=True)
         ae = AE(ae_title=self.options.ae_title)
         syntaxes = _transfer_syntaxes()
         for context in AllStoragePresentationContexts:  # stored as sent: compressed syntaxes too
@@ -165,6 +180,8 @@ class DicomNode:
             raise UserError(f"Cannot listen on port {self.options.port} ({error.strerror or error}): "
                             "choose another --port, or stop the program that uses it.") from None
         self._ae = ae
+        self._stopped.clear()
+        threading.Thread(target=self._keep_marks, name="dicom-node-marks", daemon=True).start()
 
     def stop(self):
         """Stops listening; associations in progress are aborted (their unacknowledged instances are resent)."""
@@ -174,6 +191,7 @@ class DicomNode:
                     association.kill()
             self._ae.shutdown()
             self._ae = None
+        self._stopped.set()
 
     def describe(self) -> str:
         return (f"DICOM node {self.options.ae_title} on port {self.options.port}"
@@ -225,6 +243,8 @@ class DicomNode:
             return OUT_OF_RESOURCES
         with self._lock:
             self._received[event.assoc] = self._received.get(event.assoc, 0) + 1
+            self._marked.setdefault(event.assoc, set()).add(folder)
+            _touch(folder / MARK)
         return SUCCESS
 
     def _write(self, path: Path, data: bytes):
@@ -257,10 +277,18 @@ class DicomNode:
             log.warning("Refused an association from %s: only %s may send (--allow).", self._peer(event),
                         ", ".join(self.options.allowed))
 
+    def _keep_marks(self):
+        while not self._stopped.wait(MARK_INTERVAL_S):
+            with self._lock:  # never touched again once _finished removed it
+                for folder in set().union(*self._marked.values()):
+                    _touch(folder / MARK)
+
     def _finished(self, event):
         with self._lock:
             count = self._received.pop(event.assoc, 0)
             refused, free_mb = self._refused.pop(event.assoc, (0, 0))
+            for folder in self._marked.pop(event.assoc, set()) - set().union(*self._marked.values()):
+                (folder / MARK).unlink(missing_ok=True)
         if count:
             log.info("Received %d instance(s) from %s.", count, self._peer(event))
         if refused:
