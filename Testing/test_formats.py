@@ -455,6 +455,28 @@ def test_glb_passes_the_khronos_validator_with_named_coloured_nodes_in_metres_y_
             srgb = document["materials"][index]["pbrMetallicRoughness"]["baseColorFactor"][:3]
             assert np.allclose(np.where(np.array(srgb) <= 0.0031308, np.array(srgb) * 12.92,
                                         1.055 * np.array(srgb) ** (1 / 2.4) - 0.055), entry["color"], atol=1e-3)
+        # The skin encloses the bone: see-through, so that a viewer shows the bone inside it.
+        assert [e["opacity"] for e in result.report["meshes"]] == [1.0, 0.4]
+        assert [(m["pbrMetallicRoughness"]["baseColorFactor"][3], m.get("alphaMode")) for m in document["materials"]] \
+            == [(1.0, None), (pytest.approx(0.4), "BLEND")]
+
+
+def test_glb_and_obj_carry_the_3d_opacity_slicer_shows_each_segment_with(ctx, shared_data, tmp_path):
+    volume = load_input(ctx, UNCOMPRESSED_SERIES).node
+    node = apply_preset(ctx, volume, "skin")
+    assert node.GetDisplayNode().GetSegmentOpacity3D(node.GetSegmentation().GetNthSegmentID(0)) == 1.0  # alone: opaque
+    apply_preset(ctx, volume, "bone", node)  # skin first, bone joins it: the skin turns see-through all the same
+    display = node.GetDisplayNode()
+    assert display.GetSegmentOpacity3D(node.GetSegmentation().GetNthSegmentID(0)) == pytest.approx(0.4)
+    display.SetSegmentOpacity3D(node.GetSegmentation().GetNthSegmentID(1), 0.8)  # as the Segmentations module does
+    display.SetOpacity3D(0.5)
+    result = export_segmentation(node, tmp_path, ExportOptions(formats=("obj", "glb")))
+    assert [e["opacity"] for e in result.report["meshes"]] == [0.2, 0.4]
+    document, _ = glb_document(result.folder / "segments.glb")
+    assert [m["pbrMetallicRoughness"]["baseColorFactor"][3] for m in document["materials"]] == pytest.approx([0.2, 0.4])
+    assert {m.get("alphaMode") for m in document["materials"]} == {"BLEND"}
+    materials = (result.folder / "segments.mtl").read_text()
+    assert "newmtl Skin\n" in materials and materials.count("\nd 0.2\n") == 1 and materials.count("\nd 0.4\n") == 1
 
 
 def outward_normals(points, triangles) -> np.ndarray:

@@ -232,11 +232,12 @@ def _write_into(folder: Path, prepared: PreparedExport, options: ExportOptions, 
         normals = _to_output_coordinates(mesh.normals, options.coordinates)
         check = check_mesh(points, mesh.triangles, normals).as_dict()
         entry = {"name": mesh.name, "segment_id": mesh.segment_id, "color": [round(c, 4) for c in mesh.color],
+                 "opacity": round(mesh.opacity, 4),
                  **check, **_volume_entry(check, mesh)}
         if "stl" in options.formats:
             entry["stl"] = f"{file_names[mesh.segment_id]}.stl"
             writers.write_stl(folder / entry["stl"], [(points, mesh.triangles, normals)], mesh.name)
-        return file_names[mesh.segment_id], mesh.color, points, mesh.triangles, entry
+        return file_names[mesh.segment_id], (*mesh.color[:3], mesh.opacity), points, mesh.triangles, entry
 
     finished, empty = meshes_from(prepared.segments, options.surface, progress, finish)
     if not finished:

@@ -48,7 +48,8 @@ def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
 
 
 def glb_bytes(named_meshes, coordinates: str = "LPS") -> bytes:
-    """The .glb of (name, colour, points in mm, triangles) meshes given in LPS or RAS."""
+    """The .glb of (name, colour, points in mm, triangles) meshes given in LPS or RAS. A colour with an alpha below 1
+    (the segment's 3D opacity) is blended, so that what it encloses shows through."""
     document = {"asset": {"version": "2.0", "generator": "SegmentationMachine",
                           "extras": {"units": "metre", "axes": "+X patient left, +Y superior, +Z anterior"}},
                 "scene": 0, "scenes": [{"name": "segments", "nodes": []}],
@@ -73,8 +74,10 @@ def glb_bytes(named_meshes, coordinates: str = "LPS") -> bytes:
         indices = triangles.astype("<u4").ravel()
         document["accessors"].append({"bufferView": add_view(indices, ELEMENT_ARRAY_BUFFER),
                                       "componentType": UNSIGNED_INT, "count": len(indices), "type": "SCALAR"})
+        alpha = (*color, 1.0)[3]
         document["materials"].append({"name": name, "pbrMetallicRoughness": {
-            "baseColorFactor": [*(_linear(c) for c in color[:3]), 1.0], "metallicFactor": 0.0, "roughnessFactor": 0.7}})
+            "baseColorFactor": [*(_linear(c) for c in color[:3]), alpha], "metallicFactor": 0.0, "roughnessFactor": 0.7},
+            **({"alphaMode": "BLEND"} if alpha < 1.0 else {})})
         document["meshes"].append({"name": name, "primitives": [
             {"attributes": {"POSITION": 3 * index, "NORMAL": 3 * index + 1}, "indices": 3 * index + 2,
              "material": index}]})

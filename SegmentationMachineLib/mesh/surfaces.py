@@ -69,6 +69,7 @@ class SegmentMesh:
     voxel_volume_ml: float = 0.0  # the segment's voxels, what the mesh's volume is compared with
     iso_level: float = None  # where flying edges cut the (smoothed) mask; None for surface nets
     sigma_voxels: float = 0.0  # the Gaussian's sigma this segment was smoothed with (flying edges)
+    opacity: float = 1.0  # its 3D opacity in the segmentation's display (.glb and .obj carry it)
 
 
 def _to_world(segmentation_node):
@@ -226,11 +227,12 @@ class _Job:
     mask: np.ndarray  # padded K, J, I crop
     crop_to_world: np.ndarray  # 4x4: padded crop voxel (x=I, y=J, z=K) -> RAS world, or to the segmentation's RAS
     warp: object = None  # under a non-linear transform: the vtkGeneralTransform from the segmentation's RAS to world
+    opacity: float = 1.0
 
 
 def _layer_jobs(segmentation_node, segment_ids, world: np.ndarray, pad: int, warp=None):
     """One job per non-empty segment; empty segment names returned separately."""
-    segmentation = segmentation_node.GetSegmentation()
+    segmentation, display = segmentation_node.GetSegmentation(), segmentation_node.GetDisplayNode()
     layers = {}  # shared labelmap -> (array, bounding boxes by label value, array index -> world)
     jobs, empty = [], []
     for segment_id in segment_ids:
@@ -256,7 +258,9 @@ def _layer_jobs(segmentation_node, segment_ids, world: np.ndarray, pad: int, war
         mask = np.pad(values[box] == value, pad)
         start = np.eye(4)
         start[:3, 3] = [box[2].start - pad, box[1].start - pad, box[0].start - pad]
-        jobs.append(_Job(segment_id, segment.GetName(), tuple(segment.GetColor()), mask, layer_to_world @ start, warp))
+        opacity = display.GetOpacity3D() * display.GetSegmentOpacity3D(segment_id) if display else 1.0
+        jobs.append(_Job(segment_id, segment.GetName(), tuple(segment.GetColor()), mask, layer_to_world @ start, warp,
+                         opacity))
     return jobs, empty
 
 
@@ -323,7 +327,8 @@ def _run_job(job: _Job, options: SurfaceOptions) -> SegmentMesh:
         # with like, what contouring and smoothing did to the segment, as it does without a transform.
         if enclosed > 0:
             voxel_ml *= signed_volume_mm3(points, triangles, normals) / enclosed
-    return SegmentMesh(job.segment_id, job.name, job.color, points, triangles, normals, float(voxel_ml), level, sigma)
+    return SegmentMesh(job.segment_id, job.name, job.color, points, triangles, normals, float(voxel_ml), level, sigma,
+                       job.opacity)
 
 
 @dataclass

@@ -62,13 +62,14 @@ def read_stl(path: Path):
 
 
 def write_obj(path: Path, named_meshes):
-    """One OBJ with a group and a material (colour) per mesh, and its .mtl beside it."""
+    """One OBJ with a group and a material (colour, and opacity where the colour has an alpha) per mesh, and its
+    .mtl beside it."""
     path = Path(path)
     material_path = path.with_suffix(".mtl")
     with atomic_file(material_path, "w") as stream:
         for name, color, _, _ in named_meshes:
-            r, g, b = color[:3]
-            stream.write(f"newmtl {name}\nKa 0 0 0\nKd {r:.4f} {g:.4f} {b:.4f}\nKs 0 0 0\nd 1\nillum 1\n\n")
+            r, g, b, alpha = (*color, 1.0)[:4]
+            stream.write(f"newmtl {name}\nKa 0 0 0\nKd {r:.4f} {g:.4f} {b:.4f}\nKs 0 0 0\nd {alpha:.4g}\nillum 1\n\n")
     with atomic_file(path, "w") as stream:
         stream.write(f"# SegmentationMachine\nmtllib {material_path.name}\n")
         offset = 1

@@ -334,13 +334,17 @@ class Preset:
     color: tuple  # RGB 0..1
     description: str
     mask: Callable
+    # Its segment's 3D opacity (views, .glb) where the segmentation holds other segments too: the body surface
+    # encloses them all, and opaque it would hide them.
+    opacity_3d_with_others: float = 1.0
 
 
 PRESETS = {
     "bone": Preset("bone", "Bone", (0.945, 0.839, 0.569),
                    "Bone from CT: threshold inside the body, contrast-filled vessels and the table removed, marrow filled", bone_mask),
     "skin": Preset("skin", "Skin", (0.694, 0.478, 0.396),
-                   "Outer body surface from CT (arms included): table and air removed, cavities filled", body_mask),
+                   "Outer body surface from CT (arms included): table and air removed, cavities filled", body_mask,
+                   opacity_3d_with_others=0.4),
 }
 
 

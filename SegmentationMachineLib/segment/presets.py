@@ -3,9 +3,9 @@
 import numpy as np
 
 from ..core import arrays
-from ..core.provenance import mark_segment, mask_fingerprint, on_reference_grid, PRESET
+from ..core.provenance import mark_segment, mask_fingerprint, on_reference_grid, preset_of, PRESET
 from ..core.scene import SceneContext, editing
-from .masks import get_preset, preset_mask
+from .masks import PRESETS, get_preset, preset_mask
 
 
 def spacing_kji(volume_node) -> np.ndarray:
@@ -46,4 +46,19 @@ def add_preset_segment(ctx: SceneContext, volume_node, preset_name: str, mask: n
         # The mask's own checksum holds where it is what saving stores; elsewhere the segment's is made here.
         mark_segment(segmentation_node, segment_id, PRESET,
                      fingerprint if on_reference_grid(segmentation_node, grid) else None, preset.name)
+        _see_through_where_enclosing(segmentation_node, segment_id)
     return segmentation_node
+
+
+def _see_through_where_enclosing(segmentation_node, new_id: str):
+    """A preset's segment that encloses the others (the body surface) takes its see-through 3D opacity once the
+    segmentation holds another segment: when it is added beside others, or when a second one joins it. Later
+    additions leave an opacity the user chose alone."""
+    segmentation, display = segmentation_node.GetSegmentation(), segmentation_node.GetDisplayNode()
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    if display is None or len(ids) < 2:
+        return
+    for segment_id in ids if len(ids) == 2 else [new_id]:
+        preset = PRESETS.get(preset_of(segmentation_node, segment_id))
+        if preset and preset.opacity_3d_with_others < 1.0:
+            display.SetSegmentOpacity3D(segment_id, preset.opacity_3d_with_others)
