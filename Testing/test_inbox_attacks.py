@@ -195,11 +195,16 @@ def test_zips_python_cannot_unpack_say_why_and_what_to_drop_instead(tmp_path, sh
     inbox_folder.mkdir()
     with_member_headers_patched(zip_of(inbox_folder / "windows.zip", series_members()), (8, 10), 9)
     with_member_headers_patched(zip_of(inbox_folder / "locked.zip", series_members("locked/")), (6, 8), 1)
+    with_member_headers_patched(zip_of(inbox_folder / "7zip.zip", series_members("7zip/")), (8, 10), 98)  # PPMd
+    aes = with_member_headers_patched(zip_of(inbox_folder / "aes.zip", series_members("aes/")), (8, 10), 99)
+    with_member_headers_patched(aes, (6, 8), 1)  # WinZip's AES: method 99, encrypted
     inbox = started(inbox_folder, state)
     assert deliveries_within(inbox, SETTLE + 1.5) == []
     refused = {Path(str(p).split("!")[0]).name: r for p, r in inbox.bad_files.items() if str(p).endswith("!*")}
     assert "compressed with Deflate64, as Windows compresses folders over 2 GB" in refused["windows.zip"]
     assert "password-protected: drop the unzipped folder instead" in refused["locked.zip"]
+    assert "password-protected: drop the unzipped folder instead" in refused["aes.zip"]
+    assert "compressed with method 98, which cannot be unpacked here" in refused["7zip.zip"]
     inbox.stop()
 
 
