@@ -31,10 +31,13 @@ USER_VARIABLE, PASSWORD_VARIABLE = "SM_DICOMWEB_USER", "SM_DICOMWEB_PASSWORD"  #
 # What a refusal (401, 403) asks of the user; the module, whose credentials are saved in it, says its own.
 SET_CREDENTIALS = f"set {TOKEN_VARIABLE}, or {USER_VARIABLE} and {PASSWORD_VARIABLE}, to credentials it accepts"
 TIMEOUT = (10, 120)  # seconds to connect, and between two reads of an answer
-# Explicit VR little endian (which Slicer reads and a server that holds a syntax Slicer cannot decode, HTJ2K, may
-# transcode to), else as stored (JPEG 2000 too). Orthanc 1.10 (DICOMweb 1.7) heeds only the last of these, so "*"
-# comes last: it cannot transcode JPEG 2000 or HTJ2K and answers HTTP 500 when asked to.
-ACCEPTED_TRANSFER_SYNTAXES = (("application/dicom", "1.2.840.10008.1.2.1"), ("application/dicom", "*"))
+# A series is asked for as stored (JPEG 2000 too, which Slicer decodes), and only where that is a syntax Slicer cannot
+# decode (HTJ2K), once more as explicit VR little endian. One syntax per request: servers choose differently among
+# several (Orthanc 1.10 heeds the last, Orthanc's DICOMweb 1.14 and Azure the first), Azure refuses to transcode a
+# series of more than one instance (HTTP 406), and Orthanc 1.10 fails (HTTP 500) to transcode JPEG 2000.
+AS_STORED = (("application/dicom", "*"),)
+TRANSCODED = (("application/dicom", "1.2.840.10008.1.2.1"),)
+SERIES_PAGE = 100  # series asked for per search: Azure sends at most 200, dcm4chee 1000, and cut the list there
 # A PACS may answer a STOW-RS with success and not keep the instance (a filter): QIDO-RS looks for it after these
 # waits (seconds), for a server that indexes what it received a moment later.
 CONFIRM_WAITS = (0, 0.5, 1, 2)
@@ -108,11 +111,15 @@ def credentials(server: DicomWebServer, environ=os.environ, store: SecretStore =
         store = store or SecretStore()
         token, user, password = (store.load(name) for name in server.keychain_names())
     if token:
-        return BearerAuth(token.strip())
+        token = re.sub(r"(?i)^bearer\s+", "", token.strip())  # pasted with its scheme
+        if not re.fullmatch(r"[\x21-\x7e]+", token):  # never shown: it is a secret
+            raise UserError(f"The bearer token for {server.url} holds characters no token has (spaces, line breaks or "
+                            "letters outside ASCII): copy it again, whole.")
+        return BearerAuth(token)
     if bool(user) != bool(password):
         raise UserError(f"Give both {USER_VARIABLE} and {PASSWORD_VARIABLE} for {server.url} (HTTP basic "
                         f"authentication), or a bearer token in {TOKEN_VARIABLE}.")
-    return (user, password) if user else None
+    return (user.encode("utf-8"), password.encode("utf-8")) if user else None  # requests would send Latin-1
 
 
 class _Session(requests.Session):
@@ -126,6 +133,9 @@ class _Session(requests.Session):
 
     def request(self, method, *args, **kwargs):
         kwargs["timeout"] = self.timeout
+        headers = kwargs.get("headers")
+        if headers and "Host" in headers:  # dicomweb-client's lacks the port (an IPv6 host whole) and outlives a redirect
+            kwargs["headers"] = {name: value for name, value in headers.items() if name != "Host"}
         try:
             self.last_answer = super().request(method, *args, **kwargs)
         except requests.ConnectionError as error:
@@ -166,6 +176,10 @@ def _check_uid(uid: str, what: str):
     if not (UID.fullmatch(uid) and len(uid) <= 64):
         raise UserError(f"'{printable(uid)}' is not a {what} (digits and dots, e.g. 1.2.840.113619.2.55.3): "
                         "copy it from the PACS viewer's study information.")
+
+
+def _status(error: requests.HTTPError) -> int:
+    return error.response.status_code if error.response is not None else 0
 
 
 def _cause(error: requests.RequestException, timeout) -> str:
@@ -234,9 +248,11 @@ class DicomWeb:
         try:
             yield
         except requests.HTTPError as error:
-            status = error.response.status_code if error.response is not None else 0
+            status = _status(error)
             if status in (401, 403):
-                raise UserError(f"The DICOMweb server {url} refused access (HTTP {status}): "
+                expiry = "; an access token, e.g. from gcloud or az, expires after about an hour" if isinstance(
+                    self._session.auth, BearerAuth) else ""
+                raise UserError(f"The DICOMweb server {url} refused access (HTTP {status}{expiry}): "
                                 f"{self._set_credentials}.") from None
             codes = _failure_codes(error.response)
             if codes:  # a STOW-RS refusal (409 for a conflict): its reason, as retrying would not help
@@ -247,8 +263,14 @@ class DicomWeb:
                 raise UserError(f"The DICOMweb server {url} answered 'not found' (HTTP 404) for {what}: check the "
                                 "UID, and that the address is the server's DICOMweb root (e.g. https://HOST/dicom-web)."
                                 ) from None
+            if status == 413:
+                raise UserError(f"The DICOMweb server {url} found {what} too large (HTTP 413): ask its administrator "
+                                "to raise its upload limit (or its proxy's, such as nginx's client_max_body_size)."
+                                ) from None
+            advice = "try again later or ask its administrator" if status == 429 or status >= 500 else \
+                "ask its administrator whether it offers this request"
             raise UserError(f"The DICOMweb server {url} answered HTTP {status} to the request for {what}: "
-                            "try again later or ask its administrator.") from None
+                            f"{advice}.") from None
         except (requests.ConnectionError, requests.Timeout) as error:
             if untrusted_certificate(error):  # a hospital's own CA, or a proxy that inspects TLS and re-signs
                 raise UserError(f"The DICOMweb server {url} shows a certificate this computer does not trust "
@@ -269,8 +291,7 @@ class DicomWeb:
         """The series of study (QIDO-RS): image series first, in series number order."""
         _check_uid(study, "StudyInstanceUID")
         with self._asking(f"study {study}"):
-            found = [pydicom.Dataset.from_json(item) for item in
-                     self._client.search_for_series(study_instance_uid=study, fields=_QIDO_FIELDS)]
+            found = self._all_series(study)
             series = [RemoteSeries(_text(d, "SeriesInstanceUID"), _text(d, "Modality"),
                                    _text(d, "SeriesDescription"), _text(d, "SeriesNumber"),
                                    int(d.get("NumberOfSeriesRelatedInstances") or 0)) for d in found]
@@ -278,6 +299,19 @@ class DicomWeb:
             raise UserError(f"The DICOMweb server {self.server.url} has no study {study}: check the "
                             "StudyInstanceUID (in the PACS viewer: study information).")
         return sorted(series, key=lambda s: (not s.is_image, int(s.number) if s.number.isdigit() else 1e9, s.uid))
+
+    def _all_series(self, study: str) -> list:
+        """Page by page, as a server cuts a long list (with no more than a Warning header, if that); one that ignores
+        the offset and sends the same page again ends the search."""
+        found, uids = [], set()
+        while True:
+            page = [pydicom.Dataset.from_json(item) for item in self._client.search_for_series(
+                study_instance_uid=study, fields=_QIDO_FIELDS, limit=SERIES_PAGE, offset=len(found))]
+            new = [d for d in page if _text(d, "SeriesInstanceUID") not in uids]
+            found += new
+            uids.update(_text(d, "SeriesInstanceUID") for d in new)
+            if len(page) < SERIES_PAGE or not new:
+                return found
 
     def choose_series(self, study: str, selector: str = None) -> RemoteSeries:
         """The series named by UID or by its number in series(); with none, the study's only image series."""
@@ -301,25 +335,53 @@ class DicomWeb:
                         f"--series NUMBER or UID: {listing}.")
 
     def retrieve(self, study: str, series: RemoteSeries, folder: Path, progress=None) -> list:
-        """The series' instances (WADO-RS: explicit VR little endian where the server transcodes, else as stored)
-        written into folder as 00001.dcm...; their paths."""
+        """The series' instances (WADO-RS: as stored; where that is a syntax Slicer cannot decode, transcoded to
+        explicit VR little endian where the server does) written into folder as 00001.dcm...; their paths."""
         _check_uid(study, "StudyInstanceUID")
-        paths = []
-        with self._asking(f"series {series.uid} of study {study}"):
-            for dataset in self._client.iter_series(study, series.uid, media_types=ACCEPTED_TRANSFER_SYNTAXES):
-                problem = undecodable(getattr(dataset, "file_meta", {}).get("TransferSyntaxUID"))
-                if problem:  # said now, not as a reader failure once the whole series is here
-                    raise UserError(f"The DICOMweb server {self.server.url} sent series {series.uid} {problem}, and "
-                                    "does not transcode it to explicit VR little endian when asked: ask its "
-                                    "administrator for the series uncompressed or as JPEG 2000.")
-                paths.append(Path(folder) / f"{len(paths) + 1:05d}.dcm")
-                dataset.save_as(paths[-1])
-                if progress:
-                    progress(len(paths), max(series.instances, len(paths)), series.uid)
+        url, what = self.server.url, f"series {series.uid} of study {study}"
+        with self._asking(what):
+            paths, problem = self._fetch(study, series, folder, AS_STORED, progress)
+            if problem:
+                try:
+                    paths, problem = self._fetch(study, series, folder, TRANSCODED, progress)
+                except requests.HTTPError as error:
+                    if _status(error) in (401, 403, 429, 502, 503, 504):  # said as such
+                        raise
+                    # refused (Azure: 406) or failed (Orthanc 1.10: 500): it does not transcode this series
+        if problem:  # said now, not as a reader failure once the whole series is here
+            raise UserError(f"The DICOMweb server {url} sent series {series.uid} {problem}, and does not transcode "
+                            "it to explicit VR little endian when asked: ask its administrator for the series "
+                            "uncompressed or as JPEG 2000.")
+        answer = self._session.last_answer
+        if answer is not None and answer.status_code == 206:  # dcm4chee, where instances are offline
+            warning = printable(answer.headers.get("Warning", ""))[:200]
+            raise UserError(f"The DICOMweb server {url} sent only part of series {series.uid} (HTTP 206"
+                            f"{': ' + warning if warning else ''}): try again later, or ask its administrator to "
+                            "bring the series back from its archive.")
+        if len(paths) < series.instances:
+            raise UserError(f"The DICOMweb server {url} sent {len(paths)} of the {series.instances} instances of "
+                            f"series {series.uid}: try again later, or check the series in the PACS.")
         if not paths:
-            raise UserError(f"The DICOMweb server {self.server.url} sent no instance of series {series.uid}: "
+            raise UserError(f"The DICOMweb server {url} sent no instance of series {series.uid}: "
                             "check the series in the PACS.")
         return paths
+
+    def _fetch(self, study: str, series: RemoteSeries, folder: Path, media_types, progress) -> tuple:
+        """(the files written, None), or ([], why) at the first instance Slicer cannot decode; those written then
+        are removed."""
+        paths, instances = [], self._client.iter_series(study, series.uid, media_types=media_types)
+        for dataset in instances:
+            problem = undecodable(getattr(dataset, "file_meta", {}).get("TransferSyntaxUID"))
+            if problem:
+                instances.close()
+                for path in paths:
+                    path.unlink()
+                return [], problem
+            paths.append(Path(folder) / f"{len(paths) + 1:05d}.dcm")
+            dataset.save_as(paths[-1])
+            if progress:
+                progress(len(paths), max(series.instances, len(paths)), series.uid)
+        return paths, None
 
     def store(self, path: Path) -> "Stored":
         """Stores one DICOM file (STOW-RS) in its study and confirms (QIDO-RS) that the server kept it; returns its
@@ -356,7 +418,7 @@ class DicomWeb:
                     found = self._client.search_for_instances(study, series,
                                                               search_filters={"SOPInstanceUID": instance})
                 except requests.HTTPError as error:
-                    status = error.response.status_code if error.response is not None else None
+                    status = _status(error)
                     if status in UNSEARCHABLE:
                         return status
                     if status != 404:
