@@ -12,8 +12,7 @@ import qt
 import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
-from slicer.i18n import tr as _
-from slicer.i18n import translate
+from slicer.i18n import tr as _, translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
@@ -75,7 +74,6 @@ class SegmentationMachineParameterNode:
 
 class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None):
-        ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
@@ -90,6 +88,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.pollTimer = timer(100, self.poll)
         # Slicer's idle main thread keeps the GIL: this timer lends it to the workers of every section.
         self.gilPumpTimer = timer(PUMP_INTERVAL_MS, share_gil)
+        ScriptedLoadableModuleWidget.__init__(self, parent)  # last: without a parent it calls setup() at once
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -143,6 +142,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onSceneStartClose(self, caller, event):
         self.setParameterNode(None)
+        self.promptTools.onSceneClose()
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -208,6 +208,8 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.updateGui()
 
     def onExport(self):
+        if "seg" in self.export.formats and not packages.ensureSeg():  # asked with no wait cursor over the question
+            return
         with errorsShown(_("Failed to start the export."), waitCursor=True):
             folder = self.ui.outputFolderSelector.currentPath or str(self.export.output_folder)
             qt.QSettings().setValue(SETTINGS_OUTPUT_FOLDER, folder)
@@ -215,9 +217,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             p = self._parameterNode
             self.export.smoothing, self.export.coordinates = p.smoothing, p.exportCoordinates
             self.export.merged_stl, self.export.shown_only = p.exportMergedStl, p.exportShownOnly
-            if "seg" in self.export.formats and not packages.ensureSeg():
-                return
-            self.export.start(self._parameterNode.segmentation, self.logic.context())  # copies what it needs
+            self.export.start(p.segmentation, self.logic.context())  # copies what it needs
             self.pollTimer.start()
         self.updateGui()
 

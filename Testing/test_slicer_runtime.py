@@ -151,10 +151,10 @@ def test_a_prompt_tool_gives_slicers_place_mode_back_as_it_was(ctx):
     """The interaction and selection nodes are Slicer's singletons: after a tool, "place multiple" and the active
     place node are the user's again, whether the tool was switched off or left by a right-click."""
     interaction, selection = ctx.app_logic.GetInteractionNode(), ctx.app_logic.GetSelectionNode()
+    markups_logic = slicer.vtkSlicerMarkupsLogic()  # Slicer's: it makes each new markups node the active place node
+    markups_logic.SetMRMLApplicationLogic(ctx.app_logic)
+    markups_logic.SetMRMLScene(ctx.scene)
     own = ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "my landmarks")
-    prompts = ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsCurveNode", "AI scribble prompt")
-    selection.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsFiducialNode")
-    selection.SetActivePlaceNodeID(own.GetID())
     before = (0, interaction.ViewTransform, "vtkMRMLMarkupsFiducialNode", own.GetID())
 
     def state():
@@ -163,7 +163,11 @@ def test_a_prompt_tool_gives_slicers_place_mode_back_as_it_was(ctx):
 
     assert state() == before
     place_mode = PlaceMode()
-    place_mode.take(interaction, selection, "vtkMRMLMarkupsCurveNode", prompts.GetID())
+    made = []  # the prompt node is made when the tool is first chosen: after Slicer's state is kept
+    place_mode.take(interaction, selection, "vtkMRMLMarkupsCurveNode",
+                    lambda: made.append(ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsCurveNode", "AI scribble prompt"))
+                    or made[-1].GetID())
+    [prompts] = made
     assert state() == (1, interaction.Place, "vtkMRMLMarkupsCurveNode", prompts.GetID())
     place_mode.take(interaction, selection, "vtkMRMLMarkupsCurveNode", prompts.GetID())  # another tool: still kept
     interaction.SwitchToViewTransformMode()  # a right-click ends the curve; persistence stays 1 in Slicer
@@ -178,6 +182,16 @@ def test_a_prompt_tool_gives_slicers_place_mode_back_as_it_was(ctx):
     assert state() == (0, interaction.Place, "vtkMRMLMarkupsFiducialNode", None)
     place_mode.give_back(interaction, selection)  # nothing taken: nothing changes
     assert state() == (0, interaction.Place, "vtkMRMLMarkupsFiducialNode", None)
+
+
+def test_a_closed_scenes_node_ids_go_to_the_next_nodes_made(ctx):
+    """Close Scene (vtkMRMLScene::Clear) forgets the IDs it gave: a prompt node kept across it is found by its ID as
+    the user's next list of its class. prompttools asks IsNodePresent instead."""
+    prompts = ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "AI point prompt")
+    ctx.scene.Clear(False)
+    own = ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "my landmarks")
+    assert ctx.scene.GetNodeByID(prompts.GetID()) is own and not ctx.scene.IsNodePresent(prompts)
+    assert "IsNodePresent(node)" in (MODULE_FOLDER / "SegmentationMachineWidgets" / "prompttools.py").read_text()
 
 
 def test_the_cloud_sections_cleanup_leaves_its_quit_slot_connected():

@@ -61,12 +61,13 @@ class PacsSection:
         self.updateGui()
 
     def onSend(self):
+        if not packages.ensureSeg():  # highdicom, installed after asking (no wait cursor over the question)
+            return
         with errorsShown(_("Failed to start sending to the PACS."), waitCursor=True):
-            if packages.ensureSeg():  # highdicom, installed after asking
-                parameterNode = self.parameterNode()
-                self.panel.start(parameterNode.segmentation if parameterNode else None, self.context())
-                if self.panel.task:
-                    self.timer.start()
+            parameterNode = self.parameterNode()
+            self.panel.start(parameterNode.segmentation if parameterNode else None, self.context())
+            if self.panel.task:
+                self.timer.start()
         self.updateGui()
 
     def tick(self):

@@ -61,7 +61,9 @@ class PromptToolsSection:
         ui.resetButton.connect("clicked(bool)", lambda: self.queue(self.panel.reset))
         ui.cancelPromptButton.connect("clicked(bool)", self.onCancel)
         ui.savePromptsButton.connect("clicked(bool)", self.onSavePrompts)
+        # Both: choosing another segmentation whose current segment has the same ID (a clone) changes no segment ID.
         ui.promptSegmentSelector.connect("currentSegmentChanged(QString)", lambda _: self.onTargetChanged())
+        ui.promptSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", lambda _: self.onTargetChanged())
         ui.addPromptSegmentButton.connect("clicked(bool)", self.onAddSegment)
         for tool, (_className, button, _key) in TOOLS.items():
             getattr(ui, button).connect("clicked(bool)", lambda checked, t=tool: self.setTool(t if checked else None))
@@ -175,9 +177,9 @@ class PromptToolsSection:
         logic = slicer.app.applicationLogic()
         if tool is None:
             self.placeMode.give_back(logic.GetInteractionNode(), logic.GetSelectionNode(), keepMode)
-        else:
-            node = self.markupsNode(tool)
-            self.placeMode.take(logic.GetInteractionNode(), logic.GetSelectionNode(), TOOLS[tool][0], node.GetID())
+        else:  # the node is made once Slicer's state is kept: the Markups logic makes each new node the active one
+            self.placeMode.take(logic.GetInteractionNode(), logic.GetSelectionNode(), TOOLS[tool][0],
+                                lambda: self.markupsNode(tool).GetID())
 
     def onInteractionModeChanged(self):
         """Another module, the toolbar or a right-click left place mode: our tool buttons follow."""
@@ -185,9 +187,19 @@ class PromptToolsSection:
         if self.tool and interaction.GetCurrentInteractionMode() != interaction.Place:
             self.setTool(None, keepMode=True)
 
+    def onSceneClose(self):
+        """Close Scene removes our prompt nodes, and the scene hands their IDs to the next nodes made: forgotten."""
+        self.setTool(None)
+        interaction = slicer.app.applicationLogic().GetInteractionNode()  # a singleton: it stays, and so do its observers
+        for node, tag in self.observations:
+            if node is not interaction:
+                node.RemoveObserver(tag)
+        self.observations = [(node, tag) for node, tag in self.observations if node is interaction]
+        self.markups = {}
+
     def markupsNode(self, tool):
         node = self.markups.get(tool)
-        if node is None or slicer.mrmlScene.GetNodeByID(node.GetID()) is None:
+        if node is None or not slicer.mrmlScene.IsNodePresent(node):  # by ID, it could be another node now
             node = slicer.mrmlScene.AddNewNodeByClass(TOOLS[tool][0], f"AI {tool} prompt")
             node.SetSaveWithScene(False)
             events = {"point": [node.PointPositionDefinedEvent],
@@ -226,6 +238,10 @@ class PromptToolsSection:
         fresh ROI, made active for placing."""
         if self.markups.get("box") is node:
             slicer.mrmlScene.RemoveNode(self.markups.pop("box"))
+            # A mouse move before this ran has Slicer make an empty ROI for the next box (persistent place mode).
+            made = slicer.mrmlScene.GetNodeByID(slicer.app.applicationLogic().GetSelectionNode().GetActivePlaceNodeID())
+            if made and made.IsA("vtkMRMLMarkupsROINode") and not made.GetNumberOfControlPoints():
+                slicer.mrmlScene.RemoveNode(made)
             if self.tool == "box":
                 self.setTool("box")
 

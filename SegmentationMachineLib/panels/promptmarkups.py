@@ -62,13 +62,15 @@ class PlaceMode:
     def __init__(self):
         self.saved = None  # (persistence, interaction mode, active place node class, active place node ID)
 
-    def take(self, interaction, selection, class_name: str, node_id: str):
-        """Place mode, placing many, into the node node_id (of class_name)."""
+    def take(self, interaction, selection, class_name: str, node_id):
+        """Place mode, placing many, into the node node_id (of class_name). node_id may be a callable that makes the
+        node and returns its ID: it is called once Slicer's state is kept, as Slicer's Markups logic makes every new
+        markups node the active place node (vtkSlicerMarkupsLogic::OnMRMLSceneNodeAdded)."""
         if self.saved is None:
             self.saved = (interaction.GetPlaceModePersistence(), interaction.GetCurrentInteractionMode(),
                           selection.GetActivePlaceNodeClassName(), selection.GetActivePlaceNodeID())
         selection.SetReferenceActivePlaceNodeClassName(class_name)
-        selection.SetActivePlaceNodeID(node_id)
+        selection.SetActivePlaceNodeID(node_id() if callable(node_id) else node_id)
         interaction.SetPlaceModePersistence(1)
         interaction.SetCurrentInteractionMode(interaction.Place)
 
