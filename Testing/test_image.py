@@ -55,7 +55,7 @@ def environment(section) -> dict:
 
 
 def credentials(root: Path) -> dict:
-    lines = (root / "root/.segmentation-machine/credentials").read_text().splitlines()
+    lines = (root / "workspace/.segmentation-machine/credentials").read_text().splitlines()
     return dict(line.split("=", 1) for line in lines)
 
 
@@ -76,7 +76,7 @@ def test_desktop_mode_adds_the_desktop_services(tmp_path):
     found = programs(rendered(tmp_path, SM_MODE="desktop"))
     assert set(found) == DESKTOP_PROGRAMS
     vnc = found["vnc"]["command"].split()
-    assert vnc[0] == "/opt/TurboVNC/bin/vncserver"
+    assert vnc[0] == "/opt/segmentation-machine/docker/desktop/sm-vnc"
     assert "-localhost" in vnc and vnc[vnc.index("-securitytypes") + 1] == "VNC"
     assert vnc[vnc.index("-rfbauth") + 1] == "/home/sm/.vnc/passwd"
     assert found["novnc"]["command"].endswith("--web /opt/novnc 0.0.0.0:6080 127.0.0.1:5901")
@@ -179,8 +179,8 @@ def test_absent_secrets_are_generated_stored_privately_and_printed_once(tmp_path
     assert set(stored) == set(SECRETS)
     for name, value in stored.items():
         assert len(value) >= 32 and f"{name}={value}" in first.stdout
-    assert mode_of(tmp_path / "root/.segmentation-machine/credentials") == 0o600
-    assert mode_of(tmp_path / "root/.segmentation-machine") == 0o700
+    assert mode_of(tmp_path / "workspace/.segmentation-machine/credentials") == 0o600
+    assert mode_of(tmp_path / "workspace/.segmentation-machine") == 0o700
 
     second = render(tmp_path)  # a restart reuses them and prints nothing
     assert second.returncode == 0 and second.stdout == ""
@@ -298,11 +298,18 @@ def test_public_key_without_a_key_leaves_ssh_off_and_the_start_going(tmp_path, t
     assert not (tmp_path / "etc/segmentation-machine/sshd_config").exists()
 
 
-def test_the_image_registers_the_module_with_slicer_as_the_desktop_users_file():
+def test_the_image_gives_slicer_the_module_folder_and_the_desktop_users_settings():
+    # Slicer 5.10 reads Modules/AdditionalPaths only from its revision settings, which official builds keep under
+    # Slicer's own folder (qSlicerApplicationHelper.cxx: revisionUserSettings()): a key in ~/.config was never read.
+    launch = (DOCKER / "desktop/sm-slicer").read_text()
+    assert re.search(r"/opt/slicer/Slicer --no-splash --additional-module-path "
+                     r"/opt/segmentation-machine/SegmentationMachine \\\n", launch), launch
+    assert "COPY SegmentationMachine /opt/segmentation-machine/SegmentationMachine\n" in (DOCKER / "Dockerfile").read_text()
+    assert (REPO / "SegmentationMachine/SegmentationMachine.py").is_file()
     ini = configparser.ConfigParser()
     ini.optionxform = str  # QSettings' keys are case-sensitive
     ini.read(DOCKER / "desktop/Slicer.ini")
-    assert ini["Modules"]["AdditionalPaths"] == "/opt/segmentation-machine/SegmentationMachine"
+    assert "Modules" not in ini  # it would only mislead
     # Slicer saves scenes to DefaultScenePath (a key outside any group: QSettings' [General]), else to ~/Documents,
     # which is on the container disk that RunPod wipes at every stop; the Export icon looks under /workspace.
     assert ini["General"]["DefaultScenePath"] == "/workspace/scenes"
@@ -366,13 +373,15 @@ def test_what_a_desktop_user_makes_is_on_the_volume_and_the_agent_knows_what_is_
     does not count as the user's files when it decides between stopping and terminating), and the agent's own."""
     from SegmentationMachineLib.cloud.podagent import AGENT_FOLDER, IMAGE_ENTRIES, WORKSPACE
 
-    lines = (DOCKER / "entrypoint.sh").read_text().splitlines()
+    text = (DOCKER / "entrypoint.sh").read_text()
+    lines = text.splitlines()
+    kept = re.search(r"^KEPT=/workspace/(\S+)", text, re.M).group(1)  # root's: credentials, SSH host keys
     made = {folder: line.split()[line.split().index("-o") + 1] for line in lines if line.strip().startswith("install -d")
             for folder in line.split() if folder.startswith("/workspace/")}
     assert {made[f"/workspace/{name}"] for name in ("inbox", "exports", "scenes", ".uploads", ".inbox-state")} == {"sm"}
     assert made[f"{WORKSPACE}/{AGENT_FOLDER}"] == "smagent" and made["/workspace/nninteractive"] == "nni"
-    assert {name.removeprefix("/workspace/") for name in made} - {"inbox", "exports", "scenes"} == IMAGE_ENTRIES - {
-        "lost+found"}
+    assert {name.removeprefix("/workspace/") for name in made} - {"inbox", "exports", "scenes"} | {kept} == \
+        IMAGE_ENTRIES - {"lost+found"}
     notices = (DOCKER / "desktop/sm-pod-notices").read_text()
     assert f"SM_POD_NOTICE:-{WORKSPACE}/{AGENT_FOLDER}/notice" in notices
     assert "\n/opt/segmentation-machine/docker/desktop/sm-pod-notices &\n" in (DOCKER / "desktop/xstartup").read_text()
@@ -408,18 +417,23 @@ def test_a_resumed_desktop_delivers_no_series_twice(tmp_path, monkeypatch):
     assert session(tmp_path / "home-after-resume") == []
 
 
-def run_desktop_entrypoint(tmp_path) -> subprocess.CompletedProcess:
+def run_desktop_entrypoint(tmp_path, ssh=False) -> subprocess.CompletedProcess:
     """docker/entrypoint.sh in desktop mode, for real, its paths moved under tmp_path: the desktop user is whoever
-    runs the test, the renderer writes a desktop supervisord.conf, and supervisord is `true`."""
+    runs the test, the renderer writes a desktop supervisord.conf (and an sshd_config with ssh), and supervisord is
+    `true`. The container's own disk is tmp_path/root."""
     app, conf = tmp_path / "app", tmp_path / "conf"
     (app / "docker").mkdir(parents=True, exist_ok=True)
     (app / "docker/render_config.py").write_text(
         f"from pathlib import Path\nPath({str(conf)!r}).mkdir(exist_ok=True)\n"
-        f"Path({str(conf)!r}, 'supervisord.conf').write_text('[program:vnc]\\n')\n")
+        f"Path({str(conf)!r}, 'supervisord.conf').write_text('[program:vnc]\\n')\n"
+        + (f"Path({str(conf)!r}, 'sshd_config').write_text('')\n" if ssh else ""))
     (tmp_path / "credentials").write_text("SM_VNC_PASSWORD=secret\n")
+    (tmp_path / "root/etc/ssh").mkdir(parents=True, exist_ok=True)  # the image's, without host keys
     script = re.sub(r"-o (\w+) -g \1 ", "", (DOCKER / "entrypoint.sh").read_text())
     for image_path, moved in (("APP=/opt/segmentation-machine", f"APP={app}"), ("CONF=/etc/segmentation-machine", f"CONF={conf}"),
-                              ("/root/.segmentation-machine/credentials", f"{tmp_path}/credentials"),
+                              ("CREDENTIALS=$KEPT/credentials", f"CREDENTIALS={tmp_path}/credentials"),
+                              ("ssh-keygen -A", f"ssh-keygen -A -f {tmp_path}/root"),
+                              ("/etc/ssh/", f"{tmp_path}/root/etc/ssh/"), ("/run/sshd", f"{tmp_path}/root/run/sshd"),
                               ("DESKTOP_HOME=/home/sm", f"DESKTOP_HOME={tmp_path}/home"), ("runuser -u sm -- ", ""),
                               ("/opt/TurboVNC/bin/vncpasswd -f", "cat"), ("/workspace", f"{tmp_path}/workspace"),
                               ("/run/segmentation-machine /var/log/segmentation-machine", f"{tmp_path}/run"),
@@ -427,7 +441,7 @@ def run_desktop_entrypoint(tmp_path) -> subprocess.CompletedProcess:
         assert image_path in script, image_path
         script = script.replace(image_path, moved)
     (tmp_path / "entrypoint.sh").write_text(script)
-    (tmp_path / "home" / ".config").mkdir(parents=True)  # as the image has it
+    (tmp_path / "home" / ".config").mkdir(parents=True, exist_ok=True)  # as the image has it
     return subprocess.run(["bash", str(tmp_path / "entrypoint.sh")], capture_output=True, text=True, timeout=30)
 
 
@@ -457,9 +471,38 @@ def test_a_stopped_desktop_keeps_its_orcaslicer_profiles_and_dicom_database(tmp_
     copied.write_text("an unpacked zip's slice")
     assert holds_user_files(volume)
     copied.unlink()
+    assert run_desktop_entrypoint(tmp_path, ssh=True).returncode == 0
+    assert not holds_user_files(volume)  # nor do the pod's own SSH host keys and credentials
     (volume / "exports" / "Bone_20261127-010000").mkdir()
     (volume / "exports" / "Bone_20261127-010000" / "report.json").write_text("{}")
     assert holds_user_files(volume)
+
+
+def test_a_resumed_pod_shows_ssh_the_same_host_keys(tmp_path):
+    """ssh-keygen made new host keys at every start, and a stop wipes the container disk: after each resume ssh
+    warned that the host's identification had changed, as it does for an attack."""
+    started = run_desktop_entrypoint(tmp_path, ssh=True)
+    assert started.returncode == 0 and "preparing the pod failed" not in started.stderr, started.stderr
+    keys = {path.name: path.read_bytes() for path in (tmp_path / "root/etc/ssh").glob("ssh_host_*")}
+    assert "ssh_host_ed25519_key" in keys and mode_of(tmp_path / "root/etc/ssh/ssh_host_ed25519_key") == 0o600
+    assert mode_of(tmp_path / "workspace/.segmentation-machine/ssh") == 0o700
+    shutil.rmtree(tmp_path / "root")  # the stop
+    assert run_desktop_entrypoint(tmp_path, ssh=True).returncode == 0
+    assert {path.name: path.read_bytes() for path in (tmp_path / "root/etc/ssh").glob("ssh_host_*")} == keys
+
+
+def test_the_vnc_session_clears_a_crashed_xvnc_s_lock_before_it_starts_again(tmp_path):
+    """TurboVNC's vncserver refuses a display whose lock or socket remains: after Xvnc was killed (out of memory),
+    supervisord's restarts all failed and the desktop stayed black until the pod was recreated."""
+    (tmp_path / ".X11-unix").mkdir()
+    (tmp_path / ".X1-lock").write_text("  4242\n")
+    (tmp_path / ".X11-unix/X1").write_text("")
+    script = (DOCKER / "desktop/sm-vnc").read_text()
+    assert "/tmp/" in script and "/opt/TurboVNC/bin/vncserver :1 " in script
+    script = script.replace("/tmp/", f"{tmp_path}/").replace("/opt/TurboVNC/bin/vncserver", "echo")
+    ran = subprocess.run(["bash", "-c", script, "sm-vnc", "-fg", "-localhost"], capture_output=True, text=True)
+    assert ran.returncode == 0 and ran.stdout == ":1 -fg -localhost\n", ran.stderr
+    assert not (tmp_path / ".X1-lock").exists() and not (tmp_path / ".X11-unix/X1").exists()
 
 
 def test_desktop_icons_run_scripts_that_exist():

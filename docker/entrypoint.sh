@@ -8,7 +8,8 @@ umask 077
 APP=/opt/segmentation-machine
 VENV=/opt/venv/bin
 CONF=/etc/segmentation-machine
-CREDENTIALS=/root/.segmentation-machine/credentials
+KEPT=/workspace/.segmentation-machine  # root's, on the volume: what a resumed pod must find again
+CREDENTIALS=$KEPT/credentials
 DESKTOP_HOME=/home/sm
 
 # Whatever fails before supervisord takes over (a volume that refuses chown, a full disk), the pod agent still
@@ -22,6 +23,7 @@ agent_alone() {
 }
 trap 'agent_alone $LINENO' ERR
 
+install -d -m 0755 /workspace  # before the renderer makes it as a parent of its credentials, private
 /usr/bin/python3 "$APP/docker/render_config.py"
 
 credential() { sed -n "s/^$1=//p" "$CREDENTIALS"; }
@@ -30,7 +32,6 @@ credential() { sed -n "s/^$1=//p" "$CREDENTIALS"; }
 as_sm() { (cd / && runuser -u sm -- env -i HOME="$DESKTOP_HOME" PATH=/usr/bin:/bin LANG=C.UTF-8 "$@"); }
 
 # Folders on the volume. /workspace belongs to root, so nobody else can swap these for links.
-install -d -m 0755 /workspace
 install -d -m 0755 -o nni -g nni /workspace/nninteractive
 # The agent's running time over all starts (its budget and lifetime are totals) and its notice for the desktop.
 install -d -m 0755 -o smagent -g smagent /workspace/.pod-agent
@@ -61,7 +62,12 @@ if grep -q '^\[program:vnc\]' "$CONF/supervisord.conf"; then  # desktop mode
 fi
 
 if [ -f "$CONF/sshd_config" ]; then
-    ssh-keygen -A >/dev/null  # host keys, generated per pod
+    # Host keys: made at the pod's first start and kept on the volume, so that after a resume ssh does not warn
+    # that the host's identification changed.
+    install -d -m 0700 "$KEPT/ssh"
+    cp -p "$KEPT"/ssh/ssh_host_* /etc/ssh/ 2>/dev/null || true
+    ssh-keygen -A >/dev/null
+    cp -p /etc/ssh/ssh_host_* "$KEPT/ssh/"
     install -d -m 0755 /run/sshd
 fi
 

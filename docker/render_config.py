@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 SECRETS = ("SM_NNI_API_KEY", "SM_VNC_PASSWORD", "SM_FILES_PASSWORD", "SM_HEARTBEAT_TOKEN")
-CREDENTIALS = "/root/.segmentation-machine/credentials"
+CREDENTIALS = "/workspace/.segmentation-machine/credentials"  # root's, on the volume: a resumed pod keeps them
 CONF_DIR = "/etc/segmentation-machine"
 SOCKET = "/run/segmentation-machine/supervisor.sock"
 LOG_DIR = "/var/log/segmentation-machine"
@@ -184,7 +184,7 @@ def programs(env, mode: str, values: dict, root: Path, ssh: bool) -> dict:
             # Xvnc listens on localhost only: the browser reaches it through websockify, and
             # VNC password authentication is the only security type offered.
             "vnc": {
-                "command": ("/opt/TurboVNC/bin/vncserver :1 -fg -localhost -securitytypes VNC "
+                "command": (f"{APP}/docker/desktop/sm-vnc -fg -localhost -securitytypes VNC "
                             f"-rfbauth {DESKTOP_HOME}/.vnc/passwd -geometry 1920x1080 -depth 24 "
                             f"-xstartup {APP}/docker/desktop/xstartup"),
                 "user": DESKTOP_USER, "env": desktop, "priority": "10",

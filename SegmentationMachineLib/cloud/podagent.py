@@ -46,7 +46,8 @@ WORKSPACE = "/workspace"  # the pod's volume
 AGENT_FOLDER = ".pod-agent"
 # What the image itself keeps on the volume (the desktop's settings included; and a file system's lost+found); any
 # other file there is the user's.
-IMAGE_ENTRIES = {"nninteractive", AGENT_FOLDER, ".inbox-state", ".uploads", ".desktop", "lost+found"}
+IMAGE_ENTRIES = {"nninteractive", AGENT_FOLDER, ".inbox-state", ".uploads", ".desktop", ".segmentation-machine",
+                 "lost+found"}
 # ...but the copies Slicer's DICOM database keeps of what it imported (an unpacked zip's series) are the user's.
 USER_FILES_IN_IMAGE_ENTRIES = (os.path.join(".desktop", "SlicerDICOMDatabase", "dicom"),)
 
