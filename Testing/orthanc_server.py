@@ -78,7 +78,7 @@ class Orthanc:
             try:
                 if requests.get(f"{self.url}/system", auth=self.auth, timeout=1).ok:
                     return self
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or slow to answer its first request
                 pass
             time.sleep(0.1)
         raise TimeoutError(f"Orthanc did not answer within {timeout} s; see {self.log.name}")

@@ -116,7 +116,7 @@ class IdleMainThread:
     def __init__(self, hold_gil: bool = True):
         self.hold_gil = hold_gil
         self.timers = []  # [due, interval s, callback], like started QTimers
-        self.ticks = []  # (seconds, callback name) per call
+        self.ticks = []  # (seconds, of them the main thread's CPU seconds, callback name) per call
 
     def every(self, interval_ms: float, callback) -> "IdleMainThread":
         self.timers.append([time.monotonic() + interval_ms / 1000, interval_ms / 1000, callback])
@@ -124,9 +124,9 @@ class IdleMainThread:
 
     def click(self, callback, *args):
         """Runs callback(*args) now, as Qt runs a button's slot on the main thread, and records it as a tick."""
-        started = time.monotonic()
+        started, cpu = time.monotonic(), time.thread_time()
         result = callback(*args)
-        self.ticks.append((time.monotonic() - started, getattr(callback, "__qualname__", "")))
+        self.ticks.append((time.monotonic() - started, time.thread_time() - cpu, getattr(callback, "__qualname__", "")))
         return result
 
     def run(self, until, seconds: float = 120.0) -> bool:
@@ -142,9 +142,9 @@ class IdleMainThread:
                 return until()
             if timer[0] > now:
                 self._wait(timer[0] - now)  # then straight into the callback, as Qt calls it
-            started = time.monotonic()
+            started, cpu = time.monotonic(), time.thread_time()
             timer[2]()
-            self.ticks.append((time.monotonic() - started, getattr(timer[2], "__qualname__", "")))
+            self.ticks.append((time.monotonic() - started, time.thread_time() - cpu, getattr(timer[2], "__qualname__", "")))
             timer[0] = started + timer[1]  # a QTimer fires at once again if its callback overran
         return True
 

@@ -134,7 +134,7 @@ def test_at_quit_the_pods_are_terminated_together_within_the_wait_even_on_a_netw
     try:
         started = time.monotonic()
         problems = panel.end_started_here()
-        assert time.monotonic() - started < 3.0
+        assert time.monotonic() - started < 6.0  # a stalled RunPod would hold it forever
         assert problems == [f"{pod}: RunPod did not answer within 2 s" for pod in pods]
     finally:
         fake.stalled = False

@@ -141,14 +141,17 @@ def test_watch_ends_on_a_closed_terminal_or_a_service_stop_like_ctrl_c(tmp_path,
     inbox_folder, outbox = tmp_path / "inbox", tmp_path / "outbox"
     inbox_folder.mkdir()
     (inbox_folder / "evil\n\x1b[31mname.txt").write_text("not an image")
-    watcher = subprocess.Popen(watch_command(inbox_folder, outbox), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, stdin=subprocess.DEVNULL, cwd=REPO)
+    log = tmp_path / "watch.log"
+    watcher = subprocess.Popen(watch_command(inbox_folder, outbox, "--log", str(log)), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, cwd=REPO)
     assert watcher.stdout.readline().startswith("Watching ")
     if signal_number == signal.SIGHUP:  # meanwhile, a second watch on the same folders is refused
         second = subprocess.run(watch_command(inbox_folder, outbox, "--once"), capture_output=True, text=True,
                                 timeout=60, cwd=REPO)
         assert second.returncode == 2 and f"is in use by process {watcher.pid} on " in second.stderr
-    time.sleep(1.5)  # time to report the junk file
+    deadline = time.monotonic() + 60
+    while "Skipped " not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.1)  # the junk file reported
     watcher.send_signal(signal_number)
     out, err = watcher.communicate(timeout=30)
     assert watcher.returncode == 128 + signal_number and "Traceback" not in err and "Stopped; run" in out

@@ -497,7 +497,7 @@ def test_server_command_keeps_the_key_off_the_command_line(model_dir, tmp_path):
         first_line = process.stdout.readline()
         assert first_line.startswith("API key (shown once; clients need it): ")
         key = first_line.split(": ", 1)[1].strip()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180
         while True:
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:

@@ -84,7 +84,7 @@ def test_heartbeats_keep_the_pod_and_silence_terminates_it(fake, pod):
     assert answers[-1]["terminates_in_s"] > 1 and answers[-1]["warning"] == "" and "idle" in answers[-1]["reason"]
     silent_from = time.monotonic()
     log = agent.log()
-    assert pod.id not in fake.pods and 2 <= time.monotonic() - silent_from < 6
+    assert pod.id not in fake.pods and 2 <= time.monotonic() - silent_from < 15
     assert agent.process.returncode == 0
     assert "The pod terminates in" in log and f"Terminating pod {pod.id}: no client has been connected" in log
 

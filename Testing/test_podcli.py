@@ -44,7 +44,8 @@ class Background:
         self.process = subprocess.Popen([*CLI, "up", *args], env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
         self.output = []
-        threading.Thread(target=lambda: self.output.extend(self.process.stdout), daemon=True).start()
+        self.reader = threading.Thread(target=lambda: self.output.extend(self.process.stdout), daemon=True)
+        self.reader.start()
 
     def wait_for(self, text, timeout=60):
         end = time.monotonic() + timeout
@@ -55,7 +56,7 @@ class Background:
     def end(self, signum, timeout=60):
         self.process.send_signal(signum)
         self.process.wait(timeout)
-        time.sleep(0.2)  # the reader thread takes the last lines
+        self.reader.join(10)  # it takes the last lines, up to the end of the output
         Runs.seen.append("".join(self.output))
         return "".join(self.output)
 

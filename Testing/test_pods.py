@@ -401,7 +401,7 @@ def test_a_log_that_keeps_coming_is_cut_at_the_deadline_or_at_its_last_lines(bac
     try:
         started = time.monotonic()
         text = ends_within(10, backend.logs, pod.id, within_s=1.5, quiet_s=1.0, max_lines=1000)
-        assert 1.5 <= time.monotonic() - started < 3 and text.endswith("RuntimeError: CUDA error")
+        assert 1.5 <= time.monotonic() - started < 6 and text.endswith("RuntimeError: CUDA error")  # not the 10 s
     finally:
         crash_loop.set()
     wait_for(lambda: fake.log_streams == 0)

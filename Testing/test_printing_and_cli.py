@@ -299,7 +299,9 @@ def test_the_cli_default_export_folder_is_the_modules():
 def test_model_stopped_by_a_signal_leaves_no_incomplete_export(tmp_path):
     """SIGTERM (a service stop) and SIGHUP (a closed terminal) end `model` as Ctrl-C does: exit 128+signal,
     one sentence, and no folder of complete-looking meshes without their report."""
-    process = subprocess.Popen(CLI + ["model", "--out", str(tmp_path / "out"), "--quiet"], stdout=subprocess.PIPE,
+    # Two segments and every mesh format: the signal lands after the first STL and well before the report.
+    process = subprocess.Popen(CLI + ["model", "--out", str(tmp_path / "out"), "--quiet", "--preset", "bone,skin",
+                                      "--format", "stl,obj,3mf,glb"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list((tmp_path / "out").glob("*/*.stl")) and time.monotonic() < deadline and process.poll() is None:

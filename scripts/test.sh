@@ -29,6 +29,7 @@ install_debian() {  # install_debian "tests skipped without them" PACKAGE...
 install_debian "the Orthanc, DICOM node and SEG validation tests" orthanc orthanc-dicomweb dcmtk dicom3tools
 install_debian "the real-slicer 3MF test" prusa-slicer
 install_debian "the pod desktop's notice test" xvfb x11-utils
+install_debian "the pod agent's desktop session tests (ss)" iproute2
 
 # 0b. The Khronos glTF-Validator (npm) that the glTF tests run on every .glb written (skipped without Node.js).
 if command -v npm >/dev/null && [ ! -d build/tools/node_modules/gltf-validator ]; then
