@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import EXAMPLE_CT, RUNPOD_KEY, UNCOMPRESSED_SERIES
+from conftest import EXAMPLE_CT, JPEG2000_SERIES, RUNPOD_KEY, UNCOMPRESSED_SERIES
 from SegmentationMachineLib.cli.common import parse_presets
 from SegmentationMachineLib.cli.main import _configure_logging, build_parser
 from SegmentationMachineLib.cloud.pods import PodsError, RunPodRest
@@ -195,6 +195,20 @@ def test_third_party_info_lines_never_reach_the_user(capsys):
         logging.basicConfig(force=True)
     err = capsys.readouterr().err
     assert "our own line" in err and "noise" not in err
+
+
+def test_pydicoms_words_on_a_cut_file_never_reach_the_user_whenever_it_is_imported(tmp_path, shared_data):
+    """pydicom sets its logger to WARNING when imported: imported after the CLI set it to ERROR (as `model` does),
+    its "End of file reached before delimiter" came before our own sentence."""
+    files = sorted(JPEG2000_SERIES.iterdir())[:3]
+    for source in files:
+        shutil.copy(source, tmp_path)
+    cut = tmp_path / files[1].name
+    cut.chmod(0o644)
+    os.truncate(cut, cut.stat().st_size // 2)
+    result = run_cli("model", tmp_path, "--list")
+    assert result.returncode == 0 and "delimiter" not in result.stderr, result.stderr
+    assert f"skipped {cut}: truncated (the file ends before its pixel data does)" in result.stdout
 
 
 def test_a_missing_slice_is_our_sentence_not_itks(tmp_path):

@@ -83,13 +83,14 @@ def _configure_logging(log_file: Path = None):
         handlers.append(logging.StreamHandler(os.fdopen(descriptor, "a")))
     for handler in handlers:
         handler.addFilter(_printable_record)
+        # pydicom's and highdicom's remarks on a file's odd values (a one-part patient name, a cut file): our
+        # sentences say what matters. A filter, not the logger's level: importing pydicom sets that to WARNING.
+        handler.addFilter(lambda record: record.levelno >= logging.ERROR or not record.name.startswith("pydicom"))
     handlers[0].addFilter(lambda record: not record.name.startswith(steps.name))  # steps: the --log file only
     # Third parties' INFO lines (httpx's requests, NumExpr's threads) are noise to the user: only warnings pass.
     logging.basicConfig(level=logging.WARNING, format="segmentation-machine: %(levelname)s: %(message)s",
                         handlers=handlers, force=True)
     log.setLevel(logging.INFO)
-    # pydicom's and highdicom's remarks on a file's odd values (a one-part patient name): our sentences say what matters.
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
     # pynetdicom's errors come as several lines, some with tracebacks: the DICOM node writes one sentence for each.
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(pydicom|highdicom)(\.|$)")
