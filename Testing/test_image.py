@@ -161,13 +161,13 @@ def test_the_server_command_is_ours_and_what_it_runs_is_what_the_installed_upstr
     `nninteractive-server` runs)."""
     from nnInteractive.inference.server.main import _build_parser
     from SegmentationMachineLib.cli.main import build_parser
-    from SegmentationMachineLib.cli.server import upstream_command
+    from SegmentationMachineLib.cli.server import upstream_arguments
 
     command = programs(rendered(tmp_path))["server"]["command"].split()
     assert command[0] == "/opt/venv/bin/segmentation-machine"
     ours = build_parser().parse_args(command[1:])
     assert not ours.no_restart_on_out_of_memory  # a CUDA out of memory restarts it
-    upstream = _build_parser().parse_args(upstream_command("nninteractive-server", ours, ours.device)[1:])
+    upstream = _build_parser().parse_args(upstream_arguments(ours, ours.device))
     assert upstream.no_torch_compile and upstream.device == "cuda" and upstream.model == "nnInteractive_v1.0"
     assert upstream.host == "0.0.0.0" and upstream.port == 8000 and upstream.api_key is None  # the key by environment
 

@@ -478,9 +478,10 @@ def test_model_command_bad_prompt_file_and_missing_key_are_sentences(server, tmp
     assert "Traceback" not in bad.stderr + nokey.stderr + cube.stderr
 
 
-def test_server_command_keeps_the_key_off_the_command_line(model_dir, tmp_path):
+def test_server_command_keeps_the_key_off_the_command_line_and_refuses_a_stranger_unread(model_dir, tmp_path):
     import os
     import signal
+    import socket
     import subprocess
     import sys
 
@@ -509,7 +510,14 @@ def test_server_command_keeps_the_key_off_the_command_line(model_dir, tmp_path):
         children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
         command_lines = [open(f"/proc/{pid}/cmdline", "rb").read().decode() for pid in children]
         assert command_lines and all(key not in line for line in command_lines)
-        assert all("nninteractive-server" in line for line in command_lines)
+        assert all("SegmentationMachineLib.cli.server_guard\0--host" in line for line in command_lines)
+        # A stranger announcing 100 MB: refused at once, before a byte of the body. Upstream alone read and parsed
+        # the whole body before its key check (half a GB for 90 MB), so this request got no answer at all.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as stranger:
+            stranger.sendall(b"POST /predict HTTP/1.1\r\nHost: pod\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 100000000\r\nAuthorization: Bearer guess\r\n\r\n{")
+            assert stranger.recv(4096).startswith(b"HTTP/1.1 401 ")
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200  # open, as upstream has it
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(30)

@@ -56,9 +56,8 @@ def add_server_command(commands, common):
 
 
 def run_server(args):
-    executable = shutil.which("nninteractive-server", path=os.pathsep.join(
-        [str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-    if executable is None:
+    if shutil.which("nninteractive-server", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                                  os.environ.get("PATH", "")])) is None:
         raise UserError("The nnInteractive server is not installed: pip install 'segmentation-machine[server]' "
                         "(on a GPU machine, install a CUDA build of torch first).")
     if args.model_dir:
@@ -80,7 +79,7 @@ def run_server(args):
         print(f"No {' and no '.join(missing)} found, which torch.compile needs: the server runs without it (prompts "
               f"about 20 ms slower); install {' and '.join(missing.values())} to have it.", flush=True)
         args.no_torch_compile = True
-    command = upstream_command(executable, args, device)
+    command = [sys.executable, "-m", "SegmentationMachineLib.cli.server_guard", *upstream_arguments(args, device)]
     url = f"http://{args.host}:{args.port}"
     print(f"Starting the nnInteractive server on {url} ({device}); it loads the model first.", flush=True)
     stop_on_signals(("SIGTERM",))
@@ -109,9 +108,9 @@ def run_server(args):
                         "above.")
 
 
-def upstream_command(executable: str, args, device: str) -> list:
-    """The `nninteractive-server` command line for these options (never the key: `ps` shows it to every user)."""
-    command = [executable, "--host", args.host, "--port", str(args.port), "--device", device]
+def upstream_arguments(args, device: str) -> list:
+    """`nninteractive-server`'s arguments for these options (never the key: `ps` shows it to every user)."""
+    command = ["--host", args.host, "--port", str(args.port), "--device", device]
     if args.model_dir:
         command += ["--model-dir", str(args.model_dir), "--fold", str(args.fold)]
     elif args.model:
