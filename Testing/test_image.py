@@ -78,8 +78,9 @@ def test_desktop_mode_adds_the_desktop_services(tmp_path):
     vnc = found["vnc"]["command"].split()
     assert vnc[0] == "/opt/segmentation-machine/docker/desktop/sm-vnc"
     assert "-localhost" in vnc and vnc[vnc.index("-securitytypes") + 1] == "VNC"
+    assert vnc[vnc.index("-maxauthfails") + 1] == "0"  # behind websockify a stranger's failures blocked everyone
     assert vnc[vnc.index("-rfbauth") + 1] == "/home/sm/.vnc/passwd"
-    assert found["novnc"]["command"].endswith("--web /opt/novnc 0.0.0.0:6080 127.0.0.1:5901")
+    assert found["novnc"]["command"].endswith("--web /opt/novnc --file-only 0.0.0.0:6080 127.0.0.1:5901")
     uploader = found["uploader"]["command"].split()
     assert uploader[:2] == ["/usr/bin/python3", "/opt/segmentation-machine/docker/uploader.py"]
     assert uploader[uploader.index("--inbox") + 1] == "/workspace/inbox" and uploader[uploader.index("--port") + 1] == "8080"

@@ -154,6 +154,41 @@ def test_a_broken_off_file_is_never_joined_to_another_file_of_the_same_name_and_
     assert (uploader.inbox / "DICOM/IM000037").read_bytes() == b and list(uploader.staging.iterdir()) == []
 
 
+def test_two_pages_sending_a_file_of_one_name_and_size_at_once_never_weave_them_together(uploader):
+    """Two tabs uploading two patients' CDs, whose slices share names and sizes: their blocks went into one part
+    file by turns, and the inbox got a file of both."""
+    a, b = b"patient A " * 300_000, b"patient B " * 300_000
+    with socket.create_connection(("127.0.0.1", uploader.port)) as sock:  # A's request is still arriving
+        sock.sendall(f"PUT /upload?path=DICOM/IM000037&size={len(a)}&offset=0 HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: {basic()}\r\nContent-Length: {len(a)}\r\n\r\n".encode() + a[:MiB])
+        for _ in range(100):
+            if [part.stat().st_size for part in uploader.staging.glob("*.part")] == [MiB]:
+                break
+            time.sleep(0.05)
+        busy = uploader.put("DICOM/IM000037", b)  # B's, meanwhile
+        assert busy.status_code == 409 and "is being uploaded from another page now" in busy.json()["error"]
+        assert "received" not in busy.json()  # the page says so rather than resume into A's part
+        sock.sendall(a[MiB:])
+        assert sock.makefile("rb").readline().startswith(b"HTTP/1.1 200")
+    assert (uploader.inbox / "DICOM/IM000037").read_bytes() == a and list(uploader.staging.iterdir()) == []
+    assert uploader.put("DICOM/IM000037", b).json()["exists"]  # B's, again: skipped with its reason, not merged
+
+
+def test_names_the_file_system_cannot_hold_are_refused_with_an_answer(uploader):
+    """A 300-character name, or a folder whose name a file in the inbox has: the connection was dropped unanswered,
+    and the page retried five times before saying the upload "kept breaking off"."""
+    too_long = uploader.put("CD/" + "x" * 300 + ".dcm", b"payload")
+    assert too_long.status_code == 400 and "not a file name the inbox takes" in too_long.json()["error"]
+    assert uploader.put("CON", b"a file").status_code == 200
+    taken = uploader.put("CON/IM0001.dcm", b"payload")
+    assert taken.status_code == 409 and taken.json() == {
+        "error": "CON/IM0001.dcm: a folder on its path is a file in the inbox; rename the folder to upload it.",
+        "exists": True}
+    assert taken.headers["X-Content-Type-Options"] == "nosniff"  # and no page elsewhere may frame ours
+    assert uploader.client.get("/").headers["Content-Security-Policy"] == "frame-ancestors 'none'"
+    assert "Traceback" not in uploader.stop()
+
+
 def slow_put(uploader, path: str, data: bytes, seconds: float) -> str:
     """One PUT whose body arrives evenly over seconds, as from a slow uplink; the answer's body."""
     pieces = 8

@@ -182,15 +182,17 @@ def programs(env, mode: str, values: dict, root: Path, ssh: bool) -> dict:
         desktop = {"HOME": DESKTOP_HOME, "USER": DESKTOP_USER, "LOGNAME": DESKTOP_USER}
         result.update({
             # Xvnc listens on localhost only: the browser reaches it through websockify, and
-            # VNC password authentication is the only security type offered.
+            # VNC password authentication is the only security type offered. No blocking after failed logins:
+            # through websockify every browser is 127.0.0.1, so five wrong passwords from a stranger locked the
+            # owner out (for doubling times); a generated password cannot be guessed online.
             "vnc": {
-                "command": (f"{APP}/docker/desktop/sm-vnc -fg -localhost -securitytypes VNC "
+                "command": (f"{APP}/docker/desktop/sm-vnc -fg -localhost -securitytypes VNC -maxauthfails 0 "
                             f"-rfbauth {DESKTOP_HOME}/.vnc/passwd -geometry 1920x1080 -depth 24 "
                             f"-xstartup {APP}/docker/desktop/xstartup"),
                 "user": DESKTOP_USER, "env": desktop, "priority": "10",
             },
             "novnc": {
-                "command": f"{VENV}/websockify --web /opt/novnc 0.0.0.0:6080 127.0.0.1:5901",
+                "command": f"{VENV}/websockify --web /opt/novnc --file-only 0.0.0.0:6080 127.0.0.1:5901",
                 "user": DESKTOP_USER, "env": desktop, "priority": "20",
             },
             # Our own files page (docker/uploader.py, standard library only): uploads into the inbox, finished

@@ -16,6 +16,7 @@ first bytes are not the file's is another file's, of the same name and size, and
 
 import argparse
 import base64
+import fcntl
 import hashlib
 import hmac
 import io
@@ -36,7 +37,7 @@ BLOCK = 64 * 1024
 # Touched in a file's folder in the inbox as its bytes arrive, removed once it is there: the inbox never reads a
 # hidden file, but holds a folder while one in it changes, so a series is not taken before its last file arrives.
 MARKER = ".upload-in-progress"
-MAX_DEPTH, MAX_PATH = 32, 1024
+MAX_DEPTH, MAX_PATH, MAX_NAME_BYTES = 32, 1024, 255  # 255: a file name's limit on Linux file systems
 
 log = logging.getLogger("segmentation-machine.uploader")
 
@@ -55,7 +56,7 @@ def inbox_path(inbox: Path, relative: str) -> Path:
     parts = relative.split("/")
     if not relative or len(relative) > MAX_PATH or len(parts) > MAX_DEPTH or any(
             not part or part.startswith(".") or "\\" in part or any(ord(c) < 32 or c == "\x7f" for c in part)
-            for part in parts):
+            or len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in parts):
         raise Refused(400, f"{relative!r} is not a file name the inbox takes (no '..', hidden or absolute names).")
     return inbox.joinpath(*parts)
 
@@ -86,6 +87,11 @@ def receive(inbox: Path, staging: Path, relative: str, size: int, offset: int, b
 def _append(part: Path, final: Path, inbox: Path, relative: str, size: int, offset: int, body, length: int,
             marker: Path) -> dict:
     with open(part, "a+b") as out:
+        try:  # one writer at a time: two pages sending a file of this name and size wove their blocks into one
+            fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Refused(409, f"{relative} is being uploaded from another page now: upload it again once that "
+                               "has finished.") from None
         received = out.tell()
         head = b""
         if offset == 0 and received:  # a part of this name and size: this file's, or another's that broke off
@@ -113,7 +119,7 @@ def _append(part: Path, final: Path, inbox: Path, relative: str, size: int, offs
             return {"received": received}
         out.flush()
         os.fsync(out.fileno())
-    publish(part, final, inbox)
+        publish(part, final, inbox)  # still locked: nobody appends to it meanwhile
     log.info("Saved %s (%d bytes).", relative, size)
     return {"received": size, "saved": relative}
 
@@ -125,8 +131,13 @@ def _size(out) -> int:
 
 
 def inbox_folder(final: Path, inbox: Path) -> Path:
-    """final's folder in the inbox, made where missing; refused where a link inside the inbox leads out of it."""
-    final.parent.mkdir(parents=True, exist_ok=True)
+    """final's folder in the inbox, made where missing; refused where a link inside the inbox leads out of it, or where
+    a file in the inbox has a folder's name."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise Refused(409, f"{final.relative_to(inbox)}: a folder on its path is a file in the inbox; rename the "
+                           "folder to upload it.", exists=True) from None
     if not final.parent.resolve().is_relative_to(inbox.resolve()):
         raise Refused(400, f"{final.parent.name} is a link out of the inbox.")
     return final.parent
@@ -286,6 +297,8 @@ def make_handler(inbox: Path, staging: Path, secret: str, exports: Path = None):
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")  # a JSON answer is never run as a page
+            self.send_header("Content-Security-Policy", "frame-ancestors 'none'")  # nor the page framed by another
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
@@ -387,7 +400,7 @@ def main(argv=None) -> int:
     parser.add_argument("--exports", type=Path, help="the folder whose finished exports may be downloaded")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="uploader: %(levelname)s: %(message)s", stream=sys.stderr)
-    secret = os.environ.pop("SM_FILES_PASSWORD", "")  # not inherited by anything this process starts
+    secret = os.environ.pop("SM_FILES_PASSWORD", "")  # not inherited by what this starts (/proc keeps it: same user)
     if len(secret) < 12:
         log.error("SM_FILES_PASSWORD (12 characters or more) is not set: the upload page stays off.")
         return 2
