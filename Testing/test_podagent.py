@@ -283,6 +283,46 @@ def test_silent_connections_cannot_crowd_out_the_owners_heartbeats(fake, pod, mo
         server.shutdown()
 
 
+def test_connections_dribbling_their_requests_cannot_crowd_out_the_owners_heartbeats(fake, pod, monkeypatch):
+    """64 connections each sending a byte of a request every half second: a time-out per read never ended them, and
+    no heartbeat got in while they went on (the pod would have been terminated as idle)."""
+    from SegmentationMachineLib.cloud import podagent
+
+    monkeypatch.setattr(podagent, "CONNECTION_TIMEOUT_S", 1)
+    server = podagent.serve(PodAgent(AgentConfig(pod.id, RUNPOD_KEY, TOKEN, port=0)), host="127.0.0.1")
+    stop = threading.Event()
+
+    def dribble(connection):
+        with connection:
+            for byte in b"POST /heartbeat HTTP/1.1\r\n" * 100:
+                try:
+                    connection.sendall(bytes([byte]))
+                except OSError:  # dropped
+                    return
+                if stop.wait(0.5):
+                    return
+
+    dribblers = [threading.Thread(target=dribble, args=(socket.create_connection(("127.0.0.1", server.server_port)),))
+                 for _ in range(podagent.MAX_CONNECTIONS)]
+    for thread in dribblers:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        url = f"http://127.0.0.1:{server.server_port}/heartbeat"
+        deadline, answered = time.monotonic() + 20, False
+        while not answered and time.monotonic() < deadline:
+            try:
+                answered = requests.post(url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=2).ok
+            except requests.RequestException:
+                time.sleep(0.5)
+        assert answered, "the owner's heartbeat never got through the dribbling connections"
+    finally:
+        stop.set()
+        for thread in dribblers:
+            thread.join(10)
+        server.shutdown()
+
+
 # --- a desktop user's files, and limits over all of a pod's starts ------------------------------------
 
 def test_only_what_the_image_keeps_on_the_volume_counts_as_nothing_of_the_users(tmp_path):

@@ -15,6 +15,7 @@ all its starts is kept on the volume, so budget and lifetime are totals whatever
 
 import hashlib
 import hmac
+import io
 import json
 import logging
 import os
@@ -419,8 +420,9 @@ class PodAgent:
 
 
 # A thread per connection: silent sockets (anyone can open them through the proxy) must not hold threads for
-# ever, nor crowd out the owner's heartbeats. A connection that sends nothing is closed after the time-out;
-# beyond the cap new connections are closed at once and the client's next beat (every 30 s) gets in.
+# ever, nor crowd out the owner's heartbeats. A connection is closed once the time-out has passed, however it
+# dribbles its bytes; beyond the cap new connections are closed at once and the client's next beat (every 30 s)
+# gets in.
 CONNECTION_TIMEOUT_S = 10
 MAX_CONNECTIONS = 64
 
@@ -450,9 +452,32 @@ class _BoundedServer(ThreadingHTTPServer):
             self._slots.release()
 
 
+class _ReadsUntil(io.RawIOBase):
+    """A socket's reads that all end by one deadline: a client sending a byte every few seconds is dropped too
+    (a time-out per read never ended it)."""
+
+    def __init__(self, connection, seconds: float):
+        super().__init__()
+        self.connection, self.deadline = connection, time.monotonic() + seconds
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request took longer than the agent allows")
+        self.connection.settimeout(left)
+        return self.connection.recv_into(buffer)
+
+
 def serve(agent: PodAgent, host: str = "0.0.0.0") -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
-        timeout = CONNECTION_TIMEOUT_S  # per read: a silent or dripping client is dropped
+        timeout = CONNECTION_TIMEOUT_S
+
+        def setup(self):
+            super().setup()
+            self.rfile = io.BufferedReader(_ReadsUntil(self.connection, CONNECTION_TIMEOUT_S))
 
         def do_GET(self):
             if self.path != "/healthz":  # says only that the agent runs: for the image's HEALTHCHECK
