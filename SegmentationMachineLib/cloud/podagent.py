@@ -471,7 +471,25 @@ class _ReadsUntil(io.RawIOBase):
         return self.connection.recv_into(buffer)
 
 
+class _Refusals:
+    """Refused heartbeats said at most once a minute, with their number: a stranger's requests must not flood the pod
+    log, where the start prints the pod's generated credentials once."""
+
+    def __init__(self, every_s: float = 60.0):
+        self.every_s, self.lock, self.said_at, self.unsaid = every_s, threading.Lock(), None, 0
+
+    def refused(self, address: str):
+        with self.lock:
+            self.unsaid += 1
+            if self.said_at is not None and time.monotonic() - self.said_at < self.every_s:
+                return
+            count, self.unsaid, self.said_at = self.unsaid, 0, time.monotonic()
+        log.warning("Refused %d heartbeat(s) without the pod's token (the last from %s).", count, address)
+
+
 def serve(agent: PodAgent, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+    refusals = _Refusals()
+
     class Handler(BaseHTTPRequestHandler):
         timeout = CONNECTION_TIMEOUT_S
 
@@ -488,7 +506,7 @@ def serve(agent: PodAgent, host: str = "0.0.0.0") -> ThreadingHTTPServer:
             if self.path != "/heartbeat":
                 return self._answer(404, {"detail": "not found"})
             if not agent.authorized(self.headers.get("Authorization", "")):
-                log.warning("Refused a heartbeat without the pod's token from %s.", self.client_address[0])
+                refusals.refused(self.client_address[0])
                 return self._answer(401, {"detail": "invalid heartbeat token"})
             self._answer(200, agent.heartbeat())
 
