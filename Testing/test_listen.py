@@ -6,6 +6,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import time
@@ -198,6 +199,32 @@ def test_a_pacs_pausing_within_an_association_has_its_series_modelled_once_and_w
     [series] = node.series()
     assert series["files"] == 12 and node.out().count("processing") == 1
     assert not list(node.received.rglob(".receiving"))
+
+
+def test_an_association_broken_by_a_malformed_message_leaves_no_mark_holding_its_series(tmp_path, caplog):
+    """pynetdicom ends such an association without a release or abort event: its mark was touched for ever, and the
+    series was never modelled until listen restarted. Its reactor thread's traceback is one sentence."""
+    from SegmentationMachineLib.pacs.dicomnode import DicomNode, MARK, NodeOptions
+
+    node = DicomNode(NodeOptions("SEGMACHINE", free_port(), ("PACS",), "127.0.0.1", min_free_mb=0),
+                     tmp_path / "received", tmp_path / "receiving")
+    node.start()
+    try:
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(CTImageStorage)
+        association = ae.associate("127.0.0.1", node.options.port, ae_title="SEGMACHINE")
+        assert association.send_c_store(dcmread(sorted(UNCOMPRESSED_SERIES.glob("*.dcm"))[0])).Status == 0
+        assert len(list(node.folder.rglob(MARK))) == 1
+        pdv = bytes([1, 0x03]) + b"\xff" * 40  # presentation context 1, "last command fragment": not a command set
+        association.dul.socket.socket.sendall(bytes([0x04, 0]) + struct.pack(">II", 4 + len(pdv), len(pdv)) + pdv)
+        deadline = time.monotonic() + 20
+        while list(node.folder.rglob(MARK)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not list(node.folder.rglob(MARK)) and len(list(node.folder.rglob("*.dcm"))) == 1
+        assert "An association ended: its sender sent a message that is not DICOM (AttributeError" in caplog.text
+        association.abort()
+    finally:
+        node.stop()
 
 
 def test_kill_9_mid_association_keeps_every_acknowledged_instance_and_the_resent_series_completes(

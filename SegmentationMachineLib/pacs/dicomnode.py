@@ -180,6 +180,7 @@ class DicomNode:
             raise UserError(f"Cannot listen on port {self.options.port} ({error.strerror or error}): "
                             "choose another --port, or stop the program that uses it.") from None
         self._ae = ae
+        self._excepthook, threading.excepthook = threading.excepthook, self._broken_association
         self._stopped.clear()
         threading.Thread(target=self._keep_marks, name="dicom-node-marks", daemon=True).start()
 
@@ -191,6 +192,7 @@ class DicomNode:
                     association.kill()
             self._ae.shutdown()
             self._ae = None
+            threading.excepthook = self._excepthook
         self._stopped.set()
 
     def describe(self) -> str:
@@ -277,18 +279,34 @@ class DicomNode:
             log.warning("Refused an association from %s: only %s may send (--allow).", self._peer(event),
                         ", ".join(self.options.allowed))
 
+    def _broken_association(self, args):
+        """pynetdicom's reactor thread dies on a message that is not DICOM (its traceback went to stderr): one
+        sentence instead; the association is over, and what it stored before stays."""
+        if args.thread is not None and "run_reactor" in args.thread.name:
+            log.warning("An association ended: its sender sent a message that is not DICOM (%s: %s).",
+                        type(args.exc_value).__name__, args.exc_value)
+            return
+        self._excepthook(args)
+
     def _keep_marks(self):
         while not self._stopped.wait(MARK_INTERVAL_S):
-            with self._lock:  # never touched again once _finished removed it
+            with self._lock:  # never touched again once its association's marks were released
+                # pynetdicom ends an association broken by a malformed message without any event
+                for association in [a for a in self._marked if not a.is_alive()]:
+                    self._release_marks(association)
                 for folder in set().union(*self._marked.values()):
                     _touch(folder / MARK)
+
+    def _release_marks(self, association):
+        """With self._lock held: removes the marks of association's folders that no other open one holds."""
+        for folder in self._marked.pop(association, set()) - set().union(*self._marked.values()):
+            (folder / MARK).unlink(missing_ok=True)
 
     def _finished(self, event):
         with self._lock:
             count = self._received.pop(event.assoc, 0)
             refused, free_mb = self._refused.pop(event.assoc, (0, 0))
-            for folder in self._marked.pop(event.assoc, set()) - set().union(*self._marked.values()):
-                (folder / MARK).unlink(missing_ok=True)
+            self._release_marks(event.assoc)
         if count:
             log.info("Received %d instance(s) from %s.", count, self._peer(event))
         if refused:
