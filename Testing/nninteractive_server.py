@@ -24,7 +24,7 @@ def _ephemeral_ports() -> range:
 
 
 def free_port() -> int:
-    """A free port below the ephemeral range. Not one the kernel picks (bind to port 0): the kernel gives the same
+    """A free port outside the ephemeral range. Not one the kernel picks (bind to port 0): the kernel gives the same
     range to every outgoing connection's local end, and one of the tests' many connections took such a port between
     this pick and a slow-starting server's bind, which then exited (CI, session 27)."""
     ephemeral = _ephemeral_ports()

@@ -257,6 +257,17 @@ def test_the_budget_holds_with_the_price_from_the_environment_when_runpod_cannot
     assert "idle" in unpriced.status()["reason"]  # without the price the budget could not be guarded
 
 
+def owners_heartbeat_gets_in(server, seconds: float = 20) -> bool:
+    url, deadline = f"http://127.0.0.1:{server.server_port}/heartbeat", time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if requests.post(url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=2).ok:
+                return True
+        except requests.RequestException:
+            time.sleep(0.5)
+    return False
+
+
 def test_silent_connections_cannot_crowd_out_the_owners_heartbeats(fake, pod, monkeypatch):
     """~1,000 idle sockets once took a thread each for ever and starved the heartbeats: the pod was terminated as
     idle. Now each is dropped after the time-out and beyond a cap refused at once."""
@@ -269,14 +280,7 @@ def test_silent_connections_cannot_crowd_out_the_owners_heartbeats(fake, pod, mo
     try:
         time.sleep(0.5)
         assert threading.active_count() < threads + 100  # 300 silent sockets, not a thread each
-        url = f"http://127.0.0.1:{server.server_port}/heartbeat"
-        deadline, answered = time.monotonic() + 15, False
-        while not answered and time.monotonic() < deadline:
-            try:
-                answered = requests.post(url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=2).ok
-            except requests.RequestException:
-                time.sleep(0.5)
-        assert answered, "the owner's heartbeat never got through the silent connections"
+        assert owners_heartbeat_gets_in(server), "the owner's heartbeat never got through the silent connections"
     finally:
         for connection in silent:
             connection.close()
@@ -308,14 +312,7 @@ def test_connections_dribbling_their_requests_cannot_crowd_out_the_owners_heartb
         thread.start()
     try:
         time.sleep(0.5)
-        url = f"http://127.0.0.1:{server.server_port}/heartbeat"
-        deadline, answered = time.monotonic() + 20, False
-        while not answered and time.monotonic() < deadline:
-            try:
-                answered = requests.post(url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=2).ok
-            except requests.RequestException:
-                time.sleep(0.5)
-        assert answered, "the owner's heartbeat never got through the dribbling connections"
+        assert owners_heartbeat_gets_in(server), "the owner's heartbeat never got through the dribbling connections"
     finally:
         stop.set()
         for thread in dribblers:

@@ -43,7 +43,8 @@ from test_presets import segment_mask
 
 # The bound: main-thread work longer than this, and Slicer's GUI visibly stutters. Measured as the main
 # thread's CPU time: on a loaded 2-core machine (CI, with the preset's child process) a tick's wall time also holds
-# whatever preempted it. Wall time has a bound of its own, which still catches a worker keeping the GIL for 200 ms.
+# whatever preempted it. Wall time has a bound of its own, which still catches a worker keeping the GIL for 200 ms
+# (scipy's hole filling did), though no longer one keeping it for 50-150 ms.
 LONGEST_TICK_CPU_S, LONGEST_TICK_S = 0.05, 0.15
 
 

@@ -92,6 +92,12 @@ def _append(part: Path, final: Path, inbox: Path, relative: str, size: int, offs
         except BlockingIOError:
             raise Refused(409, f"{relative} is being uploaded from another page now: upload it again once that "
                                "has finished.") from None
+        try:  # the other page published it between our open and our lock: that file is in the inbox now
+            current = os.stat(part).st_ino == os.fstat(out.fileno()).st_ino
+        except FileNotFoundError:
+            current = False
+        if not current:
+            raise Refused(409, "Resume from the byte the pod has.", received=0)
         received = out.tell()
         head = b""
         if offset == 0 and received:  # a part of this name and size: this file's, or another's that broke off

@@ -258,7 +258,9 @@ def _layer_jobs(segmentation_node, segment_ids, world: np.ndarray, pad: int, war
         mask = np.pad(values[box] == value, pad)
         start = np.eye(4)
         start[:3, 3] = [box[2].start - pad, box[1].start - pad, box[0].start - pad]
-        opacity = display.GetOpacity3D() * display.GetSegmentOpacity3D(segment_id) if display else 1.0
+        # As Slicer's 3D view draws it (vtkMRMLSegmentationsDisplayableManager3D): segment, 3D and overall opacity
+        opacity = display.GetOpacity() * display.GetOpacity3D() * display.GetSegmentOpacity3D(segment_id) \
+            if display else 1.0
         jobs.append(_Job(segment_id, segment.GetName(), tuple(segment.GetColor()), mask, layer_to_world @ start, warp,
                          opacity))
     return jobs, empty

@@ -301,8 +301,8 @@ class DicomWeb:
         return sorted(series, key=lambda s: (not s.is_image, int(s.number) if s.number.isdigit() else 1e9, s.uid))
 
     def _all_series(self, study: str) -> list:
-        """Page by page, as a server cuts a long list (with no more than a Warning header, if that); one that ignores
-        the offset and sends the same page again ends the search."""
+        """Page by page, as a server cuts a long list (with no more than a Warning header, if that), until a page
+        brings nothing new: a server may cut pages shorter than asked, or ignore the offset and send the same again."""
         found, uids = [], set()
         while True:
             page = [pydicom.Dataset.from_json(item) for item in self._client.search_for_series(
@@ -310,7 +310,7 @@ class DicomWeb:
             new = [d for d in page if _text(d, "SeriesInstanceUID") not in uids]
             found += new
             uids.update(_text(d, "SeriesInstanceUID") for d in new)
-            if len(page) < SERIES_PAGE or not new:
+            if not new:
                 return found
 
     def choose_series(self, study: str, selector: str = None) -> RemoteSeries:
