@@ -236,6 +236,14 @@ def server_installed():
     pytest.importorskip("torch")
 
 
+def test_server_without_the_server_extra(tmp_path):
+    # sys.modules[name] = None: importing fails and importlib.util.find_spec answers None, as where it is not installed
+    without = ["-c", 'import runpy, sys; sys.modules["nnInteractive"] = None; sys.argv[0] = "segmentation-machine"; '
+                     'runpy.run_module("SegmentationMachineLib.cli", run_name="__main__")']
+    one_sentence(run_cli("server", "--device", "cpu", prefix=[sys.executable, *without]),
+                 "The nnInteractive server is not installed: pip install 'segmentation-machine[server]'")
+
+
 @pytest.mark.parametrize("args, sentence", [
     (["--model-dir", "{tmp}/nowhere"], "--model-dir {tmp}/nowhere is not a folder"),
     (["--model-dir", "{tmp}", "--fold", "3"], "{tmp} has no fold_3 folder (found: fold_0): choose the fold with --fold"),

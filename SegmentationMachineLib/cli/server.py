@@ -1,5 +1,6 @@
 """`segmentation-machine server`: the upstream nnInteractive server, started with a key and stopped cleanly."""
 
+import importlib.util
 import io
 import json
 import os
@@ -56,8 +57,7 @@ def add_server_command(commands, common):
 
 
 def run_server(args):
-    if shutil.which("nninteractive-server", path=os.pathsep.join([str(Path(sys.executable).parent),
-                                                                  os.environ.get("PATH", "")])) is None:
+    if importlib.util.find_spec("nnInteractive") is None:  # server_guard runs nnInteractive.inference.server.main
         raise UserError("The nnInteractive server is not installed: pip install 'segmentation-machine[server]' "
                         "(on a GPU machine, install a CUDA build of torch first).")
     if args.model_dir:

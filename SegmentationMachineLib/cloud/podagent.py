@@ -491,7 +491,7 @@ def serve(agent: PodAgent, host: str = "0.0.0.0") -> ThreadingHTTPServer:
     refusals = _Refusals()
 
     class Handler(BaseHTTPRequestHandler):
-        timeout = CONNECTION_TIMEOUT_S
+        timeout = CONNECTION_TIMEOUT_S  # bounds the answer's writes; setup() bounds all reads by one deadline
 
         def setup(self):
             super().setup()

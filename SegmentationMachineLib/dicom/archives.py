@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from ..core.files import PRIVATE_FILE, PRIVATE_FOLDER, private_folder
 
 CHUNK = 1024 * 1024
-DEFLATE64 = 9  # the zip compression method number (APPNOTE 4.4.5)
+METHOD_NAMES = {9: "Deflate64, as Windows compresses folders over 2 GB"}  # numbers: APPNOTE 4.4.5
 UNPACKABLE = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA,
               getattr(zipfile, "ZIP_ZSTANDARD", zipfile.ZIP_STORED)}  # zstandard: Python 3.14
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first member, or an empty zip
@@ -62,13 +62,11 @@ def _check_readable(members: list):
     """What Python's zipfile cannot unpack, said before any work (it says 'compression method not supported')."""
     if any(m.flag_bits & 0x1 for m in members):  # WinZip's AES (method 99) too
         raise _Refused("it is password-protected: drop the unzipped folder instead")
-    if any(m.compress_type == DEFLATE64 for m in members):
-        raise _Refused("it is compressed with Deflate64, as Windows compresses folders over 2 GB, which cannot be "
-                       "unpacked here: drop the unzipped folder instead, or zip it with 7-Zip")
     others = sorted({m.compress_type for m in members} - UNPACKABLE)
     if others:  # 7-Zip's PPMd (98), IBM's, ...: APPNOTE 4.4.5 lists them
-        raise _Refused(f"it is compressed with {', '.join(f'method {n}' for n in others)}, which cannot be unpacked "
-                       "here: drop the unzipped folder instead, or zip it with the usual Deflate")
+        methods = ", ".join(METHOD_NAMES.get(n, f"method {n}") for n in others)
+        raise _Refused(f"it is compressed with {methods}, which cannot be unpacked here: drop the unzipped folder "
+                       "instead, or zip it with 7-Zip set to Deflate")
 
 
 def _member_problem(info: zipfile.ZipInfo, limits: ArchiveLimits):

@@ -12,6 +12,7 @@ import struct
 import numpy as np
 
 from ..core.files import atomic_file
+from .writers import rgba
 
 # Rows: glTF x, y, z; columns: LPS.
 LPS_TO_GLTF = np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]]) / 1000.0
@@ -74,7 +75,7 @@ def glb_bytes(named_meshes, coordinates: str = "LPS") -> bytes:
         indices = triangles.astype("<u4").ravel()
         document["accessors"].append({"bufferView": add_view(indices, ELEMENT_ARRAY_BUFFER),
                                       "componentType": UNSIGNED_INT, "count": len(indices), "type": "SCALAR"})
-        alpha = (*color, 1.0)[3]
+        alpha = rgba(color)[3]
         document["materials"].append({"name": name, "pbrMetallicRoughness": {
             "baseColorFactor": [*(_linear(c) for c in color[:3]), alpha], "metallicFactor": 0.0, "roughnessFactor": 0.7},
             **({"alphaMode": "BLEND"} if alpha < 1.0 else {})})

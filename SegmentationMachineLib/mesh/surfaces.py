@@ -234,6 +234,8 @@ def _layer_jobs(segmentation_node, segment_ids, world: np.ndarray, pad: int, war
     """One job per non-empty segment; empty segment names returned separately."""
     segmentation, display = segmentation_node.GetSegmentation(), segmentation_node.GetDisplayNode()
     layers = {}  # shared labelmap -> (array, bounding boxes by label value, array index -> world)
+    # As Slicer's 3D view draws a segment (vtkMRMLSegmentationsDisplayableManager3D): this times its own 3D opacity
+    overall_opacity = display.GetOpacity() * display.GetOpacity3D() if display else 1.0
     jobs, empty = [], []
     for segment_id in segment_ids:
         segment = segmentation.GetSegment(segment_id)
@@ -258,11 +260,8 @@ def _layer_jobs(segmentation_node, segment_ids, world: np.ndarray, pad: int, war
         mask = np.pad(values[box] == value, pad)
         start = np.eye(4)
         start[:3, 3] = [box[2].start - pad, box[1].start - pad, box[0].start - pad]
-        # As Slicer's 3D view draws it (vtkMRMLSegmentationsDisplayableManager3D): segment, 3D and overall opacity
-        opacity = display.GetOpacity() * display.GetOpacity3D() * display.GetSegmentOpacity3D(segment_id) \
-            if display else 1.0
         jobs.append(_Job(segment_id, segment.GetName(), tuple(segment.GetColor()), mask, layer_to_world @ start, warp,
-                         opacity))
+                         overall_opacity * display.GetSegmentOpacity3D(segment_id) if display else 1.0))
     return jobs, empty
 
 

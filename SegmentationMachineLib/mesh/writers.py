@@ -61,6 +61,11 @@ def read_stl(path: Path):
     return points.astype(float), triangles.reshape(-1, 3)
 
 
+def rgba(color) -> tuple:
+    """A segment colour with its alpha (opaque when it has none)."""
+    return (*color, 1.0)[:4]
+
+
 def write_obj(path: Path, named_meshes):
     """One OBJ with a group and a material (colour, and opacity where the colour has an alpha) per mesh, and its
     .mtl beside it."""
@@ -68,7 +73,7 @@ def write_obj(path: Path, named_meshes):
     material_path = path.with_suffix(".mtl")
     with atomic_file(material_path, "w") as stream:
         for name, color, _, _ in named_meshes:
-            r, g, b, alpha = (*color, 1.0)[:4]
+            r, g, b, alpha = rgba(color)
             stream.write(f"newmtl {name}\nKa 0 0 0\nKd {r:.4f} {g:.4f} {b:.4f}\nKs 0 0 0\nd {alpha:.4g}\nillum 1\n\n")
     with atomic_file(path, "w") as stream:
         stream.write(f"# SegmentationMachine\nmtllib {material_path.name}\n")
