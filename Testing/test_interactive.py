@@ -518,9 +518,14 @@ def test_server_command_keeps_the_key_off_the_command_line_and_refuses_a_strange
                              b"Content-Length: 100000000\r\nAuthorization: Bearer guess\r\n\r\n{")
             assert stranger.recv(4096).startswith(b"HTTP/1.1 401 ")
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200  # open, as upstream has it
+        for _ in range(4):
+            assert httpx.post(f"http://127.0.0.1:{port}/predict", timeout=5).status_code == 401
     finally:
         process.send_signal(signal.SIGINT)
-        process.wait(30)
+        log = process.communicate(timeout=30)[0]
+    # A stranger's requests are counted, not logged one line each: the pod log shows the credentials once
+    assert log.count("Refused 1 request(s) without the server's API key (the last from 127.0.0.1).") == 1, log
+    assert '" 401' not in log and '" 200' in log, log
 
 
 def settle(panel, seconds=60):

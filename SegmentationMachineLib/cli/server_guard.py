@@ -8,8 +8,11 @@ time, and a request without it is refused unread; upstream's own check then sees
 """
 
 import hmac
+import logging
 import os
 import sys
+
+from ..core.refusals import Refusals
 
 OPEN_PATHS = {"/healthz", "/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"}  # as upstream leaves them
 REFUSED = b'{"detail":"Missing or invalid bearer token"}'
@@ -32,6 +35,21 @@ class KeyFirst:
         await self.app(scope, receive, send)
 
 
+class CountRefused(logging.Filter):
+    """uvicorn's access log line of each refused request becomes a count said at most once a minute."""
+
+    def __init__(self):
+        super().__init__()
+        self.refusals = Refusals(logging.getLogger("uvicorn.error"), "request(s) without the server's API key")
+
+    def filter(self, record) -> bool:
+        # uvicorn's access record: args = (client address, method, path, HTTP version, status)
+        if isinstance(record.args, tuple) and len(record.args) == 5 and record.args[4] == 401:
+            self.refusals.refused(str(record.args[0]).rsplit(":", 1)[0])
+            return False
+        return True
+
+
 def main() -> int:
     import uvicorn
     from nnInteractive.inference.server import main as upstream
@@ -39,6 +57,7 @@ def main() -> int:
     key, serve = os.environ.get("NN_INTERACTIVE_API_KEY"), uvicorn.run
     # Upstream's main builds its app and hands it to uvicorn.run: it gets ours, the key checked first.
     uvicorn.run = lambda app, **options: serve(KeyFirst(app, key) if key else app, **options)
+    logging.getLogger("uvicorn.access").addFilter(CountRefused())  # uvicorn's logging set-up keeps a logger's filters
     return upstream.main(sys.argv[1:])
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from ..core.refusals import Refusals
 from .pods import KEPT_WHILE_CREDIT, PodsError, RunPodRest, VOLUME_USD_PER_GB_MONTH
 
 log = logging.getLogger("segmentation-machine.podagent")
@@ -471,24 +472,8 @@ class _ReadsUntil(io.RawIOBase):
         return self.connection.recv_into(buffer)
 
 
-class _Refusals:
-    """Refused heartbeats said at most once a minute, with their number: a stranger's requests must not flood the pod
-    log, where the start prints the pod's generated credentials once."""
-
-    def __init__(self, every_s: float = 60.0):
-        self.every_s, self.lock, self.said_at, self.unsaid = every_s, threading.Lock(), None, 0
-
-    def refused(self, address: str):
-        with self.lock:
-            self.unsaid += 1
-            if self.said_at is not None and time.monotonic() - self.said_at < self.every_s:
-                return
-            count, self.unsaid, self.said_at = self.unsaid, 0, time.monotonic()
-        log.warning("Refused %d heartbeat(s) without the pod's token (the last from %s).", count, address)
-
-
 def serve(agent: PodAgent, host: str = "0.0.0.0") -> ThreadingHTTPServer:
-    refusals = _Refusals()
+    refusals = Refusals(log, "heartbeat(s) without the pod's token")
 
     class Handler(BaseHTTPRequestHandler):
         timeout = CONNECTION_TIMEOUT_S  # bounds the answer's writes; setup() bounds all reads by one deadline
