@@ -1,6 +1,8 @@
 """Export: STL/OBJ/3MF written from one set of surfaces, exact in space, watertight, never overwriting."""
 
 import json
+import zipfile
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -223,3 +225,37 @@ def test_obj_and_3mf_text_written_in_chunks_is_the_text_written_at_once(tmp_path
             written[rows] = (folder / "segments.obj").read_text(), package.read("3D/3dmodel.model")
     assert written[3] == written[10 ** 9]
     assert written[3][0].count("\nv ") == 15 and written[3][1].count(b"<triangle ") == 11
+
+
+def test_every_segment_gets_its_own_file_on_every_file_system_and_its_own_name_inside(ctx, tmp_path):
+    """Names once shared a file ('a', 'a', 'a_2'; 'Bone' and 'bone' where case is ignored; a segment 'merged'
+    and merged.stl), failed the export (300 characters), could not be made on Windows (CON), and parts were named
+    after the files (Left_femur); a control character made slicers refuse the whole 3MF."""
+    volume, matrix = oblique_volume(ctx)
+    segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Bone & \x1bcase")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    names = ["Bone", "bone", "a", "a", "a_2", "merged", "CON", 'Left femur & "skin" <L>', "L" * 300, "Mu\u0308ller",
+             "CT \x1b$B9|HX"]
+    for index, name in enumerate(names):
+        mask = np.zeros((10, 20, 30), bool)
+        mask[2:5, 2:5, 2 * index + 1:2 * index + 2] = True  # each its own voxels: each file must hold its own
+        add_segment_from_mask(segmentation, mask, matrix, name, (1, 0, 0))
+    options = ExportOptions(formats=("stl", "obj", "3mf", "glb"), merged_stl=True, surface=SurfaceOptions(smoothing=0))
+    result = export_segmentation(segmentation, tmp_path, options)
+    stems = [entry["stl"][:-len(".stl")] for entry in result.report["meshes"]]
+    assert stems == ["Bone", "bone_2", "a", "a_2", "a_2_2", "merged_2", "CON_", "Left_femur_skin_L", "L" * 100,
+                     "M\u00fcller", "CT_B9_HX"]
+    assert [entry["name"] for entry in result.report["meshes"]] == names
+    assert sorted(p.name for p in result.folder.glob("*.stl")) == sorted([f"{s}.stl" for s in stems] + ["merged.stl"])
+    assert all(entry["voxel_volume_ml"] == pytest.approx(9 * 1.5 * 0.8 * 2.5 / 1000) for entry in result.report["meshes"])
+    readable = [name.replace("\x1b", "") for name in names]  # XML 1.0 has no ESC
+    with zipfile.ZipFile(result.folder / "segments.3mf") as package:
+        model = ElementTree.fromstring(package.read("3D/3dmodel.model"))  # expat: refuses what XML forbids
+    assert [o.get("name") for o in model.findall(".//{*}object")] == [*readable, "Bone & case"]  # and the whole
+    for name, inside in (("segments.3mf", readable), ("segments.glb", names)):  # trimesh numbers repeats: a, a_1
+        geometry = trimesh.load(str(result.folder / name), force="scene").geometry
+        assert len(geometry) == len(names) and set(inside) <= set(geometry)
+    glb = (result.folder / "segments.glb").read_bytes()
+    assert [node["name"] for node in json.loads(glb[20:20 + int.from_bytes(glb[12:16], "little")])["nodes"]] == names
+    obj = (result.folder / "segments.obj").read_text()
+    assert [line.split(" ", 1)[1] for line in obj.splitlines() if line.startswith("g ")] == stems

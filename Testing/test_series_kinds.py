@@ -76,6 +76,31 @@ def test_acquisitions_of_the_same_region_in_one_series_become_series_of_their_ow
         assert np.array_equal(voxels, reference + 100 * labels.index(series.part))  # one acquisition, all of it
 
 
+@pytest.mark.parametrize("shift_mm", [0.0, 0.5])
+def test_two_patients_under_one_reused_series_uid_are_never_one_volume(ctx, shared_data, tmp_path, shift_mm):
+    """A faulty anonymiser gave two studies one series UID: the second's slices were dropped as duplicates (at the
+    same positions) or woven between the first's (table shifted), one volume of two patients."""
+    uid = generate_uid()
+    for patient, step in (("A", 0), ("B", 1)):
+        for number, ds in enumerate(real_slices(), 1):
+            ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.PatientID = uid, f"1.2.3.{step}", patient
+            ds.ImagePositionPatient[2] += step * shift_mm
+            ds.PixelData = (ds.pixel_array + 100 * step).astype(ds.pixel_array.dtype).tobytes()
+            save(ds, tmp_path / "export" / f"{patient}{number}.dcm")
+    scan = scan_folder(tmp_path / "export")
+    assert [len(s.files) for s in scan.series] == [3, 3] and not scan.skipped
+    assert all(s.uid == uid and s.part.startswith("study ") and s.key == f"{uid}|{s.part}" for s in scan.series)
+    assert all(any("shares its series UID with another patient's or study's images" in note for note in s.notes)
+               for s in scan.series)
+    reference = arrays.volume_array(load_input(ctx, UNCOMPRESSED_SERIES).node)
+    steps = sorted(int(str(pydicom.dcmread(s.files[0]).StudyInstanceUID)[-1]) for s in scan.series)
+    assert steps == [0, 1]
+    for number, series in enumerate(scan.series, 1):
+        step = int(str(pydicom.dcmread(series.files[0]).StudyInstanceUID)[-1])
+        voxels = arrays.volume_array(load_input(ctx, tmp_path / "export", series=str(number)).node)
+        assert np.array_equal(voxels, reference + 100 * step)  # one patient's slices, all of them
+
+
 def test_acquisition_numbers_along_the_table_stay_one_volume_and_true_duplicates_are_still_dropped(shared_data,
                                                                                                    tmp_path):
     """A sequential scan numbers each rotation as an acquisition: blocks that do not overlap are one volume.

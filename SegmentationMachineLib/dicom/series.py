@@ -4,6 +4,7 @@ Reads files only; never moves, edits or deletes them. Every file that is not use
 with its reason, and every geometry problem with what was done about it.
 """
 
+import hashlib
 import io
 import math
 import os
@@ -38,6 +39,8 @@ PRIVATE_SOP_CLASS_NAMES = {"1.3.12.2.1107.5.9.1": "Siemens CSA Non-Image Storage
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # a DICOMDIR
 DICOMDIR = "a DICOMDIR (CD index; the files it lists are read where they lie)"
 NOT_AN_IMAGE = "not an image"
+STUDY_PART = "study "  # the part label of each patient's and study's images under one reused series UID (a hash)
+
 # Tags that tell apart acquisitions kept in one series (Slicer's DICOM module splits on the first two, on
 # orientation and on the diffusion gradient; MR needs echo, inversion, b-value and time point too), with how
 # a part is named. A tag splits a series only where its groups of slices overlap in space: a scanner that
@@ -90,6 +93,7 @@ class DicomSlice:
     images_in_acquisition: int = 0  # (0020,1002) where the header gives it: how many slices to expect
     acquisition: dict = field(default_factory=dict)  # ACQUISITION_TAGS keyword -> value as text, where given
     frame_positions: tuple = ()  # an enhanced multi-frame image: each frame's position (LPS), in file order
+    origin: str = ""  # its patient and study, hashed: which images a reused series UID would mix
 
 
 @dataclass
@@ -377,6 +381,7 @@ def read_slice(path: Path, data: bytes = None):
         images_in_acquisition=announced,
         acquisition=acquisition,
         frame_positions=tuple(tuple(float(v) for v in p) for p in frame_positions),
+        origin=hashlib.sha256(f"{ds.get('PatientID', '')}\0{ds.get('StudyInstanceUID', '')}".encode()).hexdigest()[:8],
     ), None
 
 
@@ -462,10 +467,17 @@ def group_series(slices: list) -> dict:
     """key -> the slices of one series. Slices are grouped by DICOM series; where a series holds several
     acquisitions of the same region (phases, echoes, b-values, time points: told apart by ACQUISITION_TAGS),
     or several enhanced multi-frame images, each becomes a series of its own, keyed '<series key>|<part>'
-    (stable whatever the files' order). Mixed, they would alternate slice by slice in one volume."""
+    (stable whatever the files' order). Mixed, they would alternate slice by slice in one volume. So do two
+    patients' or studies' images under one series UID (which DICOM forbids, but a faulty anonymiser makes)."""
     by_series = {}
     for s in slices:
         by_series.setdefault(s.series_key, []).append(s)
+    for key, members in list(by_series.items()):
+        origins = {s.origin for s in members}
+        if len(origins) > 1:
+            del by_series[key]
+            for origin in sorted(origins):
+                by_series[f"{key}|{STUDY_PART}{origin}"] = [s for s in members if s.origin == origin]
     groups = {}
     for key, members in by_series.items():
         parts = {}
@@ -528,7 +540,11 @@ def build_series(key: str, slices: list, skipped: list) -> DicomSeries:
         series.tilt_degrees = float(np.degrees(np.arccos(min(1.0, cos))))
     if not first.series_uid:
         series.notes.append(f"Series {series.name} has no SeriesInstanceUID; its files were grouped by folder and series number.")
-    if series.part:
+    if series.part.startswith(STUDY_PART):
+        series.notes.append(f"Series {series.name} shares its series UID with another patient's or study's images "
+                            "(UIDs must be unique: a faulty anonymiser or export?): each is listed as a series of its "
+                            "own (--list), and --series chooses.")
+    elif series.part:
         series.notes.append(f"Series {series.name} is one of several acquisitions or images of the same region kept in "
                             "one DICOM series: each is listed as a series of its own (--list), and --series chooses.")
     if series.is_uneven:

@@ -24,6 +24,7 @@ import re
 import shutil
 import tempfile
 import time
+import unicodedata
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,6 +46,9 @@ REPORT_NAME = "report.json"  # written last: a folder without it is an interrupt
 DEFAULT_EXPORT_FOLDER = Path.home() / "SegmentationMachine" / "Exports"
 # A mesh whose volume differs more from its segment's voxels is not what was segmented: said so.
 VOLUME_WARNING_PERCENT = 10.0
+MERGED_STEM = "merged"  # merged.stl: all segments in one STL
+MAX_NAME_BYTES = 100  # with '_2.stl' and atomic_file's temporary name, far below any file system's 255
+WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"{port}{n}" for port in ("com", "lpt") for n in "0123456789¹²³")}
 
 
 @dataclass(frozen=True)
@@ -93,15 +97,24 @@ def parse_formats(text: str) -> tuple:
 
 
 def safe_name(text: str) -> str:
-    """A file and OBJ-group name: letters, digits, '-', '_' and '.' only."""
-    return re.sub(r"[^\w.-]+", "_", text).strip("._") or "segment"
+    """A file and OBJ-group name valid on every file system: letters, digits, '-', '_' and '.' only, at most
+    MAX_NAME_BYTES of UTF-8, never a Windows device name (CON.stl cannot be made there)."""
+    name = re.sub(r"[^\w.-]+", "_", unicodedata.normalize("NFC", text)).strip("._")  # NFC: as macOS hands names in
+    name = name.encode()[:MAX_NAME_BYTES].decode(errors="ignore").rstrip("._") or "segment"
+    return f"{name}_" if name.split(".")[0].casefold() in WINDOWS_DEVICES else name
 
 
 def _unique_names(names) -> list:
-    seen, result = {}, []
+    """safe_name of each, never one of another's files: also not where case tells them apart (Windows and macOS
+    ignore it), and not the merged STL's."""
+    taken, result = {MERGED_STEM}, []
     for name in map(safe_name, names):
-        seen[name] = seen.get(name, 0) + 1
-        result.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+        unique, number = name, 1
+        while unique.casefold() in taken:
+            number += 1
+            unique = f"{name}_{number}"
+        taken.add(unique.casefold())
+        result.append(unique)
     return result
 
 
@@ -237,20 +250,22 @@ def _write_into(folder: Path, prepared: PreparedExport, options: ExportOptions, 
         if "stl" in options.formats:
             entry["stl"] = f"{file_names[mesh.segment_id]}.stl"
             writers.write_stl(folder / entry["stl"], [(points, mesh.triangles, normals)], mesh.name)
-        return file_names[mesh.segment_id], (*mesh.color[:3], mesh.opacity), points, mesh.triangles, entry
+        return file_names[mesh.segment_id], mesh.name, (*mesh.color[:3], mesh.opacity), points, mesh.triangles, entry
 
     finished, empty = meshes_from(prepared.segments, options.surface, progress, finish)
     if not finished:
         raise ExportError(f"Every segment of '{prepared.name}' is empty: nothing to export.")
-    named = [item[:4] for item in finished]
-    entries = [item[4] for item in finished]
+    # OBJ statements end at a space: its groups take the file names; 3MF and glTF parts the segments' own names
+    by_file_name = [(stem, *rest) for stem, _, *rest, _ in finished]
+    named = [(name, *rest) for _, name, *rest, _ in finished]
+    entries = [item[-1] for item in finished]
     files = [folder / e["stl"] for e in entries if "stl" in e]
     if "stl" in options.formats and options.merged_stl:
-        files.append(folder / "merged.stl")
+        files.append(folder / f"{MERGED_STEM}.stl")
         writers.write_stl(files[-1], [(p, t, None) for _, _, p, t in named], "all segments")
     if "obj" in options.formats:
         files.append(folder / "segments.obj")
-        writers.write_obj(files[-1], named)
+        writers.write_obj(files[-1], by_file_name)
         files.append(files[-1].with_suffix(".mtl"))
     if "3mf" in options.formats:
         files.append(folder / "segments.3mf")

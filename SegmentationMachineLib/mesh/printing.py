@@ -115,7 +115,8 @@ def model_files(path) -> list:
         return [path]
     if path.is_dir():
         threemf = sorted(path.glob("*.3mf"))
-        stls = sorted(p for p in path.glob("*.stl") if p.name != "merged.stl")
+        from .export import MERGED_STEM
+        stls = sorted(p for p in path.glob("*.stl") if p.stem != MERGED_STEM)
         if threemf or len(stls) == 1:
             return (threemf or stls)[:1]
         if stls:

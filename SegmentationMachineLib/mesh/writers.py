@@ -1,6 +1,7 @@
 """Printable mesh files: binary STL (written and read back), OBJ with materials, 3MF. Each file appears whole
 or not at all."""
 
+import re
 import zipfile
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
@@ -21,6 +22,15 @@ def _rows(row_format: str, values: np.ndarray):
     for start in range(0, len(values), ROWS_PER_CHUNK):
         part = values[start:start + ROWS_PER_CHUNK]
         yield (row_format * len(part)) % tuple(part.ravel())
+
+
+# Characters XML 1.0 forbids (quoteattr leaves them): one in a name made slicers refuse the whole 3MF
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml_name(text: str) -> str:
+    """A name as an XML attribute value, quoted."""
+    return quoteattr(_NOT_XML.sub("", text))
 
 
 def _hex_color(color) -> str:
@@ -105,7 +115,7 @@ def _model_xml(named_meshes, title: str, assembly: int):
     """Core 3MF, in chunks of text: a mesh object per segment (named, coloured), one assembly object made of them
     all (components without transforms: identity), and one build item, so that slicers load a single object with a
     part per segment, where the segments lie relative to each other."""
-    materials = "".join(f'  <base name={quoteattr(name)} displaycolor="{_hex_color(color)}"/>\n'
+    materials = "".join(f'  <base name={_xml_name(name)} displaycolor="{_hex_color(color)}"/>\n'
                         for name, color, _, _ in named_meshes)
     yield ('<?xml version="1.0" encoding="UTF-8"?>\n'
            '<model unit="millimeter" xml:lang="en-US" '
@@ -113,13 +123,13 @@ def _model_xml(named_meshes, title: str, assembly: int):
            ' <metadata name="Application">SegmentationMachine</metadata>\n'
            f' <resources>\n  <basematerials id="1">\n{materials}  </basematerials>\n')
     for index, (name, _, points, triangles) in enumerate(named_meshes):
-        yield (f'  <object id="{index + 2}" type="model" name={quoteattr(name)} pid="1" pindex="{index}">\n'
+        yield (f'  <object id="{index + 2}" type="model" name={_xml_name(name)} pid="1" pindex="{index}">\n'
                "   <mesh>\n    <vertices>\n")
         yield from _rows('     <vertex x="%.6f" y="%.6f" z="%.6f"/>\n', points)
         yield "    </vertices>\n    <triangles>\n"
         yield from _rows('     <triangle v1="%d" v2="%d" v3="%d"/>\n', triangles)
         yield "    </triangles>\n   </mesh>\n  </object>\n"
-    yield f'  <object id="{assembly}" type="model" name={quoteattr(title)}>\n   <components>\n'
+    yield f'  <object id="{assembly}" type="model" name={_xml_name(title)}>\n   <components>\n'
     yield "".join(f'    <component objectid="{index + 2}"/>\n' for index in range(len(named_meshes)))
     yield (f'   </components>\n  </object>\n </resources>\n <build>\n  <item objectid="{assembly}"/>\n'
            " </build>\n</model>\n")
@@ -127,10 +137,10 @@ def _model_xml(named_meshes, title: str, assembly: int):
 
 def _part_names_xml(named_meshes, title: str, assembly: int) -> str:
     parts = "".join(f'  <part id="{index + 2}" subtype="normal_part">\n'
-                    f'   <metadata key="name" value={quoteattr(name)}/>\n  </part>\n'
+                    f'   <metadata key="name" value={_xml_name(name)}/>\n  </part>\n'
                     for index, (name, _, _, _) in enumerate(named_meshes))
     return (f'<?xml version="1.0" encoding="UTF-8"?>\n<config>\n <object id="{assembly}">\n'
-            f'  <metadata key="name" value={quoteattr(title)}/>\n{parts} </object>\n</config>\n')
+            f'  <metadata key="name" value={_xml_name(title)}/>\n{parts} </object>\n</config>\n')
 
 
 def write_3mf(path: Path, named_meshes, title: str = None):
