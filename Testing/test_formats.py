@@ -114,6 +114,21 @@ def test_seg_holds_every_segment_voxel_for_voxel_in_space_and_refers_to_its_seri
 
 
 @needs_highdicom
+def test_segments_sharing_one_labelmap_layer_keep_only_their_own_voxels(ctx, shared_data, tmp_path):
+    """The Segment Editor keeps segments that do not overlap in one shared layer: each segment was written as the
+    whole layer, every segment's frames holding all three organs."""
+    import highdicom
+
+    volume, node = dcmqi_segmentation(ctx)
+    node.GetSegmentation().CollapseBinaryLabelmaps(False)  # as Slicer shares layers: where segments do not overlap
+    assert node.GetSegmentation().GetNumberOfLayers() < 3
+    result = export_segmentation(node, tmp_path, ExportOptions(formats=("seg",)))
+    read_back = highdicom_voxels(highdicom.seg.segread(result.folder / "segmentation.dcm"), volume)
+    for index, name in enumerate(["Liver", "spine", "Heart"]):
+        assert read_back[name] == segment_voxels(node, index, volume), name
+
+
+@needs_highdicom
 def test_seg_says_how_each_segment_was_made_also_from_a_saved_segmentation(ctx, shared_data, tmp_path):
     """A preset is automatic morphology on the CPU, not AI, and semi-automatic once edited by hand; nnInteractive's
     segments are AI, semi-automatic; a segment we did not make is manual. The content creator (type 2) is there,

@@ -239,9 +239,13 @@ def _segment_on_grid(segmentation_node, segment_id, reference: "slicer.vtkOrient
     on_grid = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
         labelmap, reference, on_grid, False, False, to_volume)  # exactly the series' extent: not padded
-    mask = arrays.image_array(on_grid) > 0
-    if not mask.any() and labelmap.GetPointData().GetScalars() and (arrays.image_array(labelmap) > 0).any():
-        raise ExportError(f"Segment '{segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()}' lies "
+    # The labelmap is the whole layer the segment shares with others (the Segment Editor puts segments that do not
+    # overlap in one): only its own label value is the segment.
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    mask = arrays.image_array(on_grid) == segment.GetLabelValue()  # resampled by nearest neighbour: values kept
+    if not mask.any() and labelmap.GetPointData().GetScalars() and \
+            (arrays.image_array(labelmap) == segment.GetLabelValue()).any():
+        raise ExportError(f"Segment '{segment.GetName()}' lies "
                           f"outside the DICOM series '{reference_volume(segmentation_node).GetName()}' that the SEG "
                           "would refer to: the two do not overlap in space. Give the series the segmentation was made "
                           "on (in the CLI: `export LABELS --volume DICOM_FOLDER`).")
