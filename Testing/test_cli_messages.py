@@ -564,3 +564,13 @@ def test_watch_once_status_failures_skipped_files_and_duplicates(shared_data, tm
     assert (f"CT 'series 2': 3 file(s) already processed: the same files as an earlier delivery; not processed "
             f"again (result: {result}).") in third.stdout.splitlines()
     assert sorted(p.name for p in outbox.iterdir() if not p.name.startswith(".")) == sorted([result.name, "status.json"])
+
+
+def test_watch_never_replaces_a_status_file_that_is_not_its_own(tmp_path):
+    """An outbox holding the user's own status.json: watch replaced it with its board."""
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "outbox").mkdir()
+    (tmp_path / "outbox" / "status.json").write_text('{"my": "own file"}')
+    one_sentence(watch_once(tmp_path / "inbox", tmp_path / "outbox"),
+                 f"{tmp_path / 'outbox' / 'status.json'} is not watch's status file, and watch would replace it")
+    assert (tmp_path / "outbox" / "status.json").read_text() == '{"my": "own file"}'

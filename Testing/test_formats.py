@@ -275,6 +275,30 @@ def test_seg_of_a_series_without_patient_attributes_is_written(tmp_path):
 
 
 @needs_highdicom
+@pytest.mark.parametrize("character_set, patient", [
+    (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),  # Japanese: highdicom refused the set
+    (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동"),  # Korean: likewise
+    ("ISO_IR 126", "Διονυσιος^Νικος"),  # Greek
+])
+def test_a_seg_of_a_series_in_any_character_set_keeps_its_names_in_utf8(shared_data, tmp_path, character_set, patient):
+    """A Japanese or Korean series' SEG ended in a traceback; a backslash in a segment's name made two labels."""
+    import highdicom
+    import pydicom
+
+    for path in sorted(UNCOMPRESSED_SERIES.glob("*.dcm")):
+        source = pydicom.dcmread(path)
+        source.SpecificCharacterSet, source.PatientName, source.SeriesDescription = character_set, patient, "胸部"
+        (tmp_path / "series").mkdir(exist_ok=True)
+        source.save_as(tmp_path / "series" / path.name)
+    (tmp_path / "names.json").write_text(json.dumps({"1": "Rib L\\R\tcut"}), encoding="utf-8")
+    assert main(["export", str(DCMQI / "liver_seg.nrrd"), "--volume", str(tmp_path / "series"), "--labels",
+                 str(tmp_path / "names.json"), "--format", "seg", "--out", str(tmp_path), "--quiet"]) == 0
+    seg = highdicom.seg.segread(next(tmp_path.glob("*/segmentation.dcm")))
+    assert seg.SpecificCharacterSet == "ISO_IR 192" and str(seg.PatientName) == patient
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["Rib L/R cut"]
+
+
+@needs_highdicom
 def test_a_seg_of_a_series_given_by_a_relative_path_puts_each_frame_on_its_own_image(shared_data, tmp_path,
                                                                                     monkeypatch):
     """Given a relative folder, Slicer's volume loader kept every file twice (relative and absolute): the SEG then

@@ -31,7 +31,7 @@ NAME = "nninteractive.test"  # resolvable by the proxy only
 USER, PASSWORD = "ward7", "s3cret p@ss:w/rd"  # characters that must be percent-encoded in a proxy URL
 TOO_LARGE = "sent an answer larger than 1.1 MB (no answer for this volume can be that large)"
 UNTRUSTED = ("The nnInteractive server at {url} shows a certificate this computer does not trust (self-signed "
-             "certificate): check the address; behind a proxy that inspects TLS, set SSL_CERT_FILE to your "
+             "certificate): check the address; behind a proxy that inspects TLS, set REQUESTS_CA_BUNDLE to your "
              "organisation's CA certificates.")
 
 
@@ -53,6 +53,7 @@ def env(monkeypatch, servers):
             monkeypatch.delenv(name)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("SSL_CERT_FILE", servers[1])
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)  # it comes first: a machine's own would hide ours
     return monkeypatch
 
 
@@ -202,6 +203,20 @@ def test_an_untrusted_server_certificate_through_the_tunnel_is_not_blamed_on_the
     url = url_of(servers, "https")
     assert prompt(ctx, url) == (UNTRUSTED.format(url=url), 0)
     assert proxy.tunnels == [f"{NAME}:{servers[0]['https']}"]  # the proxy let it through; TLS refused the server
+
+
+def test_the_ca_bundle_the_user_sets_is_used_though_slicers_launcher_sets_its_own(ctx, env, servers, proxies):
+    """Slicer's launcher sets SSL_CERT_FILE to Slicer's own bundle whatever the user set: REQUESTS_CA_BUNDLE (which
+    the RunPod and DICOMweb calls take too) reaches the prompt client."""
+    import certifi
+
+    proxy = proxies()
+    env.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.port}")
+    env.setenv("SSL_CERT_FILE", certifi.where())  # as the launcher sets it
+    url = url_of(servers, "https")
+    assert prompt(ctx, url) == (UNTRUSTED.format(url=url), 0)
+    env.setenv("REQUESTS_CA_BUNDLE", servers[1])
+    assert prompt(ctx, url) == (None, 27)
 
 
 def test_without_proxy_settings_nothing_changes(ctx, env, servers, proxies):

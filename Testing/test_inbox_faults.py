@@ -117,7 +117,7 @@ def test_a_full_disk_fails_one_series_with_one_sentence_and_the_queue_goes_on(tm
     assert states["CT 'second'"] == ("done", "")
     [(state_, reason)] = [v for k, v in states.items() if k != "CT 'second'"]
     assert state_ == "failed" and reason == "The disk is full: free some space, then restart watch to process this series again."
-    assert not (outbox / ".staging").exists() and len([p for p in outbox.iterdir() if p.is_dir()]) == 1
+    assert not (outbox / ".segmentation-machine-staging").exists() and len([p for p in outbox.iterdir() if p.is_dir()]) == 1
     assert not any("Traceback" in line for line in lines)
 
 

@@ -174,7 +174,7 @@ def test_usual_install_places(tmp_path):
     empty = {"PATH": ""}
     app = tmp_path / "Applications" / "OrcaSlicer.app"
     app.mkdir(parents=True)
-    assert find_orcaslicer(env=empty, platform="darwin", home=tmp_path).command[:4] == ["open", "-n", "-a", str(app)]
+    assert find_orcaslicer(env=empty, platform="darwin", home=tmp_path).command == ["open", "-a", str(app)]
     exe = make_stub(tmp_path / "local" / "Programs" / "OrcaSlicer", "orca-slicer.exe")
     found = find_orcaslicer(env={**empty, "LOCALAPPDATA": str(tmp_path / "local")}, platform="win32", home=tmp_path / "x")
     assert found.command == [str(exe)]
@@ -182,6 +182,22 @@ def test_usual_install_places(tmp_path):
     assert find_orcaslicer(env=empty, platform="linux", home=tmp_path).command == [str(appimage)]
     configured = make_stub(tmp_path / "custom", "my-orca")
     assert find_orcaslicer(env={"SM_ORCASLICER": str(configured)}, home=tmp_path).command == [str(configured)]
+
+
+def test_on_macos_the_files_are_handed_to_the_app_and_a_refusal_is_said(tmp_path, export_folder):
+    """`open -n -a APP --args FILE` ran detached: 'Opened in OrcaSlicer' when macOS refused the app, and a running
+    OrcaSlicer got a path with 'ä' garbled from its second instance. macOS's open hands files over by Apple Event."""
+    app = tmp_path / "Applications" / "OrcaSlicer.app"
+    app.mkdir(parents=True)
+    bin_dir = tmp_path / "bin"
+    make_stub(bin_dir, "open")
+    command = send_to_orcaslicer(export_folder, env={"PATH": str(bin_dir)}, home=tmp_path, platform="darwin")
+    assert (bin_dir / "open.args").read_text().split("\n")[:-1] == command[1:] == [
+        "-a", str(app), str(export_folder / "segments.3mf")]  # open has ended: no waiting for a file
+    (bin_dir / "open").write_text('#!/bin/sh\necho "LSOpenURLsWithRole() failed with error -10810." >&2\nexit 1\n')
+    with pytest.raises(PrintError, match=r"could not be opened \(LSOpenURLsWithRole\(\) failed with error -10810\.\): "
+                                         r"open it once from the Finder"):
+        send_to_orcaslicer(export_folder, env={"PATH": str(bin_dir)}, home=tmp_path, platform="darwin")
 
 
 def test_a_downloaded_appimage_that_may_not_run_is_named_not_missing(tmp_path):

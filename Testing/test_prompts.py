@@ -1,6 +1,7 @@
 """Prompt files: round trip, and a sentence naming the entry for every malformed one; prompt geometry, also
 through a volume's parent transform (real MRML transform nodes)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -29,8 +30,9 @@ def test_round_trip_and_normalised_boxes(tmp_path):
     assert liver.prompts[2].include is False and liver.prompts[3].include is True
     save_prompt_file(tmp_path / "p.json", [liver])
     assert load_prompt_file(tmp_path / "p.json")[0] == liver
-    with pytest.raises(FileExistsError):
-        save_prompt_file(tmp_path / "p.json", [liver])  # never overwrites
+    kidney = dataclasses.replace(liver, name="Kidney")
+    save_prompt_file(tmp_path / "p.json", [kidney])  # Slicer's save dialog asked before choosing an existing file
+    assert load_prompt_file(tmp_path / "p.json") == [kidney] and [p.name for p in tmp_path.iterdir()] == ["p.json"]
 
 
 def test_to_json_matches_the_schema():

@@ -239,6 +239,50 @@ def test_without_keyring_as_in_a_stock_slicer_keys_go_to_a_file_only_the_user_re
     assert (tmp_path / "secrets" / "nninteractive-api-key").stat().st_mode & 0o077 == 0
 
 
+def test_a_key_saved_by_slicer_in_the_file_is_found_where_keyring_works_and_a_locked_keychain_is_no_traceback(
+        tmp_path, monkeypatch):
+    """The CLI (with keyring) looked only in the keychain, for keys a stock Slicer keeps in the file; a macOS keychain
+    locked (an SSH session, a service) ended in keyring's traceback."""
+    keyring = pytest.importorskip("keyring")
+    from keyring.backend import KeyringBackend
+    from keyring.errors import KeyringError
+
+    from SegmentationMachineLib.core.credentials import SecretStore
+
+    class Keychain(KeyringBackend):
+        priority, locked, kept = 5, False, {}
+
+        def _unless_locked(self):
+            if self.locked:
+                raise KeyringError("Can't get password from keychain: (-25308, 'Unknown Error')")
+
+        def get_password(self, service, name):
+            self._unless_locked()
+            return self.kept.get((service, name))
+
+        def set_password(self, service, name, secret):
+            self._unless_locked()
+            self.kept[(service, name)] = secret
+
+        def delete_password(self, service, name):
+            self._unless_locked()
+            self.kept.pop((service, name))
+
+    keychain = Keychain()
+    monkeypatch.setattr(keyring.core, "_keyring_backend", keychain)  # keyring's own calls use it
+    SecretStore(tmp_path / "secrets", use_keychain=False).save("runpod-api-key", "from-slicer")  # as Slicer keeps it
+    store = SecretStore(tmp_path / "secrets")
+    assert store.where == "the OS keychain" and store.load("runpod-api-key") == "from-slicer"
+    assert store.save("runpod-api-key", "new") == "the OS keychain" and store.load("runpod-api-key") == "new"
+    assert not (tmp_path / "secrets" / "runpod-api-key").exists()  # one copy
+    keychain.locked = True
+    assert store.load("runpod-api-key") is None
+    assert store.save("runpod-api-key", "while-locked").endswith("(readable only by you)")
+    assert store.load("runpod-api-key") == "while-locked"
+    store.forget("runpod-api-key")
+    assert store.load("runpod-api-key") is None
+
+
 def test_without_the_nninteractive_client_as_in_a_stock_slicer_a_prompt_says_what_to_install(monkeypatch):
     from SegmentationMachineLib.prompts.session import InteractiveError, InteractiveSession
 

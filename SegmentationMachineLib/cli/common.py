@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..core.errors import UserError
+from ..core.files import printable
 
 DEFAULT_OUT = Path.home() / "SegmentationMachine" / "Exports"  # = export.DEFAULT_EXPORT_FOLDER (a test checks)
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # Ctrl-C, a service stop, a closed terminal
@@ -125,8 +126,6 @@ def writable_folder(folder: Path, option: str = "--out") -> Path:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
-        from ..core.files import printable
-
         raise UserError(f"Cannot write in {printable(folder)} ({error.strerror or error}): choose a folder you can "
                         f"write to with {option}.") from None
     return folder
@@ -135,10 +134,10 @@ def writable_folder(folder: Path, option: str = "--out") -> Path:
 def report_export(args, result):
     from ..mesh.printing import send_to_orcaslicer
 
-    print(f"Exported to {result.folder}")
+    print(printable(f"Exported to {result.folder}"))
     for line in result.summary_lines():
-        print(f"  {line}")
-    print(f"  files: {', '.join(p.name for p in result.files)}")
+        print(printable(f"  {line}"))  # segment names: anyone's text
+    print(printable(f"  files: {', '.join(p.name for p in result.files)}"))
     if result.not_watertight:
         log.warning("Not watertight: %s; the printer's slicer may need to repair these meshes "
                     "(flying_edges with smoothing gives closed meshes).", ", ".join(result.not_watertight))

@@ -78,9 +78,10 @@ class _AroundProgressBars(logging.Handler):
 def _configure_logging(log_file: Path = None):
     handlers = [_AroundProgressBars()]
     if log_file:  # owner-only: the log names patients' series and files
-        descriptor = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        # O_BINARY: Windows' text mode would end lines in CR CR LF (Python already writes its CR LF)
+        descriptor = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0), 0o600)
         os.chmod(log_file, 0o600)  # also when it existed before
-        handlers.append(logging.StreamHandler(os.fdopen(descriptor, "a")))
+        handlers.append(logging.StreamHandler(os.fdopen(descriptor, "a", encoding="utf-8", errors="backslashreplace")))
     for handler in handlers:
         handler.addFilter(_printable_record)
         # pydicom's and highdicom's remarks on a file's odd values (a one-part patient name, a cut file): our
@@ -97,6 +98,10 @@ def _configure_logging(log_file: Path = None):
 
 
 def main(argv=None) -> int:
+    # A name or a '→' the terminal's encoding lacks is escaped, never a crash: Windows writes cp1252 (strictly)
+    # wherever the output is redirected, and a locale may be ASCII.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     _configure_logging(args.log)
     # model and export end on a closed terminal or a service stop as on Ctrl-C; watch and server set their own.

@@ -82,7 +82,7 @@ def _fetch(web, args, cleanup: ExitStack) -> Path:
     folder = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="segmentation-machine-dicomweb-")))
     with Progress("retrieving", args.quiet) as progress:
         paths = web.retrieve(args.study, series, folder, progress)
-    print(f"Retrieved {series.summary()} from {web.server.url}: {len(paths)} file(s)")
+    print(printable(f"Retrieved {series.summary()} from {web.server.url}: {len(paths)} file(s)"))
     return folder
 
 
@@ -105,7 +105,7 @@ def _unzipped(source: Path, cleanup: ExitStack) -> Path:
     if not extraction.files:
         reason = extraction.refused[0][1] if extraction.refused else "it holds no files"
         raise UserError(f"Nothing could be unpacked from {source}: {reason}; check the archive.")
-    print(f"Unpacked {len(extraction.files)} file(s) from {source}")
+    print(printable(f"Unpacked {len(extraction.files)} file(s) from {source}"))
     return extraction.folder
 
 
@@ -191,7 +191,7 @@ def _run_model(args, cleanup: ExitStack):
     dimensions = loaded.node.GetImageData().GetDimensions()
     if not chosen:
         _warn_if_too_big(math.prod(dimensions))
-    print(f"Loaded {loaded.source}: {'x'.join(map(str, dimensions))} voxels")
+    print(printable(f"Loaded {loaded.source}: {'x'.join(map(str, dimensions))} voxels"))  # a description: anyone's
     steps.info("Loaded %s from %s: %s voxels of %s mm.", loaded.source, source, "x".join(map(str, dimensions)),
                "x".join(f"{v:.4g}" for v in loaded.node.GetSpacing()))
     with Progress("hashing", args.quiet) as progress:

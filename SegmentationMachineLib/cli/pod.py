@@ -99,8 +99,7 @@ def _login():
     if not key:
         raise UserError("No key was entered: copy it from the RunPod console → Settings → API Keys.")
     RunPodRest(key).pods()  # a wrong key is said now, not at the first start
-    store.save(KEY_NAME, key)
-    print(f"Saved in {store.where}.")
+    print(f"Saved in {store.save(KEY_NAME, key)}.")
 
 
 def _logout():
@@ -109,7 +108,7 @@ def _logout():
         print(f"No RunPod API key is stored in {store.where}: nothing to forget.")
         return
     store.forget(KEY_NAME)
-    print(f"The RunPod API key is no longer stored in {store.where}.")
+    print("The RunPod API key is no longer stored here.")
 
 
 def _gpus(cloud: CloudGpu, args):

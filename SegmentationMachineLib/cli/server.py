@@ -103,7 +103,7 @@ def run_server(args):
     finally:  # whatever ended us (a signal, our own output gone): never leave it holding the GPU and the port
         if server is not None:
             server.stop()
-    if server is not None and server.process.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL, None):
+    if server is not None and not server.stopped_here and server.process.returncode not in (0, -signal.SIGTERM, None):
         raise UserError(f"The nnInteractive server stopped with status {server.process.returncode}: see its messages "
                         "above.")
 
@@ -130,12 +130,13 @@ class _Upstream:
     def __init__(self, command: list, key: str, restarts: bool):
         # The key goes by environment. Unbuffered: through a pipe its request lines would otherwise come in
         # 8 KiB batches, and be lost with it.
+        # UTF-8 both ways: a Windows pipe's cp1252 cannot carry a download's progress bar (█)
         self.process = subprocess.Popen(command, env={**os.environ, "NN_INTERACTIVE_API_KEY": key,
-                                                      "PYTHONUNBUFFERED": "1"},
+                                                      "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"},
                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.out_of_memory = threading.Event()
+        self.out_of_memory, self.stopped_here = threading.Event(), False
         # newline="": a download's progress bar keeps its carriage returns and redraws in place
-        output = io.TextIOWrapper(self.process.stdout, errors="replace", newline="")
+        output = io.TextIOWrapper(self.process.stdout, encoding="utf-8", errors="replace", newline="")
         self.relay = threading.Thread(target=_relay, args=(output, self.out_of_memory, restarts), daemon=True)
         self.relay.start()
 
@@ -149,6 +150,7 @@ class _Upstream:
     def stop(self):
         """Ends it, if it still runs, and waits for its last lines."""
         if self.process.poll() is None:
+            self.stopped_here = True  # its status then says nothing (on Windows, terminate() makes it 1)
             self.process.terminate()
             try:
                 self.process.wait(15)

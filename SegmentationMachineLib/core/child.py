@@ -47,7 +47,10 @@ def _command(module: str, args: list, first_paths=()) -> list:
 
 def _environment() -> dict:
     paths = [str(LIBRARY_PARENT), os.environ.get("PYTHONPATH", "")]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    # UTF-8: on Windows Slicer's own process runs in UTF-8, but the Python PythonSlicer starts writes (and reads
+    # files) in the system's code page; a series named 'Schädel' then came back undecodable
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "PYTHONUTF8": "1",
+            "PYTHONIOENCODING": "utf-8"}
 
 
 # PythonSlicer (CTK AppLauncher) runs the real Python as its own child: killing the launcher would leave that
@@ -76,7 +79,7 @@ def run_module(module: str, args: list, timeout: float, first_paths=()) -> subpr
     sys.path. Raises subprocess.TimeoutExpired (the child, and the Python a launcher started, killed) or OSError;
     the caller turns a non-zero returncode (stderr has the child's traceback) into its own sentence."""
     with start_module(module, args, first_paths, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                      stderr=subprocess.PIPE, text=True) as process:
+                      stderr=subprocess.PIPE, encoding="utf-8", errors="replace") as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except BaseException:  # the time-out, or Ctrl-C

@@ -12,6 +12,11 @@ PRIVATE_FILE = 0o600
 UMASK = os.umask(0o077)
 os.umask(UMASK)
 
+# Text we write is UTF-8 whatever the locale (Windows' is cp1252, where "Głowa" cannot be written at all)
+_UTF8_TEXT = {"encoding": "utf-8"}
+# Names Windows keeps for devices, with any extension: CON.stl cannot be made there
+WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"{port}{n}" for port in ("com", "lpt") for n in "0123456789¹²³")}
+
 
 @contextmanager
 def atomic_file(path: Path, mode: str = "wb"):
@@ -21,9 +26,10 @@ def atomic_file(path: Path, mode: str = "wb"):
     if path.exists():
         raise FileExistsError(path)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.fchmod(handle, 0o666 & ~UMASK)  # mkstemp makes it 0600
     try:
-        with os.fdopen(handle, mode) as stream:
+        if hasattr(os, "fchmod"):  # mkstemp makes it 0600; Windows' Python has no fchmod before 3.13 (Slicer: 3.12)
+            os.fchmod(handle, 0o666 & ~UMASK)
+        with os.fdopen(handle, mode, **_UTF8_TEXT if "b" not in mode else {}) as stream:
             yield stream
         try:
             os.link(temp, path)  # fails instead of replacing when path appeared meanwhile
@@ -38,13 +44,15 @@ def atomic_file(path: Path, mode: str = "wb"):
             os.unlink(temp)
 
 
-def replace_private(path: Path, text: str):
-    """Replaces path whole with text, owner-only (0600). The temporary file is made by mkstemp
-    in the same folder (a new name, O_EXCL), so a link planted there is never followed."""
+def replace_private(path: Path, text: str, private: bool = True):
+    """Replaces path whole with text, owner-only (0600) unless not private (then as the umask says). The temporary
+    file is made by mkstemp in the same folder (a new name, O_EXCL), so a link planted there is never followed."""
     path = Path(path)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
-        with os.fdopen(handle, "w") as stream:
+        if not private and hasattr(os, "fchmod"):
+            os.fchmod(handle, 0o666 & ~UMASK)
+        with os.fdopen(handle, "w", **_UTF8_TEXT) as stream:
             stream.write(text)
         os.replace(temp, path)
     finally:

@@ -8,13 +8,14 @@ from the archive's own (forgeable) headers. Everything extracted is owner-only: 
 """
 
 import os
+import re
 import shutil
 import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..core.files import PRIVATE_FILE, PRIVATE_FOLDER, private_folder
+from ..core.files import PRIVATE_FILE, PRIVATE_FOLDER, WINDOWS_DEVICES, private_folder
 
 CHUNK = 1024 * 1024
 METHOD_NAMES = {9: "Deflate64, as Windows compresses folders over 2 GB"}  # numbers: APPNOTE 4.4.5
@@ -69,6 +70,13 @@ def _check_readable(members: list):
                        "instead, or zip it with 7-Zip set to Deflate")
 
 
+def _portable(part: str) -> str:
+    """A member's path part as every file system holds it (Windows refuses '?', ':', 'x.', CON...); names matter
+    only in messages: DICOM files are known by their content."""
+    part = re.sub(r'[<>:"|?*\x00-\x1f]', "_", part).rstrip(". ") or "_"
+    return f"_{part}" if part.split(".")[0].casefold() in WINDOWS_DEVICES else part
+
+
 def _member_problem(info: zipfile.ZipInfo, limits: ArchiveLimits):
     name = PurePosixPath(info.filename.replace("\\", "/"))
     if name.is_absolute() or ".." in name.parts or (name.parts and ":" in name.parts[0]):
@@ -108,7 +116,9 @@ class _Budget:
 
 def _extract_member(package, member, target: Path, budget: _Budget):
     target.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_FOLDER)
-    descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_FILE)
+    # Windows has no O_NOFOLLOW, and without O_BINARY its text mode turns every LF byte into CRLF
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    descriptor = os.open(target, flags, PRIVATE_FILE)
     with package.open(member) as source, os.fdopen(descriptor, "wb") as sink:
         budget.write(source, sink)
 
@@ -143,8 +153,13 @@ def extract_zip(archive, destination: Path, limits: ArchiveLimits = ArchiveLimit
                 if problem:
                     result.refused.append((member.filename, problem))
                     continue
-                target = partial.joinpath(*PurePosixPath(member.filename.replace("\\", "/")).parts)
-                _extract_member(package, member, target, budget)
+                target = partial.joinpath(*map(_portable, PurePosixPath(member.filename.replace("\\", "/")).parts))
+                try:
+                    _extract_member(package, member, target, budget)
+                except FileExistsError:
+                    result.refused.append((member.filename, "another file in the archive has the same name here "
+                                                            "(or one differing only in case or odd characters)"))
+                    continue
                 result.files.append(destination / target.relative_to(partial))
             partial.rename(destination)  # the scratch copy appears whole or not at all
     except _Refused as refusal:

@@ -385,8 +385,19 @@ def read_slice(path: Path, data: bytes = None):
     ), None
 
 
-def _walk_files(folder: Path):
-    for root, dirs, files in os.walk(folder):
+UNREADABLE_FOLDER = ("this program may not list it (macOS asks before a program reads Desktop, Documents, "
+                     "Downloads or an external disk: System Settings → Privacy & Security → Files and Folders)")
+
+
+def _walk_files(folder: Path, skipped: list):
+    """The files under folder, sorted; a folder that cannot be listed is skipped with its reason (the top one is
+    refused: os.walk alone made it an empty folder, 'no DICOM series')."""
+    def unreadable(error: OSError):
+        if Path(error.filename) == folder:
+            raise InputError(f"{printable(folder)} cannot be read ({error.strerror}): {UNREADABLE_FOLDER}.")
+        skipped.append(SkippedFile(Path(error.filename), f"a folder that cannot be read ({error.strerror})"))
+
+    for root, dirs, files in os.walk(folder, onerror=unreadable):
         dirs.sort()
         for name in sorted(files):
             if not name.startswith("."):
@@ -593,11 +604,12 @@ def scan_folder(folder, progress=None) -> ScanResult:
         raise InputError(f"{folder} does not exist: give a folder of DICOM files or a NIfTI/NRRD file.")
     if not utf8_path(folder):  # else each file would be skipped for it
         raise InputError(f"{printable(folder)} cannot be read: {PATH_NOT_UTF8}.")
-    paths = [folder] if folder.is_file() else list(_walk_files(folder))
+    skipped = []
+    paths = [folder] if folder.is_file() else list(_walk_files(folder, skipped))
     if folder.is_file() and _is_dicomdir(folder):
-        paths = _dicomdir_files(folder) or [p for p in _walk_files(folder.parent) if p != folder]
+        paths = _dicomdir_files(folder) or [p for p in _walk_files(folder.parent, skipped) if p != folder]
         folder = folder.parent
-    slices, skipped, volume_files = [], [], []
+    slices, volume_files = [], []
     for done, path in enumerate(paths, 1):
         if progress:
             progress(done, len(paths), path.name)

@@ -23,15 +23,23 @@ class FolderInUse(UserError):
     """Another process already watches with this folder."""
 
 
+# Windows' locks are mandatory: a locked byte cannot even be read by others. So the lock is on a byte far past
+# the holder's line, which a second process reads to say who holds the folder.
+WINDOWS_LOCKED_BYTE = 1 << 20
+
+
 def _try_lock(descriptor: int) -> bool:
     try:
         if fcntl:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         else:
-            msvcrt.locking(descriptor, msvcrt.LK_NBLCK, 1)
+            os.lseek(descriptor, WINDOWS_LOCKED_BYTE, os.SEEK_SET)
+            msvcrt.locking(descriptor, msvcrt.LK_NBLCK, 1)  # from the file's position
         return True
     except OSError:
         return False
+    finally:
+        os.lseek(descriptor, 0, os.SEEK_SET)
 
 
 def hold_lock(path: Path, what: str) -> int:

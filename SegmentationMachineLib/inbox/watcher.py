@@ -30,7 +30,8 @@ from pathlib import Path
 from ..core.errors import UserError
 from ..core.files import PATH_NOT_UTF8, printable, private_folder, utf8_path
 from ..dicom.archives import ArchiveLimits, extract_zip, is_zip, size_text
-from ..dicom.series import DicomSeries, build_series, group_series, looks_like_dicom, read_slice
+from ..dicom.series import (UNREADABLE_FOLDER, DicomSeries, build_series, group_series, looks_like_dicom,
+                            read_slice)
 from .journal import Journal
 from .locks import hold_lock
 
@@ -170,6 +171,7 @@ class Inbox:
         self._unread = set()  # paths not read since they last changed
         self._recent = {}  # path -> when it changed, while within the settle time
         self._growing = {}  # path -> when it changed, for files that read as cut short (held)
+        self._denied = {}  # path -> when opening it was first refused: Windows refuses a file another program writes
         # Hidden files (rsync's .name.XXXXXX, the files page's marker) are never read, but one being written means
         # its folder is still arriving: path -> (size, mtime_ns, when it changed; None once quiet for the settle time)
         self._hidden = {}
@@ -208,6 +210,10 @@ class Inbox:
             raise InboxError(f"The inbox folder {folder} does not exist: create it or choose another folder.")
         if not utf8_path(folder):
             raise InboxError(f"The inbox {printable(folder)} cannot be watched: {PATH_NOT_UTF8}.")
+        try:
+            os.listdir(folder)
+        except OSError as error:  # else it would look empty for ever
+            raise InboxError(f"The inbox {folder} cannot be read ({error.strerror}): {UNREADABLE_FOLDER}.") from None
         state = Path(self.options.state_folder).expanduser().resolve()
         if state == folder or folder in state.parents:
             raise InboxError(f"The state folder {state} is inside the inbox: choose one outside {folder}.")
@@ -379,7 +385,10 @@ class Inbox:
             self._refuse(path, LINK if stat.S_ISLNK(info.st_mode) else NOT_REGULAR)
 
     def _walk(self, folder: Path, now: float):
-        for root, dirs, names in os.walk(folder):  # never into linked folders
+        def unreadable(error: OSError):
+            self.bad_files[Path(error.filename)] = f"a folder that cannot be read ({error.strerror})"
+
+        for root, dirs, names in os.walk(folder, onerror=unreadable):  # never into linked folders
             root = Path(root)
             for name in [d for d in dirs if (root / d).is_symlink()]:
                 dirs.remove(name)
@@ -423,6 +432,7 @@ class Inbox:
             self._unread.discard(known)
             self._recent.pop(known, None)
             self._growing.pop(known, None)
+            self._denied.pop(known, None)
             self.bad_files.pop(known, None)
             self.seen_before.discard(known)
             self._changed = True
@@ -477,6 +487,13 @@ class Inbox:
         self.seen_before.discard(path)
         try:
             descriptor = os.open(path, NO_FOLLOW)  # a link swapped in since the listing is refused here
+        except PermissionError as error:
+            if now - self._denied.setdefault(path, now) < self.options.hold_seconds:
+                # Windows refuses a file that a copy, a PACS or a virus scanner holds open: its folder waits, and
+                # it is opened again until the hold time has passed (then it is unreadable; never journaled).
+                self._unread.add(path)
+                return
+            record.reason = f"unreadable ({error.strerror}): another program may hold it open"
         except OSError as error:
             record.reason = LINK if error.errno == errno.ELOOP else f"unreadable ({error.strerror})"
         else:
@@ -484,6 +501,9 @@ class Inbox:
                 self._classify(path, stream, record, now)
         if record.slice is None and _may_still_grow(record.reason) and not self._is_extracted(path):
             self._growing[path] = record.changed_at  # reported only if it stays like this
+        if self._denied.pop(path, None) is not None and record.reason and record.reason.startswith("unreadable ("):
+            self._note(path, record)
+            return  # readable tomorrow, perhaps, unchanged: not remembered as unreadable
         self.journal.remember_file(path, record.size, record.mtime_ns, record.sha256, record.slice, record.reason)
         if path in self._growing:
             self.bad_files.pop(path, None)

@@ -29,7 +29,7 @@ from .watcher import Delivery, Inbox, SeriesState
 log = logging.getLogger(__name__)
 
 STATUS_NAME = "status.json"
-STAGING = ".staging"
+STAGING = ".segmentation-machine-staging"  # results being written; removed at a start: a name only ours has
 
 
 class StatusBoard:
@@ -39,9 +39,12 @@ class StatusBoard:
         self._series = {}
         self.failed_here = set()  # keys of the series that failed since this board was opened
         try:  # a restart continues the same board
-            self._series = {s["key"]: s for s in json.loads(self.path.read_text())["series"]}
-        except (OSError, ValueError, KeyError, TypeError):
-            self._series = {}
+            self._series = {s["key"]: s for s in json.loads(self.path.read_text(encoding="utf-8"))["series"]}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError):  # replaced whole, ours is never half-written
+            raise UserError(f"{printable(self.path)} is not watch's status file, and watch would replace it: choose "
+                            "another outbox folder, or move that file away.") from None
 
     def get(self, key: str) -> dict:
         return self._series.get(key, {})

@@ -33,6 +33,7 @@ import numpy as np
 
 from .. import __version__
 from ..core.errors import ExportError
+from ..core.files import WINDOWS_DEVICES
 from . import writers
 from .check import check_mesh
 from .dicomseg import SEG_FILE, SegInput, check_seg_export, match_sources, read_seg_input, write_seg
@@ -48,7 +49,6 @@ DEFAULT_EXPORT_FOLDER = Path.home() / "SegmentationMachine" / "Exports"
 VOLUME_WARNING_PERCENT = 10.0
 MERGED_STEM = "merged"  # merged.stl: all segments in one STL
 MAX_NAME_BYTES = 100  # with '_2.stl' and atomic_file's temporary name, far below any file system's 255
-WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"{port}{n}" for port in ("com", "lpt") for n in "0123456789¹²³")}
 
 
 @dataclass(frozen=True)

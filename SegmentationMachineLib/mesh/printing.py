@@ -29,12 +29,15 @@ class OrcaSlicer:
     command: list  # what to run, before the model files
     found: str  # how it was found, for messages
     flatpak: bool = False
+    handed_over: bool = False  # macOS's open: ends once the app has the files, and says when it could not
 
 
 def _from_path(path: Path, found: str):
     path = Path(path).expanduser()
     if path.suffix == ".app" and path.is_dir():
-        return OrcaSlicer(["open", "-n", "-a", str(path), "--args"], found)
+        # Files by Apple Event (a running OrcaSlicer gets them too; its own hand-over from a second instance
+        # garbles a path with 'ä'), not as a new instance's arguments
+        return OrcaSlicer(["open", "-a", str(path)], found, handed_over=True)
     if path.is_file() and os.access(path, os.X_OK):
         return OrcaSlicer([str(path)], found)
     return None
@@ -163,6 +166,8 @@ def send_to_orcaslicer(path, configured: str = None, launcher=subprocess.Popen, 
         # The Flatpak sandbox sees only what it is given (it cannot read /tmp at all by default).
         command[2:2] = [f"--filesystem={folder}:ro" for folder in sorted({str(f.parent) for f in files})]
     command += [str(f) for f in files]
+    if orca.handed_over:
+        return _hand_over(command, orca, find_args.get("env"))
     detach = ({"creationflags": subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP}
               if sys.platform.startswith("win") else {"start_new_session": True})
     try:
@@ -171,4 +176,19 @@ def send_to_orcaslicer(path, configured: str = None, launcher=subprocess.Popen, 
     except OSError as error:
         raise PrintError(f"OrcaSlicer ({orca.found}) could not be started ({error.strerror}): "
                          f"reinstall it, or {DOWNLOAD_HINT}.") from None
+    return command
+
+
+def _hand_over(command: list, orca: OrcaSlicer, env) -> list:
+    """Runs macOS's open, which returns once the app has the files: a damaged or refused app is said, not taken
+    for opened."""
+    try:
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, env=env)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise PrintError(f"OrcaSlicer ({orca.found}) could not be opened ({getattr(error, 'strerror', None) or error}): "
+                         f"reinstall it, or {DOWNLOAD_HINT}.") from None
+    if done.returncode:
+        said = (done.stderr.strip().splitlines() or [f"status {done.returncode}"])[-1]
+        raise PrintError(f"OrcaSlicer ({orca.found}) could not be opened ({said}): open it once from the Finder "
+                         f"(macOS may ask to allow it), or reinstall it, or {DOWNLOAD_HINT}.")
     return command

@@ -110,8 +110,11 @@ def source_dataset(path):
     Works on pydicom 2.4 too: the parent checks the series with Slicer's pydicom (dicomseg.check_seg_export and
     match_sources) before any mesh is made."""
     dataset = pydicom.dcmread(path, stop_before_pixels=True)
-    if "SpecificCharacterSet" in dataset and not dataset.SpecificCharacterSet:
-        del dataset.SpecificCharacterSet  # empty means the default repertoire; highdicom refuses ''
+    # Its names as text, its character set dropped: the SEG is written in UTF-8 (ISO_IR 192), and highdicom refuses
+    # many a source's set ('\\ISO 2022 IR 87' of Japanese series, Korean's IR 149, an empty value, misspellings)
+    dataset.decode()
+    if "SpecificCharacterSet" in dataset:
+        del dataset.SpecificCharacterSet
     # Some anonymisers blank the instance's UIDs in the data set but keep them in the file meta.
     dataset.SOPClassUID = dataset.get("SOPClassUID") or dataset.file_meta.get("MediaStorageSOPClassUID", "")
     dataset.SOPInstanceUID = dataset.get("SOPInstanceUID") or dataset.file_meta.get("MediaStorageSOPInstanceUID", "")
@@ -196,7 +199,9 @@ ALGORITHMS = {
 
 
 def _long_string(text: str, suffix: str = "") -> str:
-    """text cut to a LO's 64 bytes in UTF-8, whole characters only, suffix kept."""
+    """text as a LO holds it: no backslash (it separates values: 'Rib L\\R' was two labels) nor control character,
+    cut to 64 bytes in UTF-8, whole characters only, suffix kept."""
+    text = re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", text.replace("\\", "/"))
     room = LONG_STRING - len(suffix.encode())
     return text.encode()[:room].decode(errors="ignore") + suffix
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import UserError
-from ..core.files import atomic_file
+from ..core.files import replace_private
 
 VERSION = 1
 KINDS = ("point", "box", "scribble", "lasso")
@@ -130,7 +130,7 @@ def parse_prompts(data) -> list:
 def load_prompt_file(path) -> list:
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # UTF-8, also with Notepad's BOM
     except OSError as error:
         raise PromptFileError(f"Cannot read the prompt file {path} ({error.strerror}); check the path.") from None
     except ValueError as error:
@@ -144,5 +144,5 @@ def prompts_to_json(segments) -> dict:
 
 
 def save_prompt_file(path, segments):
-    with atomic_file(Path(path), "w") as stream:
-        json.dump(prompts_to_json(segments), stream, indent=2)
+    """Replaces path whole: Slicer's save dialog has asked the user before choosing an existing file."""
+    replace_private(Path(path), json.dumps(prompts_to_json(segments), indent=2), private=False)

@@ -12,7 +12,9 @@ Imported only where the client is installed (the base install runs without it).
 
 import html
 import json
+import os
 import re
+import ssl
 import struct
 import threading
 import time
@@ -132,12 +134,19 @@ class _GuardedStream(httpcore.NetworkStream):
         return self._stream.get_extra_info(info)
 
 
+def _ssl_context():
+    """httpx's (certifi's CAs, or SSL_CERT_FILE's), but REQUESTS_CA_BUNDLE's first, as for the RunPod and DICOMweb
+    calls: Slicer's launcher sets SSL_CERT_FILE to Slicer's own bundle whatever the user set."""
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE")
+    return ssl.create_default_context(cafile=bundle) if bundle and os.path.isfile(bundle) else httpx.create_ssl_context()
+
+
 class _GuardedTransport(httpx.HTTPTransport):
     def __init__(self, guard: _AnswerGuard, proxy=None):
         super().__init__()
         # httpx takes no network backend: its connection pool, or its proxy (which httpx would give a transport
         # of its own), is made again with ours (httpx 0.28).
-        options = dict(ssl_context=httpx.create_ssl_context(), keepalive_expiry=KEEPALIVE_S, network_backend=guard)
+        options = dict(ssl_context=_ssl_context(), keepalive_expiry=KEEPALIVE_S, network_backend=guard)
         if proxy is None:
             self._pool = httpcore.ConnectionPool(**options)
         else:  # an https:// server through CONNECT, an http:// one by forwarding

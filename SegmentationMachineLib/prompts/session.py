@@ -259,7 +259,7 @@ class InteractiveSession:
                     raise InteractiveError(
                         f"The nnInteractive server at {self.url} shows a certificate this computer does not trust "
                         f"({untrusted_certificate(error)}): check the address; behind a proxy that inspects TLS, set "
-                        "SSL_CERT_FILE to your organisation's CA certificates.") from None
+                        "REQUESTS_CA_BUNDLE to your organisation's CA certificates.") from None
                 if resuming:  # it answered before: gone since, or restarting (as after a GPU out of memory)
                     raise InteractiveError(f"The nnInteractive server at {self.url} stopped answering "
                                            f"({type(error).__name__}); the segment is left as it was: it may be "

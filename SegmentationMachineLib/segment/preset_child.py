@@ -48,7 +48,8 @@ class PresetProcess:
         hu may be a view of a scene's volume: it is written once, into a private folder (0700: the voxels
         are patient data) that the child maps and that is removed afterwards. progress(done, total, step)
         as the child starts each step."""
-        with tempfile.TemporaryDirectory(prefix="sm-preset-") as folder:
+        # Windows: a killed child's mapping of hu.npy may outlive it a moment; a cancel must stay a cancel
+        with tempfile.TemporaryDirectory(prefix="sm-preset-", ignore_cleanup_errors=True) as folder:
             folder = Path(folder)
             try:
                 np.save(folder / "hu.npy", hu)  # the only copy; writing a file releases the GIL
@@ -57,7 +58,7 @@ class PresetProcess:
                                         f"({error.strerror}): free space there and run it again.") from None
             job = {"preset": preset, "spacing": [float(s) for s in spacing], "volume_name": volume_name}
             (folder / "job.json").write_text(json.dumps(job))
-            with open(folder / "stderr.txt", "w+") as stderr:
+            with open(folder / "stderr.txt", "w+", encoding="utf-8", errors="replace") as stderr:  # child: UTF-8
                 returncode = self._wait(folder, stderr, progress)
                 if returncode != 0:
                     stderr.seek(0)
@@ -85,7 +86,7 @@ class PresetProcess:
                 return -1
             # The child reads its stdin to the end: our end closes when this process ends, even by a crash.
             self._process = start_module(__name__, [folder], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=stderr, text=True)
+                                         stderr=stderr, encoding="utf-8", errors="replace")
         timer = threading.Timer(self.timeout, self._kill, ["timeout"])
         timer.daemon = True
         timer.start()

@@ -18,7 +18,7 @@ MAX_LABELS = 1000
 def read_label_names(path) -> dict:
     """{label value: name} from a JSON object such as TotalSegmentator's labels_total.json."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # UTF-8, also with Notepad's BOM
         return {int(value): str(name) for value, name in data.items()}
     except (OSError, ValueError, AttributeError) as error:
         raise InputError(f"{path} is not a JSON object of label value to name ({error}): fix the file.") from None
