@@ -70,6 +70,30 @@ def test_available_memory_is_the_least_the_system_and_each_container_limit_leave
     assert memory.available_memory(**over) == 0
 
 
+def test_available_memory_on_windows_and_macos_is_what_the_system_counts_available():
+    """Windows and macOS have no /proc nor SC_AVPHYS_PAGES: the warning never came there, where most users are."""
+    import ctypes
+    import subprocess
+
+    # vm_stat's output on an Apple Silicon Mac (16 KiB pages); "Pages free" already leaves out speculative pages
+    vm_stat = ("Mach Virtual Memory Statistics: (page size of 16384 bytes)\nPages free:                               "
+               "30000.\nPages active:                            400000.\nPages inactive:                          "
+               "100000.\nPages speculative:                         5000.\nPages wired down:                        "
+               "150000.\n")
+    ran = lambda command, **_: subprocess.CompletedProcess(command, 0, vm_stat, "")  # noqa: E731
+    assert memory._macos_available(ran) == 130000 * 16384
+    assert memory._macos_available(lambda command, **_: subprocess.CompletedProcess(command, 0, "", "")) is None
+
+    class Kernel32:  # GlobalMemoryStatusEx fills in the structure it is given
+        @staticmethod
+        def GlobalMemoryStatusEx(status):
+            assert status._obj.dwLength == ctypes.sizeof(status._obj) == 64  # MEMORYSTATUSEX, as Windows checks
+            status._obj.ullAvailPhys = 5 * GiB
+            return 1
+
+    assert memory._windows_available(Kernel32()) == 5 * GiB
+
+
 @needs_linux
 def test_this_machines_available_memory_is_at_most_its_memavailable():
     def mem_available() -> int:

@@ -1,6 +1,9 @@
 """Memory: what a scan will need, what this computer (or its container) can give, and the sentences for both."""
 
 import os
+import re
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,16 +26,50 @@ def memory_needed(voxels: int) -> int:
 
 
 def available_memory(meminfo: Path = Path("/proc/meminfo"), cgroups: Path = Path("/proc/self/cgroup"),
-                     cgroup_folder: Path = CGROUP_FOLDER) -> "int | None":
-    """Bytes this process can take without swapping or being killed: the least of the system's MemAvailable and
-    the room left under each memory limit of its control groups (Docker, Kubernetes, Slurm, systemd), else
-    free physical memory; None if nothing is known (Windows, macOS)."""
+                     cgroup_folder: Path = CGROUP_FOLDER, platform: str = sys.platform) -> "int | None":
+    """Bytes this process can take without swapping or being killed: on Linux the least of the system's MemAvailable
+    and the room left under each memory limit of its control groups (Docker, Kubernetes, Slurm, systemd); on
+    Windows and macOS what the system counts as available; None if nothing is known."""
+    if platform.startswith("win"):
+        return _windows_available()
+    if platform == "darwin":
+        return _macos_available()
     known = [room for room in (_meminfo_available(meminfo), *_cgroup_rooms(cgroups, cgroup_folder)) if room is not None]
     if known:
         return max(0, min(known))
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):  # Windows and macOS have no SC_AVPHYS_PAGES
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _windows_available(kernel32=None) -> "int | None":
+    """GlobalMemoryStatusEx's available physical memory (what Task Manager shows as available)."""
+    import ctypes
+
+    class MemoryStatus(ctypes.Structure):
+        _fields_ = [("dwLength", ctypes.c_uint32), ("dwMemoryLoad", ctypes.c_uint32),  # DWORD: 32 bits
+                    *((name, ctypes.c_ulonglong) for name in ("ullTotalPhys", "ullAvailPhys", "ullTotalPageFile",
+                                                              "ullAvailPageFile", "ullTotalVirtual", "ullAvailVirtual",
+                                                              "ullAvailExtendedVirtual"))]
+
+    status = MemoryStatus(dwLength=ctypes.sizeof(MemoryStatus))
+    try:
+        kernel32 = kernel32 or ctypes.windll.kernel32
+        return status.ullAvailPhys if kernel32.GlobalMemoryStatusEx(ctypes.byref(status)) else None
+    except (AttributeError, OSError):
+        return None
+
+
+def _macos_available(run=subprocess.run) -> "int | None":
+    """Free and inactive pages by vm_stat, as psutil counts available memory on macOS (inactive pages are given up
+    before anything swaps)."""
+    try:
+        text = run(["vm_stat"], capture_output=True, text=True, timeout=10).stdout
+        page = int(re.search(r"page size of (\d+) bytes", text).group(1))
+        pages = dict(re.findall(r"^Pages (free|inactive):\s+(\d+)\.", text, re.MULTILINE))
+        return page * (int(pages["free"]) + int(pages["inactive"]))
+    except (OSError, subprocess.SubprocessError, AttributeError, KeyError, ValueError):
         return None
 
 
