@@ -190,3 +190,25 @@ def test_a_folder_this_program_may_not_list_is_said_not_taken_for_empty(not_allo
     assert inbox.bad_files == {tmp_path / "Documents" / "Private": "a folder that cannot be read (Operation not "
                                                                    "permitted)"}
     inbox.stop()
+
+
+def test_a_file_replaced_while_another_program_reads_it_is_replaced_once_it_is_free(monkeypatch, tmp_path):
+    """Windows refuses to replace a file another program has open (a virus scanner just after it was written, a
+    monitor reading status.json): the series waited for a restart, said as 'free some space'."""
+    from SegmentationMachineLib.core import files
+
+    replace, refusals = os.replace, [PermissionError(13, "Access is denied")] * 3
+
+    def replace_once_free(source, target):
+        if refusals:
+            raise refusals.pop()
+        replace(source, target)
+
+    monkeypatch.setattr(files, "WINDOWS", True)
+    monkeypatch.setattr(files.os, "replace", replace_once_free)
+    files.replace_private(tmp_path / "status.json", "{}")
+    assert (tmp_path / "status.json").read_text() == "{}" and not refusals
+    refusals[:] = [PermissionError(13, "Access is denied")] * 9  # held for good: said, nothing half-written left
+    with pytest.raises(PermissionError):
+        files.replace_private(tmp_path / "status.json", '{"new": 1}')
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]

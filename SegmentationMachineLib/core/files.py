@@ -3,6 +3,7 @@
 import os
 import re
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,6 +15,7 @@ os.umask(UMASK)
 
 # Text we write is UTF-8 whatever the locale (Windows' is cp1252, where "Głowa" cannot be written at all)
 _UTF8_TEXT = {"encoding": "utf-8"}
+WINDOWS = os.name == "nt"
 # Names Windows keeps for devices, with any extension: CON.stl cannot be made there
 WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"{port}{n}" for port in ("com", "lpt") for n in "0123456789¹²³")}
 
@@ -54,10 +56,22 @@ def replace_private(path: Path, text: str, private: bool = True):
             os.fchmod(handle, 0o666 & ~UMASK)
         with os.fdopen(handle, "w", **_UTF8_TEXT) as stream:
             stream.write(text)
-        os.replace(temp, path)
+        replace_when_free(temp, path)
     finally:
         if os.path.exists(temp):
             os.unlink(temp)
+
+
+def replace_when_free(source, target, waits=(0.05, 0.1, 0.2, 0.4, 0.8)):
+    """os.replace, tried again for a while where Windows refuses it because another program (a virus scanner, a
+    monitor reading status.json) has the target open for a moment."""
+    for wait in (*waits, None) if WINDOWS else (None,):
+        try:
+            return os.replace(source, target)
+        except PermissionError:
+            if wait is None:
+                raise
+            time.sleep(wait)
 
 
 def private_folder(path: Path) -> Path:

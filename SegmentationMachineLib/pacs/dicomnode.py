@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..core.errors import UserError
-from ..core.files import PRIVATE_FOLDER, printable, private_folder
+from ..core.files import PRIVATE_FOLDER, printable, private_folder, replace_when_free
 from ..dicom.transfer_syntaxes import DECODABLE
 
 log = logging.getLogger("segmentation-machine")
@@ -258,7 +258,7 @@ class DicomNode:
                 os.fsync(stream.fileno())
             with self.storing:
                 self._make_folder(path.parent)
-                os.replace(temp, path)  # a resent instance replaces its earlier copy whole
+                replace_when_free(temp, path)  # a resent instance replaces its earlier copy whole
                 _sync_folder(path.parent)
         finally:
             if os.path.exists(temp):
