@@ -236,9 +236,12 @@ def server_installed():
     pytest.importorskip("torch")
 
 
-def test_server_without_the_server_extra(tmp_path):
+@pytest.mark.parametrize("missing", ["nnInteractive", "nnInteractive.inference.server", "uvicorn"])
+def test_server_without_the_server_extra(tmp_path, missing):
+    """Nothing of nnInteractive, or only its prompt client (the [ai] extra: nnInteractive.inference.remote), whose
+    namespace package passed the check before uvicorn's traceback."""
     # sys.modules[name] = None: importing fails and importlib.util.find_spec answers None, as where it is not installed
-    without = ["-c", 'import runpy, sys; sys.modules["nnInteractive"] = None; sys.argv[0] = "segmentation-machine"; '
+    without = ["-c", f'import runpy, sys; sys.modules["{missing}"] = None; sys.argv[0] = "segmentation-machine"; '
                      'runpy.run_module("SegmentationMachineLib.cli", run_name="__main__")']
     one_sentence(run_cli("server", "--device", "cpu", prefix=[sys.executable, *without]),
                  "The nnInteractive server is not installed: pip install 'segmentation-machine[server]'")

@@ -103,14 +103,18 @@ def test_an_inbox_file_another_program_holds_open_waits_and_is_read_once_free(sh
     def open_unless_held(path, *args):
         if held.get(Path(path), 0) > 0:
             held[Path(path)] -= 1
-            raise PermissionError(13, "Permission denied", str(path))
+            violation = PermissionError(13, "The process cannot access the file because it is being used by another "
+                                            "process", str(path))
+            violation.winerror = 32  # ERROR_SHARING_VIOLATION (the constructor sets it on Windows only)
+            raise violation
         return opened(path, *args)
 
     monkeypatch.setattr(watcher.os, "open", open_unless_held)
     inbox = started(tmp_path / "inbox", tmp_path / "state", hold_seconds=3.0)
     delivered = deliveries_within(inbox, 20)
     assert [len(d.series.files) for d in delivered] == [2] and files[1] in delivered[0].series.files
-    assert inbox.bad_files == {files[2]: "unreadable (Permission denied): another program may hold it open"}
+    assert inbox.bad_files == {files[2]: "unreadable (The process cannot access the file because it is being used by "
+                                         "another process): another program holds it open"}
     inbox.stop()
     held[files[2]] = 0
     again = started(tmp_path / "inbox", tmp_path / "state")  # the next start reads it: it was not remembered
@@ -168,7 +172,8 @@ def not_allowed(monkeypatch):
     return refused
 
 
-def test_a_folder_this_program_may_not_list_is_said_not_taken_for_empty(not_allowed, shared_data, tmp_path):
+def test_a_folder_this_program_may_not_list_is_said_not_taken_for_empty(not_allowed, shared_data, tmp_path,
+                                                                        monkeypatch):
     """os.walk drops listing errors: `model` said 'No DICOM image series' and exited 0, and an inbox in Documents
     stayed empty for ever without a word."""
     copy_series(tmp_path / "Documents" / "CT")
@@ -179,9 +184,14 @@ def test_a_folder_this_program_may_not_list_is_said_not_taken_for_empty(not_allo
     assert [(s.path, s.reason) for s in scan.skipped] == [
         (tmp_path / "Documents" / "Private", "a folder that cannot be read (Operation not permitted)")]
     not_allowed.add(tmp_path / "Documents")
-    with pytest.raises(InputError, match=r"Documents cannot be read \(Operation not permitted\): this program may not "
-                                         r"list it \(macOS asks before a program reads Desktop, Documents"):
+    with pytest.raises(InputError, match=r"Documents cannot be read \(Operation not permitted\): check that you may "
+                                         r"read it, or choose another folder\.$"):
         scan_folder(tmp_path / "Documents")
+    with monkeypatch.context() as mac:
+        mac.setattr(sys, "platform", "darwin")
+        with pytest.raises(InputError, match=r"Documents cannot be read \(Operation not permitted\): this program may "
+                                             r"not list it \(macOS asks before a program reads Desktop, Documents"):
+            scan_folder(tmp_path / "Documents")
     with pytest.raises(InboxError, match=r"^The inbox .*Documents cannot be read \(Operation not permitted\)"):
         started(tmp_path / "Documents", tmp_path / "state")
     not_allowed.discard(tmp_path / "Documents")
@@ -212,3 +222,20 @@ def test_a_file_replaced_while_another_program_reads_it_is_replaced_once_it_is_f
     with pytest.raises(PermissionError):
         files.replace_private(tmp_path / "status.json", '{"new": 1}')
     assert [p.name for p in tmp_path.iterdir()] == ["status.json"]
+
+
+def test_a_file_this_user_may_not_read_is_said_at_once_and_holds_nothing(shared_data, tmp_path, monkeypatch):
+    """Only Windows' sharing violation waits: a file of another user's (mode 000) is unreadable for good."""
+    files = copy_series(tmp_path / "inbox" / "CT")
+    opened = os.open
+
+    def open_unless_private(path, *args):
+        if Path(path) == files[2]:
+            raise PermissionError(13, "Permission denied", str(path))
+        return opened(path, *args)
+
+    monkeypatch.setattr(watcher.os, "open", open_unless_private)
+    inbox = started(tmp_path / "inbox", tmp_path / "state", hold_seconds=600.0)
+    assert [len(d.series.files) for d in deliveries_within(inbox, 20)] == [2]  # well before the hold time
+    assert inbox.bad_files == {files[2]: "unreadable (Permission denied)"}
+    inbox.stop()

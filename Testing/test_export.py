@@ -235,7 +235,7 @@ def test_every_segment_gets_its_own_file_on_every_file_system_and_its_own_name_i
     segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Bone & \x1bcase")
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
     names = ["Bone", "bone", "a", "a", "a_2", "merged", "CON", 'Left femur & "skin" <L>', "L" * 300, "Mu\u0308ller",
-             "CT \x1b$B9|HX"]
+             "CT \x1b$B9|HX", "nul.old"]
     for index, name in enumerate(names):
         mask = np.zeros((10, 20, 30), bool)
         mask[2:5, 2:5, 2 * index + 1:2 * index + 2] = True  # each its own voxels: each file must hold its own
@@ -243,8 +243,8 @@ def test_every_segment_gets_its_own_file_on_every_file_system_and_its_own_name_i
     options = ExportOptions(formats=("stl", "obj", "3mf", "glb"), merged_stl=True, surface=SurfaceOptions(smoothing=0))
     result = export_segmentation(segmentation, tmp_path, options)
     stems = [entry["stl"][:-len(".stl")] for entry in result.report["meshes"]]
-    assert stems == ["Bone", "bone_2", "a", "a_2", "a_2_2", "merged_2", "CON_", "Left_femur_skin_L", "L" * 100,
-                     "M\u00fcller", "CT_B9_HX"]
+    assert stems == ["Bone", "bone_2", "a", "a_2", "a_2_2", "merged_2", "_CON", "Left_femur_skin_L", "L" * 100,
+                     "M\u00fcller", "CT_B9_HX", "_nul.old"]
     assert [entry["name"] for entry in result.report["meshes"]] == names
     assert sorted(p.name for p in result.folder.glob("*.stl")) == sorted([f"{s}.stl" for s in stems] + ["merged.stl"])
     assert all(entry["voxel_volume_ml"] == pytest.approx(9 * 1.5 * 0.8 * 2.5 / 1000) for entry in result.report["meshes"])

@@ -95,6 +95,24 @@ def test_a_kill_at_any_step_of_a_delivery_leaves_exactly_one_result_and_a_true_b
     assert sorted(p.name for p in Path(entry["result"]).iterdir()) == ["model.stl", "report.json"]
 
 
+def test_a_result_an_older_version_staged_and_committed_before_a_kill_is_published(tmp_path, shared_data):
+    """Versions before 2026-11-27 staged results in OUTBOX/.staging: one committed there before a kill had no result
+    after the upgrade, and its patient data stayed behind."""
+    inbox_folder, state, outbox, log = tmp_path / "inbox", tmp_path / "state", tmp_path / "outbox", tmp_path / "log"
+    inbox_folder.mkdir()
+    for path in SLICES:
+        (inbox_folder / path.name).write_bytes(path.read_bytes())
+    child = subprocess.run([sys.executable, "-c", CHILD, str(REPO), "_publish", str(inbox_folder), str(state),
+                            str(outbox), str(log)], capture_output=True, text=True, timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    (outbox / ".segmentation-machine-staging").rename(outbox / ".staging")  # where the older version staged it
+    board, _ = queue_once(inbox_folder, state, outbox, lambda d, f: log.open("a").write("processed\n") and export(d, f))
+    [entry] = board["series"]
+    assert log.read_text().count("processed") == 1 and entry["state"] == "done"
+    assert sorted(p.name for p in Path(entry["result"]).iterdir()) == ["model.stl", "report.json"]
+    assert sorted(p.name for p in outbox.iterdir()) == [".status.lock", "CT_model", "status.json"]
+
+
 def test_a_full_disk_fails_one_series_with_one_sentence_and_the_queue_goes_on(tmp_path, shared_data):
     inbox_folder, state, outbox = tmp_path / "inbox", tmp_path / "state", tmp_path / "outbox"
     for folder in ("a", "b"):  # two series: the same slices, told apart by folder when UIDs are blank

@@ -2,6 +2,7 @@
 several acquisitions in one series, enhanced multi-frame images, non-image objects and a CD's DICOMDIR."""
 
 import copy
+import json
 import shutil
 import subprocess
 import sys
@@ -168,6 +169,29 @@ def poll_for(inbox, seconds=10.0) -> list:
             return ready
         time.sleep(0.05)
     return []
+
+
+def test_an_inbox_journal_of_an_older_version_still_makes_one_series_of_one_study(shared_data, tmp_path):
+    """Records written before slices knew their study read back as of 'no study': a series that gained a file after
+    the upgrade was split in two, the new slice delivered alone."""
+    import sqlite3
+
+    paths = [save(ds, tmp_path / "inbox" / "CT" / f"{n}.dcm") for n, ds in enumerate(real_slices())]
+    paths[2].rename(tmp_path / "later.dcm")
+    inbox = started_inbox(tmp_path)
+    [first] = poll_for(inbox)
+    inbox.acknowledge(first, True)
+    inbox.stop()
+    with sqlite3.connect(tmp_path / "state" / "journal.sqlite") as journal:  # as the older version wrote them
+        for path, text in journal.execute("SELECT path, slice FROM files WHERE slice IS NOT NULL").fetchall():
+            older = {k: v for k, v in json.loads(text).items() if k != "origin"}
+            journal.execute("UPDATE files SET slice=? WHERE path=?", (json.dumps(older), path))
+    (tmp_path / "later.dcm").rename(paths[2])
+    inbox = started_inbox(tmp_path)
+    try:
+        assert [(d.key, len(d.series.files), d.is_update) for d in poll_for(inbox)] == [(first.key, 3, True)]
+    finally:
+        inbox.stop()
 
 
 def test_inbox_delivers_each_acquisition_once_under_a_stable_key(shared_data, tmp_path):

@@ -270,11 +270,15 @@ def test_a_key_saved_by_slicer_in_the_file_is_found_where_keyring_works_and_a_lo
 
     keychain = Keychain()
     monkeypatch.setattr(keyring.core, "_keyring_backend", keychain)  # keyring's own calls use it
-    SecretStore(tmp_path / "secrets", use_keychain=False).save("runpod-api-key", "from-slicer")  # as Slicer keeps it
+    slicer = SecretStore(tmp_path / "secrets", use_keychain=False)
+    slicer.save("runpod-api-key", "from-slicer")  # as stock Slicer keeps it
     store = SecretStore(tmp_path / "secrets")
     assert store.where == "the OS keychain" and store.load("runpod-api-key") == "from-slicer"
-    assert store.save("runpod-api-key", "new") == "the OS keychain" and store.load("runpod-api-key") == "new"
-    assert not (tmp_path / "secrets" / "runpod-api-key").exists()  # one copy
+    assert store.save("runpod-api-key", "new").endswith("(readable only by you)")  # where Slicer reads it too
+    assert slicer.load("runpod-api-key") == store.load("runpod-api-key") == "new" and not keychain.kept
+    store.forget("runpod-api-key")
+    assert store.save("runpod-api-key", "cli") == "the OS keychain" and keychain.kept
+    assert store.load("runpod-api-key") == "cli" and slicer.load("runpod-api-key") is None
     keychain.locked = True
     assert store.load("runpod-api-key") is None
     assert store.save("runpod-api-key", "while-locked").endswith("(readable only by you)")

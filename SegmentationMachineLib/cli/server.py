@@ -56,8 +56,19 @@ def add_server_command(commands, common):
     serve.set_defaults(run=run_server)
 
 
+# What server_guard runs; the prompt client alone (the [ai] extra) installs nnInteractive.inference.remote only
+SERVER_MODULES = ("nnInteractive.inference.server.main", "uvicorn")
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its package is not there
+        return False
+
+
 def run_server(args):
-    if importlib.util.find_spec("nnInteractive") is None:  # server_guard runs nnInteractive.inference.server.main
+    if not all(map(_installed, SERVER_MODULES)):
         raise UserError("The nnInteractive server is not installed: pip install 'segmentation-machine[server]' "
                         "(on a GPU machine, install a CUDA build of torch first).")
     if args.model_dir:

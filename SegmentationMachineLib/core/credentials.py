@@ -26,9 +26,9 @@ def _keyring():
 
 
 class SecretStore:
-    """name → secret; folder is used when no keychain is available or it refuses (macOS locks its keychain over SSH
-    and for services). Loading looks in both: stock Slicer has no keyring and keeps its keys in the file, where the
-    CLI (with keyring) finds them too."""
+    """name → secret, one copy of each: in the keychain, else in a file in folder (no keychain, or it refuses: macOS
+    locks its keychain over SSH and for services). A secret already in the file stays there: stock Slicer has no
+    keyring and reads only the file, the CLI (with keyring) both."""
 
     def __init__(self, folder: Path = None, use_keychain: bool = True):
         self.folder = Path(folder or Path.home() / ".segmentation-machine" / "secrets")
@@ -43,32 +43,36 @@ class SecretStore:
         return f"{self.folder} (readable only by you)"
 
     def save(self, name: str, secret: str) -> str:
-        """Where the secret went: the keychain, or the file where the keychain refused it."""
-        if self._keyring:
+        """Where the secret went: the keychain, else the file (where the keychain refuses it, or where the file
+        already holds it: stock Slicer reads only the file). One copy either way."""
+        if self._keyring and not (self.folder / name).exists():
             try:
                 self._keyring.set_password(SERVICE, name, secret)
-                (self.folder / name).unlink(missing_ok=True)  # one copy: the keychain's
                 return self.where
             except Exception:  # noqa: BLE001 - a locked or refusing keychain: the file store works
                 pass
         write_private(self.folder / name, secret)
+        self._forget_in_keychain(name)
         return self._file_store
 
     def load(self, name: str):
+        path = self.folder / name
+        if path.exists():  # the one copy where it exists (see save)
+            return path.read_text(encoding="utf-8")
         if self._keyring:
             try:
-                secret = self._keyring.get_password(SERVICE, name)
-                if secret is not None:
-                    return secret
+                return self._keyring.get_password(SERVICE, name)
             except Exception:  # noqa: BLE001 - as in save
                 pass
-        path = self.folder / name
-        return path.read_text(encoding="utf-8") if path.exists() else None
+        return None
 
     def forget(self, name: str):
+        self._forget_in_keychain(name)
+        (self.folder / name).unlink(missing_ok=True)
+
+    def _forget_in_keychain(self, name: str):
         if self._keyring:
             try:
                 self._keyring.delete_password(SERVICE, name)
             except Exception:  # noqa: BLE001 - nothing stored there, or a locked keychain
                 pass
-        (self.folder / name).unlink(missing_ok=True)

@@ -17,7 +17,14 @@ os.umask(UMASK)
 _UTF8_TEXT = {"encoding": "utf-8"}
 WINDOWS = os.name == "nt"
 # Names Windows keeps for devices, with any extension: CON.stl cannot be made there
-WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"{port}{n}" for port in ("com", "lpt") for n in "0123456789¹²³")}
+WINDOWS_DEVICES = {"con", "prn", "aux", "nul", "conin$", "conout$",
+                   *(f"{port}{n}" for port in ("com", "lpt") for n in "0123456789¹²³")}
+
+
+def not_a_device(name: str) -> str:
+    """name, '_' before it where Windows would take it for a device (CON, nul.txt, COM1.v2.stl: whatever follows
+    the first dot)."""
+    return f"_{name}" if name.split(".")[0].casefold() in WINDOWS_DEVICES else name
 
 
 @contextmanager

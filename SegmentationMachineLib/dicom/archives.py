@@ -15,7 +15,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..core.files import PRIVATE_FILE, PRIVATE_FOLDER, WINDOWS_DEVICES, private_folder
+from ..core.files import PRIVATE_FILE, PRIVATE_FOLDER, not_a_device, private_folder
 
 CHUNK = 1024 * 1024
 METHOD_NAMES = {9: "Deflate64, as Windows compresses folders over 2 GB"}  # numbers: APPNOTE 4.4.5
@@ -73,8 +73,7 @@ def _check_readable(members: list):
 def _portable(part: str) -> str:
     """A member's path part as every file system holds it (Windows refuses '?', ':', 'x.', CON...); names matter
     only in messages: DICOM files are known by their content."""
-    part = re.sub(r'[<>:"|?*\x00-\x1f]', "_", part).rstrip(". ") or "_"
-    return f"_{part}" if part.split(".")[0].casefold() in WINDOWS_DEVICES else part
+    return not_a_device(re.sub(r'[<>:"|?*\x00-\x1f]', "_", part).rstrip(". ") or "_")
 
 
 def _member_problem(info: zipfile.ZipInfo, limits: ArchiveLimits):

@@ -9,6 +9,7 @@ import io
 import math
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,8 @@ class DicomSeries:
     @property
     def name(self) -> str:
         label = self.description or f"series {self.series_number or '?'}"
-        return f"{self.modality} '{label}'" + (f" ({self.part})" if self.part else "")
+        part = self.part.replace("|", ", ")  # a reused UID's study, then its acquisition
+        return f"{self.modality} '{label}'" + (f" ({part})" if part else "")
 
     @property
     def slice_spacing(self) -> float:
@@ -385,8 +387,12 @@ def read_slice(path: Path, data: bytes = None):
     ), None
 
 
-UNREADABLE_FOLDER = ("this program may not list it (macOS asks before a program reads Desktop, Documents, "
-                     "Downloads or an external disk: System Settings → Privacy & Security → Files and Folders)")
+def unreadable_folder_advice() -> str:
+    """What to do about a folder that cannot be listed, as the system in use has it."""
+    if sys.platform == "darwin":
+        return ("this program may not list it (macOS asks before a program reads Desktop, Documents, Downloads or an "
+                "external disk: System Settings → Privacy & Security → Files and Folders)")
+    return "check that you may read it, or choose another folder"
 
 
 def _walk_files(folder: Path, skipped: list):
@@ -394,8 +400,9 @@ def _walk_files(folder: Path, skipped: list):
     refused: os.walk alone made it an empty folder, 'no DICOM series')."""
     def unreadable(error: OSError):
         if Path(error.filename) == folder:
-            raise InputError(f"{printable(folder)} cannot be read ({error.strerror}): {UNREADABLE_FOLDER}.")
-        skipped.append(SkippedFile(Path(error.filename), f"a folder that cannot be read ({error.strerror})"))
+            raise InputError(f"{printable(folder)} cannot be read ({error.strerror}): {unreadable_folder_advice()}.")
+        if not isinstance(error, FileNotFoundError):  # gone while walked: nothing to say
+            skipped.append(SkippedFile(Path(error.filename), f"a folder that cannot be read ({error.strerror})"))
 
     for root, dirs, files in os.walk(folder, onerror=unreadable):
         dirs.sort()

@@ -30,8 +30,8 @@ from pathlib import Path
 from ..core.errors import UserError
 from ..core.files import PATH_NOT_UTF8, printable, private_folder, utf8_path
 from ..dicom.archives import ArchiveLimits, extract_zip, is_zip, size_text
-from ..dicom.series import (UNREADABLE_FOLDER, DicomSeries, build_series, group_series, looks_like_dicom,
-                            read_slice)
+from ..dicom.series import (DicomSeries, build_series, group_series, looks_like_dicom, read_slice,
+                            unreadable_folder_advice)
 from .journal import Journal
 from .locks import hold_lock
 
@@ -47,6 +47,7 @@ ARCHIVE = "a zip archive (its contents are read from the scratch folder)"
 LINK = "a link (links are not followed: copy the files themselves into the inbox)"
 NOT_REGULAR = "not a regular file (a FIFO, socket or device)"
 CHUNK = 1024 * 1024
+SHARING_VIOLATIONS = (32, 33)  # Windows: ERROR_SHARING_VIOLATION, ERROR_LOCK_VIOLATION (another program has it)
 NO_FOLLOW = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
 
 
@@ -213,7 +214,8 @@ class Inbox:
         try:
             os.listdir(folder)
         except OSError as error:  # else it would look empty for ever
-            raise InboxError(f"The inbox {folder} cannot be read ({error.strerror}): {UNREADABLE_FOLDER}.") from None
+            raise InboxError(f"The inbox {folder} cannot be read ({error.strerror}): "
+                             f"{unreadable_folder_advice()}.") from None
         state = Path(self.options.state_folder).expanduser().resolve()
         if state == folder or folder in state.parents:
             raise InboxError(f"The state folder {state} is inside the inbox: choose one outside {folder}.")
@@ -386,10 +388,13 @@ class Inbox:
 
     def _walk(self, folder: Path, now: float):
         def unreadable(error: OSError):
-            self.bad_files[Path(error.filename)] = f"a folder that cannot be read ({error.strerror})"
+            if not isinstance(error, FileNotFoundError):  # gone while walked: nothing to say
+                self.bad_files[Path(error.filename)] = f"a folder that cannot be read ({error.strerror})"
+                self._folders[Path(error.filename)] = None  # polling looks at it again
 
         for root, dirs, names in os.walk(folder, onerror=unreadable):  # never into linked folders
             root = Path(root)
+            self.bad_files.pop(root, None)  # readable now
             for name in [d for d in dirs if (root / d).is_symlink()]:
                 dirs.remove(name)
                 names.append(name)  # refused as a link below
@@ -487,15 +492,16 @@ class Inbox:
         self.seen_before.discard(path)
         try:
             descriptor = os.open(path, NO_FOLLOW)  # a link swapped in since the listing is refused here
-        except PermissionError as error:
-            if now - self._denied.setdefault(path, now) < self.options.hold_seconds:
-                # Windows refuses a file that a copy, a PACS or a virus scanner holds open: its folder waits, and
-                # it is opened again until the hold time has passed (then it is unreadable; never journaled).
-                self._unread.add(path)
-                return
-            record.reason = f"unreadable ({error.strerror}): another program may hold it open"
         except OSError as error:
-            record.reason = LINK if error.errno == errno.ELOOP else f"unreadable ({error.strerror})"
+            if getattr(error, "winerror", None) in SHARING_VIOLATIONS:
+                if now - self._denied.setdefault(path, now) < self.options.hold_seconds:
+                    # Windows refuses a file that a copy, a PACS or a virus scanner holds open: its folder waits, and
+                    # it is opened again until the hold time has passed (then it is unreadable; never journaled).
+                    self._unread.add(path)
+                    return
+                record.reason = f"unreadable ({error.strerror}): another program holds it open"
+            else:
+                record.reason = LINK if error.errno == errno.ELOOP else f"unreadable ({error.strerror})"
         else:
             with os.fdopen(descriptor, "rb") as stream:
                 self._classify(path, stream, record, now)

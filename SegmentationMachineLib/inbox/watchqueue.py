@@ -11,6 +11,7 @@ other staging (an interrupted export) is removed, so the series is processed aga
 """
 
 import errno
+import re
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 STATUS_NAME = "status.json"
 STAGING = ".segmentation-machine-staging"  # results being written; removed at a start: a name only ours has
+OLDER_STAGING = ".staging"  # where versions before 2026-11-27 staged them
 
 
 class StatusBoard:
@@ -42,7 +44,10 @@ class StatusBoard:
             self._series = {s["key"]: s for s in json.loads(self.path.read_text(encoding="utf-8"))["series"]}
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, KeyError, TypeError):  # replaced whole, ours is never half-written
+        except OSError as error:
+            raise UserError(f"{printable(self.path)} cannot be read ({error.strerror or error}): close the program "
+                            "that holds it, or choose another outbox folder.") from None
+        except (ValueError, KeyError, TypeError):  # replaced whole, ours is never half-written
             raise UserError(f"{printable(self.path)} is not watch's status file, and watch would replace it: choose "
                             "another outbox folder, or move that file away.") from None
 
@@ -70,8 +75,8 @@ class StatusBoard:
                                                "series": list(self._series.values())}, indent=2))
 
 
-def _staging_folder(outbox: Path, key: str) -> Path:
-    return outbox / STAGING / hashlib.sha256(key.encode()).hexdigest()[:16]
+def _staging_folder(outbox: Path, key: str, staging: str = STAGING) -> Path:
+    return outbox / staging / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _remove(staging: Path):
@@ -111,10 +116,12 @@ def reconcile(inbox: Inbox, board: StatusBoard, outbox: Path):
     """After a crash: the journal is the truth; staging that the journal does not name is removed."""
     for entry in inbox.journal.deliveries():
         key, result = entry["series_key"], Path(entry["result"]) if entry["result"] else None
-        staged = _staging_folder(outbox, key) / result.name if result else None
-        # Committed only once complete: a staged folder the journal names is a whole result.
-        if result and not result.exists() and staged and staged.is_dir():
-            _publish(staged, result)  # committed, killed before the rename
+        # Committed only once complete: a staged folder the journal names is a whole result (also one an older
+        # version staged under its name for staging)
+        staged = [folder for folder in (_staging_folder(outbox, key, name) / result.name
+                                        for name in (STAGING, OLDER_STAGING)) if folder.is_dir()] if result else []
+        if result and not result.exists() and staged:
+            _publish(staged[0], result)  # committed, killed before the rename
         if board.get(key).get("state") in (None, "processing", "waiting"):
             state = "done" if entry["state"] == SeriesState.LOADED.value else "failed"
             board.set(key, entry["description"], entry["files"], state, entry["reason"] or "", entry["result"] or "")
@@ -122,6 +129,9 @@ def reconcile(inbox: Inbox, board: StatusBoard, outbox: Path):
         if entry["state"] == "processing":  # killed before the commit: processed again
             board.set(entry["key"], entry["name"], entry["files"], "waiting", "interrupted; processed again")
     shutil.rmtree(outbox / STAGING, ignore_errors=True)
+    older = outbox / OLDER_STAGING
+    if older.is_dir() and all(re.fullmatch("[0-9a-f]{16}", p.name) for p in older.iterdir()):  # ours, not the user's
+        shutil.rmtree(older, ignore_errors=True)
 
 
 def _failure_reason(error: Exception) -> str:

@@ -33,7 +33,7 @@ import numpy as np
 
 from .. import __version__
 from ..core.errors import ExportError
-from ..core.files import WINDOWS_DEVICES
+from ..core.files import not_a_device
 from . import writers
 from .check import check_mesh
 from .dicomseg import SEG_FILE, SegInput, check_seg_export, match_sources, read_seg_input, write_seg
@@ -101,7 +101,7 @@ def safe_name(text: str) -> str:
     MAX_NAME_BYTES of UTF-8, never a Windows device name (CON.stl cannot be made there)."""
     name = re.sub(r"[^\w.-]+", "_", unicodedata.normalize("NFC", text)).strip("._")  # NFC: as macOS hands names in
     name = name.encode()[:MAX_NAME_BYTES].decode(errors="ignore").rstrip("._") or "segment"
-    return f"{name}_" if name.split(".")[0].casefold() in WINDOWS_DEVICES else name
+    return not_a_device(name)
 
 
 def _unique_names(names) -> list:

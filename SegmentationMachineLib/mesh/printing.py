@@ -14,6 +14,7 @@ from .writers import read_stl, write_3mf
 EXECUTABLE_NAMES = ("orca-slicer", "OrcaSlicer", "orcaslicer")
 FLATPAK_IDS = ("com.orcaslicer.OrcaSlicer", "io.github.softfever.OrcaSlicer")
 UNKNOWN_COLOR = (0.9, 0.9, 0.9)  # a segment whose export report is gone
+HAND_OVER_S = 5.0  # how long Send to OrcaSlicer waits on macOS for open's verdict
 SETTING_ENV = "SM_ORCASLICER"  # a path set by the user, when it is not found by itself
 DOWNLOAD_HINT = ("install it from https://github.com/SoftFever/OrcaSlicer/releases (or Flathub), "
                  f"or give its path (--orcaslicer, the {SETTING_ENV} environment variable, or in Slicer where Send to "
@@ -153,7 +154,8 @@ def _threemf_from_stls(folder: Path, stls: list) -> Path:
 
 
 def send_to_orcaslicer(path, configured: str = None, launcher=subprocess.Popen, **find_args):
-    """Opens the models at path in OrcaSlicer without waiting for it; returns the launched command.
+    """Opens the models at path in OrcaSlicer without waiting for it (on macOS, for at most HAND_OVER_S); returns
+    the launched command.
 
     find_args["env"], when given, is also OrcaSlicer's environment: inside Slicer, Slicer's startup
     environment, without the library paths Slicer's launcher adds for itself."""
@@ -180,13 +182,16 @@ def send_to_orcaslicer(path, configured: str = None, launcher=subprocess.Popen, 
 
 
 def _hand_over(command: list, orca: OrcaSlicer, env) -> list:
-    """Runs macOS's open, which returns once the app has the files: a damaged or refused app is said, not taken
-    for opened."""
+    """Runs macOS's open, which returns within a second once the app has the files: a damaged or refused app is
+    said, not taken for opened. Slicer waits for it: a first launch that macOS checks longer goes on without us."""
     try:
-        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, env=env)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise PrintError(f"OrcaSlicer ({orca.found}) could not be opened ({getattr(error, 'strerror', None) or error}): "
-                         f"reinstall it, or {DOWNLOAD_HINT}.") from None
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=HAND_OVER_S,
+                              env=env)
+    except subprocess.TimeoutExpired:  # LaunchServices goes on opening it: killing open stops nothing
+        return command
+    except OSError as error:
+        raise PrintError(f"OrcaSlicer ({orca.found}) could not be opened ({error.strerror}): reinstall it, or "
+                         f"{DOWNLOAD_HINT}.") from None
     if done.returncode:
         said = (done.stderr.strip().splitlines() or [f"status {done.returncode}"])[-1]
         raise PrintError(f"OrcaSlicer ({orca.found}) could not be opened ({said}): open it once from the Finder "

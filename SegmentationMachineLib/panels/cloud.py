@@ -67,7 +67,7 @@ class CloudPanel:
         self.store.forget(KEY_NAME)
         self.has_key = bool(os.environ.get("RUNPOD_API_KEY"))
         self.gpus, self.earlier, self.balance = [], [], ""
-        self.status = f"The RunPod key was removed from {self.store.where}."
+        self.status = "The RunPod key was removed from this computer."
 
     # -- work ------------------------------------------------------------------------------
     @property

@@ -74,12 +74,13 @@ class PacsPanel:
             self.status = "Give a token, or a user name and a password, then Save credentials."
             return False
         secrets = (token, "", "") if token else ("", user, password)
+        places = set()
         for name, secret in zip(server.keychain_names(), secrets):
             if secret:
-                self.store.save(name, secret)
+                places.add(self.store.save(name, secret))
             else:
                 self.store.forget(name)
-        self.status = f"Saved the credentials for {server.url} in {self.store.where}."
+        self.status = f"Saved the credentials for {server.url} in {' and '.join(sorted(places))}."
         return True
 
     def forget_credentials(self):
