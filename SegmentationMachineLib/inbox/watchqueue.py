@@ -40,6 +40,8 @@ class StatusBoard:
         self._inbox = str(Path(inbox_folder).absolute())
         self._series = {}
         self.failed_here = set()  # keys of the series that failed since this board was opened
+        if self.path.is_symlink():  # never ours, never followed: replaced by the board
+            return
         try:  # a restart continues the same board
             self._series = {s["key"]: s for s in json.loads(self.path.read_text(encoding="utf-8"))["series"]}
         except FileNotFoundError:
