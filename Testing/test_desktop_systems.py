@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import UNCOMPRESSED_SERIES
+from SegmentationMachineLib.core import files as file_system
 from test_inbox_attacks import copy_series, deliveries_within, started
 from SegmentationMachineLib.core.errors import InputError, SegmentationError
 from SegmentationMachineLib.dicom.series import scan_folder
@@ -53,12 +54,12 @@ def test_a_zip_with_names_windows_cannot_hold_unpacks_whole(windows_os, shared_d
     everywhere, and only a second member of one name is refused."""
     slices = [p.read_bytes() for p in sorted(UNCOMPRESSED_SERIES.iterdir())]
     with zipfile.ZipFile(tmp_path / "study.zip", "w") as package:
-        for name, data in (("CT/IM?1.dcm", slices[0]), ("CT/aux.dcm", slices[1]), ("CT/x:y/IM3. ", slices[2]),
+        for name, data in (("CT/IM?1.dcm", slices[0]), ("CT/aux .dcm", slices[1]), ("CT/x:y/IM3. ", slices[2]),
                            ("CT/x:y/IM3.", slices[0])):
             package.writestr(name, data)
     extraction = extract_zip(tmp_path / "study.zip", tmp_path / "out")
     unpacked = {p.relative_to(tmp_path / "out").as_posix(): p.read_bytes() for p in extraction.files}
-    assert unpacked == {"CT/IM_1.dcm": slices[0], "CT/_aux.dcm": slices[1], "CT/x_y/IM3": slices[2]}
+    assert unpacked == {"CT/IM_1.dcm": slices[0], "CT/_aux .dcm": slices[1], "CT/x_y/IM3": slices[2]}
     assert extraction.refused == [("CT/x:y/IM3.", "another file in the archive has the same name here (or one "
                                                   "differing only in case or odd characters)")]
 
@@ -97,26 +98,23 @@ def test_a_presets_child_in_the_systems_code_page_still_names_the_series(monkeyp
 def test_an_inbox_file_another_program_holds_open_waits_and_is_read_once_free(shared_data, tmp_path, monkeypatch):
     """Windows refuses to open a file a copy, a PACS or a virus scanner holds open (a sharing violation): that
     slice was remembered as unreadable for good, and its series delivered without it."""
-    files = copy_series(tmp_path / "inbox" / "CT")
-    held, opened = {files[1]: 6, files[2]: 10 ** 6}, os.open  # one freed after 6 tries, one never
+    paths = copy_series(tmp_path / "inbox" / "CT")
+    held, opened = {paths[1]: 6, paths[2]: 10 ** 6}, os.open  # one freed after 6 tries, one never
 
     def open_unless_held(path, *args):
         if held.get(Path(path), 0) > 0:
             held[Path(path)] -= 1
-            violation = PermissionError(13, "The process cannot access the file because it is being used by another "
-                                            "process", str(path))
-            violation.winerror = 32  # ERROR_SHARING_VIOLATION (the constructor sets it on Windows only)
-            raise violation
+            raise PermissionError(13, "Permission denied", str(path))  # as the C runtime's open says it there
         return opened(path, *args)
 
     monkeypatch.setattr(watcher.os, "open", open_unless_held)
+    monkeypatch.setattr(file_system, "WINDOWS", True)
     inbox = started(tmp_path / "inbox", tmp_path / "state", hold_seconds=3.0)
     delivered = deliveries_within(inbox, 20)
-    assert [len(d.series.files) for d in delivered] == [2] and files[1] in delivered[0].series.files
-    assert inbox.bad_files == {files[2]: "unreadable (The process cannot access the file because it is being used by "
-                                         "another process): another program holds it open"}
+    assert [len(d.series.files) for d in delivered] == [2] and paths[1] in delivered[0].series.files
+    assert inbox.bad_files == {paths[2]: "unreadable (Permission denied): another program may hold it open"}
     inbox.stop()
-    held[files[2]] = 0
+    held[paths[2]] = 0
     again = started(tmp_path / "inbox", tmp_path / "state")  # the next start reads it: it was not remembered
     assert [len(d.series.files) for d in deliveries_within(again, 20)] == [3]
 
@@ -205,8 +203,6 @@ def test_a_folder_this_program_may_not_list_is_said_not_taken_for_empty(not_allo
 def test_a_file_replaced_while_another_program_reads_it_is_replaced_once_it_is_free(monkeypatch, tmp_path):
     """Windows refuses to replace a file another program has open (a virus scanner just after it was written, a
     monitor reading status.json): the series waited for a restart, said as 'free some space'."""
-    from SegmentationMachineLib.core import files
-
     replace, refusals = os.replace, [PermissionError(13, "Access is denied")] * 3
 
     def replace_once_free(source, target):
@@ -214,28 +210,33 @@ def test_a_file_replaced_while_another_program_reads_it_is_replaced_once_it_is_f
             raise refusals.pop()
         replace(source, target)
 
-    monkeypatch.setattr(files, "WINDOWS", True)
-    monkeypatch.setattr(files.os, "replace", replace_once_free)
-    files.replace_private(tmp_path / "status.json", "{}")
+    monkeypatch.setattr(file_system, "WINDOWS", True)
+    monkeypatch.setattr(file_system.os, "replace", replace_once_free)
+    file_system.replace_private(tmp_path / "status.json", "{}")
     assert (tmp_path / "status.json").read_text() == "{}" and not refusals
     refusals[:] = [PermissionError(13, "Access is denied")] * 9  # held for good: said, nothing half-written left
     with pytest.raises(PermissionError):
-        files.replace_private(tmp_path / "status.json", '{"new": 1}')
+        file_system.replace_private(tmp_path / "status.json", '{"new": 1}')
     assert [p.name for p in tmp_path.iterdir()] == ["status.json"]
 
 
-def test_a_file_this_user_may_not_read_is_said_at_once_and_holds_nothing(shared_data, tmp_path, monkeypatch):
-    """Only Windows' sharing violation waits: a file of another user's (mode 000) is unreadable for good."""
-    files = copy_series(tmp_path / "inbox" / "CT")
-    opened = os.open
+def test_a_file_this_user_may_not_read_is_said_at_once_and_read_once_allowed(shared_data, tmp_path, monkeypatch):
+    """Only Windows' refusals wait: a file of another user's (mode 000) is said at once. It was remembered as
+    unreadable for good, though a chmod changes neither its size nor its time."""
+    paths = copy_series(tmp_path / "inbox" / "CT")
+    private, opened = {paths[2]}, os.open
 
     def open_unless_private(path, *args):
-        if Path(path) == files[2]:
+        if Path(path) in private:
             raise PermissionError(13, "Permission denied", str(path))
         return opened(path, *args)
 
     monkeypatch.setattr(watcher.os, "open", open_unless_private)
     inbox = started(tmp_path / "inbox", tmp_path / "state", hold_seconds=600.0)
     assert [len(d.series.files) for d in deliveries_within(inbox, 20)] == [2]  # well before the hold time
-    assert inbox.bad_files == {files[2]: "unreadable (Permission denied)"}
+    assert inbox.bad_files == {paths[2]: "unreadable (Permission denied)"}
     inbox.stop()
+    private.clear()  # chmod 644
+    again = started(tmp_path / "inbox", tmp_path / "state")
+    assert [len(d.series.files) for d in deliveries_within(again, 20)] == [3]
+    again.stop()

@@ -92,6 +92,10 @@ def test_available_memory_on_windows_and_macos_is_what_the_system_counts_availab
             return 1
 
     assert memory._windows_available(Kernel32()) == 5 * GiB
+    for platform, reader in (("win32", "_windows_available"), ("darwin", "_macos_available")):
+        with pytest.MonkeyPatch.context() as system:
+            system.setattr(memory, reader, lambda: 3 * GiB)
+            assert memory.available_memory(platform=platform) == 3 * GiB
 
 
 @needs_linux

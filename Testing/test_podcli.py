@@ -272,7 +272,7 @@ def test_login_saves_the_key_user_only_and_logout_forgets_it(env, tmp_path):
     assert pod(without, "gpus").returncode == 0  # the saved key is used
     assert pod(without, "logout").returncode == 0 and not saved.exists()
     again = pod(without, "logout")  # nothing stored: it says so, rather than that it forgot one
-    assert again.returncode == 0 and again.stdout.startswith("No RunPod API key is stored in")
+    assert again.returncode == 0 and again.stdout.startswith("No RunPod API key is stored here")
     Runs.seen += [login.stdout, login.stderr]
 
 

@@ -172,8 +172,8 @@ def poll_for(inbox, seconds=10.0) -> list:
 
 
 def test_an_inbox_journal_of_an_older_version_still_makes_one_series_of_one_study(shared_data, tmp_path):
-    """Records written before slices knew their study read back as of 'no study': a series that gained a file after
-    the upgrade was split in two, the new slice delivered alone."""
+    """Records written before slices knew their study read back as of an unknown study: a series that gained a file
+    after the upgrade was split in two, the new slice delivered alone."""
     import sqlite3
 
     paths = [save(ds, tmp_path / "inbox" / "CT" / f"{n}.dcm") for n, ds in enumerate(real_slices())]
@@ -190,6 +190,7 @@ def test_an_inbox_journal_of_an_older_version_still_makes_one_series_of_one_stud
     inbox = started_inbox(tmp_path)
     try:
         assert [(d.key, len(d.series.files), d.is_update) for d in poll_for(inbox)] == [(first.key, 3, True)]
+        assert inbox.duplicates == []  # its older files are not read again, so not taken for a second copy
     finally:
         inbox.stop()
 

@@ -105,7 +105,7 @@ def _login():
 def _logout():
     store = SecretStore()
     if store.load(KEY_NAME) is None:
-        print(f"No RunPod API key is stored in {store.where}: nothing to forget.")
+        print("No RunPod API key is stored here: nothing to forget.")
         return
     store.forget(KEY_NAME)
     print("The RunPod API key is no longer stored here.")

@@ -24,7 +24,7 @@ WINDOWS_DEVICES = {"con", "prn", "aux", "nul", "conin$", "conout$",
 def not_a_device(name: str) -> str:
     """name, '_' before it where Windows would take it for a device (CON, nul.txt, COM1.v2.stl: whatever follows
     the first dot)."""
-    return f"_{name}" if name.split(".")[0].casefold() in WINDOWS_DEVICES else name
+    return f"_{name}" if name.split(".")[0].rstrip(" ").casefold() in WINDOWS_DEVICES else name  # "nul .txt" too
 
 
 @contextmanager
@@ -69,12 +69,13 @@ def replace_private(path: Path, text: str, private: bool = True):
             os.unlink(temp)
 
 
-def replace_when_free(source, target, waits=(0.05, 0.1, 0.2, 0.4, 0.8)):
-    """os.replace, tried again for a while where Windows refuses it because another program (a virus scanner, a
-    monitor reading status.json) has the target open for a moment."""
+def replace_when_free(source, target, move=None, waits=(0.1, 0.2, 0.4, 0.8, 1.5, 2.0)):
+    """move (os.replace; os.rename for a folder that must not land on another), tried again for about 5 s where
+    Windows refuses it (errno 13) because another program has a file in it open for a moment: a virus scanner just
+    after it was written, a monitor reading status.json."""
     for wait in (*waits, None) if WINDOWS else (None,):
         try:
-            return os.replace(source, target)
+            return (move or os.replace)(source, target)
         except PermissionError:
             if wait is None:
                 raise

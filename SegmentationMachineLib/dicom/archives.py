@@ -15,7 +15,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..core.files import PRIVATE_FILE, PRIVATE_FOLDER, not_a_device, private_folder
+from ..core.files import PRIVATE_FILE, PRIVATE_FOLDER, not_a_device, private_folder, replace_when_free
 
 CHUNK = 1024 * 1024
 METHOD_NAMES = {9: "Deflate64, as Windows compresses folders over 2 GB"}  # numbers: APPNOTE 4.4.5
@@ -160,7 +160,7 @@ def extract_zip(archive, destination: Path, limits: ArchiveLimits = ArchiveLimit
                                                             "(or one differing only in case or odd characters)"))
                     continue
                 result.files.append(destination / target.relative_to(partial))
-            partial.rename(destination)  # the scratch copy appears whole or not at all
+            replace_when_free(partial, destination, os.rename)  # the scratch copy appears whole or not at all
     except _Refused as refusal:
         result.refused.append(("*", f"the archive was refused: {refusal}"))
         result.files = []

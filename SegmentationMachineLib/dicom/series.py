@@ -94,7 +94,7 @@ class DicomSlice:
     images_in_acquisition: int = 0  # (0020,1002) where the header gives it: how many slices to expect
     acquisition: dict = field(default_factory=dict)  # ACQUISITION_TAGS keyword -> value as text, where given
     frame_positions: tuple = ()  # an enhanced multi-frame image: each frame's position (LPS), in file order
-    origin: str = ""  # its patient and study, hashed: which images a reused series UID would mix
+    origin: str = ""  # its patient and study, hashed: which images a reused series UID would mix ("": unknown)
 
 
 @dataclass
@@ -492,10 +492,10 @@ def group_series(slices: list) -> dict:
         by_series.setdefault(s.series_key, []).append(s)
     for key, members in list(by_series.items()):
         origins = {s.origin for s in members}
-        if len(origins) > 1:
+        if len(origins - {""}) > 1:  # "": read before slices knew their study (an inbox journal's older records)
             del by_series[key]
             for origin in sorted(origins):
-                by_series[f"{key}|{STUDY_PART}{origin}"] = [s for s in members if s.origin == origin]
+                by_series[f"{key}|{STUDY_PART}{origin or 'unknown'}"] = [s for s in members if s.origin == origin]
     groups = {}
     for key, members in by_series.items():
         parts = {}
@@ -658,8 +658,9 @@ def choose_series(result: ScanResult, selector: str = None) -> DicomSeries:
             return result.series[int(selector) - 1]
         named = [series for series in result.series if selector in (series.uid, series.key)]
         if len(named) > 1:  # one DICOM series split into its acquisitions: the UID names them all
-            raise InputError(f"Series {selector} holds {len(named)} acquisitions ({', '.join(s.part for s in named)}): "
-                             "give the number of the one you want from --list.")
+            parts = "; ".join(s.part.replace("|", ", ") for s in named)
+            raise InputError(f"Series {selector} holds {len(named)} acquisitions ({parts}): give the number of the one "
+                             "you want from --list.")
         if named:
             return named[0]
         raise InputError(f"No series '{selector}' in {result.folder}: run with --list to see the series and their numbers.")

@@ -9,7 +9,7 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +27,6 @@ CREATE TABLE IF NOT EXISTS delivered_files (sha256 TEXT PRIMARY KEY, series_key 
 """
 
 
-SLICE_FIELDS = {f.name for f in fields(DicomSlice)}
-
-
 def slice_to_json(item: DicomSlice) -> str:
     data = asdict(item)
     data["path"] = str(item.path)
@@ -39,11 +36,7 @@ def slice_to_json(item: DicomSlice) -> str:
 
 
 def slice_from_json(text: str) -> DicomSlice:
-    """The slice a record holds, or None where an older version wrote it without a field grouping now uses (the
-    study a slice belongs to): the file is then read again, once."""
     data = json.loads(text)
-    if not SLICE_FIELDS <= data.keys():
-        return None
     data.update(path=Path(data["path"]), position=np.array(data["position"]),
                 orientation=np.array(data["orientation"]), pixel_spacing=tuple(data["pixel_spacing"]),
                 shape=tuple(data["shape"]))
@@ -76,10 +69,9 @@ class Journal:
         with self._lock:
             row = self._db.execute("SELECT sha256, slice, reason FROM files WHERE path=? AND size=? AND mtime_ns=?",
                                    (str(path), size, mtime_ns)).fetchone()
-        item = slice_from_json(row[1]) if row and row[1] else None
-        if row is None or (row[1] and item is None):
+        if row is None:
             return None
-        return row[0], item, row[2]
+        return row[0], (slice_from_json(row[1]) if row[1] else None), row[2]
 
     def remember_file(self, path: Path, size: int, mtime_ns: int, sha256: str, item: DicomSlice, reason: str):
         with self._lock:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from ..core import files as file_system
 from ..core.errors import UserError
 from ..core.files import PATH_NOT_UTF8, printable, private_folder, utf8_path
 from ..dicom.archives import ArchiveLimits, extract_zip, is_zip, size_text
@@ -47,7 +48,6 @@ ARCHIVE = "a zip archive (its contents are read from the scratch folder)"
 LINK = "a link (links are not followed: copy the files themselves into the inbox)"
 NOT_REGULAR = "not a regular file (a FIFO, socket or device)"
 CHUNK = 1024 * 1024
-SHARING_VIOLATIONS = (32, 33)  # Windows: ERROR_SHARING_VIOLATION, ERROR_LOCK_VIOLATION (another program has it)
 NO_FOLLOW = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
 
 
@@ -493,23 +493,26 @@ class Inbox:
         try:
             descriptor = os.open(path, NO_FOLLOW)  # a link swapped in since the listing is refused here
         except OSError as error:
-            if getattr(error, "winerror", None) in SHARING_VIOLATIONS:
-                if now - self._denied.setdefault(path, now) < self.options.hold_seconds:
-                    # Windows refuses a file that a copy, a PACS or a virus scanner holds open: its folder waits, and
-                    # it is opened again until the hold time has passed (then it is unreadable; never journaled).
-                    self._unread.add(path)
-                    return
-                record.reason = f"unreadable ({error.strerror}): another program holds it open"
-            else:
-                record.reason = LINK if error.errno == errno.ELOOP else f"unreadable ({error.strerror})"
+            if error.errno == errno.ELOOP:
+                record.reason = LINK
+            elif isinstance(error, PermissionError) and file_system.WINDOWS and \
+                    now - self._denied.setdefault(path, now) < self.options.hold_seconds:
+                # Windows refuses (errno 13) a file that a copy, a PACS or a virus scanner holds open: its folder
+                # waits, and it is opened again until the hold time has passed.
+                self._unread.add(path)
+                return
+            else:  # said, never journaled: a chmod changes neither size nor time, and the file may be read then
+                self._denied.pop(path, None)
+                record.reason = f"unreadable ({error.strerror})" + (
+                    ": another program may hold it open" if file_system.WINDOWS else "")
+                self._note(path, record)
+                return
         else:
+            self._denied.pop(path, None)
             with os.fdopen(descriptor, "rb") as stream:
                 self._classify(path, stream, record, now)
         if record.slice is None and _may_still_grow(record.reason) and not self._is_extracted(path):
             self._growing[path] = record.changed_at  # reported only if it stays like this
-        if self._denied.pop(path, None) is not None and record.reason and record.reason.startswith("unreadable ("):
-            self._note(path, record)
-            return  # readable tomorrow, perhaps, unchanged: not remembered as unreadable
         self.journal.remember_file(path, record.size, record.mtime_ns, record.sha256, record.slice, record.reason)
         if path in self._growing:
             self.bad_files.pop(path, None)

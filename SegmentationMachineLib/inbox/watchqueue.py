@@ -11,11 +11,11 @@ other staging (an interrupted export) is removed, so the series is processed aga
 """
 
 import errno
-import re
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import threading
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from ..core.errors import UserError
-from ..core.files import printable, replace_private
+from ..core.files import WINDOWS, printable, replace_private, replace_when_free
 from .locks import hold_lock
 from .watcher import Delivery, Inbox, SeriesState
 
@@ -47,8 +47,9 @@ class StatusBoard:
         except FileNotFoundError:
             pass
         except OSError as error:
-            raise UserError(f"{printable(self.path)} cannot be read ({error.strerror or error}): close the program "
-                            "that holds it, or choose another outbox folder.") from None
+            advice = "close the program that holds it" if WINDOWS else "check that you may read it"
+            raise UserError(f"{printable(self.path)} cannot be read ({error.strerror or error}): {advice}, or choose "
+                            "another outbox folder.") from None
         except (ValueError, KeyError, TypeError):  # replaced whole, ours is never half-written
             raise UserError(f"{printable(self.path)} is not watch's status file, and watch would replace it: choose "
                             "another outbox folder, or move that file away.") from None
@@ -105,7 +106,7 @@ def _commit(inbox: Inbox, delivery: Delivery, result: Path):
 
 
 def _publish(staged: Path, result: Path):
-    os.rename(staged, result)
+    replace_when_free(staged, result, os.rename)
 
 
 def _disk_problem(error: OSError) -> str:
@@ -120,10 +121,10 @@ def reconcile(inbox: Inbox, board: StatusBoard, outbox: Path):
         key, result = entry["series_key"], Path(entry["result"]) if entry["result"] else None
         # Committed only once complete: a staged folder the journal names is a whole result (also one an older
         # version staged under its name for staging)
-        staged = [folder for folder in (_staging_folder(outbox, key, name) / result.name
-                                        for name in (STAGING, OLDER_STAGING)) if folder.is_dir()] if result else []
-        if result and not result.exists() and staged:
-            _publish(staged[0], result)  # committed, killed before the rename
+        places = [_staging_folder(outbox, key, name) / result.name for name in (STAGING, OLDER_STAGING)] if result else []
+        staged = next((place for place in places if place.is_dir()), None)
+        if staged and not result.exists():
+            _publish(staged, result)  # committed, killed before the rename
         if board.get(key).get("state") in (None, "processing", "waiting"):
             state = "done" if entry["state"] == SeriesState.LOADED.value else "failed"
             board.set(key, entry["description"], entry["files"], state, entry["reason"] or "", entry["result"] or "")

@@ -11,6 +11,7 @@ The SEG lives beside the mesh writers because the one-click export (export.py) w
 
 import importlib
 import logging
+import os
 import subprocess
 import tempfile
 from dataclasses import replace
@@ -23,6 +24,7 @@ from pydicom.misc import is_dicom
 
 from ..core import arrays, child
 from ..core.errors import ExportError
+from ..core.files import replace_when_free
 from ..core.grids import RAS_TO_LPS
 from ..core.provenance import made_by
 from . import segwriter
@@ -59,7 +61,7 @@ def install_seg_packages(pip_install, folder=None) -> Path:
         target = Path(scratch) / "packages"
         pip_install(["--target", str(target), "--no-deps", "--only-binary=:all:", *SEG_PINS])
         try:
-            target.rename(folder)
+            replace_when_free(target, folder, os.rename)
         except OSError:
             if not folder.is_dir():  # else a parallel install finished first
                 raise
