@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ..core.child import UTF8_CHILD
 from ..core.errors import UserError
 from ..core.files import printable
 from .common import examples, signals_held, stop_on_signals
@@ -143,7 +144,7 @@ class _Upstream:
         # 8 KiB batches, and be lost with it.
         # UTF-8 both ways: a Windows pipe's cp1252 cannot carry a download's progress bar (█)
         self.process = subprocess.Popen(command, env={**os.environ, "NN_INTERACTIVE_API_KEY": key,
-                                                      "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"},
+                                                      "PYTHONUNBUFFERED": "1", **UTF8_CHILD},
                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.out_of_memory, self.stopped_here = threading.Event(), False
         # newline="": a download's progress bar keeps its carriage returns and redraws in place

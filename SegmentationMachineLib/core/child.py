@@ -45,12 +45,14 @@ def _command(module: str, args: list, first_paths=()) -> list:
     return [python_executable(), "-m", module, *map(str, args)]
 
 
+# UTF-8 for a Python child, which we read as UTF-8: on Windows Slicer's own process runs in UTF-8, but the Python
+# PythonSlicer starts writes (and reads files) in the system's code page; 'Schädel' then came back undecodable
+UTF8_CHILD = {"PYTHONUTF8": "1", "PYTHONIOENCODING": "utf-8"}
+
+
 def _environment() -> dict:
     paths = [str(LIBRARY_PARENT), os.environ.get("PYTHONPATH", "")]
-    # UTF-8: on Windows Slicer's own process runs in UTF-8, but the Python PythonSlicer starts writes (and reads
-    # files) in the system's code page; a series named 'Schädel' then came back undecodable
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "PYTHONUTF8": "1",
-            "PYTHONIOENCODING": "utf-8"}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), **UTF8_CHILD}
 
 
 # PythonSlicer (CTK AppLauncher) runs the real Python as its own child: killing the launcher would leave that

@@ -15,6 +15,7 @@ os.umask(UMASK)
 
 # Text we write is UTF-8 whatever the locale (Windows' is cp1252, where "Głowa" cannot be written at all)
 _UTF8_TEXT = {"encoding": "utf-8"}
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 WINDOWS = os.name == "nt"
 # Names Windows keeps for devices, with any extension: CON.stl cannot be made there
 WINDOWS_DEVICES = {"con", "prn", "aux", "nul", "conin$", "conout$",
@@ -27,6 +28,12 @@ def not_a_device(name: str) -> str:
     return f"_{name}" if name.split(".")[0].rstrip(" ").casefold() in WINDOWS_DEVICES else name  # "nul .txt" too
 
 
+def _as_the_umask_says(descriptor: int):
+    """A file mkstemp made (0600) given the user's normal permissions, as any program's output."""
+    if hasattr(os, "fchmod"):  # Windows' Python has none before 3.13 (Slicer 5.10's is 3.12)
+        os.fchmod(descriptor, 0o666 & ~UMASK)
+
+
 @contextmanager
 def atomic_file(path: Path, mode: str = "wb"):
     """Writes to a hidden temporary file beside path, then renames it into place; never overwrites.
@@ -36,8 +43,7 @@ def atomic_file(path: Path, mode: str = "wb"):
         raise FileExistsError(path)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
-        if hasattr(os, "fchmod"):  # mkstemp makes it 0600; Windows' Python has no fchmod before 3.13 (Slicer: 3.12)
-            os.fchmod(handle, 0o666 & ~UMASK)
+        _as_the_umask_says(handle)
         with os.fdopen(handle, mode, **_UTF8_TEXT if "b" not in mode else {}) as stream:
             yield stream
         try:
@@ -59,8 +65,8 @@ def replace_private(path: Path, text: str, private: bool = True):
     path = Path(path)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
-        if not private and hasattr(os, "fchmod"):
-            os.fchmod(handle, 0o666 & ~UMASK)
+        if not private:
+            _as_the_umask_says(handle)
         with os.fdopen(handle, "w", **_UTF8_TEXT) as stream:
             stream.write(text)
         replace_when_free(temp, path)
@@ -119,4 +125,4 @@ def printable(text) -> str:
     text = str(text)
     if not utf8_path(text):
         text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], text)
+    return CONTROL_CHARACTERS.sub(lambda m: repr(m.group())[1:-1], text)

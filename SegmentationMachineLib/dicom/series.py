@@ -387,6 +387,11 @@ def read_slice(path: Path, data: bytes = None):
     ), None
 
 
+def unreadable_folder(error: OSError) -> str:
+    """The reason given for a folder below the one walked that cannot be listed."""
+    return f"a folder that cannot be read ({error.strerror})"
+
+
 def unreadable_folder_advice() -> str:
     """What to do about a folder that cannot be listed, as the system in use has it."""
     if sys.platform == "darwin":
@@ -402,7 +407,7 @@ def _walk_files(folder: Path, skipped: list):
         if Path(error.filename) == folder:
             raise InputError(f"{printable(folder)} cannot be read ({error.strerror}): {unreadable_folder_advice()}.")
         if not isinstance(error, FileNotFoundError):  # gone while walked: nothing to say
-            skipped.append(SkippedFile(Path(error.filename), f"a folder that cannot be read ({error.strerror})"))
+            skipped.append(SkippedFile(Path(error.filename), unreadable_folder(error)))
 
     for root, dirs, files in os.walk(folder, onerror=unreadable):
         dirs.sort()

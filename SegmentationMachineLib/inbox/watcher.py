@@ -32,7 +32,7 @@ from ..core.errors import UserError
 from ..core.files import PATH_NOT_UTF8, printable, private_folder, utf8_path
 from ..dicom.archives import ArchiveLimits, extract_zip, is_zip, size_text
 from ..dicom.series import (DicomSeries, build_series, group_series, looks_like_dicom, read_slice,
-                            unreadable_folder_advice)
+                            unreadable_folder, unreadable_folder_advice)
 from .journal import Journal
 from .locks import hold_lock
 
@@ -389,7 +389,7 @@ class Inbox:
     def _walk(self, folder: Path, now: float):
         def unreadable(error: OSError):
             if not isinstance(error, FileNotFoundError):  # gone while walked: nothing to say
-                self.bad_files[Path(error.filename)] = f"a folder that cannot be read ({error.strerror})"
+                self.bad_files[Path(error.filename)] = unreadable_folder(error)
                 self._folders[Path(error.filename)] = None  # polling looks at it again
 
         for root, dirs, names in os.walk(folder, onerror=unreadable):  # never into linked folders

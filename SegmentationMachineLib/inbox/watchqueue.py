@@ -121,7 +121,7 @@ def reconcile(inbox: Inbox, board: StatusBoard, outbox: Path):
         key, result = entry["series_key"], Path(entry["result"]) if entry["result"] else None
         # Committed only once complete: a staged folder the journal names is a whole result (also one an older
         # version staged under its name for staging)
-        places = [_staging_folder(outbox, key, name) / result.name for name in (STAGING, OLDER_STAGING)] if result else []
+        places = [_staging_folder(outbox, key, name) / result.name for name in (STAGING, OLDER_STAGING) if result]
         staged = next((place for place in places if place.is_dir()), None)
         if staged and not result.exists():
             _publish(staged, result)  # committed, killed before the rename

@@ -27,7 +27,7 @@ from .. import __version__
 from ..core.child import USER_ERROR_EXIT
 from ..core.errors import ExportError, UserError
 from ..core.grids import RAS_TO_LPS
-from ..core.files import atomic_file
+from ..core.files import CONTROL_CHARACTERS, atomic_file
 from ..core.provenance import NNINTERACTIVE, PRESET, PRESET_EDITED
 
 
@@ -201,7 +201,7 @@ ALGORITHMS = {
 def _long_string(text: str, suffix: str = "") -> str:
     """text as a LO holds it: no backslash (it separates values: 'Rib L\\R' was two labels) nor control character,
     cut to 64 bytes in UTF-8, whole characters only, suffix kept."""
-    text = re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", text.replace("\\", "/"))
+    text = CONTROL_CHARACTERS.sub(" ", text.replace("\\", "/"))
     room = LONG_STRING - len(suffix.encode())
     return text.encode()[:room].decode(errors="ignore") + suffix
 
