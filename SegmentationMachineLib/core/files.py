@@ -16,6 +16,7 @@ os.umask(UMASK)
 # Text we write is UTF-8 whatever the locale (Windows' is cp1252, where "Głowa" cannot be written at all)
 _UTF8_TEXT = {"encoding": "utf-8"}
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
+# Behaviour Windows needs (tests switch it); calls that exist only on Windows ask os.name itself
 WINDOWS = os.name == "nt"
 # Names Windows keeps for devices, with any extension: CON.stl cannot be made there
 WINDOWS_DEVICES = {"con", "prn", "aux", "nul", "conin$", "conout$",

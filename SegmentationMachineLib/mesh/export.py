@@ -28,6 +28,7 @@ import unicodedata
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -234,6 +235,16 @@ def _volume_warning(entry: dict, surface: SurfaceOptions) -> str:
             f"{entry['voxel_volume_ml']:.1f} mL ({difference:+.0f}%): {remedy}, or check it before printing.")
 
 
+class _Part(NamedTuple):
+    """One segment's finished mesh, in output coordinates, and its report entry."""
+    stem: str  # its files' name
+    name: str  # the segment's own
+    rgba: tuple
+    points: np.ndarray
+    triangles: np.ndarray
+    entry: dict
+
+
 def _write_into(folder: Path, prepared: PreparedExport, options: ExportOptions, progress,
                 provenance: dict) -> ExportResult:
     started = time.perf_counter()
@@ -250,19 +261,20 @@ def _write_into(folder: Path, prepared: PreparedExport, options: ExportOptions, 
         if "stl" in options.formats:
             entry["stl"] = f"{file_names[mesh.segment_id]}.stl"
             writers.write_stl(folder / entry["stl"], [(points, mesh.triangles, normals)], mesh.name)
-        return file_names[mesh.segment_id], mesh.name, (*mesh.color[:3], mesh.opacity), points, mesh.triangles, entry
+        return _Part(file_names[mesh.segment_id], mesh.name, (*mesh.color[:3], mesh.opacity), points,
+                     mesh.triangles, entry)
 
     finished, empty = meshes_from(prepared.segments, options.surface, progress, finish)
     if not finished:
         raise ExportError(f"Every segment of '{prepared.name}' is empty: nothing to export.")
     # OBJ statements end at a space: its groups take the file names; 3MF and glTF parts the segments' own names
-    by_file_name = [(stem, *rest) for stem, _, *rest, _ in finished]
-    named = [(name, *rest) for _, name, *rest, _ in finished]
-    entries = [item[-1] for item in finished]
+    by_file_name = [(part.stem, part.rgba, part.points, part.triangles) for part in finished]
+    named = [(part.name, part.rgba, part.points, part.triangles) for part in finished]
+    entries = [part.entry for part in finished]
     files = [folder / e["stl"] for e in entries if "stl" in e]
     if "stl" in options.formats and options.merged_stl:
         files.append(folder / f"{MERGED_STEM}.stl")
-        writers.write_stl(files[-1], [(p, t, None) for _, _, p, t in named], "all segments")
+        writers.write_stl(files[-1], [(part.points, part.triangles, None) for part in finished], "all segments")
     if "obj" in options.formats:
         files.append(folder / "segments.obj")
         writers.write_obj(files[-1], by_file_name)

@@ -119,7 +119,7 @@ def model_files(path) -> list:
         return [path]
     if path.is_dir():
         threemf = sorted(path.glob("*.3mf"))
-        from .export import MERGED_STEM
+        from .export import MERGED_STEM  # here: export loads VTK and MRML, which `print` does without
         stls = sorted(p for p in path.glob("*.stl") if p.stem != MERGED_STEM)
         if threemf or len(stls) == 1:
             return (threemf or stls)[:1]
@@ -130,7 +130,7 @@ def model_files(path) -> list:
 
 def _threemf_from_stls(folder: Path, stls: list) -> Path:
     """segments.3mf from an export's STLs, with the segments' names and colours from its report."""
-    from .export import REPORT_NAME
+    from .export import REPORT_NAME  # as in model_files
 
     try:
         report = json.loads((folder / REPORT_NAME).read_text())
