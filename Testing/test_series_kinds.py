@@ -54,6 +54,9 @@ def write_acquisitions(folder, keyword, values, names=None):
     ("EchoTime", [12.3, 4.92], ["TE 12.3 ms", "TE 4.92 ms"]),  # multi-echo MR
     ("DiffusionBValue", [1000, 0], ["b=1000", "b=0"]),
     ("TemporalPositionIdentifier", [1, 2], ["time point 1", "time point 2"]),  # dynamic MR
+    ("NominalPercentageOfCardiacPhase", [0, 40], ["phase 0%", "phase 40%"]),  # cardiac CT
+    ("TriggerTime", [120, 480], ["trigger 120 ms", "trigger 480 ms"]),
+    ("KVP", [100, 140], ["100 kV", "140 kV"]),  # dual-energy CT
     ("ImageType", [["ORIGINAL", "PRIMARY", "AXIAL"], ["DERIVED", "SECONDARY", "AXIAL"]],
      ["image type ORIGINAL/PRIMARY/AXIAL", "image type DERIVED/SECONDARY/AXIAL"]),
 ])
@@ -126,14 +129,17 @@ def test_acquisition_numbers_along_the_table_stay_one_volume_and_true_duplicates
     assert [(s.key, s.part, len(s.files)) for s in scan.series] == [(uid, "", 3), (packages, "", 3)]
     assert {s.path.name: s.reason for s in scan.skipped} == {
         "again.dcm": "same position as 2.dcm (a duplicate slice)",
-        "scout.dcm": "a different orientation or size from the rest of its series"}
+        "scout.dcm": "a different orientation, size or pixel spacing from the rest of its series"}
 
 
-def test_a_localizer_in_the_series_with_the_stacks_orientation_is_left_out_as_slicer_leaves_it_out(ctx, shared_data,
-                                                                                                     tmp_path):
+@pytest.mark.parametrize("spacing, reason", [
+    (0.9, "a different orientation, size or pixel spacing from the rest of its series"),
+    (None, "a localizer, not part of the volume (the one image of image type ORIGINAL/PRIMARY/LOCALIZER in its series)")])
+def test_a_localizer_in_the_series_with_the_stacks_orientation_is_left_out_as_slicer_leaves_it_out(
+        ctx, shared_data, tmp_path, spacing, reason):
     """Siemens Axiom and GE volume viewer put one localizer of the volume's own orientation and size into its series;
     100 mm beyond the stack it was loaded as 100 interpolated slices of a body that is not there, and as image 1 it
-    gave the series its pixel spacing. Slicer's DICOM
+    gave the series its pixel spacing (then it is left out for its spacing). Slicer's DICOM
     module prefers the series without the one image of another image type when that one is evenly spaced."""
     uid = generate_uid()
     for number, ds in enumerate(real_slices(), 1):
@@ -142,14 +148,13 @@ def test_a_localizer_in_the_series_with_the_stacks_orientation_is_left_out_as_sl
     localizer = real_slices()[0]  # image 1 of its series, below the stack, over a wider field of view
     localizer.SeriesInstanceUID, localizer.ImageType = uid, ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     localizer.ImagePositionPatient = [*localizer.ImagePositionPatient[:2], localizer.ImagePositionPatient[2] - 100]
-    localizer.PixelSpacing = [0.9, 0.9]
+    localizer.PixelSpacing = [spacing, spacing] if spacing else localizer.PixelSpacing
     save(localizer, tmp_path / "study" / "0-overview.dcm")
     loaded = load_input(ctx, tmp_path / "study")
     assert arrays.volume_array(loaded.node).shape[0] == 3
     assert sorted(p.name for p in loaded.series.files) == ["1.dcm", "2.dcm", "3.dcm"]
     assert loaded.series.pixel_spacing == tuple(float(v) for v in real_slices()[0].PixelSpacing)
-    assert any("0-overview.dcm: a localizer, not part of the volume (the one image of image type "
-               "ORIGINAL/PRIMARY/LOCALIZER in its series)" in note for note in loaded.notes)
+    assert any(f"0-overview.dcm: {reason}" in note for note in loaded.notes)
     assert not any("missing" in note for note in loaded.notes)
 
 

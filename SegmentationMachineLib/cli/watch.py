@@ -1,5 +1,6 @@
 """`segmentation-machine watch`: every series dropped into a folder, one at a time, into a result folder."""
 
+import logging
 import signal
 from pathlib import Path
 
@@ -52,10 +53,12 @@ def serve_inbox(args, inbox_folder: Path, banner: str, service=None, modelled=la
     from ..core.files import printable
     from ..core.memory import said_when_out_of_memory
     from ..core.scene import create_headless_scene
+    from ..dicom.series import is_quiet_skip
     from ..dicom.volumes import input_record, load_series
     from ..inbox.watcher import Inbox, InboxOptions
     from ..inbox.watchqueue import run_queue
     from ..pipeline import model_volume
+    from ..segment.masks import check_modality
 
     if args.settle < 0 or args.hold < 0:
         raise UserError("--settle and --hold are waiting times: give 0 or more seconds.")
@@ -70,6 +73,7 @@ def serve_inbox(args, inbox_folder: Path, banner: str, service=None, modelled=la
     def process(delivery, folder):
         ctx = create_headless_scene()  # a fresh scene per series: memory does not grow with the queue
         series = delivery.series
+        check_modality(series.name, series.modality)  # an MR in the study is left aside, not modelled
         with said_when_out_of_memory(series.voxel_count):  # the queue goes on
             loaded = load_series(ctx, series)
         for note in loaded.notes:
@@ -82,8 +86,9 @@ def serve_inbox(args, inbox_folder: Path, banner: str, service=None, modelled=la
     def report_skipped():
         for path, reason in list(inbox.bad_files.items()):
             if path not in reported and path not in inbox.seen_before:  # said once, not on every restart
-                reported.add(path)
-                log.warning("Skipped %s: %s", printable(path), reason)
+                reported.add(path)  # reports and CD indexes belong in an export: listed in --log, not warned about
+                log.log(logging.INFO if is_quiet_skip(reason) else logging.WARNING, "Skipped %s: %s",
+                        printable(path), reason)
 
     def after_poll():
         report_skipped()

@@ -15,6 +15,10 @@ class SegmentationError(UserError):
     """A preset or segmentation step cannot run on the given volume."""
 
 
+class UnsuitableImage(SegmentationError):
+    """An image the presets do not apply to (not a CT, a single slice): nothing failed, nothing to retry."""
+
+
 class ExportError(UserError):
     """Meshes cannot be written."""
 

@@ -55,7 +55,14 @@ ACQUISITION_TAGS = (
     ("DiffusionBValue", "b={}"),
     ("DiffusionGradientOrientation", "gradient {}"),
     ("TemporalPositionIdentifier", "time point {}"),
+    ("NominalPercentageOfCardiacPhase", "phase {}%"),
+    ("TriggerTime", "trigger {} ms"),
+    ("KVP", "{} kV"),
 )
+# Of those, the tags that may also differ slice by slice within one volume (a trigger time follows the heart
+# beat): they split a series only into parts that are each one volume.
+SPLIT_ONLY_INTO_VOLUMES = {"NominalPercentageOfCardiacPhase", "TriggerTime", "KVP"}
+COLOUR_IMAGE = "a colour image (a screenshot or 3D rendering), not an image slice"
 
 
 # GDCM (Slicer's reader) takes a file without a Part 10 header only where its first attribute holds a value.
@@ -95,6 +102,7 @@ class DicomSlice:
     acquisition: dict = field(default_factory=dict)  # ACQUISITION_TAGS keyword -> value as text, where given
     frame_positions: tuple = ()  # an enhanced multi-frame image: each frame's position (LPS), in file order
     origin: str = ""  # its patient and study, hashed: which images a reused series UID would mix ("": unknown)
+    instance_uid: str = ""  # SOPInstanceUID: a copy of a slice has the same, another image at its place another
 
 
 @dataclass
@@ -112,6 +120,7 @@ class DicomSeries:
     tilt_degrees: float = 0.0
     part: str = ""  # which acquisition (or multi-frame file) of a DICOM series that holds several
     first_position: np.ndarray = None  # LPS position of the first slice along the normal
+    problem: str = ""  # why it cannot be loaded as one volume, where it cannot
 
     @property
     def name(self) -> str:
@@ -141,7 +150,9 @@ class DicomSeries:
         rows, cols = self.shape
         spacing = f"{self.pixel_spacing[0]:.3g}x{self.pixel_spacing[1]:.3g}x{self.slice_spacing:.3g} mm"
         files = f" in {len(self.files)} file" if len(self.files) != self.slice_count else ""
-        return f"{self.name}, {self.slice_count} slices{files} of {rows}x{cols}, {spacing}, uid {self.uid or '(none)'}"
+        problem = f" (cannot be loaded: {self.problem})" if self.problem else ""
+        return (f"{self.name}, {self.slice_count} slices{files} of {rows}x{cols}, {spacing}, "
+                f"uid {self.uid or '(none)'}{problem}")
 
 
 @dataclass
@@ -256,6 +267,11 @@ def _frame_geometry(ds):
     if len(spacings) > 1 or np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
         return ("a multi-frame image whose frames differ in orientation or pixel size (several stacks in one file), "
                 "which cannot be loaded as one volume")
+    rescales = {tuple(_from_groups(ds, k, "PixelValueTransformationSequence", name) for name in
+                      ("RescaleSlope", "RescaleIntercept")) for k in range(count)}
+    if len(rescales) > 1:
+        return ("a multi-frame image whose frames are scaled differently (a rescale per frame), which Slicer's reader "
+                "would load with wrong values: export the series as single-frame images")
     return positions, orientations[0], spacings.pop()
 
 
@@ -265,8 +281,12 @@ def _frame_stack_problem(positions: np.ndarray, orientation: np.ndarray) -> str:
     if len(positions) < 2:
         return None
     normal = _normal(orientation)
+    in_file_order = np.diff(positions @ normal)
     distances = np.sort(positions @ normal)
     gaps = np.diff(distances)
+    if gaps.min() >= 1e-3 and not ((in_file_order > 0).all() or (in_file_order < 0).all()):
+        return ("a multi-frame image whose frames are not stored in slice order, which Slicer's reader would stack "
+                "wrongly: export the series as single-frame images")
     if gaps.min() < 1e-3:
         return ("a multi-frame image with several frames at one position (several stacks in one file: echoes, "
                 "phases or time points), which cannot be loaded as one volume")
@@ -324,6 +344,8 @@ def read_slice(path: Path, data: bytes = None):
         return None, f"{NON_IMAGE_SOP_CLASSES[sop_class]}, not an image slice"
     if not any(name in ds for name in PIXEL_DATA):
         return None, _no_pixels_reason(ds)
+    if "PixelData" not in ds:
+        return None, "floating-point pixel data (a parametric map or other derived image), which is not read here"
     enhanced = "ImagePositionPatient" not in ds and "PerFrameFunctionalGroupsSequence" in ds
     if not enhanced and ("ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds):
         return None, "an image without patient position or orientation (a secondary capture?)"
@@ -350,6 +372,9 @@ def read_slice(path: Path, data: bytes = None):
                 position = np.array([float(v) for v in ds.ImagePositionPatient])
                 spacing = tuple(float(v) for v in ds.get("PixelSpacing") or ())
             shape = (int(ds.Rows), int(ds.Columns))
+            if int(ds.get("SamplesPerPixel", 1) or 1) != 1 or not str(
+                    ds.get("PhotometricInterpretation", "MONOCHROME2")).startswith("MONOCHROME"):
+                return None, COLOUR_IMAGE
             instance_number, frames, announced = (int(ds.get(name, default) or default) for name, default in (
                 ("InstanceNumber", 0), ("NumberOfFrames", 1), ("ImagesInAcquisition", 0)))  # crafted text: a reason
             acquisition = _acquisition_values(ds)
@@ -384,6 +409,7 @@ def read_slice(path: Path, data: bytes = None):
         acquisition=acquisition,
         frame_positions=tuple(tuple(float(v) for v in p) for p in frame_positions),
         origin=hashlib.sha256(f"{ds.get('PatientID', '')}\0{ds.get('StudyInstanceUID', '')}".encode()).hexdigest()[:8],
+        instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
     ), None
 
 
@@ -427,10 +453,12 @@ def _overlap(extents) -> bool:
 
 
 def _stacks(slices: list) -> dict:
-    """Slices by orientation and size: the stacks a series may hold (a localizer, reformats, the volume)."""
+    """Slices by orientation, size and pixel spacing: the stacks a series may hold (a localizer, reformats, the
+    volume). Slices of another pixel spacing would be stretched to the first's."""
     stacks = {}
     for s in slices:
-        stacks.setdefault((tuple(np.round(s.orientation, 3)), s.shape), []).append(s)
+        key = (tuple(np.round(s.orientation, 3)), s.shape, tuple(np.round(s.pixel_spacing, 3)))
+        stacks.setdefault(key, []).append(s)
     return stacks
 
 
@@ -452,14 +480,26 @@ def _splitting_tags(slices: list) -> list:
     found = []
     for name, _ in ACQUISITION_TAGS:
         for stack, distances in stacks:
-            extents = {}
+            parts = {}
             for s, distance in zip(stack, distances):
-                low, high = extents.get(s.acquisition.get(name), (distance, distance))
-                extents[s.acquisition.get(name)] = (min(low, distance), max(high, distance))
-            if len(extents) > 1 and _overlap(extents.values()):
+                parts.setdefault(s.acquisition.get(name), []).append(distance)
+            if len(parts) > 1 and _overlap((min(part), max(part)) for part in parts.values()) and (
+                    name not in SPLIT_ONLY_INTO_VOLUMES
+                    or all(len(part) > 1 and _is_one_volume(part) for part in parts.values())):
                 found.append(name)
                 break
     return found
+
+
+def _a_copy(one: DicomSlice, other: DicomSlice) -> bool:
+    """Whether two slices at one position are one image: the same instance, or the same pixels (sent again under
+    new UIDs). Else they are two images that no tag tells apart, such as cardiac phases."""
+    if not (one.instance_uid and other.instance_uid) or one.instance_uid == other.instance_uid:
+        return True
+    try:
+        return pydicom.dcmread(one.path).PixelData == pydicom.dcmread(other.path).PixelData
+    except Exception:  # noqa: BLE001 - gone or unreadable since the scan: left to the loader, as before
+        return True
 
 
 def _without_a_localizer(stack: list, distances: list, skipped: list):
@@ -527,15 +567,18 @@ def build_series(key: str, slices: list, skipped: list) -> DicomSeries:
     stack = max(stacks.values(), key=len)
     for other in stacks.values():
         if other is not stack:
-            skipped.extend(SkippedFile(s.path, "a different orientation or size from the rest of its series") for s in other)
+            skipped.extend(SkippedFile(s.path, "a different orientation, size or pixel spacing from the rest of its series") for s in other)
     first = stack[0]
     normal = _normal(first.orientation)
     stack.sort(key=lambda s: (float(np.dot(s.position, normal)), s.instance_number))
     distances = np.array([float(np.dot(s.position, normal)) for s in stack])
-    kept, kept_distances = [stack[0]], [distances[0]]
+    kept, kept_distances, others = [stack[0]], [distances[0]], 0
     for s, d in zip(stack[1:], distances[1:]):
         if s.frames == 1 and abs(d - kept_distances[-1]) < 1e-3:
-            skipped.append(SkippedFile(s.path, f"same position as {kept[-1].path.name} (a duplicate slice)"))
+            copy = _a_copy(s, kept[-1])
+            others += not copy
+            skipped.append(SkippedFile(s.path, f"same position as {kept[-1].path.name} " + (
+                "(a duplicate slice)" if copy else "(another image, not a copy of it)")))
             continue
         kept.append(s)
         kept_distances.append(d)
@@ -561,6 +604,9 @@ def build_series(key: str, slices: list, skipped: list) -> DicomSeries:
         step = points[-1] - points[0]
         cos = abs(float(np.dot(step, normal))) / max(float(np.linalg.norm(step)), 1e-9)
         series.tilt_degrees = float(np.degrees(np.arccos(min(1.0, cos))))
+    if others:  # kept, one image a position would mix them slice by slice
+        series.problem = (f"{others} of its images lie where others do, and no tag tells them apart (cardiac phases, "
+                          "energies or two reconstructions in one series?): have each exported as a series of its own")
     if not first.series_uid:
         series.notes.append(f"Series {series.name} has no SeriesInstanceUID; its files were grouped by folder and series number.")
     if series.part.startswith(STUDY_PART):
@@ -571,13 +617,22 @@ def build_series(key: str, slices: list, skipped: list) -> DicomSeries:
         series.notes.append(f"Series {series.name} is one of several acquisitions or images of the same region kept in "
                             "one DICOM series: each is listed as a series of its own (--list), and --series chooses.")
     if series.is_uneven:
-        gaps = np.diff(series.positions)
-        worst = int(np.argmax(np.abs(gaps - series.slice_spacing)))
-        series.notes.append(
-            f"Series {series.name} has uneven slice spacing (a gap of {gaps[worst]:.2f} mm after "
-            f"{kept[worst].path.name}, {series.slice_spacing:.2f} mm elsewhere; a slice is probably missing): "
-            "it was resampled to even spacing.")
+        series.notes.append(f"Series {series.name} has uneven slice spacing ({_unevenness(series.positions, kept)}): "
+                            "it was resampled to even spacing.")
     return series
+
+
+def _unevenness(positions: np.ndarray, kept: list) -> str:
+    """What is uneven: one gap of a whole number of steps is a missing slice; anything else is said as it is
+    (two zones of spacing, positions rounded in the headers)."""
+    gaps = np.diff(positions)
+    step = float(np.median(gaps))
+    odd = np.flatnonzero(np.abs(gaps - step) > SPACING_TOLERANCE * step)
+    steps = gaps[odd[0]] / step if len(odd) == 1 else 0
+    if steps > 1.5 and abs(steps - round(steps)) < 0.1:
+        return (f"a gap of {gaps[odd[0]]:.2f} mm after {kept[odd[0]].path.name}, {step:.2f} mm elsewhere; "
+                "a slice is probably missing")
+    return f"{len(odd)} of its {len(gaps)} gaps differ from {step:.2f} mm, from {gaps.min():.2f} to {gaps.max():.2f} mm"
 
 
 def _is_dicomdir(path: Path) -> bool:

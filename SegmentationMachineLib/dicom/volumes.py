@@ -34,6 +34,8 @@ def load_series(ctx: SceneContext, series: DicomSeries) -> LoadedVolume:
     A gantry-tilted series keeps every slice where it was acquired: Slicer's reader (since 5.8, ITK's series
     reader without forced orthogonal directions) gives it a sheared IJK-to-RAS, as Slicer's DICOM module
     loads it, and meshes, prompts and SEGs follow that matrix."""
+    if series.problem:
+        raise InputError(f"Series {series.name} was not loaded: {series.problem}.")
     if series.tilt_degrees > MAX_GANTRY_TILT_DEGREES:
         raise InputError(
             f"Series {series.name} was not loaded: its slices lean {series.tilt_degrees:.1f}° from their normal, "

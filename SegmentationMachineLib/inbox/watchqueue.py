@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..core.errors import UserError
+from ..core.errors import UnsuitableImage, UserError
 from ..core.files import WINDOWS, printable, replace_private, replace_when_free
 from .locks import hold_lock
 from .watcher import Delivery, Inbox, SeriesState
@@ -158,6 +158,12 @@ def deliver(inbox: Inbox, board: StatusBoard, delivery: Delivery, process, outbo
     try:
         staging.mkdir(parents=True)
         staged = _free_name(Path(process(delivery, staging)), outbox)
+    except UnsuitableImage as error:  # an MR or a localizer in the study: left aside, nothing failed
+        _remove(staging)
+        inbox.acknowledge(delivery, False, str(error))
+        board.set(delivery.key, series.name, len(series.files), "skipped", str(error))
+        echo(f"{series.name}: skipped: {error}")
+        return
     except Exception as error:  # noqa: BLE001 — one series' failure, even our own bug, never stops the queue
         _remove(staging)
         reason = _failure_reason(error)

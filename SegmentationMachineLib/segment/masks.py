@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from ..core.errors import SegmentationError
+from ..core.errors import SegmentationError, UnsuitableImage
 
 # Scanners write values like -3024 or -2000 outside the field of view; no tissue is below this.
 PADDING_BELOW_HU = -1500
@@ -359,15 +359,39 @@ def preset_parameters(preset_name: str) -> dict:
     return asdict(inspect.signature(get_preset(preset_name).mask).parameters["options"].default)
 
 
+FOR_OTHER_IMAGES = "for MR or other images use the AI prompt tools"
+# DICOM modalities that may hold a CT in Hounsfield units ("OT": none given, or a CT's secondary capture)
+CT_MODALITIES = ("CT", "OT")
+
+
+def check_modality(series_name: str, modality: str):
+    """Refuses, before it is loaded, a series the presets would turn into a junk model (an MR's air is above the
+    skin threshold: its 'skin' is the whole box). series_name: DicomSeries.name, which starts with the modality."""
+    if modality and modality not in CT_MODALITIES:
+        raise UnsuitableImage(f"Series {series_name} is not a CT: the presets need a CT in Hounsfield units; "
+                              f"{FOR_OTHER_IMAGES}.")
+
+
+def _check_image(hu: np.ndarray, volume_name: str):
+    """The same for a volume whose modality is not known (a NIfTI file, a volume in Slicer's scene)."""
+    if min(hu.shape) < 2:
+        raise UnsuitableImage(f"'{volume_name}' is a single slice (a localizer or a screenshot?): a 3D model needs a "
+                              "stack of slices.")
+    if hu.min() >= 0:  # air is -1000 HU, fat below 0; raw scanner values and MR start at 0
+        raise UnsuitableImage(f"'{volume_name}' has no value below 0, so it is not a CT in Hounsfield units; "
+                              f"{FOR_OTHER_IMAGES}.")
+
+
 def preset_mask(preset_name: str, hu: np.ndarray, spacing, volume_name: str, progress=None) -> np.ndarray:
     """The preset's mask; touches no scene, so it may run on a worker thread (with a copy of hu).
     progress(done, total, step) as the preset's steps start, and (1, 1, preset) at the end."""
     preset = get_preset(preset_name)
+    _check_image(hu, volume_name)
     mask = preset.mask(hu, spacing, progress=progress)
     if progress:
         progress(1, 1, preset.name)
     if not mask.any():
         raise SegmentationError(
             f"The {preset.name} preset found nothing in '{volume_name}': it expects a CT in "
-            "Hounsfield units; for MR or other images use the AI prompt tools.")
+            f"Hounsfield units; {FOR_OTHER_IMAGES}.")
     return mask

@@ -1,0 +1,168 @@
+"""The rest of what a hospital's export holds: series the presets must not model (an MR, a topogram), images that
+are no slices (a 3D screenshot, a parametric map), and series whose images no tag tells apart. Each gets a
+sentence, never a junk model or a traceback."""
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from conftest import UNCOMPRESSED_SERIES
+from test_cli_messages import one_sentence, run_cli, watch_once
+from test_series_kinds import enhanced_from, real_slices, save, write_acquisitions
+from SegmentationMachineLib.core.errors import InputError, UnsuitableImage
+from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
+from SegmentationMachineLib.dicom.series import COLOUR_IMAGE, is_quiet_skip, read_slice, scan_folder
+from SegmentationMachineLib.dicom.volumes import load_input
+from SegmentationMachineLib.segment.masks import preset_mask
+
+
+def write_mr_series(folder, shape=(12, 48, 48)):
+    """The phantom's anatomy in MR-like values (no Hounsfield units: air about 10, everything at or above 0)."""
+    phantom = make_phantom(shape)
+    signal = np.clip((phantom.hu + 1000) * 0.4, 0, 4000)
+    files = write_ct_series(folder, signal, 1.5, [(-36, -36, k * 2.0) for k in range(shape[0])], "t1 vibe")
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.Modality, ds.SOPClassUID = "MR", "1.2.840.10008.5.1.4.1.1.4"
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.RescaleIntercept = 0
+        ds.save_as(path)
+    return files
+
+
+def test_an_mr_given_to_the_presets_is_refused_before_it_is_loaded(tmp_path):
+    """The skin preset made a 'Skin' of the whole box (an MR's air is above its threshold), the bone preset a
+    scatter of bright voxels, both exported as if they were right."""
+    write_mr_series(tmp_path / "mr")
+    result = run_cli("model", tmp_path / "mr", "--out", tmp_path / "out", "--preset", "skin")
+    one_sentence(result, "Series MR 't1 vibe' is not a CT: the presets need a CT in Hounsfield units; for MR or "
+                         "other images use the AI prompt tools.")
+    assert "Loaded" not in result.stdout and not (tmp_path / "out").exists()
+
+
+def test_a_volume_without_hounsfield_units_or_of_one_slice_is_refused_by_the_preset_itself():
+    """What the module and a NIfTI file give: no modality, so the values and the shape tell."""
+    mr_like = np.clip(make_phantom((8, 32, 32)).hu + 1000, 0, None)
+    with pytest.raises(UnsuitableImage, match="^'vibe' has no value below 0, so it is not a CT in Hounsfield units"):
+        preset_mask("bone", mr_like, (2.0, 1.5, 1.5), "vibe")
+    topogram = make_phantom((1, 32, 32)).hu
+    with pytest.raises(UnsuitableImage, match=r"^'topo' is a single slice \(a localizer or a screenshot\?\)"):
+        preset_mask("skin", topogram, (2.0, 1.5, 1.5), "topo")
+    assert preset_mask("skin", make_phantom((8, 32, 32)).hu, (2.0, 1.5, 1.5), "ct").any()  # a CT still works
+
+
+def test_watch_leaves_an_mr_and_a_topogram_of_the_study_aside_and_models_the_ct(shared_data, tmp_path):
+    """Each series of a study was modelled: the MR into junk, the one-slice topogram into a plate."""
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    shutil.copytree(UNCOMPRESSED_SERIES, inbox / "ct")
+    write_mr_series(inbox / "mr")
+    topogram = real_slices()[0]
+    topogram.SeriesInstanceUID, topogram.SeriesDescription = generate_uid(), "Topogram"
+    topogram.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    save(topogram, inbox / "topogram" / "1.dcm")
+    result = watch_once(inbox, outbox, "--format", "stl")
+    assert result.returncode == 0, result.stderr  # nothing failed: a scheduler is not alarmed
+    states = {s["name"]: s for s in json.loads((outbox / "status.json").read_text())["series"]}
+    assert states["MR 't1 vibe'"]["state"] == "skipped"
+    assert states["MR 't1 vibe'"]["reason"].startswith("Series MR 't1 vibe' is not a CT")
+    assert states["CT 'Topogram'"]["state"] == "skipped"
+    assert "is a single slice" in states["CT 'Topogram'"]["reason"]
+    assert states["CT 'series 2'"]["state"] == "done"
+    assert "MR 't1 vibe': skipped: Series MR 't1 vibe' is not a CT" in result.stdout
+    assert [p for p in outbox.iterdir() if p.is_dir() and not p.name.startswith(".")] == [
+        Path(states["CT 'series 2'"]["result"])]
+
+
+def test_a_3d_screenshot_with_a_position_is_left_aside_quietly_and_a_parametric_map_is_named(shared_data, tmp_path):
+    """A colour image that carries a position (a VRT saved as secondary capture) ended in a reshape traceback; a
+    float image was skipped for "'FileDataset' object has no attribute 'PixelData'"."""
+    screenshot = real_slices()[0]
+    screenshot.SamplesPerPixel, screenshot.PhotometricInterpretation, screenshot.PlanarConfiguration = 3, "RGB", 0
+    screenshot.BitsAllocated = screenshot.BitsStored = 8
+    screenshot.HighBit, screenshot.PixelRepresentation = 7, 0
+    screenshot.PixelData = bytes(int(screenshot.Rows) * int(screenshot.Columns) * 3)
+    path = save(screenshot, tmp_path / "vrt.dcm")
+    assert read_slice(path) == (None, COLOUR_IMAGE) and is_quiet_skip(COLOUR_IMAGE)
+    parametric = real_slices()[0]
+    parametric.FloatPixelData = np.zeros(int(parametric.Rows) * int(parametric.Columns), np.float32).tobytes()
+    parametric.BitsAllocated = 32
+    del parametric.PixelData
+    reason = read_slice(save(parametric, tmp_path / "adc.dcm"))[1]
+    assert reason.startswith("floating-point pixel data (a parametric map")
+
+
+def test_slices_of_another_pixel_spacing_in_the_series_are_left_out_not_stretched(shared_data, tmp_path):
+    slices = real_slices()
+    for number, ds in enumerate(slices):
+        ds.SeriesInstanceUID = slices[0].SeriesInstanceUID
+        if number == 1:
+            ds.PixelSpacing = [1.2, 1.2]
+        save(ds, tmp_path / "study" / f"{number}.dcm")
+    scan = scan_folder(tmp_path / "study")
+    assert sorted(p.name for p in scan.series[0].files) == ["0.dcm", "2.dcm"]
+    assert [(s.path.name, s.reason) for s in scan.skipped] == [
+        ("1.dcm", "a different orientation, size or pixel spacing from the rest of its series")]
+
+
+@pytest.mark.parametrize("keyword, values", [
+    ("ContentTime", ["101500", "101600"]),  # no tag we split on
+    ("TriggerTime", None),  # a trigger time that follows the heart beat, slice by slice: it cannot tell them apart
+])
+def test_images_at_the_same_positions_that_no_tag_tells_apart_are_refused_not_mixed(ctx, shared_data, tmp_path,
+                                                                                  keyword, values):
+    """Cardiac phases differing only so were one volume mixing them slice by slice (the first file at each position
+    won, the rest were 'duplicates'). A slice sent again under a new UID is still a duplicate (test_series_kinds)."""
+    if values is None:
+        names = iter(f"IMG{n}" for n in range(6))
+        uid = generate_uid()
+        for phase in range(2):
+            for number, ds in enumerate(real_slices()):
+                ds.SeriesInstanceUID, ds.TriggerTime = uid, 100 + 400 * phase + 7 * number
+                ds.PixelData = (ds.pixel_array + 100 * phase).astype(ds.pixel_array.dtype).tobytes()
+                save(ds, tmp_path / "study" / next(names))
+    else:
+        write_acquisitions(tmp_path / "study", keyword, values)
+    scan = scan_folder(tmp_path / "study")
+    series = scan.series[0]
+    assert series.problem == ("3 of its images lie where others do, and no tag tells them apart (cardiac phases, "
+                              "energies or two reconstructions in one series?): have each exported as a series of its own")
+    assert "(cannot be loaded: 3 of its images" in series.summary()
+    assert all(s.reason.endswith("(another image, not a copy of it)") for s in scan.skipped)
+    with pytest.raises(InputError, match=rf"^Series {series.name} was not loaded: 3 of its images lie where"):
+        load_input(ctx, tmp_path / "study")
+
+
+def per_frame_rescale(slices):
+    ds = enhanced_from(slices)
+    transformation = ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence
+    del ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence
+    for index, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        frame.PixelValueTransformationSequence = pydicom.sequence.Sequence([copy.deepcopy(transformation[0])])
+        frame.PixelValueTransformationSequence[0].RescaleSlope = 2 if index == 2 else 1
+    return ds
+
+
+@pytest.mark.parametrize("build, reason", [
+    (per_frame_rescale, "a multi-frame image whose frames are scaled differently (a rescale per frame), which "
+                        "Slicer's reader would load with wrong values: export the series as single-frame images"),
+    (lambda s: enhanced_from([s[0], s[2], s[1]], positions=[s[k].ImagePositionPatient for k in (0, 2, 1)]),
+     "a multi-frame image whose frames are not stored in slice order, which Slicer's reader would stack wrongly: "
+     "export the series as single-frame images"),
+])
+def test_a_multi_frame_image_slicer_would_load_wrongly_is_refused_for_its_cause(shared_data, tmp_path, build, reason):
+    """Loaded with wrong values silently (rescale), or refused with a sentence that blamed the headers (order)."""
+    assert read_slice(save(build(real_slices()), tmp_path / "frames.dcm")) == (None, reason)  # others: test_series_kinds
+
+
+def test_uneven_spacing_that_is_no_missing_slice_is_said_as_it_is(tmp_path):
+    """Two zones of spacing were called 'a slice is probably missing'."""
+    hu = make_phantom((6, 16, 16)).hu
+    write_ct_series(tmp_path / "zones", hu, 1.0, [(0, 0, z) for z in (0, 1, 2, 3, 5, 7)], "zones")
+    note = next(n for n in scan_folder(tmp_path / "zones").series[0].notes if "uneven" in n)
+    assert "(2 of its 5 gaps differ from 1.00 mm, from 1.00 to 2.00 mm)" in note and "missing" not in note
