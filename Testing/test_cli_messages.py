@@ -160,10 +160,23 @@ def test_a_zip_given_to_model_is_read_like_watch_reads_one(shared_data, tmp_path
     assert not (tmp_path / "escape.dcm").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["study.zip"]
 
 
+def test_a_bare_install_runs_the_main_job_and_names_the_extra_for_dicomweb_and_listen(shared_data, tmp_path):
+    """`pip install -e .` has neither requests nor pynetdicom: `model` of a folder ended in 'No module named
+    requests', `listen` in pynetdicom's."""
+    bare = [sys.executable, "-c", WITHOUT_REQUESTS.replace('== "requests"', 'in ("requests", "pynetdicom")')]
+    listed = run_cli("model", UNCOMPRESSED_SERIES, "--list", prefix=bare)
+    assert listed.returncode == 0 and "1. CT 'series 2', 3 slices" in listed.stdout, listed.stderr
+    one_sentence(run_cli("model", "dicomweb+https://pacs.example/dicom-web", "--study", "1.2.3", prefix=bare),
+                 "DICOMweb needs the PACS extra: pip install -e '.[pacs]' in the SegmentationMachine folder.")
+    one_sentence(run_cli("listen", "--state", tmp_path / "state", "--out", tmp_path / "out", prefix=bare),
+                 "listen is a DICOM node, which needs pynetdicom: pip install -e '.[pacs]' in the SegmentationMachine")
+
+
 def test_pod_without_the_cloud_extra(tmp_path):
     result = run_cli("pod", "list", env={"RUNPOD_API_KEY": RUNPOD_KEY},
                      prefix=[sys.executable, "-c", WITHOUT_REQUESTS])
-    one_sentence(result, "The pod commands need the cloud extra: pip install 'segmentation-machine[cloud]'.")
+    one_sentence(result, "The pod commands need the cloud extra: pip install -e '.[cloud]' in the SegmentationMachine "
+                         "folder.")
 
 
 def test_runpod_refused_or_unknown_is_said_at_once_with_the_url_and_the_cause(monkeypatch):
@@ -244,7 +257,7 @@ def test_server_without_the_server_extra(tmp_path, missing):
     without = ["-c", f'import runpy, sys; sys.modules["{missing}"] = None; sys.argv[0] = "segmentation-machine"; '
                      'runpy.run_module("SegmentationMachineLib.cli", run_name="__main__")']
     one_sentence(run_cli("server", "--device", "cpu", prefix=[sys.executable, *without]),
-                 "The nnInteractive server is not installed: pip install 'segmentation-machine[server]'")
+                 "The nnInteractive server is not installed: pip install -e '.[server]' in the SegmentationMachine")
 
 
 @pytest.mark.parametrize("args, sentence", [

@@ -36,7 +36,7 @@ VALIDATOR = REPO / "build" / "tools" / "node_modules" / "gltf-validator"  # scri
 needs_highdicom = pytest.mark.skipif(
     __import__("importlib").util.find_spec("highdicom") is None,
     reason="highdicom is not installed (it needs pydicom 3; Slicer 5.10's pins have 2.4): "
-           "pip install 'segmentation-machine[hospital]'")
+           "pip install -e '.[hospital]'")
 
 
 def grid_voxels(ras: np.ndarray, volume) -> set:

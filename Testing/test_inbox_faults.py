@@ -1,12 +1,14 @@
 """The watch queue under faults (issue 16, items 17-23): kill -9 at every step of a delivery, a full
 disk, a second watcher, signals, files that resume growing, series that arrive with gaps."""
 
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -263,3 +265,70 @@ def test_an_unexpected_error_fails_that_series_once_and_the_queue_goes_on(tmp_pa
     assert "unexpected error" in states["CT 'first'"][1] and "PatientBirthDate" in states["CT 'first'"][1]
     board, _ = queue_once(inbox_folder, state, outbox, export_with_a_bug)  # a restart does not retry it
     assert attempts.count("CT 'first'") == 1
+
+
+def test_without_once_a_series_a_full_disk_stopped_waits_and_is_processed_again_once_there_is_space(
+        tmp_path, shared_data, monkeypatch):
+    """It stayed 'processing' in status.json, and was processed again only after a restart."""
+    from SegmentationMachineLib.inbox import watchqueue
+    monkeypatch.setattr(watchqueue, "DISK_RETRY_S", 0.5)
+    inbox_folder, state, outbox = tmp_path / "inbox", tmp_path / "state", tmp_path / "outbox"
+    inbox_folder.mkdir()
+    for path in SLICES:
+        (inbox_folder / path.name).write_bytes(path.read_bytes())
+    attempts, boards, lines, stop = [], [], [], threading.Event()
+
+    def full_then_free(delivery, folder):
+        attempts.append(delivery)
+        if len(attempts) == 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        stop.set()
+        return export(delivery, folder)
+
+    inbox = started(inbox_folder, state)
+    try:
+        run_queue(inbox, outbox, full_then_free, echo=lines.append, tick=0.05, stop=stop,
+                  polled=lambda: boards.append(json.loads((outbox / "status.json").read_text())["series"]))
+    finally:
+        inbox.stop()
+    waiting = "the disk is full: free some space; tried again every 0.5 s"
+    assert [{"state": "waiting", "reason": waiting}] in [[{k: e[k] for k in ("state", "reason")} for e in board]
+                                                        for board in boards]
+    assert f"CT 'series 2': waiting: {waiting}" in lines
+    [entry] = json.loads((outbox / "status.json").read_text())["series"]
+    assert entry["state"] == "done" and len(attempts) == 2
+    assert sorted(p.name for p in Path(entry["result"]).iterdir()) == ["model.stl", "report.json"]
+
+
+def test_an_empty_status_json_a_power_cut_left_is_rebuilt_from_the_journal(tmp_path, shared_data):
+    """watch refused to start ('not watch's status file'): an unattended service stayed down."""
+    inbox_folder, state, outbox = tmp_path / "inbox", tmp_path / "state", tmp_path / "outbox"
+    inbox_folder.mkdir()
+    for path in SLICES:
+        (inbox_folder / path.name).write_bytes(path.read_bytes())
+    queue_once(inbox_folder, state, outbox)
+    (outbox / "status.json").write_bytes(b"")
+    board, _ = queue_once(inbox_folder, state, outbox)
+    [entry] = board["series"]
+    assert entry["state"] == "done" and Path(entry["result"]).is_dir()
+
+
+def test_a_result_is_on_disk_before_the_journal_says_it_is_done(tmp_path, shared_data, monkeypatch):
+    """The journal committed without a sync (a power cut could lose the last deliveries, processed twice then), and
+    the staged files were never synced (a power cut could leave 'done' with empty files)."""
+    inbox_folder, state, outbox = tmp_path / "inbox", tmp_path / "state", tmp_path / "outbox"
+    inbox_folder.mkdir()
+    for path in SLICES:
+        (inbox_folder / path.name).write_bytes(path.read_bytes())
+    events, sync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(os.readlink(f"/proc/self/fd/{fd}")) or sync(fd))
+    acknowledge = Inbox.acknowledge
+    monkeypatch.setattr(Inbox, "acknowledge", lambda self, *a, **k: events.append("commit") or acknowledge(self, *a, **k))
+    board, _ = queue_once(inbox_folder, state, outbox)
+    staged = [e for e in events[:events.index("commit")] if "staging" in e]
+    assert {Path(e).name for e in staged} >= {"model.stl", "report.json", "CT_model"}
+    inbox = started(inbox_folder, state)
+    try:
+        assert inbox.journal._db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    finally:
+        inbox.stop()

@@ -61,7 +61,7 @@ def test_a_user_error_on_the_worker_becomes_the_status_line_and_a_log_line(ctx, 
     panel.start(volume)
     assert panel.task.wait(30)
     assert panel.finish(ctx, volume) is None
-    assert "found nothing in 'MR'" in panel.status and panel.can_apply(volume)
+    assert "'MR' has no value below 0, so it is not a CT" in panel.status and panel.can_apply(volume)
     assert [r.getMessage() for r in caplog.records if r.name == "segmentation-machine"] == [panel.status]
 
 

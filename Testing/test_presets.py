@@ -201,9 +201,11 @@ def test_padding_is_ignored_and_marrow_filled():
 
 
 def test_a_volume_without_bone_gets_a_sentence(ctx):
-    volume = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "MR")
-    arrays.set_volume_array(volume, np.zeros((8, 16, 16), np.int16), np.eye(4))
-    with pytest.raises(SegmentationError, match="found nothing in 'MR'.*AI prompt tools"):
+    volume = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Soft tissue")
+    hu = np.full((8, 16, 16), -1000, np.int16)
+    hu[2:6, 4:12, 4:12] = 40
+    arrays.set_volume_array(volume, hu, np.eye(4))
+    with pytest.raises(SegmentationError, match="found nothing in 'Soft tissue'.*AI prompt tools"):
         apply_preset(ctx, volume, "bone")
     with pytest.raises(SegmentationError, match="no preset 'lungs'"):
         apply_preset(ctx, volume, "lungs")

@@ -171,9 +171,9 @@ def test_where_highdicom_does_not_import_the_export_says_so_then_uses_the_instal
               str(tmp_path / "labels.json"), "--format", "stl,seg", "--out", str(out), "--quiet"]
     assert main(export) == 2
     assert capsys.readouterr().err.splitlines() == [
-        "segmentation-machine: ERROR: DICOM SEG export needs highdicom and the pydicom 3 it needs: pip install "
-        "'segmentation-machine[hospital]' (in 3D Slicer, the export installs both once, after asking, into a folder "
-        "of their own)."]
+        "segmentation-machine: ERROR: DICOM SEG export needs highdicom and the pydicom 3 it needs: pip install -e "
+        "'.[hospital]' in the SegmentationMachine folder (in 3D Slicer, the export installs both once, after asking, "
+        "into a folder of their own)."]
     assert not list(out.glob("*/*")) and not home.joinpath(".segmentation-machine").exists()  # before any work
     folder = dicomseg.seg_packages_folder()
     folder.parent.mkdir(parents=True)

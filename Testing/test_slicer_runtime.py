@@ -292,6 +292,6 @@ def test_without_the_nninteractive_client_as_in_a_stock_slicer_a_prompt_says_wha
 
     for name in ("blosc2", "httpx", "nnInteractive", "nnInteractive.inference", "nnInteractive.inference.remote"):
         monkeypatch.setitem(sys.modules, name, None)  # Slicer bundles none of them
-    with pytest.raises(InteractiveError, match=r"^The nnInteractive client is not installed: install it with pip "
-                                               r"install 'segmentation-machine\[ai\]' \(the module offers to do it\)"):
+    with pytest.raises(InteractiveError, match=r"^The nnInteractive client is not installed: pip install -e '\.\[ai\]' "
+                                               r"in the SegmentationMachine folder \(in Slicer, the module offers to "):
         InteractiveSession("http://127.0.0.1:1", "key-0123456789").connect()

@@ -31,13 +31,16 @@ def add_listen_command(commands, common):
 
 
 def run_listen(args):
-    from ..core.errors import UserError
+    from ..core.errors import UserError, install_extra
     from ..core.files import private_folder
     from ..inbox.retention import Retention
     from ..mesh.dicomseg import SEG_FILE
     from ..mesh.export import parse_formats
-    from ..pacs.dicomnode import RECEIVED, RECEIVING, DicomNode, NodeOptions, parse_destination, send_file
-
+    try:
+        import pynetdicom  # noqa: F401 - used where the node starts
+        from ..pacs.dicomnode import RECEIVED, RECEIVING, DicomNode, NodeOptions, parse_destination, send_file
+    except ImportError:
+        raise UserError(f"listen is a DICOM node, which needs pynetdicom: {install_extra('pacs')}.") from None
     state = Path(state_folder(args)).expanduser().absolute()
     allowed = tuple(title for option in args.allow for title in option.split(",") if title.strip())
     node = DicomNode(NodeOptions(args.ae_title, args.port, allowed, args.host, args.tls_cert, args.tls_key, args.tls_ca,

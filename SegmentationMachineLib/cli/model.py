@@ -11,7 +11,7 @@ from pathlib import Path
 from ..cloud.cloudgpu import recorded_pod_at
 from ..cloud.keepalive import heartbeat_note, pod_heartbeat
 from ..cloud.podstart import PodRecords
-from ..core.errors import UserError
+from ..core.errors import UserError, install_extra
 from ..core.files import printable
 from .common import (Progress, add_surface_options, api_key, command_record, examples, export_options, log,
                      parse_presets, report_export, say, steps)
@@ -60,19 +60,22 @@ def _input_or_phantom(args) -> Path:
 
 def _dicomweb(args):
     """The DICOMweb connection when the input is a dicomweb+ address; None for files and folders."""
-    from ..pacs.dicomweb import DicomWeb, DicomWebServer, credentials, is_dicomweb
+    from ..core.addresses import is_dicomweb
 
     if not is_dicomweb(args.input):
         if args.study or args.store_seg:
             raise UserError("--study and --store-seg are for a DICOMweb input: give the server as "
                             "dicomweb+https://HOST/dicom-web.")
         return None
+    try:
+        from ..pacs.dicomweb import DicomWeb, DicomWebServer, credentials
+    except ImportError:  # requests, which a bare install lacks (Slicer bundles it)
+        raise UserError(f"DICOMweb needs the PACS extra: {install_extra('pacs')}.") from None
     server = DicomWebServer.parse(args.input)
     if not args.study:
         raise UserError(f"Give the study to fetch from {server.url} with --study StudyInstanceUID.")
     if args.store_seg and importlib.util.find_spec("highdicom") is None:
-        raise UserError("--store-seg writes a DICOM SEG, which needs highdicom: "
-                        "pip install 'segmentation-machine[hospital]'.")
+        raise UserError(f"--store-seg writes a DICOM SEG, which needs highdicom: {install_extra('hospital')}.")
     return DicomWeb(server, credentials(server))
 
 

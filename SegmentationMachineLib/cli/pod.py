@@ -16,7 +16,7 @@ from ..cloud.heartbeat import INTERVAL_S, Heartbeat
 from ..cloud.pods import MIN_VRAM_GB, PodsError, RunPodRest, spend_per_hr
 from ..cloud.podstart import DEFAULT_TIMEOUT_S
 from ..core.credentials import SecretStore
-from ..core.errors import UserError
+from ..core.errors import UserError, install_extra
 from .common import examples
 
 SM = "segmentation-machine pod"
@@ -85,7 +85,7 @@ def run_pod(args):
     try:
         importlib.import_module("requests")  # the cloud extra: Slicer bundles it, a bare pip install does not
     except ImportError:
-        raise UserError("The pod commands need the cloud extra: pip install 'segmentation-machine[cloud]'.") from None
+        raise UserError(f"The pod commands need the cloud extra: {install_extra('cloud')}.") from None
     if args.pod_command in ("login", "logout"):
         return _login() if args.pod_command == "login" else _logout()
     cloud = CloudGpu(RunPodRest(runpod_key()))

@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..core.child import UTF8_CHILD
-from ..core.errors import UserError
+from ..core.errors import UserError, install_extra
 from ..core.files import printable
 from .common import examples, signals_held, stop_on_signals
 
@@ -70,8 +70,8 @@ def _installed(module: str) -> bool:
 
 def run_server(args):
     if not all(map(_installed, SERVER_MODULES)):
-        raise UserError("The nnInteractive server is not installed: pip install 'segmentation-machine[server]' "
-                        "(on a GPU machine, install a CUDA build of torch first).")
+        raise UserError(f"The nnInteractive server is not installed: {install_extra('server')} (on a GPU machine, "
+                        "install a CUDA build of torch first).")
     if args.model_dir:
         _check_model_dir(args.model_dir.expanduser(), args.fold)
     available = _default_device()  # imports torch: once

@@ -1,6 +1,13 @@
-"""Which hosts are this computer: plain HTTP is allowed only to them (an SSH tunnel's end), and no proxy is."""
+"""Which hosts are this computer: plain HTTP is allowed only to them (an SSH tunnel's end), and no proxy is.
+And which inputs are DICOMweb addresses, told without importing the DICOMweb client (the cloud and PACS extras)."""
 
 import ipaddress
+
+DICOMWEB_PREFIX = "dicomweb+"
+
+
+def is_dicomweb(source) -> bool:
+    return isinstance(source, str) and source.lower().startswith(DICOMWEB_PREFIX)
 
 
 def is_loopback(host: str) -> bool:

@@ -27,6 +27,11 @@ class PrintError(UserError):
     """OrcaSlicer cannot be found or started."""
 
 
+def install_extra(extra: str) -> str:
+    """How to add an optional part: from the folder the package was installed from (it is not on PyPI)."""
+    return f"pip install -e '.[{extra}]' in the SegmentationMachine folder"
+
+
 def causes(error: BaseException) -> list:
     """error and what it wraps, outermost first: requests wraps urllib3's error (its reason), which wraps the
     socket's or ssl's; httpx wraps httpcore's (its cause or context)."""

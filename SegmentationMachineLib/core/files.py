@@ -60,6 +60,32 @@ def atomic_file(path: Path, mode: str = "wb"):
             os.unlink(temp)
 
 
+def _sync(path, flags=os.O_RDONLY):
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def sync_folder(folder: Path):
+    """A rename or a new entry is durable only once its folder is flushed (POSIX; Windows has no such call)."""
+    if os.name != "nt":
+        _sync(folder)
+
+
+def sync_tree(folder: Path):
+    """Every file and folder under folder, and folder's own entry, on disk: a power cut after a journal says a
+    result is there leaves it whole, not empty files (the system writes data back up to half a minute later)."""
+    if os.name == "nt":  # NTFS journals its names; FlushFileBuffers needs write access
+        return
+    for root, _, files in os.walk(folder):
+        for name in files:
+            _sync(os.path.join(root, name))
+        _sync(root)
+    _sync(Path(folder).parent)
+
+
 def replace_private(path: Path, text: str, private: bool = True):
     """Replaces path whole with text, owner-only (0600) unless not private (then as the umask says). The temporary
     file is made by mkstemp in the same folder (a new name, O_EXCL), so a link planted there is never followed."""
@@ -70,6 +96,8 @@ def replace_private(path: Path, text: str, private: bool = True):
             _as_the_umask_says(handle)
         with os.fdopen(handle, "w", **_UTF8_TEXT) as stream:
             stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())  # its bytes before its name: a power cut leaves the old file or this one
         replace_when_free(temp, path)
     finally:
         if os.path.exists(temp):

@@ -50,9 +50,10 @@ class Journal:
         os.close(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), PRIVATE_FILE))
         self._lock = threading.Lock()  # the Slicer module polls from a timer, the CLI from its loop
         self._db = sqlite3.connect(path, check_same_thread=False)
-        # WAL: readers never wait for the writer, and a commit needs no full sync per file.
+        # WAL: readers never wait for the writer. FULL: a commit is on disk when it returns (NORMAL may lose the
+        # last commits at a power cut, and the series they delivered would be processed twice).
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
 
     def close(self):

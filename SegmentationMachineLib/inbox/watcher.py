@@ -189,6 +189,7 @@ class Inbox:
         self._lock_descriptor = None
         self.polling = options.polling  # also without watchdog
         self._handed_out = {}  # series key -> hashes handed out and not yet acknowledged
+        self._not_before = {}  # series key -> when a series handed back (a full disk) is handed out again
         self._states = {}  # series key -> SeriesStatus
         self._grouped = {}  # DICOM series key -> (its (path, hash) pairs, its groups' paths): see _groups
         self.bad_files = {}  # Path -> reason, for every file that is not part of a series
@@ -284,7 +285,7 @@ class Inbox:
                 del self._growing[path]
                 self._note(path, self._files[path])
                 self._changed = True
-        if any(now >= until for until in self._held.values()):
+        if any(now >= until for until in (*self._held.values(), *self._not_before.values())):
             self._changed = True
         if self._sweep_due and all(self._is_extracted(path) for path in self._unread):
             self._remove_unpacked()  # only once every zip in the inbox is known: an unread one may own a folder
@@ -305,6 +306,15 @@ class Inbox:
     def _busy_hidden(self) -> set:
         """The hidden files written within the settle time."""
         return {path for path, (_, _, changed) in self._hidden.items() if changed is not None}
+
+    def hand_back(self, delivery: Delivery, seconds: float, reason: str):
+        """The consumer could not finish a delivery for a cause outside the series (a full disk): it is handed out
+        again after seconds (at once where its files changed meanwhile: an update)."""
+        if self._handed_out.get(delivery.key) == delivery.hashes:
+            del self._handed_out[delivery.key]
+            self._not_before[delivery.key] = self._clock() + seconds
+        self._states[delivery.key] = SeriesStatus(delivery.key, delivery.series.name, len(delivery.series.files),
+                                                  SeriesState.WAITING, reason)
 
     def acknowledge(self, delivery: Delivery, ok: bool, reason: str = "", result: str = ""):
         """The consumer finished a delivery (loaded/processed, or failed with reason): never again."""
@@ -620,14 +630,17 @@ class Inbox:
         groups = self._groups()
         for key in [k for k, s in self._states.items() if s.state is SeriesState.WAITING and k not in groups]:
             del self._states[key]  # split into its acquisitions (or gone) since it was seen waiting
+        for key in [k for k in self._not_before if k not in groups]:
+            del self._not_before[key]
         ready, self._held = [], {}
         for key, records in groups.items():
             hashes = frozenset(r.sha256 for r in records)
             if hashes <= self._delivered:  # everything here was delivered before, under this or another name
                 self._note_duplicate(key, records)
                 continue
-            if self._handed_out.get(key) == hashes:
+            if self._handed_out.get(key) == hashes or now < self._not_before.get(key, -math.inf):
                 continue
+            self._not_before.pop(key, None)
             skipped = []
             series = build_series(key, [r.slice for r in records], skipped)
             if any(r.slice.path.parent in unsettled_folders for r in records):

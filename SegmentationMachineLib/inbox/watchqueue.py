@@ -23,13 +23,14 @@ import time
 from pathlib import Path
 
 from ..core.errors import UnsuitableImage, UserError
-from ..core.files import WINDOWS, printable, replace_private, replace_when_free
+from ..core.files import WINDOWS, printable, replace_private, replace_when_free, sync_folder, sync_tree
 from .locks import hold_lock
 from .watcher import Delivery, Inbox, SeriesState
 
 log = logging.getLogger(__name__)
 
 STATUS_NAME = "status.json"
+DISK_RETRY_S = 60.0  # how often a series a full disk stopped is tried again (watch without --once)
 STAGING = ".segmentation-machine-staging"  # results being written; removed at a start: a name only ours has
 OLDER_STAGING = ".staging"  # where versions before 2026-11-27 staged them
 
@@ -40,10 +41,12 @@ class StatusBoard:
         self._inbox = str(Path(inbox_folder).absolute())
         self._series = {}
         self.failed_here = set()  # keys of the series that failed since this board was opened
+        self.unsaved = False  # a change the full disk did not take
         if self.path.is_symlink():  # never ours, never followed: replaced by the board
             return
-        try:  # a restart continues the same board
-            self._series = {s["key"]: s for s in json.loads(self.path.read_text(encoding="utf-8"))["series"]}
+        try:  # a restart continues the same board; an empty one (a power cut's) is rebuilt from the journal
+            text = self.path.read_text(encoding="utf-8")
+            self._series = {s["key"]: s for s in json.loads(text)["series"]} if text.strip() else {}
         except FileNotFoundError:
             pass
         except OSError as error:
@@ -74,8 +77,15 @@ class StatusBoard:
         self.save()
 
     def save(self):
-        replace_private(self.path, json.dumps({"inbox": self._inbox, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                               "series": list(self._series.values())}, indent=2))
+        """Where the disk is full, the board is written again at the next change or poll (save_if_unsaved)."""
+        try:
+            replace_private(self.path, json.dumps({"inbox": self._inbox, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                   "series": list(self._series.values())}, indent=2))
+            self.unsaved = False
+        except OSError as error:
+            if not _disk_full(error):
+                raise
+            self.unsaved = True
 
 
 def _staging_folder(outbox: Path, key: str, staging: str = STAGING) -> Path:
@@ -101,16 +111,23 @@ def _free_name(made: Path, outbox: Path) -> Path:
     return made
 
 
-def _commit(inbox: Inbox, delivery: Delivery, result: Path):
+def _commit(inbox: Inbox, delivery: Delivery, staged: Path, result: Path):
+    sync_tree(staged)  # on disk before the journal says it is done (a power cut would leave empty files)
     inbox.acknowledge(delivery, True, delivery.remarks(), result=str(result))
 
 
 def _publish(staged: Path, result: Path):
     replace_when_free(staged, result, os.rename)
+    sync_folder(result.parent)
+
+
+def _disk_full(error: Exception) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) or \
+        isinstance(error, sqlite3.OperationalError) and "disk is full" in str(error)
 
 
 def _disk_problem(error: OSError) -> str:
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if _disk_full(error):
         return "The disk is full: free some space, then restart watch to process this series again."
     return f"Cannot write the results ({error.strerror or error}): check the outbox folder."
 
@@ -148,8 +165,9 @@ def _failure_reason(error: Exception) -> str:
             "please report it with the log")
 
 
-def deliver(inbox: Inbox, board: StatusBoard, delivery: Delivery, process, outbox: Path, echo):
-    """process(delivery, folder) writes one result folder into folder (staging) and returns it."""
+def deliver(inbox: Inbox, board: StatusBoard, delivery: Delivery, process, outbox: Path, echo, retry_s: float = None):
+    """process(delivery, folder) writes one result folder into folder (staging) and returns it. A full disk is not
+    the series' fault: with retry_s, the series waits that long and is processed again; else it fails."""
     series = delivery.series
     staging = _staging_folder(outbox, delivery.key)
     shutil.rmtree(staging, ignore_errors=True)
@@ -166,9 +184,12 @@ def deliver(inbox: Inbox, board: StatusBoard, delivery: Delivery, process, outbo
         return
     except Exception as error:  # noqa: BLE001 — one series' failure, even our own bug, never stops the queue
         _remove(staging)
+        if _disk_full(error) and retry_s is not None:
+            _wait_for_space(inbox, board, delivery, retry_s, echo)
+            return
         reason = _failure_reason(error)
-        if not isinstance(error, OSError) or error.errno not in (errno.ENOSPC, errno.EDQUOT):
-            inbox.acknowledge(delivery, False, reason)  # a full disk is not this series' fault: not remembered
+        if not _disk_full(error):  # a full disk is not this series' fault: not remembered
+            inbox.acknowledge(delivery, False, reason)
         board.set(delivery.key, series.name, len(series.files), "failed", reason)
         echo(f"{series.name}: failed: {reason}")
         return
@@ -177,12 +198,19 @@ def deliver(inbox: Inbox, board: StatusBoard, delivery: Delivery, process, outbo
         board.set(delivery.key, series.name, len(series.files), "waiting", "interrupted; processed again on restart")
         raise
     result = outbox / staged.name
-    _commit(inbox, delivery, result)
+    _commit(inbox, delivery, staged, result)
     _publish(staged, result)
     _remove(staging)
     echo(f"{series.name}: done → {printable(result)}" + (f" (looks incomplete: {delivery.incomplete})"
                                                            if delivery.incomplete else ""))
     board.set(delivery.key, series.name, len(series.files), "done", delivery.remarks(), result)
+
+
+def _wait_for_space(inbox: Inbox, board: StatusBoard, delivery: Delivery, retry_s: float, echo):
+    reason = f"the disk is full: free some space; tried again every {retry_s:g} s"
+    inbox.hand_back(delivery, retry_s, reason)
+    echo(f"{delivery.series.name}: waiting: {reason}")
+    board.set(delivery.key, delivery.series.name, len(delivery.series.files), "waiting", reason)  # may fail: said
 
 
 def run_queue(inbox: Inbox, outbox: Path, process, once: bool = False, echo=print,
@@ -205,6 +233,8 @@ def run_queue(inbox: Inbox, outbox: Path, process, once: bool = False, echo=prin
         while not stop.is_set():
             deliveries = _poll(inbox, echo)
             polled()
+            if board.unsaved:
+                board.save()
             for status in inbox.statuses():
                 if status.state == SeriesState.WAITING and board.get(status.key).get("state") != "waiting":
                     board.set(status.key, status.name, status.files, "waiting", status.reason)
@@ -216,10 +246,12 @@ def run_queue(inbox: Inbox, outbox: Path, process, once: bool = False, echo=prin
                      + (f" (result: {printable(result)})" if result else "") + ".")
             for delivery in deliveries:
                 try:
-                    deliver(inbox, board, delivery, process, outbox, echo)
+                    deliver(inbox, board, delivery, process, outbox, echo, None if once else DISK_RETRY_S)
                 except (OSError, sqlite3.OperationalError) as error:  # the journal's or status.json's disk
-                    echo(f"{delivery.series.name}: cannot record its result ({printable(error)}): "
-                         "free some space, then restart to process it again.")
+                    echo(f"{delivery.series.name}: cannot record its result ({printable(error)}): free some space"
+                         + (", then run again to process it." if once else f"; tried again every {DISK_RETRY_S:g} s."))
+                    if not once and _disk_full(error):
+                        inbox.hand_back(delivery, DISK_RETRY_S, "the disk was full")
             if once and not deliveries and not inbox.pending():
                 return board
             stop.wait(tick)

@@ -23,7 +23,7 @@ import vtk
 from pydicom.misc import is_dicom
 
 from ..core import arrays, child
-from ..core.errors import ExportError
+from ..core.errors import ExportError, install_extra
 from ..core.files import replace_when_free
 from ..core.grids import RAS_TO_LPS
 from ..core.provenance import made_by
@@ -83,9 +83,8 @@ def _writer_packages():
     folder = seg_packages_folder()
     if folder.is_dir():
         return folder
-    raise ExportError("DICOM SEG export needs highdicom and the pydicom 3 it needs: pip install "
-                      "'segmentation-machine[hospital]' (in 3D Slicer, the export installs both once, after asking, "
-                      "into a folder of their own).")
+    raise ExportError(f"DICOM SEG export needs highdicom and the pydicom 3 it needs: {install_extra('hospital')} (in "
+                      "3D Slicer, the export installs both once, after asking, into a folder of their own).")
 
 
 def seg_packages_missing() -> bool:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..core.errors import UserError
-from ..core.files import PRIVATE_FOLDER, printable, private_folder, replace_when_free
+from ..core.files import PRIVATE_FOLDER, printable, private_folder, replace_when_free, sync_folder
 from ..dicom.transfer_syntaxes import DECODABLE
 
 log = logging.getLogger("segmentation-machine")
@@ -109,17 +109,6 @@ def _transfer_syntaxes() -> list:
     from pynetdicom import ALL_TRANSFER_SYNTAXES
 
     return sorted(ALL_TRANSFER_SYNTAXES, key=lambda uid: uid not in DECODABLE)
-
-
-def _sync_folder(folder: Path):
-    """A rename or a new entry is durable only once its folder is flushed (POSIX; Windows has no such call)."""
-    if os.name == "nt":
-        return
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _touch(mark: Path):
@@ -259,7 +248,7 @@ class DicomNode:
             with self.storing:
                 self._make_folder(path.parent)
                 replace_when_free(temp, path)  # a resent instance replaces its earlier copy whole
-                _sync_folder(path.parent)
+                sync_folder(path.parent)
         finally:
             if os.path.exists(temp):
                 os.unlink(temp)
@@ -269,7 +258,7 @@ class DicomNode:
             return
         self._make_folder(folder.parent)
         folder.mkdir(mode=PRIVATE_FOLDER, exist_ok=True)
-        _sync_folder(folder.parent)
+        sync_folder(folder.parent)
 
     def _rejected(self, event):
         if event.assoc.requestor.ae_title.strip() in self.options.allowed:  # pynetdicom's limit, 10 at once

@@ -19,13 +19,12 @@ import pydicom
 import requests
 from urllib3.exceptions import ProtocolError
 
-from ..core.addresses import is_loopback
+from ..core.addresses import DICOMWEB_PREFIX, is_dicomweb, is_loopback
 from ..core.credentials import SecretStore
-from ..core.errors import UserError, untrusted_certificate
+from ..core.errors import UserError, install_extra, untrusted_certificate
 from ..core.files import printable
 from ..dicom.transfer_syntaxes import undecodable
 
-PREFIX = "dicomweb+"
 TOKEN_VARIABLE = "SM_DICOMWEB_TOKEN"  # bearer token (OAuth 2 access token)
 USER_VARIABLE, PASSWORD_VARIABLE = "SM_DICOMWEB_USER", "SM_DICOMWEB_PASSWORD"  # HTTP basic
 # What a refusal (401, 403) asks of the user; the module, whose credentials are saved in it, says its own.
@@ -54,10 +53,6 @@ UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # DICOM UIDs: digits and dots, at most 6
 _QIDO_FIELDS = ["SeriesNumber", "SeriesDescription", "Modality", "NumberOfSeriesRelatedInstances"]
 
 
-def is_dicomweb(source) -> bool:
-    return isinstance(source, str) and source.lower().startswith(PREFIX)
-
-
 @dataclass(frozen=True)
 class DicomWebServer:
     url: str  # http(s)://HOST[:PORT]/ROOT, as dicomweb-client wants it
@@ -65,7 +60,7 @@ class DicomWebServer:
     @classmethod
     def parse(cls, source: str) -> "DicomWebServer":
         shown = printable(source)
-        parts = urlsplit(source[len(PREFIX):])
+        parts = urlsplit(source[len(DICOMWEB_PREFIX):])
         if parts.username is not None or parts.password is not None:
             raise UserError("Credentials in a DICOMweb address would show in the process list and in logs: remove "
                             f"them and set {TOKEN_VARIABLE}, or {USER_VARIABLE} and {PASSWORD_VARIABLE}, instead.")
@@ -226,8 +221,7 @@ class DicomWeb:
         try:
             from dicomweb_client.api import DICOMwebClient
         except ImportError:
-            raise UserError("DICOMweb needs dicomweb-client: pip install 'segmentation-machine[pacs]' "
-                            "(Slicer bundles it).") from None
+            raise UserError(f"DICOMweb needs dicomweb-client: {install_extra('pacs')} (Slicer bundles it).") from None
 
         self.server = server
         self._set_credentials = set_credentials

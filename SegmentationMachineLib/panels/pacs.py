@@ -7,11 +7,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core.addresses import DICOMWEB_PREFIX, is_dicomweb
 from ..core.credentials import SecretStore
 from ..core.errors import UserError
 from ..mesh.dicomseg import SEG_FILE, SegInput, write_seg
 from ..mesh.export import DEFAULT_EXPORT_FOLDER, ExportOptions, new_output_folder, prepare_export
-from ..pacs.dicomweb import PREFIX, TIMEOUT, DicomWeb, DicomWebServer, credentials, is_dicomweb, kept
+from ..pacs.dicomweb import TIMEOUT, DicomWeb, DicomWebServer, credentials, kept
 from .tasks import BackgroundTask
 
 SAVE_CREDENTIALS = "save a token, or a user name and password, that it accepts (Save credentials)"
@@ -59,7 +60,7 @@ class PacsPanel:
 
     def _parsed(self) -> DicomWebServer:
         text = self.server.strip()
-        return DicomWebServer.parse(text if is_dicomweb(text) else PREFIX + text)
+        return DicomWebServer.parse(text if is_dicomweb(text) else DICOMWEB_PREFIX + text)
 
     def save_credentials(self, token: str = "", user: str = "", password: str = "") -> bool:
         """A token, or a user and password, for this server; the others are forgotten. True once saved (the

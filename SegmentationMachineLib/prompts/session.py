@@ -31,7 +31,7 @@ import vtk
 
 from ..core import arrays
 from ..core.addresses import is_loopback
-from ..core.errors import UserError, untrusted_certificate
+from ..core.errors import UserError, install_extra, untrusted_certificate
 from ..core.files import printable
 from ..core.grids import bounding_box
 from ..core.provenance import NNINTERACTIVE, mark_segment
@@ -149,8 +149,8 @@ def _upstream():
 
         from . import remote
     except ImportError:
-        raise InteractiveError("The nnInteractive client is not installed: install it with "
-                               "pip install 'segmentation-machine[ai]' (the module offers to do it).") from None
+        raise InteractiveError(f"The nnInteractive client is not installed: {install_extra('ai')} (in Slicer, the "
+                               "module offers to install it).") from None
     # The client compresses the volume with blosc2, which keeps the GIL by default: inside Slicer that held
     # the main thread for 0.8 s during an upload (benchmarks/slicer_threads.py); released, 0.06 s.
     blosc2.set_releasegil(True)
