@@ -33,7 +33,7 @@ from SegmentationMachineLib.panels.presets import PresetsPanel
 from SegmentationMachineLib.panels.tasks import PUMP_INTERVAL_MS, share_gil
 from SegmentationMachineLib.segment.masks import PRESETS
 
-from SegmentationMachineWidgets import errorsShown, packages, sendToOrcaSlicer, timer
+from SegmentationMachineWidgets import errorsShown, packages, sendToOrcaSlicer, setPlainText, timer
 from SegmentationMachineWidgets.cloud import CloudSection
 from SegmentationMachineWidgets.pacs import PacsSection
 from SegmentationMachineWidgets.prompttools import PromptToolsSection
@@ -195,7 +195,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                     self.ui.inboxTable.setItem(row, column, qt.QTableWidgetItem(str(value)))
         self.ui.presetStatusLabel.text = self.presets.status
         self.ui.exportStatusLabel.text = self.export.status
-        self.ui.reportTextEdit.plainText = self.export.report_text()
+        setPlainText(self.ui.reportTextEdit, self.export.report_text())
 
     def onApplyPreset(self):
         if self.presets.task:  # the button reads Cancel while a preset runs: its sentence comes through poll
@@ -254,7 +254,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         for delivery in deliveries:
             try:
                 loaded = self.logic.loadDelivery(delivery, copyFiles=self.inbox.copies_into_database(delivery))
-                self.inbox.loaded(delivery, True, notes=loaded.notes)  # shown in its row and the status
+                self.inbox.loaded(delivery, True, notes=loaded.notes, node=loaded.node)  # its row; older ones go
                 if self._parameterNode and self.ui.inboxUseAsSourceCheckBox.checked:
                     self._parameterNode.sourceVolume = loaded.node
                     self.ui.promptsCollapsibleButton.collapsed = False  # straight to the AI prompt tools

@@ -2,6 +2,7 @@
 (dcmtk's storescu and pynetdicom): models exactly once, an allow-list, kill -9 mid-association, TLS, SEG sent back."""
 
 import json
+import logging
 import shutil
 import signal
 import socket
@@ -206,6 +207,7 @@ def test_an_association_broken_by_a_malformed_message_leaves_no_mark_holding_its
     series was never modelled until listen restarted. Its reactor thread's traceback is one sentence."""
     from SegmentationMachineLib.pacs.dicomnode import DicomNode, MARK, NodeOptions
 
+    caplog.set_level(logging.INFO)
     node = DicomNode(NodeOptions("SEGMACHINE", free_port(), ("PACS",), "127.0.0.1", min_free_mb=0),
                      tmp_path / "received", tmp_path / "receiving")
     node.start()
@@ -222,6 +224,10 @@ def test_an_association_broken_by_a_malformed_message_leaves_no_mark_holding_its
             time.sleep(0.1)
         assert not list(node.folder.rglob(MARK)) and len(list(node.folder.rglob("*.dcm"))) == 1
         assert "An association ended: its sender sent a message that is not DICOM (AttributeError" in caplog.text
+        while "Received 1 instance(s)" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "Received 1 instance(s) from AE 'PACS'" in caplog.text  # its line, and nothing of it kept
+        assert not node._received and not node._refused and not node._marked
         association.abort()
     finally:
         node.stop()

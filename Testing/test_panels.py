@@ -227,3 +227,24 @@ def test_a_provenance_that_cannot_be_vouched_for_is_left_out_and_the_export_goes
     result = export.finish()
     assert result is not None, export.status
     assert result.report["input"] is None and result.report["presets"] == [] and result.report["meshes"]
+
+
+def test_the_inbox_keeps_its_newest_series_in_the_scene_and_never_one_the_user_works_with(ctx):
+    """Each delivered series stayed in the scene: a Slicer left watching for weeks filled its memory."""
+    from types import SimpleNamespace
+
+    from SegmentationMachineLib.panels.inbox import KEEP_LOADED, InboxPanel
+
+    panel, volumes = InboxPanel(), []
+    for number in range(KEEP_LOADED + 3):
+        volumes.append(ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"CT {number}"))
+        if number == 2:  # the user's: shown in a slice view, and one a segmentation editor works on
+            ctx.scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode").SetBackgroundVolumeID(volumes[0].GetID())
+            ctx.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode").SetNodeReferenceID("sourceVolume",
+                                                                                         volumes[1].GetID())
+        delivery = SimpleNamespace(series=SimpleNamespace(name=f"CT {number}"), remarks=lambda notes: "")
+        panel.loaded(delivery, True, node=volumes[-1])
+    in_scene = [v.GetName() for v in volumes if ctx.scene.IsNodePresent(v)]
+    assert in_scene == ["CT 0", "CT 1", *(f"CT {n}" for n in range(3, KEEP_LOADED + 3))]
+    assert panel.status == (f"CT 2 left the scene: the inbox keeps its {KEEP_LOADED} newest series there; the DICOM "
+                            "database still has it.")

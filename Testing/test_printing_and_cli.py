@@ -200,6 +200,15 @@ def test_on_macos_the_files_are_handed_to_the_app_and_a_refusal_is_said(tmp_path
         send_to_orcaslicer(export_folder, env={"PATH": str(bin_dir)}, home=tmp_path, platform="darwin")
 
 
+def test_a_configured_path_relative_to_the_current_folder_is_run_from_there(tmp_path, export_folder, monkeypatch):
+    """'./orca' became 'orca', which Popen looked up on PATH: "could not be started (No such file or directory)"."""
+    make_stub(tmp_path / "tools", "orca")
+    monkeypatch.chdir(tmp_path / "tools")
+    command = send_to_orcaslicer(export_folder, "./orca", env={"PATH": ""}, home=tmp_path)
+    assert command[0] == str(tmp_path / "tools" / "orca")
+    assert wait_for(tmp_path / "tools" / "orca.args").split() == [str(export_folder / "segments.3mf")]
+
+
 def test_a_downloaded_appimage_that_may_not_run_is_named_not_missing(tmp_path):
     """Browsers save downloads without the permission to run them: 'not found' sent users looking elsewhere."""
     appimage = tmp_path / "Downloads" / "OrcaSlicer_Linux_AppImage_Ubuntu2404_V2.3.1.AppImage"

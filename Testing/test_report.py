@@ -3,6 +3,7 @@
 
 import hashlib
 import json
+import re
 from argparse import Namespace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -75,6 +76,7 @@ def test_model_report_traces_input_preset_options_version_and_time(phantom_dir, 
     positions = [next(i for i, line in enumerate(lines) if text in line) for text in order]
     assert positions == sorted(positions)
     assert "WARNING: This scan has 1 million voxels and will need about 0.5 GiB" in log_file.read_text()
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d segmentation-machine: ", line) for line in lines)
     assert "will need about" in console.err and "Preset 'bone'" not in console.err
 
 

@@ -295,3 +295,26 @@ def test_without_the_nninteractive_client_as_in_a_stock_slicer_a_prompt_says_wha
     with pytest.raises(InteractiveError, match=r"^The nnInteractive client is not installed: pip install -e '\.\[ai\]' "
                                                r"in the SegmentationMachine folder \(in Slicer, the module offers to "):
         InteractiveSession("http://127.0.0.1:1", "key-0123456789").connect()
+
+
+def test_the_report_box_is_set_only_when_its_text_changes():
+    """The inbox's 250 ms update set it every time, and Qt's setPlainText reset the user's scroll and selection."""
+    sys.path.insert(0, str(MODULE_FOLDER))
+    try:
+        from SegmentationMachineWidgets import setPlainText
+    finally:
+        sys.path.remove(str(MODULE_FOLDER))
+
+    class TextBox:
+        plainText, sets = "", 0
+
+        def __setattr__(self, name, value):
+            if name == "plainText":
+                object.__setattr__(self, "sets", self.sets + 1)
+            object.__setattr__(self, name, value)
+
+    box = TextBox()
+    for text in ("Bone: 120 mL", "Bone: 120 mL", "Bone: 120 mL", "Skin: 2 L"):
+        setPlainText(box, text)
+    assert (box.plainText, box.sets) == ("Skin: 2 L", 2)
+    assert "setPlainText(self.ui.reportTextEdit" in (MODULE_FOLDER / "SegmentationMachine.py").read_text()

@@ -17,6 +17,13 @@ def errorsShown(message: str, waitCursor: bool = False):
         pass
 
 
+def setPlainText(edit, text: str):
+    """Only where it changed: setting a text box's text resets the user's scroll and selection in it, and the
+    inbox updates the panel every 250 ms."""
+    if edit.plainText != text:
+        edit.plainText = text
+
+
 def timer(interval_ms: int, slot):
     """A QTimer that calls slot every interval_ms once started."""
     import qt

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import warnings
+from datetime import datetime
 from pathlib import Path
 
 from .. import __version__
@@ -22,6 +23,15 @@ from .model import add_model_command
 from .pod import add_pod_commands
 from .server import add_server_command
 from .watch import add_watch_command
+
+
+LINE_FORMAT = "segmentation-machine: %(levelname)s: %(message)s"
+
+
+class _StampedFormatter(logging.Formatter):
+    def formatTime(self, record, datefmt=None):
+        """Local time with its offset from UTC (strftime's %z gives a zone's name on Windows)."""
+        return datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="seconds")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +92,7 @@ def _configure_logging(log_file: Path = None):
         descriptor = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0), 0o600)
         os.chmod(log_file, 0o600)  # also when it existed before
         handlers.append(logging.StreamHandler(os.fdopen(descriptor, "a", encoding="utf-8", errors="backslashreplace")))
+        handlers[-1].setFormatter(_StampedFormatter(f"%(asctime)s {LINE_FORMAT}"))  # weeks of watch: when
     for handler in handlers:
         handler.addFilter(_printable_record)
         # pydicom's and highdicom's remarks on a file's odd values (a one-part patient name, a cut file): our
@@ -89,8 +100,7 @@ def _configure_logging(log_file: Path = None):
         handler.addFilter(lambda record: record.levelno >= logging.ERROR or not record.name.startswith("pydicom"))
     handlers[0].addFilter(lambda record: not record.name.startswith(steps.name))  # steps: the --log file only
     # Third parties' INFO lines (httpx's requests, NumExpr's threads) are noise to the user: only warnings pass.
-    logging.basicConfig(level=logging.WARNING, format="segmentation-machine: %(levelname)s: %(message)s",
-                        handlers=handlers, force=True)
+    logging.basicConfig(level=logging.WARNING, format=LINE_FORMAT, handlers=handlers, force=True)
     log.setLevel(logging.INFO)
     # pynetdicom's errors come as several lines, some with tracebacks: the DICOM node writes one sentence for each.
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)

@@ -4,6 +4,7 @@ Reads files only; never moves, edits or deletes them. Every file that is not use
 with its reason, and every geometry problem with what was done about it.
 """
 
+import functools
 import hashlib
 import io
 import math
@@ -63,6 +64,7 @@ ACQUISITION_TAGS = (
 # beat): they split a series only into parts that are each one volume.
 SPLIT_ONLY_INTO_VOLUMES = {"NominalPercentageOfCardiacPhase", "TriggerTime", "KVP"}
 COLOUR_IMAGE = "a colour image (a screenshot or 3D rendering), not an image slice"
+ANOTHER_STACK = "a different orientation, size or pixel spacing from the rest of its series"
 
 
 # GDCM (Slicer's reader) takes a file without a Part 10 header only where its first attribute holds a value.
@@ -496,8 +498,13 @@ def _a_copy(one: DicomSlice, other: DicomSlice) -> bool:
     new UIDs). Else they are two images that no tag tells apart, such as cardiac phases."""
     if not (one.instance_uid and other.instance_uid) or one.instance_uid == other.instance_uid:
         return True
+    return _same_pixels(str(one.path), str(other.path))
+
+
+@functools.lru_cache(maxsize=4096)  # the inbox builds its series again at each change in the folder
+def _same_pixels(one: str, other: str) -> bool:
     try:
-        return pydicom.dcmread(one.path).PixelData == pydicom.dcmread(other.path).PixelData
+        return pydicom.dcmread(one).PixelData == pydicom.dcmread(other).PixelData
     except Exception:  # noqa: BLE001 - gone or unreadable since the scan: left to the loader, as before
         return True
 
@@ -567,7 +574,7 @@ def build_series(key: str, slices: list, skipped: list) -> DicomSeries:
     stack = max(stacks.values(), key=len)
     for other in stacks.values():
         if other is not stack:
-            skipped.extend(SkippedFile(s.path, "a different orientation, size or pixel spacing from the rest of its series") for s in other)
+            skipped.extend(SkippedFile(s.path, ANOTHER_STACK) for s in other)
     first = stack[0]
     normal = _normal(first.orientation)
     stack.sort(key=lambda s: (float(np.dot(s.position, normal)), s.instance_number))

@@ -79,11 +79,14 @@ class Journal:
             self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
                              (str(path), size, mtime_ns, sha256, slice_to_json(item) if item else None, reason))
 
-    def forget_files(self, paths):
-        """Files removed for good (listen's retention): their rows go, so the journal does not grow forever; what was
-        delivered is still remembered by content."""
-        with self._lock, self._db:
+    def forget_files(self, paths, commit: bool = True):
+        """Files removed for good (listen's retention, a user's delete): their rows go, so the journal does not grow
+        forever; what was delivered is still remembered by content. Without commit, the next poll's commit saves it
+        (one sync for a thousand files deleted at once)."""
+        with self._lock:
             self._db.executemany("DELETE FROM files WHERE path=?", [(str(path),) for path in paths])
+            if commit:
+                self._db.commit()
 
     def forget_folder(self, folder: Path):
         """Every file under folder removed for good (an unpacked zip's folder), known in this run or not."""

@@ -439,8 +439,11 @@ class Inbox:
             del self._folders[known]
         for known in [p for p in self._hidden if p == path or path in p.parents]:
             del self._hidden[known]
-        for known in [p for p in set(self._files) | set(self.bad_files)
-                      if p == path or path in p.parents or str(p).startswith(f"{path}!")]:
+        gone = [p for p in set(self._files) | set(self.bad_files)
+                if p == path or path in p.parents or str(p).startswith(f"{path}!")]
+        if gone and self.journal:
+            self.journal.forget_files(gone, commit=False)
+        for known in gone:
             if getattr(self._files.get(known), "reason", None) == ARCHIVE:
                 self._sweep_due = True  # its unpacked folder may be unused now
             self._files.pop(known, None)

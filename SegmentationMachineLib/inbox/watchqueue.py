@@ -1,13 +1,13 @@
 """The headless processing queue: every ready inbox series through the model pipeline, one at a time.
 
-OUTBOX/status.json says where each series stands (waiting, processing, done, failed + reason) with
+OUTBOX/status.json says where each series stands (waiting, processing, done, failed or skipped + reason) with
 absolute paths, and is replaced whole after every change (a new temporary name each time, owner-only:
 it names patients' series), so a reader never sees half of it.
 
-A delivery is one atomic step, whatever kills the process when: the result is written into
-OUTBOX/.staging, the journal commits it, then it is renamed into place. On start the journal is the
-truth: a committed result still in staging is moved into place, status.json is corrected, and any
-other staging (an interrupted export) is removed, so the series is processed again.
+A delivery is one atomic step, whatever kills the process when (a power cut too): the result is written into
+OUTBOX/.segmentation-machine-staging and flushed to disk, the journal commits it, then it is renamed into place. On
+start the journal is the truth: a committed result still in staging is moved into place, status.json is corrected,
+and any other staging (an interrupted export) is removed, so the series is processed again.
 """
 
 import errno
@@ -95,7 +95,7 @@ def _staging_folder(outbox: Path, key: str, staging: str = STAGING) -> Path:
 def _remove(staging: Path):
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        staging.parent.rmdir()  # OUTBOX/.staging only while something is being written
+        staging.parent.rmdir()  # the staging folder only while something is being written
     except OSError:
         pass
 

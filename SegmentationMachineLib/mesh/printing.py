@@ -34,7 +34,7 @@ class OrcaSlicer:
 
 
 def _from_path(path: Path, found: str):
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().absolute()  # "./OrcaSlicer" as "OrcaSlicer" would be looked up on PATH
     if path.suffix == ".app" and path.is_dir():
         # Files by Apple Event (a running OrcaSlicer gets them too; its own hand-over from a second instance
         # garbles a path with 'ä'), not as a new instance's arguments

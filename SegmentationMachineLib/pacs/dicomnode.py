@@ -218,7 +218,7 @@ class DicomNode:
             folder = self.folder / _file_name(dataset.StudyInstanceUID) / _file_name(dataset.SeriesInstanceUID)
             data = event.encoded_dataset()  # the bytes as sent, with their file meta
         except Exception as error:  # whatever a sender puts in a dataset: that instance is refused
-            log.warning("Refused an instance from %s: it cannot be read (%s).", self._peer(event), error)
+            log.warning("Refused an instance from %s: it cannot be read (%s).", self._peer(event.assoc), error)
             return CANNOT_UNDERSTAND
         try:
             free = shutil.disk_usage(self.folder).free
@@ -230,7 +230,7 @@ class DicomNode:
             self._write(folder / f"{_file_name(event.request.AffectedSOPInstanceUID)}.dcm", data)
         except OSError as error:
             log.error("Cannot store an instance from %s (%s): free some space; the sender may send it again.",
-                      self._peer(event), error.strerror or error)
+                      self._peer(event.assoc), error.strerror or error)
             return OUT_OF_RESOURCES
         with self._lock:
             self._received[event.assoc] = self._received.get(event.assoc, 0) + 1
@@ -263,9 +263,9 @@ class DicomNode:
     def _rejected(self, event):
         if event.assoc.requestor.ae_title.strip() in self.options.allowed:  # pynetdicom's limit, 10 at once
             log.warning("Refused an association from %s: too many are open; it may try again later.",
-                        self._peer(event))
+                        self._peer(event.assoc))
         else:
-            log.warning("Refused an association from %s: only %s may send (--allow).", self._peer(event),
+            log.warning("Refused an association from %s: only %s may send (--allow).", self._peer(event.assoc),
                         ", ".join(self.options.allowed))
 
     def _broken_association(self, args):
@@ -279,10 +279,12 @@ class DicomNode:
 
     def _keep_marks(self):
         while not self._stopped.wait(MARK_INTERVAL_S):
+            # pynetdicom ends an association broken by a malformed message without any event
+            with self._lock:
+                dead = [a for a in {*self._marked, *self._received, *self._refused} if not a.is_alive()]
+            for association in dead:
+                self._end(association)
             with self._lock:  # never touched again once its association's marks were released
-                # pynetdicom ends an association broken by a malformed message without any event
-                for association in [a for a in self._marked if not a.is_alive()]:
-                    self._release_marks(association)
                 for folder in set().union(*self._marked.values()):
                     _touch(folder / MARK)
 
@@ -292,20 +294,24 @@ class DicomNode:
             (folder / MARK).unlink(missing_ok=True)
 
     def _finished(self, event):
+        self._end(event.assoc)
+
+    def _end(self, association):
+        """An association released, aborted or broken: its line, and nothing of it kept."""
         with self._lock:
-            count = self._received.pop(event.assoc, 0)
-            refused, free_mb = self._refused.pop(event.assoc, (0, 0))
-            self._release_marks(event.assoc)
+            count = self._received.pop(association, 0)
+            refused, free_mb = self._refused.pop(association, (0, 0))
+            self._release_marks(association)
         if count:
-            log.info("Received %d instance(s) from %s.", count, self._peer(event))
+            log.info("Received %d instance(s) from %s.", count, self._peer(association))
         if refused:
             log.warning("Refused %d instance(s) from %s: only %.0f MB free on %s (--min-free-mb %g); free some space, "
-                        "then have them sent again.", refused, self._peer(event), free_mb, printable(self.folder),
-                        self.options.min_free_mb)
+                        "then have them sent again.", refused, self._peer(association), free_mb,
+                        printable(self.folder), self.options.min_free_mb)
 
     @staticmethod
-    def _peer(event) -> str:
-        requestor = event.assoc.requestor
+    def _peer(association) -> str:
+        requestor = association.requestor
         return f"AE '{requestor.ae_title.strip()}' at {requestor.address}"
 
 

@@ -13,6 +13,23 @@ from ..pacs.dicomnode import RECEIVED
 from .tasks import BackgroundTask
 
 STOP_WAIT_S = 5.0  # Stop never hangs on a read still running: after this it is abandoned (its thread is a daemon)
+# Series the inbox loaded that stay in the scene: a Slicer left watching for weeks would fill its memory (a CT is
+# 100-300 MB). Older ones that nothing uses leave the scene; the DICOM database keeps them.
+KEEP_LOADED = 8
+
+
+def _in_use(volume, scene) -> bool:
+    """Whether the user works with volume: a slice view shows it, a node refers to it (a segmentation or the Segment
+    Editor's source, a module's parameters, a transform's), or it was changed since it was read."""
+    if volume.GetModifiedSinceRead():
+        return True
+    for index in range(scene.GetNumberOfNodes()):
+        node = scene.GetNthNode(index)
+        for role in (node.GetNthNodeReferenceRole(n) for n in range(node.GetNumberOfNodeReferenceRoles())):
+            if any(node.GetNthNodeReferenceID(role, n) == volume.GetID()
+                   for n in range(node.GetNumberOfNodeReferences(role))):
+                return True
+    return False
 
 
 def default_inbox_folder() -> Path:
@@ -46,6 +63,7 @@ class InboxPanel:
     # Unpacked zips that loaded series come from: Slicer's scene (and its DICOM SEG export) reads their files, so they
     # stay for the whole session, across Stop and Start, even once their zip is gone; the next session removes them.
     _in_use: set = field(default_factory=set)
+    _kept: list = field(default_factory=list)  # (node ID, its unpacked folders) of what the inbox loaded, oldest first
 
     @property
     def running(self) -> bool:
@@ -105,20 +123,42 @@ class InboxPanel:
             self.status = problem
         return deliveries or []
 
-    def loaded(self, delivery, ok: bool, reason: str = "", notes=()):
-        """The widget loaded a delivery (or failed to, with reason); recorded before the next poll. A loaded series
-        that looks incomplete, or that the loader changed (notes, e.g. resampled to even spacing), says so in its row
-        and in the status: it was loaded, but not as the scanner made it."""
+    def loaded(self, delivery, ok: bool, reason: str = "", notes=(), node=None):
+        """The widget loaded a delivery into node (or failed to, with reason); recorded before the next poll. A loaded
+        series that looks incomplete, or that the loader changed (notes, e.g. resampled to even spacing), says so in
+        its row and in the status: it was loaded, but not as the scanner made it."""
         if ok:
             reason = delivery.remarks(notes)
             if reason:
                 self.status = f"{delivery.series.name} was loaded. {reason}"
+            if node is not None:
+                self._kept.append((node.GetID(), self.inbox.unpacked_folders(delivery) if self.inbox else set()))
+                removed = self._unload_unused(node.GetScene())
+                if removed:
+                    self.status = " ".join(filter(None, (reason and self.status, (
+                        f"{', '.join(removed)} left the scene: the inbox keeps its {KEEP_LOADED} newest series there; "
+                        "the DICOM database still has it."))))
         self._acknowledgements.append((delivery, ok, reason))
+
+    def _unload_unused(self, scene) -> list:
+        """Main thread: the volumes the inbox loaded before its KEEP_LOADED newest leave the scene where nothing
+        uses them (no slice view shows them, no node refers to them, none was edited); returns their names."""
+        removed = []
+        for entry in self._kept[:-KEEP_LOADED]:
+            node = scene.GetNodeByID(entry[0])
+            if node is None or not _in_use(node, scene):
+                if node is not None:
+                    removed.append(node.GetName())
+                    scene.RemoveNode(node)
+                self._kept.remove(entry)
+                self._in_use -= entry[1] - set().union(*(folders for _, folders in self._kept))
+        return removed
 
     def copies_into_database(self, delivery) -> bool:
         """Whether Slicer's DICOM database should keep its own copy of delivery's files: those from an unpacked zip
-        are removed in a later session, and the database must not list series whose files are gone."""
-        return bool(self.inbox and self.inbox.unpacked_folders(delivery))
+        are removed in a later session, and those `listen` received once its --keep-received days are over; the
+        database must not list series whose files are gone."""
+        return bool(self.inbox and (self.inbox.unpacked_folders(delivery) or Path(self.folder).name == RECEIVED))
 
     def _say_duplicates(self):
         """Drops that repeat delivered files are said once, as watch says them, and the inbox's list emptied."""
