@@ -17,7 +17,7 @@ from test_cli_messages import one_sentence, run_cli, watch_once
 from test_series_kinds import enhanced_from, real_slices, save, write_acquisitions
 from SegmentationMachineLib.core.errors import InputError, UnsuitableImage
 from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
-from SegmentationMachineLib.dicom.series import COLOUR_IMAGE, is_quiet_skip, read_slice, scan_folder
+from SegmentationMachineLib.dicom.series import COLOUR_IMAGE, choose_series, is_quiet_skip, read_slice, scan_folder
 from SegmentationMachineLib.dicom.volumes import load_input
 from SegmentationMachineLib.segment.masks import preset_mask
 
@@ -75,6 +75,10 @@ def test_watch_leaves_an_mr_and_a_topogram_of_the_study_aside_and_models_the_ct(
     assert "is a single slice" in states["CT 'Topogram'"]["reason"]
     assert states["CT 'series 2'"]["state"] == "done"
     assert "MR 't1 vibe': skipped: Series MR 't1 vibe' is not a CT" in result.stdout
+    (outbox / "status.json").write_bytes(b"")  # a power cut's: rebuilt from the journal, skipped still skipped
+    assert watch_once(inbox, outbox, "--format", "stl").returncode == 0
+    rebuilt = {s["name"]: s["state"] for s in json.loads((outbox / "status.json").read_text())["series"]}
+    assert rebuilt == {"MR 't1 vibe'": "skipped", "CT 'Topogram'": "skipped", "CT 'series 2'": "done"}
     assert [p for p in outbox.iterdir() if p.is_dir() and not p.name.startswith(".")] == [
         Path(states["CT 'series 2'"]["result"])]
 
@@ -166,3 +170,61 @@ def test_uneven_spacing_that_is_no_missing_slice_is_said_as_it_is(tmp_path):
     write_ct_series(tmp_path / "zones", hu, 1.0, [(0, 0, z) for z in (0, 1, 2, 3, 5, 7)], "zones")
     note = next(n for n in scan_folder(tmp_path / "zones").series[0].notes if "uneven" in n)
     assert "(2 of its 5 gaps differ from 1.00 mm, from 1.00 to 2.00 mm)" in note and "missing" not in note
+
+
+def test_a_slice_sent_again_then_replaced_under_its_name_by_another_phase_is_compared_again(shared_data, tmp_path):
+    """The pixel comparison was remembered by path: a watch that once saw copies under new UIDs took two phases
+    written later under the same names for copies, and mixed them."""
+    names = iter(f"IM{n:04d}" for n in range(6))
+    uid = generate_uid()
+    for step in range(2):
+        for ds in real_slices():
+            ds.SeriesInstanceUID = uid
+            save(ds, tmp_path / "study" / next(names))  # new UIDs, same pixels: copies
+    assert not scan_folder(tmp_path / "study").series[0].problem
+    for number, path in enumerate(sorted((tmp_path / "study").iterdir())):
+        ds = pydicom.dcmread(path)
+        ds.PixelData = (ds.pixel_array + 100 * (number >= 3)).astype(ds.pixel_array.dtype).tobytes()
+        ds.save_as(path)
+    assert scan_folder(tmp_path / "study").series[0].problem.startswith("3 of its images lie where others do")
+
+
+def test_what_splits_and_what_stays_one_volume(shared_data, tmp_path):
+    """Two fields of view of one region (acquisition 1 and 2) stay two series (pixel spacing only chooses the stack
+    within a part); blocks of a sequential scan with a trigger time each, touching at their ends, stay one volume;
+    images all at one position (bolus tracking) are one slice, no problem; a clean CT beside a series that cannot
+    be loaded is chosen."""
+    uid = generate_uid()
+    for acquisition, spacing in ((1, None), (2, [0.5, 0.5])):
+        for number, ds in enumerate(real_slices()):
+            ds.SeriesInstanceUID, ds.AcquisitionNumber = uid, acquisition
+            ds.PixelSpacing = spacing or ds.PixelSpacing
+            save(ds, tmp_path / "fov" / f"{acquisition}-{number}.dcm")
+    assert [s.part for s in scan_folder(tmp_path / "fov").series] == ["acquisition 1", "acquisition 2"]
+
+    hu = make_phantom((9, 16, 16)).hu
+    blocks = [(0, 1, 2), (2, 3, 4), (4, 5, 6)]  # each block's last position is the next one's first
+    files = write_ct_series(tmp_path / "blocks", hu[[k for block in blocks for k in block]], 1.0,
+                            [(0, 0, 2.0 * k) for block in blocks for k in block], "sequential")
+    for index, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.TriggerTime = 350 + 3 * (index // 3)
+        ds.save_as(path)
+    [series] = scan_folder(tmp_path / "blocks").series
+    assert series.part == "" and series.slice_count == 7
+
+    monitoring = write_ct_series(tmp_path / "monitoring", hu[:4], 1.0, [(0, 0, 0)] * 4, "monitoring")
+    [series] = scan_folder(tmp_path / "monitoring").series
+    assert (series.slice_count, series.problem) == (1, "") and len(monitoring) == 4
+
+    write_acquisitions(tmp_path / "both" / "phases", "ContentTime", ["101500", "101600"])
+    write_ct_series(tmp_path / "both" / "clean", hu[:2], 1.0, [(0, 0, 0), (0, 0, 2)], "clean")
+    scan = scan_folder(tmp_path / "both")
+    assert scan.series[0].problem and choose_series(scan).description == "clean"
+
+
+def test_positions_rounded_in_the_headers_are_said_as_such(tmp_path):
+    hu = make_phantom((21, 16, 16)).hu
+    write_ct_series(tmp_path / "rounded", hu, 1.0, [(0, 0, round(0.625 * k, 2)) for k in range(21)], "rounded")
+    note = next(n for n in scan_folder(tmp_path / "rounded").series[0].notes if "uneven" in n)
+    assert "(gaps from 0.620 to 0.630 mm: positions rounded in the headers?)" in note

@@ -368,21 +368,30 @@ def test_watch_command_status_json_ctrl_c_and_restart(folders, shared_data, tmp_
     assert all(Path(s["result"], "report.json").exists() for s in board["series"])
 
 
-def test_files_deleted_from_the_inbox_leave_the_journal(folders, shared_data):
-    """Their rows stayed for good: about 750 bytes a slice, 1.5 GB a year for a busy lab's watch."""
+def test_files_deleted_from_the_inbox_leave_the_journal_and_those_of_a_share_that_dropped_out_stay(folders,
+                                                                                                  shared_data):
+    """Their rows stayed for good: about 750 bytes a slice, 1.5 GB a year for a busy lab's watch. A share that drops
+    out (its mount point empty) keeps them: its files come back, and reading them all again would be for nothing."""
     inbox_folder, state, uploaded = folders
-    shutil.copytree(UNCOMPRESSED_SERIES, inbox_folder / "study")
+    for name in ("a", "b"):
+        shutil.copytree(UNCOMPRESSED_SERIES, inbox_folder / name)
     inbox = started(inbox_folder, state)
     try:
-        assert len(poll_until(inbox, SETTLE + 5)) == 1
+        poll_until(inbox, SETTLE + 5)
         rows = lambda: inbox.journal._db.execute("SELECT COUNT(*) FROM files").fetchone()[0]  # noqa: E731
-        assert rows() == 3
-        shutil.rmtree(inbox_folder / "study")
+        assert rows() == 6
+
+        def polled_until(count, seconds=15):
+            deadline = time.monotonic() + seconds
+            while rows() != count and time.monotonic() < deadline:
+                inbox.poll()
+                time.sleep(0.1)
+            return rows()
+
+        shutil.rmtree(inbox_folder / "a")  # the user's delete
+        assert polled_until(3) == 3
+        shutil.rmtree(inbox_folder / "b")  # what an unmounted share looks like: an empty mount point
         uploaded()
-        deadline = time.monotonic() + 15
-        while rows() and time.monotonic() < deadline:
-            inbox.poll()
-            time.sleep(0.1)
-        assert rows() == 0
+        assert polled_until(0, seconds=3) == 3
     finally:
         inbox.stop()

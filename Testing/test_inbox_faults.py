@@ -271,7 +271,9 @@ def test_without_once_a_series_a_full_disk_stopped_waits_and_is_processed_again_
         tmp_path, shared_data, monkeypatch):
     """It stayed 'processing' in status.json, and was processed again only after a restart."""
     from SegmentationMachineLib.inbox import watchqueue
-    monkeypatch.setattr(watchqueue, "DISK_RETRY_S", 0.5)
+    monkeypatch.setattr(watchqueue, "DISK_RETRY_S", 0.2)
+    free = iter([100, 100, 100, 5000])  # at the failure; twice still full (looked at, not processed); space freed
+    monkeypatch.setattr(watchqueue, "_free_bytes", lambda folder: next(free))
     inbox_folder, state, outbox = tmp_path / "inbox", tmp_path / "state", tmp_path / "outbox"
     inbox_folder.mkdir()
     for path in SLICES:
@@ -291,12 +293,12 @@ def test_without_once_a_series_a_full_disk_stopped_waits_and_is_processed_again_
                   polled=lambda: boards.append(json.loads((outbox / "status.json").read_text())["series"]))
     finally:
         inbox.stop()
-    waiting = "the disk is full: free some space; tried again every 0.5 s"
+    waiting = "the disk is full: free some space; it is processed again once there is more"
     assert [{"state": "waiting", "reason": waiting}] in [[{k: e[k] for k in ("state", "reason")} for e in board]
                                                         for board in boards]
     assert f"CT 'series 2': waiting: {waiting}" in lines
     [entry] = json.loads((outbox / "status.json").read_text())["series"]
-    assert entry["state"] == "done" and len(attempts) == 2
+    assert entry["state"] == "done" and len(attempts) == 2 and next(free, None) is None  # not processed while full
     assert sorted(p.name for p in Path(entry["result"]).iterdir()) == ["model.stl", "report.json"]
 
 

@@ -222,7 +222,6 @@ def test_the_modules_inbox_says_one_sentence_when_a_series_is_removed_before_it_
             delivered += panel.tick()
             time.sleep(0.05)
         [delivery] = delivered
-        assert panel.copies_into_database(delivery)  # Slicer's DICOM database must not list the files removed later
         shutil.rmtree(files[0].parent.parent)  # what the retention sweep does
         with pytest.raises(UserError) as error:
             load_series(ctx, delivery.series)

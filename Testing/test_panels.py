@@ -230,7 +230,9 @@ def test_a_provenance_that_cannot_be_vouched_for_is_left_out_and_the_export_goes
 
 
 def test_the_inbox_keeps_its_newest_series_in_the_scene_and_never_one_the_user_works_with(ctx):
-    """Each delivered series stayed in the scene: a Slicer left watching for weeks filled its memory."""
+    """Each delivered series stayed in the scene: a Slicer left watching for weeks filled its memory. A volume leaves
+    with its display node, which held its voxels (and a volume rendering that shows it keeps it: read in source,
+    slicer-core has no volume rendering nodes)."""
     from types import SimpleNamespace
 
     from SegmentationMachineLib.panels.inbox import KEEP_LOADED, InboxPanel
@@ -238,13 +240,17 @@ def test_the_inbox_keeps_its_newest_series_in_the_scene_and_never_one_the_user_w
     panel, volumes = InboxPanel(), []
     for number in range(KEEP_LOADED + 3):
         volumes.append(ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"CT {number}"))
+        volumes[-1].CreateDefaultDisplayNodes()
+        volumes[-1].AddDefaultStorageNode()
         if number == 2:  # the user's: shown in a slice view, and one a segmentation editor works on
             ctx.scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode").SetBackgroundVolumeID(volumes[0].GetID())
             ctx.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode").SetNodeReferenceID("sourceVolume",
                                                                                          volumes[1].GetID())
         delivery = SimpleNamespace(series=SimpleNamespace(name=f"CT {number}"), remarks=lambda notes: "")
         panel.loaded(delivery, True, node=volumes[-1])
+    own_nodes = [volumes[2].GetDisplayNode(), volumes[2].GetStorageNode()]
     in_scene = [v.GetName() for v in volumes if ctx.scene.IsNodePresent(v)]
     assert in_scene == ["CT 0", "CT 1", *(f"CT {n}" for n in range(3, KEEP_LOADED + 3))]
     assert panel.status == (f"CT 2 left the scene: the inbox keeps its {KEEP_LOADED} newest series there; the DICOM "
                             "database still has it.")
+    assert not any(ctx.scene.IsNodePresent(node) for node in own_nodes)

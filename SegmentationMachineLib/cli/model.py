@@ -148,7 +148,7 @@ def _run_model(args, cleanup: ExitStack):
     from ..pipeline import model_volume, segment_with_prompts
     from ..prompts.promptfile import load_prompt_file
     from ..prompts.session import InteractiveSession
-    from ..segment.masks import check_modality
+    from ..segment.masks import FOR_OTHER_IMAGES, check_modality
 
     web = _dicomweb(args)
     options = replace(export_options(args), save_segmentation=args.save_segmentation)  # fails before the work
@@ -187,7 +187,8 @@ def _run_model(args, cleanup: ExitStack):
     chosen = choose_series(scan, args.series) if scan and scan.series else None
     if chosen:  # before reading a voxel; a volume file's size is known once it is read
         if presets:
-            check_modality(chosen.name, chosen.modality)
+            check_modality(chosen.name, chosen.modality, "leave --preset out, and the prompts alone segment it"
+                           if prompt_segments else FOR_OTHER_IMAGES)
         _warn_if_too_big(chosen.voxel_count)
     ctx = create_headless_scene()
     with Progress("loading", args.quiet) as progress:

@@ -41,8 +41,8 @@ def add_pod_commands(commands, common):
                     help=f"GPU type id or name (default: the cheapest with ≥ {MIN_VRAM_GB} GB that has capacity)")
     up.add_argument("--mode", choices=MODES, default="server", help="server (default) or desktop (Slicer in a browser)")
     source = up.add_mutually_exclusive_group()
-    source.add_argument("--image", help="container image (default SM_POD_IMAGE, else ghcr.io/segmentation-machine/pod, which is not published "
-                             "yet: build and push the image first, docker/README.md)")
+    source.add_argument("--image", help="container image (default SM_POD_IMAGE, else ghcr.io/segmentation-machine/pod, "
+                                        "which is not published yet: build and push the image first, docker/README.md)")
     source.add_argument("--template", help="RunPod template id instead of an image")
     up.add_argument("--cloud", choices=["secure", "community"], default="secure", help=CLOUD_HELP)
     up.add_argument("--max-price", type=float, help="only GPU types costing at most this many $/h")

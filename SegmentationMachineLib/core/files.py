@@ -1,5 +1,6 @@
 """Files written safely: whole or not at all, and private where they hold secrets or patient data."""
 
+import errno
 import os
 import re
 import tempfile
@@ -64,6 +65,9 @@ def _sync(path, flags=os.O_RDONLY):
     descriptor = os.open(path, flags)
     try:
         os.fsync(descriptor)
+    except OSError as error:  # a folder on CIFS (Linux < 4.17), Ceph or WSL1's drives cannot be flushed
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EIO) or not os.path.isdir(path):
+            raise
     finally:
         os.close(descriptor)
 

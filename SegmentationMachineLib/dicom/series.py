@@ -454,12 +454,13 @@ def _overlap(extents) -> bool:
     return False
 
 
-def _stacks(slices: list) -> dict:
+def _stacks(slices: list, by_spacing: bool = True) -> dict:
     """Slices by orientation, size and pixel spacing: the stacks a series may hold (a localizer, reformats, the
-    volume). Slices of another pixel spacing would be stretched to the first's."""
+    volume); slices of another pixel spacing would be stretched to the first's. Not by_spacing: the stacks whose
+    acquisitions a tag may tell apart (two fields of view of one region)."""
     stacks = {}
     for s in slices:
-        key = (tuple(np.round(s.orientation, 3)), s.shape, tuple(np.round(s.pixel_spacing, 3)))
+        key = (tuple(np.round(s.orientation, 3)), s.shape, tuple(np.round(s.pixel_spacing, 3)) if by_spacing else ())
         stacks.setdefault(key, []).append(s)
     return stacks
 
@@ -475,7 +476,7 @@ def _splitting_tags(slices: list) -> list:
     """The ACQUISITION_TAGS whose values tell apart slices of one stack that overlap in space, where together
     they are not one volume (two slices at one position, or uneven spacing)."""
     stacks = []  # (slices, their distances along the stack's normal), of the stacks that are not one volume
-    for stack in _stacks(slices).values():
+    for stack in _stacks(slices, by_spacing=False).values():
         distances = [float(np.dot(s.position, _normal(stack[0].orientation))) for s in stack]
         if not _is_one_volume(distances):
             stacks.append((stack, distances))
@@ -486,11 +487,20 @@ def _splitting_tags(slices: list) -> list:
             for s, distance in zip(stack, distances):
                 parts.setdefault(s.acquisition.get(name), []).append(distance)
             if len(parts) > 1 and _overlap((min(part), max(part)) for part in parts.values()) and (
-                    name not in SPLIT_ONLY_INTO_VOLUMES
-                    or all(len(part) > 1 and _is_one_volume(part) for part in parts.values())):
+                    name not in SPLIT_ONLY_INTO_VOLUMES or _volumes_of_one_region(list(parts.values()))):
                 found.append(name)
                 break
     return found
+
+
+def _volumes_of_one_region(parts: list) -> bool:
+    """Parts (slice distances) that are each one volume, any two sharing at least half of the shorter one's extent:
+    phases of one region, not the blocks of a sequential scan that touch at their ends."""
+    if not all(len(part) > 1 and _is_one_volume(part) for part in parts):
+        return False
+    extents = [(min(part), max(part)) for part in parts]
+    return all(min(a[1], b[1]) - max(a[0], b[0]) >= 0.5 * min(a[1] - a[0], b[1] - b[0])
+               for index, a in enumerate(extents) for b in extents[index + 1:])
 
 
 def _a_copy(one: DicomSlice, other: DicomSlice) -> bool:
@@ -498,14 +508,23 @@ def _a_copy(one: DicomSlice, other: DicomSlice) -> bool:
     new UIDs). Else they are two images that no tag tells apart, such as cardiac phases."""
     if not (one.instance_uid and other.instance_uid) or one.instance_uid == other.instance_uid:
         return True
-    return _same_pixels(str(one.path), str(other.path))
-
-
-@functools.lru_cache(maxsize=4096)  # the inbox builds its series again at each change in the folder
-def _same_pixels(one: str, other: str) -> bool:
     try:
-        return pydicom.dcmread(one).PixelData == pydicom.dcmread(other).PixelData
-    except Exception:  # noqa: BLE001 - gone or unreadable since the scan: left to the loader, as before
+        return _same_pixels(_stamp(one.path), _stamp(other.path))
+    except OSError:  # gone since the scan: left to the loader, as before
+        return True
+
+
+def _stamp(path) -> tuple:
+    status = os.stat(path)
+    return str(path), status.st_size, status.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=1 << 16)  # the inbox builds its series again at each change in the folder
+def _same_pixels(one: tuple, other: tuple) -> bool:
+    """one, other: (path, size, mtime): a file written again under its name is compared again."""
+    try:
+        return pydicom.dcmread(one[0]).PixelData == pydicom.dcmread(other[0]).PixelData
+    except Exception:  # noqa: BLE001 - unreadable since the scan: left to the loader, as before
         return True
 
 
@@ -611,7 +630,7 @@ def build_series(key: str, slices: list, skipped: list) -> DicomSeries:
         step = points[-1] - points[0]
         cos = abs(float(np.dot(step, normal))) / max(float(np.linalg.norm(step)), 1e-9)
         series.tilt_degrees = float(np.degrees(np.arccos(min(1.0, cos))))
-    if others:  # kept, one image a position would mix them slice by slice
+    if others and len(kept) > 1:  # kept, one image a position would mix them slice by slice (one position: a slice)
         series.problem = (f"{others} of its images lie where others do, and no tag tells them apart (cardiac phases, "
                           "energies or two reconstructions in one series?): have each exported as a series of its own")
     if not first.series_uid:
@@ -635,6 +654,8 @@ def _unevenness(positions: np.ndarray, kept: list) -> str:
     gaps = np.diff(positions)
     step = float(np.median(gaps))
     odd = np.flatnonzero(np.abs(gaps - step) > SPACING_TOLERANCE * step)
+    if not len(odd):
+        return f"gaps from {gaps.min():.3f} to {gaps.max():.3f} mm: positions rounded in the headers?"
     steps = gaps[odd[0]] / step if len(odd) == 1 else 0
     if steps > 1.5 and abs(steps - round(steps)) < 0.1:
         return (f"a gap of {gaps[odd[0]]:.2f} mm after {kept[odd[0]].path.name}, {step:.2f} mm elsewhere; "
@@ -731,5 +752,6 @@ def choose_series(result: ScanResult, selector: str = None) -> DicomSeries:
         if named:
             return named[0]
         raise InputError(f"No series '{selector}' in {result.folder}: run with --list to see the series and their numbers.")
-    ct = [s for s in result.series if s.modality == "CT"]
-    return (ct or result.series)[0]
+    loadable = [s for s in result.series if not s.problem] or result.series
+    ct = [s for s in loadable if s.modality == "CT"]
+    return (ct or loadable)[0]

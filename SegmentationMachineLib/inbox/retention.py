@@ -24,7 +24,7 @@ log = logging.getLogger("segmentation-machine")
 DAY_S = 86400.0
 SWEEP_EVERY_S = 3600.0
 MB = 1024 ** 2
-FINISHED = (SeriesState.LOADED, SeriesState.ERROR)
+FINISHED = (SeriesState.LOADED, SeriesState.ERROR, SeriesState.SKIPPED)
 
 
 class Retention:

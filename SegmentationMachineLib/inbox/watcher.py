@@ -60,6 +60,7 @@ class SeriesState(str, Enum):
     READY = "ready"  # handed to the consumer, not yet acknowledged
     LOADED = "loaded"  # acknowledged: loaded or processed
     ERROR = "error"  # acknowledged as failed, with a reason
+    SKIPPED = "skipped"  # acknowledged as not for this consumer (an MR for the presets), with a reason
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,16 @@ def incompleteness(series: DicomSeries, slices: list) -> str:
     if len(series.files) == 1 and kept[0].frames == 1:
         return "it has a single slice so far"
     return ""
+
+
+def _listed(folder: Path) -> bool:
+    """Whether folder can be listed and holds something: where a file went from it, it was removed (an unmounted
+    share leaves its mount point empty, or unreadable)."""
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is not None
+    except OSError:
+        return False
 
 
 def _file_events(folder: Path, dirty: set, lock: threading.Lock):
@@ -307,19 +318,21 @@ class Inbox:
         """The hidden files written within the settle time."""
         return {path for path, (_, _, changed) in self._hidden.items() if changed is not None}
 
-    def hand_back(self, delivery: Delivery, seconds: float, reason: str):
+    def hand_back(self, delivery: Delivery, seconds: float, reason: str) -> bool:
         """The consumer could not finish a delivery for a cause outside the series (a full disk): it is handed out
-        again after seconds (at once where its files changed meanwhile: an update)."""
-        if self._handed_out.get(delivery.key) == delivery.hashes:
-            del self._handed_out[delivery.key]
-            self._not_before[delivery.key] = self._clock() + seconds
+        again, as it is then, after seconds. False where it was acknowledged meanwhile (nothing to hand back)."""
+        if self._handed_out.get(delivery.key) != delivery.hashes:
+            return False
+        del self._handed_out[delivery.key]
+        self._not_before[delivery.key] = self._clock() + seconds
         self._states[delivery.key] = SeriesStatus(delivery.key, delivery.series.name, len(delivery.series.files),
                                                   SeriesState.WAITING, reason)
+        return True
 
-    def acknowledge(self, delivery: Delivery, ok: bool, reason: str = "", result: str = ""):
-        """The consumer finished a delivery (loaded/processed, or failed with reason): never again."""
+    def acknowledge(self, delivery: Delivery, ok: bool, reason: str = "", result: str = "", skipped: bool = False):
+        """The consumer finished a delivery (loaded/processed, or failed or skipped with reason): never again."""
         self._sweep_due = True
-        state = SeriesState.LOADED if ok else SeriesState.ERROR
+        state = SeriesState.LOADED if ok else SeriesState.SKIPPED if skipped else SeriesState.ERROR
         self.journal.record_delivery(delivery.key, delivery.series.uid, delivery.series.name, delivery.hashes,
                                      state.value, reason, result)
         self._delivered |= delivery.hashes
@@ -441,7 +454,7 @@ class Inbox:
             del self._hidden[known]
         gone = [p for p in set(self._files) | set(self.bad_files)
                 if p == path or path in p.parents or str(p).startswith(f"{path}!")]
-        if gone and self.journal:
+        if gone and self.journal and _listed(path.parent):  # a share that dropped out: its files come back
             self.journal.forget_files(gone, commit=False)
         for known in gone:
             if getattr(self._files.get(known), "reason", None) == ARCHIVE:
@@ -639,6 +652,7 @@ class Inbox:
         for key, records in groups.items():
             hashes = frozenset(r.sha256 for r in records)
             if hashes <= self._delivered:  # everything here was delivered before, under this or another name
+                self._not_before.pop(key, None)
                 self._note_duplicate(key, records)
                 continue
             if self._handed_out.get(key) == hashes or now < self._not_before.get(key, -math.inf):

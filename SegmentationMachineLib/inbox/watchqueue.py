@@ -19,7 +19,7 @@ import re
 import shutil
 import sqlite3
 import threading
-import time
+from datetime import datetime
 from pathlib import Path
 
 from ..core.errors import UnsuitableImage, UserError
@@ -30,9 +30,18 @@ from .watcher import Delivery, Inbox, SeriesState
 log = logging.getLogger(__name__)
 
 STATUS_NAME = "status.json"
-DISK_RETRY_S = 60.0  # how often a series a full disk stopped is tried again (watch without --once)
+# A series a full disk stopped (watch without --once) is tried again after this, the wait doubling to an hour while
+# the disk has no more free space than at its failure (each try runs the whole pipeline).
+DISK_RETRY_S = 60.0
+DISK_RETRY_MAX_S = 3600.0
+BOARD_STATES = {SeriesState.LOADED.value: "done", SeriesState.SKIPPED.value: "skipped"}  # journal's, else "failed"
 STAGING = ".segmentation-machine-staging"  # results being written; removed at a start: a name only ours has
 OLDER_STAGING = ".staging"  # where versions before 2026-11-27 staged them
+
+
+def _now() -> str:
+    """Local time with its UTC offset (time.strftime's %z gives a zone's name on Windows)."""
+    return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 class StatusBoard:
@@ -66,7 +75,7 @@ class StatusBoard:
     def set(self, key: str, name: str, files: int, state: str, reason: str = "", result: str = ""):
         entry = {"key": key, "name": name, "files": files, "state": state, "reason": reason,
                  "result": str(Path(result).absolute()) if result else "",
-                 "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                 "updated": _now()}
         if state == "failed":
             self.failed_here.add(key)
         else:
@@ -79,7 +88,7 @@ class StatusBoard:
     def save(self):
         """Where the disk is full, the board is written again at the next change or poll (save_if_unsaved)."""
         try:
-            replace_private(self.path, json.dumps({"inbox": self._inbox, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            replace_private(self.path, json.dumps({"inbox": self._inbox, "updated": _now(),
                                                    "series": list(self._series.values())}, indent=2))
             self.unsaved = False
         except OSError as error:
@@ -143,7 +152,7 @@ def reconcile(inbox: Inbox, board: StatusBoard, outbox: Path):
         if staged and not result.exists():
             _publish(staged, result)  # committed, killed before the rename
         if board.get(key).get("state") in (None, "processing", "waiting"):
-            state = "done" if entry["state"] == SeriesState.LOADED.value else "failed"
+            state = BOARD_STATES.get(entry["state"], "failed")
             board.set(key, entry["description"], entry["files"], state, entry["reason"] or "", entry["result"] or "")
     for entry in board.entries():
         if entry["state"] == "processing":  # killed before the commit: processed again
@@ -165,9 +174,10 @@ def _failure_reason(error: Exception) -> str:
             "please report it with the log")
 
 
-def deliver(inbox: Inbox, board: StatusBoard, delivery: Delivery, process, outbox: Path, echo, retry_s: float = None):
+def deliver(inbox: Inbox, board: StatusBoard, delivery: Delivery, process, outbox: Path, echo,
+            wait_for_space: bool = False) -> bool:
     """process(delivery, folder) writes one result folder into folder (staging) and returns it. A full disk is not
-    the series' fault: with retry_s, the series waits that long and is processed again; else it fails."""
+    the series' fault: with wait_for_space, True is returned (the caller hands the series back); else it fails."""
     series = delivery.series
     staging = _staging_folder(outbox, delivery.key)
     shutil.rmtree(staging, ignore_errors=True)
@@ -178,21 +188,20 @@ def deliver(inbox: Inbox, board: StatusBoard, delivery: Delivery, process, outbo
         staged = _free_name(Path(process(delivery, staging)), outbox)
     except UnsuitableImage as error:  # an MR or a localizer in the study: left aside, nothing failed
         _remove(staging)
-        inbox.acknowledge(delivery, False, str(error))
+        inbox.acknowledge(delivery, False, str(error), skipped=True)
         board.set(delivery.key, series.name, len(series.files), "skipped", str(error))
         echo(f"{series.name}: skipped: {error}")
-        return
+        return False
     except Exception as error:  # noqa: BLE001 — one series' failure, even our own bug, never stops the queue
         _remove(staging)
-        if _disk_full(error) and retry_s is not None:
-            _wait_for_space(inbox, board, delivery, retry_s, echo)
-            return
+        if _disk_full(error) and wait_for_space:
+            return True
         reason = _failure_reason(error)
         if not _disk_full(error):  # a full disk is not this series' fault: not remembered
             inbox.acknowledge(delivery, False, reason)
         board.set(delivery.key, series.name, len(series.files), "failed", reason)
         echo(f"{series.name}: failed: {reason}")
-        return
+        return False
     except BaseException:
         _remove(staging)
         board.set(delivery.key, series.name, len(series.files), "waiting", "interrupted; processed again on restart")
@@ -204,13 +213,43 @@ def deliver(inbox: Inbox, board: StatusBoard, delivery: Delivery, process, outbo
     echo(f"{series.name}: done → {printable(result)}" + (f" (looks incomplete: {delivery.incomplete})"
                                                            if delivery.incomplete else ""))
     board.set(delivery.key, series.name, len(series.files), "done", delivery.remarks(), result)
+    return False
 
 
-def _wait_for_space(inbox: Inbox, board: StatusBoard, delivery: Delivery, retry_s: float, echo):
-    reason = f"the disk is full: free some space; tried again every {retry_s:g} s"
-    inbox.hand_back(delivery, retry_s, reason)
-    echo(f"{delivery.series.name}: waiting: {reason}")
-    board.set(delivery.key, delivery.series.name, len(delivery.series.files), "waiting", reason)  # may fail: said
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
+
+
+class _WaitingForSpace:
+    """The series a full disk stopped, each handed back to the inbox: processed again once the outbox's disk has
+    more free space than at its failure, looked at after DISK_RETRY_S, then after a wait doubling to an hour."""
+
+    def __init__(self, inbox: Inbox, board: StatusBoard, outbox: Path, echo):
+        self._inbox, self._board, self._outbox, self._echo = inbox, board, outbox, echo
+        self._series = {}  # key -> (free bytes at its failure, its last wait)
+
+    def still_full(self, delivery: Delivery) -> bool:
+        """Handed back again, quietly, where the disk has no more space than when it failed."""
+        if delivery.key not in self._series or _free_bytes(self._outbox) > self._series[delivery.key][0]:
+            return False
+        free, wait = self._series[delivery.key]
+        self._series[delivery.key] = free, min(2 * wait, DISK_RETRY_MAX_S)
+        self._inbox.hand_back(delivery, self._series[delivery.key][1], self._reason)
+        return True
+
+    def full(self, delivery: Delivery):
+        self._series[delivery.key] = _free_bytes(self._outbox), DISK_RETRY_S
+        if self._inbox.hand_back(delivery, DISK_RETRY_S, self._reason):
+            self._echo(f"{delivery.series.name}: waiting: {self._reason}")
+            self._board.set(delivery.key, delivery.series.name, len(delivery.series.files), "waiting", self._reason)
+
+    def done(self, delivery: Delivery):
+        self._series.pop(delivery.key, None)
+
+    _reason = "the disk is full: free some space; it is processed again once there is more"
 
 
 def run_queue(inbox: Inbox, outbox: Path, process, once: bool = False, echo=print,
@@ -227,6 +266,7 @@ def run_queue(inbox: Inbox, outbox: Path, process, once: bool = False, echo=prin
     lock = hold_lock(outbox / ".status.lock", f"The outbox {outbox}")
     try:
         board = StatusBoard(outbox, inbox.folder)
+        space = _WaitingForSpace(inbox, board, outbox, echo)
         reconcile(inbox, board, outbox)
         board.failed_here.clear()  # what failed before a restart was said then
         board.save()  # from the start: a reader (or a monitor) finds the board before the first series
@@ -245,13 +285,17 @@ def run_queue(inbox: Inbox, outbox: Path, process, once: bool = False, echo=prin
                 echo(f"{copy.name}: {copy.files} file(s) {copy.reason}; not processed again"
                      + (f" (result: {printable(result)})" if result else "") + ".")
             for delivery in deliveries:
+                if space.still_full(delivery):
+                    continue
                 try:
-                    deliver(inbox, board, delivery, process, outbox, echo, None if once else DISK_RETRY_S)
+                    full = deliver(inbox, board, delivery, process, outbox, echo, wait_for_space=not once)
                 except (OSError, sqlite3.OperationalError) as error:  # the journal's or status.json's disk
-                    echo(f"{delivery.series.name}: cannot record its result ({printable(error)}): free some space"
-                         + (", then run again to process it." if once else f"; tried again every {DISK_RETRY_S:g} s."))
-                    if not once and _disk_full(error):
-                        inbox.hand_back(delivery, DISK_RETRY_S, "the disk was full")
+                    full = _disk_full(error) and not once
+                    if not full:  # said, and --once's exit status says it
+                        board.failed_here.add(delivery.key)
+                        echo(f"{delivery.series.name}: cannot record its result ({printable(error)}): check the "
+                             "outbox and state folders and their free space, then run again to process it.")
+                (space.full if full else space.done)(delivery)
             if once and not deliveries and not inbox.pending():
                 return board
             stop.wait(tick)

@@ -18,7 +18,6 @@ import json
 import re
 import sys
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -257,8 +256,6 @@ def write(path, seg: SegInput):
         software_versions=__version__, device_serial_number="0", series_description=_long_string(seg.description),
         **geometry)
     document.ContentCreatorName = None  # type 2: present, empty (highdicom leaves it out); we do not know who it is
-    # highdicom's ContentDate/Time are this computer's local time, with no zone: a pod's UTC read as a hospital's
-    document.TimezoneOffsetFromUTC = datetime.now().astimezone().strftime("%z")
     # Names in any script (highdicom copies the series' character set, often none: ASCII, which turned 'ü' into a
     # Latin-1 byte and Japanese into '?').
     document.SpecificCharacterSet = "ISO_IR 192"

@@ -15,7 +15,7 @@ from .tasks import BackgroundTask
 STOP_WAIT_S = 5.0  # Stop never hangs on a read still running: after this it is abandoned (its thread is a daemon)
 # Series the inbox loaded that stay in the scene: a Slicer left watching for weeks would fill its memory (a CT is
 # 100-300 MB). Older ones that nothing uses leave the scene; the DICOM database keeps them.
-KEEP_LOADED = 8
+KEEP_LOADED = 12  # a CT study often holds 5-10 series
 
 
 def _in_use(volume, scene) -> bool:
@@ -23,6 +23,9 @@ def _in_use(volume, scene) -> bool:
     Editor's source, a module's parameters, a transform's), or it was changed since it was read."""
     if volume.GetModifiedSinceRead():
         return True
+    for display in (volume.GetNthDisplayNode(n) for n in range(volume.GetNumberOfDisplayNodes())):
+        if display and display.IsA("vtkMRMLVolumeRenderingDisplayNode") and display.GetVisibility():
+            return True  # shown in a 3D view: volume rendering refers to its volume the other way round
     for index in range(scene.GetNumberOfNodes()):
         node = scene.GetNthNode(index)
         for role in (node.GetNthNodeReferenceRole(n) for n in range(node.GetNumberOfNodeReferenceRoles())):
@@ -30,6 +33,15 @@ def _in_use(volume, scene) -> bool:
                    for n in range(node.GetNumberOfNodeReferences(role))):
                 return True
     return False
+
+
+def _remove_with_its_nodes(volume, scene):
+    """The volume and its display and storage nodes: a display node left in the scene keeps the voxels in memory."""
+    for own in [volume.GetNthDisplayNode(n) for n in range(volume.GetNumberOfDisplayNodes())] + \
+               [volume.GetNthStorageNode(n) for n in range(volume.GetNumberOfStorageNodes())]:
+        if own is not None:
+            scene.RemoveNode(own)
+    scene.RemoveNode(volume)
 
 
 def default_inbox_folder() -> Path:
@@ -149,16 +161,15 @@ class InboxPanel:
             if node is None or not _in_use(node, scene):
                 if node is not None:
                     removed.append(node.GetName())
-                    scene.RemoveNode(node)
+                    _remove_with_its_nodes(node, scene)
                 self._kept.remove(entry)
                 self._in_use -= entry[1] - set().union(*(folders for _, folders in self._kept))
         return removed
 
     def copies_into_database(self, delivery) -> bool:
         """Whether Slicer's DICOM database should keep its own copy of delivery's files: those from an unpacked zip
-        are removed in a later session, and those `listen` received once its --keep-received days are over; the
-        database must not list series whose files are gone."""
-        return bool(self.inbox and (self.inbox.unpacked_folders(delivery) or Path(self.folder).name == RECEIVED))
+        are removed in a later session, and the database must not list series whose files are gone."""
+        return bool(self.inbox and self.inbox.unpacked_folders(delivery))
 
     def _say_duplicates(self):
         """Drops that repeat delivered files are said once, as watch says them, and the inbox's list emptied."""

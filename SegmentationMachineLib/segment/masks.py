@@ -364,12 +364,12 @@ FOR_OTHER_IMAGES = "for MR or other images use the AI prompt tools"
 CT_MODALITIES = ("CT", "OT")
 
 
-def check_modality(series_name: str, modality: str):
+def check_modality(series_name: str, modality: str, advice: str = FOR_OTHER_IMAGES):
     """Refuses, before it is loaded, a series the presets would turn into a junk model (an MR's air is above the
     skin threshold: its 'skin' is the whole box). series_name: DicomSeries.name, which starts with the modality."""
     if modality and modality not in CT_MODALITIES:
         raise UnsuitableImage(f"Series {series_name} is not a CT: the presets need a CT in Hounsfield units; "
-                              f"{FOR_OTHER_IMAGES}.")
+                              f"{advice}.")
 
 
 def _check_image(hu: np.ndarray, volume_name: str):
@@ -378,8 +378,8 @@ def _check_image(hu: np.ndarray, volume_name: str):
         raise UnsuitableImage(f"'{volume_name}' is a single slice (a localizer or a screenshot?): a 3D model needs a "
                               "stack of slices.")
     if hu.min() >= 0:  # air is -1000 HU, fat below 0; raw scanner values and MR start at 0
-        raise UnsuitableImage(f"'{volume_name}' has no value below 0, so it is not a CT in Hounsfield units; "
-                              f"{FOR_OTHER_IMAGES}.")
+        raise UnsuitableImage(f"'{volume_name}' has no value below 0, so it is not a CT in Hounsfield units (a CT "
+                              f"masked with fill value 0: mask it with -1000 instead); {FOR_OTHER_IMAGES}.")
 
 
 def preset_mask(preset_name: str, hu: np.ndarray, spacing, volume_name: str, progress=None) -> np.ndarray:
