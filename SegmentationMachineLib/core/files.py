@@ -61,8 +61,8 @@ def atomic_file(path: Path, mode: str = "wb"):
             os.unlink(temp)
 
 
-def _sync(path, flags=os.O_RDONLY):
-    descriptor = os.open(path, flags)
+def _sync(path):
+    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     except OSError as error:  # a folder on CIFS (Linux < 4.17), Ceph or WSL1's drives cannot be flushed

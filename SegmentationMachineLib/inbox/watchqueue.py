@@ -86,7 +86,7 @@ class StatusBoard:
         self.save()
 
     def save(self):
-        """Where the disk is full, the board is written again at the next change or poll (save_if_unsaved)."""
+        """Where the disk is full, the board is written again at the next change, or run_queue's next poll."""
         try:
             replace_private(self.path, json.dumps({"inbox": self._inbox, "updated": _now(),
                                                    "series": list(self._series.values())}, indent=2))
@@ -240,11 +240,14 @@ class _WaitingForSpace:
         self._inbox.hand_back(delivery, self._series[delivery.key][1], self._reason)
         return True
 
-    def full(self, delivery: Delivery):
+    def full(self, delivery: Delivery) -> bool:
+        """False where there is nothing to hand back: the journal took its result before the disk filled."""
+        if not self._inbox.hand_back(delivery, DISK_RETRY_S, self._reason):
+            return False
         self._series[delivery.key] = _free_bytes(self._outbox), DISK_RETRY_S
-        if self._inbox.hand_back(delivery, DISK_RETRY_S, self._reason):
-            self._echo(f"{delivery.series.name}: waiting: {self._reason}")
-            self._board.set(delivery.key, delivery.series.name, len(delivery.series.files), "waiting", self._reason)
+        self._echo(f"{delivery.series.name}: waiting: {self._reason}")
+        self._board.set(delivery.key, delivery.series.name, len(delivery.series.files), "waiting", self._reason)
+        return True
 
     def done(self, delivery: Delivery):
         self._series.pop(delivery.key, None)
@@ -290,12 +293,13 @@ def run_queue(inbox: Inbox, outbox: Path, process, once: bool = False, echo=prin
                 try:
                     full = deliver(inbox, board, delivery, process, outbox, echo, wait_for_space=not once)
                 except (OSError, sqlite3.OperationalError) as error:  # the journal's or status.json's disk
-                    full = _disk_full(error) and not once
-                    if not full:  # said, and --once's exit status says it
+                    if not (_disk_full(error) and not once and space.full(delivery)):  # said; --once's status says it
                         board.failed_here.add(delivery.key)
                         echo(f"{delivery.series.name}: cannot record its result ({printable(error)}): check the "
                              "outbox and state folders and their free space, then run again to process it.")
-                (space.full if full else space.done)(delivery)
+                    continue
+                if not (full and space.full(delivery)):
+                    space.done(delivery)
             if once and not deliveries and not inbox.pending():
                 return board
             stop.wait(tick)

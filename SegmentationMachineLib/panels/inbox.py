@@ -18,7 +18,7 @@ STOP_WAIT_S = 5.0  # Stop never hangs on a read still running: after this it is 
 KEEP_LOADED = 12  # a CT study often holds 5-10 series
 
 
-def _in_use(volume, scene) -> bool:
+def _used(volume, scene) -> bool:
     """Whether the user works with volume: a slice view shows it, a node refers to it (a segmentation or the Segment
     Editor's source, a module's parameters, a transform's), or it was changed since it was read."""
     if volume.GetModifiedSinceRead():
@@ -147,9 +147,9 @@ class InboxPanel:
                 self._kept.append((node.GetID(), self.inbox.unpacked_folders(delivery) if self.inbox else set()))
                 removed = self._unload_unused(node.GetScene())
                 if removed:
-                    self.status = " ".join(filter(None, (reason and self.status, (
-                        f"{', '.join(removed)} left the scene: the inbox keeps its {KEEP_LOADED} newest series there; "
-                        "the DICOM database still has it."))))
+                    left = (f"{', '.join(removed)} left the scene: the inbox keeps its {KEEP_LOADED} newest series "
+                            "there; the DICOM database still has it.")
+                    self.status = f"{self.status} {left}" if reason else left
         self._acknowledgements.append((delivery, ok, reason))
 
     def _unload_unused(self, scene) -> list:
@@ -158,7 +158,7 @@ class InboxPanel:
         removed = []
         for entry in self._kept[:-KEEP_LOADED]:
             node = scene.GetNodeByID(entry[0])
-            if node is None or not _in_use(node, scene):
+            if node is None or not _used(node, scene):
                 if node is not None:
                     removed.append(node.GetName())
                     _remove_with_its_nodes(node, scene)
