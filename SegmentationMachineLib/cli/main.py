@@ -10,10 +10,10 @@ import logging
 import os
 import sys
 import warnings
-from datetime import datetime
 from pathlib import Path
 
 from .. import __version__
+from ..core.clock import local_time
 from ..core.errors import UserError
 from ..core.memory import out_of_memory
 from .common import STOP_SIGNALS, examples, exit_status, log, steps, stop_on_signals
@@ -30,8 +30,7 @@ LINE_FORMAT = "segmentation-machine: %(levelname)s: %(message)s"
 
 class _StampedFormatter(logging.Formatter):
     def formatTime(self, record, datefmt=None):
-        """Local time with its offset from UTC (strftime's %z gives a zone's name on Windows)."""
-        return datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="seconds")
+        return local_time(record.created)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -87,7 +87,7 @@ def sync_tree(folder: Path):
         for name in files:
             _sync(os.path.join(root, name))
         _sync(root)
-    _sync(Path(folder).parent)
+    sync_folder(Path(folder).parent)
 
 
 def replace_private(path: Path, text: str, private: bool = True):

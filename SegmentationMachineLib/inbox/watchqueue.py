@@ -19,9 +19,9 @@ import re
 import shutil
 import sqlite3
 import threading
-from datetime import datetime
 from pathlib import Path
 
+from ..core.clock import local_time
 from ..core.errors import UnsuitableImage, UserError
 from ..core.files import WINDOWS, printable, replace_private, replace_when_free, sync_folder, sync_tree
 from .locks import hold_lock
@@ -37,11 +37,6 @@ DISK_RETRY_MAX_S = 3600.0
 BOARD_STATES = {SeriesState.LOADED.value: "done", SeriesState.SKIPPED.value: "skipped"}  # journal's, else "failed"
 STAGING = ".segmentation-machine-staging"  # results being written; removed at a start: a name only ours has
 OLDER_STAGING = ".staging"  # where versions before 2026-11-27 staged them
-
-
-def _now() -> str:
-    """Local time with its UTC offset (time.strftime's %z gives a zone's name on Windows)."""
-    return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 class StatusBoard:
@@ -75,7 +70,7 @@ class StatusBoard:
     def set(self, key: str, name: str, files: int, state: str, reason: str = "", result: str = ""):
         entry = {"key": key, "name": name, "files": files, "state": state, "reason": reason,
                  "result": str(Path(result).absolute()) if result else "",
-                 "updated": _now()}
+                 "updated": local_time()}
         if state == "failed":
             self.failed_here.add(key)
         else:
@@ -88,7 +83,7 @@ class StatusBoard:
     def save(self):
         """Where the disk is full, the board is written again at the next change, or run_queue's next poll."""
         try:
-            replace_private(self.path, json.dumps({"inbox": self._inbox, "updated": _now(),
+            replace_private(self.path, json.dumps({"inbox": self._inbox, "updated": local_time(),
                                                    "series": list(self._series.values())}, indent=2))
             self.unsaved = False
         except OSError as error:
@@ -237,8 +232,7 @@ class _WaitingForSpace:
             return False
         free, wait = self._series[delivery.key]
         self._series[delivery.key] = free, min(2 * wait, DISK_RETRY_MAX_S)
-        self._inbox.hand_back(delivery, self._series[delivery.key][1], self._reason)
-        return True
+        return self._inbox.hand_back(delivery, self._series[delivery.key][1], self._reason)
 
     def full(self, delivery: Delivery) -> bool:
         """False where there is nothing to hand back: the journal took its result before the disk filled."""

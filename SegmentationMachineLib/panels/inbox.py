@@ -18,21 +18,23 @@ STOP_WAIT_S = 5.0  # Stop never hangs on a read still running: after this it is 
 KEEP_LOADED = 12  # a CT study often holds 5-10 series
 
 
-def _used(volume, scene) -> bool:
-    """Whether the user works with volume: a slice view shows it, a node refers to it (a segmentation or the Segment
-    Editor's source, a module's parameters, a transform's), or it was changed since it was read."""
-    if volume.GetModifiedSinceRead():
-        return True
-    for display in (volume.GetNthDisplayNode(n) for n in range(volume.GetNumberOfDisplayNodes())):
-        if display and display.IsA("vtkMRMLVolumeRenderingDisplayNode") and display.GetVisibility():
-            return True  # shown in a 3D view: volume rendering refers to its volume the other way round
-    for index in range(scene.GetNumberOfNodes()):
-        node = scene.GetNthNode(index)
+def _referenced_ids(scene) -> set:
+    """The IDs of every node another node refers to: a segmentation's or the Segment Editor's source volume, a
+    module's parameters, a transform's."""
+    referenced = set()
+    for node in (scene.GetNthNode(index) for index in range(scene.GetNumberOfNodes())):
         for role in (node.GetNthNodeReferenceRole(n) for n in range(node.GetNumberOfNodeReferenceRoles())):
-            if any(node.GetNthNodeReferenceID(role, n) == volume.GetID()
-                   for n in range(node.GetNumberOfNodeReferences(role))):
-                return True
-    return False
+            referenced.update(node.GetNthNodeReferenceID(role, n) for n in range(node.GetNumberOfNodeReferences(role)))
+    return referenced
+
+
+def _used(volume, referenced: set) -> bool:
+    """Whether the user works with volume: a slice view shows it, a node refers to it (referenced: _referenced_ids),
+    a visible volume rendering shows it, or it was changed since it was read."""
+    if volume.GetModifiedSinceRead() or volume.GetID() in referenced:
+        return True
+    return any(display and display.IsA("vtkMRMLVolumeRenderingDisplayNode") and display.GetVisibility()
+               for display in (volume.GetNthDisplayNode(n) for n in range(volume.GetNumberOfDisplayNodes())))
 
 
 def _remove_with_its_nodes(volume, scene):
@@ -155,10 +157,10 @@ class InboxPanel:
     def _unload_unused(self, scene) -> list:
         """Main thread: the volumes the inbox loaded before its KEEP_LOADED newest leave the scene where nothing
         uses them (no slice view shows them, no node refers to them, none was edited); returns their names."""
-        removed = []
+        removed, referenced = [], _referenced_ids(scene)
         for entry in self._kept[:-KEEP_LOADED]:
             node = scene.GetNodeByID(entry[0])
-            if node is None or not _used(node, scene):
+            if node is None or not _used(node, referenced):
                 if node is not None:
                     removed.append(node.GetName())
                     _remove_with_its_nodes(node, scene)
