@@ -22,7 +22,10 @@ def segment_with_prompts(ctx: SceneContext, volume_node, segments, session: Inte
     Every prompt is checked against the volume and the server's model before anything is sent."""
     upload = session.stage_volume(volume_node)
     _check_prompts(session, segments)
+    echo("Sending the scan to the server...")  # a minute of 65 MB on a hospital's 10 Mbit/s uplink
+    started = time.perf_counter()
     upload()
+    echo(f"Sent {session.region_note} in {time.perf_counter() - started:.1f} s")
     node = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()}_segmentation")
     node.CreateDefaultDisplayNodes()
     node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())  # on the volume's own grid, as presets do

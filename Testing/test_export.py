@@ -14,10 +14,13 @@ from conftest import EXAMPLE_LABELS, JPEG2000_SERIES, LABEL_NAMES, UNCOMPRESSED_
 from SegmentationMachineLib.core import arrays
 from SegmentationMachineLib.core.errors import ExportError
 from SegmentationMachineLib.core.files import atomic_file
+from SegmentationMachineLib.core.scene import create_headless_scene
 from SegmentationMachineLib.dicom.volumes import load_input
-from SegmentationMachineLib.mesh.check import check_mesh
+from SegmentationMachineLib.mesh import writers
+from SegmentationMachineLib.mesh.check import check_mesh, merged_as_float32, without_degenerate
 from SegmentationMachineLib.mesh.export import export_segmentation, ExportOptions, parse_formats
 from SegmentationMachineLib.mesh.surfaces import SurfaceMethod, SurfaceOptions
+from SegmentationMachineLib.mesh.writers import read_stl, write_3mf
 from SegmentationMachineLib.segment.presets import add_segment_from_mask, apply_preset
 from SegmentationMachineLib.segment.segmentations import load_segmentation, read_label_names
 
@@ -31,6 +34,13 @@ def vtk_points(reader_class, path):
 
 def bounds(points):
     return np.array([points.min(axis=0), points.max(axis=0)])
+
+
+def read_3mf_mesh(path):
+    """(points, triangles) of a 3MF's first mesh as its text holds them (trimesh merges and repairs)."""
+    mesh = next(ElementTree.fromstring(zipfile.ZipFile(path).read("3D/3dmodel.model")).iterfind(".//{*}mesh"))
+    points = np.array([[float(v.get(axis)) for axis in "xyz"] for v in mesh.iterfind(".//{*}vertex")])
+    return points, np.array([[int(t.get(f"v{n}")) for n in (1, 2, 3)] for t in mesh.iterfind(".//{*}triangle")])
 
 
 def read_3mf(path):
@@ -172,6 +182,51 @@ def test_surface_nets_and_decimation_options(ctx, tmp_path, phantom_dir):
     assert fewer["triangles"] < 0.6 * base["triangles"] and fewer["watertight"]
     assert nets["volume_ml"] == pytest.approx(base["volume_ml"], rel=0.1)  # its smoothing shrinks a little
     assert nets["watertight"] == (nets["boundary_edges"] == 0 and nets["non_manifold_edges"] == 0)
+
+
+def test_a_decimated_bone_of_a_real_ct_is_closed_in_its_files(ctx, tmp_path):
+    """vtkDecimatePro leaves a few back-to-back triangles on a real CT's bone (each of their edges had four
+    triangles), and corners closer than float32 tells apart: the report, the STL and the 3MF all hold a closed mesh."""
+    segmentation = apply_preset(ctx, load_input(ctx, JPEG2000_SERIES).node, "bone")
+    result = export_segmentation(segmentation, tmp_path, ExportOptions(
+        formats=("stl", "3mf"), surface=SurfaceOptions(decimation=0.5)))
+    entry = result.report["meshes"][0]
+    assert entry["watertight"] and entry["volume_ml"] == pytest.approx(entry["voxel_volume_ml"], rel=0.02)
+    assert check_mesh(*read_stl(result.folder / entry["stl"])).watertight
+    vertices, triangles = read_3mf_mesh(result.folder / "segments.3mf")
+    assert (np.diff(np.sort(triangles, axis=1), axis=1) > 0).all()  # 3MF: three distinct corners
+    assert check_mesh(vertices, triangles).watertight
+
+
+def test_repeated_corners_and_back_to_back_triangles_leave_a_closed_mesh():
+    points = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1 + 1e-9, 0, 0]], float)
+    triangles = np.array([[0, 2, 1], [0, 1, 3], [0, 3, 2], [4, 2, 3], [0, 1, 2], [0, 2, 1], [1, 1, 2]])
+    assert not check_mesh(points, triangles).watertight
+    closed = without_degenerate(merged_as_float32(points, triangles))
+    assert closed.tolist() == [[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]] and check_mesh(points, closed).watertight
+    assert without_degenerate(triangles[:4]).tolist() == triangles[:4].tolist()  # nothing to leave out
+
+
+def test_a_3mf_whose_text_passes_zips_limit_is_written_with_zip64(tmp_path, monkeypatch):
+    """Python's zipfile refuses to go on past 2 GiB in an entry opened without ZIP64 (a whole-body thin-slice CT's
+    bone and skin, about 26 million triangles): the limit lowered, as a smaller mesh meets it."""
+    box = trimesh.creation.box((10, 10, 10))
+    points, triangles = box.vertices, box.faces
+    monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 500)
+    with pytest.raises(RuntimeError, match="force_zip64"):  # what a too large 3MF met before
+        write_3mf(tmp_path / "plain.3mf", [("Cube", (1, 0, 0, 1), points, triangles)])
+    monkeypatch.setattr(writers, "ZIP64_FROM", len(points) + len(triangles) - 1)
+    write_3mf(tmp_path / "large.3mf", [("Cube", (1, 0, 0, 1), points, triangles)])
+    monkeypatch.undo()
+    assert len(zipfile.ZipFile(tmp_path / "large.3mf").read("3D/3dmodel.model")) > 500
+    assert check_mesh(*read_3mf_mesh(tmp_path / "large.3mf")).watertight
+
+
+def test_a_labelmap_without_a_colour_table_gets_the_same_colours_every_time(tmp_path):
+    """Slicer's default labelmap colours come from a file its core lacks: they were random, another on each export."""
+    colors = [[load_segmentation(create_headless_scene(), EXAMPLE_LABELS).GetSegmentation().GetNthSegment(n).GetColor()
+               for n in range(5)] for _ in range(2)]
+    assert colors[0] == colors[1] and len(set(colors[0])) == 5
 
 
 def test_diagonal_voxels_with_surface_nets_are_flagged_not_watertight(ctx, tmp_path):

@@ -7,6 +7,7 @@ model reports the official weights' capabilities (no 3D boxes). Requests are cou
 server's own log.
 """
 
+import threading
 import time
 
 import numpy as np
@@ -448,6 +449,7 @@ def test_model_command_replays_a_prompt_file_and_exports(server, tmp_path):
                      "--out", tmp_path / "out", "--format", "stl,3mf,seg", "--quiet", env={"SM_NNI_API_KEY": KEY})
     assert result.returncode == 0, result.stderr
     assert "blob: prompt 1/2 (point, include) in" in result.stdout and "blob: prompt 2/2 (box, include)" in result.stdout
+    assert "Sending the scan to the server...\nSent slices 1-24 of 24 on the server in " in result.stdout  # a minute
     assert KEY not in result.stdout + result.stderr
     report = json.loads(next((tmp_path / "out").glob("*/report.json")).read_text())
     assert [m["name"] for m in report["meshes"]] == ["blob"] and report["meshes"][0]["watertight"]
@@ -597,6 +599,25 @@ def test_the_ai_section_makes_its_own_segment_to_prompt_into(server, ctx):
     panel.submit("point", ras=ras((10, 10, 10)))
     settle(panel)
     assert panel.status.startswith("Point applied in") and panel.session._segment_mask(second).any()
+    panel.session.close()
+
+
+def test_prompts_panel_says_the_scan_is_being_sent(server, scene_parts):
+    """The first upload takes a minute on a hospital's uplink: the status said 'Connected' all along."""
+    volume, segmentation, target, editor = scene_parts
+    now = [0.0]
+    panel = connected_panel(server, scene_parts, clock=lambda: now[0])
+    sent = threading.Event()
+    panel.session.stage_volume = lambda node: sent.wait  # the upload, held as a slow uplink holds it
+    panel.choose(volume, SegmentTarget(segmentation, target, editor))
+    panel.tick()
+    assert panel.status == "Sending the scan to the server (prompts placed meanwhile wait for it)."
+    now[0] = 42.0
+    panel.tick()
+    assert panel.status == "Sending the scan to the server: 42 s (prompts placed meanwhile wait for it)."
+    sent.set()
+    settle(panel)
+    assert panel.status.startswith("Ready (slices")
     panel.session.close()
 
 

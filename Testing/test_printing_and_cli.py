@@ -151,6 +151,17 @@ def test_read_stl_gives_back_the_closed_mesh_write_stl_wrote(tmp_path):
     assert np.array_equal(read_points[read_triangles], points[triangles])
 
 
+def test_read_stl_leaves_out_triangles_whose_corners_are_one_point_in_float32(tmp_path):
+    """Two corners closer than float32 tells apart are one point in the file: the 3MF made from it for OrcaSlicer
+    must not hold a triangle with a corner twice (3MF Core 4.1.4.1; lib3mf refuses the whole file)."""
+    points, triangles = cube([100, 100, 100], 10)
+    points = np.vstack([points, points[0] + [1e-6, 0, 0]])  # one float32 point with points[0] (its step: 7.6e-6)
+    write_stl(tmp_path / "cube.stl", [(points, np.vstack([triangles, [[0, 8, 1]]]), None)])
+    read_points, read_triangles = read_stl(tmp_path / "cube.stl")
+    assert len(read_triangles) == len(triangles) and check_mesh(read_points, read_triangles).watertight
+    assert (np.diff(np.sort(read_triangles, axis=1), axis=1) > 0).all()
+
+
 def test_not_installed_says_where_to_get_it(tmp_path, export_folder):
     with pytest.raises(PrintError) as error:
         send_to_orcaslicer(export_folder, env={"PATH": str(tmp_path)}, home=tmp_path, platform="linux")

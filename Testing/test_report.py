@@ -2,8 +2,10 @@
 --save-segmentation keeps the voxels; --log keeps every step; big scans are warned about before the work."""
 
 import hashlib
+import io
 import json
 import re
+import sys
 from argparse import Namespace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 
 from SegmentationMachineLib import __version__
 from SegmentationMachineLib.cli import main as cli
-from SegmentationMachineLib.cli.common import command_record
+from SegmentationMachineLib.cli.common import Progress, command_record
 from SegmentationMachineLib.core import memory
 from SegmentationMachineLib.dicom.volumes import load_input
 from SegmentationMachineLib.segment.masks import BoneOptions
@@ -103,5 +105,17 @@ def test_loading_and_presets_report_progress(ctx, phantom_dir):
     assert calls[files:] == [(0, 1, "72 slices"), (1, 1, "72 slices")]  # then Slicer's read
     steps = []
     apply_preset(ctx, volume, "bone", progress=lambda *call: steps.append(call))
-    assert steps == [(0, 7, "body"), (1, 7, "vessels"), (2, 7, "cortex"), (3, 7, "closing"), (4, 7, "marrow"),
-                     (5, 7, "outline"), (6, 7, "islands"), (1, 1, "bone")]
+    assert steps == [(0, 7, "bone: body"), (1, 7, "bone: vessels"), (2, 7, "bone: cortex"), (3, 7, "bone: closing"),
+                     (4, 7, "bone: marrow"), (5, 7, "bone: outline"), (6, 7, "bone: islands"), (1, 1, "bone")]
+
+
+def test_a_step_starting_at_nought_is_drawn_with_its_name(monkeypatch):
+    """tqdm draws only on progress: skin's first step (a minute on a big scan) was shown as bone's finished bar."""
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    with Progress("presets", quiet=False) as progress:
+        progress(1, 1, "bone")
+        progress(0, 3, "skin: opening")
+        assert "0/3" in sys.stderr.getvalue().rsplit("\r", 1)[-1] and "skin: opening" in sys.stderr.getvalue()

@@ -29,11 +29,18 @@ class Progress:
 
     def __init__(self, label: str, quiet: bool):
         self._bar = tqdm(desc=label, unit="", leave=False, disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
+        self._waiting = True  # for its first step
 
     def __call__(self, done, total, item=""):
+        if self._waiting or done < self._bar.n:  # a step's start: its clock starts now, not when the bar was made
+            self._bar.reset(total=total)
+            self._waiting = False
         self._bar.total = total
         self._bar.set_postfix_str(str(item)[:30], refresh=False)
-        self._bar.update(done - self._bar.n)
+        if done > self._bar.n:
+            self._bar.update(done - self._bar.n)
+        else:  # tqdm draws only on progress: a new step that starts at 0 would be shown as the last one's end
+            self._bar.refresh()
 
     def __enter__(self):
         return self

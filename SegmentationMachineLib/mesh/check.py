@@ -40,6 +40,46 @@ def signed_volume_mm3(points: np.ndarray, triangles: np.ndarray, normals: np.nda
     return float(np.einsum("ij,ij->i", points[triangles[:, 0]], normals).sum()) / 6.0
 
 
+_MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9], np.uint64)
+
+
+def _maybe_repeated(rows: np.ndarray) -> np.ndarray:
+    """Indices of the rows (N, 3 integers) that may occur more than once. Equal rows share a hash, so a row with a
+    hash of its own occurs once: one sort of N keys instead of a sort of N rows (several times slower)."""
+    keys = np.bitwise_xor.reduce(rows.astype(np.uint64) * _MIX, axis=1)
+    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    return np.flatnonzero(counts[inverse.reshape(-1)] > 1)
+
+
+def without_degenerate(triangles: np.ndarray) -> np.ndarray:
+    """triangles less those with a corner twice (3MF forbids them) and less back-to-back pairs on the same three
+    corners (decimation leaves them: each of their edges then has four triangles, the mesh is not closed)."""
+    triangles = triangles[(triangles[:, 0] != triangles[:, 1]) & (triangles[:, 1] != triangles[:, 2])
+                          & (triangles[:, 0] != triangles[:, 2])]
+    maybe = _maybe_repeated(np.sort(triangles, axis=1))
+    if len(maybe) == 0:
+        return triangles
+    _, first, counts = np.unique(np.sort(triangles[maybe], axis=1), axis=0, return_index=True, return_counts=True)
+    keep = np.ones(len(triangles), bool)
+    keep[maybe] = False
+    keep[maybe[first[counts % 2 == 1]]] = True  # pairs cancel; of an odd number, one stays
+    return triangles[keep]
+
+
+def merged_as_float32(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """triangles with their corners that are one point in float32 (as STL and 3MF store them) made one vertex:
+    smoothing and decimation leave a few closer than that tells apart, and the files would hold collapsed triangles
+    that the report did not see."""
+    stored = points.astype(np.float32) + np.float32(0)  # -0.0 is 0.0
+    maybe = _maybe_repeated(stored.view(np.uint32))
+    if len(maybe) == 0:
+        return triangles
+    _, first, inverse = np.unique(stored[maybe], axis=0, return_index=True, return_inverse=True)
+    vertex = np.arange(len(points))
+    vertex[maybe] = maybe[first][inverse.reshape(-1)]
+    return vertex[triangles]
+
+
 def check_mesh(points: np.ndarray, triangles: np.ndarray, normals: np.ndarray = None) -> MeshCheck:
     """normals: the triangles' face_normals when already computed (they are the costly part)."""
     if len(triangles) == 0:

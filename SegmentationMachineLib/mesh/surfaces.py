@@ -19,7 +19,7 @@ from vtkmodules.util import numpy_support
 from ..core import arrays
 from ..core.errors import ExportError
 from ..core.scene import BINARY_LABELMAP, SceneContext, editing
-from .check import face_normals, signed_volume_mm3
+from .check import face_normals, merged_as_float32, signed_volume_mm3, without_degenerate
 
 # Gaussian sigma, in voxels along each axis, at smoothing 1.0. Relative to the voxel because the
 # staircase to remove is one voxel high; at the default 0.5 (0.6 voxel) sheets one voxel thick survive.
@@ -318,7 +318,7 @@ def _run_job(job: _Job, options: SurfaceOptions) -> SegmentMesh:
     surface, level, sigma = _contour(job.mask, options)
     points, triangles = _mesh_arrays(surface)
     points = points @ job.crop_to_world[:3, :3].T + job.crop_to_world[:3, 3]
-    triangles, normals, enclosed = _outward(points, triangles)
+    triangles, normals, enclosed = _outward(points, without_degenerate(merged_as_float32(points, triangles)))
     voxel_ml = np.count_nonzero(job.mask) * abs(np.linalg.det(job.crop_to_world[:3, :3])) / 1000.0
     if job.warp is not None and len(triangles):
         points, triangles, normals = _warped(job, points, triangles, normals)

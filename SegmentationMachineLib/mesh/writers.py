@@ -9,12 +9,15 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 
 from ..core.files import atomic_file
-from .check import face_normals
+from .check import face_normals, without_degenerate
 
 
 # Rows formatted per call: one call per mesh held the GIL (and Slicer's GUI) for 0.1-0.2 s on a large bone, longer
 # on a whole skeleton; 20,000 rows take a few milliseconds.
 ROWS_PER_CHUNK = 20_000
+
+
+ZIP64_FROM = 2**30 // 100  # vertices and triangles: each is under 100 bytes of 3MF text
 
 
 def _rows(row_format: str, values: np.ndarray):
@@ -60,7 +63,8 @@ def write_stl(path: Path, meshes, title: str = "SegmentationMachine"):
 
 def read_stl(path: Path):
     """(points, triangles) of a binary STL, its corners merged into shared vertices (exactly equal ones: a
-    closed mesh written by write_stl reads back closed); None when the file is no binary STL."""
+    closed mesh written by write_stl reads back closed), less triangles that collapsed (3MF forbids them); None
+    when the file is no binary STL."""
     data = Path(path).read_bytes()
     count = int(np.frombuffer(data, "<u4", 1, 80)[0]) if len(data) >= 84 else -1
     if count < 0 or len(data) != 84 + 50 * count:
@@ -68,7 +72,7 @@ def read_stl(path: Path):
     record = np.dtype([("normal", "<f4", 3), ("corners", "<f4", (3, 3)), ("attribute", "<u2")])
     corners = np.frombuffer(data, record, count, 84)["corners"].reshape(-1, 3)
     points, triangles = np.unique(corners, axis=0, return_inverse=True)
-    return points.astype(float), triangles.reshape(-1, 3)
+    return points.astype(float), without_degenerate(triangles.reshape(-1, 3))
 
 
 def rgba(color) -> tuple:
@@ -152,7 +156,10 @@ def write_3mf(path: Path, named_meshes, title: str = None):
         with zipfile.ZipFile(stream, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as package:
             package.writestr("[Content_Types].xml", _CONTENT_TYPES)
             package.writestr("_rels/.rels", _RELS)
-            with package.open("3D/3dmodel.model", "w") as model:  # streamed: never the whole text at once
+            # Streamed, never the whole text at once; ZIP64 only where the text may pass 2 GiB (zipfile refuses to go
+            # on there without it): the 3MF spec asks for plain ZIP where the model fits.
+            large = sum(len(points) + len(triangles) for _, _, points, triangles in named_meshes) > ZIP64_FROM
+            with package.open("3D/3dmodel.model", "w", force_zip64=large) as model:
                 for chunk in _model_xml(named_meshes, title, assembly):
                     model.write(chunk.encode())
             package.writestr(_PART_NAMES, _part_names_xml(named_meshes, title, assembly))

@@ -14,6 +14,7 @@ from ..prompts.session import InteractiveSession, PendingPrompt, SegmentTarget
 from .tasks import BackgroundTask
 
 SHOW_WAIT_AFTER_S = 1.0  # quicker answers need no "waiting" line
+SENDING_SCAN = "Sending the scan to the server"  # a minute on a slow uplink: prompts placed meanwhile wait
 
 
 @dataclass
@@ -117,6 +118,8 @@ class PromptsPanel:
         if self.can_cancel and elapsed >= SHOW_WAIT_AFTER_S:
             doing = self._job.note or "the server is working on it"
             self.status = f"{self._job.prompt.kind.capitalize()}: {doing}, {elapsed:.0f} s (Cancel stops waiting)."
+        if self._job == "stage" and self.status.startswith(SENDING_SCAN) and elapsed >= SHOW_WAIT_AFTER_S:
+            self.status = f"{SENDING_SCAN}: {elapsed:.0f} s (prompts placed meanwhile wait for it)."
         note = heartbeat_note(self.heartbeat)
         if note != self._pod_note:  # each once: the prompts' own lines follow
             self._pod_note = note
@@ -173,6 +176,7 @@ class PromptsPanel:
             upload = self.session.stage_volume(volume_node)
             self.session.select_segment(target)
             self._start("stage", upload)
+            self.status = f"{SENDING_SCAN} (prompts placed meanwhile wait for it)."
         elif isinstance(item, Prompt):
             try:
                 pending = self.session.prepare(item)
