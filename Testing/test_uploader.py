@@ -46,9 +46,9 @@ class Uploader:
                 time.sleep(0.1)
         raise AssertionError("the uploader did not start")
 
-    def put(self, path: str, data: bytes, size: int = None, offset: int = 0, auth=None) -> httpx.Response:
+    def put(self, path: str, data: bytes, size: int = None, offset: int = 0, auth=None, head: str = "") -> httpx.Response:
         size = len(data) if size is None else size
-        return self.client.put(f"/upload?path={quote(path)}&size={size}&offset={offset}", content=data,
+        return self.client.put(f"/upload?path={quote(path)}&size={size}&offset={offset}&head={head}", content=data,
                                **({"auth": auth} if auth else {}))
 
     def stop(self) -> str:
@@ -172,6 +172,37 @@ def test_two_pages_sending_a_file_of_one_name_and_size_at_once_never_weave_them_
         assert sock.makefile("rb").readline().startswith(b"HTTP/1.1 200")
     assert (uploader.inbox / "DICOM/IM000037").read_bytes() == a and list(uploader.staging.iterdir()) == []
     assert uploader.put("DICOM/IM000037", b).json()["exists"]  # B's, again: skipped with its reason, not merged
+
+
+def test_two_pages_sending_chunks_of_two_files_of_one_name_and_size_by_turns_never_join_them(uploader):
+    """Two tabs, two patients' CDs, a slice over one chunk: B's first chunk restarted A's part file and A's next
+    chunk went on after B's bytes, so the inbox got a file of both. The page's fingerprint of each file's first
+    bytes gives each its own part."""
+    a, b = (b"patient A " * (3 * MiB // 10 + 1))[:3 * MiB], (b"patient B " * (3 * MiB // 10 + 1))[:3 * MiB]
+    name = "DICOM/IM0001"
+    assert uploader.put(name, a[:MiB], len(a), 0, head="a1").json() == {"received": MiB}
+    assert uploader.put(name, b[:MiB], len(b), 0, head="b2").json() == {"received": MiB}
+    assert uploader.put(name, a[MiB:2 * MiB], len(a), MiB, head="a1").json() == {"received": 2 * MiB}
+    assert uploader.put(name, a[2 * MiB:], len(a), 2 * MiB, head="a1").json()["saved"] == name
+    late = uploader.put(name, b[MiB:2 * MiB], len(b), MiB, head="b2")
+    assert late.status_code == 409 and late.json()["exists"]  # the page says "skipped ... already in the inbox"
+    assert (uploader.inbox / name).read_bytes() == a
+    assert uploader.put(name, a, head="not hex").status_code == 400
+    assert "head: head" in uploader.client.get("/").text  # the page sends its fingerprint
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js runs the page's script (scripts/test.sh needs it)")
+def test_the_pages_fingerprint_is_fnv1a_of_the_first_64_kib(uploader):
+    script = uploader.client.get("/").text.split("<script>")[1].split("</script>")[0]
+    function = script[script.index("async function fingerprint"):script.index("async function upload")]
+    data = os.urandom(70_000)
+    run = subprocess.run(["node"], input=function + f"fingerprint({{slice: (a, b) => ({{arrayBuffer: async () => "
+                         f"Buffer.from('{data.hex()}', 'hex').subarray(a, b)}})}}).then(console.log);",
+                         capture_output=True, text=True, timeout=60)
+    expected = 0x811C9DC5
+    for byte in data[:65536]:
+        expected = ((expected ^ byte) * 0x01000193) & 0xFFFFFFFF
+    assert run.stdout.strip() == f"{expected:x}", run.stderr
 
 
 def test_names_the_file_system_cannot_hold_are_refused_with_an_answer(uploader):

@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -61,20 +62,26 @@ def inbox_path(inbox: Path, relative: str) -> Path:
     return inbox.joinpath(*parts)
 
 
-def part_file(staging: Path, relative: str, size: int) -> Path:
-    return staging / f"{hashlib.sha256(f'{size}:{relative}'.encode()).hexdigest()}.part"
+def part_file(staging: Path, relative: str, size: int, head: str = "") -> Path:
+    """head: the page's fingerprint of the file's first bytes. Two pages sending two patients' files of one name
+    and size by turns each append to their own part (by name and size alone, B's first chunk restarted A's part
+    and A's next chunk went on after B's bytes); the same file dropped again resumes its own."""
+    return staging / f"{hashlib.sha256(f'{size}:{head}:{relative}'.encode()).hexdigest()}.part"
 
 
-def receive(inbox: Path, staging: Path, relative: str, size: int, offset: int, body, length: int) -> dict:
+def receive(inbox: Path, staging: Path, relative: str, size: int, offset: int, body, length: int,
+            head: str = "") -> dict:
     """Appends one chunk; the last one publishes the file. Returns what the page is told."""
     final = inbox_path(inbox, relative)
+    if not re.fullmatch(r"[0-9a-f]{0,16}", head):
+        raise Refused(400, "head must be the page's fingerprint of the file (up to 16 hexadecimal digits).")
     if offset + length > size:
         raise Refused(400, "The chunk goes past the file's size.")
     if length > CHUNK_LIMIT:
         raise Refused(413, f"A chunk may hold at most {CHUNK_LIMIT // 2**20} MiB.")
     if os.path.lexists(final):
         raise Refused(409, f"{relative} is already in the inbox; rename the file to upload it again.", exists=True)
-    part = part_file(staging, relative, size)
+    part = part_file(staging, relative, size, head)
     if offset == 0 and shutil.disk_usage(staging).free < size:
         raise Refused(507, f"The pod's volume has no room for {relative} ({size / 2**20:.0f} MiB).")
     marker = inbox_folder(final, inbox) / MARKER
@@ -271,7 +278,8 @@ def make_handler(inbox: Path, staging: Path, secret: str, exports: Path = None):
                     raise Refused(404, "Uploads go to /upload.")
                 length = self._number(self.headers.get("Content-Length"), "Content-Length")
                 size, offset = self._number(query.get("size"), "size"), self._number(query.get("offset", "0"), "offset")
-                self._answer(200, receive(inbox, staging, query.get("path", ""), size, offset, self.rfile, length))
+                self._answer(200, receive(inbox, staging, query.get("path", ""), size, offset, self.rfile, length,
+                                          query.get("head", "")))
             except Refused as refused:
                 self.close_connection = True  # the rest of the body is not read
                 self._answer(refused.status, {"error": str(refused), **refused.extra})
@@ -341,12 +349,19 @@ const CHUNK = 32 * 1024 * 1024, MIN_CHUNK = 1024 * 1024;
 const status = document.getElementById("status"), logView = document.getElementById("log");
 const say = (text) => { logView.textContent += text + "\\n"; };
 
+async function fingerprint(file) {  // FNV-1a of the first 64 KiB: another patient's file of this name and size differs
+  const bytes = new Uint8Array(await file.slice(0, 65536).arrayBuffer());
+  let hash = 0x811c9dc5;
+  for (const byte of bytes) { hash = Math.imul(hash ^ byte, 0x01000193) >>> 0; }
+  return hash.toString(16);
+}
+
 async function upload(file) {
-  const name = file.webkitRelativePath || file.name;
+  const name = file.webkitRelativePath || file.name, head = await fingerprint(file);
   let offset = 0, chunk = CHUNK;
   for (let tries = 0; tries < 5;) {
     const end = Math.min(offset + chunk, file.size);
-    const query = new URLSearchParams({path: name, size: file.size, offset: offset});
+    const query = new URLSearchParams({path: name, size: file.size, offset: offset, head: head});
     let answer;
     try {
       const response = await fetch("upload?" + query, {method: "PUT", body: file.slice(offset, end)});
