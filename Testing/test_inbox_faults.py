@@ -334,3 +334,35 @@ def test_a_result_is_on_disk_before_the_journal_says_it_is_done(tmp_path, shared
         assert inbox.journal._db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
     finally:
         inbox.stop()
+
+
+def test_another_export_named_in_the_same_second_never_takes_the_series_result(tmp_path, shared_data, monkeypatch):
+    """A `model --out OUTBOX` (or a Slicer export) naming its folder as watch's result between watch's check of the
+    name and its rename: the rename replaced that empty folder, the other run wrote its meshes into watch's result,
+    and status.json said this series' result was the other patient's folder."""
+    from SegmentationMachineLib.inbox import watchqueue
+    from SegmentationMachineLib.mesh import export as exports
+
+    inbox_folder, state, outbox = tmp_path / "inbox", tmp_path / "state", tmp_path / "outbox"
+    inbox_folder.mkdir()
+    for path in SLICES:
+        (inbox_folder / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setattr(exports.time, "strftime", lambda *_: "20261127-101500")  # both in the same second
+    other, sync = [], watchqueue.sync_tree
+
+    def synced_while_another_run_names_its_folder(folder):
+        sync(folder)
+        other.append(exports.new_output_folder(outbox, "CT"))
+        (other[0] / "model.stl").write_text("the other run's patient")
+
+    def process(delivery, folder):
+        made = exports.new_output_folder(folder, "CT")
+        (made / "model.stl").write_text("this series")
+        return made
+
+    monkeypatch.setattr(watchqueue, "sync_tree", synced_while_another_run_names_its_folder)
+    board, _ = queue_once(inbox_folder, state, outbox, process)
+    [entry] = board["series"]
+    assert entry["state"] == "done" and Path(entry["result"]).name == "CT_20261127-101500"
+    assert (Path(entry["result"]) / "model.stl").read_text() == "this series"
+    assert other[0].name == "CT_20261127-101500-2" and (other[0] / "model.stl").read_text() == "the other run's patient"

@@ -157,6 +157,14 @@ def run_limited(command, limit: int, wait: bool = True):
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+@needs_linux
+def test_available_memory_stays_within_ulimit_v():
+    """A batch system's `ulimit -v` (RLIMIT_AS) ended a run in 'ran out of memory' with no warning before it."""
+    done = run_limited([sys.executable, "-c", "from SegmentationMachineLib.core import memory; "
+                        "print(memory.available_memory())"], 3 * GiB)
+    assert done.returncode == 0 and 0 < int(done.stdout) < 3 * GiB, done.stderr
+
+
 def one_sentence(stderr: str) -> str:
     assert "Traceback" not in stderr and "MemoryError" not in stderr, stderr
     said = [line for line in stderr.splitlines() if "ran out of memory" in line]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from argparse import Namespace
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -371,3 +372,26 @@ def test_exported_files_get_the_users_normal_permissions(shared_data, tmp_path):
     assert result.returncode == 0, result.stderr
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert files and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
+
+
+def test_a_phantom_stopped_half_way_is_never_used(tmp_path, monkeypatch):
+    """Ctrl-C while the first run wrote the phantom (or a second run at that moment) left 30 of its 72 slices, and
+    every later run without an input used that phantom, short of slices, with a spacing warning."""
+    from SegmentationMachineLib.cli import model
+    from SegmentationMachineLib.dicom import phantom
+
+    write = phantom.write_phantom
+
+    def stopped(folder):
+        phantom.write_ct_series(folder, phantom.make_phantom(shape=(30, 8, 8)).hu, 1.0,
+                                [(0, 0, k) for k in range(30)], "half")
+        raise KeyboardInterrupt
+
+    args = Namespace(input=None, out=tmp_path)
+    monkeypatch.setattr(phantom, "write_phantom", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        model._input_or_phantom(args)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(phantom, "write_phantom", write)
+    folder = model._input_or_phantom(args)
+    assert len(list(folder.glob("*.dcm"))) == 72 and [p.name for p in tmp_path.iterdir()] == ["phantom-ct-dicom"]

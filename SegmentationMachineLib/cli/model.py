@@ -3,6 +3,8 @@
 
 import importlib.util
 import math
+import os
+import shutil
 import tempfile
 from contextlib import ExitStack
 from dataclasses import replace
@@ -53,7 +55,19 @@ def _input_or_phantom(args) -> Path:
         return Path(args.input)
     folder = args.out.expanduser() / "phantom-ct-dicom"
     if not any(folder.glob("*.dcm")):
-        write_phantom(folder)
+        # Written beside it, then renamed whole: a run stopped half-way, or a second run at that moment, would
+        # have used a phantom short of slices (and kept using it).
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=".phantom-ct-dicom-", dir=folder.parent))
+        try:
+            write_phantom(partial)
+            try:
+                os.rename(partial, folder)
+            except OSError:
+                if not any(folder.glob("*.dcm")):  # not another run's whole phantom
+                    raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     print(f"No input given: using the CT phantom written as DICOM in {folder}")
     return folder
 

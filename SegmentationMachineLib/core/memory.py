@@ -34,12 +34,27 @@ def available_memory(meminfo: Path = Path("/proc/meminfo"), cgroups: Path = Path
         return _windows_available()
     if platform == "darwin":
         return _macos_available()
-    known = [room for room in (_meminfo_available(meminfo), *_cgroup_rooms(cgroups, cgroup_folder)) if room is not None]
+    known = [room for room in (_meminfo_available(meminfo), *_cgroup_rooms(cgroups, cgroup_folder),
+                               _address_space_room()) if room is not None]
     if known:
         return max(0, min(known))
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _address_space_room(statm: Path = Path("/proc/self/statm")) -> "int | None":
+    """Room left under `ulimit -v` (RLIMIT_AS, which batch systems without control groups set): the limit less what
+    this process has mapped; past it an allocation fails."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit == resource.RLIM_INFINITY:
+            return None
+        return limit - int(statm.read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (ImportError, OSError, ValueError, IndexError):
         return None
 
 

@@ -19,6 +19,7 @@ import re
 import shutil
 import sqlite3
 import threading
+from contextlib import suppress
 from pathlib import Path
 
 from ..core.clock import local_time
@@ -104,15 +105,29 @@ def _remove(staging: Path):
         pass
 
 
-def _free_name(made: Path, outbox: Path) -> Path:
-    """made, renamed inside staging if needed so that its name is free in outbox."""
-    name, attempt = made.name, 1
-    while (outbox / name).exists():
-        attempt += 1
-        name = f"{made.name}-{attempt}"
-    if name != made.name:
-        made = made.rename(made.with_name(name))
-    return made
+def _reserve(made: Path, outbox: Path) -> Path:
+    """A free name for made in outbox, held by an empty folder made there (mkdir, as exports name theirs): a name
+    only looked at could be taken by a Slicer or `model` export in the same second, and the rename would then put
+    this series' result under another run's folder. made is renamed inside staging to the name reserved."""
+    for attempt in range(1, 1000):
+        result = outbox / (made.name if attempt == 1 else f"{made.name}-{attempt}")
+        try:
+            result.mkdir()
+        except FileExistsError:
+            continue
+        try:
+            if result.name != made.name:
+                made.rename(made.with_name(result.name))
+        except BaseException:
+            with suppress(OSError):
+                result.rmdir()
+            raise
+        return result
+    raise UserError(f"Too many results named {made.name} in {printable(outbox)}: move some out of it.")
+
+
+def _empty_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
 def _commit(inbox: Inbox, delivery: Delivery, staged: Path, result: Path):
@@ -121,6 +136,10 @@ def _commit(inbox: Inbox, delivery: Delivery, staged: Path, result: Path):
 
 
 def _publish(staged: Path, result: Path):
+    """staged onto its reserved, empty folder: POSIX's rename replaces an empty folder at once; Windows' refuses to,
+    so there the reservation goes first."""
+    if WINDOWS and _empty_folder(result):
+        result.rmdir()
     replace_when_free(staged, result, os.rename)
     sync_folder(result.parent)
 
@@ -144,8 +163,8 @@ def reconcile(inbox: Inbox, board: StatusBoard, outbox: Path):
         # version staged under its name for staging)
         places = [_staging_folder(outbox, key, name) / result.name for name in (STAGING, OLDER_STAGING) if result]
         staged = next((place for place in places if place.is_dir()), None)
-        if staged and not result.exists():
-            _publish(staged, result)  # committed, killed before the rename
+        if staged and (not result.exists() or _empty_folder(result)):
+            _publish(staged, result)  # committed, killed before the rename onto its reservation
         if board.get(key).get("state") in (None, "processing", "waiting"):
             state = BOARD_STATES.get(entry["state"], "failed")
             board.set(key, entry["description"], entry["files"], state, entry["reason"] or "", entry["result"] or "")
@@ -180,7 +199,7 @@ def deliver(inbox: Inbox, board: StatusBoard, delivery: Delivery, process, outbo
     echo(f"{series.name}: processing {len(series.files)} files" + (" (an update)" if delivery.is_update else ""))
     try:
         staging.mkdir(parents=True)
-        staged = _free_name(Path(process(delivery, staging)), outbox)
+        result = _reserve(Path(process(delivery, staging)), outbox)
     except UnsuitableImage as error:  # an MR or a localizer in the study: left aside, nothing failed
         _remove(staging)
         inbox.acknowledge(delivery, False, str(error), skipped=True)
@@ -201,8 +220,13 @@ def deliver(inbox: Inbox, board: StatusBoard, delivery: Delivery, process, outbo
         _remove(staging)
         board.set(delivery.key, series.name, len(series.files), "waiting", "interrupted; processed again on restart")
         raise
-    result = outbox / staged.name
-    _commit(inbox, delivery, staged, result)
+    staged = staging / result.name
+    try:
+        _commit(inbox, delivery, staged, result)
+    except BaseException:
+        with suppress(OSError):
+            result.rmdir()  # the reservation: reconcile publishes a result the journal took all the same
+        raise
     _publish(staged, result)
     _remove(staging)
     echo(f"{series.name}: done → {printable(result)}" + (f" (looks incomplete: {delivery.incomplete})"
