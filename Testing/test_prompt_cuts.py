@@ -261,3 +261,39 @@ def test_an_answer_that_names_out_of_memory_says_the_gpu_is_too_small():
                           "memory for this region and prompt, so run the server on a GPU with more memory (a pod's "
                           "server, or one run by segmentation-machine server, restarts itself within a minute; "
                           "another is about half as fast on large structures until restarted).")
+
+
+def test_two_clients_on_one_server_keep_their_own_image_and_segment(server):
+    """Two Slicers (or a Slicer and `model --server`) on one pod: upstream keeps a session per client (its lease),
+    so B's upload never becomes the image of A's next prompt, nor B's prompts A's segment."""
+    from SegmentationMachineLib.core.scene import create_headless_scene
+
+    def opened(image, bright):
+        image[bright] = 1000
+        ctx = create_headless_scene()
+        volume = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+        arrays.set_volume_array(volume, image, np.eye(4))
+        segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        segment = segmentation.GetSegmentation().AddEmptySegment("", "target")
+        session = InteractiveSession(server.url, KEY)
+        session.connect()
+        session.set_volume(volume)
+        session.select_segment(SegmentTarget(segmentation, segment,
+                                             headless_editor(ctx.scene, ctx.app_logic, segmentation, volume)))
+        return session, lambda: session._segment_mask(segment)
+
+    noise = np.random.default_rng(5)
+    a, a_mask = opened(noise.integers(-10, 10, (40, 48, 56)).astype(np.int16), np.s_[15:25, 15:25, 15:25])
+    b, b_mask = opened(noise.integers(-10, 10, (36, 44, 52)).astype(np.int16), np.s_[2:8, 30:40, 30:40])
+    try:  # B's volume went up after A's: A's prompt is on A's image still
+        a.add(Prompt("point", True, ras=(20.0, 20.0, 20.0)))
+        b.add(Prompt("point", True, ras=(20.0, 20.0, 20.0)))
+        assert a_mask().shape == (40, 48, 56) and a_mask()[15:25, 15:25, 15:25].all() and not a_mask()[4, 35, 35]
+        assert not b_mask()[16, 16, 16] and not b_mask()[24, 24, 24]
+        b.add(Prompt("point", False, ras=(20.0, 20.0, 20.0)))  # B's exclude does not reach A's segment
+        a.add(Prompt("point", True, ras=(5.0, 5.0, 5.0)))
+        assert a_mask()[20, 20, 20] and a_mask()[5, 5, 5] and not b_mask()[20, 20, 20] and not b_mask()[5, 5, 5]
+    finally:
+        a.close()
+        b.close()
