@@ -20,6 +20,7 @@ class CloudflareLike:
     def __init__(self, upstream_port: int, cap: int = 100_000_000, limit_s: float = 100.0,
                  uplink_bytes_per_s: float = None):
         self.seen = []  # (method, path, body bytes, status) per request
+        self.cap = cap  # may change while it runs: a proxy whose limit tightens
         self.down_status = 502
         proxy = self
 
@@ -29,7 +30,7 @@ class CloudflareLike:
             def _any(self):
                 started = time.monotonic()
                 length = int(self.headers.get("Content-Length", 0))
-                if length > cap:
+                if length > proxy.cap:
                     self.rfile.read(length)
                     return self._reply(413, b"<html><body>413 Request Entity Too Large</body></html>", length)
                 body = self._read(length, uplink_bytes_per_s)

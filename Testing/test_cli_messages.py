@@ -153,11 +153,17 @@ def test_a_zip_given_to_model_is_read_like_watch_reads_one(shared_data, tmp_path
         for path in sorted(UNCOMPRESSED_SERIES.iterdir()):
             package.write(path, f"study/{path.name}")
         package.writestr("../escape.dcm", b"outside")
-    result = run_cli("model", archive, "--list", "--out", tmp_path / "out")
+    temp = tmp_path / "temp"  # a killed run's unpacked copy (patient data) stays in it: removed once a day old
+    killed, running = temp / "segmentation-machine-zip-killed", temp / "segmentation-machine-zip-running"
+    for folder in (killed, running):
+        (folder / "unpacked").mkdir(parents=True)
+    os.utime(killed, (time.time() - 25 * 3600,) * 2)
+    result = run_cli("model", archive, "--list", "--out", tmp_path / "out", env={"TMPDIR": str(temp)})
     assert result.returncode == 0, result.stderr
     assert "Unpacked 3 file(s)" in result.stdout and "1. CT 'series 2', 3 slices of 512x512" in result.stdout
     assert "Skipped ../escape.dcm in study.zip: its path leads outside the archive's folder" in result.stderr
-    assert not (tmp_path / "escape.dcm").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["study.zip"]
+    assert not (tmp_path / "escape.dcm").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["study.zip", "temp"]
+    assert list(temp.iterdir()) == [running]
 
 
 def test_a_bare_install_runs_the_main_job_and_names_the_extra_for_dicomweb_and_listen(shared_data, tmp_path):

@@ -141,6 +141,19 @@ def test_a_proxy_that_refuses_the_upload_gets_a_smaller_region_not_an_error(serv
     session.close()
 
 
+def test_a_later_region_the_proxy_refuses_is_sent_smaller_without_asking(server, proxies, scene_parts):
+    """A prompt far from the region sent moves it; a proxy that refuses that upload (its limit tightened, the uplink
+    slowed) ended `model --prompts` with 'prompt again' where nobody can: the prompt is sent on a smaller region."""
+    proxy = proxies()
+    said = []
+    session = open_session(proxy, scene_parts, status=said.append, limits=limits())
+    proxy.cap = int(proxy.uploads()[0][0] * 0.6)
+    session.add(Prompt("point", True, ras=ras((950, 28, 30))))
+    assert centred_on(mask_of(session), (950, 28, 30))
+    assert [status for _, status in proxy.uploads()][1:] == [413, 200] and len(said) == 1
+    session.close()
+
+
 def test_a_slow_uplink_past_the_proxys_time_limit_gets_a_smaller_region(server, proxies, scene_parts):
     proxy = proxies(limit_s=1.5, uplink_bytes_per_s=200_000)  # the 100 s limit and a home uplink, scaled down
     session = open_session(proxy, scene_parts, limits=limits(uplink_bytes_per_s=2e6))  # assumes 10x the uplink

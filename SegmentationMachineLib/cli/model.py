@@ -5,7 +5,9 @@ import importlib.util
 import math
 import os
 import shutil
+import stat
 import tempfile
+import time
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +20,7 @@ from ..core.files import printable
 from .common import (Progress, add_surface_options, api_key, command_record, examples, export_options, log,
                      parse_presets, report_export, say, steps)
 
+SCRATCH_AGE_S = 24 * 3600  # no run lasts a day: a scratch folder this old is a killed run's
 
 def add_model_command(commands, common):
     model = commands.add_parser("model", parents=[common],
@@ -93,10 +96,25 @@ def _dicomweb(args):
     return DicomWeb(server, credentials(server))
 
 
+def _scratch(kind: str, cleanup: ExitStack) -> Path:
+    """A private temporary folder for patient data (a DICOMweb download, a zip's files) that lives until the command
+    ends. Those of runs killed before their end (out of memory, kill -9) are removed once a day old."""
+    prefix = f"segmentation-machine-{kind}-"
+    for old in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        try:
+            info = old.lstat()
+            ours = info.st_uid == getattr(os, "getuid", lambda: info.st_uid)()  # Windows: a temp folder per user
+            if stat.S_ISDIR(info.st_mode) and ours and time.time() - info.st_mtime > SCRATCH_AGE_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+    return Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+
+
 def _fetch(web, args, cleanup: ExitStack) -> Path:
     """The chosen series of --study, in a private temporary folder that lives until the command ends."""
     series = web.choose_series(args.study, args.series)
-    folder = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="segmentation-machine-dicomweb-")))
+    folder = _scratch("dicomweb", cleanup)
     with Progress("retrieving", args.quiet) as progress:
         paths = web.retrieve(args.study, series, folder, progress)
     print(printable(f"Retrieved {series.summary()} from {web.server.url}: {len(paths)} file(s)"))
@@ -114,7 +132,7 @@ def _unzipped(source: Path, cleanup: ExitStack) -> Path:
                 return source
     except OSError:  # a folder, or nothing there: the scan says what it is
         return source
-    scratch = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="segmentation-machine-zip-")))
+    scratch = _scratch("zip", cleanup)
     extraction = extract_zip(source, scratch / "unpacked")
     for member, reason in extraction.refused:
         if member != "*":

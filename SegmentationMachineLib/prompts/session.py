@@ -535,8 +535,15 @@ class InteractiveSession:
     def add(self, prompt: Prompt) -> PromptTiming:
         """Runs one prompt (again on a larger region while the region cuts its result) and writes its result into
         the selected segment."""
-        pending = self.prepare(prompt)
-        timing = self.finish(pending, pending.run())
+        for tries_left in (2, 1, 0):
+            pending = self.prepare(prompt)
+            try:
+                box = pending.run()
+                break
+            except RegionRefused:  # the planner halved its budget: a smaller region, without a person to ask
+                if not tries_left:
+                    raise
+        timing = self.finish(pending, box)
         while pending.again is not None:
             pending = pending.again
             try:
@@ -850,8 +857,8 @@ class PendingPrompt:
             if self.session._cancelled is not self:
                 self.session._after_cancelled()
             if self.region is not None and not self.session._send_region(self.region):
-                raise InteractiveError("The new region was larger than one request may carry; the segment is left "
-                                       "as it was: prompt again (the next region is chosen smaller).")
+                raise RegionRefused("The new region was larger than one request may carry; the segment is left as "
+                                    "it was: prompt again (the next region is chosen smaller).")
             if self.seed:
                 self.session._call(self.seed, abandoned)
             return None if self.cancelled else self.session._call(self.call, abandoned)
@@ -864,6 +871,10 @@ class PendingPrompt:
         the session's next prompt re-seeds the server with the segment as it is."""
         self.cancelled = True
         self.session._cancelled = self
+
+
+class RegionRefused(InteractiveError):
+    """The proxy refused a prompt's new region as too large or too slow; the planner chooses a smaller one next."""
 
 
 class _NoSession(Exception):
