@@ -86,7 +86,30 @@ def test_heartbeats_keep_the_pod_and_silence_terminates_it(fake, pod):
     log = agent.log()
     assert pod.id not in fake.pods and 2 <= time.monotonic() - silent_from < 15
     assert agent.process.returncode == 0
-    assert "The pod terminates in" in log and f"Terminating pod {pod.id}: no client has been connected" in log
+    assert "The pod terminates in" in log and f"Terminating pod {pod.id}: nothing has used it" in log
+
+
+def test_beats_of_a_slicer_left_open_keep_nothing_running_but_are_told_the_end(fake, pod, monkeypatch):
+    """The module's heartbeats say when nobody used the pod lately: a Slicer left open kept it to its lifetime."""
+    from SegmentationMachineLib.cloud import heartbeat
+
+    agent = RunningAgent(fake, pod.id, SM_IDLE_TIMEOUT_S=2.5, SM_WARNING_S=1.8)
+    monkeypatch.setattr(heartbeat, "INTERVAL_S", 0.3)
+    watching = Heartbeat(agent.url, TOKEN, watches_use=True)
+    end = time.monotonic() + 4  # prompting for longer than the idle timeout
+    while time.monotonic() < end:
+        heartbeat.used()
+        assert watching.beat() and watching.last["warning"] == "", watching.problem or watching.last
+        time.sleep(0.3)
+    assert pod.id in fake.pods
+    monkeypatch.setattr(heartbeat, "_last_use", [time.monotonic() - 60])
+    unused_from = time.monotonic()
+    answers = []
+    while pod.id in fake.pods and time.monotonic() - unused_from < 15:
+        answers.append(dict(watching.last) if watching.beat() else {})
+        time.sleep(0.3)
+    assert pod.id not in fake.pods and 2 <= time.monotonic() - unused_from
+    assert any(answer.get("warning", "").startswith("The pod terminates in") for answer in answers)
 
 
 def test_a_browser_on_the_desktop_counts_as_connected(fake, pod):
@@ -102,7 +125,7 @@ def test_a_browser_on_the_desktop_counts_as_connected(fake, pod):
     browser.close()
     session.close()
     log = agent.log()
-    assert pod.id not in fake.pods and "no client has been connected" in log
+    assert pod.id not in fake.pods and "nothing has used it" in log
     desktop.close()
 
 
@@ -190,7 +213,7 @@ def test_when_preparing_the_pod_fails_the_entrypoint_still_runs_the_agent_which_
     assert started.returncode == 0 and pod.id not in fake.pods  # the agent ran, and ended the pod when idle
     assert "preparing the pod failed (entrypoint.sh line" in started.stderr
     assert "Ignoring SM_MAX_LIFETIME_S='15m': not a number above 0." in started.stderr
-    assert f"Terminating pod {pod.id}: no client has been connected" in started.stderr
+    assert f"Terminating pod {pod.id}: nothing has used it" in started.stderr
 
 
 def test_a_check_that_fails_unexpectedly_is_logged_once_and_the_watch_goes_on(tmp_path, caplog):
@@ -356,14 +379,14 @@ def test_a_desktop_pod_holding_the_users_files_is_stopped_and_only_one_without_i
         for p in (pod, networked, empty)]]
     assert fake.pods[pod.id]["status"] == "EXITED"  # no GPU billing, the volume kept
     assert (tmp_path / "volume/exports/skull/skull.stl").read_bytes().startswith(b"solid skull")
-    assert f"Stopping pod {pod.id}: no client has been connected for 1.5 s (idle timeout)" in kept_log
+    assert f"Stopping pod {pod.id}: nothing has used it for 1.5 s (idle timeout)" in kept_log
     assert ("are kept, and its 50 GB volume costs $10.00/month until it is terminated, and is "
             + KEPT_WHILE_CREDIT) in kept_log
     assert "Terminating" not in kept_log
     assert networked.id not in fake.pods and (tmp_path / "network-volume/exports/skull/skull.stl").exists()
     assert f"Terminating pod {networked.id}" in networked_log and "stay on network volume nv-skulls" in networked_log
     assert empty.id not in fake.pods and not (tmp_path / "empty-volume").exists()  # gone, with its volume
-    assert f"Terminating pod {empty.id}: no client has been connected" in emptied_log
+    assert f"Terminating pod {empty.id}: nothing has used it" in emptied_log
 
 
 def test_the_budget_and_lifetime_are_totals_over_stops_and_resumes(fake, backend, tmp_path):

@@ -1,4 +1,5 @@
-"""A pod used only through the AI prompts section is kept running while connected, and ends once disconnected.
+"""A pod used only through the AI prompts section is kept running while used, and ends once disconnected or left
+unused (a Slicer left open with the pod connected kept it to its lifetime).
 
 The pod is started on the fake RunPod; behind a proxy that stands in for RunPod's, its services run for real: the
 upstream nnInteractive server on CPU (the test model) and the pod agent (`python -m ...podagent`, idle timeout
@@ -125,23 +126,35 @@ def scene_parts(ctx):
     return volume, SegmentTarget(segmentation, target, headless_editor(ctx.scene, ctx.app_logic, segmentation, volume))
 
 
-def prompt_then_think(panel, server_url, key, scene_parts, seconds=2.5 * IDLE_TIMEOUT_S):
-    """Connect from the AI section, three points a second apart, then connected and idle until seconds have
-    passed: more than twice the agent's idle timeout in all, with none of the Cloud GPU section's heartbeats."""
+def prompting(panel, server_url, key, scene_parts, seconds=2.5 * IDLE_TIMEOUT_S):
+    """Connect from the AI section, then a point a second until seconds have passed: more than twice the agent's
+    idle timeout in all, with none of the Cloud GPU section's heartbeats."""
     main = IdleMainThread()
     panel.connect(server_url, key)
     assert drive(main, lambda: not panel.busy, (PROMPTS_MS, panel.tick), seconds=60), panel.status
     assert panel.connected, panel.status
     panel.choose(*scene_parts)
-    points = [(i, 16.0, 12.0) for i in (8.0, 16.0, 24.0)]
+    points = iter([(i, 16.0, 12.0) for i in (8.0, 16.0, 24.0)] * 20)
     end = time.monotonic() + seconds
+    drive(main, lambda: time.monotonic() > end, (PROMPTS_MS, panel.tick),
+          (1000, lambda: panel.submit("point", ras=next(points))), seconds=seconds + 30)
+    assert drive(main, lambda: not panel.busy, (PROMPTS_MS, panel.tick), seconds=30), panel.status
+    assert panel.status.startswith("Point applied in"), panel.status
 
-    def next_point():
-        if points:
-            panel.submit("point", ras=points.pop())
 
-    drive(main, lambda: time.monotonic() > end, (PROMPTS_MS, panel.tick), (1000, next_point), seconds=seconds + 30)
-    assert not points and panel.status.startswith("Point applied in"), panel.status
+def ends_when_left_open(panel, fake, agent, pod_id):
+    """Connected, but nobody prompts: the heartbeats say so, and the pod ends after its idle timeout, said first."""
+    main, said, left = IdleMainThread(), set(), time.monotonic()
+
+    def tick():
+        panel.tick()
+        said.add(panel.status)
+
+    assert drive(main, lambda: pod_id not in fake.pods, (PROMPTS_MS, tick), seconds=60), "kept while unused"
+    assert IDLE_TIMEOUT_S - 2 * BEAT_S - 1.5 <= time.monotonic() - left and panel.connected
+    assert any("nothing has used it" in line for line in said), said
+    assert f"Terminating pod {pod_id}: nothing has used it" in agent.log(timeout=30)
+    panel.disconnect()
 
 
 def ends_after_disconnect(panel, fake, agent, pod_id):
@@ -154,24 +167,24 @@ def ends_after_disconnect(panel, fake, agent, pod_id):
     panel.tick()
     assert panel.status == "Disconnected." and not panel.busy and not panel.connected and panel.heartbeat is None
     log = agent.log(timeout=30)
-    assert pod_id not in fake.pods and f"Terminating pod {pod_id}: no client has been connected" in log
+    assert pod_id not in fake.pods and f"Terminating pod {pod_id}: nothing has used it" in log
     assert IDLE_TIMEOUT_S - BEAT_S - 1.5 <= time.monotonic() - disconnected  # not ended while connected
 
 
-def test_a_pod_started_here_and_used_only_from_the_ai_section_runs_while_connected(pod_proxy, backend, running,
+def test_a_pod_started_here_and_used_only_from_the_ai_section_runs_while_used(pod_proxy, backend, running,
                                                                                    scene_parts):
     fake = pod_proxy.fake
     cloud = CloudGpu(backend)  # records in the test's home, where the section finds them
     started = cloud.up(cloud.gpu_choices("NVIDIA GeForce RTX 4090"), sleep=lambda s: time.sleep(0.05))
     agent = running(started.pod_id, started.secrets["SM_NNI_API_KEY"],
-                    SM_HEARTBEAT_TOKEN=started.secrets["SM_HEARTBEAT_TOKEN"])
+                    SM_HEARTBEAT_TOKEN=started.secrets["SM_HEARTBEAT_TOKEN"], SM_WARNING_S=1.5)  # once unused
     panel = PromptsPanel()
-    prompt_then_think(panel, started.server_url, started.secrets["SM_NNI_API_KEY"], scene_parts)
+    prompting(panel, started.server_url, started.secrets["SM_NNI_API_KEY"], scene_parts)
     assert started.pod_id in fake.pods and agent.process.poll() is None, "the pod was ended while in use"
-    ends_after_disconnect(panel, fake, agent, started.pod_id)
+    ends_when_left_open(panel, fake, agent, started.pod_id)
 
 
-def test_a_pod_known_only_by_its_url_and_key_runs_while_connected(pod_proxy, backend, running, scene_parts,
+def test_a_pod_known_only_by_its_url_and_key_runs_while_used(pod_proxy, backend, running, scene_parts,
                                                                 tmp_path):
     """Started elsewhere (another computer's `pod up --detach`, a colleague): no record here, only what was pasted."""
     from test_image import environment, programs, rendered
@@ -188,6 +201,6 @@ def test_a_pod_known_only_by_its_url_and_key_runs_while_connected(pod_proxy, bac
     forged = heartbeat.Heartbeat(agent.url, "not-the-servers-key")
     assert not forged.beat() and forged.refused
     panel = PromptsPanel()
-    prompt_then_think(panel, f"{pod_proxy.template().format(pod_id=pod.id, port=SERVER_PORT)}/", key, scene_parts)
+    prompting(panel, f"{pod_proxy.template().format(pod_id=pod.id, port=SERVER_PORT)}/", key, scene_parts)
     assert pod.id in fake.pods and agent.process.poll() is None, "the pod was ended while in use"
     ends_after_disconnect(panel, fake, agent, pod.id)

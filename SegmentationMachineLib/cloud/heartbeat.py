@@ -5,15 +5,27 @@ is near, for the panel or the terminal to show.
 """
 
 import threading
+import time
 
 INTERVAL_S = 60.0  # well inside the agent's idle timeout (default 15 min)
+UNUSED_HEADER = "X-SM-Unused"  # "1": connected, but nobody used the pod lately; the agent then keeps nothing running
+_last_use = [time.monotonic()]
+
+
+def used():
+    """Someone used the pod just now (a prompt, a press in the Cloud GPU section): the module's heartbeats keep it
+    running for the pod's idle timeout from here. A Slicer left open with a pod connected kept it to its lifetime."""
+    _last_use[0] = time.monotonic()
 
 
 class Heartbeat:
     """Single use: start() once, stop() once."""
 
-    def __init__(self, agent_url: str, token: str):
+    def __init__(self, agent_url: str, token: str, watches_use: bool = False):
+        """watches_use: beats say whether used() was called lately (the module); else each beat is a use (a CLI
+        command keeps its pod for as long as it runs)."""
         self.url = f"{agent_url.rstrip('/')}/heartbeat"
+        self.watches_use = watches_use
         self._headers = {"Authorization": f"Bearer {token}"}
         self.last = {}  # the agent's last answer
         self.problem = ""  # why the last heartbeat did not arrive; "" when it did
@@ -27,8 +39,11 @@ class Heartbeat:
     def beat(self) -> bool:
         import requests
 
+        # Used within two intervals: a use is carried by the next beat, however the beats fall.
+        unused = self.watches_use and time.monotonic() - _last_use[0] > 2 * INTERVAL_S
         try:
-            answer = requests.post(self.url, headers=self._headers, timeout=15.0)
+            answer = requests.post(self.url, headers={**self._headers, **({UNUSED_HEADER: "1"} if unused else {})},
+                                   timeout=15.0)
         except requests.RequestException:
             self.problem = "the pod agent did not answer (the pod may still be starting, or it was terminated)"
             return False

@@ -22,12 +22,13 @@ def heartbeat_note(heartbeat) -> str:
     return heartbeat.warning
 
 
-def pod_heartbeat(server_url: str, api_key: str, records: PodRecords):
-    """The (not yet started) Heartbeat that keeps the pod behind server_url running; None for any other server."""
+def pod_heartbeat(server_url: str, api_key: str, records: PodRecords, watches_use: bool = False):
+    """The (not yet started) Heartbeat that keeps the pod behind server_url running; None for any other server.
+    watches_use: see Heartbeat."""
     pod_id = pod_at(server_url)
     if not pod_id:
         return None
     started_here = recorded_pod(records, pod_id)
     if started_here is not None:
-        return Heartbeat(started_here.agent_url, started_here.secrets["SM_HEARTBEAT_TOKEN"])
-    return Heartbeat(proxy_url(pod_id, AGENT_PORT), api_key)
+        return Heartbeat(started_here.agent_url, started_here.secrets["SM_HEARTBEAT_TOKEN"], watches_use)
+    return Heartbeat(proxy_url(pod_id, AGENT_PORT), api_key, watches_use)

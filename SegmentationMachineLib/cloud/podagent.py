@@ -30,6 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from ..core.refusals import Refusals
+from .heartbeat import UNUSED_HEADER
 from .pods import KEPT_WHILE_CREDIT, PodsError, RunPodRest, VOLUME_USD_PER_GB_MONTH
 
 log = logging.getLogger("segmentation-machine.podagent")
@@ -111,7 +112,7 @@ class Verdict:
 
 def verdict(config: AgentConfig, idle_s: float, lifetime_s: float, cost_usd: float, cost_per_hr: float) -> Verdict:
     """The limit that is reached first; pure, so it is tested without clocks."""
-    limits = [Verdict(f"no client has been connected for {_duration(config.idle_timeout_s)} (idle timeout)",
+    limits = [Verdict(f"nothing has used it for {_duration(config.idle_timeout_s)} (idle timeout)",
                       config.idle_timeout_s - idle_s, "idle")]
     if config.max_lifetime_s is not None:
         limits.append(Verdict(f"its maximum lifetime of {_duration(config.max_lifetime_s)} is reached",
@@ -225,8 +226,11 @@ class PodAgent:
         self._withdraw_notice()  # a notice left by an earlier start is not about this one
 
     # -- what clients see ------------------------------------------------------------------
-    def heartbeat(self) -> dict:
-        self._touch()
+    def heartbeat(self, used: bool = True) -> dict:
+        """A connected client's beat; used=False: it is connected but nobody has used the pod through it lately (a
+        Slicer left open), which keeps nothing running but is told when the pod ends."""
+        if used:
+            self._touch()
         return self.status()
 
     def _touch(self):
@@ -493,7 +497,7 @@ def serve(agent: PodAgent, host: str = "0.0.0.0") -> ThreadingHTTPServer:
             if not agent.authorized(self.headers.get("Authorization", "")):
                 refusals.refused(self.client_address[0])
                 return self._answer(401, {"detail": "invalid heartbeat token"})
-            self._answer(200, agent.heartbeat())
+            self._answer(200, agent.heartbeat(used=self.headers.get(UNUSED_HEADER) != "1"))
 
         def _answer(self, status, payload):
             data = json.dumps(payload).encode()

@@ -5,7 +5,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..cloud.heartbeat import Heartbeat
+from ..cloud.heartbeat import Heartbeat, used
 from ..cloud.keepalive import heartbeat_note, pod_heartbeat
 from ..cloud.podstart import PodRecords
 from ..core.errors import UserError
@@ -152,7 +152,7 @@ class PromptsPanel:
             return
         if job == "connect":
             self.session, self._connecting = self._connecting, None
-            self.heartbeat = pod_heartbeat(self.session.url, self.session.api_key, self.records)
+            self.heartbeat = pod_heartbeat(self.session.url, self.session.api_key, self.records, watches_use=True)
             if self.heartbeat is not None:
                 self.heartbeat.start()
             caps = self.session.capabilities
@@ -170,6 +170,7 @@ class PromptsPanel:
                                                  timing.warning]))
 
     def _next(self):
+        used()  # a prompt, an undo, a volume chosen: the pod is in use (a Slicer merely left open keeps no pod)
         item = self.queue.popleft()
         if isinstance(item, tuple):  # a volume and segment chosen: read here, uploaded on the worker
             volume_node, target = item
