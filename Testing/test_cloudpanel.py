@@ -7,7 +7,7 @@ import pytest
 from conftest import RUNPOD_KEY
 from SegmentationMachineLib.cloud.cloudgpu import KEY_NAME
 from SegmentationMachineLib.cloud.podstart import PodRecords
-from SegmentationMachineLib.cloud.pods import KEPT_WHILE_CREDIT
+from SegmentationMachineLib.cloud.pods import KEPT_WHILE_CREDIT, RunPodRest
 from SegmentationMachineLib.core.credentials import SecretStore
 from SegmentationMachineLib.core.errors import UserError
 from SegmentationMachineLib.panels.cloud import CloudPanel
@@ -203,9 +203,24 @@ def test_a_stopped_pod_from_earlier_is_resumed_on_connect(panel, fake):
     panel.stop()
     settle(panel)
     assert fake.pods[pod_id]["status"] == "EXITED" and [p.status for p, c in panel.earlier] == ["EXITED"]
+    assert panel.balance.startswith("Spending $0.00/h now")  # asked again after the stop
     panel.connect_earlier(pod_id)
     ready = settle(panel)
     assert ready.pod_id == pod_id and fake.pods[pod_id]["status"] == "RUNNING" and panel.started_here == [pod_id]
+    assert panel.status.startswith(f"Pod {pod_id} is ready on NVIDIA L40S at $0.86/h: ")
+    assert panel.balance.startswith("Spending $0.86/h now")  # and after the resume
+
+
+def test_ready_names_the_gpu_and_its_rate_and_a_pod_its_agent_stopped_counts_as_ended_at_quit(panel, fake):
+    keyed(panel)
+    fake.list_lag_s = 60.0  # RunPod's list lags behind the create: the new pod's rate counts all the same
+    panel.start("NVIDIA L40S", "desktop")
+    settle(panel)
+    pod_id = panel.pod.pod_id
+    assert panel.status == f"Pod {pod_id} is ready on NVIDIA L40S at $0.86/h: {panel.pod.server_url}"
+    assert panel.balance == "Spending $0.86/h now (the balance is in the RunPod console)"
+    RunPodRest(RUNPOD_KEY).stop(pod_id)  # by its agent: idle, budget or lifetime, as a desktop pod with files ends
+    assert panel.end_started_here() == [] and fake.pods[pod_id]["status"] == "EXITED"  # stopped: not "could not end"
 
 
 def test_no_status_or_log_line_of_the_panel_carries_the_key(panel, fake, caplog):

@@ -121,7 +121,7 @@ def test_an_inbox_file_another_program_holds_open_waits_and_is_read_once_free(sh
 
 class MandatoryLocks:
     """msvcrt.locking as Windows locks: a locked byte cannot even be read through another descriptor."""
-    LK_NBLCK = 2
+    LK_UNLCK, LK_LOCK, LK_NBLCK = 0, 1, 2
 
     def __init__(self):
         self.holders = {}  # (file, offset) -> the descriptor holding it
@@ -129,7 +129,9 @@ class MandatoryLocks:
 
     def locking(self, descriptor, mode, count):
         key = (os.fstat(descriptor).st_ino, os.lseek(descriptor, 0, os.SEEK_CUR))
-        if self.holders.setdefault(key, descriptor) != descriptor:
+        if mode == self.LK_UNLCK:
+            assert self.holders.pop(key) == descriptor  # Windows refuses to unlock what this descriptor did not lock
+        elif self.holders.setdefault(key, descriptor) != descriptor:
             raise PermissionError(13, "Permission denied")
 
     def read(self, descriptor, count):
@@ -143,15 +145,23 @@ class MandatoryLocks:
 def test_a_second_watcher_of_a_folder_is_told_who_holds_it_under_mandatory_locks(monkeypatch, tmp_path):
     """The lock was on the byte holding the holder's line, which Windows then refused to the second process: a
     traceback in Slicer, 'free some space' in the CLI, instead of naming the first."""
+    from SegmentationMachineLib.cloud.podstart import PodRecords
+    from SegmentationMachineLib.cloud.pods import Pod
+    from SegmentationMachineLib.core import files
     from SegmentationMachineLib.inbox import locks
 
     windows = MandatoryLocks()
-    monkeypatch.setattr(locks, "fcntl", None)
-    monkeypatch.setattr(locks, "msvcrt", windows, raising=False)
+    monkeypatch.setattr(files, "fcntl", None)
+    monkeypatch.setattr(files, "msvcrt", windows, raising=False)
     monkeypatch.setattr(locks.os, "read", windows.read)
     first = locks.hold_lock(tmp_path / "lock", "The outbox")
     with pytest.raises(locks.FolderInUse, match=rf"^The outbox is in use by process {os.getpid()} on "):
         locks.hold_lock(tmp_path / "lock", "The outbox")
+    held = dict(windows.holders)
+    records = PodRecords(tmp_path / "pods.json")  # its changes hold the same kind of lock, and release it at once
+    records.add(Pod("pod0001x", "n", "RUNNING", "g", 0.69, 0, True, []), 0.0)
+    records.remove("pod0002x")
+    assert list(records.all()) == ["pod0001x"] and windows.holders == held
     os.close(first)
 
 

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+import fake_runpod
 from conftest import RUNPOD_KEY
 from SegmentationMachineLib.cloud.cloudgpu import SECRET_NAMES
 
@@ -38,10 +39,10 @@ def pod(env, *args, timeout=120):
 
 
 class Background:
-    """`pod up` running in its own process; lines() is what it printed so far."""
+    """`pod up` (or another command) running in its own process; lines() is what it printed so far."""
 
-    def __init__(self, env, *args):
-        self.process = subprocess.Popen([*CLI, "up", *args], env=env, stdout=subprocess.PIPE,
+    def __init__(self, env, *args, command="up"):
+        self.process = subprocess.Popen([*CLI, command, *args], env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
         self.output = []
         self.reader = threading.Thread(target=lambda: self.output.extend(self.process.stdout), daemon=True)
@@ -71,13 +72,24 @@ def test_gpus_lists_types_with_enough_memory_cheapest_first(env):
     assert lines[-1].startswith("Spending $0.00/h now; the balance is in the RunPod console")
 
 
-def test_up_falls_back_on_capacity_records_lists_and_downs(env, fake, tmp_path):
+def price_of(gpu_id, secure, monkeypatch):
+    """The fake catalog's secure price of a type, changed for the test."""
+    [gpu] = [g for g in fake_runpod.GPU_TYPES if g["id"] == gpu_id]
+    monkeypatch.setitem(gpu["price"], "secure", secure)
+
+
+def test_up_falls_back_on_capacity_records_lists_and_downs(env, fake, tmp_path, monkeypatch):
+    price_of("NVIDIA RTX A5000", 0.50, monkeypatch)  # the RTX 4090 ($0.69/h) within 1.5 times that, the L40S not
     done = pod(env, "up", "--detach")  # the cheapest type (A5000) has no capacity in the fake
     assert done.returncode == 0, done.stderr
     [(pod_id, created)] = fake.pods.items()
     assert created["gpu"]["id"] == "NVIDIA GeForce RTX 4090"
     out = done.stdout
-    assert "Starting a server pod on NVIDIA RTX A5000" in out and "no capacity for NVIDIA RTX A5000" in out
+    assert ("Starting a server pod on NVIDIA RTX A5000 ($0.50/h); without capacity there, the next types up to "
+            "$0.75/h.") in out and "no capacity for NVIDIA RTX A5000" in out
+    assert f"Ready: pod {pod_id} on NVIDIA GeForce RTX 4090 at $0.69/h\n" in out  # what it costs while it runs
+    assert f"Detached: the pod is terminated once nobody has been connected for its idle timeout, at its budget " \
+           f"or at its maximum lifetime, or with `segmentation-machine pod down {pod_id}`." in out
     for phase in ("waiting for a GPU", "server ready"):
         assert phase in out
     assert f"nnInteractive server: {fake.url}/proxy/{pod_id}-8000" in out
@@ -99,6 +111,9 @@ def test_up_falls_back_on_capacity_records_lists_and_downs(env, fake, tmp_path):
     second = next(p for p in fake.pods if p != pod_id)
     assert fake.pods[second]["env"]["SM_MODE"] == "desktop" and fake.pods[second]["env"]["SM_BUDGET_USD"] == "2.5"
     assert "6080/http" in fake.pods[second]["ports"] and "/vnc.html?autoconnect=1" in again.stdout
+    assert (f"or with `segmentation-machine pod down {second}`; with your files on its volume it ends by stopping, and "
+            f"then its 50 GB volume costs $10.00/month until `segmentation-machine pod down {second}`, and is kept "
+            "while the account has credit") in again.stdout  # a desktop pod's end is a stop: its volume bills on
     assert "password" not in again.stdout.split("Passwords:")[0].lower()
 
     down = pod(env, "down", "--all")
@@ -177,6 +192,14 @@ def test_no_orphan_when_create_answers_500_after_creating(env, fake):
     assert len(fake.pods) == 1 and len(creates(fake)) == 1  # found in the lagging list, not created again
 
 
+def test_the_default_gpu_falls_back_only_to_types_within_half_again_its_rate(env, fake):
+    fake.no_capacity = {"NVIDIA RTX A5000", "NVIDIA GeForce RTX 4090"}  # only the L40S, at 3 times the A5000's rate
+    done = pod(env, "up", "--detach", "--budget", "2")
+    assert done.returncode == 2 and "No capacity right now for NVIDIA RTX A5000:" in done.stderr
+    assert fake.pods == {} and len(creates(fake)) == 1 and "Traceback" not in done.stderr  # the dearer ones untried
+    assert "Starting a server pod on NVIDIA RTX A5000 ($0.27/h)." in done.stdout
+
+
 def test_max_price_leaves_out_dearer_types(env, fake):
     cheap = pod(env, "up", "--detach", "--max-price", "0.5")  # only the RTX A5000, which has no capacity
     assert cheap.returncode == 2 and "No capacity right now for NVIDIA RTX A5000:" in cheap.stderr
@@ -230,6 +253,60 @@ def test_ctrl_c_while_starting_terminates_the_pod(env, fake):
     assert up.process.returncode == 130 and "the pod being started was terminated" in out and fake.pods == {}
 
 
+def slow_answers(fake, monkeypatch, slow_s, to=lambda method, path: method == "POST" and path == "/graphql"):
+    """The fake does what a request asks at once and answers it slow_s later (a slow or lost answer)."""
+    answer = fake.handle
+
+    def slowly(method, path, authorization, body):
+        done = answer(method, path, authorization, body)
+        if to(method, path):
+            time.sleep(slow_s)
+        return done
+
+    monkeypatch.setattr(fake, "handle", slowly)
+
+
+def test_ctrl_c_while_the_create_is_in_flight_terminates_the_pod_it_made(env, fake, monkeypatch):
+    """RunPod made the pod, its answer had not come: the pod is found by name while the list lags (not one look)."""
+    slow_answers(fake, monkeypatch, 5.0)
+    up = Background(env, "--gpu", "NVIDIA GeForce RTX 4090")
+    up.wait_for("waiting for a GPU")
+    while not fake.pods:
+        time.sleep(0.05)
+    out = up.end(signal.SIGINT)
+    assert up.process.returncode == 130 and "the pod being started was terminated" in out and fake.pods == {}
+
+
+def test_ctrl_c_while_the_create_is_in_flight_never_says_terminated_unless_it_was(env, fake, monkeypatch):
+    fake.list_lag_s = 60.0  # RunPod lists the new pod only after the ~10 s we look for it
+    slow_answers(fake, monkeypatch, 5.0)
+    up = Background(env, "--gpu", "NVIDIA GeForce RTX 4090")
+    up.wait_for("waiting for a GPU")
+    while not fake.pods:
+        time.sleep(0.05)
+    out = up.end(signal.SIGINT)
+    [(pod_id, created)] = fake.pods.items()
+    assert up.process.returncode == 2 and "terminated" not in out and "Traceback" not in out
+    assert (f"no pod named {created['name']} shows yet, but it may be running: check `segmentation-machine pod list` "
+            "(or RunPod's console) in a minute and end it with `segmentation-machine pod down POD_ID`.") in out
+
+
+def test_ctrl_c_while_the_resume_is_in_flight_stops_the_pod_again(env, fake, monkeypatch):
+    assert pod(env, "up", "--detach", "--gpu", "NVIDIA L40S").returncode == 0
+    [pod_id] = fake.pods
+    assert pod(env, "stop", pod_id).returncode == 0
+    slow_answers(fake, monkeypatch, 3.0, to=lambda method, path: path.endswith("/action"))
+    resume = Background(env, pod_id, command="resume")
+    resume.wait_for(f"Resuming pod {pod_id}.")
+    while fake.pods[pod_id]["status"] == "EXITED":  # RunPod started it; its answer has not come
+        time.sleep(0.05)
+    out = resume.end(signal.SIGINT)
+    assert resume.process.returncode == 130 and "the pod was stopped again, its volume kept" in out
+    assert fake.pods[pod_id]["status"] == "EXITED"
+    again = pod(env, "stop", pod_id)  # stopped already (as its agent does): done, not "RunPod cannot do that"
+    assert again.returncode == 0 and f"Stopped pod {pod_id}: no GPU billing" in again.stdout
+
+
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM])
 def test_closing_the_terminal_or_stopping_a_connected_up_terminates_the_pod(env, fake, signum):
     fake.warning = "The pod terminates in 4.0 min: its budget of $1 is spent."
@@ -260,6 +337,8 @@ def test_a_wrong_key_is_one_sentence(env):
     hasty = pod(env, "up", "--idle-timeout", "60")
     assert hasty.returncode == 2 and "The idle timeout must be at least 180 s" in hasty.stderr
     assert pod(env, "up", "--budget", "-1").returncode == 2
+    free = pod(env, "up", "--budget", "0")  # not "no budget"
+    assert free.returncode == 2 and "The maximum lifetime and the budget must be more than 0" in free.stderr
 
 
 def test_login_saves_the_key_user_only_and_logout_forgets_it(env, tmp_path):

@@ -12,6 +12,7 @@ from conftest import RUNPOD_KEY as KEY
 import fake_runpod
 from fake_runpod import NO_CAPACITY, NO_FREE_GPUS, NO_RESOURCES, SOMETHING_WENT_WRONG, ends_within
 from SegmentationMachineLib.cloud.cloudgpu import CloudGpu
+from SegmentationMachineLib.cloud.podstart import PodRecords
 from SegmentationMachineLib.cloud.pods import (CAPACITY_SENTENCE, CapacityError, PodsError, PodSpec, RunPodRest,
                                                redacted, spend_per_hr)
 
@@ -179,10 +180,13 @@ def test_a_pod_provisions_slowly_lists_late_stops_resumes_and_terminates(backend
     assert [p.id for p in backend.pods()] == [pod.id]
     backend.stop(pod.id)
     assert backend.get(pod.id).status == "EXITED"
-    with pytest.raises(PodsError, match=f"RunPod cannot do that to the pod now: Pod {pod.id} is EXITED: stop is not valid now.$"):
-        backend.stop(pod.id)  # 409
+    backend.stop(pod.id)  # RunPod's 409: stopped already (its agent stopped it) counts as stopped
+    assert backend.get(pod.id).status == "EXITED"
     backend.resume(pod.id)
     assert backend.get(pod.id).status == "PROVISIONING"
+    with pytest.raises(PodsError, match=f"RunPod cannot do that to the pod now: Pod {pod.id} is PROVISIONING: start is "
+                                        "not valid now.$"):
+        backend.resume(pod.id)  # 409
     backend.terminate(pod.id)
     assert backend.get(pod.id) is None and backend.pods() == []
     backend.terminate(pod.id)  # 404: already gone counts as terminated
@@ -352,7 +356,7 @@ def test_terminate_after_goes_through_graphql_and_runpod_ends_the_pod(backend, f
 
 
 @pytest.mark.parametrize("gone", [410, 404])
-def test_graphql_capacity_errors_and_its_retirement(backend, fake, gone):
+def test_graphql_capacity_errors_and_its_retirement(backend, fake, gone, caplog):
     end = "2030-01-01T00:00:00Z"
     with pytest.raises(CapacityError):
         backend.create(PodSpec("NVIDIA RTX A5000", image="x", terminate_after=end))
@@ -361,6 +365,8 @@ def test_graphql_capacity_errors_and_its_retirement(backend, fake, gone):
     assert creates(fake)[-2:] == [("POST", "/graphql"), ("POST", "/v2/pods")]
     assert fake.pods[pod.id]["terminateAfter"] is None and pod.terminate_after is None
     assert fake.pods[pod.id]["mounts"] == {"network": [{"volumeId": "vol_abc123", "path": "/workspace"}]}
+    assert (f"RunPod's GraphQL API is gone ({gone}): the pod is created through its REST API, without RunPod's own "
+            "end at the maximum lifetime (its agent still ends it).") in caplog.text  # said, not silent
 
 
 def wait_for(condition, timeout=10.0):
@@ -488,3 +494,26 @@ def test_runpods_billing_counts_every_start_where_the_pods_uptime_counts_the_las
     assert backend.billed(pod) == pytest.approx(0.86 * 1.5, abs=0.01)
     [(method, path, _)] = [r for r in fake.requests if "/billing/" in r[1]]
     assert path == f"/v2/billing/pods?podId={pod.id}&bucketSize=day&startTime={pod.created_at.replace(':', '%3A')}"
+
+
+def test_a_pod_graphql_made_whose_first_read_fails_is_kept_by_its_id_and_ended(backend, fake, virtual, monkeypatch,
+                                                                               tmp_path):
+    """GraphQL answered the new pod's id, then reading the pod got server errors: the id is kept (a retry would make a
+    second pod), so the start records the pod and, failing, terminates it by its id."""
+    answer = fake.handle
+
+    def reads_fail(method, path, authorization, body):
+        if method == "GET" and path.startswith("/v2/pods/"):
+            return (*fake_runpod._problem(502, "Bad Gateway"), {})
+        return answer(method, path, authorization, body)
+
+    monkeypatch.setattr(fake, "handle", reads_fail)
+    end = "2030-01-01T00:00:00Z"
+    pod = backend.create(PodSpec("NVIDIA L40S", image="x", terminate_after=end))
+    assert (pod.id, pod.status, pod.gpu, pod.terminate_after) == (next(iter(fake.pods)), "PROVISIONING", "NVIDIA L40S",
+                                                                  end)
+    backend.terminate(pod.id)
+    cloud = CloudGpu(backend, PodRecords(tmp_path / "pods.json"))
+    with pytest.raises(PodsError, match=r"answered with a server error \(502\): try again in a minute\.$"):
+        cloud.up(cloud.gpu_choices("NVIDIA L40S"), sleep=backend._sleep)
+    assert len(creates(fake)) == 2 and fake.pods == {} and cloud.records.all() == {}  # one create, ended by its id

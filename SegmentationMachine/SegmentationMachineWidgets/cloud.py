@@ -13,7 +13,7 @@ import slicer
 from slicer.i18n import tr as _
 
 from SegmentationMachineLib.cloud.cloudgpu import Limits, MODES
-from SegmentationMachineLib.cloud.pods import VOLUME_USD_PER_GB_MONTH
+from SegmentationMachineLib.cloud.pods import VOLUME_USD_PER_GB_MONTH, PodSpec
 from SegmentationMachineLib.panels.cloud import CloudPanel
 
 from . import errorsShown, timer
@@ -64,23 +64,29 @@ class CloudSection:
         self.idleSpin.setRange(5, 240)
         self.idleSpin.value = 15
         self.idleSpin.suffix = _(" min idle")
-        self.idleSpin.toolTip = _("The pod terminates itself after this long without a connected client.")
+        # How the pod agent ends a pod: a desktop pod's volume holding the user's files is kept, and bills on.
+        volumeCost = _("${cost:.2f}/GB/month ({size} GB: ${month:.2f}/month)").format(
+            cost=VOLUME_USD_PER_GB_MONTH, size=PodSpec.volume_gb, month=PodSpec.volume_gb * VOLUME_USD_PER_GB_MONTH)
+        ending = " " + _("A server pod is terminated then; a desktop pod with your files on its volume is stopped, and "
+                         "its volume bills {volumeCost} until you terminate it.").format(volumeCost=volumeCost)
+        self.idleSpin.toolTip = _("The pod ends after this long without a connected client.") + ending
         self.budgetSpin = qt.QDoubleSpinBox()
         self.budgetSpin.setRange(0, 1000)
         self.budgetSpin.prefix = "$ "
         self.budgetSpin.specialValueText = _("no budget")
-        self.budgetSpin.toolTip = _("The pod terminates itself once it has cost this much.")
+        self.budgetSpin.toolTip = _("The pod ends once it has cost this much.") + ending
         self.lifetimeSpin = qt.QSpinBox()
         self.lifetimeSpin.setRange(1, 168)
         self.lifetimeSpin.value = 12
         self.lifetimeSpin.suffix = _(" h at most")
-        self.lifetimeSpin.toolTip = _("The pod terminates itself after this long in any case.")
+        self.lifetimeSpin.toolTip = _("The pod ends after this long in any case.") + ending
         form.addRow(_("Mode:"), self.row(self.modeCombo, self.idleSpin, self.lifetimeSpin, self.budgetSpin))
 
         self.startButton = qt.QPushButton(_("Start"))
         self.cancelButton = qt.QPushButton(_("Cancel"))
         self.stopButton = qt.QPushButton(_("Stop"))
-        self.stopButton.toolTip = _("No GPU billing; the volume is kept (and billed a little) until Terminate.")
+        self.stopButton.toolTip = _("No GPU billing; the volume is kept, and bills {volumeCost} until Terminate.").format(
+            volumeCost=volumeCost)
         self.terminateButton = qt.QPushButton(_("Terminate"))
         form.addRow(self.row(self.startButton, self.cancelButton, self.stopButton, self.terminateButton))
         self.progressBar = qt.QProgressBar()

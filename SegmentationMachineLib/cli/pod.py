@@ -11,7 +11,8 @@ import signal
 import sys
 import time
 
-from ..cloud.cloudgpu import KEY_NAME, MODES, CloudGpu, Limits, StartedPod, recorded_pod, runpod_key
+from ..cloud.cloudgpu import (KEY_NAME, MAX_FALLBACK_PRICE, MODES, CloudGpu, Limits, StartedPod, recorded_pod,
+                               runpod_key, within_reach)
 from ..cloud.heartbeat import INTERVAL_S, Heartbeat
 from ..cloud.pods import MIN_VRAM_GB, PodsError, RunPodRest, spend_per_hr
 from ..cloud.podstart import DEFAULT_TIMEOUT_S
@@ -135,10 +136,12 @@ def _up(cloud: CloudGpu, args):
             print(f"Still there from an earlier start: {pod.id} ({pod.gpu}, {pod.status}, ${cost:.2f} since its last "
                   f"start); `{SM} down {pod.id}` terminates it.")
     choices = cloud.gpu_choices(args.gpu, args.cloud.upper(), args.max_price)
+    choices = within_reach(choices[0], choices, args.cloud.upper())
     limits = Limits(args.idle_timeout, args.max_lifetime, args.budget)
     volume = {k: v for k, v in (("volume_gb", args.volume_gb), ("network_volume_id", args.network_volume)) if v}
-    print(f"Starting a {args.mode} pod on {choices[0].id} (${choices[0].price(args.cloud.upper()):.2f}/h)"
-          f"{'; the next types if it has no capacity' if len(choices) > 1 else ''}.", flush=True)
+    price = choices[0].price(args.cloud.upper())
+    then = f"; without capacity there, the next types up to ${price * MAX_FALLBACK_PRICE:.2f}/h" if choices[1:] else ""
+    print(f"Starting a {args.mode} pod on {choices[0].id} (${price:.2f}/h){then}.", flush=True)
     _connect(cloud, args, lambda display: cloud.up(choices, args.mode, args.image, args.template, args.cloud.upper(),
                                                    limits, args.timeout, display, volume=volume),
              "the pod being started was terminated")
@@ -164,8 +167,7 @@ def _connect(cloud: CloudGpu, args, start, interrupted: str):
     ended = _ended_by_signals()  # from here a signal never interrupts: it ends the connection (not a detached one)
     _describe(started)
     if args.detach:
-        print(f"Detached: the pod ends once nobody has been connected for its idle timeout, or with "
-              f"`segmentation-machine pod down {started.pod_id}`.")
+        print(f"Detached: {_detached_end(started)}")
         return
     _stay_connected(cloud, started, ended)
 
@@ -208,8 +210,18 @@ def _stay_connected(cloud: CloudGpu, started: StartedPod, ended: list):
     print(f"Terminated pod {started.pod_id}{cost}.", flush=True)
 
 
+def _detached_end(started: StartedPod) -> str:
+    """How a detached pod ends: a desktop pod holding the user's files stops, and its volume bills on."""
+    down = f"`{SM} down {started.pod_id}`"
+    when = "once nobody has been connected for its idle timeout, at its budget or at its maximum lifetime"
+    if started.mode != "desktop":
+        return f"the pod is terminated {when}, or with {down}."
+    volume = started.pod.stopped_cost(f"until {down}") if started.pod else f"its volume bills per month until {down}"
+    return f"the pod ends {when}, or with {down}; with your files on its volume it ends by stopping, and then {volume}."
+
+
 def _describe(started: StartedPod):
-    print(f"Ready: pod {started.pod_id}\n{_urls(started)}\n"
+    print(f"Ready: pod {started.pod_id}{started.billing}\n{_urls(started)}\n"
           f"  (`segmentation-machine model --server {started.server_url} ...` finds its key by itself)")
     if started.mode == "desktop":
         print(f"  Passwords: `segmentation-machine pod status {started.pod_id} --show-secrets`")

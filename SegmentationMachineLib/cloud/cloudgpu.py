@@ -19,7 +19,7 @@ from ..core.credentials import SecretStore
 from ..core.errors import UserError
 from .heartbeat import INTERVAL_S as HEARTBEAT_S
 from .heartbeat import Heartbeat
-from .pods import NAME_PREFIX, PodsError, PodSpec
+from .pods import NAME_PREFIX, Pod, PodsError, PodSpec
 from .podstart import (DEFAULT_TIMEOUT_S, POLL_S, PodRecords, pod_at, proxy_url, server_answers, start_pod,
                        wait_until_ready)
 
@@ -32,6 +32,7 @@ SECRET_NAMES = ("SM_NNI_API_KEY", "SM_VNC_PASSWORD", "SM_FILES_PASSWORD", "SM_HE
 # matches a list of versions exactly (a host on a newer driver than the list names counts as no capacity), so the
 # floor is sent where the API takes one (v2), and GraphQL gets the versions the catalog lists at or above it.
 MIN_CUDA_VERSION = "12.8"
+MAX_FALLBACK_PRICE = 1.5  # without capacity, a start moves on to types costing at most this times the first choice
 # For a type the catalog lists none for (no host runs 12.8 or later now): RunPod then answers no capacity, as v2 does.
 CUDA_VERSIONS = ("12.8", "12.9", "13.0", "13.1", "13.2")
 
@@ -56,8 +57,8 @@ class Limits:
         if self.idle_timeout_s < 3 * HEARTBEAT_S:
             raise UserError(f"The idle timeout must be at least {3 * HEARTBEAT_S:g} s: connected clients send a "
                             f"heartbeat every {HEARTBEAT_S:g} s.")
-        if (self.max_lifetime_s is not None and self.max_lifetime_s <= 0) or (self.budget_usd or 1) <= 0:
-            raise UserError("The maximum lifetime and the budget must be more than 0.")
+        if any(limit is not None and limit <= 0 for limit in (self.max_lifetime_s, self.budget_usd)):
+            raise UserError("The maximum lifetime and the budget must be more than 0 (leave --budget out for none).")
 
     def end_time(self, start_timeout_s: float):
         """RFC 3339 time for RunPod's own end of the pod, or None without a maximum lifetime."""
@@ -80,6 +81,12 @@ class StartedPod:
     pod_id: str
     mode: str
     secrets: dict  # SECRET_NAMES → value
+    pod: Pod = None  # as RunPod described it once ready (None for a pod only recorded here)
+
+    @property
+    def billing(self) -> str:
+        """' on GPU at $X/h', what the pod costs while it runs ('' where not known)."""
+        return f" on {self.pod.gpu} at ${self.pod.cost_per_hr:.2f}/h" if self.pod and self.pod.cost_per_hr else ""
 
     def url(self, port: int) -> str:
         return proxy_url(self.pod_id, port)
@@ -99,6 +106,13 @@ class StartedPod:
     @property
     def files_url(self) -> str:
         return self.url(FILES_PORT)
+
+
+def within_reach(first, gpus: list, cloud: str = "SECURE") -> list:
+    """first, then the other types of gpus that cost at most MAX_FALLBACK_PRICE times as much: what a start tries in
+    turn, never moving on to a much dearer type without being asked."""
+    limit = first.price(cloud) * MAX_FALLBACK_PRICE
+    return [first, *(g for g in gpus if g.id != first.id and g.price(cloud) <= limit)]
 
 
 def recorded_pod(records: PodRecords, pod_id: str):
@@ -193,14 +207,19 @@ class CloudGpu:
         try:
             pod = start_pod(self.backend, specs, _ready_check(pod_secrets), self.records, on_progress, timeout_s,
                             POLL_S, sleep=sleep, details={"mode": mode, "secrets": pod_secrets})
-        except BaseException:
+        except BaseException as error:
             try:
-                self._terminate_named(name)
-            except PodsError as error:
-                raise PodsError(f"Starting failed, and so did terminating what it started ({error}): check "
+                ended = self._terminate_named(name, lagging=not isinstance(error, PodsError))
+            except PodsError as failure:
+                raise PodsError(f"Starting failed, and so did terminating what it started ({failure}): check "
                                 "`segmentation-machine pod list` and terminate what is left.") from None
+            if not ended and not isinstance(error, PodsError):  # a create in flight may have made one
+                raise PodsError(f"The start was interrupted before RunPod said which pod it made, and no pod named "
+                                f"{name} shows yet, but it may be running: check `segmentation-machine pod list` (or "
+                                "RunPod's console) in a minute and end it with `segmentation-machine pod down "
+                                "POD_ID`.") from None
             raise
-        return StartedPod(pod.id, mode, pod_secrets)
+        return StartedPod(pod.id, mode, pod_secrets, pod)
 
     def resume(self, pod_id: str, timeout_s: float = DEFAULT_TIMEOUT_S, on_progress=lambda progress: None,
                sleep=time.sleep) -> StartedPod:
@@ -209,14 +228,19 @@ class CloudGpu:
         if started is None:
             raise UserError(f"Pod {pod_id} was not started from this computer, so its keys are not known here: "
                             "terminate it and start a new one.")
-        self.backend.resume(pod_id)
         try:
-            wait_until_ready(self.backend, self.backend.get(pod_id), _ready_check(started.secrets), self.records,
-                             on_progress, timeout_s, POLL_S, sleep=sleep, keep_volume=True)
+            self.backend.resume(pod_id)
+            started.pod = wait_until_ready(self.backend, self.backend.get(pod_id), _ready_check(started.secrets),
+                                           self.records, on_progress, timeout_s, POLL_S, sleep=sleep, keep_volume=True)
         except PodsError:
-            raise  # already stopped again (time-out) or gone
-        except BaseException:  # interrupted or cancelled: stopped again, the volume kept
-            self.backend.stop(pod_id)
+            raise  # not resumed, already stopped again (time-out) or gone
+        except BaseException:  # interrupted or cancelled, the start sent or not: stopped again, the volume kept
+            try:
+                self.backend.stop(pod_id)  # an answer, or a look at the pod, confirms it
+            except PodsError as failure:
+                raise PodsError(f"The resume was interrupted and pod {pod_id} could not be stopped again "
+                                f"({str(failure).rstrip('.')}), so it may be running: stop it with "
+                                f"`segmentation-machine pod stop {pod_id}` or in RunPod's console.") from None
             raise
         return started
 
@@ -236,8 +260,13 @@ class CloudGpu:
         self.backend.terminate(pod_id)
         self.records.remove(pod_id)
 
-    def _terminate_named(self, name: str):
-        """Every pod of that name: the recorded ones, and any the (lagging) list already shows."""
+    def _terminate_named(self, name: str, lagging: bool = False) -> set:
+        """Terminates every pod of that name: the recorded ones, and any the list shows; returns their ids. lagging:
+        a create may have been in flight, so without a recorded pod the list is asked again over the seconds it lags
+        behind a create."""
         recorded = {pod_id for pod_id, record in self.records.all().items() if record.get("name") == name}
-        for pod_id in recorded | {p.id for p in self.backend.named(name)}:
+        listed = self.backend.look_for(name) if lagging and not recorded else self.backend.named(name)
+        ended = recorded | {p.id for p in listed}
+        for pod_id in ended:
             self.terminate(pod_id)
+        return ended

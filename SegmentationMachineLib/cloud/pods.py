@@ -52,6 +52,8 @@ CAPACITY_MESSAGES = ("no longer any instances available", "does not have the res
                      "not enough free gpus")  # RunPod's 400s without capacity carry no code, only these
 CAPACITY_SENTENCE = ("RunPod has no capacity for that GPU right now: choose another GPU type or cloud, "
                      "or try again later.")
+WITHOUT_RUNPODS_END = ("the pod is created through its REST API, without RunPod's own end at the maximum lifetime (its "
+                       "agent still ends it).")
 CREATE = ("mutation Create($input: PodFindAndDeployOnDemandInput) { podFindAndDeployOnDemand(input: $input) "
           "{ id name desiredStatus costPerHr } }")
 
@@ -245,18 +247,19 @@ class RunPodRest:
             try:
                 pod = self._create_once(spec)
             except _Unknown:
-                found = self._look_for(spec.name)
+                found = self.look_for(spec.name)
                 if found:
                     return found[0]
                 continue
             if attempt:
-                for twin in self._look_for(spec.name, besides=pod.id):
+                for twin in self.look_for(spec.name, besides=pod.id):
                     self.terminate(twin.id)
             return pod
         raise PodsError("RunPod failed twice while creating the pod and it does not exist: try again in a minute.")
 
     def stop(self, pod_id: str):
-        """Stops billing for the GPU; the volume (and its cost) stays until terminate."""
+        """Stops billing for the GPU; the volume (and its cost) stays until terminate. A pod already stopped (its agent
+        stopped it) counts as stopped."""
         self._action(pod_id, "stop")
 
     def resume(self, pod_id: str):
@@ -293,24 +296,28 @@ class RunPodRest:
             response = self._request("POST", "", body={"query": CREATE, "variables": {"input": _graphql_input(spec)}},
                                      create=True, url=self.graphql_url)
         except RateLimited:
-            log.warning("RunPod's GraphQL API refuses every request (rate limit): the pod is created through its REST "
-                        "API, without RunPod's own end at the maximum lifetime (its agent still ends it).")
+            log.warning("RunPod's GraphQL API refuses every request (rate limit): %s", WITHOUT_RUNPODS_END)
             return None
         if response.status_code in (404, 410):
-            return None  # GraphQL is gone: v2 creates without a server-side end
+            log.warning("RunPod's GraphQL API is gone (%d): %s", response.status_code, WITHOUT_RUNPODS_END)
+            return None
         answer = _created(response, secret_values)
         if answer.get("errors"):  # GraphQL says what went wrong in a 200
             message = _problem(response)
             if "something went wrong" in message.lower():
                 raise _Unknown()
             _raise_for(400, message, secret_values)
-        created = self.get(_created(response, secret_values, _created_id))  # described the way v2 does
+        pod_id = _created(response, secret_values, _created_id)
+        try:
+            created = self.get(pod_id)  # described the way v2 does
+        except PodsError:  # created all the same: its id is kept, so that it is recorded and ended by id
+            created = Pod(pod_id, spec.name, "PROVISIONING", spec.gpu_type_id, 0.0, 0, False, [])
         if created is None:
             raise _Unknown()
         created.terminate_after = spec.terminate_after
         return created
 
-    def _look_for(self, name: str, besides: str = None) -> list:
+    def look_for(self, name: str, besides: str = None) -> list:
         """Pods of that name (but not `besides`), asked again while the list may still lag."""
         for wait in LOOKUP_S:
             self._sleep(wait)
@@ -331,6 +338,8 @@ class RunPodRest:
         if self._terminated(response, pod_id):
             raise PodsError(f"There is no pod {pod_id} on this account (terminated?): "
                             "`segmentation-machine pod list` shows them.")
+        if action == "stop" and response.status_code == 409 and HAPPENED["stop"](self.get(pod_id)):
+            return  # refused as not valid now because it is stopped already
         _checked(response)
 
     def _act(self, pod_id: str, action: str):

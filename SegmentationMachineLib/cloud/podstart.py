@@ -12,13 +12,12 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from ..core.files import write_private
+from ..core.files import locked, write_private
 from .pods import CapacityError, Pod, PodsError, masked
 
 POLL_S = 5.0  # RunPod's API is not to be polled faster
@@ -98,12 +97,16 @@ def _at_capacity(answer) -> bool:
 
 
 class PodRecords:
-    """Pods this computer started and has not seen terminated: a JSON file only the user can read."""
-
-    _changing = threading.Lock()  # a read, change and write at a time (pods are terminated in parallel at quit)
+    """Pods this computer started and has not seen terminated: a JSON file only the user can read. A read, change and
+    write at a time, across processes too (two Slicers, Slicer and `pod up`): the operating system's lock on a file
+    beside it; pods are terminated in parallel at quit, so threads take it too."""
 
     def __init__(self, path: Path = None):
         self.path = Path(path or Path.home() / ".segmentation-machine" / "pods.json")
+
+    @property
+    def _lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
 
     def all(self) -> dict:
         try:
@@ -114,7 +117,7 @@ class PodRecords:
     def add(self, pod: Pod, started_at: float, **details):
         """details: what reconnecting needs later (mode, the pod's own secrets); the file is the user's only."""
         end = {"terminate_after": pod.terminate_after} if pod.terminate_after else {}
-        with self._changing:
+        with locked(self._lock_path):
             self._write({**self.all(), pod.id: {"name": pod.name, "gpu": pod.gpu, "started_at": started_at, **end,
                                                 **details}})
 
@@ -122,7 +125,7 @@ class PodRecords:
         return self.all().get(pod_id, {})
 
     def remove(self, pod_id: str):
-        with self._changing:
+        with locked(self._lock_path):
             records = self.all()
             records.pop(pod_id, None)
             self._write(records)

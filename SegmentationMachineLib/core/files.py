@@ -8,6 +8,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
+
 PRIVATE_FOLDER = 0o700  # patient data and state: the owner only
 PRIVATE_FILE = 0o600
 # The user's umask, read once (setting it is the only way to read it, and it is process-wide: not in threads).
@@ -134,6 +140,48 @@ def write_private(path: Path, text: str):
     path = Path(path)
     private_folder(path.parent)
     replace_private(path, text)
+
+
+# Windows' locks are mandatory: a locked byte cannot even be read by others. So the lock is on a byte far past
+# anything written in a lock file (inbox/locks.py writes who holds it there, for a second process to read).
+WINDOWS_LOCKED_BYTE = 1 << 20
+
+
+def lock(descriptor: int, wait: bool = False) -> bool:
+    """Takes the operating system's lock on an open file (flock / msvcrt), which ends with its process, even one
+    killed with kill -9; whether it was taken (with wait: once it is free)."""
+    try:
+        if fcntl:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            return True
+        os.lseek(descriptor, WINDOWS_LOCKED_BYTE, os.SEEK_SET)
+        while True:  # LK_LOCK itself gives up after 10 s
+            try:
+                msvcrt.locking(descriptor, msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)  # from the position
+                return True
+            except OSError:
+                if not wait:
+                    raise
+    except OSError:
+        return False
+    finally:
+        os.lseek(descriptor, 0, os.SEEK_SET)
+
+
+@contextmanager
+def locked(path: Path):
+    """One process (and thread) at a time inside: path is the lock file, created owner-only where missing; the others
+    wait."""
+    private_folder(Path(path).parent)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), PRIVATE_FILE)
+    try:
+        lock(descriptor, wait=True)
+        yield
+    finally:
+        if not fcntl:  # Windows releases a lock some time after its file is closed: at once here
+            os.lseek(descriptor, WINDOWS_LOCKED_BYTE, os.SEEK_SET)
+            msvcrt.locking(descriptor, msvcrt.LK_UNLCK, 1)
+        os.close(descriptor)  # flock's lock goes with it
 
 
 # A file or folder name that is not UTF-8 (Latin-1, from an older share or CD): Slicer's readers and our journal take

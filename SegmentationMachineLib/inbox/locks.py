@@ -10,42 +10,17 @@ import time
 from pathlib import Path
 
 from ..core.errors import UserError
-from ..core.files import PRIVATE_FILE
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
-    import msvcrt
+from ..core.files import PRIVATE_FILE, lock
 
 
 class FolderInUse(UserError):
     """Another process already watches with this folder."""
 
 
-# Windows' locks are mandatory: a locked byte cannot even be read by others. So the lock is on a byte far past
-# the holder's line, which a second process reads to say who holds the folder.
-WINDOWS_LOCKED_BYTE = 1 << 20
-
-
-def _try_lock(descriptor: int) -> bool:
-    try:
-        if fcntl:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        else:
-            os.lseek(descriptor, WINDOWS_LOCKED_BYTE, os.SEEK_SET)
-            msvcrt.locking(descriptor, msvcrt.LK_NBLCK, 1)  # from the file's position
-        return True
-    except OSError:
-        return False
-    finally:
-        os.lseek(descriptor, 0, os.SEEK_SET)
-
-
 def hold_lock(path: Path, what: str) -> int:
     """The open descriptor holding path's lock (close it to release); FolderInUse when another holds it."""
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), PRIVATE_FILE)
-    if not _try_lock(descriptor):
+    if not lock(descriptor):
         holder = os.read(descriptor, 300).decode(errors="replace").strip() or "another process"
         os.close(descriptor)
         raise FolderInUse(f"{what} is in use by {holder}: stop that one first, or choose another folder.")

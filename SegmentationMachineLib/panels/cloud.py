@@ -11,16 +11,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..cloud.cloudgpu import KEY_NAME, CloudGpu, Limits, StartedPod, recorded_pod, runpod_key
+from ..cloud.cloudgpu import KEY_NAME, CloudGpu, Limits, StartedPod, recorded_pod, runpod_key, within_reach
 from ..cloud.heartbeat import Heartbeat
-from ..cloud.pods import RunPodRest, spend_per_hr
+from ..cloud.pods import PodsError, RunPodRest, spend_per_hr
 from ..cloud.podstart import Phase, PodRecords
 from ..core.credentials import SecretStore
 from ..core.errors import UserError
 from .tasks import BackgroundTask
 
 PHASES = list(Phase)
-MAX_FALLBACK_PRICE = 1.5  # without capacity, Start moves on to types costing at most this times the chosen one
 QUIT_WAIT_S = 30.0  # Slicer's window waits this long at most for this session's pods to be terminated
 log = logging.getLogger("segmentation-machine")
 
@@ -86,9 +85,9 @@ class CloudPanel:
     def start(self, gpu_id: str, mode: str, limits: Limits = Limits()):
         """Starts on gpu_id; without capacity there, on the next types that cost at most half as much again."""
         [chosen] = [g for g in self.gpus if g.id == gpu_id]
-        fallbacks = [g for g in self.gpus if g.id != gpu_id and g.secure_price <= chosen.secure_price * MAX_FALLBACK_PRICE]
-        self._start("start", lambda cloud: cloud.up([chosen, *fallbacks], mode, limits=limits,
-                                                    on_progress=self._progressed, sleep=self._sleep))
+        gpus = within_reach(chosen, self.gpus)
+        self._start("start", lambda cloud: _with_spending(cloud, cloud.up(gpus, mode, limits=limits,
+                                                                          on_progress=self._progressed, sleep=self._sleep)))
         self.status = f"Starting a {mode} pod on {chosen.name}..."
 
     def cancel(self):
@@ -103,9 +102,11 @@ class CloudPanel:
             return
         pod = next((p for p, _cost in self.earlier if p.id == pod_id), None)
         if pod is not None and pod.status == "EXITED":
-            self._start("resume", lambda cloud: cloud.resume(pod_id, on_progress=self._progressed, sleep=self._sleep))
+            self._start("resume", lambda cloud: _with_spending(cloud, cloud.resume(pod_id, on_progress=self._progressed,
+                                                                                   sleep=self._sleep)))
             self.status = f"Resuming pod {pod_id}..."
             return
+        started.pod = pod
         self._use(started)
 
     def stop(self):
@@ -228,13 +229,15 @@ class CloudPanel:
             self.refresh()
         elif job == "refresh":
             self.gpus, pods, self.earlier = result
-            self.balance = f"Spending ${spend_per_hr(pods):.2f}/h now (the balance is in the RunPod console)"
+            self.balance = _spending(pods)
             status = (f"{len(self.earlier)} pod(s) started earlier are still there: connect to or terminate "
                       "them below." if self.earlier else "Choose a GPU type and press Start.")
             self.status, self.notice = f"{self.notice} {status}".strip(), ""
         elif job in ("start", "resume"):
-            self.started_here.append(result.pod_id)
-            self._use(result)
+            started, pods = result
+            self.started_here.append(started.pod_id)
+            self._use(started)
+            self.balance = _spending(pods) if pods is not None else self.balance
         else:
             self.notice = result if isinstance(result, str) else f"Done: {job}."
             self.refresh()
@@ -244,7 +247,7 @@ class CloudPanel:
         self.pod = started
         self.heartbeat = Heartbeat(started.agent_url, started.secrets["SM_HEARTBEAT_TOKEN"]).start()
         self._ready = started
-        self.status = f"Pod {started.pod_id} is ready: {started.server_url}"
+        self.status = f"Pod {started.pod_id} is ready{started.billing}: {started.server_url}"
 
     def _forget_started(self, pod_id):
         if pod_id in self.started_here:
@@ -256,3 +259,17 @@ class CloudPanel:
             self.heartbeat.stop()
             self.heartbeat = None
         self.pod = None
+
+
+def _spending(pods) -> str:
+    return f"Spending ${spend_per_hr(pods):.2f}/h now (the balance is in the RunPod console)"
+
+
+def _with_spending(cloud: CloudGpu, started: StartedPod) -> tuple:
+    """(started, the account's pods now, the started one among them even while RunPod's list lags behind a create);
+    None for the pods where RunPod does not answer: the pod is used all the same."""
+    try:
+        listed = [p for p in cloud.backend.pods() if p.id != started.pod_id]
+    except PodsError:
+        return started, None
+    return started, [*listed, *filter(None, [started.pod])]
