@@ -205,6 +205,7 @@ def test_repeated_corners_and_back_to_back_triangles_leave_a_closed_mesh():
     closed = without_degenerate(merged_as_float32(points, triangles))
     assert closed.tolist() == [[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]] and check_mesh(points, closed).watertight
     assert without_degenerate(triangles[:4]).tolist() == triangles[:4].tolist()  # nothing to leave out
+    assert without_degenerate(np.vstack([closed, closed[3:]])).tolist() == closed.tolist()  # a copy facing alike
 
 
 def test_a_3mf_whose_text_passes_zips_limit_is_written_with_zip64(tmp_path, monkeypatch):

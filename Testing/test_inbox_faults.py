@@ -78,7 +78,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("step, processed", [("export", 2), ("_commit", 1), ("_publish", 1)])
+@pytest.mark.parametrize("step, processed", [("export", 2), ("_reserve", 2), ("_commit", 1), ("_publish", 1)])
 def test_a_kill_at_any_step_of_a_delivery_leaves_exactly_one_result_and_a_true_board(
         tmp_path, shared_data, step, processed):
     inbox_folder, state, outbox, log = tmp_path / "inbox", tmp_path / "state", tmp_path / "outbox", tmp_path / "log"

@@ -266,25 +266,25 @@ def slow_answers(fake, monkeypatch, slow_s, to=lambda method, path: method == "P
     monkeypatch.setattr(fake, "handle", slowly)
 
 
-def test_ctrl_c_while_the_create_is_in_flight_terminates_the_pod_it_made(env, fake, monkeypatch):
-    """RunPod made the pod, its answer had not come: the pod is found by name while the list lags (not one look)."""
+def interrupted_create(env, fake, monkeypatch) -> tuple:
+    """(pod up's process, its output) after a Ctrl-C while RunPod had made the pod but its answer had not come."""
     slow_answers(fake, monkeypatch, 5.0)
     up = Background(env, "--gpu", "NVIDIA GeForce RTX 4090")
     up.wait_for("waiting for a GPU")
     while not fake.pods:
         time.sleep(0.05)
-    out = up.end(signal.SIGINT)
+    return up, up.end(signal.SIGINT)
+
+
+def test_ctrl_c_while_the_create_is_in_flight_terminates_the_pod_it_made(env, fake, monkeypatch):
+    """The pod is found by name while the list lags (not one look)."""
+    up, out = interrupted_create(env, fake, monkeypatch)
     assert up.process.returncode == 130 and "the pod being started was terminated" in out and fake.pods == {}
 
 
 def test_ctrl_c_while_the_create_is_in_flight_never_says_terminated_unless_it_was(env, fake, monkeypatch):
     fake.list_lag_s = 60.0  # RunPod lists the new pod only after the ~10 s we look for it
-    slow_answers(fake, monkeypatch, 5.0)
-    up = Background(env, "--gpu", "NVIDIA GeForce RTX 4090")
-    up.wait_for("waiting for a GPU")
-    while not fake.pods:
-        time.sleep(0.05)
-    out = up.end(signal.SIGINT)
+    up, out = interrupted_create(env, fake, monkeypatch)
     [(pod_id, created)] = fake.pods.items()
     assert up.process.returncode == 2 and "terminated" not in out and "Traceback" not in out
     assert (f"no pod named {created['name']} shows yet, but it may be running: check `segmentation-machine pod list` "

@@ -19,6 +19,7 @@ import pytest
 
 from conftest import DATA, EXAMPLE_LABELS, LABEL_NAMES, UNCOMPRESSED_SERIES
 from SegmentationMachineLib.core.errors import PrintError
+from SegmentationMachineLib.core.files import UMASK
 from SegmentationMachineLib.mesh.check import check_mesh
 from SegmentationMachineLib.mesh.printing import find_orcaslicer, FLATPAK_IDS, send_to_orcaslicer
 from SegmentationMachineLib.mesh.writers import read_stl, write_stl
@@ -395,3 +396,4 @@ def test_a_phantom_stopped_half_way_is_never_used(tmp_path, monkeypatch):
     monkeypatch.setattr(phantom, "write_phantom", write)
     folder = model._input_or_phantom(args)
     assert len(list(folder.glob("*.dcm"))) == 72 and [p.name for p in tmp_path.iterdir()] == ["phantom-ct-dicom"]
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~UMASK  # as any folder the user makes

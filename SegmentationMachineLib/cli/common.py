@@ -32,7 +32,7 @@ class Progress:
         self._waiting = True  # for its first step
 
     def __call__(self, done, total, item=""):
-        if self._waiting or done < self._bar.n:  # a step's start: its clock starts now, not when the bar was made
+        if self._waiting or done == 0 < self._bar.n:  # a start: its clock starts now, not when the bar was made
             self._bar.reset(total=total)
             self._waiting = False
         self._bar.total = total
@@ -40,6 +40,7 @@ class Progress:
         if done > self._bar.n:
             self._bar.update(done - self._bar.n)
         else:  # tqdm draws only on progress: a new step that starts at 0 would be shown as the last one's end
+            self._bar.n = done
             self._bar.refresh()
 
     def __enter__(self):

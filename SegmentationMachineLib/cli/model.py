@@ -16,7 +16,7 @@ from ..cloud.cloudgpu import recorded_pod_at
 from ..cloud.keepalive import heartbeat_note, pod_heartbeat
 from ..cloud.podstart import PodRecords
 from ..core.errors import UserError, install_extra
-from ..core.files import printable
+from ..core.files import UMASK, printable
 from .common import (Progress, add_surface_options, api_key, command_record, examples, export_options, log,
                      parse_presets, report_export, say, steps)
 
@@ -64,6 +64,7 @@ def _input_or_phantom(args) -> Path:
         partial = Path(tempfile.mkdtemp(prefix=".phantom-ct-dicom-", dir=folder.parent))
         try:
             write_phantom(partial)
+            os.chmod(partial, 0o777 & ~UMASK)  # mkdtemp's is the owner's alone
             try:
                 os.rename(partial, folder)
             except OSError:

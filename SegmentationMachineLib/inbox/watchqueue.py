@@ -139,7 +139,7 @@ def _publish(staged: Path, result: Path):
     """staged onto its reserved, empty folder: POSIX's rename replaces an empty folder at once; Windows' refuses to,
     so there the reservation goes first."""
     if WINDOWS and _empty_folder(result):
-        result.rmdir()
+        replace_when_free(result, None, lambda folder, _: os.rmdir(folder))
     replace_when_free(staged, result, os.rename)
     sync_folder(result.parent)
 
@@ -171,6 +171,9 @@ def reconcile(inbox: Inbox, board: StatusBoard, outbox: Path):
     for entry in board.entries():
         if entry["state"] == "processing":  # killed before the commit: processed again
             board.set(entry["key"], entry["name"], entry["files"], "waiting", "interrupted; processed again")
+    for staged in (outbox / STAGING).glob("*/*"):  # not committed: a kill after its name was reserved
+        with suppress(OSError):
+            (outbox / staged.name).rmdir()  # only an empty folder: never a result
     shutil.rmtree(outbox / STAGING, ignore_errors=True)
     older = outbox / OLDER_STAGING
     if older.is_dir() and all(re.fullmatch("[0-9a-f]{16}", p.name) for p in older.iterdir()):  # ours, not the user's

@@ -52,17 +52,23 @@ def _maybe_repeated(rows: np.ndarray) -> np.ndarray:
 
 
 def without_degenerate(triangles: np.ndarray) -> np.ndarray:
-    """triangles less those with a corner twice (3MF forbids them) and less back-to-back pairs on the same three
-    corners (decimation leaves them: each of their edges then has four triangles, the mesh is not closed)."""
+    """triangles less those with a corner twice (3MF forbids them), less back-to-back pairs on the same three corners
+    (decimation leaves them: each of their edges then has four triangles, the mesh is not closed), and with one of
+    any copies facing the same way."""
     triangles = triangles[(triangles[:, 0] != triangles[:, 1]) & (triangles[:, 1] != triangles[:, 2])
                           & (triangles[:, 0] != triangles[:, 2])]
     maybe = _maybe_repeated(np.sort(triangles, axis=1))
     if len(maybe) == 0:
         return triangles
-    _, first, counts = np.unique(np.sort(triangles[maybe], axis=1), axis=0, return_index=True, return_counts=True)
+    rows = triangles[maybe]
+    facing = ((rows[:, 0] > rows[:, 1]).astype(int) + (rows[:, 0] > rows[:, 2]) + (rows[:, 1] > rows[:, 2])) % 2
+    group = np.unique(np.sort(rows, axis=1), axis=0, return_inverse=True)[1].reshape(-1)
     keep = np.ones(len(triangles), bool)
     keep[maybe] = False
-    keep[maybe[first[counts % 2 == 1]]] = True  # pairs cancel; of an odd number, one stays
+    for same_corners in range(group.max() + 1):  # a few: only the candidates
+        ways = [np.flatnonzero((group == same_corners) & (facing == way)) for way in (0, 1)]
+        if len(ways[0]) != len(ways[1]):  # pairs facing apart cancel; of copies facing alike, one stays
+            keep[maybe[max(ways, key=len)[0]]] = True
     return triangles[keep]
 
 

@@ -371,6 +371,8 @@ def meshes_from(segments: MeshJobs, options: SurfaceOptions = SurfaceOptions(), 
         return mesh, (each(mesh) if each and len(mesh.triangles) else mesh)
 
     results = []
+    if progress and segments.jobs:  # the bar's clock starts with the first surface, not when it is done
+        progress(0, len(segments.jobs), segments.jobs[0].name)
     with ThreadPoolExecutor(max(1, options.threads)) as pool:
         for done, result in enumerate(pool.map(work, segments.jobs), 1):
             results.append(result)

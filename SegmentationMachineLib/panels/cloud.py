@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..cloud.cloudgpu import KEY_NAME, CloudGpu, Limits, StartedPod, recorded_pod, runpod_key, within_reach
-from ..cloud.heartbeat import Heartbeat
+from ..cloud.heartbeat import Heartbeat, used
 from ..cloud.pods import PodsError, RunPodRest, spend_per_hr
 from ..cloud.podstart import Phase, PodRecords
 from ..core.credentials import SecretStore
@@ -198,6 +198,7 @@ class CloudPanel:
         """Runs function(cloud) (function() without cloud) on a worker thread, one job at a time."""
         if self.task is not None:
             raise UserError("Wait until the Cloud GPU section has finished what it is doing (or press Cancel).")
+        used()  # a press here is use: the pod in use is kept its idle timeout from now
         self._cancel.clear()
         self.progress = None
         store, records, factory = self.store, self.records, self.backend_factory
@@ -245,7 +246,8 @@ class CloudPanel:
     def _use(self, started: StartedPod):
         self._release()
         self.pod = started
-        self.heartbeat = Heartbeat(started.agent_url, started.secrets["SM_HEARTBEAT_TOKEN"]).start()
+        used()
+        self.heartbeat = Heartbeat(started.agent_url, started.secrets["SM_HEARTBEAT_TOKEN"], watches_use=True).start()
         self._ready = started
         self.status = f"Pod {started.pod_id} is ready{started.billing}: {started.server_url}"
 

@@ -384,11 +384,10 @@ def _check_image(hu: np.ndarray, volume_name: str):
 
 def preset_mask(preset_name: str, hu: np.ndarray, spacing, volume_name: str, progress=None) -> np.ndarray:
     """The preset's mask; touches no scene, so it may run on a worker thread (with a copy of hu).
-    progress(done, total, "preset: step") as the preset's steps start, and (1, 1, preset) at the end."""
+    progress(done, total, step) as the preset's steps start, and (1, 1, preset) at the end."""
     preset = get_preset(preset_name)
     _check_image(hu, volume_name)
-    steps = (lambda done, total, step: progress(done, total, f"{preset.name}: {step}")) if progress else None
-    mask = preset.mask(hu, spacing, progress=steps)
+    mask = preset.mask(hu, spacing, progress=progress)
     if progress:
         progress(1, 1, preset.name)
     if not mask.any():

@@ -40,9 +40,9 @@ def load_segmentation(ctx: SceneContext, path, label_names: dict = None, referen
     else:
         labelmap = load_volume_file(ctx, path, labelmap=True).node
         _check_labels(path, arrays.volume_array(labelmap))
-        # Slicer colours segments from the labelmap's default colour table, a file Slicer's core (the CLI) lacks:
-        # without it each segment would get a random colour, another on every export. Slicer's built-in Labels
-        # table is always there (its colour names are not anatomy: the segments keep their names).
+        # Slicer colours segments from the labelmap's default colour table (GenericColors), a file Slicer's core
+        # (the CLI) lacks: without it each segment would get a random colour, another on every export. Slicer's
+        # built-in Labels table is always there (its colour names are not anatomy: the segments keep their names).
         display = labelmap.GetDisplayNode()
         has_table = display is not None and display.GetColorNode() is not None
         fixed_colors = None if has_table else ctx.scene.GetNodeByID("vtkMRMLColorTableNodeLabels")
@@ -59,7 +59,8 @@ def load_segmentation(ctx: SceneContext, path, label_names: dict = None, referen
                 segment.SetName(name)
             if fixed_colors is not None:
                 color = [0.0] * 4
-                fixed_colors.GetColor(segment.GetLabelValue(), color)
+                count = fixed_colors.GetNumberOfColors() - 1  # 1 to 256; 0 is the background
+                fixed_colors.GetColor(1 + (segment.GetLabelValue() - 1) % count, color)
                 segment.SetColor(*color[:3])
     if reference_volume is not None:
         node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
