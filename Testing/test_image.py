@@ -117,7 +117,7 @@ def test_each_program_gets_only_its_own_secrets(tmp_path):
     found = programs(rendered(tmp_path, SM_MODE="desktop", RUNPOD_API_KEY="rpa_SECRET", RUNPOD_POD_ID="pod1"))
     env = {name: environment(program) for name, program in found.items()}
     assert [name for name, e in env.items() if "RUNPOD_API_KEY" in e] == ["agent"]
-    assert [name for name, e in env.items() if "SM_HEARTBEAT_TOKEN" in e] == ["agent"]
+    assert [name for name, e in env.items() if "SM_HEARTBEAT_TOKEN" in e] == ["agent", "uploader"]  # uploads are use
     assert [name for name, e in env.items() if "SM_NNI_API_KEY" in e] == ["server", "slicer"]
     assert [name for name, e in env.items() if "SM_FILES_PASSWORD" in e] == ["uploader"]
     assert not [name for name, e in env.items() if "SM_VNC_PASSWORD" in e]

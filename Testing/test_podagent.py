@@ -112,6 +112,45 @@ def test_beats_of_a_slicer_left_open_keep_nothing_running_but_are_told_the_end(f
     assert any(answer.get("warning", "").startswith("The pod terminates in") for answer in answers)
 
 
+def test_a_use_after_the_warning_is_told_at_once_not_a_minute_later():
+    """A prompt placed when the pod said it ends in a minute reached the agent with the next beat, up to 60 s later:
+    after the end."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from SegmentationMachineLib.cloud import heartbeat
+
+    beats = []
+
+    class Agent(BaseHTTPRequestHandler):
+        def do_POST(self):
+            beats.append(self.headers.get(heartbeat.UNUSED_HEADER))
+            answer = json.dumps({"warning": "The pod terminates in 1.0 min: nothing has used it for 15 min."}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    agent = ThreadingHTTPServer(("127.0.0.1", 0), Agent)
+    threading.Thread(target=agent.serve_forever, daemon=True).start()
+    heartbeat._last_use[0] = time.monotonic() - 3600  # a Slicer left open
+    beating = Heartbeat(f"http://127.0.0.1:{agent.server_port}", TOKEN, watches_use=True).start()
+    try:
+        for _ in range(100):
+            if beats:
+                break
+            time.sleep(0.05)
+        assert beats == ["1"] and beating.warning  # unused, told the end is near
+        heartbeat.used()
+        time.sleep(2.5)
+        assert beats == ["1", None]  # the use, at once (the interval is 60 s)
+    finally:
+        beating.stop()
+        agent.shutdown()
+
+
 def test_a_browser_on_the_desktop_counts_as_connected(fake, pod):
     desktop = socket.create_server(("127.0.0.1", 0))  # stands in for the VNC server, which websockify connects to
     agent = RunningAgent(fake, pod.id, SM_MODE="desktop", SM_ACTIVITY_PORTS=desktop.getsockname()[1],

@@ -88,7 +88,7 @@ def test_up_falls_back_on_capacity_records_lists_and_downs(env, fake, tmp_path, 
     assert ("Starting a server pod on NVIDIA RTX A5000 ($0.50/h); without capacity there, the next types up to "
             "$0.75/h.") in out and "no capacity for NVIDIA RTX A5000" in out
     assert f"Ready: pod {pod_id} on NVIDIA GeForce RTX 4090 at $0.69/h\n" in out  # what it costs while it runs
-    assert f"Detached: the pod is terminated once nobody has been connected for its idle timeout, at its budget " \
+    assert f"Detached: the pod is terminated once nothing has used it for its idle timeout, at its budget " \
            f"or at its maximum lifetime, or with `segmentation-machine pod down {pod_id}`." in out
     for phase in ("waiting for a GPU", "server ready"):
         assert phase in out

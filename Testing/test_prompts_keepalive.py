@@ -19,7 +19,7 @@ from slicer_standins import PROMPTS_MS, IdleMainThread, drive
 from test_podagent import RunningAgent
 from SegmentationMachineLib.cloud import heartbeat
 from SegmentationMachineLib.cloud.cloudgpu import AGENT_PORT, SERVER_PORT, CloudGpu, ports
-from SegmentationMachineLib.cloud.keepalive import pod_at, pod_heartbeat
+from SegmentationMachineLib.cloud.keepalive import heartbeat_note, pod_at, pod_heartbeat
 from SegmentationMachineLib.cloud.podagent import AGENT_FOLDER, AgentConfig, PodAgent
 from SegmentationMachineLib.cloud.pods import PodSpec
 from SegmentationMachineLib.cloud.podstart import PodRecords
@@ -204,3 +204,11 @@ def test_a_pod_known_only_by_its_url_and_key_runs_while_used(pod_proxy, backend,
     prompting(panel, f"{pod_proxy.template().format(pod_id=pod.id, port=SERVER_PORT)}/", key, scene_parts)
     assert pod.id in fake.pods and agent.process.poll() is None, "the pod was ended while in use"
     ends_after_disconnect(panel, fake, agent, pod.id)
+
+
+def test_the_warning_of_an_unused_pod_says_how_to_keep_it():
+    beat = heartbeat.Heartbeat("http://127.0.0.1:9", "token")
+    beat.last = {"warning": "The pod terminates in 4.9 min: nothing has used it for 15 min (idle timeout)."}
+    assert heartbeat_note(beat).endswith("(idle timeout). A prompt, or Refresh in the Cloud GPU section, keeps it.")
+    beat.last = {"warning": "The pod terminates in 4.9 min: its budget of $5 is spent."}
+    assert heartbeat_note(beat) == beat.last["warning"]  # nothing keeps it then

@@ -28,14 +28,14 @@ MiB = 1024 * 1024
 
 
 class Uploader:
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, **env):
         self.inbox, self.staging = tmp_path / "workspace/inbox", tmp_path / "workspace/.uploads"
         self.exports = tmp_path / "workspace/exports"
         self.port = free_port()
         self.process = subprocess.Popen(
             [sys.executable, str(UPLOADER), "--host", "127.0.0.1", "--port", str(self.port),
              "--inbox", str(self.inbox), "--staging", str(self.staging), "--exports", str(self.exports)],
-            env={"PATH": os.environ["PATH"], "SM_FILES_PASSWORD": PASSWORD}, stderr=subprocess.PIPE, text=True)
+            env={"PATH": os.environ["PATH"], "SM_FILES_PASSWORD": PASSWORD, **env}, stderr=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
         self.client = httpx.Client(base_url=self.url, auth=("sm", PASSWORD), timeout=60)
         for _ in range(100):
@@ -203,6 +203,41 @@ def test_the_pages_fingerprint_is_fnv1a_of_the_first_64_kib(uploader):
     for byte in data[:65536]:
         expected = ((expected ^ byte) * 0x01000193) & 0xFFFFFFFF
     assert run.stdout.strip() == f"{expected:x}", run.stderr
+
+
+def test_an_upload_keeps_the_pod_running_by_the_agents_heartbeat(tmp_path):
+    """A big study sent through the page with no desktop open met the pod's idle timeout half-way: chunks arriving
+    are use, told to the agent (at most every 30 s) with the heartbeat token."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    beats = []
+
+    class Agent(BaseHTTPRequestHandler):
+        def do_POST(self):
+            beats.append((self.path, self.headers.get("Authorization")))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    agent = ThreadingHTTPServer(("127.0.0.1", 0), Agent)
+    threading.Thread(target=agent.serve_forever, daemon=True).start()
+    running = Uploader(tmp_path, SM_AGENT_PORT=str(agent.server_port), SM_HEARTBEAT_TOKEN="heartbeat-token-0123")
+    try:
+        data = os.urandom(3 * MiB)
+        for offset in range(0, len(data), MiB):
+            assert running.put("big.dcm", data[offset:offset + MiB], len(data), offset).status_code == 200
+        for _ in range(100):
+            if beats:
+                break
+            time.sleep(0.05)
+        assert beats == [("/heartbeat", "Bearer heartbeat-token-0123")]  # one: at most every 30 s
+    finally:
+        running.stop()
+        agent.shutdown()
 
 
 def test_names_the_file_system_cannot_hold_are_refused_with_an_answer(uploader):

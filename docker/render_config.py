@@ -200,7 +200,11 @@ def programs(env, mode: str, values: dict, root: Path, ssh: bool) -> dict:
             "uploader": {
                 "command": (f"/usr/bin/python3 {APP}/docker/uploader.py --host 0.0.0.0 --port 8080 "
                             f"--inbox {WORKSPACE}/inbox --staging {WORKSPACE}/.uploads --exports {WORKSPACE}/exports"),
-                "user": DESKTOP_USER, "env": {**desktop, "SM_FILES_PASSWORD": values["SM_FILES_PASSWORD"]},
+                # The heartbeat token: an upload is use, told to the agent (a big study sent through this page
+                # with no desktop open met the idle timeout); the token can keep the pod running, nothing more.
+                "user": DESKTOP_USER, "env": {**desktop, "SM_FILES_PASSWORD": values["SM_FILES_PASSWORD"],
+                                              "SM_HEARTBEAT_TOKEN": values["SM_HEARTBEAT_TOKEN"],
+                                              "SM_AGENT_PORT": agent_port},
             },
             "slicer": {
                 "command": f"{APP}/docker/desktop/sm-slicer",

@@ -26,7 +26,9 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
+import urllib.request
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -222,7 +224,32 @@ class ChunkedBody(io.RawIOBase):
         self.connection.write(b"0\r\n\r\n")
 
 
-def make_handler(inbox: Path, staging: Path, secret: str, exports: Path = None):
+class PodKeeper:
+    """Uploads are use: while chunks arrive, the pod agent gets a heartbeat at most every EVERY_S (a big study sent
+    through this page with no desktop open met the pod's idle timeout half-way). Never delays a chunk."""
+    EVERY_S = 30.0
+
+    def __init__(self, agent_port: str, token: str):
+        self.url = f"http://127.0.0.1:{agent_port}/heartbeat" if agent_port and token else None
+        self._token, self._last, self._lock = token, -self.EVERY_S, threading.Lock()
+
+    def upload_seen(self):
+        with self._lock:
+            if self.url is None or time.monotonic() - self._last < self.EVERY_S:
+                return
+            self._last = time.monotonic()
+        threading.Thread(target=self._beat, daemon=True).start()
+
+    def _beat(self):
+        request = urllib.request.Request(self.url, method="POST", headers={"Authorization": f"Bearer {self._token}"})
+        try:
+            urllib.request.urlopen(request, timeout=10).close()
+        except OSError as error:  # the agent restarting: the next chunk tells it again
+            log.warning("Could not tell the pod agent of the upload (%s).", error)
+
+
+def make_handler(inbox: Path, staging: Path, secret: str, exports: Path = None, keeper: PodKeeper = None):
+    keeper = keeper or PodKeeper("", "")
     expected = ("Basic " + base64.b64encode(f"{USER}:{secret}".encode()).decode()).encode()
 
     class Handler(BaseHTTPRequestHandler):
@@ -276,6 +303,7 @@ def make_handler(inbox: Path, staging: Path, secret: str, exports: Path = None):
             try:
                 if url.path != "/upload":
                     raise Refused(404, "Uploads go to /upload.")
+                keeper.upload_seen()
                 length = self._number(self.headers.get("Content-Length"), "Content-Length")
                 size, offset = self._number(query.get("size"), "size"), self._number(query.get("offset", "0"), "offset")
                 self._answer(200, receive(inbox, staging, query.get("path", ""), size, offset, self.rfile, length,
@@ -422,13 +450,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="uploader: %(levelname)s: %(message)s", stream=sys.stderr)
     secret = os.environ.pop("SM_FILES_PASSWORD", "")  # not inherited by what this starts (/proc keeps it: same user)
+    keeper = PodKeeper(os.environ.get("SM_AGENT_PORT", ""), os.environ.pop("SM_HEARTBEAT_TOKEN", ""))
     if len(secret) < 12:
         log.error("SM_FILES_PASSWORD (12 characters or more) is not set: the upload page stays off.")
         return 2
     for folder in (args.inbox, args.staging):
         folder.mkdir(parents=True, exist_ok=True)
     forget_abandoned_parts(args.staging)
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(args.inbox, args.staging, secret, args.exports))
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(args.inbox, args.staging, secret, args.exports,
+                                                                       keeper))
     server.daemon_threads = True
     log.info("Upload page on port %d into %s.", server.server_port, args.inbox)
     server.serve_forever()

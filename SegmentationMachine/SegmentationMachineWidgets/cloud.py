@@ -69,7 +69,8 @@ class CloudSection:
             cost=VOLUME_USD_PER_GB_MONTH, size=PodSpec.volume_gb, month=PodSpec.volume_gb * VOLUME_USD_PER_GB_MONTH)
         ending = " " + _("A server pod is terminated then; a desktop pod with your files on its volume is stopped, and "
                          "its volume bills {volumeCost} until you terminate it.").format(volumeCost=volumeCost)
-        self.idleSpin.toolTip = _("The pod ends after this long without a connected client.") + ending
+        self.idleSpin.toolTip = _("The pod ends after this long in which nothing used it (a prompt, a press here, "
+                                  "an upload, an open desktop).") + ending
         self.budgetSpin = qt.QDoubleSpinBox()
         self.budgetSpin.setRange(0, 1000)
         self.budgetSpin.prefix = "$ "

@@ -49,8 +49,8 @@ def add_pod_commands(commands, common):
     up.add_argument("--max-price", type=float, help="only GPU types costing at most this many $/h")
     up.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds until a start that is not "
                     f"ready is terminated (default {DEFAULT_TIMEOUT_S:g})")
-    up.add_argument("--idle-timeout", type=float, default=900, help="the pod ends after this many seconds without "
-                    "a connected client (default 900)")
+    up.add_argument("--idle-timeout", type=float, default=900, help="the pod ends after this many seconds in "
+                    "which nothing used it: no connected client's prompt, no upload, no open desktop (default 900)")
     up.add_argument("--max-lifetime", type=float, default=Limits.max_lifetime_s,
                     help=f"the pod ends after this many seconds in any case (default {Limits.max_lifetime_s:g})")
     up.add_argument("--budget", type=float, help="the pod ends once it has cost this many dollars")
@@ -213,7 +213,7 @@ def _stay_connected(cloud: CloudGpu, started: StartedPod, ended: list):
 def _detached_end(started: StartedPod) -> str:
     """How a detached pod ends: a desktop pod holding the user's files stops, and its volume bills on."""
     down = f"`{SM} down {started.pod_id}`"
-    when = "once nobody has been connected for its idle timeout, at its budget or at its maximum lifetime"
+    when = "once nothing has used it for its idle timeout, at its budget or at its maximum lifetime"
     if started.mode != "desktop":
         return f"the pod is terminated {when}, or with {down}."
     volume = started.pod.stopped_cost(f"until {down}") if started.pod else f"its volume bills per month until {down}"

@@ -67,9 +67,15 @@ class Heartbeat:
 
     def _run(self):
         while True:
+            beaten = time.monotonic()
             try:
                 self.beat()
             except Exception as error:  # a surprise must not end the heartbeats: the pod would be ended as idle
                 self.problem = f"heartbeat failed: {error}"
-            if self.refused or self._stop.wait(INTERVAL_S):  # a refused token stays refused: no log flood
+            if self.refused:  # a refused token stays refused: no log flood
                 return
+            while (left := INTERVAL_S - (time.monotonic() - beaten)) > 0:
+                if self._stop.wait(min(1.0, left)):
+                    return
+                if self.watches_use and self.warning and _last_use[0] > beaten:
+                    break  # used after the pod said it ends soon: told now, not up to a minute later

@@ -19,7 +19,14 @@ def heartbeat_note(heartbeat) -> str:
         return ("The pod's agent refused these heartbeats (a pod from an older image takes only its own heartbeat "
                 "token): the pod ends after its idle timeout unless the Cloud GPU section or `segmentation-machine "
                 "pod up` stays connected to it.")
-    return heartbeat.warning
+    return keep_advice(heartbeat.warning)
+
+
+def keep_advice(warning: str) -> str:
+    """The agent's warning, with how to keep the pod where it ends as unused."""
+    if "(idle timeout)" not in warning:
+        return warning
+    return f"{warning} A prompt, or Refresh in the Cloud GPU section, keeps it."
 
 
 def pod_heartbeat(server_url: str, api_key: str, records: PodRecords, watches_use: bool = False):

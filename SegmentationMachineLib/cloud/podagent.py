@@ -239,7 +239,7 @@ class PodAgent:
 
     def status(self) -> dict:
         current = self._verdict()
-        warning = current.sentence(self._ends) if current.seconds_left <= self.config.warning_s else ""
+        warning = current.sentence(self._ends) if self._near(current) else ""
         return {"pod_id": self.config.pod_id, "terminates_in_s": round(current.seconds_left, 1),
                 "reason": current.reason, "warning": warning, "idle_timeout_s": self.config.idle_timeout_s}
 
@@ -270,7 +270,7 @@ class PodAgent:
                 self.terminated.set()
             else:  # tried again after a poll interval, not flooding the log
                 self._retry_at = now + self.config.poll_s
-        elif current.seconds_left <= self.config.warning_s:
+        elif self._near(current):
             if self._warned != current.reason:
                 self._warned = current.reason
                 self._ends = "stops" if self._keeps_files() else "terminates"
@@ -279,6 +279,14 @@ class PodAgent:
         elif self._warned:  # used again: the next approach of a limit is warned of again
             self._warned = None
             self._withdraw_notice()
+
+    def _near(self, current: Verdict) -> bool:
+        """Whether clients and the log are warned now: warning_s before the end, but for a short idle timeout only in
+        its second half (a 5 min timeout with a 5 min warning showed the warning on every beat of a pod in use)."""
+        window = self.config.warning_s
+        if current.limit == "idle":
+            window = min(window, self.config.idle_timeout_s / 2)
+        return current.seconds_left <= window
 
     def _keeps_files(self) -> bool:
         """Whether ending must stop the pod: terminating would delete the user's files with its volume. A network

@@ -151,6 +151,7 @@ class PromptsPanel:
                 self.queue.clear()  # what was queued behind it cannot run
             return
         if job == "connect":
+            used()  # connecting is use: the pod's idle time counts from here
             self.session, self._connecting = self._connecting, None
             self.heartbeat = pod_heartbeat(self.session.url, self.session.api_key, self.records, watches_use=True)
             if self.heartbeat is not None:
@@ -170,8 +171,9 @@ class PromptsPanel:
                                                  timing.warning]))
 
     def _next(self):
-        used()  # a prompt, an undo, a volume chosen: the pod is in use (a Slicer merely left open keeps no pod)
         item = self.queue.popleft()
+        if not isinstance(item, tuple):  # a prompt, an undo: use (a volume chosen may be the inbox's doing)
+            used()
         if isinstance(item, tuple):  # a volume and segment chosen: read here, uploaded on the worker
             volume_node, target = item
             upload = self.session.stage_volume(volume_node)
