@@ -198,6 +198,7 @@ class FakeRunPod:
     routing_status: int = 502  # the proxy's page until the pod's server answers (also 503 or 504 while it routes)
     server_full: bool = False  # the pod's server answers claims as upstream's does with every session in use
     warning: str = ""  # what the pod agent behind the proxy warns of
+    agent_ends_in_s: float = 900.0  # when the pod agent behind the proxy says the pod ends (its terminates_in_s)
     fails_as: str = None  # "ERROR" (the container keeps failing) or "EXITED" (stopped): new pods end so once booted
     terminated_listed_s: float = 3.0  # a terminated pod is still listed (TERMINATED) this long, then 404
     log_ping_s: float = 0.5  # the log stream's keep-alive comment when no line came
@@ -330,7 +331,8 @@ class FakeRunPod:
             if authorization != f"Bearer {pod['env'].get('SM_HEARTBEAT_TOKEN')}":
                 return 401, {"detail": "invalid heartbeat token"}
             pod["heartbeats"] = pod.get("heartbeats", 0) + 1
-            return 200, {"pod_id": pod_id, "terminates_in_s": 900.0, "reason": "idle timeout", "warning": self.warning}
+            return 200, {"pod_id": pod_id, "terminates_in_s": self.agent_ends_in_s, "reason": "idle timeout",
+                         "warning": self.warning}
         if authorization != f"Bearer {pod['env'].get('SM_NNI_API_KEY')}":
             return 401, {"detail": "invalid API key"}
         if self.server_full and route == "claim":

@@ -251,3 +251,77 @@ def test_no_status_or_log_line_of_the_panel_carries_the_key(panel, fake, caplog)
     assert errors and "RunPod rejected the API key" in errors[0] and len(fake.pods) == 1
     seen = "\n".join(statuses + errors) + caplog.text
     assert "rpa_WRONGKEY_never_shown" not in seen and RUNPOD_KEY not in seen
+
+
+def slow_list(fake, monkeypatch, seconds=1.5):
+    """RunPod slow to list the account's pods: a start asks for its spending once its pod is ready."""
+    answer = fake.handle
+
+    def slowly(method, path, authorization, body):
+        done = answer(method, path, authorization, body)
+        if method == "GET" and path.split("?")[0].rstrip("/").endswith("/v2/pods"):
+            time.sleep(seconds)
+        return done
+
+    monkeypatch.setattr(fake, "handle", slowly)
+
+
+def wait_for_ready(panel):
+    from SegmentationMachineLib.cloud.podstart import Phase
+
+    deadline = time.monotonic() + 60
+    while not (panel.progress and panel.progress.phase == Phase.READY):
+        assert time.monotonic() < deadline, panel.status
+        time.sleep(0.02)
+
+
+def test_quit_or_cancel_as_a_start_finishes_ends_the_pod_it_made(panel, fake, monkeypatch):
+    """The start's pod is ready and the start asks for the account's spending: a start whose work has returned is
+    finished at quit (its pod is ended), and Cancel then ends the pod instead of using it."""
+    keyed(panel)
+    slow_list(fake, monkeypatch)
+    panel.start("NVIDIA L40S", "server")
+    wait_for_ready(panel)
+    assert panel.end_started_here() == [] and fake.pods == {} and panel.started_here == [] and panel.pod is None
+    panel.start("NVIDIA L40S", "server")
+    wait_for_ready(panel)
+    panel.cancel()
+    settle(panel)
+    assert panel.pod is None and panel.heartbeat is None and fake.pods == {}
+    assert panel.status.startswith("Cancelled: the pod being started was terminated.")
+
+
+def test_a_pod_its_agent_ended_is_released_said_and_not_a_failure_at_quit(panel, fake, monkeypatch):
+    """Slicer stayed open while the agent ended the pod (idle): the panel says so and offers Start again, and quit
+    does not report a pod that is already gone."""
+    from SegmentationMachineLib.cloud import heartbeat
+
+    monkeypatch.setattr(heartbeat, "INTERVAL_S", 0.3)
+    keyed(panel)
+    panel.start("NVIDIA L40S", "desktop")
+    settle(panel)
+    pod_id = panel.pod.pod_id
+    RunPodRest(RUNPOD_KEY).terminate(pod_id)  # as its agent ends a desktop pod without files; its answers said 900 s
+    deadline = time.monotonic() + 30
+    while panel.pod is not None:  # RunPod is asked, once the heartbeat fails
+        assert time.monotonic() < deadline, panel.status
+        panel.tick()
+        time.sleep(0.05)
+    settle(panel)
+    assert panel.status == f"Pod {pod_id} has ended: RunPod no longer has it. Choose a GPU type and press Start."
+    assert panel.end_started_here() == []  # not "There is no pod"
+
+    fake.agent_ends_in_s = 0.2  # the agent's last answer: the pod ends before the next beat
+    panel.start("NVIDIA L40S", "server")
+    settle(panel)
+    pod_id = panel.pod.pod_id
+    time.sleep(0.5)
+    RunPodRest(RUNPOD_KEY).terminate(pod_id)
+    deadline = time.monotonic() + 30
+    while panel.pod is not None:
+        assert time.monotonic() < deadline, panel.status
+        panel.tick()
+        time.sleep(0.05)
+    settle(panel)
+    assert panel.status == f"Pod {pod_id} has ended: idle timeout. Choose a GPU type and press Start."
+    assert panel.end_started_here() == []

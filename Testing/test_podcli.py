@@ -209,6 +209,15 @@ def test_max_price_leaves_out_dearer_types(env, fake):
     assert "(the cheapest: $0.27/h): raise --max-price." in none.stderr
 
 
+def test_max_price_is_the_fallbacks_limit_instead_of_half_again_the_first_rate(env, fake):
+    fake.no_capacity = {"NVIDIA RTX A5000", "NVIDIA GeForce RTX 4090"}  # the L40S: above 1.5 x $0.27/h, below $1/h
+    done = pod(env, "up", "--detach", "--max-price", "1")
+    assert done.returncode == 0, done.stderr
+    assert ("Starting a server pod on NVIDIA RTX A5000 ($0.27/h); without capacity there, the next types up to "
+            "$1.00/h.") in done.stdout
+    assert [p["gpu"]["id"] for p in fake.pods.values()] == ["NVIDIA L40S"]
+
+
 def test_a_start_not_ready_in_time_is_terminated(env, fake):
     fake.server_s = 3600
     done = pod(env, "up", "--timeout", "3", "--gpu", "NVIDIA GeForce RTX 4090", timeout=60)

@@ -517,3 +517,41 @@ def test_a_pod_graphql_made_whose_first_read_fails_is_kept_by_its_id_and_ended(b
     with pytest.raises(PodsError, match=r"answered with a server error \(502\): try again in a minute\.$"):
         cloud.up(cloud.gpu_choices("NVIDIA L40S"), sleep=backend._sleep)
     assert len(creates(fake)) == 2 and fake.pods == {} and cloud.records.all() == {}  # one create, ended by its id
+
+
+def test_a_pod_graphql_made_that_reads_as_not_there_yet_is_kept_by_its_id(backend, fake, virtual, monkeypatch):
+    """GraphQL answered the new pod's id, and v2's read of it answered 404 (it lags behind the create): the id is kept,
+    not looked for by name and made again."""
+    answer = fake.handle
+
+    def not_there_yet(method, path, authorization, body):
+        if method == "GET" and path.startswith("/v2/pods/"):
+            return (*fake_runpod._problem(404, "Pod not found."), {})
+        return answer(method, path, authorization, body)
+
+    monkeypatch.setattr(fake, "handle", not_there_yet)
+    fake.list_lag_s = 3600.0  # nor listed: a look by name would not find it
+    pod = backend.create(PodSpec("NVIDIA L40S", image="x", name="sm-pod-1", terminate_after="2030-01-01T00:00:00Z"))
+    assert (pod.id, pod.status, pod.gpu) == (next(iter(fake.pods)), "PROVISIONING", "NVIDIA L40S")
+    assert creates(fake) == [("POST", "/graphql")] and len(fake.pods) == 1
+
+
+def test_an_interrupted_start_ends_its_recorded_pod_even_when_the_list_then_fails(backend, fake, virtual, monkeypatch,
+                                                                                tmp_path):
+    """The recorded pod is terminated by its id first: the list of pods (asked for others of its name) failing must
+    not leave it running."""
+    answer = fake.handle
+
+    def list_fails(method, path, authorization, body):
+        if method == "GET" and path.split("?")[0] == "/v2/pods":
+            return (*fake_runpod._problem(502, "Bad Gateway"), {})
+        return answer(method, path, authorization, body)
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fake, "handle", list_fails)
+    cloud = CloudGpu(backend, PodRecords(tmp_path / "pods.json"))
+    with pytest.raises(PodsError, match="Starting failed, and so did terminating what it started"):
+        cloud.up(cloud.gpu_choices("NVIDIA L40S"), sleep=interrupted)
+    assert len(creates(fake)) == 1 and fake.pods == {} and cloud.records.all() == {}

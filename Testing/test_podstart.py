@@ -1,8 +1,10 @@
 """Starting a pod: phases, readiness through the (fake) proxy, capacity fallback, time limit, records."""
 
+import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from urllib.parse import urlsplit
@@ -12,7 +14,7 @@ import pytest
 from conftest import RUNPOD_KEY
 from fake_runpod import FakeRunPod, ends_within
 from SegmentationMachineLib.cloud.cloudgpu import CloudGpu, Limits
-from SegmentationMachineLib.cloud.pods import KEPT_WHILE_CREDIT, LOG_QUIET_S, CapacityError, PodsError, PodSpec
+from SegmentationMachineLib.cloud.pods import KEPT_WHILE_CREDIT, LOG_QUIET_S, CapacityError, Pod, PodsError, PodSpec
 from SegmentationMachineLib.cloud.podstart import Phase, PodRecords, server_answers, start_pod
 
 SERVER_KEY = "nni-key-for-this-pod"
@@ -234,3 +236,29 @@ def test_two_processes_recording_pods_at_once_lose_none(tmp_path):
         adder.stdin.flush()
     assert [adder.wait(120) for adder in adders] == [0, 0]
     assert len(PodRecords(path).all()) == 80
+
+
+@pytest.mark.skipif(os.name == "nt", reason="fcntl's locks are POSIX")
+def test_threads_recording_pods_at_once_lose_none_where_the_file_lock_is_the_processs(tmp_path, monkeypatch):
+    """Over NFS, flock is emulated with fcntl's record locks, which belong to the process and do not keep its threads
+    apart (pods are ended on threads of their own at quit): the threads take a lock of the process too."""
+    import fcntl
+
+    from SegmentationMachineLib.core import files
+
+    class OverNfs:
+        LOCK_EX, LOCK_NB, flock = fcntl.LOCK_EX, fcntl.LOCK_NB, staticmethod(fcntl.lockf)
+
+    monkeypatch.setattr(files, "fcntl", OverNfs)
+    records = PodRecords(tmp_path / "pods.json")
+
+    def add(tag):
+        for i in range(10):
+            records.add(Pod(f"{tag}{i:03d}", "n", "RUNNING", "g", 0.69, 0, True, []), time.time(), mode="server")
+
+    threads = [threading.Thread(target=add, args=(tag,)) for tag in "abcdef"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(records.all()) == 60

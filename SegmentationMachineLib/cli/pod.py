@@ -136,11 +136,12 @@ def _up(cloud: CloudGpu, args):
             print(f"Still there from an earlier start: {pod.id} ({pod.gpu}, {pod.status}, ${cost:.2f} since its last "
                   f"start); `{SM} down {pod.id}` terminates it.")
     choices = cloud.gpu_choices(args.gpu, args.cloud.upper(), args.max_price)
-    choices = within_reach(choices[0], choices, args.cloud.upper())
+    price = choices[0].price(args.cloud.upper())
+    limit = price * MAX_FALLBACK_PRICE if args.max_price is None else args.max_price  # the user's limit, when given
+    choices = within_reach(choices[0], choices, args.cloud.upper(), limit)
     limits = Limits(args.idle_timeout, args.max_lifetime, args.budget)
     volume = {k: v for k, v in (("volume_gb", args.volume_gb), ("network_volume_id", args.network_volume)) if v}
-    price = choices[0].price(args.cloud.upper())
-    then = f"; without capacity there, the next types up to ${price * MAX_FALLBACK_PRICE:.2f}/h" if choices[1:] else ""
+    then = f"; without capacity there, the next types up to ${limit:.2f}/h" if choices[1:] else ""
     print(f"Starting a {args.mode} pod on {choices[0].id} (${price:.2f}/h){then}.", flush=True)
     _connect(cloud, args, lambda display: cloud.up(choices, args.mode, args.image, args.template, args.cloud.upper(),
                                                    limits, args.timeout, display, volume=volume),

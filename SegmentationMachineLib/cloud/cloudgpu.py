@@ -108,10 +108,10 @@ class StartedPod:
         return self.url(FILES_PORT)
 
 
-def within_reach(first, gpus: list, cloud: str = "SECURE") -> list:
-    """first, then the other types of gpus that cost at most MAX_FALLBACK_PRICE times as much: what a start tries in
-    turn, never moving on to a much dearer type without being asked."""
-    limit = first.price(cloud) * MAX_FALLBACK_PRICE
+def within_reach(first, gpus: list, cloud: str = "SECURE", limit: float = None) -> list:
+    """first, then the other types of gpus that cost at most limit ($/h; by default MAX_FALLBACK_PRICE times first's
+    rate): what a start tries in turn, never moving on to a much dearer type without being asked."""
+    limit = first.price(cloud) * MAX_FALLBACK_PRICE if limit is None else limit
     return [first, *(g for g in gpus if g.id != first.id and g.price(cloud) <= limit)]
 
 
@@ -261,12 +261,14 @@ class CloudGpu:
         self.records.remove(pod_id)
 
     def _terminate_named(self, name: str, lagging: bool = False) -> set:
-        """Terminates every pod of that name: the recorded ones, and any the list shows; returns their ids. lagging:
-        a create may have been in flight, so without a recorded pod the list is asked again over the seconds it lags
-        behind a create."""
+        """Terminates every pod of that name: the recorded ones first (a list that fails must not leave them running),
+        then any other the list shows; returns their ids. lagging: a create may have been in flight, so without a
+        recorded pod the list is asked again over the seconds it lags behind a create."""
         recorded = {pod_id for pod_id, record in self.records.all().items() if record.get("name") == name}
-        listed = self.backend.look_for(name) if lagging and not recorded else self.backend.named(name)
-        ended = recorded | {p.id for p in listed}
-        for pod_id in ended:
+        for pod_id in recorded:
             self.terminate(pod_id)
-        return ended
+        listed = self.backend.look_for(name) if lagging and not recorded else self.backend.named(name)
+        others = {p.id for p in listed} - recorded
+        for pod_id in others:
+            self.terminate(pod_id)
+        return recorded | others

@@ -311,9 +311,9 @@ class RunPodRest:
         try:
             created = self.get(pod_id)  # described the way v2 does
         except PodsError:  # created all the same: its id is kept, so that it is recorded and ended by id
+            created = None
+        if created is None:  # or not readable yet: kept by its id too (a look by name could make a second pod)
             created = Pod(pod_id, spec.name, "PROVISIONING", spec.gpu_type_id, 0.0, 0, False, [])
-        if created is None:
-            raise _Unknown()
         created.terminate_after = spec.terminate_after
         return created
 

@@ -4,6 +4,7 @@ import errno
 import os
 import re
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -168,20 +169,31 @@ def lock(descriptor: int, wait: bool = False) -> bool:
         os.lseek(descriptor, 0, os.SEEK_SET)
 
 
+_THREAD_LOCKS = {}  # lock file path -> the lock this process's threads take before the file's
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+def _thread_lock(path) -> threading.Lock:
+    with _THREAD_LOCKS_GUARD:
+        return _THREAD_LOCKS.setdefault(os.path.normcase(os.path.abspath(path)), threading.Lock())
+
+
 @contextmanager
 def locked(path: Path):
     """One process (and thread) at a time inside: path is the lock file, created owner-only where missing; the others
-    wait."""
-    private_folder(Path(path).parent)
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), PRIVATE_FILE)
-    try:
-        lock(descriptor, wait=True)
-        yield
-    finally:
-        if not fcntl:  # Windows releases a lock some time after its file is closed: at once here
-            os.lseek(descriptor, WINDOWS_LOCKED_BYTE, os.SEEK_SET)
-            msvcrt.locking(descriptor, msvcrt.LK_UNLCK, 1)
-        os.close(descriptor)  # flock's lock goes with it
+    wait. Threads take a lock of this process first: over NFS flock is emulated with fcntl's locks, which are the
+    process's and do not keep its threads apart."""
+    with _thread_lock(path):
+        private_folder(Path(path).parent)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), PRIVATE_FILE)
+        try:
+            lock(descriptor, wait=True)
+            yield
+        finally:
+            if not fcntl:  # Windows releases a lock some time after its file is closed: at once here
+                os.lseek(descriptor, WINDOWS_LOCKED_BYTE, os.SEEK_SET)
+                msvcrt.locking(descriptor, msvcrt.LK_UNLCK, 1)
+            os.close(descriptor)  # flock's lock goes with it
 
 
 # A file or folder name that is not UTF-8 (Latin-1, from an older share or CD): Slicer's readers and our journal take

@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..cloud import heartbeat as beats
 from ..cloud.cloudgpu import KEY_NAME, CloudGpu, Limits, StartedPod, recorded_pod, runpod_key, within_reach
 from ..cloud.heartbeat import Heartbeat, used
 from ..cloud.pods import PodsError, RunPodRest, spend_per_hr
@@ -48,6 +49,8 @@ class CloudPanel:
         self._job = None
         self._cancel = threading.Event()
         self._ready = None  # a StartedPod not yet handed to the widget
+        self._looked_at = -float("inf")  # when RunPod was last asked whether the pod in use is still there
+        self._gone = {}  # pod id -> why it has ended, as RunPod answered that look
         self.has_key = bool(os.environ.get("RUNPOD_API_KEY") or self.store.load(KEY_NAME))  # read once: keychains are slow
 
     # -- the key ---------------------------------------------------------------------------
@@ -141,6 +144,8 @@ class CloudPanel:
         if self.starting:
             self.cancel()
             self.task.wait(QUIT_WAIT_S)  # the cancelled start terminates its own pod (first: the deadline is fresh)
+            if self.task.done():  # or it had made its pod already: then it is in started_here, ended below
+                self._finish(end_cancelled=False)
         self._release()
         try:
             cloud = CloudGpu(self.backend_factory(runpod_key(self.store)), self.records)
@@ -153,8 +158,8 @@ class CloudPanel:
             try:
                 cloud.stop(pod_id) if pod_id in stopping else cloud.terminate(pod_id)
                 outcomes[pod_id] = None
-            except UserError as error:
-                outcomes[pod_id] = str(error)
+            except UserError as error:  # a pod RunPod no longer has (its agent ended it) is ended all the same
+                outcomes[pod_id] = None if _no_longer_there(cloud.backend, pod_id) else str(error)
 
         workers = [threading.Thread(target=end, args=(pod_id,), daemon=True) for pod_id in self.started_here]
         for worker in workers:
@@ -176,10 +181,55 @@ class CloudPanel:
         """Call from a QTimer; returns a StartedPod once, when its server is ready to connect to."""
         if self.task is not None and self.task.done():
             self._finish()
-        if self.heartbeat is not None and (self.heartbeat.warning or self.heartbeat.problem):
-            self.status = f"Pod {self.pod.pod_id}: {self.heartbeat.warning or self.heartbeat.problem}"
+        if self.heartbeat is not None:
+            self._watch(self.heartbeat, self.pod.pod_id)
         ready, self._ready = self._ready, None
         return ready
+
+    def _watch(self, beat: Heartbeat, pod_id: str):
+        """The agent's warning; once beats fail, whether the pod has ended: its agent's last answer said it would end
+        before this beat, or RunPod (asked once per heartbeat interval) no longer has it running."""
+        if not beat.problem:
+            if beat.warning:
+                self.status = f"Pod {pod_id}: {beat.warning}"
+            return
+        last = beat.last
+        if last.get("terminates_in_s", float("inf")) <= beats.INTERVAL_S:
+            self._ended(pod_id, last.get("reason") or "its agent ended it")
+        elif pod_id in self._gone:
+            self._ended(pod_id, self._gone.pop(pod_id))
+        else:
+            self.status = f"Pod {pod_id}: {beat.problem}"
+            self._look_if_gone(pod_id)
+
+    def _look_if_gone(self, pod_id: str):
+        """Asks RunPod on a thread of its own (not a job: it neither waits for nor blocks the user's presses)."""
+        now = time.monotonic()
+        if now - self._looked_at < beats.INTERVAL_S:
+            return
+        self._looked_at = now
+        store, factory = self.store, self.backend_factory
+
+        def look():
+            try:
+                pod = factory(runpod_key(store)).get(pod_id)
+            except UserError:  # RunPod does not answer: the heartbeat's problem stays on screen, asked again later
+                return
+            if pod is None or pod.status == "EXITED":
+                self._gone[pod_id] = "RunPod no longer has it" if pod is None else "RunPod lists it as stopped"
+
+        threading.Thread(target=look, daemon=True).start()
+
+    def _ended(self, pod_id: str, why: str):
+        """The pod in use has ended without this panel (its agent, RunPod's console): Start is offered again. It stays
+        in started_here: should it still run after all, quit ends it."""
+        self._release()
+        said = f"Pod {pod_id} has ended: {why}."
+        if self.task is None:
+            self.notice = said
+            self.refresh()  # a stopped desktop pod is listed to resume
+        else:
+            self.status = said
 
     @property
     def phase_fraction(self) -> float:
@@ -211,7 +261,8 @@ class CloudPanel:
         self.task = BackgroundTask(work)
         self._job = job
 
-    def _finish(self):
+    def _finish(self, end_cancelled: bool = True):
+        """end_cancelled: a start that made its pod although Cancel was pressed ends it (at quit the caller does)."""
         task, job, self.task = self.task, self._job, None
         if isinstance(task.error, Cancelled):
             self.status = ("Cancelled: the pod was stopped again, its volume kept." if job == "resume" else
@@ -237,11 +288,28 @@ class CloudPanel:
         elif job in ("start", "resume"):
             started, pods = result
             self.started_here.append(started.pod_id)
+            if self._cancel.is_set():  # pressed as the start finished: its pod is ended, not used
+                if end_cancelled:
+                    self._end_cancelled(started.pod_id, job)
+                return
             self._use(started)
             self.balance = _spending(pods) if pods is not None else self.balance
         else:
             self.notice = result if isinstance(result, str) else f"Done: {job}."
             self.refresh()
+
+    def _end_cancelled(self, pod_id: str, job: str):
+        """Terminates the pod a cancelled start made (it stays in started_here: should that fail, quit ends it); a
+        cancelled resume stops its pod again, the volume kept (quit must not delete it)."""
+        if job == "resume":
+            self._forget_started(pod_id)
+            self._start("stop", lambda cloud: (cloud.stop(pod_id), f"Cancelled: pod {pod_id} was stopped again, its "
+                                               "volume kept.")[1])
+            self.status = f"Cancelled as pod {pod_id} became ready: stopping it again..."
+        else:
+            self._start("terminate", lambda cloud: (cloud.terminate(pod_id), "Cancelled: the pod being started was "
+                                                    "terminated.")[1])
+            self.status = f"Cancelled as pod {pod_id} became ready: terminating it..."
 
     def _use(self, started: StartedPod):
         self._release()
@@ -265,6 +333,14 @@ class CloudPanel:
 
 def _spending(pods) -> str:
     return f"Spending ${spend_per_hr(pods):.2f}/h now (the balance is in the RunPod console)"
+
+
+def _no_longer_there(backend, pod_id: str) -> bool:
+    """Whether RunPod answers that it no longer has the pod (terminated)."""
+    try:
+        return backend.get(pod_id) is None
+    except UserError:
+        return False
 
 
 def _with_spending(cloud: CloudGpu, started: StartedPod) -> tuple:
