@@ -496,18 +496,23 @@ def test_runpods_billing_counts_every_start_where_the_pods_uptime_counts_the_las
     assert path == f"/v2/billing/pods?podId={pod.id}&bucketSize=day&startTime={pod.created_at.replace(':', '%3A')}"
 
 
+def reads_answer(fake, monkeypatch, status: int, problem: str):
+    """Reading a pod (v2 GET /pods/ID) answers status with problem; everything else as before."""
+    answer = fake.handle
+
+    def reads(method, path, authorization, body):
+        if method == "GET" and path.startswith("/v2/pods/"):
+            return (*fake_runpod._problem(status, problem), {})
+        return answer(method, path, authorization, body)
+
+    monkeypatch.setattr(fake, "handle", reads)
+
+
 def test_a_pod_graphql_made_whose_first_read_fails_is_kept_by_its_id_and_ended(backend, fake, virtual, monkeypatch,
                                                                                tmp_path):
     """GraphQL answered the new pod's id, then reading the pod got server errors: the id is kept (a retry would make a
     second pod), so the start records the pod and, failing, terminates it by its id."""
-    answer = fake.handle
-
-    def reads_fail(method, path, authorization, body):
-        if method == "GET" and path.startswith("/v2/pods/"):
-            return (*fake_runpod._problem(502, "Bad Gateway"), {})
-        return answer(method, path, authorization, body)
-
-    monkeypatch.setattr(fake, "handle", reads_fail)
+    reads_answer(fake, monkeypatch, 502, "Bad Gateway")
     end = "2030-01-01T00:00:00Z"
     pod = backend.create(PodSpec("NVIDIA L40S", image="x", terminate_after=end))
     assert (pod.id, pod.status, pod.gpu, pod.terminate_after) == (next(iter(fake.pods)), "PROVISIONING", "NVIDIA L40S",
@@ -522,14 +527,7 @@ def test_a_pod_graphql_made_whose_first_read_fails_is_kept_by_its_id_and_ended(b
 def test_a_pod_graphql_made_that_reads_as_not_there_yet_is_kept_by_its_id(backend, fake, virtual, monkeypatch):
     """GraphQL answered the new pod's id, and v2's read of it answered 404 (it lags behind the create): the id is kept,
     not looked for by name and made again."""
-    answer = fake.handle
-
-    def not_there_yet(method, path, authorization, body):
-        if method == "GET" and path.startswith("/v2/pods/"):
-            return (*fake_runpod._problem(404, "Pod not found."), {})
-        return answer(method, path, authorization, body)
-
-    monkeypatch.setattr(fake, "handle", not_there_yet)
+    reads_answer(fake, monkeypatch, 404, "Pod not found.")
     fake.list_lag_s = 3600.0  # nor listed: a look by name would not find it
     pod = backend.create(PodSpec("NVIDIA L40S", image="x", name="sm-pod-1", terminate_after="2030-01-01T00:00:00Z"))
     assert (pod.id, pod.status, pod.gpu) == (next(iter(fake.pods)), "PROVISIONING", "NVIDIA L40S")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from ..cloud import heartbeat as beats
 from ..cloud.cloudgpu import KEY_NAME, CloudGpu, Limits, StartedPod, recorded_pod, runpod_key, within_reach
 from ..cloud.heartbeat import Heartbeat, used
+from ..cloud.keepalive import keep_advice
 from ..cloud.pods import PodsError, RunPodRest, spend_per_hr
 from ..cloud.podstart import Phase, PodRecords
 from ..core.credentials import SecretStore
@@ -191,7 +192,7 @@ class CloudPanel:
         before this beat, or RunPod (asked once per heartbeat interval) no longer has it running."""
         if not beat.problem:
             if beat.warning:
-                self.status = f"Pod {pod_id}: {beat.warning}"
+                self.status = f"Pod {pod_id}: {keep_advice(beat.warning)}"
             return
         last = beat.last
         if last.get("terminates_in_s", float("inf")) <= beats.INTERVAL_S:
