@@ -57,7 +57,7 @@ class Server:
         path = os.pathsep.join(filter(None, [str(TESTING), os.environ.get("PYTHONPATH")]))
         self.process = subprocess.Popen(
             [str(executable), "--model-dir", str(self.model_dir), "--fold", "0", "--device", "cpu",
-             "--host", "127.0.0.1", "--port", str(self.port), "--api-key", self.api_key,
+             "--host", "127.0.0.1", "--port", str(self.port), f"--api-key={self.api_key}",  # a key may start with "-"
              "--torch-n-threads", "1", *([] if self.autozoom else ["--no-autozoom"]), *self.extra],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"})  # log lines (counted) as they happen
