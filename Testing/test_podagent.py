@@ -138,13 +138,17 @@ def test_a_use_after_the_warning_is_told_at_once_not_a_minute_later():
     heartbeat._last_use[0] = time.monotonic() - 3600  # a Slicer left open
     beating = Heartbeat(f"http://127.0.0.1:{agent.server_port}", TOKEN, watches_use=True).start()
     try:
-        for _ in range(100):
-            if beats:
+        for _ in range(200):  # the answer read, not only the beat received
+            if beating.warning:
                 break
             time.sleep(0.05)
         assert beats == ["1"] and beating.warning  # unused, told the end is near
         heartbeat.used()
-        time.sleep(2.5)
+        for _ in range(100):
+            if len(beats) == 2:
+                break
+            time.sleep(0.05)
+        time.sleep(0.5)  # nothing more comes
         assert beats == ["1", None]  # the use, at once (the interval is 60 s)
     finally:
         beating.stop()
