@@ -226,7 +226,8 @@ class ChunkedBody(io.RawIOBase):
 
 class PodKeeper:
     """Uploads are use: while chunks arrive, the pod agent gets a heartbeat at most every EVERY_S (a big study sent
-    through this page with no desktop open met the pod's idle timeout half-way). Never delays a chunk."""
+    through this page with no desktop open met the pod's idle timeout half-way). Never delays a chunk. Not the
+    library's Heartbeat: this page runs on the image's system Python, with the standard library only."""
     EVERY_S = 30.0
 
     def __init__(self, agent_port: str, token: str):

@@ -29,12 +29,10 @@ class Progress:
 
     def __init__(self, label: str, quiet: bool):
         self._bar = tqdm(desc=label, unit="", leave=False, disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
-        self._waiting = True  # for its first step
 
     def __call__(self, done, total, item=""):
-        if self._waiting or done == 0 < self._bar.n:  # a start: its clock starts now, not when the bar was made
+        if self._bar.total is None or done == 0 < self._bar.n:  # a start: its clock starts now, not at the bar's making
             self._bar.reset(total=total)
-            self._waiting = False
         self._bar.total = total
         self._bar.set_postfix_str(str(item)[:30], refresh=False)
         if done > self._bar.n:

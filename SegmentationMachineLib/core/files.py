@@ -128,6 +128,19 @@ def replace_when_free(source, target, move=None, waits=(0.1, 0.2, 0.4, 0.8, 1.5,
             time.sleep(wait)
 
 
+def reserved_folder(parent: Path, base: str) -> Path | None:
+    """A new, empty folder parent/base (or base-2, base-3...): made with mkdir, so no other run can take its name
+    between the look and the write. None when a thousand are taken."""
+    for attempt in range(1, 1000):
+        folder = parent / (base if attempt == 1 else f"{base}-{attempt}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    return None
+
+
 def private_folder(path: Path) -> Path:
     """path created if needed and made owner-only (0700)."""
     path = Path(path)

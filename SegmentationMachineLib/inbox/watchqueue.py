@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..core.clock import local_time
 from ..core.errors import UnsuitableImage, UserError
-from ..core.files import WINDOWS, printable, replace_private, replace_when_free, sync_folder, sync_tree
+from ..core.files import WINDOWS, printable, replace_private, replace_when_free, reserved_folder, sync_folder, sync_tree
 from .locks import hold_lock
 from .watcher import Delivery, Inbox, SeriesState
 
@@ -99,31 +99,30 @@ def _staging_folder(outbox: Path, key: str, staging: str = STAGING) -> Path:
 
 def _remove(staging: Path):
     shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with suppress(OSError):
         staging.parent.rmdir()  # the staging folder only while something is being written
-    except OSError:
-        pass
 
 
 def _reserve(made: Path, outbox: Path) -> Path:
     """A free name for made in outbox, held by an empty folder made there (mkdir, as exports name theirs): a name
     only looked at could be taken by a Slicer or `model` export in the same second, and the rename would then put
     this series' result under another run's folder. made is renamed inside staging to the name reserved."""
-    for attempt in range(1, 1000):
-        result = outbox / (made.name if attempt == 1 else f"{made.name}-{attempt}")
-        try:
-            result.mkdir()
-        except FileExistsError:
-            continue
-        try:
-            if result.name != made.name:
-                made.rename(made.with_name(result.name))
-        except BaseException:
-            with suppress(OSError):
-                result.rmdir()
-            raise
-        return result
-    raise UserError(f"Too many results named {made.name} in {printable(outbox)}: move some out of it.")
+    result = reserved_folder(outbox, made.name)
+    if result is None:
+        raise UserError(f"Too many results named {made.name} in {printable(outbox)}: move some out of it.")
+    try:
+        if result.name != made.name:
+            made.rename(made.with_name(result.name))
+    except BaseException:
+        _unreserve(result)
+        raise
+    return result
+
+
+def _unreserve(result: Path):
+    """The empty folder holding a result's name: only an empty folder, never a result."""
+    with suppress(OSError):
+        result.rmdir()
 
 
 def _empty_folder(path: Path) -> bool:
@@ -172,8 +171,7 @@ def reconcile(inbox: Inbox, board: StatusBoard, outbox: Path):
         if entry["state"] == "processing":  # killed before the commit: processed again
             board.set(entry["key"], entry["name"], entry["files"], "waiting", "interrupted; processed again")
     for staged in (outbox / STAGING).glob("*/*"):  # not committed: a kill after its name was reserved
-        with suppress(OSError):
-            (outbox / staged.name).rmdir()  # only an empty folder: never a result
+        _unreserve(outbox / staged.name)
     shutil.rmtree(outbox / STAGING, ignore_errors=True)
     older = outbox / OLDER_STAGING
     if older.is_dir() and all(re.fullmatch("[0-9a-f]{16}", p.name) for p in older.iterdir()):  # ours, not the user's
@@ -227,8 +225,7 @@ def deliver(inbox: Inbox, board: StatusBoard, delivery: Delivery, process, outbo
     try:
         _commit(inbox, delivery, staged, result)
     except BaseException:
-        with suppress(OSError):
-            result.rmdir()  # the reservation: reconcile publishes a result the journal took all the same
+        _unreserve(result)  # reconcile publishes a result the journal took all the same
         raise
     _publish(staged, result)
     _remove(staging)

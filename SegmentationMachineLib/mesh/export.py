@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import __version__
 from ..core.errors import ExportError
-from ..core.files import not_a_device
+from ..core.files import not_a_device, reserved_folder
 from . import writers
 from .check import check_mesh
 from .dicomseg import SEG_FILE, SegInput, check_seg_export, match_sources, read_seg_input, write_seg
@@ -127,16 +127,13 @@ def new_output_folder(parent, stem: str) -> Path:
     except OSError as error:
         raise ExportError(f"Cannot create the output folder {parent} ({error.strerror}): choose another folder.") from None
     base = f"{safe_name(stem)}_{time.strftime('%Y%m%d-%H%M%S')}"
-    for attempt in range(1, 1000):
-        folder = parent / (base if attempt == 1 else f"{base}-{attempt}")
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            continue
-        except OSError as error:
-            raise ExportError(f"Cannot write in {parent} ({error.strerror}): choose another output folder.") from None
-    raise ExportError(f"Too many exports named {base} in {parent}: choose another output folder.")
+    try:
+        folder = reserved_folder(parent, base)
+    except OSError as error:
+        raise ExportError(f"Cannot write in {parent} ({error.strerror}): choose another output folder.") from None
+    if folder is None:
+        raise ExportError(f"Too many exports named {base} in {parent}: choose another output folder.")
+    return folder
 
 
 def _to_output_coordinates(vectors: np.ndarray, coordinates: str) -> np.ndarray:

@@ -50,6 +50,7 @@ CAPACITY_WITHOUT_DETAIL = "server is at capacity"
 RESTARTS = ("a pod's server, or one run by segmentation-machine server, restarts itself within a minute; another is "
             "about half as fast on large structures until restarted")
 MAX_SCRIBBLE_THICKNESS = 20  # voxels; what a server prefers beyond that is not a scribble (and costs memory)
+SMALLER_REGION_TRIES = 3  # uploads or prompts a proxy refuses as too large are tried on ever smaller regions
 MAX_RERUNS = 3  # a prompt whose result the region cut runs again on a larger region at most this often
 
 
@@ -425,7 +426,7 @@ class InteractiveSession:
         """Worker: the body's box, as many slices as one request carries; smaller when refused as too large."""
         upstream, remote, httpx = _upstream()
         self._planner = Planner(self._source, self.limits, remote.pack_image)
-        for _ in range(3):
+        for _ in range(SMALLER_REGION_TRIES):
             if self._send_region(self._planner.first()):
                 return
         raise InteractiveError(f"The proxy in front of {self.url} refused three ever smaller uploads of this volume "
@@ -535,7 +536,7 @@ class InteractiveSession:
     def add(self, prompt: Prompt) -> PromptTiming:
         """Runs one prompt (again on a larger region while the region cuts its result) and writes its result into
         the selected segment."""
-        for tries_left in (2, 1, 0):
+        for tries_left in reversed(range(SMALLER_REGION_TRIES)):
             pending = self.prepare(prompt)
             try:
                 box = pending.run()
