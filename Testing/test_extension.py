@@ -29,20 +29,25 @@ LAYERS = {"core": 0, "dicom": 1, "mesh": 1, "prompts": 1, "cloud": 1, "segment":
 
 
 def _library_imports():
-    """(importing package, imported package) for every import between the library's packages."""
+    """(importing package, imported package) for every import between the library's packages, in each form:
+    `from ..x import y`, `from .. import x`, `from SegmentationMachineLib.x import y`, `import SegmentationMachineLib.x`."""
     library = REPO / "SegmentationMachineLib"
     for path in library.rglob("*.py"):
         parts = path.relative_to(library).with_suffix("").parts
+        if parts[0] == "__init__":
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level:
-                base = list(parts[:-1])[: len(parts) - node.level]
-                target = base + (node.module.split(".") if node.module else [])
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("SegmentationMachineLib."):
-                target = node.module.split(".")[1:]
+            if isinstance(node, ast.Import):
+                targets = [alias.name.split(".")[1:] for alias in node.names
+                           if alias.name.startswith("SegmentationMachineLib.")]
+            elif isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("SegmentationMachineLib")):
+                base = list(parts[:-1])[: len(parts) - node.level] if node.level else []
+                module = base + [name for name in (node.module or "").split(".") if name][0 if node.level else 1:]
+                # from the library's root: each name imported is a package (or, like __version__, none)
+                targets = [module] if module else [[alias.name] for alias in node.names if alias.name in LAYERS]
             else:
                 continue
-            if target and parts[0] != "__init__":
-                yield parts[0], target[0]
+            yield from ((parts[0], target[0]) for target in targets if target)
 
 
 def test_library_packages_form_layers_without_circles():

@@ -556,8 +556,10 @@ def connected_panel(server, scene_parts, **options):
 def test_prompts_panel_queues_prompts_made_during_a_prediction(server, scene_parts):
     volume, segmentation, target, editor = scene_parts
     panel = connected_panel(server, scene_parts)
+    assert not panel.can_undo and not panel.can_redo  # the widget's Undo and Redo buttons are greyed
     # Three prompts at once: the 2nd and 3rd arrive while the 1st is still on the server.
     panel.submit("point", ras=ras((10, 10, 10)))
+    assert panel.can_undo  # its Undo may be queued behind it
     panel.tick()
     assert panel.task is not None
     panel.submit("point", ras=ras((20, 20, 20)))
@@ -567,9 +569,10 @@ def test_prompts_panel_queues_prompts_made_during_a_prediction(server, scene_par
     mask = panel.session._segment_mask(target)
     assert not mask[10, 10, 10] and mask[20, 20, 20]  # all three ran, in order
     assert panel.last_latency.endswith("server + network)") and panel.status.startswith("Point applied in")
+    assert panel.can_undo and not panel.can_redo
     panel.undo()
     settle(panel)
-    assert panel.session._segment_mask(target)[10, 10, 10]
+    assert panel.session._segment_mask(target)[10, 10, 10] and panel.can_undo and panel.can_redo
     panel.submit("point", ras=(9999.0, 0.0, 0.0))
     settle(panel)
     assert panel.status == "The point is outside the image: place it on the volume."

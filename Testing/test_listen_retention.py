@@ -13,6 +13,7 @@ import pytest
 
 from conftest import UNCOMPRESSED_SERIES
 from SegmentationMachineLib.core.errors import UserError
+from SegmentationMachineLib.dicom.archives import size_text
 from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
 from SegmentationMachineLib.inbox.retention import DAY_S, Retention
 from SegmentationMachineLib.inbox.watcher import LINK, Inbox, InboxOptions
@@ -104,7 +105,7 @@ def test_a_sweep_removes_only_finished_series_quiet_long_enough_and_the_inbox_do
                    for name in ("modelling", "fresh", "held"))
         assert (node.folder / "notes.txt").exists() and (outside / "keep.dcm").exists()
         assert journal_rows(tmp_path / "state", folders["done"]) == 0  # the journal does not grow forever
-        assert f"Removed 2 received series ({size / 1024 ** 2:.1f} MB) modelled more than 7 days ago." in caplog.text
+        assert f"Removed 2 received series ({size_text(size)}) modelled more than 7 days ago." in caplog.text
 
         caplog.clear()
         deadline = time.monotonic() + 1.5  # the inbox hears of the removal: nothing said, nothing delivered again
@@ -195,7 +196,7 @@ def test_listen_refuses_when_the_disk_is_short_and_keep_received_0_removes_each_
     assert node.instances() == [] and list(node.received.iterdir()) == []  # the study folder too
     [entry] = node.done()  # status.json keeps the result
     assert entry["files"] == 3 and os.path.isdir(entry["result"])
-    assert "MB) modelled more than 0 days ago." in node.err()
+    assert "B) modelled more than 0 days ago." in node.err()
 
     assert push(node.port, files) == [0, 0, 0]  # sent again byte for byte: known, not modelled again, removed again
     node.wait_for(lambda: node.err().count("Removed 1 received series") == 2)

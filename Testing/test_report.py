@@ -89,9 +89,10 @@ def test_the_command_record_never_holds_a_secret():
     assert recorded == {"name": "model", "options": {"api_key_env": "SM_NNI_API_KEY", "out": "/x", "smoothing": 0.5}}
 
 
-def test_export_report_hashes_the_segmentation_file(shared_data, tmp_path, capsys):
+def test_export_report_hashes_the_segmentation_file(shared_data, tmp_path, monkeypatch):
     labels = shared_data / "dcmqi" / "liver_seg.nrrd"
-    assert cli.main(["export", str(labels), "--out", str(tmp_path), "--format", "stl", "--quiet"]) == 0
+    monkeypatch.chdir(labels.parent)  # given as typed, relative: recorded absolute
+    assert cli.main(["export", labels.name, "--out", str(tmp_path), "--format", "stl", "--quiet"]) == 0
     report = json.loads(next(tmp_path.glob("*/report.json")).read_text())
     assert report["input"] == {"path": str(labels), "sha256": sha256(labels), "volume": None}
     assert report["presets"] == [] and report["command"]["options"]["format"] == "stl"

@@ -7,7 +7,8 @@ from scipy import ndimage
 
 from SegmentationMachineLib.core import arrays
 from SegmentationMachineLib.mesh.export import ExportOptions, export_segmentation
-from SegmentationMachineLib.mesh.surfaces import SurfaceMethod, SurfaceOptions, _enclosed_voxels, _flying_edges, segment_meshes
+from SegmentationMachineLib.mesh.surfaces import (SurfaceMethod, SurfaceOptions, _enclosed_voxels, _flying_edges,
+                                                  meshes_from, read_segments)
 from SegmentationMachineLib.segment.presets import add_segment_from_mask
 
 THREE_MM = np.diag([3.0, 3.0, 3.0, 1.0])  # a 3 mm scan, where ribs are two or three voxels thick
@@ -50,7 +51,8 @@ def test_thick_structures_are_still_smoothed_not_staircased(ctx):
     node = segmentation_of(ctx, {"ball": ball})
     deviations = {}
     for smoothing in (0.0, 0.5, 1.0):
-        [mesh], _ = segment_meshes(node, options=SurfaceOptions(smoothing=smoothing))
+        options = SurfaceOptions(smoothing=smoothing)
+        [mesh], _ = meshes_from(read_segments(node, options=options), options)
         centres = mesh.points[mesh.triangles].mean(axis=1)
         radial = centres - mesh.points.mean(axis=0)
         cosine = np.einsum("ij,ij->i", radial, mesh.normals) / np.linalg.norm(radial, axis=1) / np.linalg.norm(mesh.normals, axis=1)

@@ -19,7 +19,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalsegmentat
 
 
 def volumes(segmentation, ids, options) -> dict:
-    meshes, _ = surfaces.segment_meshes(segmentation, ids, options)
+    meshes, _ = surfaces.meshes_from(surfaces.read_segments(segmentation, ids, options), options)
     return {m.name: (m.voxel_volume_ml, check_mesh(m.points, m.triangles).volume_ml, m.iso_level, m.sigma_voxels)
             for m in meshes}
 

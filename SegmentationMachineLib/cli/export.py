@@ -30,7 +30,7 @@ def run_export(args):
     segmentation = load_segmentation(ctx, args.segfile, names, reference.node if reference else None)
     steps.info("Loaded %s: %d segment(s).", args.segfile, segmentation.GetSegmentation().GetNumberOfSegments())
     # The input is the segmentation file itself (so there is no --save-segmentation here), with its volume.
-    source = {"path": str(args.segfile), "sha256": file_sha256(args.segfile),
+    source = {"path": str(Path(args.segfile).absolute()), "sha256": file_sha256(args.segfile),
               "volume": input_record(reference) if reference else None}
     with Progress("surfaces", args.quiet) as progress:
         result = export_segmentation(segmentation, args.out, options, progress=progress,

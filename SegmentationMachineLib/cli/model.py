@@ -176,7 +176,7 @@ def run_model(args):
 
 def _run_model(args, cleanup: ExitStack):
     from ..core.scene import create_headless_scene
-    from ..dicom.series import VOLUME_FILE_SUFFIXES, choose_series, scan_folder
+    from ..dicom.series import choose_series, is_volume_file, scan_folder
     from ..dicom.volumes import input_record, load_input
     from ..pipeline import model_volume, segment_with_prompts
     from ..prompts.promptfile import load_prompt_file
@@ -198,7 +198,7 @@ def _run_model(args, cleanup: ExitStack):
             print(printable(f"{number}. {series.summary()}"))  # headers and names are anyone's text
         return
     source = _fetch(web, args, cleanup) if web else _unzipped(_input_or_phantom(args), cleanup)
-    if args.series and source.is_file() and source.name.lower().endswith(VOLUME_FILE_SUFFIXES):
+    if args.series and source.is_file() and is_volume_file(source):
         raise UserError(f"--series does not apply to {source.name}: a NIfTI/NRRD file holds one volume; "
                         "leave --series out.")
     scan = None

@@ -74,14 +74,13 @@ def _quiet_itk():
                 getattr(library, symbol)(ctypes.c_bool(False))
 
 
-def create_headless_scene(quiet: bool = True) -> SceneContext:
+def create_headless_scene() -> SceneContext:
     """A new scene with application logic and the module logics, wired as Slicer wires them."""
-    if quiet:
-        # Without Slicer's home directory the Colors logic logs harmless errors on stderr;
-        # library code checks return values instead of relying on VTK's log.
-        vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)
-        vtk.vtkObject.GlobalWarningDisplayOff()
-        _quiet_itk()
+    # Without Slicer's home directory the Colors logic logs harmless errors on stderr;
+    # library code checks return values instead of relying on VTK's log.
+    vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)
+    vtk.vtkObject.GlobalWarningDisplayOff()
+    _quiet_itk()
     scene = slicer.vtkMRMLScene()
     app_logic = slicer.vtkSlicerApplicationLogic()
     app_logic.SetMRMLScene(scene)

@@ -166,7 +166,8 @@ class ScanResult:
     notes: list  # folder-level notes, one sentence each
 
 
-def _is_volume_file(path: Path) -> bool:
+def is_volume_file(path: Path) -> bool:
+    """A NIfTI, NRRD or MetaImage file, by its name."""
     return path.name.lower().endswith(VOLUME_FILE_SUFFIXES)
 
 
@@ -708,7 +709,7 @@ def scan_folder(folder, progress=None) -> ScanResult:
     for done, path in enumerate(paths, 1):
         if progress:
             progress(done, len(paths), path.name)
-        if _is_volume_file(path):
+        if is_volume_file(path):
             volume_files.append(path)
             continue
         item, reason = read_slice(path)

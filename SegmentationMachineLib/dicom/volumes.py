@@ -13,7 +13,7 @@ from ..core.files import PATH_NOT_UTF8, printable, utf8_path
 from ..core.scene import SceneContext
 from ..core.grids import RAS_TO_LPS
 from .series import (MAX_GANTRY_TILT_DEGREES, MAX_TILT_DEGREES, SPACING_TOLERANCE, DicomSeries, ScanResult,
-                     choose_series, scan_folder)
+                     choose_series, is_volume_file, scan_folder)
 
 # vtkSlicerVolumesLogic::AddArchetypeVolume loading options (bit flags).
 LABELMAP = 1
@@ -135,7 +135,7 @@ def load_input(ctx: SceneContext, path, series: str = None, scan: ScanResult = N
     progress(done, total, item): the folder's scan file by file (unless scan is given), then the read as
     one step (Slicer's reader reports none of its own)."""
     path = Path(path)
-    if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")):
+    if path.is_file() and is_volume_file(path):
         return _reading(progress, path.name, lambda: load_volume_file(ctx, path))
     scan = scan or scan_folder(path, progress)
     if not scan.series and len(scan.volume_files) == 1:

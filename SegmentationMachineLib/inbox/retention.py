@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 from ..core.errors import UserError
+from ..dicom.archives import size_text
 from .watcher import SeriesState
 
 log = logging.getLogger("segmentation-machine")
 
 DAY_S = 86400.0
 SWEEP_EVERY_S = 3600.0
-MB = 1024 ** 2
 FINISHED = (SeriesState.LOADED, SeriesState.ERROR, SeriesState.SKIPPED)
 
 
@@ -71,7 +71,7 @@ class Retention:
                 with self._lock, contextlib.suppress(OSError):
                     study.rmdir()  # only when empty
         if count:
-            log.info("Removed %d received series (%.1f MB) modelled more than %g days ago.", count, size / MB,
+            log.info("Removed %d received series (%s) modelled more than %g days ago.", count, size_text(size),
                      self.keep_days)
         return count, size
 

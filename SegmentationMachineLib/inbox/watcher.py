@@ -557,7 +557,7 @@ class Inbox:
         elif not looks_like_dicom(head):
             record.reason = "not a DICOM file"
         elif info.st_size > self.options.max_file_bytes:
-            record.reason = f"too big for a DICOM file ({info.st_size / 1024 ** 3:.1f} GiB)"
+            record.reason = f"too big for a DICOM file ({size_text(info.st_size)})"
         else:
             # read(n) reserves n bytes first: the file's size, not the 1 GiB cap (a ulimit -v would refuse it)
             data = head + stream.read(min(info.st_size, self.options.max_file_bytes) + 1 - len(head))

@@ -183,11 +183,10 @@ def _segmentation_bytes(segmentation_node) -> bytes:
         return path.read_bytes()
 
 
-def export_segmentation(segmentation_node, out_dir, options: ExportOptions = ExportOptions(),
-                        segment_ids=None, progress=None, provenance: dict = None) -> ExportResult:
+def export_segmentation(segmentation_node, out_dir, options: ExportOptions = ExportOptions(), progress=None,
+                        provenance: dict = None) -> ExportResult:
     """Writes the meshes of segmentation_node into a new folder under out_dir; returns files and report."""
-    return write_export(prepare_export(segmentation_node, options, segment_ids), out_dir, options, progress,
-                        provenance)
+    return write_export(prepare_export(segmentation_node, options), out_dir, options, progress, provenance)
 
 
 def write_export(prepared: PreparedExport, out_dir, options: ExportOptions = ExportOptions(),

@@ -380,9 +380,3 @@ def meshes_from(segments: MeshJobs, options: SurfaceOptions = SurfaceOptions(), 
                 progress(done, len(segments.jobs), result[0].name)
     return ([r for m, r in results if len(m.triangles)],
             segments.empty + [m.name for m, _ in results if not len(m.triangles)])
-
-
-def segment_meshes(segmentation_node, segment_ids=None, options: SurfaceOptions = SurfaceOptions(),
-                   progress=None, each=None):
-    """read_segments, then meshes_from, on one thread (the CLI's)."""
-    return meshes_from(read_segments(segmentation_node, segment_ids, options), options, progress, each)

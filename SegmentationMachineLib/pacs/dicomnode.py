@@ -24,13 +24,13 @@ from pathlib import Path
 from ..core.errors import UserError
 from ..core.files import PRIVATE_FOLDER, printable, private_folder, replace_when_free, sync_folder
 from ..dicom.transfer_syntaxes import DECODABLE
+from ..dicom.uids import is_uid
 
 log = logging.getLogger("segmentation-machine")
 
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 # The DICOM default repertoire without backslash or control characters, at most 16 (spaces are padding).
 AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")
-UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 TIMEOUT_S = 30
 MB = 1024 ** 2
 RECEIVED, RECEIVING = "received", "receiving"  # in listen's state folder: its inbox, and its staging area
@@ -99,7 +99,7 @@ def tls_context(options: NodeOptions):
 def _file_name(uid) -> str:
     """A UID as a file name; anything else (it comes from the network) as its hash, never a path."""
     text = str(uid or "")
-    return text if UID.fullmatch(text) and len(text) <= 64 else "x" + hashlib.sha256(text.encode()).hexdigest()[:32]
+    return text if is_uid(text) else "x" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def _transfer_syntaxes() -> list:
@@ -204,7 +204,7 @@ class DicomNode:
             return  # refused by the negotiation: nothing registered for strangers
         offered = {str(c.abstract_syntax) for c in request.presentation_context_definition_list}
         added = sorted(uid for uid in offered - {str(c.abstract_syntax) for c in acceptor.supported_contexts}
-                       if UID.fullmatch(uid) and len(uid) <= 64
+                       if is_uid(uid)
                        and uid_to_service_class(uid) in (ServiceClass, StorageServiceClass))  # registered before
         for uid in added:
             if uid_to_service_class(uid) is ServiceClass:

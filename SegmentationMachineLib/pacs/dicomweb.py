@@ -19,11 +19,12 @@ import pydicom
 import requests
 from urllib3.exceptions import ProtocolError
 
-from ..core.addresses import DICOMWEB_PREFIX, is_dicomweb, is_loopback
+from ..core.addresses import DICOMWEB_PREFIX, is_loopback
 from ..core.credentials import SecretStore
 from ..core.errors import UserError, install_extra, untrusted_certificate
 from ..core.files import printable
 from ..dicom.transfer_syntaxes import undecodable
+from ..dicom.uids import is_uid
 
 TOKEN_VARIABLE = "SM_DICOMWEB_TOKEN"  # bearer token (OAuth 2 access token)
 USER_VARIABLE, PASSWORD_VARIABLE = "SM_DICOMWEB_USER", "SM_DICOMWEB_PASSWORD"  # HTTP basic
@@ -49,7 +50,6 @@ FAILURE_REASON_RANGES = ((0xA700, 0xA7FF, "out of resources"), (0xA900, 0xA9FF, 
                          "SOP class"), (0xC000, 0xCFFF, "it cannot understand the data set"))
 # Series that hold no image slices: never the default choice.
 NON_IMAGE_MODALITIES = {"SEG", "SR", "RTSTRUCT", "RTPLAN", "PR", "KO", "REG", "DOC", "AU", "ECG", "PLAN"}
-UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # DICOM UIDs: digits and dots, at most 64 characters
 _QIDO_FIELDS = ["SeriesNumber", "SeriesDescription", "Modality", "NumberOfSeriesRelatedInstances"]
 
 
@@ -168,7 +168,7 @@ class RemoteSeries:
 
 def _check_uid(uid: str, what: str):
     """A UID goes into the request's path: anything else is the user's typo, said before any request."""
-    if not (UID.fullmatch(uid) and len(uid) <= 64):
+    if not is_uid(uid):
         raise UserError(f"'{printable(uid)}' is not a {what} (digits and dots, e.g. 1.2.840.113619.2.55.3): "
                         "copy it from the PACS viewer's study information.")
 

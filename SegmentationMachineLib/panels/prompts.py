@@ -50,6 +50,15 @@ class PromptsPanel:
         return self.task is not None or bool(self.queue)
 
     @property
+    def can_undo(self) -> bool:
+        """Something to undo, now or once what is queued has run: the widget's Undo button is enabled."""
+        return self.connected and (self.session.can_undo or self.busy)
+
+    @property
+    def can_redo(self) -> bool:
+        return self.connected and (self.session.can_redo or self.busy)
+
+    @property
     def can_cancel(self) -> bool:
         """A prompt is on the server: the widget's Cancel button is enabled."""
         return isinstance(self._job, PendingPrompt)
