@@ -15,6 +15,7 @@ from pathlib import Path
 from .. import __version__
 from ..core.clock import local_time
 from ..core.errors import UserError
+from ..core.files import PRIVATE_FILE
 from ..core.memory import out_of_memory
 from .common import STOP_SIGNALS, examples, exit_status, log, steps, stop_on_signals
 from .export import add_export_command
@@ -88,8 +89,9 @@ def _configure_logging(log_file: Path = None):
     handlers = [_AroundProgressBars()]
     if log_file:  # owner-only: the log names patients' series and files
         # O_BINARY: Windows' text mode would end lines in CR CR LF (Python already writes its CR LF)
-        descriptor = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0), 0o600)
-        os.chmod(log_file, 0o600)  # also when it existed before
+        descriptor = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0),
+                             PRIVATE_FILE)
+        os.chmod(log_file, PRIVATE_FILE)  # also when it existed before
         handlers.append(logging.StreamHandler(os.fdopen(descriptor, "a", encoding="utf-8", errors="backslashreplace")))
         handlers[-1].setFormatter(_StampedFormatter(f"%(asctime)s {LINE_FORMAT}"))  # weeks of watch: when
     for handler in handlers:

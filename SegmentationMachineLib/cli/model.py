@@ -251,8 +251,8 @@ def _run_model(args, cleanup: ExitStack):
             session.close()
             if heartbeat:
                 heartbeat.stop()
-                if heartbeat_note(heartbeat):  # the pod ends soon, or ignored the heartbeats
-                    log.warning("%s", heartbeat_note(heartbeat))
+            if note := heartbeat_note(heartbeat):  # the pod ends soon, or ignored the heartbeats
+                log.warning("%s", note)
     with Progress("presets", args.quiet) as preset_progress, Progress("surfaces", args.quiet) as progress:
         result = model_volume(ctx, loaded.node, presets, args.out, options, progress, say, segmentation,
                               provenance, preset_progress)

@@ -281,28 +281,20 @@ def _list(cloud: CloudGpu, args):
 
 
 def _stop(cloud: CloudGpu, args):
-    cost = _cost(cloud, args.pod_id)
-    kept = cloud.stop(args.pod_id)
-    print(f"Stopped pod {args.pod_id}{cost}: no GPU billing; {kept}. `segmentation-machine pod down {args.pod_id}` "
+    pod = cloud.existing(args.pod_id)
+    kept = cloud.stop(args.pod_id, pod)
+    print(f"Stopped pod {args.pod_id}{_cost_of(pod)}: no GPU billing; {kept}. `segmentation-machine pod down {args.pod_id}` "
           f"terminates it, `pod resume {args.pod_id}` continues.")
 
 
 def _down(cloud: CloudGpu, args):
     ids = list(cloud.records.all()) if args.all else [args.pod_id]
     for pod_id in ids:
-        cost = _cost(cloud, pod_id)
+        cost = _cost_of(cloud.existing(pod_id))
         cloud.terminate(pod_id)
         print(f"Terminated pod {pod_id}{cost}.")
     if not ids:
         print("No pods started from this computer are recorded; `segmentation-machine pod list` shows the account's.")
-
-
-def _cost(cloud: CloudGpu, pod_id: str) -> str:
-    pod = cloud.backend.get(pod_id)
-    if pod is None:
-        cloud.records.remove(pod_id)
-        raise UserError(f"There is no pod {pod_id} on this account: `segmentation-machine pod list` shows them.")
-    return _cost_of(pod)
 
 
 def _cost_of(pod) -> str:

@@ -244,12 +244,18 @@ class CloudGpu:
             raise
         return started
 
-    def stop(self, pod_id: str) -> str:
-        """Stops the pod's GPU billing; returns what still bills: its volume, per month, and until when."""
+    def existing(self, pod_id: str):
+        """The pod as RunPod has it now; one that is gone is forgotten here and said."""
         pod = self.backend.get(pod_id)
         if pod is None:
             self.records.remove(pod_id)
             raise UserError(f"There is no pod {pod_id} on this account: `segmentation-machine pod list` shows them.")
+        return pod
+
+    def stop(self, pod_id: str, pod=None) -> str:
+        """Stops the pod's GPU billing (pod: as existing() just read it); returns what still bills: its volume, per
+        month, and until when."""
+        pod = pod or self.existing(pod_id)
         self.backend.stop(pod_id)
         end = self.records.get(pod_id).get("terminate_after")
         until = (f"until RunPod terminates the pod at {_display_time(end)} (its maximum lifetime)" if end else

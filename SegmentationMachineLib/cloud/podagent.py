@@ -1,6 +1,6 @@
 """The pod agent: runs inside the pod and ends it when nobody uses it, or when its time or budget is spent.
 
-`python -m SegmentationMachineLib.podagent`, configured by environment (RunPod sets RUNPOD_POD_ID
+`python -m SegmentationMachineLib.cloud.podagent`, configured by environment (RunPod sets RUNPOD_POD_ID
 and a pod-scoped RUNPOD_API_KEY, whose rights beyond stopping the pod are not documented: when a
 terminate is refused the agent stops the pod instead; the Cloud GPU panel sets the SM_* variables,
 SM_PRICE_PER_HOUR among them, so the budget holds where the key cannot read the pod's cost). Clients that are

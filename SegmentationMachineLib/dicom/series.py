@@ -728,7 +728,8 @@ def scan_folder(folder, progress=None) -> ScanResult:
 
 
 def choose_series(result: ScanResult, selector: str = None) -> DicomSeries:
-    """The series named by UID or list number (1-based), else the CT series with the most slices."""
+    """The series named by UID or list number (1-based), else the CT series with the most slices among
+    those without a problem (any series, where all have one)."""
     undecoded = [s for s in result.skipped if CANNOT_DECODE in s.reason]
     if not result.series and undecoded:  # the one reason that holds for them all, not 'check the folder'
         raise InputError(f"No series in {result.folder} can be loaded: {len(undecoded)} image file(s), the first "
