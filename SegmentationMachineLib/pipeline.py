@@ -6,7 +6,7 @@ import time
 
 from .core.errors import UserError
 from .core.memory import said_when_out_of_memory
-from .core.scene import SceneContext
+from .core.scene import SceneContext, new_segmentation
 from .mesh.export import ExportOptions, ExportResult, export_segmentation
 from .prompts.promptfile import PromptFileError
 from .prompts.session import InteractiveSession, SegmentTarget, headless_editor
@@ -26,10 +26,7 @@ def segment_with_prompts(ctx: SceneContext, volume_node, segments, session: Inte
     started = time.perf_counter()
     upload()
     echo(f"Sent {session.region_note} in {time.perf_counter() - started:.1f} s")
-    node = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()}_segmentation")
-    node.CreateDefaultDisplayNodes()
-    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())  # on the volume's own grid, as presets do
-    node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    node = new_segmentation(volume_node, f"{volume_node.GetName()}_segmentation")
     editor = headless_editor(ctx.scene, ctx.app_logic, node, volume_node)
     for segment in segments:
         segment_id = node.GetSegmentation().AddEmptySegment("", segment.name)

@@ -37,6 +37,16 @@ def editing(ctx: SceneContext, node):
         ctx.app_logic.ResumeRender()
 
 
+def new_segmentation(volume_node, name: str):
+    """A segmentation on volume_node's grid and under its transform, so its voxels are the volume's (no resampling
+    when prompts or presets write into it), with the display nodes Slicer gives a new one."""
+    node = volume_node.GetScene().AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    return node
+
+
 def forward_render_pauses(editor_logic: "slicer.vtkSlicerSegmentEditorLogic", app_logic):
     """A Segment Editor logic pauses the views around each edit through its own events, which Slicer 5.10
     connects to the application only for its Segment Editor widget's logic: a module's logic forwards them

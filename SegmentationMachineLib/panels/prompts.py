@@ -9,6 +9,7 @@ from ..cloud.heartbeat import Heartbeat, used
 from ..cloud.keepalive import heartbeat_note, pod_heartbeat
 from ..cloud.podstart import PodRecords
 from ..core.errors import UserError
+from ..core.scene import new_segmentation
 from ..prompts.promptfile import Prompt
 from ..prompts.session import InteractiveSession, PendingPrompt, SegmentTarget
 from .tasks import BackgroundTask
@@ -210,11 +211,8 @@ def new_segment(volume_node, segmentation_node=None) -> tuple:
     if volume_node is None:
         raise UserError("There is no volume to segment: load one (or drop a series in the inbox), then add a segment.")
     if segmentation_node is None:
-        scene = volume_node.GetScene()
-        segmentation_node = scene.AddNewNodeByClass(
-            "vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{volume_node.GetName()} segmentation"))
-        segmentation_node.CreateDefaultDisplayNodes()
-        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        name = volume_node.GetScene().GenerateUniqueName(f"{volume_node.GetName()} segmentation")
+        segmentation_node = new_segmentation(volume_node, name)
     return segmentation_node, segmentation_node.GetSegmentation().AddEmptySegment()  # named and coloured by Slicer
 
 
