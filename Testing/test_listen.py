@@ -202,6 +202,58 @@ def test_a_pacs_pausing_within_an_association_has_its_series_modelled_once_and_w
     assert not list(node.received.rglob(".receiving"))
 
 
+def test_a_series_whose_association_is_released_well_after_its_last_instance_is_modelled(listener, tmp_path):
+    """The mark's removal is the change that makes the series ready: it waited for an unrelated file before."""
+    node = listener("--format", "stl", "--settle", "2")
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage)
+    association = ae.associate("127.0.0.1", node.port, ae_title="SEGMACHINE")
+    assert [association.send_c_store(dcmread(p)).Status for p in phantom_series(tmp_path / "phantom")] == [0] * 12
+    time.sleep(5)  # the files have long settled; the open association holds them
+    assert "processing" not in node.out()
+    association.release()
+    node.wait_for(lambda: node.done(), seconds=30)
+    assert node.done()[0]["files"] == 12 and "looks incomplete" not in node.out()
+
+
+def test_a_series_whose_sender_broke_off_is_modelled_marked_incomplete_until_sent_again(listener, tmp_path):
+    """A killed storescu, a cut network: the slices that came may number 1 to 80 without a gap, and the series was
+    modelled as whole. It is held for --hold, then modelled saying so; an instance stored again clears the mark."""
+    node = listener("--format", "stl")
+    phantom = phantom_series(tmp_path / "phantom")
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(CTImageStorage)
+    association = ae.associate("127.0.0.1", node.port, ae_title="SEGMACHINE")
+    assert [association.send_c_store(dcmread(p)).Status for p in phantom] == [0] * 12
+    association.abort()
+    node.wait_for(lambda: node.done())
+    [series] = node.series()
+    assert "broke off the association" in series["reason"] and "looks incomplete" in node.out()
+    assert "Received 12 instance(s) from AE 'PACS' at 127.0.0.1, which then broke off without a release" in node.err()
+    assert len(list(node.received.rglob(".broken-off"))) == 1
+    assert push(node.port, phantom) == [0] * 12  # the PACS sends it again, whole
+    assert not list(node.received.rglob(".broken-off"))
+
+
+def test_the_node_takes_explicit_vr_when_a_sender_offers_it_beside_implicit(tmp_path):
+    """Stored as sent: implicit VR files would lose the value representations of private tags."""
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from SegmentationMachineLib.pacs.dicomnode import DicomNode, NodeOptions
+
+    node = DicomNode(NodeOptions("SEGMACHINE", free_port(), ("PACS",), "127.0.0.1", min_free_mb=0),
+                     tmp_path / "received", tmp_path / "receiving")
+    node.start()
+    try:
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(CTImageStorage, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+        association = ae.associate("127.0.0.1", node.options.port, ae_title="SEGMACHINE")
+        [context] = association.accepted_contexts
+        association.release()
+        assert context.transfer_syntax == [ExplicitVRLittleEndian]
+    finally:
+        node.stop()
+
+
 def test_an_association_broken_by_a_malformed_message_leaves_no_mark_holding_its_series(tmp_path, caplog):
     """pynetdicom ends such an association without a release or abort event: its mark was touched for ever, and the
     series was never modelled until listen restarted. Its reactor thread's traceback is one sentence."""

@@ -79,6 +79,27 @@ def test_no_dicom_at_all_is_one_sentence(ctx, tmp_path):
     assert str(tmp_path) in message and "No DICOM image series" in message and "\n" not in message
 
 
+def test_a_series_compressed_with_loss_says_so(ctx, tmp_path):
+    """A PACS that stored JPEG baseline, or a series decompressed from it (its header keeps saying so): the model is
+    made, and its notes (the log, report.json) say its values are not the scanner's. Lossless JPEG 2000 says nothing."""
+    from SegmentationMachineLib.dicom.transfer_syntaxes import lossy_compression
+
+    files = write_ct_series(tmp_path / "series", make_phantom(shape=(6, 32, 32)).hu, 1.5,
+                            [(0.0, 0.0, 2.0 * k) for k in range(6)], "once JPEG")
+    for path in files[:2]:
+        dataset = pydicom.dcmread(path)
+        dataset.LossyImageCompression = "01"
+        dataset.save_as(path)
+    loaded = load_input(ctx, tmp_path / "series")
+    assert [n for n in loaded.notes if "compressed with loss" in n] == [
+        "Series CT 'once JPEG' was compressed with loss (a lossy compression): its values are not quite the scanner's, nor "
+        "are its surfaces; ask for the original images where that matters."]
+    assert lossy_compression("1.2.840.10008.1.2.4.50", None) == "JPEG baseline"
+    assert lossy_compression("1.2.840.10008.1.2.4.91", "01") == "JPEG 2000"
+    assert lossy_compression("1.2.840.10008.1.2.4.90", "00") == ""
+    assert not any("compressed with loss" in n for n in load_input(ctx, JPEG2000_SERIES).notes)
+
+
 def test_truncated_and_foreign_files_among_slices_are_skipped_with_reasons(ctx, shared_data, tmp_path, untouched):
     files = sorted(JPEG2000_SERIES.iterdir())
     folder = tmp_path / "series"

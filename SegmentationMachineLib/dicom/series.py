@@ -20,7 +20,7 @@ import pydicom
 
 from ..core.errors import InputError
 from ..core.files import PATH_NOT_UTF8, printable, utf8_path
-from .transfer_syntaxes import ASK_FOR_DECODABLE, CANNOT_DECODE, UNCOMPRESSED, undecodable
+from .transfer_syntaxes import ASK_FOR_DECODABLE, CANNOT_DECODE, UNCOMPRESSED, lossy_compression, undecodable
 
 VOLUME_FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 # Slices whose stacking direction leans more than this from the slice normal are sheared (gantry tilt).
@@ -105,6 +105,7 @@ class DicomSlice:
     frame_positions: tuple = ()  # an enhanced multi-frame image: each frame's position (LPS), in file order
     origin: str = ""  # its patient and study, hashed: which images a reused series UID would mix ("": unknown)
     instance_uid: str = ""  # SOPInstanceUID: a copy of a slice has the same, another image at its place another
+    lossy: str = ""  # the compression that lost detail in its pixels, where one did (lossy_compression)
 
 
 @dataclass
@@ -413,6 +414,7 @@ def read_slice(path: Path, data: bytes = None):
         frame_positions=tuple(tuple(float(v) for v in p) for p in frame_positions),
         origin=hashlib.sha256(f"{ds.get('PatientID', '')}\0{ds.get('StudyInstanceUID', '')}".encode()).hexdigest()[:8],
         instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
+        lossy=lossy_compression(ts, ds.get("LossyImageCompression")),
     ), None
 
 
@@ -643,6 +645,10 @@ def build_series(key: str, slices: list, skipped: list) -> DicomSeries:
     elif series.part:
         series.notes.append(f"Series {series.name} is one of several acquisitions or images of the same region kept in "
                             "one DICOM series: each is listed as a series of its own (--list), and --series chooses.")
+    lossy = sorted({s.lossy for s in kept if s.lossy})
+    if lossy:
+        series.notes.append(f"Series {series.name} was compressed with loss ({', '.join(lossy)}): its values are not "
+                            "quite the scanner's, nor are its surfaces; ask for the original images where that matters.")
     if series.is_uneven:
         series.notes.append(f"Series {series.name} has uneven slice spacing ({_unevenness(series.positions, kept)}): "
                             "it was resampled to even spacing.")

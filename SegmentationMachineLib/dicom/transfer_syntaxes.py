@@ -38,6 +38,9 @@ _NAMES = {
     "1.2.840.10008.1.2.4.111": "JPEG XL JPEG recompression", "1.2.840.10008.1.2.4.112": "JPEG XL",
     "1.2.840.10008.1.2.8.1": "deflated image frame compression",
 }
+# JPEG's DCT processes lose detail by their nature; other syntaxes may, which the header's LossyImageCompression says.
+LOSSY_JPEG = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.52", "1.2.840.10008.1.2.4.53",
+              "1.2.840.10008.1.2.4.55"}
 CANNOT_DECODE = "which Slicer 5.10 cannot decode"
 ASK_FOR_DECODABLE = "have the series sent uncompressed (explicit VR little endian) or as JPEG 2000"
 
@@ -51,3 +54,14 @@ def undecodable(uid) -> str:
     name = _NAMES.get(uid) or UID(uid).name
     encoding = f"encoded as {name} ({uid})" if name != uid else f"encoded in transfer syntax {printable(uid)}"
     return f"{encoding}, {CANNOT_DECODE}"
+
+
+def lossy_compression(uid, flag) -> str:
+    """How the pixels lost detail to compression, where the header says they did (LossyImageCompression (0028,2110)
+    '01', kept when they were decompressed later) or the syntax is lossy by its nature; '' otherwise."""
+    uid = str(uid or "").strip()
+    if uid in LOSSY_JPEG:
+        return DECODABLE[uid]
+    if str(flag or "").strip() == "01":
+        return "a lossy compression" if uid in UNCOMPRESSED else DECODABLE.get(uid, undecodable(uid) or uid)
+    return ""

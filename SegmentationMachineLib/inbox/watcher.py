@@ -48,6 +48,9 @@ ARCHIVE = "a zip archive (its contents are read from the scratch folder)"
 LINK = "a link (links are not followed: copy the files themselves into the inbox)"
 NOT_REGULAR = "not a regular file (a FIFO, socket or device)"
 CHUNK = 1024 * 1024
+# Left in a series folder by the DICOM node when the association storing into it ended without a release (a sender
+# killed, a network cut, the node's idle timeout): the series looks incomplete until an instance is stored there again.
+BROKEN_OFF = ".broken-off"
 NO_FOLLOW = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
 
 
@@ -115,6 +118,12 @@ class _File:
 def _may_still_grow(reason: str) -> bool:
     """A DICOM file that reads as cut short may be an upload in progress."""
     return bool(reason) and reason.startswith(("truncated", "unreadable DICOM"))
+
+
+def _broken_off(records: list) -> str:
+    if any((folder / BROKEN_OFF).exists() for folder in {r.slice.path.parent for r in records}):
+        return "the sender broke off the association that sent it before the end"
+    return ""
 
 
 def incompleteness(series: DicomSeries, slices: list) -> str:
@@ -393,6 +402,8 @@ class Inbox:
         except OSError:
             if self._hidden.pop(path, None) is None:  # a hidden file is no folder: nothing under it to forget
                 self._forget(path)
+            else:
+                self._changed = True  # the DICOM node's mark gone: its series may be ready now
             return
         if path != self.folder and not self._inside(path):
             return
@@ -452,6 +463,7 @@ class Inbox:
             del self._folders[known]
         for known in [p for p in self._hidden if p == path or path in p.parents]:
             del self._hidden[known]
+            self._changed = True
         gone = [p for p in set(self._files) | set(self.bad_files)
                 if p == path or path in p.parents or str(p).startswith(f"{path}!")]
         if gone and self.journal and _listed(path.parent):  # a share that dropped out: its files come back
@@ -663,7 +675,7 @@ class Inbox:
             if any(r.slice.path.parent in unsettled_folders for r in records):
                 self._states[key] = SeriesStatus(key, series.name, len(records), SeriesState.WAITING)
                 continue
-            incomplete = incompleteness(series, [r.slice for r in records])
+            incomplete = incompleteness(series, [r.slice for r in records]) or _broken_off(records)
             hold_until = max(r.changed_at for r in records) + self.options.hold_seconds
             if incomplete and now < hold_until:
                 self._held[key] = hold_until

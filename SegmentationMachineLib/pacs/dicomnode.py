@@ -25,6 +25,7 @@ from ..core.errors import UserError
 from ..core.files import PRIVATE_FOLDER, printable, private_folder, replace_when_free, sync_folder
 from ..dicom.transfer_syntaxes import DECODABLE
 from ..dicom.uids import is_uid
+from ..inbox.watcher import BROKEN_OFF
 
 log = logging.getLogger("segmentation-machine")
 
@@ -105,10 +106,12 @@ def _file_name(uid) -> str:
 def _transfer_syntaxes() -> list:
     """Every transfer syntax, those Slicer 5.10 decodes first: pynetdicom takes the first of these that a presentation
     context offers, so a sender offering HTJ2K and explicit VR little endian sends the latter (transcoding), and one
-    offering only HTJ2K still delivers (the inbox then says why it cannot be loaded)."""
+    offering only HTJ2K still delivers (the inbox then says why it cannot be loaded). Explicit VR little endian
+    first: implicit VR files lose the value representations of private tags, which other readers of them need."""
     from pynetdicom import ALL_TRANSFER_SYNTAXES
+    from pydicom.uid import ExplicitVRLittleEndian
 
-    return sorted(ALL_TRANSFER_SYNTAXES, key=lambda uid: uid not in DECODABLE)
+    return sorted(ALL_TRANSFER_SYNTAXES, key=lambda uid: (uid not in DECODABLE, uid != ExplicitVRLittleEndian))
 
 
 def _touch(mark: Path):
@@ -161,7 +164,8 @@ class DicomNode:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
         handlers = [(evt.EVT_REQUESTED, self._accept_unknown_classes), (evt.EVT_C_STORE, self._store),
                     (evt.EVT_REJECTED, self._rejected),
-                    (evt.EVT_RELEASED, self._finished), (evt.EVT_ABORTED, self._finished)]
+                    (evt.EVT_RELEASED, lambda event: self._end(event.assoc)),
+                    (evt.EVT_ABORTED, lambda event: self._end(event.assoc, broken=True))]
         try:
             ae.start_server((self.options.host, self.options.port), block=False, ssl_context=self._context,
                             evt_handlers=handlers)
@@ -234,7 +238,10 @@ class DicomNode:
             return OUT_OF_RESOURCES
         with self._lock:
             self._received[event.assoc] = self._received.get(event.assoc, 0) + 1
-            self._marked.setdefault(event.assoc, set()).add(folder)
+            marked = self._marked.setdefault(event.assoc, set())
+            if folder not in marked:
+                (folder / BROKEN_OFF).unlink(missing_ok=True)  # sent again: whole, unless this one breaks off too
+                marked.add(folder)
             _touch(folder / MARK)
         return SUCCESS
 
@@ -283,7 +290,7 @@ class DicomNode:
             with self._lock:
                 dead = [a for a in {*self._marked, *self._received, *self._refused} if not a.is_alive()]
             for association in dead:
-                self._end(association)
+                self._end(association, broken=True)
             with self._lock:  # never touched again once its association's marks were released
                 for folder in set().union(*self._marked.values()):
                     _touch(folder / MARK)
@@ -293,16 +300,20 @@ class DicomNode:
         for folder in self._marked.pop(association, set()) - set().union(*self._marked.values()):
             (folder / MARK).unlink(missing_ok=True)
 
-    def _finished(self, event):
-        self._end(event.assoc)
-
-    def _end(self, association):
-        """An association released, aborted or broken: its line, and nothing of it kept."""
+    def _end(self, association, broken: bool = False):
+        """An association released, or broken (aborted, cut, timed out): its line, and nothing of it kept. A broken
+        one's series are marked as such before their marks go: whatever its instance numbers say, it may lack some."""
         with self._lock:
             count = self._received.pop(association, 0)
             refused, free_mb = self._refused.pop(association, (0, 0))
+            for folder in self._marked.get(association, set()) if broken else ():
+                _touch(folder / BROKEN_OFF)
             self._release_marks(association)
-        if count:
+        if count and broken:
+            log.warning("Received %d instance(s) from %s, which then broke off without a release: its series may be "
+                        "incomplete, and are modelled after --hold marked so; have the PACS send them again.", count,
+                        self._peer(association))
+        elif count:
             log.info("Received %d instance(s) from %s.", count, self._peer(association))
         if refused:
             log.warning("Refused %d instance(s) from %s: only %.0f MB free on %s (--min-free-mb %g); free some space, "
