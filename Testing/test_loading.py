@@ -1,6 +1,7 @@
 """DICOM folders and volume files → volume nodes, and every kind of bad input → one clear sentence."""
 
 import shutil
+import subprocess
 from contextlib import nullcontext
 
 import numpy as np
@@ -98,6 +99,28 @@ def test_a_series_compressed_with_loss_says_so(ctx, tmp_path):
     assert lossy_compression("1.2.840.10008.1.2.4.91", "01") == "JPEG 2000"
     assert lossy_compression("1.2.840.10008.1.2.4.90", "00") == ""
     assert not any("compressed with loss" in n for n in load_input(ctx, JPEG2000_SERIES).notes)
+
+
+@pytest.mark.skipif(not shutil.which("dcmcjpeg"), reason="dcmtk's dcmcjpeg is not installed: apt-get install dcmtk")
+def test_a_12_bit_jpeg_series_loads_without_gdcms_line_per_slice_on_stderr(ctx, tmp_path, capfd):
+    """GDCM tries its 8-bit codec on each 12-bit JPEG slice first, and its C code printed 'Unsupported JPEG data
+    precision 12' for every one (160 lines for a 20-slice series) on the CLI's stderr."""
+    hu = make_phantom(shape=(6, 32, 32)).hu
+    files = write_ct_series(tmp_path / "raw", hu, 1.5, [(0.0, 0.0, 2.0 * k) for k in range(6)], "twelve bits")
+    (tmp_path / "jpeg").mkdir()
+    for path in files:  # 12 bits stored, as such archives keep CT: JPEG extended takes at most 12
+        dataset = pydicom.dcmread(path)
+        dataset.PixelData = (np.clip(dataset.pixel_array.astype(np.int32) + 1024, 0, 4095)).astype(np.uint16).tobytes()
+        dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 12, 11, 0
+        dataset.RescaleIntercept = -1024
+        dataset.save_as(path)
+        subprocess.run(["dcmcjpeg", "+ee", "+q", "95", str(path), str(tmp_path / "jpeg" / path.name)], check=True)
+    capfd.readouterr()
+    loaded = load_input(ctx, tmp_path / "jpeg")
+    assert "Unsupported JPEG" not in capfd.readouterr().err
+    assert any("compressed with loss (JPEG extended)" in note for note in loaded.notes)
+    original = arrays.volume_array(load_input(ctx, tmp_path / "raw").node).astype(np.int32)
+    assert np.abs(arrays.volume_array(loaded.node) - original).max() < 60 < np.ptp(original)  # decoded, with its loss
 
 
 def test_truncated_and_foreign_files_among_slices_are_skipped_with_reasons(ctx, shared_data, tmp_path, untouched):

@@ -22,6 +22,7 @@ class SceneContext:
     subject_hierarchy_logic: "slicer.vtkSlicerSubjectHierarchyModuleLogic"
     colors_logic: "slicer.vtkSlicerColorLogic"
     dicom_database: object = None  # Slicer's ctkDICOMDatabase: the files of the volumes its DICOM module loads
+    owns_stderr: bool = False  # a command's scene, not Slicer's: it may capture descriptor 2 around a read
 
 
 @contextmanager
@@ -102,4 +103,4 @@ def create_headless_scene() -> SceneContext:
         app_logic.SetModuleLogic(name, logic)
         logics[field] = logic
     app_logic.SetColorLogic(logics["colors_logic"])
-    return SceneContext(scene=scene, app_logic=app_logic, **logics)
+    return SceneContext(scene=scene, app_logic=app_logic, owns_stderr=True, **logics)

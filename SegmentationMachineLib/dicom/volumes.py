@@ -1,13 +1,15 @@
 """Turn a DICOM series or a NIfTI/NRRD file into a volume node through Slicer's Volumes logic."""
 
 import hashlib
+import re
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import vtk
 
-from ..core import arrays
+from ..core import arrays, native_stderr
 from ..core.errors import InputError
 from ..core.files import PATH_NOT_UTF8, printable, utf8_path
 from ..core.scene import SceneContext
@@ -17,6 +19,8 @@ from .series import (MAX_GANTRY_TILT_DEGREES, MAX_TILT_DEGREES, SPACING_TOLERANC
 
 # vtkSlicerVolumesLogic::AddArchetypeVolume loading options (bit flags).
 LABELMAP = 1
+# GDCM tries its 8-bit JPEG codec on each 12-bit JPEG slice first (then decodes it with the 12-bit one): a line each.
+GDCM_NOISE = re.compile(rb"^Unsupported JPEG data precision 12\s*$")
 
 
 @dataclass
@@ -51,7 +55,8 @@ def load_series(ctx: SceneContext, series: DicomSeries) -> LoadedVolume:
     for path in files:
         file_list.InsertNextValue(path)
     name = series.description or f"Series {series.series_number}".strip()
-    node = ctx.volumes_logic.AddArchetypeVolume(files[0], name, 0, file_list)
+    with native_stderr.dropping(GDCM_NOISE) if ctx.owns_stderr else nullcontext():
+        node = ctx.volumes_logic.AddArchetypeVolume(files[0], name, 0, file_list)
     if node is None or node.GetImageData() is None:
         raise InputError(f"Slicer's DICOM reader could not read series {series.name} "
                          f"(first file {series.files[0]}): check that the files are complete.")
