@@ -17,7 +17,8 @@ from test_cli_messages import one_sentence, run_cli, watch_once
 from test_series_kinds import enhanced_from, real_slices, save, write_acquisitions
 from SegmentationMachineLib.core.errors import InputError, UnsuitableImage
 from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
-from SegmentationMachineLib.dicom.series import COLOUR_IMAGE, choose_series, is_quiet_skip, read_slice, scan_folder
+from SegmentationMachineLib.dicom.series import choose_series, is_quiet_skip, scan_folder
+from SegmentationMachineLib.dicom.slices import COLOUR_IMAGE, read_slice
 from SegmentationMachineLib.dicom.volumes import load_input
 from SegmentationMachineLib.segment.masks import preset_mask
 

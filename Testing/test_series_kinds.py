@@ -18,7 +18,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from conftest import UNCOMPRESSED_SERIES
 from SegmentationMachineLib.core import arrays
 from SegmentationMachineLib.core.errors import InputError
-from SegmentationMachineLib.dicom.series import DICOMDIR, TRUNCATED, choose_series, read_slice, scan_folder
+from SegmentationMachineLib.dicom.series import choose_series, scan_folder
+from SegmentationMachineLib.dicom.slices import DICOMDIR, TRUNCATED, read_slice
 from SegmentationMachineLib.dicom.volumes import load_input
 from SegmentationMachineLib.inbox.watcher import Inbox, InboxOptions
 

@@ -14,7 +14,7 @@ from conftest import JPEG2000_SERIES, UNCOMPRESSED_SERIES
 from orthanc_server import copies_in_a_new_study, free_port
 from SegmentationMachineLib.cli import main as cli
 from SegmentationMachineLib.core import arrays
-from SegmentationMachineLib.dicom.series import read_slice
+from SegmentationMachineLib.dicom.slices import read_slice
 from SegmentationMachineLib.dicom.transfer_syntaxes import DECODABLE
 from SegmentationMachineLib.dicom.volumes import load_input
 from SegmentationMachineLib.inbox.watcher import Inbox, InboxOptions

@@ -14,8 +14,8 @@ from ..core.errors import InputError
 from ..core.files import PATH_NOT_UTF8, printable, utf8_path
 from ..core.scene import SceneContext
 from ..core.grids import RAS_TO_LPS
-from .series import (MAX_GANTRY_TILT_DEGREES, MAX_TILT_DEGREES, SPACING_TOLERANCE, DicomSeries, ScanResult,
-                     choose_series, is_volume_file, scan_folder)
+from .series import MAX_GANTRY_TILT_DEGREES, DicomSeries, ScanResult, choose_series, is_volume_file, scan_folder
+from .slices import MAX_TILT_DEGREES, SPACING_TOLERANCE
 
 # vtkSlicerVolumesLogic::AddArchetypeVolume loading options (bit flags).
 LABELMAP = 1

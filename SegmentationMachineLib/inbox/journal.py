@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.files import PRIVATE_FILE, private_folder
-from ..dicom.series import DicomSlice
+from ..dicom.slices import DicomSlice
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (

@@ -31,8 +31,8 @@ from ..core import files as file_system  # WINDOWS through the module, which tes
 from ..core.errors import UserError
 from ..core.files import PATH_NOT_UTF8, printable, private_folder, utf8_path
 from ..dicom.archives import ArchiveLimits, extract_zip, is_zip, size_text
-from ..dicom.series import (DicomSeries, build_series, group_series, looks_like_dicom, read_slice,
-                            unreadable_folder, unreadable_folder_advice)
+from ..dicom.series import DicomSeries, build_series, group_series, unreadable_folder, unreadable_folder_advice
+from ..dicom.slices import looks_like_dicom, read_slice
 from .journal import Journal
 from .locks import hold_lock
 
