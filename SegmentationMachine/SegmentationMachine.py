@@ -82,7 +82,6 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.export = ExportPanel()
         self.inbox = InboxPanel()
         self.inboxTimer = timer(250, self.onInboxTick)
-        self._presetVolume = None  # kept alive while its preset runs
         self._promptVolume = None
         self._inboxRows = None
         self.pollTimer = timer(100, self.poll)
@@ -141,6 +140,8 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
 
     def onSceneStartClose(self, caller, event):
+        self.presets.cancel()  # its result would be the closed scene's patient's
+        self.inbox.scene_closed()
         self.setParameterNode(None)
         self.promptTools.onSceneClose()
 
@@ -202,8 +203,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             return self.presets.cancel()
         with errorsShown(_("Failed to start the preset."), waitCursor=True):
             self.presets.preset = self._parameterNode.preset
-            self._presetVolume = self._parameterNode.sourceVolume
-            self.presets.start(self._presetVolume)
+            self.presets.start(self._parameterNode.sourceVolume, self._parameterNode.segmentation)
             self.pollTimer.start()
         self.updateGui()
 
@@ -225,11 +225,9 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         """QTimer on the main thread: finishes work whose thread is done (scene edits happen here)."""
         with errorsShown(_("Processing failed."), waitCursor=False):
             if self.presets.task and self.presets.task.done():
-                segmentation = self._parameterNode.segmentation if self._parameterNode else None
-                node = self.presets.finish(self.logic.context(), self._presetVolume, segmentation)
+                node = self.presets.finish(self.logic.context())
                 if node and self._parameterNode:
                     self._parameterNode.segmentation = node
-                self._presetVolume = None
             if self.export.task and self.export.task.done():
                 self.export.finish()
         if not self.presets.task and not self.export.task:
@@ -342,7 +340,7 @@ class SegmentationMachineTest(ScriptedLoadableModuleTest):
         presets = PresetsPanel()
         presets.start(volume)
         self.assertTrue(presets.task.wait(120))
-        segmentation = presets.finish(logic.context(), volume)
+        segmentation = presets.finish(logic.context())
         self.assertIsNotNone(segmentation, presets.status)
         self.assertEqual(segmentation.GetSegmentation().GetNthSegment(0).GetName(), "Bone")
 

@@ -247,7 +247,7 @@ def preset_flow(main: IdleMainThread, ctx, volume_node, preset: str = "bone", se
     from SegmentationMachineLib.panels.presets import PresetsPanel
 
     panel = PresetsPanel(preset=preset)
-    added = _task_flow(main, panel, (panel.start, volume_node), lambda: panel.finish(ctx, volume_node),
+    added = _task_flow(main, panel, (panel.start, volume_node), lambda: panel.finish(ctx),
                        seconds=seconds)
     assert added is not None, panel.status
     return added

@@ -148,6 +148,31 @@ def test_lps_is_ras_with_x_and_y_negated(ctx, tmp_path, phantom_dir):
     assert np.allclose(lps_points * [-1, -1, 1], ras_points, atol=1e-4)
 
 
+def test_an_export_is_written_beside_its_folder_and_moved_in_whole(ctx, tmp_path, phantom_dir, monkeypatch):
+    """Slicer quit (or a kill) mid-export left a folder with some STLs and no 3MF or report that looked finished.
+    While it is written, its folder stays empty; interrupted, neither is left."""
+    from SegmentationMachineLib.mesh import export as export_module
+
+    segmentation = apply_preset(ctx, load_input(ctx, phantom_dir).node, "bone")
+    seen = {}
+
+    def interrupted(path, *args):
+        seen["folders"] = sorted(p.name for p in tmp_path.iterdir())
+        seen["written"] = sorted(p.name for p in path.parent.iterdir())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module.writers, "write_3mf", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_segmentation(segmentation, tmp_path, ExportOptions(formats=("stl", "3mf")))
+    [visible, hidden] = sorted(seen["folders"], key=lambda name: name.startswith("."))
+    assert hidden == f".{visible}.partial" and seen["written"] == ["Bone.stl"]
+    assert not list(tmp_path.iterdir())
+    monkeypatch.undo()
+    result = export_segmentation(segmentation, tmp_path, ExportOptions(formats=("stl", "3mf")))
+    assert [p.name for p in tmp_path.iterdir()] == [result.folder.name] and all(p.is_file() for p in result.files)
+    assert sorted(p.name for p in result.folder.iterdir()) == ["Bone.stl", "report.json", "segments.3mf"]
+
+
 def test_empty_segments_are_skipped_with_a_note_and_nothing_partial_is_left(ctx, tmp_path, phantom_dir):
     volume = load_input(ctx, phantom_dir).node
     segmentation = apply_preset(ctx, volume, "bone")

@@ -78,7 +78,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("step, processed", [("export", 2), ("_reserve", 2), ("_commit", 1), ("_publish", 1)])
+@pytest.mark.parametrize("step, processed", [("export", 2), ("_reserve", 2), ("_commit", 1), ("publish_folder", 1)])
 def test_a_kill_at_any_step_of_a_delivery_leaves_exactly_one_result_and_a_true_board(
         tmp_path, shared_data, step, processed):
     inbox_folder, state, outbox, log = tmp_path / "inbox", tmp_path / "state", tmp_path / "outbox", tmp_path / "log"
@@ -104,7 +104,7 @@ def test_a_result_an_older_version_staged_and_committed_before_a_kill_is_publish
     inbox_folder.mkdir()
     for path in SLICES:
         (inbox_folder / path.name).write_bytes(path.read_bytes())
-    child = subprocess.run([sys.executable, "-c", CHILD, str(REPO), "_publish", str(inbox_folder), str(state),
+    child = subprocess.run([sys.executable, "-c", CHILD, str(REPO), "publish_folder", str(inbox_folder), str(state),
                             str(outbox), str(log)], capture_output=True, text=True, timeout=60)
     assert child.returncode == -signal.SIGKILL, child.stderr
     (outbox / ".segmentation-machine-staging").rename(outbox / ".staging")  # where the older version staged it

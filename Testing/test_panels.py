@@ -22,7 +22,7 @@ def test_presets_then_export_then_print_as_the_widget_does(ctx, phantom_dir, tmp
     assert presets.task.wait(120)
     # The child process's progress reached the status line, up to its last step.
     assert re.fullmatch(r"Running the bone preset on '.+': .+ \((\d+)/\1\)\.\.\.", presets.status), presets.status
-    segmentation = presets.finish(ctx, volume)
+    segmentation = presets.finish(ctx)
     assert segmentation.GetSegmentation().GetNthSegment(0).GetName() == "Bone"
     assert presets.status.startswith("Added segment 'Bone'")
     # its checksum, made from the cropped mask on the worker, is the segment's own: unedited
@@ -54,13 +54,45 @@ def test_presets_then_export_then_print_as_the_widget_does(ctx, phantom_dir, tmp
     assert export.status == "Opened in OrcaSlicer." and not export.orcaslicer_missing
 
 
+def test_a_preset_whose_volume_left_the_scene_adds_nothing_to_the_next_patients(ctx, phantom_dir):
+    """Close Scene while the bone preset ran: the next patient's volume got the same node ID, and the closed scene's
+    bone was added to the new scene (under the new patient's transform, into their segmentation)."""
+    volume = load_input(ctx, phantom_dir).node
+    presets = PresetsPanel()
+    presets.start(volume)
+    old_id = volume.GetID()
+    ctx.scene.Clear(False)  # File > Close Scene
+    next_patient = load_input(ctx, phantom_dir).node
+    theirs = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "their segmentation")
+    assert next_patient.GetID() == old_id  # what made the old result land in the new scene
+    assert presets.task.wait(120)
+    assert presets.finish(ctx) is None and presets.can_apply(next_patient)
+    assert presets.status == f"'{volume.GetName()}' left the scene while its bone preset ran: nothing was added."
+    assert [n.GetName() for n in ctx.scene.GetNodesByClass("vtkMRMLSegmentationNode")] == ["their segmentation"]
+    assert theirs.GetSegmentation().GetNumberOfSegments() == 0
+
+
+def test_a_preset_goes_into_the_segmentation_chosen_when_it_started_or_a_new_one_if_that_was_deleted(ctx, phantom_dir):
+    volume = load_input(ctx, phantom_dir).node
+    chosen = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "chosen")
+    presets = PresetsPanel()
+    presets.start(volume, chosen)
+    assert presets.task.wait(120)
+    assert presets.finish(ctx) is chosen and chosen.GetSegmentation().GetNumberOfSegments() == 1
+    presets.start(volume, chosen)
+    ctx.scene.RemoveNode(chosen)
+    assert presets.task.wait(120)
+    made = presets.finish(ctx)
+    assert made is not chosen and ctx.scene.IsNodePresent(made) and made.GetSegmentation().GetNumberOfSegments() == 1
+
+
 def test_a_user_error_on_the_worker_becomes_the_status_line_and_a_log_line(ctx, caplog):
     volume = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "MR")
     arrays.set_volume_array(volume, np.zeros((4, 8, 8), np.int16), np.eye(4))
     panel = PresetsPanel()
     panel.start(volume)
     assert panel.task.wait(30)
-    assert panel.finish(ctx, volume) is None
+    assert panel.finish(ctx) is None
     assert "'MR' has no value below 0, so it is not a CT" in panel.status and panel.can_apply(volume)
     assert [r.getMessage() for r in caplog.records if r.name == "segmentation-machine"] == [panel.status]
 
@@ -73,7 +105,7 @@ def test_memory_running_out_on_the_worker_is_the_status_line_and_the_next_export
     presets = PresetsPanel()
     presets.start(volume)
     assert presets.task.wait(120)
-    segmentation = presets.finish(ctx, volume)
+    segmentation = presets.finish(ctx)
     write = export_module.write_export
 
     def runs_out(*args, **kwargs):
@@ -254,3 +286,25 @@ def test_the_inbox_keeps_its_newest_series_in_the_scene_and_never_one_the_user_w
     assert panel.status == (f"CT 2 left the scene: the inbox keeps its {KEEP_LOADED} newest series there; the DICOM "
                             "database still has it.")
     assert not any(ctx.scene.IsNodePresent(node) for node in own_nodes)
+
+
+def test_after_close_scene_the_inbox_never_takes_the_next_scenes_nodes_for_its_own(ctx):
+    """Close Scene hands the old node IDs to the next nodes: a user's own volume, loaded from a file after it, was
+    taken for an old inbox series and removed when the next series arrived."""
+    from types import SimpleNamespace
+
+    from SegmentationMachineLib.panels.inbox import KEEP_LOADED, InboxPanel
+
+    panel = InboxPanel()
+
+    def deliver(name):
+        volume = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        panel.loaded(SimpleNamespace(series=SimpleNamespace(name=name), remarks=lambda notes: ""), True, node=volume)
+
+    for number in range(KEEP_LOADED):
+        deliver(f"CT {number}")
+    ctx.scene.Clear(False)
+    panel.scene_closed()
+    own = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my MR")  # the first ID the inbox had
+    deliver("CT next")
+    assert ctx.scene.IsNodePresent(own) and "left the scene" not in panel.status

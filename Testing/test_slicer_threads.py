@@ -368,7 +368,7 @@ def test_a_killed_presets_child_becomes_the_panels_status_and_a_cancel_kills_it(
         finally:
             if _alive(python):  # not left paused for ever when the test fails
                 os.kill(python, signal.SIGKILL)
-        assert panel.finish(ctx, volume) is None and panel.can_apply(volume)
+        assert panel.finish(ctx) is None and panel.can_apply(volume)
         killed = f"killed{'' if launcher else ' (signal 9)'}, most likely for lack of memory"
         said = (f"The bone preset's process was {killed}: close other programs or crop the volume, and run it again."
                 if stop == "killed" else "The bone preset was cancelled.")

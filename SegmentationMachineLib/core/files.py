@@ -128,6 +128,15 @@ def replace_when_free(source, target, move=None, waits=(0.1, 0.2, 0.4, 0.8, 1.5,
             time.sleep(wait)
 
 
+def publish_folder(staged: Path, reserved: Path):
+    """staged, written in full, onto its reserved_folder: POSIX's rename replaces an empty folder at once; Windows'
+    refuses to, so there the reservation goes first."""
+    if WINDOWS and reserved.is_dir() and not reserved.is_symlink() and not any(reserved.iterdir()):
+        replace_when_free(reserved, None, lambda folder, _: os.rmdir(folder))
+    replace_when_free(staged, reserved, os.rename)
+    sync_folder(reserved.parent)
+
+
 def reserved_folder(parent: Path, base: str) -> Path | None:
     """A new, empty folder parent/base (or base-2, base-3...): made with mkdir, so no other run can take its name
     between the look and the write. None when a thousand are taken."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..core.clock import local_time
 from ..core.errors import UnsuitableImage, UserError
-from ..core.files import WINDOWS, printable, replace_private, replace_when_free, reserved_folder, sync_folder, sync_tree
+from ..core.files import WINDOWS, printable, publish_folder, replace_private, reserved_folder, sync_tree
 from .locks import hold_lock
 from .watcher import Delivery, Inbox, SeriesState
 
@@ -134,15 +134,6 @@ def _commit(inbox: Inbox, delivery: Delivery, staged: Path, result: Path):
     inbox.acknowledge(delivery, True, delivery.remarks(), result=str(result))
 
 
-def _publish(staged: Path, result: Path):
-    """staged onto its reserved, empty folder: POSIX's rename replaces an empty folder at once; Windows' refuses to,
-    so there the reservation goes first."""
-    if WINDOWS and _empty_folder(result):
-        replace_when_free(result, None, lambda folder, _: os.rmdir(folder))
-    replace_when_free(staged, result, os.rename)
-    sync_folder(result.parent)
-
-
 def _disk_full(error: Exception) -> bool:
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) or \
         isinstance(error, sqlite3.OperationalError) and "disk is full" in str(error)
@@ -163,7 +154,7 @@ def reconcile(inbox: Inbox, board: StatusBoard, outbox: Path):
         places = [_staging_folder(outbox, key, name) / result.name for name in (STAGING, OLDER_STAGING) if result]
         staged = next((place for place in places if place.is_dir()), None)
         if staged and (not result.exists() or _empty_folder(result)):
-            _publish(staged, result)  # committed, killed before the rename onto its reservation
+            publish_folder(staged, result)  # committed, killed before the rename onto its reservation
         if board.get(key).get("state") in (None, "processing", "waiting"):
             state = BOARD_STATES.get(entry["state"], "failed")
             board.set(key, entry["description"], entry["files"], state, entry["reason"] or "", entry["result"] or "")
@@ -227,7 +218,7 @@ def deliver(inbox: Inbox, board: StatusBoard, delivery: Delivery, process, outbo
     except BaseException:
         _unreserve(result)  # reconcile publishes a result the journal took all the same
         raise
-    _publish(staged, result)
+    publish_folder(staged, result)
     _remove(staging)
     echo(f"{series.name}: done → {printable(result)}" + (f" (looks incomplete: {delivery.incomplete})"
                                                            if delivery.incomplete else ""))

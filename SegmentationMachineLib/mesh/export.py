@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import time
 import unicodedata
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +35,7 @@ import numpy as np
 
 from .. import __version__
 from ..core.errors import ExportError
-from ..core.files import not_a_device, reserved_folder
+from ..core.files import not_a_device, publish_folder, reserved_folder
 from . import writers
 from .check import check_mesh
 from .dicomseg import SEG_FILE, SegInput, check_seg_export, match_sources, read_seg_input, write_seg
@@ -194,15 +195,23 @@ def write_export(prepared: PreparedExport, out_dir, options: ExportOptions = Exp
     """Any thread (a worker's, in the module): meshes, checks, files and the report, from prepare_export.
 
     provenance: the report's input, presets and command, where the caller knows them.
-    The folder is new and this run's own: interrupted (Ctrl-C, a signal, a full disk), it is removed whole."""
+    The folder is new and this run's own, written as a hidden .NAME.partial beside it and renamed once whole:
+    interrupted (Ctrl-C, a signal, a full disk), both are removed; killed (or Slicer quit mid-export), the folder
+    is left empty, never with some of its files and no report."""
     if prepared.seg is not None:  # the series' headers first: where a SEG cannot refer to them, say so before any work
         prepared = replace(prepared, seg=match_sources(prepared.seg))
     folder = new_output_folder(out_dir, prepared.name)
+    partial = folder.with_name(f".{folder.name}.partial")
     try:
-        return _write_into(folder, prepared, options, progress, provenance or {})
+        partial.mkdir()
+        written = _write_into(partial, prepared, options, progress, provenance or {})
+        publish_folder(partial, folder)
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        with suppress(OSError):
+            folder.rmdir()
         raise
+    return replace(written, folder=folder, files=[folder / path.name for path in written.files])
 
 
 def _volume_entry(check: dict, mesh) -> dict:

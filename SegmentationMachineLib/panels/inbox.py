@@ -154,6 +154,12 @@ class InboxPanel:
                     self.status = f"{self.status} {left}" if reason else left
         self._acknowledgements.append((delivery, ok, reason))
 
+    def scene_closed(self):
+        """Main thread, at Close Scene: what the inbox loaded is gone with it, and the next scene's nodes get the same
+        IDs (a user's own volume would have been taken for an old series and removed)."""
+        self._in_use -= set().union(*(folders for _, folders in self._kept))
+        self._kept.clear()
+
     def _unload_unused(self, scene) -> list:
         """Main thread: the volumes the inbox loaded before its KEEP_LOADED newest leave the scene where nothing
         uses them (no slice view shows them, no node refers to them, none was edited); returns their names."""

@@ -16,6 +16,8 @@ class PresetsPanel:
     status: str = "Choose a CT volume and a preset."
     task: BackgroundTask = None
     process: PresetProcess = None
+    volume: object = None  # the volume it runs on and the segmentation it adds to (None: a new one), from start()
+    target: object = None
 
     @property
     def presets(self) -> dict:
@@ -24,10 +26,11 @@ class PresetsPanel:
     def can_apply(self, volume_node) -> bool:
         return volume_node is not None and self.task is None
 
-    def start(self, volume_node):
+    def start(self, volume_node, segmentation_node=None):
         """Main thread: the preset runs in a child process (its own GIL); the worker thread writes the volume
         for it, waits and reads the cropped mask back. The view keeps the voxels alive if the user closes the
-        volume meanwhile."""
+        volume meanwhile. Its segment goes into segmentation_node, the one chosen now (None: a new one)."""
+        self.volume, self.target = volume_node, segmentation_node
         name = volume_node.GetName()
         running = f"Running the {self.preset} preset on '{name}'"
 
@@ -49,14 +52,21 @@ class PresetsPanel:
         if self.task:
             self.process.cancel()
 
-    def finish(self, ctx, volume_node, segmentation_node=None):
-        """Main thread, once task.done(): adds the segment; returns the segmentation node or None."""
-        task, self.task = self.task, None
+    def finish(self, ctx):
+        """Main thread, once task.done(): adds the segment; returns the segmentation node or None. A volume that
+        left the scene meanwhile (Close Scene, deleted) takes its result along: after Close Scene the next patient's
+        nodes get the same IDs, and a result written there would be the wrong patient's."""
+        task, volume, target = self.task, self.volume, self.target
+        self.task = self.volume = self.target = None
         result, problem = task.outcome()
         if problem:
             self.status = problem
             return None
+        if not ctx.scene.IsNodePresent(volume):
+            self.status = f"'{volume.GetName()}' left the scene while its {self.preset} preset ran: nothing was added."
+            return None
         mask, start, fingerprint = result
-        node = add_preset_segment(ctx, volume_node, self.preset, mask, segmentation_node, start, fingerprint)
+        target = target if target is not None and ctx.scene.IsNodePresent(target) else None
+        node = add_preset_segment(ctx, volume, self.preset, mask, target, start, fingerprint)
         self.status = f"Added segment '{PRESETS[self.preset].segment_name}' to '{node.GetName()}'."
         return node
