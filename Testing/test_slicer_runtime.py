@@ -4,6 +4,7 @@ import ast
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -318,3 +319,38 @@ def test_the_report_box_is_set_only_when_its_text_changes():
         setPlainText(box, text)
     assert (box.plainText, box.sets) == ("Skin: 2 L", 2)
     assert "setPlainText(self.ui.reportTextEdit" in (MODULE_FOLDER / "SegmentationMachine.py").read_text()
+
+
+def test_a_module_timer_never_runs_its_slot_inside_itself(monkeypatch):
+    """Loading an inbox series runs Qt's event loop (ctkDICOMIndexer::waitForImportFinished, in CTK at Slicer 5.10's
+    commit): the 250 ms inbox timer fired inside its own slot, and an older series was loaded last."""
+    sys.path.insert(0, str(MODULE_FOLDER))
+    try:
+        from SegmentationMachineWidgets import timer
+    finally:
+        sys.path.remove(str(MODULE_FOLDER))
+
+    class QTimer:  # Qt's, as far as timer() uses it; fire() is a timeout, as an event loop delivers it
+        def __init__(self):
+            self.slots = []
+            self.timeout = SimpleNamespace(connect=self.slots.append)
+
+        def setInterval(self, interval_ms):
+            self.interval = interval_ms
+
+        def fire(self):
+            for slot in self.slots:
+                slot()
+
+    monkeypatch.setitem(sys.modules, "qt", SimpleNamespace(QTimer=QTimer))
+    calls = []
+
+    def tick():  # a load that waits in an event loop, where the timer fires again
+        calls.append(len(calls))
+        if len(calls) == 1:
+            ticking.fire()
+
+    ticking = timer(250, tick)
+    ticking.fire()
+    ticking.fire()
+    assert calls == [0, 1] and ticking.interval == 250

@@ -25,12 +25,24 @@ def setPlainText(edit, text: str):
 
 
 def timer(interval_ms: int, slot):
-    """A QTimer that calls slot every interval_ms once started."""
+    """A QTimer that calls slot every interval_ms once started, never inside itself: a slot that runs Qt's event loop
+    (the DICOM indexer waits in one while the inbox loads a series) was called again halfway, and the older series
+    ended up loaded last, shown and chosen for prompts."""
     import qt
+
+    running = []
+
+    def once():
+        if not running:
+            running.append(slot)
+            try:
+                slot()
+            finally:
+                running.clear()
 
     result = qt.QTimer()
     result.setInterval(interval_ms)
-    result.timeout.connect(slot)
+    result.timeout.connect(once)
     return result
 
 
