@@ -277,6 +277,132 @@ def test_one_undo_is_the_servers_own_deeper_ones_re_seed_and_redo_in_between_cos
     session.close()
 
 
+def test_undo_and_redo_of_a_prompt_leave_hand_edits_in_its_box_alone(server, scene_parts):
+    """Undo and Redo set back only the voxels the prompt changed, not the whole box the server answered with."""
+    session = open_session(server, scene_parts)
+    session.add(Prompt("point", True, ras=ras((20, 24, 28))))
+    session.add(Prompt("point", True, ras=ras((20, 24, 36))))
+    block = (slice(30, 33), slice(5, 8), slice(5, 8))
+    assert all(b.start <= s.start and s.stop <= b.stop for b, s in zip(session._done[-1].box, block))  # in its box
+    edited = mask_of(session)
+    edited[block] = True
+    paint(session, edited)
+    session.undo()
+    got = mask_of(session)
+    assert got[block].all() and got[20, 24, 28] and not got[20, 24, 36]
+    session.redo()
+    got = mask_of(session)
+    assert got[block].all() and got[20, 24, 28] and got[20, 24, 36]
+    session.close()
+
+
+def test_undo_gives_back_the_voxels_a_prompt_took_from_another_segment(server, scene_parts):
+    """The Segment Editor's default overwrite setting has a prompt take its voxels from the other segments."""
+    volume, segmentation, target, editor = scene_parts
+    block = np.zeros(SHAPE, bool)
+    block[15:25, 18:30, 22:34] = True
+    add_segment_from_mask(segmentation, block.copy(), oblique_matrix(), "neighbour", (0, 0, 1))  # it keeps the copy
+    session = open_session(server, scene_parts)
+    session.add(Prompt("point", True, ras=ras((20, 24, 28))))
+    ball = mask_of(session)
+    assert ball[20, 24, 28] and np.array_equal(mask_of(session, "neighbour"), block & ~ball)
+    session.undo()
+    assert not mask_of(session).any() and np.array_equal(mask_of(session, "neighbour"), block)
+    session.redo()
+    assert np.array_equal(mask_of(session), ball) and np.array_equal(mask_of(session, "neighbour"), block & ~ball)
+    session.close()
+
+
+def voxels_of(segmentation, segment_id) -> int:
+    """A segment's voxels on its own labelmap, whatever segmentation the session prompts into."""
+    segment = segmentation.GetSegmentation().GetSegment(segment_id)
+    labelmap = segment.GetRepresentation("Binary labelmap")
+    if labelmap is None or labelmap.GetPointData().GetScalars() is None:
+        return 0
+    return int((arrays.image_array(labelmap) == segment.GetLabelValue()).sum())
+
+
+def test_undo_after_another_segmentation_was_chosen_or_its_segment_deleted(server, scene_parts, ctx):
+    """Each step knows its segmentation: undone there, while prompts go on into the one chosen; a step whose segment
+    is gone is dropped in one sentence, as is a prompt into a chosen segment deleted since."""
+    volume, segmentation, target, editor = scene_parts
+    panel = connected_panel(server, scene_parts)
+    panel.submit("point", ras=ras((20, 24, 28)))
+    settle(panel)
+    prompted = voxels_of(segmentation, target)
+    other = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "other")
+    other.CreateDefaultDisplayNodes()
+    other.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    elsewhere = other.GetSegmentation().AddEmptySegment("", "elsewhere")
+    panel.choose(volume, SegmentTarget(other, elsewhere, headless_editor(ctx.scene, ctx.app_logic, other, volume)))
+    settle(panel)
+    panel.undo()
+    settle(panel)
+    assert panel.status == "Undo done." and voxels_of(segmentation, target) == 0
+    panel.redo()
+    settle(panel)
+    assert panel.status == "Redo done." and voxels_of(segmentation, target) == prompted > 0
+    panel.submit("point", ras=ras((10, 10, 10)))
+    settle(panel)
+    assert panel.session._segment_mask(elsewhere)[10, 10, 10] and voxels_of(segmentation, target) == prompted
+    other.GetSegmentation().RemoveSegment(elsewhere)
+    panel.undo()
+    settle(panel)
+    assert panel.status == "Nothing to undo: the segment that prompt changed was deleted."
+    panel.submit("point", ras=ras((30, 30, 40)))
+    settle(panel)
+    assert panel.status == "The segment chosen for AI prompts was deleted: choose or add another segment."
+    panel.choose(volume, SegmentTarget(segmentation, target, editor))
+    settle(panel)
+    panel.submit("point", ras=ras((30, 30, 40)))
+    panel.tick()  # on the server
+    segmentation.GetSegmentation().RemoveSegment(target)
+    settle(panel)
+    assert panel.status == ("The segment was deleted while the prompt ran; nothing was written: choose or add another "
+                            "segment.")
+    panel.undo()  # its first prompt's step
+    settle(panel)
+    assert panel.status == "Nothing to undo: the segment that prompt changed was deleted." and not panel.can_undo
+    panel.session.close()
+
+
+def test_undo_of_a_prompt_in_another_segment_leaves_prompting_in_the_chosen_one(server, scene_parts):
+    volume, segmentation, target, editor = scene_parts
+    second = segmentation.GetSegmentation().AddEmptySegment("", "second")
+    panel = connected_panel(server, scene_parts)
+    panel.submit("point", ras=ras((20, 24, 28)))
+    settle(panel)
+    panel.choose(volume, SegmentTarget(segmentation, second, editor))  # as the section's segment selector shows
+    settle(panel)
+    panel.undo()  # the prompt in the first segment
+    settle(panel)
+    panel.submit("point", ras=ras((10, 10, 10)))
+    settle(panel)
+    assert not panel.session._segment_mask(target).any() and panel.session._segment_mask(second)[10, 10, 10]
+    panel.session.close()
+
+
+def test_choosing_another_series_clears_the_undo_history(server, scene_parts):
+    """The steps' boxes are on the first series' grid: undone on another, they would land on other voxels."""
+    volume, segmentation, target, editor = scene_parts
+    panel = connected_panel(server, scene_parts)
+    panel.submit("point", ras=ras((20, 24, 28)))
+    settle(panel)
+    series = volume.GetScene().AddNewNodeByClass("vtkMRMLScalarVolumeNode", "second series")
+    grid = np.diag([1.5, 1.5, 3.0, 1.0])
+    grid[:3, 3] = [-40, -40, -10]
+    arrays.set_volume_array(series, np.random.default_rng(2).normal(0, 100, (30, 50, 50)).astype(np.int16), grid)
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(series)  # as the section does
+    panel.choose(series, SegmentTarget(segmentation, target, editor))
+    settle(panel)
+    before = panel.session._segment_mask(target)
+    assert before.any() and not panel.can_undo
+    panel.undo()
+    settle(panel)
+    assert panel.status == "Nothing to undo." and np.array_equal(panel.session._segment_mask(target), before)
+    panel.session.close()
+
+
 def test_the_undo_history_is_capped_in_bytes_and_says_when_it_drops_steps(server, scene_parts):
     said = []
     session = open_session(server, scene_parts, status=said.append)

@@ -284,7 +284,7 @@ class PromptToolsSection:
         if path:
             segments = segmentation.GetSegmentation()
             prompts = [SegmentPrompts(segments.GetNthSegment(i).GetName(),
-                                      self.panel.session.prompts_of(segments.GetNthSegmentID(i)))
+                                      self.panel.session.prompts_of(segments.GetNthSegmentID(i), segmentation))
                        for i in range(segments.GetNumberOfSegments())]
             with errorsShown(_("Could not save the prompts."), waitCursor=True):
                 save_prompt_file(path, [p for p in prompts if p.prompts])

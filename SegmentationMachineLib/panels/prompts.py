@@ -149,6 +149,12 @@ class PromptsPanel:
         except Exception:
             self.queue.clear()
             raise
+        try:
+            self._finished(job, result, problem)
+        except UserError as error:  # the segment deleted meanwhile, say
+            self.status = str(error)
+
+    def _finished(self, job, result, problem):
         if problem and getattr(job, "cut", None) is not None:  # a prompt run again on a larger region failed
             timing = self.session.keep_cut(job, problem)
             self.last_latency, self.status = str(timing), timing.warning
@@ -197,6 +203,8 @@ class PromptsPanel:
                 self.status = str(error)
                 return
             self._start(pending, pending.run)
+        elif item != "reset" and not getattr(self.session, f"can_{item}"):  # Ctrl+Z works while Undo is greyed
+            self.status = f"Nothing to {item}."
         else:  # undo / redo / reset touch the segment: main thread, quick
             try:
                 getattr(self.session, item)()

@@ -97,12 +97,20 @@ class PromptTiming:
 
 
 class _Step:
-    """One change of a segment, undoable: its box and the box's mask before and after, packed 8 voxels a byte
-    (a reset of a 512x512x300 segment keeps 20 MB instead of 160)."""
+    """One change of a segment, undoable: the segment (its segmentation node and ID, and the editor logic that wrote
+    it), its box and the box's mask before and after, and the voxels it took from other segments of that segmentation
+    (the Segment Editor's overwrite setting), packed 8 voxels a byte (a reset of a 512x512x300 segment keeps 20 MB
+    instead of 160)."""
 
-    def __init__(self, segment_id: str, prompt: Prompt, box: tuple, before: np.ndarray, after: np.ndarray):
-        self.segment_id, self.prompt, self.box, self._shape = segment_id, prompt, box, before.shape
+    def __init__(self, target: "SegmentTarget", prompt: Prompt, box: tuple, before: np.ndarray, after: np.ndarray,
+                 taken: dict = None):
+        self.target, self.prompt, self.box, self._shape = target, prompt, box, before.shape
         self._before, self._after = np.packbits(before, axis=None), np.packbits(after, axis=None)
+        self._taken = {segment_id: np.packbits(mask, axis=None) for segment_id, mask in (taken or {}).items()}
+
+    @property
+    def segment_id(self) -> str:
+        return self.target.segment_id
 
     def _unpack(self, bits) -> np.ndarray:
         return np.unpackbits(bits, count=int(np.prod(self._shape))).reshape(self._shape).astype(bool)
@@ -116,8 +124,13 @@ class _Step:
         return self._unpack(self._after)
 
     @property
+    def taken(self) -> dict:
+        """{segment ID: the voxels of box this step took from that segment}."""
+        return {segment_id: self._unpack(bits) for segment_id, bits in self._taken.items()}
+
+    @property
     def nbytes(self) -> int:
-        return self._before.nbytes + self._after.nbytes
+        return self._before.nbytes + self._after.nbytes + sum(bits.nbytes for bits in self._taken.values())
 
 
 @dataclass
@@ -125,6 +138,15 @@ class SegmentTarget:
     segmentation_node: object
     segment_id: str
     editor_logic: object  # vtkSlicerSegmentEditorLogic with its node set to this segmentation
+
+    def exists(self) -> bool:
+        """The segment is still there: not deleted, its segmentation not removed from the scene."""
+        node = self.segmentation_node
+        return node.GetScene() is not None and node.GetSegmentation().GetSegment(self.segment_id) is not None
+
+    def same(self, other: "SegmentTarget") -> bool:
+        return other is not None and (other.segmentation_node, other.segment_id) == (self.segmentation_node,
+                                                                                     self.segment_id)
 
 
 def headless_editor(scene, app_logic, segmentation_node, volume_node):
@@ -408,11 +430,14 @@ class InteractiveSession:
     def stage_volume(self, volume_node):
         """Main thread, instant: keeps a view of the voxels; returns the upload (choosing the first region,
         copying it, sending it), which may run on a worker thread: it touches numpy arrays only. The view holds
-        Slicer's scalar array, so VTK allocates new scalars rather than resizing these under the copy."""
+        Slicer's scalar array, so VTK allocates new scalars rather than resizing these under the copy. Another
+        volume, or new voxels, clears the undo history: its steps' boxes are on the grid they were made on."""
         key = (volume_node.GetID(), volume_node.GetImageData().GetMTime())
         if key == self._volume_key:
             return lambda: None
         self._volume_key, self._volume_node = key, volume_node
+        self._done.clear()
+        self._undone.clear()
         self._matrix = arrays.ijk_to_ras(volume_node)
         self._source = arrays.volume_array(volume_node)
         self._shape = self._source.shape
@@ -477,7 +502,7 @@ class InteractiveSession:
     def _modified_time(self):
         """VTK's modified time of the segment's labelmap: any write to its voxels changes it."""
         segment = self._target.segmentation_node.GetSegmentation().GetSegment(self._target.segment_id)
-        labelmap = segment.GetRepresentation(BINARY_LABELMAP)
+        labelmap = None if segment is None else segment.GetRepresentation(BINARY_LABELMAP)  # None: deleted
         return None if labelmap is None else labelmap.GetMTime()
 
     def _grid(self):
@@ -562,14 +587,19 @@ class InteractiveSession:
     def prepare(self, prompt: Prompt) -> "PendingPrompt":
         """Main thread: maps the prompt to voxels and notices hand edits. Its run() touches no scene and may
         go to a worker thread."""
-        if self._target is None or self._planner is None:
-            raise InteractiveError("Choose a source volume and a segment before prompting.")
+        self._check_target()
         footprint, place = self._prompt_call(prompt)
         region, note = None, ""
         if not (self._sent and covers(self._region, footprint, self._shape, self.limits.edge)):
             region = self._planner.toward(self._region, footprint)  # grown, or moved where growing does not fit
             note = f"sending slices {region[0, 0] + 1}-{region[1, 0]} first (the prompt is outside the region sent)"
         return self._pending(prompt, footprint, place, region, note)
+
+    def _check_target(self):
+        if self._target is None or self._planner is None:
+            raise InteractiveError("Choose a source volume and a segment before prompting.")
+        if not self._target.exists():
+            raise InteractiveError("The segment chosen for AI prompts was deleted: choose or add another segment.")
 
     def _pending(self, prompt: Prompt, footprint, place, region, note: str, started: float = None,
                  **more) -> "PendingPrompt":
@@ -588,6 +618,7 @@ class InteractiveSession:
         prompt on that region: run it and finish it in turn."""
         warning, changed = "", bool(box)
         if changed:
+            self._still_there()
             box = np.array(box).T  # (2, 3) in the region's voxels
             cut = cut_faces(self._region, self._shape, box, self._mirror[slices(box)], self._buffer[slices(box)])
             if cut.any():
@@ -607,6 +638,7 @@ class InteractiveSession:
     def keep_cut(self, pending: "PendingPrompt", problem: str) -> PromptTiming:
         """Main thread, after pending (a prompt run again on a larger region) failed with problem: writes the result
         the earlier region cut, which would otherwise be lost with the seconds it took, and says why it may be cut."""
+        self._still_there()
         self._paste(pending.prompt, *pending.cut)
         self._in_sync = False  # the server's state is unknown: the next prompt re-seeds it
         cause = problem.replace("; the segment is left as it was", "").rstrip(".")  # it is not: the first result is in
@@ -616,6 +648,13 @@ class InteractiveSession:
         self.status(warning)
         total = time.perf_counter() - pending.started
         return PromptTiming(total, pending.server_s, total - pending.server_s, warning)
+
+    def _still_there(self):
+        """Before writing a result: the segment may have been deleted while the prompt ran."""
+        if not self._target.exists():
+            self._in_sync = False
+            raise InteractiveError("The segment was deleted while the prompt ran; nothing was written: choose or add "
+                                   "another segment.")
 
     def _again(self, pending: "PendingPrompt", box: np.ndarray, cut: np.ndarray) -> tuple:
         """(the prompt again, on a region holding its result and reaching past the cut faces, None), or (None, the
@@ -727,14 +766,33 @@ class InteractiveSession:
         segment_id = self._target.segment_id
         untouched = self._modified_time() == self._written  # else a hand edit made meanwhile: the next prompt sees it
         before = self._segment_mask(segment_id, box)
+        others = self._others(box, mask & ~before)
         self._modify(box, mask, bypass_masking=False, before=before)
         after = self._segment_mask(segment_id, box)
+        taken = {other: had & ~self._segment_mask(other, box) for other, had in others.items()}
         mark_segment(self._target.segmentation_node, segment_id, NNINTERACTIVE)  # its DICOM SEG says AI made it
         if untouched:
             self._written = self._modified_time()
         # kept in the volume's own frame, for prompt files the CLI replays on the series as loaded, untransformed
-        self._remember(_Step(segment_id, prompt.mapped(frames.world_to_local(self._volume_node)), box, before, after))
+        self._remember(_Step(self._target, prompt.mapped(frames.world_to_local(self._volume_node)), box, before, after,
+                             {other: voxels for other, voxels in taken.items() if voxels.any()}))
         return after
+
+    def _others(self, box: tuple, added: np.ndarray) -> dict:
+        """{segment ID: its voxels in box that are in added} of the other segments that adding added may overwrite
+        (the Segment Editor's overwrite setting), for undo to give them back."""
+        editor = self._target.editor_logic.GetSegmentEditorNode()
+        if not added.any() or editor.GetOverwriteMode() == editor.OverwriteNone:
+            return {}
+        crop = bounding_box(added)  # read only there: a segmentation may hold a hundred segments
+        inner = tuple(slice(b.start + c.start, b.start + c.stop) for b, c in zip(box, crop))
+        segmentation, others = self._target.segmentation_node.GetSegmentation(), {}
+        for other in (segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())):
+            had = self._segment_mask(other, inner) & added[crop]
+            if other != self._target.segment_id and had.any():
+                others[other] = np.zeros_like(added)
+                others[other][crop] = had
+        return others
 
     def _remember(self, step: _Step):
         """A new step: redo is gone, and the oldest steps go when the history outgrows its memory."""
@@ -748,19 +806,20 @@ class InteractiveSession:
             self.status(f"The undo history reached its {self.max_undo_bytes >> 20} MB: the oldest "
                         f"{dropped} step{'s' if dropped > 1 else ''} can no longer be undone.")
 
-    def _modify(self, box, mask: np.ndarray, bypass_masking: bool, before: np.ndarray = None):
-        """Sets the selected segment (before: its voxels in box, if read already) to mask inside box through the
-        Segment Editor logic: erases what mask drops, then adds what it holds. (The logic's Set mode replaces the
-        whole segment, whatever extent it is given: a result pasted that way erased every earlier one outside
-        its box.) Each change is written on the volume's grid as the segmentation sees it, or, across a
-        non-linear transform, resampled onto the segmentation's reference grid, where the Segment Editor keeps
-        its masks."""
-        before = self._segment_mask(self._target.segment_id, box) if before is None else before
+    def _modify(self, box, mask: np.ndarray, bypass_masking: bool, before: np.ndarray = None, segment_id: str = None):
+        """Sets the selected segment, or segment_id of its segmentation (before: its voxels in box, if read already),
+        to mask inside box through the Segment Editor logic: erases what mask drops, then adds what it holds. (The
+        logic's Set mode replaces the whole segment, whatever extent it is given: a result pasted that way erased
+        every earlier one outside its box.) Each change is written on the volume's grid as the segmentation sees
+        it, or, across a non-linear transform, resampled onto the segmentation's reference grid, where the Segment
+        Editor keeps its masks."""
+        segment_id = segment_id or self._target.segment_id
+        before = self._segment_mask(segment_id, box) if before is None else before
         segmentation, grid, between = self._target.segmentation_node, *self._grid()
         reference = None if between is None else frames.reference_grid(segmentation, self._matrix)
         logic = self._target.editor_logic
-        editor = logic.GetSegmentEditorNode()
-        editor.SetSelectedSegmentID(self._target.segment_id)
+        if not bypass_masking:  # the masks are made around the selected segment
+            logic.GetSegmentEditorNode().SetSelectedSegmentID(segment_id)
         # Each masked call makes the edit mask from the other segments itself (a pass over the volume).
         changes = ((logic.ModificationModeRemove, before & ~mask), (logic.ModificationModeAdd, mask & ~before))
         for mode, voxels in changes:
@@ -770,7 +829,7 @@ class InteractiveSession:
                 modifier = arrays.labelmap_from_array(voxels[crop], grid, start)
                 if between is not None:
                     modifier = frames.resample(modifier, reference, between)
-                logic.ModifySegmentByLabelmap(segmentation, self._target.segment_id, modifier, mode,
+                logic.ModifySegmentByLabelmap(segmentation, segment_id, modifier, mode,
                                               modifier.GetExtent(), False, bypass_masking)
 
     # -- undo / redo -------------------------------------------------------------------------
@@ -783,51 +842,75 @@ class InteractiveSession:
         return bool(self._undone)
 
     def undo(self):
-        if self._done:
-            step = self._done.pop()
+        step = self._last(self._done, "undo")
+        if step:
             # One step back from the server's state: its own undo, sent before the next prompt.
-            follow = self._in_sync and self._server_can_undo and self._modified_time() == self._written
-            self._restore(step, step.before, in_sync=follow)
+            follow = (step.target.same(self._target) and self._in_sync and self._server_can_undo
+                      and self._modified_time() == self._written)
+            self._restore(step, undo=True, in_sync=follow)
             self._undo_on_server, self._server_can_undo = follow, False
             self._undone.append(step)
 
     def redo(self):
-        if self._undone:
-            step = self._undone.pop()
+        step = self._last(self._undone, "redo")
+        if step:
             # Redoing an undo the server has not been told of yet: the server is still where it was.
             follow = self._undo_on_server and self._in_sync and self._modified_time() == self._written
-            self._restore(step, step.after, in_sync=follow)
+            self._restore(step, undo=False, in_sync=follow)
             self._undo_on_server, self._server_can_undo = False, follow
             self._done.append(step)
 
-    def _restore(self, step: _Step, mask: np.ndarray, in_sync: bool = False):
-        """Local and instant: the server follows at the next prompt (its undo, or a re-seed)."""
-        if step.segment_id != self._target.segment_id:
-            self.select_segment(SegmentTarget(self._target.segmentation_node, step.segment_id,
-                                              self._target.editor_logic))
-        self._modify(step.box, mask, bypass_masking=True)
+    @staticmethod
+    def _last(steps: list, what: str):
+        """The last of steps, taken off; where its segment is gone (deleted, or its segmentation removed), the
+        steps of gone segments are dropped and InteractiveError says so."""
+        if steps and not steps[-1].target.exists():
+            steps[:] = [step for step in steps if step.target.exists()]
+            raise InteractiveError(f"Nothing to {what}: the segment that prompt changed was deleted.")
+        return steps.pop() if steps else None
+
+    def _restore(self, step: _Step, undo: bool, in_sync: bool = False):
+        """Local and instant: the server follows at the next prompt (its undo, or a re-seed). Only the voxels the
+        step changed are set back (or again): hand edits elsewhere in its box stay; voxels it took from other
+        segments go back to them (or are taken again). Prompts still go into the segment chosen, unless it is
+        gone."""
+        chosen, self._target = self._target, step.target
+        try:
+            current = self._segment_mask(step.segment_id, step.box)
+            restored = np.where(step.before != step.after, step.before if undo else step.after, current)
+            self._modify(step.box, restored, bypass_masking=True, before=current)
+            for other, taken in step.taken.items():
+                if self._target.segmentation_node.GetSegmentation().GetSegment(other) is not None:
+                    had = self._segment_mask(other, step.box)
+                    self._modify(step.box, had | taken if undo else had & ~taken, True, before=had, segment_id=other)
+        finally:
+            self._target = chosen
+        if chosen is None or not chosen.exists():
+            self.select_segment(step.target)
+            return
         if in_sync:  # the server's state: its part inside the region
             box = np.array([[b.start for b in step.box], [b.stop for b in step.box]])
             inside = np.array([np.maximum(box[0], self._region[0]), np.minimum(box[1], self._region[1])])
             if (inside[0] < inside[1]).all():
-                self._buffer[slices(inside - self._region[0])] = mask[slices(inside - box[0])]
+                self._buffer[slices(inside - self._region[0])] = restored[slices(inside - box[0])]
         self._written = self._modified_time()
         self._in_sync = in_sync
 
     def reset(self):
         """Clears the selected segment (undoable); the next prompt starts the server from the empty segment."""
+        self._check_target()
         box = tuple(slice(0, n) for n in self._shape)
         before = self._segment_mask(self._target.segment_id)
-        self._remember(_Step(self._target.segment_id, Prompt("reset"), box, before, np.zeros_like(before)))
-        self._restore(self._done[-1], self._done[-1].after)
+        self._remember(_Step(self._target, Prompt("reset"), box, before, np.zeros_like(before)))
+        self._restore(self._done[-1], undo=False)
         self._undo_on_server = self._server_can_undo = False
 
-    def prompts_of(self, segment_id: str) -> list:
-        """The prompts that made the segment as it stands (undone ones left out), for prompt files: in the volume's
-        own RAS, as mapped when each was made."""
+    def prompts_of(self, segment_id: str, segmentation_node=None) -> list:
+        """The prompts that made the segment (of segmentation_node, where given) as it stands (undone ones left out),
+        for prompt files: in the volume's own RAS, as mapped when each was made."""
         prompts = []
         for step in self._done:
-            if step.segment_id == segment_id:
+            if step.segment_id == segment_id and segmentation_node in (None, step.target.segmentation_node):
                 prompts = [] if step.prompt.kind == "reset" else prompts + [step.prompt]
         return prompts
 
