@@ -500,6 +500,33 @@ def test_resumes_after_the_session_is_reaped_and_after_a_server_restart(model_di
         reaping.stop()
 
 
+def test_a_restarted_server_is_asked_again_what_it_takes_and_an_undo_it_cannot_do_re_seeds(model_dir, scene_parts):
+    """Upstream's server answers an undo it cannot do (run with --no-undo, say) with nothing undone."""
+    restarting = Server(model_dir, KEY).start()
+    try:
+        session = open_session(restarting, scene_parts)
+        a, b, c, d, e, f = (12, 12, 12), (12, 20, 20), (20, 14, 22), (24, 24, 14), (16, 26, 26), (20, 20, 20)
+        session.add(Prompt("point", True, ras=ras(a)))
+        restarting.stop()
+        restarting = Server(model_dir, KEY, restarting.port, "--no-undo").start()
+        session.add(Prompt("point", True, ras=ras(b)))  # resumes on the server as it runs now
+        assert not session.capabilities.undo
+        session.add(Prompt("point", True, ras=ras(c)))
+        session.undo()
+        session.add(Prompt("point", True, ras=ras(d)))
+        got = mask_of(session)
+        assert got[a] and got[b] and not got[c] and got[d]
+        session.capabilities.undo = True  # a server that says it can undo, and then cannot
+        session.add(Prompt("point", True, ras=ras(e)))
+        session.undo()
+        session.add(Prompt("point", True, ras=ras(f)))
+        got = mask_of(session)
+        assert got[a] and got[b] and got[d] and not got[e] and got[f]
+        session.close()
+    finally:
+        restarting.stop()
+
+
 def test_a_model_that_cannot_start_from_a_segment_says_so_when_prompting_into_one_with_voxels(tmp_path, scene_parts):
     """A custom model (--model-dir) may not take a segment's voxels to start from: its result then replaces them
     around the prompt, which the status line says (the official weights take them)."""

@@ -397,6 +397,7 @@ class InteractiveSession:
         client = self._claim(resuming=True)
         self._generation += 1
         try:
+            self.capabilities = self._capabilities(client)  # a restarted server may run with other flags (--no-undo)
             if self._image is not None:
                 client.set_image(self._image)
                 self._image_client = client
@@ -694,8 +695,10 @@ class InteractiveSession:
         return None
 
     def _server_undo(self, client, generation: int):
-        if generation == self._generation:  # a resumed session was seeded with the undone segment already
-            client.undo()
+        """The server's own undo; where it has nothing to undo (it answers False: restarted, or run with --no-undo),
+        it starts from the segment as undone here instead."""
+        if generation == self._generation and not client.undo():  # else a resumed session was seeded already
+            self._seed(client, self._buffer.astype(np.uint8))
 
     def _after_cancelled(self):
         """Worker: waits for a cancelled prompt's thread (a late answer, a region upload) before changing what the
