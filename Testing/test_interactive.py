@@ -296,6 +296,26 @@ def test_undo_and_redo_of_a_prompt_leave_hand_edits_in_its_box_alone(server, sce
     session.close()
 
 
+def test_a_hand_edit_made_while_a_prompt_runs_stays_and_the_next_prompt_starts_from_it(server, scene_parts):
+    session = open_session(server, scene_parts)
+    session.add(Prompt("point", True, ras=ras((20, 24, 28))))
+    pending = session.prepare(Prompt("point", True, ras=ras((20, 24, 36))))
+    box = pending.run()  # the server has answered; the panel writes it at its next tick
+    edited = mask_of(session)
+    edited[30:33, 5:8, 5:8] = True  # painted meanwhile
+    edited[17:24, 21:28, 25:32] = False  # the first ball erased meanwhile
+    paint(session, edited)
+    session.finish(pending, box)
+    got = mask_of(session)
+    assert got[30:33, 5:8, 5:8].all() and not got[20, 24, 28] and got[20, 24, 36]
+    seeds = server.count('"POST /reset_interactions')
+    session.add(Prompt("point", True, ras=ras((24, 24, 24))))
+    got = mask_of(session)
+    assert server.count('"POST /reset_interactions') == seeds + 1  # the server learnt of the edit first
+    assert got[30:33, 5:8, 5:8].all() and not got[20, 24, 28] and got[20, 24, 36] and got[24, 24, 24]
+    session.close()
+
+
 def test_undo_gives_back_the_voxels_a_prompt_took_from_another_segment(server, scene_parts):
     """The Segment Editor's default overwrite setting has a prompt take its voxels from the other segments."""
     volume, segmentation, target, editor = scene_parts
@@ -435,6 +455,26 @@ def test_neighbours_untouched_when_overlap_is_not_allowed(server, scene_parts):
     got, kept = mask_of(session), mask_of(session, "neighbour")
     assert np.array_equal(kept, neighbour)  # not a voxel of the neighbour changed
     assert got[20, 16:20, 21:35].all() and not (got & neighbour).any()
+    session.close()
+
+
+def test_voxels_the_editor_masked_out_do_not_come_back_with_the_next_prompt(server, scene_parts):
+    """The server's state holds the whole result; where masking kept part of it out, the next prompt starts the server
+    from the segment as written."""
+    volume, segmentation, target, editor = scene_parts
+    neighbour = np.zeros(SHAPE, bool)
+    neighbour[15:25, 15:30, 15:30] = True
+    add_segment_from_mask(segmentation, neighbour.copy(), oblique_matrix(), "neighbour", (0, 0, 1))
+    editor.GetSegmentEditorNode().SetMaskMode(segmentation.EditAllowedOutsideAllSegments)
+    session = open_session(server, scene_parts)
+    square = [ras((20, 10, 10)), ras((20, 10, 24)), ras((20, 24, 24)), ras((20, 24, 10))]
+    session.add(Prompt("lasso", True, ras_points=tuple(square)))
+    lassoed = mask_of(session)
+    assert lassoed[20, 11:15, 11:24].all() and not (lassoed & neighbour).any()
+    editor.GetSegmentEditorNode().SetMaskMode(segmentation.EditAllowedEverywhere)  # changed in the Segment Editor
+    session.add(Prompt("point", True, ras=ras((20, 20, 34))))
+    got = mask_of(session)
+    assert got[20, 20, 34] and not (got & neighbour & ~lassoed).any()
     session.close()
 
 

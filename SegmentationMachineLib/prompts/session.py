@@ -617,7 +617,7 @@ class InteractiveSession:
         """Main thread, after run(): writes the changed box into the segment; or, where the result reaches a face of
         the region that cuts the volume and a larger region fits, writes nothing and sets pending.again, the same
         prompt on that region: run it and finish it in turn."""
-        warning, changed = "", bool(box)
+        warning, changed, synced = "", bool(box), True
         if changed:
             self._still_there()
             box = np.array(box).T  # (2, 3) in the region's voxels
@@ -627,9 +627,9 @@ class InteractiveSession:
             if pending.again is not None:  # kept in case the larger region fails
                 pending.again.cut = (self._in_volume(slices(box)), self._mirror[slices(box)].astype(bool))
             else:
-                self._write(pending.prompt, slices(box))
+                synced = self._write(pending.prompt, slices(box))
         if pending.again is None:
-            self._in_sync = True
+            self._in_sync = synced
             self._server_can_undo = changed and self.capabilities.undo
         if warning:
             self.status(warning)
@@ -755,9 +755,17 @@ class InteractiveSession:
         return box, lambda origin: lambda client: getattr(client, add)(
             mask.astype(np.uint8), include_interaction=include, interaction_bbox=(box - origin).T.tolist())
 
-    def _write(self, prompt: Prompt, local: tuple):
-        """Pastes the server's changed box (in the region) at its place in the segment."""
-        self._buffer[local] = self._paste(prompt, self._in_volume(local), self._mirror[local].astype(bool))
+    def _write(self, prompt: Prompt, local: tuple) -> bool:
+        """Pastes the server's changed box (in the region) at its place in the segment. A hand edit made while the
+        prompt ran stays: then only the voxels the server changed are written. True when the segment holds the
+        server's state there; False (the next prompt re-seeds the server) after such an edit or where the Segment
+        Editor's masking kept voxels out."""
+        result, box = self._mirror[local].astype(bool), self._in_volume(local)
+        edited = self._modified_time() != self._written
+        if edited:
+            result = np.where(result != self._buffer[local], result, self._segment_mask(self._target.segment_id, box))
+        self._buffer[local] = self._paste(prompt, box, result)
+        return not edited and np.array_equal(self._buffer[local], self._mirror[local].astype(bool))
 
     def _in_volume(self, local: tuple) -> tuple:
         """A box of the region's voxels as the volume's."""
