@@ -7,6 +7,8 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 MODULE = REPO / "SegmentationMachine" / "SegmentationMachine.py"
@@ -56,6 +58,17 @@ def test_library_packages_form_layers_without_circles():
     for source, target in _library_imports():
         assert target in LAYERS, f"{source} imports {target}, which is not a package of the library"
         assert source == target or LAYERS[target] < LAYERS[source], f"{source} must not import {target}"
+
+
+def test_the_repository_holds_no_links():
+    """A worktree's .venv, linked to another checkout's, was committed once (.gitignore's `.venv/` names folders
+    only): the next checkout put the link where that venv was, and removed it."""
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "-s"], cwd=REPO, capture_output=True, text=True)
+    if listed.returncode:
+        pytest.skip("not a git checkout")
+    assert [line.split("\t")[1] for line in listed.stdout.splitlines() if line.startswith("120000")] == []
 
 
 def test_extension_metadata():

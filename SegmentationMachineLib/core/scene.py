@@ -39,13 +39,18 @@ def editing(ctx: SceneContext, node):
 
 
 def new_segmentation(volume_node, name: str):
-    """A segmentation on volume_node's grid and under its transform, so its voxels are the volume's (no resampling
-    when prompts or presets write into it), with the display nodes Slicer gives a new one."""
+    """A segmentation made for volume_node (on_the_grid_of it)."""
     node = volume_node.GetScene().AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-    node.CreateDefaultDisplayNodes()
-    node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    on_the_grid_of(volume_node, node)
     return node
+
+
+def on_the_grid_of(volume_node, segmentation_node):
+    """A new segmentation on volume_node's grid and under its transform, so its voxels are the volume's (no
+    resampling when prompts or presets write into it), with the display nodes Slicer gives a new one."""
+    segmentation_node.CreateDefaultDisplayNodes()
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
 
 
 def forward_render_pauses(editor_logic: "slicer.vtkSlicerSegmentEditorLogic", app_logic):

@@ -4,7 +4,7 @@ import numpy as np
 
 from ..core import arrays
 from ..core.provenance import mark_segment, mask_fingerprint, on_reference_grid, preset_of, PRESET
-from ..core.scene import SceneContext, editing, new_segmentation
+from ..core.scene import SceneContext, editing, on_the_grid_of
 from .masks import PRESETS, get_preset, preset_mask
 
 
@@ -33,9 +33,12 @@ def add_preset_segment(ctx: SceneContext, volume_node, preset_name: str, mask: n
     """Main-thread half of apply_preset: the mask (cropped, its first voxel at index start) becomes a named,
     coloured segment, added as one change. fingerprint: the mask's mask_fingerprint, made off the main thread."""
     preset = get_preset(preset_name)
-    if segmentation_node is None:
-        segmentation_node = new_segmentation(volume_node, f"{volume_node.GetName()}_segmentation")
-    with editing(ctx, segmentation_node):
+    new = segmentation_node is None
+    if new:
+        segmentation_node = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()}_segmentation")
+    with editing(ctx, segmentation_node):  # made and filled as one change
+        if new:
+            on_the_grid_of(volume_node, segmentation_node)
         grid = arrays.ijk_to_ras(volume_node)
         segment_id = add_segment_from_mask(segmentation_node, mask, grid, preset.segment_name, preset.color, start)
         # The mask's own checksum holds where it is what saving stores; elsewhere the segment's is made here.
