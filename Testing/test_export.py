@@ -36,6 +36,45 @@ def bounds(points):
     return np.array([points.min(axis=0), points.max(axis=0)])
 
 
+def obj_objects(path) -> dict:
+    """{name: trimesh} of each `o` in an OBJ, its faces taken as written (global, 1-based): faces that point at
+    another object's vertices fail."""
+    objects, vertices, name = {}, [], None
+    for line in path.read_text().splitlines():
+        kind, _, rest = line.partition(" ")
+        if kind == "o":
+            name = rest
+            objects[name] = []
+        elif kind == "v":
+            vertices.append([float(v) for v in rest.split()])
+        elif kind == "f":
+            objects[name].append([int(i) - 1 for i in rest.split()])
+    meshes, ranges, points = {}, [], np.array(vertices)
+    for name, faces in objects.items():
+        faces = np.array(faces)
+        low, high = faces.min(), faces.max()
+        meshes[name] = trimesh.Trimesh(points[low:high + 1], faces - low, process=False)
+        ranges.append((low, high))
+    ranges.sort()
+    assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:])), ranges  # no object uses another's vertices
+    return meshes
+
+
+def assert_binary_stl_facing_out(path):
+    """A binary header not starting with 'solid' (readers take such a file for ASCII), and each stored normal
+    the way its corners wind (outward, for a closed mesh whose volume is positive)."""
+    data = path.read_bytes()
+    assert not data[:5].lower().startswith(b"solid")
+    record = np.dtype([("normal", "<f4", 3), ("corners", "<f4", (3, 3)), ("attribute", "<u2")])
+    facets = np.frombuffer(data, record, int(np.frombuffer(data, "<u4", 1, 80)[0]), 84)
+    corners = facets["corners"].astype(float)
+    wound = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    lengths = np.linalg.norm(wound, axis=1)
+    sizeable = lengths > 1e-6
+    agreement = np.einsum("ij,ij->i", wound[sizeable] / lengths[sizeable, None], facets["normal"][sizeable])
+    assert (agreement > 0.5).mean() > 0.99, agreement.min()
+
+
 def read_3mf_mesh(path):
     """(points, triangles) of a 3MF's first mesh as its text holds them (trimesh merges and repairs)."""
     mesh = next(ElementTree.fromstring(zipfile.ZipFile(path).read("3D/3dmodel.model")).iterfind(".//{*}mesh"))
@@ -71,6 +110,15 @@ def test_real_series_pipeline_all_formats_line_up(ctx, shared_data, tmp_path, un
         assert part.is_watertight and entry["watertight"]
         assert part.volume / 1000 == pytest.approx(entry["volume_ml"], rel=1e-3)
         assert np.allclose(part.bounds, [entry["bounds_min_mm"], entry["bounds_max_mm"]], atol=1e-3)
+        assert entry["volume_difference_percent"] == pytest.approx(
+            100 * (entry["volume_ml"] - entry["voxel_volume_ml"]) / entry["voxel_volume_ml"], abs=0.1)
+    # Each OBJ object's faces use its own vertices (the second's pointed at the first's, and vertex bounds, all the
+    # test looked at, said nothing), and it encloses the segment's volume.
+    for (name, mesh), entry in zip(obj_objects(result.folder / "segments.obj").items(), report["meshes"]):
+        assert name == entry["name"] and mesh.is_watertight
+        assert mesh.volume / 1000 == pytest.approx(entry["volume_ml"], rel=1e-3)
+    for name in ("Bone", "Skin", "merged"):
+        assert_binary_stl_facing_out(result.folder / f"{name}.stl")
     # The skin lies where the volume is: inside the volume's LPS bounding box.
     ras_corners = arrays.ijk_to_ras(volume) @ np.array(
         [[i, j, k, 1] for i in (0, volume.GetImageData().GetDimensions()[0] - 1)
@@ -230,6 +278,7 @@ def test_repeated_corners_and_back_to_back_triangles_leave_a_closed_mesh():
     closed = without_degenerate(merged_as_float32(points, triangles))
     assert closed.tolist() == [[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]] and check_mesh(points, closed).watertight
     assert without_degenerate(triangles[:4]).tolist() == triangles[:4].tolist()  # nothing to leave out
+    assert without_degenerate(np.array([[0, 1, 2], [0, 1, 0], [3, 3, 4], [5, 6, 6]])).tolist() == [[0, 1, 2]]
     assert without_degenerate(np.vstack([closed, closed[3:]])).tolist() == closed.tolist()  # a copy facing alike
 
 

@@ -254,6 +254,24 @@ def test_the_node_takes_explicit_vr_when_a_sender_offers_it_beside_implicit(tmp_
         node.stop()
 
 
+@pytest.mark.parametrize("status, said", [(0x0000, ""), (0xA700, "did not store 01.dcm (status 0xA700)")])
+def test_a_seg_the_destination_answers_with_a_failure_is_not_said_stored(status, said):
+    """send_file's answer is what `--send-seg-to` says: a PACS out of resources had stored nothing."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+    from SegmentationMachineLib.pacs.dicomnode import send_file
+
+    destination = AE(ae_title="DEST")
+    destination.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = destination.start_server(("127.0.0.1", port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, lambda event: status)])
+    try:
+        answer = send_file(UNCOMPRESSED_SERIES / "01.dcm", ("DEST", "127.0.0.1", port), "SEGMACHINE")
+    finally:
+        server.shutdown()
+    assert answer == (f"DEST at 127.0.0.1:{port} {said}." if said else "")
+
+
 def test_an_association_broken_by_a_malformed_message_leaves_no_mark_holding_its_series(tmp_path, caplog):
     """pynetdicom ends such an association without a release or abort event: its mark was touched for ever, and the
     series was never modelled until listen restarted. Its reactor thread's traceback is one sentence."""

@@ -26,7 +26,10 @@ NOTICES = REPO / "docker/desktop/sm-pod-notices"
 
 
 class RunningAgent:
+    started = []  # each is killed after its test, passed or failed (a failed one's agent outlived the suite)
+
     def __init__(self, fake, pod_id, **limits):
+        RunningAgent.started.append(self)
         self.port = free_port()
         env = {**os.environ, "RUNPOD_POD_ID": pod_id, "RUNPOD_API_KEY": RUNPOD_KEY, **fake.environment(),
                "SM_HEARTBEAT_TOKEN": TOKEN, "SM_AGENT_PORT": str(self.port), "SM_AGENT_POLL_S": "0.3",
@@ -49,6 +52,15 @@ class RunningAgent:
         finally:
             self.process.kill()
         return self.process.stderr.read()
+
+
+@pytest.fixture(autouse=True)
+def no_agent_left_running():
+    yield
+    while RunningAgent.started:
+        process = RunningAgent.started.pop().process
+        process.kill()
+        process.wait(10)
 
 
 @pytest.fixture
@@ -191,8 +203,8 @@ def test_a_forged_heartbeat_is_refused_and_keeps_nothing_alive(fake, pod):
 def test_budget_and_lifetime_end_the_pod_despite_heartbeats(fake, pod, limit, reason):
     agent = RunningAgent(fake, pod.id, SM_IDLE_TIMEOUT_S=60, SM_WARNING_S=2.5, **limit)
     heartbeat = Heartbeat(agent.url, TOKEN)
-    answers = []
-    while agent.process.poll() is None and pod.id in fake.pods:
+    answers, deadline = [], time.monotonic() + 60  # a limit never reached fails, never hangs the suite
+    while agent.process.poll() is None and pod.id in fake.pods and time.monotonic() < deadline:
         if heartbeat.beat():
             answers.append(dict(heartbeat.last))
         time.sleep(0.2)
@@ -219,6 +231,18 @@ def test_the_first_limit_reached_decides():
     assert verdict(config, idle_s=0, lifetime_s=3500, cost_usd=0, cost_per_hr=0.5).seconds_left == 100
     spent = verdict(config, idle_s=0, lifetime_s=100, cost_usd=0.99, cost_per_hr=3.6)
     assert "budget" in spent.reason and spent.seconds_left == pytest.approx(10)
+
+
+def test_a_short_idle_timeout_warns_only_in_its_second_half(tmp_path):
+    """A 5 min idle timeout with the default 5 min warning showed the warning on every beat of a pod in use."""
+    now = [0.0]
+    agent = PodAgent(AgentConfig("p", "k", "t", idle_timeout_s=300, warning_s=300, workspace=str(tmp_path)),
+                     backend=object(), clock=lambda: now[0])
+    assert agent.status()["warning"] == ""
+    now[0] = 149.0
+    assert agent.status()["warning"] == ""
+    now[0] = 151.0
+    assert agent.status()["warning"].startswith("The pod terminates in 2.5 min")
 
 
 @pytest.mark.parametrize("reads_as, said", [

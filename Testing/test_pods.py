@@ -456,9 +456,11 @@ def test_a_terminated_pod_is_listed_as_terminated_for_a_while_and_counts_as_gone
 
 def test_runpod_text_is_shown_without_anything_that_looks_like_a_secret():
     text = ("invalid env SM_NNI_API_KEY=Zr8x-secret-value from key rpa_ABC123def456 (Authorization: Bearer eyJhbGciOi"
-            ".payload) token: 0123456789abcdef0123456789abcdef01\x1b[2J; pod abc123xyz, GPU NVIDIA GeForce RTX 4090")
-    shown = redacted(text, ["Zr8x-secret-value"])
-    for secret in ("Zr8x-secret-value", "rpa_ABC123def456", "eyJhbGciOi", "0123456789abcdef0123456789abcdef01", "\x1b"):
+            ".payload) token: 0123456789abcdef0123456789abcdef01\x1b[2J; pod abc123xyz, GPU NVIDIA GeForce RTX 4090; "
+            "password=hunter2; files page pw7.Q (as sent)")
+    shown = redacted(text, ["Zr8x-secret-value", "pw7.Q"])  # pw7.Q: a secret only by its value, not by its look
+    for secret in ("Zr8x-secret-value", "rpa_ABC123def456", "eyJhbGciOi", "0123456789abcdef0123456789abcdef01", "\x1b",
+                   "hunter2", "pw7.Q"):
         assert secret not in shown
     assert "pod abc123xyz, GPU NVIDIA GeForce RTX 4090" in shown  # what helps the user stays
 

@@ -117,3 +117,14 @@ def test_the_module_shows_the_volume_warning(ctx, tmp_path):
     [warning] = result.warnings
     assert panel.status == f"Exported to {result.folder}. {warning}"
     assert panel.report_text().splitlines()[-1] == warning and "voxels 0.8 mL" in panel.report_text()
+
+
+def test_a_mesh_larger_than_its_voxels_is_warned_of_too():
+    """Only shrinking was ever tested: a mesh holding 20% more than its voxels (a closing smoothed outward) must
+    be said as well."""
+    from SegmentationMachineLib.mesh.export import _volume_warning
+
+    entry = {"name": "Vessel", "volume_ml": 1.2, "voxel_volume_ml": 1.0, "volume_difference_percent": 20.0}
+    assert _volume_warning(entry, SurfaceOptions()).startswith("Vessel: the mesh holds 1.2 mL where its voxels hold "
+                                                               "1.0 mL (+20%)")
+    assert _volume_warning({**entry, "volume_difference_percent": 9.9}, SurfaceOptions()) is None
