@@ -283,8 +283,8 @@ def _list(cloud: CloudGpu, args):
 def _stop(cloud: CloudGpu, args):
     pod = cloud.existing(args.pod_id)
     kept = cloud.stop(args.pod_id, pod)
-    print(f"Stopped pod {args.pod_id}{_cost_of(pod)}: no GPU billing; {kept}. `segmentation-machine pod down {args.pod_id}` "
-          f"terminates it, `pod resume {args.pod_id}` continues.")
+    print(f"Stopped pod {args.pod_id}{_cost_of(pod)}: no GPU billing; {kept}. "
+          f"`segmentation-machine pod down {args.pod_id}` terminates it, `pod resume {args.pod_id}` continues.")
 
 
 def _down(cloud: CloudGpu, args):

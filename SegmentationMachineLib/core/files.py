@@ -6,7 +6,7 @@ import re
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 try:
@@ -131,7 +131,7 @@ def replace_when_free(source, target, move=None, waits=(0.1, 0.2, 0.4, 0.8, 1.5,
 def publish_folder(staged: Path, reserved: Path):
     """staged, written in full, onto its reserved_folder: POSIX's rename replaces an empty folder at once; Windows'
     refuses to, so there the reservation goes first."""
-    if WINDOWS and reserved.is_dir() and not reserved.is_symlink() and not any(reserved.iterdir()):
+    if WINDOWS and empty_folder(reserved):
         replace_when_free(reserved, None, lambda folder, _: os.rmdir(folder))
     replace_when_free(staged, reserved, os.rename)
     sync_folder(reserved.parent)
@@ -148,6 +148,16 @@ def reserved_folder(parent: Path, base: str) -> Path | None:
         except FileExistsError:
             continue
     return None
+
+
+def unreserve(folder: Path):
+    """A reserved_folder given back: removed only while empty, so never a result written into it."""
+    with suppress(OSError):
+        folder.rmdir()
+
+
+def empty_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
 def private_folder(path: Path) -> Path:

@@ -24,7 +24,9 @@ from pathlib import Path
 
 from ..core.clock import local_time
 from ..core.errors import UnsuitableImage, UserError
-from ..core.files import WINDOWS, printable, publish_folder, replace_private, reserved_folder, sync_tree
+from ..core.files import (
+    WINDOWS, empty_folder, printable, publish_folder, replace_private, reserved_folder, sync_tree, unreserve,
+)
 from .locks import hold_lock
 from .watcher import Delivery, Inbox, SeriesState
 
@@ -114,19 +116,9 @@ def _reserve(made: Path, outbox: Path) -> Path:
         if result.name != made.name:
             made.rename(made.with_name(result.name))
     except BaseException:
-        _unreserve(result)
+        unreserve(result)
         raise
     return result
-
-
-def _unreserve(result: Path):
-    """The empty folder holding a result's name: only an empty folder, never a result."""
-    with suppress(OSError):
-        result.rmdir()
-
-
-def _empty_folder(path: Path) -> bool:
-    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
 def _commit(inbox: Inbox, delivery: Delivery, staged: Path, result: Path):
@@ -153,7 +145,7 @@ def reconcile(inbox: Inbox, board: StatusBoard, outbox: Path):
         # version staged under its name for staging)
         places = [_staging_folder(outbox, key, name) / result.name for name in (STAGING, OLDER_STAGING) if result]
         staged = next((place for place in places if place.is_dir()), None)
-        if staged and (not result.exists() or _empty_folder(result)):
+        if staged and (not result.exists() or empty_folder(result)):
             publish_folder(staged, result)  # committed, killed before the rename onto its reservation
         if board.get(key).get("state") in (None, "processing", "waiting"):
             state = BOARD_STATES.get(entry["state"], "failed")
@@ -162,7 +154,7 @@ def reconcile(inbox: Inbox, board: StatusBoard, outbox: Path):
         if entry["state"] == "processing":  # killed before the commit: processed again
             board.set(entry["key"], entry["name"], entry["files"], "waiting", "interrupted; processed again")
     for staged in (outbox / STAGING).glob("*/*"):  # not committed: a kill after its name was reserved
-        _unreserve(outbox / staged.name)
+        unreserve(outbox / staged.name)
     shutil.rmtree(outbox / STAGING, ignore_errors=True)
     older = outbox / OLDER_STAGING
     if older.is_dir() and all(re.fullmatch("[0-9a-f]{16}", p.name) for p in older.iterdir()):  # ours, not the user's
@@ -216,7 +208,7 @@ def deliver(inbox: Inbox, board: StatusBoard, delivery: Delivery, process, outbo
     try:
         _commit(inbox, delivery, staged, result)
     except BaseException:
-        _unreserve(result)  # reconcile publishes a result the journal took all the same
+        unreserve(result)  # reconcile publishes a result the journal took all the same
         raise
     publish_folder(staged, result)
     _remove(staging)

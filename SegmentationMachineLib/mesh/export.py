@@ -25,7 +25,6 @@ import shutil
 import tempfile
 import time
 import unicodedata
-from contextlib import suppress
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,7 +34,7 @@ import numpy as np
 
 from .. import __version__
 from ..core.errors import ExportError
-from ..core.files import not_a_device, publish_folder, reserved_folder
+from ..core.files import not_a_device, publish_folder, reserved_folder, unreserve
 from . import writers
 from .check import check_mesh
 from .dicomseg import SEG_FILE, SegInput, check_seg_export, match_sources, read_seg_input, write_seg
@@ -208,8 +207,7 @@ def write_export(prepared: PreparedExport, out_dir, options: ExportOptions = Exp
         publish_folder(partial, folder)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
-        with suppress(OSError):
-            folder.rmdir()
+        unreserve(folder)
         raise
     return replace(written, folder=folder, files=[folder / path.name for path in written.files])
 
