@@ -275,6 +275,30 @@ def test_seg_of_a_series_without_patient_attributes_is_written(tmp_path):
 
 
 @needs_highdicom
+@pytest.mark.parametrize("keyword, value", [
+    ("PatientBirthDate", "00000000"), ("PatientBirthDate", "1901-01-01"), ("PatientBirthDate", "19010132"),
+    ("PatientSex", "U"), ("StudyTime", "14:03:52"), ("StudyDate", "2024.03.01"),
+])
+def test_a_seg_of_a_series_with_a_value_highdicom_refuses_copies_it_as_it_is(shared_data, tmp_path, capfd, keyword,
+                                                                             value):
+    """Real headers hold these; highdicom's strict parse ended the export in a traceback naming the value, its
+    meshes removed, and watch wrote the patient's birth date into status.json."""
+    import highdicom
+    import pydicom
+
+    (tmp_path / "series").mkdir()
+    for path in sorted(UNCOMPRESSED_SERIES.glob("*.dcm")):
+        source = pydicom.dcmread(path)
+        setattr(source, keyword, value)
+        source.save_as(tmp_path / "series" / path.name)
+    assert main(["export", str(DCMQI / "liver_seg.nrrd"), "--volume", str(tmp_path / "series"), "--format",
+                 "stl,seg", "--out", str(tmp_path), "--quiet"]) == 0
+    seg = highdicom.seg.segread(next(tmp_path.glob("*/segmentation.dcm")))
+    assert seg[keyword].value == value and next(tmp_path.glob("*/*.stl"))
+    assert value not in "".join(capfd.readouterr())
+
+
+@needs_highdicom
 @pytest.mark.parametrize("character_set, patient", [
     (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),  # Japanese: highdicom refused the set
     (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동"),  # Korean: likewise

@@ -17,6 +17,7 @@ grid's orientation.
 import json
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +128,24 @@ def source_dataset(path):
         raise ExportError(f"{path} has no {' or '.join(missing)} (an anonymiser removed it), so a DICOM SEG "
                           "could not refer to it: export STL, OBJ, 3MF or glTF instead.")
     return dataset
+
+
+def _unparsable(dataset) -> list:
+    """Keywords highdicom parses strictly that dataset holds in a form it refuses: real headers hold an unknown
+    birth date as 00000000, ACR-NEMA's 1901-01-01, sex 'U', a time as 14:03:52."""
+    refused = []
+    for keyword in ("PatientBirthDate", "StudyDate", "StudyTime", "PatientSex"):
+        value = dataset.get(keyword)
+        if not value:
+            continue
+        try:
+            if keyword == "PatientSex":
+                refused += [keyword] if value not in ("M", "F", "O") else []
+            else:
+                (pydicom.valuerep.TM if keyword == "StudyTime" else pydicom.valuerep.DA)(value)
+        except ValueError:
+            refused.append(keyword)
+    return refused
 
 
 @dataclass
@@ -246,8 +265,15 @@ def write(path, seg: SegInput):
     geometry = {} if seg.source_frames else dict(zip(("pixel_measures", "plane_orientation", "plane_positions"),
                                                      _plane_geometry(seg.ijk_to_ras, seg.pixels.shape[0])))
     made_by = seg.made_by or ("",) * len(seg.segments)
+    sources = [source_dataset(name) for name in seg.source_files]
+    # Left empty for highdicom, then copied onto the SEG as its series holds them: a PACS matches a SEG to its
+    # patient and study by them.
+    kept = {keyword: sources[0][keyword].value for keyword in _unparsable(sources[0])}
+    for source in sources:
+        for keyword in kept:
+            setattr(source, keyword, None)
     document = highdicom.seg.Segmentation(
-        source_images=[source_dataset(name) for name in seg.source_files], pixel_array=seg.pixels,
+        source_images=sources, pixel_array=seg.pixels,
         segmentation_type=highdicom.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[_description(n, label, color, how) for n, (label, (_, color), how) in enumerate(
             zip(_labels([name for name, _ in seg.segments]), seg.segments, made_by), 1)],
@@ -255,6 +281,10 @@ def write(path, seg: SegInput):
         manufacturer="SegmentationMachine", manufacturer_model_name="SegmentationMachine",
         software_versions=__version__, device_serial_number="0", series_description=_long_string(seg.description),
         **geometry)
+    with warnings.catch_warnings():  # pydicom's, that the value is not of its VR: as the series holds it
+        warnings.simplefilter("ignore")
+        for keyword, value in kept.items():
+            setattr(document, keyword, value)
     document.ContentCreatorName = None  # type 2: present, empty (highdicom leaves it out); we do not know who it is
     # Names in any script (highdicom copies the series' character set, often none: ASCII, which turned 'ü' into a
     # Latin-1 byte and Japanese into '?').
