@@ -4,12 +4,15 @@ disk, a second watcher, signals, files that resume growing, series that arrive w
 import errno
 import json
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ import pytest
 from conftest import UNCOMPRESSED_SERIES
 from SegmentationMachineLib.inbox.locks import FolderInUse
 from SegmentationMachineLib.inbox.watcher import Inbox, InboxOptions, SeriesState
-from SegmentationMachineLib.inbox.watchqueue import run_queue
+from SegmentationMachineLib.inbox.watchqueue import BOARD_DAYS, run_queue
 
 REPO = Path(__file__).resolve().parents[1]
 SETTLE = 0.5
@@ -313,6 +316,26 @@ def test_an_empty_status_json_a_power_cut_left_is_rebuilt_from_the_journal(tmp_p
     board, _ = queue_once(inbox_folder, state, outbox)
     [entry] = board["series"]
     assert entry["state"] == "done" and Path(entry["result"]).is_dir()
+
+
+def test_status_json_drops_series_finished_a_month_ago_and_the_journal_still_knows_them(tmp_path, shared_data):
+    """A watch running for months rewrote an ever longer status.json at every change."""
+    inbox_folder, state, outbox = tmp_path / "inbox", tmp_path / "state", tmp_path / "outbox"
+    (inbox_folder / "first").mkdir(parents=True)
+    for path in SLICES:
+        (inbox_folder / "first" / path.name).write_bytes(path.read_bytes())
+    board, _ = queue_once(inbox_folder, state, outbox)
+    [entry] = board["series"]
+    month_ago = datetime.now().astimezone() - timedelta(days=BOARD_DAYS + 1)
+    (outbox / "status.json").write_text(json.dumps({**board, "series": [{**entry, "updated": month_ago.isoformat()}]}))
+    with sqlite3.connect(state / "journal.sqlite") as journal:
+        journal.execute("UPDATE deliveries SET updated = ?", (month_ago.timestamp(),))
+    journal.close()
+    board, _ = queue_once(inbox_folder, state, outbox)
+    assert board["series"] == [] and Path(entry["result"]).is_dir()
+    shutil.copytree(inbox_folder / "first", inbox_folder / "again")
+    board, lines = queue_once(inbox_folder, state, outbox)
+    assert board["series"] == [] and any("not processed again" in line for line in lines), lines
 
 
 def test_a_result_is_on_disk_before_the_journal_says_it_is_done(tmp_path, shared_data, monkeypatch):

@@ -1,8 +1,9 @@
 """The headless processing queue: every ready inbox series through the model pipeline, one at a time.
 
 OUTBOX/status.json says where each series stands (waiting, processing, done, failed or skipped + reason) with
-absolute paths, and is replaced whole after every change (a new temporary name each time, owner-only:
-it names patients' series), so a reader never sees half of it.
+absolute paths; a series finished more than BOARD_DAYS ago leaves it (the journal keeps it). It is replaced whole
+after every change (a new temporary name each time, owner-only: it names patients' series), so a reader never sees
+half of it.
 
 A delivery is one atomic step, whatever kills the process when (a power cut too): the result is written into
 OUTBOX/.segmentation-machine-staging and flushed to disk, the journal commits it, then it is renamed into place. On
@@ -19,7 +20,9 @@ import re
 import shutil
 import sqlite3
 import threading
+import time
 from contextlib import suppress
+from datetime import datetime
 from pathlib import Path
 
 from ..core.clock import local_time
@@ -40,6 +43,9 @@ DISK_RETRY_MAX_S = 3600.0
 BOARD_STATES = {SeriesState.LOADED.value: "done", SeriesState.SKIPPED.value: "skipped"}  # journal's, else "failed"
 STAGING = ".segmentation-machine-staging"  # results being written; removed at a start: a name only ours has
 OLDER_STAGING = ".staging"  # where versions before 2026-11-27 staged them
+# status.json is rewritten whole at every change: a watch running for months keeps it to recent series.
+BOARD_DAYS = 30
+FINISHED = ("done", "failed", "skipped")
 
 
 class StatusBoard:
@@ -83,8 +89,20 @@ class StatusBoard:
         self._series[key] = entry
         self.save()
 
+    @staticmethod
+    def old(finished_at: float) -> bool:
+        """A series finished at finished_at (epoch seconds) is too old for the board."""
+        return finished_at < time.time() - BOARD_DAYS * 86400
+
+    def _finished_long_ago(self, entry: dict) -> bool:
+        try:
+            return entry["state"] in FINISHED and self.old(datetime.fromisoformat(entry["updated"]).timestamp())
+        except (KeyError, TypeError, ValueError):  # written by hand or by another program: kept
+            return False
+
     def save(self):
         """Where the disk is full, the board is written again at the next change, or run_queue's next poll."""
+        self._series = {key: entry for key, entry in self._series.items() if not self._finished_long_ago(entry)}
         try:
             replace_private(self.path, json.dumps({"inbox": self._inbox, "updated": local_time(),
                                                    "series": list(self._series.values())}, indent=2))
@@ -147,7 +165,8 @@ def reconcile(inbox: Inbox, board: StatusBoard, outbox: Path):
         staged = next((place for place in places if place.is_dir()), None)
         if staged and (not result.exists() or empty_folder(result)):
             publish_folder(staged, result)  # committed, killed before the rename onto its reservation
-        if board.get(key).get("state") in (None, "processing", "waiting"):
+        on_board = board.get(key).get("state")
+        if on_board in ("processing", "waiting") or on_board is None and not board.old(entry["updated"] or 0):
             state = BOARD_STATES.get(entry["state"], "failed")
             board.set(key, entry["description"], entry["files"], state, entry["reason"] or "", entry["result"] or "")
     for entry in board.entries():
