@@ -392,6 +392,34 @@ def test_the_dicom_seg_goes_back_to_the_named_ae_and_a_missing_ae_costs_one_sent
     assert node.stop() == 128 + signal.SIGTERM
 
 
+def test_a_tls_node_sends_the_dicom_seg_back_over_tls_showing_its_certificate(listener, tmp_path, shared_data):
+    """The SEG (the patient's name, ID and birth date) went back in the clear from a node that took TLS only, and
+    a PACS that takes TLS only never got it."""
+    pytest.importorskip("highdicom", reason="DICOM SEG needs highdicom (segmentation-machine[hospital])")
+    node_cert, node_key = self_signed(tmp_path, "node", "127.0.0.1")
+    pacs_cert, pacs_key = self_signed(tmp_path, "pacs", "127.0.0.1")
+    received = []
+    pacs_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(node_cert))  # the node's, only
+    pacs_side.verify_mode = ssl.CERT_REQUIRED
+    pacs_side.load_cert_chain(pacs_cert, pacs_key)
+    destination = AE(ae_title="DEST")
+    destination.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = destination.start_server(("127.0.0.1", port), block=False, ssl_context=pacs_side,
+                                      evt_handlers=[(evt.EVT_C_STORE, lambda event: received.append(event) or 0)])
+    try:
+        node = listener("--format", "stl,seg", "--send-seg-to", f"DEST@127.0.0.1:{port}", "--tls-cert",
+                        str(node_cert), "--tls-key", str(node_key), "--tls-ca", str(pacs_cert))
+        sender = ssl.create_default_context(cafile=str(node_cert))
+        sender.load_cert_chain(pacs_cert, pacs_key)
+        assert push(node.port, ct_files(shared_data), tls=(sender, "127.0.0.1")) == [0, 0, 0]
+        node.wait_for(lambda: node.done() and received)
+    finally:
+        server.shutdown()
+    assert [event.dataset.SOPClassUID for event in received] == [SEG_STORAGE]
+    assert "was not sent" not in node.err() and node.stop() == 128 + signal.SIGTERM
+
+
 @pytest.mark.parametrize("options, sentence", [
     ([], "Name the PACS that may send with --allow"),
     (["--allow", "PACS", "--ae-title", "A_TITLE_LONGER_THAN_16"], "is not a DICOM AE title"),

@@ -20,7 +20,8 @@ def add_listen_command(commands, common):
     listen.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert (when not inside it)")
     listen.add_argument("--tls-ca", type=Path, help="PEM CA certificates: senders must show a certificate they signed")
     listen.add_argument("--send-seg-to", metavar="AE@HOST:PORT",
-                        help="C-STORE each series' DICOM SEG there (with --format including seg)")
+                        help="C-STORE each series' DICOM SEG there (with --format including seg); over TLS when the "
+                             "node takes TLS, trusting --tls-ca")
     listen.add_argument("--keep-received", type=float, default=7.0, metavar="DAYS",
                         help="remove a series' received files once it is modelled (or failed) and unchanged for "
                              "DAYS days (default 7; 0: as soon as it is modelled); status.json keeps the result")
@@ -38,7 +39,9 @@ def run_listen(args):
     from ..mesh.export import parse_formats
     try:
         import pynetdicom  # noqa: F401 - used where the node starts
-        from ..pacs.dicomnode import RECEIVED, RECEIVING, DicomNode, NodeOptions, parse_destination, send_file
+        from ..pacs.dicomnode import (
+            RECEIVED, RECEIVING, DicomNode, NodeOptions, parse_destination, send_file, sending_tls_context,
+        )
     except ImportError:
         raise UserError(f"listen is a DICOM node, which needs pynetdicom: {install_extra('pacs')}.") from None
     state = Path(state_folder(args)).expanduser().absolute()
@@ -50,9 +53,11 @@ def run_listen(args):
     if destination and "seg" not in parse_formats(args.format):
         raise UserError("--send-seg-to sends each series' DICOM SEG: add seg to --format, e.g. --format stl,seg.")
 
+    sending_tls = sending_tls_context(node.options) if destination else None
+
     def send_seg(result):
         if destination:
-            problem = send_file(result.folder / SEG_FILE, destination, node.options.ae_title)
+            problem = send_file(result.folder / SEG_FILE, destination, node.options.ae_title, sending_tls)
             if problem:
                 log.error("The DICOM SEG was not sent: %s The models are delivered all the same.", problem)
 

@@ -97,6 +97,17 @@ def tls_context(options: NodeOptions):
     return context
 
 
+def sending_tls_context(options: NodeOptions):
+    """For the SEG sent back to a PACS: TLS wherever the node itself takes TLS only, as patient data never leaves it
+    in the clear; it shows the node's certificate and trusts --tls-ca (else the system's CAs). None without TLS."""
+    if not options.tls_cert:
+        return None
+    context = ssl.create_default_context(cafile=options.tls_ca)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(options.tls_cert, options.tls_key, password=lambda: b"")  # tls_context read them
+    return context
+
+
 def _file_name(uid) -> str:
     """A UID as a file name; anything else (it comes from the network) as its hash, never a path."""
     text = str(uid or "")
@@ -326,8 +337,9 @@ class DicomNode:
         return f"AE '{requestor.ae_title.strip()}' at {requestor.address}"
 
 
-def send_file(path: Path, destination: tuple, calling_ae: str) -> str:
-    """C-STORE of one DICOM file to (AE, HOST, PORT); "" when stored, else why not (one sentence)."""
+def send_file(path: Path, destination: tuple, calling_ae: str, tls: ssl.SSLContext = None) -> str:
+    """C-STORE of one DICOM file to (AE, HOST, PORT), over TLS with the tls context; "" when stored, else why not
+    (one sentence)."""
     from pydicom import dcmread
     from pydicom.uid import ExplicitVRLittleEndian
     from pynetdicom import AE
@@ -338,8 +350,12 @@ def send_file(path: Path, destination: tuple, calling_ae: str) -> str:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
     ae.add_requested_context(dataset.SOPClassUID, sorted({dataset.file_meta.TransferSyntaxUID, ExplicitVRLittleEndian}))
     try:
-        association = ae.associate(host, port, ae_title=title)
+        association = ae.associate(host, port, ae_title=title, tls_args=(tls, host) if tls else None)
         if not association.is_established:
+            if tls:
+                return (f"{title} at {host}:{port} did not accept a TLS association from {calling_ae}: check its AE "
+                        "list and port, that it takes TLS, trusts this node's certificate and shows one --tls-ca "
+                        "(or the system) trusts.")
             return f"{title} at {host}:{port} did not accept an association from {calling_ae}: check its AE list and port."
         try:
             status = association.send_c_store(dataset)
