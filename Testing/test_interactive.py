@@ -283,7 +283,8 @@ def test_undo_and_redo_of_a_prompt_leave_hand_edits_in_its_box_alone(server, sce
     session.add(Prompt("point", True, ras=ras((20, 24, 28))))
     session.add(Prompt("point", True, ras=ras((20, 24, 36))))
     block = (slice(30, 33), slice(5, 8), slice(5, 8))
-    assert all(b.start <= s.start and s.stop <= b.stop for b, s in zip(session._done[-1].box, block))  # in its box
+    last_box = session._history.done[-1].box
+    assert all(b.start <= s.start and s.stop <= b.stop for b, s in zip(last_box, block))  # in its box
     edited = mask_of(session)
     edited[block] = True
     paint(session, edited)
@@ -428,10 +429,11 @@ def test_the_undo_history_is_capped_in_bytes_and_says_when_it_drops_steps(server
     session = open_session(server, scene_parts, status=said.append)
     spots = [(12, 12, 12), (12, 20, 20), (20, 14, 22), (24, 24, 14)]
     session.add(Prompt("point", True, ras=ras(spots[0])))
-    session.max_undo_bytes = 2 * session._done[0].nbytes
+    session.max_undo_bytes = 2 * session._history.done[0].nbytes
     for spot in spots[1:]:
         session.add(Prompt("point", True, ras=ras(spot)))
-    assert 1 <= len(session._done) < 4 and sum(step.nbytes for step in session._done) <= session.max_undo_bytes
+    kept = session._history.done
+    assert 1 <= len(kept) < 4 and sum(step.nbytes for step in kept) <= session.max_undo_bytes
     assert said[-1].startswith("The undo history reached its 0 MB: the oldest ")
     while session.can_undo:
         session.undo()

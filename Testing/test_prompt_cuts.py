@@ -19,6 +19,7 @@ pytest.importorskip("nnInteractive")
 from nninteractive_model import write_model_folder  # noqa: E402
 from nninteractive_server import Server  # noqa: E402
 from SegmentationMachineLib.core import arrays  # noqa: E402
+from SegmentationMachineLib.prompts import errors  # noqa: E402
 from SegmentationMachineLib.prompts.promptfile import Prompt  # noqa: E402
 from SegmentationMachineLib.prompts.region import Limits  # noqa: E402
 from SegmentationMachineLib.prompts.session import (  # noqa: E402
@@ -255,7 +256,7 @@ def test_an_answer_that_names_out_of_memory_says_the_gpu_is_too_small():
     session = InteractiveSession("https://pod-8000.proxy.runpod.net", KEY)
     request = httpx.Request("POST", "https://pod-8000.proxy.runpod.net/add_point_interaction")
     answer = httpx.Response(500, json={"detail": "CUDA out of memory. Tried to allocate 2.25 GiB"}, request=request)
-    error = session._http_error(httpx.HTTPStatusError("500", request=request, response=answer))
+    error = errors.http_error(session, httpx.HTTPStatusError("500", request=request, response=answer))
     assert str(error) == ("The nnInteractive server ran out of GPU memory on this prompt (HTTP 500: CUDA out of "
                           "memory. Tried to allocate 2.25 GiB); the segment is left as it was: the GPU has too little "
                           "memory for this region and prompt, so run the server on a GPU with more memory (a pod's "

@@ -11,13 +11,13 @@ volume and the segmentation are under (frames.py). A result the server cut at a 
 (it reaches one that cuts the volume) is not written: the prompt runs again, from the segment as it
 was, on a region that holds more of it (at most MAX_RERUNS times, each within one request); where
 none fits, or the larger one fails (a GPU out of memory), the cut result is written and the status
-line says so. Undo and redo are kept here, many levels deep; the server learns of undo, redo and hand
+line says so. Undo and redo are kept here (history.py), many levels deep; the server learns of undo, redo and hand
 edits (Segment Editor paint or erase) before the next prompt, which re-seeds it with the segment as it
 is. Only what the server's model takes is sent (its capabilities are read at connect). A lost session
 (lease gone, server restarted, connection refused) is resumed without the user: claim, upload, seed
 the current mask, repeat the prompt. A slow answer is waited for and never repeated: a large structure
 can take many seconds, and a read time-out says so instead of reconnecting. No reply is trusted
-(remote.py): a broken or hostile server ends in one sentence, never in a crash.
+(remote.py): a broken or hostile server ends in one sentence (errors.py), never in a crash.
 """
 
 import threading
@@ -31,31 +31,21 @@ import vtk
 
 from ..core import arrays
 from ..core.addresses import is_loopback
-from ..core.errors import UserError, install_extra, untrusted_certificate
+from ..core.errors import install_extra
 from ..core.files import printable
 from ..core.grids import bounding_box
 from ..core.provenance import NNINTERACTIVE, mark_segment
 from ..core.scene import BINARY_LABELMAP, forward_render_pauses
-from . import frames, geometry
+from . import errors, frames, geometry
+from .errors import InteractiveError, NoSession
+from .history import MAX_UNDO_BYTES, Step, UndoHistory
 from .promptfile import Prompt
 from .region import covers, cut_faces, Limits, Planner, RegionTooLarge, slices
 
-MAX_UNDO_BYTES = 256 << 20  # the undo history's memory (masks packed 8 voxels a byte); the oldest steps go first
 RETRY_AFTER_S = 10  # what the server asks for when full; its client does not pass the header on
-# What the upstream client says of a 503 whose body has no JSON detail: a proxy's page, never the server's own
-# "server is at capacity (N sessions)" (nninteractive-client 2.6, remote_session._raise_for_lease_errors).
-CAPACITY_WITHOUT_DETAIL = "server is at capacity"
-# After a CUDA out of memory upstream's server is about half as fast on large structures until it restarts; ours
-# restarts it.
-RESTARTS = ("a pod's server, or one run by segmentation-machine server, restarts itself within a minute; another is "
-            "about half as fast on large structures until restarted")
 MAX_SCRIBBLE_THICKNESS = 20  # voxels; what a server prefers beyond that is not a scribble (and costs memory)
 SMALLER_REGION_TRIES = 3  # uploads or prompts a proxy refuses as too large are tried on ever smaller regions
 MAX_RERUNS = 3  # a prompt whose result the region cut runs again on a larger region at most this often
-
-
-class InteractiveError(UserError):
-    """The nnInteractive server cannot be used (unreachable, key rejected, full, incompatible)."""
 
 
 # Our prompt kinds -> the server's interaction names (supported_interactions in /capabilities).
@@ -94,43 +84,6 @@ class PromptTiming:
 
     def __str__(self):
         return f"{self.total_s * 1000:.0f} ms ({self.server_s * 1000:.0f} ms server + network)"
-
-
-class _Step:
-    """One change of a segment, undoable: the segment (its segmentation node and ID, and the editor logic that wrote
-    it), its box and the box's mask before and after, and the voxels it took from other segments of that segmentation
-    (the Segment Editor's overwrite setting), packed 8 voxels a byte (a reset of a 512x512x300 segment keeps 20 MB
-    instead of 160)."""
-
-    def __init__(self, target: "SegmentTarget", prompt: Prompt, box: tuple, before: np.ndarray, after: np.ndarray,
-                 taken: dict = None):
-        self.target, self.prompt, self.box, self._shape = target, prompt, box, before.shape
-        self._before, self._after = np.packbits(before, axis=None), np.packbits(after, axis=None)
-        self._taken = {segment_id: np.packbits(mask, axis=None) for segment_id, mask in (taken or {}).items()}
-
-    @property
-    def segment_id(self) -> str:
-        return self.target.segment_id
-
-    def _unpack(self, bits) -> np.ndarray:
-        return np.unpackbits(bits, count=int(np.prod(self._shape))).reshape(self._shape).astype(bool)
-
-    @property
-    def before(self) -> np.ndarray:
-        return self._unpack(self._before)
-
-    @property
-    def after(self) -> np.ndarray:
-        return self._unpack(self._after)
-
-    @property
-    def taken(self) -> dict:
-        """{segment ID: the voxels of box this step took from that segment}."""
-        return {segment_id: self._unpack(bits) for segment_id, bits in self._taken.items()}
-
-    @property
-    def nbytes(self) -> int:
-        return self._before.nbytes + self._after.nbytes + sum(bits.nbytes for bits in self._taken.values())
 
 
 @dataclass
@@ -206,8 +159,7 @@ class InteractiveSession:
     _in_sync: bool = False  # the server's state is _buffer plus the prompts since it was seeded
     _cancelled: "PendingPrompt" = None  # its thread may still write a late answer into _mirror
     _target: SegmentTarget = None
-    _done: list = field(default_factory=list)
-    _undone: list = field(default_factory=list)
+    _history: UndoHistory = field(default_factory=UndoHistory)
     # The server keeps one level of undo that restores its interaction channels exactly, so the model keeps
     # its memory of earlier prompts; deeper steps, redo and hand edits re-seed it (the model forgets them).
     _server_can_undo: bool = False  # the server's undo holds the last prompt, whose result the segment shows
@@ -237,9 +189,9 @@ class InteractiveSession:
             interactions = frozenset(name for name, on in dict(client.supported_interactions).items() if on is True)
             thickness = tuple(float(t) for t in client.preferred_scribble_thickness or (1, 1, 1))
         except (TypeError, ValueError) as error:
-            raise self._bad_reply(error) from None
+            raise errors.bad_reply(self, error) from None
         if len(thickness) != 3 or not all(0 < t <= MAX_SCRIBBLE_THICKNESS for t in thickness):
-            raise self._bad_reply(f"a scribble thickness of {thickness} voxels")
+            raise errors.bad_reply(self, f"a scribble thickness of {thickness} voxels")
         return Capabilities(
             interactions=interactions,
             initial_mask=client.supports_initial_label is True,
@@ -249,147 +201,37 @@ class InteractiveSession:
             scribble_thickness=thickness,
         )
 
-    def _bad_reply(self, error) -> InteractiveError:
-        """A reply this client cannot read: a broken or foreign server, never written into the segment."""
-        detail = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-        return InteractiveError(f"The server at {self.url} sent a reply this client cannot read ({detail}); "
-                                "nothing was written to the segment: check that it is an nnInteractive server "
-                                f"for nninteractive-client {_client_version()}.")
-
     def _claim(self, resuming: bool = False):
         upstream, remote, httpx = _upstream()
         waited = 0.0
         while True:
             try:
-                return remote.GuardedSession(self.url, self.api_key, self.read_timeout_s, self.limits.request_bytes)
-            except upstream.ServerAtCapacityError as error:
-                if str(error) == CAPACITY_WITHOUT_DETAIL:  # a 503 without upstream's JSON: a proxy's page
-                    raise self._gateway(503) from None
+                with errors.sentences(self, errors.RESUME if resuming else errors.CONNECT):
+                    return remote.GuardedSession(self.url, self.api_key, self.read_timeout_s, self.limits.request_bytes)
+            except upstream.ServerAtCapacityError:  # the server said it is full: wait for a free session
                 if waited >= self.max_wait_s:
                     raise InteractiveError(f"The nnInteractive server at {self.url} is still full after "
                                            f"{waited:.0f} s: try again later or start your own GPU pod.") from None
                 self.status(f"The server is full (all its sessions are in use); trying again in {RETRY_AFTER_S} s.")
                 self.sleep(RETRY_AFTER_S)
                 waited += RETRY_AFTER_S
-            except httpx.HTTPStatusError as error:
-                raise self._http_error(error) from None
-            except (remote.AnswerRefused, httpx.ReadTimeout) as error:
-                raise self._unanswered(error) from None
-            except remote.ProxyFailed as error:
-                raise self._proxy_failed(error) from None
-            except httpx.TransportError as error:
-                if untrusted_certificate(error):
-                    raise InteractiveError(
-                        f"The nnInteractive server at {self.url} shows a certificate this computer does not trust "
-                        f"({untrusted_certificate(error)}): check the address; behind a proxy that inspects TLS, set "
-                        "REQUESTS_CA_BUNDLE to your organisation's CA certificates.") from None
-                if resuming:  # it answered before: gone since, or restarting (as after a GPU out of memory)
-                    raise InteractiveError(f"The nnInteractive server at {self.url} stopped answering "
-                                           f"({type(error).__name__}); the segment is left as it was: it may be "
-                                           "restarting, so prompt again in a minute, else check that it runs.") from None
-                raise InteractiveError(f"Cannot reach the nnInteractive server at {self.url} "
-                                       f"({type(error).__name__}): check the URL and that the server is running.") from None
-            except KeyError as error:  # a reply without the fields this client version expects
-                raise InteractiveError(f"The server at {self.url} speaks another nnInteractive protocol (missing "
-                                       f"{error}); this client is nninteractive-client "
-                                       f"{_client_version()}: run server and client of the same version.") from None
-            except (ValueError, TypeError, AttributeError) as error:  # not JSON, or JSON of another shape
-                raise self._bad_reply(error) from None
-
-    def _http_error(self, error) -> InteractiveError:
-        code = error.response.status_code
-        if code == 401:
-            return InteractiveError(f"The nnInteractive server at {self.url} rejected the API key: "
-                                    "enter the key the server was started with.")
-        if code == 413:  # Cloudflare's answer to a body over its cap
-            return InteractiveError(f"The proxy in front of {self.url} refused a request as too large (HTTP 413); "
-                                    "the segment is left as it was: use a smaller prompt, or reach the server "
-                                    "without the proxy.")
-        if code == 524:  # Cloudflare in front of RunPod's proxy ends a request after 100 s
-            return InteractiveError(f"The proxy in front of {self.url} gave up waiting for the prediction (HTTP 524, "
-                                    "after about 100 s); the segment is left as it was: try a smaller prompt, "
-                                    "or reach the server without the proxy.")
-        if code in (404, 405, 422):
-            return InteractiveError(f"The server at {self.url} does not understand this client "
-                                    f"(HTTP {code}; client nninteractive-client {_client_version()}, server "
-                                    f"{self.capabilities.server_version if self.capabilities else 'unknown'}): "
-                                    "run server and client of the same version.")
-        if code in (502, 503, 504):
-            return self._gateway(code)
-        said = _upstream()[1].error_text(error.response)
-        if code == 400 and "entirely zero" in said:  # upstream cannot normalise it: an MR's air, a blank volume
-            return InteractiveError(f"The part of the scan sent for this prompt is all zero ({self.region_note}), "
-                                    "which nnInteractive cannot segment; the segment is left as it was: place the "
-                                    "prompt on the structure, or choose the scan's own volume.")
-        if code == 400:
-            return InteractiveError(f"The nnInteractive server refused this prompt (HTTP 400: {said}); the segment "
-                                    "is left as it was: place the prompt inside the scan, or reset the segment and "
-                                    "try again.")
-        if code == 500 and "out of memory" in said.lower():
-            return InteractiveError(f"The nnInteractive server ran out of GPU memory on this prompt (HTTP 500: "
-                                    f"{said}); the segment is left as it was: the GPU has too little memory for this "
-                                    f"region and prompt, so run the server on a GPU with more memory ({RESTARTS}).")
-        if code == 500:  # upstream answers only this to what it does not expect, a CUDA out of memory included
-            return InteractiveError(f"The nnInteractive server failed on this prompt (HTTP 500: {said}); the segment "
-                                    "is left as it was: its log says why (a pod's logs are in RunPod's console); "
-                                    "where that is CUDA out of memory, run the server on a GPU with more memory "
-                                    f"({RESTARTS}); otherwise try the prompt again.")
-        return InteractiveError(f"The nnInteractive server answered HTTP {code} ({said}): try the prompt again, "
-                                "or reset the segment.")
-
-    def _gateway(self, code: int) -> InteractiveError:
-        """RunPod's proxy (Cloudflare) answers these, with an HTML page, while the pod's server starts or restarts."""
-        return InteractiveError(f"The nnInteractive server at {self.url} is starting, restarting or unreachable "
-                                f"through the proxy in front of it (HTTP {code}); the segment is left as it was: "
-                                "wait a minute and try again.")
-
-    def _proxy_failed(self, error) -> InteractiveError:
-        return InteractiveError(f"Cannot reach the nnInteractive server at {self.url}: {error}.")
-
-    def _unanswered(self, error) -> InteractiveError:
-        upstream, remote, httpx = _upstream()
-        if isinstance(error, remote.AnswerRefused):
-            return InteractiveError(f"The server at {self.url} sent {error}; the segment is left as it was: "
-                                    "check that the address is your nnInteractive server.")
-        return InteractiveError(f"The nnInteractive server has not answered within {self.read_timeout_s:g} s "
-                                "(a large structure can take that long); the segment is left as it was: "
-                                "prompt again to continue.")
 
     def _call(self, action, abandoned=lambda: False):
         """Runs action(client). Only a lost session (lease gone: reaped or server restarted; connection
         refused) is resumed, once, and the action repeated. A time-out or a broken connection is never
         repeated: the server may still be working on it, or have done it."""
         upstream, remote, httpx = _upstream()
-        try:
+        with errors.sentences(self, errors.REQUEST):
             try:
                 if self._client is None:  # the last resume failed (the server was away): resume now
-                    raise _NoSession
+                    raise NoSession
                 return action(self._client)
-            except (upstream.SessionExpiredError, httpx.ConnectError, _NoSession):
+            except (upstream.SessionExpiredError, httpx.ConnectError, NoSession):
                 if abandoned():  # a cancelled prompt's thread leaves the session alone
                     raise
                 self.status("The server session was lost; reconnecting and restoring the segment.")
                 self._resume()
                 return action(self._client)
-        except httpx.HTTPStatusError as error:
-            raise self._http_error(error) from None
-        except upstream.ServerAtCapacityError:  # the upstream client's name for any 503: only a proxy's, once claimed
-            raise self._gateway(503) from None
-        except (remote.AnswerRefused, httpx.ReadTimeout) as error:
-            raise self._unanswered(error) from None
-        except remote.RequestTooLarge as error:
-            raise InteractiveError(f"This client refused to send {error} one request may carry through the proxy; "
-                                   "the segment is left as it was: use a smaller prompt.") from None
-        except (ValueError, KeyError, TypeError, AttributeError) as error:  # the upstream client reading a bad reply
-            raise self._bad_reply(str(error) if isinstance(error, remote.BadReply) else error) from None
-        except remote.ProxyFailed as error:
-            raise self._proxy_failed(error) from None
-        except _NoSession:  # only a cancelled prompt's thread, which leaves the session alone, gets here
-            raise InteractiveError("The prompt was cancelled.") from None
-        except httpx.TransportError as error:
-            raise InteractiveError(f"The connection to the nnInteractive server at {self.url} failed during the "
-                                   f"request ({type(error).__name__}); the segment is left as it was: "
-                                   "prompt again to continue.") from None
 
     def _resume(self):
         lost, self._client = self._client, None
@@ -437,8 +279,7 @@ class InteractiveSession:
         if key == self._volume_key:
             return lambda: None
         self._volume_key, self._volume_node = key, volume_node
-        self._done.clear()
-        self._undone.clear()
+        self._history.clear()
         self._matrix = arrays.ijk_to_ras(volume_node)
         self._source = arrays.volume_array(volume_node)
         self._shape = self._source.shape
@@ -785,8 +626,8 @@ class InteractiveSession:
         if untouched:
             self._written = self._modified_time()
         # kept in the volume's own frame, for prompt files the CLI replays on the series as loaded, untransformed
-        self._remember(_Step(self._target, prompt.mapped(frames.world_to_local(self._volume_node)), box, before, after,
-                             {other: voxels for other, voxels in taken.items() if voxels.any()}))
+        self._remember(Step(self._target, prompt.mapped(frames.world_to_local(self._volume_node)), box, before, after,
+                            {other: voxels for other, voxels in taken.items() if voxels.any()}))
         return after
 
     def _others(self, box: tuple, added: np.ndarray) -> dict:
@@ -805,17 +646,10 @@ class InteractiveSession:
                 others[other][crop] = had
         return others
 
-    def _remember(self, step: _Step):
-        """A new step: redo is gone, and the oldest steps go when the history outgrows its memory."""
-        self._done.append(step)
-        self._undone.clear()
-        dropped = 0
-        while len(self._done) > 1 and sum(s.nbytes for s in self._done) > self.max_undo_bytes:
-            self._done.pop(0)
-            dropped += 1
-        if dropped:
-            self.status(f"The undo history reached its {self.max_undo_bytes >> 20} MB: the oldest "
-                        f"{dropped} step{'s' if dropped > 1 else ''} can no longer be undone.")
+    def _remember(self, step: Step):
+        warning = self._history.remember(step, self.max_undo_bytes)
+        if warning:
+            self.status(warning)
 
     def _modify(self, box, mask: np.ndarray, bypass_masking: bool, before: np.ndarray = None, segment_id: str = None):
         """Sets the selected segment, or segment_id of its segmentation (before: its voxels in box, if read already),
@@ -846,41 +680,32 @@ class InteractiveSession:
     # -- undo / redo -------------------------------------------------------------------------
     @property
     def can_undo(self) -> bool:
-        return bool(self._done)
+        return self._history.can_undo
 
     @property
     def can_redo(self) -> bool:
-        return bool(self._undone)
+        return self._history.can_redo
 
     def undo(self):
-        step = self._last(self._done, "undo")
-        if step:
-            # One step back from the server's state: its own undo, sent before the next prompt.
-            follow = (step.target.same(self._target) and self._in_sync and self._server_can_undo
-                      and self._modified_time() == self._written)
-            self._restore(step, undo=True, in_sync=follow)
-            self._undo_on_server, self._server_can_undo = follow, False
-            self._undone.append(step)
+        self._history.undo(self._undo_step)
+
+    def _undo_step(self, step: Step):
+        # One step back from the server's state: its own undo, sent before the next prompt.
+        follow = (step.target.same(self._target) and self._in_sync and self._server_can_undo
+                  and self._modified_time() == self._written)
+        self._restore(step, undo=True, in_sync=follow)
+        self._undo_on_server, self._server_can_undo = follow, False
 
     def redo(self):
-        step = self._last(self._undone, "redo")
-        if step:
-            # Redoing an undo the server has not been told of yet: the server is still where it was.
-            follow = self._undo_on_server and self._in_sync and self._modified_time() == self._written
-            self._restore(step, undo=False, in_sync=follow)
-            self._undo_on_server, self._server_can_undo = False, follow
-            self._done.append(step)
+        self._history.redo(self._redo_step)
 
-    @staticmethod
-    def _last(steps: list, what: str):
-        """The last of steps, taken off; where its segment is gone (deleted, or its segmentation removed), the
-        steps of gone segments are dropped and InteractiveError says so."""
-        if steps and not steps[-1].target.exists():
-            steps[:] = [step for step in steps if step.target.exists()]
-            raise InteractiveError(f"Nothing to {what}: the segment that prompt changed was deleted.")
-        return steps.pop() if steps else None
+    def _redo_step(self, step: Step):
+        # Redoing an undo the server has not been told of yet: the server is still where it was.
+        follow = self._undo_on_server and self._in_sync and self._modified_time() == self._written
+        self._restore(step, undo=False, in_sync=follow)
+        self._undo_on_server, self._server_can_undo = False, follow
 
-    def _restore(self, step: _Step, undo: bool, in_sync: bool = False):
+    def _restore(self, step: Step, undo: bool, in_sync: bool = False):
         """Local and instant: the server follows at the next prompt (its undo, or a re-seed). Only the voxels the
         step changed are set back (or again): hand edits elsewhere in its box stay; voxels it took from other
         segments go back to them (or are taken again). Prompts still go into the segment chosen, unless it is
@@ -912,15 +737,16 @@ class InteractiveSession:
         self._check_target()
         box = tuple(slice(0, n) for n in self._shape)
         before = self._segment_mask(self._target.segment_id)
-        self._remember(_Step(self._target, Prompt("reset"), box, before, np.zeros_like(before)))
-        self._restore(self._done[-1], undo=False)
+        step = Step(self._target, Prompt("reset"), box, before, np.zeros_like(before))
+        self._remember(step)
+        self._restore(step, undo=False)
         self._undo_on_server = self._server_can_undo = False
 
     def prompts_of(self, segment_id: str, segmentation_node=None) -> list:
         """The prompts that made the segment (of segmentation_node, where given) as it stands (undone ones left out),
         for prompt files: in the volume's own RAS, as mapped when each was made."""
         prompts = []
-        for step in self._done:
+        for step in self._history.done:
             if step.segment_id == segment_id and segmentation_node in (None, step.target.segmentation_node):
                 prompts = [] if step.prompt.kind == "reset" else prompts + [step.prompt]
         return prompts
@@ -972,10 +798,6 @@ class RegionRefused(InteractiveError):
     """The proxy refused a prompt's new region as too large or too slow; the planner chooses a smaller one next."""
 
 
-class _NoSession(Exception):
-    """The session has no server session: the last one was lost and could not be resumed."""
-
-
 def _close_quietly(client):
     try:
         if client is not None:
@@ -983,11 +805,3 @@ def _close_quietly(client):
     except Exception:  # a server that is away cannot release a lease; its reaper will
         pass
 
-
-def _client_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("nninteractive-client")
-    except PackageNotFoundError:
-        return "unknown"
