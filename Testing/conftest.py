@@ -1,16 +1,21 @@
-"""Fixtures: a headless slicer-core scene, the real scans in ../shared/data, the CT phantom, a fake RunPod."""
+"""Fixtures: a headless slicer-core scene, the real scans in ../shared/data, the CT phantom, a fake RunPod, the real
+nnInteractive server with a hand-set model and the oblique volume its prompts land on."""
 
 import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fake_runpod import FakeRunPod
+from interactive_parts import KEY, oblique_matrix, SHAPE, SLOW_S
 
 from SegmentationMachineLib.cloud.pods import RunPodRest
+from SegmentationMachineLib.core import arrays
 from SegmentationMachineLib.core.scene import create_headless_scene
 from SegmentationMachineLib.dicom.phantom import make_phantom, write_phantom
+from SegmentationMachineLib.prompts.session import headless_editor
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SM_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -94,3 +99,48 @@ def private_tmp(tmp_path, monkeypatch):
     folder.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(folder))
     return folder
+
+
+# The AI prompt tests' server (test_interactive*.py): the real upstream nnInteractive server on loopback, one for the
+# whole run; a test module with its own server or scene_parts fixture uses that instead. The model needs torch, which
+# only .venv has (scripts/test.sh, step 2): elsewhere the tests that use these are skipped.
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    pytest.importorskip("torch")
+    from nninteractive_model import write_model_folder
+
+    return write_model_folder(tmp_path_factory.mktemp("nni") / "model")
+
+
+@pytest.fixture(scope="session")
+def server(model_dir):
+    from nninteractive_server import Server
+
+    running = Server(model_dir, KEY).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def slow_server(tmp_path_factory):
+    pytest.importorskip("torch")
+    from nninteractive_model import write_model_folder
+    from nninteractive_server import Server
+
+    running = Server(write_model_folder(tmp_path_factory.mktemp("slow") / "model", delay_s=SLOW_S), KEY).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def scene_parts(ctx):
+    """(the oblique volume, a segmentation on its grid, its empty segment "target", a Segment Editor logic)."""
+    volume = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "oblique")
+    image = (np.random.default_rng(1).normal(0, 100, SHAPE)).astype(np.int16)
+    arrays.set_volume_array(volume, image, oblique_matrix())
+    segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    target = segmentation.GetSegmentation().AddEmptySegment("", "target")
+    editor = headless_editor(ctx.scene, ctx.app_logic, segmentation, volume)
+    return volume, segmentation, target, editor

@@ -4,90 +4,23 @@ The test model makes foreground = previous segmentation + positive prompts - 2 x
 every assertion here is about exact voxels. The volume is oblique, mirrored and anisotropic, so a
 prompt can only land on the right voxels if RAS, IJK and array order are all handled right. The
 model reports the official weights' capabilities (no 3D boxes). Requests are counted in the
-server's own log.
+server's own log. Undo and redo are tested in test_interactive_undo.py, the prompts panel in
+test_interactive_panel.py; the server and the volume are conftest.py's, the helpers interactive_parts.py's.
 """
 
-import threading
 import time
 
 import numpy as np
 import pytest
-import slicer
 
+from interactive_parts import counts, KEY, mask_of, oblique_matrix, open_session, paint, ras, SHAPE, wait_for_log
 from nninteractive_model import write_model_folder
 from nninteractive_server import Server
 from SegmentationMachineLib.core import arrays
-from SegmentationMachineLib.core.errors import UserError
 from SegmentationMachineLib.prompts import geometry
 from SegmentationMachineLib.prompts.promptfile import Prompt
-from SegmentationMachineLib.prompts.session import headless_editor, InteractiveError, InteractiveSession, SegmentTarget
+from SegmentationMachineLib.prompts.session import InteractiveError, InteractiveSession, SegmentTarget
 from SegmentationMachineLib.segment.presets import add_segment_from_mask
-
-KEY = "test-key-0123456789"
-SHAPE = (40, 48, 56)  # K, J, I
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    return write_model_folder(tmp_path_factory.mktemp("nni") / "model")
-
-
-@pytest.fixture(scope="session")
-def server(model_dir):
-    running = Server(model_dir, KEY).start()
-    yield running
-    running.stop()
-
-
-SLOW_S = 3.0  # per forward pass: a point takes one
-
-
-@pytest.fixture(scope="session")
-def slow_server(tmp_path_factory):
-    running = Server(write_model_folder(tmp_path_factory.mktemp("slow") / "model", delay_s=SLOW_S), KEY).start()
-    yield running
-    running.stop()
-
-
-def oblique_matrix():
-    angle = np.radians(25)
-    rotation = np.array([[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]])
-    matrix = np.eye(4)
-    matrix[:3, :3] = rotation @ np.diag([0.8, -1.2, 2.0])  # J mirrored
-    matrix[:3, 3] = [-30.0, 15.0, 40.0]
-    return matrix
-
-
-def ras(kji) -> tuple:
-    k, j, i = kji
-    return tuple((oblique_matrix() @ [i, j, k, 1.0])[:3])
-
-
-@pytest.fixture
-def scene_parts(ctx):
-    volume = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "oblique")
-    image = (np.random.default_rng(1).normal(0, 100, SHAPE)).astype(np.int16)
-    arrays.set_volume_array(volume, image, oblique_matrix())
-    segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
-    segmentation.CreateDefaultDisplayNodes()
-    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    target = segmentation.GetSegmentation().AddEmptySegment("", "target")
-    editor = headless_editor(ctx.scene, ctx.app_logic, segmentation, volume)
-    return volume, segmentation, target, editor
-
-
-def open_session(server, scene_parts, **options) -> InteractiveSession:
-    volume, segmentation, target, editor = scene_parts
-    session = InteractiveSession(server.url, KEY, **options)
-    session.connect()
-    session.set_volume(volume)
-    session.select_segment(SegmentTarget(segmentation, target, editor))
-    return session
-
-
-def mask_of(session, name="target") -> np.ndarray:
-    segmentation = session._target.segmentation_node
-    return session._segment_mask(segmentation.GetSegmentation().GetSegmentIdBySegmentName(name))
 
 
 def box_ras(low_kji, high_kji):
@@ -201,16 +134,6 @@ def test_scribble_and_lasso_include_and_exclude(server, scene_parts):
     session.close()
 
 
-def paint(session, mask: np.ndarray):
-    """Replaces the selected segment's voxels through the MRML API, as the Segment Editor's paint and erase do."""
-    labelmap = slicer.vtkOrientedImageData()
-    labelmap.ShallowCopy(arrays.image_from_array(mask.astype(np.uint8)))
-    labelmap.SetImageToWorldMatrix(arrays.array_to_matrix(oblique_matrix()))
-    logic = slicer.vtkSlicerSegmentationsModuleLogic
-    target = session._target
-    assert logic.SetBinaryLabelmapToSegment(labelmap, target.segmentation_node, target.segment_id, logic.MODE_REPLACE)
-
-
 def test_hand_edits_reach_the_model_before_the_next_prompt(server, scene_parts):
     session = open_session(server, scene_parts)
     session.add(Prompt("point", True, ras=ras((10, 10, 10))))
@@ -225,75 +148,6 @@ def test_hand_edits_reach_the_model_before_the_next_prompt(server, scene_parts):
     got = mask_of(session)
     assert got[30:33, 5:8, 5:8].all() and not got[10, 10, 10] and got[10, 30, 40] and got[20, 24, 28]
     assert server.count('"POST /reset_interactions') == seeds + 1  # re-seeded once, with the edited segment
-    session.close()
-
-
-def test_more_than_twenty_undo_levels_and_redo(server, scene_parts):
-    session = open_session(server, scene_parts)
-    spots = [(8 + 6 * (n % 5), 8 + 8 * (n // 5 % 4), 8 + 10 * (n // 20)) for n in range(22)]
-    states = [mask_of(session)]
-    for spot in spots:
-        session.add(Prompt("point", True, ras=ras(spot)))
-        states.append(mask_of(session))
-    assert states[-1].sum() > states[1].sum() * 15
-    for expected in reversed(states[:-1]):
-        session.undo()
-        assert np.array_equal(mask_of(session), expected)
-    assert not session.can_undo
-    for expected in states[1:4]:
-        session.redo()
-        assert np.array_equal(mask_of(session), expected)
-    session.add(Prompt("point", True, ras=ras(spots[-1])))  # prompting after undo continues from here
-    assert not session.can_redo and mask_of(session)[spots[-1]] and not mask_of(session)[spots[5]]
-    assert [p.ras for p in session.prompts_of(session._target.segment_id)] == [ras(s) for s in spots[:3] + spots[-1:]]
-    session.close()
-
-
-def test_one_undo_is_the_servers_own_deeper_ones_re_seed_and_redo_in_between_costs_nothing(server, scene_parts):
-    """The server's one level of undo keeps the model's memory of earlier prompts; a re-seed loses it."""
-    session = open_session(server, scene_parts)
-    a, b, c, d, e = (12, 12, 12), (12, 20, 20), (20, 14, 22), (24, 24, 14), (16, 26, 26)  # close: exact voxels
-    for spot in (a, b, c):
-        session.add(Prompt("point", True, ras=ras(spot)))
-
-    def calls():
-        return server.count('"POST /undo'), server.count('"POST /reset_interactions')
-
-    undos, seeds = calls()
-    session.undo()  # c, at once here; the server follows before the next prompt
-    assert not mask_of(session)[c] and calls() == (undos, seeds)
-    session.add(Prompt("point", True, ras=ras(d)))
-    got = mask_of(session)
-    assert calls() == (undos + 1, seeds) and got[a] and got[b] and got[d] and not got[c]
-    session.undo()
-    session.redo()  # back where the server still is: nothing to tell it
-    session.add(Prompt("point", True, ras=ras(e)))
-    assert calls() == (undos + 1, seeds) and mask_of(session)[d] and mask_of(session)[e]
-    session.undo()
-    session.undo()  # two steps back: deeper than the server's undo, so the next prompt re-seeds it
-    session.add(Prompt("point", True, ras=ras(c)))
-    got = mask_of(session)
-    assert calls() == (undos + 1, seeds + 1) and got[a] and got[b] and got[c] and not got[d] and not got[e]
-    session.close()
-
-
-def test_undo_and_redo_of_a_prompt_leave_hand_edits_in_its_box_alone(server, scene_parts):
-    """Undo and Redo set back only the voxels the prompt changed, not the whole box the server answered with."""
-    session = open_session(server, scene_parts)
-    session.add(Prompt("point", True, ras=ras((20, 24, 28))))
-    session.add(Prompt("point", True, ras=ras((20, 24, 36))))
-    block = (slice(30, 33), slice(5, 8), slice(5, 8))
-    last_box = session._history.done[-1].box
-    assert all(b.start <= s.start and s.stop <= b.stop for b, s in zip(last_box, block))  # in its box
-    edited = mask_of(session)
-    edited[block] = True
-    paint(session, edited)
-    session.undo()
-    got = mask_of(session)
-    assert got[block].all() and got[20, 24, 28] and not got[20, 24, 36]
-    session.redo()
-    got = mask_of(session)
-    assert got[block].all() and got[20, 24, 28] and got[20, 24, 36]
     session.close()
 
 
@@ -314,135 +168,6 @@ def test_a_hand_edit_made_while_a_prompt_runs_stays_and_the_next_prompt_starts_f
     got = mask_of(session)
     assert server.count('"POST /reset_interactions') == seeds + 1  # the server learnt of the edit first
     assert got[30:33, 5:8, 5:8].all() and not got[20, 24, 28] and got[20, 24, 36] and got[24, 24, 24]
-    session.close()
-
-
-def test_undo_gives_back_the_voxels_a_prompt_took_from_another_segment(server, scene_parts):
-    """The Segment Editor's default overwrite setting has a prompt take its voxels from the other segments."""
-    volume, segmentation, target, editor = scene_parts
-    block = np.zeros(SHAPE, bool)
-    block[15:25, 18:30, 22:34] = True
-    add_segment_from_mask(segmentation, block.copy(), oblique_matrix(), "neighbour", (0, 0, 1))  # it keeps the copy
-    session = open_session(server, scene_parts)
-    session.add(Prompt("point", True, ras=ras((20, 24, 28))))
-    ball = mask_of(session)
-    assert ball[20, 24, 28] and np.array_equal(mask_of(session, "neighbour"), block & ~ball)
-    session.undo()
-    assert not mask_of(session).any() and np.array_equal(mask_of(session, "neighbour"), block)
-    session.redo()
-    assert np.array_equal(mask_of(session), ball) and np.array_equal(mask_of(session, "neighbour"), block & ~ball)
-    session.close()
-
-
-def voxels_of(segmentation, segment_id) -> int:
-    """A segment's voxels on its own labelmap, whatever segmentation the session prompts into."""
-    segment = segmentation.GetSegmentation().GetSegment(segment_id)
-    labelmap = segment.GetRepresentation("Binary labelmap")
-    if labelmap is None or labelmap.GetPointData().GetScalars() is None:
-        return 0
-    return int((arrays.image_array(labelmap) == segment.GetLabelValue()).sum())
-
-
-def test_undo_after_another_segmentation_was_chosen_or_its_segment_deleted(server, scene_parts, ctx):
-    """Each step knows its segmentation: undone there, while prompts go on into the one chosen; a step whose segment
-    is gone is dropped in one sentence, as is a prompt into a chosen segment deleted since."""
-    volume, segmentation, target, editor = scene_parts
-    panel = connected_panel(server, scene_parts)
-    panel.submit("point", ras=ras((20, 24, 28)))
-    settle(panel)
-    prompted = voxels_of(segmentation, target)
-    other = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "other")
-    other.CreateDefaultDisplayNodes()
-    other.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    elsewhere = other.GetSegmentation().AddEmptySegment("", "elsewhere")
-    panel.choose(volume, SegmentTarget(other, elsewhere, headless_editor(ctx.scene, ctx.app_logic, other, volume)))
-    settle(panel)
-    panel.undo()
-    settle(panel)
-    assert panel.status == "Undo done." and voxels_of(segmentation, target) == 0
-    panel.redo()
-    settle(panel)
-    assert panel.status == "Redo done." and voxels_of(segmentation, target) == prompted > 0
-    panel.submit("point", ras=ras((10, 10, 10)))
-    settle(panel)
-    assert panel.session._segment_mask(elsewhere)[10, 10, 10] and voxels_of(segmentation, target) == prompted
-    other.GetSegmentation().RemoveSegment(elsewhere)
-    panel.undo()
-    settle(panel)
-    assert panel.status == "Nothing to undo: the segment that prompt changed was deleted."
-    panel.submit("point", ras=ras((30, 30, 40)))
-    settle(panel)
-    assert panel.status == "The segment chosen for AI prompts was deleted: choose or add another segment."
-    panel.choose(volume, SegmentTarget(segmentation, target, editor))
-    settle(panel)
-    panel.submit("point", ras=ras((30, 30, 40)))
-    panel.tick()  # on the server
-    segmentation.GetSegmentation().RemoveSegment(target)
-    settle(panel)
-    assert panel.status == ("The segment was deleted while the prompt ran; nothing was written: choose or add another "
-                            "segment.")
-    panel.undo()  # its first prompt's step
-    settle(panel)
-    assert panel.status == "Nothing to undo: the segment that prompt changed was deleted." and not panel.can_undo
-    panel.session.close()
-
-
-def test_undo_of_a_prompt_in_another_segment_leaves_prompting_in_the_chosen_one(server, scene_parts):
-    volume, segmentation, target, editor = scene_parts
-    second = segmentation.GetSegmentation().AddEmptySegment("", "second")
-    panel = connected_panel(server, scene_parts)
-    panel.submit("point", ras=ras((20, 24, 28)))
-    settle(panel)
-    panel.choose(volume, SegmentTarget(segmentation, second, editor))  # as the section's segment selector shows
-    settle(panel)
-    panel.undo()  # the prompt in the first segment
-    settle(panel)
-    panel.submit("point", ras=ras((10, 10, 10)))
-    settle(panel)
-    assert not panel.session._segment_mask(target).any() and panel.session._segment_mask(second)[10, 10, 10]
-    panel.session.close()
-
-
-def test_choosing_another_series_clears_the_undo_history(server, scene_parts):
-    """The steps' boxes are on the first series' grid: undone on another, they would land on other voxels."""
-    volume, segmentation, target, editor = scene_parts
-    panel = connected_panel(server, scene_parts)
-    panel.submit("point", ras=ras((20, 24, 28)))
-    settle(panel)
-    series = volume.GetScene().AddNewNodeByClass("vtkMRMLScalarVolumeNode", "second series")
-    grid = np.diag([1.5, 1.5, 3.0, 1.0])
-    grid[:3, 3] = [-40, -40, -10]
-    arrays.set_volume_array(series, np.random.default_rng(2).normal(0, 100, (30, 50, 50)).astype(np.int16), grid)
-    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(series)  # as the section does
-    panel.choose(series, SegmentTarget(segmentation, target, editor))
-    settle(panel)
-    before = panel.session._segment_mask(target)
-    assert before.any() and not panel.can_undo
-    panel.undo()
-    settle(panel)
-    assert panel.status == "Nothing to undo." and np.array_equal(panel.session._segment_mask(target), before)
-    panel.session.close()
-
-
-def test_the_undo_history_is_capped_in_bytes_and_says_when_it_drops_steps(server, scene_parts):
-    said = []
-    session = open_session(server, scene_parts, status=said.append)
-    spots = [(12, 12, 12), (12, 20, 20), (20, 14, 22), (24, 24, 14)]
-    session.add(Prompt("point", True, ras=ras(spots[0])))
-    session.max_undo_bytes = 2 * session._history.done[0].nbytes
-    for spot in spots[1:]:
-        session.add(Prompt("point", True, ras=ras(spot)))
-    kept = session._history.done
-    assert 1 <= len(kept) < 4 and sum(step.nbytes for step in kept) <= session.max_undo_bytes
-    assert said[-1].startswith("The undo history reached its 0 MB: the oldest ")
-    while session.can_undo:
-        session.undo()
-    assert mask_of(session)[spots[0]]  # a dropped step stays done
-    session.max_undo_bytes = 1  # any step is larger than the cap now
-    session.reset()  # a step larger than the cap is still kept as the last one
-    assert session.can_undo and not mask_of(session).any()
-    session.undo()
-    assert mask_of(session)[spots[0]]
     session.close()
 
 
@@ -593,18 +318,6 @@ def test_a_model_that_cannot_start_from_a_segment_says_so_when_prompting_into_on
         custom.stop()
 
 
-def counts(server) -> tuple:
-    """(claims, volume uploads, points the model started on), from the server's log."""
-    return tuple(server.count(text) for text in ('"POST /claim', '"POST /set_image', "Added new point interaction"))
-
-
-def wait_for_log(server, text: str, times: int, seconds: float = 60):
-    deadline = time.monotonic() + seconds
-    while server.count(text) < times:
-        assert time.monotonic() < deadline, f"the server did not log {text!r} {times} times"
-        time.sleep(0.1)
-
-
 def test_a_read_timeout_is_a_sentence_and_the_prompt_is_sent_exactly_once(slow_server, scene_parts):
     session = open_session(slow_server, scene_parts, read_timeout_s=1.0)
     before, done = counts(slow_server), slow_server.count("Done. Total time")
@@ -733,153 +446,6 @@ def test_server_command_keeps_the_key_off_the_command_line_and_refuses_a_strange
     # A stranger's requests are counted, not logged one line each: the pod log shows the credentials once
     assert log.count("Refused 1 request(s) without the server's API key (the last from 127.0.0.1).") == 1, log
     assert '" 401' not in log and '" 200' in log, log
-
-
-def settle(panel, seconds=60):
-    """Ticks the panel as the widget's timer does until it has nothing left to do."""
-    deadline = time.monotonic() + seconds
-    while panel.busy:
-        assert time.monotonic() < deadline, panel.status
-        panel.tick()
-        time.sleep(0.01)
-
-
-def connected_panel(server, scene_parts, **options):
-    from SegmentationMachineLib.panels.prompts import PromptsPanel
-
-    volume, segmentation, target, editor = scene_parts
-    panel = PromptsPanel(**options)
-    panel.connect(server.url, KEY)
-    settle(panel)
-    assert panel.connected and panel.status.startswith("Connected: nnInteractive")
-    assert "prompts point, box (on one slice), scribble, lasso" in panel.status
-    panel.choose(volume, SegmentTarget(segmentation, target, editor))
-    settle(panel)
-    return panel
-
-
-def test_prompts_panel_queues_prompts_made_during_a_prediction(server, scene_parts):
-    volume, segmentation, target, editor = scene_parts
-    panel = connected_panel(server, scene_parts)
-    assert not panel.can_undo and not panel.can_redo  # the widget's Undo and Redo buttons are greyed
-    # Three prompts at once: the 2nd and 3rd arrive while the 1st is still on the server.
-    panel.submit("point", ras=ras((10, 10, 10)))
-    assert panel.can_undo  # its Undo may be queued behind it
-    panel.tick()
-    assert panel.task is not None
-    panel.submit("point", ras=ras((20, 20, 20)))
-    panel.toggle_include()
-    panel.submit("point", ras=ras((10, 10, 10)))
-    settle(panel)
-    mask = panel.session._segment_mask(target)
-    assert not mask[10, 10, 10] and mask[20, 20, 20]  # all three ran, in order
-    assert panel.last_latency.endswith("server + network)") and panel.status.startswith("Point applied in")
-    assert panel.can_undo and not panel.can_redo
-    panel.undo()
-    settle(panel)
-    assert panel.session._segment_mask(target)[10, 10, 10] and panel.can_undo and panel.can_redo
-    panel.submit("point", ras=(9999.0, 0.0, 0.0))
-    settle(panel)
-    assert panel.status == "The point is outside the image: place it on the volume."
-    panel.session.close()
-
-
-def test_the_ai_section_makes_its_own_segment_to_prompt_into(server, ctx):
-    """A volume just loaded (from the inbox, say) and nothing else: Slicer's segment selector cannot add one, so
-    Add segment makes the segmentation and the segment, and the first prompt lands there."""
-    from SegmentationMachineLib.panels.prompts import new_segment
-
-    with pytest.raises(UserError, match="^There is no volume to segment: load one"):
-        new_segment(None)
-    volume = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
-    arrays.set_volume_array(volume, np.random.default_rng(2).normal(0, 100, SHAPE).astype(np.int16), oblique_matrix())
-    segmentation, first = new_segment(volume)
-    assert segmentation.GetName() == "CT segmentation" and segmentation.GetDisplayNode() is not None
-    on_volume = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    on_volume.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
-    geometry = segmentation.GetSegmentation().GetConversionParameter(name)
-    assert geometry == on_volume.GetSegmentation().GetConversionParameter(name) != ""  # on the volume's grid
-    again, second = new_segment(volume, segmentation)
-    assert again is segmentation and second != first and segmentation.GetSegmentation().GetNumberOfSegments() == 2
-    editor = headless_editor(ctx.scene, ctx.app_logic, segmentation, volume)
-    panel = connected_panel(server, (volume, segmentation, second, editor))
-    panel.submit("point", ras=ras((10, 10, 10)))
-    settle(panel)
-    assert panel.status.startswith("Point applied in") and panel.session._segment_mask(second).any()
-    panel.session.close()
-
-
-def test_prompts_panel_says_the_scan_is_being_sent(server, scene_parts):
-    """The first upload takes a minute on a hospital's uplink: the status said 'Connected' all along."""
-    volume, segmentation, target, editor = scene_parts
-    now = [0.0]
-    panel = connected_panel(server, scene_parts, clock=lambda: now[0])
-    sent = threading.Event()
-    panel.session.stage_volume = lambda node: sent.wait  # the upload, held as a slow uplink holds it
-    panel.choose(volume, SegmentTarget(segmentation, target, editor))
-    panel.tick()
-    assert panel.status == "Sending the scan to the server (prompts placed meanwhile wait for it)."
-    now[0] = 42.0
-    panel.tick()
-    assert panel.status == "Sending the scan to the server: 42 s (prompts placed meanwhile wait for it)."
-    sent.set()
-    settle(panel)
-    assert panel.status.startswith("Ready (slices")
-    panel.session.close()
-
-
-def test_prompts_panel_shows_a_slow_prediction_and_cancels_one(slow_server, scene_parts):
-    volume, segmentation, target, editor = scene_parts
-    now = [0.0]
-    panel = connected_panel(slow_server, scene_parts, clock=lambda: now[0])
-    before = counts(slow_server)
-    panel.submit("point", ras=ras((10, 10, 10)))
-    panel.tick()
-    assert panel.can_cancel and not panel.status.startswith("Point: the server")  # quick answers show no wait
-    now[0] = 7.0
-    panel.tick()
-    assert panel.status == "Point: the server is working on it, 7 s (Cancel stops waiting)."
-    settle(panel)  # waited for, however slow: applied once
-    assert panel.status.startswith("Point applied in") and panel.session._segment_mask(target)[10, 10, 10]
-    panel.submit("point", ras=ras((30, 30, 40)))
-    panel.submit("point", ras=ras((35, 35, 45)))
-    panel.tick()
-    panel.cancel()  # while the first of the two is on the server
-    assert not panel.busy and not panel.can_cancel and panel.status == "Cancelled: the segment is as it was."
-    assert not panel.session._segment_mask(target)[30, 30, 40]
-    panel.submit("point", ras=ras((20, 24, 28)))
-    settle(panel)
-    mask = panel.session._segment_mask(target)
-    # The cancelled answer is ignored and the model restarted from the segment: its point is nowhere.
-    assert mask[10, 10, 10] and mask[20, 24, 28] and not mask[30, 30, 40] and not mask[35, 35, 45]
-    claims, uploads, points = counts(slow_server)
-    assert (claims, uploads, points) == (before[0], before[1], before[2] + 3)
-    panel.session.close()
-
-
-def test_prompts_panel_wrong_key_is_the_status_line(server):
-    from SegmentationMachineLib.panels.prompts import PromptsPanel
-
-    panel = PromptsPanel()
-    panel.connect(server.url, "not-the-key")
-    assert panel.task.wait(30)
-    panel.tick()
-    assert not panel.connected and "rejected the API key" in panel.status
-
-
-def test_a_connect_abandoned_by_disconnect_gives_its_lease_back(server):
-    """Upstream's client keeps a lease alive by its own heartbeats: one nobody uses would hold one of the server's
-    few slots until its idle reaper (10 min)."""
-    from SegmentationMachineLib.panels.prompts import PromptsPanel
-
-    claims, releases = server.count('"POST /claim'), server.count('"POST /release')
-    panel = PromptsPanel()
-    panel.connect(server.url, KEY)
-    panel.disconnect()  # while the connect is on its way
-    assert not panel.connected and not panel.busy
-    wait_for_log(server, '"POST /claim', claims + 1)
-    wait_for_log(server, '"POST /release', releases + 1, seconds=30)
 
 
 def test_secret_store_file_fallback_is_private_and_forgets(tmp_path):

@@ -22,6 +22,7 @@ import vtk
 from scipy import ndimage
 
 from conftest import REPO, RUNPOD_KEY, UNCOMPRESSED_SERIES
+from interactive_parts import KEY, oblique_matrix, ras, SHAPE
 from slicer_standins import (IdleMainThread, MainThreadOnly, POLL_MS, cloud_flow, drive, export_flow, python_slicer,
                              inbox_flow, pacs_flow, preset_flow, prompts_flow)
 from SegmentationMachineLib.cloud.cloudgpu import KEY_NAME
@@ -215,24 +216,11 @@ def test_inbox_delivers_under_the_idle_main_thread_and_loads_on_the_main_thread(
     assert calls.calls == []
 
 
-@pytest.fixture(scope="module")
-def interactive():
-    """test_interactive's helpers; its torch-based server is only in .venv (scripts/test.sh, step 2)."""
-    return pytest.importorskip("test_interactive")
-
-
-@pytest.fixture(scope="module")
-def nni_server(interactive, tmp_path_factory):
-    running = interactive.Server(interactive.write_model_folder(tmp_path_factory.mktemp("nni") / "model"),
-                                 interactive.KEY).start()
-    yield running
-    running.stop()
-
-
-def test_a_prompt_round_trip_under_the_idle_main_thread(ctx, interactive, nni_server):
+def test_a_prompt_round_trip_under_the_idle_main_thread(ctx, server):
+    """server: conftest.py's, the real nnInteractive server (skipped where its torch-based model is not installed)."""
     volume = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "oblique")
-    image = np.random.default_rng(1).normal(0, 100, interactive.SHAPE).astype(np.int16)
-    arrays.set_volume_array(volume, image, interactive.oblique_matrix())
+    image = np.random.default_rng(1).normal(0, 100, SHAPE).astype(np.int16)
+    arrays.set_volume_array(volume, image, oblique_matrix())
     segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
     target = segmentation.GetSegmentation().AddEmptySegment("", "target")
@@ -244,9 +232,9 @@ def test_a_prompt_round_trip_under_the_idle_main_thread(ctx, interactive, nni_se
     one_update, mask_changes[:] = len(mask_changes), []
     panel = PromptsPanel()
     with MainThreadOnly(ctx.scene) as calls:
-        prompts_flow(IdleMainThread(), panel, lambda: panel.connect(nni_server.url, interactive.KEY),
+        prompts_flow(IdleMainThread(), panel, lambda: panel.connect(server.url, KEY),
                      lambda: panel.choose(volume, SegmentTarget(segmentation, target, editor)),
-                     lambda: panel.submit("point", ras=interactive.ras((10, 10, 10))))
+                     lambda: panel.submit("point", ras=ras((10, 10, 10))))
     assert panel.status.startswith("Point applied in"), panel.status
     assert panel.session._segment_mask(target)[10, 10, 10]
     assert calls.calls == [] and 0 < len(mask_changes) <= one_update  # one mask update for one prompt's write
