@@ -19,6 +19,7 @@ pytest.importorskip("nnInteractive")
 from nninteractive_model import write_model_folder  # noqa: E402
 from nninteractive_server import Server  # noqa: E402
 from SegmentationMachineLib.core import arrays  # noqa: E402
+from SegmentationMachineLib.core.scene import new_segmentation  # noqa: E402
 from SegmentationMachineLib.pipeline import segment_with_prompts  # noqa: E402
 from SegmentationMachineLib.prompts import frames, geometry  # noqa: E402
 from SegmentationMachineLib.prompts.promptfile import Prompt, SegmentPrompts  # noqa: E402
@@ -169,3 +170,55 @@ def test_the_segment_editors_intensity_range_holds_on_the_volumes_voxels(session
         assert np.array_equal(got, boxed & in_range) and 0 < got.sum() < boxed.sum()
     else:  # the editor's copy is interpolated onto its lattice in world: the range is checked there
         assert not (got & ~boxed).any() and 0 < got.sum() < boxed.sum()
+
+
+def cube_volume(ctx, name, spacing, size):
+    node = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    matrix = np.diag([spacing, spacing, spacing, 1.0])
+    arrays.set_volume_array(node, np.random.default_rng(2).normal(0, 100, (size,) * 3).astype(np.int16), matrix)
+    return node, matrix
+
+
+def test_a_segmentation_without_a_grid_takes_the_volumes_and_one_with_its_own_keeps_it(ctx):
+    """As the Segment Editor does; the module set the source volume's grid on every segmentation chosen."""
+    (fine, _), (coarse, _) = cube_volume(ctx, "1 mm", 1.0, 48), cube_volume(ctx, "2 mm", 2.0, 24)
+    bare = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "bare")
+    own = new_segmentation(fine, "own")
+    fine_grid = frames.reference_geometry(own)
+    session = InteractiveSession("http://127.0.0.1:1", KEY)
+    session.stage_volume(coarse)
+    for segmentation in (bare, own):
+        segment = segmentation.GetSegmentation().AddEmptySegment("", "s")
+        session.select_segment(SegmentTarget(segmentation, segment, None))
+    assert frames.reference_grid(bare, None) == pytest.approx(arrays.ijk_to_ras(coarse))
+    assert frames.reference_geometry(own) == fine_grid
+
+
+def test_a_prompt_on_a_coarser_series_keeps_the_segmentations_grid_and_its_other_segments(server, ctx):
+    """A segmentation made on a 1 mm series, prompted on a 2 mm series of the same patient (the inbox makes each new
+    series the source volume): the prompt's result was written on the 2 mm grid, and Slicer resampled the whole
+    shared labelmap to it, so every other segment lost its fine detail."""
+    (fine, fine_matrix), (coarse, _) = cube_volume(ctx, "1 mm", 1.0, 48), cube_volume(ctx, "2 mm", 2.0, 24)
+    segmentation = new_segmentation(fine, "seg")
+    detail = segmentation.GetSegmentation().AddEmptySegment("", "detail")
+    k, j, i = np.mgrid[:48, :48, :48]
+    ball = (k - 30) ** 2 + (j - 30) ** 2 + (i - 30) ** 2 <= 9  # radius 3 mm: thinner than two coarse voxels
+    editor = headless_editor(ctx.scene, ctx.app_logic, segmentation, fine)
+    editor.ModifySegmentByLabelmap(segmentation, detail, arrays.labelmap_from_array(ball, fine_matrix),
+                                   editor.ModificationModeAdd, [0, 47, 0, 47, 0, 47], False, True)
+    prompted = segmentation.GetSegmentation().AddEmptySegment("", "prompted")
+    session = InteractiveSession(server.url, KEY)
+    session.connect()
+    try:
+        session.set_volume(coarse)
+        session.select_segment(SegmentTarget(segmentation, prompted, headless_editor(ctx.scene, ctx.app_logic,
+                                                                                     segmentation, coarse)))
+        session.add(Prompt("point", True, ras=(20.0, 20.0, 20.0)))  # coarse voxel (10, 10, 10), away from the ball
+    finally:
+        session.close()
+    labelmap = segmentation.GetSegmentation().GetSegment(detail).GetRepresentation("Binary labelmap")
+    assert labelmap.GetSpacing() == (1.0, 1.0, 1.0)
+    kept = frames.resample(labelmap, fine_matrix, None, [0, 47, 0, 47, 0, 47])
+    label = segmentation.GetSegmentation().GetSegment(detail).GetLabelValue()
+    assert np.array_equal(arrays.image_array(kept) == label, ball)
+    assert 2 <= session._segment_mask(prompted).sum()  # the prompt's ball, read back on the 2 mm grid

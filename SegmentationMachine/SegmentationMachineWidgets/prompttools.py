@@ -136,7 +136,6 @@ class PromptToolsSection:
         segmentation = self.ui.promptSegmentSelector.currentNode()
         segmentId = self.ui.promptSegmentSelector.currentSegmentID()
         if p and p.sourceVolume and segmentation and segmentId and self.panel.connected:
-            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(p.sourceVolume)
             self.panel.choose(p.sourceVolume, SegmentTarget(segmentation, segmentId, self.editorLogic(p.sourceVolume)))
             self.timer.start()
 

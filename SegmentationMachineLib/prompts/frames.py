@@ -87,11 +87,16 @@ def resample(image, grid: np.ndarray, transform, extent=None):
 def reference_grid(segmentation_node, fallback: np.ndarray) -> np.ndarray:
     """The segmentation's reference geometry (IJK to its RAS), on which the Segment Editor keeps its masks and its
     copy of the source volume; fallback where it has none."""
-    geometry = segmentation_node.GetSegmentation().GetConversionParameter(
-        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    geometry = reference_geometry(segmentation_node)
     image = slicer.vtkOrientedImageData()
     if not geometry or not slicer.vtkSegmentationConverter.DeserializeImageGeometry(geometry, image, False):
         return fallback
     matrix = vtk.vtkMatrix4x4()
     image.GetImageToWorldMatrix(matrix)
     return arrays.matrix_to_array(matrix)
+
+
+def reference_geometry(segmentation_node) -> str:
+    """The segmentation's reference geometry as Slicer stores it; "" where it has none."""
+    return segmentation_node.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())

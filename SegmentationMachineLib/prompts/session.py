@@ -261,8 +261,12 @@ class InteractiveSession:
         self.stage_volume(volume_node)()
 
     def select_segment(self, target: SegmentTarget):
-        """Main thread: prompts go into target from now on; the next one seeds the server with its mask."""
+        """Main thread: prompts go into target from now on; the next one seeds the server with its mask. A
+        segmentation with no grid of its own gets the volume's, as the Segment Editor gives it; one with its own
+        keeps it, and prompts on another series' grid are written on it."""
         self._target = target
+        if self._volume_node is not None and not frames.reference_geometry(target.segmentation_node):
+            target.segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(self._volume_node)
         segmentation = target.segmentation_node.GetSegmentation()
         if not segmentation.ContainsRepresentation(BINARY_LABELMAP):
             segmentation.CreateRepresentation(BINARY_LABELMAP)
@@ -655,13 +659,15 @@ class InteractiveSession:
         """Sets the selected segment, or segment_id of its segmentation (before: its voxels in box, if read already),
         to mask inside box through the Segment Editor logic: erases what mask drops, then adds what it holds. (The
         logic's Set mode replaces the whole segment, whatever extent it is given: a result pasted that way erased
-        every earlier one outside its box.) Each change is written on the volume's grid as the segmentation sees
-        it, or, across a non-linear transform, resampled onto the segmentation's reference grid, where the Segment
-        Editor keeps its masks."""
+        every earlier one outside its box.) Each change is resampled onto the segmentation's reference grid, where
+        the Segment Editor keeps its masks, unless the volume's grid is that grid: Slicer writes a labelmap of
+        another grid by resampling the segmentation's whole shared labelmap onto it, so a prompt on a coarser
+        series coarsened every segment."""
         segment_id = segment_id or self._target.segment_id
         before = self._segment_mask(segment_id, box) if before is None else before
         segmentation, grid, between = self._target.segmentation_node, *self._grid()
-        reference = None if between is None else frames.reference_grid(segmentation, self._matrix)
+        reference = frames.reference_grid(segmentation, grid if between is None else self._matrix)
+        resampled = between is not None or not np.allclose(reference, grid, atol=1e-6)
         logic = self._target.editor_logic
         if not bypass_masking:  # the masks are made around the selected segment
             logic.GetSegmentEditorNode().SetSelectedSegmentID(segment_id)
@@ -672,7 +678,7 @@ class InteractiveSession:
                 crop = bounding_box(voxels)  # only where it changes: less to resample, less to mask
                 start = [b.start + c.start for b, c in zip(box, crop)]
                 modifier = arrays.labelmap_from_array(voxels[crop], grid, start)
-                if between is not None:
+                if resampled:
                     modifier = frames.resample(modifier, reference, between)
                 logic.ModifySegmentByLabelmap(segmentation, segment_id, modifier, mode,
                                               modifier.GetExtent(), False, bypass_masking)
