@@ -325,3 +325,19 @@ def test_a_pod_its_agent_ended_is_released_said_and_not_a_failure_at_quit(panel,
     settle(panel)
     assert panel.status == f"Pod {pod_id} has ended: idle timeout. Choose a GPU type and press Start."
     assert panel.end_started_here() == []
+
+
+def test_terminate_asks_first_naming_what_a_desktop_pods_volume_loses_and_that_stop_keeps_it(tmp_path):
+    """Terminate was one click from deleting a desktop pod's uploads, scenes and exports; the widget asks this first."""
+    from SegmentationMachineLib.cloud.pods import Pod
+
+    records = PodRecords(tmp_path / "pods.json")
+    for pod_id, mode in (("desk0001", "desktop"), ("serv0001", "server")):
+        records.add(Pod(pod_id, "n", "RUNNING", "g", 0.69, 0, True, []), 0.0, mode=mode)
+    panel = CloudPanel(SecretStore(tmp_path / "secrets", use_keychain=False), records)
+    desktop = panel.terminate_question("desk0001")
+    assert desktop.startswith("Terminate pod desk0001? This deletes its volume for good: the uploads, scenes and "
+                              "exports on it.") and "Stop keeps them" in desktop
+    assert "(if it is a desktop pod)" in panel.terminate_question("else001")  # started elsewhere: may be one
+    server = panel.terminate_question("serv0001")
+    assert server.startswith("Terminate pod serv0001?") and "uploads" not in server

@@ -89,6 +89,8 @@ class CloudSection:
         self.stopButton.toolTip = _("No GPU billing; the volume is kept, and bills {volumeCost} until Terminate.").format(
             volumeCost=volumeCost)
         self.terminateButton = qt.QPushButton(_("Terminate"))
+        self.terminateButton.toolTip = _("Ends the pod and deletes its volume: a desktop pod's uploads, scenes and "
+                                         "exports go with it (asked first). Stop keeps them.")
         form.addRow(self.row(self.startButton, self.cancelButton, self.stopButton, self.terminateButton))
         self.progressBar = qt.QProgressBar()
         self.progressBar.setRange(0, 100)
@@ -109,6 +111,7 @@ class CloudSection:
         self.earlierList.setMaximumHeight(70)
         self.useEarlierButton = qt.QPushButton(_("Connect"))
         self.terminateEarlierButton = qt.QPushButton(_("Terminate"))
+        self.terminateEarlierButton.toolTip = self.terminateButton.toolTip
         form.addRow(_("Still running:"), self.row(self.earlierList, self.useEarlierButton, self.terminateEarlierButton))
 
         self.saveKeyButton.connect("clicked(bool)", self.onSaveKey)
@@ -117,13 +120,13 @@ class CloudSection:
         self.startButton.connect("clicked(bool)", self.onStart)
         self.cancelButton.connect("clicked(bool)", lambda: self.act(self.panel.cancel))
         self.stopButton.connect("clicked(bool)", lambda: self.act(self.panel.stop))
-        self.terminateButton.connect("clicked(bool)", lambda: self.act(self.panel.terminate_current))
+        self.terminateButton.connect("clicked(bool)", lambda: self.onTerminate(self.panel.pod.pod_id))
         self.desktopButton.connect("clicked(bool)", lambda: self.openUrl(self.panel.pod.desktop_url))
         self.filesButton.connect("clicked(bool)", lambda: self.openUrl(self.panel.pod.files_url))
         self.desktopPasswordButton.connect("clicked(bool)", lambda: self.copySecret("SM_VNC_PASSWORD"))
         self.filesPasswordButton.connect("clicked(bool)", lambda: self.copySecret("SM_FILES_PASSWORD"))
         self.useEarlierButton.connect("clicked(bool)", lambda: self.act(self.panel.connect_earlier, self.earlierId()))
-        self.terminateEarlierButton.connect("clicked(bool)", lambda: self.act(self.panel.terminate, self.earlierId()))
+        self.terminateEarlierButton.connect("clicked(bool)", lambda: self.onTerminate(self.earlierId()))
         self.earlierList.connect("itemSelectionChanged()", self.updateGui)
         self.timer = timer(200, self.tick)
         self.endAtQuit = True  # no surprise bill: only an explicit "keep running" keeps this session's pods
@@ -169,6 +172,15 @@ class CloudSection:
         budget = self.budgetSpin.value or None
         limits = Limits(self.idleSpin.value * 60, self.lifetimeSpin.value * 3600, budget)
         self.act(self.panel.start, self.gpuCombo.currentData, self.modeCombo.currentText, limits)
+
+    def onTerminate(self, podId):
+        """Asks first (Yes/No; No is the default and Escape's): terminating deletes the pod's volume."""
+        box = qt.QMessageBox(qt.QMessageBox.Question, _("Cloud GPU"), self.panel.terminate_question(podId),
+                             qt.QMessageBox.Yes | qt.QMessageBox.No, slicer.util.mainWindow())
+        box.setDefaultButton(qt.QMessageBox.No)
+        box.setEscapeButton(qt.QMessageBox.No)
+        if box.exec_() == qt.QMessageBox.Yes:
+            self.act(self.panel.terminate, podId)
 
     def earlierId(self):
         item = self.earlierList.currentItem()

@@ -121,15 +121,24 @@ class CloudPanel:
         self._forget_started(pod_id)  # the user keeps it on purpose: quitting must not delete its volume
         self.status = f"Stopping pod {pod_id}..."
 
-    def terminate_current(self):
-        self.terminate(self.pod.pod_id)
-
     def terminate(self, pod_id: str):
         self._start("terminate", lambda cloud: cloud.terminate(pod_id))  # first: it refuses while busy
         if self.pod is not None and self.pod.pod_id == pod_id:
             self._release()
         self._forget_started(pod_id)
         self.status = f"Terminating pod {pod_id}..."
+
+    def terminate_question(self, pod_id: str) -> str:
+        """What the widget asks before Terminate (Yes/No, No the default): terminating deletes the pod's volume, where
+        a desktop pod keeps the user's uploads, scenes and exports; Stop keeps them. A pod not started from this
+        computer may be a desktop pod."""
+        mode = self.records.get(pod_id).get("mode")
+        if mode == "server":
+            return (f"Terminate pod {pod_id}? Its GPU stops billing and its volume is deleted; the AI prompt tools "
+                    "need a pod started again (a few minutes).")
+        which = "its volume" if mode == "desktop" else "its volume (if it is a desktop pod)"
+        return (f"Terminate pod {pod_id}? This deletes {which} for good: the uploads, scenes and exports on it. "
+                "Stop keeps them instead (no GPU billing; the volume bills per month until you terminate it).")
 
     def desktops_started_here(self) -> list:
         """The ids of this session's running desktop pods: their volumes hold the user's uploads, scenes and
