@@ -142,6 +142,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onSceneStartClose(self, caller, event):
         self.presets.cancel()  # its result would be the closed scene's patient's
         self.inbox.scene_closed()
+        self.export.scene_closed()  # Send to OrcaSlicer and Open folder were the closed scene's
         self.setParameterNode(None)
         self.promptTools.onSceneClose()
 
@@ -181,6 +182,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.applyPresetButton.enabled = bool(self.presets.task) or bool(p) and self.presets.can_apply(p.sourceVolume)
         if p:
             self.export.formats = {f for f in ("stl", "obj", "3mf", "glb", "seg") if getattr(p, f"export{f.capitalize()}")}
+            self.export.segmentation_chosen(p.segmentation)  # another one: the last export's report is not its
         self.ui.exportButton.enabled = bool(p) and self.export.can_export(p.segmentation)
         self.ui.sendToPrinterButton.enabled = self.export.can_send()
         self.ui.openFolderButton.enabled = self.export.last_result is not None

@@ -308,3 +308,40 @@ def test_after_close_scene_the_inbox_never_takes_the_next_scenes_nodes_for_its_o
     own = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my MR")  # the first ID the inbox had
     deliver("CT next")
     assert ctx.scene.IsNodePresent(own) and "left the scene" not in panel.status
+
+
+def _cube_segmentation(ctx, name):
+    segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    cube = np.zeros((8, 8, 8), bool)
+    cube[2:6, 2:6, 2:6] = True
+    add_segment_from_mask(segmentation, cube, np.eye(4), "Cube", (1, 0, 0), (0, 0, 0))
+    return segmentation
+
+
+def _exported(export, segmentation):
+    export.start(segmentation)
+    assert export.task.wait(60)
+    return export.finish()
+
+
+def test_the_last_export_is_forgotten_at_close_scene_and_when_another_segmentation_is_chosen(ctx, tmp_path):
+    """Close Scene left Send to OrcaSlicer and Open folder enabled, and the report shown, for the closed scene's
+    export; so did choosing another segmentation."""
+    export = ExportPanel(output_folder=tmp_path, formats={"stl"})
+    first, second = _cube_segmentation(ctx, "First"), _cube_segmentation(ctx, "Second")
+    assert _exported(export, first) is not None and export.can_send() and export.report_text()
+    export.segmentation_chosen(first)  # the same one (the widget calls this on every update): kept
+    assert export.can_send()
+    export.segmentation_chosen(second)
+    assert not export.can_send() and export.last_result is None and export.report_text() == ""
+    assert export.status == "Press Export to write the chosen segmentation."
+    assert _exported(export, second) is not None and export.can_send()
+    ctx.scene.Clear(False)  # File > Close Scene
+    export.scene_closed()
+    assert not export.can_send() and export.report_text() == "" and export.status == "Choose a segmentation to export."
+    # An export running while the scene closes writes its files, but is not the last export of the next scene.
+    third = _cube_segmentation(ctx, "Third")
+    export.start(third)
+    export.scene_closed()
+    assert export.task.wait(60) and export.finish() is not None
+    assert not export.can_send() and export.status.endswith("(the segmentation chosen before).")

@@ -1,4 +1,4 @@
-"""Qt-free state of the module's Export & Print section."""
+"""Qt-free state of the module's Export and print section."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +65,7 @@ class ExportPanel:
     last_result: ExportResult = None
     task: BackgroundTask = None
     orcaslicer_missing: bool = False  # the last send found no OrcaSlicer: the module asks where it is
+    _exported_from: str = None  # the ID of the segmentation node the last export (or the one running) is of
 
     def can_export(self, segmentation_node) -> bool:
         return segmentation_node is not None and bool(self.formats) and self.task is None
@@ -99,6 +100,7 @@ class ExportPanel:
             return write_export(prepared, self.output_folder, options, provenance=provenance)
 
         self.task = BackgroundTask(work)
+        self._exported_from = segmentation_node.GetID()
         self.status = f"Exporting '{prepared.name}'..."
 
     def finish(self):
@@ -107,6 +109,9 @@ class ExportPanel:
         if problem:
             self.status = problem
             return None
+        if self._exported_from is None:  # the scene was closed or another segmentation chosen meanwhile
+            self.status = f"Exported to {result.folder} (the segmentation chosen before)."
+            return result
         self.last_result = result
         bad = result.not_watertight
         self.status = (f"Exported to {result.folder}." if not bad else
@@ -114,6 +119,22 @@ class ExportPanel:
                        "is not watertight: use flying edges with smoothing, or repair it in the slicer.")
         self.status = " ".join([self.status, *result.warnings])
         return result
+
+    def segmentation_chosen(self, segmentation_node):
+        """Main thread, on every change of the chosen segmentation: once another one (or none) is chosen, the last
+        export's report, Send to OrcaSlicer and Open folder are no longer about it."""
+        node_id = segmentation_node.GetID() if segmentation_node is not None else None
+        if self._exported_from is not None and node_id != self._exported_from:
+            self._forget("Press Export to write the chosen segmentation." if node_id else "Choose a segmentation to "
+                         "export.")
+
+    def scene_closed(self):
+        """Close Scene: the last export was the closed scene's (and the next scene's nodes get the same IDs)."""
+        self._forget("Choose a segmentation to export.")
+
+    def _forget(self, status: str):
+        self.last_result, self._exported_from, self.orcaslicer_missing = None, None, False
+        self.status = status if self.task is None else self.status
 
     def report_text(self) -> str:
         return "\n".join(self.last_result.summary_lines() + self.last_result.warnings) if self.last_result else ""
