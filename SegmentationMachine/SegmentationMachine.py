@@ -1,6 +1,5 @@
 """SegmentationMachine: DICOM to a model on the print bed. A thin binding: behaviour lives in SegmentationMachineLib."""
 
-import logging
 import os
 import sys
 import tempfile
@@ -26,7 +25,6 @@ except ImportError:  # loaded from a source checkout: only this module's folder 
 
 from SegmentationMachineLib.core.errors import UserError
 from SegmentationMachineLib.core.scene import SceneContext
-from SegmentationMachineLib.dicom.volumes import load_series
 from SegmentationMachineLib.panels.export import ExportPanel
 from SegmentationMachineLib.panels.inbox import InboxPanel
 from SegmentationMachineLib.panels.presets import PresetsPanel
@@ -35,6 +33,7 @@ from SegmentationMachineLib.segment.masks import PRESETS
 
 from SegmentationMachineWidgets import errorsShown, packages, sendToOrcaSlicer, setPlainText, timer
 from SegmentationMachineWidgets.cloud import CloudSection
+from SegmentationMachineWidgets.inbox import loadDelivery, showVolume
 from SegmentationMachineWidgets.pacs import PacsSection
 from SegmentationMachineWidgets.prompttools import PromptToolsSection
 
@@ -253,14 +252,16 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         deliveries = self.inbox.tick()
         for delivery in deliveries:
             try:
-                loaded = self.logic.loadDelivery(delivery, copyFiles=self.inbox.copies_into_database(delivery))
+                loaded = loadDelivery(self.logic.context(), delivery, self.inbox.copies_into_database(delivery))
                 self.inbox.loaded(delivery, True, notes=loaded.notes, node=loaded.node)  # its row; older ones go
-                if self._parameterNode and self.ui.inboxUseAsSourceCheckBox.checked:
-                    self._parameterNode.sourceVolume = loaded.node
-                    self.ui.promptsCollapsibleButton.collapsed = False  # straight to the AI prompt tools
-            except UserError as error:
+            except UserError as error:  # said in its row and the status line, and logged: no dialog from a timer
                 self.inbox.loaded(delivery, False, str(error))
-                slicer.util.errorDisplay(str(error))
+                continue
+            prompting = self.promptTools.tool is not None or self.promptTools.panel.busy  # prompts would go there
+            if self._parameterNode and self.inbox.as_source(delivery, self.ui.inboxUseAsSourceCheckBox.checked, prompting):
+                self._parameterNode.sourceVolume = loaded.node
+                showVolume(loaded.node)
+                self.ui.promptsCollapsibleButton.collapsed = False  # straight to the AI prompt tools
         if deliveries or self.inbox.rows():
             self.updateGui()
 
@@ -294,23 +295,6 @@ class SegmentationMachineLogic(ScriptedLoadableModuleLogic):
             colors_logic=slicer.modules.colors.logic(),
             dicom_database=getattr(slicer, "dicomDatabase", None),  # set by the DICOM module, where it is loaded
         )
-
-    def loadDelivery(self, delivery, copyFiles=False):
-        """Adds the delivered files (only those) to Slicer's DICOM database, then loads the series. copyFiles: the
-        database keeps its own copy (files the inbox removes later: an unpacked zip's)."""
-        files = [str(path) for path in delivery.series.files]
-        try:
-            import ctk
-            indexer = ctk.ctkDICOMIndexer()
-            # The database is an argument (ctkDICOMIndexer has no database property; DICOMUtils does the same).
-            indexer.addListOfFiles(slicer.dicomDatabase, files, copyFiles)
-            indexer.waitForImportFinished()
-        except Exception as error:  # the database is a convenience: the scene still gets the series
-            logging.warning("Could not add %s to the DICOM database: %s", delivery.series.name, error)
-        loaded = load_series(self.context(), delivery.series)
-        # The Volumes logic loads without showing: put the series in the slice views.
-        slicer.util.setSliceViewerLayers(background=loaded.node, fit=True)
-        return loaded  # its notes go to the inbox's row
 
 
 class SegmentationMachineTest(ScriptedLoadableModuleTest):
@@ -373,7 +357,8 @@ class SegmentationMachineTest(ScriptedLoadableModuleTest):
             deliveries = panel.tick()
             time.sleep(0.05)
         self.assertEqual(len(deliveries), 1)
-        node = SegmentationMachineLogic().loadDelivery(deliveries[0]).node
+        node = loadDelivery(SegmentationMachineLogic().context(), deliveries[0]).node
+        showVolume(node)
         self.assertEqual(node.GetImageData().GetDimensions(), (48, 48, 16))
         red = slicer.app.layoutManager().sliceWidget("Red") if slicer.app.layoutManager() else None
         if red:  # shown, not only loaded

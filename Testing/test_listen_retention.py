@@ -208,7 +208,8 @@ def test_listen_refuses_when_the_disk_is_short_and_keep_received_0_removes_each_
 
 def test_the_modules_inbox_says_one_sentence_when_a_series_is_removed_before_it_is_loaded(ctx, tmp_path, caplog):
     """The Slicer module's Inbox pointed at listen's received folder: listen removed the series between the listing
-    and the loading. One sentence, the series marked failed, nothing delivered again, no warning."""
+    and the loading. One sentence (in the status line, and logged once), the series marked failed, nothing delivered
+    again, no other warning."""
     from SegmentationMachineLib.dicom.volumes import load_series
     from SegmentationMachineLib.panels.inbox import InboxPanel
 
@@ -234,9 +235,10 @@ def test_the_modules_inbox_says_one_sentence_when_a_series_is_removed_before_it_
             assert panel.tick() == []
             time.sleep(0.05)
         assert panel.rows() == [(delivery.series.name, 4, "error", str(error.value))]
+        assert panel.status == str(error.value)
     finally:
         panel.stop()
-    assert not any(r.levelno >= logging.WARNING for r in caplog.records)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [str(error.value)]
 
 
 @pytest.mark.parametrize("keep_days, swept_at", [(7, [0, 3600, 7200]), (0, [0, 20, 7200])])

@@ -1,6 +1,7 @@
 """The module's panel state, driven as the widget drives it: start, poll, finish on the main thread."""
 
 import re
+from pathlib import Path
 
 from conftest import DATA
 from SegmentationMachineLib.core import arrays
@@ -345,3 +346,36 @@ def test_the_last_export_is_forgotten_at_close_scene_and_when_another_segmentati
     export.scene_closed()
     assert export.task.wait(60) and export.finish() is not None
     assert not export.can_send() and export.status.endswith("(the segmentation chosen before).")
+
+
+def test_a_new_series_waits_for_the_user_while_they_prompt_and_a_failed_one_is_said_without_a_dialog(ctx, caplog):
+    """The inbox switched the source volume under an active AI prompt tool (prompts went to the new series), and a
+    failed series opened a modal dialog from the timer."""
+    from types import SimpleNamespace
+
+    from SegmentationMachineLib.panels.inbox import InboxPanel
+
+    panel = InboxPanel()
+
+    def delivery(name, remarks=""):
+        return SimpleNamespace(series=SimpleNamespace(name=name), remarks=lambda notes: remarks)
+
+    ct = delivery("CT 2")
+    panel.loaded(ct, True, node=ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT 2"))
+    assert panel.as_source(ct, wanted=True, prompting=False)
+    assert not panel.as_source(ct, wanted=False, prompting=False)
+    status = panel.status
+    assert not panel.as_source(ct, wanted=False, prompting=True) and panel.status == status  # not wanted: not said
+    assert not panel.as_source(ct, wanted=True, prompting=True)
+    assert panel.status == "Series CT 2 arrived: choose it as source volume when you are ready."
+    odd = delivery("CT 3", remarks="It looks incomplete: 40 of 41 slices.")
+    panel.loaded(odd, True, node=ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT 3"))
+    assert not panel.as_source(odd, wanted=True, prompting=True)
+    assert panel.status == ("CT 3 was loaded. It looks incomplete: 40 of 41 slices. Series CT 3 arrived: choose it as "
+                            "source volume when you are ready.")
+    with caplog.at_level("WARNING", logger="segmentation-machine"):
+        panel.loaded(delivery("CT 4"), False, "Series CT 4 was not loaded: its slices are not evenly spaced.")
+    assert panel.status == "Series CT 4 was not loaded: its slices are not evenly spaced."
+    assert "Series CT 4 was not loaded" in caplog.text
+    module = (Path(__file__).resolve().parents[1] / "SegmentationMachine" / "SegmentationMachine.py").read_text()
+    assert "errorDisplay" not in module.split("def onInboxTick")[1].split("\n    def ")[0]  # no dialog from the timer

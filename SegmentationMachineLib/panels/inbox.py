@@ -1,6 +1,7 @@
 """Qt-free state of the module's Inbox section."""
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ STOP_WAIT_S = 5.0  # Stop never hangs on a read still running: after this it is 
 # Series the inbox loaded that stay in the scene: a Slicer left watching for weeks would fill its memory (a CT is
 # 100-300 MB). Older ones that nothing uses leave the scene; the DICOM database keeps them.
 KEEP_LOADED = 12  # a CT study often holds 5-10 series
+log = logging.getLogger("segmentation-machine")
 
 
 def _referenced_ids(scene) -> set:
@@ -78,6 +80,7 @@ class InboxPanel:
     # stay for the whole session, across Stop and Start, even once their zip is gone; the next session removes them.
     _in_use: set = field(default_factory=set)
     _kept: list = field(default_factory=list)  # (node ID, its unpacked folders) of what the inbox loaded, oldest first
+    _said: str = ""  # what loaded() said of the series it was last told of
 
     @property
     def running(self) -> bool:
@@ -140,8 +143,13 @@ class InboxPanel:
     def loaded(self, delivery, ok: bool, reason: str = "", notes=(), node=None):
         """The widget loaded a delivery into node (or failed to, with reason); recorded before the next poll. A loaded
         series that looks incomplete, or that the loader changed (notes, e.g. resampled to even spacing), says so in
-        its row and in the status: it was loaded, but not as the scanner made it."""
-        if ok:
+        its row and in the status: it was loaded, but not as the scanner made it. A series that failed says why in its
+        row and the status line, and in the log (no dialog: the inbox works while the user does something else)."""
+        before = self.status
+        if not ok:
+            self.status = reason
+            log.warning("%s", reason)
+        else:
             reason = delivery.remarks(notes)
             if reason:
                 self.status = f"{delivery.series.name} was loaded. {reason}"
@@ -153,6 +161,16 @@ class InboxPanel:
                             "there; the DICOM database still has it.")
                     self.status = f"{self.status} {left}" if reason else left
         self._acknowledgements.append((delivery, ok, reason))
+        self._said = self.status if self.status != before else ""  # about this series: as_source adds to it
+
+    def as_source(self, delivery, wanted: bool, prompting: bool) -> bool:
+        """After loaded(): whether the series just loaded becomes the source volume and is shown in the slice views.
+        wanted: "Make each new series the source volume" is ticked; prompting: an AI prompt tool is active or a prompt
+        waits or runs, which would then go to the new series: it is held back, and the status says so."""
+        if wanted and prompting:
+            held = f"Series {delivery.series.name} arrived: choose it as source volume when you are ready."
+            self.status = f"{self._said} {held}".strip()
+        return wanted and not prompting
 
     def scene_closed(self):
         """Main thread, at Close Scene: what the inbox loaded is gone with it, and the next scene's nodes get the same
