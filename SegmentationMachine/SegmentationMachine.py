@@ -209,8 +209,8 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.updateGui()
 
     def onExport(self):
-        if "seg" in self.export.formats and not packages.ensureSeg():  # asked with no wait cursor over the question
-            return
+        # Asked with no wait cursor over the question; declined, the other formats are exported.
+        segInstalled = "seg" not in self.export.formats or packages.ensureSeg()
         with errorsShown(_("Failed to start the export."), waitCursor=True):
             folder = self.ui.outputFolderSelector.currentPath or str(self.export.output_folder)
             qt.QSettings().setValue(SETTINGS_OUTPUT_FOLDER, folder)
@@ -218,7 +218,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             p = self._parameterNode
             self.export.smoothing, self.export.coordinates = p.smoothing, p.exportCoordinates
             self.export.merged_stl, self.export.shown_only = p.exportMergedStl, p.exportShownOnly
-            self.export.start(p.segmentation, self.logic.context())  # copies what it needs
+            self.export.start(p.segmentation, self.logic.context(), segInstalled)  # copies what it needs
             self.pollTimer.start()
         self.updateGui()
 

@@ -165,6 +165,8 @@ def test_only_a_segmentation_made_on_a_dicom_series_can_be_sent(ctx, tmp_path):
     panel.start(node)
     assert panel.task is None
     assert panel.status.startswith("DICOM SEG needs the DICOM series 'drawn' was made on, and it was not made on one")
+    panel.start(node, seg_installed=False)  # the user declined highdicom's install: said, not silently nothing
+    assert panel.task is None and panel.status.startswith("Not sent: DICOM SEG needs highdicom, which was not installed")
 
 
 def test_credentials_are_saved_under_the_servers_names_and_never_shown(tmp_path):

@@ -379,3 +379,21 @@ def test_a_new_series_waits_for_the_user_while_they_prompt_and_a_failed_one_is_s
     assert "Series CT 4 was not loaded" in caplog.text
     module = (Path(__file__).resolve().parents[1] / "SegmentationMachine" / "SegmentationMachine.py").read_text()
     assert "errorDisplay" not in module.split("def onInboxTick")[1].split("\n    def ")[0]  # no dialog from the timer
+
+
+def test_declining_dicom_segs_install_exports_the_other_formats_and_says_seg_was_skipped(ctx, tmp_path):
+    """Declining the highdicom install cancelled the whole export, with nothing said."""
+    from SegmentationMachineLib.panels.export import SEG_SKIPPED
+
+    export = ExportPanel(output_folder=tmp_path, formats={"stl", "seg"})
+    segmentation = _cube_segmentation(ctx, "Cube")
+    export.start(segmentation, seg_installed=False)
+    assert export.status == f"Exporting 'Cube'... {SEG_SKIPPED}"
+    assert export.task.wait(60)
+    result = export.finish()
+    assert sorted(p.name for p in result.folder.iterdir()) == ["Cube.stl", "report.json"]
+    assert export.status == f"Exported to {result.folder}. {SEG_SKIPPED}"
+    assert SEG_SKIPPED == "DICOM SEG skipped: highdicom was not installed."
+    export.formats = {"seg"}
+    export.start(segmentation, seg_installed=False)
+    assert export.task is None and export.status.startswith(f"{SEG_SKIPPED} Choose another format")

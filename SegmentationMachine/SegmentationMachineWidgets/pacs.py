@@ -1,4 +1,4 @@
-"""The module's PACS parts: Send to PACS in Export & Print (a DICOMweb server, its credentials, the send) and the
+"""The module's PACS parts: Send to PACS in Export and print (a DICOMweb server, its credentials, the send) and the
 Inbox's button that shows what `segmentation-machine listen` received. Behaviour in PacsPanel and InboxPanel.
 
 The SEG is written and stored on a worker thread (the module's GIL pump lends it the time); a QTimer finishes it.
@@ -61,11 +61,10 @@ class PacsSection:
         self.updateGui()
 
     def onSend(self):
-        if not packages.ensureSeg():  # highdicom, installed after asking (no wait cursor over the question)
-            return
+        installed = packages.ensureSeg()  # highdicom, installed after asking (no wait cursor over the question)
         with errorsShown(_("Failed to start sending to the PACS."), waitCursor=True):
             parameterNode = self.parameterNode()
-            self.panel.start(parameterNode.segmentation if parameterNode else None, self.context())
+            self.panel.start(parameterNode.segmentation if parameterNode else None, self.context(), installed)
             if self.panel.task:
                 self.timer.start()
         self.updateGui()

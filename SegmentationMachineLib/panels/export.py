@@ -14,6 +14,8 @@ from ..mesh.printing import OrcaSlicerNotFound, send_to_orcaslicer
 from ..segment.masks import PRESETS, preset_parameters
 from .tasks import BackgroundTask
 
+SEG_SKIPPED = "DICOM SEG skipped: highdicom was not installed."
+
 
 def _volume_source(segmentation_node, dicom_database) -> list:
     """Main thread, reading no file (that is the worker's): the files the segmentation's volume was read from, as the
@@ -66,6 +68,7 @@ class ExportPanel:
     task: BackgroundTask = None
     orcaslicer_missing: bool = False  # the last send found no OrcaSlicer: the module asks where it is
     _exported_from: str = None  # the ID of the segmentation node the last export (or the one running) is of
+    _skipped: str = ""  # the sentence of a format chosen but left out of the export running
 
     def can_export(self, segmentation_node) -> bool:
         return segmentation_node is not None and bool(self.formats) and self.task is None
@@ -73,17 +76,24 @@ class ExportPanel:
     def can_send(self) -> bool:
         return self.last_result is not None and self.task is None
 
-    def options(self) -> ExportOptions:
+    def options(self, formats: set = None) -> ExportOptions:
+        """formats: those of this export (default: the chosen ones)."""
         from ..mesh.surfaces import SurfaceOptions
 
-        ordered = tuple(f for f in FORMATS if f in self.formats)
+        ordered = tuple(f for f in FORMATS if f in (self.formats if formats is None else formats))
         return ExportOptions(formats=ordered, coordinates=self.coordinates, merged_stl=self.merged_stl,
                              surface=SurfaceOptions(smoothing=self.smoothing))
 
-    def start(self, segmentation_node, ctx=None):
+    def start(self, segmentation_node, ctx=None, seg_installed: bool = True):
         """Main thread: copies what the export needs out of the scene (ctx: the module's, so that converting
-        surfaces to labelmaps pauses the views); meshing and writing go to a worker."""
-        options = self.options()
+        surfaces to labelmaps pauses the views); meshing and writing go to a worker. seg_installed: False where the
+        user declined DICOM SEG's packages: the other formats chosen are exported, and the status says SEG was not."""
+        formats = set(self.formats) if seg_installed else set(self.formats) - {"seg"}
+        self._skipped = SEG_SKIPPED if formats != set(self.formats) else ""
+        if not formats:
+            self.status = f"{SEG_SKIPPED} Choose another format to export, or install it with the next Export."
+            return
+        options = self.options(formats)
         try:
             ids = shown_segment_ids(segmentation_node) if self.shown_only else None
             prepared = prepare_export(segmentation_node, options, ids, ctx=ctx)
@@ -101,7 +111,7 @@ class ExportPanel:
 
         self.task = BackgroundTask(work)
         self._exported_from = segmentation_node.GetID()
-        self.status = f"Exporting '{prepared.name}'..."
+        self.status = " ".join(filter(None, [f"Exporting '{prepared.name}'...", self._skipped]))
 
     def finish(self):
         task, self.task = self.task, None
@@ -117,7 +127,7 @@ class ExportPanel:
         self.status = (f"Exported to {result.folder}." if not bad else
                        f"Exported to {result.folder}, but {', '.join(bad)} "
                        "is not watertight: use flying edges with smoothing, or repair it in the slicer.")
-        self.status = " ".join([self.status, *result.warnings])
+        self.status = " ".join(filter(None, [self.status, *result.warnings, self._skipped]))
         return result
 
     def segmentation_chosen(self, segmentation_node):

@@ -94,9 +94,13 @@ class PacsPanel:
             self.store.forget(name)
         self.status = f"Forgot the credentials for {server.url}."
 
-    def start(self, segmentation_node, ctx=None):
+    def start(self, segmentation_node, ctx=None, seg_installed: bool = True):
         """Main thread: checks, and copies the SEG's input out of the scene; writing and sending go to a worker.
-        ctx: the module's scene context (prepare_export)."""
+        ctx: the module's scene context (prepare_export); seg_installed: False where the user declined the packages
+        DICOM SEG needs."""
+        if not seg_installed:
+            self.status = "Not sent: DICOM SEG needs highdicom, which was not installed (Send to PACS offers it again)."
+            return
         if segmentation_node is None:
             self.status = "Choose the segmentation to send (Segmentation, above), then Send to PACS."
             return
