@@ -149,6 +149,8 @@ class PromptToolsSection:
             return
         self.ui.promptSegmentSelector.setCurrentNode(segmentation)
         self.ui.promptSegmentSelector.setCurrentSegmentID(segmentId)  # chosen: prompts go there
+        if p:  # and Export's: what the prompts make can be exported without choosing it again
+            p.segmentation = segmentation
 
     def editorLogic(self, volume):
         """Segment Editor logic on the Segment Editor module's node: its masking and overwrite settings hold."""
