@@ -94,6 +94,14 @@ def test_ui_binds_every_widget_the_module_uses_and_every_parameter():
     assert bound == fields
 
 
+def test_no_ui_text_is_taken_for_a_keyboard_mnemonic():
+    """Qt reads one '&' in a button's or section's text as a mnemonic: "Export & Print" showed as "Export  Print"
+    with an underlined space. Written "and", or "&&" where an ampersand is meant."""
+    texts = [w.find("string").text or "" for w in ET.parse(UI).getroot().iter("property") if w.get("name") == "text"]
+    assert len(texts) > 20 and "Export and print" in texts
+    assert [text for text in texts if "&" in text.replace("&&", "")] == []
+
+
 def test_module_files_are_listed_for_the_build():
     scripts = (REPO / "SegmentationMachine" / "CMakeLists.txt").read_text()
     for path in (REPO / "SegmentationMachine").rglob("*.py"):

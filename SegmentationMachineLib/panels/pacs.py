@@ -1,4 +1,4 @@
-"""Qt-free state of the module's Send to PACS part (in Export & Print): a segmentation stored as a DICOM SEG in its
+"""Qt-free state of the module's Send to PACS part (in Export and print): a segmentation stored as a DICOM SEG in its
 study on a DICOMweb server (STOW-RS), with credentials kept in the keychain under the server's names."""
 
 import os
