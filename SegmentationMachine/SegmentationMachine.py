@@ -24,7 +24,7 @@ except ImportError:  # loaded from a source checkout: only this module's folder 
     import SegmentationMachineLib  # noqa: F401  (the check that it is importable)
 
 from SegmentationMachineLib.core.errors import UserError
-from SegmentationMachineLib.core.scene import SceneContext
+from SegmentationMachineLib.core.scene import SceneContext, first_source_volume
 from SegmentationMachineLib.panels.export import ExportPanel
 from SegmentationMachineLib.panels.inbox import InboxPanel
 from SegmentationMachineLib.panels.presets import PresetsPanel
@@ -152,7 +152,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def initializeParameterNode(self):
         parameterNode = self.logic.getParameterNode()
         if not parameterNode.sourceVolume:
-            parameterNode.sourceVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            parameterNode.sourceVolume = first_source_volume(slicer.mrmlScene)  # no labelmap, as the selector
         self.setParameterNode(parameterNode)
 
     def setParameterNode(self, parameterNode):

@@ -102,6 +102,22 @@ def test_no_ui_text_is_taken_for_a_keyboard_mnemonic():
     assert [text for text in texts if "&" in text.replace("&&", "")] == []
 
 
+def test_the_source_volume_is_a_scan_never_a_labelmap_or_a_vector_volume(ctx):
+    """The selector listed labelmaps and vector volumes (scalar volume subclasses), and the module chose a labelmap
+    loaded first as the source volume; with nothing chosen it showed an empty box instead of what to do."""
+    from SegmentationMachineLib.core.scene import NOT_SOURCE_VOLUMES, first_source_volume
+
+    selector = next(w for w in ET.parse(UI).getroot().iter("widget") if w.get("name") == "sourceVolumeSelector")
+    properties = {p.get("name"): p for p in selector.findall("property")}
+    assert [s.text for s in properties["hideChildNodeTypes"].iter("string")] == list(NOT_SOURCE_VOLUMES)
+    assert properties["noneDisplay"].find("string").text == "Select source volume…"
+    assert first_source_volume(ctx.scene) is None
+    for kind in NOT_SOURCE_VOLUMES:
+        ctx.scene.AddNewNodeByClass(kind, kind)
+    ct = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
+    assert ctx.scene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode") is not ct and first_source_volume(ctx.scene) is ct
+
+
 def test_module_files_are_listed_for_the_build():
     scripts = (REPO / "SegmentationMachine" / "CMakeLists.txt").read_text()
     for path in (REPO / "SegmentationMachine").rglob("*.py"):

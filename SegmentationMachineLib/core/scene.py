@@ -11,6 +11,10 @@ import slicer
 import vtk
 
 BINARY_LABELMAP = "Binary labelmap"
+# Scalar volume subclasses that are no scan to segment (the source volume selector hides them, as its
+# hideChildNodeTypes in the module's .ui): labelmaps, and volumes of several components per voxel.
+NOT_SOURCE_VOLUMES = ("vtkMRMLLabelMapVolumeNode", "vtkMRMLVectorVolumeNode", "vtkMRMLTensorVolumeNode",
+                      "vtkMRMLDiffusionWeightedVolumeNode")
 
 
 @dataclass
@@ -36,6 +40,14 @@ def editing(ctx: SceneContext, node):
     finally:
         node.EndModify(modifying)
         ctx.app_logic.ResumeRender()
+
+
+def first_source_volume(scene):
+    """The first scalar volume of the scene that is a scan to segment (None where there is none): a labelmap loaded
+    first was chosen as the source volume when the module opened."""
+    kind = "vtkMRMLScalarVolumeNode"
+    volumes = (scene.GetNthNodeByClass(i, kind) for i in range(scene.GetNumberOfNodesByClass(kind)))
+    return next((volume for volume in volumes if not any(volume.IsA(other) for other in NOT_SOURCE_VOLUMES)), None)
 
 
 def new_segmentation(volume_node, name: str):
