@@ -118,6 +118,24 @@ def test_the_source_volume_is_a_scan_never_a_labelmap_or_a_vector_volume(ctx):
     assert ctx.scene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode") is not ct and first_source_volume(ctx.scene) is ct
 
 
+def test_each_translated_sentence_is_one_string_for_the_translator():
+    """Sentences glued from _() pieces ("Last prompt: " + latency, a tooltip + a shared ending) cannot be translated
+    in another word order: each is one _() format string with named fields, as Slicer's own modules write them."""
+
+    def translated(node):  # _(...) or _(...).format(...)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "format":
+            node = node.func.value
+        return isinstance(node, ast.Call) and getattr(node.func, "id", "") == "_"
+
+    files = [MODULE, *(REPO / "SegmentationMachine" / "SegmentationMachineWidgets").glob("*.py")]
+    glued = [f"{path.name}:{node.lineno}" for path in files for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add)
+             and (translated(node.left) or translated(node.right))]
+    assert glued == []
+    probe = ast.parse('label = _("Last prompt: ") + latency')  # what the check finds
+    assert any(isinstance(n, ast.BinOp) and translated(n.left) for n in ast.walk(probe))
+
+
 def test_module_files_are_listed_for_the_build():
     scripts = (REPO / "SegmentationMachine" / "CMakeLists.txt").read_text()
     for path in (REPO / "SegmentationMachine").rglob("*.py"):

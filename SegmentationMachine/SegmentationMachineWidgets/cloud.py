@@ -67,20 +67,26 @@ class CloudSection:
         # How the pod agent ends a pod: a desktop pod's volume holding the user's files is kept, and bills on.
         volumeCost = _("${cost:.2f}/GB/month ({size} GB: ${month:.2f}/month)").format(
             cost=VOLUME_USD_PER_GB_MONTH, size=PodSpec.volume_gb, month=PodSpec.volume_gb * VOLUME_USD_PER_GB_MONTH)
-        ending = " " + _("A server pod is terminated then; a desktop pod with your files on its volume is stopped, and "
-                         "its volume bills {volumeCost} until you terminate it.").format(volumeCost=volumeCost)
-        self.idleSpin.toolTip = _("The pod ends after this long in which nothing used it (a prompt, a press here, "
-                                  "an upload, an open desktop).") + ending
+        self.idleSpin.toolTip = _(
+            "The pod ends after this long in which nothing used it (a prompt, a press here, an upload, an open "
+            "desktop). A server pod is terminated then; a desktop pod with your files on its volume is stopped, and its "
+            "volume bills {volumeCost} until you terminate it.").format(volumeCost=volumeCost)
         self.budgetSpin = qt.QDoubleSpinBox()
         self.budgetSpin.setRange(0, 1000)
         self.budgetSpin.prefix = "$ "
         self.budgetSpin.specialValueText = _("no budget")
-        self.budgetSpin.toolTip = _("The pod ends once it has cost this much.") + ending
+        self.budgetSpin.toolTip = _(
+            "The pod ends once it has cost this much. A server pod is terminated then; a desktop pod with your files on "
+            "its volume is stopped, and its volume bills {volumeCost} until you terminate it.").format(
+                volumeCost=volumeCost)
         self.lifetimeSpin = qt.QSpinBox()
         self.lifetimeSpin.setRange(1, 168)
         self.lifetimeSpin.value = 12
         self.lifetimeSpin.suffix = _(" h at most")
-        self.lifetimeSpin.toolTip = _("The pod ends after this long in any case.") + ending
+        self.lifetimeSpin.toolTip = _(
+            "The pod ends after this long in any case. A server pod is terminated then; a desktop pod with your files "
+            "on its volume is stopped, and its volume bills {volumeCost} until you terminate it.").format(
+                volumeCost=volumeCost)
         form.addRow(_("Mode:"), self.row(self.modeCombo, self.idleSpin, self.lifetimeSpin, self.budgetSpin))
 
         self.startButton = qt.QPushButton(_("Start"))
@@ -243,11 +249,11 @@ class CloudSection:
                             qt.QMessageBox.AcceptRole)
         terminate = box.addButton(_("Terminate all"), qt.QMessageBox.DestructiveRole) if desktops else None
         keep = box.addButton(_("Keep running"), qt.QMessageBox.RejectRole)
-        box.setInformativeText(
-            (_("A stopped desktop pod keeps your uploads, scenes and exports on its volume, which bills "
-               "${cost:.2f}/GB/month until you terminate it; terminating deletes them. ").format(
-                cost=VOLUME_USD_PER_GB_MONTH) if desktops else "")
-            + _("Closing this dialog or pressing Escape ends them as the first button does."))
+        box.setInformativeText(_(
+            "A stopped desktop pod keeps your uploads, scenes and exports on its volume, which bills ${cost:.2f}/GB/month "
+            "until you terminate it; terminating deletes them. Closing this dialog or pressing Escape ends them as the "
+            "first button does.").format(cost=VOLUME_USD_PER_GB_MONTH) if desktops else _(
+            "Closing this dialog or pressing Escape ends them as the first button does."))
         box.setDefaultButton(end)
         box.setEscapeButton(end)  # never "keep running" by accident
         box.exec_()

@@ -271,7 +271,8 @@ class PromptToolsSection:
         self.ui.cancelPromptButton.enabled = self.panel.can_cancel
         self.ui.disconnectButton.enabled = self.panel.connected
         self.ui.undoButton.enabled, self.ui.redoButton.enabled = self.panel.can_undo, self.panel.can_redo
-        self.ui.latencyLabel.text = _("Last prompt: ") + self.panel.last_latency if self.panel.last_latency else ""
+        self.ui.latencyLabel.text = (_("Last prompt: {latency}").format(latency=self.panel.last_latency)
+                                     if self.panel.last_latency else "")
 
     def onCancel(self):
         self.panel.cancel()
