@@ -25,13 +25,25 @@ from . import errorsShown, packages, timer
 SETTINGS_SERVER_URL = "SegmentationMachine/ServerUrl"
 SECRET_NAME = "nninteractive-api-key"
 # Shortcuts avoid the plain keys Slicer's views take (b, f, g, r, s, t, v: vtkMRMLSliceIntersectionWidget,
-# vtkSlicerMarkupsWidget), which a main-window shortcut would steal; Ctrl+Z/Ctrl+Y as the Segment Editor has them.
+# vtkSlicerMarkupsWidget), which a main-window shortcut would steal; Ctrl+Z, and the platform's Redo with Ctrl+Y, as
+# the Segment Editor has them (qMRMLSegmentEditorWidget.cxx).
 TOOLS = {  # tool -> (markups class, button, shortcut)
     "point": ("vtkMRMLMarkupsFiducialNode", "pointToolButton", "P"),
     "box": ("vtkMRMLMarkupsROINode", "boxToolButton", "X"),
     "scribble": ("vtkMRMLMarkupsCurveNode", "scribbleToolButton", "C"),
     "lasso": ("vtkMRMLMarkupsClosedCurveNode", "lassoToolButton", "L"),
 }
+
+
+def redoKeys() -> list:
+    """The platform's Redo (Ctrl+Shift+Z on Linux and macOS, Ctrl+Y on Windows), and Ctrl+Y where that is another
+    key: the Segment Editor takes both."""
+    keys = [key for key in [qt.QKeySequence(qt.QKeySequence.Redo).toString()] if key]
+    return keys + ([] if "Ctrl+Y" in keys else ["Ctrl+Y"])
+
+
+def nativeText(key: str) -> str:
+    return qt.QKeySequence(key).toString(qt.QKeySequence.NativeText)
 
 
 class PromptToolsSection:
@@ -56,6 +68,11 @@ class PromptToolsSection:
         ui.connectButton.connect("clicked(bool)", self.onConnect)
         ui.disconnectButton.connect("clicked(bool)", self.onDisconnect)
         ui.includeButton.connect("clicked(bool)", self.onToggleInclude)
+        # The keys as this platform writes them (Ctrl+Z is Command-Z on macOS).
+        ui.undoButton.text = _("Undo ({keys})").format(keys=nativeText("Ctrl+Z"))
+        ui.redoButton.text = _("Redo ({keys})").format(keys=nativeText(redoKeys()[0]))
+        ui.redoButton.toolTip = _("Makes the last undo again ({keys})").format(
+            keys=", ".join(nativeText(key) for key in redoKeys()))
         ui.undoButton.connect("clicked(bool)", lambda: self.queue(self.panel.undo))
         ui.redoButton.connect("clicked(bool)", lambda: self.queue(self.panel.redo))
         ui.resetButton.connect("clicked(bool)", lambda: self.queue(self.panel.reset))
@@ -77,8 +94,10 @@ class PromptToolsSection:
         self.shortcuts = [qt.QShortcut(qt.QKeySequence(key), window) for _, _, key in TOOLS.values()]
         for shortcut, tool in zip(self.shortcuts, TOOLS):
             shortcut.connect("activated()", lambda t=tool: self.setTool(None if self.tool == t else t))
-        for key, action in (("E", self.onToggleInclude), ("Ctrl+Z", lambda: self.queue(self.panel.undo)),
-                            ("Ctrl+Y", lambda: self.queue(self.panel.redo)), ("Ctrl+R", lambda: self.queue(self.panel.reset))):
+        undo, redo = (lambda: self.queue(self.panel.undo)), (lambda: self.queue(self.panel.redo))
+        keys = [("E", self.onToggleInclude), ("Ctrl+Z", undo), ("Ctrl+R", lambda: self.queue(self.panel.reset))]
+        keys += [(key, redo) for key in redoKeys()]
+        for key, action in keys:
             shortcut = qt.QShortcut(qt.QKeySequence(key), window)
             shortcut.connect("activated()", action)
             self.shortcuts.append(shortcut)
