@@ -3,6 +3,7 @@ nnInteractive server with a hand-set model and the oblique volume its prompts la
 
 import hashlib
 import os
+import types
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,58 @@ def shared_data():
     if not DATA.is_dir():
         pytest.skip(f"the real scans are not at {DATA} (they sit beside the repository in CI)")
     return DATA
+
+
+def pytest_collection_modifyitems(items):
+    """Without the scans (a checkout with no ../shared beside it) the tests that read them are skipped, not failed."""
+    if DATA.is_dir():
+        return
+    for item in items:
+        if _reads_scans(item):
+            item.add_marker(pytest.mark.skip(reason=f"the real scans are not at {DATA}"))
+
+
+def _reads_scans(item) -> bool:
+    """The test, a fixture it uses or a function or class of its module names a module global that is a path under
+    DATA, or it is parametrized with one."""
+    module = vars(item.module)
+    scans = {name for name, value in module.items() if _under_data(value)}
+    if any(_under_data(value) for value in getattr(getattr(item, "callspec", None), "params", {}).values()):
+        return True
+    fixtures = [fixture.func for defs in item._fixtureinfo.name2fixturedefs.values() for fixture in defs]
+    seen, functions = set(), [item.function, *fixtures]
+    while functions:
+        code = getattr(functions.pop(), "__code__", None)
+        if code is None or code in seen:
+            continue
+        seen.add(code)
+        names = _global_names(code)
+        if names & scans:
+            return True
+        functions += [function for name in names for function in _functions(module.get(name), item.module)]
+    return False
+
+
+def _functions(value, module) -> list:
+    """value when it is a function; the methods of a class of the test's own module (a fake server's handler)."""
+    if isinstance(value, types.FunctionType):
+        return [value]
+    if isinstance(value, type) and value.__module__ == module.__name__:
+        return [getattr(method, "__func__", method) for method in vars(value).values()]
+    return []
+
+
+def _under_data(value) -> bool:
+    return isinstance(value, Path) and value.is_relative_to(DATA)
+
+
+def _global_names(code) -> set:
+    """The global names a function reads, in its own body and in the functions and lambdas defined inside it."""
+    names = set(code.co_names)
+    for inner in code.co_consts:
+        if isinstance(inner, types.CodeType):
+            names |= _global_names(inner)
+    return names
 
 
 @pytest.fixture
