@@ -49,7 +49,9 @@ class SegmentationMachine(ScriptedLoadableModule):
         self.parent.contributors = ["SegmentationMachine developers"]
         self.parent.helpText = _(
             "From CT/MR DICOM to a model on the print bed: CPU presets (bone, skin), watertight STL/OBJ/3MF "
-            "(and glTF, DICOM SEG) export in LPS millimetres with a mesh report, Send to OrcaSlicer or to a PACS.")
+            "(and glTF, DICOM SEG) export in LPS millimetres with a mesh report, Send to OrcaSlicer or to a PACS. "
+            "A Cloud GPU's server pod gets only the scan's voxels and your prompts; a desktop pod gets whole DICOM files "
+            "and keeps them until it is terminated (the README's Cloud GPU section: what leaves this computer).")
         self.parent.acknowledgementText = _(
             "AI prompt tools use nnInteractive: Isensee F., Rokuss M., Krämer L. et al. (2025), "
             "nnInteractive: Redefining 3D Promptable Segmentation, arXiv:2503.08373.")

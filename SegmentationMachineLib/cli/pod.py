@@ -23,7 +23,7 @@ from .common import examples
 SM = "segmentation-machine pod"
 SIGNAL_POLL_S = 0.2  # how soon a Ctrl-C while connected is acted on, between heartbeats
 ENDING_SIGNALS = [signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
-CLOUD_HELP = "secure (default: RunPod's data centres) or community (cheaper hosts)"
+CLOUD_HELP = "secure (default: RunPod's data centres) or community (cheaper third-party hosts: not for patient data)"
 
 
 def add_pod_commands(commands, common):
