@@ -137,3 +137,17 @@ def test_a_connect_abandoned_by_disconnect_gives_its_lease_back(server):
     assert not panel.connected and not panel.busy
     wait_for_log(server, '"POST /claim', claims + 1)
     wait_for_log(server, '"POST /release', releases + 1, seconds=30)
+
+
+def test_a_prompt_before_connect_is_said_not_kept_and_one_while_connecting_waits(server):
+    """A point placed before Connect vanished from the view, the status line unchanged."""
+    from SegmentationMachineLib.panels.prompts import PromptsPanel
+
+    panel = PromptsPanel()
+    panel.submit("point", ras=(0.0, 0.0, 0.0))
+    panel.undo()
+    assert not panel.busy and panel.status == "Connect to a server first: that prompt was not kept."
+    panel.connect(server.url, KEY)
+    panel.submit("point", ras=(0.0, 0.0, 0.0))
+    assert len(panel.queue) == 1
+    panel.disconnect()

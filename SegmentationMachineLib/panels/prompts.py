@@ -94,19 +94,27 @@ class PromptsPanel:
 
     def submit(self, kind: str, **geometry):
         """A prompt from the viewers (RAS mm), include or exclude as the toggle says."""
-        self.queue.append(Prompt(kind, self.include, **geometry))
+        self._queue(Prompt(kind, self.include, **geometry))
 
     def toggle_include(self):
         self.include = not self.include
 
     def undo(self):
-        self.queue.append("undo")
+        self._queue("undo")
 
     def redo(self):
-        self.queue.append("redo")
+        self._queue("redo")
 
     def reset(self):
-        self.queue.append("reset")
+        self._queue("reset")
+
+    def _queue(self, item):
+        """Queued while connected or connecting (it then runs once connected); else the status line says so: a
+        prompt placed before Connect vanished from the view with no word."""
+        if self.connected or self._job == "connect":
+            self.queue.append(item)
+        else:
+            self.status = "Connect to a server first: that prompt was not kept."
 
     def cancel(self):
         """Stops waiting for the prompt on the server and drops the prompts queued behind it. The segment
