@@ -98,7 +98,10 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SegmentationMachineLogic()
         self.promptTools = PromptToolsSection(self.ui, lambda: self._parameterNode, self.updateGui)
-        self.cloud = CloudSection(self.layout, self.promptTools)
+        # Above the AI prompts it serves, not below the panel's spacer at the bottom
+        mainLayout = uiWidget.layout()
+        self.cloud = CloudSection(lambda box: mainLayout.insertWidget(mainLayout.indexOf(self.ui.promptsCollapsibleButton),
+                                                                     box), self.promptTools)
         self.pacs = PacsSection(self.ui, lambda: self._parameterNode, self.logic.context, self.inbox, self.onInboxStartStop)
         self.ui.inboxFolderSelector.currentPath = slicer.util.settingsValue(SETTINGS_INBOX_FOLDER, str(self.inbox.folder))
         self.ui.inboxStartButton.connect("clicked(bool)", self.onInboxStartStop)

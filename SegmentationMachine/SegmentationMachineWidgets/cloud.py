@@ -38,13 +38,14 @@ class _WindowCloseFilter(qt.QObject):
 
 
 class CloudSection:
-    def __init__(self, parentLayout, promptTools):
+    def __init__(self, place, promptTools):
+        """place(box) puts the section's collapsible button into the module panel."""
         self.panel = CloudPanel()
         self.promptTools = promptTools
         box = ctk.ctkCollapsibleButton()
         box.text = _("Cloud GPU (RunPod)")
         box.collapsed = True
-        parentLayout.addWidget(box)
+        place(box)
         form = qt.QFormLayout(box)
 
         self.keyEdit = qt.QLineEdit()
