@@ -189,7 +189,13 @@ class PromptToolsSection:
     # -- viewer tools ------------------------------------------------------------------------
     def setTool(self, tool, keepMode=False):
         """Slicer's place mode, "place multiple" and active place node are given back as they were when no tool
-        of ours is active any more (keepMode: the interaction mode the user chose meanwhile stays)."""
+        of ours is active any more (keepMode: the interaction mode the user chose meanwhile stays). Turned off here
+        (its button or key, leaving the module, Close Scene), a curve drawn halfway is dropped: giving place mode
+        back ends the placement, which would send it. A right-click ends it on purpose: keepMode, it is sent."""
+        if tool is None and not keepMode:
+            for curve in ("scribble", "lasso"):
+                if self.markups.get(curve) is not None:
+                    self.markups[curve].RemoveAllControlPoints()
         self.tool = tool
         self.boxPlacement.reset()
         for name, (_className, button, _key) in TOOLS.items():
@@ -266,7 +272,7 @@ class PromptToolsSection:
                 self.setTool("box")
 
     def onPlacementEnded(self):
-        """Curves are finished by the user (right-click or Escape): then they become a prompt."""
+        """Curves are finished by the user (right-click): then they become a prompt."""
         for tool in ("scribble", "lasso"):
             node = self.markups.get(tool)
             if node is not None and node.GetNumberOfControlPoints() >= (2 if tool == "scribble" else 3):
