@@ -133,8 +133,9 @@ def test_a_connect_abandoned_by_disconnect_gives_its_lease_back(server):
     claims, releases = server.count('"POST /claim'), server.count('"POST /release')
     panel = PromptsPanel()
     panel.connect(server.url, KEY)
+    assert panel.connecting  # Disconnect is enabled
     panel.disconnect()  # while the connect is on its way
-    assert not panel.connected and not panel.busy
+    assert not panel.connected and not panel.connecting and not panel.busy and panel.status == "Disconnected."
     wait_for_log(server, '"POST /claim', claims + 1)
     wait_for_log(server, '"POST /release', releases + 1, seconds=30)
 

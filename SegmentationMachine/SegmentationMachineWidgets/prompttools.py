@@ -294,7 +294,7 @@ class PromptToolsSection:
             self.timer.stop()
         self.ui.promptStatusLabel.text = self.panel.status
         self.ui.cancelPromptButton.enabled = self.panel.can_cancel
-        self.ui.disconnectButton.enabled = self.panel.connected
+        self.ui.disconnectButton.enabled = self.panel.connected or self.panel.connecting  # abandons a connect
         self.ui.undoButton.enabled, self.ui.redoButton.enabled = self.panel.can_undo, self.panel.can_redo
         self.ui.latencyLabel.text = (_("Last prompt: {latency}").format(latency=self.panel.last_latency)
                                      if self.panel.last_latency else "")

@@ -47,6 +47,11 @@ class PromptsPanel:
         return self.session is not None
 
     @property
+    def connecting(self) -> bool:
+        """A connect is on its way (a full server is waited for up to minutes): Disconnect abandons it."""
+        return self._job == "connect"
+
+    @property
     def busy(self) -> bool:
         return self.task is not None or bool(self.queue)
 
@@ -75,8 +80,9 @@ class PromptsPanel:
         What was on its way or queued is dropped (an answer still to come is not written)."""
         if self.can_cancel:
             self._job.cancel()
-        if self._job == "connect":  # its lease would hold one of the server's few slots until the server reaps it
+        if self.connecting:  # its lease would hold one of the server's few slots until the server reaps it
             _close_once_connected(self.task, self._connecting)
+            self.status = "Disconnected."
         self.task, self._job, self._connecting = None, None, None
         self.queue.clear()
         if self.heartbeat is not None:
@@ -111,7 +117,7 @@ class PromptsPanel:
     def _queue(self, item):
         """Queued while connected or connecting (it then runs once connected); else the status line says so: a
         prompt placed before Connect vanished from the view with no word."""
-        if self.connected or self._job == "connect":
+        if self.connected or self.connecting:
             self.queue.append(item)
         else:
             self.status = "Connect to a server first: that prompt was not kept."
