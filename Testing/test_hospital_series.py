@@ -143,6 +143,24 @@ def test_images_at_the_same_positions_that_no_tag_tells_apart_are_refused_not_mi
         load_input(ctx, tmp_path / "study")
 
 
+def test_two_positions_each_with_two_images_no_tag_tells_apart_are_refused_and_one_position_is_a_slice(shared_data,
+                                                                                                    tmp_path):
+    """The smallest series that mixes them: two slices, each with a second phase at its place. One position with two
+    images is no volume to mix: its first image is loaded as a slice, the other skipped with its reason."""
+    for count in (2, 1):
+        uid = generate_uid()
+        for phase in range(2):
+            for number, ds in enumerate(real_slices()[:count]):
+                ds.SeriesInstanceUID, ds.ContentTime = uid, f"10{phase}500"
+                ds.PixelData = (ds.pixel_array + 100 * phase).astype(ds.pixel_array.dtype).tobytes()
+                save(ds, tmp_path / f"study{count}" / f"P{phase}S{number}.dcm")
+        scan = scan_folder(tmp_path / f"study{count}")
+        [series] = scan.series
+        assert (len(series.files), len(scan.skipped)) == (count, count)
+        assert series.problem == ("" if count == 1 else "2 of its images lie where others do, and no tag tells them "
+                                  "apart (cardiac phases, energies or two reconstructions in one series?): have each "
+                                  "exported as a series of its own")
+
 def per_frame_rescale(slices):
     ds = enhanced_from(slices)
     transformation = ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence

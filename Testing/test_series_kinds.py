@@ -159,6 +159,23 @@ def test_a_localizer_in_the_series_with_the_stacks_orientation_is_left_out_as_sl
     assert not any("missing" in note for note in loaded.notes)
 
 
+def test_a_localizer_beside_a_stack_of_two_slices_is_left_out_too(shared_data, tmp_path):
+    """The localizer rule asks for the rest to be one even stack: two slices are one (a single gap), so the
+    smallest series it applies to holds three images, and its localizer was then a slice 100 mm away."""
+    uid = generate_uid()
+    for number, ds in enumerate(real_slices()[:2], 1):
+        ds.SeriesInstanceUID = uid
+        save(ds, tmp_path / "study" / f"{number}.dcm")
+    localizer = real_slices()[0]
+    localizer.SeriesInstanceUID, localizer.ImageType = uid, ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    localizer.ImagePositionPatient = [*localizer.ImagePositionPatient[:2], localizer.ImagePositionPatient[2] - 100]
+    save(localizer, tmp_path / "study" / "0-overview.dcm")
+    scan = scan_folder(tmp_path / "study")
+    assert [sorted(p.name for p in s.files) for s in scan.series] == [["1.dcm", "2.dcm"]]
+    assert [(s.path.name, s.reason) for s in scan.skipped] == [("0-overview.dcm", "a localizer, not part of the volume "
+                                                                "(the one image of image type ORIGINAL/PRIMARY/LOCALIZER in its series)")]
+    assert not scan.series[0].is_uneven
+
 def started_inbox(tmp_path) -> Inbox:
     (tmp_path / "inbox").mkdir(exist_ok=True)
     inbox = Inbox(InboxOptions(folder=tmp_path / "inbox", state_folder=tmp_path / "state", settle_seconds=0.3,
@@ -337,6 +354,15 @@ def test_a_multi_frame_image_that_is_not_one_even_stack_is_refused_in_one_senten
     assert str(error.value) == (f"{path} is not a usable image: {reason}; give a DICOM image file or folder, or a "
                                 "NIfTI/NRRD volume.")
 
+
+
+def test_a_multi_frame_image_whose_pixel_data_is_shorter_than_its_frames_is_truncated(shared_data, tmp_path):
+    """A file's size check counted one frame of an enhanced image: with its last frame missing it was read as whole
+    (an upload still being written would have been delivered), and GDCM left to fail on it or read past its end."""
+    ds = enhanced_from(real_slices())
+    ds.PixelData = ds.PixelData[:len(ds.PixelData) * 2 // 3]  # two of its three frames
+    assert read_slice(save(ds, tmp_path / "frames.dcm")) == (None, "truncated (its pixel data is shorter than its "
+                                                                   "size says)")
 
 # -- non-image objects and cut files -----------------------------------------------------------------------------
 
