@@ -142,6 +142,10 @@ def test_a_full_disk_fails_one_series_with_one_sentence_and_the_queue_goes_on(tm
     assert state_ == "failed" and reason == "The disk is full: free some space, then restart watch to process this series again."
     assert not (outbox / ".segmentation-machine-staging").exists() and len([p for p in outbox.iterdir() if p.is_dir()]) == 1
     assert not any("Traceback" in line for line in lines)
+    # As the sentence says: space freed, a restart processes it (a full disk is not remembered as the series' failure).
+    board, lines = queue_once(inbox_folder, state, outbox)
+    assert sorted((entry["state"], entry["reason"]) for entry in board["series"]) == [("done", ""), ("done", "")]
+    assert [line for line in lines if ": processing" in line] == ["CT 'series 2': processing 3 files"]  # only it
 
 
 def test_a_second_watcher_on_the_same_folders_is_refused_naming_the_first(tmp_path):
@@ -206,6 +210,39 @@ def test_a_series_with_gaps_is_held_then_delivered_marked_incomplete(tmp_path, s
     assert entry["state"] == "done" and entry["reason"] == "Looks incomplete: 1 instance number(s) between 1 and 3 are missing."
     assert any(line.endswith("(looks incomplete: 1 instance number(s) between 1 and 3 are missing)") for line in lines)
 
+
+def test_a_series_that_looks_incomplete_is_held_from_its_last_file_and_a_single_slice_is_held_too(tmp_path,
+                                                                                                  shared_data):
+    """On a clock the test advances, a second a poll: the first slice alone is held (a single slice so far); a slice
+    with a gap before it arrives 8 s later, and the hold runs from that one, not from the first (which delivered a
+    series still arriving, slice by slice over more than the hold, as incomplete)."""
+    inbox_folder = tmp_path / "inbox"
+    inbox_folder.mkdir()
+    now = [0.0]
+    inbox = Inbox(InboxOptions(folder=inbox_folder, state_folder=tmp_path / "state", settle_seconds=1.0, polling=True,
+                               poll_interval=0.5, hold_seconds=10.0), clock=lambda: now[0])
+    inbox.start()
+
+    def polls_until(second) -> list:
+        delivered = []
+        while now[0] < second:
+            now[0] += 1
+            delivered += inbox.poll()
+        return delivered
+
+    try:
+        (inbox_folder / SLICES[0].name).write_bytes(SLICES[0].read_bytes())
+        assert polls_until(8) == []
+        assert [(s.state, s.reason) for s in inbox.statuses()] == [
+            (SeriesState.WAITING, "Looks incomplete (it has a single slice so far): held for more files")]
+        (inbox_folder / SLICES[2].name).write_bytes(SLICES[2].read_bytes())  # instance 3: 2 has not arrived
+        assert polls_until(17) == []  # 10 s after the first slice, 9 s after the last
+        assert [(s.state, s.reason) for s in inbox.statuses()] == [(SeriesState.WAITING, "Looks incomplete (1 instance "
+                                                                    "number(s) between 1 and 3 are missing): held for more files")]
+        [delivery] = polls_until(21)  # the hold ran out 10 s after the last slice was seen, at 19
+        assert delivery.incomplete == "1 instance number(s) between 1 and 3 are missing"
+    finally:
+        inbox.stop()
 
 def test_polling_rereads_a_file_that_resumes_growing_and_a_partial_file_is_not_called_truncated(tmp_path, shared_data):
     inbox_folder, state = tmp_path / "inbox", tmp_path / "state"

@@ -139,6 +139,35 @@ def test_a_sweep_removes_only_finished_series_quiet_long_enough_and_the_inbox_do
         node.stop()
 
 
+def test_a_series_folder_of_a_non_image_object_goes_once_read_and_one_holding_a_folder_stays(tmp_path):
+    """A dose report comes in a series of its own: nothing of it is delivered, yet it is finished once read (and
+    listed as skipped); it was kept for ever. A series folder holding what the node never writes (a folder) is left
+    alone, files and all, however old; so is an old folder whose file was written again lately (cp over it leaves the
+    folder's time as it was)."""
+    from test_series_kinds import AS_PART_10, non_image
+
+    received, study = tmp_path / "received", "1.2.3"
+    report, other, rewritten = (received / study / f"1.2.3.{n}" for n in (1, 2, 3))
+    for folder in (report, other, rewritten):
+        folder.mkdir(parents=True)
+        non_image("1.2.840.10008.5.1.4.1.1.88.67", "SR", study).save_as(folder / "dose.dcm", **AS_PART_10)
+    (other / "notes").mkdir()
+    age(report), age(other), age(rewritten)
+    os.utime(rewritten / "dose.dcm", (OLD + 7 * DAY_S, OLD + 7 * DAY_S))  # a day ago
+    inbox = Inbox(InboxOptions(received, tmp_path / "state", settle_seconds=0.2))
+    inbox.start()
+    try:
+        deadline = time.monotonic() + 30
+        while sorted(inbox.bad_files) != [report / "dose.dcm", other / "dose.dcm", rewritten / "dose.dcm"]:
+            assert time.monotonic() < deadline, inbox.bad_files
+            assert inbox.poll() == []
+            time.sleep(0.05)
+        assert Retention(7).sweep(inbox) == (1, (other / "dose.dcm").stat().st_size)
+        assert not report.exists() and sorted(p.name for p in other.iterdir()) == ["dose.dcm", "notes"]
+        assert (rewritten / "dose.dcm").exists()
+    finally:
+        inbox.stop()
+
 def test_the_free_space_guard_refuses_with_a700_writes_nothing_and_says_so_once_per_association(tmp_path, caplog):
     files = sorted(UNCOMPRESSED_SERIES.glob("*.dcm"))
     free_mb = shutil.disk_usage(tmp_path).free / 1024 ** 2
