@@ -411,7 +411,8 @@ class _CloudPacs(QuietHandler):
     where asked for "*" first, and refused (406) where another syntax comes first and it holds more than one instance.
     mode "partial": some instances are offline, and the series comes with 206 and a Warning (dcm4chee); "short": one
     instance fewer than its search says, with 200; "mpeg2": stored as MPEG-2 (which Slicer cannot decode), sent
-    uncompressed only when asked for explicit little endian alone; "refuse": every retrieve answered 400."""
+    uncompressed only when asked for explicit little endian alone; "busy": stored as MPEG-2 too, and asked to transcode,
+    too busy (503); "refuse": every retrieve answered 400."""
 
     mode = None
     seen = []  # (path, Accept, Host, Authorization) of each request
@@ -433,9 +434,11 @@ class _CloudPacs(QuietHandler):
         files = [path.read_bytes() for path in sorted(UNCOMPRESSED_SERIES.glob("*.dcm"))]
         if self.mode == "refuse":
             return self.reply(400, b'{"message": "Bad request."}')
+        if self.mode == "busy" and "transfer-syntax=*" not in accepted[0]:
+            return self.reply(503, b'{"message": "Service unavailable."}')
         if self.mode != "mpeg2" and "transfer-syntax=*" not in accepted[0] and len(files) > 1:
             return self.reply(406, b'{"message": "Transcoding of multiple instances is not supported."}')
-        if self.mode == "mpeg2" and accepted[0].endswith("transfer-syntax=*"):  # as stored
+        if self.mode in ("mpeg2", "busy") and accepted[0].endswith("transfer-syntax=*"):  # as stored
             files = [_declared_as(data, MPEG2) for data in files]
         files = files[:2] if self.mode in ("partial", "short") else files
         boundary = "b0undary"
@@ -492,7 +495,10 @@ def test_a_cloud_pacs_lists_a_long_study_page_by_page_and_sends_the_series_as_st
                 "try again later, or ask its administrator to bring the series back from its archive."),
     ("short", f"sent 2 of the 3 instances of series {CT_SERIES}: try again later, or check the series in the PACS."),
     ("refuse", f"answered HTTP 400 to the request for series {CT_SERIES} of study {STUDY}: ask its administrator "
-               "whether it offers this request.")])
+               "whether it offers this request."),
+    # Busy when asked to transcode: said as such, not as a server that cannot transcode (ask for another encoding).
+    ("busy", f"answered HTTP 503 to the request for series {CT_SERIES} of study {STUDY}: try again later or ask its "
+             "administrator.")])
 def test_a_series_the_pacs_sends_in_part_or_not_at_all_is_refused_saying_why(cloud_pacs, tmp_path, mode, sentence):
     _CloudPacs.mode = mode
     web = DicomWeb(DicomWebServer.parse(f"dicomweb+{cloud_pacs.url}/dicom-web"))
