@@ -347,6 +347,17 @@ def test_the_budget_holds_with_the_price_from_the_environment_when_runpod_cannot
     assert "idle" in unpriced.status()["reason"]  # without the price the budget could not be guarded
 
 
+def test_a_cost_of_0_in_runpods_answer_leaves_the_quoted_price_to_guard_the_budget(fake, pod):
+    """RunPod answers 0.0 as the cost of a pod it does not bill as running (its answer lags a resume): taken as the
+    price, the budget was never reached and the pod ran on to its lifetime."""
+    fake.pods[pod.id]["cost"] = 0.0
+    now = [0.0]
+    agent = PodAgent(AgentConfig(pod.id, RUNPOD_KEY, TOKEN, budget_usd=1.0, price_per_hr=360.0),
+                     RunPodRest(RUNPOD_KEY), clock=lambda: now[0])
+    now[0] = 0.25
+    agent.check()  # RunPod read: its pod, priced at 0
+    assert agent.status()["reason"] == "its budget of $1 is spent"
+
 def owners_heartbeat_gets_in(server, seconds: float = 20) -> bool:
     url, deadline = f"http://127.0.0.1:{server.server_port}/heartbeat", time.monotonic() + seconds
     while time.monotonic() < deadline:

@@ -343,7 +343,7 @@ def test_a_wrong_key_is_one_sentence(env):
     assert "RunPod rejected the API key" in done.stderr and "rpa_WRONGKEY" not in done.stderr
     missing = pod({k: v for k, v in env.items() if k != "RUNPOD_API_KEY"}, "gpus")
     assert missing.returncode == 2 and "No RunPod API key" in missing.stderr
-    hasty = pod(env, "up", "--idle-timeout", "60")
+    hasty = pod(env, "up", "--idle-timeout", "179")  # under three heartbeats: two late ones ended a pod in use
     assert hasty.returncode == 2 and "The idle timeout must be at least 180 s" in hasty.stderr
     assert pod(env, "up", "--budget", "-1").returncode == 2
     free = pod(env, "up", "--budget", "0")  # not "no budget"
