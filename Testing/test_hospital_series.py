@@ -47,6 +47,19 @@ def test_an_mr_given_to_the_presets_is_refused_before_it_is_loaded(tmp_path):
     assert "Loaded" not in result.stdout and not (tmp_path / "out").exists()
 
 
+def test_a_ct_whose_modality_an_anonymiser_left_out_is_modelled(tmp_path):
+    """Read as OT ('other', as a CT's secondary capture is): the presets take it, its values tell whether it is a CT.
+    Refused as 'not a CT', such a series could not be modelled at all."""
+    files = write_ct_series(tmp_path / "ct", make_phantom((12, 48, 48)).hu, 1.5,
+                            [(-36, -36, k * 2.0) for k in range(12)], "anonymous")
+    for path in files:
+        ds = pydicom.dcmread(path)
+        del ds.Modality
+        ds.save_as(path)
+    result = run_cli("model", tmp_path / "ct", "--out", tmp_path / "out", "--preset", "skin", "--format", "stl")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert [p.suffix for p in (tmp_path / "out").rglob("*.stl")] == [".stl"]
+
 def test_a_volume_without_hounsfield_units_or_of_one_slice_is_refused_by_the_preset_itself():
     """What the module and a NIfTI file give: no modality, so the values and the shape tell."""
     mr_like = np.clip(make_phantom((8, 32, 32)).hu + 1000, 0, None)

@@ -130,6 +130,19 @@ def test_cortex_marrow_kept_contrast_tube_and_table_dropped_arms_kept(lumen_hu):
     assert (body & ~skin).sum() == 4 * 24  # only the ellipse's four one-voxel tips are opened away
 
 
+def test_skin_leaves_out_a_table_a_centimetre_thick_and_keeps_arms():
+    """1 mm voxels: the body, two arms (16 mm radius) beside it in air, and below it a 12 mm table top at 400 HU. A
+    limb holds a 15 mm deep point, a table or a board under the patient does not, however dense."""
+    k, j, i = np.indices((16, 120, 200))
+    hu = np.full(k.shape, -1000.0)
+    body = ((j - 55) / 40) ** 2 + ((i - 100) / 55) ** 2 <= 1
+    arms = ((j - 55) ** 2 + (i - 18) ** 2 <= 16 ** 2) | ((j - 55) ** 2 + (i - 182) ** 2 <= 16 ** 2)
+    table = (j >= 100) & (j < 112)
+    hu[body | arms] = 40
+    hu[table] = 400
+    skin = body_mask(hu, (1.0, 1.0, 1.0))
+    assert not (skin & table).any() and (skin & arms).sum() == arms.sum() and (skin & body).sum() > 0.99 * body.sum()
+
 def test_a_disc_space_between_two_vertebrae_stays_out():
     """1 mm voxels: two vertebral bodies (1 mm cortex at 700 HU around cancellous 80-320 HU) with a 4 mm disc
     (80 HU) between them; a closing in 3D would bridge it."""
@@ -199,6 +212,17 @@ def test_padding_is_ignored_and_marrow_filled():
     mask = bone_mask(hu, (1.0, 1.0, 1.0))
     assert mask[7:13, 17:23, 17:23].all() and not mask[hu == -3024].any()
 
+
+def test_marrow_is_filled_by_its_area_in_the_slice_whatever_the_slice_thickness():
+    """0.5 mm pixels, 5 mm slices: a femur-like tube (2 mm cortex at 1000 HU, 18 mm of fatty marrow at -50 HU, 10 cm2
+    in each slice, under the 20 cm2 that is filled). Its area once took the slice thickness for a pixel's side: ten
+    times too large, and the marrow stayed hollow."""
+    k, j, i = np.indices((6, 120, 120))
+    radius = np.hypot(j - 59.5, i - 59.5) * 0.5
+    hu = np.where(radius <= 29, 40.0, -1000.0)
+    hu[radius <= 20] = 1000
+    hu[radius <= 18] = -50
+    assert np.array_equal(bone_mask(hu, (5.0, 0.5, 0.5)), radius <= 20)
 
 def test_a_volume_without_bone_gets_a_sentence(ctx):
     volume = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Soft tissue")
