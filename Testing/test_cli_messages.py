@@ -109,6 +109,9 @@ def test_preset_is_case_insensitive(tmp_path):
 @pytest.mark.parametrize("args, sentence", [
     (["watch", "{tmp}/afile", "--out", "{tmp}/out"], "The inbox {tmp}/afile is a file, not a folder"),
     (["watch", "{tmp}", "--out", "{tmp}/out", "--settle", "-1"], "--settle and --hold are waiting times"),
+    # Not a number, or no end: no file ever settled, and `watch --once` waited for ever.
+    (["watch", "{tmp}", "--out", "{tmp}/out", "--settle", "nan"], "--settle and --hold are waiting times"),
+    (["watch", "{tmp}", "--out", "{tmp}/out", "--hold", "inf", "--once"], "--settle and --hold are waiting times"),
     (["watch", "{tmp}", "--out", "{tmp}/afile/out"],
      "Cannot write in {tmp}/afile/out (Not a directory): choose a folder you can write to with --out."),
     (["watch", "{tmp}", "--out", "{tmp}/out", "--state", "{tmp}/afile/state"],

@@ -17,7 +17,8 @@ import requests
 from conftest import RUNPOD_KEY
 from nninteractive_server import free_port
 from SegmentationMachineLib.cloud.heartbeat import Heartbeat
-from SegmentationMachineLib.cloud.podagent import AGENT_FOLDER, AgentConfig, PodAgent, holds_user_files, verdict
+from SegmentationMachineLib.cloud.podagent import (AGENT_FOLDER, AgentConfig, PodAgent, alone_env, holds_user_files,
+                                                   verdict)
 from SegmentationMachineLib.cloud.pods import KEPT_WHILE_CREDIT, PodSpec, RunPodRest
 
 TOKEN = "heartbeat-token-of-this-pod"
@@ -282,6 +283,13 @@ def test_when_preparing_the_pod_fails_the_entrypoint_still_runs_the_agent_which_
     assert "Ignoring SM_MAX_LIFETIME_S='15m': not a number above 0." in started.stderr
     assert f"Terminating pod {pod.id}: nothing has used it" in started.stderr
 
+
+def test_alone_a_limit_of_nan_is_dropped_as_one_that_is_not_a_number():
+    """Kept, NaN compared as never reached: the pod ran on without an idle timeout (its default of 15 min holds)."""
+    env = alone_env({"SM_IDLE_TIMEOUT_S": "NaN", "SM_BUDGET_USD": "nan", "SM_MAX_LIFETIME_S": "3600"})
+    assert {name: env.get(name) for name in ("SM_IDLE_TIMEOUT_S", "SM_BUDGET_USD", "SM_MAX_LIFETIME_S")} == {
+        "SM_IDLE_TIMEOUT_S": None, "SM_BUDGET_USD": None, "SM_MAX_LIFETIME_S": "3600"}
+    assert AgentConfig.from_env({"RUNPOD_POD_ID": "p", "RUNPOD_API_KEY": "k", **env}).idle_timeout_s == 900.0
 
 def test_a_check_that_fails_unexpectedly_is_logged_once_and_the_watch_goes_on(tmp_path, caplog):
     """Whatever goes wrong in a look at the pod (here: reading it, every time; ending it, the first time), the agent's

@@ -337,7 +337,7 @@ def test_ending_a_connected_desktop_up_stops_its_pod_keeping_the_users_files(env
     assert f"`segmentation-machine pod down {pod_id}` terminates it with your files" in out
 
 
-def test_a_wrong_key_is_one_sentence(env):
+def test_a_wrong_key_is_one_sentence(env, fake):
     done = pod({**env, "RUNPOD_API_KEY": "rpa_WRONGKEY_not_this_one"}, "list")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "RunPod rejected the API key" in done.stderr and "rpa_WRONGKEY" not in done.stderr
@@ -347,7 +347,16 @@ def test_a_wrong_key_is_one_sentence(env):
     assert hasty.returncode == 2 and "The idle timeout must be at least 180 s" in hasty.stderr
     assert pod(env, "up", "--budget", "-1").returncode == 2
     free = pod(env, "up", "--budget", "0")  # not "no budget"
-    assert free.returncode == 2 and "The maximum lifetime and the budget must be more than 0" in free.stderr
+    assert free.returncode == 2 and "The maximum lifetime and the budget must be numbers more than 0" in free.stderr
+    # Not a number: the agent never ended the pod (its idle time, lifetime and budget compared as NaN), or a
+    # traceback before the pod was made (an end time of NaN or infinity).
+    limits = "The maximum lifetime and the budget must be numbers more than 0"
+    for option, value, sentence in (("--idle-timeout", "nan", "The idle timeout must be at least 180 s"),
+                                    ("--budget", "nan", limits), ("--max-lifetime", "nan", limits),
+                                    ("--max-lifetime", "inf", limits)):
+        refused = pod(env, "up", option, value)
+        assert refused.returncode == 2 and sentence in refused.stderr and "Traceback" not in refused.stderr, option
+    assert fake.pods == {}
 
 
 def test_login_saves_the_key_user_only_and_logout_forgets_it(env, tmp_path):

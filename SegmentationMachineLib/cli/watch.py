@@ -1,6 +1,7 @@
 """`segmentation-machine watch`: every series dropped into a folder, one at a time, into a result folder."""
 
 import logging
+import math
 import signal
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def serve_inbox(args, inbox_folder: Path, banner: str, service=None, modelled=la
     from ..pipeline import model_volume
     from ..segment.masks import check_modality
 
-    if args.settle < 0 or args.hold < 0:
+    if not (0 <= args.settle < math.inf and 0 <= args.hold < math.inf):  # NaN or infinity: nothing would ever settle
         raise UserError("--settle and --hold are waiting times: give 0 or more seconds.")
     options = export_options(args)  # also checks that OUTBOX can be written
     presets = parse_presets(args.preset)

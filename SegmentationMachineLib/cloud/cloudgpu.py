@@ -9,6 +9,7 @@ then (terminateAfter); a desktop pod is stopped (stopAfter), since its volume ma
 and a terminate deletes it.
 """
 
+import math
 import os
 import secrets
 import time
@@ -54,11 +55,12 @@ class Limits:
     budget_usd: float = None
 
     def __post_init__(self):
-        if self.idle_timeout_s < 3 * HEARTBEAT_S:
+        if not self.idle_timeout_s >= 3 * HEARTBEAT_S:  # NaN too: the agent would never find the pod idle
             raise UserError(f"The idle timeout must be at least {3 * HEARTBEAT_S:g} s: connected clients send a "
                             f"heartbeat every {HEARTBEAT_S:g} s.")
-        if any(limit is not None and limit <= 0 for limit in (self.max_lifetime_s, self.budget_usd)):
-            raise UserError("The maximum lifetime and the budget must be more than 0 (leave --budget out for none).")
+        if any(limit is not None and not 0 < limit < math.inf for limit in (self.max_lifetime_s, self.budget_usd)):
+            raise UserError("The maximum lifetime and the budget must be numbers more than 0 (leave --budget out for "
+                            "none).")
 
     def end_time(self, start_timeout_s: float):
         """RFC 3339 time for RunPod's own end of the pod, or None without a maximum lifetime."""

@@ -533,7 +533,7 @@ def alone_env(env) -> dict:
     usable = dict(env)
     for name in [n for n in usable if n.startswith("SM_") and n.endswith(("_S", "_USD", "_PER_HOUR", "_PORT"))]:
         try:
-            if float(usable[name]) <= 0:
+            if not float(usable[name]) > 0:  # NaN too
                 raise ValueError
         except ValueError:
             log.warning("Ignoring %s=%r: not a number above 0.", name, usable.pop(name))
