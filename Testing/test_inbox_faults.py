@@ -237,8 +237,9 @@ def test_a_series_that_looks_incomplete_is_held_from_its_last_file_and_a_single_
             (SeriesState.WAITING, "Looks incomplete (it has a single slice so far): held for more files")]
         (inbox_folder / SLICES[2].name).write_bytes(SLICES[2].read_bytes())  # instance 3: 2 has not arrived
         assert polls_until(17) == []  # 10 s after the first slice, 9 s after the last
-        assert [(s.state, s.reason) for s in inbox.statuses()] == [(SeriesState.WAITING, "Looks incomplete (1 instance "
-                                                                    "number(s) between 1 and 3 are missing): held for more files")]
+        assert [(s.state, s.reason) for s in inbox.statuses()] == [(SeriesState.WAITING, "Looks incomplete (1 "
+                                                                   "instance number(s) between 1 and 3 are missing): "
+                                                                   "held for more files")]
         [delivery] = polls_until(21)  # the hold ran out 10 s after the last slice was seen, at 19
         assert delivery.incomplete == "1 instance number(s) between 1 and 3 are missing"
     finally:

@@ -172,8 +172,9 @@ def test_a_localizer_beside_a_stack_of_two_slices_is_left_out_too(shared_data, t
     save(localizer, tmp_path / "study" / "0-overview.dcm")
     scan = scan_folder(tmp_path / "study")
     assert [sorted(p.name for p in s.files) for s in scan.series] == [["1.dcm", "2.dcm"]]
-    assert [(s.path.name, s.reason) for s in scan.skipped] == [("0-overview.dcm", "a localizer, not part of the volume "
-                                                                "(the one image of image type ORIGINAL/PRIMARY/LOCALIZER in its series)")]
+    assert [(s.path.name, s.reason) for s in scan.skipped] == [(
+        "0-overview.dcm",
+        "a localizer, not part of the volume (the one image of image type ORIGINAL/PRIMARY/LOCALIZER in its series)")]
     assert not scan.series[0].is_uneven
 
 def started_inbox(tmp_path) -> Inbox:
