@@ -133,19 +133,17 @@ def source_dataset(path):
 def _unparsable(dataset) -> list:
     """Keywords highdicom parses strictly that dataset holds in a form it refuses: real headers hold an unknown
     birth date as 00000000, ACR-NEMA's 1901-01-01, sex 'U', a time as 14:03:52."""
-    refused = []
-    for keyword in ("PatientBirthDate", "StudyDate", "StudyTime", "PatientSex"):
-        value = dataset.get(keyword)
-        if not value:
-            continue
+    def refused(keyword, value) -> bool:
+        if keyword == "PatientSex":
+            return value not in ("M", "F", "O")
         try:
-            if keyword == "PatientSex":
-                refused += [keyword] if value not in ("M", "F", "O") else []
-            else:
-                (pydicom.valuerep.TM if keyword == "StudyTime" else pydicom.valuerep.DA)(value)
+            (pydicom.valuerep.TM if keyword == "StudyTime" else pydicom.valuerep.DA)(value)
+            return False
         except ValueError:
-            refused.append(keyword)
-    return refused
+            return True
+
+    return [keyword for keyword in ("PatientBirthDate", "StudyDate", "StudyTime", "PatientSex")
+            if dataset.get(keyword) and refused(keyword, dataset.get(keyword))]
 
 
 @dataclass
