@@ -83,9 +83,8 @@ def tls_context(options: NodeOptions):
             raise UserError("--tls-key and --tls-ca need --tls-cert: give the node's certificate too.")
         return None
     context = _HandshakeOnFirstRead(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:  # an encrypted key would ask for its password on the terminal: it is refused instead
-        context.load_cert_chain(options.tls_cert, options.tls_key, password=lambda: b"")
+    try:
+        _show_node_certificate(context, options)
         if options.tls_ca:
             context.load_verify_locations(options.tls_ca)
             context.verify_mode = ssl.CERT_REQUIRED
@@ -103,9 +102,15 @@ def sending_tls_context(options: NodeOptions):
     if not options.tls_cert:
         return None
     context = ssl.create_default_context(cafile=options.tls_ca)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(options.tls_cert, options.tls_key, password=lambda: b"")  # tls_context read them
+    _show_node_certificate(context, options)  # tls_context has read these files already
     return context
+
+
+def _show_node_certificate(context, options: NodeOptions):
+    """TLS 1.2 at least, with the node's certificate. An encrypted key would ask for its password on the terminal:
+    it is refused instead."""
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(options.tls_cert, options.tls_key, password=lambda: b"")
 
 
 def _file_name(uid) -> str:
