@@ -28,6 +28,7 @@ from SegmentationMachineLib.core.scene import SceneContext, first_source_volume
 from SegmentationMachineLib.panels.export import ExportPanel
 from SegmentationMachineLib.panels.inbox import InboxPanel
 from SegmentationMachineLib.panels.presets import PresetsPanel
+from SegmentationMachineLib.panels.remembered import ExportMemory, remembered_parameter_node
 from SegmentationMachineLib.panels.tasks import PUMP_INTERVAL_MS, share_gil
 from SegmentationMachineLib.segment.masks import PRESETS
 
@@ -81,6 +82,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._parameterNodeGuiTag = None
         self.presets = PresetsPanel()
         self.export = ExportPanel()
+        self.exportMemory = ExportMemory(qt.QSettings)  # the Export choices the user changes, for new scenes
         self.inbox = InboxPanel()
         self.inboxTimer = timer(250, self.onInboxTick)
         self._promptVolume = None
@@ -165,6 +167,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
         self._parameterNode = parameterNode
+        self.exportMemory.bind(parameterNode)
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
@@ -185,6 +188,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.applyPresetButton.text = _("Cancel") if self.presets.task else _("Apply")
         self.ui.applyPresetButton.enabled = bool(self.presets.task) or bool(p) and self.presets.can_apply(p.sourceVolume)
         if p:
+            self.exportMemory.update()  # updateGui runs on every change of the parameter node
             self.export.formats = {f for f in ("stl", "obj", "3mf", "glb", "seg") if getattr(p, f"export{f.capitalize()}")}
             self.export.segmentation_chosen(p.segmentation)  # another one: the last export's report is not its
         self.ui.exportButton.enabled = bool(p) and self.export.can_export(p.segmentation)
@@ -287,7 +291,8 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
 class SegmentationMachineLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
-        return SegmentationMachineParameterNode(super().getParameterNode())
+        """Export choices the node lacks (new, or emptied by Close Scene) are the remembered ones."""
+        return remembered_parameter_node(super().getParameterNode(), SegmentationMachineParameterNode, qt.QSettings())
 
     def context(self) -> SceneContext:
         """Slicer's own scene and module logics, for the library."""

@@ -15,6 +15,7 @@ from slicer.i18n import tr as _
 from SegmentationMachineLib.cloud.cloudgpu import Limits, MODES
 from SegmentationMachineLib.cloud.pods import VOLUME_USD_PER_GB_MONTH, PodSpec
 from SegmentationMachineLib.panels.cloud import CloudPanel
+from SegmentationMachineLib.panels.remembered import BUDGET_USD, IDLE_MINUTES, LIFETIME_HOURS, CloudChoices
 
 from . import errorsShown, timer
 
@@ -41,6 +42,7 @@ class CloudSection:
     def __init__(self, place, promptTools):
         """place(box) puts the section's collapsible button into the module panel."""
         self.panel = CloudPanel()
+        self.choices = CloudChoices.load(qt.QSettings())  # as the user left them (the library reads them back safely)
         self.promptTools = promptTools
         box = ctk.ctkCollapsibleButton()
         box.text = _("Cloud GPU (RunPod)")
@@ -60,10 +62,11 @@ class CloudSection:
         form.addRow(_("GPU:"), self.row(self.gpuCombo, self.refreshButton))
         self.modeCombo = qt.QComboBox()
         self.modeCombo.addItems(list(MODES))
+        self.modeCombo.currentIndex = MODES.index(self.choices.mode)
         self.modeCombo.toolTip = _("server: nnInteractive for this Slicer; desktop: also Slicer in the browser")
         self.idleSpin = qt.QSpinBox()
-        self.idleSpin.setRange(5, 240)
-        self.idleSpin.value = 15
+        self.idleSpin.setRange(*IDLE_MINUTES)
+        self.idleSpin.value = self.choices.idle_minutes
         self.idleSpin.suffix = _(" min idle")
         # How the pod agent ends a pod: a desktop pod's volume holding the user's files is kept, and bills on.
         volumeCost = _("${cost:.2f}/GB/month ({size} GB: ${month:.2f}/month)").format(
@@ -73,7 +76,8 @@ class CloudSection:
             "desktop). A server pod is terminated then; a desktop pod with your files on its volume is stopped, and its "
             "volume bills {volumeCost} until you terminate it.").format(volumeCost=volumeCost)
         self.budgetSpin = qt.QDoubleSpinBox()
-        self.budgetSpin.setRange(0, 1000)
+        self.budgetSpin.setRange(*BUDGET_USD)
+        self.budgetSpin.value = self.choices.budget_usd
         self.budgetSpin.prefix = "$ "
         self.budgetSpin.specialValueText = _("no budget")
         self.budgetSpin.toolTip = _(
@@ -81,8 +85,8 @@ class CloudSection:
             "its volume is stopped, and its volume bills {volumeCost} until you terminate it.").format(
                 volumeCost=volumeCost)
         self.lifetimeSpin = qt.QSpinBox()
-        self.lifetimeSpin.setRange(1, 168)
-        self.lifetimeSpin.value = 12
+        self.lifetimeSpin.setRange(*LIFETIME_HOURS)
+        self.lifetimeSpin.value = self.choices.lifetime_hours
         self.lifetimeSpin.suffix = _(" h at most")
         self.lifetimeSpin.toolTip = _(
             "The pod ends after this long in any case. A server pod is terminated then; a desktop pod with your files "
@@ -135,6 +139,12 @@ class CloudSection:
         self.useEarlierButton.connect("clicked(bool)", lambda: self.act(self.panel.connect_earlier, self.earlierId()))
         self.terminateEarlierButton.connect("clicked(bool)", lambda: self.onTerminate(self.earlierId()))
         self.earlierList.connect("itemSelectionChanged()", self.updateGui)
+        # Remembered as the user changes them ("activated": not as the GPU list is filled in)
+        for combo in (self.gpuCombo, self.modeCombo):
+            combo.connect("activated(int)", self.rememberChoices)
+        for spin in (self.idleSpin, self.lifetimeSpin, self.budgetSpin):
+            spin.connect("valueChanged(double)" if spin is self.budgetSpin else "valueChanged(int)",
+                         self.rememberChoices)
         self.timer = timer(200, self.tick)
         self.endAtQuit = True  # no surprise bill: only an explicit "keep running" keeps this session's pods
         self.keepDesktopFilesAtQuit = True  # desktop pods are stopped, not terminated, unless asked
@@ -170,6 +180,13 @@ class CloudSection:
             action(*args)
         self.timer.start()
         self.updateGui()
+
+    def rememberChoices(self, *_changed):
+        choices = CloudChoices(gpu=self.gpuCombo.currentData or self.choices.gpu, mode=self.modeCombo.currentText,
+                               idle_minutes=self.idleSpin.value, lifetime_hours=self.lifetimeSpin.value,
+                               budget_usd=self.budgetSpin.value)
+        choices.save(qt.QSettings(), self.choices)
+        self.choices = choices
 
     def onSaveKey(self):
         self.act(self.panel.save_key, self.keyEdit.text)
@@ -215,6 +232,7 @@ class CloudSection:
             self.gpuCombo.clear()
             for gpu in panel.gpus:
                 self.gpuCombo.addItem(f"{gpu.name} — {gpu.memory_gb} GB — ${gpu.secure_price:.2f}/h", gpu.id)
+            self.gpuCombo.currentIndex = self.choices.gpu_index(panel.gpus)  # the cheapest where it is gone
         if [self.earlierList.item(i).data(qt.Qt.UserRole) for i in range(self.earlierList.count)] != [
                 pod.id for pod, _cost in panel.earlier]:  # rebuilt only on change: the selection survives ticks
             self.earlierList.clear()
