@@ -25,13 +25,17 @@ MODULE = Path(__file__).resolve().parents[1] / "SegmentationMachine" / "Segmenta
 
 
 def _ini_text(value) -> str:
-    """What Qt 5 writes after 'key=' for a value PythonQt passes to setValue."""
+    """What Qt 5 writes after 'key=' for a value PythonQt passes to setValue (checked with Qt 5.15's QSettings in
+    IniFormat: true, 0.5, 1 for 1.0, "stl,obj,3mf" quoted, stl, obj for a list, @Invalid() for an empty one, a list
+    of one as a binary @Variant(...), read back as a list of one)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         text = repr(value)  # Qt writes the shortest text that reads back the same double, 1.0 as 1
         return text[:-2] if text.endswith(".0") else text
     if isinstance(value, (list, tuple)):
+        if len(value) == 1:
+            return f"@Variant(list of {_ini_text(value[0])})"  # this stand-in's spelling of Qt's binary form
         return ", ".join(_ini_text(item) for item in value) if value else "@Invalid()"
     value = str(value)
     needs_quotes = any(c in value for c in ',;="') or value != value.strip()
@@ -42,6 +46,8 @@ def _read_back(text: str):
     """What PythonQt's QSettings.value() answers for a line of the .ini after a restart."""
     if text == "@Invalid()":
         return None
+    if text.startswith("@Variant(list of "):
+        return (_read_back(text[len("@Variant(list of "):-1]),)
     if text.startswith('"') and text.endswith('"') and len(text) > 1:
         return text[1:-1]
     if "," in text:  # an unquoted comma: Qt reads a QStringList, PythonQt hands a tuple
@@ -129,18 +135,17 @@ def test_every_choice_comes_back_after_a_restart_as_it_was_chosen():
         assert all(isinstance(settings.restarted().value(key), str) for key in settings.written)  # text, as restarted
         assert type(choices).load(settings.restarted()) == choices
     session = SessionSettings()  # and in the session that wrote them, where QSettings hands back the values
-    CHANGED_EXPORT.save(session), CHANGED_CLOUD.save(session)
+    CHANGED_EXPORT.save(session)
+    CHANGED_CLOUD.save(session)
     assert (ExportChoices.load(session), CloudChoices.load(session)) == (CHANGED_EXPORT, CHANGED_CLOUD)
 
 
 def test_text_from_the_file_is_converted_false_is_false_and_numbers_are_numbers():
     """The .ini's own text, as a restarted Slicer reads it: "false" is not a true string, "0.25" no string at all."""
-    ini = IniSettings({"SegmentationMachine/Export/MergedStl": "false", "SegmentationMachine/Export/ShownSegmentsOnly":
-                       "true", "SegmentationMachine/Export/Smoothing": "0.25",
-                       "SegmentationMachine/Export/Formats": '"obj,3mf"', "SegmentationMachine/Export/Coordinates": "RAS",
-                       "SegmentationMachine/CloudGpu/IdleTimeoutMinutes": "45",
-                       "SegmentationMachine/CloudGpu/MaxLifetimeHours": "1",
-                       "SegmentationMachine/CloudGpu/BudgetUsd": "0"})
+    ini = IniSettings({f"SegmentationMachine/{key}": text for key, text in {
+        "Export/MergedStl": "false", "Export/ShownSegmentsOnly": "true", "Export/Smoothing": "0.25",
+        "Export/Formats": '"obj,3mf"', "Export/Coordinates": "RAS", "CloudGpu/IdleTimeoutMinutes": "45",
+        "CloudGpu/MaxLifetimeHours": "1", "CloudGpu/BudgetUsd": "0"}.items()})
     export, cloud = ExportChoices.load(ini), CloudChoices.load(ini)
     assert export.merged_stl is False and export.shown_only is True
     assert export.smoothing == 0.25 and isinstance(export.smoothing, float)
@@ -156,7 +161,8 @@ def test_text_from_the_file_is_converted_false_is_false_and_numbers_are_numbers(
 
 
 @pytest.mark.parametrize("text, formats", [
-    ("stl", ("stl",)),  # a list of one, read back as its item
+    ("stl", ("stl",)),  # one name edited by hand
+    ("@Variant(list of obj)", ("obj",)),  # a list of one (from another version), read back as a list of one
     ("STL", ("stl",)),
     ("3mf, stl", ("stl", "3mf")),  # a list edited by hand, read back as a tuple: in the module's order
     ('"obj,glb,seg"', ("obj", "glb", "seg")),  # as written: one quoted string

@@ -1,9 +1,10 @@
 """The Export and Cloud GPU choices the module remembers in Slicer's settings (QSettings), and reading them back.
 
-Slicer's settings are an .ini file. After a restart PythonQt hands every value back as a string ("true", "0.5"),
-a list of one item as that item, a longer one as a tuple, an empty one as None; in the session that wrote it, as
-written. A value this version cannot use (written by another version, or edited by hand) falls back to its default,
-that choice alone: the module still opens, with every other choice remembered.
+Slicer's settings are an .ini file. After a restart PythonQt hands every value back as a string ("true", "0.5",
+"1" for 1.0), a list as a tuple or list (of one item: that item, where it was written as a string list), an empty
+list as None; in the session that wrote it, as written. A value this version cannot use (written by another
+version, or edited by hand) falls back to its default, that choice alone: the module still opens, with every other
+choice remembered.
 """
 
 from dataclasses import dataclass
@@ -53,9 +54,9 @@ def as_one_of(value, options: tuple):
 
 
 def as_formats(value):
-    """The export formats, in FORMATS' order, from "stl,obj" (as written), a one-item list read back as its item, or
-    a tuple; a name this version does not know is left out (a newer version's format). None where no known one is
-    left: an export needs one."""
+    """The export formats, in FORMATS' order, from "stl,obj" (as written; Qt quotes it, so it comes back one
+    string), one name, or a tuple or list (a hand edit without quotes is read as one); a name this version does not
+    know is left out (a newer version's format). None where no known one is left: an export needs one."""
     items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else None
     if items is None or not all(isinstance(item, str) for item in items):
         return None
