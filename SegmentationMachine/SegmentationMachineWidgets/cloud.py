@@ -17,7 +17,7 @@ from SegmentationMachineLib.cloud.pods import VOLUME_USD_PER_GB_MONTH, PodSpec
 from SegmentationMachineLib.panels.cloud import CloudPanel
 from SegmentationMachineLib.panels.remembered import BUDGET_USD, IDLE_MINUTES, LIFETIME_HOURS, CloudChoices
 
-from . import errorsShown, timer
+from . import errorsShown, packages, timer
 
 
 QUIT_SLOT = "_segmentationMachineQuitSlot"  # where the connected quit slot is kept, on the slicer module
@@ -193,6 +193,9 @@ class CloudSection:
         self.keyEdit.text = ""  # the key is not kept in the widget
 
     def onStart(self):
+        # A server pod is there for the AI prompts: their packages are asked for before billing starts, not after.
+        if self.modeCombo.currentText == "server" and not packages.ensure(packages.AI, _("The AI prompt tools")):
+            return
         budget = self.budgetSpin.value or None
         limits = Limits(self.idleSpin.value * 60, self.lifetimeSpin.value * 3600, budget)
         self.act(self.panel.start, self.gpuCombo.currentData, self.modeCombo.currentText, limits)
