@@ -25,14 +25,14 @@ except ImportError:  # loaded from a source checkout: only this module's folder 
 
 from SegmentationMachineLib.core.errors import UserError
 from SegmentationMachineLib.core.scene import SceneContext, first_source_volume
-from SegmentationMachineLib.panels.export import ExportPanel
+from SegmentationMachineLib.panels.export import COORDINATE_CHOICES, ExportPanel
 from SegmentationMachineLib.panels.inbox import InboxPanel
-from SegmentationMachineLib.panels.presets import PresetsPanel
+from SegmentationMachineLib.panels.presets import PRESET_CHOICES, PresetsPanel
 from SegmentationMachineLib.panels.remembered import ExportMemory, remembered_parameter_node
 from SegmentationMachineLib.panels.tasks import PUMP_INTERVAL_MS, share_gil
 from SegmentationMachineLib.segment.masks import PRESETS
 
-from SegmentationMachineWidgets import errorsShown, packages, sendToOrcaSlicer, setPlainText, timer
+from SegmentationMachineWidgets import errorsShown, labelChoices, packages, sendToOrcaSlicer, setPlainText, timer
 from SegmentationMachineWidgets.cloud import CloudSection
 from SegmentationMachineWidgets.inbox import loadDelivery, showVolume
 from SegmentationMachineWidgets.pacs import PacsSection
@@ -171,14 +171,9 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGui)
-        self.setPresetTooltips()  # after connectGui, which fills the combo box from the Choice
+        labelChoices(self.ui.presetComboBox, PRESET_CHOICES)  # after connectGui, which fills them with raw values
+        labelChoices(self.ui.coordinatesComboBox, COORDINATE_CHOICES)
         self.updateGui()
-
-    def setPresetTooltips(self):
-        for name, description in self.presets.presets.items():
-            index = self.ui.presetComboBox.findText(name)
-            if index >= 0:
-                self.ui.presetComboBox.setItemData(index, description, qt.Qt.ToolTipRole)
 
     def updateGui(self, caller=None, event=None):
         p = self._parameterNode

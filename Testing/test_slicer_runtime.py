@@ -354,3 +354,42 @@ def test_a_module_timer_never_runs_its_slot_inside_itself(monkeypatch):
     ticking.fire()
     ticking.fire()
     assert calls == [0, 1] and ticking.interval == 250
+
+
+def test_the_choice_combo_boxes_say_what_each_item_is_and_still_give_the_raw_value(monkeypatch):
+    """Slicer 5.10's QComboBoxToStringableConnector (parameterNodeWrapper/guiConnectors.py) fills a Choice's combo box
+    with str(value) and reads the value back by index: the user saw "bone" and "LPS"."""
+    sys.path.insert(0, str(MODULE_FOLDER))
+    try:
+        from SegmentationMachineWidgets import labelChoices
+    finally:
+        sys.path.remove(str(MODULE_FOLDER))
+    from SegmentationMachineLib.panels.export import COORDINATE_CHOICES
+    from SegmentationMachineLib.panels.presets import PRESET_CHOICES
+    from SegmentationMachineLib.segment.masks import PRESETS
+
+    class ComboBox:  # Qt's, as far as the connector and labelChoices use it
+        def __init__(self, values):
+            self.texts, self.tips = [str(v) for v in values], {}
+
+        count = property(lambda self: len(self.texts))
+
+        def itemText(self, index):
+            return self.texts[index]
+
+        def setItemText(self, index, text):
+            self.texts[index] = text
+
+        def setItemData(self, index, value, role):
+            self.tips[index, role] = value
+
+    monkeypatch.setitem(sys.modules, "qt", SimpleNamespace(Qt=SimpleNamespace(ToolTipRole=3)))
+    module = (MODULE_FOLDER / "SegmentationMachine.py").read_text()
+    assert 'Choice(["LPS", "RAS"])' in module and "Choice(list(PRESETS))" in module
+    for values, choices in ((list(PRESETS), PRESET_CHOICES), (["LPS", "RAS"], COORDINATE_CHOICES)):
+        combo = ComboBox(values)
+        labelChoices(combo, choices)
+        labelChoices(combo, choices)  # again without connectGui (a parameter node set to None): kept as they are
+        assert combo.texts == [choices[v][0] for v in values] and all(t not in values for t in combo.texts)
+        assert combo.tips == {(i, 3): choices[v][1] for i, v in enumerate(values)} and all(combo.tips.values())
+    assert combo.texts == ["LPS (DICOM's)", "RAS (Slicer's)"]

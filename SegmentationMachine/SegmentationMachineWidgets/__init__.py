@@ -24,6 +24,18 @@ def setPlainText(edit, text: str):
         edit.plainText = text
 
 
+def labelChoices(combo, choices: dict):
+    """connectGui fills a Choice's combo box with its raw values ("bone", "LPS") and reads it back by index: each of
+    those items then says what it is, with a tooltip. choices: value → (text, tooltip)."""
+    import qt
+
+    for index in range(combo.count):
+        if combo.itemText(index) in choices:  # not yet relabelled (connectGui refills only when it connects)
+            text, tooltip = choices[combo.itemText(index)]
+            combo.setItemText(index, text)
+            combo.setItemData(index, tooltip, qt.Qt.ToolTipRole)
+
+
 def timer(interval_ms: int, slot):
     """A QTimer that calls slot every interval_ms once started, never inside itself: a slot that runs Qt's event loop
     (the DICOM indexer waits in one while the inbox loads a series) was called again halfway, and the older series

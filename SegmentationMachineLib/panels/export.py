@@ -14,6 +14,9 @@ from ..mesh.printing import OrcaSlicerNotFound, send_to_orcaslicer
 from ..segment.masks import PRESETS, preset_parameters
 from .tasks import BackgroundTask
 
+# The coordinates combo box's items: what each says, and its tooltip
+COORDINATE_CHOICES = {"LPS": ("LPS (DICOM's)", "What printers and most tools expect: DICOM's patient coordinates"),
+                      "RAS": ("RAS (Slicer's)", "Slicer's own patient coordinates: x and y reversed from LPS")}
 SEG_SKIPPED = "DICOM SEG skipped: highdicom was not installed."
 
 

@@ -10,6 +10,10 @@ from ..segment.presets import add_preset_segment, spacing_kji
 from .tasks import BackgroundTask
 
 
+# Each preset's name → what its combo box item says, and its tooltip
+PRESET_CHOICES = {name: (f"{preset.segment_name} (CT)", preset.description) for name, preset in PRESETS.items()}
+
+
 @dataclass
 class PresetsPanel:
     preset: str = "bone"
@@ -18,10 +22,6 @@ class PresetsPanel:
     process: PresetProcess = None
     volume: object = None  # the volume it runs on and the segmentation it adds to (None: a new one), from start()
     target: object = None
-
-    @property
-    def presets(self) -> dict:
-        return {name: preset.description for name, preset in PRESETS.items()}
 
     def can_apply(self, volume_node) -> bool:
         return volume_node is not None and self.task is None
