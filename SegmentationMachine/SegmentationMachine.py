@@ -186,7 +186,8 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.exportMemory.update()  # updateGui runs on every change of the parameter node
             self.export.formats = {f for f in ("stl", "obj", "3mf", "glb", "seg") if getattr(p, f"export{f.capitalize()}")}
             self.export.segmentation_chosen(p.segmentation)  # another one: the last export's report is not its
-        self.ui.exportButton.enabled = bool(p) and self.export.can_export(p.segmentation)
+        self.ui.exportButton.text = _("Cancel") if self.export.task else _("Export")
+        self.ui.exportButton.enabled = bool(self.export.task) or bool(p) and self.export.can_export(p.segmentation)
         self.ui.sendToPrinterButton.enabled = self.export.can_send()
         self.ui.openFolderButton.enabled = self.export.last_result is not None
         self.ui.inboxStartButton.text = _("Stop watching") if self.inbox.running else _("Start watching")
@@ -213,6 +214,8 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.updateGui()
 
     def onExport(self):
+        if self.export.task:  # the button reads Cancel while an export runs: its sentence comes through poll
+            return self.export.cancel()
         # Asked with no wait cursor over the question; declined, the other formats are exported.
         segInstalled = "seg" not in self.export.formats or packages.ensureSeg()
         with errorsShown(_("Failed to start the export."), waitCursor=True):

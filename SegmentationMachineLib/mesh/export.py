@@ -33,6 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import __version__
+from ..core.cancel import CancelRequest
 from ..core.errors import ExportError
 from ..core.files import not_a_device, publish_folder, reserved_folder, unreserve
 from . import writers
@@ -50,6 +51,7 @@ DEFAULT_EXPORT_FOLDER = Path.home() / "SegmentationMachine" / "Exports"
 VOLUME_WARNING_PERCENT = 10.0
 MERGED_STEM = "merged"  # merged.stl: all segments in one STL
 MAX_NAME_BYTES = 100  # with '_2.stl' and atomic_file's temporary name, far below any file system's 255
+EXPORT_CANCELLED = "Export cancelled: nothing was written."
 
 
 @dataclass(frozen=True)
@@ -190,20 +192,26 @@ def export_segmentation(segmentation_node, out_dir, options: ExportOptions = Exp
 
 
 def write_export(prepared: PreparedExport, out_dir, options: ExportOptions = ExportOptions(),
-                 progress=None, provenance: dict = None) -> ExportResult:
+                 progress=None, provenance: dict = None, cancel: CancelRequest = None) -> ExportResult:
     """Any thread (a worker's, in the module): meshes, checks, files and the report, from prepare_export.
 
     provenance: the report's input, presets and command, where the caller knows them.
     The folder is new and this run's own, written as a hidden .NAME.partial beside it and renamed once whole:
     interrupted (Ctrl-C, a signal, a full disk), both are removed; killed (or Slicer quit mid-export), the folder
-    is left empty, never with some of its files and no report."""
+    is left empty, never with some of its files and no report. Earlier exports are other folders: never touched.
+    cancel: checked before and after each segment and before each format; once requested the export stops there,
+    removes both folders and raises Cancelled(EXPORT_CANCELLED). Once renamed, the export is whole and is returned:
+    a cancel that comes later loses nothing."""
+    check = (lambda: cancel.check(EXPORT_CANCELLED)) if cancel else (lambda: None)
+    check()
     if prepared.seg is not None:  # the series' headers first: where a SEG cannot refer to them, say so before any work
         prepared = replace(prepared, seg=match_sources(prepared.seg))
     folder = new_output_folder(out_dir, prepared.name)
     partial = folder.with_name(f".{folder.name}.partial")
     try:
         partial.mkdir()
-        written = _write_into(partial, prepared, options, progress, provenance or {})
+        written = _write_into(partial, prepared, options, progress, provenance or {}, check)
+        check()  # the last moment a cancel takes effect: after the rename the export is whole
         publish_folder(partial, folder)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -249,7 +257,7 @@ class _Part(NamedTuple):
 
 
 def _write_into(folder: Path, prepared: PreparedExport, options: ExportOptions, progress,
-                provenance: dict) -> ExportResult:
+                provenance: dict, check) -> ExportResult:
     started = time.perf_counter()
     file_names = prepared.file_names
 
@@ -267,7 +275,7 @@ def _write_into(folder: Path, prepared: PreparedExport, options: ExportOptions, 
         return _Part(file_names[mesh.segment_id], mesh.name, (*mesh.color[:3], mesh.opacity), points,
                      mesh.triangles, entry)
 
-    finished, empty = meshes_from(prepared.segments, options.surface, progress, finish)
+    finished, empty = meshes_from(prepared.segments, options.surface, progress, finish, check)
     if not finished:
         raise ExportError(f"Every segment of '{prepared.name}' is empty: nothing to export.")
     # OBJ statements end at a space: its groups take the file names; 3MF and glTF parts the segments' own names
@@ -275,22 +283,28 @@ def _write_into(folder: Path, prepared: PreparedExport, options: ExportOptions, 
     named = [(part.name, part.rgba, part.points, part.triangles) for part in finished]
     entries = [part.entry for part in finished]
     files = [folder / e["stl"] for e in entries if "stl" in e]
+    check()  # between formats: a cancel stops here (write_export removes what was written)
     if "stl" in options.formats and options.merged_stl:
         files.append(folder / f"{MERGED_STEM}.stl")
         writers.write_stl(files[-1], [(part.points, part.triangles, None) for part in finished], "all segments")
+    check()
     if "obj" in options.formats:
         files.append(folder / "segments.obj")
         writers.write_obj(files[-1], by_file_name)
         files.append(files[-1].with_suffix(".mtl"))
+    check()
     if "3mf" in options.formats:
         files.append(folder / "segments.3mf")
         writers.write_3mf(files[-1], named, prepared.name)
+    check()
     if "glb" in options.formats:
         files.append(folder / "segments.glb")
         write_glb(files[-1], named, options.coordinates)
+    check()
     if "seg" in options.formats:
         files.append(folder / SEG_FILE)
         write_seg(files[-1], prepared.seg)
+    check()
     if prepared.segmentation_file is not None:
         files.append(folder / f"{safe_name(prepared.name)}.seg.nrrd")
         with writers.atomic_file(files[-1]) as stream:

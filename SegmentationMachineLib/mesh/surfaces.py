@@ -360,13 +360,18 @@ def read_segments(segmentation_node, segment_ids=None, options: SurfaceOptions =
     return MeshJobs(*_layer_jobs(segmentation_node, segment_ids, world, _padding(options), warp))
 
 
-def meshes_from(segments: MeshJobs, options: SurfaceOptions = SurfaceOptions(), progress=None, each=None):
+def meshes_from(segments: MeshJobs, options: SurfaceOptions = SurfaceOptions(), progress=None, each=None,
+                check=None):
     """Any thread: returns (meshes, empty_segment_names); meshes in the order of the segments.
 
     each(mesh), when given, runs on the worker thread as soon as a mesh is made (checks and
     writing then overlap with contouring) and its result is returned in place of the mesh.
+    check(), when given, runs before each segment starts and after each is done: what it raises (a cancel) stops
+    the work there, segments not yet started are never started.
     """
     def work(job):
+        if check:
+            check()
         mesh = _run_job(job, options)
         return mesh, (each(mesh) if each and len(mesh.triangles) else mesh)
 
@@ -378,5 +383,7 @@ def meshes_from(segments: MeshJobs, options: SurfaceOptions = SurfaceOptions(), 
             results.append(result)
             if progress:
                 progress(done, len(segments.jobs), result[0].name)
+            if check:
+                check()
     return ([r for m, r in results if len(m.triangles)],
             segments.empty + [m.name for m, _ in results if not len(m.triangles)])

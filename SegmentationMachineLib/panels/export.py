@@ -5,6 +5,7 @@ from pathlib import Path
 
 from pydicom.misc import is_dicom
 
+from ..core.cancel import CancelRequest
 from ..core.errors import ExportError, UserError
 from ..core.provenance import preset_of
 from ..dicom.volumes import file_sha256, series_record
@@ -72,6 +73,8 @@ class ExportPanel:
     orcaslicer_missing: bool = False  # the last send found no OrcaSlicer: the module asks where it is
     _exported_from: str = None  # the ID of the segmentation node the last export (or the one running) is of
     _skipped: str = ""  # the sentence of a format chosen but left out of the export running
+    _cancel: CancelRequest = None  # the running export's (Cancel)
+    _exporting: str = ""  # the name of the segmentation being exported
 
     def can_export(self, segmentation_node) -> bool:
         return segmentation_node is not None and bool(self.formats) and self.task is None
@@ -106,15 +109,31 @@ class ExportPanel:
         source = _volume_source(segmentation_node, ctx.dicom_database if ctx else None)
         presets = dict.fromkeys(name for name in (preset_of(segmentation_node, job.segment_id)
                                                   for job in prepared.segments.jobs) if name in PRESETS)
+        cancel = self._cancel = CancelRequest()
 
         def work():  # hashing the volume's files is the worker's too
             provenance = {"input": _input_record(source) if source else None,
                           "presets": [{"name": name, "parameters": preset_parameters(name)} for name in presets]}
-            return write_export(prepared, self.output_folder, options, provenance=provenance)
+            return write_export(prepared, self.output_folder, options, self._progress, provenance, cancel)
 
+        self._exporting = prepared.name
         self.task = BackgroundTask(work)
         self._exported_from = segmentation_node.GetID()
         self.status = " ".join(filter(None, [f"Exporting '{prepared.name}'...", self._skipped]))
+
+    def _progress(self, done: int, total: int, name: str):
+        """Worker thread, before the first segment and after each: one new string, which the GUI shows at its next
+        update (a cancel's own line stays)."""
+        if not self._cancel.requested:
+            step = f"segment {done + 1} of {total}" if done < total else "writing the files"
+            self.status = " ".join(filter(None, [f"Exporting '{self._exporting}': {step}...", self._skipped]))
+
+    def cancel(self):
+        """Main thread (the Export button, which reads Cancel meanwhile): the export stops at its next segment or
+        format and removes what it wrote; its task then ends with EXPORT_CANCELLED, which finish() shows."""
+        if self.task and not self._cancel.requested:
+            self._cancel.cancel()
+            self.status = f"Cancelling the export of '{self._exporting}'..."
 
     def finish(self):
         task, self.task = self.task, None
@@ -127,8 +146,9 @@ class ExportPanel:
             return result
         self.last_result = result
         bad = result.not_watertight
-        self.status = (f"Exported to {result.folder}." if not bad else
-                       f"Exported to {result.folder}, but {', '.join(bad)} "
+        late = " (it was finished when Cancel was pressed)" if self._cancel and self._cancel.requested else ""
+        self.status = (f"Exported to {result.folder}{late}." if not bad else
+                       f"Exported to {result.folder}{late}, but {', '.join(bad)} "
                        "is not watertight: use flying edges with smoothing, or repair it in the slicer.")
         self.status = " ".join(filter(None, [self.status, *result.warnings, self._skipped]))
         return result
