@@ -1,16 +1,26 @@
 """Cancel, with real components: an export of a real segmentation (slicer-core MRML) stopped between segments or before
-its formats writes nothing and leaves the earlier export of the same segmentation as it was; a cancel that comes as
-the work ends loses nothing. Each cancel is requested from a hook between two steps, never raced against a sleep."""
+its formats writes nothing and leaves the earlier export of the same segmentation as it was; a send to a PACS stopped
+between instances (STOW-RS to a real Orthanc, C-STORE to a real pynetdicom node) says how many instances the PACS has,
+and it has exactly those; a cancel that comes as the work ends loses nothing. Each cancel is requested from a hook
+between two steps, never raced against a sleep."""
 
 import numpy as np
+import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
-from conftest import tree_digest
+from conftest import UNCOMPRESSED_SERIES, tree_digest
+from orthanc_server import PASSWORD, USER, copies_in_a_new_study, free_port, serving
 from SegmentationMachineLib.core import arrays
 from SegmentationMachineLib.core.cancel import CancelRequest, Cancelled
 from SegmentationMachineLib.dicom.volumes import load_input
 from SegmentationMachineLib.mesh.export import ExportOptions, export_segmentation, prepare_export, write_export
+from SegmentationMachineLib.core.errors import UserError
+from SegmentationMachineLib.pacs.dicomnode import DicomNode, NodeOptions, send_file
+from SegmentationMachineLib.pacs.dicomweb import DicomWeb, DicomWebServer
+from SegmentationMachineLib.pacs.sending import send_instances
 from SegmentationMachineLib.panels.export import ExportPanel
+from SegmentationMachineLib.panels.pacs import send_seg
 from SegmentationMachineLib.segment.presets import add_segment_from_mask
 
 BOXES = 4
@@ -109,3 +119,125 @@ def test_a_cancel_pressed_as_the_export_finishes_loses_nothing(ctx, phantom_dir,
     panel.cancel()  # nothing runs: nothing changes
     assert panel.status.startswith("Exported to")
 
+
+def instance_uids(paths) -> list:
+    return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
+
+
+def c_store_to(destination: tuple, calling_ae: str):
+    """store(path) for send_instances, by C-STORE (pynetdicom): a refusal raised as its sentence."""
+    def store(path):
+        problem = send_file(path, destination, calling_ae)
+        if problem:
+            raise UserError(problem)
+    return store
+
+
+def cancelling_after(count: int, cancel: CancelRequest):
+    def progress(sent, total):  # between two instances: the user presses Cancel
+        if sent == count:
+            cancel.cancel()
+    return progress
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    yield from serving(tmp_path_factory.mktemp("orthanc"), lambda: sorted(UNCOMPRESSED_SERIES.glob("*.dcm")))
+
+
+def test_a_stow_to_a_real_dicomweb_server_cancelled_between_instances_leaves_it_the_instances_said(orthanc, tmp_path):
+    study = generate_uid()
+    paths = copies_in_a_new_study(tmp_path, study, 4)[:10]
+    web = DicomWeb(DicomWebServer.parse(f"dicomweb+{orthanc.dicomweb_url}"), (USER.encode(), PASSWORD.encode()))
+    cancel = CancelRequest()
+    with pytest.raises(Cancelled) as cancelled:
+        send_instances(paths, web.store, cancel, cancelling_after(3, cancel))
+    assert str(cancelled.value) == "Sending cancelled after 3 of 10 instances: the PACS has those 3."
+    found = orthanc.get(f"/dicom-web/studies/{study}/instances").json()
+    assert sorted(item["00080018"]["Value"][0] for item in found) == sorted(instance_uids(paths[:3]))
+
+
+def test_a_seg_send_cancelled_before_it_went_sends_and_keeps_nothing(orthanc, ctx, tmp_path, private_tmp):
+    """Cancel pressed while the SEG was being written: the PACS gets nothing, and no copy is left behind."""
+    pytest.importorskip("highdicom")
+    from test_pacs_panel import STUDY, two_segments_on_the_ct
+
+    prepared = prepare_export(two_segments_on_the_ct(ctx), ExportOptions(formats=("seg",)))
+    series = orthanc.get(f"/dicom-web/studies/{STUDY}/series").json()
+    cancel = CancelRequest()
+    cancel.cancel()
+    server = DicomWebServer.parse(f"dicomweb+{orthanc.dicomweb_url}")
+    with pytest.raises(Cancelled, match=r"^Sending cancelled: nothing was sent\.$"):
+        send_seg(server, (USER.encode(), PASSWORD.encode()), prepared.seg, keep_in=tmp_path / "unsent", cancel=cancel)
+    assert orthanc.get(f"/dicom-web/studies/{STUDY}/series").json() == series
+    assert not (tmp_path / "unsent").exists() and not any(private_tmp.iterdir())
+
+
+def test_a_c_store_to_a_real_dicom_node_cancelled_between_instances_leaves_it_the_instances_said(tmp_path):
+    paths = copies_in_a_new_study(tmp_path, generate_uid(), 4)[:10]
+    port = free_port()
+    node = DicomNode(NodeOptions("PACS", port, ("SEGMACHINE",), "127.0.0.1", min_free_mb=0),
+                     tmp_path / "received", tmp_path / "receiving")
+    node.start()
+    try:
+        store = c_store_to(("PACS", "127.0.0.1", port), "SEGMACHINE")
+        cancel = CancelRequest()
+        with pytest.raises(Cancelled) as cancelled:
+            send_instances(paths, store, cancel, cancelling_after(1, cancel))
+        assert str(cancelled.value) == "Sending cancelled after 1 of 10 instances: the PACS has that one."
+        assert instance_uids((tmp_path / "received").rglob("*.dcm")) == instance_uids(paths[:1])
+        cancel = CancelRequest()
+        with pytest.raises(Cancelled) as cancelled:
+            send_instances(paths[1:], store, cancel, cancelling_after(3, cancel))
+        assert str(cancelled.value) == "Sending cancelled after 3 of 9 instances: the PACS has those 3."
+        assert sorted(instance_uids((tmp_path / "received").rglob("*.dcm"))) == sorted(instance_uids(paths[:4]))
+        # Cancel pressed as the last instance is sent: the send is whole, and said so by returning
+        cancel = CancelRequest()
+        assert send_instances(paths[4:], store, cancel, cancelling_after(6, cancel)) == [None] * 6
+        assert sorted(instance_uids((tmp_path / "received").rglob("*.dcm"))) == sorted(instance_uids(paths))
+    finally:
+        node.stop()
+
+
+def test_a_cancel_pressed_as_the_seg_is_stored_loses_nothing_and_says_it_came_too_late(orthanc, ctx, tmp_path):
+    """The send is done but the timer has not seen it yet: the button still reads Cancel."""
+    pytest.importorskip("highdicom")
+    from test_pacs_panel import panel_for, two_segments_on_the_ct
+
+    panel = panel_for(tmp_path, orthanc.dicomweb_url)
+    assert panel.save_credentials(user=USER, password=PASSWORD)
+    panel.start(two_segments_on_the_ct(ctx))
+    assert panel.task.wait(120)
+    panel.cancel()
+    assert panel.status == ("Cancelling the send (a store under way is finished first: the PACS gets the DICOM SEG "
+                            "whole or not at all)...")
+    stored = panel.finish()
+    assert panel.status == (f"Sent 'CT bones' (2 segments) to {orthanc.dicomweb_url} as a DICOM SEG. Cancel came after "
+                            "the PACS had stored it.")
+    assert len(orthanc.instance_files(stored.SeriesInstanceUID)) == 1
+    assert panel.task is None and panel.can_send()
+
+
+def test_a_send_that_fails_part_way_says_how_many_instances_the_pacs_has(tmp_path):
+    """A real pynetdicom SCP that runs out of resources at the fourth instance (0xA700)."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    paths = copies_in_a_new_study(tmp_path, generate_uid(), 2)
+    received = []
+
+    def store(event):
+        received.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000 if len(received) < 4 else 0xA700
+
+    destination = AE(ae_title="DEST")
+    destination.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = destination.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+    try:
+        with pytest.raises(UserError) as failed:
+            send_instances(paths, c_store_to(("DEST", "127.0.0.1", port), "SEGMACHINE"), CancelRequest())
+    finally:
+        server.shutdown()
+    assert str(failed.value) == (f"DEST at 127.0.0.1:{port} did not store {paths[3].name} (status 0xA700); the PACS "
+                                 "has the 3 of the 6 instances sent before it.")
+    assert received == instance_uids(paths[:4])

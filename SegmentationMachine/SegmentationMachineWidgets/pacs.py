@@ -2,6 +2,7 @@
 Inbox's button that shows what `segmentation-machine listen` received. Behaviour in PacsPanel and InboxPanel.
 
 The SEG is written and stored on a worker thread (the module's GIL pump lends it the time); a QTimer finishes it.
+Meanwhile Send to PACS reads Cancel, as the preset's Apply does.
 """
 
 from pathlib import Path
@@ -39,7 +40,8 @@ class PacsSection:
         self.timer.stop()
 
     def updateGui(self):
-        self.ui.sendToPacsButton.enabled = self.panel.can_send()
+        self.ui.sendToPacsButton.text = _("Cancel") if self.panel.task else _("Send to PACS")
+        self.ui.sendToPacsButton.enabled = bool(self.panel.task) or self.panel.can_send()
         self.ui.pacsStatusLabel.text = self.panel.status
 
     def onServerChanged(self, text):
@@ -61,6 +63,9 @@ class PacsSection:
         self.updateGui()
 
     def onSend(self):
+        if self.panel.task:  # the button reads Cancel while a send runs: its sentence comes through tick
+            self.panel.cancel()
+            return self.updateGui()
         installed = packages.ensureSeg()  # highdicom, installed after asking (no wait cursor over the question)
         with errorsShown(_("Failed to start sending to the PACS."), waitCursor=True):
             parameterNode = self.parameterNode()

@@ -8,26 +8,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.addresses import DICOMWEB_PREFIX, is_dicomweb
+from ..core.cancel import CancelRequest, Cancelled
 from ..core.credentials import SecretStore
 from ..core.errors import UserError
 from ..mesh.dicomseg import SEG_FILE, SegInput, write_seg
 from ..mesh.export import DEFAULT_EXPORT_FOLDER, ExportOptions, new_output_folder, prepare_export
 from ..pacs.dicomweb import TIMEOUT, DicomWeb, DicomWebServer, credentials, kept
+from ..pacs.sending import send_instances, sending_cancelled
 from .tasks import BackgroundTask
 
 SAVE_CREDENTIALS = "save a token, or a user name and password, that it accepts (Save credentials)"
 
 
 def send_seg(server: DicomWebServer, auth, seg: SegInput, timeout=TIMEOUT, keep_in: Path = DEFAULT_EXPORT_FOLDER,
-             name: str = "segmentation"):
+             name: str = "segmentation", cancel: CancelRequest = None):
     """Any thread: writes the SEG into a private temporary folder and stores it in its study; returns it (Stored).
     A SEG the server did not store (or not keep) is moved into a new folder NAME_seg-not-stored_TIME in keep_in,
-    which the sentence names: the user's work is never lost with the temporary folder."""
+    which the sentence names: the user's work is never lost with the temporary folder. cancel: checked before the
+    SEG is written and before it is sent (Cancelled: nothing was sent, nothing kept); a store under way finishes."""
     with tempfile.TemporaryDirectory(prefix="segmentation-machine-seg-") as folder:
+        if cancel:
+            cancel.check(sending_cancelled(0, 1))
         path = Path(folder) / SEG_FILE
         write_seg(path, seg)
         try:
-            return DicomWeb(server, auth, timeout, set_credentials=SAVE_CREDENTIALS).store(path)
+            web = DicomWeb(server, auth, timeout, set_credentials=SAVE_CREDENTIALS)
+            return send_instances([path], web.store, cancel)[0]
+        except Cancelled:  # asked for: the SEG goes with its temporary folder
+            raise
         except UserError as error:
             try:
                 kept_path = new_output_folder(keep_in, f"{name}_seg-not-stored") / SEG_FILE
@@ -51,6 +59,7 @@ class PacsPanel:
     timeout: tuple = TIMEOUT
     unsent_folder: Path = DEFAULT_EXPORT_FOLDER  # where a SEG the server did not store is kept
     _sent: str = ""  # the sentence that ends the send well
+    _cancel: CancelRequest = None  # the running send's (Cancel)
 
     def __post_init__(self):
         self.store = self.store or SecretStore()
@@ -115,13 +124,23 @@ class PacsPanel:
             self.status = f"Every segment of '{prepared.name}' is empty: nothing to send."
             return
         what = f"'{prepared.name}' ({_segments(len(prepared.seg.segments))}) to {server.url} as a DICOM SEG"
+        self._cancel = CancelRequest()
         self.task = BackgroundTask(send_seg, server, auth, prepared.seg, self.timeout, self.unsent_folder,
-                                   prepared.name)
+                                   prepared.name, self._cancel)
         self.status, self._sent = f"Sending {what}...", f"Sent {what}."
+
+    def cancel(self):
+        """Main thread (Send to PACS, which reads Cancel meanwhile): the send stops before its next instance; one
+        under way is finished, so the PACS has it whole or not at all. finish() says which."""
+        if self.task and not self._cancel.requested:
+            self._cancel.cancel()
+            self.status = ("Cancelling the send (a store under way is finished first: the PACS gets the DICOM SEG "
+                           "whole or not at all)...")
 
     def finish(self):
         """Main thread, once the task is done: the header of what was stored, or None with the cause as status."""
         task, self.task = self.task, None
         stored, problem = task.outcome()
-        self.status = problem or " ".join(filter(None, [self._sent, stored.unconfirmed]))
+        late = "Cancel came after the PACS had stored it." if self._cancel and self._cancel.requested else ""
+        self.status = problem or " ".join(filter(None, [self._sent, late, stored.unconfirmed]))
         return stored and stored.dataset
