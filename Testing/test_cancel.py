@@ -71,11 +71,13 @@ def test_an_export_cancelled_mid_way_writes_nothing_and_keeps_the_earlier_export
 class CancelledBetweenSegments(ExportPanel):
     """The panel as the module has it, its user pressing Cancel once cancel_at segments are done."""
     cancel_at: int = None
+    said: str = None  # the status line once Cancel was pressed
 
     def _progress(self, done, total, name):
         super()._progress(done, total, name)
         if done == self.cancel_at:
             self.cancel()
+            self.said = self.status
 
 
 def export_with(panel, node):
@@ -92,6 +94,7 @@ def test_the_export_panels_cancel_says_so_keeps_the_last_export_and_is_ready_aga
     kept = tree_digest(tmp_path)
     panel.cancel_at = 2
     assert export_with(panel, node) is None
+    assert panel.said == "Cancelling the export of 'Boxes' (after the segment under way)..."
     assert panel.status == "Export cancelled: nothing was written."
     assert [p.name for p in tmp_path.iterdir()] == [earlier.folder.name] and tree_digest(tmp_path) == kept
     assert panel.last_result is earlier and panel.can_send()  # Send to OrcaSlicer still sends the earlier one

@@ -1,5 +1,6 @@
 """Qt-free state of the module's Export and print section."""
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,7 @@ class ExportPanel:
     _skipped: str = ""  # the sentence of a format chosen but left out of the export running
     _cancel: CancelRequest = None  # the running export's (Cancel)
     _exporting: str = ""  # the name of the segmentation being exported
+    _said: threading.Lock = field(default_factory=threading.Lock, repr=False)  # a progress line never hides Cancel's
 
     def can_export(self, segmentation_node) -> bool:
         return segmentation_node is not None and bool(self.formats) and self.task is None
@@ -124,16 +126,18 @@ class ExportPanel:
     def _progress(self, done: int, total: int, name: str):
         """Worker thread, before the first segment and after each: one new string, which the GUI shows at its next
         update (a cancel's own line stays)."""
-        if not self._cancel.requested:
-            step = f"segment {done + 1} of {total}" if done < total else "writing the files"
-            self.status = " ".join(filter(None, [f"Exporting '{self._exporting}': {step}...", self._skipped]))
+        step = f"segment {done + 1} of {total}" if done < total else "writing the files"
+        with self._said:
+            if not self._cancel.requested:
+                self.status = " ".join(filter(None, [f"Exporting '{self._exporting}': {step}...", self._skipped]))
 
     def cancel(self):
         """Main thread (the Export button, which reads Cancel meanwhile): the export stops at its next segment or
         format and removes what it wrote; its task then ends with EXPORT_CANCELLED, which finish() shows."""
-        if self.task and not self._cancel.requested:
-            self._cancel.cancel()
-            self.status = f"Cancelling the export of '{self._exporting}'..."
+        with self._said:
+            if self.task and not self._cancel.requested:
+                self._cancel.cancel()
+                self.status = f"Cancelling the export of '{self._exporting}' (after the segment under way)..."
 
     def finish(self):
         task, self.task = self.task, None
