@@ -599,3 +599,43 @@ def test_watch_never_replaces_a_status_file_that_is_not_its_own(tmp_path):
     one_sentence(watch_once(tmp_path / "inbox", tmp_path / "outbox"),
                  f"{tmp_path / 'outbox' / 'status.json'} is not watch's status file, and watch would replace it")
     assert (tmp_path / "outbox" / "status.json").read_text() == '{"my": "own file"}'
+
+
+# A library's exception that quotes a header value (pydicom's and highdicom's do), raised while a series loads.
+LOAD_QUOTING_THE_HEADER = """
+import runpy, sys
+import pydicom
+from SegmentationMachineLib.dicom import volumes
+
+def load_series(ctx, series):
+    header = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+    raise ValueError(f"bad value {header.PatientName} for patient {header.PatientID}")
+
+volumes.load_series = load_series
+sys.argv[0] = "segmentation-machine"
+runpy.run_module("SegmentationMachineLib.cli", run_name="__main__")
+"""
+
+
+def test_an_unexpected_errors_text_stays_in_the_log_never_in_status_json_nor_the_journal(tmp_path):
+    """status.json is read by whoever uses the drop folder, and the journal outlives the run: an error that is not the
+    user's gets our sentence there; the operator's log and terminal keep the library's words, the patient's name too."""
+    import pydicom
+
+    inbox, outbox, log_file = tmp_path / "inbox", tmp_path / "outbox", tmp_path / "watch.log"
+    for path in write_ct_series(inbox / "upload", np.full((4, 16, 16), 40.0), 1.0, [(0, 0, 2.0 * k) for k in range(4)],
+                                "chest"):
+        header = pydicom.dcmread(path)
+        header.PatientName, header.PatientID = "Privacy^Jane", "PID-4242"
+        header.save_as(path)
+    done = run_cli("watch", inbox, "--out", outbox, "--once", "--settle", "0.2", "--hold", "0", "--log", log_file,
+                   prefix=[sys.executable, "-c", LOAD_QUOTING_THE_HEADER])
+    assert done.returncode == 1, done.stderr
+    (entry,) = json.loads((outbox / "status.json").read_text())["series"]
+    assert entry["state"] == "failed" and "unexpected error" in entry["reason"] and "log" in entry["reason"]
+    journal = b"".join(path.read_bytes() for path in (outbox / ".segmentation-machine").glob("journal.sqlite*"))
+    assert entry["reason"].encode() in journal  # the journal holds the failure, in our words
+    for value in ("Privacy", "PID-4242", "bad value"):
+        assert value not in entry["reason"] and value.encode() not in journal
+    assert "ValueError: bad value Privacy^Jane for patient PID-4242" in log_file.read_text()  # the operator's
+    assert "bad value Privacy^Jane" in done.stderr and f"CT 'chest': failed: {entry['reason']}" in done.stdout

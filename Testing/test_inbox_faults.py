@@ -20,6 +20,8 @@ import pytest
 from conftest import UNCOMPRESSED_SERIES
 from SegmentationMachineLib.inbox.locks import FolderInUse
 from SegmentationMachineLib.inbox.watcher import Inbox, InboxOptions, SeriesState
+from SegmentationMachineLib.core.errors import UserError
+from SegmentationMachineLib.inbox import watchqueue
 from SegmentationMachineLib.inbox.watchqueue import BOARD_DAYS, run_queue
 
 REPO = Path(__file__).resolve().parents[1]
@@ -284,8 +286,9 @@ def test_status_json_paths_are_absolute_whatever_the_working_directory(tmp_path,
     assert board["inbox"] == str(tmp_path / "inbox") and board["series"][0]["result"] == str(tmp_path / "outbox" / "CT_model")
 
 
-def test_an_unexpected_error_fails_that_series_once_and_the_queue_goes_on(tmp_path, shared_data):
-    """A bug (ours or a library's) in one series marks it failed, says so, and is not retried on every restart."""
+def test_an_unexpected_error_fails_that_series_once_and_the_queue_goes_on(tmp_path, shared_data, caplog):
+    """A bug (ours or a library's) in one series marks it failed, says so, and is not retried on every restart. Its
+    words (a library's may quote a header value) reach the log only, not status.json nor the journal."""
     inbox_folder, state, outbox = tmp_path / "inbox", tmp_path / "state", tmp_path / "outbox"
     from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
     for name in ("first", "second"):
@@ -303,9 +306,49 @@ def test_an_unexpected_error_fails_that_series_once_and_the_queue_goes_on(tmp_pa
     states = {entry["name"]: (entry["state"], entry["reason"]) for entry in board["series"]}
     assert states["CT 'second'"] == ("done", "")
     assert states["CT 'first'"][0] == "failed"
-    assert "unexpected error" in states["CT 'first'"][1] and "PatientBirthDate" in states["CT 'first'"][1]
+    assert states["CT 'first'"][1] == watchqueue.UNEXPECTED and f"CT 'first': failed: {watchqueue.UNEXPECTED}" in lines
+    assert "An unexpected error stopped series CT 'first'" in caplog.text and "PatientBirthDate" in caplog.text
     board, _ = queue_once(inbox_folder, state, outbox, export_with_a_bug)  # a restart does not retry it
     assert attempts.count("CT 'first'") == 1
+
+
+def test_an_os_error_without_the_systems_words_is_an_unexpected_one(tmp_path, shared_data, caplog):
+    """An OSError a library raised with a message of its own (no errno): its words went to status.json."""
+    from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
+    inbox_folder, state, outbox = tmp_path / "inbox", tmp_path / "state", tmp_path / "outbox"
+    write_ct_series(inbox_folder / "a", make_phantom(shape=(4, 32, 32)).hu, 1.5, [(0, 0, 2.0 * k) for k in range(4)], "a")
+
+    def quoting(delivery, folder):
+        raise OSError("cannot decode the value Privacy^Jane")
+
+    board, _ = queue_once(inbox_folder, state, outbox, quoting)
+    assert [entry["reason"] for entry in board["series"]] == [watchqueue.UNEXPECTED]
+    assert "Privacy^Jane" in caplog.text
+
+
+def test_an_older_versions_words_on_an_unexpected_error_leave_status_json_and_the_journal(tmp_path, shared_data):
+    """Versions before 2026-11-28 kept the library's words in both: the next start replaces them with ours."""
+    from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
+    inbox_folder, state, outbox = tmp_path / "inbox", tmp_path / "state", tmp_path / "outbox"
+    write_ct_series(inbox_folder / "a", make_phantom(shape=(4, 32, 32)).hu, 1.5, [(0, 0, 2.0 * k) for k in range(4)], "a")
+    older = f"{watchqueue.OLDER_UNEXPECTED}ValueError: bad value Privacy^Jane); please report it with the log"
+
+    def as_an_older_version(delivery, folder):
+        raise UserError(older)  # what _failure_reason returned then, through the same path
+
+    queue_once(inbox_folder, state, outbox, as_an_older_version)
+    journal = sqlite3.connect(state / "journal.sqlite")
+    assert journal.execute("SELECT reason FROM deliveries").fetchall() == [(older,)]
+    journal.close()
+    board, _ = queue_once(inbox_folder, state, outbox)  # the next start: nothing to process again
+    assert [entry["reason"] for entry in board["series"]] == [watchqueue.UNEXPECTED]
+    journal = sqlite3.connect(state / "journal.sqlite")
+    assert journal.execute("SELECT reason FROM deliveries").fetchall() == [(watchqueue.UNEXPECTED,)]
+    journal.close()
+    assert not any(b"Privacy" in path.read_bytes() for path in state.glob("journal.sqlite*"))  # nor on its disk
+    (outbox / "status.json").unlink()  # rebuilt from the journal
+    board, _ = queue_once(inbox_folder, state, outbox)
+    assert [entry["reason"] for entry in board["series"]] == [watchqueue.UNEXPECTED]
 
 
 def test_without_once_a_series_a_full_disk_stopped_waits_and_is_processed_again_once_there_is_space(

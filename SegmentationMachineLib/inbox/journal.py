@@ -113,6 +113,12 @@ class Journal:
             self._db.executemany("INSERT OR IGNORE INTO delivered_files VALUES (?, ?)",
                                  [(h, series_key) for h in hashes])
 
+    def replace_reasons(self, beginning: str, reason: str):
+        """Every delivery's reason that begins with beginning becomes reason."""
+        with self._lock, self._db:
+            self._db.execute("UPDATE deliveries SET reason=? WHERE substr(reason, 1, ?)=?",
+                             (reason, len(beginning), beginning))
+
     def deliveries(self) -> list:
         with self._lock:
             rows = self._db.execute("SELECT series_key, uid, description, state, reason, result, delivered, updated, "

@@ -46,6 +46,16 @@ OLDER_STAGING = ".staging"  # where versions before 2026-11-27 staged them
 # status.json is rewritten whole at every change: a watch running for months keeps it to recent series.
 BOARD_DAYS = 30
 FINISHED = ("done", "failed", "skipped")
+# What status.json and the journal say of a failure that is not the user's: the error itself goes to the log only.
+UNEXPECTED = ("an unexpected error stopped this series: the details are in the log of watch or listen (its terminal, "
+              "or its --log file); please report it with them")
+# How versions before 2026-11-28 began that sentence, the library's words after it: replaced where they remain.
+OLDER_UNEXPECTED = "an unexpected error stopped this series ("
+
+
+def _ours(reason: str) -> str:
+    """reason as status.json may show it: an older version's unexpected error, its words dropped."""
+    return UNEXPECTED if (reason or "").startswith(OLDER_UNEXPECTED) else reason or ""
 
 
 class StatusBoard:
@@ -59,7 +69,8 @@ class StatusBoard:
             return
         try:  # a restart continues the same board; an empty one (a power cut's) is rebuilt from the journal
             text = self.path.read_text(encoding="utf-8")
-            self._series = {s["key"]: s for s in json.loads(text)["series"]} if text.strip() else {}
+            self._series = {s["key"]: {**s, "reason": _ours(s.get("reason"))}
+                            for s in json.loads(text)["series"]} if text.strip() else {}
         except FileNotFoundError:
             pass
         except OSError as error:
@@ -152,7 +163,7 @@ def _disk_full(error: Exception) -> bool:
 def _disk_problem(error: OSError) -> str:
     if _disk_full(error):
         return "The disk is full: free some space, then restart watch to process this series again."
-    return f"Cannot write the results ({error.strerror or error}): check the outbox folder."
+    return f"Cannot write the results ({error.strerror}): check the outbox folder."
 
 
 def reconcile(inbox: Inbox, board: StatusBoard, outbox: Path):
@@ -168,7 +179,7 @@ def reconcile(inbox: Inbox, board: StatusBoard, outbox: Path):
         on_board = board.get(key).get("state")
         if on_board in ("processing", "waiting") or on_board is None and not board.old(entry["updated"] or 0):
             state = BOARD_STATES.get(entry["state"], "failed")
-            board.set(key, entry["description"], entry["files"], state, entry["reason"] or "", entry["result"] or "")
+            board.set(key, entry["description"], entry["files"], state, _ours(entry["reason"]), entry["result"] or "")
     for entry in board.entries():
         if entry["state"] == "processing":  # killed before the commit: processed again
             board.set(entry["key"], entry["name"], entry["files"], "waiting", "interrupted; processed again")
@@ -180,15 +191,17 @@ def reconcile(inbox: Inbox, board: StatusBoard, outbox: Path):
         shutil.rmtree(older, ignore_errors=True)
 
 
-def _failure_reason(error: Exception) -> str:
-    if isinstance(error, OSError):
+def _failure_reason(error: Exception, series_name: str) -> str:
+    """The sentence status.json and the journal keep. Only ours: a library's words may quote a header value (pydicom
+    and highdicom name the value they refuse, a patient's name or birth date), and those two are read by whoever uses
+    the drop folder, and kept for good; the log (the operator's) gets the error itself."""
+    if _disk_full(error) or isinstance(error, OSError) and error.strerror:  # the system's words, a file's name left out
         return _disk_problem(error)
-    if isinstance(error, UserError):
+    if isinstance(error, UserError):  # worded by us, never quoting a header value
         return str(error)
     # Not the user's mistake: remembered as failed (not retried on every restart) and said plainly.
-    log.exception("Unexpected error while processing a series")
-    return (f"an unexpected error stopped this series ({type(error).__name__}: {printable(str(error))[:200]}); "
-            "please report it with the log")
+    log.error("An unexpected error stopped series %s", series_name, exc_info=error)
+    return UNEXPECTED
 
 
 def deliver(inbox: Inbox, board: StatusBoard, delivery: Delivery, process, outbox: Path, echo,
@@ -213,7 +226,7 @@ def deliver(inbox: Inbox, board: StatusBoard, delivery: Delivery, process, outbo
         _remove(staging)
         if _disk_full(error) and wait_for_space:
             return True
-        reason = _failure_reason(error)
+        reason = _failure_reason(error, series.name)
         if not _disk_full(error):  # a full disk is not this series' fault: not remembered
             inbox.acknowledge(delivery, False, reason)
         board.set(delivery.key, series.name, len(series.files), "failed", reason)
@@ -288,6 +301,7 @@ def run_queue(inbox: Inbox, outbox: Path, process, once: bool = False, echo=prin
     outbox.mkdir(parents=True, exist_ok=True)
     lock = hold_lock(outbox / ".status.lock", f"The outbox {outbox}")
     try:
+        inbox.journal.replace_reasons(OLDER_UNEXPECTED, UNEXPECTED)  # words an older version kept there
         board = StatusBoard(outbox, inbox.folder)
         space = _WaitingForSpace(inbox, board, outbox, echo)
         reconcile(inbox, board, outbox)

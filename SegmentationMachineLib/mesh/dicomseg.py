@@ -316,6 +316,8 @@ def _write_in_child(path, seg: SegInput, packages: Path):
     if done.returncode != 0:
         log.error("The DICOM SEG writer's process (packages from %s) ended with exit code %s:\n%s",
                   packages, done.returncode, done.stderr)
-        raise ExportError(f"Writing the DICOM SEG failed ({last_line or f'exit code {done.returncode}'}; the log has "
-                          f"the details): export STL, OBJ, 3MF or glTF instead, or delete {packages} so that the "
-                          "next SEG export installs its packages again.")
+        # Not its traceback's last line: highdicom's and pydicom's words quote the header value they refuse (a
+        # patient's name), and this sentence reaches watch's status.json and its journal.
+        raise ExportError(f"Writing the DICOM SEG failed (exit code {done.returncode}; the log has the details): "
+                          f"export STL, OBJ, 3MF or glTF instead, or delete {packages} so that the next SEG export "
+                          "installs its packages again.")
