@@ -341,3 +341,17 @@ def test_terminate_asks_first_naming_what_a_desktop_pods_volume_loses_and_that_s
     assert "(if it is a desktop pod)" in panel.terminate_question("else001")  # started elsewhere: may be one
     server = panel.terminate_question("serv0001")
     assert server.startswith("Terminate pod serv0001?") and "uploads" not in server
+
+
+def test_the_start_can_have_a_desktop_pods_uploads_wiped_at_its_end_and_refuses_it_for_a_server_pod(panel, fake):
+    """The Cloud GPU section's "wipe uploads at end" reaches the pod's agent as SM_WIPE_AT_END, desktop pods only."""
+    from SegmentationMachineLib.cloud.cloudgpu import Limits
+
+    keyed(panel)
+    panel.start("NVIDIA L40S", "server", Limits(wipe_at_end=True))
+    settle(panel)
+    assert panel.status.startswith("Wiping the uploads at the end is for desktop pods") and fake.pods == {}
+    panel.start("NVIDIA L40S", "desktop", Limits(wipe_at_end=True))
+    settle(panel)
+    assert fake.pods[panel.pod.pod_id]["env"]["SM_WIPE_AT_END"] == "1"
+    assert panel.end_started_here(keep_desktop_files=False) == [] and fake.pods == {}

@@ -113,6 +113,27 @@ def test_control_socket_is_a_root_only_unix_socket(tmp_path):
     assert mode_of(tmp_path / "etc/segmentation-machine/supervisord.conf") == 0o600  # it holds secrets
 
 
+def test_wiping_at_the_end_adds_the_wiper_as_the_desktop_user_and_tells_the_agent(tmp_path):
+    """The agent (smagent) may not delete the desktop user's uploads: a wiper running as that user does it when asked
+    (cloud/wipe.py), and holds no secret. A server pod keeps no uploads: no wiper, and the agent is not told."""
+    from SegmentationMachineLib.cloud import wipe
+
+    found = programs(rendered(tmp_path / "desktop", SM_MODE="desktop", SM_WIPE_AT_END="1", RUNPOD_API_KEY="rpa_SECRET"))
+    assert set(found) == DESKTOP_PROGRAMS | {"wiper"}
+    assert found["wiper"]["command"] == "/opt/venv/bin/python -m SegmentationMachineLib.cloud.wipe"
+    assert found["wiper"]["user"] == "sm" and environment(found["wiper"])["SM_WORKSPACE"] == "/workspace"
+    assert not {"RUNPOD_API_KEY", "SM_HEARTBEAT_TOKEN", "SM_NNI_API_KEY"} & set(environment(found["wiper"]))
+    assert environment(found["agent"])["SM_WIPE_AT_END"] == "1"
+    entrypoint = (DOCKER / "entrypoint.sh").read_text()  # each side's folder: only it may write there
+    assert f"install -d -m 0755 -o smagent -g smagent {Path(wipe.REQUEST).parent}\n" in entrypoint
+    assert f"install -d -m 0755 -o sm -g sm {Path(wipe.ANSWER).parent}\n" in entrypoint
+    for env in ({"SM_MODE": "server", "SM_WIPE_AT_END": "1"}, {"SM_MODE": "desktop", "SM_WIPE_AT_END": "yes"},
+                {"SM_MODE": "desktop"}):
+        found = programs(rendered(tmp_path / str(len(env)) / env.get("SM_WIPE_AT_END", "-"), **env))
+        assert "wiper" not in found and "SM_WIPE_AT_END" not in environment(found["agent"]), env
+    assert "SM_WIPE_AT_END must be 0 or 1" in render(tmp_path / "said", SM_MODE="desktop", SM_WIPE_AT_END="yes").stderr
+
+
 def test_each_program_gets_only_its_own_secrets(tmp_path):
     found = programs(rendered(tmp_path, SM_MODE="desktop", RUNPOD_API_KEY="rpa_SECRET", RUNPOD_POD_ID="pod1"))
     env = {name: environment(program) for name, program in found.items()}
@@ -438,6 +459,8 @@ def run_desktop_entrypoint(tmp_path, ssh=False) -> subprocess.CompletedProcess:
                               ("DESKTOP_HOME=/home/sm", f"DESKTOP_HOME={tmp_path}/home"), ("runuser -u sm -- ", ""),
                               ("/opt/TurboVNC/bin/vncpasswd -f", "cat"), ("/workspace", f"{tmp_path}/workspace"),
                               ("/run/segmentation-machine /var/log/segmentation-machine", f"{tmp_path}/run"),
+                              ("/run/segmentation-machine/agent", f"{tmp_path}/run/agent"),
+                              ("/run/segmentation-machine/wiper", f"{tmp_path}/run/wiper"),
                               ("/usr/bin/supervisord", "true")):
         assert image_path in script, image_path
         script = script.replace(image_path, moved)

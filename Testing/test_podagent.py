@@ -561,3 +561,109 @@ def test_the_desktop_shows_when_its_pod_stops_and_that_the_files_stay(fake, back
         xvfb.terminate()  # not killed: it removes its lock and socket
         xvfb.wait()
         watcher.wait()
+
+
+# --- --wipe-at-end: a desktop pod's uploaded DICOM deleted before its agent ends it ------------------------------
+
+def wiper(volume: Path, run: Path) -> subprocess.Popen:
+    """The wiper as the image runs it (the desktop user's program), its two folders under run."""
+    for side in ("agent", "wiper"):
+        (run / side).mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen([sys.executable, "-m", "SegmentationMachineLib.cloud.wipe"], stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "SM_WORKSPACE": str(volume),
+                                               "SM_WIPE_REQUEST": str(run / "agent/wipe"),
+                                               "SM_WIPE_ANSWER": str(run / "wiper/wiped")})
+    RunningAgent.started.append(type("Started", (), {"process": process}))  # killed after the test too
+    return process
+
+
+def uploaded(volume: Path, outside: Path):
+    """What a desktop user leaves on the volume: a CT series dropped into the inbox (a folder named after the
+    patient), the upload page's part file, the inbox's journal and an unpacked zip's slice, Slicer's DICOM database
+    (its copy of a slice, its index of patients), and links planted in the inbox to files outside it."""
+    from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
+
+    write_ct_series(volume / "inbox/Doe Jane", make_phantom(shape=(3, 16, 16)).hu, 1.5,
+                    [(0.0, 0.0, z) for z in (0.0, 2.0, 4.0)], "uploaded")
+    for path in (".uploads/ab12.part", ".inbox-state/0123/journal.sqlite", ".inbox-state/0123/unpacked/CT1.dcm",
+                 ".desktop/SlicerDICOMDatabase/ctkDICOM.sql", ".desktop/SlicerDICOMDatabase/dicom/1.2.3/CT1.dcm"):
+        (volume / path).parent.mkdir(parents=True, exist_ok=True)
+        (volume / path).write_bytes(b"Doe^Jane")
+    (outside / "kept").mkdir(parents=True)
+    (outside / "kept/CT.dcm").write_bytes(b"not the pod's to delete")
+    (volume / "inbox/a link to a file").symlink_to(outside / "kept/CT.dcm")
+    (volume / "inbox/a link to a folder").symlink_to(outside / "kept", target_is_directory=True)
+
+
+WIPED = ("inbox", ".uploads", ".inbox-state", ".desktop/SlicerDICOMDatabase")
+
+
+def test_wipe_at_end_deletes_the_uploads_and_only_them_before_the_agent_ends_the_pod(fake, backend, pod, tmp_path):
+    """A stopped desktop pod kept the uploaded DICOM on its volume, billed, until `pod down`. With SM_WIPE_AT_END the
+    agent has it wiped first: a pod with exports left is stopped with them; one with nothing else is terminated. A
+    wiper that does not answer leaves the pod stopped all the same, said in the log."""
+    with_exports, uploads_only, no_wiper = pod, new_pod(backend, fake, tmp_path / "v2"), new_pod(backend, fake,
+                                                                                               tmp_path / "v3")
+    for index, started in enumerate((with_exports, uploads_only, no_wiper)):
+        uploaded(fake.volumes[started.id], tmp_path / f"outside-{index}")
+    volume = fake.volumes[with_exports.id]
+    for path in ("exports/skull/skull.stl", "scenes/skull.mrb", ".desktop/OrcaSlicer/printer.json"):
+        (volume / path).parent.mkdir(parents=True)
+        (volume / path).write_bytes(b"the user's work")
+    wipers = [wiper(fake.volumes[p.id], tmp_path / f"run-{p.id}") for p in (with_exports, uploads_only)]
+    (tmp_path / f"run-{no_wiper.id}/agent").mkdir(parents=True)
+    logs = [agent.log() for agent in [
+        RunningAgent(fake, p.id, SM_MODE="desktop", SM_ACTIVITY_PORTS=free_port(), SM_IDLE_TIMEOUT_S=1.5,
+                     SM_WIPE_AT_END=1, SM_WIPE_WAIT_S=2, SM_WIPE_REQUEST=tmp_path / f"run-{p.id}/agent/wipe",
+                     SM_WIPE_ANSWER=tmp_path / f"run-{p.id}/wiper/wiped")
+        for p in (with_exports, uploads_only, no_wiper)]]
+
+    assert fake.pods[with_exports.id]["status"] == "EXITED", logs[0]  # its exports stay with it
+    assert "Wiped the uploaded DICOM on the volume" in logs[0] and f"Stopping pod {with_exports.id}" in logs[0]
+    assert [sorted(p.name for p in (volume / folder).iterdir()) for folder in WIPED] == [[]] * len(WIPED)
+    assert all((volume / path).read_bytes() == b"the user's work"
+               for path in ("exports/skull/skull.stl", "scenes/skull.mrb", ".desktop/OrcaSlicer/printer.json"))
+    for index in range(3):  # a link is deleted as a link, never followed
+        assert (tmp_path / f"outside-{index}/kept/CT.dcm").read_bytes() == b"not the pod's to delete"
+    assert uploads_only.id not in fake.pods and not (tmp_path / "v2").exists()  # nothing of the user's was left
+    assert f"Terminating pod {uploads_only.id}" in logs[1]
+
+    assert fake.pods[no_wiper.id]["status"] == "EXITED" and f"Stopping pod {no_wiper.id}" in logs[2]
+    assert (f"The uploaded DICOM on the volume was not all wiped (the wiper did not answer in 2 s): "
+            f"`segmentation-machine pod down {no_wiper.id}` deletes the volume with it.") in logs[2]
+    assert (tmp_path / "v3/inbox/Doe Jane").is_dir()
+    for process in wipers:
+        process.kill()
+        assert "Wiped the uploaded DICOM in" in process.stderr.read()
+
+
+def test_the_wiper_never_follows_a_link_in_place_of_a_folder_and_says_what_it_could_not_delete(tmp_path):
+    """The desktop user owns .desktop: Slicer's DICOM database there may be a link to anywhere. Not followed; and
+    what cannot be deleted is counted, never named (an upload's name may be a patient's)."""
+    from SegmentationMachineLib.cloud.wipe import wipe
+
+    volume, elsewhere = tmp_path / "volume", tmp_path / "elsewhere"
+    (elsewhere / "dicom").mkdir(parents=True)
+    (elsewhere / "dicom/CT.dcm").write_bytes(b"elsewhere")
+    (volume / ".desktop").mkdir(parents=True)
+    (volume / ".desktop/SlicerDICOMDatabase").symlink_to(elsewhere, target_is_directory=True)
+    stuck = volume / "inbox/Doe Jane"
+    stuck.mkdir(parents=True)
+    (stuck / "CT1.dcm").write_bytes(b"Doe^Jane")
+    (volume / "inbox/CT2.dcm").write_bytes(b"Doe^Jane")
+    if os.geteuid() != 0:
+        stuck.chmod(0o500)  # its file cannot be deleted
+    elif shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(stuck)], capture_output=True).returncode:
+        pytest.skip("no way to make a folder read-only for root here (chattr +i needs ext4 and CAP_LINUX_IMMUTABLE)")
+    try:
+        problems = wipe(volume)
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(stuck)], check=True)
+        stuck.chmod(0o700)
+    assert not (volume / "inbox/CT2.dcm").exists() and (stuck / "CT1.dcm").exists()  # the rest goes all the same
+    assert any(problem.startswith("1 entry in inbox could not be deleted (") for problem in problems), problems
+    assert (elsewhere / "dicom/CT.dcm").read_bytes() == b"elsewhere" and (volume / ".desktop/SlicerDICOMDatabase").is_symlink()
+    assert any(problem.startswith(".desktop/SlicerDICOMDatabase is not a folder (") for problem in problems)
+    assert not any("Doe" in problem for problem in problems)
+    assert wipe(tmp_path / "no-volume") == []

@@ -393,3 +393,18 @@ def test_no_key_or_pod_secret_appears_in_output_logs_or_urls(env, fake, tmp_path
     for path in tmp_path.rglob("*"):
         if path.is_file() and path.parent.name != "secrets":
             assert RUNPOD_KEY not in path.read_text(errors="replace"), path
+
+
+def test_wipe_at_end_reaches_a_desktop_pods_agent_and_is_refused_for_a_server_pod(env, fake):
+    """A server pod keeps no uploads (it is terminated with its volume): asked there, the option is refused before
+    RunPod is asked anything, not ignored."""
+    refused = pod(env, "up", "--wipe-at-end")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "Wiping the uploads at the end is for desktop pods" in refused.stderr and fake.pods == {}
+    done = pod(env, "up", "--detach", "--gpu", "NVIDIA L40S", "--mode", "desktop", "--wipe-at-end")
+    assert done.returncode == 0, done.stderr
+    (created,) = fake.pods.values()
+    assert created["env"]["SM_MODE"] == "desktop" and created["env"]["SM_WIPE_AT_END"] == "1"
+    plain = pod(env, "up", "--detach", "--gpu", "NVIDIA L40S", "--mode", "desktop")
+    assert plain.returncode == 0 and [p["env"].get("SM_WIPE_AT_END") for p in fake.pods.values()] == ["1", None]
+    assert pod(env, "down", "--all").returncode == 0

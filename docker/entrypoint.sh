@@ -43,6 +43,10 @@ if grep -q '^\[program:vnc\]' "$CONF/supervisord.conf"; then  # desktop mode
     # stop or restart wipes, so a resumed pod keeps the user's work and delivers no series twice.
     install -d -m 0755 -o sm -g sm /workspace/inbox /workspace/exports /workspace/scenes
     install -d -m 0700 -o sm -g sm /workspace/.uploads /workspace/.inbox-state
+    # --wipe-at-end: the agent asks here, the wiper (the desktop user, who owns the uploads) answers there; on the
+    # container disk, so no request outlives a stop (SegmentationMachineLib/cloud/wipe.py).
+    install -d -m 0755 -o smagent -g smagent /run/segmentation-machine/agent
+    install -d -m 0755 -o sm -g sm /run/segmentation-machine/wiper
     as_sm mkdir -p -m 0700 "$DESKTOP_HOME/.vnc"
     as_sm mkdir -p "$DESKTOP_HOME/SegmentationMachine"
     # The module exports to ~/SegmentationMachine/Exports: keep them on the volume, downloadable.

@@ -148,6 +148,9 @@ def programs(env, mode: str, values: dict, root: Path, ssh: bool) -> dict:
     gpu = gpu_env(env)
     agent_port = strict(env, "SM_AGENT_PORT", unprivileged_port, "8001", "a port number from 1024 to 65535")
     model, model_root = server_model(env, root)
+    # A desktop pod's uploaded DICOM wiped before its agent ends it: the agent asks, the wiper (the desktop user's,
+    # who owns the files) deletes (SegmentationMachineLib/cloud/wipe.py).
+    wipe_at_end = mode == "desktop" and strict(env, "SM_WIPE_AT_END", re.compile("[01]"), "0", "0 or 1") == "1"
     result = {
         "server": {
             # The upstream server, run by our `server` command: it restarts it after a CUDA out of memory, which
@@ -175,7 +178,7 @@ def programs(env, mode: str, values: dict, root: Path, ssh: bool) -> dict:
             # only the server's URL and key), and the agent never holds the key itself.
             "env": {"HOME": "/var/lib/smagent", "SM_MODE": mode, "SM_HEARTBEAT_TOKEN": values["SM_HEARTBEAT_TOKEN"],
                     "SM_NNI_KEY_SHA256": hashlib.sha256(values["SM_NNI_API_KEY"].encode()).hexdigest(),
-                    "SM_AGENT_PORT": agent_port, **agent_env(env)},
+                    "SM_AGENT_PORT": agent_port, **agent_env(env), **({"SM_WIPE_AT_END": "1"} if wipe_at_end else {})},
         },
     }
     if mode == "desktop":
@@ -214,6 +217,10 @@ def programs(env, mode: str, values: dict, root: Path, ssh: bool) -> dict:
                         "SM_NNI_URL": "http://127.0.0.1:8000", "SM_NNI_API_KEY": values["SM_NNI_API_KEY"], **gpu},
             },
         })
+    if wipe_at_end:
+        # What it could not delete, it tells the agent, which says it in the pod log.
+        result["wiper"] = {"command": f"{VENV}/python -m SegmentationMachineLib.cloud.wipe", "user": DESKTOP_USER,
+                           "env": {"HOME": DESKTOP_HOME, "SM_WORKSPACE": WORKSPACE}}
     if ssh:
         result["sshd"] = {"command": f"/usr/sbin/sshd -D -e -f {CONF_DIR}/sshd_config", "user": "root", "env": {}}
     return result

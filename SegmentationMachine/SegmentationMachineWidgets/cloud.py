@@ -92,7 +92,13 @@ class CloudSection:
             "The pod ends after this long in any case. A server pod is terminated then; a desktop pod with your files "
             "on its volume is stopped, and its volume bills {volumeCost} until you terminate it.").format(
                 volumeCost=volumeCost)
-        form.addRow(_("Mode:"), self.row(self.modeCombo, self.idleSpin, self.lifetimeSpin, self.budgetSpin))
+        self.wipeCheckBox = qt.QCheckBox(_("wipe uploads at end"))
+        self.wipeCheckBox.toolTip = _(
+            "Desktop: before the pod's agent ends it (idle time, lifetime, budget), delete the uploaded DICOM on its "
+            "volume (inbox, uploads, Slicer's DICOM database); exports and scenes stay. Stop, and RunPod's own stop "
+            "at the maximum lifetime, do not wipe: Terminate deletes the whole volume.")
+        form.addRow(_("Mode:"), self.row(self.modeCombo, self.idleSpin, self.lifetimeSpin, self.budgetSpin,
+                                         self.wipeCheckBox))
 
         self.startButton = qt.QPushButton(_("Start"))
         self.cancelButton = qt.QPushButton(_("Cancel"))
@@ -197,7 +203,7 @@ class CloudSection:
         if self.modeCombo.currentText == "server" and not packages.ensure(packages.AI, _("The AI prompt tools")):
             return
         budget = self.budgetSpin.value or None
-        limits = Limits(self.idleSpin.value * 60, self.lifetimeSpin.value * 3600, budget)
+        limits = Limits(self.idleSpin.value * 60, self.lifetimeSpin.value * 3600, budget, self.wipeCheckBox.checked)
         self.act(self.panel.start, self.gpuCombo.currentData, self.modeCombo.currentText, limits)
 
     def onTerminate(self, podId):

@@ -54,6 +54,11 @@ def add_pod_commands(commands, common):
     up.add_argument("--max-lifetime", type=float, default=Limits.max_lifetime_s,
                     help=f"the pod ends after this many seconds in any case (default {Limits.max_lifetime_s:g})")
     up.add_argument("--budget", type=float, help="the pod ends once it has cost this many dollars")
+    up.add_argument("--wipe-at-end", action="store_true",
+                    help="desktop: before the pod's agent ends it (idle timeout, lifetime, budget), delete the uploaded "
+                         "DICOM on its volume (inbox, uploads, Slicer's DICOM database; exports and scenes stay). "
+                         "RunPod's own stop at the maximum lifetime (a backstop for a pod whose agent died), Ctrl-C "
+                         "here and `pod stop` do not wipe: `pod down` deletes the whole volume")
     up.add_argument("--volume-gb", type=int, help="size of the pod's /workspace volume (default 50)")
     up.add_argument("--network-volume", help="id of a network volume to mount at /workspace instead")
     up.add_argument("--detach", action="store_true", help="return once ready and leave the pod running")
@@ -127,6 +132,7 @@ def _spending(pods) -> str:
 
 
 def _up(cloud: CloudGpu, args):
+    Limits(wipe_at_end=args.wipe_at_end).check_mode(args.mode)  # before RunPod is asked anything
     _terminate_on_signals()
     for pod, cost in cloud.started_earlier():
         if pod.status == "EXITED":
@@ -139,7 +145,7 @@ def _up(cloud: CloudGpu, args):
     price = choices[0].price(args.cloud.upper())
     limit = price * MAX_FALLBACK_PRICE if args.max_price is None else args.max_price  # the user's limit, when given
     choices = within_reach(choices[0], choices, args.cloud.upper(), limit)
-    limits = Limits(args.idle_timeout, args.max_lifetime, args.budget)
+    limits = Limits(args.idle_timeout, args.max_lifetime, args.budget, args.wipe_at_end)
     volume = {k: v for k, v in (("volume_gb", args.volume_gb), ("network_volume_id", args.network_volume)) if v}
     then = f"; without capacity there, the next types up to ${limit:.2f}/h" if choices[1:] else ""
     print(f"Starting a {args.mode} pod on {choices[0].id} (${price:.2f}/h){then}.", flush=True)

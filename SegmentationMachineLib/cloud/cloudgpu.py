@@ -6,7 +6,8 @@ handed over as environment and kept only in the user's pod records. A start that
 lifetime, RunPod itself ends the pod at creation + start timeout + lifetime: the pod agent ends it
 earlier and warns first; RunPod's end catches a pod whose agent never ran. A server pod is terminated
 then (terminateAfter); a desktop pod is stopped (stopAfter), since its volume may hold the user's files
-and a terminate deletes it.
+and a terminate deletes it. A desktop pod's uploaded DICOM can be wiped at its end (Limits.wipe_at_end): by its
+agent, before the agent ends it; RunPod's own stop cannot wipe anything.
 """
 
 import math
@@ -53,6 +54,9 @@ class Limits:
     idle_timeout_s: float = 900.0
     max_lifetime_s: float = 12 * 3600.0  # a forgotten browser tab on the desktop does not bill for days
     budget_usd: float = None
+    # A desktop pod's agent wipes the uploaded DICOM before it ends the pod (cloud/wipe.py). Not RunPod's stopAfter
+    # backstop, nor a stop from the client (Ctrl-C, `pod stop`, the panel's Stop): those stop it as it is.
+    wipe_at_end: bool = False
 
     def __post_init__(self):
         if not self.idle_timeout_s >= 3 * HEARTBEAT_S:  # NaN too: the agent would never find the pod idle
@@ -61,6 +65,11 @@ class Limits:
         if any(limit is not None and not 0 < limit < math.inf for limit in (self.max_lifetime_s, self.budget_usd)):
             raise UserError("The maximum lifetime and the budget must be numbers more than 0 (leave --budget out for "
                             "none).")
+
+    def check_mode(self, mode: str):
+        if self.wipe_at_end and mode != "desktop":  # a server pod keeps no uploads, and is terminated at its end
+            raise UserError("Wiping the uploads at the end is for desktop pods: a server pod holds none (it is "
+                            "terminated with its volume); choose the desktop mode, or leave wiping out.")
 
     def end_time(self, start_timeout_s: float):
         """RFC 3339 time for RunPod's own end of the pod, or None without a maximum lifetime."""
@@ -75,6 +84,8 @@ class Limits:
             env["SM_MAX_LIFETIME_S"] = f"{self.max_lifetime_s:g}"
         if self.budget_usd is not None:
             env["SM_BUDGET_USD"] = f"{self.budget_usd:g}"
+        if self.wipe_at_end:
+            env["SM_WIPE_AT_END"] = "1"
         return env
 
 
@@ -195,6 +206,7 @@ class CloudGpu:
         volume = volume or {}
         if mode not in MODES:
             raise UserError(f"The mode must be server or desktop, not {mode!r}.")
+        limits.check_mode(mode)
         pod_secrets = {name: secrets.token_urlsafe(24) for name in SECRET_NAMES}
         name = NAME_PREFIX + secrets.token_hex(4)  # one name for all tries: an interrupted start is found by it
         env = {"SM_MODE": mode, **pod_secrets, **limits.environment()}

@@ -10,7 +10,9 @@ they can warn their user. A laptop that sleeps stops its heartbeats, and the bil
 
 Ending means terminating, which deletes the pod's volume; a desktop pod whose volume holds the user's files
 (uploads, saved scenes, exports) is stopped instead: the GPU bill ends, the files stay. The running time of
-all its starts is kept on the volume, so budget and lifetime are totals whatever RunPod's uptime counts.
+all its starts is kept on the volume, so budget and lifetime are totals whatever RunPod's uptime counts. A desktop
+pod started with SM_WIPE_AT_END=1 has its uploaded DICOM wiped first (wipe.py): only then is it stopped or, with
+nothing of the user's left, terminated.
 """
 
 import hashlib
@@ -30,6 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from ..core.refusals import Refusals
+from . import wipe
 from .heartbeat import UNUSED_HEADER
 from .pods import KEPT_WHILE_CREDIT, PodsError, RunPodRest, VOLUME_USD_PER_GB_MONTH
 
@@ -71,6 +74,10 @@ class AgentConfig:
     server_key_sha256: str = ""  # the server's key, hashed: a heartbeat with it counts too (keepalive.py)
     workspace: str = WORKSPACE
     keeps_user_files: bool = False  # desktop mode: a volume with the user's files is stopped, never terminated
+    wipe_at_end: bool = False  # desktop mode: the uploaded DICOM is wiped before the pod ends (wipe.py)
+    wipe_request: str = wipe.REQUEST
+    wipe_answer: str = wipe.ANSWER
+    wipe_wait_s: float = wipe.WAIT_S
 
     @classmethod
     def from_env(cls, env=os.environ) -> "AgentConfig":
@@ -95,6 +102,10 @@ class AgentConfig:
                    activity_ports=_ports(env.get("SM_ACTIVITY_PORTS", DESKTOP_PORTS if env.get("SM_MODE") == "desktop"
                                                  else "")),
                    workspace=env.get("SM_WORKSPACE") or WORKSPACE, keeps_user_files=env.get("SM_MODE") == "desktop",
+                   wipe_at_end=env.get("SM_MODE") == "desktop" and env.get("SM_WIPE_AT_END") == "1",
+                   wipe_request=env.get("SM_WIPE_REQUEST") or wipe.REQUEST,
+                   wipe_answer=env.get("SM_WIPE_ANSWER") or wipe.ANSWER,
+                   wipe_wait_s=number("SM_WIPE_WAIT_S", wipe.WAIT_S),
                    server_key_sha256=env.get("SM_NNI_KEY_SHA256", "").lower())
 
 
@@ -221,6 +232,7 @@ class PodAgent:
         self._warned = None
         self._ends = "terminates"  # or "stops", decided when the end is near
         self._retry_at = 0.0  # when a failed terminate is tried again
+        self._wiped = False  # asked once: a stop that failed is tried again without a second wipe
         self.terminated = threading.Event()  # the pod is ended: terminated, or stopped
         self._lock = threading.Lock()
         self._withdraw_notice()  # a notice left by an earlier start is not about this one
@@ -296,7 +308,10 @@ class PodAgent:
 
     def _end_pod(self, reason: str) -> bool:
         """Terminates the pod, or stops it where that would delete the user's files or is refused (a pod-scoped
-        key): the GPU bill ends either way."""
+        key): the GPU bill ends either way. With wipe_at_end the uploaded DICOM is wiped first."""
+        if self.config.wipe_at_end and not self._wiped:
+            self._wiped = True
+            self._wipe()
         if self._keeps_files():
             log.warning("Stopping pod %s: %s.", self.config.pod_id, reason)
             if not self._stop("Stopping failed: %s"):
@@ -321,6 +336,21 @@ class PodAgent:
         log.warning("Stopped pod %s instead: %s (RunPod console or `segmentation-machine pod down %s`).",
                     self.config.pod_id, self._volume_cost(), self.config.pod_id)
         return True
+
+    def _wipe(self):
+        """Has the wiper (the desktop user's, who owns the files) delete the uploaded DICOM; whatever it answers, or
+        if it does not, the pod ends next: an unanswered wipe must not keep the GPU billing."""
+        try:
+            answered, problems = wipe.ask(self.config.wipe_request, self.config.wipe_answer, self.config.wipe_wait_s)
+        except OSError as error:
+            answered, problems = False, [f"the request could not be written ({error.strerror})"]
+        if answered and not problems:
+            log.warning("Wiped the uploaded DICOM on the volume (%s), as asked at the pod's start.",
+                        ", ".join(wipe.WIPED))
+            return
+        why = "; ".join(problems) if problems else f"the wiper did not answer in {_duration(self.config.wipe_wait_s)}"
+        log.error("The uploaded DICOM on the volume was not all wiped (%s): `segmentation-machine pod down %s` deletes "
+                  "the volume with it.", why, self.config.pod_id)
 
     def _stop(self, failure: str) -> bool:
         try:
@@ -384,8 +414,10 @@ class PodAgent:
         ends_at = self._wall() + max(current.seconds_left, 0.0)
         files = (f"Your files in {self.config.workspace} are kept: {self._volume_cost()}." if self._ends == "stops"
                  else f"Nothing of yours is in {self.config.workspace}; it is deleted with the pod.")
+        wiped = ("Your uploads (the inbox, and Slicer's DICOM database) are deleted first, as asked at the pod's "
+                 "start. " if self.config.wipe_at_end else "")
         text = (f"{int(ends_at)}\n{current.sentence(self._ends)[:-1]} "
-                f"(at {time.strftime('%H:%M', time.gmtime(ends_at))} UTC).\n{files}\n")
+                f"(at {time.strftime('%H:%M', time.gmtime(ends_at))} UTC).\n{wiped}{files}\n")
         temporary = self._notice_file.with_name("notice.tmp")
         try:
             descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
