@@ -393,3 +393,33 @@ def test_the_choice_combo_boxes_say_what_each_item_is_and_still_give_the_raw_val
         assert combo.texts == [choices[v][0] for v in values] and all(t not in values for t in combo.texts)
         assert combo.tips == {(i, 3): choices[v][1] for i, v in enumerate(values)} and all(combo.tips.values())
     assert combo.texts == ["LPS (DICOM's)", "RAS (Slicer's)"]
+
+
+def test_a_series_a_bug_stops_loading_gets_a_row_that_quotes_nothing_from_its_header(monkeypatch, caplog):
+    """An unexpected error left the inbox timer's tick: that series, and the others of the tick, got no row; its text
+    (a pydicom or VTK error may quote a header value) went to the Python console only."""
+    sys.path.insert(0, str(MODULE_FOLDER))
+    try:
+        from SegmentationMachineWidgets import inbox
+    finally:
+        sys.path.remove(str(MODULE_FOLDER))
+    from SegmentationMachineLib.core.errors import InputError, UserError
+
+    delivery = SimpleNamespace(series=SimpleNamespace(files=[], name="CT 'chest'"))
+
+    def load_series(context, series):
+        raise ValueError("Invalid value for VR PN: 'Privacy^Jane'")
+
+    monkeypatch.setattr(inbox, "load_series", load_series)
+    with pytest.raises(UserError) as raised:
+        inbox.loadDelivery(None, delivery)
+    assert str(raised.value) == ("CT 'chest' could not be loaded: an unexpected error stopped it (the details are in "
+                                 "Slicer's Python console and log); please report it with the log.")
+    assert "Privacy^Jane" in caplog.text  # the log keeps what happened
+
+    def refused(context, series):
+        raise InputError("CT 'chest' has a gap.")
+
+    monkeypatch.setattr(inbox, "load_series", refused)
+    with pytest.raises(InputError, match=r"^CT 'chest' has a gap\.$"):
+        inbox.loadDelivery(None, delivery)  # a user mistake's own sentence, as it was

@@ -60,6 +60,13 @@ def inbox_state_folder(folder: Path) -> Path:
     return Path(os.environ.get("SM_INBOX_STATE") or Path.home() / ".segmentation-machine" / "inboxes") / key
 
 
+def unexpected_failure(series_name: str) -> str:
+    """The row of a series that a bug of ours stopped loading: what to do, and never the error's own text (it may
+    quote a header value)."""
+    return (f"{series_name} could not be loaded: an unexpected error stopped it (the details are in Slicer's Python "
+            "console and log); please report it with the log.")
+
+
 @dataclass
 class InboxPanel:
     """Polls the inbox on a worker thread; the widget loads what is delivered and reports back.
