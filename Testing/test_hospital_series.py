@@ -80,7 +80,8 @@ def test_watch_leaves_an_mr_and_a_topogram_of_the_study_aside_and_models_the_ct(
     topogram.SeriesInstanceUID, topogram.SeriesDescription = generate_uid(), "Topogram"
     topogram.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     save(topogram, inbox / "topogram" / "1.dcm")
-    result = watch_once(inbox, outbox, "--format", "stl")
+    result = watch_once(inbox, outbox, "--format", "stl", "--hold", "600")  # held, it would time out
+    assert "held for more files" not in result.stdout  # the topogram is a whole series: skipped at once
     assert result.returncode == 0, result.stderr  # nothing failed: a scheduler is not alarmed
     states = {s["name"]: s for s in json.loads((outbox / "status.json").read_text())["series"]}
     assert states["MR 't1 vibe'"]["state"] == "skipped"

@@ -15,7 +15,9 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 from conftest import UNCOMPRESSED_SERIES
 from SegmentationMachineLib.inbox.locks import FolderInUse
@@ -246,6 +248,33 @@ def test_a_series_that_looks_incomplete_is_held_from_its_last_file_and_a_single_
         assert delivery.incomplete == "1 instance number(s) between 1 and 3 are missing"
     finally:
         inbox.stop()
+
+def test_a_topogram_is_not_held_for_more_files_and_a_lone_ct_slice_still_is(tmp_path, shared_data):
+    """A CT study's one-image topogram (ImageType LOCALIZER) was held the whole hold time as 'a single slice so far',
+    then skipped as a single slice: nearly every study waited a minute for it. On a clock the test advances."""
+    inbox_folder = tmp_path / "inbox"
+    for name, image_type in (("topogram", ["ORIGINAL", "PRIMARY", "LOCALIZER"]), ("lone", ["ORIGINAL", "PRIMARY",
+                                                                                          "AXIAL"])):
+        ds = pydicom.dcmread(SLICES[0])
+        ds.SeriesInstanceUID, ds.SeriesDescription, ds.ImageType = generate_uid(), name, image_type
+        (inbox_folder / name).mkdir(parents=True)
+        ds.save_as(inbox_folder / name / "1.dcm")
+    now = [0.0]
+    inbox = Inbox(InboxOptions(folder=inbox_folder, state_folder=tmp_path / "state", settle_seconds=1.0, polling=True,
+                               poll_interval=0.5, hold_seconds=60.0), clock=lambda: now[0])
+    inbox.start()
+    try:
+        delivered = []
+        while now[0] < 5:
+            now[0] += 1
+            delivered += inbox.poll()
+        [topogram] = delivered  # within the settle time, not after the 60 s hold
+        assert (topogram.series.name, topogram.incomplete) == ("CT 'topogram'", "")
+        assert [(s.name, s.state, s.reason) for s in inbox.statuses() if s.name != "CT 'topogram'"] == [
+            ("CT 'lone'", SeriesState.WAITING, "Looks incomplete (it has a single slice so far): held for more files")]
+    finally:
+        inbox.stop()
+
 
 def test_polling_rereads_a_file_that_resumes_growing_and_a_partial_file_is_not_called_truncated(tmp_path, shared_data):
     inbox_folder, state = tmp_path / "inbox", tmp_path / "state"

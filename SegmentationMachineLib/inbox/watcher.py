@@ -126,9 +126,13 @@ def _broken_off(records: list) -> str:
     return ""
 
 
+def _is_localizer(item) -> bool:
+    return "LOCALIZER" in item.acquisition.get("ImageType", "").split("/")
+
+
 def incompleteness(series: DicomSeries, slices: list) -> str:
     """Why series looks incomplete (missing instance numbers, a gap in positions, fewer slices than
-    its headers announce, a single slice), or "" when it looks whole."""
+    its headers announce, a single slice other than a localizer), or "" when it looks whole."""
     used = set(series.files)
     kept = [s for s in slices if s.path in used]
     numbers = sorted({s.instance_number for s in kept if s.instance_number > 0})
@@ -142,7 +146,8 @@ def incompleteness(series: DicomSeries, slices: list) -> str:
         return "its slice positions have a gap (a slice is probably missing)"
     if announced > len(series.files):
         return f"its headers announce {announced} images, {len(series.files)} arrived"
-    if len(series.files) == 1 and kept[0].frames == 1:
+    # A topogram (scout) is one image by nature: waiting the hold time for more would only delay its sentence.
+    if len(series.files) == 1 and kept[0].frames == 1 and not _is_localizer(kept[0]):
         return "it has a single slice so far"
     return ""
 
