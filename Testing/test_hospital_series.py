@@ -116,6 +116,48 @@ def test_a_3d_screenshot_with_a_position_is_left_aside_quietly_and_a_parametric_
     assert reason.startswith("floating-point pixel data (a parametric map")
 
 
+def placeless(sop_class: str, modality: str, colour=False, frames=1):
+    """A real slice made into an image without ImagePositionPatient/ImageOrientationPatient."""
+    ds = real_slices()[0]
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.Modality, ds.SeriesInstanceUID = modality, generate_uid()
+    del ds.ImagePositionPatient, ds.ImageOrientationPatient
+    if colour or frames > 1:
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit, ds.PixelRepresentation = 7, 0
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = (3, "RGB") if colour else (1, "MONOCHROME2")
+        if colour:
+            ds.PlanarConfiguration = 0
+        ds.NumberOfFrames = frames
+        ds.PixelData = bytes(int(ds.Rows) * int(ds.Columns) * ds.SamplesPerPixel * frames)
+    return ds
+
+
+def test_secondary_captures_without_a_position_are_left_aside_quietly_and_a_placeless_ct_is_told(shared_data,
+                                                                                                tmp_path):
+    """A dose screen or a scanned requisition (in most studies) was warned about as 'an image without patient position
+    or orientation (a secondary capture?)', though the README says such images are left aside quietly."""
+    study = tmp_path / "study"
+    shutil.copytree(UNCOMPRESSED_SERIES, study / "ct")
+    capture = "1.2.840.10008.5.1.4.1.1.7"
+    save(placeless(capture, "OT"), study / "dose_screen")
+    save(placeless(capture, "OT", colour=True), study / "requisition")
+    save(placeless(capture + ".2", "OT", frames=2), study / "scanned_pages")  # Multi-frame Grayscale Byte SC
+    save(placeless("1.2.840.10008.5.1.4.1.1.2", "CT"), study / "ct_without_position")
+    scan = scan_folder(study)
+    reasons = {s.path.name: s.reason for s in scan.skipped}
+    assert reasons == {
+        "dose_screen": "a secondary capture without a patient position (a dose screen or scanned document), not an "
+                       "image slice",
+        "requisition": COLOUR_IMAGE,
+        "scanned_pages": reasons["dose_screen"],
+        "ct_without_position": "an image without patient position or orientation (a secondary capture?)"}
+    assert [is_quiet_skip(reasons[name]) for name in sorted(reasons)] == [False, True, True, True]
+    assert scan.notes == [f"1 file(s) in {study} were skipped: {study / 'ct_without_position'}: an image without "
+                          "patient position or orientation (a secondary capture?)."]
+    assert len(scan.series) == 1 and len(scan.series[0].files) == 3
+
+
 def test_slices_of_another_pixel_spacing_in_the_series_are_left_out_not_stretched(shared_data, tmp_path):
     slices = real_slices()
     for number, ds in enumerate(slices):

@@ -50,6 +50,9 @@ ACQUISITION_TAGS = (
     ("KVP", "{} kV"),
 )
 COLOUR_IMAGE = "a colour image (a screenshot or 3D rendering), not an image slice"
+# Secondary Capture Image Storage and its multi-frame kinds (.7.1 to .7.4): dose screens, scanned requisitions.
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+PLACELESS_CAPTURE = "a secondary capture without a patient position (a dose screen or scanned document), not an image slice"
 # GDCM (Slicer's reader) takes a file without a Part 10 header only where its first attribute holds a value.
 BARE_EMPTY_START = ("DICOM without its file header, starting with an empty attribute, which Slicer's reader cannot "
                     "read: have the series exported or sent again as DICOM files (Part 10)")
@@ -214,6 +217,14 @@ def _frame_stack_problem(positions: np.ndarray, orientation: np.ndarray) -> str:
     return None
 
 
+def _is_colour(ds) -> bool:
+    try:
+        return int(ds.get("SamplesPerPixel", 1) or 1) != 1 or not str(
+            ds.get("PhotometricInterpretation", "MONOCHROME2")).startswith("MONOCHROME")
+    except (AttributeError, TypeError, ValueError):  # a crafted header: not known to be colour
+        return False
+
+
 def read_slice(path: Path, data: bytes = None):
     """Returns (DicomSlice, None) for an image slice (or an enhanced multi-frame image: one stack in one file),
     (None, reason) for anything else.
@@ -260,6 +271,12 @@ def read_slice(path: Path, data: bytes = None):
         return None, "floating-point pixel data (a parametric map or other derived image), which is not read here"
     enhanced = "ImagePositionPatient" not in ds and "PerFrameFunctionalGroupsSequence" in ds
     if not enhanced and ("ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds):
+        # Most studies hold one (a dose screen, a scanned requisition): left aside quietly, as the README says; a CT
+        # or MR image without its position is a fault, told.
+        if _is_colour(ds):
+            return None, COLOUR_IMAGE
+        if sop_class == SECONDARY_CAPTURE or sop_class.startswith(SECONDARY_CAPTURE + "."):
+            return None, PLACELESS_CAPTURE
         return None, "an image without patient position or orientation (a secondary capture?)"
     try:
         with warnings.catch_warnings():  # pydicom's words on a bad value ("Invalid value for VR IS"): ours follow
@@ -284,8 +301,7 @@ def read_slice(path: Path, data: bytes = None):
                 position = np.array([float(v) for v in ds.ImagePositionPatient])
                 spacing = tuple(float(v) for v in ds.get("PixelSpacing") or ())
             shape = (int(ds.Rows), int(ds.Columns))
-            if int(ds.get("SamplesPerPixel", 1) or 1) != 1 or not str(
-                    ds.get("PhotometricInterpretation", "MONOCHROME2")).startswith("MONOCHROME"):
+            if _is_colour(ds):
                 return None, COLOUR_IMAGE
             instance_number, frames, announced = (int(ds.get(name, default) or default) for name, default in (
                 ("InstanceNumber", 0), ("NumberOfFrames", 1), ("ImagesInAcquisition", 0)))  # crafted text: a reason
