@@ -199,6 +199,29 @@ def test_images_at_the_same_positions_that_no_tag_tells_apart_are_refused_not_mi
         load_input(ctx, tmp_path / "study")
 
 
+def test_images_no_tag_tells_apart_are_one_warning_for_their_series_and_each_is_named_in_the_log(shared_data,
+                                                                                               tmp_path):
+    """watch printed a WARNING per file ('Skipped .../b0: same position as a0 (another image, not a copy of it)'):
+    300 lines for a 300-slice series. One line for the series and reason now; the --log file names each file."""
+    write_acquisitions(tmp_path / "inbox" / "study", "ContentTime", ["101500", "101600"])
+    result = watch_once(tmp_path / "inbox", tmp_path / "outbox", "--format", "stl", "--log", tmp_path / "watch.log")
+    assert result.returncode == 1, result.stderr  # the series was refused: a failure a scheduler learns about
+    skipped = [line for line in result.stderr.splitlines() if "Skipped" in line]
+    assert skipped == ["segmentation-machine: WARNING: Skipped 3 files of CT 'series 2': same position as another "
+                       "image (not a copy of it)"]
+    logged = [line.split(": INFO: ", 1)[1] for line in (tmp_path / "watch.log").read_text().splitlines()
+              if ": INFO: Skipped" in line]
+    assert len(logged) == 3 and all(line.endswith("(another image, not a copy of it)") for line in logged)
+    assert len({line.split(": ")[0] for line in logged}) == 3  # each file once, by its path
+    # model: the same sentence, in its one line of what the scan skipped (here before the series' refusal)
+    result = run_cli("model", tmp_path / "inbox" / "study", "--out", tmp_path / "out", "--log", tmp_path / "m.log")
+    one_sentence(result, "Series CT 'series 2' was not loaded: 3 of its images lie where others do")
+    scan = scan_folder(tmp_path / "inbox" / "study")
+    assert scan.notes == [f"3 file(s) in {tmp_path / 'inbox' / 'study'} were skipped: 3 files of CT 'series 2': "
+                          "same position as another image (not a copy of it)."]
+    assert (tmp_path / "m.log").read_text().count("(another image, not a copy of it)") == 3
+
+
 def test_two_positions_each_with_two_images_no_tag_tells_apart_are_refused_and_one_position_is_a_slice(shared_data,
                                                                                                     tmp_path):
     """The smallest series that mixes them: two slices, each with a second phase at its place. One position with two

@@ -207,6 +207,8 @@ def _run_model(args, cleanup: ExitStack):
             scan = scan_folder(source, progress)
         steps.info("Scanned %s: %d series, %d volume file(s), %d file(s) skipped.", source, len(scan.series),
                    len(scan.volume_files), len(scan.skipped))
+        for skipped in scan.skipped:  # the console's warning says many files of one series and reason in one line
+            steps.info("Skipped %s", printable(skipped))
     if args.list:
         for number, series in enumerate(scan.series, 1):
             print(printable(f"{number}. {series.summary()}"))  # headers and file names are anyone's text

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..core.errors import UserError
 from .common import (STOP_SIGNALS, add_surface_options, command_record, examples, exit_status, export_options, log,
-                     parse_presets, stop_on_signals, writable_folder)
+                     parse_presets, steps, stop_on_signals, writable_folder)
 
 
 def add_watch_command(commands, common):
@@ -54,7 +54,7 @@ def serve_inbox(args, inbox_folder: Path, banner: str, service=None, modelled=la
     from ..core.files import printable
     from ..core.memory import said_when_out_of_memory
     from ..core.scene import create_headless_scene
-    from ..dicom.series import is_quiet_skip
+    from ..dicom.series import SkippedFile, is_quiet_skip, skipped_groups
     from ..dicom.volumes import input_record, load_series
     from ..inbox.watcher import Inbox, InboxOptions
     from ..inbox.watchqueue import run_queue
@@ -85,11 +85,19 @@ def serve_inbox(args, inbox_folder: Path, banner: str, service=None, modelled=la
         return result.folder
 
     def report_skipped():
+        fresh = []
         for path, reason in list(inbox.bad_files.items()):
             if path not in reported and path not in inbox.seen_before:  # said once, not on every restart
-                reported.add(path)  # reports and CD indexes belong in an export: listed in --log, not warned about
-                log.log(logging.INFO if is_quiet_skip(reason) else logging.WARNING, "Skipped %s: %s",
-                        printable(path), reason)
+                reported.add(path)
+                item = inbox.left_out.get(path)
+                fresh.append(item if item and item.reason == reason else SkippedFile(path, reason))
+        # Many files left out of one series for one reason are one line; each file is named in the --log file.
+        for sentence, items in skipped_groups(fresh):
+            # reports and CD indexes belong in an export: listed in --log, not warned about
+            log.log(logging.INFO if is_quiet_skip(items[0].reason) else logging.WARNING, "Skipped %s",
+                    printable(sentence))
+            for item in items if len(items) > 1 else ():
+                steps.info("Skipped %s", printable(item))
 
     def after_poll():
         report_skipped()

@@ -39,9 +39,22 @@ ANOTHER_STACK = "a different orientation, size or pixel spacing from the rest of
 class SkippedFile:
     path: Path
     reason: str
+    series: str = ""  # the name of the series it was left out of, where it is an image of one
+    kind: str = ""  # the reason without what is this file's own (the image it lies on): said once for many files
 
     def __str__(self):
         return f"{self.path}: {self.reason}"
+
+
+def skipped_groups(skipped: list) -> list:
+    """(sentence, files) for files skipped: those left out of one series for one kind of reason are said together
+    (a 300-slice series of images no tag tells apart is one line, not 300), any other file on its own."""
+    groups = {}
+    for item in skipped:
+        together = (item.series, item.kind) if item.series and item.kind else (item.path,)
+        groups.setdefault(together, []).append(item)
+    return [(f"{len(items)} files of {items[0].series}: {items[0].kind}" if len(items) > 1 else str(items[0]), items)
+            for items in groups.values()]
 
 
 @dataclass
@@ -281,12 +294,13 @@ def group_series(slices: list) -> dict:
 def build_series(key: str, slices: list, skipped: list) -> DicomSeries:
     """One series from its slices (one group of group_series): ordered along the normal, duplicates and odd
     slices moved to skipped."""
+    ours = len(skipped)  # what this series leaves out is named with it
     # Localizers and reformats sometimes share a series: keep the largest stack of one orientation and size.
     stacks = _stacks(slices)
     stack = max(stacks.values(), key=len)
     for other in stacks.values():
         if other is not stack:
-            skipped.extend(SkippedFile(s.path, ANOTHER_STACK) for s in other)
+            skipped.extend(SkippedFile(s.path, ANOTHER_STACK, kind=ANOTHER_STACK) for s in other)
     first = stack[0]
     normal = slice_normal(first.orientation)
     stack.sort(key=lambda s: (float(np.dot(s.position, normal)), s.instance_number))
@@ -297,7 +311,9 @@ def build_series(key: str, slices: list, skipped: list) -> DicomSeries:
             copy = _a_copy(s, kept[-1])
             others += not copy
             skipped.append(SkippedFile(s.path, f"same position as {kept[-1].path.name} " + (
-                "(a duplicate slice)" if copy else "(another image, not a copy of it)")))
+                "(a duplicate slice)" if copy else "(another image, not a copy of it)"),
+                kind="same position as another slice (a duplicate)" if copy else
+                "same position as another image (not a copy of it)"))
             continue
         kept.append(s)
         kept_distances.append(d)
@@ -342,6 +358,8 @@ def build_series(key: str, slices: list, skipped: list) -> DicomSeries:
     if series.is_uneven:
         series.notes.append(f"Series {series.name} has uneven slice spacing ({_unevenness(series.positions, kept)}): "
                             "it was resampled to even spacing.")
+    for item in skipped[ours:]:
+        item.series = series.name
     return series
 
 
@@ -418,8 +436,9 @@ def scan_folder(folder, progress=None) -> ScanResult:
     notes = []
     told = [s for s in skipped if not is_quiet_skip(s.reason)]
     if told:
+        groups = [sentence for sentence, _ in skipped_groups(told)]
         notes.append(f"{len(told)} file(s) in {folder} were skipped: " +
-                     "; ".join(str(s) for s in told[:5]) + ("; ..." if len(told) > 5 else "") + ".")
+                     "; ".join(groups[:5]) + ("; ..." if len(groups) > 5 else "") + ".")
     return ScanResult(folder=folder, series=series, skipped=skipped, volume_files=volume_files, notes=notes)
 
 

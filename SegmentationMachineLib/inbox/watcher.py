@@ -218,6 +218,7 @@ class Inbox:
         self._states = {}  # series key -> SeriesStatus
         self._grouped = {}  # DICOM series key -> (its (path, hash) pairs, its groups' paths): see _groups
         self.bad_files = {}  # Path -> reason, for every file that is not part of a series
+        self.left_out = {}  # Path -> SkippedFile, for a bad file that a series left out: its series and kind of reason
         self.seen_before = set()  # bad files an earlier run found (and reported): from the journal
         self.duplicates = []  # SeriesStatus of drops whose files were all delivered before; the consumer empties it
         self.scratch = None
@@ -482,6 +483,7 @@ class Inbox:
             self._growing.pop(known, None)
             self._denied.pop(known, None)
             self.bad_files.pop(known, None)
+            self.left_out.pop(known, None)
             self.seen_before.discard(known)
             self._changed = True
 
@@ -689,6 +691,7 @@ class Inbox:
                 continue
             for item in skipped:
                 self.bad_files[item.path] = item.reason
+                self.left_out[item.path] = item
             self._handed_out[key] = hashes
             for record in records:
                 record.fresh = False
