@@ -337,10 +337,12 @@ def shifted(slices, index, axis, mm):
      "would load at the wrong size"),
     (lambda s: enhanced_from(s, positions=shifted(s, 2, 2, 1.0)),
      "a multi-frame image with several frames at one position (several stacks in one file: echoes, phases or time "
-     "points), which cannot be loaded as one volume"),
+     "points), which cannot be loaded as one volume: export each echo or phase as a series of its own from the "
+     "scanner or PACS (single-frame images, or one file each)"),
     (lambda s: enhanced_from(s, orientations=[[1, 0, 0, 0, 1, 0]] * 2 + [[0, 1, 0, 0, 0, -1]]),
      "a multi-frame image whose frames differ in orientation or pixel size (several stacks in one file), which "
-     "cannot be loaded as one volume"),
+     "cannot be loaded as one volume: export each stack as a series of its own from the scanner or PACS "
+     "(single-frame images, or one file each)"),
     (lambda s: enhanced_from(s, positions=[[p[0], p[1] + 0.3 * k, p[2]] for k, p in  # 0.3 mm per 1 mm: atan 0.3
                                            enumerate(shifted(s, 0, 0, 0))]),
      "a multi-frame image whose frames lean 16.7° from their normal (a gantry tilt), which Slicer's reader would "
@@ -352,8 +354,31 @@ def test_a_multi_frame_image_that_is_not_one_even_stack_is_refused_in_one_senten
     assert read_slice(path) == (None, reason)
     with pytest.raises(InputError) as error:
         load_input(ctx, path)
-    assert str(error.value) == (f"{path} is not a usable image: {reason}; give a DICOM image file or folder, or a "
-                                "NIfTI/NRRD volume.")
+    advice = "" if "several stacks" in reason else "; give a DICOM image file or folder, or a NIfTI/NRRD volume"
+    assert str(error.value) == f"{path} is not a usable image: {reason}{advice}."
+
+
+def test_echoes_in_one_enhanced_file_are_refused_with_how_to_export_them_not_check_the_folder(ctx, shared_data,
+                                                                                            tmp_path):
+    """Two echoes interleaved in one enhanced MR file (frames two by two at one position) ended in 'check the
+    folder': the folder is fine, the file needs exporting otherwise."""
+    slices = real_slices()
+    for ds in slices:
+        ds.Modality, ds.EchoTime = "MR", 4.92
+    echoes = [s for ds in slices for s in (ds, copy.deepcopy(ds))]
+    enhanced = enhanced_from(echoes)
+    enhanced.SOPClassUID = enhanced.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR
+    path = save(enhanced, tmp_path / "study" / "MF0001")
+    with pytest.raises(InputError) as error:
+        load_input(ctx, tmp_path / "study")
+    assert str(error.value) == (
+        f"No DICOM image series found in {tmp_path / 'study'} (1 file(s) looked at, none a usable image slice): the "
+        f"first, {path}, is a multi-frame image with several frames at one position (several stacks in one file: "
+        "echoes, phases or time points), which cannot be loaded as one volume: export each echo or phase as a series "
+        "of its own from the scanner or PACS (single-frame images, or one file each).")
+    (tmp_path / "study" / "A_notes.txt").write_text("not DICOM")  # read first, its reason without advice
+    with pytest.raises(InputError, match=r"; the first: .*A_notes.txt: not a DICOM file\): check the folder\.$"):
+        load_input(ctx, tmp_path / "study")
 
 
 

@@ -19,7 +19,7 @@ import pydicom
 from ..core.errors import InputError
 from ..core.files import PATH_NOT_UTF8, printable, utf8_path
 from .slices import (ACQUISITION_TAGS, DICOMDIR, MEDIA_STORAGE_DIRECTORY, NOT_AN_IMAGE, SPACING_TOLERANCE,
-                     DicomSlice, read_slice, slice_normal, uneven_gaps)
+                     DicomSlice, read_slice, says_what_to_do, slice_normal, uneven_gaps)
 from .transfer_syntaxes import CANNOT_DECODE
 
 VOLUME_FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -451,13 +451,17 @@ def choose_series(result: ScanResult, selector: str = None) -> DicomSeries:
                          f"{undecoded[0].path.name}, are {undecoded[0].reason}.")
     if not result.series and result.folder.is_file() and len(result.skipped) == 1:  # one file given: its reason
         reason = result.skipped[0].reason
-        advice = ("copy it again from its source" if reason.startswith("truncated")
-                  else "give a DICOM image file or folder, or a NIfTI/NRRD volume")
-        raise InputError(f"{result.folder} is not a usable image: {reason}; {advice}.")
+        advice = ("" if says_what_to_do(reason)  # its own advice: how to export it
+                  else "; copy it again from its source" if reason.startswith("truncated")
+                  else "; give a DICOM image file or folder, or a NIfTI/NRRD volume")
+        raise InputError(f"{result.folder} is not a usable image: {reason}{advice}.")
     if not result.series:
+        looked_at = f"No DICOM image series found in {result.folder} ({len(result.skipped)} file(s) looked at, none a " \
+                    "usable image slice"
+        if result.skipped and says_what_to_do(result.skipped[0].reason):  # the folder is fine: the export is not
+            raise InputError(f"{looked_at}): the first, {result.skipped[0].path}, is {result.skipped[0].reason}.")
         first = f"; the first: {result.skipped[0]}" if result.skipped else ""
-        raise InputError(f"No DICOM image series found in {result.folder} ({len(result.skipped)} file(s) looked "
-                         f"at, none a usable image slice{first}): check the folder.")
+        raise InputError(f"{looked_at}{first}): check the folder.")
     if selector:
         if selector.isdigit() and 1 <= int(selector) <= len(result.series):
             return result.series[int(selector) - 1]

@@ -57,6 +57,8 @@ PLACELESS_CAPTURE = "a secondary capture without a patient position (a dose scre
 BARE_EMPTY_START = ("DICOM without its file header, starting with an empty attribute, which Slicer's reader cannot "
                     "read: have the series exported or sent again as DICOM files (Part 10)")
 TRUNCATED = "truncated (the file ends before its pixel data does)"
+# What helps with several stacks in one file: the folder is fine, the way it was exported is not.
+EACH_APART = "as a series of its own from the scanner or PACS (single-frame images, or one file each)"
 PIXEL_DATA = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
@@ -80,6 +82,12 @@ class DicomSlice:
     origin: str = ""  # its patient and study, hashed: which images a reused series UID would mix ("": unknown)
     instance_uid: str = ""  # SOPInstanceUID: a copy of a slice has the same, another image at its place another
     lossy: str = ""  # the compression that lost detail in its pixels, where one did (lossy_compression)
+
+
+def says_what_to_do(reason: str) -> bool:
+    """Whether a file's reason ends in what to do about it (export it otherwise, have it sent again): then a message
+    that quotes it adds no advice of its own ('check the folder' would send the user to a folder that is fine)."""
+    return any(f": {verb} " in reason for verb in ("export", "have"))
 
 
 def uneven_gaps(gaps: np.ndarray) -> bool:
@@ -181,7 +189,7 @@ def _frame_geometry(ds):
         return "malformed image position or orientation"
     if len(spacings) > 1 or np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
         return ("a multi-frame image whose frames differ in orientation or pixel size (several stacks in one file), "
-                "which cannot be loaded as one volume")
+                f"which cannot be loaded as one volume: export each stack {EACH_APART}")
     rescales = {tuple(_from_groups(ds, k, "PixelValueTransformationSequence", name) for name in
                       ("RescaleSlope", "RescaleIntercept")) for k in range(count)}
     if len(rescales) > 1:
@@ -204,7 +212,7 @@ def _frame_stack_problem(positions: np.ndarray, orientation: np.ndarray) -> str:
                 "wrongly: export the series as single-frame images")
     if gaps.min() < 1e-3:
         return ("a multi-frame image with several frames at one position (several stacks in one file: echoes, "
-                "phases or time points), which cannot be loaded as one volume")
+                f"phases or time points), which cannot be loaded as one volume: export each echo or phase {EACH_APART}")
     if uneven_gaps(gaps):
         return (f"a multi-frame image whose frames are unevenly spaced ({gaps.min():.3g} to {gaps.max():.3g} mm; "
                 "a frame is missing?), which Slicer's reader would load at the wrong size")
