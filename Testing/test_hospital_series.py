@@ -12,9 +12,10 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from conftest import UNCOMPRESSED_SERIES
+from conftest import EXAMPLE_CT, EXAMPLE_LABELS, UNCOMPRESSED_SERIES
 from test_cli_messages import one_sentence, run_cli, watch_once
 from test_series_kinds import enhanced_from, real_slices, save, write_acquisitions
+from SegmentationMachineLib.core import arrays
 from SegmentationMachineLib.core.errors import InputError, UnsuitableImage
 from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
 from SegmentationMachineLib.dicom.series import choose_series, is_quiet_skip, scan_folder
@@ -69,6 +70,39 @@ def test_a_volume_without_hounsfield_units_or_of_one_slice_is_refused_by_the_pre
     with pytest.raises(UnsuitableImage, match=r"^'topo' is a single slice \(a localizer or a screenshot\?\)"):
         preset_mask("skin", topogram, (2.0, 1.5, 1.5), "topo")
     assert preset_mask("skin", make_phantom((8, 32, 32)).hu, (2.0, 1.5, 1.5), "ct").any()  # a CT still works
+
+
+def write_nrrd(path, values: np.ndarray, spacing_kji) -> Path:
+    """values (K, J, I) as a raw little-endian float NRRD file, as a research pipeline writes one."""
+    directions = " ".join(f"({','.join(str(spacing_kji[2 - a] if b == a else 0) for b in range(3))})" for a in range(3))
+    header = ("NRRD0004\ntype: float\ndimension: 3\nspace: left-posterior-superior\n"
+              f"sizes: {values.shape[2]} {values.shape[1]} {values.shape[0]}\nspace directions: {directions}\n"
+              "kinds: domain domain domain\nendian: little\nencoding: raw\nspace origin: (0,0,0)\n\n")
+    path.write_bytes(header.encode() + values.astype("<f4").tobytes())
+    return path
+
+
+def test_a_preset_that_takes_the_whole_image_is_refused_and_a_ct_cropped_to_the_spine_keeps_its_bones(
+        ctx, shared_data, tmp_path):
+    """Skin from an intensity-normalised MR (z-scores, no value below 0 to tell) was the whole box, exported as
+    'Skin: 4417.5 mL'. Refusing images without air (nothing at or below -500) would refuse a CT cropped to the spine
+    too, whose bones are right: the whole box as a mask is what tells."""
+    signal = np.clip((make_phantom((12, 48, 48)).hu + 1000) * 0.4, 0, 4000)
+    path = write_nrrd(tmp_path / "mr_zscored.nrrd", (signal - signal.mean()) / signal.std(), (2.0, 1.5, 1.5))
+    result = run_cli("model", path, "--out", tmp_path / "out", "--preset", "skin", "--format", "stl")
+    one_sentence(result, "The skin preset took 100% of 'mr_zscored', the whole image: it expects a CT in Hounsfield "
+                         "units with air around the body (an MR or intensity-normalised image has none, nor has a CT "
+                         "cropped inside the body); for MR or other images use the AI prompt tools.")
+    assert not (tmp_path / "out").exists()
+    ct = arrays.volume_array(load_input(ctx, EXAMPLE_CT).node).astype(np.float32)
+    labels = arrays.volume_array(load_input(ctx, EXAMPLE_LABELS).node)
+    _, j, i = np.nonzero((labels >= 26) & (labels <= 50))  # the vertebrae
+    spine = ct[:, j.min() - 2:j.max() + 3, i.min() - 2:i.max() + 3]
+    assert np.mean(spine <= -500) < 0.01  # a few voxels of bowel gas: all but no air
+    assert 0.05 < preset_mask("bone", spine, (3.0, 3.0, 3.0), "spine").mean() < 0.3
+    with pytest.raises(UnsuitableImage, match=r"^The skin preset took 99% of 'spine', the whole image"):
+        preset_mask("skin", spine, (3.0, 3.0, 3.0), "spine")
+    assert preset_mask("skin", ct, (3.0, 3.0, 3.0), "abdomen").mean() < 0.7  # the whole CT: its skin
 
 
 def test_watch_leaves_an_mr_and_a_topogram_of_the_study_aside_and_models_the_ct(shared_data, tmp_path):

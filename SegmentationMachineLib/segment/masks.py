@@ -360,6 +360,10 @@ def preset_parameters(preset_name: str) -> dict:
 
 
 FOR_OTHER_IMAGES = "for MR or other images use the AI prompt tools"
+# A preset's mask this share of the image is not anatomy: the image has no air (not Hounsfield units, or a crop
+# inside the body). Not 'no value below -500' in _check_image: a CT cropped to the spine has none, and its bones
+# are modelled rightly.
+WHOLE_IMAGE_SHARE = 0.98
 # DICOM modalities that may hold a CT in Hounsfield units ("OT": none given, or a CT's secondary capture)
 CT_MODALITIES = ("CT", "OT")
 
@@ -394,4 +398,10 @@ def preset_mask(preset_name: str, hu: np.ndarray, spacing, volume_name: str, pro
         raise SegmentationError(
             f"The {preset.name} preset found nothing in '{volume_name}': it expects a CT in "
             f"Hounsfield units; {FOR_OTHER_IMAGES}.")
+    share = float(np.count_nonzero(mask)) / mask.size
+    if share >= WHOLE_IMAGE_SHARE:  # e.g. skin from a z-scored MR (-0.9..3.1): every voxel is above -400 HU
+        raise UnsuitableImage(
+            f"The {preset.name} preset took {share:.0%} of '{volume_name}', the whole image: it expects a CT in "
+            "Hounsfield units with air around the body (an MR or intensity-normalised image has none, nor has a CT "
+            f"cropped inside the body); {FOR_OTHER_IMAGES}.")
     return mask
