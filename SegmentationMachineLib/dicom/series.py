@@ -456,8 +456,8 @@ def choose_series(result: ScanResult, selector: str = None) -> DicomSeries:
                   else "; give a DICOM image file or folder, or a NIfTI/NRRD volume")
         raise InputError(f"{result.folder} is not a usable image: {reason}{advice}.")
     if not result.series:
-        looked_at = f"No DICOM image series found in {result.folder} ({len(result.skipped)} file(s) looked at, none a " \
-                    "usable image slice"
+        looked_at = (f"No DICOM image series found in {result.folder} ({len(result.skipped)} file(s) looked at, "
+                     "none a usable image slice")
         if result.skipped and says_what_to_do(result.skipped[0].reason):  # the folder is fine: the export is not
             raise InputError(f"{looked_at}): the first, {result.skipped[0].path}, is {result.skipped[0].reason}.")
         first = f"; the first: {result.skipped[0]}" if result.skipped else ""

@@ -52,7 +52,8 @@ ACQUISITION_TAGS = (
 COLOUR_IMAGE = "a colour image (a screenshot or 3D rendering), not an image slice"
 # Secondary Capture Image Storage and its multi-frame kinds (.7.1 to .7.4): dose screens, scanned requisitions.
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-PLACELESS_CAPTURE = "a secondary capture without a patient position (a dose screen or scanned document), not an image slice"
+PLACELESS_CAPTURE = ("a secondary capture without a patient position (a dose screen or scanned document), not an "
+                     "image slice")
 # GDCM (Slicer's reader) takes a file without a Part 10 header only where its first attribute holds a value.
 BARE_EMPTY_START = ("DICOM without its file header, starting with an empty attribute, which Slicer's reader cannot "
                     "read: have the series exported or sent again as DICOM files (Part 10)")
