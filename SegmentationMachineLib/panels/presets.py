@@ -40,11 +40,12 @@ class PresetsPanel:
 
         self.process = PresetProcess()
 
-        def run(hu, spacing):  # worker thread: the mask and its checksum, which reads every voxel
-            mask, start = self.process.run(self.preset, hu, spacing, name, progress)
+        def run(hu, spacing, ijk_to_ras):  # worker thread: the mask and its checksum, which reads every voxel
+            mask, start = self.process.run(self.preset, hu, spacing, name, progress, ijk_to_ras)
             return mask, start, mask_fingerprint(mask, start)
 
-        self.task = BackgroundTask(run, arrays.volume_array(volume_node), spacing_kji(volume_node))
+        self.task = BackgroundTask(run, arrays.volume_array(volume_node), spacing_kji(volume_node),
+                                   arrays.ijk_to_ras(volume_node))
         self.status = f"{running}..."
 
     def cancel(self):

@@ -1,8 +1,9 @@
 """CPU segmentation presets (no GPU, no weights): bone and skin masks from CT Hounsfield units.
 
 Masks are computed in NumPy on the volume's K, J, I grid with distances in millimetres, so the
-same preset behaves alike on 0.5 mm and 3 mm scans. No scene here (presets.py makes the segment):
-the module computes them in a child process (preset_child.py) that starts without MRML.
+same preset behaves alike on 0.5 mm and 3 mm scans. The mask functions take K as the foot-to-head axis (they work
+on axial slices): preset_mask turns a series acquired in another plane so that it is. No scene here (presets.py
+makes the segment): the module computes them in a child process (preset_child.py) that starts without MRML.
 """
 
 import inspect
@@ -13,6 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..core.errors import SegmentationError, UnsuitableImage
+from ..core.grids import AxialView
 
 # Scanners write values like -3024 or -2000 outside the field of view; no tissue is below this.
 PADDING_BELOW_HU = -1500
@@ -20,7 +22,8 @@ PADDING_BELOW_HU = -1500
 BODY_GATE_MM = 2.0
 # Limbs hold a 15 mm deep point, tables not 5 mm: depths measured on voxels this size still tell them apart.
 LIMB_GRID_MM = 5.0
-# Face neighbours within a K slice: outlines and marrow are decided slice by slice.
+# Face neighbours within a K slice (an axial one: preset_mask sees to it): outlines and marrow are decided slice by
+# slice.
 IN_PLANE = np.pad(ndimage.generate_binary_structure(2, 1)[None], ((1, 1), (0, 0), (0, 0)))
 
 
@@ -386,12 +389,17 @@ def _check_image(hu: np.ndarray, volume_name: str):
                               f"masked with fill value 0: mask it with -1000 instead); {FOR_OTHER_IMAGES}.")
 
 
-def preset_mask(preset_name: str, hu: np.ndarray, spacing, volume_name: str, progress=None) -> np.ndarray:
+def preset_mask(preset_name: str, hu: np.ndarray, spacing, volume_name: str, progress=None,
+                ijk_to_ras=None) -> np.ndarray:
     """The preset's mask; touches no scene, so it may run on a worker thread (with a copy of hu).
-    progress(done, total, step) as the preset's steps start, and (1, 1, preset) at the end."""
+    progress(done, total, step) as the preset's steps start, and (1, 1, preset) at the end.
+    ijk_to_ras: hu's grid. The masks close, fill and outline axial slices (a disc space lies between two of them,
+    a marrow cavity inside one): a sagittal or coronal series is seen as axial for them, so the same anatomy gives the
+    same voxels whatever plane it was acquired in. None: hu's K axis runs from foot to head."""
     preset = get_preset(preset_name)
     _check_image(hu, volume_name)
-    mask = preset.mask(hu, spacing, progress=progress)
+    axial = AxialView() if ijk_to_ras is None else AxialView.of(ijk_to_ras)
+    mask = np.ascontiguousarray(axial.back(preset.mask(axial.view(hu), axial.spacing(spacing), progress=progress)))
     if progress:
         progress(1, 1, preset.name)
     if not mask.any():

@@ -42,12 +42,12 @@ class PresetProcess:
         self._stopped = None  # why the child was killed: "cancelled" or "timeout"
         self._lock = threading.Lock()
 
-    def run(self, preset: str, hu: np.ndarray, spacing, volume_name: str, progress=None) -> tuple:
+    def run(self, preset: str, hu: np.ndarray, spacing, volume_name: str, progress=None, ijk_to_ras=None) -> tuple:
         """(the preset's mask cut to its bounding box, the box's first K, J, I index).
 
         hu may be a view of a scene's volume: it is written once, into a private folder (0700: the voxels
         are patient data) that the child maps and that is removed afterwards. progress(done, total, step)
-        as the child starts each step."""
+        as the child starts each step. ijk_to_ras: hu's grid, as preset_mask takes it."""
         # Windows: a killed child's mapping of hu.npy may outlive it a moment; a cancel must stay a cancel
         with tempfile.TemporaryDirectory(prefix="sm-preset-", ignore_cleanup_errors=True) as folder:
             folder = Path(folder)
@@ -56,7 +56,8 @@ class PresetProcess:
             except OSError as error:
                 raise SegmentationError(f"Cannot write the volume for the {preset} preset in {folder.parent} "
                                         f"({error.strerror}): free space there and run it again.") from None
-            job = {"preset": preset, "spacing": [float(s) for s in spacing], "volume_name": volume_name}
+            job = {"preset": preset, "spacing": [float(s) for s in spacing], "volume_name": volume_name,
+                   "ijk_to_ras": None if ijk_to_ras is None else np.asarray(ijk_to_ras, float).tolist()}
             (folder / "job.json").write_text(json.dumps(job))
             with open(folder / "stderr.txt", "w+", encoding="utf-8", errors="replace") as stderr:  # child: UTF-8
                 returncode = self._wait(folder, stderr, progress)
@@ -144,7 +145,8 @@ def main(folder: str) -> int:
             pass
 
     try:
-        mask = preset_mask(job["preset"], np.asarray(hu), np.asarray(job["spacing"]), job["volume_name"], progress)
+        mask = preset_mask(job["preset"], np.asarray(hu), np.asarray(job["spacing"]), job["volume_name"], progress,
+                           job["ijk_to_ras"])
     except UserError as error:
         print(error, file=sys.stderr)
         return USER_ERROR_EXIT

@@ -23,7 +23,7 @@ def add_segment_from_mask(segmentation_node, mask: np.ndarray, ijk_to_ras: np.nd
 def apply_preset(ctx: SceneContext, volume_node, preset_name: str, segmentation_node=None, progress=None):
     """Runs a preset on volume_node; adds its segment to segmentation_node (a new one if None)."""
     mask = preset_mask(preset_name, arrays.volume_array(volume_node), spacing_kji(volume_node), volume_node.GetName(),
-                       progress)
+                       progress, arrays.ijk_to_ras(volume_node))
     return add_preset_segment(ctx, volume_node, preset_name, mask, segmentation_node,
                               fingerprint=mask_fingerprint(mask))
 
