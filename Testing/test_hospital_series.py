@@ -352,7 +352,9 @@ def test_what_splits_and_what_stays_one_volume(shared_data, tmp_path):
     write_acquisitions(tmp_path / "both" / "phases", "ContentTime", ["101500", "101600"])
     write_ct_series(tmp_path / "both" / "clean", hu[:2], 1.0, [(0, 0, 0), (0, 0, 2)], "clean")
     scan = scan_folder(tmp_path / "both")
-    assert scan.series[0].problem and choose_series(scan).description == "clean"
+    # The one that cannot be loaded has more slices: listed after the default, never chosen
+    assert scan.series[1].problem and choose_series(scan) is scan.series[0] and scan.series[0].description == "clean"
+    assert scan.series[1].slice_count > scan.series[0].slice_count
 
 
 def test_positions_rounded_in_the_headers_are_said_as_such(tmp_path):

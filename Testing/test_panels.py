@@ -358,7 +358,7 @@ def test_a_new_series_waits_for_the_user_while_they_prompt_and_a_failed_one_is_s
     panel = InboxPanel()
 
     def delivery(name, remarks=""):
-        return SimpleNamespace(series=SimpleNamespace(name=name), remarks=lambda notes: remarks)
+        return SimpleNamespace(series=SimpleNamespace(name=name, origin=""), remarks=lambda notes: remarks)
 
     ct = delivery("CT 2")
     panel.loaded(ct, True, node=ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT 2"))

@@ -26,22 +26,25 @@ def anatomy():
     return make_phantom((48, 128, 128), pixel_spacing=SPACING, slice_spacing=SPACING)
 
 
-def write_in_plane(folder, phantom, plane: str):
-    """The phantom as a scanner writes a sagittal (slices from right to left, rows from head to foot, columns from
-    front to back) or coronal (slices from front to back, rows from head to foot, columns from right to left) series,
-    every voxel where the axial series has it (LPS millimetres)."""
+def write_in_plane(folder, phantom, plane: str, description: str = None) -> list:
+    """The phantom (isotropic voxels) as a scanner writes a sagittal (slices from right to left, rows from head to
+    foot, columns from front to back) or coronal (slices from front to back, rows from head to foot, columns from
+    right to left) series, every voxel where the axial series has it (LPS millimetres); its files."""
+    spacing = phantom.pixel_spacing
+    assert phantom.slice_spacing == spacing
     slices, rows, cols = phantom.hu.shape
-    x0, y0 = -(cols - 1) / 2 * SPACING, -(rows - 1) / 2 * SPACING
-    top = (slices - 1) / 2 * SPACING
+    x0, y0 = -(cols - 1) / 2 * spacing, -(rows - 1) / 2 * spacing
+    top = (slices - 1) / 2 * spacing
     if plane == "sagittal":
         planes = phantom.hu.transpose(2, 0, 1)[:, ::-1, :]
-        positions = [(x0 + i * SPACING, y0, top) for i in range(cols)]
+        positions = [(x0 + i * spacing, y0, top) for i in range(cols)]
         orientation = (0, 1, 0, 0, 0, -1)
     else:
         planes = phantom.hu.transpose(1, 0, 2)[:, ::-1, :]
-        positions = [(x0, y0 + j * SPACING, top) for j in range(rows)]
+        positions = [(x0, y0 + j * spacing, top) for j in range(rows)]
         orientation = (1, 0, 0, 0, 0, -1)
-    write_ct_series(folder, np.ascontiguousarray(planes), SPACING, positions, f"phantom {plane}", orientation)
+    return write_ct_series(folder, np.ascontiguousarray(planes), spacing, positions, description or f"phantom {plane}",
+                           orientation)
 
 
 @pytest.fixture(scope="module")

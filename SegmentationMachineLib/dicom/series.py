@@ -31,6 +31,10 @@ STUDY_PART = "study "  # the part label of each patient's and study's images und
 # beat): they split a series only into parts that are each one volume.
 SPLIT_ONLY_INTO_VOLUMES = {"NominalPercentageOfCardiacPhase", "TriggerTime", "KVP"}
 ANOTHER_STACK = "a different orientation, size or pixel spacing from the rest of its series"
+# ImageType values of an image made from others (a reformat, an MPR, a screenshot): a series of them is the default
+# only where no series was reconstructed from the scan itself. A scout's: LOCALIZER.
+MADE_FROM_OTHERS = {"DERIVED", "SECONDARY", "REFORMATTED", "MPR", "CSA MPR"}
+LOCALIZER = "LOCALIZER"
 
 
 
@@ -73,6 +77,9 @@ class DicomSeries:
     part: str = ""  # which acquisition (or multi-frame file) of a DICOM series that holds several
     first_position: np.ndarray = None  # LPS position of the first slice along the normal
     problem: str = ""  # why it cannot be loaded as one volume, where it cannot
+    image_type: str = ""  # ImageType's values joined by '/' (ORIGINAL/PRIMARY/AXIAL), where given
+    orientation: np.ndarray = None  # row direction (3) then column direction (3), LPS
+    origin: str = ""  # its patient and study, hashed (DicomSlice.origin; "": not known)
 
     @property
     def name(self) -> str:
@@ -98,6 +105,27 @@ class DicomSeries:
     def voxel_count(self) -> int:
         return self.shape[0] * self.shape[1] * self.slice_count
 
+    @property
+    def is_axial(self) -> bool:
+        """Its slices lie closer to axial than to sagittal or coronal (a gantry tilt or an oblique plan stays axial)."""
+        if self.orientation is None:
+            return False
+        normal = np.abs(slice_normal(self.orientation))
+        return bool(normal[2] >= normal.max())
+
+    def kind(self) -> tuple:
+        """How fit its kind of series is to be the default, the fittest least: one that can be loaded; a CT (the
+        presets need one); a stack of slices before a localizer or a single image; the scan's own reconstruction
+        before a reformat made from it (a knee's coronal MPR has more slices than its axial series, and interpolated
+        voxels); axial before sagittal or coronal."""
+        values = set(self.image_type.split("/"))
+        return (bool(self.problem), self.modality != "CT", LOCALIZER in values or self.slice_count < 2,
+                bool(values & MADE_FROM_OTHERS), not self.is_axial)
+
+    def preference(self) -> tuple:
+        """Sorts series the best default first: by kind(), then the most slices (the thinnest reconstruction)."""
+        return (*self.kind(), -self.slice_count, self.description)
+
     def summary(self) -> str:
         rows, cols = self.shape
         spacing = f"{self.pixel_spacing[0]:.3g}x{self.pixel_spacing[1]:.3g}x{self.slice_spacing:.3g} mm"
@@ -110,7 +138,7 @@ class DicomSeries:
 @dataclass
 class ScanResult:
     folder: Path
-    series: list  # DicomSeries, most slices first
+    series: list  # DicomSeries, the best for a default first (DicomSeries.preference)
     skipped: list  # SkippedFile
     volume_files: list  # NIfTI/NRRD/MetaImage files found beside the DICOM
     notes: list  # folder-level notes, one sentence each
@@ -334,6 +362,9 @@ def build_series(key: str, slices: list, skipped: list) -> DicomSeries:
         pixel_spacing=first.pixel_spacing,
         part=key[len(first.series_key) + 1:] if key.startswith(f"{first.series_key}|") else "",
         first_position=points[0],
+        image_type=first.acquisition.get("ImageType", ""),
+        orientation=np.asarray(first.orientation, float),
+        origin=first.origin,
     )
     if len(points) > 1:
         step = points[-1] - points[0]
@@ -404,7 +435,7 @@ def is_quiet_skip(reason: str) -> bool:
 
 
 def scan_folder(folder, progress=None) -> ScanResult:
-    """All image series under folder (any nesting, any file names), most slices first.
+    """All image series under folder (any nesting, any file names), the best default first (preference).
 
     folder may be one file; a DICOMDIR stands for the files it lists (or, where some are not where it says,
     for its folder). progress(done, total, path), when given, is called after each file.
@@ -432,7 +463,7 @@ def scan_folder(folder, progress=None) -> ScanResult:
         else:
             slices.append(item)
     series = [build_series(key, items, skipped) for key, items in group_series(slices).items()]
-    series.sort(key=lambda s: (-s.slice_count, s.description))
+    series.sort(key=DicomSeries.preference)
     notes = []
     told = [s for s in skipped if not is_quiet_skip(s.reason)]
     if told:
@@ -443,8 +474,8 @@ def scan_folder(folder, progress=None) -> ScanResult:
 
 
 def choose_series(result: ScanResult, selector: str = None) -> DicomSeries:
-    """The series named by UID or list number (1-based), else the CT series with the most slices among
-    those without a problem (any series, where all have one)."""
+    """The series named by UID or list number (1-based), else the best by DicomSeries.preference (the first of
+    --list): a CT without a problem, the scan's own axial reconstruction with the most slices."""
     undecoded = [s for s in result.skipped if CANNOT_DECODE in s.reason]
     if not result.series and undecoded:  # the one reason that holds for them all, not 'check the folder'
         raise InputError(f"No series in {result.folder} can be loaded: {len(undecoded)} image file(s), the first "
@@ -473,6 +504,4 @@ def choose_series(result: ScanResult, selector: str = None) -> DicomSeries:
         if named:
             return named[0]
         raise InputError(f"No series '{selector}' in {result.folder}: run with --list to see the series and their numbers.")
-    loadable = [s for s in result.series if not s.problem] or result.series
-    ct = [s for s in loadable if s.modality == "CT"]
-    return (ct or loadable)[0]
+    return min(result.series, key=DicomSeries.preference)

@@ -88,6 +88,8 @@ class InboxPanel:
     _in_use: set = field(default_factory=set)
     _kept: list = field(default_factory=list)  # (node ID, its unpacked folders) of what the inbox loaded, oldest first
     _said: str = ""  # what loaded() said of the series it was last told of
+    # Study (DicomSeries.origin) -> the kind() of its series last offered as source volume (as_source)
+    _offered: dict = field(default_factory=dict)
 
     @property
     def running(self) -> bool:
@@ -131,7 +133,8 @@ class InboxPanel:
         self.status = "Stopped."
 
     def tick(self) -> list:
-        """Main thread, from a timer: returns the deliveries that became ready since the last call."""
+        """Main thread, from a timer: returns the deliveries that became ready since the last call, the best default
+        first (DicomSeries.preference: a study's axial CT before its reformats), for as_source."""
         if not self.running:
             return []
         if self.task is None:
@@ -145,7 +148,7 @@ class InboxPanel:
         self._say_duplicates()
         if problem:
             self.status = problem
-        return deliveries or []
+        return sorted(deliveries or [], key=lambda delivery: delivery.series.preference())
 
     def loaded(self, delivery, ok: bool, reason: str = "", notes=(), node=None):
         """The widget loaded a delivery into node (or failed to, with reason); recorded before the next poll. A loaded
@@ -173,17 +176,27 @@ class InboxPanel:
     def as_source(self, delivery, wanted: bool, prompting: bool) -> bool:
         """After loaded(): whether the series just loaded becomes the source volume and is shown in the slice views.
         wanted: "Make each new series the source volume" is ticked; prompting: an AI prompt tool is active or a prompt
-        waits or runs, which would then go to the new series: it is held back, and the status says so."""
-        if wanted and prompting:
-            held = f"Series {delivery.series.name} arrived: choose it as source volume when you are ready."
+        waits or runs, which would then go to the new series: it is held back, and the status says so. A series of a
+        less fit kind than its study's series offered before (a reformat or localizer after its axial CT, together
+        in one tick or later) is loaded beside it, not offered: the default stays as `model` would choose it."""
+        if not wanted:
+            return False
+        series = delivery.series
+        if series.origin:
+            if series.origin in self._offered and self._offered[series.origin] < series.kind():
+                return False
+            self._offered[series.origin] = series.kind()
+        if prompting:
+            held = f"Series {series.name} arrived: choose it as source volume when you are ready."
             self.status = f"{self._said} {held}".strip()
-        return wanted and not prompting
+        return not prompting
 
     def scene_closed(self):
         """Main thread, at Close Scene: what the inbox loaded is gone with it, and the next scene's nodes get the same
         IDs (a user's own volume would have been taken for an old series and removed)."""
         self._in_use -= set().union(*(folders for _, folders in self._kept))
         self._kept.clear()
+        self._offered.clear()  # its series left with the scene: the next one of the study is the source again
 
     def _unload_unused(self, scene) -> list:
         """Main thread: the volumes the inbox loaded before its KEEP_LOADED newest leave the scene where nothing
