@@ -355,3 +355,50 @@ def test_the_start_can_have_a_desktop_pods_uploads_wiped_at_its_end_and_refuses_
     settle(panel)
     assert fake.pods[panel.pod.pod_id]["env"]["SM_WIPE_AT_END"] == "1"
     assert panel.end_started_here(keep_desktop_files=False) == [] and fake.pods == {}
+
+
+def test_stop_and_quit_have_a_wiping_pods_agent_wipe_then_end_it_or_say_the_uploads_stay(panel, fake, tmp_path,
+                                                                                        monkeypatch, caplog):
+    """The panel's Stop of a pod started with "wipe uploads at end" asks its agent (the real one, and its wiper) to
+    end it: wiped, then stopped. At quit, a pod whose agent does not answer is stopped through RunPod all the same, and
+    the log says that its uploads were NOT wiped."""
+    from pod_proxy import PodProxy
+    from SegmentationMachineLib.cloud.cloudgpu import AGENT_PORT, Limits
+    from SegmentationMachineLib.cloud.podagent import AGENT_FOLDER
+    from test_podagent import WIPED, kill_started, uploaded, wiping_agent
+
+    proxy = PodProxy(fake)  # to the real agent of a pod once routed, else to the fake's stand-ins
+    monkeypatch.setenv("SM_RUNPOD_PROXY_URL", proxy.template())
+    try:
+        keyed(panel)
+        started = []
+        for _ in range(2):
+            panel.start("NVIDIA L40S", "desktop", Limits(wipe_at_end=True))
+            settle(panel)
+            started.append(panel.pod.pod_id)
+            volume = fake.volumes[started[-1]] = tmp_path / f"volume-{started[-1]}"
+            (volume / AGENT_FOLDER).mkdir(parents=True)
+            uploaded(volume, tmp_path / f"outside-{started[-1]}")
+            (volume / "exports").mkdir()
+            (volume / "exports/skull.stl").write_bytes(b"the user's work")
+        first, second = started  # the second is in use now
+        agent = wiping_agent(fake, second, tmp_path / "run", fake.pods[second]["env"]["SM_HEARTBEAT_TOKEN"])
+        proxy.route(second, AGENT_PORT, agent.port)
+        panel.stop()
+        assert panel.status == f"Stopping pod {second} (its agent wipes the uploads first: up to a few minutes)..."
+        settle(panel, timeout=120)
+        assert fake.pods[second]["status"] == "EXITED" and "Stopping pod" in agent.log()
+        assert [sorted(p.name for p in (fake.volumes[second] / f).iterdir()) for f in WIPED] == [[]] * len(WIPED)
+        assert (fake.volumes[second] / "exports/skull.stl").read_bytes() == b"the user's work"
+        assert panel.status.startswith(f"Stopped pod {second}: no GPU billing; its 50 GB volume costs $10.00/month")
+        assert ("). Its agent asked for the uploaded DICOM to be wiped before it ended the pod; the pod's log says "
+                "whether all of it was deleted.") in panel.status and "NOT" not in panel.status
+
+        fake.agent_answers = False  # the first pod's agent cannot be reached
+        assert panel.started_here == [first] and panel.end_started_here() == []
+        assert fake.pods[first]["status"] == "EXITED" and (fake.volumes[first] / "inbox/Doe Jane").is_dir()
+        assert (f"Pod {first} at quit: The uploads on its volume were NOT wiped (its agent did not answer, so it was "
+                f"stopped through RunPod): `segmentation-machine pod down {first}` deletes them") in caplog.text
+    finally:
+        proxy.close()
+        kill_started()

@@ -58,6 +58,11 @@ class RunningAgent:
 @pytest.fixture(autouse=True)
 def no_agent_left_running():
     yield
+    kill_started()
+
+
+def kill_started():
+    """Kills the agents (and wipers) started so far."""
     while RunningAgent.started:
         process = RunningAgent.started.pop().process
         process.kill()
@@ -667,3 +672,75 @@ def test_the_wiper_never_follows_a_link_in_place_of_a_folder_and_says_what_it_co
     assert any(problem.startswith(".desktop/SlicerDICOMDatabase is not a folder (") for problem in problems)
     assert not any("Doe" in problem for problem in problems)
     assert wipe(tmp_path / "no-volume") == []
+
+
+# --- a stop the user asks for, through the agent of a pod started with the wipe -------------------------------------
+
+def wiping_agent(fake, pod_id: str, run: Path, token: str = TOKEN, **env) -> RunningAgent:
+    """A desktop pod's agent started with the wipe, and its wiper, as the image runs them (the pod's volume set)."""
+    wiper(fake.volumes[pod_id], run)
+    return RunningAgent(fake, pod_id, SM_MODE="desktop", SM_ACTIVITY_PORTS=free_port(), SM_WIPE_AT_END=1,
+                        SM_HEARTBEAT_TOKEN=token, SM_WIPE_REQUEST=run / "agent/wipe",
+                        SM_WIPE_ANSWER=run / "wiper/wiped", **env)
+
+
+def test_the_pods_user_ends_a_wiping_pod_through_its_agent_with_the_heartbeat_token_only(fake, pod, tmp_path):
+    """RunPod's stop cannot wipe: a client's Stop asks the agent to end the pod, which wipes first. Ending the pod is
+    the owner's alone: no token, a guessed one, or the server's key (which keeps the pod running) are refused."""
+    import hashlib
+
+    volume = fake.volumes[pod.id]
+    uploaded(volume, tmp_path / "outside")
+    (volume / "exports").mkdir()
+    (volume / "exports/skull.stl").write_bytes(b"the user's work")
+    agent = wiping_agent(fake, pod.id, tmp_path / "run",
+                         SM_NNI_KEY_SHA256=hashlib.sha256(b"server-key").hexdigest())
+    for header in ({}, {"Authorization": "Bearer guessed-token"}, {"Authorization": "Bearer server-key"},
+                   {"Authorization": TOKEN}, {"Authorization": f"Bearer {TOKEN}x"}):
+        refused = requests.post(f"{agent.url}/end", headers=header, timeout=10)
+        assert refused.status_code == 401 and "ending" not in refused.json(), header
+    assert Heartbeat(agent.url, "server-key").beat()  # the server's key keeps the pod running, as before
+    time.sleep(1.5)  # more than one of the agent's checks
+    assert fake.pods[pod.id]["status"] == "RUNNING" and (volume / "inbox/Doe Jane").is_dir()
+
+    taken = requests.post(f"{agent.url}/end", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert taken.status_code == 202 and taken.json() == {"pod_id": pod.id, "ending": True, "wipes_first": True}
+    log = agent.log()
+    assert fake.pods[pod.id]["status"] == "EXITED"  # stopped: the exports stay with it
+    assert [sorted(p.name for p in (volume / folder).iterdir()) for folder in WIPED] == [[]] * len(WIPED)
+    assert (volume / "exports/skull.stl").read_bytes() == b"the user's work"
+    assert (tmp_path / "outside/kept/CT.dcm").read_bytes() == b"not the pod's to delete"
+    assert log.index("Wiped the uploaded DICOM on the volume") < log.index(
+        f"Stopping pod {pod.id}: its user asked to end it.")
+    assert log.count("Refused 1 request(s) to end the pod without the pod's heartbeat token") == 1  # a minute's
+    assert TOKEN not in log and "guessed-token" not in log and "server-key" not in log
+
+
+def test_a_stop_whose_agent_has_not_ended_the_pod_in_time_is_runpods_and_says_the_uploads_may_stay(fake, pod, tmp_path,
+                                                                                                  monkeypatch):
+    """The client's wait for the agent is bounded: a wiper that hangs must not keep the GPU billing while the user
+    believes the pod stopped. RunPod stops it then, and the user is told the uploads were not wiped."""
+    from pod_proxy import PodProxy
+    from SegmentationMachineLib.cloud.cloudgpu import AGENT_PORT, CloudGpu
+    from SegmentationMachineLib.cloud.podstart import PodRecords
+
+    uploaded(fake.volumes[pod.id], tmp_path / "outside")
+    run = tmp_path / "run"
+    (run / "agent").mkdir(parents=True)  # no wiper answers
+    agent = RunningAgent(fake, pod.id, SM_MODE="desktop", SM_ACTIVITY_PORTS=free_port(), SM_WIPE_AT_END=1,
+                         SM_WIPE_WAIT_S=60, SM_WIPE_REQUEST=run / "agent/wipe", SM_WIPE_ANSWER=run / "wiper/wiped")
+    proxy = PodProxy(fake)
+    monkeypatch.setenv("SM_RUNPOD_PROXY_URL", proxy.template())
+    proxy.route(pod.id, AGENT_PORT, agent.port)
+    records = PodRecords(tmp_path / "pods.json")
+    records.add(pod, time.time(), mode="desktop", secrets={"SM_HEARTBEAT_TOKEN": TOKEN}, wipe_at_end=True)
+    try:
+        began = time.monotonic()
+        stopped = CloudGpu(RunPodRest(RUNPOD_KEY), records).stop_asked(pod.id, wait_s=3)
+    finally:
+        proxy.close()
+    assert 3 <= time.monotonic() - began < 15 and fake.pods[pod.id]["status"] == "EXITED"
+    assert stopped.still.startswith("its 50 GB volume costs $10.00/month") and stopped.uploads == (
+        f"The uploads on its volume were NOT wiped (its agent had not ended the pod after 3 s, so it was stopped "
+        f"through RunPod): `segmentation-machine pod down {pod.id}` deletes them, with the volume.")
+    assert (fake.volumes[pod.id] / "inbox/Doe Jane").is_dir() and (run / "agent/wipe").exists()  # it was asked

@@ -408,3 +408,71 @@ def test_wipe_at_end_reaches_a_desktop_pods_agent_and_is_refused_for_a_server_po
     plain = pod(env, "up", "--detach", "--gpu", "NVIDIA L40S", "--mode", "desktop")
     assert plain.returncode == 0 and [p["env"].get("SM_WIPE_AT_END") for p in fake.pods.values()] == ["1", None]
     assert pod(env, "down", "--all").returncode == 0
+
+
+def test_pod_stop_and_ctrl_c_have_a_wiping_pods_agent_wipe_then_end_it_or_say_the_uploads_stay(env, fake, tmp_path):
+    """A stop from here of a pod started with --wipe-at-end went straight to RunPod, which cannot wipe: the uploads
+    stayed, though the user opted in. Now its agent (the real one, and its wiper) is asked to end it and wipes first;
+    where it does not take the request (an image from before, an unreachable pod) RunPod stops the pod all the same
+    and one sentence says the uploads were NOT wiped."""
+    from pod_proxy import PodProxy
+    from SegmentationMachineLib.cloud.cloudgpu import AGENT_PORT
+    from SegmentationMachineLib.cloud.podagent import AGENT_FOLDER
+    from test_podagent import WIPED, kill_started, uploaded, wiping_agent
+
+    proxy = PodProxy(fake)  # to the real agent of a pod once routed, else to the fake's stand-ins
+    env = {**env, "SM_RUNPOD_PROXY_URL": proxy.template()}
+    try:
+        for _ in range(3):
+            done = pod(env, "up", "--detach", "--gpu", "NVIDIA L40S", "--mode", "desktop", "--wipe-at-end")
+            assert done.returncode == 0, done.stderr
+        reached, old_image, unreachable = fake.pods
+        for pod_id in fake.pods:
+            fake.volumes[pod_id] = tmp_path / f"volume-{pod_id}"
+            (fake.volumes[pod_id] / AGENT_FOLDER).mkdir(parents=True)
+            uploaded(fake.volumes[pod_id], tmp_path / f"outside-{pod_id}")
+        (fake.volumes[reached] / "scenes").mkdir()
+        (fake.volumes[reached] / "scenes/skull.mrb").write_bytes(b"the user's work")
+        agent = wiping_agent(fake, reached, tmp_path / "run", fake.pods[reached]["env"]["SM_HEARTBEAT_TOKEN"])
+        proxy.route(reached, AGENT_PORT, agent.port)
+
+        stopped = pod(env, "stop", reached)
+        assert stopped.returncode == 0, stopped.stderr
+        assert fake.pods[reached]["status"] == "EXITED" and "Stopping pod" in agent.log()
+        volume = fake.volumes[reached]
+        assert [sorted(p.name for p in (volume / folder).iterdir()) for folder in WIPED] == [[]] * len(WIPED)
+        assert (volume / "scenes/skull.mrb").read_bytes() == b"the user's work"
+        out = stopped.stdout
+        assert out.startswith(f"Asking the agent of pod {reached} to wipe the uploads and end it (up to 3 min)")
+        assert (f"Stopped pod {reached} (this run cost $" in out and "its 50 GB volume costs $10.00/month" in out
+                and "Its agent asked for the uploaded DICOM to be wiped before it ended the pod" in out
+                and "NOT wiped" not in out)
+
+        for pod_id in (old_image, unreachable):
+            fake.agent_answers = pod_id == old_image  # the stand-in answers /end as a heartbeat; else a 502
+            done = pod(env, "stop", pod_id)
+            assert done.returncode == 0 and fake.pods[pod_id]["status"] == "EXITED", done.stderr
+            assert (f"The uploads on its volume were NOT wiped (its agent did not answer, so it was stopped through "
+                    f"RunPod): `segmentation-machine pod down {pod_id}` deletes them, with the volume.") in done.stdout
+            assert (fake.volumes[pod_id] / "inbox/Doe Jane").is_dir()
+
+        fake.agent_answers = True
+        up = Background(env, "--gpu", "NVIDIA L40S", "--mode", "desktop", "--wipe-at-end")
+        up.wait_for("Ctrl-C or closing it has its agent wipe the uploads and end the pod")
+        [connected] = [pod_id for pod_id in fake.pods if pod_id not in (reached, old_image, unreachable)]
+        fake.volumes[connected] = tmp_path / "volume-connected"  # the uploads only: nothing else of the user's
+        (fake.volumes[connected] / AGENT_FOLDER).mkdir(parents=True)
+        uploaded(fake.volumes[connected], tmp_path / "outside-connected")
+        agent = wiping_agent(fake, connected, tmp_path / "run-connected",
+                             fake.pods[connected]["env"]["SM_HEARTBEAT_TOKEN"])
+        proxy.route(connected, AGENT_PORT, agent.port)
+        out = up.end(signal.SIGINT, timeout=120)
+        assert up.process.returncode == 0 and connected not in fake.pods, out  # terminated, its volume with it
+        assert not (tmp_path / "volume-connected").exists() and "Terminating pod" in agent.log()
+        assert (f"Ended pod {connected} (this run cost $" in out and "Its agent had the uploaded DICOM wiped and, "
+                "with nothing of yours left on its volume, terminated the pod, volume and all" in out)
+        assert connected not in json.loads((tmp_path / ".segmentation-machine/pods.json").read_text())
+    finally:
+        proxy.close()
+        kill_started()  # the wipers: the agents ended with their pods
+    assert pod(env, "down", "--all").returncode == 0

@@ -94,16 +94,18 @@ class CloudSection:
                 volumeCost=volumeCost)
         self.wipeCheckBox = qt.QCheckBox(_("wipe uploads at end"))
         self.wipeCheckBox.toolTip = _(
-            "Desktop: before the pod's agent ends it (idle time, lifetime, budget), delete the uploaded DICOM on its "
-            "volume (inbox, uploads, Slicer's DICOM database); exports and scenes stay. Stop, and RunPod's own stop "
-            "at the maximum lifetime, do not wipe: Terminate deletes the whole volume.")
+            "Desktop: before the pod ends (idle time, lifetime, budget, Stop, Slicer's quit), its agent deletes the "
+            "uploaded DICOM on its volume (inbox, uploads, Slicer's DICOM database); exports and scenes stay. RunPod's "
+            "own stop at the maximum lifetime cannot wipe, nor can a Stop the agent does not answer (said then): "
+            "Terminate deletes the whole volume.")
         form.addRow(_("Mode:"), self.row(self.modeCombo, self.idleSpin, self.lifetimeSpin, self.budgetSpin,
                                          self.wipeCheckBox))
 
         self.startButton = qt.QPushButton(_("Start"))
         self.cancelButton = qt.QPushButton(_("Cancel"))
         self.stopButton = qt.QPushButton(_("Stop"))
-        self.stopButton.toolTip = _("No GPU billing; the volume is kept, and bills {volumeCost} until Terminate.").format(
+        self.stopButton.toolTip = _("No GPU billing; the volume is kept, and bills {volumeCost} until Terminate (a pod "
+                                    "started to wipe its uploads at its end has them wiped first).").format(
             volumeCost=volumeCost)
         self.terminateButton = qt.QPushButton(_("Terminate"))
         self.terminateButton.toolTip = _("Ends the pod and deletes its volume: a desktop pod's uploads, scenes and "

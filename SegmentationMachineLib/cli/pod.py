@@ -1,8 +1,8 @@
 """`segmentation-machine pod ...`: RunPod GPU pods from the terminal, never a surprise bill.
 
 `pod up` stays in the foreground while connected, sending heartbeats to the pod agent; Ctrl-C,
-SIGTERM or a closed terminal terminates the pod (unless --detach, after which the agent's idle
-timeout ends it once nobody connects).
+SIGTERM or a closed terminal terminates the pod (a desktop pod: stops it; one started with --wipe-at-end: has its
+agent wipe the uploads and end it), unless --detach, after which the agent's idle timeout ends it once nobody connects.
 """
 
 import getpass
@@ -11,8 +11,9 @@ import signal
 import sys
 import time
 
-from ..cloud.cloudgpu import (KEY_NAME, MAX_FALLBACK_PRICE, MODES, CloudGpu, Limits, StartedPod, recorded_pod,
-                               runpod_key, within_reach)
+from ..cloud.agentend import END_WAIT_S
+from ..cloud.cloudgpu import (KEY_NAME, MAX_FALLBACK_PRICE, MODES, CloudGpu, Limits, StartedPod, Stopped,
+                               recorded_pod, runpod_key, within_reach)
 from ..cloud.heartbeat import INTERVAL_S, Heartbeat
 from ..cloud.pods import MIN_VRAM_GB, PodsError, RunPodRest, spend_per_hr
 from ..cloud.podstart import DEFAULT_TIMEOUT_S
@@ -55,10 +56,11 @@ def add_pod_commands(commands, common):
                     help=f"the pod ends after this many seconds in any case (default {Limits.max_lifetime_s:g})")
     up.add_argument("--budget", type=float, help="the pod ends once it has cost this many dollars")
     up.add_argument("--wipe-at-end", action="store_true",
-                    help="desktop: before the pod's agent ends it (idle timeout, lifetime, budget), delete the uploaded "
-                         "DICOM on its volume (inbox, uploads, Slicer's DICOM database; exports and scenes stay). "
-                         "RunPod's own stop at the maximum lifetime (a backstop for a pod whose agent died), Ctrl-C "
-                         "here and `pod stop` do not wipe: `pod down` deletes the whole volume")
+                    help="desktop: before the pod ends (idle timeout, lifetime, budget, Ctrl-C here, `pod stop`), its "
+                         "agent deletes the uploaded DICOM on its volume (inbox, uploads, Slicer's DICOM database; "
+                         "exports and scenes stay). RunPod's own stop at the maximum lifetime (a backstop for a pod "
+                         "whose agent died) cannot wipe, nor can a stop where the agent does not answer (said then): "
+                         "`pod down` deletes the whole volume")
     up.add_argument("--volume-gb", type=int, help="size of the pod's /workspace volume (default 50)")
     up.add_argument("--network-volume", help="id of a network volume to mount at /workspace instead")
     up.add_argument("--detach", action="store_true", help="return once ready and leave the pod running")
@@ -75,7 +77,8 @@ def add_pod_commands(commands, common):
     status.add_argument("--show-secrets", action="store_true", help="also print the pod's server key and passwords")
     actions.add_parser("list", parents=[common], help="every pod on the account, with its cost since its last start",
                        **examples(f"{SM} list"))
-    stop = actions.add_parser("stop", parents=[common], help="stop a pod: no GPU billing, its volume is kept",
+    stop = actions.add_parser("stop", parents=[common], help="stop a pod: no GPU billing, its volume is kept (one "
+                              "started with --wipe-at-end: its agent wipes the uploads first)",
                               **examples(f"{SM} stop abc123xyz"))
     stop.add_argument("pod_id", help="the pod's id, as `pod status` or `pod list` shows it")
     down = actions.add_parser("down", parents=[common], help="terminate a pod (its volume is deleted)",
@@ -184,6 +187,9 @@ def _stay_connected(cloud: CloudGpu, started: StartedPod, ended: list):
     heartbeat = Heartbeat(started.agent_url, started.secrets["SM_HEARTBEAT_TOKEN"])
     ending = ("stops the pod (its volume, with your files, stays and bills per month until `pod down`)"
               if started.mode == "desktop" else "terminates the pod")
+    if cloud.wipes_at_end(started.pod_id):
+        ending = ("has its agent wipe the uploads and end the pod (your exports and scenes stay on its volume, which "
+                  "bills per month until `pod down`)")
     print(f"Connected: this terminal keeps the pod alive; Ctrl-C or closing it {ending}.", flush=True)
     warned, last = "", None  # last: the pod as RunPod last described it
     while not ended:
@@ -209,9 +215,10 @@ def _stay_connected(cloud: CloudGpu, started: StartedPod, ended: list):
             time.sleep(SIGNAL_POLL_S)
     cost = _cost_of(last) if last else ""
     if started.mode == "desktop":  # the uploads, scenes and exports on its volume are the user's
-        still = cloud.stop(started.pod_id)  # first: printing to a closed terminal may fail
-        print(f"Stopped pod {started.pod_id}{cost}: no GPU billing; {still}. `{SM} resume {started.pod_id}` "
-              f"continues it, `{SM} down {started.pod_id}` terminates it with your files.", flush=True)
+        _say_ending(cloud, started.pod_id, last)
+        stopped = cloud.stop_asked(started.pod_id, last)  # first: printing to a closed terminal may fail
+        print(_stopped(started.pod_id, cost, stopped, f"`{SM} resume {started.pod_id}` continues it, "
+                       f"`{SM} down {started.pod_id}` terminates it with your files."), flush=True)
         return
     cloud.terminate(started.pod_id)
     print(f"Terminated pod {started.pod_id}{cost}.", flush=True)
@@ -288,9 +295,27 @@ def _list(cloud: CloudGpu, args):
 
 def _stop(cloud: CloudGpu, args):
     pod = cloud.existing(args.pod_id)
-    kept = cloud.stop(args.pod_id, pod)
-    print(f"Stopped pod {args.pod_id}{_cost_of(pod)}: no GPU billing; {kept}. "
-          f"`segmentation-machine pod down {args.pod_id}` terminates it, `pod resume {args.pod_id}` continues.")
+    _say_ending(cloud, args.pod_id, pod)
+    stopped = cloud.stop_asked(args.pod_id, pod)
+    print(_stopped(args.pod_id, _cost_of(pod), stopped, f"`segmentation-machine pod down {args.pod_id}` terminates "
+                   f"it, `pod resume {args.pod_id}` continues."))
+
+
+def _say_ending(cloud: CloudGpu, pod_id: str, pod):
+    """Before a stop that waits for the pod's agent to wipe the uploads: minutes, at most."""
+    if cloud.wipes_at_end(pod_id) and (pod is None or pod.status == "RUNNING"):
+        try:
+            print(f"Asking the agent of pod {pod_id} to wipe the uploads and end it (up to {END_WAIT_S / 60:.0f} "
+                  "min)...", flush=True)
+        except OSError:  # a closed terminal (Ctrl-C's sibling, SIGHUP): the stop comes first
+            pass
+
+
+def _stopped(pod_id: str, cost: str, stopped: Stopped, then: str) -> str:
+    uploads = f" {stopped.uploads}" if stopped.uploads else ""
+    if stopped.terminated:
+        return f"Ended pod {pod_id}{cost}.{uploads}"
+    return f"Stopped pod {pod_id}{cost}: no GPU billing; {stopped.still}.{uploads} {then}"
 
 
 def _down(cloud: CloudGpu, args):

@@ -7,7 +7,8 @@ lifetime, RunPod itself ends the pod at creation + start timeout + lifetime: the
 earlier and warns first; RunPod's end catches a pod whose agent never ran. A server pod is terminated
 then (terminateAfter); a desktop pod is stopped (stopAfter), since its volume may hold the user's files
 and a terminate deletes it. A desktop pod's uploaded DICOM can be wiped at its end (Limits.wipe_at_end): by its
-agent, before the agent ends it; RunPod's own stop cannot wipe anything.
+agent, before the agent ends it; RunPod's own stop cannot wipe anything, so a stop the user asks for from here
+(stop_asked) has the agent end such a pod (agentend.py), and only where it does not is the pod stopped through RunPod.
 """
 
 import math
@@ -19,6 +20,7 @@ from datetime import datetime, timezone
 
 from ..core.credentials import SecretStore
 from ..core.errors import UserError
+from .agentend import ASK_TIMEOUT_S, END_WAIT_S, ask_agent_to_end, wait_until_ended
 from .heartbeat import INTERVAL_S as HEARTBEAT_S
 from .heartbeat import Heartbeat
 from .pods import NAME_PREFIX, Pod, PodsError, PodSpec
@@ -54,8 +56,9 @@ class Limits:
     idle_timeout_s: float = 900.0
     max_lifetime_s: float = 12 * 3600.0  # a forgotten browser tab on the desktop does not bill for days
     budget_usd: float = None
-    # A desktop pod's agent wipes the uploaded DICOM before it ends the pod (cloud/wipe.py). Not RunPod's stopAfter
-    # backstop, nor a stop from the client (Ctrl-C, `pod stop`, the panel's Stop): those stop it as it is.
+    # A desktop pod's agent wipes the uploaded DICOM before it ends the pod (cloud/wipe.py); a stop from the client
+    # (Ctrl-C, `pod stop`, the panel's Stop) has the agent end it too. Not RunPod's stopAfter backstop: it stops the
+    # pod as it is.
     wipe_at_end: bool = False
 
     def __post_init__(self):
@@ -119,6 +122,15 @@ class StartedPod:
     @property
     def files_url(self) -> str:
         return self.url(FILES_PORT)
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """What a stop the user asked for left: what still bills, and for a pod started with the wipe what became of its
+    uploads."""
+    still: str  # its volume, per month, and until when ("" when terminated)
+    uploads: str = ""  # a sentence, for a pod started with the wipe only
+    terminated: bool = False  # by its agent, with nothing of the user's left on its volume
 
 
 def within_reach(first, gpus: list, cloud: str = "SECURE", limit: float = None) -> list:
@@ -219,8 +231,10 @@ class CloudGpu:
                          allowed_cuda_versions=list(g.cuda_versions or CUDA_VERSIONS),
                          **ends, **volume) for g in gpus]
         try:
+            # Its record says whether it wipes: a stop from here then goes through its agent (stop_asked).
+            wipes = {"wipe_at_end": True} if limits.wipe_at_end else {}
             pod = start_pod(self.backend, specs, _ready_check(pod_secrets), self.records, on_progress, timeout_s,
-                            POLL_S, sleep=sleep, details={"mode": mode, "secrets": pod_secrets})
+                            POLL_S, sleep=sleep, details={"mode": mode, "secrets": pod_secrets, **wipes})
         except BaseException as error:
             try:
                 ended = self._terminate_named(name, lagging=not isinstance(error, PodsError))
@@ -271,10 +285,53 @@ class CloudGpu:
         month, and until when."""
         pod = pod or self.existing(pod_id)
         self.backend.stop(pod_id)
+        return pod.stopped_cost(self._until(pod_id))
+
+    def wipes_at_end(self, pod_id: str) -> bool:
+        """Whether the pod was started from here with its uploads to be wiped at its end."""
+        record = self.records.get(pod_id)
+        return bool(record.get("wipe_at_end") and record.get("secrets"))
+
+    def stop_asked(self, pod_id: str, pod=None, wait_s: float = END_WAIT_S, sleep=time.sleep,
+                   clock=time.monotonic) -> Stopped:
+        """A stop the user asked for (`pod stop`, Ctrl-C on `pod up`, the panel's Stop, Slicer's quit). A running pod
+        started with the wipe is ended by its agent, which has the uploads wiped first; where the agent does not take
+        the request, or has not ended the pod within wait_s, the pod is stopped through RunPod all the same (the GPU
+        bill ends whatever happens) and the user told that the uploads were not wiped."""
+        pod = pod or self.existing(pod_id)
+        if not (self.wipes_at_end(pod_id) and pod.status == "RUNNING"):
+            return Stopped(self.stop(pod_id, pod))
+        deadline = clock() + wait_s
+        token = self.records.get(pod_id)["secrets"]["SM_HEARTBEAT_TOKEN"]
+        if ask_agent_to_end(proxy_url(pod_id, AGENT_PORT), token, min(ASK_TIMEOUT_S, wait_s)):
+            ended, now = wait_until_ended(self.backend, pod_id, deadline, POLL_S, sleep, clock)
+            if ended and now is None:
+                self.records.remove(pod_id)
+                return Stopped("", "Its agent had the uploaded DICOM wiped and, with nothing of yours left on its "
+                                   "volume, terminated the pod, volume and all: nothing of it bills any more.",
+                               terminated=True)
+            if ended:
+                return Stopped(now.stopped_cost(self._until(pod_id)),
+                               "Its agent asked for the uploaded DICOM to be wiped before it ended the pod; the "
+                               "pod's log says whether all of it was deleted.")
+            why = f"its agent had not ended the pod after {wait_s:.0f} s, so it was stopped through RunPod"
+        else:
+            why = "its agent did not answer, so it was stopped through RunPod"
+        try:
+            still = self.stop(pod_id, pod)
+        except PodsError:
+            if self.backend.get(pod_id) is not None:
+                raise
+            self.records.remove(pod_id)  # the agent terminated it just now
+            return Stopped("", "Its agent terminated the pod as it was being stopped: nothing of it bills any more.",
+                           terminated=True)
+        return Stopped(still, f"The uploads on its volume were NOT wiped ({why}): `segmentation-machine pod down "
+                              f"{pod_id}` deletes them, with the volume.")
+
+    def _until(self, pod_id: str) -> str:
         end = self.records.get(pod_id).get("terminate_after")
-        until = (f"until RunPod terminates the pod at {_display_time(end)} (its maximum lifetime)" if end else
-                 "until the pod is terminated")
-        return pod.stopped_cost(until)
+        return (f"until RunPod terminates the pod at {_display_time(end)} (its maximum lifetime)" if end else
+                "until the pod is terminated")
 
     def terminate(self, pod_id: str):
         self.backend.terminate(pod_id)

@@ -6,7 +6,10 @@ terminate is refused the agent stops the pod instead; the Cloud GPU panel sets t
 SM_PRICE_PER_HOUR among them, so the budget holds where the key cannot read the pod's cost). Clients that are
 connected (the module, `segmentation-machine pod up`) send `POST /heartbeat` with
 `Authorization: Bearer <SM_HEARTBEAT_TOKEN>`; the answer says when and why the pod will end, so
-they can warn their user. A laptop that sleeps stops its heartbeats, and the bill stops with them.
+they can warn their user. A laptop that sleeps stops its heartbeats, and the bill stops with them. `POST /end`
+with the heartbeat token (never the server's key) ends the pod now, as at its idle timeout: a client's Stop of a pod
+started with SM_WIPE_AT_END=1 goes this way, so that its uploads are wiped first (a stop through RunPod's API could
+not wipe anything).
 
 Ending means terminating, which deletes the pod's volume; a desktop pod whose volume holds the user's files
 (uploads, saved scenes, exports) is stopped instead: the GPU bill ends, the files stay. The running time of
@@ -233,6 +236,7 @@ class PodAgent:
         self._ends = "terminates"  # or "stops", decided when the end is near
         self._retry_at = 0.0  # when a failed terminate is tried again
         self._wiped = False  # asked once: a stop that failed is tried again without a second wipe
+        self._end_asked = threading.Event()  # the pod's user asked to end it now (POST /end)
         self.terminated = threading.Event()  # the pod is ended: terminated, or stopped
         self._lock = threading.Lock()
         self._withdraw_notice()  # a notice left by an earlier start is not about this one
@@ -254,6 +258,17 @@ class PodAgent:
         warning = current.sentence(self._ends) if self._near(current) else ""
         return {"pod_id": self.config.pod_id, "terminates_in_s": round(current.seconds_left, 1),
                 "reason": current.reason, "warning": warning, "idle_timeout_s": self.config.idle_timeout_s}
+
+    def end_now(self) -> dict:
+        """The pod's user asked to end it: the watch ends it at its next check (within a second), wiping first where
+        asked at the pod's start; answered at once, since a wipe may take longer than RunPod's proxy waits."""
+        self._end_asked.set()
+        return {"pod_id": self.config.pod_id, "ending": True, "wipes_first": self.config.wipe_at_end}
+
+    def may_end(self, header: str) -> bool:
+        """Only the heartbeat token, which only the pod's records on the computer that started it hold: the server's
+        key (given to whoever may use the server) keeps the pod running but may not end it."""
+        return hmac.compare_digest(header.encode(), f"Bearer {self.config.heartbeat_token}".encode())
 
     def authorized(self, header: str) -> bool:
         """The heartbeat token, or the server's key: whoever may use the server may keep the pod running (the AI
@@ -399,6 +414,8 @@ class PodAgent:
                           "lifetime would count from zero.", error)
 
     def _verdict(self) -> Verdict:
+        if self._end_asked.is_set():
+            return Verdict("its user asked to end it", 0.0, "asked")
         now = self._clock()
         with self._lock:
             idle = now - self._last_heartbeat
@@ -518,6 +535,7 @@ class _ReadsUntil(io.RawIOBase):
 
 def serve(agent: PodAgent, host: str = "0.0.0.0") -> ThreadingHTTPServer:
     refusals = Refusals(log, "heartbeat(s) without the pod's token")
+    end_refusals = Refusals(log, "request(s) to end the pod without the pod's heartbeat token")
 
     class Handler(BaseHTTPRequestHandler):
         timeout = CONNECTION_TIMEOUT_S  # bounds the answer's writes; setup() bounds all reads by one deadline
@@ -532,6 +550,11 @@ def serve(agent: PodAgent, host: str = "0.0.0.0") -> ThreadingHTTPServer:
             self._answer(200, {"ok": not agent.terminated.is_set()})
 
         def do_POST(self):
+            if self.path == "/end":
+                if not agent.may_end(self.headers.get("Authorization", "")):
+                    end_refusals.refused(self.client_address[0])
+                    return self._answer(401, {"detail": "invalid heartbeat token"})
+                return self._answer(202, agent.end_now())
             if self.path != "/heartbeat":
                 return self._answer(404, {"detail": "not found"})
             if not agent.authorized(self.headers.get("Authorization", "")):

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..cloud import heartbeat as beats
-from ..cloud.cloudgpu import KEY_NAME, CloudGpu, Limits, StartedPod, recorded_pod, runpod_key, within_reach
+from ..cloud.cloudgpu import KEY_NAME, CloudGpu, Limits, StartedPod, Stopped, recorded_pod, runpod_key, within_reach
 from ..cloud.heartbeat import Heartbeat, used
 from ..cloud.keepalive import keep_advice
 from ..cloud.pods import PodsError, RunPodRest, spend_per_hr
@@ -23,6 +23,7 @@ from .tasks import BackgroundTask
 
 PHASES = list(Phase)
 QUIT_WAIT_S = 30.0  # Slicer's window waits this long at most for this session's pods to be terminated
+QUIT_STOP_S = 8.0  # of which a wiping pod's agent leaves this long for RunPod's stop, where it has not ended the pod
 log = logging.getLogger("segmentation-machine")
 
 
@@ -114,12 +115,15 @@ class CloudPanel:
         self._use(started)
 
     def stop(self):
-        """Stops the pod in use: no GPU billing; its volume stays (and costs per month) until terminated."""
+        """Stops the pod in use: no GPU billing; its volume stays (and costs per month) until terminated. One started
+        with the wipe is ended by its agent, which has the uploads wiped first (cloudgpu.CloudGpu.stop_asked)."""
         pod_id = self.pod.pod_id
-        self._start("stop", lambda cloud: f"Stopped pod {pod_id}: no GPU billing; {cloud.stop(pod_id)}.")
+        self._start("stop", lambda cloud: _stopped(pod_id, cloud.stop_asked(pod_id)))
         self._release()
         self._forget_started(pod_id)  # the user keeps it on purpose: quitting must not delete its volume
-        self.status = f"Stopping pod {pod_id}..."
+        wiping = " (its agent wipes the uploads first: up to a few minutes)" if self.records.get(pod_id).get(
+            "wipe_at_end") else ""
+        self.status = f"Stopping pod {pod_id}{wiping}..."
 
     def terminate(self, pod_id: str):
         self._start("terminate", lambda cloud: cloud.terminate(pod_id))  # first: it refuses while busy
@@ -149,7 +153,9 @@ class CloudPanel:
         """At Slicer's quit, on the main thread: cancels a start and ends this session's pods, all at once and within
         QUIT_WAIT_S in all (on a network that times out, one by one would hold the window for minutes). Server
         pods are terminated; desktop pods are stopped where keep_desktop_files (the GPU bill ends, the volume and
-        the user's files on it stay), else terminated too. Returns the failures as sentences."""
+        the user's files on it stay), else terminated too; a desktop pod started with the wipe is ended by its agent,
+        which has the uploads wiped first, if it does so within the wait (else RunPod stops it). Returns the failures
+        as sentences."""
         deadline = time.monotonic() + QUIT_WAIT_S
         if self.starting:
             self.cancel()
@@ -166,7 +172,12 @@ class CloudPanel:
 
         def end(pod_id):
             try:
-                cloud.stop(pod_id) if pod_id in stopping else cloud.terminate(pod_id)
+                if pod_id in stopping:  # what is left after the agent's request, for RunPod's stop
+                    stopped = cloud.stop_asked(pod_id, wait_s=max(1.0, deadline - time.monotonic() - QUIT_STOP_S))
+                    if stopped.uploads:  # Slicer's window is closing: its log is where the user finds it
+                        log.warning("Pod %s at quit: %s", pod_id, stopped.uploads)
+                else:
+                    cloud.terminate(pod_id)
                 outcomes[pod_id] = None
             except UserError as error:  # a pod RunPod no longer has (its agent ended it) is ended all the same
                 outcomes[pod_id] = None if _no_longer_there(cloud.backend, pod_id) else str(error)
@@ -343,6 +354,13 @@ class CloudPanel:
 
 def _spending(pods) -> str:
     return f"Spending ${spend_per_hr(pods):.2f}/h now (the balance is in the RunPod console)"
+
+
+def _stopped(pod_id: str, stopped: Stopped) -> str:
+    uploads = f" {stopped.uploads}" if stopped.uploads else ""
+    if stopped.terminated:
+        return f"Pod {pod_id} has ended.{uploads}"
+    return f"Stopped pod {pod_id}: no GPU billing; {stopped.still}.{uploads}"
 
 
 def _no_longer_there(backend, pod_id: str) -> bool:
