@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from SegmentationMachineLib.core import arrays  # noqa: E402
 from SegmentationMachineLib.core.scene import create_headless_scene  # noqa: E402
 from SegmentationMachineLib.dicom.volumes import load_input, load_volume_file  # noqa: E402
-from SegmentationMachineLib.segment.masks import bone_mask  # noqa: E402
+from SegmentationMachineLib.segment.masks import preset_mask  # noqa: E402
 from SegmentationMachineLib.segment.presets import spacing_kji  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -71,17 +71,18 @@ def back_from_reference_grid(mask, spacing):
 
 
 def load(ctx, image, reference):
-    """(hu, spacing, reference labels on hu's grid) of a scan and its label file."""
+    """(hu, spacing, reference labels on hu's grid, hu's IJK to RAS) of a scan and its label file."""
     volume = load_input(ctx, DATA / image).node
     hu, ijk_to_ras = arrays.volume_array(volume), arrays.ijk_to_ras(volume)
     labels = load_volume_file(ctx, DATA / reference, labelmap=True).node
     return hu, spacing_kji(volume), labels_on_grid(arrays.volume_array(labels), arrays.ijk_to_ras(labels), hu.shape,
-                                                   ijk_to_ras)
+                                                   ijk_to_ras), ijk_to_ras
 
 
-def timed_bone(hu, spacing):
+def timed_bone(hu, spacing, ijk_to_ras):
+    """The bone preset as the CLI and the module run it (seen as an axial series, whatever the scan's axes)."""
     started = time.perf_counter()
-    mask = bone_mask(hu, spacing)
+    mask = preset_mask("bone", hu, spacing, "benchmark", ijk_to_ras=ijk_to_ras)
     return mask, f"{time.perf_counter() - started:.2f}"
 
 
@@ -90,9 +91,9 @@ def main():
     print(f"| scan | method | score | on a 3 mm grid | surface Dice, {SURFACE_TOLERANCE_MM:g} mm | mL ours | "
           "mL reference | seconds |\n|---|---|---|---|---|---|---|---|")
     for title, image, reference in SCANS:
-        hu, spacing, labels = load(ctx, image, reference)
+        hu, spacing, labels, ijk_to_ras = load(ctx, image, reference)
         truth, voxel_ml = np.isin(labels, BONE_LABELS), float(np.prod(spacing)) / 1000.0
-        ours, seconds = timed_bone(hu, spacing)
+        ours, seconds = timed_bone(hu, spacing, ijk_to_ras)
         for method, mask, took in [("plain threshold > 150 HU", hu > 150, "-"), ("`bone` preset", ours, seconds)]:
             coarse = dice(on_reference_grid(mask, spacing), on_reference_grid(truth, spacing))
             print(f"| {title} | {method} | Dice {dice(mask, truth):.3f} | Dice {coarse:.3f} | "
@@ -102,13 +103,13 @@ def main():
         print(f"| {title} | cap: the preset's mask against itself through a 3 mm grid | "
               f"Dice {dice(ours, through):.3f} | - | {surface_dice(ours, through, spacing):.3f} | - | - | - |")
     title, image, reference = SPINE
-    hu, spacing, labels = load(ctx, image, reference)
+    hu, spacing, labels, ijk_to_ras = load(ctx, image, reference)
     spine, voxel_ml = labels > 0, float(np.prod(spacing)) / 1000.0
-    ours, seconds = timed_bone(hu, spacing)
+    ours, seconds = timed_bone(hu, spacing, ijk_to_ras)
     print(f"| {title} | `bone` preset | spine recall {(ours & spine).sum() / spine.sum():.3f} | - | - | "
           f"{ours.sum() * voxel_ml:.1f} | {spine.sum() * voxel_ml:.1f} (spine) | {seconds} |")
-    hu, spacing, _ = load(ctx, *SCANS[1][1:])
-    ours, seconds = timed_bone(np.concatenate([hu] * STACKED), spacing)
+    hu, spacing, _, ijk_to_ras = load(ctx, *SCANS[1][1:])
+    ours, seconds = timed_bone(np.concatenate([hu] * STACKED), spacing, ijk_to_ras)
     print(f"| example_ct_dicom stacked {STACKED} times (512x512x{len(hu) * STACKED}) | `bone` preset | - | - | - | "
           f"{ours.sum() * float(np.prod(spacing)) / 1000.0:.0f} | - | {seconds} |")
 
