@@ -348,6 +348,39 @@ def test_the_last_export_is_forgotten_at_close_scene_and_when_another_segmentati
     assert not export.can_send() and export.status.endswith("(the segmentation chosen before).")
 
 
+def test_while_an_export_runs_export_and_send_wait_and_close_scene_leaves_its_status(ctx, tmp_path):
+    """Export and Send to OrcaSlicer stayed enabled while an export ran (a second press replaced the running task, and
+    Send opened the previous export); Close Scene during an export put "Choose a segmentation" over "Exporting..."."""
+    export = ExportPanel(output_folder=tmp_path, formats={"stl"})
+    first, second = _cube_segmentation(ctx, "First"), _cube_segmentation(ctx, "Second")
+    assert _exported(export, first) is not None and export.can_export(first) and export.can_send()
+    export.start(second)
+    assert not export.can_export(second) and not export.can_send()
+    export.scene_closed()
+    assert export.status == "Exporting 'Second'..."
+    assert export.task.wait(60) and export.finish() is not None and export.can_export(second)
+
+
+def test_a_sentence_the_export_said_stays_until_another_segmentation_is_chosen_and_close_scene_forgets_orcaslicer(
+        ctx, tmp_path):
+    """The widget calls segmentation_chosen on every update: with nothing exported yet it put "Press Export" over the
+    sentence saying why the export did not start. Close Scene left the question where OrcaSlicer is."""
+    export = ExportPanel(output_folder=tmp_path, formats={"stl"}, shown_only=True)
+    segmentation = _cube_segmentation(ctx, "Hidden")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.GetDisplayNode().SetVisibility(False)
+    export.start(segmentation)
+    export.segmentation_chosen(segmentation)
+    assert export.status == ("No segment of 'Hidden' is shown: show the ones to export, or untick Only shown "
+                             "segments.")
+    export.shown_only = False
+    assert _exported(export, segmentation) is not None
+    export.send_to_printer(str(tmp_path / "no-orca-here"))
+    assert export.orcaslicer_missing
+    export.scene_closed()
+    assert not export.orcaslicer_missing and export.status == "Choose a segmentation to export."
+
+
 def test_a_new_series_waits_for_the_user_while_they_prompt_and_a_failed_one_is_said_without_a_dialog(ctx, caplog):
     """The inbox switched the source volume under an active AI prompt tool (prompts went to the new series), and a
     failed series opened a modal dialog from the timer."""
