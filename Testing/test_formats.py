@@ -543,6 +543,44 @@ def test_glb_and_obj_carry_the_3d_opacity_slicer_shows_each_segment_with(ctx, sh
     assert "newmtl Skin\n" in materials and materials.count("\nd 0.2\n") == 1 and materials.count("\nd 0.4\n") == 1
 
 
+def test_glb_places_colours_and_shades_a_known_mesh_without_the_validator(tmp_path):
+    """Where Node.js or the Khronos validator is missing, the validator test is skipped, and with it every check of the
+    glTF axes: a mirrored axis (meshes inside out, anterior behind), RAS exported as if it were LPS, sRGB colours
+    taken as linear, and a JSON chunk padded to no multiple of 4 (a file viewers refuse) all passed."""
+    from SegmentationMachineLib.mesh.gltf import write_glb
+
+    # A tetrahedron in LPS mm, wound counter-clockwise seen from outside, and a vertex no triangle uses.
+    lps = np.array([[0.0, 0, 0], [10, 0, 0], [0, 10, 0], [0, 0, 10], [50, 50, 50]])
+    triangles = np.array([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]])
+    # glTF x = patient left, y = superior, z = anterior (= -posterior), in metres.
+    expected = np.array([[0.0, 0, 0], [0.01, 0, 0], [0, 0, -0.01], [0, 0.01, 0], [0.05, 0.05, -0.05]])
+    for coordinates, points in (("LPS", lps), ("RAS", lps * [-1, -1, 1])):
+        path = tmp_path / f"{coordinates}.glb"
+        write_glb(path, [("Tetra", (0.5, 0.02, 1.0), points, triangles)], coordinates)
+        document, binary = glb_document(path)
+        primitive = document["meshes"][0]["primitives"][0]
+
+        def read(accessor, dtype, width):
+            accessor = document["accessors"][accessor]
+            offset = document["bufferViews"][accessor["bufferView"]]["byteOffset"]
+            return np.frombuffer(binary, dtype, accessor["count"] * width, offset).reshape(-1, width)
+
+        assert np.allclose(read(primitive["attributes"]["POSITION"], "<f4", 3), expected, atol=1e-7), coordinates
+        assert read(primitive["indices"], "<u4", 1).reshape(-1, 3).tolist() == triangles.tolist()
+        normals = read(primitive["attributes"]["NORMAL"], "<f4", 3)
+        assert np.allclose(normals[3], [0, 1, 0], atol=1e-6)  # the top vertex: superior, out of the tetrahedron
+        assert np.allclose(normals[4], [0, 1, 0])  # unused: +Y, a unit vector all the same
+        assert document["materials"][0]["pbrMetallicRoughness"]["baseColorFactor"] == pytest.approx(
+            [((0.5 + 0.055) / 1.055) ** 2.4, 0.02 / 12.92, 1.0, 1.0])  # sRGB 0.5 is linear 0.214
+    for name in ("a", "ab", "abc", "abcd"):  # JSON chunks of four lengths in a row: each residue modulo 4
+        path = tmp_path / f"{name}.glb"
+        write_glb(path, [(name, (1.0, 1.0, 1.0), lps, triangles)])
+        data = path.read_bytes()
+        json_length = int.from_bytes(data[12:16], "little")
+        assert json_length % 4 == 0 and data[20 + json_length - 1:20 + json_length] in (b" ", b"}"), name
+        assert int.from_bytes(data[8:12], "little") == len(data) and len(data) % 4 == 0, name
+
+
 def outward_normals(points, triangles) -> np.ndarray:
     """VTK's point normals of a closed surface, turned to point outward whatever its triangles' winding."""
     polydata = vtk.vtkPolyData()
