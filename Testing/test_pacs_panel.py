@@ -67,6 +67,7 @@ def kept_seg(tmp_path):
 def send(panel: PacsPanel, node):
     panel.start(node)
     assert panel.task is not None, panel.status
+    assert not panel.can_send()  # one send at a time: a second press replaced the running one
     assert panel.task.wait(120)
     return panel.finish()
 
@@ -112,10 +113,35 @@ def test_an_unreachable_server_is_one_sentence(ctx, shared_data, tmp_path):
     pytest.importorskip("highdicom")
     url = f"http://127.0.0.1:{free_port()}/dicom-web"  # nothing listens there
     panel = panel_for(tmp_path, f"dicomweb+{url}")  # the CLI's spelling works too
-    assert send(panel, two_segments_on_the_ct(ctx)) is None
+    node = two_segments_on_the_ct(ctx)
+    node.GetSegmentation().RemoveSegment(node.GetSegmentation().GetSegmentIdBySegmentName("Marker"))
+    panel.start(node)
+    assert panel.status == f"Sending 'CT bones' (1 segment) to {url} as a DICOM SEG..."
+    assert panel.task.wait(120) and panel.finish() is None
     assert panel.status == (f"Cannot reach the DICOMweb server {url} (connection refused): check the address and "
                             f"that the server is running; the DICOM SEG stays in {kept_seg(tmp_path)}.")
     assert panel.task is None and panel.can_send()  # ready to try again
+
+
+def test_a_store_that_could_not_be_confirmed_says_so_after_sent(orthanc, ctx, tmp_path, monkeypatch):
+    """A push-only account may store but not search (QIDO-RS 403, as test_dicomweb.py has it): the status said "Sent"
+    alone, and the user never learnt to look for it in the PACS."""
+    pytest.importorskip("highdicom")
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    def refused(*args, **kwargs):
+        answer = requests.Response()
+        answer.status_code, answer.url = 403, orthanc.dicomweb_url
+        raise requests.HTTPError("403 Client Error: Forbidden", response=answer)
+
+    monkeypatch.setattr(DICOMwebClient, "search_for_instances", refused)
+    panel = panel_for(tmp_path, orthanc.dicomweb_url)
+    assert panel.save_credentials(user=USER, password=PASSWORD)
+    assert send(panel, two_segments_on_the_ct(ctx)) is not None
+    assert panel.status == (f"Sent 'CT bones' (2 segments) to {orthanc.dicomweb_url} as a DICOM SEG. The DICOMweb "
+                            f"server {orthanc.dicomweb_url} stored segmentation.dcm, but whether it kept it could not "
+                            "be checked (HTTP 403 to a search for it): look for it in the PACS.")
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +178,20 @@ def test_a_bad_address_is_one_sentence_before_anything_is_read_or_sent(ctx, tmp_
     assert panel.task is None and sentence in panel.status and "secret" not in panel.status
     assert not panel.save_credentials(token="a-token") and sentence in panel.status
     assert not (tmp_path / "secrets").exists()
+
+
+def test_a_segmentation_whose_every_segment_is_empty_is_one_sentence_and_nothing_is_sent(ctx, tmp_path):
+    """Without its check the panel read the SEG of nothing: a traceback on the main thread instead of a sentence."""
+    pytest.importorskip("highdicom")
+    volume = load_input(ctx, UNCOMPRESSED_SERIES).node
+    node = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "CT bones")
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    node.GetSegmentation().AddEmptySegment("", "Bone")
+    node.GetSegmentation().AddEmptySegment("", "Marker")
+    panel = panel_for(tmp_path, "https://pacs.example.org/dicom-web")
+    panel.start(node)
+    assert panel.task is None and panel.status == "Every segment of 'CT bones' is empty: nothing to send."
+    assert panel.can_send() and not (tmp_path / "unsent").exists()
 
 
 def test_only_a_segmentation_made_on_a_dicom_series_can_be_sent(ctx, tmp_path):
