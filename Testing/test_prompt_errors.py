@@ -57,3 +57,13 @@ def test_an_error_it_has_no_sentence_for_passes_unchanged():
         with pytest.raises(type(unknown)) as passed, errors.sentences(InteractiveSession(URL, "k"), errors.REQUEST):
             raise unknown
         assert passed.value is unknown
+
+
+def test_a_request_the_server_cannot_parse_is_a_version_mismatch_whatever_its_code():
+    """FastAPI answers a body of another protocol version with 422 (a path it lacks with 404, a method with 405):
+    each is the client and server versions apart, not a refused prompt."""
+    for code in (404, 405, 422):
+        request = httpx.Request("POST", f"{URL}/add_point_interaction")
+        refused = httpx.HTTPStatusError(f"{code}", request=request, response=httpx.Response(code, request=request))
+        assert sentence(refused, errors.REQUEST).startswith(
+            f"The server at {URL} does not understand this client (HTTP {code}; client nninteractive-client "), code
