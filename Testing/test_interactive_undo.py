@@ -4,6 +4,7 @@ kept), steps in other segmentations and in deleted segments, a new series, the h
 """
 
 import numpy as np
+import pytest
 
 from interactive_parts import connected_panel, mask_of, oblique_matrix, open_session, paint, ras, settle, SHAPE
 from SegmentationMachineLib.core import arrays
@@ -208,3 +209,34 @@ def test_choosing_another_series_clears_the_undo_history(server, scene_parts):
     settle(panel)
     assert panel.status == "Nothing to undo." and np.array_equal(panel.session._segment_mask(target), before)
     panel.session.close()
+
+
+def test_the_history_counts_the_voxels_a_step_took_drops_every_step_of_a_deleted_segment_and_says_one_step(ctx):
+    """The history alone, on real segments (no server): a step's voxels taken from other segments were left out of
+    the memory cap, a deleted segment's older steps each said "deleted" again at the next undos, and one dropped step
+    was said as "1 steps"."""
+    from SegmentationMachineLib.prompts.errors import InteractiveError
+    from SegmentationMachineLib.prompts.history import Step, UndoHistory
+
+    node = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Parts")
+    kept_id, deleted_id = (node.GetSegmentation().AddEmptySegment("", name) for name in ("Kept", "Deleted"))
+    kept, deleted = SegmentTarget(node, kept_id, None), SegmentTarget(node, deleted_id, None)
+    empty, full = np.zeros((8, 8, 8), bool), np.ones((8, 8, 8), bool)  # 64 bytes each, packed
+
+    def step(target, taken=None):
+        return Step(target, Prompt("point", True, ras=(0.0, 0.0, 0.0)), (0, 8, 0, 8, 0, 8), empty, full, taken)
+
+    assert step(kept, {deleted_id: full}).nbytes == 3 * 64
+    history = UndoHistory()
+    assert history.remember(step(kept), 300) == ""
+    assert history.remember(step(kept, {deleted_id: full}), 300) == (
+        "The undo history reached its 0 MB: the oldest 1 step can no longer be undone.")
+    history.clear()
+    for target in (kept, deleted, deleted):
+        history.remember(step(target), 1 << 20)
+    node.GetSegmentation().RemoveSegment(deleted_id)
+    with pytest.raises(InteractiveError, match="^Nothing to undo: the segment that prompt changed was deleted.$"):
+        history.undo(lambda undone: None)
+    restored = []
+    history.undo(restored.append)  # the kept segment's step, at once
+    assert [s.segment_id for s in restored] == [kept_id] and not history.can_undo
