@@ -289,6 +289,29 @@ def test_the_inbox_keeps_its_newest_series_in_the_scene_and_never_one_the_user_w
     assert not any(ctx.scene.IsNodePresent(node) for node in own_nodes)
 
 
+def test_the_inbox_never_unloads_an_old_series_whose_voxels_were_changed(ctx):
+    """A series the user edited (its voxels changed since it was read: painted, thresholded in place) that nothing
+    shows or refers to left the scene with its edits once KEEP_LOADED newer series came."""
+    from types import SimpleNamespace
+
+    from SegmentationMachineLib.panels.inbox import KEEP_LOADED, InboxPanel
+
+    panel, volumes = InboxPanel(), []
+    for number in range(KEEP_LOADED + 2):
+        volumes.append(ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"CT {number}"))
+        volumes[-1].CreateDefaultDisplayNodes()
+        volumes[-1].AddDefaultStorageNode()
+        assert not volumes[-1].GetModifiedSinceRead()
+        if number == 0:
+            arrays.set_volume_array(volumes[0], np.full((2, 2, 2), 7, np.int16), np.eye(4))  # the user's edit
+            assert volumes[0].GetModifiedSinceRead()
+        panel.loaded(SimpleNamespace(series=SimpleNamespace(name=f"CT {number}"), remarks=lambda notes: ""), True,
+                     node=volumes[-1])
+    in_scene = [v.GetName() for v in volumes if ctx.scene.IsNodePresent(v)]
+    assert in_scene == ["CT 0", *(f"CT {n}" for n in range(2, KEEP_LOADED + 2))]
+    assert panel.status.startswith("CT 1 left the scene")
+
+
 def test_after_close_scene_the_inbox_never_takes_the_next_scenes_nodes_for_its_own(ctx):
     """Close Scene hands the old node IDs to the next nodes: a user's own volume, loaded from a file after it, was
     taken for an old inbox series and removed when the next series arrived."""
