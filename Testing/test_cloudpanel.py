@@ -402,3 +402,45 @@ def test_stop_and_quit_have_a_wiping_pods_agent_wipe_then_end_it_or_say_the_uplo
     finally:
         proxy.close()
         kill_started()
+
+
+def test_a_pod_stopped_from_runpods_console_is_said_ended_and_offered_to_resume(panel, fake, monkeypatch):
+    """A pod RunPod lists as stopped (EXITED, not gone) was never taken for ended: the heartbeat's failure stayed on
+    screen for ever, Start was not offered, and the stopped pod was not listed to resume."""
+    from SegmentationMachineLib.cloud import heartbeat
+
+    monkeypatch.setattr(heartbeat, "INTERVAL_S", 0.3)
+    keyed(panel)
+    panel.start("NVIDIA L40S", "desktop")
+    settle(panel)
+    pod_id = panel.pod.pod_id
+    RunPodRest(RUNPOD_KEY).stop(pod_id)  # from RunPod's console
+    deadline = time.monotonic() + 30
+    while panel.pod is not None:
+        assert time.monotonic() < deadline, panel.status
+        panel.tick()
+        time.sleep(0.05)
+    settle(panel)
+    assert panel.status == (f"Pod {pod_id} has ended: RunPod lists it as stopped. 1 pod(s) started earlier are still "
+                            "there: connect to or terminate them below.")
+    assert [(p.id, p.status) for p, _cost in panel.earlier] == [(pod_id, "EXITED")]
+
+
+def test_quit_during_a_resume_stops_the_pod_again(panel, fake):
+    """Quit cancelled a start but not a resume: the resumed pod, not yet among this session's pods, ran on and
+    billed after Slicer had quit."""
+    keyed(panel)
+    panel.start("NVIDIA L40S", "desktop")
+    settle(panel)
+    pod_id = panel.pod.pod_id
+    panel.stop()
+    settle(panel)
+    fake.server_s = 3600  # the resumed pod's server never answers: the resume waits
+    panel.connect_earlier(pod_id)
+    deadline = time.monotonic() + 30
+    while fake.pods[pod_id]["status"] != "RUNNING" or panel.progress is None:
+        assert time.monotonic() < deadline, panel.status
+        time.sleep(0.05)
+    assert panel.busy and panel.end_started_here() == []
+    assert fake.pods[pod_id]["status"] == "EXITED" and not panel.busy
+    assert panel.status == "Cancelled: the pod was stopped again, its volume kept."
