@@ -245,6 +245,26 @@ def test_all_empty_or_no_segments_is_a_sentence_and_leaves_no_folder(ctx, tmp_pa
     assert not list(tmp_path.iterdir())
 
 
+def test_a_segment_erased_in_a_layer_it_shares_is_skipped_as_empty(ctx, tmp_path):
+    """The Segment Editor keeps segments that do not overlap in one labelmap, each its own value: a segment erased
+    there, below another that is not, has no box of its own (find_objects gives None), which the export took for a
+    box: a traceback instead of the other segment's mesh and an "empty segment" note."""
+    segmentation = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Shared")
+    segmentation.CreateDefaultDisplayNodes()
+    cube = np.zeros((8, 8, 8), bool)
+    cube[2:6, 2:6, 2:6] = True
+    erased, _kept = (add_segment_from_mask(segmentation, cube, np.eye(4), name, (1, 0, 0), start)
+                    for name, start in (("Erased", (0, 0, 0)), ("Kept", (0, 0, 20))))
+    shared = segmentation.GetSegmentation()
+    shared.CollapseBinaryLabelmaps(False)
+    assert shared.GetNumberOfLayers() == 1 and shared.GetSegment(erased).GetLabelValue() == 1
+    values = arrays.image_array(shared.GetSegment(erased).GetRepresentation("Binary labelmap"))
+    values[values == 1] = 0  # as the Segment Editor's erase leaves it
+    result = export_segmentation(segmentation, tmp_path, ExportOptions(formats=("stl",)))
+    assert [mesh["name"] for mesh in result.report["meshes"]] == ["Kept"]
+    assert result.report["skipped"] == [{"name": "Erased", "reason": "empty segment"}]
+
+
 def test_surface_nets_and_decimation_options(ctx, tmp_path, phantom_dir):
     segmentation = apply_preset(ctx, load_input(ctx, phantom_dir).node, "bone")
     base = export_segmentation(segmentation, tmp_path, ExportOptions(formats=("stl",))).report["meshes"][0]

@@ -543,6 +543,23 @@ def test_glb_and_obj_carry_the_3d_opacity_slicer_shows_each_segment_with(ctx, sh
     assert "newmtl Skin\n" in materials and materials.count("\nd 0.2\n") == 1 and materials.count("\nd 0.4\n") == 1
 
 
+def test_the_segmentations_overall_opacity_is_carried_as_slicers_3d_view_applies_it(ctx, tmp_path):
+    """Slicer's 3D view multiplies the display node's overall opacity in (vtkMRMLSegmentationsDisplayableManager3D,
+    with its 3D opacity and each segment's): an export that took only the 3D opacity wrote an opaque mesh for a
+    segmentation the user saw half see-through."""
+    node = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Dimmed")
+    node.CreateDefaultDisplayNodes()
+    cube = np.zeros((8, 8, 8), bool)
+    cube[2:6, 2:6, 2:6] = True
+    add_segment_from_mask(node, cube, np.eye(4), "Cube", (1, 0, 0))
+    node.GetDisplayNode().SetOpacity(0.5)
+    result = export_segmentation(node, tmp_path, ExportOptions(formats=("glb",)))
+    assert [mesh["opacity"] for mesh in result.report["meshes"]] == [0.5]
+    document, _ = glb_document(result.folder / "segments.glb")
+    assert [(m["pbrMetallicRoughness"]["baseColorFactor"][3], m.get("alphaMode")) for m in document["materials"]] \
+        == [(0.5, "BLEND")]
+
+
 def test_glb_places_colours_and_shades_a_known_mesh_without_the_validator(tmp_path):
     """Where Node.js or the Khronos validator is missing, the validator test is skipped, and with it every check of the
     glTF axes: a mirrored axis (meshes inside out, anterior behind), RAS exported as if it were LPS, sRGB colours
