@@ -86,6 +86,24 @@ def test_prompts_panel_says_the_scan_is_being_sent(server, scene_parts):
     panel.session.close()
 
 
+def test_prompts_placed_while_a_scan_that_then_fails_was_sent_are_dropped_with_it(server, scene_parts):
+    """The upload of a newly chosen scan failed, and the prompts placed while it was sent then ran on the scan the
+    server had before: voxels written from another series."""
+    volume, segmentation, target, editor = scene_parts
+    panel = connected_panel(server, scene_parts)
+    points = counts(server)[2]
+
+    def failed():
+        raise UserError("The upload failed.")
+
+    panel.session.stage_volume = lambda node: failed  # the upload, as a dropped uplink ends it
+    panel.choose(volume, SegmentTarget(segmentation, target, editor))
+    panel.submit("point", ras=ras((20, 24, 28)))
+    settle(panel)
+    assert panel.status == "The upload failed." and not panel.queue and counts(server)[2] == points
+    panel.session.close()
+
+
 def test_prompts_panel_shows_a_slow_prediction_and_cancels_one(slow_server, scene_parts):
     volume, segmentation, target, editor = scene_parts
     now = [0.0]
@@ -152,3 +170,4 @@ def test_a_prompt_before_connect_is_said_not_kept_and_one_while_connecting_waits
     panel.submit("point", ras=(0.0, 0.0, 0.0))
     assert len(panel.queue) == 1
     panel.disconnect()
+    assert not panel.busy and not panel.queue  # dropped: else it ran on the next server, in the next scan

@@ -212,3 +212,20 @@ def test_the_warning_of_an_unused_pod_says_how_to_keep_it():
     assert heartbeat_note(beat).endswith("(idle timeout). A prompt, or Refresh in the Cloud GPU section, keeps it.")
     beat.last = {"warning": "The pod terminates in 4.9 min: its budget of $5 is spent."}
     assert heartbeat_note(beat) == beat.last["warning"]  # nothing keeps it then
+
+
+def test_the_pods_warning_leaves_the_status_line_as_it_was_once_it_clears():
+    """The warning showed once, then the agent's next answer had none: the status line went blank, and said nothing
+    until the next prompt."""
+    from SegmentationMachineLib.panels.prompts import PromptsPanel
+
+    panel = PromptsPanel(heartbeat=heartbeat.Heartbeat("http://127.0.0.1:9", "token"))  # never started: no beats
+    panel.heartbeat.last = {"warning": "The pod terminates in 4.9 min: its budget of $5 is spent."}
+    panel.tick()
+    assert panel.status == "The pod terminates in 4.9 min: its budget of $5 is spent."
+    panel.status = "Point applied in 0.4 s."
+    panel.tick()  # said once: the prompts' own lines follow
+    assert panel.status == "Point applied in 0.4 s."
+    panel.heartbeat.last = {}
+    panel.tick()
+    assert panel.status == "Point applied in 0.4 s."
