@@ -33,6 +33,16 @@ def settle(panel, timeout=60):
         time.sleep(0.05)
 
 
+def ticked_until_ended(panel, timeout=30):
+    """Ticks like the widget's QTimer until the panel has no pod (its heartbeat found the pod ended), then settles."""
+    end = time.monotonic() + timeout
+    while panel.pod is not None:
+        assert time.monotonic() < end, panel.status
+        panel.tick()
+        time.sleep(0.05)
+    settle(panel)
+
+
 def keyed(panel):
     """The panel as after a saved key: GPU types and balance listed."""
     panel.store.save(KEY_NAME, RUNPOD_KEY)
@@ -302,12 +312,7 @@ def test_a_pod_its_agent_ended_is_released_said_and_not_a_failure_at_quit(panel,
     settle(panel)
     pod_id = panel.pod.pod_id
     RunPodRest(RUNPOD_KEY).terminate(pod_id)  # as its agent ends a desktop pod without files; its answers said 900 s
-    deadline = time.monotonic() + 30
-    while panel.pod is not None:  # RunPod is asked, once the heartbeat fails
-        assert time.monotonic() < deadline, panel.status
-        panel.tick()
-        time.sleep(0.05)
-    settle(panel)
+    ticked_until_ended(panel)  # RunPod is asked, once the heartbeat fails
     assert panel.status == f"Pod {pod_id} has ended: RunPod no longer has it. Choose a GPU type and press Start."
     assert panel.end_started_here() == []  # not "There is no pod"
 
@@ -317,12 +322,7 @@ def test_a_pod_its_agent_ended_is_released_said_and_not_a_failure_at_quit(panel,
     pod_id = panel.pod.pod_id
     time.sleep(0.5)
     RunPodRest(RUNPOD_KEY).terminate(pod_id)
-    deadline = time.monotonic() + 30
-    while panel.pod is not None:
-        assert time.monotonic() < deadline, panel.status
-        panel.tick()
-        time.sleep(0.05)
-    settle(panel)
+    ticked_until_ended(panel)
     assert panel.status == f"Pod {pod_id} has ended: idle timeout. Choose a GPU type and press Start."
     assert panel.end_started_here() == []
 
@@ -415,12 +415,7 @@ def test_a_pod_stopped_from_runpods_console_is_said_ended_and_offered_to_resume(
     settle(panel)
     pod_id = panel.pod.pod_id
     RunPodRest(RUNPOD_KEY).stop(pod_id)  # from RunPod's console
-    deadline = time.monotonic() + 30
-    while panel.pod is not None:
-        assert time.monotonic() < deadline, panel.status
-        panel.tick()
-        time.sleep(0.05)
-    settle(panel)
+    ticked_until_ended(panel)
     assert panel.status == (f"Pod {pod_id} has ended: RunPod lists it as stopped. 1 pod(s) started earlier are still "
                             "there: connect to or terminate them below.")
     assert [(p.id, p.status) for p, _cost in panel.earlier] == [(pod_id, "EXITED")]
