@@ -133,6 +133,13 @@ class Stopped:
     terminated: bool = False  # by its agent, with nothing of the user's left on its volume
 
 
+def wipes_at_end(records, pod_id: str) -> bool:
+    """Whether the pod was started from here with its uploads to be wiped at its end (its record has the agent's
+    token, through which a stop from here asks for the wipe)."""
+    record = records.get(pod_id)
+    return bool(record.get("wipe_at_end") and record.get("secrets"))
+
+
 def within_reach(first, gpus: list, cloud: str = "SECURE", limit: float = None) -> list:
     """first, then the other types of gpus that cost at most limit ($/h; by default MAX_FALLBACK_PRICE times first's
     rate): what a start tries in turn, never moving on to a much dearer type without being asked."""
@@ -288,9 +295,7 @@ class CloudGpu:
         return pod.stopped_cost(self._until(pod_id))
 
     def wipes_at_end(self, pod_id: str) -> bool:
-        """Whether the pod was started from here with its uploads to be wiped at its end."""
-        record = self.records.get(pod_id)
-        return bool(record.get("wipe_at_end") and record.get("secrets"))
+        return wipes_at_end(self.records, pod_id)
 
     def stop_asked(self, pod_id: str, pod=None, wait_s: float = END_WAIT_S, sleep=time.sleep,
                    clock=time.monotonic) -> Stopped:

@@ -113,14 +113,18 @@ class DicomSeries:
         normal = np.abs(slice_normal(self.orientation))
         return bool(normal[2] >= normal.max())
 
+    @property
+    def is_localizer(self) -> bool:
+        """A topogram (scout): ImageType holds LOCALIZER."""
+        return LOCALIZER in self.image_type.split("/")
+
     def kind(self) -> tuple:
         """How fit its kind of series is to be the default, the fittest least: one that can be loaded; a CT (the
         presets need one); a stack of slices before a localizer or a single image; the scan's own reconstruction
         before a reformat made from it (a knee's coronal MPR has more slices than its axial series, and interpolated
         voxels); axial before sagittal or coronal."""
-        values = set(self.image_type.split("/"))
-        return (bool(self.problem), self.modality != "CT", LOCALIZER in values or self.slice_count < 2,
-                bool(values & MADE_FROM_OTHERS), not self.is_axial)
+        return (bool(self.problem), self.modality != "CT", self.is_localizer or self.slice_count < 2,
+                bool(set(self.image_type.split("/")) & MADE_FROM_OTHERS), not self.is_axial)
 
     def preference(self) -> tuple:
         """Sorts series the best default first: by kind(), then the most slices (the thinnest reconstruction)."""

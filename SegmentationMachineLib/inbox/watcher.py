@@ -126,10 +126,6 @@ def _broken_off(records: list) -> str:
     return ""
 
 
-def _is_localizer(item) -> bool:
-    return "LOCALIZER" in item.acquisition.get("ImageType", "").split("/")
-
-
 def incompleteness(series: DicomSeries, slices: list) -> str:
     """Why series looks incomplete (missing instance numbers, a gap in positions, fewer slices than
     its headers announce, a single slice other than a localizer), or "" when it looks whole."""
@@ -147,7 +143,7 @@ def incompleteness(series: DicomSeries, slices: list) -> str:
     if announced > len(series.files):
         return f"its headers announce {announced} images, {len(series.files)} arrived"
     # A topogram (scout) is one image by nature: waiting the hold time for more would only delay its sentence.
-    if len(series.files) == 1 and kept[0].frames == 1 and not _is_localizer(kept[0]):
+    if len(series.files) == 1 and kept[0].frames == 1 and not series.is_localizer:
         return "it has a single slice so far"
     return ""
 

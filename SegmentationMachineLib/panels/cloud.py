@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass, field
 
 from ..cloud import heartbeat as beats
-from ..cloud.cloudgpu import KEY_NAME, CloudGpu, Limits, StartedPod, Stopped, recorded_pod, runpod_key, within_reach
+from ..cloud.cloudgpu import (KEY_NAME, CloudGpu, Limits, StartedPod, Stopped, recorded_pod, runpod_key, wipes_at_end,
+                               within_reach)
 from ..cloud.heartbeat import Heartbeat, used
 from ..cloud.keepalive import keep_advice
 from ..cloud.pods import PodsError, RunPodRest, spend_per_hr
@@ -121,8 +122,8 @@ class CloudPanel:
         self._start("stop", lambda cloud: _stopped(pod_id, cloud.stop_asked(pod_id)))
         self._release()
         self._forget_started(pod_id)  # the user keeps it on purpose: quitting must not delete its volume
-        wiping = " (its agent wipes the uploads first: up to a few minutes)" if self.records.get(pod_id).get(
-            "wipe_at_end") else ""
+        wiping = (" (its agent wipes the uploads first: up to a few minutes)" if wipes_at_end(self.records, pod_id)
+                  else "")
         self.status = f"Stopping pod {pod_id}{wiping}..."
 
     def terminate(self, pod_id: str):
