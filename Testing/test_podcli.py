@@ -469,7 +469,7 @@ def test_pod_stop_and_ctrl_c_have_a_wiping_pods_agent_wipe_then_end_it_or_say_th
         out = up.end(signal.SIGINT, timeout=120)
         assert up.process.returncode == 0 and connected not in fake.pods, out  # terminated, its volume with it
         assert not (tmp_path / "volume-connected").exists() and "Terminating pod" in agent.log()
-        assert (f"Ended pod {connected} (this run cost $" in out and "Its agent had the uploaded DICOM wiped and, "
+        assert (f"Pod {connected} has ended (this run cost $" in out and "Its agent had the uploaded DICOM wiped and, "
                 "with nothing of yours left on its volume, terminated the pod, volume and all" in out)
         assert connected not in json.loads((tmp_path / ".segmentation-machine/pods.json").read_text())
     finally:

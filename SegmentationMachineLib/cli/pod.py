@@ -12,7 +12,7 @@ import sys
 import time
 
 from ..cloud.agentend import END_WAIT_S
-from ..cloud.cloudgpu import (KEY_NAME, MAX_FALLBACK_PRICE, MODES, CloudGpu, Limits, StartedPod, Stopped,
+from ..cloud.cloudgpu import (KEY_NAME, MAX_FALLBACK_PRICE, MODES, CloudGpu, Limits, StartedPod,
                                recorded_pod, runpod_key, within_reach)
 from ..cloud.heartbeat import INTERVAL_S, Heartbeat
 from ..cloud.pods import MIN_VRAM_GB, PodsError, RunPodRest, spend_per_hr
@@ -217,7 +217,7 @@ def _stay_connected(cloud: CloudGpu, started: StartedPod, ended: list):
     if started.mode == "desktop":  # the uploads, scenes and exports on its volume are the user's
         _say_ending(cloud, started.pod_id, last)
         stopped = cloud.stop_asked(started.pod_id, last)  # first: printing to a closed terminal may fail
-        print(_stopped(started.pod_id, cost, stopped, f"`{SM} resume {started.pod_id}` continues it, "
+        print(stopped.sentence(started.pod_id, cost, f"`{SM} resume {started.pod_id}` continues it, "
                        f"`{SM} down {started.pod_id}` terminates it with your files."), flush=True)
         return
     cloud.terminate(started.pod_id)
@@ -297,7 +297,7 @@ def _stop(cloud: CloudGpu, args):
     pod = cloud.existing(args.pod_id)
     _say_ending(cloud, args.pod_id, pod)
     stopped = cloud.stop_asked(args.pod_id, pod)
-    print(_stopped(args.pod_id, _cost_of(pod), stopped, f"`segmentation-machine pod down {args.pod_id}` terminates "
+    print(stopped.sentence(args.pod_id, _cost_of(pod), f"`segmentation-machine pod down {args.pod_id}` terminates "
                    f"it, `pod resume {args.pod_id}` continues."))
 
 
@@ -309,13 +309,6 @@ def _say_ending(cloud: CloudGpu, pod_id: str, pod):
                   "min)...", flush=True)
         except OSError:  # a closed terminal (Ctrl-C's sibling, SIGHUP): the stop comes first
             pass
-
-
-def _stopped(pod_id: str, cost: str, stopped: Stopped, then: str) -> str:
-    uploads = f" {stopped.uploads}" if stopped.uploads else ""
-    if stopped.terminated:
-        return f"Ended pod {pod_id}{cost}.{uploads}"
-    return f"Stopped pod {pod_id}{cost}: no GPU billing; {stopped.still}.{uploads} {then}"
 
 
 def _down(cloud: CloudGpu, args):

@@ -132,6 +132,13 @@ class Stopped:
     uploads: str = ""  # a sentence, for a pod started with the wipe only
     terminated: bool = False  # by its agent, with nothing of the user's left on its volume
 
+    def sentence(self, pod_id: str, cost: str = "", then: str = "") -> str:
+        """What the CLI and the panel say: cost, what the pod's run cost; then, what the user may do next."""
+        uploads = f" {self.uploads}" if self.uploads else ""
+        if self.terminated:
+            return f"Pod {pod_id} has ended{cost}.{uploads}"
+        return f"Stopped pod {pod_id}{cost}: no GPU billing; {self.still}.{uploads}" + (f" {then}" if then else "")
+
 
 def wipes_at_end(records, pod_id: str) -> bool:
     """Whether the pod was started from here with its uploads to be wiped at its end (its record has the agent's

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..cloud import heartbeat as beats
-from ..cloud.cloudgpu import (KEY_NAME, CloudGpu, Limits, StartedPod, Stopped, recorded_pod, runpod_key, wipes_at_end,
+from ..cloud.cloudgpu import (KEY_NAME, CloudGpu, Limits, StartedPod, recorded_pod, runpod_key, wipes_at_end,
                                within_reach)
 from ..cloud.heartbeat import Heartbeat, used
 from ..cloud.keepalive import keep_advice
@@ -28,8 +28,9 @@ QUIT_STOP_S = 8.0  # of which a wiping pod's agent leaves this long for RunPod's
 log = logging.getLogger("segmentation-machine")
 
 
-class Cancelled(Exception):
-    """The user pressed Cancel while a pod was starting (its pod is terminated)."""
+class StartWithdrawn(Exception):
+    """The user pressed Cancel while a pod was starting or resuming (it is terminated or stopped again); not a
+    UserError, unlike core.cancel.Cancelled: the panel words it itself."""
 
 
 @dataclass
@@ -119,7 +120,7 @@ class CloudPanel:
         """Stops the pod in use: no GPU billing; its volume stays (and costs per month) until terminated. One started
         with the wipe is ended by its agent, which has the uploads wiped first (cloudgpu.CloudGpu.stop_asked)."""
         pod_id = self.pod.pod_id
-        self._start("stop", lambda cloud: _stopped(pod_id, cloud.stop_asked(pod_id)))
+        self._start("stop", lambda cloud: cloud.stop_asked(pod_id).sentence(pod_id))
         self._release()
         self._forget_started(pod_id)  # the user keeps it on purpose: quitting must not delete its volume
         wiping = (" (its agent wipes the uploads first: up to a few minutes)" if wipes_at_end(self.records, pod_id)
@@ -264,7 +265,7 @@ class CloudPanel:
 
     def _sleep(self, seconds):
         if self._cancel.wait(seconds):
-            raise Cancelled()
+            raise StartWithdrawn()
 
     def _start(self, job: str, function, with_cloud: bool = True):
         """Runs function(cloud) (function() without cloud) on a worker thread, one job at a time."""
@@ -286,7 +287,7 @@ class CloudPanel:
     def _finish(self, end_cancelled: bool = True):
         """end_cancelled: a start that made its pod although Cancel was pressed ends it (at quit the caller does)."""
         task, job, self.task = self.task, self._job, None
-        if isinstance(task.error, Cancelled):
+        if isinstance(task.error, StartWithdrawn):
             self.status = ("Cancelled: the pod was stopped again, its volume kept." if job == "resume" else
                            "Cancelled: the pod being started was terminated.")
             return
@@ -355,13 +356,6 @@ class CloudPanel:
 
 def _spending(pods) -> str:
     return f"Spending ${spend_per_hr(pods):.2f}/h now (the balance is in the RunPod console)"
-
-
-def _stopped(pod_id: str, stopped: Stopped) -> str:
-    uploads = f" {stopped.uploads}" if stopped.uploads else ""
-    if stopped.terminated:
-        return f"Pod {pod_id} has ended.{uploads}"
-    return f"Stopped pod {pod_id}: no GPU billing; {stopped.still}.{uploads}"
 
 
 def _no_longer_there(backend, pod_id: str) -> bool:
