@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydicom.misc import is_dicom
 
-from ..core.cancel import CancelRequest
+from ..core.cancel import SCENE_CLOSED, CancelRequest
 from ..core.errors import ExportError, UserError
 from ..core.provenance import preset_of
 from ..dicom.volumes import file_sha256, series_record
@@ -131,13 +131,15 @@ class ExportPanel:
             if not self._cancel.requested:
                 self.status = " ".join(filter(None, [f"Exporting '{self._exporting}': {step}...", self._skipped]))
 
-    def cancel(self):
-        """Main thread (the Export button, which reads Cancel meanwhile): the export stops at its next segment or
-        format and removes what it wrote; its task then ends with EXPORT_CANCELLED, which finish() shows."""
+    def cancel(self, cause: str = ""):
+        """Main thread (the Export button, which reads Cancel meanwhile; Close Scene and the module's cleanup, with
+        their cause): the export stops at its next segment or format and removes what it wrote; its task then ends
+        with EXPORT_CANCELLED after the cause, which finish() shows."""
         with self._said:
             if self.task and not self._cancel.requested:
-                self._cancel.cancel()
-                self.status = f"Cancelling the export of '{self._exporting}' (after the segment under way)..."
+                self._cancel.cancel(cause)
+                self.status = " ".join(filter(None, [
+                    cause, f"Cancelling the export of '{self._exporting}' (after the segment under way)..."]))
 
     def finish(self):
         task, self.task = self.task, None
@@ -145,8 +147,10 @@ class ExportPanel:
         if problem:
             self.status = problem
             return None
-        if self._exported_from is None:  # the scene was closed or another segmentation chosen meanwhile
-            self.status = f"Exported to {result.folder} (the segmentation chosen before)."
+        closed = self._cancel.requested and self._cancel.cause == SCENE_CLOSED
+        if self._exported_from is None:  # the scene was closed (too late to cancel) or another segmentation chosen
+            which = "it was finished when the scene was closed" if closed else "the segmentation chosen before"
+            self.status = f"Exported to {result.folder} ({which})."
             return result
         self.last_result = result
         bad = result.not_watertight
@@ -166,7 +170,9 @@ class ExportPanel:
                          "export.")
 
     def scene_closed(self):
-        """Close Scene: the last export was the closed scene's (and the next scene's nodes get the same IDs)."""
+        """Close Scene: the last export was the closed scene's (and the next scene's nodes get the same IDs); one
+        running is cancelled: it would write the closed scene's patient's files after the user left them."""
+        self.cancel(SCENE_CLOSED)
         self._forget("Choose a segmentation to export.")
 
     def _forget(self, status: str):
