@@ -16,7 +16,9 @@ from orthanc_server import PASSWORD, USER, copies_in_a_new_study, free_port, ser
 from SegmentationMachineLib.core import arrays
 from SegmentationMachineLib.core.cancel import SCENE_CLOSED, CancelRequest, Cancelled
 from SegmentationMachineLib.dicom.volumes import load_input
-from SegmentationMachineLib.mesh.export import ExportOptions, export_segmentation, prepare_export, write_export
+from SegmentationMachineLib.mesh.export import (EXPORT_CANCELLED, ExportOptions, export_segmentation, prepare_export,
+                                                write_export)
+from SegmentationMachineLib.mesh.surfaces import SurfaceOptions, meshes_from, read_segments
 from SegmentationMachineLib.core.errors import UserError
 from SegmentationMachineLib.pacs.dicomnode import DicomNode, NodeOptions, send_file
 from SegmentationMachineLib.pacs.dicomweb import DicomWeb, DicomWebServer
@@ -68,6 +70,34 @@ def test_an_export_cancelled_mid_way_writes_nothing_and_keeps_the_earlier_export
     assert "Box_1.stl" in written and "segments.3mf" not in written  # half written when cancelled...
     assert [p.name for p in tmp_path.iterdir()] == [earlier.folder.name]  # ...and nothing of it is left
     assert tree_digest(tmp_path) == kept  # the earlier export, byte for byte
+
+
+def test_a_segment_not_yet_started_when_cancel_comes_is_never_started(ctx, phantom_dir):
+    """One meshing thread: Cancel comes as the first segment's mesh is made, and the thread's next segment stops at its
+    own check, before any meshing. This thread's check (after each segment is done) is held back until the meshing
+    thread is past that point, so without the check before each segment the second segment would be meshed."""
+    options = SurfaceOptions(threads=1)
+    segments = read_segments(boxes(ctx, phantom_dir), options=options)
+    cancel, meshed, past_the_cancel = CancelRequest(), [], threading.Event()
+
+    def each(mesh):  # the meshing thread, as soon as a segment's mesh is made
+        meshed.append(mesh.name)
+        if cancel.requested:
+            past_the_cancel.set()  # meshed after Cancel: the check before its segment is missing
+        cancel.cancel()  # the user presses Cancel as the first segment is done
+
+    def check():
+        if threading.current_thread() is not threading.main_thread() and cancel.requested:
+            past_the_cancel.set()  # the meshing thread's check before its next segment
+        cancel.check(EXPORT_CANCELLED)
+
+    def progress(done, total, name):  # this thread, before its own check
+        if done == 1:
+            assert past_the_cancel.wait(60)
+
+    with pytest.raises(Cancelled, match=r"^Export cancelled: nothing was written\.$"):
+        meshes_from(segments, options, progress, each, check)
+    assert meshed == ["Box 1"]
 
 
 class HeldBeforeItsSegments(ExportPanel):

@@ -206,3 +206,22 @@ def test_a_transform_that_folds_a_segment_inside_out_is_one_sentence(ctx):
                                           r"space over itself, which would turn its mesh inside out there: correct "
                                           r"the transform, or harden it \(Data module\), and export again\.$"):
         meshes_from(read_segments(node), SurfaceOptions())
+
+
+def test_an_export_prepared_before_close_scene_needs_nothing_of_the_scene(ctx, tmp_path):
+    """The module's export runs on a worker thread while Close Scene (vtkMRMLScene::Clear) removes and deletes the
+    nodes: what it meshes from was copied on the main thread, and the non-linear transform its points go through is
+    VTK's own copy of the scene's transforms, kept alive by it. The meshes written after the scene is gone are those
+    of an export made with the scene there."""
+    import gc
+
+    node, _ = stretched(ctx, 1.5)
+    options = ExportOptions(formats=("stl",))
+    with_the_scene = export_segmentation(node, tmp_path / "open", options)
+    prepared = prepare_export(node, options)
+    ctx.scene.Clear(False)  # File > Close Scene
+    del node
+    gc.collect()
+    assert ctx.scene.GetNumberOfNodesByClass("vtkMRMLTransformNode") == 0
+    after = write_export(prepared, tmp_path / "closed", options)
+    assert (after.folder / "Box.stl").read_bytes() == (with_the_scene.folder / "Box.stl").read_bytes()
