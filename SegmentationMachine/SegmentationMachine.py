@@ -124,7 +124,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def cleanup(self):
         self.presets.cancel()  # its child process would otherwise compute for minutes for nobody
-        self.export.cancel()  # nobody would finish it: it stops at its next segment and removes what it wrote
+        self.export.cancel()  # nobody would see it end: it stops at its next segment and removes what it wrote
         self.pollTimer.stop()
         self.gilPumpTimer.stop()
         self.inboxTimer.stop()
@@ -149,8 +149,7 @@ class SegmentationMachineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onSceneStartClose(self, caller, event):
         self.presets.cancel()  # its result would be the closed scene's patient's
         self.inbox.scene_closed()
-        self.export.scene_closed()  # cancels its export; Send to OrcaSlicer and Open folder were the closed scene's
-        self.pacs.onSceneClose()  # cancels a running send to the PACS
+        self.export.scene_closed()  # Send to OrcaSlicer and Open folder were the closed scene's
         self.setParameterNode(None)
         self.promptTools.onSceneClose()
 

@@ -37,12 +37,8 @@ class PacsSection:
         self.updateGui()
 
     def cleanup(self):
-        self.panel.cancel()  # a send of nobody's (reload): it stops before storing, if it still can
+        self.panel.cancel()  # a send nobody would see end (reload, quit): it stops before its store, if it still can
         self.timer.stop()
-
-    def onSceneClose(self):
-        self.panel.scene_closed()  # its sentence comes through tick
-        self.updateGui()
 
     def updateGui(self):
         self.ui.sendToPacsButton.text = _("Cancel") if self.panel.task else _("Send to PACS")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydicom.misc import is_dicom
 
-from ..core.cancel import SCENE_CLOSED, CancelRequest
+from ..core.cancel import CancelRequest
 from ..core.errors import ExportError, UserError
 from ..core.provenance import preset_of
 from ..dicom.volumes import file_sha256, series_record
@@ -76,6 +76,7 @@ class ExportPanel:
     _skipped: str = ""  # the sentence of a format chosen but left out of the export running
     _cancel: CancelRequest = None  # the running export's (Cancel)
     _exporting: str = ""  # the name of the segmentation being exported
+    _left: str = ""  # why the export running is no longer the chosen segmentation's (another chosen, scene closed)
     _said: threading.Lock = field(default_factory=threading.Lock, repr=False)  # a progress line never hides Cancel's
 
     def can_export(self, segmentation_node) -> bool:
@@ -131,15 +132,13 @@ class ExportPanel:
             if not self._cancel.requested:
                 self.status = " ".join(filter(None, [f"Exporting '{self._exporting}': {step}...", self._skipped]))
 
-    def cancel(self, cause: str = ""):
-        """Main thread (the Export button, which reads Cancel meanwhile; Close Scene and the module's cleanup, with
-        their cause): the export stops at its next segment or format and removes what it wrote; its task then ends
-        with EXPORT_CANCELLED after the cause, which finish() shows."""
+    def cancel(self):
+        """Main thread (the Export button, which reads Cancel meanwhile): the export stops at its next segment or
+        format and removes what it wrote; its task then ends with EXPORT_CANCELLED, which finish() shows."""
         with self._said:
             if self.task and not self._cancel.requested:
-                self._cancel.cancel(cause)
-                self.status = " ".join(filter(None, [
-                    cause, f"Cancelling the export of '{self._exporting}' (after the segment under way)..."]))
+                self._cancel.cancel()
+                self.status = f"Cancelling the export of '{self._exporting}' (after the segment under way)..."
 
     def finish(self):
         task, self.task = self.task, None
@@ -147,10 +146,8 @@ class ExportPanel:
         if problem:
             self.status = problem
             return None
-        closed = self._cancel.requested and self._cancel.cause == SCENE_CLOSED
-        if self._exported_from is None:  # the scene was closed (too late to cancel) or another segmentation chosen
-            which = "it was finished when the scene was closed" if closed else "the segmentation chosen before"
-            self.status = f"Exported to {result.folder} ({which})."
+        if self._exported_from is None:  # the scene was closed or another segmentation chosen meanwhile
+            self.status = f"Exported to {result.folder} ({self._left})."
             return result
         self.last_result = result
         bad = result.not_watertight
@@ -167,16 +164,16 @@ class ExportPanel:
         node_id = segmentation_node.GetID() if segmentation_node is not None else None
         if self._exported_from is not None and node_id != self._exported_from:
             self._forget("Press Export to write the chosen segmentation." if node_id else "Choose a segmentation to "
-                         "export.")
+                         "export.", "the segmentation chosen before")
 
     def scene_closed(self):
-        """Close Scene: the last export was the closed scene's (and the next scene's nodes get the same IDs); one
-        running is cancelled: it would write the closed scene's patient's files after the user left them."""
-        self.cancel(SCENE_CLOSED)
-        self._forget("Choose a segmentation to export.")
+        """Close Scene: the last export was the closed scene's (and the next scene's nodes get the same IDs). One
+        running is finished, from the copies start() made: closing a scene is not Cancel."""
+        self._forget("Choose a segmentation to export.", "its scene was closed meanwhile")
 
-    def _forget(self, status: str):
-        self.last_result, self._exported_from, self.orcaslicer_missing = None, None, False
+    def _forget(self, status: str, left: str):
+        """left: why an export still running is no longer the chosen segmentation's (said once it is done)."""
+        self.last_result, self._exported_from, self.orcaslicer_missing, self._left = None, None, False, left
         self.status = status if self.task is None else self.status
 
     def report_text(self) -> str:

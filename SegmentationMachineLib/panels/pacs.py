@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.addresses import DICOMWEB_PREFIX, is_dicomweb
-from ..core.cancel import SCENE_CLOSED, CancelRequest, Cancelled
+from ..core.cancel import CancelRequest, Cancelled
 from ..core.credentials import SecretStore
 from ..core.errors import UserError
 from ..mesh.dicomseg import SEG_FILE, SegInput, write_seg
@@ -129,25 +129,18 @@ class PacsPanel:
                                    prepared.name, self._cancel)
         self.status, self._sent = f"Sending {what}...", f"Sent {what}."
 
-    def cancel(self, cause: str = ""):
-        """Main thread (Send to PACS, which reads Cancel meanwhile; Close Scene and the module's cleanup, with their
-        cause): the send stops before its next instance; one under way is finished, so the PACS has it whole or not
-        at all. finish() says which."""
+    def cancel(self):
+        """Main thread (Send to PACS, which reads Cancel meanwhile): the send stops before its next instance; one
+        under way is finished, so the PACS has it whole or not at all. finish() says which."""
         if self.task and not self._cancel.requested:
-            self._cancel.cancel(cause)
-            self.status = " ".join(filter(None, [cause, "Cancelling the send (a store under way is finished first: "
-                                                        "the PACS gets the DICOM SEG whole or not at all)..."]))
-
-    def scene_closed(self):
-        """Close Scene: a send running is the closed scene's patient's, which the user left: it is cancelled."""
-        self.cancel(SCENE_CLOSED)
+            self._cancel.cancel()
+            self.status = ("Cancelling the send (a store under way is finished first: the PACS gets the DICOM SEG "
+                           "whole or not at all)...")
 
     def finish(self):
         """Main thread, once the task is done: the header of what was stored, or None with the cause as status."""
         task, self.task = self.task, None
         stored, problem = task.outcome()
-        late = ""
-        if self._cancel and self._cancel.requested:
-            late = f"{self._cancel.cause.rstrip('.') or 'Cancel came'} after the PACS had stored it."
+        late = "Cancel came after the PACS had stored it." if self._cancel and self._cancel.requested else ""
         self.status = problem or " ".join(filter(None, [self._sent, late, stored.unconfirmed]))
         return stored and stored.dataset
