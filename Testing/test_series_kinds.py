@@ -179,6 +179,57 @@ def test_a_localizer_beside_a_stack_of_two_slices_is_left_out_too(shared_data, t
         "a localizer, not part of the volume (the one image of image type ORIGINAL/PRIMARY/LOCALIZER in its series)")]
     assert not scan.series[0].is_uneven
 
+
+ONE_LOCALIZER = "a localizer, not part of the volume (the one image of image type ORIGINAL/PRIMARY/LOCALIZER in its series)"
+
+
+@pytest.mark.parametrize("image_type, acquisition, steps_below, reason", [
+    (["ORIGINAL", "PRIMARY", "LOCALIZER"], 1, 0, ONE_LOCALIZER),  # at the second slice's position
+    (["ORIGINAL", "PRIMARY", "LOCALIZER"], 1, 2, ONE_LOCALIZER),  # a step below the stack: the gaps stay even
+    # No image type says so, but a single image of another acquisition at a position of the volume is no volume:
+    # left out as a localizer beyond the stack is, not made a one-image 'acquisition' beside the volume.
+    (["ORIGINAL", "PRIMARY", "AXIAL"], 2, 0,
+     "a localizer, not part of the volume (the one image of acquisition 2 in its series)"),
+])
+def test_a_lone_localizer_where_the_volume_is_is_left_out_not_made_an_acquisition(
+        ctx, shared_data, tmp_path, image_type, acquisition, steps_below, reason):
+    """At one of the volume's positions it made the series two 'acquisitions': the volume was renamed '(image type
+    ORIGINAL/PRIMARY/AXIAL)' with a warning that it is one of several, and the scout became a one-image series.
+    Where it lay a step beyond the stack, its gaps even, it was loaded as a slice of the volume."""
+    uid = generate_uid()
+    slices = real_slices()
+    for number, ds in enumerate(slices, 1):
+        ds.SeriesInstanceUID, ds.AcquisitionNumber = uid, 1
+        save(ds, tmp_path / "study" / f"{number}.dcm")
+    step = float(slices[1].ImagePositionPatient[2]) - float(slices[0].ImagePositionPatient[2])
+    localizer = real_slices()[1]
+    localizer.SeriesInstanceUID, localizer.AcquisitionNumber, localizer.ImageType = uid, acquisition, image_type
+    localizer.ImagePositionPatient[2] = float(localizer.ImagePositionPatient[2]) - steps_below * step
+    localizer.PixelData = (localizer.pixel_array + 1000).astype(localizer.pixel_array.dtype).tobytes()
+    save(localizer, tmp_path / "study" / "0-scout.dcm")
+    scan = scan_folder(tmp_path / "study")
+    assert [(s.name, s.part, sorted(p.name for p in s.files), s.notes) for s in scan.series] == [
+        ("CT 'series 2'", "", ["1.dcm", "2.dcm", "3.dcm"], [])]
+    assert [(s.path.name, s.reason) for s in scan.skipped] == [("0-scout.dcm", reason)]
+    loaded = load_input(ctx, tmp_path / "study")
+    reference = arrays.volume_array(load_input(ctx, UNCOMPRESSED_SERIES).node)
+    assert np.array_equal(arrays.volume_array(loaded.node), reference)  # none of the scout's pixels
+    assert any(f"0-scout.dcm: {reason}" in note for note in loaded.notes)
+
+
+def test_two_phases_with_a_localizer_among_them_are_still_two_series_without_it(shared_data, tmp_path):
+    """The localizer is set aside before the phases are told apart: two phases of three slices each, not three
+    'image types' (or a phase that loads the scout as one of its slices)."""
+    uid = write_acquisitions(tmp_path / "study", "AcquisitionNumber", [1, 2])
+    localizer = real_slices()[1]
+    localizer.SeriesInstanceUID, localizer.AcquisitionNumber = uid, 2
+    localizer.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    save(localizer, tmp_path / "study" / "scout.dcm")
+    scan = scan_folder(tmp_path / "study")
+    assert [(s.part, len(s.files)) for s in scan.series] == [("acquisition 1", 3), ("acquisition 2", 3)]
+    assert [(s.path.name, s.series, s.reason) for s in scan.skipped] == [
+        ("scout.dcm", "CT 'series 2' (acquisition 2)", ONE_LOCALIZER)]
+
 def started_inbox(tmp_path) -> Inbox:
     (tmp_path / "inbox").mkdir(exist_ok=True)
     inbox = Inbox(InboxOptions(folder=tmp_path / "inbox", state_folder=tmp_path / "state", settle_seconds=0.3,

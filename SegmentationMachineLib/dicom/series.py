@@ -35,6 +35,7 @@ ANOTHER_STACK = "a different orientation, size or pixel spacing from the rest of
 # only where no series was reconstructed from the scan itself. A scout's: LOCALIZER.
 MADE_FROM_OTHERS = {"DERIVED", "SECONDARY", "REFORMATTED", "MPR", "CSA MPR"}
 LOCALIZER = "LOCALIZER"
+LOCALIZER_LEFT_OUT = "a localizer, not part of the volume"
 
 
 
@@ -116,7 +117,7 @@ class DicomSeries:
     @property
     def is_localizer(self) -> bool:
         """A topogram (scout): ImageType holds LOCALIZER."""
-        return LOCALIZER in self.image_type.split("/")
+        return says_localizer(self.image_type)
 
     def kind(self) -> tuple:
         """How fit its kind of series is to be the default, the fittest least: one that can be loaded; a CT (the
@@ -266,23 +267,56 @@ def _same_pixels(one: tuple, other: tuple) -> bool:
         return True
 
 
-def _without_a_localizer(stack: list, distances: list, skipped: list):
-    """As Slicer's DICOM module loads a series that holds its own localizer (Siemens Axiom, GE volume viewer): where
-    one slice alone has another acquisition number or image type than the rest, and the rest is evenly spaced while
-    the whole is not, that slice is left out (a slice elsewhere in space would be interpolated across the gap)."""
-    if len(stack) < 3 or any(s.frames > 1 for s in stack) or not uneven_gaps(np.diff(distances)):
-        return stack, distances
-    for name, label in ACQUISITION_TAGS[:2]:  # AcquisitionNumber, ImageType: Slicer's own subseries tags
+def says_localizer(image_type: str) -> bool:
+    """A topogram (scout), by its ImageType's values joined by '/'."""
+    return LOCALIZER in image_type.split("/")
+
+
+def _localizers(stack: list, distances: list) -> dict:
+    """Index -> why, of the slices of one stack that are its localizers, not part of its volume, as Slicer's DICOM
+    module loads a series that holds its own (Siemens Axiom, GE volume viewer): those whose ImageType says LOCALIZER
+    where most say otherwise; else the one slice of another acquisition number or image type than the rest, where
+    the rest is one even stack and the whole is not. Beyond the stack it would be interpolated across the gap; at
+    one of its positions it made the series two 'acquisitions', one of them a single image."""
+    if len(stack) < 3 or any(s.frames > 1 for s in stack):
+        return {}
+    scouts = [i for i, s in enumerate(stack) if says_localizer(s.acquisition.get("ImageType", ""))]
+    if scouts and len(stack) > 2 * len(scouts):  # a series of scouts with a stray image is not a volume of them
+        return {i: _localizer_reason(stack[i], "ImageType", len(scouts) == 1) for i in scouts}
+    for name, _ in ACQUISITION_TAGS[:2]:  # AcquisitionNumber, ImageType: Slicer's own subseries tags
         values = [s.acquisition.get(name) for s in stack]
         odd = [i for i, value in enumerate(values) if values.count(value) == 1]
         if len(set(values)) == 2 and len(odd) == 1:
-            rest = [d for i, d in enumerate(distances) if i != odd[0]]
-            if not uneven_gaps(np.diff(rest)):
-                lone = stack[odd[0]]
-                skipped.append(SkippedFile(lone.path, f"a localizer, not part of the volume (the one image of "
-                                                      f"{label.format(values[odd[0]] or 'not given')} in its series)"))
-                return [s for s in stack if s is not lone], rest
-    return stack, distances
+            lone = distances[odd[0]]
+            rest = _distinct([d for i, d in enumerate(distances) if i != odd[0]])
+            with_it_uneven = np.min(np.abs(rest - lone)) < 1e-3 or uneven_gaps(np.diff(_distinct(distances)))
+            if with_it_uneven and not uneven_gaps(np.diff(rest)):
+                return {odd[0]: _localizer_reason(stack[odd[0]], name, True)}
+    return {}
+
+
+def _distinct(distances) -> np.ndarray:
+    """Each position once, sorted: a copy of a slice is a duplicate (left out after), not a gap."""
+    return np.unique(np.round(np.asarray(distances, float), 3))
+
+
+def _localizer_reason(s: DicomSlice, name: str, lone: bool) -> str:
+    value = dict(ACQUISITION_TAGS)[name].format(s.acquisition.get(name) or "not given")
+    return f"{LOCALIZER_LEFT_OUT} (" + (f"the one image of {value} in its series)" if lone else f"{value})")
+
+
+def _part_label(s: DicomSlice, tags: list) -> str:
+    """The label of the acquisition a slice belongs to, by the tags that split its series ("": not split)."""
+    return ", ".join(dict(ACQUISITION_TAGS)[name].format(s.acquisition.get(name, "not given")) for name in tags)
+
+
+def _without_localizers(slices: list) -> tuple:
+    """(the rest, the localizers) of a series' slices, stack by stack (_localizers)."""
+    found = set()
+    for stack in _stacks(slices, by_spacing=False).values():
+        distances = [float(np.dot(s.position, slice_normal(stack[0].orientation))) for s in stack]
+        found.update(id(stack[i]) for i in _localizers(stack, distances))
+    return [s for s in slices if id(s) not in found], [s for s in slices if id(s) in found]
 
 
 def _natural(text: str):
@@ -313,11 +347,13 @@ def group_series(slices: list) -> dict:
                 label = f"file {s.path.name}"
                 parts[label if label not in parts else f"{label} #{len(parts) + 1}"] = [s]
             members = [s for s in members if not s.frame_positions]
+        members, localizers = _without_localizers(members)  # they split off a one-image 'acquisition' else
         tags = _splitting_tags(members)
         for s in members:
-            label = ", ".join(dict(ACQUISITION_TAGS)[name].format(s.acquisition.get(name, "not given"))
-                              for name in tags)
-            parts.setdefault(label, []).append(s)
+            parts.setdefault(_part_label(s, tags), []).append(s)
+        for s in localizers:  # left out by build_series, with its reason, from the part of its values (or the first)
+            label = _part_label(s, tags)
+            parts[label if label in parts else min(parts, key=_natural)].append(s)
         for label in sorted(parts, key=_natural):
             groups[f"{key}|{label}" if label else key] = parts[label]
     return groups
@@ -336,7 +372,11 @@ def build_series(key: str, slices: list, skipped: list) -> DicomSeries:
     first = stack[0]
     normal = slice_normal(first.orientation)
     stack.sort(key=lambda s: (float(np.dot(s.position, normal)), s.instance_number))
-    distances = np.array([float(np.dot(s.position, normal)) for s in stack])
+    distances = [float(np.dot(s.position, normal)) for s in stack]
+    localizers = _localizers(stack, distances)  # before duplicates: one at a slice's position is no duplicate
+    skipped.extend(SkippedFile(stack[i].path, reason, kind=LOCALIZER_LEFT_OUT) for i, reason in localizers.items())
+    distances = [d for i, d in enumerate(distances) if i not in localizers]
+    stack = [s for i, s in enumerate(stack) if i not in localizers]
     kept, kept_distances, others = [stack[0]], [distances[0]], 0
     for s, d in zip(stack[1:], distances[1:]):
         if s.frames == 1 and abs(d - kept_distances[-1]) < 1e-3:
@@ -349,7 +389,6 @@ def build_series(key: str, slices: list, skipped: list) -> DicomSeries:
             continue
         kept.append(s)
         kept_distances.append(d)
-    kept, kept_distances = _without_a_localizer(kept, kept_distances, skipped)
     first = kept[0]  # the series' attributes (pixel spacing...) from a slice of the volume, not from a localizer
     # An enhanced multi-frame image is a stack by itself: its frames are the slices.
     points = np.array([p for s in kept for p in (s.frame_positions or [s.position])], dtype=float)
