@@ -54,7 +54,7 @@ def serve_inbox(args, inbox_folder: Path, banner: str, service=None, modelled=la
     from ..core.files import printable
     from ..core.memory import said_when_out_of_memory
     from ..core.scene import create_headless_scene
-    from ..dicom.series import SkippedFile, is_quiet_skip, skipped_groups
+    from ..dicom.series import is_quiet_skip, skipped_groups
     from ..dicom.volumes import input_record, load_series
     from ..inbox.watcher import Inbox, InboxOptions
     from ..inbox.watchqueue import run_queue
@@ -86,11 +86,10 @@ def serve_inbox(args, inbox_folder: Path, banner: str, service=None, modelled=la
 
     def report_skipped():
         fresh = []
-        for path, reason in list(inbox.bad_files.items()):
+        for path, item in list(inbox.skipped.items()):
             if path not in reported and path not in inbox.seen_before:  # said once, not on every restart
                 reported.add(path)
-                item = inbox.left_out.get(path)
-                fresh.append(item if item and item.reason == reason else SkippedFile(path, reason))
+                fresh.append(item)
         # Many files left out of one series for one reason are one line; each file is named in the --log file.
         for sentence, items in skipped_groups(fresh):
             # reports and CD indexes belong in an export: listed in --log, not warned about

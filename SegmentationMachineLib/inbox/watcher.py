@@ -31,7 +31,8 @@ from ..core import files as file_system  # WINDOWS through the module, which tes
 from ..core.errors import UserError
 from ..core.files import PATH_NOT_UTF8, printable, private_folder, utf8_path
 from ..dicom.archives import ArchiveLimits, extract_zip, is_zip, size_text
-from ..dicom.series import DicomSeries, build_series, group_series, unreadable_folder, unreadable_folder_advice
+from ..dicom.series import (DicomSeries, SkippedFile, build_series, group_series, unreadable_folder,
+                            unreadable_folder_advice)
 from ..dicom.slices import looks_like_dicom, read_slice
 from .journal import Journal
 from .locks import hold_lock
@@ -213,8 +214,8 @@ class Inbox:
         self._not_before = {}  # series key -> when a series handed back (a full disk) is handed out again
         self._states = {}  # series key -> SeriesStatus
         self._grouped = {}  # DICOM series key -> (its (path, hash) pairs, its groups' paths): see _groups
-        self.bad_files = {}  # Path -> reason, for every file that is not part of a series
-        self.left_out = {}  # Path -> SkippedFile, for a bad file that a series left out: its series and kind of reason
+        # Path -> SkippedFile, for every file that is not part of a series (one a series left out names it)
+        self.skipped = {}
         self.seen_before = set()  # bad files an earlier run found (and reported): from the journal
         self.duplicates = []  # SeriesStatus of drops whose files were all delivered before; the consumer empties it
         self.scratch = None
@@ -223,6 +224,11 @@ class Inbox:
         self._sweep_due = True  # an unpacked folder may have lost its zip: see _remove_unpacked
         self.journal = None
         self._delivered = set()
+
+    @property
+    def bad_files(self) -> dict:
+        """Path -> reason, for every file that is not part of a series (skipped, without the series' names)."""
+        return {path: item.reason for path, item in self.skipped.items()}
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self):
@@ -425,12 +431,12 @@ class Inbox:
     def _walk(self, folder: Path, now: float):
         def unreadable(error: OSError):
             if not isinstance(error, FileNotFoundError):  # gone while walked: nothing to say
-                self.bad_files[Path(error.filename)] = unreadable_folder(error)
+                self.skipped[Path(error.filename)] = SkippedFile(Path(error.filename), unreadable_folder(error))
                 self._folders[Path(error.filename)] = None  # polling looks at it again
 
         for root, dirs, names in os.walk(folder, onerror=unreadable):  # never into linked folders
             root = Path(root)
-            self.bad_files.pop(root, None)  # readable now
+            self.skipped.pop(root, None)  # readable now
             for name in [d for d in dirs if (root / d).is_symlink()]:
                 dirs.remove(name)
                 names.append(name)  # refused as a link below
@@ -466,7 +472,7 @@ class Inbox:
         for known in [p for p in self._hidden if p == path or path in p.parents]:
             del self._hidden[known]
             self._changed = True
-        gone = [p for p in set(self._files) | set(self.bad_files)
+        gone = [p for p in set(self._files) | set(self.skipped)
                 if p == path or path in p.parents or str(p).startswith(f"{path}!")]
         if gone and self.journal and _listed(path.parent):  # a share that dropped out: its files come back
             self.journal.forget_files(gone, commit=False)
@@ -478,14 +484,13 @@ class Inbox:
             self._recent.pop(known, None)
             self._growing.pop(known, None)
             self._denied.pop(known, None)
-            self.bad_files.pop(known, None)
-            self.left_out.pop(known, None)
+            self.skipped.pop(known, None)
             self.seen_before.discard(known)
             self._changed = True
 
     def _refuse(self, path: Path, reason: str):
         self._forget(path)
-        self.bad_files[path] = reason
+        self.skipped[path] = SkippedFile(path, reason)
 
     def _note_hidden(self, path: Path, info, now: float):
         size, mtime_ns, _ = self._hidden.get(path, (None, None, None))
@@ -511,7 +516,7 @@ class Inbox:
             self._unread.discard(path)
             self._changed = True
             self._note(path, record)
-            if path in self.bad_files:
+            if path in self.skipped:
                 self.seen_before.add(path)
             if reason == ARCHIVE:
                 self._add_extracted(self.scratch / sha256[:24], self._depth(path) + 1, now)
@@ -556,7 +561,7 @@ class Inbox:
             self._growing[path] = record.changed_at  # reported only if it stays like this
         self.journal.remember_file(path, record.size, record.mtime_ns, record.sha256, record.slice, record.reason)
         if path in self._growing:
-            self.bad_files.pop(path, None)
+            self.skipped.pop(path, None)
         else:
             self._note(path, record)
 
@@ -584,8 +589,8 @@ class Inbox:
         the files delivered under this hash are the bytes that were hashed, whatever happens to path."""
         limits = self.options.archive_limits
         depth = self._depth(path) + 1
-        for said in [known for known in self.bad_files if str(known).startswith(f"{path}!")]:
-            del self.bad_files[said]  # what an earlier read of this zip refused
+        for said in [known for known in self.skipped if str(known).startswith(f"{path}!")]:
+            del self.skipped[said]  # what an earlier read of this zip refused
         if depth > limits.max_depth:
             record.reason = f"an archive nested more than {limits.max_depth} deep (not unpacked)"
             return
@@ -611,7 +616,8 @@ class Inbox:
                     record.reason = f"truncated, or not a whole zip archive ({extraction.refused[0][1]})"
                     return
                 for member, reason in extraction.refused:
-                    self.bad_files[Path(f"{path}!{member}")] = f"refused from {path.name}: {reason}"
+                    refused = Path(f"{path}!{member}")
+                    self.skipped[refused] = SkippedFile(refused, f"refused from {path.name}: {reason}")
         self._add_extracted(destination, depth, now)
         if copied:
             for known, each in self._files.items():
@@ -640,9 +646,9 @@ class Inbox:
 
     def _note(self, path: Path, record: _File):
         if record.slice is None and record.reason != ARCHIVE:
-            self.bad_files[path] = record.reason
+            self.skipped[path] = SkippedFile(path, record.reason)
         else:
-            self.bad_files.pop(path, None)
+            self.skipped.pop(path, None)
 
     def _note_duplicate(self, key: str, records: list):
         """Files dropped in this run that are all copies of delivered ones: said once, not processed again."""
@@ -686,8 +692,7 @@ class Inbox:
                                                  f"Looks incomplete ({incomplete}): held for more files")
                 continue
             for item in skipped:
-                self.bad_files[item.path] = item.reason
-                self.left_out[item.path] = item
+                self.skipped[item.path] = item
             self._handed_out[key] = hashes
             for record in records:
                 record.fresh = False
