@@ -1,7 +1,8 @@
 """The AI prompts section's binding: viewer markups and shortcuts in, PromptsPanel (the library) out.
 
 Points are placed as markups points, boxes as ROIs, scribbles as open curves and lassos as
-closed curves; each finished markup becomes one prompt (in RAS) and is cleared. The Segment
+closed curves; each finished markup becomes one prompt (in RAS) and is cleared, and once its result is in, the
+prompt stays shown read-only (the library's PromptTrail) until Undo, reset, another segment or Disconnect. The Segment
 Editor module's own parameter node is used, so its masking and overwrite settings apply.
 """
 
@@ -17,6 +18,7 @@ from SegmentationMachineLib.core.errors import UserError
 from SegmentationMachineLib.core.scene import forward_render_pauses
 from SegmentationMachineLib.panels.promptmarkups import BoxPlacement, curve_points_ras, PlaceMode
 from SegmentationMachineLib.panels.prompts import new_segment, PromptsPanel
+from SegmentationMachineLib.panels.prompttrail import PromptTrail
 from SegmentationMachineLib.prompts.promptfile import save_prompt_file, SegmentPrompts
 from SegmentationMachineLib.prompts.session import SegmentTarget
 
@@ -51,7 +53,7 @@ class PromptToolsSection:
         self.ui = ui
         self.parameterNode = parameterNodeGetter
         self.updateGui = updateGui
-        self.panel = PromptsPanel()
+        self.panel = PromptsPanel(trail=PromptTrail(slicer.mrmlScene, slicer.app.applicationLogic()))
         self.secrets = SecretStore()
         self.tool = None
         self.boxPlacement = BoxPlacement()
@@ -216,6 +218,7 @@ class PromptToolsSection:
     def onSceneClose(self):
         """Close Scene removes our prompt nodes, and the scene hands their IDs to the next nodes made: forgotten."""
         self.setTool(None)
+        self.panel.trail.clear()  # the prompts shown were the closed scene's segment's
         interaction = slicer.app.applicationLogic().GetInteractionNode()  # a singleton: it stays, and so do its observers
         for node, tag in self.observations:
             if node is not interaction:

@@ -12,6 +12,7 @@ from ..core.errors import UserError
 from ..core.scene import new_segmentation
 from ..prompts.promptfile import Prompt
 from ..prompts.session import InteractiveSession, PendingPrompt, SegmentTarget
+from .prompttrail import PromptTrail
 from .tasks import BackgroundTask
 
 SHOW_WAIT_AFTER_S = 1.0  # quicker answers need no "waiting" line
@@ -26,6 +27,7 @@ class PromptsPanel:
     to the server. A prompt made while a prediction runs waits its turn: none is dropped. A
     slow prediction shows its elapsed seconds in the status line and can be cancelled. While connected to a
     pod's server it heartbeats the pod's agent (on its own thread), so the pod is not ended as idle mid-work.
+    With a trail (prompttrail.PromptTrail, in Slicer) the prompts that made the segment chosen stay shown.
     """
 
     include: bool = True
@@ -37,6 +39,7 @@ class PromptsPanel:
     clock: object = time.monotonic
     records: PodRecords = field(default_factory=PodRecords)  # pods started here: their heartbeat tokens
     heartbeat: Heartbeat = None  # while connected to a pod's server
+    trail: PromptTrail = None  # the views' markups of the prompts sent; None: nothing shown (the CLI, most tests)
     _job: object = None  # what the running task is: "connect", "stage", or a PendingPrompt
     _job_started: float = 0.0
     _connecting: InteractiveSession = None
@@ -92,6 +95,8 @@ class PromptsPanel:
             self.session.close()
             self.session = None
             self.status = "Disconnected."
+        if self.trail is not None:
+            self.trail.clear()
 
     def choose(self, volume_node, target: SegmentTarget):
         """Main thread: the volume (uploaded if its voxels are new) and the segment to prompt into."""
@@ -144,6 +149,9 @@ class PromptsPanel:
             self.status = f"{self._job.prompt.kind.capitalize()}: {doing}, {elapsed:.0f} s (Cancel stops waiting)."
         if self._job == "stage" and self.status.startswith(SENDING_SCAN) and elapsed >= SHOW_WAIT_AFTER_S:
             self.status = f"{SENDING_SCAN}: {elapsed:.0f} s (prompts placed meanwhile wait for it)."
+        if self.trail is not None and self.session is not None:  # after the job: its prompt, undo or reset shows
+            volume_node, prompts = self.session.prompts_shown()
+            self.trail.show(prompts, volume_node)
         note = heartbeat_note(self.heartbeat)
         if note != self._pod_note:  # each once: the prompts' own lines follow
             self._pod_note = note

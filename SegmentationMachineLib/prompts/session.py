@@ -757,6 +757,13 @@ class InteractiveSession:
                 prompts = [] if step.prompt.kind == "reset" else prompts + [step.prompt]
         return prompts
 
+    def prompts_shown(self) -> tuple:
+        """(the volume node, the prompts that made the segment chosen as it stands, in its own RAS): what the views
+        show of them (panels/prompttrail.py); none for a segment deleted meanwhile."""
+        if self._target is None or not self._target.exists():
+            return self._volume_node, []
+        return self._volume_node, self.prompts_of(self._target.segment_id, self._target.segmentation_node)
+
 
 @dataclass
 class PendingPrompt:
