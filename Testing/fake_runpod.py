@@ -206,6 +206,9 @@ class FakeRunPod:
     stalled: bool = False  # while set, API requests get no answer (a network that times out)
     # runtime.uptime since the container's last start, as v2's schema says (PodRuntime.uptime), or over all starts
     uptime_per_start: bool = True
+    # False: a RUNNING pod answers runtime null, as v2's schema allows ("live utilization metrics", nullable): no
+    # uptime, no ports; its proxy routes all the same
+    runtime_reported: bool = True
     # GET /v2/pods/{id} off its schema: "page" (a maintenance page, answered 200) or "renamed" (v2 is a beta: its
     # runtime's port entries with a field renamed)
     reads_as: str = None
@@ -607,13 +610,14 @@ class FakeRunPod:
         return (pod["stoppedUptime"] + self._uptime(pod)) / 3600 * pod["cost"]
 
     def _view(self, pod):
-        """The pod as v2's Pod schema describes it (every required field): runtime null until RUNNING, cost 0.0
+        """The pod as v2's Pod schema describes it (every required field): runtime null until RUNNING (and while
+        RUNNING without runtime_reported), cost 0.0
         once EXITED or TERMINATED, no link to a template it was created from."""
         age = self._uptime(pod)
         runtime, status = None, pod["status"]
         if status == "RUNNING" and age < self.boot_s:
             status = "PROVISIONING" if age < self.boot_s / 2 else "STARTING"
-        elif status == "RUNNING":
+        elif status == "RUNNING" and self.runtime_reported:
             ports = [{"private": int(p.split("/")[0]), "public": None if p.endswith("/http") else 40000 + i,
                       "type": p.split("/")[1], "ip": None if p.endswith("/http") else "100.65.0.2"}
                      for i, p in enumerate(pod["ports"])] if age >= self.ports_s else []
@@ -626,7 +630,7 @@ class FakeRunPod:
                 "dataCenterId": "EU-RO-1", "cudaVersion": pod["cudaVersion"], "ssh": {"proxy": proxy, "direct": None},
                 "template": None, "cost": 0.0 if status in ("EXITED", "TERMINATED") else pod["cost"],
                 "locked": False, "globalNetworking": {"enabled": False}, "runtime": runtime,
-                "createdAt": _iso(pod["created_at"]), "startedAt": _iso(pod["started"]) if runtime else None}
+                "createdAt": _iso(pod["created_at"]), "startedAt": _iso(pod["started"]) if status == "RUNNING" else None}
 
 
 @dataclass

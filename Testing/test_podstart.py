@@ -177,6 +177,23 @@ def test_ready_needs_a_heartbeat_the_agent_accepted_and_a_failed_start_keeps_its
     assert 3600 + 30 - 60 < end - time.time() <= 3600 + 30  # start timeout + lifetime: the agent ends it first
 
 
+def test_a_running_pod_whose_runtime_is_not_reported_is_asked_itself_and_not_terminated(backend, quick, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """v2's schema lets a RUNNING pod's runtime (uptime, ports) be null: readiness is the proxy's answer, so a start
+    that waited for a runtime timed out and terminated a working pod. Its cost since its start is then unknown, not
+    $0.00."""
+    from SegmentationMachineLib.cli.pod import _cost_of, _pod_line
+
+    monkeypatch.setenv("SM_RUNPOD_PROXY_URL", quick.proxy_template())
+    quick.runtime_reported = False
+    cloud = CloudGpu(backend, PodRecords(tmp_path / "pods.json"))
+    [l40s] = [g for g in backend.gpu_types() if g.name == "L40S"]
+    started = cloud.up([l40s], limits=Limits(max_lifetime_s=3600), timeout_s=5, sleep=lambda s: time.sleep(0.1))
+    pod = backend.get(started.pod_id)
+    assert pod.status == "RUNNING" and not pod.runtime_ready and started.pod_id in quick.pods
+    assert "0 min" not in _pod_line(pod) and "$0.86/h" in _pod_line(pod) and _cost_of(pod) == ""
+
+
 def test_hosts_on_drivers_newer_than_any_list_we_could_write_still_take_our_pods(backend, quick, tmp_path,
                                                                                  monkeypatch):
     """RunPod matches a create's CUDA versions exactly: a list ending at 13.0 once made every RTX 4090 host (13.1 and

@@ -142,8 +142,9 @@ def _up(cloud: CloudGpu, args):
             print(f"Stopped since an earlier start: {pod.id} ({pod.gpu}); {pod.stopped_cost()}: `{SM} resume {pod.id}` "
                   f"continues it, `{SM} down {pod.id}` terminates it.")
         else:
-            print(f"Still there from an earlier start: {pod.id} ({pod.gpu}, {pod.status}, ${cost:.2f} since its last "
-                  f"start); `{SM} down {pod.id}` terminates it.")
+            spent = f", ${cost:.2f} since its last start" if pod.runtime_ready else ""  # no uptime: cost unknown
+            print(f"Still there from an earlier start: {pod.id} ({pod.gpu}, {pod.status}{spent}); `{SM} down {pod.id}` "
+                  "terminates it.")
     choices = cloud.gpu_choices(args.gpu, args.cloud.upper(), args.max_price)
     price = choices[0].price(args.cloud.upper())
     limit = price * MAX_FALLBACK_PRICE if args.max_price is None else args.max_price  # the user's limit, when given
@@ -252,6 +253,8 @@ def _urls(started: StartedPod) -> str:
 def _pod_line(pod) -> str:
     if pod.status == "EXITED":  # RunPod reports a stopped pod with no rate (0.0) and no uptime
         return f"{pod.id} {pod.name}: EXITED, {pod.gpu}; stopped, {pod.stopped_cost()}"
+    if not pod.runtime_ready:  # RunPod reports no uptime (yet): "$0.00 in 0 min" would be wrong
+        return f"{pod.id} {pod.name}: {pod.status}, {pod.gpu}, ${pod.cost_per_hr:.2f}/h"
     return (f"{pod.id} {pod.name}: {pod.status}, {pod.gpu}, ${pod.cost_per_hr:.2f}/h, "
             f"${pod.cost_since_started:.2f} in the {pod.uptime_s / 60:.0f} min since its last start")
 
@@ -323,8 +326,8 @@ def _down(cloud: CloudGpu, args):
 
 def _cost_of(pod) -> str:
     """What the pod's current run cost, where RunPod says (a running pod's rate and uptime): a stopped pod or one in
-    ERROR is reported with no rate or uptime, and "$0.00" would be wrong."""
-    return f" (this run cost ${pod.cost_since_started:.2f})" if pod.status == "RUNNING" else ""
+    ERROR is reported with no rate or uptime (a running pod may be too), and "$0.00" would be wrong."""
+    return f" (this run cost ${pod.cost_since_started:.2f})" if pod.status == "RUNNING" and pod.runtime_ready else ""
 
 
 class _PhaseDisplay:

@@ -112,8 +112,8 @@ class Pod:
     status: str  # PROVISIONING, STARTING, RUNNING, ERROR, EXITED (stopped: its volume kept); TERMINATED is gone
     gpu: str  # the GPU type's id: v2 describes a pod's GPU as {id, count} only
     cost_per_hr: float  # RunPod's current rate: 0.0 once stopped (EXITED)
-    uptime_s: int  # 0 unless RUNNING: v2 has no runtime for a pod in any other state
-    runtime_ready: bool  # the container runs (a runtime is reported)
+    uptime_s: int  # 0 unless RUNNING with a runtime: v2 has none for a pod in any other state, and may have none yet
+    runtime_ready: bool  # a runtime is reported (uptime, ports); a RUNNING pod may lack one: ask the pod itself
     ports: list  # private ports listed by the runtime
     volume_gb: int = 0
     network_volume: str = ""  # the network volume's id, where the pod mounts one instead of a volume of its own

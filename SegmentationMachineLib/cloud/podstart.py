@@ -197,7 +197,9 @@ def wait_until_ready(backend, pod: Pod, is_ready, records, on_progress, timeout_
         if current.status in FAILED:
             raise _given_up(backend, records, current, f"RunPod reports the pod as {current.status} while "
                             f"{phase.value}", cost, keep_volume)
-        if current.runtime_ready:
+        # RUNNING is enough to ask the pod itself: v2 may report a running pod's runtime (uptime, ports) late or never
+        # (its schema allows null), and the proxy's answer, anything but 200 until the pod is routed, says the rest.
+        if current.status == "RUNNING" or current.runtime_ready:
             phase = Phase.STARTING_SERVICES
             if is_ready(current):
                 on_progress(Progress(Phase.READY, elapsed, cost, current.id, note))
