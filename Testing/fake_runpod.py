@@ -193,6 +193,9 @@ class FakeRunPod:
     balance: float = 25.0  # at 0, creates answer 402
     graphql_retired: int = 0  # once set, the status /graphql answers: 410 Gone (a retired API) or 404
     limited_keys: set = field(default_factory=set)  # keys that may read and stop pods but not terminate them
+    # keys that may stop a pod and nothing else (403), reading it included: all that RunPod documents of the pod-scoped
+    # RUNPOD_API_KEY it gives a pod
+    stop_only_keys: set = field(default_factory=set)
     templates: dict = field(default_factory=dict)  # id → a Template's settings (image, ports, env, disk, mounts...)
     agent_answers: bool = True  # the pod agent behind the proxy (port 8001) answers heartbeats
     routing_status: int = 502  # the proxy's page until the pod's server answers (also 503 or 504 while it routes)
@@ -357,8 +360,13 @@ class FakeRunPod:
                 return (*_problem(400, "The body is not JSON."), {})
             self.requests.append((method, path, payload))
             key = authorization.removeprefix("Bearer ")
-            if not authorization.startswith("Bearer ") or key not in {self.api_key, *self.limited_keys}:
+            if not authorization.startswith("Bearer ") or key not in {self.api_key, *self.limited_keys,
+                                                                      *self.stop_only_keys}:
                 return (*_problem(401, "Invalid or missing API key."), {})
+            stops = (method == "POST" and re.fullmatch(r"/v2/pods/[^/?]+/action", path)
+                     and isinstance(payload, dict) and payload.get("action") == "stop")
+            if key in self.stop_only_keys and not stops:
+                return (*_problem(403, "This API key may only stop its pod."), {})
             if (self.rate_limit_every and self._count % self.rate_limit_every == 0
                     or self.graphql_rate_limited and path == "/graphql"):
                 self.rate_limited += 1

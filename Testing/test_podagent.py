@@ -345,6 +345,26 @@ def test_a_pod_key_that_may_not_terminate_stops_the_pod_instead(fake, pod):
     assert "rpa_POD_SCOPED" not in log
 
 
+def test_a_pod_key_that_may_only_stop_ends_the_pod_through_a_stop_of_unknown_outcome(fake, pod, caplog):
+    """All RunPod documents of the pod-scoped key is that it stops the pod: where it may not even read the pod, a stop
+    answered with a server error (done all the same) is sent again, and the 409 a stopped pod answers is the stop done;
+    the failed reads are said once, not every poll."""
+    fake.stop_only_keys = {"rpa_STOP_ONLY"}
+    fake.action_fault = (502, "Bad gateway")  # the stop happens, its answer is lost
+    now = [0.0]
+    config = AgentConfig(pod.id, "rpa_STOP_ONLY", TOKEN, idle_timeout_s=10, poll_s=60, price_per_hr=0.69)
+    agent = PodAgent(config, RunPodRest("rpa_STOP_ONLY", sleep=lambda s: None), clock=lambda: now[0])
+    agent.check()
+    now[0] = 61
+    agent.check()  # a second poll, refused as the first
+    assert caplog.text.count("Could not read the pod's cost from RunPod: RunPod refused: this API key may not") == 1
+    now[0] = 121  # idle for longer than the timeout
+    agent.check()
+    assert agent.terminated.is_set() and fake.pods[pod.id]["status"] == "EXITED"  # no GPU billing
+    stops = [body for method, path, body in fake.requests if body == {"action": "stop"}]
+    assert len(stops) == 2 and "Stopping failed" not in caplog.text and "rpa_STOP_ONLY" not in caplog.text
+
+
 def test_the_budget_holds_with_the_price_from_the_environment_when_runpod_cannot_be_read(fake, pod):
     now = [0.0]
     config = AgentConfig.from_env({"RUNPOD_POD_ID": pod.id, "RUNPOD_API_KEY": "rpa_unreadable",

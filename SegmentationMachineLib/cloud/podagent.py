@@ -227,6 +227,7 @@ class PodAgent:
         self._uptime_s, self._polled_at, self._uptime_at = 0.0, None, self._started
         self._cost_per_hr = config.price_per_hr or 0.0
         self._pod = None  # RunPod's last answer: the volume's size, for what a stopped pod costs
+        self._poll_failure = ""  # why the last poll of RunPod failed, logged when it first fails so
         folder = Path(config.workspace) / AGENT_FOLDER
         self._running_file, self._notice_file = folder / "running.json", folder / "notice"
         self._ran_before_s = load_running_s(self._running_file, config.pod_id)
@@ -386,11 +387,14 @@ class PodAgent:
         try:
             pod = self._backend.get(self.config.pod_id)
         except PodsError as error:
-            log.error("Could not read the pod's cost from RunPod: %s", error)
+            if str(error) != self._poll_failure:  # said once, not every poll: a pod-scoped key may never read the pod
+                log.error("Could not read the pod's cost from RunPod: %s", error)
+            self._poll_failure = str(error)
             return
         except Exception as error:  # whatever else: the limits are still watched, with our own clock and price
             self._unexpected(error)
             return
+        self._poll_failure = ""
         # None: RunPod does not (or not yet) list the pod. The watch goes on: one odd answer must not
         # leave a pod unguarded, and a really terminated pod takes this container with it anyway.
         if pod is not None:

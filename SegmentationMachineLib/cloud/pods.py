@@ -39,9 +39,9 @@ BACKOFF_S = (5, 10, 20, 40, 60)  # between tries after a 429 without Retry-After
 NETWORK_RETRIES = 2  # a read that gets a server error or no answer is tried again twice (5 s, 10 s)
 LOOKUP_S = (2, 3, 5)  # after a create of unknown outcome: the pod list lags a few seconds behind
 # After an action of unknown outcome (RunPod: "the action may have happened: look the pod up before trying again"),
-# whether the pod (None: terminated) shows that it happened.
-HAPPENED = {"stop": lambda pod: pod is not None and pod.status == "EXITED",
-            "start": lambda pod: pod is not None and pod.status != "EXITED",
+# whether the pod (None: terminated; _UNSEEN: it could not be read) shows that it happened.
+HAPPENED = {"stop": lambda pod: isinstance(pod, Pod) and pod.status == "EXITED",
+            "start": lambda pod: isinstance(pod, Pod) and pod.status != "EXITED",
             "terminate": lambda pod: pod is None}
 VOLUME_USD_PER_GB_MONTH = 0.20  # a stopped pod's volume
 KEPT_WHILE_CREDIT = "kept while the account has credit (at $0 RunPod terminates pods without a network volume)"
@@ -326,10 +326,18 @@ class RunPodRest:
                 return found
         return []
 
+    def _look(self, pod_id: str):
+        """The pod (None: terminated), or _UNSEEN where RunPod does not let it be read: the pod-scoped key RunPod gives a
+        pod is documented to stop it, nothing more. Unseen is unknown: neither done nor not done."""
+        try:
+            return self.get(pod_id)
+        except PodsError:
+            return _UNSEEN
+
     def _terminated(self, response, pod_id: str) -> bool:
         """Whether an action's answer means the pod is terminated: gone (404), or refused (409) while it is
         still listed as TERMINATED."""
-        return response.status_code == 404 or (response.status_code == 409 and self.get(pod_id) is None)
+        return response.status_code == 404 or (response.status_code == 409 and self._look(pod_id) is None)
 
     def _action(self, pod_id: str, action: str):
         response = self._act(pod_id, action)
@@ -338,25 +346,28 @@ class RunPodRest:
         if self._terminated(response, pod_id):
             raise PodsError(f"There is no pod {pod_id} on this account (terminated?): "
                             "`segmentation-machine pod list` shows them.")
-        if action == "stop" and response.status_code == 409 and HAPPENED["stop"](self.get(pod_id)):
+        if action == "stop" and response.status_code == 409 and HAPPENED["stop"](self._look(pod_id)):
             return  # refused as not valid now because it is stopped already
         _checked(response)
 
     def _act(self, pod_id: str, action: str):
         """The action's answer, or None where an answer of unknown outcome (a server error, none, "something went
-        wrong") was followed by a look at the pod that shows it happened. Sent again only while the pod shows it did
-        not: a stop reported failed although it happened would send a user to terminate, losing the volume."""
+        wrong") was followed by a look at the pod that shows it happened. Sent again unless the pod shows it happened
+        (or where the pod cannot be read: a second stop is refused as not valid, never done twice): a stop reported
+        failed although it happened would send a user to terminate, losing the volume."""
         unsure = False
         for wait in (*BACKOFF_S[:NETWORK_RETRIES], None):
             try:
                 response = self._request("POST", f"/pods/{pod_id}/action", body={"action": action}, create=True)
                 if not (unsure and response.status_code == 409):
                     return response
-                # refused as not valid now: it may have happened after all, and the pod shown late
-                return None if HAPPENED[action](self.get(pod_id)) else response
+                # refused as not valid now: it may have happened after all, and the pod shown late. A stop sent again
+                # and refused so is done where the pod cannot be read: a stop is not valid once stopped.
+                seen = self._look(pod_id)
+                return None if HAPPENED[action](seen) or (seen is _UNSEEN and action == "stop") else response
             except _Unknown:
                 unsure = True
-                if HAPPENED[action](self.get(pod_id)):
+                if HAPPENED[action](self._look(pod_id)):  # unseen: sent again
                     return None
                 if wait is None:
                     raise PodsError(f"RunPod did not confirm the {action} of pod {pod_id} (server errors or no "
@@ -432,6 +443,7 @@ class _Unknown(Exception):
 
 
 _OPEN, _END = object(), object()  # the log's reader: RunPod answered; the stream ended
+_UNSEEN = object()  # a pod RunPod did not let us read (_look)
 
 
 def _log_lines(response):
