@@ -473,8 +473,10 @@ class FakeRunPod:
             gpu["allowedCudaVersions"] = template["allowedCudaVersions"]
         return {**spread, **body, "gpu": gpu, "env": {**template.get("env", {}), **body.get("env", {})}}
 
-    def _create(self, settings, terminateAfter=None, stopAfter=None):
-        """A pod from v2-shaped settings (a template already spread into them)."""
+    def _create(self, settings, terminateAfter=None, stopAfter=None, public_ip=False):
+        """A pod from v2-shaped settings (a template already spread into them). Its TCP ports get a public port on the
+        secure cloud; on the community cloud only where GraphQL's create asked for supportPublicIp (the note: "community
+        cloud needs supportPublicIp"); v2's create has no such field, so we assume none there."""
         gpu_id, cloud = settings["gpu"]["id"], settings.get("cloud", "SECURE")
         if gpu_id in self.no_capacity:
             raise _Failure(400, self.capacity_message)
@@ -497,7 +499,8 @@ class FakeRunPod:
             "startSsh": settings.get("startSsh", False), "terminateAfter": terminateAfter, "stopAfter": stopAfter,
             "cost": gpu["price"][cloud.lower()], "log": [("system", f"pulling image {settings['image']}"),
                                                          "starting the container"],
-            "fails_as": self.fails_as, "cudaVersion": hosts_for(gpu, settings["gpu"])[-1],
+            "publicIp": cloud == "SECURE" or public_ip, "fails_as": self.fails_as,
+            "cudaVersion": hosts_for(gpu, settings["gpu"])[-1],
         }
         if self.create_fault:
             fault, self.create_fault = self.create_fault, None
@@ -541,7 +544,7 @@ class FakeRunPod:
         try:
             for end in filter(None, ends.values()):
                 datetime.fromisoformat(end.replace("Z", "+00:00"))
-            pod = self._create(self._spread(settings), **ends)
+            pod = self._create(self._spread(settings), public_ip=bool(spec.get("supportPublicIp")), **ends)
         except _Failure as failure:
             if failure.status >= 500:
                 raise
@@ -626,8 +629,9 @@ class FakeRunPod:
         if status == "RUNNING" and age < self.boot_s:
             status = "PROVISIONING" if age < self.boot_s / 2 else "STARTING"
         elif status == "RUNNING" and self.runtime_reported:
-            ports = [{"private": int(p.split("/")[0]), "public": None if p.endswith("/http") else 40000 + i,
-                      "type": p.split("/")[1], "ip": None if p.endswith("/http") else "100.65.0.2"}
+            public = [not p.endswith("/http") and pod["publicIp"] for p in pod["ports"]]  # TCP, where the host has one
+            ports = [{"private": int(p.split("/")[0]), "public": 40000 + i if public[i] else None,
+                      "type": p.split("/")[1], "ip": "100.65.0.2" if public[i] else None}
                      for i, p in enumerate(pod["ports"])] if age >= self.ports_s else []
             runtime = {"uptime": int(age if self.uptime_per_start else pod["stoppedUptime"] + age), "ports": ports}
         proxy = {"host": "ssh.runpod.io", "port": 22, "username": f"{pod['id']}-64411eb2",

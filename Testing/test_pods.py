@@ -355,6 +355,22 @@ def test_terminate_after_goes_through_graphql_and_runpod_ends_the_pod(backend, f
     assert backend.get(pod.id) is None and fake.pods == {}
 
 
+@pytest.mark.parametrize("cloud, public_ip", [("COMMUNITY", True), ("SECURE", False)])
+def test_a_community_pod_asks_for_the_public_ip_its_tcp_port_needs(backend, fake, cloud, public_ip):
+    """RunPod exposes TCP ports (22/tcp: SSH) on the community cloud only with supportPublicIp; the secure cloud has
+    them anyway. A pod without them, and v2's create cannot ask (its schema has no such field), has no public port."""
+    fake.boot_s = fake.ports_s = 0
+    pod = backend.create(PodSpec("NVIDIA L40S", image="x", cloud=cloud, terminate_after="2030-01-01T00:00:00Z"))
+    [(_, _, body)] = [r for r in fake.requests if r[1] == "/graphql"]
+    assert body["variables"]["input"]["supportPublicIp"] is public_ip
+    [ssh] = [p for p in fake._view(fake.pods[pod.id])["runtime"]["ports"] if p["private"] == 22]
+    assert ssh["public"] and ssh["ip"]
+    fake.graphql_retired = 410
+    unexposed = backend.create(PodSpec("NVIDIA L40S", image="x", cloud="COMMUNITY"))  # through v2
+    [ssh] = [p for p in fake._view(fake.pods[unexposed.id])["runtime"]["ports"] if p["private"] == 22]
+    assert ssh["public"] is None and ssh["ip"] is None
+
+
 @pytest.mark.parametrize("gone", [410, 404])
 def test_graphql_capacity_errors_and_its_retirement(backend, fake, gone, caplog):
     end = "2030-01-01T00:00:00Z"

@@ -597,10 +597,16 @@ def _graphql_input(spec: PodSpec) -> dict:
              "imageName": spec.image, "templateId": spec.template_id, "containerDiskInGb": spec.container_disk_gb,
              "volumeInGb": 0 if spec.network_volume_id else spec.volume_gb, "networkVolumeId": spec.network_volume_id,
              "volumeMountPath": spec.volume_mount, "ports": ",".join(spec.ports), "startSsh": True,
-             "supportPublicIp": False, "allowedCudaVersions": spec.allowed_cuda_versions,
+             "supportPublicIp": _needs_public_ip(spec), "allowedCudaVersions": spec.allowed_cuda_versions,
              "env": [{"key": str(k), "value": str(v)} for k, v in spec.env.items()],
              "terminateAfter": spec.terminate_after, "stopAfter": spec.stop_after}
     return {k: v for k, v in given.items() if v is not None}
+
+
+def _needs_public_ip(spec: PodSpec) -> bool:
+    """Whether GraphQL's create must ask for a public IP: RunPod exposes TCP ports (22/tcp for SSH) on the community
+    cloud only with one (the secure cloud has them anyway). v2's create has no such field."""
+    return spec.cloud == "COMMUNITY" and any(port.endswith("/tcp") for port in spec.ports)
 
 
 @_readable
