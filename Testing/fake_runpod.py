@@ -252,7 +252,7 @@ class FakeRunPod:
                 fake.paths.append(self.path)
                 authorization = self.headers.get("Authorization", "")
                 if self.path.startswith("/proxy/"):  # https://POD_ID-PORT.proxy.runpod.net, here as a path
-                    status, payload, headers = *fake.proxy(self.path, authorization), {}
+                    status, payload, headers = (*fake.proxy(self.path, authorization), {})[:3]
                 else:
                     while fake.stalled and not fake._closing.is_set():
                         time.sleep(0.05)
@@ -341,9 +341,13 @@ class FakeRunPod:
                          "warning": self.warning}
         if authorization != f"Bearer {pod['env'].get('SM_NNI_API_KEY')}":
             return 401, {"detail": "invalid API key"}
+        # As upstream's server (nnInteractive 2.6, inference/server/app.py) answers a claim, at its defaults
         if self.server_full and route == "claim":
-            return 503, {"detail": "server is at capacity (3 sessions)"}
-        return 200, {"lease_token": "lease-1"} if route == "claim" else {}
+            return 503, {"detail": "server is at capacity (3 sessions)"}, {"Retry-After": "10"}
+        if route == "claim":
+            return 200, {"lease_token": "lease-1", "idle_timeout_seconds": 600.0, "liveness_timeout_seconds": 60.0,
+                         "max_sessions": 3}
+        return 200, {"released": True} if route == "release" else {}
 
     def proxy_template(self) -> str:
         """For SM_RUNPOD_PROXY_URL: the fake's stand-in for https://{pod_id}-{port}.proxy.runpod.net."""
@@ -500,7 +504,9 @@ class FakeRunPod:
             "cost": gpu["price"][cloud.lower()], "log": [("system", f"pulling image {settings['image']}"),
                                                          "starting the container"],
             "publicIp": cloud == "SECURE" or public_ip, "fails_as": self.fails_as,
-            "cudaVersion": hosts_for(gpu, settings["gpu"])[-1],
+            # RunPod takes any host that matches; the oldest is the worst case, so a create that drops its CUDA floor
+            # lands on a driver the image's torch cannot use
+            "cudaVersion": hosts_for(gpu, settings["gpu"])[0],
         }
         if self.create_fault:
             fault, self.create_fault = self.create_fault, None

@@ -57,6 +57,15 @@ def test_the_proxys_503_while_it_routes_is_not_ready_but_a_full_servers_is(backe
     quick.server_s = 0.0
     quick.server_full = True
     assert check(pod)
+    import requests  # upstream's shape (nnInteractive 2.6's app.py): a full server says when to try again
+
+    full = requests.post(f"{quick.url}/proxy/{pod.id}-8000/claim", headers={"Authorization": f"Bearer {SERVER_KEY}"},
+                         timeout=10)
+    assert full.status_code == 503 and full.headers["Retry-After"] == "10"
+    quick.server_full = False
+    claim = requests.post(f"{quick.url}/proxy/{pod.id}-8000/claim", headers={"Authorization": f"Bearer {SERVER_KEY}"},
+                          timeout=10).json()
+    assert set(claim) == {"lease_token", "idle_timeout_seconds", "liveness_timeout_seconds", "max_sessions"}
 
 
 def test_no_capacity_moves_on_to_the_next_gpu_type(backend, quick, tmp_path):
@@ -204,7 +213,10 @@ def test_hosts_on_drivers_newer_than_any_list_we_could_write_still_take_our_pods
     assert rtx_4090.cuda_versions == ("13.1", "13.2")  # its 12.4 hosts cannot run the image's torch
     started = cloud.up([rtx_4090], limits=Limits(max_lifetime_s=3600), timeout_s=30, sleep=lambda s: time.sleep(0.1))
     pod = quick.pods[started.pod_id]
-    assert pod["gpu"]["allowedCudaVersions"] == ["13.1", "13.2"] and pod["cudaVersion"] == "13.2"  # via GraphQL
+    assert pod["gpu"]["allowedCudaVersions"] == ["13.1", "13.2"] and pod["cudaVersion"] == "13.1"  # via GraphQL
+    quick.graphql_retired = 410  # through v2: its floor keeps the pod off the type's 12.4 hosts (RunPod may take any)
+    on_v2 = cloud.up([rtx_4090], timeout_s=30, sleep=lambda s: time.sleep(0.1))
+    assert quick.pods[on_v2.pod_id]["cudaVersion"] == "13.1"
     with pytest.raises(PodsError, match="no capacity"):  # what a fixed list did
         backend.create(PodSpec(rtx_4090.id, image="x", allowed_cuda_versions=["12.8", "12.9", "13.0"]))
     assert backend.create(PodSpec(rtx_4090.id, image="x", min_cuda_version="12.8")).id in quick.pods  # v2's floor
