@@ -34,7 +34,8 @@ def segment_with_prompts(ctx: SceneContext, volume_node, segments, session: Inte
         for number, prompt in enumerate(segment.prompts, 1):
             timing = session.add(prompt)
             sign = "include" if prompt.include else "exclude"
-            echo(f"{segment.name}: prompt {number}/{len(segment.prompts)} ({prompt.kind}, {sign}) in {timing}")
+            nothing = "" if timing.changed else " (changed nothing; kept for the prompts that follow)"
+            echo(f"{segment.name}: prompt {number}/{len(segment.prompts)} ({prompt.kind}, {sign}) in {timing}{nothing}")
     return node
 
 

@@ -6,10 +6,10 @@ kept), steps in other segmentations and in deleted segments, a new series, the h
 import numpy as np
 import pytest
 
-from interactive_parts import connected_panel, mask_of, oblique_matrix, open_session, paint, ras, settle, SHAPE
+from interactive_parts import connected_panel, KEY, mask_of, oblique_matrix, open_session, paint, ras, settle, SHAPE
 from SegmentationMachineLib.core import arrays
 from SegmentationMachineLib.prompts.promptfile import Prompt
-from SegmentationMachineLib.prompts.session import headless_editor, SegmentTarget
+from SegmentationMachineLib.prompts.session import headless_editor, InteractiveSession, SegmentTarget
 from SegmentationMachineLib.segment.presets import add_segment_from_mask
 
 
@@ -240,3 +240,94 @@ def test_the_history_counts_the_voxels_a_step_took_drops_every_step_of_a_deleted
     restored = []
     history.undo(restored.append)  # the kept segment's step, at once
     assert [s.segment_id for s in restored] == [kept_id] and not history.can_undo
+
+
+def test_a_prompt_that_changed_nothing_is_recorded_undone_and_redone_as_the_last_prompt_placed(server, scene_parts):
+    """An exclude click on background changes no voxel, but the server keeps it and it shapes later results: it is a
+    step of its own. Ctrl+Z takes it back (the segment stays as it is, the server's own undo follows before the next
+    prompt, so the model forgets it too); Redo brings it back (the server still has it: nothing is sent)."""
+    volume, segmentation, target, editor = scene_parts
+    said = []
+    session = open_session(server, scene_parts, status=said.append)
+    near, far = (20, 24, 28), (20, 24, 31)  # three voxels apart: the exclude's ball takes much of the include's
+
+    def calls():
+        return server.count('"POST /undo'), server.count('"POST /reset_interactions')
+
+    timing = session.add(Prompt("point", False, ras=ras(near)))
+    assert not timing.changed and not mask_of(session).any()
+    recorded = session.prompts_of(target)
+    assert [(p.kind, p.include, p.ras) for p in recorded] == [("point", False, ras(near))] and session.can_undo
+    undos, seeds = calls()
+    session.undo()  # the last prompt placed, though it changed nothing
+    assert session.prompts_of(target) == [] and not mask_of(session).any() and session.can_redo
+    session.redo()  # before any prompt: the server still has it
+    assert session.prompts_of(target) == recorded and calls() == (undos, seeds)
+    session.add(Prompt("point", True, ras=ras(far)))
+    cut = mask_of(session)
+    assert cut.any() and calls() == (undos, seeds)
+    session.undo()
+    session.undo()  # the exclude too: deeper than the server's one level, so the next prompt re-seeds (empty)
+    session.add(Prompt("point", True, ras=ras(far)))
+    whole = mask_of(session)
+    assert calls() == (undos, seeds + 1) and (cut <= whole).all() and whole.sum() > cut.sum() * 2  # the exclude cut it
+    session.undo()  # one level: the server's own undo, sent with the next prompt
+    session.add(Prompt("point", False, ras=ras(near)))
+    session.undo()  # the server's own undo takes it back before the next prompt: the model forgets it
+    session.add(Prompt("point", True, ras=ras(far)))
+    assert np.array_equal(mask_of(session), whole) and calls() == (undos + 2, seeds + 1)
+    assert [p.include for p in session.prompts_of(target)] == [True]
+    session.close()
+
+
+def test_a_prompt_file_saved_with_a_prompt_that_changed_nothing_replays_the_segment_made(server, scene_parts, ctx,
+                                                                                        tmp_path):
+    """Save prompts writes the prompt that changed nothing: replayed (as the CLI's model command does), the file gives
+    the segment the user made; without it, another one."""
+    from SegmentationMachineLib.pipeline import segment_with_prompts
+    from SegmentationMachineLib.prompts.promptfile import load_prompt_file, save_prompt_file, SegmentPrompts
+
+    volume, segmentation, target, editor = scene_parts
+    session = open_session(server, scene_parts)
+    session.add(Prompt("point", True, ras=ras((12, 14, 16))))
+    session.add(Prompt("point", True, ras=ras((12, 14, 16))))  # inside what it made already: changes nothing
+    session.add(Prompt("point", False, ras=ras((20, 24, 28))))  # on background: changes nothing
+    session.add(Prompt("point", True, ras=ras((20, 24, 31))))
+    made = mask_of(session)
+    session.close()
+    save_prompt_file(tmp_path / "prompts.json", [SegmentPrompts("made", session.prompts_of(target))])
+    saved = load_prompt_file(tmp_path / "prompts.json")
+    assert [(p.include, p.ras) for p in saved[0].prompts] == [
+        (True, ras((12, 14, 16))), (True, ras((12, 14, 16))), (False, ras((20, 24, 28))), (True, ras((20, 24, 31)))]
+    echoed = []
+    for segments in (saved, [SegmentPrompts("without", [p for p in saved[0].prompts if p.include])]):
+        replayer = InteractiveSession(server.url, KEY)
+        replayer.connect()
+        segment_with_prompts(ctx, volume, segments, replayer, echo=echoed.append)
+        replayed = mask_of(replayer, segments[0].name)
+        replayer.close()
+        assert np.array_equal(replayed, made) == (segments is saved)
+    assert any(line.startswith("made: prompt 3/4 (point, exclude) in ") and line.endswith(
+        " (changed nothing; kept for the prompts that follow)") for line in echoed)
+
+
+def test_steps_the_memory_cap_drops_keep_their_prompts_in_the_record(server, scene_parts):
+    """The cap lets go of the oldest steps' masks (no longer undoable), not of their prompts: a prompt file saved after
+    many prompts still replays the first ones."""
+    volume, segmentation, target, editor = scene_parts
+    session = open_session(server, scene_parts)
+    spots = [(12, 12, 12), (12, 20, 20), (20, 14, 22), (24, 24, 14)]
+    session.add(Prompt("point", True, ras=ras(spots[0])))
+    session.max_undo_bytes = session._history.done[0].nbytes
+    for spot in spots[1:]:
+        session.add(Prompt("point", True, ras=ras(spot)))
+    assert len(session._history.done) == 1 and len(session._history.settled) == 3
+    assert all(step.nbytes == 0 for step in session._history.settled)
+    assert [p.ras for p in session.prompts_of(target)] == [ras(s) for s in spots]
+    session.undo()
+    assert [p.ras for p in session.prompts_of(target)] == [ras(s) for s in spots[:3]] and not session.can_undo
+    session.reset()
+    assert session.prompts_of(target) == []
+    session.undo()
+    assert len(session.prompts_of(target)) == 3
+    session.close()

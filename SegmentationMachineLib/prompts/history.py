@@ -1,7 +1,10 @@
-"""Undo and redo of AI prompts: the steps that changed segments, many levels deep, within a memory cap.
+"""Undo and redo of AI prompts: the steps that made segments, many levels deep, within a memory cap.
 
 What a step restores in the segment, and how the server follows, is the session's (session.py); this keeps
-the steps in order and within MAX_UNDO_BYTES.
+the steps in order and within MAX_UNDO_BYTES. A prompt that changed nothing is a step too (an empty box): the server
+keeps it and it shapes later results, so it is part of the record (shown, saved in prompt files) and Undo takes it
+back like any other. Steps the cap drops can no longer be undone, but their prompts stay in the record: a prompt file
+saved from it replays every prompt that made the segment.
 """
 
 import numpy as np
@@ -23,9 +26,27 @@ class Step:
         self._before, self._after = np.packbits(before, axis=None), np.packbits(after, axis=None)
         self._taken = {segment_id: np.packbits(mask, axis=None) for segment_id, mask in (taken or {}).items()}
 
+    @classmethod
+    def nothing(cls, target, prompt: Prompt, at) -> "Step":
+        """A prompt that changed no voxel: an empty box at voxel at (K, J, I), no masks."""
+        empty = np.zeros((0, 0, 0), bool)
+        return cls(target, prompt, tuple(slice(int(v), int(v)) for v in at), empty, empty)
+
     @property
     def segment_id(self) -> str:
         return self.target.segment_id
+
+    @property
+    def empty(self) -> bool:
+        """The prompt changed no voxel: its box is empty."""
+        return 0 in self._shape
+
+    def settle(self) -> "Step":
+        """No longer undoable: its masks are let go, its prompt and segment kept for the record."""
+        self._shape = (0, 0, 0)
+        self._before = self._after = np.zeros(0, np.uint8)
+        self._taken = {}
+        return self
 
     def _unpack(self, bits) -> np.ndarray:
         return np.unpackbits(bits, count=int(np.prod(self._shape))).reshape(self._shape).astype(bool)
@@ -49,10 +70,16 @@ class Step:
 
 
 class UndoHistory:
-    """The steps done (oldest first) and undone (the last undone last)."""
+    """The steps done (oldest first), undone (the last undone last), and settled: done before the oldest step done,
+    dropped by the memory cap, kept only for their prompts."""
 
     def __init__(self):
-        self.done, self.undone = [], []
+        self.done, self.undone, self.settled = [], [], []
+
+    @property
+    def record(self) -> list:
+        """The steps that made the segments as they stand, oldest first."""
+        return self.settled + self.done
 
     @property
     def can_undo(self) -> bool:
@@ -65,6 +92,7 @@ class UndoHistory:
     def clear(self):
         self.done.clear()
         self.undone.clear()
+        self.settled.clear()
 
     def remember(self, step: Step, max_bytes: int) -> str:
         """A new step: redo is gone, and the oldest steps go when the history outgrows max_bytes. Returns the
@@ -73,7 +101,7 @@ class UndoHistory:
         self.undone.clear()
         dropped = 0
         while len(self.done) > 1 and sum(s.nbytes for s in self.done) > max_bytes:
-            self.done.pop(0)
+            self.settled.append(self.done.pop(0).settle())
             dropped += 1
         if not dropped:
             return ""

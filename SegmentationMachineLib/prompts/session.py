@@ -11,7 +11,9 @@ volume and the segmentation are under (frames.py). A result the server cut at a 
 (it reaches one that cuts the volume) is not written: the prompt runs again, from the segment as it
 was, on a region that holds more of it (at most MAX_RERUNS times, each within one request); where
 none fits, or the larger one fails (a GPU out of memory), the cut result is written and the status
-line says so. Undo and redo are kept here (history.py), many levels deep; the server learns of undo, redo and hand
+line says so. A prompt that changes nothing (an exclude click on background) is still kept by the server and shapes
+later results: it is a step of its own, shown, saved and undone like the others. Undo and redo are kept here
+(history.py), many levels deep; the server learns of undo, redo and hand
 edits (Segment Editor paint or erase) before the next prompt, which re-seeds it with the segment as it
 is. Only what the server's model takes is sent (its capabilities are read at connect). A lost session
 (lease gone, server restarted, connection refused) is resumed without the user: claim, upload, seed
@@ -81,6 +83,7 @@ class PromptTiming:
     server_s: float  # upstream client call: network, server, (de)compression
     client_s: float  # ours: mapping the prompt and writing the segment
     warning: str = ""  # a sentence about the result, for the status line: cut by the region sent
+    changed: bool = True  # False: the server changed no voxel (the prompt still counts: it shapes later results)
 
     def __str__(self):
         return f"{self.total_s * 1000:.0f} ms ({self.server_s * 1000:.0f} ms server + network)"
@@ -463,8 +466,10 @@ class InteractiveSession:
         the region that cuts the volume and a larger region fits, writes nothing and sets pending.again, the same
         prompt on that region: run it and finish it in turn."""
         warning, changed, synced = "", bool(box), True
-        if changed:
-            self._still_there()
+        self._still_there()
+        if not changed:  # no box: the server keeps the prompt all the same; recorded as one that changed nothing
+            self._remember(Step.nothing(self._target, self._recorded(pending.prompt), pending.footprint[0]))
+        else:
             box = np.array(box).T  # (2, 3) in the region's voxels
             cut = cut_faces(self._region, self._shape, box, self._mirror[slices(box)], self._buffer[slices(box)])
             if cut.any():
@@ -472,14 +477,14 @@ class InteractiveSession:
             if pending.again is not None:  # kept in case the larger region fails
                 pending.again.cut = (self._in_volume(slices(box)), self._mirror[slices(box)].astype(bool))
             else:
-                synced = self._write(pending.prompt, slices(box))
+                synced, changed = self._write(pending.prompt, slices(box))
         if pending.again is None:
             self._in_sync = synced
-            self._server_can_undo = changed and self.capabilities.undo
+            self._server_can_undo = self.capabilities.undo  # its one level holds this prompt, changed or not
         if warning:
             self.status(warning)
         total = time.perf_counter() - pending.started
-        return PromptTiming(total, pending.server_s, total - pending.server_s, warning)
+        return PromptTiming(total, pending.server_s, total - pending.server_s, warning, changed)
 
     def keep_cut(self, pending: "PendingPrompt", problem: str) -> PromptTiming:
         """Main thread, after pending (a prompt run again on a larger region) failed with problem: writes the result
@@ -600,25 +605,28 @@ class InteractiveSession:
         return box, lambda origin: lambda client: getattr(client, add)(
             mask.astype(np.uint8), include_interaction=include, interaction_bbox=(box - origin).T.tolist())
 
-    def _write(self, prompt: Prompt, local: tuple) -> bool:
+    def _write(self, prompt: Prompt, local: tuple) -> tuple:
         """Pastes the server's changed box (in the region) at its place in the segment. A hand edit made while the
-        prompt ran stays: then only the voxels the server changed are written. True when the segment holds the
-        server's state there; False (the next prompt re-seeds the server) after such an edit or where the Segment
-        Editor's masking kept voxels out."""
+        prompt ran stays: then only the voxels the server changed are written. (in sync, changed): in sync when the
+        segment holds the server's state there; not (the next prompt re-seeds the server) after such an edit or where
+        the Segment Editor's masking kept voxels out. Changed: a voxel of the segment changed (the server answers with
+        the whole box it predicted, also where nothing changed in it)."""
         result, box = self._mirror[local].astype(bool), self._in_volume(local)
         edited = self._modified_time() != self._written
         if edited:
             result = np.where(result != self._buffer[local], result, self._segment_mask(self._target.segment_id, box))
-        self._buffer[local] = self._paste(prompt, box, result)
-        return not edited and np.array_equal(self._buffer[local], self._mirror[local].astype(bool))
+        self._buffer[local], changed = self._paste(prompt, box, result)
+        return not edited and np.array_equal(self._buffer[local], self._mirror[local].astype(bool)), changed
 
     def _in_volume(self, local: tuple) -> tuple:
         """A box of the region's voxels as the volume's."""
         return tuple(slice(b.start + int(o), b.stop + int(o)) for b, o in zip(local, self._region[0]))
 
-    def _paste(self, prompt: Prompt, box: tuple, mask: np.ndarray) -> np.ndarray:
-        """Sets the segment to mask in box (the volume's voxels), as one undoable step; returns what the editor's
-        masking actually allowed."""
+    def _paste(self, prompt: Prompt, box: tuple, mask: np.ndarray) -> tuple:
+        """Sets the segment to mask in box (the volume's voxels), as one undoable step; returns (what the editor's
+        masking actually allowed, whether any voxel changed). A step that changed nothing keeps no masks: the
+        server's box can be a large structure's whole refined region, and clicks that change nothing would push real
+        steps out of the undo history's memory."""
         segment_id = self._target.segment_id
         untouched = self._modified_time() == self._written  # else a hand edit made meanwhile: the next prompt sees it
         before = self._segment_mask(segment_id, box)
@@ -629,10 +637,16 @@ class InteractiveSession:
         mark_segment(self._target.segmentation_node, segment_id, NNINTERACTIVE)  # its DICOM SEG says AI made it
         if untouched:
             self._written = self._modified_time()
-        # kept in the volume's own frame, for prompt files the CLI replays on the series as loaded, untransformed
-        self._remember(Step(self._target, prompt.mapped(frames.world_to_local(self._volume_node)), box, before, after,
-                            {other: voxels for other, voxels in taken.items() if voxels.any()}))
-        return after
+        taken = {other: voxels for other, voxels in taken.items() if voxels.any()}
+        changed = bool(taken) or not np.array_equal(before, after)
+        self._remember(Step(self._target, self._recorded(prompt), box, before, after, taken) if changed
+                       else Step.nothing(self._target, self._recorded(prompt), [b.start for b in box]))
+        return after, changed
+
+    def _recorded(self, prompt: Prompt) -> Prompt:
+        """The prompt as its step keeps it: in the volume's own frame, for prompt files the CLI replays on the series as
+        loaded, untransformed."""
+        return prompt.mapped(frames.world_to_local(self._volume_node))
 
     def _others(self, box: tuple, added: np.ndarray) -> dict:
         """{segment ID: its voxels in box that are in added} of the other segments that adding added may overwrite
@@ -718,25 +732,30 @@ class InteractiveSession:
         gone."""
         chosen, self._target = self._target, step.target
         try:
-            current = self._segment_mask(step.segment_id, step.box)
-            restored = np.where(step.before != step.after, step.before if undo else step.after, current)
-            self._modify(step.box, restored, bypass_masking=True, before=current)
-            for other, taken in step.taken.items():
-                if self._target.segmentation_node.GetSegmentation().GetSegment(other) is not None:
-                    had = self._segment_mask(other, step.box)
-                    self._modify(step.box, had | taken if undo else had & ~taken, True, before=had, segment_id=other)
+            restored = None if step.empty else self._set_back(step, undo)  # a prompt that changed nothing: as it is
         finally:
             self._target = chosen
         if chosen is None or not chosen.exists():
             self.select_segment(step.target)
             return
-        if in_sync:  # the server's state: its part inside the region
+        if in_sync and restored is not None:  # the server's state: its part inside the region
             box = np.array([[b.start for b in step.box], [b.stop for b in step.box]])
             inside = np.array([np.maximum(box[0], self._region[0]), np.minimum(box[1], self._region[1])])
             if (inside[0] < inside[1]).all():
                 self._buffer[slices(inside - self._region[0])] = restored[slices(inside - box[0])]
         self._written = self._modified_time()
         self._in_sync = in_sync
+
+    def _set_back(self, step: Step, undo: bool) -> np.ndarray:
+        """Sets back (or again) the voxels step changed in its segment and took from others; returns its box's mask."""
+        current = self._segment_mask(step.segment_id, step.box)
+        restored = np.where(step.before != step.after, step.before if undo else step.after, current)
+        self._modify(step.box, restored, bypass_masking=True, before=current)
+        for other, taken in step.taken.items():
+            if self._target.segmentation_node.GetSegmentation().GetSegment(other) is not None:
+                had = self._segment_mask(other, step.box)
+                self._modify(step.box, had | taken if undo else had & ~taken, True, before=had, segment_id=other)
+        return restored
 
     def reset(self):
         """Clears the selected segment (undoable); the next prompt starts the server from the empty segment."""
@@ -752,7 +771,7 @@ class InteractiveSession:
         """The prompts that made the segment (of segmentation_node, where given) as it stands (undone ones left out),
         for prompt files: in the volume's own RAS, as mapped when each was made."""
         prompts = []
-        for step in self._history.done:
+        for step in self._history.record:  # those that changed nothing too: the server kept them
             if step.segment_id == segment_id and segmentation_node in (None, step.target.segmentation_node):
                 prompts = [] if step.prompt.kind == "reset" else prompts + [step.prompt]
         return prompts
