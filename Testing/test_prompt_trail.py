@@ -7,7 +7,8 @@ import slicer
 import vtk
 
 from interactive_parts import connected_panel, ras, settle
-from SegmentationMachineLib.panels.prompttrail import EXCLUDE_COLOUR, INCLUDE_COLOUR, NAME, PromptTrail
+from SegmentationMachineLib.panels.prompttrail import (EXCLUDE_COLOUR, INCLUDE_COLOUR, NAME, PromptTrail,
+                                                       WAITING_NAME, WAITING_OPACITY)
 from SegmentationMachineLib.prompts.promptfile import Prompt
 from SegmentationMachineLib.prompts.session import SegmentTarget
 
@@ -95,18 +96,34 @@ def test_prompts_shown_follow_the_volume_under_its_transform_and_change_only_at_
     assert world(trail.nodes[0]) == POINT.ras and point.GetScene() is None
     trail.show([], volume)
     assert trail.nodes == [] and ctx.scene.GetNumberOfNodesByClass("vtkMRMLMarkupsNode") == 0
-    trail.show([LASSO, SCRIBBLE])
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    trail.show([POINT], volume, [SCRIBBLE, LASSO])  # placed and waiting: in world, as placed, faint
+    sent, (scribble, lasso) = trail.nodes[0], trail.waiting_nodes
+    assert world(sent) == (101.0, 2.0, 3.0) and world(scribble) == SCRIBBLE.ras_points[0]
+    assert scribble.GetTransformNodeID() is None and scribble.GetName().startswith(WAITING_NAME)
+    for node, prompt in ((scribble, SCRIBBLE), (lasso, LASSO)):
+        display = node.GetDisplayNode()
+        colour = INCLUDE_COLOUR if prompt.include else EXCLUDE_COLOUR
+        assert display.GetOpacity() == WAITING_OPACITY < sent.GetDisplayNode().GetOpacity() == 1.0
+        assert display.GetColor() == colour and node.GetLocked() and not node.GetSaveWithScene()
+    trail.show([POINT, SCRIBBLE], volume, [LASSO])  # the scribble's result is in: sent; the lasso still waits
+    assert trail.nodes[0] is sent and trail.waiting_nodes == [lasso] and scribble.GetScene() is None
+    trail.show([POINT, SCRIBBLE], volume)  # the lasso failed or was cancelled: gone
+    assert lasso.GetScene() is None and len(trail.nodes) == 2
+    trail.show([LASSO], None, [SCRIBBLE])
     ctx.scene.Clear(0)  # Close Scene took them: forgetting them is no error
     trail.clear()
-    assert trail.nodes == []
+    assert trail.nodes == [] == trail.waiting_nodes
 
 
-def markups_shown(trail) -> list:
-    """(kind, include, world RAS of its first point) of each markup shown."""
+def markups_shown(trail, waiting=False) -> list:
+    """(kind, include, world RAS of its first point) of each markup shown as sent (or as waiting)."""
     classes = {"vtkMRMLMarkupsFiducialNode": "point", "vtkMRMLMarkupsROINode": "box",
                "vtkMRMLMarkupsCurveNode": "scribble", "vtkMRMLMarkupsClosedCurveNode": "lasso"}
+    nodes = trail.waiting_nodes if waiting else trail.nodes
+    assert all(node.GetDisplayNode().GetOpacity() == (WAITING_OPACITY if waiting else 1.0) for node in nodes)
     return [(classes[node.GetClassName()], node.GetDisplayNode().GetColor() == INCLUDE_COLOUR,
-             tuple(np.round(world(node), 3))) for node in trail.nodes if node.GetScene() is not None]
+             tuple(np.round(world(node), 3))) for node in nodes if node.GetScene() is not None]
 
 
 def test_the_panel_shows_the_prompts_written_into_the_segment_chosen(server, ctx, scene_parts):
@@ -116,14 +133,14 @@ def test_the_panel_shows_the_prompts_written_into_the_segment_chosen(server, ctx
     panel = connected_panel(server, scene_parts, trail=trail)
     first, second = tuple(np.round(ras((10, 10, 10)), 3)), tuple(np.round(ras((20, 20, 20)), 3))
     panel.submit("point", ras=ras((10, 10, 10)))
+    panel.submit("point", ras=ras((20, 20, 20)))
     panel.tick()
     assert markups_shown(trail) == []  # on the server: not shown as sent before its result is written
-    settle(panel)
-    panel.submit("point", ras=ras((20, 20, 20)))
+    assert markups_shown(trail, waiting=True) == [("point", True, first), ("point", True, second)]  # but at once
     panel.submit("point", ras=(9999.0, 0.0, 0.0))  # refused: never sent, never shown
     settle(panel)
     assert panel.status == "The point is outside the image: place it on the volume."
-    assert markups_shown(trail) == [("point", True, first), ("point", True, second)]
+    assert markups_shown(trail) == [("point", True, first), ("point", True, second)] and not trail.waiting_nodes
     panel.undo()
     settle(panel)
     assert markups_shown(trail) == [("point", True, first)]
@@ -134,6 +151,14 @@ def test_the_panel_shows_the_prompts_written_into_the_segment_chosen(server, ctx
     panel.submit("point", ras=ras((10, 10, 10)))  # takes away what the first made: written, so shown
     settle(panel)
     assert markups_shown(trail)[-1] == ("point", False, first) and len(trail.nodes) == 3
+    panel.submit("point", ras=ras((10, 10, 10)))  # the same exclude again: nothing left to take away
+    settle(panel)
+    assert panel.status.startswith("Point sent in ") and panel.status.endswith(
+        ": it changed nothing in the segment, but the AI keeps it for the prompts that follow (Undo takes it back).")
+    assert markups_shown(trail)[-1] == ("point", False, first) and len(trail.nodes) == 4  # shown: the server keeps it
+    panel.undo()  # Ctrl+Z takes it back: the segment stays as it is, the marker goes
+    settle(panel)
+    assert len(trail.nodes) == 3
     other = segmentation.GetSegmentation().AddEmptySegment("", "other")
     panel.choose(volume, SegmentTarget(segmentation, other, editor))
     settle(panel)
@@ -158,9 +183,10 @@ def test_a_prompt_cancelled_is_not_shown_as_sent(slow_server, ctx, scene_parts):
     panel.submit("point", ras=ras((30, 30, 40)))
     panel.submit("point", ras=ras((35, 35, 45)))  # queued behind it: dropped by Cancel
     panel.tick()
+    assert len(markups_shown(trail, waiting=True)) == 2  # the one on the server and the one queued, faint
     panel.cancel()
-    settle(panel)
-    assert trail.nodes == []
+    panel.tick()  # as the widget's Cancel does
+    assert trail.nodes == [] == trail.waiting_nodes
     panel.submit("point", ras=ras((20, 24, 28)))
     settle(panel)
     assert markups_shown(trail) == [("point", True, tuple(np.round(ras((20, 24, 28)), 3)))]

@@ -1,9 +1,9 @@
 """The AI prompts section's binding: viewer markups and shortcuts in, PromptsPanel (the library) out.
 
 Points are placed as markups points, boxes as ROIs, scribbles as open curves and lassos as
-closed curves; each finished markup becomes one prompt (in RAS) and is cleared, and once its result is in, the
-prompt stays shown read-only (the library's PromptTrail) until Undo, reset, another segment or Disconnect. The Segment
-Editor module's own parameter node is used, so its masking and overwrite settings apply.
+closed curves; each finished markup becomes one prompt (in RAS) and is cleared; the library's PromptTrail shows it
+faint while it waits and, once its result is in, read-only until Undo, reset, another segment or Disconnect. The
+Segment Editor module's own parameter node is used, so its masking and overwrite settings apply.
 """
 
 import os

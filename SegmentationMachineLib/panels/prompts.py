@@ -27,7 +27,8 @@ class PromptsPanel:
     to the server. A prompt made while a prediction runs waits its turn: none is dropped. A
     slow prediction shows its elapsed seconds in the status line and can be cancelled. While connected to a
     pod's server it heartbeats the pod's agent (on its own thread), so the pod is not ended as idle mid-work.
-    With a trail (prompttrail.PromptTrail, in Slicer) the prompts that made the segment chosen stay shown.
+    With a trail (prompttrail.PromptTrail, in Slicer) the prompts that made the segment chosen stay shown, and those
+    placed and not in yet (waiting) are shown faint from the first tick on.
     """
 
     include: bool = True
@@ -66,6 +67,12 @@ class PromptsPanel:
     @property
     def can_redo(self) -> bool:
         return self.connected and (self.session.can_redo or self.busy)
+
+    @property
+    def waiting(self) -> list:
+        """The prompts placed whose result is not in yet: the one on the server, then those queued, in order."""
+        running = [self._job.prompt] if isinstance(self._job, PendingPrompt) else []
+        return running + [item for item in self.queue if isinstance(item, Prompt)]
 
     @property
     def can_cancel(self) -> bool:
@@ -149,9 +156,9 @@ class PromptsPanel:
             self.status = f"{self._job.prompt.kind.capitalize()}: {doing}, {elapsed:.0f} s (Cancel stops waiting)."
         if self._job == "stage" and self.status.startswith(SENDING_SCAN) and elapsed >= SHOW_WAIT_AFTER_S:
             self.status = f"{SENDING_SCAN}: {elapsed:.0f} s (prompts placed meanwhile wait for it)."
-        if self.trail is not None and self.session is not None:  # after the job: its prompt, undo or reset shows
-            volume_node, prompts = self.session.prompts_shown()
-            self.trail.show(prompts, volume_node)
+        if self.trail is not None:  # after the job: its prompt, undo or reset shows
+            volume_node, prompts = self.session.prompts_shown() if self.session else (None, [])
+            self.trail.show(prompts, volume_node, self.waiting)
         note = heartbeat_note(self.heartbeat)
         if note != self._pod_note:  # each once: the prompts' own lines follow
             self._pod_note = note
@@ -205,8 +212,7 @@ class PromptsPanel:
                 self._start(job.again, job.again.run)
                 return
             self.last_latency = str(timing)
-            self.status = " ".join(filter(None, [f"{job.prompt.kind.capitalize()} applied in {timing}.",
-                                                 timing.warning]))
+            self.status = " ".join(filter(None, [_result(job.prompt, timing), timing.warning]))
 
     def _next(self):
         item = self.queue.popleft()
@@ -233,6 +239,14 @@ class PromptsPanel:
                 self.status = f"{item.capitalize()} done."
             except UserError as error:
                 self.status = str(error)
+
+
+def _result(prompt: Prompt, timing) -> str:
+    """The status line's sentence on a prompt's result. One that changed nothing still counts: the server keeps it."""
+    if timing.changed:
+        return f"{prompt.kind.capitalize()} applied in {timing}."
+    return (f"{prompt.kind.capitalize()} sent in {timing}: it changed nothing in the segment, but the AI keeps it for "
+            "the prompts that follow (Undo takes it back).")
 
 
 def new_segment(volume_node, segmentation_node=None) -> tuple:
