@@ -164,6 +164,28 @@ def test_inbox_panel_missing_folder_is_a_status_sentence(tmp_path):
     assert not panel.running and "does not exist" in panel.status
 
 
+def test_an_inbox_whose_records_cannot_be_opened_says_so_and_can_start_once_they_can(tmp_path):
+    """A journal left unreadable (a crash, a sync tool) or a state folder that is a file raised out of start(): in
+    Slicer the Start button's slot printed a traceback to the Python console and seemed to do nothing."""
+    from SegmentationMachineLib.panels.inbox import InboxPanel
+
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "journal.sqlite").write_bytes(b"not a database " * 100)
+    panel = InboxPanel(folder=tmp_path / "inbox", state_folder=tmp_path / "state")
+    panel.start()
+    assert not panel.running and panel.status.startswith("The inbox could not open its records of what it loaded, in ")
+    assert "move it aside to start afresh" in panel.status and "Traceback" not in panel.status
+    (tmp_path / "state" / "journal.sqlite").unlink()
+    panel.start()  # its lock on the state folder was given back
+    assert panel.running, panel.status
+    panel.stop()
+    (tmp_path / "file").write_text("a file where the state folder goes")
+    panel = InboxPanel(folder=tmp_path / "inbox", state_folder=tmp_path / "file")
+    panel.start()
+    assert not panel.running and "(File exists)" in panel.status
+
+
 def test_inbox_stop_returns_even_while_a_read_hangs(tmp_path, monkeypatch):
     """Whatever blocks a poll (a file system that never answers), the module's Stop returns."""
     import threading

@@ -3,6 +3,7 @@
 import hashlib
 import logging
 import os
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,16 +97,28 @@ class InboxPanel:
         return self.inbox is not None
 
     def start(self):
+        """Watches folder, or says in status why not. Never raises: the Start button's Qt slot would only print the
+        traceback to Slicer's Python console, and the button would seem to do nothing."""
         folder = Path(self.folder).expanduser()
-        if folder == default_inbox_folder().expanduser():
-            folder.mkdir(parents=True, exist_ok=True)  # the default inbox is ours to create
-        inbox = Inbox(InboxOptions(folder=folder, state_folder=self.state_folder or inbox_state_folder(folder),
-                                   settle_seconds=self.settle_seconds, hold_seconds=self.hold_seconds))
+        state = Path(self.state_folder or inbox_state_folder(folder))
+        inbox = Inbox(InboxOptions(folder=folder, state_folder=state, settle_seconds=self.settle_seconds,
+                                   hold_seconds=self.hold_seconds))
         inbox.in_use = self._in_use
         try:
+            if folder == default_inbox_folder().expanduser():
+                folder.mkdir(parents=True, exist_ok=True)  # the default inbox is ours to create
             inbox.start()
         except UserError as error:
+            inbox.stop()  # gives back its state folder's lock, if it took it
             self.status = str(error)
+            return
+        except (OSError, sqlite3.Error) as error:  # its state folder or journal (a crash, a full disk, a sync tool)
+            inbox.stop()
+            log.warning("The inbox could not start: %s", error)
+            reason = printable(error.strerror if isinstance(error, OSError) and error.strerror else error)
+            self.status = (f"The inbox could not open its records of what it loaded, in {printable(state)} ({reason}): "
+                           "check that folder (space, permissions), or move it aside to start afresh (series already "
+                           "loaded would then be loaded again).")
             return
         self.inbox = inbox
         self.status = f"Watching {folder}: series appear here when their files have settled."
