@@ -116,6 +116,8 @@ def test_preset_is_case_insensitive(tmp_path):
      "Cannot write in {tmp}/afile/out (Not a directory): choose a folder you can write to with --out."),
     (["watch", "{tmp}", "--out", "{tmp}/out", "--state", "{tmp}/afile/state"],
      "Cannot write in {tmp}/afile/state (Not a directory): choose a folder you can write to with --state."),
+    (["watch", "{tmp}/inbox", "--out", "{tmp}/out", "--state", "{tmp}/state"],  # a journal a crash left damaged
+     "The inbox could not open its records of what it loaded, in {tmp}/state (file is not a database)"),
     (["model", str(UNCOMPRESSED_SERIES), "--out", "{tmp}/afile/x"], "Cannot write in {tmp}/afile/x (Not a directory)"),
     (["model", "{tmp}/cut.dcm", "--out", "{tmp}/out"],
      "{tmp}/cut.dcm is not a usable image: truncated (its pixel data is shorter than its size says); copy it again"),
@@ -131,6 +133,9 @@ def test_a_mistake_is_one_sentence_naming_its_cause(shared_data, tmp_path, args,
     cut = (UNCOMPRESSED_SERIES / "01.dcm").read_bytes()
     (tmp_path / "cut.dcm").write_bytes(cut[:len(cut) // 2])
     (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "journal.sqlite").write_bytes(b"not a database " * 100)
     result = run_cli(*[a.format(tmp=tmp_path) for a in args])
     one_sentence(result, sentence.format(tmp=tmp_path))
     assert "Loaded" not in result.stdout  # found before any work

@@ -19,6 +19,7 @@ import hashlib
 import math
 import os
 import shutil
+import sqlite3
 import stat
 import tempfile
 import threading
@@ -248,14 +249,21 @@ class Inbox:
         state = Path(self.options.state_folder).expanduser().resolve()
         if state == folder or folder in state.parents:
             raise InboxError(f"The state folder {state} is inside the inbox: choose one outside {folder}.")
-        private_folder(state)  # the journal and the unpacked archives are patient data
-        self._lock_descriptor = hold_lock(state / "inbox.lock", f"The inbox state folder {state}")
-        self.folder = folder
-        self.scratch = private_folder(state / "extracted")
-        for leftover in self.scratch.glob("*.partial"):  # an extraction cut short by a crash
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
-        self.journal = Journal(state / "journal.sqlite")
-        self._delivered = self.journal.delivered_hashes()
+        try:
+            private_folder(state)  # the journal and the unpacked archives are patient data
+            self._lock_descriptor = hold_lock(state / "inbox.lock", f"The inbox state folder {state}")
+            self.folder = folder
+            self.scratch = private_folder(state / "extracted")
+            for leftover in self.scratch.glob("*.partial"):  # an extraction cut short by a crash
+                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+            self.journal = Journal(state / "journal.sqlite")
+            self._delivered = self.journal.delivered_hashes()
+        except (OSError, sqlite3.DatabaseError) as error:  # a file in its place, a full disk, a journal a crash or a
+            self.stop()  # sync tool left damaged; its lock is given back for the next start
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            raise InboxError(f"The inbox could not open its records of what it loaded, in {printable(state)} "
+                             f"({printable(reason)}): check that folder (space, permissions), or move it aside to "
+                             "start afresh (series already loaded would then be loaded again).") from None
         if not self.options.polling:
             self._observer = _file_events(folder, self._dirty, self._lock)
         self.polling = self._observer is None

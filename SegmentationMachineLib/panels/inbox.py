@@ -1,9 +1,9 @@
 """Qt-free state of the module's Inbox section."""
 
+import contextlib
 import hashlib
 import logging
 import os
-import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,21 +104,13 @@ class InboxPanel:
         inbox = Inbox(InboxOptions(folder=folder, state_folder=state, settle_seconds=self.settle_seconds,
                                    hold_seconds=self.hold_seconds))
         inbox.in_use = self._in_use
-        try:
-            if folder == default_inbox_folder().expanduser():
+        if folder == default_inbox_folder().expanduser():
+            with contextlib.suppress(OSError):  # not made: start() says the folder does not exist
                 folder.mkdir(parents=True, exist_ok=True)  # the default inbox is ours to create
+        try:
             inbox.start()
         except UserError as error:
-            inbox.stop()  # gives back its state folder's lock, if it took it
             self.status = str(error)
-            return
-        except (OSError, sqlite3.Error) as error:  # its state folder or journal (a crash, a full disk, a sync tool)
-            inbox.stop()
-            log.warning("The inbox could not start: %s", error)
-            reason = printable(error.strerror if isinstance(error, OSError) and error.strerror else error)
-            self.status = (f"The inbox could not open its records of what it loaded, in {printable(state)} ({reason}): "
-                           "check that folder (space, permissions), or move it aside to start afresh (series already "
-                           "loaded would then be loaded again).")
             return
         self.inbox = inbox
         self.status = f"Watching {folder}: series appear here when their files have settled."
