@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 
 from conftest import UNCOMPRESSED_SERIES
 from SegmentationMachineLib.inbox.locks import FolderInUse
-from SegmentationMachineLib.inbox.watcher import Inbox, InboxOptions, SeriesState
+from SegmentationMachineLib.inbox.watcher import Inbox, InboxError, InboxOptions, SeriesState
 from SegmentationMachineLib.core.errors import UserError
 from SegmentationMachineLib.inbox import watchqueue
 from SegmentationMachineLib.inbox.watchqueue import BOARD_DAYS, run_queue
@@ -499,3 +499,22 @@ def test_another_export_named_in_the_same_second_never_takes_the_series_result(t
     assert entry["state"] == "done" and Path(entry["result"]).name == "CT_20261127-101500"
     assert (Path(entry["result"]) / "model.stl").read_text() == "this series"
     assert other[0].name == "CT_20261127-101500-2" and (other[0] / "model.stl").read_text() == "the other run's patient"
+
+
+def test_a_full_disk_at_start_gives_back_the_state_folders_lock(tmp_path, monkeypatch):
+    """The lock's owner line could not be written (a full disk): start() said so, and the next Start, with space back,
+    was refused as 'in use by another process', which was this one, until it ended."""
+    from SegmentationMachineLib.inbox import locks
+
+    def full(descriptor, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "in").mkdir()
+    options = InboxOptions(folder=tmp_path / "in", state_folder=tmp_path / "state", polling=True)
+    with monkeypatch.context() as patched:
+        patched.setattr(locks.os, "write", full)
+        with pytest.raises(InboxError, match=r"could not open its records .* \(No space left on device\)"):
+            Inbox(options).start()
+    again = Inbox(options)
+    again.start()
+    again.stop()

@@ -280,6 +280,27 @@ def test_a_prompt_that_changed_nothing_is_recorded_undone_and_redone_as_the_last
     session.close()
 
 
+def test_a_prompt_answered_with_no_box_is_recorded_as_one_that_changed_nothing(server, scene_parts, monkeypatch):
+    """A server answering a prompt with no box at all (the upstream one answers with the whole box it predicted, but
+    the client allows none) has kept the prompt all the same: it is recorded, and Undo sends the server's own undo
+    with the next prompt."""
+    from SegmentationMachineLib.prompts.session import PendingPrompt
+
+    volume, segmentation, target, editor = scene_parts
+    session = open_session(server, scene_parts)
+    run = PendingPrompt.run
+    monkeypatch.setattr(PendingPrompt, "run", lambda pending: (run(pending), None)[1])  # predicted, answered no box
+    timing = session.add(Prompt("point", False, ras=ras((20, 24, 28))))
+    assert not timing.changed and [(p.kind, p.include) for p in session.prompts_of(target)] == [("point", False)]
+    monkeypatch.undo()
+    undos = server.count('"POST /undo')
+    session.undo()
+    assert session.prompts_of(target) == [] and session.can_redo and not mask_of(session).any()
+    session.add(Prompt("point", True, ras=ras((20, 24, 31))))
+    assert server.count('"POST /undo') == undos + 1 and mask_of(session).any()
+    session.close()
+
+
 def test_a_prompt_file_saved_with_a_prompt_that_changed_nothing_replays_the_segment_made(server, scene_parts, ctx,
                                                                                         tmp_path):
     """Save prompts writes the prompt that changed nothing: replayed (as the CLI's model command does), the file gives

@@ -571,3 +571,30 @@ def test_an_interrupted_start_ends_its_recorded_pod_even_when_the_list_then_fail
     with pytest.raises(PodsError, match="Starting failed, and so did terminating what it started"):
         cloud.up(cloud.gpu_choices("NVIDIA L40S"), sleep=interrupted)
     assert len(creates(fake)) == 1 and fake.pods == {} and cloud.records.all() == {}
+
+
+def test_a_stop_is_never_said_done_on_a_read_that_failed():
+    """A stop's answer is lost, RunPod then fails every read (a bad minute: server errors, with the user's full key),
+    and the stop sent again is refused as not valid now (409: also what a pod in ERROR answers). Only a key that may
+    not read the pod (403, test_podagent.py) makes that 409 a stop done: here it is RunPod's failure, said so, never
+    "Stopped pod X: no GPU billing"."""
+    from types import SimpleNamespace
+
+    from SegmentationMachineLib.cloud import pods
+
+    posts = []
+
+    def request(method, path, body=None, create=False, url=None):
+        if method == "GET":
+            raise PodsError("RunPod answered with a server error (502): try again in a minute.")
+        posts.append(body)
+        if len(posts) == 1:
+            raise pods._Unknown()
+        return SimpleNamespace(status_code=409, content=b'{"detail": "not valid now"}', headers={},
+                               json=lambda: {"detail": "not valid now"})
+
+    rest = RunPodRest(KEY, sleep=lambda s: None)
+    rest._request = request
+    with pytest.raises(PodsError, match=r"server error \(502\)"):
+        rest.stop("pod1")
+    assert posts == [{"action": "stop"}]  # not sent again on a read that failed: RunPod says what happened first

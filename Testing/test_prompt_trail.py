@@ -190,5 +190,16 @@ def test_a_prompt_cancelled_is_not_shown_as_sent(slow_server, ctx, scene_parts):
     panel.submit("point", ras=ras((20, 24, 28)))
     settle(panel)
     assert markups_shown(trail) == [("point", True, tuple(np.round(ras((20, 24, 28)), 3)))]
+    # Close Scene while one is on the server and one queued: neither comes back, faint, in the next scene
+    panel.submit("point", ras=ras((30, 30, 40)))
+    panel.submit("point", ras=ras((35, 35, 45)))
+    panel.tick()
+    assert len(markups_shown(trail, waiting=True)) == 2
+    panel.scene_closed()  # the widget's, at StartCloseEvent
+    ctx.scene.Clear(0)
+    panel.tick()  # the timer's next tick, in the new scene
+    assert trail.nodes == [] == trail.waiting_nodes
+    assert ctx.scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode") == 0
+    assert panel.status == "The scene was closed: the prompts not yet answered were dropped."
     panel.session.close()
 

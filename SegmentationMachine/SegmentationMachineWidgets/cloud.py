@@ -249,7 +249,8 @@ class CloudSection:
             self.earlierList.clear()
             for pod, cost in panel.earlier:
                 state = (f"stopped, {pod.stopped_cost()}" if pod.status == "EXITED" else
-                         f"{pod.status}: ${cost:.2f} since its last start")
+                         f"{pod.status}: ${cost:.2f} since its last start" if pod.runtime_ready else
+                         pod.status)  # RunPod reports no uptime (yet): "$0.00" would be wrong
                 item = qt.QListWidgetItem(f"{pod.id} {pod.gpu} {state}")
                 item.setData(qt.Qt.UserRole, pod.id)
                 self.earlierList.addItem(item)

@@ -218,7 +218,7 @@ class PromptToolsSection:
     def onSceneClose(self):
         """Close Scene removes our prompt nodes, and the scene hands their IDs to the next nodes made: forgotten."""
         self.setTool(None)
-        self.panel.trail.clear()  # the prompts shown were the closed scene's segment's
+        self.panel.scene_closed()  # the prompts shown, queued or on the server were the closed scene's segment's
         interaction = slicer.app.applicationLogic().GetInteractionNode()  # a singleton: it stays, and so do its observers
         for node, tag in self.observations:
             if node is not interaction:

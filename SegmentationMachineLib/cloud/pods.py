@@ -72,6 +72,10 @@ class RateLimited(PodsError):
     """RunPod answered 429 to every try."""
 
 
+class Forbidden(PodsError):
+    """RunPod answered 403: this key may not do that (a pod's own key is documented to stop its pod, nothing more)."""
+
+
 @dataclass(frozen=True)
 class GpuType:
     id: str
@@ -327,11 +331,12 @@ class RunPodRest:
         return []
 
     def _look(self, pod_id: str):
-        """The pod (None: terminated), or _UNSEEN where RunPod does not let it be read: the pod-scoped key RunPod gives a
-        pod is documented to stop it, nothing more. Unseen is unknown: neither done nor not done."""
+        """The pod (None: terminated), or _UNSEEN where this key may not read it: the pod-scoped key RunPod gives a
+        pod is documented to stop it, nothing more. Unseen is unknown: neither done nor not done. Any other failure
+        (server errors, a revoked key) is raised: a stop must never be said done on a read that failed."""
         try:
             return self.get(pod_id)
-        except PodsError:
+        except Forbidden:
             return _UNSEEN
 
     def _terminated(self, response, pod_id: str) -> bool:
@@ -544,7 +549,7 @@ def _raise_for(status: int, detail: str, secret_values=()):
     if status == 400 and any(message in detail.lower() for message in CAPACITY_MESSAGES):
         raise CapacityError(CAPACITY_SENTENCE)
     if status == 403:
-        raise PodsError(f"RunPod refused: this API key may not do that ({detail or 'forbidden'}).")
+        raise Forbidden(f"RunPod refused: this API key may not do that ({detail or 'forbidden'}).")
     if status == 409:
         raise PodsError(f"RunPod cannot do that to the pod now: {detail or 'conflict'}.")
     if status == 422:

@@ -349,11 +349,12 @@ def group_series(slices: list) -> dict:
             members = [s for s in members if not s.frame_positions]
         members, localizers = _without_localizers(members)  # they split off a one-image 'acquisition' else
         tags = _splitting_tags(members)
+        classic = {_part_label(s, tags) for s in members}  # not an enhanced file's part: one its localizer can join
         for s in members:
             parts.setdefault(_part_label(s, tags), []).append(s)
         for s in localizers:  # left out by build_series, with its reason, from the part of its values (or the first)
             label = _part_label(s, tags)
-            parts[label if label in parts else min(parts, key=_natural)].append(s)
+            parts[label if label in classic else min(classic, key=_natural)].append(s)
         for label in sorted(parts, key=_natural):
             groups[f"{key}|{label}" if label else key] = parts[label]
     return groups

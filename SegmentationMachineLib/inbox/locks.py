@@ -24,8 +24,12 @@ def hold_lock(path: Path, what: str) -> int:
         holder = os.read(descriptor, 300).decode(errors="replace").strip() or "another process"
         os.close(descriptor)
         raise FolderInUse(f"{what} is in use by {holder}: stop that one first, or choose another folder.")
-    os.ftruncate(descriptor, 0)
-    os.lseek(descriptor, 0, os.SEEK_SET)
-    os.write(descriptor, f"process {os.getpid()} on {socket.gethostname()} since "
-                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    try:
+        os.ftruncate(descriptor, 0)
+        os.lseek(descriptor, 0, os.SEEK_SET)
+        os.write(descriptor, f"process {os.getpid()} on {socket.gethostname()} since "
+                             f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    except BaseException:  # a full disk: the lock would be held by this process until it ends
+        os.close(descriptor)
+        raise
     return descriptor

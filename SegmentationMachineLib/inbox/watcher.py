@@ -229,7 +229,7 @@ class Inbox:
     @property
     def bad_files(self) -> dict:
         """Path -> reason, for every file that is not part of a series (skipped, without the series' names)."""
-        return {path: item.reason for path, item in self.skipped.items()}
+        return {path: item.reason for path, item in list(self.skipped.items())}  # one C call: a poll may change it
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self):

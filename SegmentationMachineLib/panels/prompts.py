@@ -144,6 +144,17 @@ class PromptsPanel:
             self.queue.clear()
             self.status = "Cancelled: the segment is as it was."
 
+    def scene_closed(self):
+        """Close Scene: the prompts on the server or queued were the closed scene's segment's (shown faint, they would
+        come back in the next scene until the server answered); those shown go with them."""
+        dropped = self.can_cancel or bool(self.queue)
+        self.cancel()
+        self.queue.clear()
+        if dropped:
+            self.status = "The scene was closed: the prompts not yet answered were dropped."
+        if self.trail is not None:
+            self.trail.clear()
+
     def tick(self):
         """Main thread, from a timer: finishes the running job, then starts the next queued one."""
         if self.task and self.task.done():
