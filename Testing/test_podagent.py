@@ -662,6 +662,19 @@ def test_wipe_at_end_deletes_the_uploads_and_only_them_before_the_agent_ends_the
         assert "Wiped the uploaded DICOM in" in process.stderr.read()
 
 
+def test_a_wipe_in_part_is_said_so_in_the_pods_log_never_said_done(fake, pod, tmp_path):
+    """The pod's log is where the user learns whether the uploads went: a wiper that could not delete everything
+    (here Slicer's DICOM database is a link, which is never followed) must not be logged as a wipe done."""
+    volume = fake.volumes[pod.id]
+    uploaded(volume, tmp_path / "outside")
+    shutil.rmtree(volume / ".desktop/SlicerDICOMDatabase")
+    (volume / ".desktop/SlicerDICOMDatabase").symlink_to(tmp_path / "outside/kept", target_is_directory=True)
+    log = wiping_agent(fake, pod.id, tmp_path / "run", SM_IDLE_TIMEOUT_S=1.5).log()
+    assert "The uploaded DICOM on the volume was not all wiped (.desktop/SlicerDICOMDatabase is not a folder (" in log
+    assert "Wiped the uploaded DICOM on the volume" not in log and f"Terminating pod {pod.id}" in log
+    assert pod.id not in fake.pods and (tmp_path / "outside/kept/CT.dcm").exists()  # only a link was left on it
+
+
 def test_the_wiper_never_follows_a_link_in_place_of_a_folder_and_says_what_it_could_not_delete(tmp_path):
     """The desktop user owns .desktop: Slicer's DICOM database there may be a link to anywhere. Not followed; and
     what cannot be deleted is counted, never named (an upload's name may be a patient's)."""
@@ -692,6 +705,37 @@ def test_the_wiper_never_follows_a_link_in_place_of_a_folder_and_says_what_it_co
     assert any(problem.startswith(".desktop/SlicerDICOMDatabase is not a folder (") for problem in problems)
     assert not any("Doe" in problem for problem in problems)
     assert wipe(tmp_path / "no-volume") == []
+
+
+def test_the_wiper_wipes_once_for_each_request_and_both_sides_files_are_readable_by_the_other_user(tmp_path):
+    """The agent (smagent) and the wiper (sm) are different users: each one's file must be readable by the other,
+    whatever the umask, or no wipe ever happens. The request stays on the container disk until the pod stops: a file
+    uploaded after the wipe (the pod's stop failed and is tried again) is not wiped again, nor is the log filled,
+    until the next request."""
+    from SegmentationMachineLib.cloud.wipe import ask, serve
+
+    volume, run = tmp_path / "volume", tmp_path / "run"
+    for folder in (volume / "inbox", run / "agent", run / "wiper"):
+        folder.mkdir(parents=True)
+    (volume / "inbox/CT1.dcm").write_bytes(b"Doe^Jane")
+    request, answer, stop = run / "agent/wipe", run / "wiper/wiped", threading.Event()
+    umask = os.umask(0o077)
+    wiper = threading.Thread(target=serve, args=(volume, request, answer, 0.05, stop), daemon=True)
+    wiper.start()
+    try:
+        assert ask(request, answer, wait_s=10, poll_s=0.05) == (True, [])
+        assert not (volume / "inbox/CT1.dcm").exists()
+        assert all(path.stat().st_mode & 0o044 == 0o044 for path in (request, answer))
+        (volume / "inbox/CT2.dcm").write_bytes(b"Doe^John")
+        first = answer.read_text()
+        time.sleep(0.5)  # ten of the wiper's polls
+        assert (volume / "inbox/CT2.dcm").exists() and answer.read_text() == first
+        assert ask(request, answer, wait_s=10, poll_s=0.05) == (True, [])
+        assert not (volume / "inbox/CT2.dcm").exists()
+    finally:
+        os.umask(umask)
+        stop.set()
+        wiper.join(10)
 
 
 # --- a stop the user asks for, through the agent of a pod started with the wipe -------------------------------------
@@ -764,3 +808,76 @@ def test_a_stop_whose_agent_has_not_ended_the_pod_in_time_is_runpods_and_says_th
         f"The uploads on its volume were NOT wiped (its agent had not ended the pod after 3 s, so it was stopped "
         f"through RunPod): `segmentation-machine pod down {pod.id}` deletes them, with the volume.")
     assert (fake.volumes[pod.id] / "inbox/Doe Jane").is_dir() and (run / "agent/wipe").exists()  # it was asked
+
+
+def test_a_stop_whose_agent_terminates_the_pod_is_said_ended_while_runpod_still_lists_it_terminated(
+        fake, pod, tmp_path, monkeypatch):
+    """With nothing of the user's left after the wipe the agent terminates the pod, which RunPod may list as
+    TERMINATED for a while: that is ended, said so and forgotten here, not a wait for the pod to go from the list and
+    then a stop of a pod that no longer exists."""
+    from pod_proxy import PodProxy
+    from SegmentationMachineLib.cloud.cloudgpu import AGENT_PORT, CloudGpu, Stopped
+    from SegmentationMachineLib.cloud.podstart import PodRecords
+
+    uploaded(fake.volumes[pod.id], tmp_path / "outside")  # the uploads only
+    fake.terminated_listed_s = 600.0
+    agent = wiping_agent(fake, pod.id, tmp_path / "run")
+    proxy = PodProxy(fake)
+    monkeypatch.setenv("SM_RUNPOD_PROXY_URL", proxy.template())
+    proxy.route(pod.id, AGENT_PORT, agent.port)
+    records = PodRecords(tmp_path / "pods.json")
+    records.add(pod, time.time(), mode="desktop", secrets={"SM_HEARTBEAT_TOKEN": TOKEN}, wipe_at_end=True)
+    try:
+        stopped = CloudGpu(RunPodRest(RUNPOD_KEY), records).stop_asked(pod.id, wait_s=60)
+    finally:
+        proxy.close()
+    assert f"Terminating pod {pod.id}" in agent.log() and fake.ended[pod.id]["status"] == "TERMINATED"
+    assert stopped == Stopped("", "Its agent had the uploaded DICOM wiped and, with nothing of yours left on its "
+                                  "volume, terminated the pod, volume and all: nothing of it bills any more.",
+                              terminated=True)
+    assert pod.id not in records.all()
+
+
+def test_a_pod_gone_as_runpod_stops_it_is_said_ended_and_a_stop_runpod_refuses_is_a_failure(fake, backend, pod,
+                                                                                                tmp_path, monkeypatch):
+    """Where the agent did not take the request, RunPod's stop may fail: because the agent terminated the pod just
+    then (said ended, and forgotten here), or for a pod that is still there, which then bills on: that failure is
+    the user's to see, never said ended."""
+    from SegmentationMachineLib.cloud.cloudgpu import CloudGpu, Stopped
+    from SegmentationMachineLib.cloud.podstart import PodRecords
+    from SegmentationMachineLib.cloud.pods import PodsError
+
+    monkeypatch.setenv("SM_RUNPOD_PROXY_URL", f"http://127.0.0.1:{free_port()}/{{pod_id}}-{{port}}")  # refused
+    gone, failing = pod, new_pod(backend, fake, tmp_path / "v2")
+    records = PodRecords(tmp_path / "pods.json")
+    read = {}
+    for started in (gone, failing):
+        records.add(started, time.time(), mode="desktop", secrets={"SM_HEARTBEAT_TOKEN": TOKEN}, wipe_at_end=True)
+        read[started.id] = backend.get(started.id)  # running, as RunPod described it a moment before the stop
+    backend.terminate(gone.id)  # by its agent, meanwhile
+    fake.pods[failing.id]["status"] = "ERROR"  # its container failed meanwhile: RunPod refuses to stop it
+    cloud = CloudGpu(backend, records)
+    assert cloud.stop_asked(gone.id, read[gone.id], wait_s=30) == Stopped(
+        "", "Its agent terminated the pod as it was being stopped: nothing of it bills any more.", terminated=True)
+    assert gone.id not in records.all()
+    with pytest.raises(PodsError):
+        cloud.stop_asked(failing.id, read[failing.id], wait_s=30)
+    assert failing.id in records.all() and fake.pods[failing.id]["status"] == "ERROR"
+
+
+def test_a_stop_whose_agent_cannot_be_reached_is_runpods_at_once_and_says_the_uploads_stay(fake, pod, tmp_path,
+                                                                                           monkeypatch):
+    """Nothing listens where the agent should (its container died, a network that refuses): RunPod stops the pod at
+    once, not after the whole wait for an agent that never took the request, and the sentence says why."""
+    from SegmentationMachineLib.cloud.cloudgpu import CloudGpu
+    from SegmentationMachineLib.cloud.podstart import PodRecords
+
+    uploaded(fake.volumes[pod.id], tmp_path / "outside")
+    monkeypatch.setenv("SM_RUNPOD_PROXY_URL", f"http://127.0.0.1:{free_port()}/{{pod_id}}-{{port}}")  # refused
+    records = PodRecords(tmp_path / "pods.json")
+    records.add(pod, time.time(), mode="desktop", secrets={"SM_HEARTBEAT_TOKEN": TOKEN}, wipe_at_end=True)
+    stopped = CloudGpu(RunPodRest(RUNPOD_KEY), records).stop_asked(pod.id, wait_s=30)
+    assert fake.pods[pod.id]["status"] == "EXITED" and stopped.uploads == (
+        f"The uploads on its volume were NOT wiped (its agent did not answer, so it was stopped through RunPod): "
+        f"`segmentation-machine pod down {pod.id}` deletes them, with the volume.")
+    assert (fake.volumes[pod.id] / "inbox/Doe Jane").is_dir()
