@@ -254,6 +254,11 @@ def test_a_c_store_to_a_real_dicom_node_cancelled_between_instances_leaves_it_th
     try:
         store = c_store_to(("PACS", "127.0.0.1", port), "SEGMACHINE")
         cancel = CancelRequest()
+        cancel.cancel()  # pressed before the first instance went (while a SEG was being written)
+        with pytest.raises(Cancelled, match=r"^Sending cancelled: nothing was sent\.$"):
+            send_instances(paths, store, cancel)
+        assert not any((tmp_path / "received").rglob("*.dcm"))
+        cancel = CancelRequest()
         with pytest.raises(Cancelled) as cancelled:
             send_instances(paths, store, cancel, cancelling_after(1, cancel))
         assert str(cancelled.value) == "Sending cancelled after 1 of 10 instances: the PACS has that one."
@@ -290,8 +295,10 @@ def test_a_cancel_pressed_as_the_seg_is_stored_loses_nothing_and_says_it_came_to
     assert panel.task is None and panel.can_send()
 
 
-def test_a_send_that_fails_part_way_says_how_many_instances_the_pacs_has(tmp_path):
-    """A real pynetdicom SCP that runs out of resources at the fourth instance (0xA700)."""
+@pytest.mark.parametrize("failing", [4, 1])
+def test_a_send_that_fails_part_way_says_how_many_instances_the_pacs_has(tmp_path, failing):
+    """A real pynetdicom SCP that runs out of resources at the fourth instance (0xA700); or at the first, where the
+    PACS has none and the sentence is the store's own."""
     from pynetdicom import AE, AllStoragePresentationContexts, evt
 
     paths = copies_in_a_new_study(tmp_path, generate_uid(), 2)
@@ -299,7 +306,7 @@ def test_a_send_that_fails_part_way_says_how_many_instances_the_pacs_has(tmp_pat
 
     def store(event):
         received.append(str(event.dataset.SOPInstanceUID))
-        return 0x0000 if len(received) < 4 else 0xA700
+        return 0x0000 if len(received) < failing else 0xA700
 
     destination = AE(ae_title="DEST")
     destination.supported_contexts = AllStoragePresentationContexts
@@ -310,6 +317,7 @@ def test_a_send_that_fails_part_way_says_how_many_instances_the_pacs_has(tmp_pat
             send_instances(paths, c_store_to(("DEST", "127.0.0.1", port), "SEGMACHINE"), CancelRequest())
     finally:
         server.shutdown()
-    assert str(failed.value) == (f"DEST at 127.0.0.1:{port} did not store {paths[3].name} (status 0xA700); the PACS "
-                                 "has the 3 of the 6 instances sent before it.")
-    assert received == instance_uids(paths[:4])
+    said = f"DEST at 127.0.0.1:{port} did not store {paths[failing - 1].name} (status 0xA700)"
+    assert str(failed.value) == (f"{said}; the PACS has the 3 of the 6 instances sent before it." if failing == 4 else
+                                 f"{said}.")
+    assert received == instance_uids(paths[:failing])

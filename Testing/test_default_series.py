@@ -10,6 +10,7 @@ import sys
 
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 from test_preset_orientation import write_in_plane
 from SegmentationMachineLib.dicom.phantom import make_phantom, write_ct_series
@@ -33,6 +34,14 @@ def with_image_type(files, image_type, number: int) -> list:
         ds.SeriesNumber = number
         ds.save_as(path)
     return files
+
+
+def _set(files, **tags):
+    for path in files:
+        ds = pydicom.dcmread(path)
+        for keyword, value in tags.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path)
 
 
 def axial(folder, phantom, description, image_type, number, every: int = 1) -> list:
@@ -82,11 +91,31 @@ def test_the_axial_series_is_the_default_beside_reformats_and_a_localizer_with_m
     (("original", ORIGINAL, "axial 2"), ("derived", ["DERIVED", "PRIMARY", "AXIAL"], "axial")),  # more slices, derived
     (("original", ORIGINAL, "axial 2"), ("secondary", ["ORIGINAL", "SECONDARY", "AXIAL"], "axial")),
     (("coronal acquisition", ORIGINAL, "coronal"), ("axial MPR", REFORMAT, "axial")),  # the scanner's own first
+    (("axial MPR", REFORMAT, "axial"), ("monitoring", ORIGINAL, "one slice")),  # a lone slice after any stack
+    (("CT", ORIGINAL, "axial 2"), ("PET", ORIGINAL, "PET")),  # the presets need a CT: more slices do not count
+    (("thick", ORIGINAL, "axial 2"), ("two in one", ORIGINAL, "two in one")),  # one that cannot be loaded: last
 ])
 def test_the_default_of_two_series(anatomy, tmp_path, first, second):
     for number, (description, image_type, written) in enumerate((second, first), 1):  # the default written last
-        if written.startswith("axial"):
-            axial(tmp_path, anatomy, description, image_type, number, every=2 if written == "axial 2" else 1)
+        if written in ("axial", "axial 2", "PET"):
+            files = axial(tmp_path, anatomy, description, image_type, number, every=2 if written == "axial 2" else 1)
+            if written == "PET":
+                _set(files, Modality="PT")
+        elif written == "one slice":
+            axial(tmp_path, anatomy, description, image_type, number, every=len(anatomy.hu))
+        elif written == "two in one":  # two reconstructions under one series UID, at the same positions
+            files = axial(tmp_path, anatomy, description, image_type, number)
+            uid = pydicom.dcmread(files[0]).SeriesInstanceUID
+            other = anatomy.hu + 100  # other pixels: not copies of the same image
+            spacing, (slices, rows, cols) = anatomy.pixel_spacing, other.shape
+            positions = [(-(cols - 1) / 2 * spacing, -(rows - 1) / 2 * spacing, (k - (slices - 1) / 2) * spacing)
+                         for k in range(slices)]
+            for path in with_image_type(write_ct_series(tmp_path / f"{description} 2", other, spacing, positions,
+                                                        description), image_type, number):
+                ds = pydicom.dcmread(path)
+                ds.SeriesInstanceUID, ds.SOPInstanceUID = uid, generate_uid()
+                ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+                ds.save_as(path)
         else:
             reformat(tmp_path, anatomy, written, description, image_type, number)
     scan = scan_folder(tmp_path)

@@ -126,6 +126,8 @@ def test_a_sagittal_or_coronal_series_gives_the_axial_series_bone_and_skin(ctx, 
     # 20° about S, and a 15° gantry tilt (columns leaning towards S): still axial, as they are
     (((0.94, 0.342, 0), (-0.342, 0.94, 0), (0, 0, 1)), AxialView()),
     (((1, 0, 0), (0, 0.966, 0.259), (0, 0, 1)), AxialView()),
+    # 48° about L-R: closer to coronal, its columns the superior axis (though its slices are 3.5 times as thick)
+    (((1, 0, 0), (0, 0.669, 0.743), (0, -0.743, 0.669)), AxialView((1, 0, 2), (False, True, False))),
 ])
 def test_the_axial_view_of_each_plane(columns, expected):
     lps_to_ras = np.diag([-1.0, -1.0, 1.0])
@@ -134,6 +136,12 @@ def test_the_axial_view_of_each_plane(columns, expected):
     assert AxialView.of(ijk_to_ras) == expected
     hu = np.arange(24).reshape(2, 3, 4)
     assert np.array_equal(expected.back(expected.view(hu)), hu)
+    # The view's spacing is the distance between two neighbouring voxels of the view along each of its axes
+    k, j, i = np.indices(hu.shape)
+    ras = np.stack([expected.view(ijk_to_ras[row, 0] * i + ijk_to_ras[row, 1] * j + ijk_to_ras[row, 2] * k)
+                    for row in range(3)], axis=-1)
+    steps = [np.linalg.norm(np.diff(ras, axis=axis), axis=-1).max() for axis in range(3)]
+    assert np.allclose(expected.spacing(np.linalg.norm(ijk_to_ras[:3, :3], axis=0)[::-1]), steps)
 
 
 def test_a_real_series_read_with_its_rows_and_columns_reversed_gives_the_same_bone(ctx, shared_data):

@@ -158,6 +158,10 @@ def test_text_from_the_file_is_converted_false_is_false_and_numbers_are_numbers(
     ExportChoices(merged_stl=False).save(settings)
     assert settings.ini["SegmentationMachine/Export/MergedStl"] == "false"
     assert ExportChoices.load(settings.restarted()).merged_stl is False
+    # A hand edit in numbers (Qt itself writes true/false): 1 ticks a box, 0 unticks it
+    edited = ExportChoices.load(IniSettings({ExportChoices.key("merged_stl"): "1",
+                                             ExportChoices.key("shown_only"): "0"}).restarted())
+    assert (edited.merged_stl, edited.shown_only) == (True, False)
 
 
 @pytest.mark.parametrize("text, formats", [
