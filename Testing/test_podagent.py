@@ -881,3 +881,29 @@ def test_a_stop_whose_agent_cannot_be_reached_is_runpods_at_once_and_says_the_up
         f"The uploads on its volume were NOT wiped (its agent did not answer, so it was stopped through RunPod): "
         f"`segmentation-machine pod down {pod.id}` deletes them, with the volume.")
     assert (fake.volumes[pod.id] / "inbox/Doe Jane").is_dir()
+
+
+def test_waiting_for_the_agent_to_end_its_pod_outlasts_runpods_hiccups(backend, pod):
+    """RunPod failing a few reads (past the adapter's own retries) while the client waits for the agent's wipe and
+    stop must not end the wait: the client would stop the pod through RunPod and say nothing was wiped, though the
+    agent may have wiped it all."""
+    from SegmentationMachineLib.cloud.agentend import wait_until_ended
+    from SegmentationMachineLib.cloud.pods import PodsError
+
+    class Hiccups:
+        failures = 2
+
+        def get(self, pod_id):
+            if self.failures:
+                self.failures -= 1
+                raise PodsError("RunPod answered with a server error (502): try again in a minute.")
+            return backend.get(pod_id)
+
+    backend.stop(pod.id)  # the agent's stop, after its wipe
+    now = [0.0]
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    ended, listed = wait_until_ended(Hiccups(), pod.id, deadline=60.0, poll_s=5.0, sleep=sleep, clock=lambda: now[0])
+    assert ended and listed.status == "EXITED" and now[0] == 15.0  # the third read, not the deadline
