@@ -780,29 +780,34 @@ def test_the_pods_user_ends_a_wiping_pod_through_its_agent_with_the_heartbeat_to
     assert TOKEN not in log and "guessed-token" not in log and "server-key" not in log
 
 
-def test_a_stop_whose_agent_has_not_ended_the_pod_in_time_is_runpods_and_says_the_uploads_may_stay(fake, pod, tmp_path,
-                                                                                                  monkeypatch):
-    """The client's wait for the agent is bounded: a wiper that hangs must not keep the GPU billing while the user
-    believes the pod stopped. RunPod stops it then, and the user is told the uploads were not wiped."""
+def stopped_from_here(fake, pod, agent, tmp_path, monkeypatch, wait_s: float):
+    """A stop asked from this computer of a desktop pod started with the wipe, its agent reached through the proxy."""
     from pod_proxy import PodProxy
     from SegmentationMachineLib.cloud.cloudgpu import AGENT_PORT, CloudGpu
     from SegmentationMachineLib.cloud.podstart import PodRecords
 
-    uploaded(fake.volumes[pod.id], tmp_path / "outside")
-    run = tmp_path / "run"
-    (run / "agent").mkdir(parents=True)  # no wiper answers
-    agent = RunningAgent(fake, pod.id, SM_MODE="desktop", SM_ACTIVITY_PORTS=free_port(), SM_WIPE_AT_END=1,
-                         SM_WIPE_WAIT_S=60, SM_WIPE_REQUEST=run / "agent/wipe", SM_WIPE_ANSWER=run / "wiper/wiped")
     proxy = PodProxy(fake)
     monkeypatch.setenv("SM_RUNPOD_PROXY_URL", proxy.template())
     proxy.route(pod.id, AGENT_PORT, agent.port)
     records = PodRecords(tmp_path / "pods.json")
     records.add(pod, time.time(), mode="desktop", secrets={"SM_HEARTBEAT_TOKEN": TOKEN}, wipe_at_end=True)
     try:
-        began = time.monotonic()
-        stopped = CloudGpu(RunPodRest(RUNPOD_KEY), records).stop_asked(pod.id, wait_s=3)
+        return CloudGpu(RunPodRest(RUNPOD_KEY), records).stop_asked(pod.id, wait_s=wait_s)
     finally:
         proxy.close()
+
+
+def test_a_stop_whose_agent_has_not_ended_the_pod_in_time_is_runpods_and_says_the_uploads_may_stay(fake, pod, tmp_path,
+                                                                                                  monkeypatch):
+    """The client's wait for the agent is bounded: a wiper that hangs must not keep the GPU billing while the user
+    believes the pod stopped. RunPod stops it then, and the user is told the uploads were not wiped."""
+    uploaded(fake.volumes[pod.id], tmp_path / "outside")
+    run = tmp_path / "run"
+    (run / "agent").mkdir(parents=True)  # no wiper answers
+    agent = RunningAgent(fake, pod.id, SM_MODE="desktop", SM_ACTIVITY_PORTS=free_port(), SM_WIPE_AT_END=1,
+                         SM_WIPE_WAIT_S=60, SM_WIPE_REQUEST=run / "agent/wipe", SM_WIPE_ANSWER=run / "wiper/wiped")
+    began = time.monotonic()
+    stopped = stopped_from_here(fake, pod, agent, tmp_path, monkeypatch, wait_s=3)
     assert 3 <= time.monotonic() - began < 15 and fake.pods[pod.id]["status"] == "EXITED"
     assert stopped.still.startswith("its 50 GB volume costs $10.00/month") and stopped.uploads == (
         f"The uploads on its volume were NOT wiped (its agent had not ended the pod after 3 s, so it was stopped "
@@ -815,27 +820,18 @@ def test_a_stop_whose_agent_terminates_the_pod_is_said_ended_while_runpod_still_
     """With nothing of the user's left after the wipe the agent terminates the pod, which RunPod may list as
     TERMINATED for a while: that is ended, said so and forgotten here, not a wait for the pod to go from the list and
     then a stop of a pod that no longer exists."""
-    from pod_proxy import PodProxy
-    from SegmentationMachineLib.cloud.cloudgpu import AGENT_PORT, CloudGpu, Stopped
+    from SegmentationMachineLib.cloud.cloudgpu import Stopped
     from SegmentationMachineLib.cloud.podstart import PodRecords
 
     uploaded(fake.volumes[pod.id], tmp_path / "outside")  # the uploads only
     fake.terminated_listed_s = 600.0
     agent = wiping_agent(fake, pod.id, tmp_path / "run")
-    proxy = PodProxy(fake)
-    monkeypatch.setenv("SM_RUNPOD_PROXY_URL", proxy.template())
-    proxy.route(pod.id, AGENT_PORT, agent.port)
-    records = PodRecords(tmp_path / "pods.json")
-    records.add(pod, time.time(), mode="desktop", secrets={"SM_HEARTBEAT_TOKEN": TOKEN}, wipe_at_end=True)
-    try:
-        stopped = CloudGpu(RunPodRest(RUNPOD_KEY), records).stop_asked(pod.id, wait_s=60)
-    finally:
-        proxy.close()
+    stopped = stopped_from_here(fake, pod, agent, tmp_path, monkeypatch, wait_s=60)
     assert f"Terminating pod {pod.id}" in agent.log() and fake.ended[pod.id]["status"] == "TERMINATED"
     assert stopped == Stopped("", "Its agent had the uploaded DICOM wiped and, with nothing of yours left on its "
                                   "volume, terminated the pod, volume and all: nothing of it bills any more.",
                               terminated=True)
-    assert pod.id not in records.all()
+    assert pod.id not in PodRecords(tmp_path / "pods.json").all()  # forgotten here
 
 
 def test_a_pod_gone_as_runpod_stops_it_is_said_ended_and_a_stop_runpod_refuses_is_a_failure(fake, backend, pod,
