@@ -139,7 +139,8 @@ def prompting(panel, server_url, key, scene_parts, seconds=2.5 * IDLE_TIMEOUT_S)
     drive(main, lambda: time.monotonic() > end, (PROMPTS_MS, panel.tick),
           (1000, lambda: panel.submit("point", ras=next(points))), seconds=seconds + 30)
     assert drive(main, lambda: not panel.busy, (PROMPTS_MS, panel.tick), seconds=30), panel.status
-    assert panel.status.startswith("Point applied in"), panel.status
+    # the last point answered: it changed the segment, or (the same three points again and again) it changed nothing
+    assert panel.status.startswith(("Point applied in", "Point sent in")), panel.status
 
 
 def ends_when_left_open(panel, fake, agent, pod_id):
